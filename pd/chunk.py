@@ -1,0 +1,67 @@
+"""Chunk format: a fixed header followed by the raw KV bytes of every layer.
+
+Header (little endian, HEADER_SIZE bytes, the rest zero):
+    magic 8s | version H | header_size H | flags I | fingerprint 16s | key hash 16s |
+    n_tokens I | n_blocks I | payload_len Q | checksum Q (xxh3-64 of the payload)
+
+A reader checks magic, version, layout fingerprint, the key hash it asked for, the lengths and
+the checksum; any mismatch is a ``ChunkError`` and the caller treats the chunk as a miss.
+"""
+from __future__ import annotations
+
+import struct
+
+import xxhash
+
+MAGIC = b"PDKVCHNK"
+VERSION = 1
+HEADER_SIZE = 128
+_FMT = struct.Struct("<8sHHI16s16sIIQQ")
+assert _FMT.size <= HEADER_SIZE
+
+
+class ChunkError(ValueError):
+    """A chunk that must not be used: wrong magic/version/layout/key, truncated or corrupt."""
+
+
+def checksum(payload) -> int:
+    return xxhash.xxh3_64_intdigest(payload)
+
+
+def write_header(buf: memoryview, fingerprint: bytes, key_hash: bytes, n_tokens: int,
+                 n_blocks: int, payload_len: int) -> None:
+    """Fill ``buf[:HEADER_SIZE]``; the payload must already be in ``buf[HEADER_SIZE:]``."""
+    payload = buf[HEADER_SIZE : HEADER_SIZE + payload_len]
+    if len(payload) != payload_len:
+        raise ValueError(f"buffer holds {len(payload)} payload bytes, expected {payload_len}")
+    _FMT.pack_into(buf, 0, MAGIC, VERSION, HEADER_SIZE, 0, fingerprint, key_hash,
+                   n_tokens, n_blocks, payload_len, checksum(payload))
+    buf[_FMT.size:HEADER_SIZE] = bytes(HEADER_SIZE - _FMT.size)
+
+
+def read_header(buf) -> tuple:
+    if len(buf) < HEADER_SIZE:
+        raise ChunkError(f"chunk truncated: {len(buf)} bytes, header needs {HEADER_SIZE}")
+    return _FMT.unpack_from(buf, 0)
+
+
+def verify(buf: memoryview, fingerprint: bytes, key_hash: bytes, expect_payload: int | None = None
+           ) -> tuple[int, int, memoryview]:
+    """Validate a chunk; return ``(n_tokens, n_blocks, payload view)`` or raise ChunkError."""
+    magic, version, hsize, _flags, fp, kh, n_tokens, n_blocks, plen, csum = read_header(buf)
+    if magic != MAGIC:
+        raise ChunkError("bad magic (not a pdkv chunk)")
+    if version != VERSION or hsize != HEADER_SIZE:
+        raise ChunkError(f"unsupported chunk version {version}/{hsize}")
+    if fp != fingerprint:
+        raise ChunkError("layout fingerprint mismatch (KV from another model/layout)")
+    if kh != key_hash:
+        raise ChunkError("key hash mismatch (chunk belongs to other tokens)")
+    if expect_payload is not None and plen != expect_payload:
+        raise ChunkError(f"payload length {plen} != expected {expect_payload}")
+    payload = buf[HEADER_SIZE : HEADER_SIZE + plen]
+    if len(payload) != plen:
+        raise ChunkError(f"chunk truncated: payload {len(payload)} of {plen} bytes")
+    if checksum(payload) != csum:
+        raise ChunkError("checksum mismatch (corrupt chunk)")
+    return n_tokens, n_blocks, payload

@@ -1,0 +1,246 @@
+"""Configuration: one set of dataclasses, loaded from YAML/dicts with strict validation.
+
+Every field may carry ``metadata`` with ``min``/``max`` (numbers) or ``choices`` (strings);
+``load(cls, data)`` refuses unknown keys and bad values with a message that names the key,
+the value and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range."""
+
+
+def _rng(lo=None, hi=None, **kw) -> dict:
+    m = dict(kw)
+    if lo is not None:
+        m["min"] = lo
+    if hi is not None:
+        m["max"] = hi
+    return m
+
+
+def _choices(*values: str) -> dict:
+    return {"choices": values}
+
+
+@dataclass
+class CoordinatorConfig:
+    host: str = "127.0.0.1"
+    port: int = field(default=5570, metadata=_rng(1, 65535))
+    # READY entries not consumed within this time are dropped and their chunks freed.
+    entry_ttl_s: float = field(default=120.0, metadata=_rng(1, 86400))
+    # An instance that has not heartbeated within this time is marked down.
+    instance_ttl_s: float = field(default=10.0, metadata=_rng(1, 3600))
+    heartbeat_interval_s: float = field(default=2.0, metadata=_rng(0.1, 600))
+
+    @property
+    def address(self) -> str:
+        return f"tcp://{self.host}:{self.port}"
+
+
+@dataclass
+class TransportConfig:
+    kind: str = field(default="shm", metadata=_choices("shm", "none"))
+    # Per-producer budget of the shared-memory pool; the oldest unconsumed chunks are evicted.
+    pool_size_mb: int = field(default=1024, metadata=_rng(1, 1 << 20))
+    # Directory for the shm pool (a tmpfs); each deployment uses its own sub-directory.
+    shm_dir: str = "/dev/shm"
+    # Deployment name: the pool lives in <shm_dir>/pdkv-<name>.
+    name: str = "default"
+
+
+@dataclass
+class ConnectorConfig:
+    """What vLLM's kv_connector_extra_config may say (plus transport/coordinator)."""
+
+    coordinator: str = "tcp://127.0.0.1:5570"
+    instance_id: str = ""
+    # Tokens per chunk; must be a multiple of vLLM's block size (checked at start).
+    chunk_size: int = field(default=256, metadata=_rng(1, 1 << 20))
+    # How long decode waits for READY from prefill before giving up (-> recompute).
+    wait_timeout_s: float = field(default=60.0, metadata=_rng(0.01, 3600))
+    # How long one batched transport get may take.
+    load_timeout_s: float = field(default=30.0, metadata=_rng(0.01, 3600))
+    heartbeat_interval_s: float = field(default=2.0, metadata=_rng(0.1, 600))
+    # Background threads for gather/put (producer) and get/scatter (consumer).
+    io_threads: int = field(default=2, metadata=_rng(1, 64))
+    transport: TransportConfig = field(default_factory=TransportConfig)
+
+
+@dataclass
+class InstanceGroupConfig:
+    count: int = field(default=1, metadata=_rng(0, 64))
+    port_base: int = field(default=8100, metadata=_rng(1, 65535))
+    # Extra arguments appended to this group's vLLM command line.
+    extra_args: list[str] = field(default_factory=list)
+
+
+@dataclass
+class VllmConfig:
+    max_model_len: int = field(default=2048, metadata=_rng(16, 1 << 22))
+    block_size: int = field(default=16, metadata=_rng(1, 4096))
+    # VLLM_CPU_KVCACHE_SPACE in GiB per instance.
+    kv_cache_space_gb: float = field(default=1.0, metadata=_rng(0.01, 4096))
+    enforce_eager: bool = True
+    dtype: str = field(default="auto", metadata=_choices("auto", "bfloat16", "float16", "float32"))
+    max_num_seqs: int = field(default=32, metadata=_rng(1, 4096))
+    startup_timeout_s: float = field(default=600.0, metadata=_rng(1, 36000))
+    # Threads each instance may use (VLLM_CPU_OMP_THREADS_BIND stays auto when 0).
+    omp_threads: int = field(default=0, metadata=_rng(0, 1024))
+    extra_args: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ProxyConfig:
+    host: str = "127.0.0.1"
+    port: int = field(default=8000, metadata=_rng(1, 65535))
+    policy: str = field(default="least_outstanding", metadata=_choices("least_outstanding", "round_robin"))
+    upstream_timeout_s: float = field(default=600.0, metadata=_rng(0.1, 86400))
+
+
+@dataclass
+class DeploymentConfig:
+    """The whole deployment, as ``pd launch --config FILE`` reads it."""
+
+    model: str = ""
+    served_model_name: str = ""
+    mode: str = field(default="pd", metadata=_choices("pd", "colocated"))
+    run_dir: str = ""
+    prefill: InstanceGroupConfig = field(default_factory=lambda: InstanceGroupConfig(1, 8100))
+    decode: InstanceGroupConfig = field(default_factory=lambda: InstanceGroupConfig(1, 8200))
+    vllm: VllmConfig = field(default_factory=VllmConfig)
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
+    connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+
+
+def _describe(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (list, typing.List):
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return load(tp, value, prefix=key + ".")
+    if origin in (list, typing.List):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
+        (inner,) = typing.get_args(tp)
+        return [_coerce(inner, v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {tp!r}")
+
+
+def _check(f: dataclasses.Field, value: Any, key: str) -> None:
+    m = f.metadata
+    if "choices" in m and value not in m["choices"]:
+        raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(m['choices'])}")
+    lo, hi = m.get("min"), m.get("max")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ConfigError(f"{key}: {value!r} is out of range; allowed {lo}..{hi}")
+
+
+def load(cls: type, data: dict | None, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``, refusing unknown keys and bad values."""
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown key {prefix}{unknown[0]!s}; allowed keys{' under ' + prefix.rstrip('.') if prefix else ''}: "
+            + ", ".join(sorted(fields))
+        )
+    obj = cls()
+    for name, value in data.items():
+        key = prefix + name
+        coerced = _coerce(hints[name], value, key)
+        _check(fields[name], coerced, key)
+        setattr(obj, name, coerced)
+    return obj
+
+
+def merge(base: Any, overrides: dict, prefix: str = "") -> Any:
+    """Return a copy of dataclass ``base`` with ``overrides`` (a nested dict) applied."""
+    merged = dataclasses.asdict(base)
+
+    def deep(dst: dict, src: dict) -> None:
+        for k, v in src.items():
+            if isinstance(v, dict) and isinstance(dst.get(k), dict):
+                deep(dst[k], v)
+            else:
+                dst[k] = v
+
+    deep(merged, overrides)
+    return load(type(base), merged, prefix)
+
+
+def load_yaml(path: str | Path) -> DeploymentConfig:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    return load(DeploymentConfig, data)
+
+
+def to_dict(obj: Any) -> dict:
+    return dataclasses.asdict(obj)
+
+
+CONNECTOR_CLASS = "PDConnector"
+CONNECTOR_MODULE = "pd.connector"
+ROLE_TO_KV_ROLE = {"prefill": "kv_producer", "decode": "kv_consumer", "both": "kv_both"}
+
+
+def kv_transfer_config(dep: DeploymentConfig, role: str, instance_id: str) -> dict:
+    """The ``--kv-transfer-config`` JSON (as a dict) for one vLLM instance of ``dep``."""
+    if role not in ROLE_TO_KV_ROLE:
+        raise ConfigError(f"role {role!r} is not allowed; choose one of {', '.join(ROLE_TO_KV_ROLE)}")
+    conn = dataclasses.asdict(dep.connector)
+    conn["coordinator"] = dep.coordinator.address
+    conn["instance_id"] = instance_id
+    conn["heartbeat_interval_s"] = dep.coordinator.heartbeat_interval_s
+    return {
+        "kv_connector": CONNECTOR_CLASS,
+        "kv_connector_module_path": CONNECTOR_MODULE,
+        "kv_role": ROLE_TO_KV_ROLE[role],
+        "kv_buffer_device": "cpu",
+        "kv_load_failure_policy": "recompute",
+        "kv_connector_extra_config": conn,
+    }

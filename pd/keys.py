@@ -1,0 +1,68 @@
+"""Chunk keys: ``namespace/rank/hash``.
+
+``hash`` chains a 128-bit BLAKE2b over the token ids of every chunk up to and including this
+one, so equal prefixes give equal keys on every instance and process (no dependence on Python's
+hash randomization). ``namespace`` names the model and the KV layout fingerprint, so KV of
+another model or layout can never be found under the same key.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from array import array
+from typing import Sequence
+
+HASH_BYTES = 16
+_SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def layout_fingerprint(**fields) -> bytes:
+    """16-byte digest of everything that must match for raw KV bytes to be interchangeable."""
+    text = "|".join(f"{k}={fields[k]}" for k in sorted(fields))
+    return hashlib.blake2b(text.encode(), digest_size=HASH_BYTES).digest()
+
+
+def make_namespace(model: str, fingerprint: bytes) -> str:
+    name = _SAFE.sub("_", model.rstrip("/").split("/")[-1]) or "model"
+    return f"{name}-{fingerprint.hex()[:16]}"
+
+
+def chunk_hashes(token_ids: Sequence[int], chunk_size: int, seed: bytes = b"") -> list[bytes]:
+    """Chain hashes, one per chunk of ``chunk_size`` tokens (the last one may be partial)."""
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    toks = array("q", token_ids).tobytes()
+    step = chunk_size * 8
+    prev = seed
+    out = []
+    for start in range(0, len(toks), step):
+        h = hashlib.blake2b(prev, digest_size=HASH_BYTES)
+        h.update(toks[start : start + step])
+        prev = h.digest()
+        out.append(prev)
+    return out
+
+
+def chunk_key(namespace: str, rank: int, digest: bytes) -> str:
+    return f"{namespace}/{rank}/{digest.hex()}"
+
+
+def chunk_keys(namespace: str, rank: int, token_ids: Sequence[int], chunk_size: int) -> list[str]:
+    return [chunk_key(namespace, rank, d) for d in chunk_hashes(token_ids, chunk_size)]
+
+
+def key_digest(key: str) -> bytes:
+    """The hash part of a key (what a chunk header records), as bytes."""
+    try:
+        return bytes.fromhex(key.rsplit("/", 1)[1])
+    except (IndexError, ValueError):
+        raise ValueError(f"malformed chunk key {key!r}; expected namespace/rank/hexhash") from None
+
+
+def transfer_key(pd_id: str, key: str) -> str:
+    """The transport name of one chunk of one P/D transfer.
+
+    Scoping by pd_id lets a consumer delete what it read without racing another request that
+    shares the prefix (and therefore the chunk key).
+    """
+    return f"xfer/{_SAFE.sub('_', pd_id)}/{key}"

@@ -1,0 +1,168 @@
+"""Wire messages between connectors, proxy and coordinator (msgpack, versioned).
+
+Every message travels as two ZMQ frames: ``[PROTOCOL_TAG, msgpack(msg)]``. A peer speaking
+another version, or sending anything that does not decode to one of these structs, gets an
+``Error`` reply and is counted; the coordinator never crashes on it.
+"""
+from __future__ import annotations
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+PROTOCOL_TAG = b"pdkv/%d" % PROTOCOL_VERSION
+
+
+class _Msg(msgspec.Struct, tag_field="type", tag=lambda name: name.lower(), forbid_unknown_fields=True):
+    pass
+
+
+# ---- client -> coordinator -------------------------------------------------------------
+
+
+class Register(_Msg):
+    instance_id: str
+    role: str  # "prefill" | "decode" | "both" | "proxy"
+    url: str = ""
+    pid: int = 0
+
+
+class Heartbeat(_Msg):
+    instance_id: str
+
+
+class Ready(_Msg):
+    """Prefill published the KV of ``pd_id`` (one TP rank) as these transport keys."""
+
+    pd_id: str
+    rank: int
+    keys: list[str]
+    n_tokens: int
+    n_bytes: int = 0
+    location: str = ""  # transport kind + address, e.g. "shm:/dev/shm/pdkv-default"
+    instance_id: str = ""
+
+
+class Wait(_Msg):
+    """Decode asks for READY of ``pd_id``/``rank``; answered when it arrives or at timeout."""
+
+    pd_id: str
+    rank: int
+    timeout_s: float
+
+
+class Done(_Msg):
+    """Decode finished with ``pd_id``: loaded (ok) or gave up (error); chunks may be freed."""
+
+    pd_id: str
+    rank: int
+    ok: bool
+    instance_id: str = ""
+    n_chunks: int = 0
+    n_bytes: int = 0
+    load_ms: float = 0.0
+    error: str = ""
+
+
+class Abort(_Msg):
+    """The request was cancelled (client gone, upstream error): release waiters, free chunks."""
+
+    pd_id: str
+    reason: str = ""
+
+
+class Query(_Msg):
+    """Ask for counters, instances and (optionally) the record of one transfer."""
+
+    pd_id: str = ""
+
+
+# ---- coordinator -> client -------------------------------------------------------------
+
+
+class Ack(_Msg):
+    pass
+
+
+class WaitTimeout(_Msg):
+    pd_id: str
+
+
+class Aborted(_Msg):
+    pd_id: str
+    reason: str = ""
+
+
+class Free(_Msg):
+    """Sent to the producer that published ``keys``: they will not be read, delete them."""
+
+    pd_id: str
+    keys: list[str]
+
+
+class Error(_Msg):
+    reason: str
+
+
+class InstanceInfo(msgspec.Struct):
+    instance_id: str
+    role: str
+    url: str
+    pid: int
+    alive: bool
+    last_seen_s: float  # seconds since the last heartbeat
+
+
+class TransferRecord(msgspec.Struct):
+    pd_id: str
+    ready: bool = False
+    done: bool = False
+    ok: bool = False
+    n_tokens: int = 0
+    n_chunks: int = 0
+    n_bytes: int = 0
+    load_ms: float = 0.0
+    wait_ms: float = 0.0
+    error: str = ""
+    producer: str = ""
+    consumer: str = ""
+
+
+class QueryReply(_Msg):
+    counters: dict[str, float]
+    instances: list[InstanceInfo]
+    transfer: TransferRecord | None = None
+
+
+ClientMsg = Register | Heartbeat | Ready | Wait | Done | Abort | Query
+ReplyMsg = Ack | Ready | WaitTimeout | Aborted | Free | Error | QueryReply
+
+_encoder = msgspec.msgpack.Encoder()
+_client_decoder = msgspec.msgpack.Decoder(ClientMsg)
+_reply_decoder = msgspec.msgpack.Decoder(ReplyMsg)
+
+
+class ProtocolError(ValueError):
+    pass
+
+
+def encode(msg: msgspec.Struct) -> list[bytes]:
+    return [PROTOCOL_TAG, _encoder.encode(msg)]
+
+
+def _decode(frames: list[bytes], decoder: msgspec.msgpack.Decoder):
+    if len(frames) != 2:
+        raise ProtocolError(f"expected 2 frames, got {len(frames)}")
+    if frames[0] != PROTOCOL_TAG:
+        raise ProtocolError(f"unsupported protocol tag {bytes(frames[0][:32])!r}; this is {PROTOCOL_TAG!r}")
+    try:
+        return decoder.decode(frames[1])
+    except (msgspec.DecodeError, msgspec.ValidationError) as e:
+        raise ProtocolError(f"undecodable message: {e}") from None
+
+
+def decode_client(frames: list[bytes]) -> ClientMsg:
+    return _decode(frames, _client_decoder)
+
+
+def decode_reply(frames: list[bytes]) -> ReplyMsg:
+    return _decode(frames, _reply_decoder)
