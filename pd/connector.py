@@ -1,0 +1,152 @@
+"""PDConnector: pdkv's vLLM KV connector (KVConnectorBase_V1).
+
+vLLM loads it with::
+
+    --kv-transfer-config '{"kv_connector": "PDConnector", "kv_connector_module_path": "pd.connector",
+                           "kv_role": "kv_producer" | "kv_consumer" | "kv_both",
+                           "kv_load_failure_policy": "recompute",
+                           "kv_connector_extra_config": {...pd.config.ConnectorConfig...}}'
+
+The proxy links the two halves of a request by ``kv_transfer_params.pd_id`` (vLLM appends random
+characters to engine request ids, so those never match across instances). The scheduler half
+lives in ``pd.connector_scheduler``, the worker half in ``pd.connector_worker``.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+
+from pd.config import ConfigError, ConnectorConfig, load
+from pd.connector_scheduler import PDMetadata, SchedulerSide
+
+logger = logging.getLogger("pd.connector")
+
+
+class PDConnectorMetadata(KVConnectorMetadata):
+    def __init__(self, meta: PDMetadata):
+        self.meta = meta
+
+
+def _config(vllm_config) -> ConnectorConfig:
+    extra = dict(vllm_config.kv_transfer_config.kv_connector_extra_config or {})
+    cfg = load(ConnectorConfig, extra, prefix="kv_connector_extra_config.")
+    block = vllm_config.cache_config.block_size
+    if cfg.chunk_size % block:
+        raise ConfigError(
+            f"kv_connector_extra_config.chunk_size: {cfg.chunk_size} is not a multiple of the "
+            f"block size {block}; allowed: multiples of {block}"
+        )
+    return cfg
+
+
+class PDConnector(KVConnectorBase_V1):
+    def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None):
+        super().__init__(vllm_config, role, kv_cache_config)
+        ktc = vllm_config.kv_transfer_config
+        self.cfg = _config(vllm_config)
+        self.block_size = vllm_config.cache_config.block_size
+        groups = getattr(kv_cache_config, "kv_cache_groups", None) or []
+        if len(groups) > 1:
+            raise ConfigError(
+                f"PDConnector supports models with one KV cache group; this model has {len(groups)}"
+            )
+        self._sched: SchedulerSide | None = None
+        self._worker = None
+        if role == KVConnectorRole.SCHEDULER:
+            self._sched = SchedulerSide(self.block_size, ktc.is_kv_producer, ktc.is_kv_consumer)
+        else:
+            self._worker = self._make_worker(vllm_config, ktc)
+
+    def _make_worker(self, vllm_config, ktc):
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+        from pd.coord_client import CoordinatorClient, InstanceAgent
+        from pd.connector_worker import WorkerSide
+        from transport.base import make_transport
+
+        rank = get_tensor_model_parallel_rank()
+        transport = make_transport(self.cfg.transport)
+        coord = CoordinatorClient(self.cfg.coordinator)
+        role = {"kv_producer": "prefill", "kv_consumer": "decode"}.get(ktc.kv_role, "both")
+        instance = self.cfg.instance_id or f"{role}-{id(self):x}"
+        self._agent_id = instance if rank == 0 else f"{instance}/tp{rank}"
+        self._agent = InstanceAgent(
+            self.cfg.coordinator, self._agent_id, role, interval_s=self.cfg.heartbeat_interval_s,
+            on_free=(lambda free: transport.delete(free.keys)) if transport is not None else None,
+        )
+        self._agent.start()
+        import vllm
+
+        extra = {
+            "vllm": vllm.__version__,
+            "tp": vllm_config.parallel_config.tensor_parallel_size,
+            "cache_dtype": str(vllm_config.cache_config.cache_dtype),
+            "cpu_isa": torch.backends.cpu.get_cpu_capability(),
+        }
+        return WorkerSide(self.cfg, rank, str(vllm_config.model_config.model), self.block_size,
+                          coord, transport, extra)
+
+    # ---- worker side -------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self._worker.register_kv_caches(kv_caches)
+
+    def start_load_kv(self, forward_context, **kwargs: Any) -> None:
+        self._worker.start_step(self._get_connector_metadata().meta)
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return
+
+    def save_kv_layer(self, layer_name: str, kv_layer, attn_metadata, **kwargs: Any) -> None:
+        return
+
+    def wait_for_save(self) -> None:
+        if self.has_connector_metadata():
+            self._worker.after_forward(self._get_connector_metadata().meta)
+
+    def handle_preemptions(self, kv_connector_metadata) -> None:
+        self._worker.handle_preemptions(kv_connector_metadata.meta)
+
+    def get_finished(self, finished_req_ids: set[str]):
+        return self._worker.get_finished(finished_req_ids)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self._worker.take_load_errors()
+
+    def shutdown(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown()
+            self._agent.stop()
+            if self._worker.transport is not None:
+                self._worker.transport.close()
+
+    # ---- scheduler side ----------------------------------------------------------------
+
+    def get_num_new_matched_tokens(self, request, num_computed_tokens: int):
+        return self._sched.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
+        self._sched.update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output) -> KVConnectorMetadata:
+        return PDConnectorMetadata(self._sched.build_connector_meta(scheduler_output))
+
+    def on_new_request(self, request) -> None:
+        self._sched.on_new_request(request)
+
+    def update_connector_output(self, connector_output) -> None:
+        self._sched.update_connector_output(connector_output)
+
+    def request_finished(self, request, block_ids):
+        return self._sched.request_finished(request, block_ids)
+
+    def get_loaded_kv_cache_group_ids(self, request) -> tuple[int, ...]:
+        # A P/D transfer restores the request's own blocks in every group.
+        return tuple(range(len(self._kv_cache_config.kv_cache_groups)))

@@ -1,0 +1,168 @@
+"""Scheduler-side half of PDConnector: decides what each worker saves and loads.
+
+Producer (kv_producer/kv_both, request carries ``do_remote_decode``): follows the request's
+blocks through (chunked) prefill; in the step where the prompt's KV becomes complete it tells the
+workers to save it, and on ``request_finished`` keeps the blocks until the workers report the
+send finished.
+
+Consumer (kv_consumer/kv_both, request carries ``do_remote_prefill``): reports the prompt tokens
+beyond the local prefix-cache hit as an asynchronous external hit; after allocation it tells the
+workers which blocks to fill. A pd_id is loaded at most once per request.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+logger = logging.getLogger("pd.connector")
+
+
+@dataclass
+class LoadSpec:
+    req_id: str
+    pd_id: str
+    token_ids: list[int]  # the prompt
+    block_ids: list[int]  # the request's blocks, from block 0
+    start_token: int  # first token to load (block aligned: the local prefix hit ends here)
+
+
+@dataclass
+class SaveSpec:
+    req_id: str
+    pd_id: str
+    token_ids: list[int]
+    block_ids: list[int]
+
+
+@dataclass
+class PDMetadata:
+    loads: list[LoadSpec] = field(default_factory=list)
+    saves: list[SaveSpec] = field(default_factory=list)
+    # Loads whose requests were aborted while waiting: workers stop them early.
+    cancels: list[str] = field(default_factory=list)
+    preempted: list[str] = field(default_factory=list)
+
+
+def transfer_params(request) -> tuple[str | None, bool, bool]:
+    """``(pd_id, do_remote_prefill, do_remote_decode)`` of a request."""
+    p = getattr(request, "kv_transfer_params", None) or {}
+    if not isinstance(p, dict):
+        return None, False, False
+    pd_id = p.get("pd_id")
+    if not isinstance(pd_id, str) or not pd_id:
+        return None, False, False
+    return pd_id, bool(p.get("do_remote_prefill")), bool(p.get("do_remote_decode"))
+
+
+@dataclass
+class _Track:
+    pd_id: str
+    token_ids: list[int]
+    block_ids: list[int]
+
+
+class SchedulerSide:
+    def __init__(self, block_size: int, is_producer: bool, is_consumer: bool):
+        self.block_size = block_size
+        self.is_producer = is_producer
+        self.is_consumer = is_consumer
+        self._tracks: dict[str, _Track] = {}  # producer: prompts being prefilled
+        self._saving: set[str] = set()  # producer: save ordered, awaiting request_finished
+        self._new_loads: list[LoadSpec] = []
+        self._loading: set[str] = set()  # consumer: loads handed to workers, not finished
+        self._loaded: set[str] = set()  # consumer: never load a pd_id twice for a request
+        self._cancels: list[str] = []
+
+    # ---- consumer ----------------------------------------------------------------------
+
+    def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:
+        if not self.is_consumer:
+            return 0, False
+        pd_id, remote_prefill, _ = transfer_params(request)
+        if not pd_id or not remote_prefill or request.request_id in self._loaded:
+            return 0, False
+        n_prompt = len(request.prompt_token_ids or ())
+        n = n_prompt - num_computed_tokens
+        return (n, True) if n > 0 else (0, False)
+
+    def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
+        if num_external_tokens <= 0 or not self.is_consumer:
+            return
+        pd_id, remote_prefill, _ = transfer_params(request)
+        if not pd_id or not remote_prefill:
+            return
+        prompt = list(request.prompt_token_ids)
+        start = len(prompt) - num_external_tokens
+        if start % self.block_size:
+            logger.warning("pd_id=%s: load start %d not block aligned; not loading", pd_id, start)
+            return
+        (block_ids,) = blocks.get_block_ids()
+        self._loaded.add(request.request_id)
+        self._loading.add(request.request_id)
+        self._new_loads.append(LoadSpec(request.request_id, pd_id, prompt, list(block_ids), start))
+
+    # ---- producer ----------------------------------------------------------------------
+
+    def on_new_request(self, request) -> None:
+        if not self.is_producer:
+            return
+        pd_id, _, remote_decode = transfer_params(request)
+        if pd_id and remote_decode:
+            self._tracks[request.request_id] = _Track(pd_id, list(request.prompt_token_ids), [])
+
+    def _follow_blocks(self, so) -> list[SaveSpec]:
+        saves = []
+        done_tokens: dict[str, int] = {}
+        for r in so.scheduled_new_reqs:
+            t = self._tracks.get(r.req_id)
+            if t is not None:
+                t.block_ids = list(r.block_ids[0])
+                done_tokens[r.req_id] = r.num_computed_tokens
+        cached = so.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            t = self._tracks.get(req_id)
+            if t is None:
+                continue
+            new = cached.new_block_ids[i]
+            if req_id in cached.resumed_req_ids:
+                t.block_ids = list(new[0]) if new else []
+            elif new:
+                t.block_ids.extend(new[0])
+            done_tokens[req_id] = cached.num_computed_tokens[i]
+        for req_id, computed in done_tokens.items():
+            t = self._tracks[req_id]
+            if computed + so.num_scheduled_tokens.get(req_id, 0) >= len(t.token_ids):
+                n_blocks = -(-len(t.token_ids) // self.block_size)
+                saves.append(SaveSpec(req_id, t.pd_id, t.token_ids, t.block_ids[:n_blocks]))
+                self._saving.add(req_id)
+                del self._tracks[req_id]
+        return saves
+
+    # ---- both --------------------------------------------------------------------------
+
+    def build_connector_meta(self, so) -> PDMetadata:
+        meta = PDMetadata(
+            loads=self._new_loads,
+            saves=self._follow_blocks(so) if self._tracks else [],
+            cancels=self._cancels,
+            preempted=list(getattr(so, "preempted_req_ids", None) or ()),
+        )
+        self._new_loads, self._cancels = [], []
+        return meta
+
+    def update_connector_output(self, output) -> None:
+        for req_id in getattr(output, "finished_recving", None) or ():
+            self._loading.discard(req_id)
+
+    def request_finished(self, request, block_ids) -> tuple[bool, dict | None]:
+        req_id = request.request_id
+        self._tracks.pop(req_id, None)
+        self._loaded.discard(req_id)
+        if req_id in self._loading:
+            # Aborted while its KV was in flight: vLLM holds the blocks until the worker
+            # reports the load finished; make the worker stop waiting.
+            self._cancels.append(req_id)
+        if req_id in self._saving:
+            self._saving.discard(req_id)
+            return True, None
+        return False, None

@@ -1,0 +1,274 @@
+"""Worker-side half of PDConnector: gathers/saves and loads/scatters KV chunks in the background.
+
+Save job (producer): gather the request's blocks into staging slabs, one chunk per slab,
+write each chunk header (layout fingerprint, key hash, checksum), ``transport.put`` the batch,
+then publish READY(pd_id, keys, n_tokens) to the coordinator. The scheduler holds the blocks
+until the job reports the send finished.
+
+Load job (consumer): WAIT(pd_id) at the coordinator, ``transport.get`` the chunks the request
+needs into staging slabs, verify each header against the keys computed locally from the
+prompt (so another request's KV can never be used), scatter the valid prefix, and report every
+block from the first bad chunk on as a load error: vLLM recomputes those. Every load ends in
+``finished_recving`` exactly once, failed or cancelled ones included.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from pd import chunk as chunkfmt
+from pd.config import ConnectorConfig
+from pd.connector_scheduler import LoadSpec, PDMetadata, SaveSpec
+from pd.keys import chunk_hashes, chunk_key, key_digest, transfer_key
+from pd.kv_layout import KVLayout, StagingPool
+from pd.protocol import Aborted, Done, Ready
+
+logger = logging.getLogger("pd.connector")
+
+# Staging memory per worker: enough slabs to keep one batch in flight per I/O thread.
+SLABS_PER_THREAD = 8
+
+
+class WorkerSide:
+    def __init__(self, cfg: ConnectorConfig, rank: int, namespace_model: str, block_size: int,
+                 coordinator, transport, layout_extra: dict):
+        self.cfg = cfg
+        self.rank = rank
+        self.model = namespace_model
+        self.block_size = block_size
+        self.coord = coordinator
+        self.transport = transport
+        self.layout_extra = layout_extra
+        self.layout: KVLayout | None = None
+        self.pool: StagingPool | None = None
+        self.namespace = ""
+        self._exec = ThreadPoolExecutor(cfg.io_threads, thread_name_prefix="pd-io")
+        self._lock = threading.Lock()
+        self._save_jobs: dict[str, Future] = {}
+        self._done_sending: set[str] = set()
+        self._finished_seen: set[str] = set()
+        self._done_recving: set[str] = set()
+        self._bad_blocks: set[int] = set()
+        self._cancel: dict[str, threading.Event] = {}
+        self.stats = {"saves": 0, "chunks_saved": 0, "loads_ok": 0, "loads_failed": 0,
+                      "chunks_loaded": 0, "bytes_loaded": 0, "chunk_errors": 0}
+
+    # ---- setup -------------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        from pd.keys import make_namespace
+
+        self.layout = KVLayout(kv_caches, self.block_size, self.layout_extra)
+        bpc = self.cfg.chunk_size // self.block_size
+        slab = chunkfmt.HEADER_SIZE + self.layout.chunk_payload_bytes(bpc)
+        self.pool = StagingPool(slab, SLABS_PER_THREAD * self.cfg.io_threads)
+        self.namespace = make_namespace(self.model, self.layout.fingerprint)
+        logger.info("pdkv worker rank %d: %d layers, page %d B, chunk %d tokens = %d B, namespace %s",
+                    self.rank, self.layout.num_layers, self.layout.page_bytes, self.cfg.chunk_size,
+                    slab, self.namespace)
+
+    def _keys(self, token_ids: list[int]) -> list[str]:
+        return [chunk_key(self.namespace, self.rank, h) for h in chunk_hashes(token_ids, self.cfg.chunk_size)]
+
+    def _chunk_spans(self, n_tokens: int, first_chunk: int = 0):
+        """(chunk index, first block offset, n_blocks, n_tokens) for each chunk from first_chunk."""
+        bpc = self.cfg.chunk_size // self.block_size
+        n_chunks = -(-n_tokens // self.cfg.chunk_size)
+        for c in range(first_chunk, n_chunks):
+            toks = min(self.cfg.chunk_size, n_tokens - c * self.cfg.chunk_size)
+            yield c, c * bpc, -(-toks // self.block_size), toks
+
+    # ---- per step ----------------------------------------------------------------------
+
+    def start_step(self, meta: PDMetadata) -> None:
+        for req_id in meta.cancels:
+            ev = self._cancel.get(req_id)
+            if ev is not None:
+                ev.set()
+        for spec in meta.loads:
+            self._cancel[spec.req_id] = threading.Event()
+            self._exec.submit(self._run_load, spec)
+
+    def after_forward(self, meta: PDMetadata) -> None:
+        event = None
+        if self.layout is not None and self.layout.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        for spec in meta.saves:
+            self._save_jobs[spec.req_id] = self._exec.submit(self._run_save, spec, event)
+
+    def handle_preemptions(self, meta: PDMetadata) -> None:
+        # A preempted request's blocks are about to be reused: finish reading them first.
+        for req_id in meta.preempted:
+            fut = self._save_jobs.get(req_id)
+            if fut is not None:
+                fut.result()
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str], set[str]]:
+        with self._lock:
+            self._finished_seen |= finished_req_ids
+            sending = self._done_sending & self._finished_seen
+            self._done_sending -= sending
+            self._finished_seen -= sending
+            recving, self._done_recving = self._done_recving, set()
+        for req_id in sending:
+            self._save_jobs.pop(req_id, None)
+        return sending, recving
+
+    def take_load_errors(self) -> set[int]:
+        with self._lock:
+            bad, self._bad_blocks = self._bad_blocks, set()
+        return bad
+
+    # ---- save --------------------------------------------------------------------------
+
+    def _run_save(self, spec: SaveSpec, event) -> None:
+        t0 = time.monotonic()
+        keys = self._keys(spec.token_ids)
+        xkeys = [transfer_key(spec.pd_id, k) for k in keys]
+        n_bytes = 0
+        try:
+            if event is not None:
+                event.synchronize()
+            if self.transport is None:
+                xkeys = []
+            else:
+                n_bytes = self._save_chunks(spec, keys, xkeys)
+        except Exception:
+            logger.exception("pd_id=%s: save failed; decode will recompute", spec.pd_id)
+            xkeys = []
+        finally:
+            with self._lock:
+                self._done_sending.add(spec.req_id)
+        ok = self.coord.ready(Ready(pd_id=spec.pd_id, rank=self.rank, keys=xkeys,
+                                    n_tokens=len(spec.token_ids), n_bytes=n_bytes,
+                                    location=getattr(self.transport, "location", "none"),
+                                    instance_id=self.cfg.instance_id))
+        self.stats["saves"] += 1
+        self.stats["chunks_saved"] += len(xkeys)
+        logger.debug("pd_id=%s: saved %d chunks (%d B) in %.1f ms, ready %s", spec.pd_id, len(xkeys),
+                     n_bytes, (time.monotonic() - t0) * 1e3, "sent" if ok else "NOT delivered")
+
+    def _save_chunks(self, spec: SaveSpec, keys: list[str], xkeys: list[str]) -> int:
+        layout, pool = self.layout, self.pool
+        blocks = torch.tensor(spec.block_ids, dtype=torch.long)
+        spans = list(self._chunk_spans(len(spec.token_ids)))
+        n_bytes = 0
+        for i in range(0, len(spans), pool.n_slabs):
+            batch = spans[i : i + pool.n_slabs]
+            with pool.acquire(len(batch)) as slabs:
+                views = []
+                for slab, (c, b0, nb, toks) in zip(slabs, batch):
+                    layout.gather(blocks[b0 : b0 + nb].to(layout.device), layout.payload_view(slab, nb))
+                    size = chunkfmt.HEADER_SIZE + layout.chunk_payload_bytes(nb)
+                    mv = memoryview(slab.numpy())[:size]
+                    chunkfmt.write_header(mv, layout.fingerprint, key_digest(keys[c]), toks, nb,
+                                          size - chunkfmt.HEADER_SIZE)
+                    views.append(mv)
+                    n_bytes += size
+                ok = self.transport.put([xkeys[c] for c, *_ in batch], views)
+                if not all(ok):
+                    logger.warning("pd_id=%s: transport dropped %d of %d chunks", spec.pd_id,
+                                   ok.count(False), len(ok))
+        return n_bytes
+
+    # ---- load --------------------------------------------------------------------------
+
+    def _run_load(self, spec: LoadSpec) -> None:
+        t0 = time.monotonic()
+        n_prompt = len(spec.token_ids)
+        first_block = spec.start_token // self.block_size
+        n_blocks = -(-n_prompt // self.block_size)
+        loaded_upto = first_block  # blocks [first_block, loaded_upto) are valid
+        error, n_chunks, n_bytes, wait_ms = "", 0, 0, 0.0
+        try:
+            reply = self._wait_ready(spec)
+            wait_ms = (time.monotonic() - t0) * 1e3
+            if not isinstance(reply, Ready):
+                error = "aborted" if isinstance(reply, Aborted) else "timed out waiting for READY"
+            elif reply.n_tokens != n_prompt:
+                error = f"READY has {reply.n_tokens} tokens, request has {n_prompt}"
+            elif self.transport is None:
+                error = "no transport configured"
+            else:
+                loaded_upto, n_chunks, n_bytes, error = self._load_chunks(spec, first_block)
+        except Exception as e:  # never let a load failure escape into the engine
+            logger.exception("pd_id=%s: load failed", spec.pd_id)
+            error = f"internal error: {e}"
+        bad = set(spec.block_ids[loaded_upto:n_blocks])
+        ok = not bad
+        with self._lock:
+            self._bad_blocks |= bad
+            self._done_recving.add(spec.req_id)
+            self._cancel.pop(spec.req_id, None)
+        load_ms = (time.monotonic() - t0) * 1e3 - wait_ms
+        self.stats["loads_ok" if ok else "loads_failed"] += 1
+        self.stats["chunks_loaded"] += n_chunks
+        self.stats["bytes_loaded"] += n_bytes
+        if ok:
+            logger.info("pd_id=%s: loaded %d chunks (%d B) in %.1f ms (waited %.1f ms)", spec.pd_id,
+                        n_chunks, n_bytes, load_ms, wait_ms)
+        else:
+            logger.warning("pd_id=%s: %s; %d of %d blocks will be recomputed", spec.pd_id, error,
+                           len(bad), n_blocks - first_block)
+        self.coord.done(Done(pd_id=spec.pd_id, rank=self.rank, ok=ok, instance_id=self.cfg.instance_id,
+                             n_chunks=n_chunks, n_bytes=n_bytes, load_ms=load_ms, error=error))
+
+    def _wait_ready(self, spec: LoadSpec):
+        deadline = time.monotonic() + self.cfg.wait_timeout_s
+        cancel = self._cancel.get(spec.req_id)
+        while True:
+            if cancel is not None and cancel.is_set():
+                return Aborted(pd_id=spec.pd_id, reason="request aborted")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            reply = self.coord.wait(spec.pd_id, self.rank, min(left, 1.0))
+            if isinstance(reply, (Ready, Aborted)):
+                return reply
+
+    def _load_chunks(self, spec: LoadSpec, first_block: int) -> tuple[int, int, int, str]:
+        layout, pool = self.layout, self.pool
+        bpc = self.cfg.chunk_size // self.block_size
+        keys = self._keys(spec.token_ids)
+        blocks = torch.tensor(spec.block_ids, dtype=torch.long)
+        spans = list(self._chunk_spans(len(spec.token_ids), first_block // bpc))
+        loaded_upto, n_chunks, n_bytes = first_block, 0, 0
+        deadline = time.monotonic() + self.cfg.load_timeout_s
+        for i in range(0, len(spans), pool.n_slabs):
+            batch = spans[i : i + pool.n_slabs]
+            with pool.acquire(len(batch)) as slabs:
+                sizes = [chunkfmt.HEADER_SIZE + layout.chunk_payload_bytes(nb) for _, _, nb, _ in batch]
+                views = [memoryview(s.numpy())[:n] for s, n in zip(slabs, sizes)]
+                xkeys = [transfer_key(spec.pd_id, keys[c]) for c, *_ in batch]
+                got = self.transport.get(xkeys, views)
+                for slab, view, size, n_read, (c, b0, nb, toks) in zip(slabs, views, sizes, got, batch):
+                    if time.monotonic() > deadline:
+                        return loaded_upto, n_chunks, n_bytes, "load timed out"
+                    if n_read != size:
+                        return loaded_upto, n_chunks, n_bytes, f"chunk {c} missing from transport"
+                    try:
+                        _, hdr_blocks, _ = chunkfmt.verify(view, layout.fingerprint,
+                                                           key_digest(keys[c]), size - chunkfmt.HEADER_SIZE)
+                        if hdr_blocks != nb:
+                            raise chunkfmt.ChunkError(f"chunk has {hdr_blocks} blocks, expected {nb}")
+                    except chunkfmt.ChunkError as e:
+                        self.stats["chunk_errors"] += 1
+                        return loaded_upto, n_chunks, n_bytes, f"chunk {c}: {e}"
+                    # Skip blocks before the load start (already valid from the local cache).
+                    skip = max(0, first_block - b0)
+                    payload = layout.payload_view(slab, nb)[:, skip:]
+                    layout.scatter(blocks[b0 + skip : b0 + nb].to(layout.device), payload)
+                    loaded_upto, n_chunks, n_bytes = b0 + nb, n_chunks + 1, n_bytes + size
+                self.transport.delete(xkeys)
+        return loaded_upto, n_chunks, n_bytes, ""
+
+    def shutdown(self) -> None:
+        for ev in list(self._cancel.values()):
+            ev.set()
+        self._exec.shutdown(wait=True, cancel_futures=False)
+

@@ -1,0 +1,96 @@
+"""Keys and chunk format."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from pd import chunk as C
+from pd.keys import chunk_hashes, chunk_keys, key_digest, layout_fingerprint, make_namespace, transfer_key
+
+
+def test_equal_prefixes_give_equal_keys_and_divergence_changes_the_rest():
+    a = list(range(1000))
+    b = a[:600] + [7] * 400
+    ka, kb = chunk_keys("ns", 0, a, 256), chunk_keys("ns", 0, b, 256)
+    assert len(ka) == 4  # 3 full chunks + a partial one
+    assert ka[:2] == kb[:2]  # chunks 0..1 cover tokens 0..511, equal in both
+    assert ka[2] != kb[2] and ka[3] != kb[3]  # chunk 2 holds the divergence, the chain carries it
+
+
+def test_chain_hash_depends_on_earlier_chunks():
+    a = [1] * 256 + [2] * 256
+    b = [3] * 256 + [2] * 256
+    assert chunk_hashes(a, 256)[1] != chunk_hashes(b, 256)[1]
+
+
+def test_partial_chunk_differs_from_full_chunk_with_same_start():
+    assert chunk_keys("ns", 0, [5] * 100, 256)[0] != chunk_keys("ns", 0, [5] * 256, 256)[0]
+
+
+def test_keys_do_not_depend_on_python_hash_seed():
+    code = "from pd.keys import chunk_keys; print(chunk_keys('ns', 1, list(range(300)), 256))"
+    outs = {subprocess.run([sys.executable, "-c", code], env={"PYTHONHASHSEED": s, "PATH": ""},
+                           capture_output=True, text=True, check=True).stdout for s in ("1", "2")}
+    assert len(outs) == 1
+
+
+def test_rank_and_namespace_are_part_of_the_key():
+    toks = list(range(300))
+    assert chunk_keys("ns", 0, toks, 256) != chunk_keys("ns", 1, toks, 256)
+    fp1 = layout_fingerprint(dtype="bf16", layers=4)
+    fp2 = layout_fingerprint(dtype="fp16", layers=4)
+    assert make_namespace("/m/tiny", fp1) != make_namespace("/m/tiny", fp2)
+    assert "/" not in make_namespace("/models/tiny/", fp1)
+
+
+def test_key_digest_and_transfer_key():
+    k = chunk_keys("ns", 0, [1, 2, 3], 256)[0]
+    assert key_digest(k) == chunk_hashes([1, 2, 3], 256)[0]
+    assert transfer_key("id/1", k).startswith("xfer/id_1/ns/0/")
+    with pytest.raises(ValueError, match="malformed chunk key"):
+        key_digest("no-hash-here")
+
+
+def test_chunk_size_must_be_positive():
+    with pytest.raises(ValueError):
+        chunk_hashes([1], 0)
+
+
+def _chunk(payload: bytes, fp=b"F" * 16, kh=b"K" * 16):
+    buf = np.zeros(C.HEADER_SIZE + len(payload), dtype=np.uint8)
+    buf[C.HEADER_SIZE:] = np.frombuffer(payload, dtype=np.uint8)
+    C.write_header(memoryview(buf), fp, kh, n_tokens=33, n_blocks=3, payload_len=len(payload))
+    return buf
+
+
+def test_chunk_round_trip():
+    buf = _chunk(bytes(range(256)) * 4)
+    n_tokens, n_blocks, payload = C.verify(memoryview(buf), b"F" * 16, b"K" * 16, 1024)
+    assert (n_tokens, n_blocks) == (33, 3)
+    assert bytes(payload) == bytes(range(256)) * 4
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda b: b.__setitem__(C.HEADER_SIZE + 5, b[C.HEADER_SIZE + 5] ^ 1), "checksum"),
+    (lambda b: b.__setitem__(0, ord("X")), "magic"),
+])
+def test_corrupt_chunk_is_refused(mutate, message):
+    buf = _chunk(b"x" * 512)
+    mutate(buf)
+    with pytest.raises(C.ChunkError, match=message):
+        C.verify(memoryview(buf), b"F" * 16, b"K" * 16)
+
+
+def test_wrong_layout_key_or_length_is_refused():
+    buf = _chunk(b"x" * 512)
+    with pytest.raises(C.ChunkError, match="fingerprint"):
+        C.verify(memoryview(buf), b"G" * 16, b"K" * 16)
+    with pytest.raises(C.ChunkError, match="key hash"):
+        C.verify(memoryview(buf), b"F" * 16, b"L" * 16)
+    with pytest.raises(C.ChunkError, match="payload length"):
+        C.verify(memoryview(buf), b"F" * 16, b"K" * 16, 256)
+    with pytest.raises(C.ChunkError, match="truncated"):
+        C.verify(memoryview(buf)[: C.HEADER_SIZE + 100], b"F" * 16, b"K" * 16)
+    with pytest.raises(C.ChunkError, match="truncated"):
+        C.verify(memoryview(buf)[:10], b"F" * 16, b"K" * 16)
