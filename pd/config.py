@@ -85,9 +85,10 @@ class InstanceGroupConfig:
 @dataclass
 class VllmConfig:
     max_model_len: int = field(default=2048, metadata=_rng(16, 1 << 22))
-    block_size: int = field(default=16, metadata=_rng(1, 4096))
-    # VLLM_CPU_KVCACHE_SPACE in GiB per instance.
-    kv_cache_space_gb: float = field(default=1.0, metadata=_rng(0.01, 4096))
+    # vLLM's CPU attention needs a multiple of 32.
+    block_size: int = field(default=32, metadata=_rng(1, 4096))
+    # VLLM_CPU_KVCACHE_SPACE in GiB per instance (vLLM reads an integer).
+    kv_cache_space_gb: int = field(default=1, metadata=_rng(1, 4096))
     enforce_eager: bool = True
     dtype: str = field(default="auto", metadata=_choices("auto", "bfloat16", "float16", "float32"))
     max_num_seqs: int = field(default=32, metadata=_rng(1, 4096))

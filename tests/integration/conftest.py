@@ -1,0 +1,107 @@
+"""Fixtures that run real deployments: `pd launch` in a subprocess, real vLLM CPU instances."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL_DIR = ROOT / "models" / "tiny-llama"
+READY = re.compile(r"pdkv ready: proxy at (http://\S+)")
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="session")
+def model_path() -> Path:
+    """The default synthetic model (made once, reused across runs)."""
+    if not (MODEL_DIR / "config.json").is_file():
+        subprocess.run([sys.executable, "-m", "pd.cli", "make-model", str(MODEL_DIR)], check=True, cwd=ROOT)
+    return MODEL_DIR
+
+
+class Launched:
+    def __init__(self, proc: subprocess.Popen, url: str, cfg: dict, log: Path, run_dir: Path):
+        self.proc, self.url, self.cfg, self.log, self.run_dir = proc, url, cfg, log, run_dir
+
+    def instance_url(self, group: str, i: int = 0) -> str:
+        return f"http://127.0.0.1:{self.cfg[group]['port_base'] + i}"
+
+    @property
+    def pool_dir(self) -> Path:
+        t = self.cfg["connector"]["transport"]
+        return Path(t.get("shm_dir", "/dev/shm")) / f"pdkv-{t['name']}"
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def launch(cfg: dict, tmp: Path, name: str, timeout: float = 900) -> Launched:
+    tmp.mkdir(parents=True, exist_ok=True)
+    cfg_file = tmp / f"{name}.yaml"
+    cfg.setdefault("run_dir", str(tmp / f"run-{name}"))
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    log = tmp / f"{name}.out"
+    out = open(log, "w")
+    proc = subprocess.Popen([sys.executable, "-m", "pd.cli", "launch", "--config", str(cfg_file)], cwd=ROOT,
+                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True, text=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = log.read_text()
+        m = READY.search(text)
+        if m:
+            return Launched(proc, m.group(1), cfg, log, Path(cfg["run_dir"]))
+        if proc.poll() is not None:
+            raise RuntimeError(f"pd launch exited {proc.returncode} before ready:\n{text[-4000:]}")
+        time.sleep(1)
+    os.killpg(proc.pid, signal.SIGTERM)
+    raise RuntimeError(f"pd launch not ready in {timeout}s:\n{log.read_text()[-4000:]}")
+
+
+BASE = {
+    "vllm": {"max_model_len": 2048, "block_size": 32, "kv_cache_space_gb": 1, "max_num_seqs": 16},
+    "connector": {"chunk_size": 256, "wait_timeout_s": 120},
+}
+
+
+@pytest.fixture(scope="session")
+def deployments(model_path, tmp_path_factory):
+    """A 1P1D deployment and a colocated single instance of the same model, started together."""
+    tmp = tmp_path_factory.mktemp("deploy")
+    tag = f"it{os.getpid()}"
+    pd_cfg = {**yaml.safe_load(yaml.safe_dump(BASE)), "model": str(model_path), "mode": "pd",
+              "prefill": {"count": 1, "port_base": 18100}, "decode": {"count": 1, "port_base": 18200},
+              "proxy": {"port": 18000}, "coordinator": {"port": 18570}}
+    pd_cfg["connector"]["transport"] = {"kind": "shm", "name": tag, "pool_size_mb": 256}
+    co_cfg = {**yaml.safe_load(yaml.safe_dump(BASE)), "model": str(model_path), "mode": "colocated",
+              "prefill": {"count": 1, "port_base": 18300}, "decode": {"count": 0, "port_base": 18400},
+              "proxy": {"port": 18001}, "coordinator": {"port": 18571}}
+    started = []
+    try:
+        pd_dep = launch(pd_cfg, tmp, "pd")
+        started.append(pd_dep)
+        co_dep = launch(co_cfg, tmp, "colocated")
+        started.append(co_dep)
+        yield pd_dep, co_dep
+    finally:
+        codes = [d.stop() for d in started]
+        pool = Path("/dev/shm") / f"pdkv-{tag}"
+        leftover = pool.exists() and any(pool.iterdir())
+        shutil.rmtree(pool, ignore_errors=True)
+        assert all(c == 0 for c in codes), f"pd launch exit codes {codes}"
+        assert not leftover, f"{pool} not cleaned after a clean stop"

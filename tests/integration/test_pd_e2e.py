@@ -1,0 +1,161 @@
+"""End to end: 1P1D through the launcher and proxy vs a colocated instance, token for token."""
+from __future__ import annotations
+
+import json
+import random
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+
+pytestmark = pytest.mark.integration
+
+CHUNK = 256
+MAX_LEN = 2048
+GEN = 12
+# Shorter than a block, block edges, exactly one chunk, many chunks with a partial last one,
+# and close to the model's max length (MAX_LEN - GEN).
+LENGTHS = [3, 9, 15, 16, 17, 33, 100, 255, 256, 257, 300, 511, 512, 513, 640, 767, 768, 1000, 1300,
+           1700, 2000, MAX_LEN - GEN]
+
+
+def _prompt(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(16, 4000) for _ in range(n)]
+
+
+def _complete(url: str, prompt, stream=False, **extra) -> tuple[list[int], str, str]:
+    body = {"model": "tiny-llama", "prompt": prompt, "max_tokens": GEN, "temperature": 0,
+            "return_token_ids": True, "stream": stream, **extra}
+    r = requests.post(f"{url}/v1/completions", json=body, timeout=600, stream=stream)
+    assert r.status_code == 200, r.text
+    pd_id = r.headers.get("x-pd-id", "")
+    if not stream:
+        choice = r.json()["choices"][0]
+        return choice.get("token_ids") or [], choice["text"], pd_id
+    text, ids = "", []
+    for line in r.iter_lines():
+        if not line.startswith(b"data: ") or line == b"data: [DONE]":
+            continue
+        choice = json.loads(line[6:])["choices"][0]
+        text += choice.get("text", "")
+        ids += choice.get("token_ids") or []
+    return ids, text, pd_id
+
+
+def _chat(url: str, content: str, stream=False) -> tuple[str, str]:
+    body = {"model": "tiny-llama", "messages": [{"role": "user", "content": content}],
+            "max_tokens": GEN, "temperature": 0, "stream": stream}
+    r = requests.post(f"{url}/v1/chat/completions", json=body, timeout=600, stream=stream)
+    assert r.status_code == 200, r.text
+    if not stream:
+        return r.json()["choices"][0]["message"]["content"], r.headers.get("x-pd-id", "")
+    text = ""
+    for line in r.iter_lines():
+        if line.startswith(b"data: ") and line != b"data: [DONE]":
+            text += json.loads(line[6:])["choices"][0]["delta"].get("content") or ""
+    return text, r.headers.get("x-pd-id", "")
+
+
+def _transfer(url: str, pd_id: str, wait_s: float = 10) -> dict:
+    deadline = time.monotonic() + wait_s
+    while True:
+        r = requests.get(f"{url}/pd/transfers/{pd_id}", timeout=10)
+        if r.status_code == 200 and r.json().get("done"):
+            return r.json()
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no finished transfer record for {pd_id}: {r.status_code} {r.text}")
+        time.sleep(0.2)
+
+
+def test_completions_match_colocated_and_kv_was_loaded(deployments):
+    pd, co = deployments
+    cases = [(n, _prompt(n, seed=n), i % 2 == 1) for i, n in enumerate(LENGTHS)]
+
+    def run(case):
+        n, prompt, stream = case
+        return _complete(co.url, prompt, stream), _complete(pd.url, prompt, stream)
+
+    with ThreadPoolExecutor(10) as ex:  # at least 8 requests in flight at once
+        results = list(ex.map(run, cases))
+    for (n, _, stream), ((ref_ids, ref_text, _), (ids, text, pd_id)) in zip(cases, results):
+        assert ref_ids, "the server did not return token ids"
+        assert ids == ref_ids, f"prompt of {n} tokens (stream={stream}): {ids} != {ref_ids}"
+        assert text == ref_text
+        rec = _transfer(pd.url, pd_id)
+        assert rec["ok"], f"prompt of {n} tokens: load failed: {rec}"
+        assert rec["n_chunks"] == -(-n // CHUNK), (n, rec)
+        assert rec["n_bytes"] > 0
+
+
+def test_outputs_depend_on_the_prompt(deployments):
+    """Guards the check above: equal outputs must not come from a model that ignores its KV."""
+    pd, _ = deployments
+    outs = {tuple(_complete(pd.url, _prompt(300, seed=s))[0]) for s in range(4)}
+    assert len(outs) == 4
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_matches_colocated(deployments, stream):
+    pd, co = deployments
+    texts = ["hello there", "def add(a, b):\n    return a + b\n" * 20,
+             "The quick brown fox jumps over the lazy dog. " * 40]
+    for content in texts:
+        ref, _ = _chat(co.url, content, stream)
+        got, pd_id = _chat(pd.url, content, stream)
+        assert got == ref, content[:40]
+        assert _transfer(pd.url, pd_id)["ok"]
+
+
+def test_corrupt_chunk_is_recomputed_and_counted(deployments):
+    """Break a chunk between prefill and decode: the output is still right, the error counted."""
+    pd, co = deployments
+    prompt = _prompt(700, seed=99)
+    pd_id = f"corrupt-{uuid.uuid4().hex}"
+    body = {"model": "tiny-llama", "prompt": prompt, "max_tokens": 1, "temperature": 0}
+    r = requests.post(f"{pd.instance_url('prefill')}/v1/completions", timeout=600,
+                      json={**body, "kv_transfer_params": {"pd_id": pd_id, "do_remote_decode": True}})
+    assert r.status_code == 200, r.text
+    files = []
+    deadline = time.monotonic() + 30
+    while len(files) < 3 and time.monotonic() < deadline:  # 700 tokens = 3 chunks
+        files = sorted(p for p in pd.pool_dir.iterdir() if pd_id in p.name and not p.name.startswith("."))
+        time.sleep(0.1)
+    assert len(files) == 3, [p.name for p in pd.pool_dir.iterdir()]
+    target = files[1]  # a middle chunk: chunk 0 stays valid, 1 and 2 are recomputed
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+
+    before = requests.get(f"{pd.url}/metrics", timeout=10).text
+    ids, _, _ = _complete(pd.instance_url("decode"), prompt,
+                          kv_transfer_params={"pd_id": pd_id, "do_remote_prefill": True})
+    ref_ids, _, _ = _complete(co.url, prompt)
+    assert ids == ref_ids
+    rec = _transfer(pd.url, pd_id)
+    assert not rec["ok"] and "checksum" in rec["error"], rec
+    assert rec["n_chunks"] == 1  # the valid first chunk was still used
+    after = requests.get(f"{pd.url}/metrics", timeout=10).text
+    assert _metric(after, "pdkv_coordinator_done_failed") == _metric(before, "pdkv_coordinator_done_failed") + 1
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"metric {name} not exported")
+
+
+def test_pool_is_drained_after_consumption(deployments):
+    """Consumed chunks are deleted by decode, failed ones freed through the coordinator."""
+    pd, _ = deployments
+    _complete(pd.url, _prompt(600, seed=5))
+    deadline = time.monotonic() + 10
+    left = ["?"]
+    while left and time.monotonic() < deadline:
+        left = [p.name for p in pd.pool_dir.iterdir()] if pd.pool_dir.exists() else []
+        time.sleep(0.2)
+    assert not left, left
