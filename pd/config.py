@@ -90,11 +90,16 @@ class VllmConfig:
     # VLLM_CPU_KVCACHE_SPACE in GiB per instance (vLLM reads an integer).
     kv_cache_space_gb: int = field(default=1, metadata=_rng(1, 4096))
     enforce_eager: bool = True
-    dtype: str = field(default="auto", metadata=_choices("auto", "bfloat16", "float16", "float32"))
+    # float32 by default: the synthetic test model is float32 and its greedy output is then
+    # batch-invariant on CPU, so P/D output can be compared token for token with colocated.
+    dtype: str = field(default="float32", metadata=_choices("auto", "bfloat16", "float16", "float32"))
     max_num_seqs: int = field(default=32, metadata=_rng(1, 4096))
     startup_timeout_s: float = field(default=600.0, metadata=_rng(1, 36000))
-    # Threads each instance may use (VLLM_CPU_OMP_THREADS_BIND stays auto when 0).
-    omp_threads: int = field(default=0, metadata=_rng(0, 1024))
+    # CPU cores of each instance (VLLM_CPU_OMP_THREADS_BIND): "split" gives each instance its own
+    # share of this machine's cores (instances share cores round-robin when there are more
+    # instances than cores); "auto"/"nobind" are vLLM's own modes; or explicit lists, one per
+    # instance in start order (prefill then decode), separated by ";", e.g. "0-3;4-7".
+    cpu_bind: str = "split"
     extra_args: list[str] = field(default_factory=list)
 
 

@@ -29,6 +29,20 @@ from pd.connector_scheduler import PDMetadata, SchedulerSide
 logger = logging.getLogger("pd.connector")
 
 
+def _setup_logging() -> None:
+    """vLLM configures only its own loggers: give pdkv's a handler in vLLM's processes."""
+    root = logging.getLogger("pd")
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("(pdkv pid=%(process)d) %(levelname)s %(asctime)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        root.propagate = False
+
+
+_setup_logging()
+
+
 class PDConnectorMetadata(KVConnectorMetadata):
     def __init__(self, meta: PDMetadata):
         self.meta = meta

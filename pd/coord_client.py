@@ -3,9 +3,12 @@
 No call ever raises to its caller or hangs: with the coordinator down, calls return
 False/None/WaitTimeout after their timeout, and a socket whose reply did not come in time is
 closed and replaced, so a late reply is never taken for the answer to a later call.
+Unsolicited ``Free`` messages are only acted on by the ``InstanceAgent``; a request socket that
+happens to receive one skips it.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
@@ -17,190 +20,296 @@ import zmq
 import zmq.asyncio
 
 from pd.protocol import (
-    Abort, Ack, Aborted, Done, Free, Heartbeat, ProtocolError, Query, QueryReply, Ready, Register, Wait,
+    Abort, Ack, Aborted, Done, Free, Heartbeat, Query, QueryReply, Ready, Register, ReplyMsg, Wait,
     WaitTimeout, decode_reply, encode,
 )
 
-logger = logging.getLogger("pd.coord_client")
+logger = logging.getLogger("pd.coordinator.client")
+WAIT_MARGIN_S = 1.0  # a WAIT's client-side deadline is its timeout plus at most this
 
 
-def _dealer(ctx: zmq.Context, address: str, identity: bytes | None = None) -> zmq.Socket:
+def _dealer(ctx: zmq.Context, address: str, identity: bytes | None = None, sndhwm: int = 0) -> zmq.Socket:
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
     if identity:
         s.setsockopt(zmq.IDENTITY, identity)
+    if sndhwm:
+        s.setsockopt(zmq.SNDHWM, sndhwm)
     s.connect(address)
     return s
 
 
+class _Health:
+    """Logs the first unanswered call (warning) and the first answer after that (info)."""
+
+    def __init__(self, address: str):
+        self.address = address
+        self.down = False
+
+    def note(self, answered: bool, what: str, timeout_s: float) -> None:
+        if not answered and not self.down:
+            self.down = True
+            logger.warning("coordinator %s did not answer %s within %.1fs (further misses are not logged "
+                           "until it answers again)", self.address, what, timeout_s)
+        elif answered and self.down:
+            self.down = False
+            logger.info("coordinator %s answers again", self.address)
+
+
 class CoordinatorClient:
-    """Request/reply calls; thread-safe (one DEALER socket per calling thread)."""
+    """Request/reply calls to the coordinator; thread-safe (one DEALER socket per calling thread)."""
 
     def __init__(self, address: str, timeout_s: float = 5.0):
         self.address = address
         self.timeout_s = timeout_s
         self._ctx = zmq.Context.instance()
         self._local = threading.local()
-        self._sockets: list[zmq.Socket] = []
         self._lock = threading.Lock()
-        self._warned = False
+        self._socks: set[zmq.Socket] = set()
+        self._busy: set[zmq.Socket] = set()
+        self._closed = False
+        self._health = _Health(address)
 
-    def _socket(self) -> zmq.Socket:
-        s = getattr(self._local, "sock", None)
-        if s is None:
-            s = _dealer(self._ctx, self.address)
-            self._local.sock = s
-            with self._lock:
-                self._sockets.append(s)
-        return s
+    def _acquire(self) -> zmq.Socket | None:
+        with self._lock:
+            if self._closed:
+                return None
+            s = getattr(self._local, "sock", None)
+            if s is None:
+                s = self._local.sock = _dealer(self._ctx, self.address)
+                self._socks.add(s)
+            self._busy.add(s)
+            return s
 
-    def _reset(self) -> None:
-        s = getattr(self._local, "sock", None)
-        if s is not None:
-            with self._lock:
-                if s in self._sockets:
-                    self._sockets.remove(s)
+    def _release(self, s: zmq.Socket, keep: bool) -> None:
+        with self._lock:
+            self._busy.discard(s)
+            if keep and not self._closed:
+                return
+            self._socks.discard(s)
             s.close(0)
-            self._local.sock = None
+            if getattr(self._local, "sock", None) is s:
+                self._local.sock = None
 
-    def call(self, msg, timeout_s: float | None = None):
-        """Send ``msg`` and return the reply, or None if none came in time."""
+    def call(self, msg, timeout_s: float | None = None) -> ReplyMsg | None:
+        """Send ``msg`` and return the reply, or None if none came within the timeout."""
         timeout = self.timeout_s if timeout_s is None else timeout_s
-        s = self._socket()
+        s = self._acquire()
+        if s is None:
+            return None
+        reply = None
         try:
-            s.send_multipart(encode(msg))
-            if s.poll(int(timeout * 1000)):
-                return decode_reply(s.recv_multipart())
-        except (zmq.ZMQError, ProtocolError) as e:
-            logger.warning("coordinator %s: %s", self.address, e)
-        if not self._warned:
-            logger.warning("coordinator %s did not answer within %.1fs", self.address, timeout)
-            self._warned = True
-        self._reset()
-        return None
+            s.send_multipart(encode(msg), zmq.NOBLOCK)
+            deadline = time.monotonic() + timeout
+            while reply is None:
+                left = deadline - time.monotonic()
+                if left <= 0 or not s.poll(left * 1000):
+                    break
+                reply = decode_reply(s.recv_multipart())
+                if isinstance(reply, Free):  # meant for an agent; not the answer to this call
+                    reply = None
+        except Exception as e:  # ZMQError, ProtocolError, anything: never raise to the caller
+            logger.warning("coordinator %s: %s failed: %s", self.address, type(msg).__name__, e)
+            reply = None
+        finally:
+            self._release(s, keep=reply is not None)
+        self._health.note(reply is not None, type(msg).__name__, timeout)
+        return reply
 
     def register(self, instance_id: str, role: str, url: str = "", pid: int = 0) -> bool:
+        """Register an instance (pid 0: this process); True when acknowledged."""
         return isinstance(self.call(Register(instance_id, role, url, pid or os.getpid())), Ack)
 
     def heartbeat(self, instance_id: str) -> bool:
+        """One heartbeat; True when acknowledged."""
         return isinstance(self.call(Heartbeat(instance_id)), Ack)
 
     def ready(self, msg: Ready) -> bool:
+        """Publish READY; True when acknowledged."""
         return isinstance(self.call(msg), Ack)
 
     def wait(self, pd_id: str, rank: int, timeout_s: float) -> Ready | WaitTimeout | Aborted:
-        reply = self.call(Wait(pd_id, rank, timeout_s), timeout_s + self.timeout_s)
+        """Wait up to ``timeout_s`` for READY of ``pd_id``/``rank``; WaitTimeout on any failure."""
+        reply = self.call(Wait(pd_id, rank, timeout_s), timeout_s + min(self.timeout_s, WAIT_MARGIN_S))
         if isinstance(reply, (Ready, Aborted, WaitTimeout)):
             return reply
         return WaitTimeout(pd_id)
 
     def done(self, msg: Done) -> bool:
+        """Report DONE; True when acknowledged."""
         return isinstance(self.call(msg), Ack)
 
     def abort(self, pd_id: str, reason: str = "") -> bool:
+        """Abort ``pd_id`` (release waiters, free chunks); True when acknowledged."""
         return isinstance(self.call(Abort(pd_id, reason)), Ack)
 
     def query(self, pd_id: str = "") -> QueryReply | None:
+        """Counters, instances and the record of ``pd_id`` (if given); None without an answer."""
         reply = self.call(Query(pd_id))
         return reply if isinstance(reply, QueryReply) else None
 
     def close(self) -> None:
+        """Close all sockets (one in use by another thread is closed when its call returns)."""
         with self._lock:
-            for s in self._sockets:
+            self._closed = True
+            for s in [s for s in self._socks if s not in self._busy]:
                 s.close(0)
-            self._sockets.clear()
+                self._socks.discard(s)
 
 
 class InstanceAgent:
-    """Registers an instance, heartbeats, and hands unsolicited Free messages to ``on_free``."""
+    """A daemon thread that registers an instance, heartbeats, and hands ``Free`` to ``on_free``.
+
+    Its DEALER identity is ``instance_id`` plus a random suffix; the coordinator pushes Free to the
+    identity that last registered or heartbeated. Heartbeats carry role/url/pid, so a restarted
+    coordinator re-registers the instance from the next heartbeat.
+    """
 
     def __init__(self, address: str, instance_id: str, role: str, url: str = "", interval_s: float = 2.0,
                  on_free: Callable[[Free], None] | None = None):
         self.address, self.instance_id, self.role, self.url = address, instance_id, role, url
         self.interval_s = interval_s
         self.on_free = on_free
+        self.freed = 0  # keys handed to on_free
+        self.last_ack: float | None = None  # time.monotonic() of the last Ack
+        self._acked = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"pd-agent-{instance_id}", daemon=True)
-        self.freed = 0
 
     def start(self) -> "InstanceAgent":
+        """Start the thread; returns self."""
         self._thread.start()
         return self
 
     def stop(self) -> None:
+        """Stop the thread and close its socket."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(5)
 
+    def wait_registered(self, timeout_s: float) -> bool:
+        """Block until the coordinator acknowledged this agent once (True) or ``timeout_s`` passed."""
+        return self._acked.wait(timeout_s)
+
+    def _send(self, sock: zmq.Socket, msg) -> None:
+        try:
+            sock.send_multipart(encode(msg), zmq.NOBLOCK)
+        except zmq.Again:  # coordinator unreachable and the small queue full: skip this beat
+            pass
+
     def _run(self) -> None:
         identity = f"{self.instance_id}#{uuid.uuid4().hex[:8]}".encode()
-        sock = _dealer(zmq.Context.instance(), self.address, identity)
+        pid = os.getpid()
         try:
-            sock.send_multipart(encode(Register(self.instance_id, self.role, self.url, os.getpid())))
+            sock = _dealer(zmq.Context.instance(), self.address, identity, sndhwm=4)
+        except zmq.ZMQError as e:
+            logger.error("instance agent %s: cannot connect to %s: %s", self.instance_id, self.address, e)
+            return
+        try:
+            self._send(sock, Register(self.instance_id, self.role, self.url, pid))
             next_beat = time.monotonic() + self.interval_s
             while not self._stop.is_set():
-                if sock.poll(int(max(0.0, min(0.2, next_beat - time.monotonic())) * 1000)):
-                    self._handle(sock.recv_multipart())
+                left = min(0.1, max(0.0, next_beat - time.monotonic()))
+                if sock.poll(left * 1000):
+                    while True:
+                        try:
+                            frames = sock.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self._handle(frames)
                 if time.monotonic() >= next_beat:
-                    sock.send_multipart(encode(Heartbeat(self.instance_id)))
+                    self._send(sock, Heartbeat(self.instance_id, self.role, self.url, pid))
                     next_beat = time.monotonic() + self.interval_s
-        except zmq.ZMQError as e:
-            logger.warning("instance agent %s stopped: %s", self.instance_id, e)
+        except Exception:
+            logger.exception("instance agent %s stopped", self.instance_id)
         finally:
             sock.close(0)
 
-    def _handle(self, frames) -> None:
+    def _handle(self, frames: list[bytes]) -> None:
         try:
             msg = decode_reply(frames)
-        except ProtocolError as e:
-            logger.warning("instance agent %s: %s", self.instance_id, e)
+        except Exception as e:
+            logger.warning("instance agent %s: bad message from the coordinator: %s", self.instance_id, e)
             return
-        if isinstance(msg, Free) and self.on_free is not None:
+        if isinstance(msg, Ack):
+            self.last_ack = time.monotonic()
+            self._acked.set()
+        elif isinstance(msg, Free):
+            if self.on_free is None:
+                return
             try:
                 self.on_free(msg)
                 self.freed += len(msg.keys)
             except Exception:
                 logger.exception("pd_id=%s: freeing %d keys failed", msg.pd_id, len(msg.keys))
+        else:
+            logger.debug("instance agent %s: ignoring %s", self.instance_id, type(msg).__name__)
 
 
 class AsyncCoordinatorClient:
-    """asyncio client for the proxy: abort and query, never raising."""
+    """asyncio client for the proxy: abort and query; never raises (except the caller's cancellation)."""
 
     def __init__(self, address: str, timeout_s: float = 2.0):
         self.address = address
         self.timeout_s = timeout_s
         self._ctx = zmq.asyncio.Context.instance()
         self._sock: zmq.asyncio.Socket | None = None
-        self._lock = None
+        self._lock: asyncio.Lock | None = None
+        self._closed = False
+        self._health = _Health(address)
 
-    async def _call(self, msg):
-        import asyncio
-
+    async def _call(self, msg) -> ReplyMsg | None:
+        if self._closed:
+            return None
         if self._lock is None:
             self._lock = asyncio.Lock()
-        async with self._lock:  # one request in flight per socket keeps replies in order
-            if self._sock is None:
-                self._sock = self._ctx.socket(zmq.DEALER)
-                self._sock.setsockopt(zmq.LINGER, 0)
-                self._sock.connect(self.address)
-            try:
-                await self._sock.send_multipart(encode(msg))
-                if await self._sock.poll(int(self.timeout_s * 1000)):
-                    return decode_reply(await self._sock.recv_multipart())
-            except (zmq.ZMQError, ProtocolError) as e:
-                logger.warning("coordinator %s: %s", self.address, e)
-            self._sock.close(0)
-            self._sock = None
+        try:
+            async with self._lock:  # one request in flight per socket keeps replies in order
+                reply = await self._exchange(msg)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            logger.warning("coordinator %s: %s failed: %s", self.address, type(msg).__name__, e)
+            reply = None
+        self._health.note(reply is not None, type(msg).__name__, self.timeout_s)
+        return reply
+
+    async def _exchange(self, msg) -> ReplyMsg | None:
+        if self._closed:
             return None
+        if self._sock is None:
+            self._sock = _dealer(self._ctx, self.address)
+        sock, reply = self._sock, None
+        try:
+            await sock.send_multipart(encode(msg))
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.timeout_s
+            while reply is None:
+                left = deadline - loop.time()
+                if left <= 0 or not await sock.poll(left * 1000):
+                    break
+                reply = decode_reply(await sock.recv_multipart())
+                if isinstance(reply, Free):
+                    reply = None
+            return reply
+        finally:  # no answer (timeout, error, cancellation): a late one must not reach the next call
+            if reply is None:
+                sock.close(0)
+                if self._sock is sock:
+                    self._sock = None
 
     async def abort(self, pd_id: str, reason: str = "") -> bool:
+        """Abort ``pd_id``; True when acknowledged."""
         return isinstance(await self._call(Abort(pd_id, reason)), Ack)
 
     async def query(self, pd_id: str = "") -> QueryReply | None:
+        """Counters, instances and the record of ``pd_id`` (if given); None without an answer."""
         reply = await self._call(Query(pd_id))
         return reply if isinstance(reply, QueryReply) else None
 
     def close(self) -> None:
+        """Close the socket; later calls return False/None at once."""
+        self._closed = True
         if self._sock is not None:
             self._sock.close(0)
             self._sock = None

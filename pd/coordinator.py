@@ -14,207 +14,333 @@ import signal
 import sys
 import threading
 import time
-from collections import OrderedDict, defaultdict
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import zmq
 
-from pd.config import ConfigError, CoordinatorConfig, load_yaml
+from pd.config import ConfigError, CoordinatorConfig, load_yaml, merge
 from pd.protocol import (
     Abort, Ack, Aborted, Done, Error, Free, Heartbeat, InstanceInfo, ProtocolError, Query, QueryReply, Ready,
     Register, TransferRecord, Wait, WaitTimeout, decode_client, encode,
 )
 
 logger = logging.getLogger("pd.coordinator")
-MAX_RECORDS = 10000
+
 COUNTERS = ("registered", "heartbeats", "ready", "waits", "wait_hits_immediate", "wait_timeouts", "done_ok",
             "done_failed", "aborts", "expired", "freed_keys", "malformed", "internal_errors", "chunks_loaded",
             "bytes_loaded", "load_ms_sum", "instances_alive")
+MAX_RECORDS = 10000          # transfer records kept (oldest dropped first)
+RECORD_TTL_S = 3600.0        # ... and for at most this long
+DEAD_INSTANCE_TTL_S = 3600.0  # an instance down this long is forgotten
+MAX_WAIT_S = 3600.0          # a WAIT never parks longer than this
+SWEEP_INTERVAL_S = 0.05      # expiry resolution; also how fast stop() is noticed
+LOG_EVERY_S = 60.0           # repeated warnings of one kind are logged at most this often
+
+Key = tuple[str, int]
+
+
+class _Waiter(NamedTuple):
+    ident: bytes
+    deadline: float
+
+
+@dataclass
+class _Instance:
+    role: str
+    url: str
+    pid: int
+    ident: bytes
+    seen: float
+    alive: bool = True
+
+
+def _malformed_kind(reason: str) -> str:
+    for prefix, kind in (("expected", "frames"), ("unsupported protocol tag", "tag")):
+        if reason.startswith(prefix):
+            return kind
+    return "decode"
 
 
 class Coordinator:
+    """The coordinator server; binds ``cfg.address`` at construction (port 0: any free port).
+
+    ``address``/``port`` are the bound endpoint. Run it with ``serve_forever()`` (blocking) or
+    ``start_in_thread()``; ``stop()`` ends the loop and closes the socket.
+    """
+
     def __init__(self, cfg: CoordinatorConfig):
         self.cfg = cfg
         self.counters: dict[str, float] = dict.fromkeys(COUNTERS, 0)
-        self._entries: dict[tuple[str, int], tuple[Ready, float]] = {}
-        self._waiters: dict[tuple[str, int], list[tuple[bytes, float]]] = defaultdict(list)
-        self._aborted: dict[str, float] = {}
-        self._instances: dict[str, dict] = {}
-        self._records: OrderedDict[str, TransferRecord] = OrderedDict()
-        self._ready_at: dict[str, float] = {}
+        self._entries: dict[Key, tuple[Ready, float]] = {}  # -> (ready, expires)
+        self._waiters: dict[Key, list[_Waiter]] = {}
+        self._aborted: dict[str, tuple[float, str]] = {}  # pd_id -> (until, reason)
+        self._abandoned: dict[Key, float] = {}  # failed DONE before READY: a late READY is freed at once
+        self._wait_since: dict[str, float] = {}  # pd_id -> first unanswered WAIT (for wait_ms)
+        self._instances: dict[str, _Instance] = {}
+        self._records: OrderedDict[str, tuple[TransferRecord, float]] = OrderedDict()
+        self._log_state: dict[str, list[float]] = {}  # kind -> [last logged, suppressed since]
         self._stop = threading.Event()
-        self._warned: set[str] = set()
+        self._thread: threading.Thread | None = None
+        self._serving = False
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
-        self._sock.bind(cfg.address)  # raises zmq.ZMQError (EADDRINUSE) if the port is taken
-        self._thread: threading.Thread | None = None
+        self._sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting agent keeps its identity
+        try:
+            self._sock.bind(f"tcp://{cfg.host}:{cfg.port or '*'}")  # EADDRINUSE if the port is taken
+        except zmq.ZMQError:
+            self._close()
+            raise
+        self.address: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.port: int = int(self.address.rsplit(":", 1)[1])
 
     # ---- loop --------------------------------------------------------------------------
 
     def serve_forever(self) -> None:
-        next_sweep = 0.0
+        """Serve until ``stop()`` is called (or a signal handler sets it); then close the socket."""
+        self._serving = True
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        next_sweep = time.monotonic()
         try:
             while not self._stop.is_set():
-                if self._sock.poll(100):
-                    frames = self._sock.recv_multipart()
-                    self._dispatch(frames)
+                wait_ms = max(0.0, next_sweep - time.monotonic()) * 1000
+                if poller.poll(wait_ms):
+                    for _ in range(1000):  # drain, but bounded so the sweep stays on time
+                        try:
+                            frames = self._sock.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                        self._dispatch(frames)
                 now = time.monotonic()
                 if now >= next_sweep:
-                    self._sweep(now)
-                    next_sweep = now + 0.1
+                    try:
+                        self._sweep(now)
+                    except Exception:
+                        self.counters["internal_errors"] += 1
+                        self._log("sweep", logging.ERROR, "expiry sweep failed", exc_info=True)
+                    next_sweep = now + SWEEP_INTERVAL_S
         finally:
-            self._sock.close(0)
-            self._ctx.term()
+            self._close()
 
     def start_in_thread(self) -> "Coordinator":
+        """Run ``serve_forever`` in a daemon thread (tests, embedding); returns self."""
         self._thread = threading.Thread(target=self.serve_forever, name="pd-coordinator", daemon=True)
         self._thread.start()
         return self
 
     def stop(self) -> None:
+        """Ask the loop to end; joins the thread started by ``start_in_thread``."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)
+        elif not self._serving:
+            self._close()
+
+    def _close(self) -> None:
+        if not self._sock.closed:
+            self._sock.close(0)
+            self._ctx.term()
 
     def _send(self, ident: bytes, msg) -> None:
         try:
             self._sock.send_multipart([ident, *encode(msg)], zmq.NOBLOCK)
-        except zmq.ZMQError as e:
-            logger.debug("send to %r failed: %s", ident, e)
+        except zmq.ZMQError as e:  # peer gone or its queue full: the message is dropped
+            logger.debug("send %s to %r failed: %s", type(msg).__name__, ident[:32], e)
 
-    def _warn_once(self, kind: str, text: str) -> None:
-        if kind not in self._warned:
-            self._warned.add(kind)
-            logger.warning("%s (further ones of this kind are only counted)", text)
+    def _log(self, kind: str, level: int, text: str, exc_info: bool = False) -> None:
+        """Log ``text``; further ones of ``kind`` at most every LOG_EVERY_S (with a count)."""
+        now = time.monotonic()
+        state = self._log_state.get(kind)
+        if state is not None and now - state[0] < LOG_EVERY_S:
+            state[1] += 1
+            return
+        more = f" ({int(state[1])} more of this kind since the last report)" if state and state[1] else ""
+        self._log_state[kind] = [now, 0]
+        logger.log(level, "%s%s", text, more, exc_info=exc_info)
 
     def _dispatch(self, frames: list[bytes]) -> None:
-        if len(frames) < 2:
+        if len(frames) < 2:  # a ROUTER always prefixes the routing identity
             self.counters["malformed"] += 1
-            self._warn_once("noident", f"message without routing identity: {len(frames)} frames")
+            self._log("empty", logging.WARNING, f"malformed message: {len(frames)} frames")
             return
         ident, body = frames[0], frames[1:]
+        msg = None
         try:
             msg = decode_client(body)
+            self._handle(ident, msg, time.monotonic())
         except ProtocolError as e:
+            reason = str(e)[:300]
             self.counters["malformed"] += 1
-            self._warn_once(str(e)[:40], f"malformed message from {ident!r}: {e}")
-            self._send(ident, Error(str(e)))
-            return
-        try:
-            self._handle(ident, msg)
+            self._log("malformed-" + _malformed_kind(reason), logging.WARNING,
+                      f"malformed message from {bytes(ident[:32])!r}: {reason}")
+            self._send(ident, Error(reason))
         except Exception as e:  # a bug must not take the coordinator down
             self.counters["internal_errors"] += 1
-            logger.exception("error handling %s", type(msg).__name__)
-            self._send(ident, Error(f"internal error: {e}"))
+            what = type(msg).__name__ if msg is not None else "message"
+            self._log("internal", logging.ERROR, f"internal error handling {what}: {e!r}", exc_info=True)
+            self._send(ident, Error(f"internal error handling {what}: {e}"[:300]))
 
     # ---- handlers ----------------------------------------------------------------------
 
-    def _handle(self, ident: bytes, msg) -> None:
-        now = time.monotonic()
+    def _handle(self, ident: bytes, msg, now: float) -> None:
         if isinstance(msg, Register):
-            self._instances[msg.instance_id] = {"role": msg.role, "url": msg.url, "pid": msg.pid, "ident": ident,
-                                                "seen": now, "alive": True}
-            self.counters["registered"] += 1
-            logger.info("instance %s registered (%s %s)", msg.instance_id, msg.role, msg.url)
-            self._send(ident, Ack())
+            self._on_register(ident, msg, now)
         elif isinstance(msg, Heartbeat):
-            inst = self._instances.setdefault(msg.instance_id, {"role": "unknown", "url": "", "pid": 0})
-            inst.update(ident=ident, seen=now)
-            if not inst.get("alive", False):
-                logger.info("instance %s is alive", msg.instance_id)
-            inst["alive"] = True
-            self.counters["heartbeats"] += 1
-            self._send(ident, Ack())
+            self._on_heartbeat(ident, msg, now)
         elif isinstance(msg, Ready):
             self._on_ready(ident, msg, now)
         elif isinstance(msg, Wait):
             self._on_wait(ident, msg, now)
         elif isinstance(msg, Done):
-            self._on_done(ident, msg)
+            self._on_done(ident, msg, now)
         elif isinstance(msg, Abort):
             self._on_abort(ident, msg, now)
         elif isinstance(msg, Query):
             self._send(ident, self._query(msg.pd_id, now))
+        else:  # decode_client only yields the types above
+            raise TypeError(f"no handler for {type(msg).__name__}")
 
-    def _record(self, pd_id: str) -> TransferRecord:
-        rec = self._records.get(pd_id)
-        if rec is None:
-            rec = self._records[pd_id] = TransferRecord(pd_id=pd_id)
+    def _on_register(self, ident: bytes, msg: Register, now: float) -> None:
+        again = msg.instance_id in self._instances
+        self._instances[msg.instance_id] = _Instance(msg.role, msg.url, msg.pid, ident, now)
+        self.counters["registered"] += 1
+        logger.info("instance %s %sregistered (role %s, url %s, pid %d)", msg.instance_id, "re-" if again else "",
+                    msg.role, msg.url or "-", msg.pid)
+        self._send(ident, Ack())
+
+    def _on_heartbeat(self, ident: bytes, msg: Heartbeat, now: float) -> None:
+        self.counters["heartbeats"] += 1
+        inst = self._instances.get(msg.instance_id)
+        if inst is None:
+            inst = _Instance(msg.role or "unknown", msg.url, msg.pid, ident, now)
+            self._instances[msg.instance_id] = inst
+            self.counters["registered"] += 1
+            logger.info("instance %s registered by its heartbeat (role %s)", msg.instance_id, inst.role)
+        else:
+            if not inst.alive:
+                logger.info("instance %s is alive again", msg.instance_id)
+            inst.ident, inst.seen, inst.alive = ident, now, True
+            if inst.role == "unknown" and msg.role:
+                inst.role, inst.url, inst.pid = msg.role, msg.url, msg.pid
+        self._send(ident, Ack())
+
+    def _record(self, pd_id: str, now: float) -> TransferRecord:
+        item = self._records.get(pd_id)
+        if item is None:
+            item = self._records[pd_id] = (TransferRecord(pd_id=pd_id), now)
             while len(self._records) > MAX_RECORDS:
                 self._records.popitem(last=False)
-        return rec
+        return item[0]
 
     def _free(self, ready: Ready, why: str) -> None:
+        """Tell the producer of ``ready`` to delete its chunks (through its agent's socket)."""
+        if not ready.keys:
+            return
         inst = self._instances.get(ready.instance_id)
-        if ready.keys and inst and inst.get("ident"):
-            self._send(inst["ident"], Free(ready.pd_id, ready.keys))
-            self.counters["freed_keys"] += len(ready.keys)
-        logger.info("pd_id=%s: freeing %d chunks (%s)", ready.pd_id, len(ready.keys), why)
+        if inst is None:
+            self._log("unroutable-free", logging.WARNING,
+                      f"pd_id={ready.pd_id}: cannot free {len(ready.keys)} chunks ({why}): producer instance "
+                      f"{ready.instance_id!r} is not registered")
+            return
+        self._send(inst.ident, Free(ready.pd_id, list(ready.keys)))
+        self.counters["freed_keys"] += len(ready.keys)
+        logger.info("pd_id=%s: freeing %d chunks at %s (%s)", ready.pd_id, len(ready.keys), ready.instance_id, why)
 
     def _on_ready(self, ident: bytes, msg: Ready, now: float) -> None:
         self.counters["ready"] += 1
         self._send(ident, Ack())
+        key = (msg.pd_id, msg.rank)
+        rec = self._record(msg.pd_id, now)
+        rec.ready, rec.n_tokens, rec.producer = True, msg.n_tokens, msg.instance_id
         if msg.pd_id in self._aborted:
             self._free(msg, "request was aborted")
             return
-        rec = self._record(msg.pd_id)
-        rec.ready, rec.n_tokens, rec.producer = True, msg.n_tokens, msg.instance_id
-        self._ready_at[msg.pd_id] = now
-        key = (msg.pd_id, msg.rank)
-        for wident, _ in self._waiters.pop(key, []):
-            self._send(wident, msg)
+        if key in self._abandoned:
+            self._free(msg, "the consumer already gave up")
+            return
+        old = self._entries.get(key)
+        if old is not None:  # a repeated READY replaces the entry; chunks no longer named are freed
+            new_keys = set(msg.keys)
+            stale = [k for k in old[0].keys if k not in new_keys]
+            if stale:
+                self._free(Ready(old[0].pd_id, old[0].rank, stale, 0, instance_id=old[0].instance_id), "replaced")
         self._entries[key] = (msg, now + self.cfg.entry_ttl_s)
+        waiters = self._waiters.pop(key, [])
+        for w in waiters:
+            self._send(w.ident, msg)
+        if waiters:
+            self._waited(rec, now)
+
+    def _waited(self, rec: TransferRecord, now: float) -> None:
+        since = self._wait_since.pop(rec.pd_id, None)
+        if since is not None:
+            rec.wait_ms = round((now - since) * 1000, 3)
 
     def _on_wait(self, ident: bytes, msg: Wait, now: float) -> None:
         self.counters["waits"] += 1
         key = (msg.pd_id, msg.rank)
-        if key in self._entries:
+        entry = self._entries.get(key)
+        if entry is not None:
             self.counters["wait_hits_immediate"] += 1
-            self._send(ident, self._entries[key][0])
+            self._waited(self._record(msg.pd_id, now), now)
+            self._send(ident, entry[0])
         elif msg.pd_id in self._aborted:
-            self._send(ident, Aborted(msg.pd_id, "aborted"))
+            self._send(ident, Aborted(msg.pd_id, self._aborted[msg.pd_id][1]))
         else:
-            self._waiters[key].append((ident, now + max(0.0, msg.timeout_s)))
+            self._wait_since.setdefault(msg.pd_id, now)
+            deadline = now + min(max(0.0, msg.timeout_s), MAX_WAIT_S)
+            self._waiters.setdefault(key, []).append(_Waiter(ident, deadline))
 
-    def _on_done(self, ident: bytes, msg: Done) -> None:
-        entry = self._entries.pop((msg.pd_id, msg.rank), None)
+    def _on_done(self, ident: bytes, msg: Done, now: float) -> None:
+        key = (msg.pd_id, msg.rank)
+        entry = self._entries.pop(key, None)
         self.counters["done_ok" if msg.ok else "done_failed"] += 1
         self.counters["chunks_loaded"] += msg.n_chunks
         self.counters["bytes_loaded"] += msg.n_bytes
         self.counters["load_ms_sum"] += msg.load_ms
-        rec = self._record(msg.pd_id)
+        rec = self._record(msg.pd_id, now)
         rec.done, rec.ok, rec.n_chunks, rec.n_bytes = True, msg.ok, msg.n_chunks, msg.n_bytes
         rec.load_ms, rec.error, rec.consumer = msg.load_ms, msg.error, msg.instance_id
-        if not msg.ok and entry is not None:
-            self._free(entry[0], f"load failed: {msg.error}")
+        if not msg.ok:
+            if entry is not None:
+                self._free(entry[0], f"load failed: {msg.error or 'no reason given'}")
+            else:
+                self._abandoned[key] = now + self.cfg.entry_ttl_s
         self._send(ident, Ack())
 
     def _on_abort(self, ident: bytes, msg: Abort, now: float) -> None:
         self.counters["aborts"] += 1
-        self._aborted[msg.pd_id] = now + self.cfg.entry_ttl_s
+        reason = msg.reason or "aborted"
+        self._aborted[msg.pd_id] = (now + self.cfg.entry_ttl_s, reason)
+        self._wait_since.pop(msg.pd_id, None)
         for key in [k for k in self._waiters if k[0] == msg.pd_id]:
-            for wident, _ in self._waiters.pop(key):
-                self._send(wident, Aborted(msg.pd_id, msg.reason))
+            for w in self._waiters.pop(key):
+                self._send(w.ident, Aborted(msg.pd_id, reason))
         for key in [k for k in self._entries if k[0] == msg.pd_id]:
-            self._free(self._entries.pop(key)[0], f"aborted: {msg.reason}")
+            self._free(self._entries.pop(key)[0], f"aborted: {reason}")
+        rec = self._record(msg.pd_id, now)
+        if not rec.done:
+            rec.error = f"aborted: {reason}"
+        logger.info("pd_id=%s: aborted (%s)", msg.pd_id, reason)
         self._send(ident, Ack())
 
     def _query(self, pd_id: str, now: float) -> QueryReply:
-        instances = [InstanceInfo(iid, i.get("role", ""), i.get("url", ""), i.get("pid", 0), i.get("alive", False),
-                                  round(now - i.get("seen", now), 3)) for iid, i in sorted(self._instances.items())]
+        instances = [InstanceInfo(iid, i.role, i.url, i.pid, i.alive, round(now - i.seen, 3))
+                     for iid, i in sorted(self._instances.items())]
         self.counters["instances_alive"] = sum(1 for i in instances if i.alive)
-        return QueryReply(counters=dict(self.counters), instances=instances,
-                          transfer=self._records.get(pd_id) if pd_id else None)
+        item = self._records.get(pd_id) if pd_id else None
+        return QueryReply(counters=dict(self.counters), instances=instances, transfer=item[0] if item else None)
 
     def _sweep(self, now: float) -> None:
         for key, waiters in list(self._waiters.items()):
-            keep = []
-            for wident, deadline in waiters:
-                if deadline <= now:
+            keep = [w for w in waiters if w.deadline > now]
+            for w in waiters:
+                if w.deadline <= now:
                     self.counters["wait_timeouts"] += 1
-                    self._send(wident, WaitTimeout(key[0]))
-                else:
-                    keep.append((wident, deadline))
+                    self._send(w.ident, WaitTimeout(key[0]))
             if keep:
                 self._waiters[key] = keep
             else:
@@ -223,42 +349,86 @@ class Coordinator:
             if expires <= now:
                 del self._entries[key]
                 self.counters["expired"] += 1
-                self._free(ready, "expired unconsumed")
-        for pd_id, until in list(self._aborted.items()):
-            if until <= now:
-                del self._aborted[pd_id]
-        for iid, inst in self._instances.items():
-            if inst.get("alive") and now - inst.get("seen", now) > self.cfg.instance_ttl_s:
-                inst["alive"] = False
-                logger.warning("instance %s missed heartbeats for %.0fs: marked down", iid, now - inst["seen"])
+                item = self._records.get(key[0])
+                if item is not None and not item[0].done:
+                    item[0].error = "expired unconsumed"
+                self._free(ready, f"not consumed within {self.cfg.entry_ttl_s:g}s")
+        for pd_id in [p for p, (until, _) in self._aborted.items() if until <= now]:
+            del self._aborted[pd_id]
+        for key in [k for k, until in self._abandoned.items() if until <= now]:
+            del self._abandoned[key]
+        horizon = max(self.cfg.entry_ttl_s, MAX_WAIT_S)
+        for pd_id in [p for p, since in self._wait_since.items() if now - since > horizon]:
+            del self._wait_since[pd_id]
+        while self._records and (len(self._records) > MAX_RECORDS
+                                 or now - next(iter(self._records.values()))[1] > RECORD_TTL_S):
+            self._records.popitem(last=False)
+        alive = 0
+        for iid, inst in list(self._instances.items()):
+            if inst.alive and now - inst.seen > self.cfg.instance_ttl_s:
+                inst.alive = False
+                logger.warning("instance %s (%s) sent no heartbeat for %.1fs: marked down", iid, inst.role,
+                               now - inst.seen)
+            elif not inst.alive and now - inst.seen > DEAD_INSTANCE_TTL_S:
+                del self._instances[iid]
+                continue
+            alive += inst.alive
+        self.counters["instances_alive"] = alive
 
 
 # ---- CLI ---------------------------------------------------------------------------------
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="deployment YAML; its `coordinator` section is used")
-    p.add_argument("--host")
-    p.add_argument("--port", type=int)
-    p.add_argument("--entry-ttl-s", type=float)
-    p.add_argument("--instance-ttl-s", type=float)
+    """Add the ``pd coordinator`` options to ``p``."""
+    p.add_argument("--config", help="deployment YAML; its `coordinator` section is used (flags override it)")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port to listen on (default 5570)")
+    p.add_argument("--entry-ttl-s", type=float, help="drop and free READY entries not consumed in this time")
+    p.add_argument("--instance-ttl-s", type=float, help="mark instances down after this long without heartbeat")
 
 
-def run(args) -> int:
-    from pd.config import merge
-
-    cfg = load_yaml(args.config).coordinator if args.config else CoordinatorConfig()
+def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
+    """The config ``args`` describe: defaults, then ``--config``'s coordinator section, then flags."""
+    cfg = load_yaml(args.config).coordinator if getattr(args, "config", None) else CoordinatorConfig()
     over = {k: v for k, v in {"host": args.host, "port": args.port, "entry_ttl_s": args.entry_ttl_s,
                               "instance_ttl_s": args.instance_ttl_s}.items() if v is not None}
-    cfg = merge(cfg, over, "coordinator.")
+    return merge(cfg, over, "coordinator.") if over else cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM/SIGINT (exit 0); bad config or a busy port: one line on stderr, exit 2."""
+    try:
+        cfg = config_from_args(args)
+    except ConfigError as e:
+        print(f"coordinator: {e}", file=sys.stderr)
+        return 2
     try:
         coord = Coordinator(cfg)
     except zmq.ZMQError as e:
         if e.errno == zmq.EADDRINUSE:
-            raise ConfigError(f"port {cfg.port} on {cfg.host} is already in use") from None
-        raise ConfigError(f"cannot listen on {cfg.address}: {e}") from None
-    signal.signal(signal.SIGTERM, lambda *_: coord._stop.set())
-    signal.signal(signal.SIGINT, lambda *_: coord._stop.set())
-    print(f"pd coordinator listening on {cfg.address}", file=sys.stderr, flush=True)
+            print(f"coordinator: port {cfg.port} on {cfg.host} is already in use", file=sys.stderr)
+        else:
+            print(f"coordinator: cannot listen on {cfg.address}: {e}", file=sys.stderr)
+        return 2
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: coord._stop.set())
+    logger.info("listening on %s (entry ttl %gs, instance ttl %gs)", coord.address, cfg.entry_ttl_s,
+                cfg.instance_ttl_s)
     coord.serve_forever()
+    logger.info("stopped")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m pd.coordinator``: the same as ``pd coordinator``."""
+    parser = argparse.ArgumentParser(prog="pd coordinator", description="the pdkv ZMQ coordinator")
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

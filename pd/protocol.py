@@ -27,7 +27,12 @@ class Register(_Msg):
 
 
 class Heartbeat(_Msg):
+    """Liveness; the optional fields let a restarted coordinator re-register the instance fully."""
+
     instance_id: str
+    role: str = ""
+    url: str = ""
+    pid: int = 0
 
 
 class Ready(_Msg):

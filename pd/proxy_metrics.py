@@ -1,25 +1,35 @@
-"""The proxy's Prometheus metrics, in a registry of its own."""
+"""The proxy's Prometheus metrics, in a registry of its own (several proxies may share a process)."""
 from __future__ import annotations
+
+import re
+from typing import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from pd.proxy_routing import Pool
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
 
 class ProxyMetrics:
-    def __init__(self):
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.requests = Counter("pdkv_proxy_requests", "requests by endpoint and status", ["endpoint", "status"],
-                                registry=r)
-        self.upstream_errors = Counter("pdkv_proxy_upstream_errors", "upstream errors by role", ["role"], registry=r)
-        self.inflight = Gauge("pdkv_proxy_inflight", "requests in flight per upstream", ["role", "url"], registry=r)
-        self.latency = Histogram("pdkv_proxy_request_latency_seconds", "time to the end of the answer", registry=r,
-                                 buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
-        self.ttft_s = Histogram("pdkv_proxy_ttft_seconds", "time to the first streamed bytes from decode",
+    """Counters and histograms of one proxy; ``render`` adds the coordinator's counters as gauges."""
+
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("pdkv_proxy_requests", "client requests by endpoint and status "
+                                "(499: the client went away)", ["endpoint", "status"], registry=r)
+        self.upstream_errors = Counter("pdkv_proxy_upstream_errors", "error answers, unreachable instances and "
+                                       "timeouts by upstream role", ["role"], registry=r)
+        self.inflight = Gauge("pdkv_proxy_inflight", "requests in flight per upstream instance", ["role", "url"],
+                              registry=r)
+        self.latency = Histogram("pdkv_proxy_request_latency_seconds", "time to the end of a successful answer",
+                                 registry=r, buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
+        self.ttft_s = Histogram("pdkv_proxy_ttft_seconds", "time to the first streamed bytes of the answer",
                                 registry=r, buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 
-    def request(self, endpoint: str, status: int, seconds: float | None = None) -> None:
+    def request(self, endpoint: str, status: int, seconds: float) -> None:
         self.requests.labels(endpoint, str(status)).inc()
-        if seconds is not None:
+        if status < 400:
             self.latency.observe(seconds)
 
     def upstream_error(self, role: str) -> None:
@@ -28,15 +38,17 @@ class ProxyMetrics:
     def ttft(self, seconds: float) -> None:
         self.ttft_s.observe(seconds)
 
-    def set_inflight(self, *pools) -> None:
+    def render(self, pools: Iterable[Pool], coordinator_counters: dict[str, float] | None) -> bytes:
+        """The Prometheus text exposition, in-flight gauges refreshed from ``pools``."""
         for pool in pools:
             for url, n in pool.outstanding.items():
                 self.inflight.labels(pool.role, url).set(n)
-
-    def render(self, coordinator_counters: dict | None) -> bytes:
         text = generate_latest(self.registry)
         if coordinator_counters:
-            lines = [f"# TYPE pdkv_coordinator_{k} gauge\npdkv_coordinator_{k} {float(v)}"
-                     for k, v in sorted(coordinator_counters.items())]
-            text += ("\n".join(lines) + "\n").encode()
+            lines = []
+            for k, v in sorted(coordinator_counters.items()):
+                name = "pdkv_coordinator_" + re.sub(r"[^a-zA-Z0-9_]", "_", k)
+                lines.append(f"# HELP {name} coordinator counter {k} (at scrape time)\n"
+                             f"# TYPE {name} gauge\n{name} {float(v)!r}\n")
+            text += "".join(lines).encode()
         return text
