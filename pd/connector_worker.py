@@ -201,6 +201,11 @@ class WorkerSide:
             error = f"internal error: {e}"
         bad = set(spec.block_ids[loaded_upto:n_blocks])
         ok = not bad
+        if ok and first_block and self.transport is not None:
+            # Chunks before the local prefix hit were not read: they are not needed either.
+            bpc = self.cfg.chunk_size // self.block_size
+            skipped = self._keys(spec.token_ids[: (first_block // bpc) * self.cfg.chunk_size])
+            self.transport.delete([transfer_key(spec.pd_id, k) for k in skipped])
         with self._lock:
             self._bad_blocks |= bad
             self._done_recving.add(spec.req_id)

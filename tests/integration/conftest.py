@@ -51,15 +51,19 @@ class Launched:
         return self.proc.returncode
 
 
-def launch(cfg: dict, tmp: Path, name: str, timeout: float = 900) -> Launched:
+def start(cfg: dict, tmp: Path, name: str) -> tuple[subprocess.Popen, Path]:
     tmp.mkdir(parents=True, exist_ok=True)
     cfg_file = tmp / f"{name}.yaml"
     cfg.setdefault("run_dir", str(tmp / f"run-{name}"))
     cfg_file.write_text(yaml.safe_dump(cfg))
     log = tmp / f"{name}.out"
-    out = open(log, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "pd.cli", "launch", "--config", str(cfg_file)], cwd=ROOT,
-                            stdout=out, stderr=subprocess.STDOUT, start_new_session=True, text=True)
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "pd.cli", "launch", "--config", str(cfg_file)], cwd=ROOT,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True, text=True)
+    return proc, log
+
+
+def wait_ready(proc: subprocess.Popen, log: Path, cfg: dict, timeout: float = 900) -> Launched:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         text = log.read_text()
@@ -91,14 +95,21 @@ def deployments(model_path, tmp_path_factory):
     co_cfg = {**yaml.safe_load(yaml.safe_dump(BASE)), "model": str(model_path), "mode": "colocated",
               "prefill": {"count": 1, "port_base": 18300}, "decode": {"count": 0, "port_base": 18400},
               "proxy": {"port": 18001}, "coordinator": {"port": 18571}}
+    # 2 cores: prefill on core 0, decode on core 1, the colocated reference shares core 0.
+    pd_cfg["vllm"]["cpu_bind"] = "0;1"
+    co_cfg["vllm"]["cpu_bind"] = "0"
+    procs = []
     started = []
     try:
-        pd_dep = launch(pd_cfg, tmp, "pd")
-        started.append(pd_dep)
-        co_dep = launch(co_cfg, tmp, "colocated")
-        started.append(co_dep)
-        yield pd_dep, co_dep
+        procs.append(start(pd_cfg, tmp, "pd") + (pd_cfg,))
+        procs.append(start(co_cfg, tmp, "colocated") + (co_cfg,))
+        for proc, log, cfg in procs:
+            started.append(wait_ready(proc, log, cfg))
+        yield started[0], started[1]
     finally:
+        for proc, log, cfg in procs:
+            if all(d.proc is not proc for d in started):
+                started.append(Launched(proc, "", cfg, log, Path(cfg["run_dir"])))
         codes = [d.stop() for d in started]
         pool = Path("/dev/shm") / f"pdkv-{tag}"
         leftover = pool.exists() and any(pool.iterdir())
