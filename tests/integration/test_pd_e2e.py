@@ -159,3 +159,46 @@ def test_pool_is_drained_after_consumption(deployments):
         left = [p.name for p in pd.pool_dir.iterdir()] if pd.pool_dir.exists() else []
         time.sleep(0.2)
     assert not left, left
+
+
+def _vllm_metric(url: str, name: str, label: str = "") -> float:
+    total = 0.0
+    for line in requests.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith(name) and label in line and not line.startswith("#"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_decode_took_the_prompt_from_the_transfer_not_from_compute(deployments):
+    """vLLM's own counters on the decode instance: prompt tokens came from the external KV."""
+    pd, _ = deployments
+    dec = pd.instance_url("decode")
+    name, src = "vllm:prompt_tokens_by_source_total", 'source="external_kv_transfer"'
+    ext0 = _vllm_metric(dec, name, src)
+    comp0 = _vllm_metric(dec, name, 'source="local_compute"')
+    n = 900
+    _complete(pd.url, _prompt(n, seed=1234))
+    assert _vllm_metric(dec, name, src) - ext0 == n
+    assert _vllm_metric(dec, name, 'source="local_compute"') - comp0 <= 1
+
+
+def test_client_disconnect_aborts_both_halves(deployments):
+    pd, _ = deployments
+    dec = pd.instance_url("decode")
+    aborts0 = _metric(requests.get(f"{pd.url}/metrics", timeout=10).text, "pdkv_coordinator_aborts")
+    body = {"model": "tiny-llama", "prompt": _prompt(400, seed=77), "max_tokens": 1500, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+    r = requests.post(f"{pd.url}/v1/completions", json=body, stream=True, timeout=60)
+    lines = r.iter_lines()
+    assert next(line for line in lines if line.startswith(b"data: "))
+    r.close()  # the client goes away mid-stream
+    deadline = time.monotonic() + 20
+    running = None
+    while time.monotonic() < deadline:
+        running = _vllm_metric(dec, "vllm:num_requests_running")
+        aborts = _metric(requests.get(f"{pd.url}/metrics", timeout=10).text, "pdkv_coordinator_aborts")
+        if running == 0 and aborts > aborts0:
+            break
+        time.sleep(0.3)
+    assert running == 0, "decode kept generating for a client that went away"
+    assert aborts > aborts0
