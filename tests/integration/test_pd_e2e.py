@@ -202,3 +202,26 @@ def test_client_disconnect_aborts_both_halves(deployments):
         time.sleep(0.3)
     assert running == 0, "decode kept generating for a client that went away"
     assert aborts > aborts0
+
+
+def test_decode_keeps_serving_while_a_load_waits(deployments):
+    """A decode request whose KV has not arrived does not block other requests on that instance."""
+    pd, co = deployments
+    prompt = _prompt(500, seed=4242)
+    pd_id = f"late-{uuid.uuid4().hex}"
+    with ThreadPoolExecutor(1) as ex:
+        waiting = ex.submit(_complete, pd.instance_url("decode"), prompt,
+                            kv_transfer_params={"pd_id": pd_id, "do_remote_prefill": True})
+        time.sleep(1)
+        t0 = time.monotonic()
+        other, _, _ = _complete(pd.url, _prompt(300, seed=4243))  # a whole P/D request meanwhile
+        assert time.monotonic() - t0 < 60
+        assert not waiting.done(), "the waiting request should still be waiting for its KV"
+        r = requests.post(f"{pd.instance_url('prefill')}/v1/completions", timeout=600, json={
+            "model": "tiny-llama", "prompt": prompt, "max_tokens": 1, "temperature": 0,
+            "kv_transfer_params": {"pd_id": pd_id, "do_remote_decode": True}})
+        assert r.status_code == 200
+        ids, _, _ = waiting.result(timeout=120)
+    assert ids == _complete(co.url, prompt)[0]
+    rec = _transfer(pd.url, pd_id)
+    assert rec["ok"] and rec["n_chunks"] == 2
