@@ -1,8 +1,21 @@
-"""What a deployment runs: the command line, environment and readiness check of each process."""
+"""What a deployment runs: validation, and the command line, environment and readiness of each process.
+
+Nothing here starts a process; ``launch.launcher.Deployment`` does, from the ``ProcSpec``s of
+``plan(dep)``.
+
+CPU cores (``vllm.cpu_bind``, default "split"): vLLM's CPU worker pins its OpenMP threads
+(``VLLM_CPU_OMP_THREADS_BIND``). Its own "auto" pins every instance of a machine to the same
+cores (core 0 on a 2-core machine, cores 0-1 with a KV connector), and instances whose threads
+share cores wait at barriers for each other's preempted threads, orders of magnitude slower.
+"split" gives each instance its own share of the cores this process may use, round-robin when
+there are more instances than cores (then they share, but each still starts).
+"""
 from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import socket
 import sys
 from dataclasses import dataclass, field
@@ -10,26 +23,36 @@ from pathlib import Path
 
 from pd.config import ConfigError, DeploymentConfig, kv_transfer_config
 
+# vLLM's CPU attention backend accepts only block sizes that are multiples of this
+# ("No common block size for 16 (CPU_ATTN: [MultipleOf(32)])" otherwise, after ~1 minute of startup).
+CPU_BLOCK_MULTIPLE = 32
+_CORE_LIST = re.compile(r"\d+(-\d+)?(,\d+(-\d+)?)*")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
 
 @dataclass
 class ProcSpec:
+    """One child process: its name (also its log file's), command, extra env and readiness check."""
+
     name: str
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
-    health_url: str | None = None  # GET returns 200 when ready; None = ready once started
-    port: int | None = None
+    health_url: str | None = None  # GET answers 200 when ready
+    port: int | None = None  # with no health_url: ready once this TCP port accepts connections
+    host: str = "127.0.0.1"
 
 
 def check_model(path: str) -> Path:
-    p = Path(path)
+    """The resolved model directory; ConfigError("not a model: ...") unless it has config.json and a tokenizer."""
     if not path:
         raise ConfigError("no model given; pass --model PATH or set `model:` in the config")
+    p = Path(path).expanduser()
     if not p.is_dir():
         raise ConfigError(f"not a model: {path} is not a directory")
     if not (p / "config.json").is_file():
         raise ConfigError(f"not a model: {path} has no config.json")
-    if not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
-        raise ConfigError(f"not a model: {path} has no tokenizer (tokenizer.json, tokenizer.model or vocab.json)")
+    if not any((p / f).is_file() for f in TOKENIZER_FILES):
+        raise ConfigError(f"not a model: {path} has no tokenizer ({', '.join(TOKENIZER_FILES)})")
     try:
         json.loads((p / "config.json").read_text())
     except ValueError as e:
@@ -37,7 +60,24 @@ def check_model(path: str) -> Path:
     return p.resolve()
 
 
+def check_config(dep: DeploymentConfig) -> None:
+    """Checks across keys that ``pd.config.load`` cannot make on one value."""
+    if dep.prefill.count + dep.decode.count == 0:
+        raise ConfigError("no instances: prefill.count and decode.count are both 0")
+    if dep.mode == "pd" and (dep.prefill.count < 1 or dep.decode.count < 1):
+        raise ConfigError("mode pd needs at least one prefill and one decode instance "
+                          f"(got prefill.count={dep.prefill.count}, decode.count={dep.decode.count})")
+    bs = dep.vllm.block_size
+    if bs % CPU_BLOCK_MULTIPLE:
+        raise ConfigError(f"vllm.block_size: {bs} is not allowed; vLLM's CPU attention needs a multiple of "
+                          f"{CPU_BLOCK_MULTIPLE}")
+    if dep.mode == "pd" and dep.connector.chunk_size % bs:
+        raise ConfigError(f"connector.chunk_size: {dep.connector.chunk_size} is not a multiple of "
+                          f"vllm.block_size ({bs})")
+
+
 def port_in_use(host: str, port: int) -> bool:
+    """Whether ``host:port`` cannot be bound now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -47,56 +87,53 @@ def port_in_use(host: str, port: int) -> bool:
     return False
 
 
-def instance_ports(dep: DeploymentConfig) -> list[tuple[str, str, int]]:
-    """(name, role, port) of every vLLM instance."""
+def instance_ports(dep: DeploymentConfig) -> list[tuple[str, str, int, str]]:
+    """(name, role, port, group) of every vLLM instance; role is prefill, decode or colocated.
+
+    In colocated mode the instances are ``instance-0..`` on the prefill ports, then the decode ports.
+    """
     out = []
-    for role, group in (("prefill", dep.prefill), ("decode", dep.decode)):
-        for i in range(group.count):
-            out.append((f"{role}-{i}", role, group.port_base + i))
+    for group in ("prefill", "decode"):
+        g = getattr(dep, group)
+        for i in range(g.count):
+            if dep.mode == "pd":
+                out.append((f"{group}-{i}", group, g.port_base + i, group))
+            else:
+                out.append((f"instance-{len(out)}", "colocated", g.port_base + i, group))
     return out
 
 
-def check_ports(dep: DeploymentConfig) -> None:
+def wanted_ports(dep: DeploymentConfig) -> list[tuple[str, str, int]]:
+    """(what, host, port) of every port the deployment listens on."""
     wanted = [("proxy", dep.proxy.host, dep.proxy.port)]
     if dep.mode == "pd":
         wanted.append(("coordinator", dep.coordinator.host, dep.coordinator.port))
-    wanted += [(name, "127.0.0.1", port) for name, _, port in instance_ports(dep)]
+    wanted += [(name, "127.0.0.1", port) for name, _, port, _ in instance_ports(dep)]
+    return wanted
+
+
+def check_ports(dep: DeploymentConfig) -> None:
+    """ConfigError unless every port is distinct, in range and free."""
     seen: dict[int, str] = {}
-    for what, host, port in wanted:
+    for what, host, port in wanted_ports(dep):
+        if not 1 <= port <= 65535:
+            raise ConfigError(f"port {port} ({what}) is out of range; allowed 1..65535")
         if port in seen:
-            raise ConfigError(f"port {port} is used twice: by {seen[port]} and by {what}; change a port_base or port")
+            raise ConfigError(f"port {port} is used twice: by {seen[port]} and by {what}; "
+                              "change a port_base or port")
         seen[port] = what
+    for what, host, port in wanted_ports(dep):
         if port_in_use(host, port):
             raise ConfigError(f"port {port} ({what}) is already in use on {host}")
 
 
 def served_name(dep: DeploymentConfig) -> str:
-    return dep.served_model_name or Path(dep.model).resolve().name
-
-
-def vllm_spec(dep: DeploymentConfig, name: str, role: str, port: int, with_connector: bool) -> ProcSpec:
-    v = dep.vllm
-    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(Path(dep.model).resolve()),
-            "--served-model-name", served_name(dep), "--host", "127.0.0.1", "--port", str(port),
-            "--max-model-len", str(v.max_model_len), "--block-size", str(v.block_size),
-            "--max-num-seqs", str(v.max_num_seqs), "--dtype", v.dtype]
-    if v.enforce_eager:
-        argv.append("--enforce-eager")
-    if with_connector:
-        argv += ["--kv-transfer-config", json.dumps(kv_transfer_config(dep, role, name))]
-    group = dep.prefill if role == "prefill" else dep.decode
-    argv += v.extra_args + group.extra_args
-    env = {"VLLM_CPU_KVCACHE_SPACE": str(v.kv_cache_space_gb), "PYTHONHASHSEED": "0"}
-    return ProcSpec(name, argv, env, f"http://127.0.0.1:{port}/health", port)
+    """The model name clients send: served_model_name, else the model directory's name."""
+    return dep.served_model_name or Path(dep.model).name
 
 
 def cpu_binds(mode: str, n: int) -> list[str]:
-    """VLLM_CPU_OMP_THREADS_BIND for each of ``n`` instances.
-
-    On a small machine, instances whose OpenMP threads are all bound to the same cores slow
-    each other down by orders of magnitude (threads wait at barriers for preempted peers), so
-    by default each instance gets its own cores.
-    """
+    """VLLM_CPU_OMP_THREADS_BIND for each of ``n`` instances (see the module docstring)."""
     if mode in ("auto", "nobind"):
         return [mode] * n
     if mode == "split":
@@ -106,53 +143,73 @@ def cpu_binds(mode: str, n: int) -> list[str]:
         per = len(cores) // n
         return [",".join(str(c) for c in cores[i * per:(i + 1) * per]) for i in range(n)]
     lists = [x.strip() for x in mode.split(";")]
-    if len(lists) != n or not all(lists):
+    if len(lists) != n or not all(_CORE_LIST.fullmatch(x) for x in lists):
         raise ConfigError(f"vllm.cpu_bind: {mode!r} gives {len(lists)} core lists for {n} instances; "
                           "allowed: split, auto, nobind, or one list per instance separated by ';'")
     return lists
 
 
+def vllm_env(dep: DeploymentConfig, bind: str) -> dict[str, str]:
+    """Environment of one vLLM instance (on top of the launcher's)."""
+    return {"VLLM_CPU_KVCACHE_SPACE": str(int(dep.vllm.kv_cache_space_gb)), "PYTHONHASHSEED": "0",
+            "VLLM_CPU_OMP_THREADS_BIND": bind}
+
+
+def vllm_spec(dep: DeploymentConfig, name: str, role: str, port: int, group: str, bind: str = "auto") -> ProcSpec:
+    """One vLLM OpenAI server; with the P/D connector unless ``role`` is colocated."""
+    v = dep.vllm
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(Path(dep.model).resolve()),
+            "--served-model-name", served_name(dep), "--host", "127.0.0.1", "--port", str(port),
+            "--max-model-len", str(v.max_model_len), "--block-size", str(v.block_size),
+            "--max-num-seqs", str(v.max_num_seqs), "--dtype", v.dtype]
+    if v.enforce_eager:
+        argv.append("--enforce-eager")
+    if role in ("prefill", "decode"):
+        argv += ["--kv-transfer-config", json.dumps(kv_transfer_config(dep, role, name))]
+    argv += list(v.extra_args) + list(getattr(dep, group).extra_args)
+    return ProcSpec(name, argv, vllm_env(dep, bind), f"http://127.0.0.1:{port}/health", port)
+
+
 def plan(dep: DeploymentConfig) -> list[ProcSpec]:
-    """Every process of the deployment, in start order."""
+    """Every process of the deployment, in start order (coordinator, instances, proxy)."""
+    check_config(dep)
     py = [sys.executable, "-m", "pd.cli"]
     specs: list[ProcSpec] = []
-    instances = instance_ports(dep)
-    if not instances:
-        raise ConfigError("no instances: prefill.count and decode.count are both 0")
     if dep.mode == "pd":
-        if dep.prefill.count < 1 or dep.decode.count < 1:
-            raise ConfigError("mode pd needs at least one prefill and one decode instance "
-                              f"(got prefill.count={dep.prefill.count}, decode.count={dep.decode.count})")
         c = dep.coordinator
         specs.append(ProcSpec("coordinator", py + ["coordinator", "--host", c.host, "--port", str(c.port),
                                                    "--entry-ttl-s", str(c.entry_ttl_s),
-                                                   "--instance-ttl-s", str(c.instance_ttl_s)], port=c.port))
+                                                   "--instance-ttl-s", str(c.instance_ttl_s)],
+                              port=c.port, host=c.host))
+    instances = instance_ports(dep)
     binds = cpu_binds(dep.vllm.cpu_bind, len(instances))
-    for (name, role, port), bind in zip(instances, binds):
-        spec = vllm_spec(dep, name, role, port, with_connector=dep.mode == "pd")
-        spec.env["VLLM_CPU_OMP_THREADS_BIND"] = bind
-        specs.append(spec)
-    urls = {role: ",".join(f"http://127.0.0.1:{p}" for _, r, p in instances if r == role) for role in ("prefill", "decode")}
-    proxy = py + ["proxy", "--host", dep.proxy.host, "--port", str(dep.proxy.port), "--policy", dep.proxy.policy,
-                  "--upstream-timeout-s", str(dep.proxy.upstream_timeout_s)]
+    specs += [vllm_spec(dep, *inst, bind=bind) for inst, bind in zip(instances, binds)]
+    p = dep.proxy
+    proxy = py + ["proxy", "--host", p.host, "--port", str(p.port), "--policy", p.policy,
+                  "--upstream-timeout-s", str(p.upstream_timeout_s)]
+
+    def urls(role: str) -> str:
+        return ",".join(f"http://127.0.0.1:{port}" for _, r, port, _ in instances if r == role)
+
     if dep.mode == "pd":
-        proxy += ["--prefill", urls["prefill"], "--decode", urls["decode"], "--coordinator", dep.coordinator.address]
+        proxy += ["--prefill", urls("prefill"), "--decode", urls("decode"), "--coordinator", dep.coordinator.address]
     else:
-        proxy += ["--colocated", ",".join(u for u in (urls["prefill"], urls["decode"]) if u)]
-    specs.append(ProcSpec("proxy", proxy, {}, f"http://{dep.proxy.host}:{dep.proxy.port}/health", dep.proxy.port))
+        proxy += ["--colocated", urls("colocated")]
+    specs.append(ProcSpec("proxy", proxy, {}, f"http://{p.host}:{p.port}/health", p.port, p.host))
     return specs
 
 
 def format_command(spec: ProcSpec) -> str:
-    import shlex
-
+    """``# name`` and a shell line (env assignments, then the command) that runs ``spec``."""
     env = " ".join(f"{k}={shlex.quote(v)}" for k, v in spec.env.items())
     return f"# {spec.name}\n{env + ' ' if env else ''}{shlex.join(spec.argv)}"
 
 
 def child_env(spec: ProcSpec) -> dict[str, str]:
+    """The full environment of a child: ours, the spec's, and the repository on PYTHONPATH."""
     env = dict(os.environ)
     env.update(spec.env)
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("PYTHONUNBUFFERED", "1")
     return env

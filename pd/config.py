@@ -177,12 +177,12 @@ def _check(f: dataclasses.Field, value: Any, key: str) -> None:
 
 def load(cls: type, data: dict | None, prefix: str = "") -> Any:
     """Build dataclass ``cls`` from ``data``, refusing unknown keys and bad values."""
-    data = data or {}
+    data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields), key=str)
     if unknown:
         raise ConfigError(
             f"unknown key {prefix}{unknown[0]!s}; allowed keys{' under ' + prefix.rstrip('.') if prefix else ''}: "
@@ -219,9 +219,11 @@ def load_yaml(path: str | Path) -> DeploymentConfig:
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"config file {p}: expected a mapping of keys, got {data!r}")
     return load(DeploymentConfig, data)
 
 

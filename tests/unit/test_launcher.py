@@ -1,0 +1,644 @@
+"""pd launch: validation, dry-run command lines, and the process lifecycle (with stand-in processes, no vLLM)."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launch.launcher import ChildDied, Deployment
+from launch.procs import ProcSpec, check_ports, cpu_binds, plan
+from pd.cli import main
+from pd.config import ConfigError, DeploymentConfig, load
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# A stand-in for a vLLM server: /health answers 200; it starts a grandchild in its process group
+# (like vLLM's engine core) whose pid it writes to a file.
+FAKE_SERVER = textwrap.dedent("""
+    import http.server, subprocess, sys, signal
+    port, pidfile, ignore_term = int(sys.argv[1]), sys.argv[2], sys.argv[3] == "1"
+    code = "import signal, time\\n" + ("signal.signal(signal.SIGTERM, signal.SIG_IGN)\\n" if ignore_term else "")
+    kid = subprocess.Popen([sys.executable, "-c", code + "time.sleep(600)"])
+    open(pidfile, "w").write(str(kid.pid))
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200 if self.path == "/health" else 404)
+            self.end_headers()
+        def log_message(self, *a):
+            pass
+    print("fake server up", flush=True)
+    http.server.HTTPServer(("127.0.0.1", port), H).serve_forever()
+""")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead too
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def model(tmp_path) -> Path:
+    """A directory that passes the launcher's model check (vLLM never runs in these tests)."""
+    d = tmp_path / "tiny"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (d / "tokenizer.json").write_text("{}")
+    return d
+
+
+def free_config(model: Path, tmp_path: Path, **extra) -> dict:
+    cfg = {"model": str(model), "run_dir": str(tmp_path / "run"),
+           "prefill": {"port_base": free_port()}, "decode": {"port_base": free_port()},
+           "proxy": {"port": free_port()}, "coordinator": {"port": free_port()},
+           "connector": {"transport": {"shm_dir": str(tmp_path / "shm"), "name": "t"}}}
+    for k, v in extra.items():
+        cfg[k] = {**cfg[k], **v} if isinstance(v, dict) and isinstance(cfg.get(k), dict) else v
+    return cfg
+
+
+def write_yaml(tmp_path: Path, cfg: dict) -> Path:
+    f = tmp_path / "pd.yaml"
+    f.write_text(yaml.safe_dump(cfg))
+    return f
+
+
+def pd_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pd.cli", *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT)
+
+
+def parse_dry_run(out: str) -> dict[str, tuple[dict[str, str], list[str]]]:
+    """name -> (env, argv) from ``pd launch --dry-run`` output."""
+    procs, name = {}, None
+    for line in out.splitlines():
+        if line.startswith("# "):
+            name = line[2:].strip()
+        elif line.strip():
+            words = shlex.split(line)
+            env = {}
+            while words and "=" in words[0] and not words[0].startswith("-"):
+                k, v = words.pop(0).split("=", 1)
+                env[k] = v
+            procs[name] = (env, words)
+    return procs
+
+
+def flag(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+# ---- dry run ---------------------------------------------------------------------------
+
+
+def test_dry_run_pd(model, tmp_path, capsys):
+    cfg = free_config(model, tmp_path, vllm={"block_size": 64, "max_model_len": 4096, "cpu_bind": "0;1;0"},
+                      decode={"count": 2, "extra_args": ["--seed", "7"]})
+    assert main(["launch", "--config", str(write_yaml(tmp_path, cfg)), "--dry-run"]) == 0
+    procs = parse_dry_run(capsys.readouterr().out)
+    assert list(procs) == ["coordinator", "prefill-0", "decode-0", "decode-1", "proxy"]
+    assert not (tmp_path / "run").exists()  # a dry run starts nothing and writes nothing
+    _, coord = procs["coordinator"]
+    assert coord[1:4] == ["-m", "pd.cli", "coordinator"] and flag(coord, "--port") == str(cfg["coordinator"]["port"])
+    for i, name in enumerate(["prefill-0", "decode-0", "decode-1"]):
+        env, argv = procs[name]
+        assert argv[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+        assert flag(argv, "--model") == str(model.resolve()) and flag(argv, "--served-model-name") == "tiny"
+        assert flag(argv, "--host") == "127.0.0.1"
+        role, idx = name.split("-")
+        assert flag(argv, "--port") == str(cfg[role]["port_base"] + int(idx))
+        assert flag(argv, "--block-size") == "64" and flag(argv, "--max-model-len") == "4096"
+        assert flag(argv, "--dtype") == DeploymentConfig().vllm.dtype and "--enforce-eager" in argv
+        kv = json.loads(flag(argv, "--kv-transfer-config"))
+        assert kv["kv_connector"] == "PDConnector" and kv["kv_connector_module_path"] == "pd.connector"
+        assert kv["kv_role"] == {"prefill": "kv_producer", "decode": "kv_consumer"}[role]
+        extra = kv["kv_connector_extra_config"]
+        assert extra["instance_id"] == name
+        assert extra["coordinator"] == f"tcp://127.0.0.1:{cfg['coordinator']['port']}"
+        assert extra["transport"]["shm_dir"] == str(tmp_path / "shm")
+        assert env["VLLM_CPU_KVCACHE_SPACE"] == "1" and env["PYTHONHASHSEED"] == "0"
+        assert env["VLLM_CPU_OMP_THREADS_BIND"] == ["0", "1", "0"][i]
+        assert (argv[-2:] == ["--seed", "7"]) == (role == "decode")
+    _, proxy = procs["proxy"]
+    assert flag(proxy, "--port") == str(cfg["proxy"]["port"])
+    assert flag(proxy, "--prefill") == f"http://127.0.0.1:{cfg['prefill']['port_base']}"
+    d = cfg["decode"]["port_base"]
+    assert flag(proxy, "--decode") == f"http://127.0.0.1:{d},http://127.0.0.1:{d + 1}"
+    assert flag(proxy, "--coordinator") == f"tcp://127.0.0.1:{cfg['coordinator']['port']}"
+    assert "--colocated" not in proxy
+
+
+def test_dry_run_colocated(model, tmp_path, capsys):
+    cfg = free_config(model, tmp_path)
+    code = main(["launch", "--config", str(write_yaml(tmp_path, cfg)), "--mode", "colocated", "--prefill", "2",
+                 "--decode", "1", "--dry-run"])
+    assert code == 0
+    procs = parse_dry_run(capsys.readouterr().out)
+    assert list(procs) == ["instance-0", "instance-1", "instance-2", "proxy"]  # no coordinator
+    p, d = cfg["prefill"]["port_base"], cfg["decode"]["port_base"]
+    ports = [flag(procs[f"instance-{i}"][1], "--port") for i in range(3)]
+    assert ports == [str(p), str(p + 1), str(d)]
+    for i in range(3):
+        assert "--kv-transfer-config" not in procs[f"instance-{i}"][1]
+    proxy = procs["proxy"][1]
+    assert flag(proxy, "--colocated") == f"http://127.0.0.1:{p},http://127.0.0.1:{p + 1},http://127.0.0.1:{d}"
+    assert "--prefill" not in proxy and "--coordinator" not in proxy
+
+
+def test_flags_override_yaml(model, tmp_path, capsys):
+    cfg = free_config(model, tmp_path, prefill={"count": 3}, mode="colocated")
+    port = free_port()
+    assert main(["launch", "--config", str(write_yaml(tmp_path, cfg)), "--prefill", "1", "--mode", "pd",
+                 "--port", str(port), "--dry-run"]) == 0
+    procs = parse_dry_run(capsys.readouterr().out)
+    assert list(procs) == ["coordinator", "prefill-0", "decode-0", "proxy"]
+    assert flag(procs["proxy"][1], "--port") == str(port)
+
+
+def test_dry_run_cli_subprocess(model):
+    r = pd_cli("launch", "--model", str(model), "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    assert "--kv-transfer-config" in r.stdout and "VLLM_CPU_KVCACHE_SPACE=1" in r.stdout
+
+
+# ---- validation: one clear line, exit 2, nothing started --------------------------------
+
+
+@pytest.mark.parametrize("make, needle", [
+    (lambda p: p / "missing", "is not a directory"),
+    (lambda p: (p / "empty").mkdir() or p / "empty", "has no config.json"),
+    (lambda p: ((p / "nt").mkdir(), (p / "nt" / "config.json").write_text("{}"))[0] or p / "nt", "has no tokenizer"),
+])
+def test_not_a_model(tmp_path, make, needle):
+    path = make(tmp_path)
+    run_dir = tmp_path / "run"
+    r = pd_cli("launch", "--model", str(path), "--run-dir", str(run_dir))
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"pd launch: error: not a model: {path} {needle}"), lines
+    assert not run_dir.exists()  # nothing was started
+
+
+def test_no_model_given(tmp_path):
+    r = pd_cli("launch", "--run-dir", str(tmp_path / "run"))
+    assert r.returncode == 2 and "no model given" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("what", ["proxy", "coordinator", "prefill-0", "decode-0"])
+def test_port_in_use(model, tmp_path, what):
+    cfg = free_config(model, tmp_path)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        key = {"proxy": ("proxy", "port"), "coordinator": ("coordinator", "port"),
+               "prefill-0": ("prefill", "port_base"), "decode-0": ("decode", "port_base")}[what]
+        cfg[key[0]][key[1]] = port
+        r = pd_cli("launch", "--config", str(write_yaml(tmp_path, cfg)))
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr
+    assert f"port {port} ({what}) is already in use" in r.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_ports_must_be_distinct(model, tmp_path):
+    cfg = free_config(model, tmp_path, prefill={"count": 2})
+    cfg["decode"]["port_base"] = cfg["prefill"]["port_base"] + 1
+    dep = load(DeploymentConfig, cfg)
+    with pytest.raises(ConfigError, match=rf"port {cfg['decode']['port_base']} is used twice: by prefill-1 and by decode-0"):
+        check_ports(dep)
+
+
+def test_unknown_yaml_key(model, tmp_path):
+    cfg = free_config(model, tmp_path)
+    cfg["vllm"] = {"blocksize": 32}
+    r = pd_cli("launch", "--config", str(write_yaml(tmp_path, cfg)))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "unknown key vllm.blocksize" in r.stderr and "block_size" in r.stderr
+
+
+def test_missing_config_file(tmp_path):
+    r = pd_cli("launch", "--config", str(tmp_path / "nope.yaml"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "does not exist" in r.stderr
+
+
+@pytest.mark.parametrize("over, needle", [
+    ({"vllm": {"block_size": 16}}, "vllm.block_size: 16 is not allowed; vLLM's CPU attention needs a multiple of 32"),
+    ({"connector": {"chunk_size": 100}}, "connector.chunk_size: 100 is not a multiple of vllm.block_size (32)"),
+    ({"decode": {"count": 0}}, "mode pd needs at least one prefill and one decode instance"),
+    ({"mode": "colocated", "prefill": {"count": 0}, "decode": {"count": 0}}, "no instances"),
+    ({"vllm": {"cpu_bind": "0;1;2"}}, "vllm.cpu_bind: '0;1;2' gives 3 core lists for 2 instances"),
+    ({"vllm": {"cpu_bind": "fast;0"}}, "vllm.cpu_bind: 'fast;0'"),
+])
+def test_cross_key_checks(model, tmp_path, over, needle):
+    cfg = free_config(model, tmp_path)
+    for k, v in over.items():
+        cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v
+    with pytest.raises(ConfigError) as e:
+        plan(load(DeploymentConfig, cfg))
+    assert needle in str(e.value)
+
+
+def test_cpu_binds():
+    assert cpu_binds("auto", 3) == ["auto"] * 3
+    assert cpu_binds("nobind", 2) == ["nobind"] * 2
+    assert cpu_binds("0-3;4-7", 2) == ["0-3", "4-7"]
+    cores = sorted(os.sched_getaffinity(0))
+    split = cpu_binds("split", len(cores) + 1)  # more instances than cores: round-robin, all start
+    assert split[0] == split[-1] == str(cores[0])
+    assert set().union(*(set(s.split(",")) for s in cpu_binds("split", 1))) == {str(c) for c in cores}
+
+
+def test_cli_errors_are_one_line():
+    r = pd_cli("stats", "--coordinator", f"tcp://127.0.0.1:{free_port()}", timeout=60)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "pd stats: error: no answer from the coordinator" in r.stderr
+
+
+# ---- lifecycle, with stand-in processes ---------------------------------------------------
+
+
+def fake_spec(name: str, tmp_path: Path, ignore_term: bool = False) -> tuple[ProcSpec, Path]:
+    port, pidfile = free_port(), tmp_path / f"{name}.kid"
+    argv = [sys.executable, "-c", FAKE_SERVER, str(port), str(pidfile), "1" if ignore_term else "0"]
+    return ProcSpec(name, argv, {"PD_FAKE": name}, f"http://127.0.0.1:{port}/health", port), pidfile
+
+
+def dying_spec(name: str, code: int = 3) -> ProcSpec:
+    return ProcSpec(name, [sys.executable, "-c", f"import time, sys; print('boom {name}', flush=True); "
+                                                 f"time.sleep(0.5); sys.exit({code})"], port=free_port())
+
+
+def test_deployment_start_ready_stop(model, tmp_path):
+    dep = load(DeploymentConfig, free_config(model, tmp_path))
+    pool = tmp_path / "shm" / "pdkv-t"
+    pool.mkdir(parents=True)
+    (pool / "chunk").write_bytes(b"x")
+    d = Deployment(dep)
+    (a, a_kid), (b, b_kid) = fake_spec("a", tmp_path), fake_spec("b", tmp_path, ignore_term=True)
+    d.specs = [a, b]
+    lines: list[str] = []
+    d.start(progress=lines.append)
+    assert any("a" in line and "ready" in line for line in lines) and any("b " in line and "ready" in line for line in lines)
+    assert (d.run_dir / "a.log").read_text().startswith("fake server up")
+    assert (d.run_dir / "config.yaml").is_file()
+    kids = [int(a_kid.read_text()), int(b_kid.read_text())]
+    procs = [p.pid for _, p in d.procs.values()]
+    assert all(alive(pid) for pid in kids + procs)
+    for pid in procs:  # children run in their own session with no signal blocked
+        assert os.getpgid(pid) == pid
+        status = Path(f"/proc/{pid}/status").read_text()
+        assert int(status.split("SigBlk:")[1].split()[0], 16) == 0
+    d.check_children()  # all alive: no error
+    t0 = time.monotonic()
+    d.stop(grace_s=1.0)
+    assert time.monotonic() - t0 < 10
+    assert not any(alive(pid) for pid in kids + procs)  # the group too, even the one ignoring SIGTERM
+    assert not pool.exists()  # the shm pool is removed
+
+
+def test_child_death_during_startup(model, tmp_path):
+    d = Deployment(load(DeploymentConfig, free_config(model, tmp_path)))
+    (a, a_kid) = fake_spec("a", tmp_path)
+    d.specs = [a, dying_spec("bad")]
+    with pytest.raises(ChildDied) as e:
+        with d:
+            pass
+    msg = str(e.value)
+    assert "bad" in msg and "exited with code 3" in msg and "boom bad" in msg
+    assert not any(p.poll() is None for _, p in d.procs.values())
+    assert not alive(int(a_kid.read_text()))
+
+
+def test_startup_timeout(model, tmp_path):
+    cfg = free_config(model, tmp_path, vllm={"startup_timeout_s": 1})
+    d = Deployment(load(DeploymentConfig, cfg))
+    never = ProcSpec("never", [sys.executable, "-c", "import time; time.sleep(60)"],
+                     health_url=f"http://127.0.0.1:{free_port()}/health")
+    d.specs = [never]
+    with pytest.raises(ChildDied, match=r"not ready after 1s .*never"):
+        d.start(progress=lambda _: None)
+    d.stop(grace_s=1)
+    assert all(p.poll() is not None for _, p in d.procs.values())
+
+
+LAUNCH_WITH_FAKES = textwrap.dedent("""
+    import json, sys
+    from launch import launcher
+    from launch.procs import ProcSpec
+    specs = [ProcSpec(**s) for s in json.loads(sys.argv[1])]
+    launcher.plan = lambda dep: specs
+    from pd.cli import main
+    sys.exit(main(sys.argv[2:]))
+""")
+
+
+def launch_fakes(specs: list[ProcSpec], cfg_file: Path) -> subprocess.Popen:
+    data = json.dumps([{"name": s.name, "argv": s.argv, "env": s.env, "health_url": s.health_url,
+                        "port": s.port} for s in specs])
+    return subprocess.Popen([sys.executable, "-c", LAUNCH_WITH_FAKES, data, "launch", "--config", str(cfg_file)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def read_until(proc: subprocess.Popen, needle: str, timeout: float = 60) -> str:
+    out, deadline = "", time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        out += line
+        if needle in line:
+            return out
+    raise AssertionError(f"{needle!r} not seen; got:\n{out}")
+
+
+def test_cli_sigterm_stops_everything(model, tmp_path):
+    cfg = free_config(model, tmp_path)
+    pool = tmp_path / "shm" / "pdkv-t"
+    pool.mkdir(parents=True)
+    (a, a_kid), (b, b_kid) = fake_spec("prefill-0", tmp_path), fake_spec("proxy", tmp_path)
+    proc = launch_fakes([a, b], write_yaml(tmp_path, cfg))
+    try:
+        out = read_until(proc, "pdkv ready: proxy at")
+        assert "prefill-0" in out and "ready" in out
+        kids = [int(a_kid.read_text()), int(b_kid.read_text())]
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err and "pdkv: stopped" in out
+    assert not any(alive(k) for k in kids)
+    assert not pool.exists()
+    assert (tmp_path / "run" / "prefill-0.log").is_file()
+
+
+def test_cli_child_death_exits_1(model, tmp_path):
+    cfg = free_config(model, tmp_path)
+    (a, a_kid) = fake_spec("decode-0", tmp_path)
+    proc = launch_fakes([a, dying_spec("prefill-0", code=7)], write_yaml(tmp_path, cfg))
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 1
+    assert "Traceback" not in err
+    assert "prefill-0" in err and "exited with code 7" in err and "boom prefill-0" in err
+    assert not alive(int(a_kid.read_text()))
+
+
+def test_cli_sigterm_during_startup(model, tmp_path):
+    cfg = free_config(model, tmp_path)
+    (a, a_kid) = fake_spec("coordinator", tmp_path)
+    never = ProcSpec("prefill-0", [sys.executable, "-c", "import time; print('loading', flush=True); time.sleep(600)"],
+                     health_url=f"http://127.0.0.1:{free_port()}/health")
+    proc = launch_fakes([a, never], write_yaml(tmp_path, cfg))
+    try:
+        read_until(proc, "coordinator")  # the starting line names the processes
+        deadline = time.monotonic() + 30
+        log = tmp_path / "run" / "prefill-0.log"
+        while not (a_kid.exists() and log.exists() and "loading" in log.read_text()):
+            assert time.monotonic() < deadline, "the stand-in processes did not start"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, err
+    assert "pdkv: stopped" in out and "Traceback" not in err
+    assert not alive(int(a_kid.read_text()))
+
+
+# ---- the CLI as a user runs it: counts from flags, YAML vs flags, errors leave nothing running ----
+
+
+def leftovers(*needles: str) -> list[str]:
+    """Command lines of live launcher children (coordinator, vLLM, proxy) mentioning any of ``needles``."""
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["pid", "cmdline", "status"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if p.info["status"] == psutil.STATUS_ZOMBIE or p.pid == os.getpid():
+            continue
+        if ("pd.cli" in cmd or "vllm" in cmd) and any(n in cmd for n in needles):
+            found.append(f"{p.pid}: {cmd}")
+    return found
+
+
+def run_launch(tmp_path: Path, cfg: dict, *args: str) -> subprocess.CompletedProcess:
+    """``pd launch`` (not a dry run) that must fail before starting anything; never leaves a child."""
+    needles = [str(tmp_path)] + [f"--port {cfg[k]['port']}" for k in ("proxy", "coordinator") if k in cfg]
+    proc = subprocess.Popen([sys.executable, "-m", "pd.cli", "launch", *args], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:  # it started a deployment: stop it (SIGTERM stops its children)
+        proc.terminate()
+        out, err = proc.communicate(timeout=60)
+        pytest.fail(f"pd launch did not refuse the config; it ran:\n{out}\n{err}")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        left = leftovers(*needles)
+        for line in left:  # children this test started; end them by pid
+            try:
+                os.kill(int(line.split(":")[0]), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert not left, f"processes left running: {left}"
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def assert_one_error_line(r: subprocess.CompletedProcess, *needles: str) -> str:
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("pd launch: error: "), lines
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+def test_dry_run_counts_from_flags(model):
+    r = pd_cli("launch", "--model", str(model), "--prefill", "2", "--decode", "3", "--dry-run")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    procs = parse_dry_run(r.stdout)
+    names = ["prefill-0", "prefill-1", "decode-0", "decode-1", "decode-2"]
+    assert list(procs) == ["coordinator", *names, "proxy"]
+    dflt = DeploymentConfig()
+    coord = f"tcp://{dflt.coordinator.host}:{dflt.coordinator.port}"
+    binds = []
+    for name in names:
+        env, argv = procs[name]
+        group, i = name.split("-")
+        assert flag(argv, "--port") == str(getattr(dflt, group).port_base + int(i))
+        kv = json.loads(flag(argv, "--kv-transfer-config"))
+        assert kv["kv_role"] == ("kv_producer" if group == "prefill" else "kv_consumer")
+        assert kv["kv_connector_extra_config"]["instance_id"] == name
+        assert kv["kv_connector_extra_config"]["coordinator"] == coord
+        assert kv["kv_load_failure_policy"] == "recompute"
+        assert flag(argv, "--block-size") == str(dflt.vllm.block_size)
+        assert flag(argv, "--max-model-len") == str(dflt.vllm.max_model_len)
+        assert flag(argv, "--dtype") == dflt.vllm.dtype
+        assert env["VLLM_CPU_KVCACHE_SPACE"] == str(dflt.vllm.kv_cache_space_gb)
+        binds.append(env["VLLM_CPU_OMP_THREADS_BIND"])
+    assert binds == cpu_binds("split", 5)
+    proxy = procs["proxy"][1]
+    assert flag(proxy, "--prefill") == "http://127.0.0.1:8100,http://127.0.0.1:8101"
+    assert flag(proxy, "--decode") == ",".join(f"http://127.0.0.1:{8200 + i}" for i in range(3))
+    assert flag(proxy, "--coordinator") == coord
+    assert flag(procs["coordinator"][1], "--port") == str(dflt.coordinator.port)
+
+
+def test_yaml_is_honoured_and_flags_override_it(model, tmp_path):
+    other = tmp_path / "other-model"
+    other.mkdir()
+    (other / "config.json").write_text("{}")
+    (other / "tokenizer.json").write_text("{}")
+    cfg = {"model": str(other), "served_model_name": "tm",
+           "prefill": {"count": 1, "port_base": 9300}, "decode": {"count": 2, "port_base": 9400},
+           "vllm": {"block_size": 64, "max_model_len": 1024, "dtype": "bfloat16", "kv_cache_space_gb": 3,
+                    "cpu_bind": "0;1;0", "extra_args": ["--seed", "3"], "enforce_eager": False},
+           "proxy": {"port": 9500, "policy": "round_robin"}, "coordinator": {"port": 9600}}
+    f = write_yaml(tmp_path, cfg)
+    r = pd_cli("launch", "--config", str(f), "--dry-run")
+    assert r.returncode == 0, r.stderr
+    procs = parse_dry_run(r.stdout)
+    assert list(procs) == ["coordinator", "prefill-0", "decode-0", "decode-1", "proxy"]
+    env, argv = procs["decode-1"]
+    assert flag(argv, "--model") == str(other.resolve()) and flag(argv, "--served-model-name") == "tm"
+    assert flag(argv, "--port") == "9401" and flag(argv, "--block-size") == "64"
+    assert flag(argv, "--max-model-len") == "1024" and flag(argv, "--dtype") == "bfloat16"
+    assert "--enforce-eager" not in argv and argv[-2:] == ["--seed", "3"]
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "3" and env["VLLM_CPU_OMP_THREADS_BIND"] == "0"
+    assert json.loads(flag(argv, "--kv-transfer-config"))["kv_connector_extra_config"]["coordinator"] \
+        == "tcp://127.0.0.1:9600"
+    assert flag(procs["proxy"][1], "--policy") == "round_robin" and flag(procs["proxy"][1], "--port") == "9500"
+
+    # flags win; what they do not name stays as the YAML says
+    r = pd_cli("launch", "--config", str(f), "--model", str(model), "--prefill", "2", "--decode", "1",
+               "--port", "9555", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    procs = parse_dry_run(r.stdout)
+    assert list(procs) == ["coordinator", "prefill-0", "prefill-1", "decode-0", "proxy"]
+    assert [flag(procs[n][1], "--port") for n in ("prefill-0", "prefill-1", "decode-0")] == ["9300", "9301", "9400"]
+    env, argv = procs["prefill-1"]
+    assert flag(argv, "--model") == str(model.resolve()) and env["VLLM_CPU_OMP_THREADS_BIND"] == "1"
+    assert flag(argv, "--dtype") == "bfloat16" and env["VLLM_CPU_KVCACHE_SPACE"] == "3"
+    assert flag(procs["proxy"][1], "--port") == "9555" and flag(procs["proxy"][1], "--policy") == "round_robin"
+    # cpu_bind "0;1;0" was for 3 instances: with --decode 1 there are 2, which is refused
+    r = pd_cli("launch", "--config", str(f), "--decode", "1", "--dry-run")
+    assert "gives 3 core lists for 2 instances" in assert_one_error_line(r)
+
+
+def test_colocated_dry_run_from_flags(model):
+    r = pd_cli("launch", "--model", str(model), "--mode", "colocated", "--prefill", "2", "--decode", "1",
+               "--dry-run")
+    assert r.returncode == 0, r.stderr
+    procs = parse_dry_run(r.stdout)
+    assert list(procs) == ["instance-0", "instance-1", "instance-2", "proxy"]
+    assert "coordinator" not in r.stdout and "--kv-transfer-config" not in r.stdout
+    proxy = procs["proxy"][1]
+    assert flag(proxy, "--colocated") == "http://127.0.0.1:8100,http://127.0.0.1:8101,http://127.0.0.1:8200"
+    assert "--prefill" not in proxy and "--decode" not in proxy and "--coordinator" not in proxy
+
+
+def test_model_path_is_a_file(tmp_path):
+    f = tmp_path / "model.safetensors"
+    f.write_text("x")
+    r = pd_cli("launch", "--model", str(f), "--dry-run")
+    assert_one_error_line(r, "not a model", str(f))
+
+
+def test_proxy_port_in_use_refused_and_nothing_left(model, tmp_path):
+    cfg = free_config(model, tmp_path)
+    f = write_yaml(tmp_path, cfg)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cfg["proxy"]["port"] = port
+        r = run_launch(tmp_path, cfg, "--config", str(f), "--port", str(port))
+    assert_one_error_line(r, f"port {port}", "proxy", "already in use")
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("case", ["decode0", "overlap", "bad_value", "unknown_key", "bad_int_flag", "bind_count"])
+def test_launch_errors_are_one_line_and_start_nothing(model, tmp_path, case):
+    cfg = free_config(model, tmp_path)
+    args: list[str] = []
+    if case == "decode0":
+        args, needles = ["--decode", "0"], ["mode pd needs at least one prefill and one decode", "decode.count=0"]
+    elif case == "overlap":
+        cfg["prefill"]["count"] = 3
+        cfg["decode"]["port_base"] = cfg["prefill"]["port_base"] + 2
+        needles = [f"port {cfg['decode']['port_base']} is used twice", "prefill-2", "decode-0"]
+    elif case == "bad_value":
+        cfg["vllm"] = {"dtype": "float64"}
+        needles = ["vllm.dtype: 'float64' is not allowed", "float32"]
+    elif case == "unknown_key":
+        cfg["proxy"]["prot"] = 1
+        needles = ["unknown key proxy.prot", "port", "policy"]
+    elif case == "bad_int_flag":
+        args, needles = ["--prefill", "65"], ["prefill.count: 65 is out of range; allowed 0..64"]
+    else:
+        cfg["vllm"] = {"cpu_bind": "0-1;0-1;0-1"}
+        needles = ["vllm.cpu_bind", "3 core lists for 2 instances"]
+    r = run_launch(tmp_path, cfg, "--config", str(write_yaml(tmp_path, cfg)), *args)
+    assert_one_error_line(r, *needles)
+    assert not (tmp_path / "run").exists()
+
+
+def test_argparse_errors_exit_2_without_traceback(model):
+    r = pd_cli("launch", "--model", str(model), "--mode", "mixed", "--dry-run")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("pd launch: error: argument --mode: invalid choice")
+
+
+def test_cpu_binds_split_with_known_cores(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 4, 5, 6, 7})
+    assert cpu_binds("split", 1) == ["0,1,2,3,4,5,6,7"]
+    assert cpu_binds("split", 2) == ["0,1,2,3", "4,5,6,7"]
+    three = [set(b.split(",")) for b in cpu_binds("split", 3)]
+    assert all(len(s) == 2 for s in three) and not (three[0] & three[1] or three[1] & three[2] or three[0] & three[2])
+    assert cpu_binds("split", 8) == [str(c) for c in range(8)]
+    assert cpu_binds("split", 10) == [str(c) for c in range(8)] + ["0", "1"]  # round-robin, all start
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {4, 9})  # cores need not start at 0
+    assert cpu_binds("split", 2) == ["4", "9"]
+
+
+def test_cpu_binds_explicit():
+    assert cpu_binds(" 0-3 ; 4,5 ;6", 3) == ["0-3", "4,5", "6"]
+    assert cpu_binds("0", 1) == ["0"]
+    for bad, n in (("0-3;4-7", 3), ("0-3;4-7", 1), ("0-3;", 2), ("a;b", 2), ("0-3;4-", 2)):
+        with pytest.raises(ConfigError, match="vllm.cpu_bind"):
+            cpu_binds(bad, n)
