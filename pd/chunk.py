@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import struct
 
-import xxhash
-
 MAGIC = b"PDKVCHNK"
 VERSION = 1
 HEADER_SIZE = 128
@@ -25,6 +23,8 @@ class ChunkError(ValueError):
 
 
 def checksum(payload) -> int:
+    import xxhash  # imported here so that layout code runs where only torch is installed
+
     return xxhash.xxh3_64_intdigest(payload)
 
 

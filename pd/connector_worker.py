@@ -65,7 +65,8 @@ class WorkerSide:
         self.layout = KVLayout(kv_caches, self.block_size, self.layout_extra)
         bpc = self.cfg.chunk_size // self.block_size
         slab = chunkfmt.HEADER_SIZE + self.layout.chunk_payload_bytes(bpc)
-        self.pool = StagingPool(slab, SLABS_PER_THREAD * self.cfg.io_threads)
+        self.pool = StagingPool(slab, SLABS_PER_THREAD * self.cfg.io_threads,
+                                pin=self.layout.device.type == "cuda")
         self.namespace = make_namespace(self.model, self.layout.fingerprint)
         logger.info("pdkv worker rank %d: %d layers, page %d B, chunk %d tokens = %d B, namespace %s",
                     self.rank, self.layout.num_layers, self.layout.page_bytes, self.cfg.chunk_size,
@@ -163,7 +164,7 @@ class WorkerSide:
             with pool.acquire(len(batch)) as slabs:
                 views = []
                 for slab, (c, b0, nb, toks) in zip(slabs, batch):
-                    layout.gather(blocks[b0 : b0 + nb].to(layout.device), layout.payload_view(slab, nb))
+                    layout.gather(blocks[b0 : b0 + nb], layout.payload_view(slab, nb))
                     size = chunkfmt.HEADER_SIZE + layout.chunk_payload_bytes(nb)
                     mv = memoryview(slab.numpy())[:size]
                     chunkfmt.write_header(mv, layout.fingerprint, key_digest(keys[c]), toks, nb,
@@ -267,7 +268,7 @@ class WorkerSide:
                     # Skip blocks before the load start (already valid from the local cache).
                     skip = max(0, first_block - b0)
                     payload = layout.payload_view(slab, nb)[:, skip:]
-                    layout.scatter(blocks[b0 + skip : b0 + nb].to(layout.device), payload)
+                    layout.scatter(blocks[b0 + skip : b0 + nb], payload)
                     loaded_upto, n_chunks, n_bytes = b0 + nb, n_chunks + 1, n_bytes + size
                 self.transport.delete(xkeys)
         return loaded_upto, n_chunks, n_bytes, ""

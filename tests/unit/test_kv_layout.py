@@ -50,3 +50,18 @@ def test_staging_pool_is_bounded_and_reused():
         ptrs = {s.data_ptr() for s in slabs}
     with pool.acquire(2) as slabs:
         assert {s.data_ptr() for s in slabs} == ptrs
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
+def test_gather_scatter_on_gpu_through_pinned_slabs():
+    src = {k: v.cuda() for k, v in _caches(seed=1, num_blocks=64).items()}
+    dst = {k: v.cuda() for k, v in _caches(seed=2, num_blocks=64).items()}
+    a, b = KVLayout(src, 4), KVLayout(dst, 4)
+    pool = StagingPool(HEADER_SIZE + a.chunk_payload_bytes(5), 1, pin=True)
+    with pool.acquire(1) as (slab,):
+        assert slab.is_pinned()
+        a.gather(torch.tensor([60, 3, 17, 4, 40]), a.payload_view(slab, 5))
+        b.scatter(torch.tensor([1, 2, 30, 31, 63]), b.payload_view(slab, 5))
+    torch.cuda.synchronize()
+    for name in src:
+        assert torch.equal(dst[name][[1, 2, 30, 31, 63]], src[name][[60, 3, 17, 4, 40]])
