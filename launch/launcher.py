@@ -169,10 +169,12 @@ class Deployment:
             if _group_alive(proc):
                 log.warning("%s did not stop within %.0fs; killing it", spec.name, grace_s)
                 _signal_group(proc, signal.SIGKILL)
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                log.error("%s (pid %d) survived SIGKILL", spec.name, proc.pid)
+            kill_deadline = time.monotonic() + 5
+            while _group_alive(proc) and time.monotonic() < kill_deadline:
+                proc.poll()
+                time.sleep(0.05)
+            if _group_alive(proc):
+                log.error("%s (pid %d) or a process of its group survived SIGKILL", spec.name, proc.pid)
         self._cleanup_pool()
 
     def _cleanup_pool(self) -> None:

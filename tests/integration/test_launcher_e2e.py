@@ -15,8 +15,10 @@ pytestmark = pytest.mark.integration
 
 
 def _pids_in_group(pgid: int) -> list[int]:
-    out = subprocess.run(["ps", "-eo", "pid=,pgid="], capture_output=True, text=True).stdout
-    return [int(p) for p, g in (line.split() for line in out.splitlines()) if int(g) == pgid]
+    """Live (non-zombie) processes of a group: this container's init does not reap orphans."""
+    out = subprocess.run(["ps", "-eo", "pid=,pgid=,stat="], capture_output=True, text=True).stdout
+    return [int(p) for p, g, st in (line.split() for line in out.splitlines())
+            if int(g) == pgid and not st.startswith("Z")]
 
 
 def test_dead_child_is_reported_and_the_rest_stopped(model_path, tmp_path):
