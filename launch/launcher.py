@@ -26,7 +26,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from launch.procs import ProcSpec, check_model, check_ports, child_env, format_command, plan
+from launch.procs import ProcSpec, check_model, check_ports, check_store, child_env, format_command, plan
 from pd.config import DeploymentConfig, load, load_yaml, merge, to_dict
 
 log = logging.getLogger("pd.launch")
@@ -245,6 +245,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=("pd", "colocated"), help="P/D or plain instances behind the proxy (mode)")
     p.add_argument("--port", type=int, help="proxy port (proxy.port)")
     p.add_argument("--run-dir", help="directory for the logs (run_dir); default runs/<time>")
+    p.add_argument("--transport", choices=("shm", "none"),
+                   help="connector.transport.kind; none = P/D through the store alone")
+    p.add_argument("--store", choices=("none", "local", "hf3fs"), help="connector.store.backend")
+    p.add_argument("--store-path", metavar="DIR[,DIR...]", help="connector.store.paths")
+    p.add_argument("--store-size-gb", type=float, metavar="N", help="connector.store.size_gb")
     p.add_argument("--dry-run", action="store_true", help="print the commands with their environment and exit")
 
 
@@ -261,8 +266,21 @@ def config_from_args(args: argparse.Namespace) -> DeploymentConfig:
         over["decode"] = {"count": args.decode}
     if args.port is not None:
         over["proxy"] = {"port": args.port}
+    conn: dict = {}
+    if getattr(args, "transport", None) is not None:
+        conn["transport"] = {"kind": args.transport}
+    store = {k: v for k, v in (("backend", getattr(args, "store", None)),
+                               ("size_gb", getattr(args, "store_size_gb", None))) if v is not None}
+    if getattr(args, "store_path", None):
+        store["paths"] = [p for p in args.store_path.split(",") if p]
+    if store:
+        conn["store"] = store
+    if conn:
+        over["connector"] = conn
     dep = merge(dep, over)
     dep.model = str(check_model(dep.model))
+    if dep.mode == "pd":
+        check_store(dep.connector.store)
     return dep
 
 

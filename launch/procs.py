@@ -42,6 +42,27 @@ class ProcSpec:
     host: str = "127.0.0.1"
 
 
+def check_store(cfg) -> None:
+    """Refuse a store config that cannot work, before anything starts."""
+    if cfg.backend == "none":
+        return
+    if cfg.backend == "hf3fs":
+        try:
+            import hf3fs_fuse.io  # noqa: F401
+        except ImportError:
+            raise ConfigError("connector.store.backend hf3fs needs hf3fs_py_usrbio (built from the 3FS source "
+                              "tree, see docs); a 3FS FUSE mount can be used with backend local meanwhile") from None
+    if not cfg.paths:
+        raise ConfigError(f"connector.store.paths: backend {cfg.backend} needs at least one directory "
+                          "(--store-path DIR[,DIR...])")
+    for raw in cfg.paths:
+        path = Path(raw[len("file://"):] if raw.startswith("file://") else raw)
+        if not path.is_dir():
+            raise ConfigError(f"connector.store.paths: {raw} is not an existing directory")
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ConfigError(f"connector.store.paths: {raw} is not writable")
+
+
 def check_model(path: str) -> Path:
     """The resolved model directory; ConfigError("not a model: ...") unless it has config.json and a tokenizer."""
     if not path:

@@ -57,6 +57,25 @@ class TransportConfig:
 
 
 @dataclass
+class StoreConfig:
+    """The persistent KV store (decode fallback and prefix reuse across requests)."""
+
+    backend: str = field(default="none", metadata=_choices("none", "local", "hf3fs"))
+    # Directories for store/local (``file://`` prefix allowed); instance i on GPU/device d uses
+    # paths[d % len(paths)].
+    paths: list[str] = field(default_factory=list)
+    # One budget across all paths; least valuable chunks (by ``eviction``) go first when full.
+    size_gb: float = field(default=10.0, metadata=_rng(0.001, 1 << 20))
+    eviction: str = field(default="lru", metadata=_choices("lru", "lfu", "fifo"))
+    o_direct: bool = False
+    # Bytes waiting in the write queue; a put beyond this is dropped and counted.
+    queue_mb: int = field(default=256, metadata=_rng(1, 1 << 20))
+    write_threads: int = field(default=1, metadata=_rng(1, 64))
+    # Prefill writes every chunk it sends through to the store: "always" or "never".
+    write_through: str = field(default="always", metadata=_choices("always", "never"))
+
+
+@dataclass
 class ConnectorConfig:
     """What vLLM's kv_connector_extra_config may say (plus transport/coordinator)."""
 
@@ -72,6 +91,7 @@ class ConnectorConfig:
     # Background threads for gather/put (producer) and get/scatter (consumer).
     io_threads: int = field(default=2, metadata=_rng(1, 64))
     transport: TransportConfig = field(default_factory=TransportConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
 
 
 @dataclass

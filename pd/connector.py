@@ -104,8 +104,12 @@ class PDConnector(KVConnectorBase_V1):
             "cache_dtype": str(vllm_config.cache_config.cache_dtype),
             "cpu_isa": torch.backends.cpu.get_cpu_capability(),
         }
+        from store import make_store
+
+        # Shard by TP rank (the rank in the keys), so prefill and decode pick the same path.
+        store = make_store(self.cfg.store, rank)
         return WorkerSide(self.cfg, rank, str(vllm_config.model_config.model), self.block_size,
-                          coord, transport, extra)
+                          coord, transport, extra, store=store)
 
     # ---- worker side -------------------------------------------------------------------
 
@@ -140,6 +144,8 @@ class PDConnector(KVConnectorBase_V1):
             self._agent.stop()
             if self._worker.transport is not None:
                 self._worker.transport.close()
+            if self._worker.store is not None:
+                self._worker.store.close()
 
     # ---- scheduler side ----------------------------------------------------------------
 

@@ -35,13 +35,15 @@ SLABS_PER_THREAD = 8
 
 class WorkerSide:
     def __init__(self, cfg: ConnectorConfig, rank: int, namespace_model: str, block_size: int,
-                 coordinator, transport, layout_extra: dict):
+                 coordinator, transport, layout_extra: dict, store=None):
         self.cfg = cfg
         self.rank = rank
         self.model = namespace_model
         self.block_size = block_size
         self.coord = coordinator
         self.transport = transport
+        self.store = store
+        self.write_through = store is not None and cfg.store.write_through == "always"
         self.layout_extra = layout_extra
         self.layout: KVLayout | None = None
         self.pool: StagingPool | None = None
@@ -54,8 +56,10 @@ class WorkerSide:
         self._done_recving: set[str] = set()
         self._bad_blocks: set[int] = set()
         self._cancel: dict[str, threading.Event] = {}
+        self._last_store_chunks: dict[str, int] = {}
         self.stats = {"saves": 0, "chunks_saved": 0, "loads_ok": 0, "loads_failed": 0,
-                      "chunks_loaded": 0, "bytes_loaded": 0, "chunk_errors": 0}
+                      "chunks_loaded": 0, "bytes_loaded": 0, "chunk_errors": 0,
+                      "store_chunks_loaded": 0, "store_puts_dropped": 0}
 
     # ---- setup -------------------------------------------------------------------------
 
@@ -130,15 +134,16 @@ class WorkerSide:
     def _run_save(self, spec: SaveSpec, event) -> None:
         t0 = time.monotonic()
         keys = self._keys(spec.token_ids)
-        xkeys = [transfer_key(spec.pd_id, k) for k in keys]
+        xkeys = [transfer_key(spec.pd_id, k) for k in keys] if self.transport is not None else []
         n_bytes = 0
         try:
             if event is not None:
                 event.synchronize()
-            if self.transport is None:
-                xkeys = []
-            else:
+            if self.transport is not None or self.write_through:
                 n_bytes = self._save_chunks(spec, keys, xkeys)
+            if self.transport is None and self.write_through:
+                # Decode reads from the store alone: READY must not overtake the queued writes.
+                self.store.flush(self.cfg.load_timeout_s)
         except Exception:
             logger.exception("pd_id=%s: save failed; decode will recompute", spec.pd_id)
             xkeys = []
@@ -150,8 +155,8 @@ class WorkerSide:
                                     location=getattr(self.transport, "location", "none"),
                                     instance_id=self.cfg.instance_id))
         self.stats["saves"] += 1
-        self.stats["chunks_saved"] += len(xkeys)
-        logger.debug("pd_id=%s: saved %d chunks (%d B) in %.1f ms, ready %s", spec.pd_id, len(xkeys),
+        self.stats["chunks_saved"] += len(keys)
+        logger.debug("pd_id=%s: saved %d chunks (%d B) in %.1f ms, ready %s", spec.pd_id, len(keys),
                      n_bytes, (time.monotonic() - t0) * 1e3, "sent" if ok else "NOT delivered")
 
     def _save_chunks(self, spec: SaveSpec, keys: list[str], xkeys: list[str]) -> int:
@@ -171,10 +176,15 @@ class WorkerSide:
                                           size - chunkfmt.HEADER_SIZE)
                     views.append(mv)
                     n_bytes += size
-                ok = self.transport.put([xkeys[c] for c, *_ in batch], views)
-                if not all(ok):
-                    logger.warning("pd_id=%s: transport dropped %d of %d chunks", spec.pd_id,
-                                   ok.count(False), len(ok))
+                if self.transport is not None:
+                    ok = self.transport.put([xkeys[c] for c, *_ in batch], views)
+                    if not all(ok):
+                        logger.warning("pd_id=%s: transport dropped %d of %d chunks", spec.pd_id,
+                                       ok.count(False), len(ok))
+                if self.write_through:  # the store copies the bytes: the slab can be reused
+                    for (c, *_), view in zip(batch, views):
+                        if not self.store.put(keys[c], view):
+                            self.stats["store_puts_dropped"] += 1
         return n_bytes
 
     # ---- load --------------------------------------------------------------------------
@@ -189,14 +199,16 @@ class WorkerSide:
         try:
             reply = self._wait_ready(spec)
             wait_ms = (time.monotonic() - t0) * 1e3
-            if not isinstance(reply, Ready):
-                error = "aborted" if isinstance(reply, Aborted) else "timed out waiting for READY"
-            elif reply.n_tokens != n_prompt:
+            if isinstance(reply, Ready) and reply.n_tokens != n_prompt:
                 error = f"READY has {reply.n_tokens} tokens, request has {n_prompt}"
-            elif self.transport is None:
-                error = "no transport configured"
+            elif isinstance(reply, Ready) or self.store is not None:
+                # Without READY (prefill late, down, or aborted) the store may still hold the chunks.
+                use_transport = isinstance(reply, Ready) and self.transport is not None
+                loaded_upto, n_chunks, n_bytes, error = self._load_chunks(spec, first_block, use_transport)
+                if error and not isinstance(reply, Ready):
+                    error = f"{'aborted' if isinstance(reply, Aborted) else 'timed out waiting for READY'}; {error}"
             else:
-                loaded_upto, n_chunks, n_bytes, error = self._load_chunks(spec, first_block)
+                error = "aborted" if isinstance(reply, Aborted) else "timed out waiting for READY"
         except Exception as e:  # never let a load failure escape into the engine
             logger.exception("pd_id=%s: load failed", spec.pd_id)
             error = f"internal error: {e}"
@@ -222,7 +234,8 @@ class WorkerSide:
             logger.warning("pd_id=%s: %s; %d of %d blocks will be recomputed", spec.pd_id, error,
                            len(bad), n_blocks - first_block)
         self.coord.done(Done(pd_id=spec.pd_id, rank=self.rank, ok=ok, instance_id=self.cfg.instance_id,
-                             n_chunks=n_chunks, n_bytes=n_bytes, load_ms=load_ms, error=error))
+                             n_chunks=n_chunks, n_bytes=n_bytes, load_ms=load_ms, error=error,
+                             n_store_chunks=self._last_store_chunks.pop(spec.req_id, 0)))
 
     def _wait_ready(self, spec: LoadSpec):
         deadline = time.monotonic() + self.cfg.wait_timeout_s
@@ -237,41 +250,71 @@ class WorkerSide:
             if isinstance(reply, (Ready, Aborted)):
                 return reply
 
-    def _load_chunks(self, spec: LoadSpec, first_block: int) -> tuple[int, int, int, str]:
+    def _check(self, view, key: str, size: int, nb: int) -> str:
+        """'' if the chunk in ``view`` is the right one and intact, else why not."""
+        try:
+            _, hdr_blocks, _ = chunkfmt.verify(view, self.layout.fingerprint, key_digest(key),
+                                               size - chunkfmt.HEADER_SIZE)
+            if hdr_blocks != nb:
+                raise chunkfmt.ChunkError(f"chunk has {hdr_blocks} blocks, expected {nb}")
+        except chunkfmt.ChunkError as e:
+            self.stats["chunk_errors"] += 1
+            return str(e)
+        return ""
+
+    def _fetch(self, c: int, key: str, view, size: int, nb: int, n_read: int) -> tuple[str, str]:
+        """Make ``view`` hold chunk ``c``: from the transport's read, else from the store.
+
+        Returns (source, error): source "transport"/"store" when the chunk is good.
+        """
+        why = f"chunk {c} missing from transport" if n_read != size else ""
+        if not why:
+            bad = self._check(view, key, size, nb)
+            if not bad:
+                return "transport", ""
+            why = f"chunk {c}: {bad}"
+        if self.store is None:
+            return "", why
+        if self.store.get(key, view) != size:
+            return "", f"{why}; not in the store either"
+        bad = self._check(view, key, size, nb)
+        return ("store", "") if not bad else ("", f"{why}; store copy: {bad}")
+
+    def _load_chunks(self, spec: LoadSpec, first_block: int, use_transport: bool = True
+                     ) -> tuple[int, int, int, str]:
+        """Load chunk by chunk: transport, then store; stop at the first chunk neither has."""
         layout, pool = self.layout, self.pool
         bpc = self.cfg.chunk_size // self.block_size
         keys = self._keys(spec.token_ids)
         blocks = torch.tensor(spec.block_ids, dtype=torch.long)
         spans = list(self._chunk_spans(len(spec.token_ids), first_block // bpc))
-        loaded_upto, n_chunks, n_bytes = first_block, 0, 0
+        loaded_upto, n_chunks, n_bytes, from_store = first_block, 0, 0, 0
         deadline = time.monotonic() + self.cfg.load_timeout_s
-        for i in range(0, len(spans), pool.n_slabs):
-            batch = spans[i : i + pool.n_slabs]
-            with pool.acquire(len(batch)) as slabs:
-                sizes = [chunkfmt.HEADER_SIZE + layout.chunk_payload_bytes(nb) for _, _, nb, _ in batch]
-                views = [memoryview(s.numpy())[:n] for s, n in zip(slabs, sizes)]
-                xkeys = [transfer_key(spec.pd_id, keys[c]) for c, *_ in batch]
-                got = self.transport.get(xkeys, views)
-                for slab, view, size, n_read, (c, b0, nb, toks) in zip(slabs, views, sizes, got, batch):
-                    if time.monotonic() > deadline:
-                        return loaded_upto, n_chunks, n_bytes, "load timed out"
-                    if n_read != size:
-                        return loaded_upto, n_chunks, n_bytes, f"chunk {c} missing from transport"
-                    try:
-                        _, hdr_blocks, _ = chunkfmt.verify(view, layout.fingerprint,
-                                                           key_digest(keys[c]), size - chunkfmt.HEADER_SIZE)
-                        if hdr_blocks != nb:
-                            raise chunkfmt.ChunkError(f"chunk has {hdr_blocks} blocks, expected {nb}")
-                    except chunkfmt.ChunkError as e:
-                        self.stats["chunk_errors"] += 1
-                        return loaded_upto, n_chunks, n_bytes, f"chunk {c}: {e}"
-                    # Skip blocks before the load start (already valid from the local cache).
-                    skip = max(0, first_block - b0)
-                    payload = layout.payload_view(slab, nb)[:, skip:]
-                    layout.scatter(blocks[b0 + skip : b0 + nb], payload)
-                    loaded_upto, n_chunks, n_bytes = b0 + nb, n_chunks + 1, n_bytes + size
-                self.transport.delete(xkeys)
-        return loaded_upto, n_chunks, n_bytes, ""
+        try:
+            for i in range(0, len(spans), pool.n_slabs):
+                batch = spans[i : i + pool.n_slabs]
+                with pool.acquire(len(batch)) as slabs:
+                    sizes = [chunkfmt.HEADER_SIZE + layout.chunk_payload_bytes(nb) for _, _, nb, _ in batch]
+                    views = [memoryview(s.numpy())[:n] for s, n in zip(slabs, sizes)]
+                    xkeys = [transfer_key(spec.pd_id, keys[c]) for c, *_ in batch]
+                    got = self.transport.get(xkeys, views) if use_transport else [0] * len(batch)
+                    for slab, view, size, n_read, (c, b0, nb, toks) in zip(slabs, views, sizes, got, batch):
+                        if time.monotonic() > deadline:
+                            return loaded_upto, n_chunks, n_bytes, "load timed out"
+                        source, error = self._fetch(c, keys[c], view, size, nb, n_read)
+                        if error:
+                            return loaded_upto, n_chunks, n_bytes, error
+                        from_store += source == "store"
+                        # Skip blocks before the load start (already valid from the local cache).
+                        skip = max(0, first_block - b0)
+                        layout.scatter(blocks[b0 + skip : b0 + nb], layout.payload_view(slab, nb)[:, skip:])
+                        loaded_upto, n_chunks, n_bytes = b0 + nb, n_chunks + 1, n_bytes + size
+                    if use_transport:
+                        self.transport.delete(xkeys)
+            return loaded_upto, n_chunks, n_bytes, ""
+        finally:
+            self.stats["store_chunks_loaded"] += from_store
+            self._last_store_chunks[spec.req_id] = from_store
 
     def shutdown(self) -> None:
         for ev in list(self._cancel.values()):

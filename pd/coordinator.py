@@ -30,7 +30,7 @@ logger = logging.getLogger("pd.coordinator")
 
 COUNTERS = ("registered", "heartbeats", "ready", "waits", "wait_hits_immediate", "wait_timeouts", "done_ok",
             "done_failed", "aborts", "expired", "freed_keys", "malformed", "internal_errors", "chunks_loaded",
-            "bytes_loaded", "load_ms_sum", "instances_alive")
+            "bytes_loaded", "load_ms_sum", "instances_alive", "store_chunks_loaded")
 MAX_RECORDS = 10000          # transfer records kept (oldest dropped first)
 RECORD_TTL_S = 3600.0        # ... and for at most this long
 DEAD_INSTANCE_TTL_S = 3600.0  # an instance down this long is forgotten
@@ -304,6 +304,8 @@ class Coordinator:
         rec = self._record(msg.pd_id, now)
         rec.done, rec.ok, rec.n_chunks, rec.n_bytes = True, msg.ok, msg.n_chunks, msg.n_bytes
         rec.load_ms, rec.error, rec.consumer = msg.load_ms, msg.error, msg.instance_id
+        rec.n_store_chunks = msg.n_store_chunks
+        self.counters["store_chunks_loaded"] += msg.n_store_chunks
         if not msg.ok:
             if entry is not None:
                 self._free(entry[0], f"load failed: {msg.error or 'no reason given'}")

@@ -66,6 +66,7 @@ class Done(_Msg):
     n_bytes: int = 0
     load_ms: float = 0.0
     error: str = ""
+    n_store_chunks: int = 0  # of n_chunks, how many came from the persistent store
 
 
 class Abort(_Msg):
@@ -128,6 +129,7 @@ class TransferRecord(msgspec.Struct):
     load_ms: float = 0.0
     wait_ms: float = 0.0
     error: str = ""
+    n_store_chunks: int = 0
     producer: str = ""
     consumer: str = ""
 

@@ -1,0 +1,27 @@
+"""Persistent KV stores: ``make_store`` builds the one ``StoreConfig.backend`` names."""
+from __future__ import annotations
+
+from typing import Any
+
+from store.base import KVStore
+
+__all__ = ["KVStore", "make_store"]
+
+
+def make_store(cfg: Any, device_index: int = 0) -> KVStore | None:
+    """The store of ``cfg`` (a ``pd.config.StoreConfig``) for device ``device_index``.
+
+    None for backend ``none``. Raises ValueError with a clear message for a backend that
+    cannot be built or a configuration it refuses (missing/unwritable path, tiny budget).
+    """
+    backend = cfg.backend
+    if backend == "none":
+        return None
+    if backend == "local":
+        from store.local import LocalStore
+
+        return LocalStore(cfg, device_index)
+    if backend == "hf3fs":
+        raise ValueError("store backend hf3fs is not built yet; a 3FS FUSE mount can be used "
+                         "with backend local meanwhile")
+    raise ValueError(f"unknown store backend {backend!r}; choose none, local or hf3fs")

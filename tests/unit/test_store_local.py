@@ -1,0 +1,491 @@
+"""LocalStore: real files on the local disk (ext4), no mocks of the filesystem except ENOSPC
+and an O_DIRECT refusal."""
+from __future__ import annotations
+
+import errno
+import importlib.util
+import os
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pd.config import StoreConfig
+from store import KVStore, make_store
+from store import local
+from store.local import MAGIC, TMP_PREFIX, LocalStore, key_to_relpath
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent.parent
+NS = "model-0123456789abcdef"
+
+
+def _writer_module():
+    spec = importlib.util.spec_from_file_location("store_crash_writer", HERE / "store_crash_writer.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture
+def disk(tmp_path) -> Path:
+    """A directory on a real disk filesystem (not tmpfs), as the store is meant to use."""
+    out = subprocess.run(["stat", "-f", "-c", "%T", str(tmp_path)], capture_output=True, text=True)
+    base = tmp_path if "tmpfs" not in out.stdout else ROOT / ".pytest-store" / tmp_path.name
+    base.mkdir(parents=True, exist_ok=True)
+    return base
+
+
+def _cfg(*paths, **kw) -> StoreConfig:
+    kw.setdefault("size_gb", 0.1)
+    return StoreConfig(backend="local", paths=[str(p) for p in paths], **kw)
+
+
+def _key(i: int, ns: str = NS, rank: int = 0) -> str:
+    return f"{ns}/{rank}/{i:032x}"
+
+
+def _data(i: int, n: int = 100_000) -> np.ndarray:
+    return np.random.default_rng(i).integers(0, 256, n, dtype=np.uint8)
+
+
+def _files(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+@pytest.fixture
+def store(disk):
+    s = LocalStore(_cfg(disk))
+    yield s
+    s.close()
+
+
+class _Gate:
+    """Holds the store's write threads until released (to observe the queue)."""
+
+    def __init__(self, monkeypatch):
+        self.event = threading.Event()
+        real = LocalStore._write_file
+
+        def slow(store_self, item, full):
+            self.event.wait(10)
+            return real(store_self, item, full)
+
+        monkeypatch.setattr(LocalStore, "_write_file", slow)
+
+
+# -- basics -----------------------------------------------------------------------------
+@pytest.mark.parametrize("o_direct", [False, True])
+def test_round_trip(disk, o_direct):
+    s = LocalStore(_cfg(disk, o_direct=o_direct))
+    assert isinstance(s, KVStore)
+    sizes = [1, 4095, 4096, 100_000, 1 << 20]
+    for i, n in enumerate(sizes):
+        assert s.put(_key(i), _data(i, n))
+    assert s.flush(10)
+    for i, n in enumerate(sizes):
+        out = np.zeros(n + 10, dtype=np.uint8)
+        assert s.get(_key(i), out) == n
+        assert np.array_equal(out[:n], _data(i, n))
+    u = s.usage()
+    assert u["files"] == len(sizes) and u["writes"] == len(sizes) and u["hits"] == len(sizes)
+    assert u["odirect_fallbacks"] == 0 and u["o_direct"] == o_direct
+    files = _files(disk)
+    assert len(files) == len(sizes) and u["bytes"] == sum(f.stat().st_size for f in files)
+    assert all(f.read_bytes()[:8] == MAGIC for f in files)
+    if o_direct:
+        assert all(f.stat().st_size % 4096 == 0 for f in files)
+    # one sub-directory per namespace+rank, file = hexhash.kv
+    assert (disk / f"{NS}+0" / f"{0:032x}.kv").is_file()
+    s.close()
+
+
+def test_odirect_refused_falls_back_once(disk, monkeypatch):
+    real_open = os.open
+
+    def no_direct(path, flags, *a, **kw):
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *a, **kw)
+
+    monkeypatch.setattr(os, "open", no_direct)
+    s = LocalStore(_cfg(disk, o_direct=True))
+    for i in range(3):
+        assert s.put(_key(i), _data(i))
+    assert s.flush(10)
+    out = np.zeros(100_000, dtype=np.uint8)
+    for i in range(3):
+        assert s.get(_key(i), out) == 100_000 and np.array_equal(out, _data(i))
+    assert s.usage()["odirect_fallbacks"] == 1 and s.usage()["o_direct"] is False
+    s.close()
+
+
+def test_miss_and_too_small_buffer(store):
+    out = np.zeros(100, dtype=np.uint8)
+    assert store.get(_key(1), out) == 0
+    assert store.put(_key(2), _data(2, 1000)) and store.flush(5)
+    assert store.get(_key(2), out) == 0  # stored value longer than the buffer: a miss
+    assert store.usage()["misses"] == 2 and store.usage()["corrupt"] == 0
+    big = np.zeros(1000, dtype=np.uint8)
+    assert store.get(_key(2), big) == 1000  # still there, not deleted
+    with pytest.raises(ValueError):
+        store.get(_key(2), b"x" * 2000)  # read-only destination
+
+
+def test_async_put_visible_after_flush(disk, monkeypatch):
+    gate = _Gate(monkeypatch)
+    s = LocalStore(_cfg(disk))
+    data = _data(7)
+    assert s.put(_key(7), data)
+    data[:] = 0  # the caller reuses its buffer at once
+    assert not _files(disk)  # nothing on disk yet
+    assert s.contains([_key(7)]) == 1
+    out = np.zeros(100_000, dtype=np.uint8)
+    assert s.get(_key(7), out) == 100_000 and np.array_equal(out, _data(7))  # served from the queue
+    assert not s.flush(0.2)
+    gate.event.set()
+    assert s.flush(10)
+    assert len(_files(disk)) == 1
+    out[:] = 0
+    assert s.get(_key(7), out) == 100_000 and np.array_equal(out, _data(7))
+    assert s.usage()["queue_hits"] == 1
+    s.close()
+
+
+def test_queue_full_drops_without_blocking(disk, monkeypatch):
+    gate = _Gate(monkeypatch)  # the disk "hangs": nothing is written until released
+    s = LocalStore(_cfg(disk, queue_mb=1, write_threads=2))
+    data = _data(0, 200_000)
+    results, worst = [], 0.0
+    for i in range(40):
+        t0 = time.perf_counter()
+        results.append(s.put(_key(i), data))
+        worst = max(worst, time.perf_counter() - t0)
+    assert worst < 0.05, f"a put blocked for {worst:.3f} s"
+    accepted = sum(results)
+    assert 1 <= accepted <= 5  # 1 MiB of queue / ~200 KB per put
+    u = s.usage()
+    assert u["dropped"] == 40 - accepted == u["queue_full"]
+    gate.event.set()
+    assert s.flush(10)
+    assert s.usage()["files"] == accepted
+    assert s.put(_key(100), data)  # room again
+    s.close()
+
+
+def test_duplicate_put_is_skipped(store):
+    assert store.put(_key(1), _data(1)) and store.flush(5)
+    assert store.put(_key(1), _data(1)) and store.flush(5)
+    assert store.usage()["duplicates"] == 1 and store.usage()["writes"] == 1
+
+
+def test_delete(store):
+    for i in range(3):
+        store.put(_key(i), _data(i))
+    store.flush(5)
+    assert store.delete([_key(0), _key(1), _key(9)]) == 2
+    assert store.contains([_key(0)]) == 0 and store.contains([_key(2)]) == 1
+    u = store.usage()
+    assert u["files"] == 1 and u["deletes"] == 2
+
+
+# -- integrity ---------------------------------------------------------------------------
+def _stored_file(s: LocalStore, key: str) -> Path:
+    return Path(s.path) / key_to_relpath(key)
+
+
+@pytest.mark.parametrize("o_direct", [False, True])
+def test_corrupt_file_is_a_miss_and_deleted(disk, o_direct):
+    s = LocalStore(_cfg(disk, o_direct=o_direct))
+    s.put(_key(1), _data(1))
+    s.flush(5)
+    f = _stored_file(s, _key(1))
+    raw = bytearray(f.read_bytes())
+    raw[5000] ^= 0x40  # one bit of the payload
+    f.write_bytes(raw)
+    out = np.zeros(100_000, dtype=np.uint8)
+    assert s.get(_key(1), out) == 0
+    assert not f.exists() and s.usage()["corrupt"] == 1
+    assert s.contains([_key(1)]) == 0 and s.usage()["files"] == 0 and s.usage()["bytes"] == 0
+    s.close()
+
+
+def test_truncated_and_mismatched_files_are_misses(store):
+    for i in range(3):
+        store.put(_key(i), _data(i))
+    store.flush(5)
+    f0, f1, f2 = (_stored_file(store, _key(i)) for i in range(3))
+    with open(f0, "r+b") as fh:
+        fh.truncate(f0.stat().st_size - 100)
+    f2.write_bytes(f1.read_bytes())  # another key's (valid) chunk under key 2's name
+    f1.write_bytes(b"")
+    out = np.zeros(100_000, dtype=np.uint8)
+    assert [store.get(_key(i), out) for i in range(3)] == [0, 0, 0]
+    assert not f0.exists() and not f1.exists() and not f2.exists()
+    assert store.usage()["corrupt"] == 3
+
+
+# -- restart -----------------------------------------------------------------------------
+def test_restart_finds_chunks_and_removes_leftovers(disk):
+    s = LocalStore(_cfg(disk))
+    for i in range(5):
+        s.put(_key(i), _data(i))
+    s.flush(5)
+    s.close()
+    sub = disk / f"{NS}+0"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (sub / f"{TMP_PREFIX}{dead.pid}-0").write_bytes(b"half a chunk")  # a crashed writer's
+    (sub / "deadbeef.kv").write_bytes(b"not a store file")  # garbage with our suffix
+    (disk / "README.txt").write_text("not ours")  # left alone
+    s2 = LocalStore(_cfg(disk))
+    u = s2.usage()
+    assert u["files"] == 5 and u["recovered"] == 5 and u["temp_removed"] == 1 and u["corrupt"] == 1
+    assert sorted(s2.keys()) == sorted(_key(i) for i in range(5))
+    assert not (sub / f"{TMP_PREFIX}{dead.pid}-0").exists() and not (sub / "deadbeef.kv").exists()
+    assert (disk / "README.txt").exists()
+    assert u["bytes"] == sum(f.stat().st_size for f in sub.iterdir())
+    out = np.zeros(100_000, dtype=np.uint8)
+    for i in range(5):
+        assert s2.get(_key(i), out) == 100_000 and np.array_equal(out, _data(i))
+    s2.close()
+
+
+def test_second_process_view_adopts_new_files(disk):
+    reader = LocalStore(_cfg(disk))  # e.g. decode, started before prefill wrote
+    writer = LocalStore(_cfg(disk))
+    writer.put(_key(1), _data(1))
+    writer.flush(5)
+    assert reader.contains([_key(1), _key(2)]) == 1
+    out = np.zeros(100_000, dtype=np.uint8)
+    assert reader.get(_key(1), out) == 100_000 and np.array_equal(out, _data(1))
+    assert reader.usage()["adopted"] == 1 and reader.usage()["files"] == 1
+    reader.close()
+    writer.close()
+
+
+# -- budget and eviction -----------------------------------------------------------------
+def test_budget_is_kept(disk):
+    s = LocalStore(_cfg(disk, size_gb=0.002, write_threads=2))  # 2 MB
+    for i in range(30):
+        assert s.put(_key(i), _data(i, 300_000))
+        if i % 3 == 2:
+            s.flush(5)
+    s.flush(5)
+    u = s.usage()
+    on_disk = sum(f.stat().st_size for f in _files(disk))
+    assert u["bytes"] == on_disk <= 2_000_000
+    assert u["files"] == 6 and u["evictions"] == 24
+    assert s.contains([_key(29)]) == 1
+    # larger than the whole budget: refused at once
+    assert not s.put(_key(99), np.zeros(2_100_000, dtype=np.uint8))
+    assert s.usage()["too_large"] == 1 and s.usage()["dropped"] == 1
+    s.close()
+
+
+def _fill4(s: LocalStore) -> None:
+    for i in range(4):
+        s.put(_key(i), _data(i, 450_000))
+        s.flush(5)
+
+
+def _present(s: LocalStore, n: int = 6) -> list[int]:
+    return [i for i in range(n) if s.contains([_key(i)])]
+
+
+@pytest.mark.parametrize("policy,touch,evicted", [
+    ("lru", [0], 1),            # a get refreshes key 0: key 1 is the least recently used
+    ("fifo", [0, 0, 0], 0),     # hits do not matter: the first in goes first
+    ("lfu", [1, 1, 0, 3], 2),   # key 2 has no hits
+])
+def test_eviction_order(disk, policy, touch, evicted):
+    s = LocalStore(_cfg(disk, size_gb=0.002, eviction=policy))  # 4 chunks of 450 KB fit
+    _fill4(s)
+    out = np.zeros(450_000, dtype=np.uint8)
+    for i in touch:
+        assert s.get(_key(i), out) == 450_000
+    s.put(_key(4), _data(4, 450_000))
+    s.flush(5)
+    assert _present(s) == sorted({0, 1, 2, 3, 4} - {evicted})
+    assert s.usage()["evictions"] == 1
+    s.close()
+
+
+def test_lru_order_survives_restart(disk):
+    s = LocalStore(_cfg(disk, size_gb=0.002))
+    _fill4(s)
+    s.close()
+    s2 = LocalStore(_cfg(disk, size_gb=0.002))  # order from file times: key 0 is the oldest
+    s2.put(_key(4), _data(4, 450_000))
+    s2.flush(5)
+    assert _present(s2) == [1, 2, 3, 4]
+    s2.close()
+
+
+# -- prefix, sharding, configuration -----------------------------------------------------
+def test_contains_prefix(store):
+    for i in (0, 1, 3):
+        store.put(_key(i), _data(i, 1000))
+    keys = [_key(i) for i in range(5)]
+    assert store.contains(keys) == 2  # queued puts count
+    store.flush(5)
+    assert store.contains(keys) == 2
+    assert store.contains(keys[3:]) == 1
+    assert store.contains([]) == 0
+    assert store.contains([_key(9)] + keys) == 0
+
+
+def test_sharding_by_device_index(disk):
+    p0, p1 = disk / "nvme0", disk / "nvme1"
+    p0.mkdir()
+    p1.mkdir()
+    cfg = _cfg(f"file://{p0}", f"file://{p1}", size_gb=0.01)
+    stores = [LocalStore(cfg, device_index=d) for d in range(3)]
+    assert [s.path for s in stores] == [str(p0), str(p1), str(p0)]
+    assert all(s.budget == 5_000_000 for s in stores)  # one total budget over two paths
+    stores[1].put(_key(1, rank=1), _data(1))
+    stores[1].flush(5)
+    assert [f.parent.name for f in _files(p1)] == [f"{NS}+1"] and not _files(p0)
+    for s in stores:
+        s.close()
+
+
+def test_bad_configuration(disk):
+    with pytest.raises(ValueError, match="does not exist"):
+        LocalStore(_cfg(disk / "missing"))
+    f = disk / "a-file"
+    f.write_text("x")
+    with pytest.raises(ValueError, match="not a directory"):
+        LocalStore(_cfg(f))
+    with pytest.raises(ValueError, match="at least one directory"):
+        LocalStore(StoreConfig(backend="local", paths=[]))
+    with pytest.raises(ValueError, match="1 MiB"):
+        LocalStore(_cfg(disk, size_gb=0.001))
+    assert make_store(StoreConfig()) is None
+    with pytest.raises(ValueError, match="hf3fs is not built yet.*backend local"):
+        make_store(StoreConfig(backend="hf3fs", paths=[str(disk)]))
+    s = make_store(_cfg(disk))
+    assert isinstance(s, LocalStore)
+    s.close()
+
+
+def test_not_writable_directory(disk):
+    ro = disk / "ro"
+    ro.mkdir()
+    ro.chmod(stat.S_IRUSR | stat.S_IXUSR)  # 0500
+    try:
+        if not os.access(ro, os.W_OK):
+            with pytest.raises(ValueError, match="not writable"):
+                LocalStore(_cfg(ro))
+            return
+    finally:
+        ro.chmod(0o700)
+    # Root writes a 0500 directory anyway: use a read-only bind mount instead, if allowed.
+    src, mnt = disk / "ro-src", disk / "ro-mnt"
+    src.mkdir()
+    mnt.mkdir()
+    if subprocess.run(["mount", "--bind", str(src), str(mnt)], capture_output=True).returncode:
+        pytest.skip("running as root (a 0500 directory is writable) and bind mounts are not allowed")
+    try:
+        if subprocess.run(["mount", "-o", "remount,ro,bind", str(mnt)], capture_output=True).returncode:
+            pytest.skip("running as root and read-only remounts are not allowed")
+        with pytest.raises(ValueError, match="not writable"):
+            LocalStore(_cfg(mnt))
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+# -- failures ----------------------------------------------------------------------------
+def test_enospc_drops_the_put_and_serving_goes_on(store, monkeypatch):
+    real = local._write_all
+    calls = {"n": 0}
+
+    def full_disk(fd, bufs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            os.write(fd, b"partial")  # some bytes made it before the disk filled up
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, bufs)
+
+    monkeypatch.setattr(local, "_write_all", full_disk)
+    assert store.put(_key(1), _data(1))  # accepted: the failure happens later, in the writer
+    assert store.flush(5)
+    u = store.usage()
+    assert u["write_errors"] == 1 and u["files"] == 0 and u["bytes"] == 0
+    assert not _files(Path(store.path))  # the temp file is gone
+    out = np.zeros(100_000, dtype=np.uint8)
+    assert store.get(_key(1), out) == 0 and store.contains([_key(1)]) == 0
+    assert store.put(_key(2), _data(2)) and store.flush(5)
+    assert store.get(_key(2), out) == 100_000 and np.array_equal(out, _data(2))
+
+
+def test_concurrent_puts_and_gets(disk):
+    s = LocalStore(_cfg(disk, size_gb=0.004, write_threads=2))
+    errors: list[str] = []
+
+    def worker(t: int) -> None:
+        out = np.zeros(50_000, dtype=np.uint8)
+        for i in range(60):
+            k = t * 1000 + i
+            s.put(_key(k), _data(k, 50_000))
+            j = t * 1000 + i // 2
+            n = s.get(_key(j), out)
+            if n and not np.array_equal(out[:n], _data(j, 50_000)):
+                errors.append(f"wrong bytes for {j}")
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert s.flush(10)
+    assert not errors
+    u = s.usage()
+    assert u["bytes"] == sum(f.stat().st_size for f in _files(disk)) <= 4_000_000
+    assert u["corrupt"] == 0
+    s.close()
+
+
+# -- crash safety ------------------------------------------------------------------------
+@pytest.mark.parametrize("o_direct", [False, True])
+def test_crash_mid_write_leaves_only_whole_chunks(disk, o_direct):
+    w = _writer_module()
+    proc = subprocess.Popen([sys.executable, str(HERE / "store_crash_writer.py"), str(disk),
+                             "1" if o_direct else "0"],
+                            stdout=subprocess.PIPE, text=True, cwd=str(ROOT))
+    try:
+        progress = 0
+        deadline = time.monotonic() + 20
+        while progress < 60 and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            if line.startswith("progress"):
+                progress = int(line.split()[1])
+        assert progress >= 60, f"writer made no progress (exit {proc.poll()})"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        proc.stdout.close()
+    s = LocalStore(_cfg(disk, size_gb=0.025))
+    keys = s.keys()
+    assert len(keys) >= 5
+    for key in keys:
+        want = w.content(key)
+        out = np.zeros(len(want), dtype=np.uint8)
+        assert s.get(key, out) == len(want), key
+        assert out.tobytes() == want, key
+    names = [f.name for f in _files(disk)]
+    assert not [n for n in names if n.startswith(TMP_PREFIX)]
+    assert len(names) == len(keys)
+    u = s.usage()
+    assert u["corrupt"] == 0 and u["misses"] == 0
+    print("crash: recovered", u["recovered"], "temp files removed", u["temp_removed"])
+    assert u["bytes"] == sum(f.stat().st_size for f in _files(disk))
+    s.close()
