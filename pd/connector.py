@@ -25,6 +25,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from pd.config import ConfigError, ConnectorConfig, load
 from pd.connector_scheduler import PDMetadata, SchedulerSide
+from pd.keys import layout_fingerprint, make_namespace
 
 logger = logging.getLogger("pd.connector")
 
@@ -41,6 +42,28 @@ def _setup_logging() -> None:
 
 
 _setup_logging()
+
+
+def _spec(kv_cache_config):
+    return kv_cache_config.kv_cache_groups[0].kv_cache_spec
+
+
+def _spec_fingerprint(vllm_config, kv_cache_config) -> bytes:
+    """The layout fingerprint, from what both the scheduler and the workers know.
+
+    The worker checks that the caches vLLM registered have the page size of this spec.
+    """
+    import vllm
+
+    spec = _spec(kv_cache_config)
+    return layout_fingerprint(
+        dtype=str(spec.dtype), kv_heads=spec.num_kv_heads, head_size=spec.head_size,
+        block_size=spec.block_size, page_bytes=spec.page_size_bytes,
+        layers=len(kv_cache_config.kv_cache_groups[0].layer_names),
+        device=str(vllm_config.device_config.device_type), vllm=vllm.__version__,
+        tp=vllm_config.parallel_config.tensor_parallel_size, cache_dtype=str(vllm_config.cache_config.cache_dtype),
+        cpu_isa=torch.backends.cpu.get_cpu_capability(), kind=type(spec).__name__,
+    )
 
 
 class PDConnectorMetadata(KVConnectorMetadata):
@@ -73,8 +96,15 @@ class PDConnector(KVConnectorBase_V1):
             )
         self._sched: SchedulerSide | None = None
         self._worker = None
+        self.fingerprint = _spec_fingerprint(vllm_config, kv_cache_config)
+        self.namespace = make_namespace(str(vllm_config.model_config.model), self.fingerprint)
         if role == KVConnectorRole.SCHEDULER:
-            self._sched = SchedulerSide(self.block_size, ktc.is_kv_producer, ktc.is_kv_consumer)
+            from store import make_store
+
+            # The scheduler only looks keys up (prefix reuse); rank 0's chunks stand for all ranks.
+            store = make_store(self.cfg.store, 0) if self.cfg.store.backend != "none" else None
+            self._sched = SchedulerSide(self.block_size, ktc.is_kv_producer, ktc.is_kv_consumer,
+                                        store=store, namespace=self.namespace, chunk_size=self.cfg.chunk_size)
         else:
             self._worker = self._make_worker(vllm_config, ktc)
 
@@ -96,20 +126,13 @@ class PDConnector(KVConnectorBase_V1):
             on_free=(lambda free: transport.delete(free.keys)) if transport is not None else None,
         )
         self._agent.start()
-        import vllm
-
-        extra = {
-            "vllm": vllm.__version__,
-            "tp": vllm_config.parallel_config.tensor_parallel_size,
-            "cache_dtype": str(vllm_config.cache_config.cache_dtype),
-            "cpu_isa": torch.backends.cpu.get_cpu_capability(),
-        }
         from store import make_store
 
         # Shard by TP rank (the rank in the keys), so prefill and decode pick the same path.
         store = make_store(self.cfg.store, rank)
         return WorkerSide(self.cfg, rank, str(vllm_config.model_config.model), self.block_size,
-                          coord, transport, extra, store=store)
+                          coord, transport, {}, store=store, fingerprint=self.fingerprint,
+                          page_bytes=_spec(self._kv_cache_config).page_size_bytes)
 
     # ---- worker side -------------------------------------------------------------------
 

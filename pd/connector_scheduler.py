@@ -62,8 +62,13 @@ class _Track:
 
 
 class SchedulerSide:
-    def __init__(self, block_size: int, is_producer: bool, is_consumer: bool):
+    def __init__(self, block_size: int, is_producer: bool, is_consumer: bool, store=None, namespace: str = "",
+                 chunk_size: int = 256):
         self.block_size = block_size
+        self.store = store  # prefix reuse: look up the longest stored prefix of each new request
+        self.namespace = namespace
+        self.chunk_size = chunk_size
+        self._hits: dict[str, int] = {}  # req -> stored prefix length seen at the last lookup
         self.is_producer = is_producer
         self.is_consumer = is_consumer
         self._tracks: dict[str, _Track] = {}  # producer: prompts being prefilled
@@ -75,26 +80,42 @@ class SchedulerSide:
 
     # ---- consumer ----------------------------------------------------------------------
 
-    def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:
-        if not self.is_consumer:
-            return 0, False
+    def _is_pd_load(self, request) -> str | None:
         pd_id, remote_prefill, _ = transfer_params(request)
-        if not pd_id or not remote_prefill or request.request_id in self._loaded:
+        return pd_id if self.is_consumer and pd_id and remote_prefill else None
+
+    def _stored_prefix(self, prompt) -> int:
+        from pd.keys import chunk_keys
+
+        n = self.store.contains(chunk_keys(self.namespace, 0, prompt, self.chunk_size))
+        return min(n * self.chunk_size, len(prompt))
+
+    def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:
+        if request.request_id in self._loaded:
             return 0, False
         n_prompt = len(request.prompt_token_ids or ())
-        n = n_prompt - num_computed_tokens
+        if self._is_pd_load(request):
+            n = n_prompt - num_computed_tokens
+        elif self.store is not None:
+            hit = self._hits[request.request_id] = self._stored_prefix(request.prompt_token_ids or [])
+            n = hit - num_computed_tokens
+        else:
+            n = 0
         return (n, True) if n > 0 else (0, False)
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
-        if num_external_tokens <= 0 or not self.is_consumer:
+        if num_external_tokens <= 0:
             return
-        pd_id, remote_prefill, _ = transfer_params(request)
-        if not pd_id or not remote_prefill:
-            return
+        pd_id = self._is_pd_load(request)
         prompt = list(request.prompt_token_ids)
+        if not pd_id:
+            hit = self._hits.pop(request.request_id, 0)
+            if not hit:
+                return
+            pd_id, prompt = "", prompt[:hit]  # a prefix from the store, no transfer
         start = len(prompt) - num_external_tokens
         if start % self.block_size:
-            logger.warning("pd_id=%s: load start %d not block aligned; not loading", pd_id, start)
+            logger.warning("req %s: load start %d not block aligned; not loading", request.request_id, start)
             return
         (block_ids,) = blocks.get_block_ids()
         self._loaded.add(request.request_id)
@@ -158,6 +179,7 @@ class SchedulerSide:
         req_id = request.request_id
         self._tracks.pop(req_id, None)
         self._loaded.discard(req_id)
+        self._hits.pop(req_id, None)
         if req_id in self._loading:
             # Aborted while its KV was in flight: vLLM holds the blocks until the worker
             # reports the load finished; make the worker stop waiting.

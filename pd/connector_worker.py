@@ -35,7 +35,8 @@ SLABS_PER_THREAD = 8
 
 class WorkerSide:
     def __init__(self, cfg: ConnectorConfig, rank: int, namespace_model: str, block_size: int,
-                 coordinator, transport, layout_extra: dict, store=None):
+                 coordinator, transport, layout_extra: dict, store=None, fingerprint: bytes | None = None,
+                 page_bytes: int | None = None):
         self.cfg = cfg
         self.rank = rank
         self.model = namespace_model
@@ -45,6 +46,7 @@ class WorkerSide:
         self.store = store
         self.write_through = store is not None and cfg.store.write_through == "always"
         self.layout_extra = layout_extra
+        self.spec_fingerprint, self.spec_page_bytes = fingerprint, page_bytes
         self.layout: KVLayout | None = None
         self.pool: StagingPool | None = None
         self.namespace = ""
@@ -59,7 +61,8 @@ class WorkerSide:
         self._last_store_chunks: dict[str, int] = {}
         self.stats = {"saves": 0, "chunks_saved": 0, "loads_ok": 0, "loads_failed": 0,
                       "chunks_loaded": 0, "bytes_loaded": 0, "chunk_errors": 0,
-                      "store_chunks_loaded": 0, "store_puts_dropped": 0}
+                      "store_chunks_loaded": 0, "store_puts_dropped": 0,
+                      "prefix_loads_ok": 0, "prefix_loads_failed": 0}
 
     # ---- setup -------------------------------------------------------------------------
 
@@ -67,11 +70,16 @@ class WorkerSide:
         from pd.keys import make_namespace
 
         self.layout = KVLayout(kv_caches, self.block_size, self.layout_extra)
+        if self.spec_fingerprint is not None:
+            if self.spec_page_bytes is not None and self.layout.page_bytes != self.spec_page_bytes:
+                raise ValueError(f"registered KV pages are {self.layout.page_bytes} B but the KV cache spec "
+                                 f"says {self.spec_page_bytes} B; this layout is not supported by pdkv")
+            self.layout.fingerprint = self.spec_fingerprint
         bpc = self.cfg.chunk_size // self.block_size
         slab = chunkfmt.HEADER_SIZE + self.layout.chunk_payload_bytes(bpc)
         self.pool = StagingPool(slab, SLABS_PER_THREAD * self.cfg.io_threads,
                                 pin=self.layout.device.type == "cuda")
-        self.namespace = make_namespace(self.model, self.layout.fingerprint)
+        self.namespace = make_namespace(self.model, self.layout.fingerprint)  # = the scheduler's
         logger.info("pdkv worker rank %d: %d layers, page %d B, chunk %d tokens = %d B, namespace %s",
                     self.rank, self.layout.num_layers, self.layout.page_bytes, self.cfg.chunk_size,
                     slab, self.namespace)
@@ -196,6 +204,9 @@ class WorkerSide:
         n_blocks = -(-n_prompt // self.block_size)
         loaded_upto = first_block  # blocks [first_block, loaded_upto) are valid
         error, n_chunks, n_bytes, wait_ms = "", 0, 0, 0.0
+        if not spec.pd_id:  # prefix reuse: the chunks are in the store, no transfer to wait for
+            self._run_store_load(spec, t0, first_block, n_blocks)
+            return
         try:
             reply = self._wait_ready(spec)
             wait_ms = (time.monotonic() - t0) * 1e3
@@ -236,6 +247,26 @@ class WorkerSide:
         self.coord.done(Done(pd_id=spec.pd_id, rank=self.rank, ok=ok, instance_id=self.cfg.instance_id,
                              n_chunks=n_chunks, n_bytes=n_bytes, load_ms=load_ms, error=error,
                              n_store_chunks=self._last_store_chunks.pop(spec.req_id, 0)))
+
+    def _run_store_load(self, spec: LoadSpec, t0: float, first_block: int, n_blocks: int) -> None:
+        loaded_upto, error = first_block, "no store"
+        try:
+            loaded_upto, n_chunks, n_bytes, error = self._load_chunks(spec, first_block, use_transport=False)
+        except Exception as e:
+            logger.exception("req %s: prefix load from the store failed", spec.req_id)
+            error = f"internal error: {e}"
+        bad = set(spec.block_ids[loaded_upto:n_blocks])
+        with self._lock:
+            self._bad_blocks |= bad
+            self._done_recving.add(spec.req_id)
+            self._cancel.pop(spec.req_id, None)
+        self._last_store_chunks.pop(spec.req_id, None)
+        self.stats["prefix_loads_ok" if not bad else "prefix_loads_failed"] += 1
+        if bad:
+            logger.warning("req %s: prefix from the store: %s; %d blocks recomputed", spec.req_id, error, len(bad))
+        else:
+            logger.info("req %s: loaded a %d-token prefix from the store in %.1f ms", spec.req_id,
+                        len(spec.token_ids) - spec.start_token, (time.monotonic() - t0) * 1e3)
 
     def _wait_ready(self, spec: LoadSpec):
         deadline = time.monotonic() + self.cfg.wait_timeout_s

@@ -10,7 +10,7 @@ import requests
 import yaml
 
 from tests.integration.conftest import BASE, Launched, start, wait_ready
-from tests.integration.test_pd_e2e import _complete, _prompt, _transfer
+from tests.integration.test_pd_e2e import _complete, _prompt, _transfer, _vllm_metric
 
 pytestmark = pytest.mark.integration
 
@@ -20,9 +20,9 @@ def store_deployments(model_path, tmp_path_factory, deployments):
     """(shm transport + local store) and (no transport, store only), beside the main ones."""
     tmp = tmp_path_factory.mktemp("store")
     cfgs = {}
+    store_dir = tmp / "kv"  # shared: chunks one prefill stored are found by the other
+    store_dir.mkdir()
     for name, transport, base in (("shm_store", "shm", 18700), ("store_only", "none", 18800)):
-        store_dir = tmp / f"kv-{name}"
-        store_dir.mkdir()
         cfg = {**yaml.safe_load(yaml.safe_dump(BASE)), "model": str(model_path), "mode": "pd",
                "prefill": {"count": 1, "port_base": base}, "decode": {"count": 1, "port_base": base + 50},
                "proxy": {"port": base + 90}, "coordinator": {"port": base + 91}}
@@ -112,3 +112,21 @@ def test_pd_through_the_store_alone(store_deployments, deployments):
         rec = _transfer(dep.url, pd_id)
         chunks = -(-n // 256)
         assert rec["ok"] and rec["n_chunks"] == chunks and rec["n_store_chunks"] == chunks, rec
+
+
+def test_prefix_stored_by_one_prefill_is_loaded_by_another(store_deployments, deployments):
+    """Prefix reuse: a long context seen before is loaded from the store, only the rest computed."""
+    first, _ = store_deployments["store_only"]
+    second, _ = store_deployments["shm_store"]
+    _, co = deployments
+    context = _prompt(1000, seed=505)  # 3 full chunks + a partial one, stored by `first`
+    ids, _, _ = _complete(first.url, context)
+    assert ids == _complete(co.url, context)[0]
+    follow_up = context[:768] + _prompt(300, seed=506)  # shares the 3 full chunks
+    pre = second.instance_url("prefill")
+    name, src = "vllm:prompt_tokens_by_source_total", 'source="external_kv_transfer"'
+    before = _vllm_metric(pre, name, src)
+    ids, _, pd_id = _complete(second.url, follow_up)
+    assert ids == _complete(co.url, follow_up)[0]
+    assert _vllm_metric(pre, name, src) - before == 768  # loaded on the prefill instance, not computed
+    assert _transfer(second.url, pd_id)["ok"]
