@@ -57,6 +57,28 @@ class TransportConfig:
 
 
 @dataclass
+class Hf3fsConfig:
+    """3FS USRBIO settings of store backend hf3fs (names and ranges as LMCache's hf3fs_* keys)."""
+
+    # The 3FS FUSE mount (e.g. /3fs/stage); empty = found from the base path.
+    mount_point: str = ""
+    # Shared memory registered with the 3FS client (iovec), MB; half for reads, half for writes.
+    iov_size_mb: int = field(default=200, metadata=_rng(100, 2048))
+    # Entries of each ioring (requests that can be prepared before a submit).
+    ior_entries: int = field(default=256, metadata=_rng(128, 1024))
+    # 0: submit every I/O at once; <0: batches of at most -io_depth; >0 (exact batches) is refused
+    # by store/hf3fs.py, whose batches vary in size.
+    io_depth: int = field(default=0, metadata=_rng(-128, 128))
+    # NUMA node of the iovec/ioring memory; -1 = the current process's.
+    numa: int = field(default=-1, metadata=_rng(-1))
+    # Write threads, each with its own write ioring and its share of the write iovec.
+    io_threads: int = field(default=4, metadata=_rng(2, 16))
+    # Directories (relative to mount_point, or absolute under it); instance on device d uses
+    # base_paths[d % len]; empty = store.paths, else <mount_point>/pdkv.
+    base_paths: list[str] = field(default_factory=list)
+
+
+@dataclass
 class StoreConfig:
     """The persistent KV store (decode fallback and prefix reuse across requests)."""
 
@@ -73,6 +95,8 @@ class StoreConfig:
     write_threads: int = field(default=1, metadata=_rng(1, 64))
     # Prefill writes every chunk it sends through to the store: "always" or "never".
     write_through: str = field(default="always", metadata=_choices("always", "never"))
+    # Backend hf3fs only (3FS USRBIO).
+    hf3fs: Hf3fsConfig = field(default_factory=Hf3fsConfig)
 
 
 @dataclass
@@ -192,7 +216,9 @@ def _check(f: dataclasses.Field, value: Any, key: str) -> None:
         raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(m['choices'])}")
     lo, hi = m.get("min"), m.get("max")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise ConfigError(f"{key}: {value!r} is out of range; allowed {lo}..{hi}")
+        allowed = f"{lo}..{hi}" if lo is not None and hi is not None else (
+            f"at least {lo}" if lo is not None else f"at most {hi}")
+        raise ConfigError(f"{key}: {value!r} is out of range; allowed {allowed}")
 
 
 def load(cls: type, data: dict | None, prefix: str = "") -> Any:

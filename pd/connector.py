@@ -102,7 +102,8 @@ class PDConnector(KVConnectorBase_V1):
             from store import make_store
 
             # The scheduler only looks keys up (prefix reuse); rank 0's chunks stand for all ranks.
-            store = make_store(self.cfg.store, 0) if self.cfg.store.backend != "none" else None
+            # (hf3fs: one process per store directory, and the workers own it: no lookups here yet.)
+            store = make_store(self.cfg.store, 0) if self.cfg.store.backend == "local" else None
             self._sched = SchedulerSide(self.block_size, ktc.is_kv_producer, ktc.is_kv_consumer,
                                         store=store, namespace=self.namespace, chunk_size=self.cfg.chunk_size)
         else:

@@ -22,6 +22,7 @@ def make_store(cfg: Any, device_index: int = 0) -> KVStore | None:
 
         return LocalStore(cfg, device_index)
     if backend == "hf3fs":
-        raise ValueError("store backend hf3fs is not built yet; a 3FS FUSE mount can be used "
-                         "with backend local meanwhile")
+        from store.hf3fs import Hf3fsStore
+
+        return Hf3fsStore(cfg, device_index)
     raise ValueError(f"unknown store backend {backend!r}; choose none, local or hf3fs")

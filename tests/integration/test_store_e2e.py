@@ -15,30 +15,51 @@ from tests.integration.test_pd_e2e import _complete, _prompt, _transfer, _vllm_m
 pytestmark = pytest.mark.integration
 
 
+BUDGET_GB = 0.03  # shm_store's store: small, so that eviction is exercised
+
+
 @pytest.fixture(scope="module")
 def store_deployments(model_path, tmp_path_factory, deployments):
-    """(shm transport + local store) and (no transport, store only), beside the main ones."""
+    """(shm transport + local store) and (no transport, store only), beside the main ones.
+
+    Yields {name: (Launched, store_dir)}; ``restart(name)`` stops one and starts it again.
+    """
     tmp = tmp_path_factory.mktemp("store")
     cfgs = {}
-    store_dir = tmp / "kv"  # shared: chunks one prefill stored are found by the other
-    store_dir.mkdir()
-    for name, transport, base in (("shm_store", "shm", 18700), ("store_only", "none", 18800)):
+    for name, transport, base, size in (("shm_store", "shm", 18700, BUDGET_GB), ("store_only", "none", 18800, 1)):
+        store_dir = tmp / f"kv-{name}"
+        store_dir.mkdir()
         cfg = {**yaml.safe_load(yaml.safe_dump(BASE)), "model": str(model_path), "mode": "pd",
                "prefill": {"count": 1, "port_base": base}, "decode": {"count": 1, "port_base": base + 50},
                "proxy": {"port": base + 90}, "coordinator": {"port": base + 91}}
         cfg["connector"]["transport"] = {"kind": transport, "name": f"{name}{time.time_ns()}"}
-        cfg["connector"]["store"] = {"backend": "local", "paths": [f"file://{store_dir}"], "size_gb": 1}
+        cfg["connector"]["store"] = {"backend": "local", "paths": [f"file://{store_dir}"], "size_gb": size}
         cfg["vllm"]["cpu_bind"] = "0;1"
         cfgs[name] = (cfg, store_dir)
-    procs = [start(cfg, tmp, name) + (cfg,) for name, (cfg, _) in cfgs.items()]
-    started: list[Launched] = []
+    procs = {name: start(cfg, tmp, name) for name, (cfg, _) in cfgs.items()}
+    current: dict = {}
+    codes = []
+
+    def restart(name: str) -> Launched:
+        codes.append(current.pop(name)[0].stop())
+        cfg = cfgs[name][0]
+        proc, log = start(cfg, tmp, name + "-again")
+        try:
+            current[name] = (wait_ready(proc, log, cfg), cfgs[name][1])
+        except BaseException:
+            proc.kill()
+            raise
+        return current[name][0]
+
     try:
-        for proc, log, cfg in procs:
-            started.append(wait_ready(proc, log, cfg))
-        yield {name: (dep, cfgs[name][1]) for name, dep in zip(cfgs, started)}
+        for name, (proc, log) in procs.items():
+            current[name] = (wait_ready(proc, log, cfgs[name][0]), cfgs[name][1])
+        current["restart"] = restart
+        yield current
     finally:
-        codes = [d.stop() for d in started]
-        for proc, _, _ in procs:
+        current.pop("restart", None)
+        codes += [dep.stop() for dep, _ in current.values()]
+        for proc, _ in procs.values():
             if proc.poll() is None:
                 proc.kill()
         assert all(c == 0 for c in codes), codes
@@ -114,19 +135,38 @@ def test_pd_through_the_store_alone(store_deployments, deployments):
         assert rec["ok"] and rec["n_chunks"] == chunks and rec["n_store_chunks"] == chunks, rec
 
 
-def test_prefix_stored_by_one_prefill_is_loaded_by_another(store_deployments, deployments):
-    """Prefix reuse: a long context seen before is loaded from the store, only the rest computed."""
-    first, _ = store_deployments["store_only"]
-    second, _ = store_deployments["shm_store"]
+def test_restarted_instance_loads_a_repeated_prompt_from_the_store(store_deployments, deployments):
+    """Prefix reuse across a restart: vLLM's own cache is gone, pdkv's store is not."""
+    dep, _ = store_deployments["store_only"]
     _, co = deployments
-    context = _prompt(1000, seed=505)  # 3 full chunks + a partial one, stored by `first`
-    ids, _, _ = _complete(first.url, context)
-    assert ids == _complete(co.url, context)[0]
-    follow_up = context[:768] + _prompt(300, seed=506)  # shares the 3 full chunks
-    pre = second.instance_url("prefill")
+    context = _prompt(1000, seed=505)
+    ids, _, _ = _complete(dep.url, context)
+    ref = _complete(co.url, context)[0]
+    assert ids == ref
+    dep = store_deployments["restart"]("store_only")
+    pre = dep.instance_url("prefill")
     name, src = "vllm:prompt_tokens_by_source_total", 'source="external_kv_transfer"'
-    before = _vllm_metric(pre, name, src)
-    ids, _, pd_id = _complete(second.url, follow_up)
+    # A follow-up sharing the context's 3 full chunks: loaded from the store, the rest computed.
+    follow_up = context[:768] + _prompt(300, seed=506)
+    ids, _, pd_id = _complete(dep.url, follow_up)
     assert ids == _complete(co.url, follow_up)[0]
-    assert _vllm_metric(pre, name, src) - before == 768  # loaded on the prefill instance, not computed
-    assert _transfer(second.url, pd_id)["ok"]
+    assert _vllm_metric(pre, name, src) == 768
+    assert _transfer(dep.url, pd_id)["ok"]
+    # The context itself: 768 tokens now in vLLM's own cache, the other 232 from the store.
+    ids, _, _ = _complete(dep.url, context)
+    assert ids == ref
+    assert _vllm_metric(pre, name, src) == 768 + 232
+
+
+def test_store_stays_within_its_budget_and_never_serves_bad_kv(store_deployments, deployments):
+    dep, store_dir = store_deployments["shm_store"]
+    _, co = deployments
+    prompts = [_prompt(1800, seed=600 + i) for i in range(10)]  # ~8 MB of chunks each, 30 MB budget
+    for p in prompts:
+        assert _complete(dep.url, p)[0] == _complete(co.url, p)[0]
+    time.sleep(1)
+    used = sum(f.stat().st_size for f in store_dir.rglob("*.kv"))
+    assert 0 < used <= BUDGET_GB * 1e9, used
+    # The first prompts' chunks were evicted from the store; their repeats are still right.
+    for p in prompts[:2]:
+        assert _complete(dep.url, p)[0] == _complete(co.url, p)[0]

@@ -368,7 +368,7 @@ def test_bad_configuration(disk):
     with pytest.raises(ValueError, match="1 MiB"):
         LocalStore(_cfg(disk, size_gb=0.001))
     assert make_store(StoreConfig()) is None
-    with pytest.raises(ValueError, match="hf3fs is not built yet.*backend local"):
+    with pytest.raises(ValueError, match="needs hf3fs_py_usrbio.*backend local"):
         make_store(StoreConfig(backend="hf3fs", paths=[str(disk)]))
     s = make_store(_cfg(disk))
     assert isinstance(s, LocalStore)

@@ -1,0 +1,375 @@
+"""Hf3fsStore against store.usrbio_emulator (a test double of hf3fs_fuse.io over local files).
+
+No real 3FS cluster is involved: these tests check the store's logic (slabs, index log, slot
+headers, batching, queue, errors), not 3FS itself."""
+from __future__ import annotations
+
+import errno
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pd.config import ConfigError, Hf3fsConfig, StoreConfig, load
+from store import KVStore, make_store
+from store import usrbio_emulator as emu
+from store.hf3fs import MISSING_MODULE, Hf3fsStore
+
+NS = "model-0123456789abcdef"
+
+
+@pytest.fixture
+def mount(tmp_path) -> Path:
+    mp = tmp_path / "3fs"
+    mp.mkdir()
+    emu.emulate_mount(str(mp))
+    yield mp
+    emu.FAULT = None
+    emu.forget_mounts()
+
+
+def _cfg(mount: Path, **kw) -> StoreConfig:
+    kw.setdefault("size_gb", 0.01)
+    h = Hf3fsConfig(mount_point=str(mount), iov_size_mb=100, io_threads=2,
+                    base_paths=kw.pop("base_paths", ["kv"]))
+    return StoreConfig(backend="hf3fs", hf3fs=h, **kw)
+
+
+def _open(mount: Path, **kw) -> Hf3fsStore:
+    return Hf3fsStore(_cfg(mount, **kw), io=emu)
+
+
+def _key(i: int) -> str:
+    return f"{NS}/0/{i:032x}"
+
+
+def _data(i: int, n: int = 100_000) -> np.ndarray:
+    return np.random.default_rng(i).integers(0, 256, n, dtype=np.uint8)
+
+
+@pytest.fixture
+def store(mount):
+    s = _open(mount)
+    yield s
+    s.close()
+
+
+class _Gate:
+    """Holds the writer threads before their I/O until released."""
+
+    def __init__(self, monkeypatch):
+        self.event = threading.Event()
+        real = Hf3fsStore._write_batch
+
+        def slow(s, *a):
+            self.event.wait(10)
+            return real(s, *a)
+
+        monkeypatch.setattr(Hf3fsStore, "_write_batch", slow)
+
+
+def test_round_trip_layout_and_resources(mount):
+    s = _open(mount)
+    assert isinstance(s, KVStore)
+    sizes = [1, 4095, 4096, 100_000, 1 << 20]
+    for i, n in enumerate(sizes):
+        assert s.put(_key(i), _data(i, n))
+    assert s.flush(10)
+    for i, n in enumerate(sizes):
+        out = np.zeros(n + 10, dtype=np.uint8)
+        assert s.get(_key(i), out) == n and np.array_equal(out[:n], _data(i, n))
+    u = s.usage()
+    assert u["files"] == 5 and u["writes"] == 5 and u["hits"] == 5 and u["write_errors"] == 0
+    d = mount / "kv" / "dev0"
+    data_files = sorted(d.glob("data-*.bin"))
+    assert len(data_files) == 1 and (d / "index.log").is_file()  # one big file, not one per chunk
+    assert sum(f.stat().st_size for f in data_files) <= s.budget
+    assert len(os.listdir(mount / "3fs-virt" / "iovs")) == 1  # one iovec, made once
+    # batched reads
+    outs = [np.zeros(n, dtype=np.uint8) for n in sizes]
+    assert s.get_many([_key(i) for i in range(5)], outs) == sizes
+    s.close()
+    assert os.listdir(mount / "3fs-virt" / "iovs") == []  # the symlink goes with the iovec
+    assert not emu._REGISTERED  # every data file deregistered
+
+
+def test_miss_and_too_small_buffer(store):
+    out = np.zeros(100, dtype=np.uint8)
+    assert store.get(_key(1), out) == 0
+    assert store.put(_key(2), _data(2, 1000)) and store.flush(5)
+    assert store.get(_key(2), out) == 0
+    assert store.usage()["misses"] == 2 and store.usage()["corrupt"] == 0
+    assert store.get(_key(2), np.zeros(1000, dtype=np.uint8)) == 1000
+    with pytest.raises(ValueError):
+        store.get(_key(2), b"x" * 2000)
+
+
+def test_async_put_visible_after_flush(mount, monkeypatch):
+    gate = _Gate(monkeypatch)
+    s = _open(mount)
+    data = _data(7)
+    assert s.put(_key(7), data)
+    data[:] = 0
+    assert s.contains([_key(7)]) == 1
+    out = np.zeros(100_000, dtype=np.uint8)
+    assert s.get(_key(7), out) == 100_000 and np.array_equal(out, _data(7))
+    assert not s.flush(0.2)
+    gate.event.set()
+    assert s.flush(10)
+    out[:] = 0
+    assert s.get(_key(7), out) == 100_000 and np.array_equal(out, _data(7))
+    assert s.usage()["queue_hits"] == 1 and s.usage()["writes"] == 1
+    s.close()
+
+
+def test_queue_full_drops_without_blocking(mount, monkeypatch):
+    gate = _Gate(monkeypatch)
+    s = _open(mount, queue_mb=1)
+    data = _data(0, 200_000)
+    results, worst = [], 0.0
+    for i in range(40):
+        t0 = time.perf_counter()
+        results.append(s.put(_key(i), data))
+        worst = max(worst, time.perf_counter() - t0)
+    assert worst < 0.05
+    accepted = sum(results)
+    assert 1 <= accepted <= 5
+    u = s.usage()
+    assert u["dropped"] == 40 - accepted == u["queue_full"]
+    gate.event.set()
+    assert s.flush(10) and s.usage()["files"] == accepted
+    assert s.put(_key(100), data)
+    s.close()
+
+
+def test_duplicate_and_delete(store):
+    for i in range(3):
+        assert store.put(_key(i), _data(i))
+    store.flush(5)
+    assert store.put(_key(0), _data(0)) and store.usage()["duplicates"] == 1
+    assert store.delete([_key(0), _key(1), _key(9)]) == 2
+    assert store.contains([_key(0)]) == 0 and store.contains([_key(2)]) == 1
+    assert store.usage()["files"] == 1
+
+
+def _slot_offset(s: Hf3fsStore, key: str) -> tuple[Path, int]:
+    e = s._index[key]
+    f, sl = divmod(e.slab, s.slabs_per_file)
+    return Path(s.path) / f"data-{f:04d}.bin", sl * s.slab_size + e.slot * e.cls
+
+
+@pytest.mark.parametrize("where", ["payload", "header", "zeroed"])
+def test_corrupt_slot_is_a_miss(store, where):
+    store.put(_key(1), _data(1))
+    store.flush(5)
+    f, off = _slot_offset(store, _key(1))
+    with open(f, "r+b") as fh:
+        if where == "zeroed":  # a torn write: nothing of the slot made it
+            fh.seek(off)
+            fh.write(bytes(4096))
+        else:
+            pos = off + (5000 if where == "payload" else 10)
+            fh.seek(pos)
+            b = fh.read(1)
+            fh.seek(pos)
+            fh.write(bytes([b[0] ^ 0x40]))
+    out = np.zeros(100_000, dtype=np.uint8)
+    assert store.get(_key(1), out) == 0
+    u = store.usage()
+    assert u["corrupt"] == 1 and u["files"] == 0 and store.contains([_key(1)]) == 0
+    assert store.put(_key(1), _data(1)) and store.flush(5)  # the slot is reusable
+    assert store.get(_key(1), out) == 100_000 and np.array_equal(out, _data(1))
+
+
+def test_stale_slot_of_another_key_is_a_miss(store):
+    store.put(_key(1), _data(1))
+    store.put(_key(2), _data(2))
+    store.flush(5)
+    f1, o1 = _slot_offset(store, _key(1))
+    f2, o2 = _slot_offset(store, _key(2))
+    raw = f2.read_bytes()[o2:o2 + 100_000 + 64]
+    with open(f1, "r+b") as fh:  # key 2's (valid) slot where key 1 should be
+        fh.seek(o1)
+        fh.write(raw)
+    out = np.zeros(100_000, dtype=np.uint8)
+    assert store.get(_key(1), out) == 0 and store.usage()["corrupt"] == 1
+    assert store.get(_key(2), out) == 100_000
+
+
+def test_restart_finds_chunks(mount):
+    s = _open(mount)
+    for i in range(5):
+        s.put(_key(i), _data(i))
+    s.flush(5)
+    s.delete([_key(4)])
+    s.close()
+    with open(mount / "kv" / "dev0" / "index.log", "ab") as fh:
+        fh.write(b"PK3L\x01 torn tail of a crashed append")
+    s2 = _open(mount)
+    u = s2.usage()
+    assert u["files"] == 4 and u["recovered"] == 4
+    assert sorted(s2.keys()) == sorted(_key(i) for i in range(4))
+    out = np.zeros(100_000, dtype=np.uint8)
+    for i in range(4):
+        assert s2.get(_key(i), out) == 100_000 and np.array_equal(out, _data(i))
+    assert s2.get(_key(4), out) == 0
+    # new values go to free slots, not over recovered ones
+    assert s2.put(_key(5), _data(5)) and s2.flush(5)
+    for i in (0, 5):
+        assert s2.get(_key(i), out) == 100_000 and np.array_equal(out, _data(i))
+    s2.close()
+
+
+def test_layout_change_starts_empty(mount):
+    s = _open(mount)
+    s.put(_key(1), _data(1))
+    s.flush(5)
+    s.close()
+    s2 = _open(mount, size_gb=0.002)  # another slab size: the old index is not trusted
+    assert s2.usage()["files"] == 0
+    s2.close()
+
+
+def test_one_process_per_directory(store, mount):
+    with pytest.raises(ValueError, match="used by another process"):
+        _open(mount)
+
+
+def test_budget_and_lru_eviction(mount):
+    s = _open(mount, size_gb=0.002)  # 2 MB: 7 slabs of 256 KiB
+    assert s.slab_size == 256 << 10 and s.n_slabs == 7
+    for i in range(30):
+        assert s.put(_key(i), _data(i, 100_000))  # 128 KiB slots: 14 fit
+        if i == 13:
+            s.flush(5)
+            out = np.zeros(100_000, dtype=np.uint8)
+            assert s.get(_key(0), out) == 100_000  # key 0 becomes the most recently used
+        if i == 14:
+            s.flush(5)  # the first eviction took key 1, the least recently used, not key 0
+            assert s.contains([_key(0)]) == 1 and s.contains([_key(1)]) == 0
+        if i % 3 == 2:
+            s.flush(5)
+    s.flush(5)
+    u = s.usage()
+    data = sum(f.stat().st_size for f in Path(s.path).glob("data-*.bin"))
+    assert data <= 2_000_000 and u["bytes"] <= 2_000_000
+    assert u["files"] == 14 and u["evictions"] == 16 and u["write_errors"] == 0
+    assert s.keys() == [_key(i) for i in range(16, 30)]  # the 14 most recent
+    assert not s.put(_key(99), np.zeros(300_000, dtype=np.uint8))  # larger than a slab
+    assert s.usage()["too_large"] == 1
+    s.close()
+
+
+def test_contains_prefix(store):
+    for i in (0, 1, 3):
+        store.put(_key(i), _data(i, 1000))
+    keys = [_key(i) for i in range(5)]
+    assert store.contains(keys) == 2
+    store.flush(5)
+    assert store.contains(keys) == 2 and store.contains(keys[3:]) == 1
+    assert store.contains([]) == 0 and store.contains([_key(9)] + keys) == 0
+
+
+def test_enospc_write_is_dropped_and_counted(store):
+    calls = {"n": 0}
+
+    def full(fd, off, length, read):
+        if not read:
+            calls["n"] += 1
+            if calls["n"] == 1:
+                return errno.ENOSPC
+        return None
+
+    emu.FAULT = full
+    assert store.put(_key(1), _data(1))
+    assert store.flush(5)
+    u = store.usage()
+    assert u["write_errors"] == 1 and u["files"] == 0 and u["bytes"] == 0
+    out = np.zeros(100_000, dtype=np.uint8)
+    assert store.get(_key(1), out) == 0 and store.contains([_key(1)]) == 0
+    assert store.put(_key(2), _data(2)) and store.flush(5)
+    assert store.get(_key(2), out) == 100_000 and np.array_equal(out, _data(2))
+
+
+def test_read_error_is_a_miss(store):
+    store.put(_key(1), _data(1))
+    store.flush(5)
+    emu.FAULT = lambda fd, off, n, read: errno.EIO if read else None
+    out = np.zeros(100_000, dtype=np.uint8)
+    assert store.get(_key(1), out) == 0 and store.usage()["read_errors"] == 1
+    emu.FAULT = None
+    assert store.get(_key(1), out) == 100_000  # still indexed: the value was not lost
+
+
+def test_concurrent_puts_and_gets(mount):
+    s = _open(mount, size_gb=0.004)
+    errors: list[str] = []
+
+    def writer(lo):
+        for i in range(lo, lo + 20):
+            s.put(_key(i), _data(i, 50_000))
+
+    def reader():
+        out = np.zeros(50_000, dtype=np.uint8)
+        for _ in range(200):
+            for i in range(40):
+                n = s.get(_key(i), out)
+                if n and not np.array_equal(out, _data(i, 50_000)):
+                    errors.append(f"key {i}: wrong bytes")
+
+    ts = [threading.Thread(target=writer, args=(0,)), threading.Thread(target=writer, args=(20,)),
+          threading.Thread(target=reader)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert s.flush(10) and not errors
+    s.close()
+
+
+# -- configuration -------------------------------------------------------------------------
+@pytest.mark.parametrize("key,value,allowed", [
+    ("iov_size_mb", 50, "100..2048"),
+    ("ior_entries", 2000, "128..1024"),
+    ("io_threads", 1, "2..16"),
+    ("io_depth", 200, "-128..128"),
+])
+def test_config_ranges(key, value, allowed):
+    with pytest.raises(ConfigError, match=f"store.hf3fs.{key}: {value} is out of range; allowed {allowed}"):
+        load(StoreConfig, {"backend": "hf3fs", "hf3fs": {key: value}}, "store.")
+    cfg = load(StoreConfig, {"backend": "hf3fs", "hf3fs": {"iov_size_mb": 100, "base_paths": ["a"]}})
+    assert cfg.hf3fs.iov_size_mb == 100 and cfg.hf3fs.ior_entries == 256 and cfg.hf3fs.io_depth == 0
+
+
+def test_missing_module_message(mount, monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def no_hf3fs(name, *a, **kw):
+        if name.startswith("hf3fs_fuse") or name.startswith("hf3fs_py_usrbio"):
+            raise ImportError(name)
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", no_hf3fs)
+    with pytest.raises(ValueError) as ei:
+        make_store(_cfg(mount))
+    assert str(ei.value) == MISSING_MODULE
+    assert "hf3fs_py_usrbio" in MISSING_MODULE and "backend local" in MISSING_MODULE
+
+
+def test_bad_hf3fs_configuration(mount, tmp_path):
+    with pytest.raises(ValueError, match="io_depth"):
+        Hf3fsStore(StoreConfig(backend="hf3fs", hf3fs=Hf3fsConfig(mount_point=str(mount), io_depth=8)), io=emu)
+    with pytest.raises(ValueError, match="not on a 3FS mount"):
+        Hf3fsStore(StoreConfig(backend="hf3fs", hf3fs=Hf3fsConfig(base_paths=[str(tmp_path / "x")])), io=emu)
+    with pytest.raises(ValueError, match="1 MiB"):
+        _open(mount, size_gb=0.001)
+    # mount point found from an absolute base path
+    s = Hf3fsStore(StoreConfig(backend="hf3fs", size_gb=0.01, paths=[f"file://{mount}/p"],
+                               hf3fs=Hf3fsConfig(iov_size_mb=100, io_threads=2)), io=emu)
+    assert s.mount_point == str(mount) and s.path == str(mount / "p" / "dev0")
+    s.close()
