@@ -56,7 +56,7 @@ DEFAULT_PATH = REPO / ".bench-tmp"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``pd bench store``."""
     parser.add_argument("--backend", default="local",
-                        help="store backend to measure: local (hf3fs is not built yet)")
+                        help="store backend to measure: local (hf3fs: not supported by this bench yet)")
     parser.add_argument("--path", default=None,
                         help=f"directory on the disk to measure; a fresh sub-directory is made and "
                              f"removed (default {DEFAULT_PATH})")
@@ -265,8 +265,9 @@ def _check_args(args: argparse.Namespace) -> list[int]:
         raise ValueError(f"unknown store backend {args.backend!r} for pd bench store; "
                          f"choose {' or '.join(BACKENDS)}")
     if args.backend == "hf3fs":
-        raise ValueError("store backend hf3fs is not built yet; measure a 3FS FUSE mount with "
-                         "--backend local --path <mount>")
+        raise ValueError("pd bench store --backend hf3fs is not supported yet: the hf3fs backend has only "
+                         "run on a USRBIO emulator, which would not measure 3FS; measure a 3FS FUSE mount "
+                         "with --backend local --path <mount>")
     try:
         sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
     except ValueError as e:

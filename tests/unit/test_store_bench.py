@@ -42,7 +42,7 @@ def test_only_o_direct_rows(tmp_path, capsys):
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize("backend, words", [("hf3fs", ["hf3fs", "not built yet"]),
+@pytest.mark.parametrize("backend, words", [("hf3fs", ["hf3fs", "not supported yet"]),
                                             ("nfs", ["unknown store backend", "local", "hf3fs"])])
 def test_bad_backend_exit_2(tmp_path, backend, words):
     p = subprocess.run([sys.executable, "-m", "pd.cli", "bench", "store", "--backend", backend,
