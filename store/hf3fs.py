@@ -225,6 +225,8 @@ class Hf3fsStore:
         self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
         self._lock = threading.Lock()
         self._cv = threading.Condition(self._lock)
+        self._batch_seq = 0  # next batch a writer takes
+        self._next_commit = 0  # the batch whose turn it is to enter the index
         self._read_lock = threading.Lock()
         self._log_lock = threading.Lock()
         self._index: OrderedDict[str, _Entry] = OrderedDict()  # LRU order: oldest first
@@ -628,14 +630,18 @@ class Hf3fsStore:
                     batch.append(self._queue.popleft())
                     used += n
                 self._writing += 1
+                turn = self._batch_seq  # batches enter the index in the order they were taken
+                self._batch_seq += 1
             try:
-                self._write_batch(batch, w, area0)
+                self._write_batch(batch, w, area0, turn)
             except Exception:  # never let a writer thread die
                 log.exception("hf3fs store %s: write batch failed", self.path)
                 with self._lock:
                     self.stats["write_errors"] += len(batch)
             finally:
                 with self._cv:
+                    self._cv.wait_for(lambda: self._next_commit >= turn)
+                    self._next_commit = max(self._next_commit, turn + 1)
                     for item in batch:
                         self._queued_bytes -= len(item.data)
                         if self._pending.get(item.key) is item:
@@ -654,7 +660,7 @@ class Hf3fsStore:
             self._evicted.append(self._record(OP_DEL, key, e))
             self.stats["evictions"] += 1
 
-    def _write_batch(self, batch: list[_Item], w: int, area0: int) -> None:
+    def _write_batch(self, batch: list[_Item], w: int, area0: int, turn: int = 0) -> None:
         ring = self._rings[w]
         staged: list[tuple[_Item, _Entry, int]] = []
         off = area0
@@ -696,7 +702,10 @@ class Hf3fsStore:
             log.error("hf3fs store %s: write batch refused: %s", self.path, ex)
             results = {}
         recs = []
-        with self._lock:
+        with self._cv:
+            # Commit in the order the puts were queued, so LRU order is put order, whichever
+            # writer thread finished first.
+            self._cv.wait_for(lambda: self._next_commit >= turn)
             for k, (item, e, o) in enumerate(staged):
                 want = _round_up(HDR + len(item.data))
                 got = results.get(k, -errno.EIO)
