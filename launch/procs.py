@@ -52,6 +52,16 @@ def check_store(cfg) -> None:
         except ImportError:
             raise ConfigError("connector.store.backend hf3fs needs hf3fs_py_usrbio (built from the 3FS source "
                               "tree, see docs); a 3FS FUSE mount can be used with backend local meanwhile") from None
+        from store.hf3fs import Hf3fsStore
+
+        # Open each base path once for reading: the same checks the instances make (mount point,
+        # base path under it, budget), refused here before anything starts.
+        for d in range(max(1, len(cfg.hf3fs.base_paths or cfg.paths))):
+            try:
+                Hf3fsStore(cfg, d, writer=False).close()
+            except (ValueError, OSError) as e:
+                raise ConfigError(f"connector.store (backend hf3fs): {e}") from None
+        return
     if not cfg.paths:
         raise ConfigError(f"connector.store.paths: backend {cfg.backend} needs at least one directory "
                           "(--store-path DIR[,DIR...])")

@@ -102,8 +102,7 @@ class PDConnector(KVConnectorBase_V1):
             from store import make_store
 
             # The scheduler only looks keys up (prefix reuse); rank 0's chunks stand for all ranks.
-            # (hf3fs: one process per store directory, and the workers own it: no lookups here yet.)
-            store = make_store(self.cfg.store, 0) if self.cfg.store.backend == "local" else None
+            store = make_store(self.cfg.store, 0, writer=False)
             self._sched = SchedulerSide(self.block_size, ktc.is_kv_producer, ktc.is_kv_consumer,
                                         store=store, namespace=self.namespace, chunk_size=self.cfg.chunk_size)
         else:
@@ -130,7 +129,9 @@ class PDConnector(KVConnectorBase_V1):
         from store import make_store
 
         # Shard by TP rank (the rank in the keys), so prefill and decode pick the same path.
-        store = make_store(self.cfg.store, rank)
+        # Only an instance that saves KV writes to the store; decode workers read.
+        writes = ktc.kv_role != "kv_consumer" and self.cfg.store.write_through == "always"
+        store = make_store(self.cfg.store, rank, writer=writes)
         return WorkerSide(self.cfg, rank, str(vllm_config.model_config.model), self.block_size,
                           coord, transport, {}, store=store, fingerprint=self.fingerprint,
                           page_bytes=_spec(self._kv_cache_config).page_size_bytes)

@@ -8,8 +8,11 @@ from store.base import KVStore
 __all__ = ["KVStore", "make_store"]
 
 
-def make_store(cfg: Any, device_index: int = 0) -> KVStore | None:
+def make_store(cfg: Any, device_index: int = 0, writer: bool = True) -> KVStore | None:
     """The store of ``cfg`` (a ``pd.config.StoreConfig``) for device ``device_index``.
+
+    ``writer=False`` opens it for reading only (a scheduler's lookups, a decode worker's
+    fallback): no writer threads, no directory claimed, every ``put`` dropped and counted.
 
     None for backend ``none``. Raises ValueError with a clear message for a backend that
     cannot be built or a configuration it refuses (missing/unwritable path, tiny budget).
@@ -20,9 +23,9 @@ def make_store(cfg: Any, device_index: int = 0) -> KVStore | None:
     if backend == "local":
         from store.local import LocalStore
 
-        return LocalStore(cfg, device_index)
+        return LocalStore(cfg, device_index, writer=writer)
     if backend == "hf3fs":
         from store.hf3fs import Hf3fsStore
 
-        return Hf3fsStore(cfg, device_index)
+        return Hf3fsStore(cfg, device_index, writer=writer)
     raise ValueError(f"unknown store backend {backend!r}; choose none, local or hf3fs")

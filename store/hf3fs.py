@@ -3,22 +3,36 @@
 Tested only against ``store.usrbio_emulator`` (a test double over local files); no real 3FS
 cluster has run this backend.
 
-Layout under ``<mount_point>/<base path>/dev<device_index>/``:
+Layout under ``<mount_point>/<base path>/dev<device_index>/``: one directory ``w<k>`` per writing
+process (the first ``k`` whose ``lock`` file it can ``flock``; a restarted writer takes its old
+directory back and replays its index). A writer directory holds:
 
 * ``data-NNNN.bin``: a few large data files (at most ``FILE_BYTES`` each), cut into slabs of
   ``slab_size`` bytes (a power of two, at most 64 MiB and at most what one staging area of the
   iovec holds). A slab is given to one slot size class (4 KiB x 2^k up to the slab size) when a
   value of that class needs room, and goes back to the free slabs when its last slot is freed.
   The budget (``size_gb`` over the base paths) is the number of slabs x ``slab_size``, so the
-  data files never exceed it.
+  data files never exceed it. The budget is per writer directory: normally one per device
+  index and base path (the prefill worker of that rank); give each prefill instance its own
+  base path or account for one budget per writer.
 * Each slot: a 64-byte header ``magic 4s | version H | pad H | xxh3(key) Q | payload_len Q |
   xxh3(payload) Q | seq Q`` then the payload. A slot whose header does not name the key, the
   index's sequence number, the length or the checksum is a miss (torn, stale, overwritten).
-* ``index.log``: append-only records ``magic | op | key_len | file | offset | slot size |
-  length | checksum | seq`` + key + xxh3 of the record; replayed at start (a torn tail is cut
-  off), rewritten (temp file + rename) when it holds many dead records. LRU order at restart is
-  the order of the log.
-* ``lock``: ``flock`` held by the one process that owns the directory.
+* ``index.log``: a header ``magic | version | generation`` (random, new at each rewrite), then
+  append-only records ``magic | op | key_len | file | offset | slot size | length | checksum |
+  seq`` + key + xxh3 of the record; replayed at start (a torn tail is cut off), rewritten (temp
+  file + rename, new generation) when it holds many dead records. LRU order at restart is the
+  order of the log.
+* ``lock``: ``flock`` held by the one process that writes the directory.
+
+Sharing between processes: every process reads every ``w*`` directory of its device. Its own
+through its in-memory index; the others (peers) through views that tail their ``index.log``
+before each lookup (new records are applied; another generation means the log was rewritten and
+is read again from its start; new ``w*`` directories are looked for at most once a second, and
+on a miss when the last look is 0.1 s old). A process opened with ``writer=False`` (a scheduler, a decode worker) claims
+no directory, writes nothing and drops every ``put`` (counted ``read_only``). A view may be
+stale (the peer has evicted the value and reused its slot): the slot header check makes such a
+read a miss, never another value. Reads by other processes do not refresh the writer's LRU order.
 
 I/O: one shared-memory segment (``iov_size_mb``) registered once with ``make_iovec``; its first
 half stages reads (one batch at a time), its second half is split between ``io_threads`` writer
@@ -28,8 +42,7 @@ batched reads prepare every I/O of a batch, submit once and wait for all results
 ``put`` copies into a bounded queue (``queue_mb``) and returns at once; a full queue, a value
 that cannot fit a slab, a closed store drop the put (counted). A failed write (``result < 0``,
 e.g. -ENOSPC) drops that put and frees its slot. When no slot is free, least recently used
-values are evicted. One process per directory; a second process does not see new values until
-it restarts (not done: tailing the log of another writer).
+values are evicted (the DEL records reach the log before the slot is rewritten).
 """
 from __future__ import annotations
 
@@ -38,6 +51,7 @@ import fcntl
 import gc
 import logging
 import os
+import re
 import struct
 import threading
 import time
@@ -64,11 +78,17 @@ HDR = 64
 LOG_MAGIC = b"PK3L"
 _REC = struct.Struct("<4sBxHIQIQQQ")  # 48 bytes, then key, then xxh3 Q
 OP_ADD, OP_DEL = 1, 2
+LOG_HDR_MAGIC = b"PK3H"
+_LOG_HDR = struct.Struct("<4sIQ")  # magic, version, generation
+MAX_WRITERS = 64
+PEER_SCAN_S = 1.0   # new writer directories are looked for this often ...
+MISS_RESCAN_S = 0.1  # ... and on a miss, if the last look is older than this
+_WRITER_DIR = re.compile(r"w\d+")
 
 STAT_KEYS = ("puts", "put_bytes", "duplicates", "dropped", "queue_full", "too_large", "writes",
              "write_bytes", "write_errors", "budget_drops", "evictions", "hits", "misses",
              "get_bytes", "queue_hits", "corrupt", "read_errors", "deletes", "recovered",
-             "log_compactions", "batches")
+             "log_compactions", "batches", "read_only", "peer_hits", "peer_corrupt")
 
 
 def _byte_view(buf: Any) -> memoryview:
@@ -88,6 +108,22 @@ def _khash(key: str) -> int:
     return xxhash.xxh3_64_intdigest(key.encode())
 
 
+def _parse_log(raw: bytes, pos: int) -> tuple[list[tuple], int]:
+    """The whole records of an index log from ``pos``: (records, end of the last whole one)."""
+    out = []
+    while pos + _REC.size <= len(raw):
+        magic, op, klen, f, off, cls, length, csum, seq = _REC.unpack_from(raw, pos)
+        end = pos + _REC.size + klen + 8
+        if magic != LOG_MAGIC or end > len(raw):
+            break
+        if struct.unpack_from("<Q", raw, end - 8)[0] != xxhash.xxh3_64_intdigest(raw[pos:end - 8]):
+            break
+        out.append((op, raw[pos + _REC.size:end - 8].decode("utf-8", "replace"), f, off, cls,
+                    length, csum, seq))
+        pos = end
+    return out, pos
+
+
 def _import_io() -> Any:
     try:
         import hf3fs_fuse.io as io  # type: ignore[import-not-found]
@@ -101,6 +137,82 @@ class _Entry:
 
     def __init__(self, slab, slot, cls, length, csum, seq):
         self.slab, self.slot, self.cls, self.length, self.csum, self.seq = slab, slot, cls, length, csum, seq
+
+
+class _Ref:
+    """Where a peer's value lies: data file, offset, and what its slot header must say."""
+    __slots__ = ("file", "off", "length", "csum", "seq")
+
+    def __init__(self, file, off, length, csum, seq):
+        self.file, self.off, self.length, self.csum, self.seq = file, off, length, csum, seq
+
+
+class _View:
+    """Read-only view of a peer's writer directory: tails its index log (see the module doc)."""
+
+    def __init__(self, path: str, io: Any):
+        self.path, self.io = path, io
+        self.gen: int | None = None
+        self.pos = 0
+        self.entries: dict[str, _Ref] = {}
+        self.fds: dict[int, int] = {}
+
+    def _reset(self, gen: int | None) -> None:
+        self.entries.clear()
+        self.gen, self.pos = gen, _LOG_HDR.size
+
+    def refresh(self) -> None:
+        try:
+            fd = os.open(os.path.join(self.path, "index.log"), os.O_RDONLY)
+        except OSError:  # no log (yet): nothing to read
+            self._reset(None)
+            return
+        try:
+            size = os.fstat(fd).st_size
+            hdr = os.pread(fd, _LOG_HDR.size, 0)
+            if len(hdr) < _LOG_HDR.size:
+                self._reset(None)
+                return
+            magic, version, gen = _LOG_HDR.unpack(hdr)
+            if magic != LOG_HDR_MAGIC or version != VERSION:
+                self._reset(None)
+                return
+            if gen != self.gen or size < self.pos:  # rewritten: read it again from the start
+                self._reset(gen)
+            if size <= self.pos:
+                return
+            raw = os.pread(fd, size - self.pos, self.pos)
+        finally:
+            os.close(fd)
+        recs, used = _parse_log(raw, 0)  # a record being appended is read next time
+        self.pos += used
+        for op, key, f, off, _cls, length, csum, seq in recs:
+            if op == OP_ADD:
+                self.entries[key] = _Ref(f, off, length, csum, seq)
+            elif op == OP_DEL:
+                ref = self.entries.get(key)
+                if ref is not None and ref.seq == seq:
+                    del self.entries[key]
+
+    def fd(self, f: int) -> int:
+        fd = self.fds.get(f)
+        if fd is None:
+            fd = os.open(os.path.join(self.path, f"data-{f:04d}.bin"), os.O_RDONLY)
+            try:
+                self.io.register_fd(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+            self.fds[f] = fd
+        return fd
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            try:
+                self.io.deregister_fd(fd)
+            finally:
+                os.close(fd)
+        self.fds.clear()
 
 
 class _Item:
@@ -174,7 +286,7 @@ class _Slabs:
 class Hf3fsStore:
     """``store.base.KVStore`` on 3FS through USRBIO (see the module docstring)."""
 
-    def __init__(self, cfg: Any, device_index: int = 0, io: Any = None) -> None:
+    def __init__(self, cfg: Any, device_index: int = 0, io: Any = None, writer: bool = True) -> None:
         self.io = io if io is not None else _import_io()
         h = cfg.hf3fs
         if device_index < 0:
@@ -197,26 +309,29 @@ class Hf3fsStore:
         if not os.path.isdir(self.mount_point):
             raise ValueError(f"store.hf3fs.mount_point {mp} does not exist")
         base_abs = base if os.path.isabs(base) else os.path.join(self.mount_point, base)
-        self.path = os.path.join(os.path.abspath(base_abs), f"dev{device_index}")
-        if self.io.extract_mount_point(self.path) != self.mount_point:
-            raise ValueError(f"store path {self.path} is not under the 3FS mount {self.mount_point}")
+        self.root = os.path.join(os.path.abspath(base_abs), f"dev{device_index}")
+        if self.io.extract_mount_point(self.root) != self.mount_point:
+            raise ValueError(f"store path {self.root} is not under the 3FS mount {self.mount_point}")
         try:
-            os.makedirs(self.path, exist_ok=True)
+            os.makedirs(self.root, exist_ok=True)
         except OSError as e:
-            raise ValueError(f"store path {self.path} cannot be created ({e.strerror or e})") from None
-        self.location = f"hf3fs:{self.path}"
+            raise ValueError(f"store path {self.root} cannot be created ({e.strerror or e})") from None
+        self.location = f"hf3fs:{self.root}"
+        self.writer = bool(writer)
         self.budget = int(cfg.size_gb * 1e9 / len(bases))
         if self.budget < MIN_BUDGET:
             raise ValueError(f"store.size_gb={cfg.size_gb} gives {self.budget} bytes per base path; "
                              f"the hf3fs store needs at least {MIN_BUDGET} bytes (1 MiB)")
-        if cfg.eviction != "lru":
+        if cfg.eviction != "lru" and self.writer:
             log.warning("hf3fs store: eviction %r is not implemented; using lru", cfg.eviction)
         self.iov_size = int(h.iov_size_mb) << 20
-        self.n_writers = int(h.io_threads)
-        self.read_area = self.iov_size // 2 // ALIGN * ALIGN
-        self.write_area = (self.iov_size - self.read_area) // self.n_writers // ALIGN * ALIGN
+        self.n_writers = int(h.io_threads) if self.writer else 0
+        # A reader stages reads in the whole iovec; a writer in half, the rest split between its threads.
+        self.read_area = (self.iov_size // 2 if self.writer else self.iov_size) // ALIGN * ALIGN
+        self.write_area = ((self.iov_size - self.read_area) // self.n_writers // ALIGN * ALIGN
+                           if self.writer else 0)
         self.slab_size = max(MIN_CLASS, _pow2_floor(min(MAX_SLAB, self.budget // 4, self.read_area,
-                                                        self.write_area)))
+                                                        self.write_area or self.read_area)))
         self.n_slabs = self.budget // self.slab_size
         self.slabs_per_file = max(1, FILE_BYTES // self.slab_size)
         self.max_value = self.slab_size - HDR
@@ -229,6 +344,9 @@ class Hf3fsStore:
         self._next_commit = 0  # the batch whose turn it is to enter the index
         self._read_lock = threading.Lock()
         self._log_lock = threading.Lock()
+        self._peer_lock = threading.Lock()
+        self._peers: dict[str, _View] = {}
+        self._peers_scanned = float("-inf")
         self._index: OrderedDict[str, _Entry] = OrderedDict()  # LRU order: oldest first
         self._slabs = _Slabs(self.n_slabs, self.slab_size)
         self._queue: deque[_Item] = deque()
@@ -239,17 +357,15 @@ class Hf3fsStore:
         self._seq = 0
         self._log_records = 0
         self._fds: dict[int, int] = {}
-        self._lockfd = os.open(os.path.join(self.path, "lock"), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self._lockfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(self._lockfd)
-            raise ValueError(f"store path {self.path} is used by another process (one writer per "
-                             "directory; give each instance its own base path or device index)") from None
-        self._shm = self._iov = None
+        self._lockfd = -1
+        self.path = ""  # this process's writer directory ("" for a reader)
+        self._shm = self._iov = self._read_ring = None
         self._rings: list[Any] = []
+        self._threads: list[threading.Thread] = []
         try:
-            self._replay()
+            if self.writer:
+                self._claim_dir()
+                self._replay()
             self._shm = shared_memory.SharedMemory(create=True, size=self.iov_size)
             self._buf = memoryview(self._shm.buf)
             self._iov = self.io.make_iovec(self._shm, self.mount_point, block_size=0, numa=h.numa)
@@ -258,8 +374,10 @@ class Hf3fsStore:
             self._rings = [self.io.make_ioring(self.mount_point, self.entries, for_read=False,
                                                io_depth=h.io_depth, numa=h.numa)
                            for _ in range(self.n_writers)]
-            for f in range((self.n_slabs + self.slabs_per_file - 1) // self.slabs_per_file):
-                self._open_file(f)
+            if self.writer:
+                for f in range((self.n_slabs + self.slabs_per_file - 1) // self.slabs_per_file):
+                    self._open_file(f)
+            self._refresh_peers(force=True)
         except BaseException:
             self._release()
             raise
@@ -267,8 +385,64 @@ class Hf3fsStore:
                                           daemon=True) for i in range(self.n_writers)]
         for t in self._threads:
             t.start()
-        log.info("hf3fs store %s: %d slabs of %d B, %d values found", self.path, self.n_slabs,
-                 self.slab_size, len(self._index))
+        log.info("hf3fs store %s: %s, %d slabs of %d B, %d values found, %d peers", self.root,
+                 f"writer {self.path}" if self.writer else "reader", self.n_slabs, self.slab_size,
+                 len(self._index), len(self._peers))
+
+    def _claim_dir(self) -> None:
+        """Take the first writer directory ``w<k>`` whose lock no live process holds."""
+        for k in range(MAX_WRITERS):
+            path = os.path.join(self.root, f"w{k}")
+            os.makedirs(path, exist_ok=True)
+            fd = os.open(os.path.join(path, "lock"), os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                continue
+            self._lockfd, self.path = fd, path
+            return
+        raise ValueError(f"store path {self.root} has {MAX_WRITERS} live writers; no directory "
+                         "left for another (give instances their own base paths)")
+
+    # -- peers (other writers' directories) ------------------------------------------------
+    def _refresh_peers(self, force: bool = False) -> None:
+        """Tail the peers' logs; look for new peers if ``force`` or a scan is due (peer lock held
+        or not needed: called at start and under ``_peer_lock``)."""
+        now = time.monotonic()
+        if force or now - self._peers_scanned >= PEER_SCAN_S:
+            self._peers_scanned = now
+            try:
+                names = os.listdir(self.root)
+            except OSError as e:
+                log.warning("hf3fs store %s: cannot list writers: %s", self.root, e)
+                names = []
+            for name in names:
+                path = os.path.join(self.root, name)
+                if _WRITER_DIR.fullmatch(name) and path != self.path and path not in self._peers:
+                    self._peers[path] = _View(path, self.io)
+        for view in self._peers.values():
+            try:
+                view.refresh()
+            except OSError as e:
+                log.warning("hf3fs store %s: cannot read the index of %s: %s", self.root, view.path, e)
+
+    def _peer_refs(self, keys: Sequence[str]) -> dict[str, tuple[_View, _Ref]]:
+        """Where the peers hold ``keys`` (peer lock held); looks for new peers on a miss."""
+        self._refresh_peers()
+        found = {}
+        for attempt in range(2):
+            for key in keys:
+                if key not in found:
+                    for view in self._peers.values():
+                        ref = view.entries.get(key)
+                        if ref is not None:
+                            found[key] = (view, ref)
+                            break
+            if len(found) == len(keys) or attempt or time.monotonic() - self._peers_scanned < MISS_RESCAN_S:
+                break
+            self._refresh_peers(force=True)
+        return found
 
     # -- files, addresses, index log -------------------------------------------------------
     def _open_file(self, f: int) -> int:
@@ -301,7 +475,8 @@ class Hf3fsStore:
         return os.path.join(self.path, "index.log")
 
     def _replay(self) -> None:
-        layout = f"slab={self.slab_size} slabs={self.n_slabs} per_file={self.slabs_per_file}\n"
+        layout = (f"version={VERSION} slab={self.slab_size} slabs={self.n_slabs} "
+                  f"per_file={self.slabs_per_file}\n")
         meta = os.path.join(self.path, "layout")
         try:
             with open(meta) as fh:
@@ -318,17 +493,13 @@ class Hf3fsStore:
                 raw = fh.read()
         except FileNotFoundError:
             raw = b""
-        pos = 0
+        if len(raw) < _LOG_HDR.size or _LOG_HDR.unpack_from(raw)[:2] != (LOG_HDR_MAGIC, VERSION):
+            log.warning("hf3fs store %s: index log missing or unreadable; starting empty", self.path)
+            self._rewrite_log([], layout_text=layout)
+            return
+        recs, pos = _parse_log(raw, _LOG_HDR.size)
         live: OrderedDict[str, _Entry] = OrderedDict()
-        while pos + _REC.size <= len(raw):
-            magic, op, klen, f, off, cls, length, csum, seq = _REC.unpack_from(raw, pos)
-            end = pos + _REC.size + klen + 8
-            if magic != LOG_MAGIC or end > len(raw):
-                break
-            if struct.unpack_from("<Q", raw, end - 8)[0] != xxhash.xxh3_64_intdigest(raw[pos:end - 8]):
-                break
-            key = raw[pos + _REC.size:end - 8].decode("utf-8", "replace")
-            pos = end
+        for op, key, f, off, cls, length, csum, seq in recs:
             self._seq = max(self._seq, seq)
             self._log_records += 1
             if op == OP_DEL:
@@ -352,7 +523,9 @@ class Hf3fsStore:
 
     def _rewrite_log(self, items: list[tuple[str, _Entry]], layout_text: str | None = None) -> None:
         tmp = self._log_path() + f".tmp-{os.getpid()}"
+        gen = int.from_bytes(os.urandom(8), "little")
         with open(tmp, "wb") as fh:
+            fh.write(_LOG_HDR.pack(LOG_HDR_MAGIC, VERSION, gen))
             fh.write(b"".join(self._record(OP_ADD, k, e) for k, e in items))
             fh.flush()
             os.fsync(fh.fileno())
@@ -390,6 +563,11 @@ class Hf3fsStore:
     def put(self, key: str, data: Any) -> bool:
         mv = _byte_view(data)
         size = mv.nbytes
+        if not self.writer:
+            with self._lock:
+                self.stats["dropped"] += 1
+                self.stats["read_only"] += 1
+            return False
         with self._lock:
             if self._closed or size > self.max_value or size > self.queue_budget:
                 self.stats["dropped"] += 1
@@ -428,7 +606,8 @@ class Hf3fsStore:
         if any(o.readonly for o in outs):
             raise ValueError("get: the destination buffer is read-only")
         res = [0] * len(keys)
-        todo: list[tuple[int, str, _Entry]] = []
+        todo: list[tuple] = []  # (i, key, fd, offset, length, csum, seq, owner)
+        missing: list[int] = []
         with self._lock:
             for i, key in enumerate(keys):
                 e = self._index.get(key)
@@ -438,13 +617,30 @@ class Hf3fsStore:
                         outs[i][:len(item.data)] = item.data
                         res[i] = len(item.data)
                         self.stats["queue_hits"] += 1
-                elif e is not None and e.length <= outs[i].nbytes:
-                    todo.append((i, key, e))
+                elif e is not None:
+                    if e.length <= outs[i].nbytes:
+                        todo.append((i, key, *self._where(e), e.length, e.csum, e.seq, e))
+                else:
+                    missing.append(i)
+        if missing:
+            with self._peer_lock:
+                found = self._peer_refs([keys[i] for i in missing])
+                for i in missing:
+                    got = found.get(keys[i])
+                    if got is not None and got[1].length <= outs[i].nbytes:
+                        view, ref = got
+                        try:
+                            fd = view.fd(ref.file)
+                        except OSError as ex:
+                            log.warning("hf3fs store %s: cannot open data file %d of %s: %s",
+                                        self.root, ref.file, view.path, ex)
+                            continue
+                        todo.append((i, keys[i], fd, ref.off, ref.length, ref.csum, ref.seq, got))
         start = 0
         while start < len(todo):
             batch, used = [], 0
             for j in range(start, len(todo)):
-                n = _round_up(HDR + todo[j][2].length)
+                n = _round_up(HDR + todo[j][4])
                 if batch and (used + n > self.read_area or len(batch) >= self.entries):
                     break
                 batch.append((todo[j], used, n))
@@ -463,42 +659,53 @@ class Hf3fsStore:
         return res
 
     def _read_batch(self, batch, outs, res) -> None:
-        bad: list[tuple[str, _Entry, str]] = []
+        bad: list[tuple[str, Any, str]] = []
         with self._read_lock:
             ring = self._read_ring
             try:
-                for (i, key, e), off, n in batch:
-                    fd, foff = self._where(e)
-                    ring.prepare(self._iov[off:off + n], True, fd, foff, userdata=(i, key, e, off, n))
+                for t, off, n in batch:
+                    ring.prepare(self._iov[off:off + n], True, t[2], t[3], userdata=(t, off))
                 done = ring.submit().wait(min_results=len(batch))
             except Exception as ex:  # the ring refused: every value of the batch is a miss
-                log.error("hf3fs store %s: read batch failed: %s", self.path, ex)
+                log.error("hf3fs store %s: read batch failed: %s", self.root, ex)
                 with self._lock:
                     self.stats["read_errors"] += len(batch)
                 return
             for r in done:
-                i, key, e, off, n = r.userdata
+                (i, key, _fd, _foff, length, csum, seq, owner), off = r.userdata
                 result = r.result
                 del r
                 if result < 0:
                     with self._lock:
                         self.stats["read_errors"] += 1
-                    log.warning("hf3fs store %s: read of %s failed: %s", self.path, key,
+                    log.warning("hf3fs store %s: read of %s failed: %s", self.root, key,
                                 os.strerror(-result))
                     continue
-                slot = self._buf[off:off + HDR + e.length]
-                why = self._check_slot(slot, key, e, result)
+                slot = self._buf[off:off + HDR + length]
+                why = self._check_slot(slot, key, length, csum, seq, result)
                 if why:
-                    bad.append((key, e, why))
+                    bad.append((key, owner, why))
                     continue
-                outs[i][:e.length] = slot[HDR:]
-                res[i] = e.length
-        for key, e, why in bad:
+                outs[i][:length] = slot[HDR:]
+                res[i] = length
+                if not isinstance(owner, _Entry):
+                    with self._lock:
+                        self.stats["peer_hits"] += 1
+        for key, owner, why in bad:
+            if not isinstance(owner, _Entry):  # a peer's value: forget it here, never touch its log
+                view, ref = owner
+                with self._peer_lock:
+                    if view.entries.get(key) is ref:
+                        del view.entries[key]
+                with self._lock:
+                    self.stats["peer_corrupt"] += 1
+                log.info("hf3fs store %s: %s of %s is a miss (%s)", self.root, key, view.path, why)
+                continue
             with self._lock:
-                if self._index.get(key) is e:
+                if self._index.get(key) is owner:
                     self._forget(key)
                     self.stats["corrupt"] += 1
-                    rec = self._record(OP_DEL, key, e)
+                    rec = self._record(OP_DEL, key, owner)
                 else:
                     rec = None
             if rec:
@@ -506,15 +713,15 @@ class Hf3fsStore:
                 log.warning("hf3fs store %s: %s is a miss (%s)", self.path, key, why)
 
     @staticmethod
-    def _check_slot(slot: memoryview, key: str, e: _Entry, got: int) -> str:
-        if got < HDR + e.length:
+    def _check_slot(slot: memoryview, key: str, length: int, csum: int, seq: int, got: int) -> str:
+        if got < HDR + length:
             return "short read"
-        magic, version, _, kh, length, csum, seq = _SLOT.unpack_from(slot, 0)
+        magic, version, _, kh, s_length, s_csum, s_seq = _SLOT.unpack_from(slot, 0)
         if magic != SLOT_MAGIC or version != VERSION:
             return "bad slot header"
-        if kh != _khash(key) or seq != e.seq or length != e.length:
+        if kh != _khash(key) or s_seq != seq or s_length != length:
             return "slot holds another value"
-        if csum != e.csum or xxhash.xxh3_64_intdigest(slot[HDR:HDR + length]) != csum:
+        if s_csum != csum or xxhash.xxh3_64_intdigest(slot[HDR:HDR + length]) != csum:
             return "checksum mismatch"
         return ""
 
@@ -525,11 +732,27 @@ class Hf3fsStore:
                 if key not in self._index and key not in self._pending:
                     break
                 n += 1
+        if n == len(keys):
+            return n
+        with self._peer_lock:
+            found = self._peer_refs(keys[n:])
+        for key in keys[n:]:
+            if key not in found:
+                with self._lock:  # written here meanwhile?
+                    if key not in self._index and key not in self._pending:
+                        break
+            n += 1
         return n
 
     def keys(self) -> list[str]:
+        """This process's keys, then the peers' (as last seen)."""
         with self._lock:
-            return list(self._index)
+            own = list(self._index)
+        with self._peer_lock:
+            self._refresh_peers()
+            seen = set(own)
+            return own + [k for v in self._peers.values() for k in v.entries if k not in seen
+                          and not seen.add(k)]
 
     def delete(self, keys: Sequence[str]) -> int:
         n, recs = 0, []
@@ -547,9 +770,12 @@ class Hf3fsStore:
         return n
 
     def usage(self) -> dict:
+        with self._peer_lock:
+            peers = {"peers": len(self._peers), "peer_values": sum(len(v.entries) for v in self._peers.values())}
         with self._lock:
             used = sum(e.cls for e in self._index.values())
-            return {"path": self.path, "bytes": used, "files": len(self._index),
+            return {"path": self.path or self.root, "writer": self.writer, **peers, "bytes": used,
+                    "files": len(self._index),
                     "budget": self.budget, "slab_size": self.slab_size, "slabs": self.n_slabs,
                     "free_slabs": len(self._slabs.free_slabs), "max_value": self.max_value,
                     "queued": len(self._queue), "queued_bytes": self._queued_bytes,
@@ -585,6 +811,10 @@ class Hf3fsStore:
         self._release()
 
     def _release(self) -> None:
+        with self._peer_lock:
+            for view in self._peers.values():
+                view.close()
+            self._peers.clear()
         for fd in self._fds.values():
             try:
                 self.io.deregister_fd(fd)
@@ -724,7 +954,3 @@ class Hf3fsStore:
                 recs.append(self._record(OP_ADD, item.key, e))
             self.stats["batches"] += 1
         self._append_log(recs)
-
-
-def make_hf3fs_store(cfg: Any, device_index: int = 0) -> Hf3fsStore:
-    return Hf3fsStore(cfg, device_index)

@@ -8,8 +8,10 @@ No real 3FS cluster (nor the real ``hf3fs_py_usrbio`` module) has ever run the h
 
 What it checks, like the real client would refuse or report:
 
-* a "mount" is a directory made with ``emulate_mount(path)`` (it gets ``3fs-virt/iovs/``);
-  ``extract_mount_point`` answers the longest emulated mount holding a path, else None;
+* a "mount" is a directory made with ``emulate_mount(path)``: it gets ``3fs-virt/iovs/`` and the
+  marker file ``3fs-virt/EMULATED``, so every process sees it (the real client finds FUSE mounts
+  of type hf3fs in the mount table); ``extract_mount_point`` answers the nearest emulated mount
+  holding a path, else None;
 * ``make_iovec(shm, mount_point, block_size=0, numa=-1)`` needs a
   ``multiprocessing.shared_memory.SharedMemory`` and makes the ``3fs-virt/iovs/<uuid>[.b<bs>]``
   symlink to ``/dev/shm/<name>`` (removed when the wrapper is collected), as the real one does;
@@ -33,10 +35,13 @@ import threading
 from typing import Any, Callable, Optional
 from uuid import uuid4
 
+#: True in this module only: lets tools say that their figures are not 3FS figures.
+EMULATOR = True
+MARKER = os.path.join("3fs-virt", "EMULATED")
+
 #: Fault injection hook (see the module docstring).
 FAULT: Optional[Callable[[int, int, int, bool], Optional[int]]] = None
 
-_MOUNTS: set[str] = set()
 _REGISTERED: set[int] = set()
 _LOCK = threading.Lock()
 
@@ -51,28 +56,32 @@ def emulate_mount(path: str) -> str:
     """Make ``path`` an emulated 3FS mount point (test helper; not in the real API)."""
     mp = os.path.abspath(path)
     os.makedirs(os.path.join(mp, "3fs-virt", "iovs"), exist_ok=True)
-    with _LOCK:
-        _MOUNTS.add(mp)
+    with open(os.path.join(mp, MARKER), "w") as fh:
+        fh.write("usrbio emulator mount (pdkv test double), not 3FS\n")
     return mp
 
 
 def forget_mounts() -> None:
-    """Test helper: no emulated mounts, no registered fds."""
+    """Test helper: forget the fds this process registered."""
     with _LOCK:
-        _MOUNTS.clear()
         _REGISTERED.clear()
+
+
+def _is_mount(p: str) -> bool:
+    return os.path.isfile(os.path.join(p, MARKER))
 
 
 def extract_mount_point(path: str) -> Optional[str]:
     if len(path) > 4096:
         raise OSError(errno.ENAMETOOLONG, "path too long")
     p = os.path.abspath(path)
-    best = None
-    with _LOCK:
-        for mp in _MOUNTS:
-            if (p == mp or p.startswith(mp + os.sep)) and (best is None or len(mp) > len(best)):
-                best = mp
-    return best
+    while True:
+        if _is_mount(p):
+            return p
+        parent = os.path.dirname(p)
+        if parent == p:
+            return None
+        p = parent
 
 
 def register_fd(fd: int, flags: int = 0) -> None:
@@ -143,7 +152,7 @@ class iovec:
 
 def make_iovec(shm, hf3fs_mount_point, block_size=0, numa=-1):
     mp = os.path.abspath(hf3fs_mount_point)
-    if mp not in _MOUNTS:
+    if not _is_mount(mp):
         raise OSError(errno.EINVAL, f"{hf3fs_mount_point} is not a 3FS mount point (emulated)")
     link = os.path.join(mp, "3fs-virt", "iovs", str(uuid4()) + (f".b{block_size}" if block_size > 0 else ""))
     os.symlink(os.path.normpath(f"/dev/shm/{shm.name}"), link)
@@ -259,6 +268,6 @@ class ioring:
 def make_ioring(hf3fs_mount_point, entries, for_read=True, io_depth=0, priority=None, timeout=None,
                 numa=-1, flags=0):
     mp = os.path.abspath(hf3fs_mount_point)
-    if mp not in _MOUNTS:
+    if not _is_mount(mp):
         raise OSError(errno.EINVAL, f"{hf3fs_mount_point} is not a 3FS mount point (emulated)")
     return ioring(_RawIoring(mp, entries, for_read, io_depth, priority, timeout, numa, flags))

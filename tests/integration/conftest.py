@@ -51,7 +51,8 @@ class Launched:
         return self.proc.returncode
 
 
-def start(cfg: dict, tmp: Path, name: str) -> tuple[subprocess.Popen, Path]:
+def start(cfg: dict, tmp: Path, name: str, env: dict | None = None) -> tuple[subprocess.Popen, Path]:
+    """``pd launch`` of ``cfg`` in a new session; ``env`` is added to ours."""
     tmp.mkdir(parents=True, exist_ok=True)
     cfg_file = tmp / f"{name}.yaml"
     cfg.setdefault("run_dir", str(tmp / f"run-{name}"))
@@ -59,7 +60,8 @@ def start(cfg: dict, tmp: Path, name: str) -> tuple[subprocess.Popen, Path]:
     log = tmp / f"{name}.out"
     with open(log, "w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "pd.cli", "launch", "--config", str(cfg_file)], cwd=ROOT,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True, text=True)
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True, text=True,
+                                env={**os.environ, **(env or {})})
     return proc, log
 
 
@@ -75,6 +77,52 @@ def wait_ready(proc: subprocess.Popen, log: Path, cfg: dict, timeout: float = 90
         time.sleep(1)
     os.killpg(proc.pid, signal.SIGTERM)
     raise RuntimeError(f"pd launch not ready in {timeout}s:\n{log.read_text()[-4000:]}")
+
+
+def deployment_set(cfgs: dict, tmp: Path, env: dict | None = None):
+    """Start the deployments ``cfgs`` ({name: (cfg, extra)}) together; a generator for fixtures.
+
+    Yields {name: (Launched, extra)} plus ``"restart"``: ``restart(name)`` stops one and starts it
+    again (same config). Every deployment must stop with exit code 0.
+    """
+    procs = {name: start(cfg, tmp, name, env) for name, (cfg, _) in cfgs.items()}
+    current: dict = {}
+    codes = []
+
+    def restart(name: str) -> Launched:
+        codes.append(current.pop(name)[0].stop())
+        cfg = cfgs[name][0]
+        proc, log = start(cfg, tmp, name + "-again", env)
+        try:
+            current[name] = (wait_ready(proc, log, cfg), cfgs[name][1])
+        except BaseException:
+            proc.kill()
+            raise
+        return current[name][0]
+
+    try:
+        for name, (proc, log) in procs.items():
+            current[name] = (wait_ready(proc, log, cfgs[name][0]), cfgs[name][1])
+        current["restart"] = restart
+        yield current
+    finally:
+        current.pop("restart", None)
+        codes += [dep.stop() for dep, _ in current.values()]
+        for proc, _ in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+        assert all(c == 0 for c in codes), codes
+
+
+def pd_config(model_path: Path, name: str, port_base: int, transport: str, store: dict) -> dict:
+    """A 1P1D config on ports ``port_base``.. (prefill, +50 decode, +90 proxy, +91 coordinator)."""
+    cfg = {**yaml.safe_load(yaml.safe_dump(BASE)), "model": str(model_path), "mode": "pd",
+           "prefill": {"count": 1, "port_base": port_base}, "decode": {"count": 1, "port_base": port_base + 50},
+           "proxy": {"port": port_base + 90}, "coordinator": {"port": port_base + 91}}
+    cfg["connector"]["transport"] = {"kind": transport, "name": f"{name}{time.time_ns()}"}
+    cfg["connector"]["store"] = store
+    cfg["vllm"]["cpu_bind"] = "0;1"
+    return cfg
 
 
 BASE = {

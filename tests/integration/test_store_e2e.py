@@ -1,4 +1,6 @@
-"""Decode fallback to the persistent store (store/local) with real vLLM instances."""
+"""Decode fallback and prefix reuse through the persistent store, with real vLLM instances.
+
+store/local on a local directory; store/hf3fs on the USRBIO emulator (tests/doubles)."""
 from __future__ import annotations
 
 import time
@@ -7,15 +9,17 @@ from pathlib import Path
 
 import pytest
 import requests
-import yaml
 
-from tests.integration.conftest import BASE, Launched, start, wait_ready
+from store import usrbio_emulator as emu
+from tests.integration.conftest import ROOT, Launched, deployment_set, pd_config
 from tests.integration.test_pd_e2e import _complete, _prompt, _transfer, _vllm_metric
 
 pytestmark = pytest.mark.integration
 
 
 BUDGET_GB = 0.03  # shm_store's store: small, so that eviction is exercised
+DOUBLES = ROOT / "tests" / "doubles"
+STORE_ONLY = ["store_only", "hf3fs_only"]  # P/D through the store alone: store/local, store/hf3fs
 
 
 @pytest.fixture(scope="module")
@@ -29,40 +33,15 @@ def store_deployments(model_path, tmp_path_factory, deployments):
     for name, transport, base, size in (("shm_store", "shm", 18700, BUDGET_GB), ("store_only", "none", 18800, 1)):
         store_dir = tmp / f"kv-{name}"
         store_dir.mkdir()
-        cfg = {**yaml.safe_load(yaml.safe_dump(BASE)), "model": str(model_path), "mode": "pd",
-               "prefill": {"count": 1, "port_base": base}, "decode": {"count": 1, "port_base": base + 50},
-               "proxy": {"port": base + 90}, "coordinator": {"port": base + 91}}
-        cfg["connector"]["transport"] = {"kind": transport, "name": f"{name}{time.time_ns()}"}
-        cfg["connector"]["store"] = {"backend": "local", "paths": [f"file://{store_dir}"], "size_gb": size}
-        cfg["vllm"]["cpu_bind"] = "0;1"
-        cfgs[name] = (cfg, store_dir)
-    procs = {name: start(cfg, tmp, name) for name, (cfg, _) in cfgs.items()}
-    current: dict = {}
-    codes = []
-
-    def restart(name: str) -> Launched:
-        codes.append(current.pop(name)[0].stop())
-        cfg = cfgs[name][0]
-        proc, log = start(cfg, tmp, name + "-again")
-        try:
-            current[name] = (wait_ready(proc, log, cfg), cfgs[name][1])
-        except BaseException:
-            proc.kill()
-            raise
-        return current[name][0]
-
-    try:
-        for name, (proc, log) in procs.items():
-            current[name] = (wait_ready(proc, log, cfgs[name][0]), cfgs[name][1])
-        current["restart"] = restart
-        yield current
-    finally:
-        current.pop("restart", None)
-        codes += [dep.stop() for dep, _ in current.values()]
-        for proc, _ in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-        assert all(c == 0 for c in codes), codes
+        store = {"backend": "local", "paths": [f"file://{store_dir}"], "size_gb": size}
+        cfgs[name] = (pd_config(model_path, name, base, transport, store), store_dir)
+    # store/hf3fs on the USRBIO emulator (a test double of hf3fs_fuse.io, not 3FS): every vLLM
+    # process imports it as hf3fs_fuse.io from tests/doubles, exactly as it would import the client.
+    mount = Path(emu.emulate_mount(str(tmp / "3fs")))
+    store = {"backend": "hf3fs", "paths": [str(mount / "kv")], "size_gb": 1,
+             "hf3fs": {"iov_size_mb": 100, "io_threads": 2}}
+    cfgs["hf3fs_only"] = (pd_config(model_path, "hf3fs_only", 18600, "none", store), mount / "kv")
+    yield from deployment_set(cfgs, tmp, env={"PYTHONPATH": str(DOUBLES)})
 
 
 def _prefill_only(dep: Launched, prompt: list[int], pd_id: str) -> None:
@@ -124,8 +103,9 @@ def test_transport_and_store_both_miss_recompute(store_deployments, deployments)
     assert not rec["ok"] and "not in the store" in rec["error"], rec
 
 
-def test_pd_through_the_store_alone(store_deployments, deployments):
-    dep, _ = store_deployments["store_only"]
+@pytest.mark.parametrize("name", STORE_ONLY)
+def test_pd_through_the_store_alone(store_deployments, deployments, name):
+    dep, _ = store_deployments[name]
     _, co = deployments
     for n, seed in ((40, 503), (700, 504)):
         ids, _, pd_id = _complete(dep.url, _prompt(n, seed))
@@ -135,27 +115,28 @@ def test_pd_through_the_store_alone(store_deployments, deployments):
         assert rec["ok"] and rec["n_chunks"] == chunks and rec["n_store_chunks"] == chunks, rec
 
 
-def test_restarted_instance_loads_a_repeated_prompt_from_the_store(store_deployments, deployments):
+@pytest.mark.parametrize("name", STORE_ONLY)
+def test_restarted_instance_loads_a_repeated_prompt_from_the_store(store_deployments, deployments, name):
     """Prefix reuse across a restart: vLLM's own cache is gone, pdkv's store is not."""
-    dep, _ = store_deployments["store_only"]
+    dep, _ = store_deployments[name]
     _, co = deployments
     context = _prompt(1000, seed=505)
     ids, _, _ = _complete(dep.url, context)
     ref = _complete(co.url, context)[0]
     assert ids == ref
-    dep = store_deployments["restart"]("store_only")
+    dep = store_deployments["restart"](name)
     pre = dep.instance_url("prefill")
-    name, src = "vllm:prompt_tokens_by_source_total", 'source="external_kv_transfer"'
+    metric, src = "vllm:prompt_tokens_by_source_total", 'source="external_kv_transfer"'
     # A follow-up sharing the context's 3 full chunks: loaded from the store, the rest computed.
     follow_up = context[:768] + _prompt(300, seed=506)
     ids, _, pd_id = _complete(dep.url, follow_up)
     assert ids == _complete(co.url, follow_up)[0]
-    assert _vllm_metric(pre, name, src) == 768
+    assert _vllm_metric(pre, metric, src) == 768
     assert _transfer(dep.url, pd_id)["ok"]
     # The context itself: 768 tokens now in vLLM's own cache, the other 232 from the store.
     ids, _, _ = _complete(dep.url, context)
     assert ids == ref
-    assert _vllm_metric(pre, name, src) == 768 + 232
+    assert _vllm_metric(pre, metric, src) == 768 + 232
 
 
 def test_store_stays_within_its_budget_and_never_serves_bad_kv(store_deployments, deployments):
@@ -170,3 +151,13 @@ def test_store_stays_within_its_budget_and_never_serves_bad_kv(store_deployments
     # The first prompts' chunks were evicted from the store; their repeats are still right.
     for p in prompts[:2]:
         assert _complete(dep.url, p)[0] == _complete(co.url, p)[0]
+
+
+def test_hf3fs_layout_is_a_few_big_files_shared_by_reader_processes(store_deployments):
+    """The prefill worker owns one writer directory; decode and the schedulers only read it."""
+    _, kv = store_deployments["hf3fs_only"]
+    writers = sorted(p.name for p in (kv / "dev0").iterdir())
+    assert writers == ["w0"], writers  # decode workers and schedulers claimed nothing
+    data = sorted((kv / "dev0" / "w0").glob("data-*.bin"))
+    assert len(data) == 1 and (kv / "dev0" / "w0" / "index.log").stat().st_size > 16
+    assert not list(kv.rglob("*.kv"))  # not a file per chunk

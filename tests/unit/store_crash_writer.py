@@ -1,6 +1,10 @@
-"""Helper of test_store_local's crash test: writes chunks to a LocalStore until it is killed.
+"""Helper of the crash tests: writes chunks to a store until it is killed.
 
-Usage: python store_crash_writer.py DIR [O_DIRECT(0/1)]
+Usage: python store_crash_writer.py DIR [O_DIRECT(0/1)] [BACKEND(local|hf3fs)]
+
+For backend hf3fs, DIR is a mount made by ``store.usrbio_emulator.emulate_mount`` and the store
+is built by ``store.make_store`` with ``tests/doubles`` on the path (``hf3fs_fuse.io`` is the
+emulator there), the way an instance builds it.
 
 Each key's content is derived from the key alone (``content``), so after the kill the test can
 check every chunk the store finds against what this process would have written. Prints
@@ -28,18 +32,27 @@ def content(key: str) -> bytes:
     return hashlib.shake_128(key.encode()).digest(size)
 
 
+def crash_config(path: str, backend: str, o_direct: bool = False):
+    """The store config of this writer (also what the test reopens the store with)."""
+    from pd.config import Hf3fsConfig, StoreConfig
+
+    # A budget of ~40 chunks: eviction runs while the writer is killed, too.
+    if backend == "hf3fs":
+        return StoreConfig(backend="hf3fs", paths=["kv"], size_gb=0.025, queue_mb=8,
+                           hf3fs=Hf3fsConfig(mount_point=path, iov_size_mb=100, io_threads=2))
+    return StoreConfig(backend="local", paths=[path], size_gb=0.025, queue_mb=8, write_threads=2,
+                       o_direct=o_direct)
+
+
 def main() -> None:
     root = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-    sys.path.insert(0, root)
-    from pd.config import StoreConfig
-    from store.local import LocalStore
+    sys.path[:0] = [root, os.path.join(root, "tests", "doubles")]
+    from store import make_store
 
     path = sys.argv[1]
     o_direct = len(sys.argv) > 2 and sys.argv[2] == "1"
-    # A budget of ~40 chunks: eviction runs while the writer is killed, too.
-    cfg = StoreConfig(backend="local", paths=[path], size_gb=0.025, queue_mb=8,
-                      write_threads=2, o_direct=o_direct)
-    store = LocalStore(cfg)
+    backend = sys.argv[3] if len(sys.argv) > 3 else "local"
+    store = make_store(crash_config(path, backend, o_direct))
     print("ready", flush=True)
     accepted = 0
     for i in range(1_000_000):

@@ -16,7 +16,7 @@ import pytest
 from pd.config import ConfigError, Hf3fsConfig, StoreConfig, load
 from store import KVStore, make_store
 from store import usrbio_emulator as emu
-from store.hf3fs import MISSING_MODULE, Hf3fsStore
+from store.hf3fs import MISSING_MODULE, Hf3fsStore, _View
 
 NS = "model-0123456789abcdef"
 
@@ -38,8 +38,8 @@ def _cfg(mount: Path, **kw) -> StoreConfig:
     return StoreConfig(backend="hf3fs", hf3fs=h, **kw)
 
 
-def _open(mount: Path, **kw) -> Hf3fsStore:
-    return Hf3fsStore(_cfg(mount, **kw), io=emu)
+def _open(mount: Path, writer: bool = True, **kw) -> Hf3fsStore:
+    return Hf3fsStore(_cfg(mount, **kw), io=emu, writer=writer)
 
 
 def _key(i: int) -> str:
@@ -83,7 +83,7 @@ def test_round_trip_layout_and_resources(mount):
         assert s.get(_key(i), out) == n and np.array_equal(out[:n], _data(i, n))
     u = s.usage()
     assert u["files"] == 5 and u["writes"] == 5 and u["hits"] == 5 and u["write_errors"] == 0
-    d = mount / "kv" / "dev0"
+    d = mount / "kv" / "dev0" / "w0"
     data_files = sorted(d.glob("data-*.bin"))
     assert len(data_files) == 1 and (d / "index.log").is_file()  # one big file, not one per chunk
     assert sum(f.stat().st_size for f in data_files) <= s.budget
@@ -206,7 +206,7 @@ def test_restart_finds_chunks(mount):
     s.flush(5)
     s.delete([_key(4)])
     s.close()
-    with open(mount / "kv" / "dev0" / "index.log", "ab") as fh:
+    with open(mount / "kv" / "dev0" / "w0" / "index.log", "ab") as fh:
         fh.write(b"PK3L\x01 torn tail of a crashed append")
     s2 = _open(mount)
     u = s2.usage()
@@ -233,9 +233,70 @@ def test_layout_change_starts_empty(mount):
     s2.close()
 
 
-def test_one_process_per_directory(store, mount):
-    with pytest.raises(ValueError, match="used by another process"):
-        _open(mount)
+def test_writers_get_their_own_directories_and_read_each_other(store, mount, monkeypatch):
+    monkeypatch.setattr("store.hf3fs.MISS_RESCAN_S", 0.0)  # look for new writers on every miss
+    assert store.put(_key(1), _data(1)) and store.flush(10)
+    s2 = _open(mount)
+    out = np.zeros(100_000, dtype=np.uint8)
+    try:
+        assert store.path.endswith("w0") and s2.path.endswith("w1")
+        assert s2.get(_key(1), out) == 100_000 and np.array_equal(out, _data(1))
+        assert s2.usage()["peer_hits"] == 1 and s2.usage()["files"] == 0  # not copied
+        assert s2.put(_key(2), _data(2)) and s2.flush(10)
+        assert store.contains([_key(1), _key(2), _key(3)]) == 2  # the peer's new value, no reopen
+        assert store.get(_key(2), out) == 100_000 and np.array_equal(out, _data(2))
+        assert sorted(store.keys()) == sorted([_key(1), _key(2)])
+    finally:
+        s2.close()
+    s3 = _open(mount)  # w1 is free again: a restarted writer takes it back with its index
+    try:
+        assert s3.path.endswith("w1") and s3.usage()["files"] == 1
+    finally:
+        s3.close()
+
+
+def test_reader_follows_the_writer_and_writes_nothing(store, mount):
+    r = _open(mount, writer=False)
+    out = np.zeros(100_000, dtype=np.uint8)
+    try:
+        assert r.put(_key(9), _data(9)) is False
+        assert r.usage()["read_only"] == 1 and r.usage()["dropped"] == 1
+        assert [p.name for p in (mount / "kv" / "dev0").iterdir()] == ["w0"]  # claimed nothing
+        for i in range(4):
+            assert store.put(_key(i), _data(i))
+        assert store.flush(10)
+        assert r.contains([_key(i) for i in range(5)]) == 4
+        for i in range(4):
+            assert r.get(_key(i), out) == 100_000 and np.array_equal(out, _data(i))
+        store.delete([_key(0)])
+        assert r.get(_key(0), out) == 0
+        store._rewrite_log(list(store._index.items()))  # a compaction: a new log generation
+        assert store.put(_key(4), _data(4)) and store.flush(10)
+        assert r.contains([_key(i) for i in range(1, 6)]) == 4
+        assert r.get(_key(4), out) == 100_000 and np.array_equal(out, _data(4))
+    finally:
+        r.close()
+
+
+def test_stale_peer_entry_is_a_miss_never_another_value(mount, monkeypatch):
+    w = _open(mount, size_gb=0.002)  # 7 slabs of 256 KiB: 14 values of 100 kB
+    r = _open(mount, writer=False)
+    out = np.zeros(100_000, dtype=np.uint8)
+    try:
+        for i in range(14):
+            assert w.put(_key(i), _data(i))
+        assert w.flush(10)
+        assert r.contains([_key(i) for i in range(14)]) == 14
+        monkeypatch.setattr(_View, "refresh", lambda self: None)  # the reader's view goes stale
+        for i in range(14, 28):  # evicts 0..13 and writes into their slots
+            assert w.put(_key(i), _data(i))
+        assert w.flush(10) and w.usage()["evictions"] >= 13
+        got = [r.get(_key(i), out) and np.array_equal(out, _data(i)) for i in range(14)]
+        assert all(g in (0, True) for g in got)  # a miss or its own bytes, nothing else
+        assert got.count(0) >= 13 and r.usage()["peer_corrupt"] >= 13
+    finally:
+        r.close()
+        w.close()
 
 
 def test_budget_and_lru_eviction(mount):
@@ -371,5 +432,5 @@ def test_bad_hf3fs_configuration(mount, tmp_path):
     # mount point found from an absolute base path
     s = Hf3fsStore(StoreConfig(backend="hf3fs", size_gb=0.01, paths=[f"file://{mount}/p"],
                                hf3fs=Hf3fsConfig(iov_size_mb=100, io_threads=2)), io=emu)
-    assert s.mount_point == str(mount) and s.path == str(mount / "p" / "dev0")
+    assert s.mount_point == str(mount) and s.path == str(mount / "p" / "dev0" / "w0")
     s.close()

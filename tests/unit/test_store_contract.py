@@ -1,0 +1,267 @@
+"""The same behavioural tests for every store backend: store/local and store/hf3fs.
+
+store/hf3fs runs on the USRBIO emulator (``store.usrbio_emulator``, a test double of
+``hf3fs_fuse.io`` over local files, put on the path as ``hf3fs_fuse.io`` from tests/doubles),
+built through ``store.make_store`` as an instance builds it. No real 3FS is involved.
+"""
+from __future__ import annotations
+
+import importlib.util
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pd.config import Hf3fsConfig, StoreConfig
+from store import KVStore, make_store
+from store import usrbio_emulator as emu
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
+DOUBLES = ROOT / "tests" / "doubles"
+NS = "contract-0123456789abcdef"
+META = {"index.log", "layout", "lock", "EMULATED"}  # hf3fs bookkeeping, not data
+
+
+def _writer_module():
+    spec = importlib.util.spec_from_file_location("store_crash_writer", HERE / "store_crash_writer.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+class Backend:
+    def __init__(self, name: str, root: Path):
+        self.name, self.root = name, root
+
+    def cfg(self, **kw) -> StoreConfig:
+        kw.setdefault("size_gb", 0.01)
+        if self.name == "local":
+            return StoreConfig(backend="local", paths=[str(self.root)], **kw)
+        return StoreConfig(backend="hf3fs", paths=["kv"], **kw,
+                           hf3fs=Hf3fsConfig(mount_point=str(self.root), iov_size_mb=100, io_threads=2))
+
+    def open(self, writer: bool = True, **kw) -> KVStore:
+        return make_store(self.cfg(**kw), 0, writer=writer)
+
+    def data_files(self) -> list[Path]:
+        return [p for p in self.root.rglob("*") if p.is_file() and p.name not in META
+                and "3fs-virt" not in p.parts]
+
+
+@pytest.fixture(params=["local", "hf3fs"])
+def backend(request, tmp_path, monkeypatch) -> Backend:
+    if request.param == "hf3fs":
+        monkeypatch.syspath_prepend(str(DOUBLES))  # hf3fs_fuse.io = the emulator
+        monkeypatch.delitem(sys.modules, "hf3fs_fuse", raising=False)
+        monkeypatch.delitem(sys.modules, "hf3fs_fuse.io", raising=False)
+        root = Path(emu.emulate_mount(str(tmp_path / "3fs")))
+    else:
+        root = tmp_path / "disk"
+        root.mkdir()
+    yield Backend(request.param, root)
+    emu.forget_mounts()
+
+
+@pytest.fixture
+def store(backend):
+    s = backend.open()
+    yield s
+    s.close()
+
+
+def _key(i: int) -> str:
+    return f"{NS}/0/{i:032x}"
+
+
+def _data(i: int, n: int = 100_000) -> np.ndarray:
+    return np.random.default_rng(i).integers(0, 256, n, dtype=np.uint8)
+
+
+def _get(s: KVStore, i: int, n: int = 100_000) -> np.ndarray | None:
+    out = np.zeros(n, dtype=np.uint8)
+    got = s.get(_key(i), out)
+    return out[:got] if got else None
+
+
+def test_round_trip_misses_and_counters(store):
+    assert isinstance(store, KVStore)
+    sizes = [1, 4095, 4096, 100_000, 1 << 20]
+    for i, n in enumerate(sizes):
+        assert store.put(_key(i), _data(i, n))
+    assert store.flush(10)
+    for i, n in enumerate(sizes):
+        got = _get(store, i, n + 10)
+        assert got is not None and np.array_equal(got, _data(i, n))
+    assert _get(store, 99) is None  # unknown key
+    assert store.get(_key(3), np.zeros(99_999, dtype=np.uint8)) == 0  # buffer too small: a miss
+    with pytest.raises(ValueError, match="read-only"):
+        store.get(_key(3), bytes(100_000))
+    u = store.usage()
+    assert u["hits"] == 5 and u["misses"] == 2 and u["bytes"] >= sum(sizes)
+
+
+def test_put_copies_and_is_readable_before_and_after_flush(store):
+    src = _data(1)
+    assert store.put(_key(1), src)
+    src[:] = 0  # the caller reuses its buffer at once
+    got = _get(store, 1)
+    assert got is not None and np.array_equal(got, _data(1))  # from the queue or the disk
+    assert store.flush(10)
+    got = _get(store, 1)
+    assert got is not None and np.array_equal(got, _data(1))
+
+
+def test_duplicates_delete_and_prefix_lookup(store):
+    for i in range(4):
+        assert store.put(_key(i), _data(i))
+    assert store.put(_key(2), _data(2))  # a content address: skipped, still True
+    assert store.flush(10) and store.usage()["duplicates"] == 1
+    assert store.contains([_key(i) for i in range(6)]) == 4
+    assert store.contains([_key(9), _key(0)]) == 0
+    assert store.delete([_key(2), _key(7)]) == 1
+    assert _get(store, 2) is None
+    assert store.contains([_key(i) for i in range(4)]) == 2
+
+
+def test_restart_finds_the_values(backend):
+    s = backend.open()
+    for i in range(6):
+        assert s.put(_key(i), _data(i, 50_000 + i))
+    assert s.flush(10)
+    s.close()
+    s = backend.open()
+    try:
+        assert s.contains([_key(i) for i in range(7)]) == 6
+        for i in range(6):
+            got = _get(s, i, 60_000)
+            assert got is not None and np.array_equal(got, _data(i, 50_000 + i))
+    finally:
+        s.close()
+
+
+def test_budget_is_kept_and_recent_values_stay(backend):
+    s = backend.open(size_gb=0.002)  # 2 MB
+    try:
+        for i in range(40):  # 4 MB of values
+            assert s.put(_key(i), _data(i))
+            if i % 5 == 4:
+                assert s.flush(10)
+        assert s.flush(10)
+        u = s.usage()
+        on_disk = sum(p.stat().st_size for p in backend.data_files())
+        assert u["evictions"] > 0 and u["bytes"] <= 2e6 and on_disk <= 2e6, (u, on_disk)
+        assert _get(s, 39) is not None and np.array_equal(_get(s, 39), _data(39))
+        for i in range(40):  # evicted: a miss; kept: its own bytes
+            got = _get(s, i)
+            assert got is None or np.array_equal(got, _data(i)), i
+    finally:
+        s.close()
+
+
+def test_corrupt_bytes_on_disk_are_a_miss(store, backend):
+    assert store.put(_key(1), _data(1)) and store.put(_key(2), _data(2)) and store.flush(10)
+    needle = _data(1)[50_000:50_064].tobytes()
+    hits = [(p, p.read_bytes().find(needle)) for p in backend.data_files()]
+    (path, pos), = [(p, at) for p, at in hits if at >= 0]
+    with open(path, "r+b") as fh:  # one flipped byte in the middle of the payload
+        fh.seek(pos + 10)
+        b = fh.read(1)
+        fh.seek(pos + 10)
+        fh.write(bytes([b[0] ^ 0xFF]))
+    assert _get(store, 1) is None
+    assert _get(store, 1) is None  # and stays a miss
+    assert np.array_equal(_get(store, 2), _data(2))  # its neighbour is intact
+    assert store.usage()["corrupt"] == 1
+
+
+def test_reader_sees_the_writer_and_drops_its_puts(store, backend):
+    r = backend.open(writer=False)
+    try:
+        for i in range(3):  # written after the reader opened
+            assert store.put(_key(i), _data(i))
+        assert store.flush(10)
+        assert r.contains([_key(i) for i in range(4)]) == 3
+        for i in range(3):
+            assert np.array_equal(_get(r, i), _data(i))
+        assert r.put(_key(5), _data(5)) is False
+        u = r.usage()
+        assert u["read_only"] == 1 and u["dropped"] == 1
+        assert store.contains([_key(5)]) == 0
+    finally:
+        r.close()
+
+
+def test_closed_store_drops_puts(backend):
+    s = backend.open()
+    s.close()
+    assert s.put(_key(1), _data(1)) is False and s.usage()["dropped"] == 1
+
+
+def test_writer_killed_mid_write_leaves_only_whole_values(backend):
+    """SIGKILL a writer process while a reader in this process reads: nothing torn is ever read."""
+    w = _writer_module()
+    proc = subprocess.Popen([sys.executable, str(HERE / "store_crash_writer.py"), str(backend.root), "0",
+                             backend.name], stdout=subprocess.PIPE, text=True, cwd=str(ROOT))
+    bad: list[str] = []
+    latest = [0]  # puts the writer has accepted
+    reads = [0, 0]  # hits, misses while the writer ran
+    stop = threading.Event()
+
+    def read_while_writing() -> None:
+        r = None
+        while r is None and not stop.is_set():
+            try:
+                r = make_store(w.crash_config(str(backend.root), backend.name), 0, writer=False)
+            except ValueError:  # the writer has not made its directory yet
+                time.sleep(0.05)
+        i = 0
+        while not stop.is_set():
+            key = w.key_of(max(0, latest[0] - 1 - i % 20))  # the last puts: written or being written
+            want = w.content(key)
+            out = np.zeros(len(want), dtype=np.uint8)
+            n = r.get(key, out)
+            reads[n == 0] += 1
+            if n and out.tobytes() != want:
+                bad.append(key)
+            i += 1
+        if r is not None:
+            r.close()
+
+    reader = threading.Thread(target=read_while_writing)
+    reader.start()
+    try:
+        progress = 0
+        deadline = time.monotonic() + 30
+        while progress < 60 and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            if line.startswith("progress"):
+                progress = latest[0] = int(line.split()[1])
+        assert progress >= 60, f"writer made no progress (exit {proc.poll()})"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        proc.stdout.close()
+        stop.set()
+        reader.join(30)
+    assert not bad, f"torn or foreign values read while writing: {bad[:3]}"
+    assert reads[0] > 0, reads
+    s = make_store(w.crash_config(str(backend.root), backend.name), 0)  # a restarted writer
+    try:
+        keys = s.keys()
+        assert len(keys) >= 5
+        for key in keys:
+            want = w.content(key)
+            out = np.zeros(len(want), dtype=np.uint8)
+            assert s.get(key, out) == len(want) and out.tobytes() == want, key
+        u = s.usage()
+        assert u["corrupt"] == 0 and u["misses"] == 0, u
+    finally:
+        s.close()
