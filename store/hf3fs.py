@@ -8,8 +8,9 @@ process (the first ``k`` whose ``lock`` file it can ``flock``; a restarted write
 directory back and replays its index). A writer directory holds:
 
 * ``data-NNNN.bin``: a few large data files (at most ``FILE_BYTES`` each), cut into slabs of
-  ``slab_size`` bytes (a power of two, at most 64 MiB and at most what one staging area of the
-  iovec holds). A slab is given to one slot size class (4 KiB x 2^k up to the slab size) when a
+  ``slab_size`` bytes (a power of two: at most 1 GiB, a quarter of the budget, and the read
+  staging area, i.e. half the iovec; the largest value is ``slab_size`` - 64 bytes, e.g. 64 MiB
+  - 64 with the default 200 MB iovec: raise ``iov_size_mb`` for larger chunks). A slab is given to one slot size class (4 KiB x 2^k up to the slab size) when a
   value of that class needs room, and goes back to the free slabs when its last slot is freed.
   The budget (``size_gb`` over the base paths) is the number of slabs x ``slab_size``, so the
   data files never exceed it. The budget is per writer directory: normally one per device
@@ -36,7 +37,8 @@ read a miss, never another value. Reads by other processes do not refresh the wr
 
 I/O: one shared-memory segment (``iov_size_mb``) registered once with ``make_iovec``; its first
 half stages reads (one batch at a time), its second half is split between ``io_threads`` writer
-threads, each with its own write ioring. The data files are ``register_fd``-ed once. Writes and
+threads, each with its own write ioring; a value larger than a writer's share is written in
+pieces (several submits). The data files are ``register_fd``-ed once. Writes and
 batched reads prepare every I/O of a batch, submit once and wait for all results.
 
 ``put`` copies into a bounded queue (``queue_mb``) and returns at once; a full queue, a value
@@ -68,7 +70,7 @@ MISSING_MODULE = ("store backend hf3fs needs hf3fs_py_usrbio (build it from the 
 
 ALIGN = 4096
 MIN_CLASS = 4096
-MAX_SLAB = 64 << 20
+MAX_SLAB = 1 << 30
 FILE_BYTES = 4 << 30
 MIN_BUDGET = 1 << 20
 SLOT_MAGIC = b"PK3S"
@@ -330,8 +332,8 @@ class Hf3fsStore:
         self.read_area = (self.iov_size // 2 if self.writer else self.iov_size) // ALIGN * ALIGN
         self.write_area = ((self.iov_size - self.read_area) // self.n_writers // ALIGN * ALIGN
                            if self.writer else 0)
-        self.slab_size = max(MIN_CLASS, _pow2_floor(min(MAX_SLAB, self.budget // 4, self.read_area,
-                                                        self.write_area or self.read_area)))
+        # A value is read in one piece (the read area bounds the slab); writes go in pieces.
+        self.slab_size = max(MIN_CLASS, _pow2_floor(min(MAX_SLAB, self.budget // 4, self.read_area)))
         self.n_slabs = self.budget // self.slab_size
         self.slabs_per_file = max(1, FILE_BYTES // self.slab_size)
         self.max_value = self.slab_size - HDR
@@ -879,6 +881,55 @@ class Hf3fsStore:
                     self._writing -= 1
                     self._cv.notify_all()
 
+    def _stage(self, dst: int, item: _Item, e: _Entry, p0: int, p1: int) -> None:
+        """Copy bytes [p0, p1) of the slot image of ``item`` (header, payload, zero padding) to
+        the iovec at ``dst``."""
+        buf, n, pos = self._buf, len(item.data), dst
+        if p0 < HDR:
+            hdr = _SLOT.pack(SLOT_MAGIC, VERSION, 0, _khash(item.key), n, e.csum, e.seq)
+            hdr += bytes(HDR - len(hdr))
+            buf[pos:pos + HDR - p0] = hdr[p0:]
+            pos += HDR - p0
+        d0, d1 = max(p0, HDR) - HDR, min(p1 - HDR, n)
+        if d1 > d0:
+            buf[pos:pos + d1 - d0] = memoryview(item.data)[d0:d1]
+            pos += d1 - d0
+        end = dst + p1 - p0
+        if end > pos:
+            buf[pos:end] = bytes(end - pos)
+
+    def _write_slots(self, ring: Any, area0: int, staged: list[tuple[_Item, _Entry]]) -> dict[int, int]:
+        """Write the slots of ``staged`` through this thread's write area, in pieces of at most
+        the area (a value larger than the area takes several rounds). Returns {k: error} for
+        the values that failed (-errno, or the bytes of a short write)."""
+        errors: dict[int, int] = {}
+        prepared = used = 0
+
+        def round_trip() -> None:
+            for r in ring.submit().wait(min_results=prepared):
+                k, want = r.userdata
+                if r.result != want and k not in errors:
+                    errors[k] = r.result if r.result < 0 else max(r.result, 1)
+
+        for k, (item, e) in enumerate(staged):
+            fd, foff = self._where(e)
+            total = _round_up(HDR + len(item.data))
+            p0 = 0
+            while p0 < total:
+                p1 = min(total, p0 + self.write_area)
+                if used + p1 - p0 > self.write_area or prepared >= self.entries:
+                    round_trip()
+                    prepared = used = 0
+                dst = area0 + used
+                self._stage(dst, item, e, p0, p1)
+                ring.prepare(self._iov[dst:dst + p1 - p0], False, fd, foff + p0, userdata=(k, p1 - p0))
+                prepared += 1
+                used += p1 - p0
+                p0 = p1
+        if prepared:
+            round_trip()
+        return errors
+
     def _alloc(self, cls: int) -> tuple[int, int] | None:
         """A free slot of class ``cls``, evicting LRU values as needed (lock held)."""
         while True:
@@ -892,11 +943,11 @@ class Hf3fsStore:
 
     def _write_batch(self, batch: list[_Item], w: int, area0: int, turn: int = 0) -> None:
         ring = self._rings[w]
-        staged: list[tuple[_Item, _Entry, int]] = []
-        off = area0
+        staged: list[tuple[_Item, _Entry]] = []
+        sums = [xxhash.xxh3_64_intdigest(item.data) for item in batch]  # outside the lock
         with self._lock:
             self._evicted: list[bytes] = []
-            for item in batch:
+            for item, csum in zip(batch, sums):
                 if item.cancelled:
                     continue
                 length = len(item.data)
@@ -906,44 +957,28 @@ class Hf3fsStore:
                     self.stats["budget_drops"] += 1
                     continue
                 self._seq += 1
-                e = _Entry(where[0], where[1], cls, length, xxhash.xxh3_64_intdigest(item.data), self._seq)
-                staged.append((item, e, off))
-                off += _round_up(HDR + length)
+                staged.append((item, _Entry(where[0], where[1], cls, length, csum, self._seq)))
             evicted = self._evicted
         self._append_log(evicted)
         if not staged:
             return
-        for item, e, o in staged:
-            n = len(item.data)
-            _SLOT.pack_into(self._buf, o, SLOT_MAGIC, VERSION, 0, _khash(item.key), n, e.csum, e.seq)
-            self._buf[o + _SLOT.size:o + HDR] = bytes(HDR - _SLOT.size)
-            self._buf[o + HDR:o + HDR + n] = item.data
-            pad = _round_up(HDR + n) - HDR - n
-            if pad:
-                self._buf[o + HDR + n:o + HDR + n + pad] = bytes(pad)
         try:
-            for k, (item, e, o) in enumerate(staged):
-                fd, foff = self._where(e)
-                ring.prepare(self._iov[o:o + _round_up(HDR + len(item.data))], False, fd, foff, userdata=k)
-            done = ring.submit().wait(min_results=len(staged))
-            results = {r.userdata: r.result for r in done}
-            del done
+            results = self._write_slots(ring, area0, staged)
         except Exception as ex:
             log.error("hf3fs store %s: write batch refused: %s", self.path, ex)
-            results = {}
+            results = {k: -errno.EIO for k in range(len(staged))}
         recs = []
         with self._cv:
             # Commit in the order the puts were queued, so LRU order is put order, whichever
             # writer thread finished first.
             self._cv.wait_for(lambda: self._next_commit >= turn)
-            for k, (item, e, o) in enumerate(staged):
-                want = _round_up(HDR + len(item.data))
-                got = results.get(k, -errno.EIO)
-                if got != want or item.cancelled:
+            for k, (item, e) in enumerate(staged):
+                got = results.get(k, 0)
+                if got or item.cancelled:
                     self._slabs.free(e.slab, e.slot)
-                    if got != want:
+                    if got:
                         self.stats["write_errors"] += 1
-                        err = os.strerror(-got) if got < 0 else f"short write {got}/{want}"
+                        err = os.strerror(-got) if got < 0 else f"short write ({got} bytes)"
                         log.log(logging.WARNING if got in (-errno.ENOSPC, -errno.EDQUOT) else logging.ERROR,
                                 "hf3fs store %s: write of %s dropped: %s", self.path, item.key, err)
                     continue

@@ -434,3 +434,22 @@ def test_bad_hf3fs_configuration(mount, tmp_path):
                                hf3fs=Hf3fsConfig(iov_size_mb=100, io_threads=2)), io=emu)
     assert s.mount_point == str(mount) and s.path == str(mount / "p" / "dev0" / "w0")
     s.close()
+
+
+def test_value_larger_than_a_writer_area_is_written_in_pieces(mount):
+    s = _open(mount, size_gb=0.15)  # 100 MB iovec, 2 writers: 25 MB write areas, 32 MiB slabs
+    try:
+        assert s.write_area < 30_000_000 < s.max_value
+        big = _data(7, 30_000_000)
+        assert s.put(_key(7), big) and s.put(_key(8), _data(8)) and s.flush(30)
+        out = np.zeros(30_000_000, dtype=np.uint8)
+        assert s.get(_key(7), out) == 30_000_000 and np.array_equal(out, big)
+        assert s.usage()["write_errors"] == 0 and s.usage()["writes"] == 2
+    finally:
+        s.close()
+    s = _open(mount, size_gb=0.15)  # and it is whole after a restart
+    try:
+        out = np.zeros(30_000_000, dtype=np.uint8)
+        assert s.get(_key(7), out) == 30_000_000 and np.array_equal(out, _data(7, 30_000_000))
+    finally:
+        s.close()
