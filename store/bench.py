@@ -22,6 +22,13 @@ reads, the benchmark (untimed) ``fdatasync``s each file and drops its cached pag
 
 Everything is written under a fresh sub-directory of ``--path`` (default ``<repo>/.bench-tmp``,
 a disk filesystem, never /dev/shm) which is removed at the end.
+
+``--backend hf3fs`` measures store/hf3fs through whatever ``hf3fs_fuse.io`` imports: the real
+USRBIO client (then ``--path`` must be on a 3FS mount), or the emulator from ``tests/doubles``
+(``PYTHONPATH=tests/doubles``; the run directory is made an emulated mount, the header says
+EMULATOR, and the figures are pdkv's store code over local files, not 3FS). The iovec is sized
+so that the largest chunk fits a slab; the page cache is dropped before reads as for
+``o_direct`` off.
 """
 from __future__ import annotations
 
@@ -56,7 +63,8 @@ DEFAULT_PATH = REPO / ".bench-tmp"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``pd bench store``."""
     parser.add_argument("--backend", default="local",
-                        help="store backend to measure: local (hf3fs: not supported by this bench yet)")
+                        help="store backend to measure: local or hf3fs (hf3fs: through hf3fs_fuse.io, "
+                             "the real client or, with PYTHONPATH=tests/doubles, the emulator)")
     parser.add_argument("--path", default=None,
                         help=f"directory on the disk to measure; a fresh sub-directory is made and "
                              f"removed (default {DEFAULT_PATH})")
@@ -251,7 +259,7 @@ def format_table(rows: list[dict]) -> str:
                                                           for i in range(len(_HEAD))) + "|"]
     for r in rows:
         s, p = r["store"], r["plain"]
-        cells = ["on" if r["o_direct"] else "off", r["size"], str(r["n"]),
+        cells = ["-" if r["o_direct"] is None else "on" if r["o_direct"] else "off", r["size"], str(r["n"]),
                  f"{s['write']:.2f}", f"{p['write']:.2f}", f"{s['write'] / p['write']:.2f}",
                  f"{s['read']:.2f}", f"{p['read']:.2f}", f"{s['read'] / p['read']:.2f}",
                  f"{s['w_p50']:.3f}", f"{s['w_p99']:.3f}", f"{s['r_p50']:.3f}", f"{s['r_p99']:.3f}",
@@ -264,10 +272,6 @@ def _check_args(args: argparse.Namespace) -> list[int]:
     if args.backend not in BACKENDS:
         raise ValueError(f"unknown store backend {args.backend!r} for pd bench store; "
                          f"choose {' or '.join(BACKENDS)}")
-    if args.backend == "hf3fs":
-        raise ValueError("pd bench store --backend hf3fs is not supported yet: the hf3fs backend has only "
-                         "run on a USRBIO emulator, which would not measure 3FS; measure a 3FS FUSE mount "
-                         "with --backend local --path <mount>")
     try:
         sizes = [parse_size(s) for s in args.sizes.split(",") if s.strip()]
     except ValueError as e:
@@ -280,6 +284,35 @@ def _check_args(args: argparse.Namespace) -> list[int]:
     if args.total_mb <= 0 or args.iters <= 0 or args.write_threads <= 0:
         raise ValueError("--total-mb, --iters and --write-threads must be positive")
     return sizes
+
+
+def _usrbio():
+    """``hf3fs_fuse.io`` (the real client or the emulator), or ValueError saying how to get one."""
+    try:
+        import hf3fs_fuse.io as io  # type: ignore[import-not-found]
+    except Exception:
+        from store.hf3fs import MISSING_MODULE
+
+        raise ValueError(f"{MISSING_MODULE}; to measure pdkv's hf3fs code on the USRBIO emulator "
+                         "(a test double, not 3FS) run with PYTHONPATH=tests/doubles") from None
+    return io
+
+
+def _hf3fs_config(io, d: str, budget_bytes: int, queue_mb: int, largest: int):
+    """A StoreConfig for ``d`` whose slabs hold the largest chunk (iovec = 2 x its slot class)."""
+    from pd.config import Hf3fsConfig, StoreConfig
+    from store.hf3fs import HDR
+
+    mp = io.extract_mount_point(d)
+    if not mp:
+        raise ValueError(f"--path {d} is not on a 3FS mount (hf3fs_fuse.io.extract_mount_point)")
+    slot = 1 << (largest + HDR - 1).bit_length()
+    iov_mb = max(200, 2 * slot >> 20)
+    if iov_mb > 2048:
+        raise ValueError(f"--sizes: {_fmt_size(largest)} needs an iovec of {iov_mb} MB; at most 2048")
+    budget = max(budget_bytes, 4 * slot) + (64 << 20)
+    return StoreConfig(backend="hf3fs", paths=[d], size_gb=budget / 1e9, queue_mb=queue_mb,
+                       hf3fs=Hf3fsConfig(mount_point=mp, iov_size_mb=iov_mb))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -295,7 +328,10 @@ def run(args: argparse.Namespace) -> int:
         made_base = True
     if not base.is_dir():
         raise ValueError(f"--path {base} is not a directory")
-    modes = [False, True] if args.o_direct is None else [args.o_direct]
+    hf3fs = args.backend == "hf3fs"
+    io = _usrbio() if hf3fs else None
+    emulated = bool(getattr(io, "EMULATOR", False))
+    modes = [False] if hf3fs else [False, True] if args.o_direct is None else [args.o_direct]
     total_mb = args.total_mb << 20
     counts = {s: max(4, total_mb // s) for s in sizes}
     span = max(s * n for s, n in counts.items())
@@ -303,14 +339,20 @@ def run(args: argparse.Namespace) -> int:
     root = tempfile.mkdtemp(prefix=f"pd-bench-store-{os.getpid()}-", dir=str(base))
     try:
         real = os.path.realpath(root)
+        if emulated:
+            io.emulate_mount(root)
         plain = _Plain(os.path.join(root, "plain"))
         for od in modes:
             d = os.path.join(root, f"store-odirect-{'on' if od else 'off'}")
             os.makedirs(d)
             padded = span + max(counts.values()) * 2 * ALIGN
-            cfg = StoreConfig(backend=args.backend, paths=[d], o_direct=od,
-                              size_gb=max(0.01, (padded + (64 << 20)) / 1e9),
-                              queue_mb=(padded >> 20) + 64, write_threads=args.write_threads)
+            if hf3fs:
+                # Slots are powers of two: a batch needs up to twice its bytes.
+                cfg = _hf3fs_config(io, d, 2 * padded, (padded >> 20) + 64, max(sizes))
+            else:
+                cfg = StoreConfig(backend=args.backend, paths=[d], o_direct=od,
+                                  size_gb=max(0.01, (padded + (64 << 20)) / 1e9),
+                                  queue_mb=(padded >> 20) + 64, write_threads=args.write_threads)
             stores[od] = (make_store(cfg), d)
 
         print(f"# pd bench store  {_dt.datetime.now().isoformat(timespec='seconds')}")
@@ -318,11 +360,19 @@ def run(args: argparse.Namespace) -> int:
         print(f"# command: {shlex.join(sys.argv)}")
         print(f"# backend={args.backend} dir={real} ({_fs_type(real)}) bytes/batch~{args.total_mb} MiB"
               f" iters={args.iters} write_threads={args.write_threads}"
-              f" store o_direct: {', '.join('on' if m else 'off' for m in modes)}")
+              + (f" iov_size_mb={cfg.hf3fs.iov_size_mb} io_threads={cfg.hf3fs.io_threads}"
+                 f" usrbio={getattr(io, '__file__', io)}" if hf3fs else
+                 f" store o_direct: {', '.join('on' if m else 'off' for m in modes)}"))
+        if emulated:
+            print("# USRBIO EMULATOR (tests/doubles: a test double over local files): these figures "
+                  "measure pdkv's hf3fs store code over local files, NOT 3FS")
         print(f"# plain baseline: one file per chunk, sequential, "
               + ("O_DIRECT" if plain.direct else f"buffered + fsync per file, page cache dropped "
                  f"before reads ({plain.why})"))
-        if False in modes:
+        if hf3fs:
+            print("# hf3fs: write GB/s = first put .. flush done; before reading, the data files "
+                  "are fdatasync'ed and their pages dropped (untimed)")
+        elif False in modes:
             print("# o_direct off: write GB/s = filling the page cache (flush does not fsync); "
                   "before reading, each file is fdatasync'ed and its pages dropped (untimed), so "
                   "reads come from the device")
@@ -351,14 +401,14 @@ def run(args: argparse.Namespace) -> int:
                     keys = [f"bench-{os.getpid()}/0/{size:x}{it:04x}{i:08x}" for i in range(n)]
                     dsts[0][:16] = dsts[-1][:16] = bytes(16)  # a stale buffer cannot pass
                     store_passes[od].append(_store_pass(store, d, keys, srcs, dsts, size,
-                                                        buffered=not store.usage()["o_direct"]))
+                                                        buffered=not store.usage().get("o_direct")))
             p = _summary(plain_passes, size * n)
             for od in modes:
-                rows[(od, size)] = {"o_direct": od, "size": _fmt_size(size), "n": n,
+                rows[(od, size)] = {"o_direct": None if hf3fs else od, "size": _fmt_size(size), "n": n,
                                     "store": _summary(store_passes[od], size * n), "plain": p}
         fallbacks = []
         for od, (store, _d) in stores.items():
-            if od and not store.usage()["o_direct"]:
+            if od and not store.usage().get("o_direct", True):
                 fallbacks.append("the store's o_direct on rows ran buffered: the filesystem "
                                  "refused O_DIRECT")
         print(format_table([rows[(od, s)] for od in modes for s in sizes]))

@@ -42,7 +42,7 @@ def test_only_o_direct_rows(tmp_path, capsys):
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize("backend, words", [("hf3fs", ["hf3fs", "not supported yet"]),
+@pytest.mark.parametrize("backend, words", [("hf3fs", ["hf3fs_py_usrbio", "PYTHONPATH=tests/doubles"]),
                                             ("nfs", ["unknown store backend", "local", "hf3fs"])])
 def test_bad_backend_exit_2(tmp_path, backend, words):
     p = subprocess.run([sys.executable, "-m", "pd.cli", "bench", "store", "--backend", backend,
@@ -58,4 +58,21 @@ def test_bad_backend_exit_2(tmp_path, backend, words):
 def test_bad_sizes_exit_2(tmp_path, capsys):
     assert cli.main(["bench", "store", "--path", str(tmp_path), "--sizes", "1000"]) == 2
     assert "multiples of 4096" in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
+def test_hf3fs_on_the_emulator_says_so(tmp_path):
+    """With tests/doubles on the path, hf3fs_fuse.io is the emulator: the run works and its
+    header says the figures are not 3FS figures."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "tests" / "doubles")}
+    p = subprocess.run([sys.executable, "-m", "pd.cli", "bench", "store", "--backend", "hf3fs",
+                        "--path", str(tmp_path), "--sizes", "256K,1M", "--total-mb", "2", "--iters", "1"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr
+    assert "USRBIO EMULATOR" in p.stdout and "NOT 3FS" in p.stdout and "backend=hf3fs" in p.stdout
+    rows = [line for line in p.stdout.splitlines() if line.startswith("| - |")]
+    assert [r.split("|")[2].strip() for r in rows] == ["256K", "1M"]
+    for r in rows:
+        cells = [c.strip() for c in r.strip("|").split("|")]
+        assert all(float(c) > 0 for c in cells[3:9])
     assert os.listdir(tmp_path) == []
