@@ -1,6 +1,7 @@
 """`pd bench ttft`: time to first token of a long prompt, cold vs warm (prefix in the store).
 
-Launches a 1P1D deployment with store/local in a fresh directory and vLLM's own prefix cache
+Launches a 1P1D deployment with a store (``--backend local``, or ``hf3fs`` through
+``hf3fs_fuse.io``: see ``launch.scratch_store``) in a fresh directory and vLLM's own prefix cache
 off (so a warm request can only be served by pdkv's store), then streams each prompt through
 the proxy twice: the first time (cold) the prefill instance computes it; the second time
 (warm) it loads the stored chunks and computes only the last partial chunk.
@@ -11,13 +12,12 @@ import argparse
 import json
 import random
 import statistics
-import tempfile
 import time
 import urllib.request
-from pathlib import Path
 
 from launch.launcher import Deployment
 from launch.procs import check_model, check_ports
+from launch.scratch_store import ScratchStore
 from pd.config import DeploymentConfig, load, merge
 
 
@@ -25,12 +25,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="models/tiny-llama")
     p.add_argument("--tokens", type=int, default=1800, help="prompt length")
     p.add_argument("--prompts", type=int, default=5, help="distinct prompts, each sent cold then warm")
+    p.add_argument("--backend", default="local", help="store backend: local or hf3fs (default local)")
     p.add_argument("--store-path", help="directory for the store (default: a fresh temp dir)")
     p.add_argument("--port", type=int, default=8000)
 
 
-def _ttft(url: str, model: str, prompt: list[int]) -> tuple[float, str]:
-    body = {"model": model, "prompt": prompt, "max_tokens": 8, "temperature": 0, "stream": True}
+def ttft(url: str, model: str, prompt: list[int] | str, max_tokens: int = 8) -> tuple[float, str]:
+    """(seconds to the first streamed token, the whole text) of one completion through ``url``."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True}
     req = urllib.request.Request(f"{url}/v1/completions", json.dumps(body).encode(),
                                  {"Content-Type": "application/json"})
     t0 = time.perf_counter()
@@ -47,37 +49,39 @@ def _ttft(url: str, model: str, prompt: list[int]) -> tuple[float, str]:
 
 def run(args) -> int:
     model = check_model(args.model)
-    tmp = None
-    if not args.store_path:
-        tmp = tempfile.TemporaryDirectory(prefix="pdkv-bench-store-", dir=".")
-    store = Path(args.store_path or tmp.name).resolve()
+    store = ScratchStore(args.backend, args.store_path)
     dep = merge(load(DeploymentConfig, {}), {
         "model": str(model), "proxy": {"port": args.port},
         "vllm": {"extra_args": ["--no-enable-prefix-caching"]},
-        "connector": {"store": {"backend": "local", "paths": [str(store)]}},
+        "connector": {"store": store.config()},
     })
-    check_ports(dep)
+    try:
+        check_ports(dep)
+    except BaseException:
+        store.cleanup()
+        raise
     name = model.name
     deployment = Deployment(dep)
     rows = []
     try:
         deployment.start(progress=lambda line: None)
         url = deployment.proxy_url
-        _ttft(url, name, [1, 2, 3])  # warm up the HTTP path and the engines
+        ttft(url, name, [1, 2, 3])  # warm up the HTTP path and the engines
         for i in range(args.prompts):
             prompt = [random.Random(i).randrange(16, 4000) for _ in range(args.tokens)]
-            cold, cold_text = _ttft(url, name, prompt)
+            cold, cold_text = ttft(url, name, prompt)
             time.sleep(0.5)  # let the write-through reach the store
-            warm, warm_text = _ttft(url, name, prompt)
+            warm, warm_text = ttft(url, name, prompt)
             rows.append((cold, warm, cold_text == warm_text))
     finally:
         deployment.stop()
-        if tmp is not None:
-            tmp.cleanup()
+        store.cleanup()
     cold = statistics.median(r[0] for r in rows)
     warm = statistics.median(r[1] for r in rows)
-    print(f"# pd bench ttft: {args.tokens}-token prompts, {args.prompts} prompts, 1P1D, store/local, "
-          "vLLM prefix cache off")
+    print(f"# pd bench ttft: {args.tokens}-token prompts, {args.prompts} prompts, 1P1D, "
+          f"store/{args.backend}, vLLM prefix cache off")
+    if store.note:
+        print(f"# {store.note}")
     print("| prompt | cold TTFT ms | warm TTFT ms | cold/warm | same output |")
     print("|---:|---:|---:|---:|---|")
     for i, (c, w, same) in enumerate(rows):

@@ -25,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 BENCH: dict[str, tuple[str, str]] = {
     "transport": ("transport.bench", "put/get throughput and latency of a transport vs memcpy"),
-    "ttft": ("launch.bench_ttft", "cold vs warm time to first token of a long prompt (store/local prefix reuse)"),
+    "ttft": ("launch.bench_ttft", "cold vs warm time to first token of a long prompt (prefix reuse from the store)"),
     "kv": ("pd.bench_kv", "chunk gather/scatter speed of the paged KV cache vs a plain copy (CPU or GPU)"),
     "store": ("store.bench", "write/read GB/s and per-chunk latency of a KV store vs plain O_DIRECT I/O"),
 }
