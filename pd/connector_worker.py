@@ -299,23 +299,34 @@ class WorkerSide:
             return str(e)
         return ""
 
-    def _fetch(self, c: int, key: str, view, size: int, nb: int, n_read: int) -> tuple[str, str]:
-        """Make ``view`` hold chunk ``c``: from the transport's read, else from the store.
-
-        Returns (source, error): source "transport"/"store" when the chunk is good.
-        """
-        why = f"chunk {c} missing from transport" if n_read != size else ""
-        if not why:
-            bad = self._check(view, key, size, nb)
-            if not bad:
-                return "transport", ""
-            why = f"chunk {c}: {bad}"
-        if self.store is None:
-            return "", why
-        if self.store.get(key, view) != size:
-            return "", f"{why}; not in the store either"
-        bad = self._check(view, key, size, nb)
-        return ("store", "") if not bad else ("", f"{why}; store copy: {bad}")
+    def _fetch(self, batch, keys: list[str], views, sizes, got) -> list[tuple[str, str]]:
+        """Make each view of ``batch`` hold its chunk: the transport's read if it is good, else
+        the store's copy (one batched read for the batch's misses). Returns (source, error) per
+        chunk: source "transport"/"store" when the chunk is good, else why not."""
+        out: list[tuple[str, str]] = []
+        need = []
+        for j, ((c, _b0, nb, _t), view, size, n_read) in enumerate(zip(batch, views, sizes, got)):
+            why = f"chunk {c} missing from transport" if n_read != size else ""
+            if not why:
+                bad = self._check(view, keys[c], size, nb)
+                if not bad:
+                    out.append(("transport", ""))
+                    continue
+                why = f"chunk {c}: {bad}"
+            out.append(("", why))
+            need.append(j)
+        if not need or self.store is None:
+            return out
+        read = self.store.get_many([keys[batch[j][0]] for j in need], [views[j] for j in need])
+        for j, n in zip(need, read):
+            c, _b0, nb, _t = batch[j]
+            why = out[j][1]
+            if n != sizes[j]:
+                out[j] = ("", f"{why}; not in the store either")
+                continue
+            bad = self._check(views[j], keys[c], sizes[j], nb)
+            out[j] = ("store", "") if not bad else ("", f"{why}; store copy: {bad}")
+        return out
 
     def _load_chunks(self, spec: LoadSpec, first_block: int, use_transport: bool = True
                      ) -> tuple[int, int, int, str]:
@@ -335,10 +346,10 @@ class WorkerSide:
                     views = [memoryview(s.numpy())[:n] for s, n in zip(slabs, sizes)]
                     xkeys = [transfer_key(spec.pd_id, keys[c]) for c, *_ in batch]
                     got = self.transport.get(xkeys, views) if use_transport else [0] * len(batch)
-                    for slab, view, size, n_read, (c, b0, nb, toks) in zip(slabs, views, sizes, got, batch):
+                    fetched = self._fetch(batch, keys, views, sizes, got)
+                    for slab, size, (source, error), (c, b0, nb, toks) in zip(slabs, sizes, fetched, batch):
                         if time.monotonic() > deadline:
                             return loaded_upto, n_chunks, n_bytes, "load timed out"
-                        source, error = self._fetch(c, keys[c], view, size, nb, n_read)
                         if error:
                             return loaded_upto, n_chunks, n_bytes, error
                         from_store += source == "store"

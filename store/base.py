@@ -33,6 +33,11 @@ class KVStore(Protocol):
         """
         ...
 
+    def get_many(self, keys: Sequence[str], intos: Sequence[Any]) -> list[int]:
+        """``get`` of each key into its buffer, as one batch where the backend can (hf3fs: one
+        ring submit per staging area); the same results as ``get`` one by one."""
+        ...
+
     def contains(self, keys: Sequence[str]) -> int:
         """Length of the longest prefix of ``keys`` that is present (for prefix reuse)."""
         ...

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -10,7 +9,6 @@ from launch.scratch_store import ScratchStore
 from pd.config import DeploymentConfig, load
 from store import make_store
 
-DOUBLES = Path(__file__).resolve().parents[1] / "doubles"
 
 
 def _no_usrbio(monkeypatch):
@@ -49,10 +47,7 @@ def test_hf3fs_without_the_client_says_how(monkeypatch, tmp_path):
     assert "hf3fs_py_usrbio" in str(e.value) and "PYTHONPATH=tests/doubles" in str(e.value)
 
 
-def test_hf3fs_on_the_emulator_makes_a_mount_and_says_so(monkeypatch, tmp_path):
-    monkeypatch.syspath_prepend(str(DOUBLES))
-    monkeypatch.delitem(sys.modules, "hf3fs_fuse", raising=False)
-    monkeypatch.delitem(sys.modules, "hf3fs_fuse.io", raising=False)
+def test_hf3fs_on_the_emulator_makes_a_mount_and_says_so(usrbio_double, tmp_path):
     s = ScratchStore("hf3fs", str(tmp_path))
     assert "not 3FS" in s.note
     dep = load(DeploymentConfig, {"connector": {"store": s.config()}})

@@ -23,7 +23,6 @@ from store import usrbio_emulator as emu
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
-DOUBLES = ROOT / "tests" / "doubles"
 NS = "contract-0123456789abcdef"
 META = {"index.log", "layout", "lock", "EMULATED"}  # hf3fs bookkeeping, not data
 
@@ -55,11 +54,9 @@ class Backend:
 
 
 @pytest.fixture(params=["local", "hf3fs"])
-def backend(request, tmp_path, monkeypatch) -> Backend:
+def backend(request, tmp_path) -> Backend:
     if request.param == "hf3fs":
-        monkeypatch.syspath_prepend(str(DOUBLES))  # hf3fs_fuse.io = the emulator
-        monkeypatch.delitem(sys.modules, "hf3fs_fuse", raising=False)
-        monkeypatch.delitem(sys.modules, "hf3fs_fuse.io", raising=False)
+        request.getfixturevalue("usrbio_double")  # hf3fs_fuse.io = the emulator
         root = Path(emu.emulate_mount(str(tmp_path / "3fs")))
     else:
         root = tmp_path / "disk"

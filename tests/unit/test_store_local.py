@@ -489,3 +489,274 @@ def test_crash_mid_write_leaves_only_whole_chunks(disk, o_direct):
     print("crash: recovered", u["recovered"], "temp files removed", u["temp_removed"])
     assert u["bytes"] == sum(f.stat().st_size for f in _files(disk))
     s.close()
+
+
+# -- staging buffers and O_DIRECT reads ----------------------------------------------------
+def _aligned_buf(n: int, shift: int = 0) -> memoryview:
+    """A writable view of ``n`` bytes at ``shift`` bytes past a page boundary."""
+    import mmap
+    m = mmap.mmap(-1, n + shift + 4096)
+    return memoryview(m)[shift:shift + n]
+
+
+@pytest.mark.parametrize("o_direct", [False, True])
+def test_staging_buffers_are_reused(disk, o_direct):
+    s = LocalStore(_cfg(disk, o_direct=o_direct))
+    for i in range(6):
+        assert s.put(_key(i), _data(i))
+        assert s.flush(5)  # one buffer at a time: each put reuses the previous one
+    pool = s._pool
+    assert pool.allocated == 1 and pool.reused == 5 and pool.free_bytes() > 0
+    out = np.zeros(100_000, dtype=np.uint8)
+    for i in range(6):  # a reused buffer held the previous chunk: nothing of it may leak
+        assert s.get(_key(i), out) == 100_000 and np.array_equal(out, _data(i))
+    if o_direct:  # the padding of every file is zeros although the buffers were reused
+        for i in range(6):
+            raw = _stored_file(s, _key(i)).read_bytes()
+            klen = len(_key(i).encode())
+            assert raw[32 + klen:4096] == bytes(4096 - 32 - klen)
+            assert raw[4096 + 100_000:] == bytes(len(raw) - 4096 - 100_000)
+    s.close()
+
+
+def test_buffer_pool_keeps_at_most_cap_and_prefers_the_new_size():
+    pool = local._BufPool(cap=5 * 4096)
+    a, b = pool.get(4096), pool.get(4096)
+    big = pool.get(3 * 4096 - 5)
+    assert len(big) == 3 * 4096 and len(a) == 4096
+    for buf in (a, b, big):
+        pool.put(buf)
+    assert pool.free_bytes() == 5 * 4096
+    assert pool.get(4096) in (a, b) and pool.reused == 1
+    c = pool.get(2 * 4096)  # a new size: room is made by dropping the other sizes' free buffers
+    pool.put(c)
+    assert pool.free_bytes() <= 5 * 4096 and pool.get(2 * 4096) is c
+    d = pool.get(6 * 4096)  # larger than the cap: never kept
+    pool.put(d)
+    assert pool.free_bytes() <= 5 * 4096 and pool.get(6 * 4096) is not d
+
+
+@pytest.mark.parametrize("n,shift,room", [
+    (1 << 20, 0, 0),          # page aligned, whole pages: all straight into the buffer
+    (100_000, 0, 0),          # page aligned, the last partial page staged and copied
+    (100_000, 0, 8192),       # page aligned with room for the padding: all into the buffer
+    (1 << 20, 1, 0),          # not aligned: staged, then copied
+    (1 << 20, 512, 100),      # 512-aligned only: staged, then copied
+])
+def test_odirect_read_into_caller_buffer(disk, monkeypatch, n, shift, room):
+    s = LocalStore(_cfg(disk, o_direct=True))
+    assert s.put(_key(1), _data(1, n)) and s.flush(5)
+    staged = []
+    real = LocalStore._read_staged
+
+    def spy(self, *a):
+        staged.append(a[0])
+        return real(self, *a)
+
+    monkeypatch.setattr(LocalStore, "_read_staged", spy)
+    out = _aligned_buf(n + room, shift)
+    out[:] = b"\xee" * len(out)
+    assert s.get(_key(1), out) == n
+    assert np.array_equal(np.frombuffer(out[:n], np.uint8), _data(1, n))
+    assert staged == ([] if shift == 0 else [_key(1)])
+    # a caller buffer too small is a miss that keeps the file
+    small = _aligned_buf(n - 4096 if n > 8192 else 4096)
+    assert s.get(_key(1), small) == 0 and _stored_file(s, _key(1)).exists()
+    assert s.usage()["corrupt"] == 0
+    s.close()
+
+
+@pytest.mark.parametrize("o_direct", [False, True])
+def test_older_padded_layout_is_still_read(disk, o_direct):
+    """Files of the O_DIRECT layout before FLAG_ALIGNED: header, key, payload, padding."""
+    import xxhash
+    key, data = _key(3), _data(3).tobytes()
+    kb = key.encode()
+    hdr = local._HDR.pack(MAGIC, local.VERSION, len(kb), local.FLAG_PADDED, len(data),
+                          xxhash.xxh3_64_intdigest(data))
+    raw = hdr + kb + data
+    raw += bytes(-len(raw) % 4096)
+    f = disk / key_to_relpath(key)
+    f.parent.mkdir(parents=True)
+    f.write_bytes(raw)
+    s = LocalStore(_cfg(disk, o_direct=o_direct))
+    assert s.usage()["recovered"] == 1
+    for out in (np.zeros(100_000, dtype=np.uint8), _aligned_buf(1 << 20)):
+        assert s.get(key, out) == 100_000 and bytes(memoryview(out)[:100_000]) == data
+    assert s.usage()["corrupt"] == 0 and s.usage()["hits"] == 2
+    s.close()
+
+
+def test_odirect_and_buffered_read_each_others_files(disk):
+    a = LocalStore(_cfg(disk, o_direct=True))
+    assert a.put(_key(1), _data(1)) and a.flush(5)
+    a.close()
+    b = LocalStore(_cfg(disk, o_direct=False))
+    assert b.put(_key(2), _data(2)) and b.flush(5)
+    out = np.zeros(100_000, dtype=np.uint8)
+    assert b.get(_key(1), out) == 100_000 and np.array_equal(out, _data(1))
+    b.close()
+    c = LocalStore(_cfg(disk, o_direct=True))
+    for i in (1, 2):
+        for buf in (out, _aligned_buf(1 << 20)):
+            assert c.get(_key(i), buf) == 100_000
+            assert np.array_equal(np.frombuffer(buf[:100_000], np.uint8), _data(i))
+    assert c.usage()["corrupt"] == 0
+    c.close()
+
+
+def test_queue_hit_keeps_its_buffer_until_copied(disk, monkeypatch):
+    """A get copying from a queued put's buffer while the write finishes: the buffer must not
+    go back to the pool (and be refilled by the next put) before the copy is done."""
+    gate = _Gate(monkeypatch)
+    s = LocalStore(_cfg(disk))
+    in_get, go_on = threading.Event(), threading.Event()
+    real_payload = local._Item.payload
+
+    def slow_payload(item):
+        in_get.set()
+        go_on.wait(10)
+        return real_payload(item)
+
+    monkeypatch.setattr(local._Item, "payload", slow_payload)
+    assert s.put(_key(1), _data(1))
+    out = np.zeros(100_000, dtype=np.uint8)
+    got = []
+    t = threading.Thread(target=lambda: got.append(s.get(_key(1), out)))
+    t.start()
+    assert in_get.wait(10)
+    gate.event.set()
+    assert s.flush(10)  # key 1 is written; its buffer is still held by the get
+    assert s.put(_key(2), np.full(100_000, 7, dtype=np.uint8)) and s.flush(10)
+    assert s._pool.reused == 0  # key 2 got a buffer of its own
+    go_on.set()
+    t.join(10)
+    assert got == [100_000] and np.array_equal(out, _data(1))
+    assert s.usage()["queue_hits"] == 1
+    assert s.put(_key(3), _data(3)) and s.flush(10)
+    assert s._pool.reused == 1  # ... and the released one is reused afterwards
+    s.close()
+
+
+def test_key_to_relpath_mapping():
+    cases = {
+        "model-1/0/abc": "model-1+0/abc.kv",         # the usual key (fast path)
+        "a/b/.c/d": "a+b+.c/d.kv",
+        ".hidden/0/x": "%2Ehidden+0/x.kv",             # a leading "." is escaped
+        "a/.b": "a/%2Eb.kv",
+        "a+b/c": "a%2Bb/c.kv",                        # "+" is escaped: "/" -> "+" stays injective
+        "a b/c%": "a%20b/c%25.kv",
+        "x/": "x/%e.kv",
+        "/y": "%e/y.kv",
+        "flat": "%flat/flat.kv",
+        "ns/é": "ns/%C3%A9.kv",
+    }
+    for key, want in cases.items():
+        assert key_to_relpath(key) == want, key
+    long = key_to_relpath("n/" + "a" * 300)
+    name = long.split("/")[1]
+    assert long.startswith("n/") and len(name) == local._MAX_NAME + len(".kv") and "#" in name
+    assert key_to_relpath("n/" + "a" * 300) != key_to_relpath("n/" + "a" * 301)
+
+
+@pytest.mark.parametrize("piece,room", [(8192, 0), (8192, 5), (4096 * 3 + 1, 0), (50_000, 0)])
+def test_buffered_read_in_pieces_hashed_alongside(disk, monkeypatch, piece, room):
+    """A large buffered read goes piece by piece (pieces made tiny here), hashed by the helper
+    thread; the result and the corruption check are the same as in one piece."""
+    monkeypatch.setattr(local, "READ_PIECE", piece)
+    s = LocalStore(_cfg(disk))
+    for i in range(3):
+        assert s.put(_key(i), _data(i)) and s.flush(5)
+    out = _aligned_buf(100_000 + room)
+    for i in range(3):
+        out[:] = b"\xee" * len(out)
+        assert s.get(_key(i), out) == 100_000
+        assert np.array_equal(np.frombuffer(out[:100_000], np.uint8), _data(i))
+    f = _stored_file(s, _key(1))
+    raw = bytearray(f.read_bytes())
+    raw[len(raw) // 2] ^= 1  # a bit in a middle piece
+    f.write_bytes(raw)
+    assert s.get(_key(1), out) == 0 and not f.exists() and s.usage()["corrupt"] == 1
+    assert s.get(_key(2), out) == 100_000  # the helper thread is still there
+    s.close()
+
+
+@pytest.mark.parametrize("o_direct", [False, True])
+def test_reused_buffers_under_concurrent_puts_gets_deletes(disk, o_direct):
+    """Staging buffers go round the pool while other threads put, get (also from the queue) and
+    delete: every hit must still return the bytes put under that key."""
+    import random
+
+    s = LocalStore(_cfg(disk, o_direct=o_direct, size_gb=0.004, queue_mb=1, write_threads=2))
+
+    def data(i: int) -> np.ndarray:
+        return _data(i, 50_000 + (i % 3) * 4096)
+
+    bad: list[int] = []
+
+    def worker(t: int) -> None:
+        rng = random.Random(t)
+        out = np.zeros(70_000, dtype=np.uint8)
+        for _ in range(150):
+            i = rng.randrange(60)
+            if rng.random() < 0.5:
+                s.put(_key(i), data(i))
+            else:
+                n = s.get(_key(i), out)
+                if n and not np.array_equal(out[:n], data(i)):
+                    bad.append(i)
+            if rng.random() < 0.05:
+                s.delete([_key(rng.randrange(60))])
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert s.flush(10)
+    u = s.usage()
+    assert not bad and u["corrupt"] == 0 and u["write_errors"] == 0 and u["hits"] > 0
+    assert s._pool.reused > 0
+    s.close()
+
+
+def test_read_in_pieces_after_fork(disk, monkeypatch):
+    """The hashing thread is per process: a child forked after the parent used it starts its own
+    (instead of waiting forever on a thread that fork did not copy)."""
+    monkeypatch.setattr(local, "READ_PIECE", 8192)
+    s = LocalStore(_cfg(disk))
+    assert s.put(_key(1), _data(1)) and s.flush(5)
+    out = np.zeros(100_000, dtype=np.uint8)
+    assert s.get(_key(1), out) == 100_000  # the parent's hashing thread is running now
+    pid = os.fork()
+    if pid == 0:  # child: exit status 0 only if the read in pieces works here too
+        ok = False
+        try:
+            buf = np.zeros(100_000, dtype=np.uint8)
+            ok = s.get(_key(1), buf) == 100_000 and np.array_equal(buf, _data(1))
+        finally:
+            os._exit(0 if ok else 1)
+    deadline = time.monotonic() + 20
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung reading in pieces")
+        time.sleep(0.05)
+    assert os.waitstatus_to_exitcode(status) == 0
+    s.close()
+
+
+def test_get_many_is_get_one_by_one(store):
+    for i in range(3):
+        assert store.put(_key(i), _data(i))
+    assert store.flush(5)
+    outs = [np.zeros(100_000, dtype=np.uint8) for _ in range(4)]
+    assert store.get_many([_key(0), _key(9), _key(2), _key(1)], outs) == [100_000, 0, 100_000, 100_000]
+    assert np.array_equal(outs[0], _data(0)) and np.array_equal(outs[3], _data(1))
+    assert store.usage()["hits"] == 3 and store.usage()["misses"] == 1
+    with pytest.raises(ValueError):
+        store.get_many([_key(0)], [])
