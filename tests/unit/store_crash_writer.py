@@ -44,6 +44,32 @@ def crash_config(path: str, backend: str, o_direct: bool = False):
                        o_direct=o_direct)
 
 
+def run_until_killed(argv: list[str], n: int, on_progress=None, timeout_s: float = 30.0) -> int:
+    """Run this script with ``argv`` until it has accepted ``n`` puts (or ``timeout_s``), then
+    SIGKILL it. Returns the progress reached; each step also goes to ``on_progress``."""
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv], stdout=subprocess.PIPE,
+                            text=True)
+    progress = 0
+    try:
+        deadline = time.monotonic() + timeout_s
+        while progress < n and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            if line.startswith("progress"):
+                progress = int(line.split()[1])
+                if on_progress is not None:
+                    on_progress(progress)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        proc.stdout.close()
+    return progress
+
+
 def main() -> None:
     root = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
     sys.path[:0] = [root, os.path.join(root, "tests", "doubles")]

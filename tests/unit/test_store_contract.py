@@ -6,10 +6,8 @@ built through ``store.make_store`` as an instance builds it. No real 3FS is invo
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
-import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -65,6 +63,27 @@ def backend(request, tmp_path) -> Backend:
     emu.forget_mounts()
 
 
+# The method each backend's writer threads call before their I/O.
+WRITE_IO = {"local": ("store.local", "LocalStore", "_write_file"),
+            "hf3fs": ("store.hf3fs", "Hf3fsStore", "_write_batch")}
+
+
+@pytest.fixture
+def gate(backend, monkeypatch) -> threading.Event:
+    """Holds the store's writer threads before their I/O until set (the disk "hangs")."""
+    mod, cls_name, name = WRITE_IO[backend.name]
+    cls = getattr(importlib.import_module(mod), cls_name)
+    real, event = getattr(cls, name), threading.Event()
+
+    def held(self, *args, **kw):
+        event.wait(10)
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(cls, name, held)
+    yield event
+    event.set()
+
+
 @pytest.fixture
 def store(backend):
     s = backend.open()
@@ -112,6 +131,47 @@ def test_put_copies_and_is_readable_before_and_after_flush(store):
     assert store.flush(10)
     got = _get(store, 1)
     assert got is not None and np.array_equal(got, _data(1))
+
+
+def test_put_is_asynchronous_and_served_from_the_queue(backend, gate):
+    s = backend.open()
+    try:
+        data = _data(7)
+        assert s.put(_key(7), data)
+        data[:] = 0  # the caller reuses its buffer at once
+        assert s.contains([_key(7)]) == 1
+        assert np.array_equal(_get(s, 7), _data(7))  # from the queue: nothing is written yet
+        assert not s.flush(0.2) and s.usage()["writes"] == 0
+        gate.set()
+        assert s.flush(10)
+        assert np.array_equal(_get(s, 7), _data(7))
+        u = s.usage()
+        assert u["queue_hits"] == 1 and u["writes"] == 1
+    finally:
+        gate.set()
+        s.close()
+
+
+def test_a_full_queue_drops_puts_without_blocking(backend, gate):
+    s = backend.open(queue_mb=1)
+    try:
+        data = _data(0, 200_000)
+        results, worst = [], 0.0
+        for i in range(40):
+            t0 = time.perf_counter()
+            results.append(s.put(_key(i), data))
+            worst = max(worst, time.perf_counter() - t0)
+        assert worst < 1.0, f"a put blocked for {worst:.3f} s"  # held writers block for 10 s
+        accepted = sum(results)
+        assert 1 <= accepted <= 5  # 1 MiB of queue / 200 kB per put
+        u = s.usage()
+        assert u["dropped"] == 40 - accepted == u["queue_full"]
+        gate.set()
+        assert s.flush(10) and s.usage()["writes"] == accepted
+        assert s.put(_key(100), data)  # room again
+    finally:
+        gate.set()
+        s.close()
 
 
 def test_duplicates_delete_and_prefix_lookup(store):
@@ -203,8 +263,6 @@ def test_closed_store_drops_puts(backend):
 def test_writer_killed_mid_write_leaves_only_whole_values(backend):
     """SIGKILL a writer process while a reader in this process reads: nothing torn is ever read."""
     w = _writer_module()
-    proc = subprocess.Popen([sys.executable, str(HERE / "store_crash_writer.py"), str(backend.root), "0",
-                             backend.name], stdout=subprocess.PIPE, text=True, cwd=str(ROOT))
     bad: list[str] = []
     latest = [0]  # puts the writer has accepted
     reads = [0, 0]  # hits, misses while the writer ran
@@ -233,21 +291,12 @@ def test_writer_killed_mid_write_leaves_only_whole_values(backend):
     reader = threading.Thread(target=read_while_writing)
     reader.start()
     try:
-        progress = 0
-        deadline = time.monotonic() + 30
-        while progress < 60 and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            if line.startswith("progress"):
-                progress = latest[0] = int(line.split()[1])
-        assert progress >= 60, f"writer made no progress (exit {proc.poll()})"
+        progress = w.run_until_killed([str(backend.root), "0", backend.name], 60,
+                                      on_progress=lambda p: latest.__setitem__(0, p))
     finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
-        proc.stdout.close()
         stop.set()
         reader.join(30)
+    assert progress >= 60, "writer made no progress"
     assert not bad, f"torn or foreign values read while writing: {bad[:3]}"
     assert reads[0] > 0, reads
     s = make_store(w.crash_config(str(backend.root), backend.name), 0)  # a restarted writer

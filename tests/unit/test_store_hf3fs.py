@@ -7,7 +7,6 @@ from __future__ import annotations
 import errno
 import os
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -57,20 +56,6 @@ def store(mount):
     s.close()
 
 
-class _Gate:
-    """Holds the writer threads before their I/O until released."""
-
-    def __init__(self, monkeypatch):
-        self.event = threading.Event()
-        real = Hf3fsStore._write_batch
-
-        def slow(s, *a):
-            self.event.wait(10)
-            return real(s, *a)
-
-        monkeypatch.setattr(Hf3fsStore, "_write_batch", slow)
-
-
 def test_round_trip_layout_and_resources(mount):
     s = _open(mount)
     assert isinstance(s, KVStore)
@@ -105,44 +90,6 @@ def test_miss_and_too_small_buffer(store):
     assert store.get(_key(2), np.zeros(1000, dtype=np.uint8)) == 1000
     with pytest.raises(ValueError):
         store.get(_key(2), b"x" * 2000)
-
-
-def test_async_put_visible_after_flush(mount, monkeypatch):
-    gate = _Gate(monkeypatch)
-    s = _open(mount)
-    data = _data(7)
-    assert s.put(_key(7), data)
-    data[:] = 0
-    assert s.contains([_key(7)]) == 1
-    out = np.zeros(100_000, dtype=np.uint8)
-    assert s.get(_key(7), out) == 100_000 and np.array_equal(out, _data(7))
-    assert not s.flush(0.2)
-    gate.event.set()
-    assert s.flush(10)
-    out[:] = 0
-    assert s.get(_key(7), out) == 100_000 and np.array_equal(out, _data(7))
-    assert s.usage()["queue_hits"] == 1 and s.usage()["writes"] == 1
-    s.close()
-
-
-def test_queue_full_drops_without_blocking(mount, monkeypatch):
-    gate = _Gate(monkeypatch)
-    s = _open(mount, queue_mb=1)
-    data = _data(0, 200_000)
-    results, worst = [], 0.0
-    for i in range(40):
-        t0 = time.perf_counter()
-        results.append(s.put(_key(i), data))
-        worst = max(worst, time.perf_counter() - t0)
-    assert worst < 0.05
-    accepted = sum(results)
-    assert 1 <= accepted <= 5
-    u = s.usage()
-    assert u["dropped"] == 40 - accepted == u["queue_full"]
-    gate.event.set()
-    assert s.flush(10) and s.usage()["files"] == accepted
-    assert s.put(_key(100), data)
-    s.close()
 
 
 def test_duplicate_and_delete(store):

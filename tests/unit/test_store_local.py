@@ -8,7 +8,6 @@ import os
 import signal
 import stat
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -136,47 +135,6 @@ def test_miss_and_too_small_buffer(store):
     assert store.get(_key(2), big) == 1000  # still there, not deleted
     with pytest.raises(ValueError):
         store.get(_key(2), b"x" * 2000)  # read-only destination
-
-
-def test_async_put_visible_after_flush(disk, monkeypatch):
-    gate = _Gate(monkeypatch)
-    s = LocalStore(_cfg(disk))
-    data = _data(7)
-    assert s.put(_key(7), data)
-    data[:] = 0  # the caller reuses its buffer at once
-    assert not _files(disk)  # nothing on disk yet
-    assert s.contains([_key(7)]) == 1
-    out = np.zeros(100_000, dtype=np.uint8)
-    assert s.get(_key(7), out) == 100_000 and np.array_equal(out, _data(7))  # served from the queue
-    assert not s.flush(0.2)
-    gate.event.set()
-    assert s.flush(10)
-    assert len(_files(disk)) == 1
-    out[:] = 0
-    assert s.get(_key(7), out) == 100_000 and np.array_equal(out, _data(7))
-    assert s.usage()["queue_hits"] == 1
-    s.close()
-
-
-def test_queue_full_drops_without_blocking(disk, monkeypatch):
-    gate = _Gate(monkeypatch)  # the disk "hangs": nothing is written until released
-    s = LocalStore(_cfg(disk, queue_mb=1, write_threads=2))
-    data = _data(0, 200_000)
-    results, worst = [], 0.0
-    for i in range(40):
-        t0 = time.perf_counter()
-        results.append(s.put(_key(i), data))
-        worst = max(worst, time.perf_counter() - t0)
-    assert worst < 0.05, f"a put blocked for {worst:.3f} s"
-    accepted = sum(results)
-    assert 1 <= accepted <= 5  # 1 MiB of queue / ~200 KB per put
-    u = s.usage()
-    assert u["dropped"] == 40 - accepted == u["queue_full"]
-    gate.event.set()
-    assert s.flush(10)
-    assert s.usage()["files"] == accepted
-    assert s.put(_key(100), data)  # room again
-    s.close()
 
 
 def test_duplicate_put_is_skipped(store):
@@ -456,23 +414,8 @@ def test_concurrent_puts_and_gets(disk):
 @pytest.mark.parametrize("o_direct", [False, True])
 def test_crash_mid_write_leaves_only_whole_chunks(disk, o_direct):
     w = _writer_module()
-    proc = subprocess.Popen([sys.executable, str(HERE / "store_crash_writer.py"), str(disk),
-                             "1" if o_direct else "0"],
-                            stdout=subprocess.PIPE, text=True, cwd=str(ROOT))
-    try:
-        progress = 0
-        deadline = time.monotonic() + 20
-        while progress < 60 and time.monotonic() < deadline:
-            line = proc.stdout.readline()
-            if not line:
-                break
-            if line.startswith("progress"):
-                progress = int(line.split()[1])
-        assert progress >= 60, f"writer made no progress (exit {proc.poll()})"
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
-        proc.stdout.close()
+    progress = w.run_until_killed([str(disk), "1" if o_direct else "0"], 60)
+    assert progress >= 60, "writer made no progress"
     s = LocalStore(_cfg(disk, size_gb=0.025))
     keys = s.keys()
     assert len(keys) >= 5
