@@ -366,7 +366,7 @@ def run(args: argparse.Namespace) -> int:
         if emulated:
             print("# USRBIO EMULATOR (tests/doubles: a test double over local files): these figures "
                   "measure pdkv's hf3fs store code over local files, NOT 3FS")
-        print(f"# plain baseline: one file per chunk, sequential, "
+        print("# plain baseline: one file per chunk, sequential, "
               + ("O_DIRECT" if plain.direct else f"buffered + fsync per file, page cache dropped "
                  f"before reads ({plain.why})"))
         if hf3fs:

@@ -57,11 +57,13 @@ import re
 import struct
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from multiprocessing import shared_memory
 from typing import Any, Sequence
 
 import xxhash
+
+from store.queue import DUPLICATE, QUEUED, WriteQueue
 
 log = logging.getLogger(__name__)
 
@@ -218,10 +220,10 @@ class _View:
 
 
 class _Item:
-    __slots__ = ("key", "data", "cancelled")
+    __slots__ = ("key", "data", "size", "cancelled")
 
     def __init__(self, key: str, data: bytes):
-        self.key, self.data, self.cancelled = key, data, False
+        self.key, self.data, self.size, self.cancelled = key, data, len(data), False
 
 
 class _Slabs:
@@ -341,9 +343,10 @@ class Hf3fsStore:
         self.queue_budget = int(cfg.queue_mb) << 20
         self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
         self._lock = threading.Lock()
-        self._cv = threading.Condition(self._lock)
-        self._batch_seq = 0  # next batch a writer takes
-        self._next_commit = 0  # the batch whose turn it is to enter the index
+        self._q = WriteQueue(self.queue_budget, self.stats, self._lock, f"hf3fs store {self.root}",
+                             writer=self.writer)
+        self._cv = self._q.cv
+        self._next_commit = 0  # the batch (in take order) whose turn it is to enter the index
         self._read_lock = threading.Lock()
         self._log_lock = threading.Lock()
         self._peer_lock = threading.Lock()
@@ -351,11 +354,6 @@ class Hf3fsStore:
         self._peers_scanned = float("-inf")
         self._index: OrderedDict[str, _Entry] = OrderedDict()  # LRU order: oldest first
         self._slabs = _Slabs(self.n_slabs, self.slab_size)
-        self._queue: deque[_Item] = deque()
-        self._pending: dict[str, _Item] = {}
-        self._queued_bytes = 0
-        self._writing = 0
-        self._closed = self._stopping = False
         self._seq = 0
         self._log_records = 0
         self._fds: dict[int, int] = {}
@@ -564,40 +562,10 @@ class Hf3fsStore:
     # -- KVStore ---------------------------------------------------------------------------
     def put(self, key: str, data: Any) -> bool:
         mv = _byte_view(data)
-        size = mv.nbytes
-        if not self.writer:
-            with self._lock:
-                self.stats["dropped"] += 1
-                self.stats["read_only"] += 1
-            return False
-        with self._lock:
-            if self._closed or size > self.max_value or size > self.queue_budget:
-                self.stats["dropped"] += 1
-                if not self._closed:
-                    self.stats["too_large"] += 1
-                    log.warning("hf3fs store %s: dropped %s: %d bytes exceed a slab (%d) or the "
-                                "queue (%d)", self.path, key, size, self.max_value, self.queue_budget)
-                return False
-            if key in self._index or key in self._pending:
-                self.stats["duplicates"] += 1
-                return True
-            if self._queued_bytes + size > self.queue_budget:
-                self.stats["dropped"] += 1
-                self.stats["queue_full"] += 1
-                return False
-            self._queued_bytes += size
-        item = _Item(key, mv.tobytes())
-        with self._cv:
-            if self._closed:
-                self._queued_bytes -= size
-                self.stats["dropped"] += 1
-                return False
-            self._queue.append(item)
-            self._pending[key] = item
-            self.stats["puts"] += 1
-            self.stats["put_bytes"] += size
-            self._cv.notify()
-        return True
+        got = self._q.reserve(key, mv.nbytes, self._index.__contains__, limit=self.max_value)
+        if got != QUEUED:
+            return got == DUPLICATE
+        return self._q.push(_Item(key, mv.tobytes()), mv.nbytes)
 
     def get(self, key: str, into: Any) -> int:
         return self.get_many([key], [into])[0]
@@ -613,7 +581,7 @@ class Hf3fsStore:
         with self._lock:
             for i, key in enumerate(keys):
                 e = self._index.get(key)
-                item = self._pending.get(key)
+                item = self._q.pending.get(key)
                 if e is None and item is not None:
                     if len(item.data) <= outs[i].nbytes:
                         outs[i][:len(item.data)] = item.data
@@ -731,7 +699,7 @@ class Hf3fsStore:
         n = 0
         with self._lock:
             for key in keys:
-                if key not in self._index and key not in self._pending:
+                if key not in self._index and key not in self._q.pending:
                     break
                 n += 1
         if n == len(keys):
@@ -741,7 +709,7 @@ class Hf3fsStore:
         for key in keys[n:]:
             if key not in found:
                 with self._lock:  # written here meanwhile?
-                    if key not in self._index and key not in self._pending:
+                    if key not in self._index and key not in self._q.pending:
                         break
             n += 1
         return n
@@ -760,7 +728,7 @@ class Hf3fsStore:
         n, recs = 0, []
         with self._lock:
             for key in keys:
-                item = self._pending.pop(key, None)
+                item = self._q.pending.pop(key, None)
                 if item is not None:
                     item.cancelled = True
                 e = self._forget(key)
@@ -780,37 +748,15 @@ class Hf3fsStore:
                     "files": len(self._index),
                     "budget": self.budget, "slab_size": self.slab_size, "slabs": self.n_slabs,
                     "free_slabs": len(self._slabs.free_slabs), "max_value": self.max_value,
-                    "queued": len(self._queue), "queued_bytes": self._queued_bytes,
+                    "queued": len(self._q.items), "queued_bytes": self._q.queued_bytes,
                     "queue_budget": self.queue_budget, **self.stats}
 
     def flush(self, timeout_s: float = 30.0) -> bool:
-        deadline = time.monotonic() + timeout_s
-        with self._cv:
-            while self._queue or self._writing:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cv.wait(left)
-        return True
+        return self._q.flush(timeout_s)
 
     def close(self, timeout_s: float = 5.0) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        if not self.flush(timeout_s):
-            log.warning("hf3fs store %s: closing with %d puts not written", self.path, len(self._queue))
-        with self._cv:
-            self._stopping = True
-            self._cv.notify_all()
-        for t in self._threads:
-            t.join(timeout=timeout_s)
-        with self._cv:
-            for item in self._queue:
-                self._pending.pop(item.key, None)
-                self._queued_bytes -= len(item.data)
-            self._queue.clear()
-        self._release()
+        if self._q.close(self._threads, timeout_s) is not None:
+            self._release()
 
     def _release(self) -> None:
         with self._peer_lock:
@@ -849,21 +795,21 @@ class Hf3fsStore:
     def _writer(self, w: int) -> None:
         area0 = self.read_area + w * self.write_area
         while True:
-            with self._cv:
-                while not self._queue and not self._stopping:
-                    self._cv.wait()
-                if self._stopping:
-                    return
-                batch, used = [], 0
-                while self._queue and len(batch) < self.entries:
-                    n = _round_up(HDR + len(self._queue[0].data))
-                    if batch and used + n > self.write_area:
-                        break
-                    batch.append(self._queue.popleft())
-                    used += n
-                self._writing += 1
-                turn = self._batch_seq  # batches enter the index in the order they were taken
-                self._batch_seq += 1
+            used = [0]
+
+            def more(batch: list[_Item], nxt: _Item) -> bool:
+                """Batch while the ring has entries and this thread's staging area has room."""
+                used[0] = used[0] or _round_up(HDR + batch[0].size)
+                n = _round_up(HDR + nxt.size)
+                if len(batch) >= self.entries or used[0] + n > self.write_area:
+                    return False
+                used[0] += n
+                return True
+
+            got = self._q.take(more)
+            if got is None:
+                return
+            turn, batch = got
             try:
                 self._write_batch(batch, w, area0, turn)
             except Exception:  # never let a writer thread die
@@ -874,12 +820,7 @@ class Hf3fsStore:
                 with self._cv:
                     self._cv.wait_for(lambda: self._next_commit >= turn)
                     self._next_commit = max(self._next_commit, turn + 1)
-                    for item in batch:
-                        self._queued_bytes -= len(item.data)
-                        if self._pending.get(item.key) is item:
-                            del self._pending[item.key]
-                    self._writing -= 1
-                    self._cv.notify_all()
+                    self._q.finish_locked(batch)
 
     def _stage(self, dst: int, item: _Item, e: _Entry, p0: int, p1: int) -> None:
         """Copy bytes [p0, p1) of the slot image of ``item`` (header, payload, zero padding) to

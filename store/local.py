@@ -55,10 +55,12 @@ import re
 import struct
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from typing import Any, Sequence
 
 import xxhash
+
+from store.queue import DUPLICATE, QUEUED, WriteQueue
 
 log = logging.getLogger(__name__)
 
@@ -435,7 +437,9 @@ class LocalStore:
         self._direct = bool(cfg.o_direct)
         self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
         self._lock = threading.Lock()
-        self._cv = threading.Condition(self._lock)
+        self._q = WriteQueue(self.queue_budget, self.stats, self._lock, f"local store {self.path}",
+                             writer=self.writer)
+        self._cv = self._q.cv
         self._index: dict[str, _Entry] = {}
         if cfg.eviction == "lfu":
             self._policy: Any = _LFUPolicy()
@@ -445,16 +449,10 @@ class LocalStore:
             raise ValueError(f"store.eviction {cfg.eviction!r} is not allowed; choose lru, lfu or fifo")
         self._used = 0              # bytes of indexed files
         self._inflight = 0          # bytes reserved by files being written
-        self._queue: deque[_Item] = deque()
-        self._pending: dict[str, _Item] = {}
-        self._queued_bytes = 0      # bytes reserved by queued (and being written) puts
         self._pool = _BufPool(self.queue_budget)  # staging buffers of queued puts
         # staging of O_DIRECT reads (a header page; whole files for unaligned callers): apart,
         # so that reads and the write queue do not push each other's buffers out
         self._rpool = _BufPool(min(self.queue_budget, READ_POOL_MAX))
-        self._writing = 0
-        self._closed = False
-        self._stopping = False
         self._evicting: set[str] = set()
         self._seq = itertools.count()
         self._dirs: set[str] = set()
@@ -624,48 +622,21 @@ class LocalStore:
             raise ValueError(f"store key is {len(kb)} bytes long; at most {_MAX_KEY}")
         direct = self._direct
         poff, size = _layout(len(kb), plen, direct)
-        with self._lock:
-            if not self.writer:  # opened read-only: no writer threads would ever drain the queue
-                self.stats["dropped"] += 1
-                self.stats["read_only"] += 1
-                return False
-            if self._closed or size > self.budget or size > self.queue_budget:
-                self.stats["dropped"] += 1
-                if not self._closed:
-                    self.stats["too_large"] += 1
-                    log.warning("local store %s: dropped %s: %d bytes exceed the budget (%d) or the "
-                                "queue (%d)", self.path, key, size, self.budget, self.queue_budget)
-                return False
-            if key in self._index or key in self._pending:
-                self.stats["duplicates"] += 1
-                return True
-            if self._queued_bytes + size > self.queue_budget:
-                self.stats["dropped"] += 1
-                self.stats["queue_full"] += 1
-                return False
-            self._queued_bytes += size  # reserved; the copy happens outside the lock
+        got = self._q.reserve(key, size, self._index.__contains__, limit=self.budget)
+        if got != QUEUED:
+            return got == DUPLICATE
         buf = None
         try:
             buf = self._pool.get(size)  # page aligned; header and padding are filled by the writer
             memoryview(buf)[poff:poff + plen] = mv
         except BaseException:
-            with self._lock:
-                self._queued_bytes -= size
+            self._q.unreserve(size)
             if buf is not None:
                 self._pool.put(buf)
             raise
-        item = _Item(key, buf, poff, plen, size, direct)
-        with self._cv:
-            if self._closed:
-                self._queued_bytes -= size
-                self.stats["dropped"] += 1
-                self._pool.put(buf)
-                return False
-            self._queue.append(item)
-            self._pending[key] = item
-            self.stats["puts"] += 1
-            self.stats["put_bytes"] += plen
-            self._cv.notify()
+        if not self._q.push(_Item(key, buf, poff, plen, size, direct), plen):
+            self._pool.put(buf)
+            return False
         return True
 
     def get(self, key: str, into: Any) -> int:
@@ -673,7 +644,7 @@ class LocalStore:
         if out.readonly:
             raise ValueError("get: the destination buffer is read-only")
         with self._lock:
-            item = self._pending.get(key)
+            item = self._q.pending.get(key)
             e = self._index.get(key)
             if item is not None and e is None:
                 item.refs += 1  # the writer may finish meanwhile: keep the buffer out of the pool
@@ -876,7 +847,7 @@ class LocalStore:
         n = 0
         for key in keys:
             with self._lock:
-                known = key in self._index or key in self._pending
+                known = key in self._index or key in self._q.pending
             if not known and not os.path.exists(self._file(key)):
                 break
             n += 1
@@ -891,7 +862,7 @@ class LocalStore:
         n = 0
         for key in keys:
             with self._lock:
-                item = self._pending.pop(key, None)
+                item = self._q.pending.pop(key, None)
                 if item is not None:
                     item.cancelled = True
                 had = self._forget(key) is not None or item is not None
@@ -910,40 +881,22 @@ class LocalStore:
     def usage(self) -> dict:
         with self._lock:
             return {"path": self.path, "bytes": self._used, "files": len(self._index),
-                    "budget": self.budget, "queued": len(self._queue),
-                    "queued_bytes": self._queued_bytes, "queue_budget": self.queue_budget,
+                    "budget": self.budget, "queued": len(self._q.items),
+                    "queued_bytes": self._q.queued_bytes, "queue_budget": self.queue_budget,
                     "o_direct": self._direct, **self.stats}
 
     def flush(self, timeout_s: float = 30.0) -> bool:
-        deadline = time.monotonic() + timeout_s
-        with self._cv:
-            while self._queue or self._writing:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cv.wait(left)
-        return True
+        return self._q.flush(timeout_s)
 
     def close(self, timeout_s: float = 5.0) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        if not self.flush(timeout_s):
-            log.warning("local store %s: closing with %d puts not written", self.path, len(self._queue))
-        with self._cv:
-            self._stopping = True
-            self._cv.notify_all()
-        for t in self._threads:
-            t.join(timeout=timeout_s)
+        left = self._q.close(self._threads, timeout_s)
+        if left is None:
+            return
         freed = []
         with self._cv:
-            for item in self._queue:
-                self._pending.pop(item.key, None)
-                self._queued_bytes -= item.size
+            for item in left:
                 item.done = True
                 freed.append(self._detach(item))
-            self._queue.clear()
         for buf in freed:
             if buf is not None:
                 self._pool.put(buf)
@@ -958,13 +911,11 @@ class LocalStore:
     # -- background writing ------------------------------------------------------------
     def _writer(self) -> None:
         while True:
-            with self._cv:
-                while not self._queue and not self._stopping:
-                    self._cv.wait()
-                if self._stopping:
-                    return
-                item = self._queue.popleft()
-                self._writing += 1
+            got = self._q.take()
+            if got is None:
+                return
+            _, batch = got
+            item = batch[0]
             try:
                 self._write_item(item)
             except Exception:  # never let a writer thread die
@@ -973,13 +924,9 @@ class LocalStore:
                     self.stats["write_errors"] += 1
             finally:
                 with self._cv:
-                    self._queued_bytes -= item.size
-                    if self._pending.get(item.key) is item:
-                        del self._pending[item.key]
-                    self._writing -= 1
+                    self._q.finish_locked(batch)
                     item.done = True
                     buf = self._detach(item)
-                    self._cv.notify_all()
                 if buf is not None:
                     self._pool.put(buf)
 
