@@ -80,12 +80,12 @@ class WorkerSide:
         self.pool = StagingPool(slab, SLABS_PER_THREAD * self.cfg.io_threads,
                                 pin=self.layout.device.type == "cuda")
         self.namespace = make_namespace(self.model, self.layout.fingerprint)  # = the scheduler's
-        limit = getattr(self.store, "max_value", None)
+        limit = getattr(self.store, "max_value", None) or getattr(self.store, "budget", None)
         if self.write_through and limit is not None and slab > limit:
             logger.error("pdkv worker rank %d: a chunk is %d B but the %s store holds at most %d B per "
-                         "value: every store put will be dropped; lower connector.chunk_size or raise "
-                         "connector.store.hf3fs.iov_size_mb", self.rank, slab,
-                         getattr(self.store, "location", "?"), limit)
+                         "value: every store put will be dropped (counted too_large); lower "
+                         "connector.chunk_size, or raise connector.store.size_gb (or, for hf3fs, "
+                         "iov_size_mb)", self.rank, slab, getattr(self.store, "location", "?"), limit)
         logger.info("pdkv worker rank %d: %d layers, page %d B, chunk %d tokens = %d B, namespace %s",
                     self.rank, self.layout.num_layers, self.layout.page_bytes, self.cfg.chunk_size,
                     slab, self.namespace)

@@ -57,8 +57,10 @@ class WriteQueue:
                 return DROPPED
             if size > self.budget or (limit is not None and size > limit):
                 self._drop("too_large")
-                log.warning("%s: dropped %s: %d bytes exceed what the store holds (%s) or its write "
-                            "queue (%d)", self.name, key, size, limit, self.budget)
+                if self.stats["too_large"] == 1:  # once: the same chunk size comes again and again
+                    log.warning("%s: dropped %s: %d bytes exceed what the store holds (%s) or its "
+                                "write queue (%d); further such puts are only counted (too_large)",
+                                self.name, key, size, limit, self.budget)
                 return DROPPED
             if present(key) or key in self.pending:
                 self.stats["duplicates"] += 1
