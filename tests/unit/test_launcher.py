@@ -642,3 +642,54 @@ def test_cpu_binds_explicit():
     for bad, n in (("0-3;4-7", 3), ("0-3;4-7", 1), ("0-3;", 2), ("a;b", 2), ("0-3;4-", 2)):
         with pytest.raises(ConfigError, match="vllm.cpu_bind"):
             cpu_binds(bad, n)
+
+
+# -- the store flags -----------------------------------------------------------------------
+def _store_extra(out: str) -> dict:
+    _, argv = parse_dry_run(out)["prefill-0"]
+    return json.loads(flag(argv, "--kv-transfer-config"))["kv_connector_extra_config"]
+
+
+def test_store_flags_reach_the_instances(model, tmp_path, capsys):
+    store = tmp_path / "kv"
+    store.mkdir()
+    cfg = write_yaml(tmp_path, free_config(model, tmp_path))
+    assert main(["launch", "--config", str(cfg), "--store", "local", "--store-path", f"file://{store}",
+                 "--store-size-gb", "2", "--transport", "none", "--dry-run"]) == 0
+    extra = _store_extra(capsys.readouterr().out)
+    assert extra["store"]["backend"] == "local" and extra["store"]["paths"] == [f"file://{store}"]
+    assert extra["store"]["size_gb"] == 2 and extra["transport"]["kind"] == "none"
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--store", "local"], ["connector.store.paths", "at least one directory"]),
+    (["--store", "local", "--store-path", "/nonexistent/kv"], ["/nonexistent/kv", "not an existing directory"]),
+    (["--store", "local", "--store-path", "{tmp}", "--store-size-gb", "0"], ["size_gb", "0.001"]),
+])
+def test_bad_store_flags_exit_2(model, tmp_path, capsys, args, words):
+    cfg = write_yaml(tmp_path, free_config(model, tmp_path))
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    assert main(["launch", "--config", str(cfg), *args, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert all(w in err for w in words), err
+
+
+def test_hf3fs_store_is_checked_before_anything_starts(model, tmp_path, capsys, monkeypatch, usrbio_double):
+    from store import usrbio_emulator as emu
+
+    cfg = write_yaml(tmp_path, free_config(model, tmp_path))
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    assert main(["launch", "--config", str(cfg), "--store", "hf3fs", "--store-path", str(plain), "--dry-run"]) == 2
+    assert "not on a 3FS mount" in capsys.readouterr().err
+    mount = Path(emu.emulate_mount(str(tmp_path / "3fs")))
+    assert main(["launch", "--config", str(cfg), "--store", "hf3fs", "--store-path", str(mount / "kv"),
+                 "--dry-run"]) == 0
+    assert _store_extra(capsys.readouterr().out)["store"]["backend"] == "hf3fs"
+    assert [p.name for p in (mount / "kv" / "dev0").iterdir()] == []  # checked read-only: no writer dir
+    monkeypatch.setitem(sys.modules, "hf3fs_fuse", None)  # and without the client at all
+    monkeypatch.setitem(sys.modules, "hf3fs_fuse.io", None)
+    assert main(["launch", "--config", str(cfg), "--store", "hf3fs", "--store-path", str(mount / "kv"),
+                 "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "hf3fs_py_usrbio" in err and "backend local" in err
