@@ -8,14 +8,14 @@ process (the first ``k`` whose ``lock`` file it can ``flock``; a restarted write
 directory back and replays its index). A writer directory holds:
 
 * ``data-NNNN.bin``: a few large data files (at most ``FILE_BYTES`` each), cut into slabs of
-  ``slab_size`` bytes (a power of two: at most 1 GiB, a quarter of the budget, and the read
-  staging area, i.e. half the iovec; the largest value is ``slab_size`` - 64 bytes, e.g. 64 MiB
-  - 64 with the default 200 MB iovec: raise ``iov_size_mb`` for larger chunks). A slab is given to one slot size class (4 KiB x 2^k up to the slab size) when a
-  value of that class needs room, and goes back to the free slabs when its last slot is freed.
-  The budget (``size_gb`` over the base paths) is the number of slabs x ``slab_size``, so the
-  data files never exceed it. The budget is per writer directory: normally one per device
-  index and base path (the prefill worker of that rank); give each prefill instance its own
-  base path or account for one budget per writer.
+  ``slab_size`` bytes, a power of two: at most 1 GiB, a quarter of the budget, and the read
+  staging area (half the iovec). The largest value is ``slab_size`` - 64 bytes: 64 MiB - 64 with
+  the default 200 MB iovec; raise ``iov_size_mb`` for larger chunks. A slab is given to one slot
+  size class (4 KiB x 2^k up to the slab size) when a value of that class needs room, and goes
+  back to the free slabs when its last slot is freed. The budget (``size_gb`` over the base
+  paths) is the number of slabs x ``slab_size``, so the data files never exceed it. The budget
+  is per writer directory: normally one per device index and base path (the prefill worker of
+  that rank); give each prefill instance its own base path or account for one budget per writer.
 * Each slot: a 64-byte header ``magic 4s | version H | pad H | xxh3(key) Q | payload_len Q |
   xxh3(payload) Q | seq Q`` then the payload. A slot whose header does not name the key, the
   index's sequence number, the length or the checksum is a miss (torn, stale, overwritten).
@@ -26,25 +26,27 @@ directory back and replays its index). A writer directory holds:
   order of the log.
 * ``lock``: ``flock`` held by the one process that writes the directory.
 
-Sharing between processes: every process reads every ``w*`` directory of its device. Its own
-through its in-memory index; the others (peers) through views that tail their ``index.log``
+Sharing between processes: every process reads every ``w*`` directory of its device: its own
+through its in-memory index, the others (peers) through views that tail their ``index.log``
 before each lookup (new records are applied; another generation means the log was rewritten and
-is read again from its start; new ``w*`` directories are looked for at most once a second, and
-on a miss when the last look is 0.1 s old). A process opened with ``writer=False`` (a scheduler, a decode worker) claims
-no directory, writes nothing and drops every ``put`` (counted ``read_only``). A view may be
-stale (the peer has evicted the value and reused its slot): the slot header check makes such a
-read a miss, never another value. Reads by other processes do not refresh the writer's LRU order.
+is read again from its start). New ``w*`` directories are looked for at most once a second, and
+on a miss when the last look is 0.1 s old. A process opened with ``writer=False`` (a scheduler,
+a decode worker) claims no directory, writes nothing and drops every ``put`` (counted
+``read_only``). A view may be stale (the peer has evicted the value and reused its slot): the
+slot header check makes such a read a miss, never another value. Reads by other processes do not
+refresh the writer's LRU order.
 
 I/O: one shared-memory segment (``iov_size_mb``) registered once with ``make_iovec``; its first
 half stages reads (one batch at a time), its second half is split between ``io_threads`` writer
 threads, each with its own write ioring; a value larger than a writer's share is written in
-pieces (several submits). The data files are ``register_fd``-ed once. Writes and
-batched reads prepare every I/O of a batch, submit once and wait for all results.
+pieces (several submits). The data files are ``register_fd``-ed once. Writes and batched reads
+prepare every I/O of a batch, submit once and wait for all results.
 
-``put`` copies into a bounded queue (``queue_mb``) and returns at once; a full queue, a value
-that cannot fit a slab, a closed store drop the put (counted). A failed write (``result < 0``,
-e.g. -ENOSPC) drops that put and frees its slot. When no slot is free, least recently used
-values are evicted (the DEL records reach the log before the slot is rewritten).
+``put`` copies into the bounded write queue of ``store.queue`` (``queue_mb``) and returns at
+once; a full queue, a value that cannot fit a slab, a closed store drop the put (counted). A
+failed write (``result < 0``, e.g. -ENOSPC) drops that put and frees its slot. When no slot is
+free, least recently used values are evicted (the DEL records reach the log before the slot is
+rewritten).
 """
 from __future__ import annotations
 
