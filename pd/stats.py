@@ -21,8 +21,12 @@ def _num(v: float) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Print what the coordinator knows; ConfigError (exit 2) if it does not answer."""
+    import logging
+
     from pd.coord_client import CoordinatorClient
 
+    if not getattr(args, "verbose", False):  # no answer is reported once, as the error below
+        logging.getLogger("pd.coordinator.client").setLevel(logging.ERROR)
     client = CoordinatorClient(args.coordinator, timeout_s=3)
     try:
         reply = client.query(args.pd_id)

@@ -276,6 +276,7 @@ def test_cli_errors_are_one_line():
     r = pd_cli("stats", "--coordinator", f"tcp://127.0.0.1:{free_port()}", timeout=60)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "pd stats: error: no answer from the coordinator" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr  # no client warning before it
 
 
 # ---- lifecycle, with stand-in processes ---------------------------------------------------
