@@ -28,6 +28,7 @@ BENCH: dict[str, tuple[str, str]] = {
     "ttft": ("launch.bench_ttft", "cold vs warm time to first token of a long prompt (prefix reuse from the store)"),
     "kv": ("pd.bench_kv", "chunk gather/scatter speed of the paged KV cache vs a plain copy (CPU or GPU)"),
     "store": ("store.bench", "write/read GB/s and per-chunk latency of a KV store vs plain O_DIRECT I/O"),
+    "serve": ("launch.bench_serve", "P/D vs colocated serving under one load: TTFT, TPOT, ITL, goodput"),
 }
 EXIT_USAGE = 2
 

@@ -225,3 +225,21 @@ def test_decode_keeps_serving_while_a_load_waits(deployments):
     assert ids == _complete(co.url, prompt)[0]
     rec = _transfer(pd.url, pd_id)
     assert rec["ok"] and rec["n_chunks"] == 2
+
+
+def test_bench_serve_load_generator_on_both_deployments(deployments):
+    """`pd bench serve`'s load generator through both proxies: every request answers, the
+    per-request figures exist, and P/D answers as colocated does."""
+    from launch.bench_serve import make_workload, run_load, summarize
+
+    pd, co = deployments
+    work = make_workload(6, 4.0, 0.34, 600, 64, 12, seed=11)
+    texts = []
+    for dep in (pd, co):
+        results, wall = run_load(dep.url, "tiny-llama", work)
+        assert all(r.ok for r in results), [r.error for r in results]
+        s = summarize(results, wall, 60.0, 10.0)
+        assert s["failed"] == 0 and s["slo_met"] == 6 and s["ttft_long_p50"] is not None
+        assert all(len(r.token_times) >= 2 and r.tpot is not None for r in results)
+        texts.append([r.text for r in results])
+    assert texts[0] == texts[1]

@@ -1,0 +1,244 @@
+"""`pd bench serve`: P/D against colocated serving under the same load (TTFT, TPOT, ITL, goodput).
+
+For each mode it launches a deployment of the same model on this machine, one after the other
+(each gets the whole machine): ``pd`` = 1 prefill + 1 decode instance; ``colocated`` = as many
+plain vLLM instances (``--colocated`` of them, default 2: the same instance count), behind the
+same proxy. Then it replays one workload through the proxy, streaming every answer:
+
+* requests arrive as a Poisson process of ``--rate`` per second (seeded), ``--requests`` of them;
+* a ``--long-fraction`` of them have ``--long-tokens`` prompt tokens, the rest ``--short-tokens``
+  (random token ids, seeded; the same prompts in both modes), each asks ``--max-tokens`` tokens
+  (``ignore_eos``, so every answer has that many).
+
+Per request: TTFT (send .. first token), TPOT ((last token - first token) / (tokens - 1)), and
+every inter-token latency (ITL, from the arrival times of the streamed tokens). Per mode:
+p50/p90/p99 of each, output throughput (tokens / (first send .. last token)), request rate, and
+goodput: requests per second that met both SLOs (``--slo-ttft-ms``, ``--slo-tpot-ms``). The last
+column is pd / colocated. The answers of the two modes are compared (greedy decoding): the count
+of equal ones is printed.
+
+Long prefills stall the decoding of other requests on a colocated instance; on a P/D deployment
+they run on the prefill instance, so the short requests' TPOT/ITL tails are where P/D should win,
+and TTFT of long prompts is where it pays (the transfer).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+
+from launch.launcher import Deployment
+from launch.procs import check_model, check_ports, served_name
+from pd.config import DeploymentConfig, load, merge
+
+VOCAB = (16, 4000)  # token ids used for prompts (the test model has 4096)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="models/tiny-llama")
+    p.add_argument("--requests", type=int, default=32, help="requests per mode (default 32)")
+    p.add_argument("--rate", type=float, default=2.0, help="mean arrivals per second (Poisson; default 2)")
+    p.add_argument("--long-fraction", type=float, default=0.25,
+                   help="share of requests with a long prompt (default 0.25)")
+    p.add_argument("--long-tokens", type=int, default=1500, help="long prompt length (default 1500)")
+    p.add_argument("--short-tokens", type=int, default=128, help="short prompt length (default 128)")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request (default 64)")
+    p.add_argument("--slo-ttft-ms", type=float, default=2000.0, help="goodput SLO on TTFT (default 2000)")
+    p.add_argument("--slo-tpot-ms", type=float, default=100.0, help="goodput SLO on TPOT (default 100)")
+    p.add_argument("--colocated", type=int, default=2, help="colocated instances (default 2)")
+    p.add_argument("--modes", default="pd,colocated", help="modes to run, in order (default pd,colocated)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--port", type=int, default=8000, help="proxy port (default 8000)")
+
+
+@dataclass
+class Request:
+    arrival_s: float
+    prompt: list[int]
+    max_tokens: int
+    long: bool
+
+
+@dataclass
+class Result:
+    ok: bool
+    long: bool
+    sent: float
+    token_times: list[float] = field(default_factory=list)
+    text: str = ""
+    error: str = ""
+
+    @property
+    def ttft(self) -> float | None:
+        return self.token_times[0] - self.sent if self.token_times else None
+
+    @property
+    def tpot(self) -> float | None:
+        t = self.token_times
+        return (t[-1] - t[0]) / (len(t) - 1) if len(t) > 1 else None
+
+    @property
+    def itls(self) -> list[float]:
+        t = self.token_times
+        return [b - a for a, b in zip(t, t[1:])]
+
+
+def make_workload(n: int, rate: float, long_fraction: float, long_tokens: int, short_tokens: int,
+                  max_tokens: int, seed: int = 0) -> list[Request]:
+    """``n`` requests with Poisson arrivals of ``rate``/s; the same for the same arguments."""
+    if n < 1 or rate <= 0 or not 0 <= long_fraction <= 1 or min(long_tokens, short_tokens, max_tokens) < 1:
+        raise ValueError("need --requests >= 1, --rate > 0, 0 <= --long-fraction <= 1 and positive "
+                         "--long-tokens, --short-tokens, --max-tokens")
+    rng = random.Random(seed)
+    n_long = round(n * long_fraction)
+    kinds = [True] * n_long + [False] * (n - n_long)
+    rng.shuffle(kinds)
+    t, out = 0.0, []
+    for is_long in kinds:
+        size = long_tokens if is_long else short_tokens
+        out.append(Request(t, [rng.randrange(*VOCAB) for _ in range(size)], max_tokens, is_long))
+        t += rng.expovariate(rate)
+    return out
+
+
+def _one(url: str, model: str, req: Request, res: Result) -> None:
+    body = {"model": model, "prompt": req.prompt, "max_tokens": req.max_tokens, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+    r = urllib.request.Request(f"{url}/v1/completions", json.dumps(body).encode(),
+                               {"Content-Type": "application/json"})
+    res.sent = time.perf_counter()
+    try:
+        with urllib.request.urlopen(r, timeout=600) as resp:
+            for line in resp:
+                if not line.startswith(b"data: {"):
+                    continue
+                now = time.perf_counter()
+                choice = json.loads(line[6:])["choices"][0]
+                if choice.get("text"):
+                    res.token_times.append(now)
+                    res.text += choice["text"]
+        res.ok = bool(res.token_times)
+        res.error = "" if res.ok else "no tokens"
+    except Exception as e:  # noqa: BLE001 - a failed request is a result, not a crash
+        res.error = f"{type(e).__name__}: {e}"
+
+
+def run_load(url: str, model: str, workload: list[Request]) -> tuple[list[Result], float]:
+    """Send each request at its arrival time (one thread each); (results, wall seconds)."""
+    results = [Result(False, r.long, 0.0) for r in workload]
+    threads = []
+    t0 = time.perf_counter()
+    for req, res in zip(workload, results):
+        delay = t0 + req.arrival_s - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        th = threading.Thread(target=_one, args=(url, model, req, res), daemon=True)
+        th.start()
+        threads.append(th)
+    for th in threads:
+        th.join()
+    ends = [r.token_times[-1] for r in results if r.token_times]
+    return results, (max(ends) if ends else time.perf_counter()) - t0
+
+
+def _pct(xs: list[float], q: float) -> float | None:
+    if not xs:
+        return None
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def summarize(results: list[Result], wall_s: float, slo_ttft_s: float, slo_tpot_s: float) -> dict:
+    """The figures of one mode (seconds; None where no request gave one)."""
+    ok = [r for r in results if r.ok]
+    ttft = [r.ttft for r in ok]
+    tpot = [r.tpot for r in ok if r.tpot is not None]
+    short_tpot = [r.tpot for r in ok if r.tpot is not None and not r.long]
+    itl = [x for r in ok for x in r.itls]
+    good = [r for r in ok if r.ttft <= slo_ttft_s and (r.tpot is None or r.tpot <= slo_tpot_s)]
+    out = {"requests": len(results), "failed": len(results) - len(ok), "wall_s": wall_s,
+           "throughput_tok_s": sum(len(r.token_times) for r in ok) / wall_s if wall_s > 0 else 0.0,
+           "request_rate": len(ok) / wall_s if wall_s > 0 else 0.0,
+           "goodput": len(good) / wall_s if wall_s > 0 else 0.0, "slo_met": len(good)}
+    for name, xs in (("ttft", ttft), ("tpot", tpot), ("tpot_short", short_tpot), ("itl", itl)):
+        for q in (0.5, 0.9, 0.99):
+            out[f"{name}_p{int(q * 100)}"] = _pct(xs, q)
+    out["ttft_long_p50"] = _pct([r.ttft for r in ok if r.long], 0.5)
+    out["ttft_short_p50"] = _pct([r.ttft for r in ok if not r.long], 0.5)
+    return out
+
+
+ROWS = [("TTFT p50 ms", "ttft_p50", 1e3), ("TTFT p90 ms", "ttft_p90", 1e3), ("TTFT p99 ms", "ttft_p99", 1e3),
+        ("TTFT p50 ms, long prompts", "ttft_long_p50", 1e3), ("TTFT p50 ms, short prompts", "ttft_short_p50", 1e3),
+        ("TPOT p50 ms", "tpot_p50", 1e3), ("TPOT p90 ms", "tpot_p90", 1e3), ("TPOT p99 ms", "tpot_p99", 1e3),
+        ("TPOT p99 ms, short prompts", "tpot_short_p99", 1e3),
+        ("ITL p50 ms", "itl_p50", 1e3), ("ITL p90 ms", "itl_p90", 1e3), ("ITL p99 ms", "itl_p99", 1e3),
+        ("output tokens/s", "throughput_tok_s", 1.0), ("requests/s", "request_rate", 1.0),
+        ("goodput (SLO met)/s", "goodput", 1.0), ("requests meeting the SLOs", "slo_met", 1.0),
+        ("failed requests", "failed", 1.0)]
+
+
+def format_table(figures: dict[str, dict]) -> str:
+    modes = list(figures)
+    ratio = modes == ["pd", "colocated"]
+    head = ["metric", *modes] + (["pd/colocated"] if ratio else [])
+    lines = ["| " + " | ".join(head) + " |", "|:---|" + "---:|" * (len(head) - 1)]
+    for label, key, scale in ROWS:
+        vals = [figures[m].get(key) for m in modes]
+        cells = ["-" if v is None else f"{v * scale:.1f}" for v in vals]
+        if ratio:
+            a, b = vals
+            cells.append(f"{a / b:.2f}" if a is not None and b else "-")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _deployment(mode: str, model: str, args) -> DeploymentConfig:
+    over: dict = {"model": model, "proxy": {"port": args.port}}
+    if mode == "colocated":
+        over.update(mode="colocated", prefill={"count": args.colocated}, decode={"count": 0})
+    elif mode != "pd":
+        raise ValueError(f"--modes: unknown mode {mode!r}; allowed pd, colocated")
+    return merge(load(DeploymentConfig, {}), over)
+
+
+def run(args) -> int:
+    model = str(check_model(args.model))
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    workload = make_workload(args.requests, args.rate, args.long_fraction, args.long_tokens,
+                             args.short_tokens, args.max_tokens, args.seed)
+    deps = {m: _deployment(m, model, args) for m in modes}
+    for dep in deps.values():
+        check_ports(dep)
+    figures, texts = {}, {}
+    for mode, dep in deps.items():
+        d = Deployment(dep)
+        try:
+            d.start(progress=lambda line: None)
+            name = served_name(dep)
+            run_load(d.proxy_url, name, [workload[0]])  # warm up the HTTP path and the engines
+            results, wall = run_load(d.proxy_url, name, workload)
+        finally:
+            d.stop()
+        figures[mode] = summarize(results, wall, args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3)
+        texts[mode] = [r.text if r.ok else None for r in results]
+        for r in results:
+            if not r.ok:
+                print(f"# {mode}: a request failed: {r.error}")
+    n_long = sum(r.long for r in workload)
+    print(f"# pd bench serve: {args.requests} requests, Poisson {args.rate}/s, {n_long} long "
+          f"({args.long_tokens} tokens) and {args.requests - n_long} short ({args.short_tokens} tokens), "
+          f"{args.max_tokens} output tokens each, seed {args.seed}; SLOs TTFT <= {args.slo_ttft_ms:g} ms, "
+          f"TPOT <= {args.slo_tpot_ms:g} ms; pd = 1 prefill + 1 decode, colocated = {args.colocated} "
+          f"instance(s); model {model}")
+    print(format_table(figures))
+    if len(texts) == 2:
+        a, b = texts.values()
+        same = sum(x is not None and x == y for x, y in zip(a, b))
+        print(f"# same answer in both modes: {same} of {len(workload)}")
+    return 0 if all(f["failed"] == 0 for f in figures.values()) else 1
