@@ -31,6 +31,7 @@ logger = logging.getLogger("pd.connector")
 
 # Staging memory per worker: enough slabs to keep one batch in flight per I/O thread.
 SLABS_PER_THREAD = 8
+WAIT_THREADS = 256  # loads that may wait for READY at once (threads are made as needed)
 
 
 class WorkerSide:
@@ -51,6 +52,9 @@ class WorkerSide:
         self.pool: StagingPool | None = None
         self.namespace = ""
         self._exec = ThreadPoolExecutor(cfg.io_threads, thread_name_prefix="pd-io")
+        # Waiting for READY holds no I/O thread: a load waiting on a long prefill must not queue
+        # the loads (and saves) behind it.
+        self._waits = ThreadPoolExecutor(WAIT_THREADS, thread_name_prefix="pd-wait")
         self._lock = threading.Lock()
         self._save_jobs: dict[str, Future] = {}
         self._done_sending: set[str] = set()
@@ -110,7 +114,10 @@ class WorkerSide:
                 ev.set()
         for spec in meta.loads:
             self._cancel[spec.req_id] = threading.Event()
-            self._exec.submit(self._run_load, spec)
+            if spec.pd_id:
+                self._waits.submit(self._await_ready, spec)
+            else:  # prefix reuse: the chunks are in the store, no transfer to wait for
+                self._exec.submit(self._run_load, spec, None, time.monotonic(), 0.0)
 
     def after_forward(self, meta: PDMetadata) -> None:
         event = None
@@ -203,19 +210,31 @@ class WorkerSide:
 
     # ---- load --------------------------------------------------------------------------
 
-    def _run_load(self, spec: LoadSpec) -> None:
+    def _await_ready(self, spec: LoadSpec) -> None:
+        """On a wait thread: wait for READY (or abort, or the timeout), then load on an I/O thread."""
         t0 = time.monotonic()
+        try:
+            reply = self._wait_ready(spec)
+        except Exception:  # the load below still runs (store, else recompute) and reports DONE
+            logger.exception("pd_id=%s: waiting for READY failed", spec.pd_id)
+            reply = None
+        wait_ms = (time.monotonic() - t0) * 1e3
+        try:
+            self._exec.submit(self._run_load, spec, reply, t0, wait_ms)
+        except RuntimeError:  # shutting down: finish it here, so the request is released
+            self._run_load(spec, reply, t0, wait_ms)
+
+    def _run_load(self, spec: LoadSpec, reply, t0: float, wait_ms: float) -> None:
+        """Load a request's KV (``reply``: what waiting for READY gave, for a P/D load)."""
         n_prompt = len(spec.token_ids)
         first_block = spec.start_token // self.block_size
         n_blocks = -(-n_prompt // self.block_size)
         loaded_upto = first_block  # blocks [first_block, loaded_upto) are valid
-        error, n_chunks, n_bytes, wait_ms = "", 0, 0, 0.0
-        if not spec.pd_id:  # prefix reuse: the chunks are in the store, no transfer to wait for
+        error, n_chunks, n_bytes = "", 0, 0
+        if not spec.pd_id:
             self._run_store_load(spec, t0, first_block, n_blocks)
             return
         try:
-            reply = self._wait_ready(spec)
-            wait_ms = (time.monotonic() - t0) * 1e3
             if isinstance(reply, Ready) and reply.n_tokens != n_prompt:
                 error = f"READY has {reply.n_tokens} tokens, request has {n_prompt}"
             elif isinstance(reply, Ready) or self.store is not None:
@@ -236,6 +255,10 @@ class WorkerSide:
             bpc = self.cfg.chunk_size // self.block_size
             skipped = self._keys(spec.token_ids[: (first_block // bpc) * self.cfg.chunk_size])
             self.transport.delete([transfer_key(spec.pd_id, k) for k in skipped])
+        elif not ok and self.transport is not None and isinstance(reply, Ready):
+            # The rest is recomputed: none of this request's chunks is of use any more (the
+            # coordinator also frees them through the producer; this does not wait for that).
+            self.transport.delete([transfer_key(spec.pd_id, k) for k in self._keys(spec.token_ids)])
         with self._lock:
             self._bad_blocks |= bad
             self._done_recving.add(spec.req_id)
@@ -367,5 +390,6 @@ class WorkerSide:
     def shutdown(self) -> None:
         for ev in list(self._cancel.values()):
             ev.set()
+        self._waits.shutdown(wait=True, cancel_futures=False)  # cancelled waits end within 1 s
         self._exec.shutdown(wait=True, cancel_futures=False)
 
