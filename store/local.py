@@ -579,6 +579,15 @@ class LocalStore:
         return key, hoff, plen, csum
 
     # -- helpers ---------------------------------------------------------------------------
+    def _header_of(self, key: str, full: str, st: os.stat_result, hdr: Any) -> tuple[str, int, int, int] | None:
+        """The parsed header ``hdr`` of file ``full`` if it is ``key``'s; else the file is bad:
+        removed, and None."""
+        parsed = self._parse_header(hdr, st.st_size)
+        if parsed is None or parsed[0] != key:
+            self._remove_bad(full, st, "bad header, wrong key or wrong length")
+            return None
+        return parsed
+
     def _file(self, key: str) -> str:
         return os.path.join(self.path, key_to_relpath(key))
 
@@ -746,10 +755,8 @@ class LocalStore:
         # Two reads (the header, then the payload straight into ``out``) on purpose: measured on
         # ext4 with the page cache cold, one preadv of header+payload was up to 2x slower (the
         # small first read starts the kernel's readahead before the large one).
-        hdr = os.pread(fd, HEADER_FIXED + len(key.encode()), 0)
-        parsed = self._parse_header(hdr, st.st_size)
-        if parsed is None or parsed[0] != key:
-            self._remove_bad(full, st, "bad header, wrong key or wrong length")
+        parsed = self._header_of(key, full, st, os.pread(fd, HEADER_FIXED + len(key.encode()), 0))
+        if parsed is None:
             return 0
         _, poff, plen, csum = parsed
         if plen > out.nbytes:
@@ -783,9 +790,8 @@ class LocalStore:
             sv = memoryview(stage)
             tail = sv[poff:poff + body - n_out]
             got = _preadv_all(fd, [sv[:poff], out[:n_out], tail], 0, direct=True)
-            parsed = self._parse_header(sv[:poff], size) if got >= poff else None
-            if parsed is None or parsed[0] != key:
-                self._remove_bad(full, st, "bad header, wrong key or wrong length")
+            parsed = self._header_of(key, full, st, sv[:poff] if got >= poff else b"")
+            if parsed is None:
                 return 0
             _, hoff, plen, csum = parsed
             if hoff != poff:  # the older PADDED layout: the payload is not where it was read to
@@ -827,9 +833,8 @@ class LocalStore:
         try:
             mv = memoryview(stage)
             got = _pread_into(fd, mv, 0, direct=True)
-            parsed = self._parse_header(mv[:min(got, HEADER_FIXED + _MAX_KEY)], size)
-            if parsed is None or parsed[0] != key:
-                self._remove_bad(full, st, "bad header, wrong key or wrong length")
+            parsed = self._header_of(key, full, st, mv[:min(got, HEADER_FIXED + _MAX_KEY)])
+            if parsed is None:
                 return 0
             _, hoff, plen, csum = parsed
             if plen > out.nbytes:

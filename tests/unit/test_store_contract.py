@@ -18,6 +18,7 @@ import pytest
 from pd.config import Hf3fsConfig, StoreConfig
 from store import KVStore, make_store
 from store import usrbio_emulator as emu
+from conftest import round_trip
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -107,13 +108,7 @@ def _get(s: KVStore, i: int, n: int = 100_000) -> np.ndarray | None:
 
 def test_round_trip_misses_and_counters(store):
     assert isinstance(store, KVStore)
-    sizes = [1, 4095, 4096, 100_000, 1 << 20]
-    for i, n in enumerate(sizes):
-        assert store.put(_key(i), _data(i, n))
-    assert store.flush(10)
-    for i, n in enumerate(sizes):
-        got = _get(store, i, n + 10)
-        assert got is not None and np.array_equal(got, _data(i, n))
+    sizes = round_trip(store, _key, _data)
     assert _get(store, 99) is None  # unknown key
     assert store.get(_key(3), np.zeros(99_999, dtype=np.uint8)) == 0  # buffer too small: a miss
     with pytest.raises(ValueError, match="read-only"):

@@ -15,6 +15,7 @@ import pytest
 from pd.config import ConfigError, Hf3fsConfig, StoreConfig, load
 from store import KVStore, make_store
 from store import usrbio_emulator as emu
+from conftest import round_trip
 from store.hf3fs import MISSING_MODULE, Hf3fsStore, _View
 
 NS = "model-0123456789abcdef"
@@ -59,13 +60,7 @@ def store(mount):
 def test_round_trip_layout_and_resources(mount):
     s = _open(mount)
     assert isinstance(s, KVStore)
-    sizes = [1, 4095, 4096, 100_000, 1 << 20]
-    for i, n in enumerate(sizes):
-        assert s.put(_key(i), _data(i, n))
-    assert s.flush(10)
-    for i, n in enumerate(sizes):
-        out = np.zeros(n + 10, dtype=np.uint8)
-        assert s.get(_key(i), out) == n and np.array_equal(out[:n], _data(i, n))
+    sizes = round_trip(s, _key, _data)
     u = s.usage()
     assert u["files"] == 5 and u["writes"] == 5 and u["hits"] == 5 and u["write_errors"] == 0
     d = mount / "kv" / "dev0" / "w0"

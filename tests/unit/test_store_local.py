@@ -18,6 +18,7 @@ import pytest
 from pd.config import StoreConfig
 from store import KVStore, make_store
 from store import local
+from conftest import round_trip
 from store.local import MAGIC, TMP_PREFIX, LocalStore, key_to_relpath
 
 HERE = Path(__file__).resolve().parent
@@ -84,14 +85,7 @@ class _Gate:
 def test_round_trip(disk, o_direct):
     s = LocalStore(_cfg(disk, o_direct=o_direct))
     assert isinstance(s, KVStore)
-    sizes = [1, 4095, 4096, 100_000, 1 << 20]
-    for i, n in enumerate(sizes):
-        assert s.put(_key(i), _data(i, n))
-    assert s.flush(10)
-    for i, n in enumerate(sizes):
-        out = np.zeros(n + 10, dtype=np.uint8)
-        assert s.get(_key(i), out) == n
-        assert np.array_equal(out[:n], _data(i, n))
+    sizes = round_trip(s, _key, _data)
     u = s.usage()
     assert u["files"] == len(sizes) and u["writes"] == len(sizes) and u["hits"] == len(sizes)
     assert u["odirect_fallbacks"] == 0 and u["o_direct"] == o_direct
