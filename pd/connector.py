@@ -116,7 +116,10 @@ class PDConnector(KVConnectorBase_V1):
         from transport.base import make_transport
 
         rank = get_tensor_model_parallel_rank()
-        transport = make_transport(self.cfg.transport)
+        # On a GPU the transport's shared memory is registered with CUDA: gathers and scatters
+        # DMA straight into and out of it.
+        on_gpu = str(vllm_config.device_config.device_type) == "cuda"
+        transport = make_transport(self.cfg.transport, **({"pin_cuda": True} if on_gpu else {}))
         coord = CoordinatorClient(self.cfg.coordinator)
         role = {"kv_producer": "prefill", "kv_consumer": "decode"}.get(ktc.kv_role, "both")
         instance = self.cfg.instance_id or f"{role}-{id(self):x}"
@@ -134,7 +137,8 @@ class PDConnector(KVConnectorBase_V1):
         store = make_store(self.cfg.store, rank, writer=writes)
         return WorkerSide(self.cfg, rank, str(vllm_config.model_config.model), self.block_size,
                           coord, transport, {}, store=store, fingerprint=self.fingerprint,
-                          page_bytes=_spec(self._kv_cache_config).page_size_bytes)
+                          page_bytes=_spec(self._kv_cache_config).page_size_bytes, instance_id=self._agent_id,
+                          num_blocks=getattr(self._kv_cache_config, "num_blocks", None))
 
     # ---- worker side -------------------------------------------------------------------
 

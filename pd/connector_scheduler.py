@@ -1,9 +1,10 @@
 """Scheduler-side half of PDConnector: decides what each worker saves and loads.
 
 Producer (kv_producer/kv_both, request carries ``do_remote_decode``): follows the request's
-blocks through (chunked) prefill; in the step where the prompt's KV becomes complete it tells the
-workers to save it, and on ``request_finished`` keeps the blocks until the workers report the
-send finished.
+blocks through (chunked) prefill; in every step that completes chunks of the prompt it tells the
+workers to save those chunks (streaming: decode loads them while the rest is prefilled; the step
+that completes the prompt saves the last ones, ``final``). From the first save on,
+``request_finished`` keeps the blocks until the workers report the sends finished.
 
 Consumer (kv_consumer/kv_both, request carries ``do_remote_prefill``): reports the prompt tokens
 beyond the local prefix-cache hit as an asynchronous external hit; after allocation it tells the
@@ -30,8 +31,11 @@ class LoadSpec:
 class SaveSpec:
     req_id: str
     pd_id: str
-    token_ids: list[int]
-    block_ids: list[int]
+    token_ids: list[int]  # the whole prompt
+    block_ids: list[int]  # the request's blocks, from block 0, up to the end of chunk last_chunk - 1
+    first_chunk: int = 0  # save chunks [first_chunk, last_chunk) of the prompt
+    last_chunk: int = -1  # -1: to the end of the prompt
+    final: bool = True  # the prompt's last chunk is among them
 
 
 @dataclass
@@ -59,6 +63,7 @@ class _Track:
     pd_id: str
     token_ids: list[int]
     block_ids: list[int]
+    sent: int = 0  # chunks already handed to the workers
 
 
 class SchedulerSide:
@@ -152,10 +157,17 @@ class SchedulerSide:
             done_tokens[req_id] = cached.num_computed_tokens[i]
         for req_id, computed in done_tokens.items():
             t = self._tracks[req_id]
-            if computed + so.num_scheduled_tokens.get(req_id, 0) >= len(t.token_ids):
-                n_blocks = -(-len(t.token_ids) // self.block_size)
-                saves.append(SaveSpec(req_id, t.pd_id, t.token_ids, t.block_ids[:n_blocks]))
-                self._saving.add(req_id)
+            n_prompt = len(t.token_ids)
+            done = min(computed + so.num_scheduled_tokens.get(req_id, 0), n_prompt)
+            final = done >= n_prompt
+            upto = -(-n_prompt // self.chunk_size) if final else done // self.chunk_size
+            if upto <= t.sent:
+                continue
+            n_blocks = -(-min(upto * self.chunk_size, n_prompt) // self.block_size)
+            saves.append(SaveSpec(req_id, t.pd_id, t.token_ids, t.block_ids[:n_blocks], t.sent, upto, final))
+            t.sent = upto
+            self._saving.add(req_id)  # its blocks are held until the workers have read them
+            if final:
                 del self._tracks[req_id]
         return saves
 

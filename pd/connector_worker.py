@@ -1,15 +1,16 @@
 """Worker-side half of PDConnector: gathers/saves and loads/scatters KV chunks in the background.
 
-Save job (producer): gather the request's blocks into staging slabs, one chunk per slab,
-write each chunk header (layout fingerprint, key hash, checksum), ``transport.put`` the batch,
-then publish READY(pd_id, keys, n_tokens) to the coordinator. The scheduler holds the blocks
-until the job reports the send finished.
+Save jobs (producer): after each engine step that completed chunks of a prompt (the scheduler's
+``SaveSpec``), gather those chunks' blocks, write each chunk header (layout fingerprint, key
+hash, checksum), put them to the transport and publish READY(pd_id, chunks_ready, final) to the
+coordinator. Chunks therefore move while the rest of the prompt is still being prefilled. With a
+zero-copy transport (shm) the gather writes straight into the transport's shared slots: one copy
+from the paged cache (one DMA on a GPU) and nothing else. A request's jobs publish in order; the
+scheduler holds its blocks until every job has read them.
 
-Load job (consumer): WAIT(pd_id) at the coordinator, ``transport.get`` the chunks the request
-needs into staging slabs, verify each header against the keys computed locally from the
-prompt (so another request's KV can never be used), scatter the valid prefix, and report every
-block from the first bad chunk on as a load error: vLLM recomputes those. Every load ends in
-``finished_recving`` exactly once, failed or cancelled ones included.
+Load jobs (consumer, ``pd.connector_load``): WAIT at the coordinator, load the chunks published
+so far, wait for more, until the final READY; each chunk is checked against keys computed from
+the prompt before it is scattered.
 """
 from __future__ import annotations
 
@@ -22,10 +23,11 @@ import torch
 
 from pd import chunk as chunkfmt
 from pd.config import ConnectorConfig
-from pd.connector_scheduler import LoadSpec, PDMetadata, SaveSpec
+from pd.connector_load import LoadMixin
+from pd.connector_scheduler import PDMetadata, SaveSpec
 from pd.keys import chunk_hashes, chunk_key, key_digest, transfer_key
 from pd.kv_layout import KVLayout, StagingPool
-from pd.protocol import Aborted, Done, Ready
+from pd.protocol import Ready
 
 logger = logging.getLogger("pd.connector")
 
@@ -34,20 +36,24 @@ SLABS_PER_THREAD = 8
 WAIT_THREADS = 256  # loads that may wait for READY at once (threads are made as needed)
 
 
-class WorkerSide:
+class WorkerSide(LoadMixin):
     def __init__(self, cfg: ConnectorConfig, rank: int, namespace_model: str, block_size: int,
                  coordinator, transport, layout_extra: dict, store=None, fingerprint: bytes | None = None,
-                 page_bytes: int | None = None):
+                 page_bytes: int | None = None, instance_id: str = "", num_blocks: int | None = None):
         self.cfg = cfg
         self.rank = rank
         self.model = namespace_model
         self.block_size = block_size
         self.coord = coordinator
         self.transport = transport
+        # Zero-copy transports hand out slots of shared memory to gather into and scatter from.
+        self.zero_copy = transport is not None and hasattr(transport, "reserve")
         self.store = store
         self.write_through = store is not None and cfg.store.write_through == "always"
         self.layout_extra = layout_extra
         self.spec_fingerprint, self.spec_page_bytes = fingerprint, page_bytes
+        self.instance_id = instance_id or cfg.instance_id  # the id its agent registered (FREE goes there)
+        self.num_blocks = num_blocks
         self.layout: KVLayout | None = None
         self.pool: StagingPool | None = None
         self.namespace = ""
@@ -56,54 +62,64 @@ class WorkerSide:
         # the loads (and saves) behind it.
         self._waits = ThreadPoolExecutor(WAIT_THREADS, thread_name_prefix="pd-wait")
         self._lock = threading.Lock()
-        self._save_jobs: dict[str, Future] = {}
-        self._done_sending: set[str] = set()
+        self._save_jobs: dict[str, Future] = {}  # req -> its latest save job (jobs run in order)
         self._finished_seen: set[str] = set()
         self._done_recving: set[str] = set()
         self._bad_blocks: set[int] = set()
         self._cancel: dict[str, threading.Event] = {}
-        self._last_store_chunks: dict[str, int] = {}
         self.stats = {"saves": 0, "chunks_saved": 0, "loads_ok": 0, "loads_failed": 0,
                       "chunks_loaded": 0, "bytes_loaded": 0, "chunk_errors": 0,
-                      "store_chunks_loaded": 0, "store_puts_dropped": 0,
-                      "prefix_loads_ok": 0, "prefix_loads_failed": 0}
+                      "store_chunks_loaded": 0, "store_puts_dropped": 0, "transport_dropped": 0,
+                      "prefix_loads_ok": 0, "prefix_loads_failed": 0, "ready_parts": 0}
 
     # ---- setup -------------------------------------------------------------------------
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         from pd.keys import make_namespace
 
-        self.layout = KVLayout(kv_caches, self.block_size, self.layout_extra)
+        extra = {"num_blocks": self.num_blocks} if self.num_blocks else {}
+        try:
+            self.layout = KVLayout(kv_caches, self.block_size, self.layout_extra, **extra)
+        except TypeError:  # a KVLayout without the num_blocks keyword
+            self.layout = KVLayout(kv_caches, self.block_size, self.layout_extra)
         if self.spec_fingerprint is not None:
             if self.spec_page_bytes is not None and self.layout.page_bytes != self.spec_page_bytes:
                 raise ValueError(f"registered KV pages are {self.layout.page_bytes} B but the KV cache spec "
                                  f"says {self.spec_page_bytes} B; this layout is not supported by pdkv")
-            self.layout.fingerprint = self.spec_fingerprint
+            # Chunk headers carry the spec's fingerprint plus how the pages lie in memory (raw
+            # bytes move as they are); keys keep the spec's alone, as the scheduler computes them.
+            physical = getattr(self.layout, "layout", "")
+            self.layout.fingerprint = (_with_physical(self.spec_fingerprint, physical) if physical
+                                       else self.spec_fingerprint)
         bpc = self.cfg.chunk_size // self.block_size
         slab = chunkfmt.HEADER_SIZE + self.layout.chunk_payload_bytes(bpc)
         self.pool = StagingPool(slab, SLABS_PER_THREAD * self.cfg.io_threads,
                                 pin=self.layout.device.type == "cuda")
-        self.namespace = make_namespace(self.model, self.layout.fingerprint)  # = the scheduler's
+        self.namespace = make_namespace(self.model, self.spec_fingerprint or self.layout.fingerprint)  # = the scheduler's
         limit = getattr(self.store, "max_value", None) or getattr(self.store, "budget", None)
         if self.write_through and limit is not None and slab > limit:
             logger.error("pdkv worker rank %d: a chunk is %d B but the %s store holds at most %d B per "
                          "value: every store put will be dropped (counted too_large); lower "
                          "connector.chunk_size, or raise connector.store.size_gb (or, for hf3fs, "
                          "iov_size_mb)", self.rank, slab, getattr(self.store, "location", "?"), limit)
-        logger.info("pdkv worker rank %d: %d layers, page %d B, chunk %d tokens = %d B, namespace %s",
+        logger.info("pdkv worker rank %d: %d layers, page %d B, chunk %d tokens = %d B, namespace %s%s",
                     self.rank, self.layout.num_layers, self.layout.page_bytes, self.cfg.chunk_size,
-                    slab, self.namespace)
+                    slab, self.namespace, ", zero-copy transport" if self.zero_copy else "")
 
     def _keys(self, token_ids: list[int]) -> list[str]:
         return [chunk_key(self.namespace, self.rank, h) for h in chunk_hashes(token_ids, self.cfg.chunk_size)]
 
-    def _chunk_spans(self, n_tokens: int, first_chunk: int = 0):
-        """(chunk index, first block offset, n_blocks, n_tokens) for each chunk from first_chunk."""
+    def _chunk_spans(self, n_tokens: int, first_chunk: int = 0, last_chunk: int = -1):
+        """(chunk index, first block offset, n_blocks, n_tokens) for chunks [first, last)."""
         bpc = self.cfg.chunk_size // self.block_size
         n_chunks = -(-n_tokens // self.cfg.chunk_size)
-        for c in range(first_chunk, n_chunks):
+        last = n_chunks if last_chunk < 0 else min(last_chunk, n_chunks)
+        for c in range(first_chunk, last):
             toks = min(self.cfg.chunk_size, n_tokens - c * self.cfg.chunk_size)
             yield c, c * bpc, -(-toks // self.block_size), toks
+
+    def _chunk_bytes(self, n_blocks: int) -> int:
+        return chunkfmt.HEADER_SIZE + self.layout.chunk_payload_bytes(n_blocks)
 
     # ---- per step ----------------------------------------------------------------------
 
@@ -114,10 +130,7 @@ class WorkerSide:
                 ev.set()
         for spec in meta.loads:
             self._cancel[spec.req_id] = threading.Event()
-            if spec.pd_id:
-                self._waits.submit(self._await_ready, spec)
-            else:  # prefix reuse: the chunks are in the store, no transfer to wait for
-                self._exec.submit(self._run_load, spec, None, time.monotonic(), 0.0)
+            self.start_load(spec)
 
     def after_forward(self, meta: PDMetadata) -> None:
         event = None
@@ -125,10 +138,12 @@ class WorkerSide:
             event = torch.cuda.Event()
             event.record()
         for spec in meta.saves:
-            self._save_jobs[spec.req_id] = self._exec.submit(self._run_save, spec, event)
+            prev = self._save_jobs.get(spec.req_id)
+            self._save_jobs[spec.req_id] = self._exec.submit(self._run_save, spec, event, prev)
 
     def handle_preemptions(self, meta: PDMetadata) -> None:
-        # A preempted request's blocks are about to be reused: finish reading them first.
+        # A preempted request's blocks are about to be reused: finish reading them first (a
+        # request's jobs run in order, so its latest job finishing means all have).
         for req_id in meta.preempted:
             fut = self._save_jobs.get(req_id)
             if fut is not None:
@@ -136,9 +151,10 @@ class WorkerSide:
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str], set[str]]:
         with self._lock:
-            self._finished_seen |= finished_req_ids
-            sending = self._done_sending & self._finished_seen
-            self._done_sending -= sending
+            # A request that had saves is reported (once) when it has finished and its last
+            # save job is done: its blocks can then be freed, final or aborted midway alike.
+            self._finished_seen |= {r for r in finished_req_ids if r in self._save_jobs}
+            sending = {r for r in self._finished_seen if self._save_jobs[r].done()}
             self._finished_seen -= sending
             recving, self._done_recving = self._done_recving, set()
         for req_id in sending:
@@ -152,240 +168,78 @@ class WorkerSide:
 
     # ---- save --------------------------------------------------------------------------
 
-    def _run_save(self, spec: SaveSpec, event) -> None:
+    def _run_save(self, spec: SaveSpec, event, prev: Future | None) -> None:
         t0 = time.monotonic()
         keys = self._keys(spec.token_ids)
-        xkeys = [transfer_key(spec.pd_id, k) for k in keys] if self.transport is not None else []
+        last = len(keys) if spec.last_chunk < 0 else spec.last_chunk
+        xkeys = ([transfer_key(spec.pd_id, keys[c]) for c in range(spec.first_chunk, last)]
+                 if self.transport is not None else [])
         n_bytes = 0
         try:
             if event is not None:
                 event.synchronize()
             if self.transport is not None or self.write_through:
-                n_bytes = self._save_chunks(spec, keys, xkeys)
+                n_bytes = self._save_chunks(spec, keys, last)
             if self.transport is None and self.write_through:
                 # Decode reads from the store alone: READY must not overtake the queued writes.
                 self.store.flush(self.cfg.load_timeout_s)
         except Exception:
-            logger.exception("pd_id=%s: save failed; decode will recompute", spec.pd_id)
-            xkeys = []
-        finally:
-            with self._lock:
-                self._done_sending.add(spec.req_id)
+            logger.exception("pd_id=%s: saving chunks %d..%d failed; decode will recompute them",
+                             spec.pd_id, spec.first_chunk, last - 1)
+        if prev is not None:
+            prev.result()  # READYs of one request go out in order (jobs never raise)
         ok = self.coord.ready(Ready(pd_id=spec.pd_id, rank=self.rank, keys=xkeys,
                                     n_tokens=len(spec.token_ids), n_bytes=n_bytes,
                                     location=getattr(self.transport, "location", "none"),
-                                    instance_id=self.cfg.instance_id))
-        self.stats["saves"] += 1
-        self.stats["chunks_saved"] += len(keys)
-        logger.debug("pd_id=%s: saved %d chunks (%d B) in %.1f ms, ready %s", spec.pd_id, len(keys),
-                     n_bytes, (time.monotonic() - t0) * 1e3, "sent" if ok else "NOT delivered")
+                                    instance_id=self.instance_id, chunks_ready=last, final=spec.final))
+        self.stats["saves"] += spec.final
+        self.stats["ready_parts"] += 1
+        self.stats["chunks_saved"] += last - spec.first_chunk
+        logger.debug("pd_id=%s: saved chunks %d..%d (%d B) in %.1f ms, %sready %s", spec.pd_id,
+                     spec.first_chunk, last - 1, n_bytes, (time.monotonic() - t0) * 1e3,
+                     "final " if spec.final else "", "sent" if ok else "NOT delivered")
 
-    def _save_chunks(self, spec: SaveSpec, keys: list[str], xkeys: list[str]) -> int:
-        layout, pool = self.layout, self.pool
+    def _gather_into(self, view: memoryview, blocks: torch.Tensor, key: str, toks: int, nb: int) -> None:
+        """Gather one chunk's blocks into ``view`` (a slot or a staging slab) and write its header."""
+        layout = self.layout
+        layout.gather(blocks, layout.payload_view(torch.frombuffer(view, dtype=torch.uint8), nb))
+        chunkfmt.write_header(view, layout.fingerprint, key_digest(key), toks, nb,
+                              len(view) - chunkfmt.HEADER_SIZE)
+
+    def _save_chunks(self, spec: SaveSpec, keys: list[str], last: int) -> int:
+        pool = self.pool
         blocks = torch.tensor(spec.block_ids, dtype=torch.long)
-        spans = list(self._chunk_spans(len(spec.token_ids)))
+        spans = list(self._chunk_spans(len(spec.token_ids), spec.first_chunk, last))
         n_bytes = 0
         for i in range(0, len(spans), pool.n_slabs):
             batch = spans[i : i + pool.n_slabs]
-            with pool.acquire(len(batch)) as slabs:
+            sizes = [self._chunk_bytes(nb) for _, _, nb, _ in batch]
+            xkeys = [transfer_key(spec.pd_id, keys[c]) for c, *_ in batch]
+            slots = self.transport.reserve(xkeys, sizes) if self.zero_copy else [None] * len(batch)
+            # Staging slabs only where there is no slot and the bytes must go somewhere.
+            staged = [s is None and (not self.zero_copy or self.write_through) for s in slots]
+            with pool.acquire(sum(staged)) as slabs:
+                free = iter(slabs)
                 views = []
-                for slab, (c, b0, nb, toks) in zip(slabs, batch):
-                    layout.gather(blocks[b0 : b0 + nb], layout.payload_view(slab, nb))
-                    size = chunkfmt.HEADER_SIZE + layout.chunk_payload_bytes(nb)
-                    mv = memoryview(slab.numpy())[:size]
-                    chunkfmt.write_header(mv, layout.fingerprint, key_digest(keys[c]), toks, nb,
-                                          size - chunkfmt.HEADER_SIZE)
-                    views.append(mv)
-                    n_bytes += size
+                for (c, b0, nb, toks), slot, stage, size in zip(batch, slots, staged, sizes):
+                    view = slot.view if slot is not None else (
+                        memoryview(next(free).numpy())[:size] if stage else None)
+                    if view is not None:
+                        self._gather_into(view, blocks[b0 : b0 + nb], keys[c], toks, nb)
+                        n_bytes += size
+                    views.append(view)
+                if self.write_through:  # the store copies the bytes (before a reader may free a slot)
+                    for (c, *_), view in zip(batch, views):
+                        if view is not None and not self.store.put(keys[c], view):
+                            self.stats["store_puts_dropped"] += 1
                 if self.transport is not None:
-                    ok = self.transport.put([xkeys[c] for c, *_ in batch], views)
+                    ok = (self.transport.commit(slots) if self.zero_copy
+                          else self.transport.put(xkeys, views))
                     if not all(ok):
+                        self.stats["transport_dropped"] += ok.count(False)
                         logger.warning("pd_id=%s: transport dropped %d of %d chunks", spec.pd_id,
                                        ok.count(False), len(ok))
-                if self.write_through:  # the store copies the bytes: the slab can be reused
-                    for (c, *_), view in zip(batch, views):
-                        if not self.store.put(keys[c], view):
-                            self.stats["store_puts_dropped"] += 1
         return n_bytes
-
-    # ---- load --------------------------------------------------------------------------
-
-    def _await_ready(self, spec: LoadSpec) -> None:
-        """On a wait thread: wait for READY (or abort, or the timeout), then load on an I/O thread."""
-        t0 = time.monotonic()
-        try:
-            reply = self._wait_ready(spec)
-        except Exception:  # the load below still runs (store, else recompute) and reports DONE
-            logger.exception("pd_id=%s: waiting for READY failed", spec.pd_id)
-            reply = None
-        wait_ms = (time.monotonic() - t0) * 1e3
-        try:
-            self._exec.submit(self._run_load, spec, reply, t0, wait_ms)
-        except RuntimeError:  # shutting down: finish it here, so the request is released
-            self._run_load(spec, reply, t0, wait_ms)
-
-    def _run_load(self, spec: LoadSpec, reply, t0: float, wait_ms: float) -> None:
-        """Load a request's KV (``reply``: what waiting for READY gave, for a P/D load)."""
-        n_prompt = len(spec.token_ids)
-        first_block = spec.start_token // self.block_size
-        n_blocks = -(-n_prompt // self.block_size)
-        loaded_upto = first_block  # blocks [first_block, loaded_upto) are valid
-        error, n_chunks, n_bytes = "", 0, 0
-        if not spec.pd_id:
-            self._run_store_load(spec, t0, first_block, n_blocks)
-            return
-        try:
-            if isinstance(reply, Ready) and reply.n_tokens != n_prompt:
-                error = f"READY has {reply.n_tokens} tokens, request has {n_prompt}"
-            elif isinstance(reply, Ready) or self.store is not None:
-                # Without READY (prefill late, down, or aborted) the store may still hold the chunks.
-                use_transport = isinstance(reply, Ready) and self.transport is not None
-                loaded_upto, n_chunks, n_bytes, error = self._load_chunks(spec, first_block, use_transport)
-                if error and not isinstance(reply, Ready):
-                    error = f"{'aborted' if isinstance(reply, Aborted) else 'timed out waiting for READY'}; {error}"
-            else:
-                error = "aborted" if isinstance(reply, Aborted) else "timed out waiting for READY"
-        except Exception as e:  # never let a load failure escape into the engine
-            logger.exception("pd_id=%s: load failed", spec.pd_id)
-            error = f"internal error: {e}"
-        bad = set(spec.block_ids[loaded_upto:n_blocks])
-        ok = not bad
-        if ok and first_block and self.transport is not None:
-            # Chunks before the local prefix hit were not read: they are not needed either.
-            bpc = self.cfg.chunk_size // self.block_size
-            skipped = self._keys(spec.token_ids[: (first_block // bpc) * self.cfg.chunk_size])
-            self.transport.delete([transfer_key(spec.pd_id, k) for k in skipped])
-        elif not ok and self.transport is not None and isinstance(reply, Ready):
-            # The rest is recomputed: none of this request's chunks is of use any more (the
-            # coordinator also frees them through the producer; this does not wait for that).
-            self.transport.delete([transfer_key(spec.pd_id, k) for k in self._keys(spec.token_ids)])
-        with self._lock:
-            self._bad_blocks |= bad
-            self._done_recving.add(spec.req_id)
-            self._cancel.pop(spec.req_id, None)
-        load_ms = (time.monotonic() - t0) * 1e3 - wait_ms
-        self.stats["loads_ok" if ok else "loads_failed"] += 1
-        self.stats["chunks_loaded"] += n_chunks
-        self.stats["bytes_loaded"] += n_bytes
-        if ok:
-            logger.info("pd_id=%s: loaded %d chunks (%d B) in %.1f ms (waited %.1f ms)", spec.pd_id,
-                        n_chunks, n_bytes, load_ms, wait_ms)
-        else:
-            logger.warning("pd_id=%s: %s; %d of %d blocks will be recomputed", spec.pd_id, error,
-                           len(bad), n_blocks - first_block)
-        self.coord.done(Done(pd_id=spec.pd_id, rank=self.rank, ok=ok, instance_id=self.cfg.instance_id,
-                             n_chunks=n_chunks, n_bytes=n_bytes, load_ms=load_ms, error=error,
-                             n_store_chunks=self._last_store_chunks.pop(spec.req_id, 0)))
-
-    def _run_store_load(self, spec: LoadSpec, t0: float, first_block: int, n_blocks: int) -> None:
-        loaded_upto, error = first_block, "no store"
-        try:
-            loaded_upto, n_chunks, n_bytes, error = self._load_chunks(spec, first_block, use_transport=False)
-        except Exception as e:
-            logger.exception("req %s: prefix load from the store failed", spec.req_id)
-            error = f"internal error: {e}"
-        bad = set(spec.block_ids[loaded_upto:n_blocks])
-        with self._lock:
-            self._bad_blocks |= bad
-            self._done_recving.add(spec.req_id)
-            self._cancel.pop(spec.req_id, None)
-        self._last_store_chunks.pop(spec.req_id, None)
-        self.stats["prefix_loads_ok" if not bad else "prefix_loads_failed"] += 1
-        if bad:
-            logger.warning("req %s: prefix from the store: %s; %d blocks recomputed", spec.req_id, error, len(bad))
-        else:
-            logger.info("req %s: loaded a %d-token prefix from the store in %.1f ms", spec.req_id,
-                        len(spec.token_ids) - spec.start_token, (time.monotonic() - t0) * 1e3)
-
-    def _wait_ready(self, spec: LoadSpec):
-        deadline = time.monotonic() + self.cfg.wait_timeout_s
-        cancel = self._cancel.get(spec.req_id)
-        while True:
-            if cancel is not None and cancel.is_set():
-                return Aborted(pd_id=spec.pd_id, reason="request aborted")
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            reply = self.coord.wait(spec.pd_id, self.rank, min(left, 1.0))
-            if isinstance(reply, (Ready, Aborted)):
-                return reply
-
-    def _check(self, view, key: str, size: int, nb: int) -> str:
-        """'' if the chunk in ``view`` is the right one and intact, else why not."""
-        try:
-            _, hdr_blocks, _ = chunkfmt.verify(view, self.layout.fingerprint, key_digest(key),
-                                               size - chunkfmt.HEADER_SIZE)
-            if hdr_blocks != nb:
-                raise chunkfmt.ChunkError(f"chunk has {hdr_blocks} blocks, expected {nb}")
-        except chunkfmt.ChunkError as e:
-            self.stats["chunk_errors"] += 1
-            return str(e)
-        return ""
-
-    def _fetch(self, batch, keys: list[str], views, sizes, got) -> list[tuple[str, str]]:
-        """Make each view of ``batch`` hold its chunk: the transport's read if it is good, else
-        the store's copy (one batched read for the batch's misses). Returns (source, error) per
-        chunk: source "transport"/"store" when the chunk is good, else why not."""
-        out: list[tuple[str, str]] = []
-        need = []
-        for j, ((c, _b0, nb, _t), view, size, n_read) in enumerate(zip(batch, views, sizes, got)):
-            why = f"chunk {c} missing from transport" if n_read != size else ""
-            if not why:
-                bad = self._check(view, keys[c], size, nb)
-                if not bad:
-                    out.append(("transport", ""))
-                    continue
-                why = f"chunk {c}: {bad}"
-            out.append(("", why))
-            need.append(j)
-        if not need or self.store is None:
-            return out
-        read = self.store.get_many([keys[batch[j][0]] for j in need], [views[j] for j in need])
-        for j, n in zip(need, read):
-            c, _b0, nb, _t = batch[j]
-            why = out[j][1]
-            if n != sizes[j]:
-                out[j] = ("", f"{why}; not in the store either")
-                continue
-            bad = self._check(views[j], keys[c], sizes[j], nb)
-            out[j] = ("store", "") if not bad else ("", f"{why}; store copy: {bad}")
-        return out
-
-    def _load_chunks(self, spec: LoadSpec, first_block: int, use_transport: bool = True
-                     ) -> tuple[int, int, int, str]:
-        """Load chunk by chunk: transport, then store; stop at the first chunk neither has."""
-        layout, pool = self.layout, self.pool
-        bpc = self.cfg.chunk_size // self.block_size
-        keys = self._keys(spec.token_ids)
-        blocks = torch.tensor(spec.block_ids, dtype=torch.long)
-        spans = list(self._chunk_spans(len(spec.token_ids), first_block // bpc))
-        loaded_upto, n_chunks, n_bytes, from_store = first_block, 0, 0, 0
-        deadline = time.monotonic() + self.cfg.load_timeout_s
-        try:
-            for i in range(0, len(spans), pool.n_slabs):
-                batch = spans[i : i + pool.n_slabs]
-                with pool.acquire(len(batch)) as slabs:
-                    sizes = [chunkfmt.HEADER_SIZE + layout.chunk_payload_bytes(nb) for _, _, nb, _ in batch]
-                    views = [memoryview(s.numpy())[:n] for s, n in zip(slabs, sizes)]
-                    xkeys = [transfer_key(spec.pd_id, keys[c]) for c, *_ in batch]
-                    got = self.transport.get(xkeys, views) if use_transport else [0] * len(batch)
-                    fetched = self._fetch(batch, keys, views, sizes, got)
-                    for slab, size, (source, error), (c, b0, nb, toks) in zip(slabs, sizes, fetched, batch):
-                        if time.monotonic() > deadline:
-                            return loaded_upto, n_chunks, n_bytes, "load timed out"
-                        if error:
-                            return loaded_upto, n_chunks, n_bytes, error
-                        from_store += source == "store"
-                        # Skip blocks before the load start (already valid from the local cache).
-                        skip = max(0, first_block - b0)
-                        layout.scatter(blocks[b0 + skip : b0 + nb], layout.payload_view(slab, nb)[:, skip:])
-                        loaded_upto, n_chunks, n_bytes = b0 + nb, n_chunks + 1, n_bytes + size
-                    if use_transport:
-                        self.transport.delete(xkeys)
-            return loaded_upto, n_chunks, n_bytes, ""
-        finally:
-            self.stats["store_chunks_loaded"] += from_store
-            self._last_store_chunks[spec.req_id] = from_store
 
     def shutdown(self) -> None:
         for ev in list(self._cancel.values()):
@@ -393,3 +247,9 @@ class WorkerSide:
         self._waits.shutdown(wait=True, cancel_futures=False)  # cancelled waits end within 1 s
         self._exec.shutdown(wait=True, cancel_futures=False)
 
+
+def _with_physical(spec_fingerprint: bytes, physical: str) -> bytes:
+    """The spec's fingerprint combined with the physical page layout."""
+    from pd.keys import layout_fingerprint
+
+    return layout_fingerprint(spec=spec_fingerprint.hex(), physical=physical)

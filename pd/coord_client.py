@@ -128,9 +128,10 @@ class CoordinatorClient:
         """Publish READY; True when acknowledged."""
         return isinstance(self.call(msg), Ack)
 
-    def wait(self, pd_id: str, rank: int, timeout_s: float) -> Ready | WaitTimeout | Aborted:
-        """Wait up to ``timeout_s`` for READY of ``pd_id``/``rank``; WaitTimeout on any failure."""
-        reply = self.call(Wait(pd_id, rank, timeout_s), timeout_s + min(self.timeout_s, WAIT_MARGIN_S))
+    def wait(self, pd_id: str, rank: int, timeout_s: float, have: int = 0) -> Ready | WaitTimeout | Aborted:
+        """Wait up to ``timeout_s`` for READY of ``pd_id``/``rank`` with more than ``have`` chunks
+        (or the final one); WaitTimeout on any failure."""
+        reply = self.call(Wait(pd_id, rank, timeout_s, have), timeout_s + min(self.timeout_s, WAIT_MARGIN_S))
         if isinstance(reply, (Ready, Aborted, WaitTimeout)):
             return reply
         return WaitTimeout(pd_id)

@@ -44,6 +44,19 @@ Key = tuple[str, int]
 class _Waiter(NamedTuple):
     ident: bytes
     deadline: float
+    have: int = 0  # chunks the waiter has loaded: answer it when more (or the final READY) are out
+
+
+def _answers(ready: Ready, have: int) -> bool:
+    return ready.final or ready.chunks_ready > have
+
+
+def _merge(old: Ready, new: Ready) -> Ready:
+    """A streamed READY added to the ones before it: every key so far, the newest counts."""
+    seen = set(old.keys)
+    keys = list(old.keys) + [k for k in new.keys if k not in seen]
+    return Ready(new.pd_id, new.rank, keys, new.n_tokens, old.n_bytes + new.n_bytes, new.location,
+                 new.instance_id, max(old.chunks_ready, new.chunks_ready), new.final)
 
 
 @dataclass
@@ -254,7 +267,7 @@ class Coordinator:
         self._send(ident, Ack())
         key = (msg.pd_id, msg.rank)
         rec = self._record(msg.pd_id, now)
-        rec.ready, rec.n_tokens, rec.producer = True, msg.n_tokens, msg.instance_id
+        rec.ready, rec.n_tokens, rec.producer = rec.ready or msg.final, msg.n_tokens, msg.instance_id
         if msg.pd_id in self._aborted:
             self._free(msg, "request was aborted")
             return
@@ -262,16 +275,21 @@ class Coordinator:
             self._free(msg, "the consumer already gave up")
             return
         old = self._entries.get(key)
-        if old is not None:  # a repeated READY replaces the entry; chunks no longer named are freed
+        if old is not None and not old[0].final:  # the next part of a streamed transfer
+            msg = _merge(old[0], msg)
+        elif old is not None:  # a repeated READY replaces the entry; chunks no longer named are freed
             new_keys = set(msg.keys)
             stale = [k for k in old[0].keys if k not in new_keys]
             if stale:
                 self._free(Ready(old[0].pd_id, old[0].rank, stale, 0, instance_id=old[0].instance_id), "replaced")
         self._entries[key] = (msg, now + self.cfg.entry_ttl_s)
         waiters = self._waiters.pop(key, [])
-        for w in waiters:
+        answered = [w for w in waiters if _answers(msg, w.have)]
+        if len(answered) < len(waiters):
+            self._waiters[key] = [w for w in waiters if not _answers(msg, w.have)]
+        for w in answered:
             self._send(w.ident, msg)
-        if waiters:
+        if answered:
             self._waited(rec, now)
 
     def _waited(self, rec: TransferRecord, now: float) -> None:
@@ -283,7 +301,7 @@ class Coordinator:
         self.counters["waits"] += 1
         key = (msg.pd_id, msg.rank)
         entry = self._entries.get(key)
-        if entry is not None:
+        if entry is not None and _answers(entry[0], msg.have):
             self.counters["wait_hits_immediate"] += 1
             self._waited(self._record(msg.pd_id, now), now)
             self._send(ident, entry[0])
@@ -292,7 +310,7 @@ class Coordinator:
         else:
             self._wait_since.setdefault(msg.pd_id, now)
             deadline = now + min(max(0.0, msg.timeout_s), MAX_WAIT_S)
-            self._waiters.setdefault(key, []).append(_Waiter(ident, deadline))
+            self._waiters.setdefault(key, []).append(_Waiter(ident, deadline, msg.have))
 
     def _on_done(self, ident: bytes, msg: Done, now: float) -> None:
         key = (msg.pd_id, msg.rank)
@@ -309,8 +327,8 @@ class Coordinator:
         if not msg.ok:
             if entry is not None:
                 self._free(entry[0], f"load failed: {msg.error or 'no reason given'}")
-            else:
-                self._abandoned[key] = now + self.cfg.entry_ttl_s
+            # READYs still to come (a late prefill, the rest of a stream) are freed on arrival.
+            self._abandoned[key] = now + self.cfg.entry_ttl_s
         self._send(ident, Ack())
 
     def _on_abort(self, ident: bytes, msg: Abort, now: float) -> None:

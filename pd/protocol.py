@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import msgspec
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: READY streams (chunks_ready, final), WAIT says what it has (have)
 PROTOCOL_TAG = b"pdkv/%d" % PROTOCOL_VERSION
 
 
@@ -36,7 +36,13 @@ class Heartbeat(_Msg):
 
 
 class Ready(_Msg):
-    """Prefill published the KV of ``pd_id`` (one TP rank) as these transport keys."""
+    """Prefill published KV of ``pd_id`` (one TP rank) as these transport keys.
+
+    Chunks are published while the prompt is prefilled: a READY with ``final`` False says the
+    first ``chunks_ready`` chunks are out and more will follow; ``keys`` are the keys of this
+    publication only (the coordinator merges them and answers WAITs with the merged READY).
+    ``chunks_ready`` 0 with ``final`` means every chunk of the prompt.
+    """
 
     pd_id: str
     rank: int
@@ -45,14 +51,18 @@ class Ready(_Msg):
     n_bytes: int = 0
     location: str = ""  # transport kind + address, e.g. "shm:/dev/shm/pdkv-default"
     instance_id: str = ""
+    chunks_ready: int = 0
+    final: bool = True
 
 
 class Wait(_Msg):
-    """Decode asks for READY of ``pd_id``/``rank``; answered when it arrives or at timeout."""
+    """Decode asks for READY of ``pd_id``/``rank`` beyond the ``have`` chunks it has loaded;
+    answered when a final READY or one with more than ``have`` chunks is there, or at timeout."""
 
     pd_id: str
     rank: int
     timeout_s: float
+    have: int = 0
 
 
 class Done(_Msg):

@@ -53,7 +53,7 @@ def test_reply_round_trip(msg):
 
 
 def test_tag_carries_version():
-    assert PROTOCOL_TAG == b"pdkv/1"
+    assert PROTOCOL_TAG == b"pdkv/2"
 
 
 @pytest.mark.parametrize("frames", [

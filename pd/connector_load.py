@@ -1,0 +1,257 @@
+"""The consumer's loads (a mixin of ``pd.connector_worker.WorkerSide``).
+
+A P/D load streams: WAIT(pd_id, have=chunks loaded) at the coordinator on a wait thread; when a
+READY says more chunks are out, load them on an I/O thread, then wait again, until the final
+READY. Each chunk comes from the transport (zero-copy: scattered straight from the producer's
+shared slot) or, when it is missing or bad there, from the persistent store; its header must
+carry the layout fingerprint and the chain hash of the keys computed here from the prompt, so
+another request's KV can never be used. From the first chunk that neither has, every block is
+reported as a load error and vLLM recomputes it. Every load ends in ``finished_recving`` exactly
+once (failed and cancelled ones included) and in one DONE to the coordinator.
+
+A prefix load (no pd_id: a stored prefix found by the scheduler) reads the store alone.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+
+import torch
+
+from pd import chunk as chunkfmt
+from pd.connector_scheduler import LoadSpec
+from pd.keys import key_digest, transfer_key
+from pd.protocol import Aborted, Done, Ready
+
+logger = logging.getLogger("pd.connector")
+
+
+@dataclass
+class _Load:
+    spec: LoadSpec
+    keys: list[str]  # the prompt's chunk keys, computed here
+    t0: float
+    next_chunk: int  # chunks before this one are loaded (or before the local prefix hit)
+    loaded_upto: int  # blocks [first block, loaded_upto) hold valid KV
+    n_chunks: int = 0
+    n_bytes: int = 0
+    from_store: int = 0
+    wait_ms: float = 0.0
+    ready: bool = False  # a READY was seen (the producer's chunks exist)
+    error: str = ""
+
+
+class LoadMixin:
+    def start_load(self, spec: LoadSpec) -> None:
+        bpc = self.cfg.chunk_size // self.block_size
+        first_block = spec.start_token // self.block_size
+        st = _Load(spec, self._keys(spec.token_ids), time.monotonic(), first_block // bpc, first_block)
+        if spec.pd_id:
+            self._waits.submit(self._await_ready, st)
+        else:  # prefix reuse: the chunks are in the store, no transfer to wait for
+            self._exec.submit(self._run_store_load, st)
+
+    # ---- P/D loads -----------------------------------------------------------------------
+
+    def _await_ready(self, st: _Load) -> None:
+        """On a wait thread: wait for (more of) READY, then load on an I/O thread."""
+        t = time.monotonic()
+        try:
+            reply = self._wait_ready(st)
+        except Exception:  # the load below still runs (store, else recompute) and reports DONE
+            logger.exception("pd_id=%s: waiting for READY failed", st.spec.pd_id)
+            reply = None
+        st.wait_ms += (time.monotonic() - t) * 1e3
+        try:
+            self._exec.submit(self._load_step, st, reply)
+        except RuntimeError:  # shutting down: finish it here, so the request is released
+            self._load_step(st, reply)
+
+    def _wait_ready(self, st: _Load):
+        deadline = time.monotonic() + self.cfg.wait_timeout_s  # for each part of a stream
+        cancel = self._cancel.get(st.spec.req_id)
+        while True:
+            if cancel is not None and cancel.is_set():
+                return Aborted(pd_id=st.spec.pd_id, reason="request aborted")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            reply = self.coord.wait(st.spec.pd_id, self.rank, min(left, 1.0), have=st.next_chunk)
+            if isinstance(reply, (Ready, Aborted)):
+                return reply
+
+    def _load_step(self, st: _Load, reply) -> None:
+        """On an I/O thread: load what ``reply`` made available; wait again or finish."""
+        n_total = len(st.keys)
+        try:
+            if isinstance(reply, Ready):
+                st.ready = True
+                if reply.n_tokens != len(st.spec.token_ids):
+                    st.error = f"READY has {reply.n_tokens} tokens, request has {len(st.spec.token_ids)}"
+                else:
+                    upto = n_total if reply.final or not reply.chunks_ready else min(reply.chunks_ready, n_total)
+                    self._load_range(st, upto, use_transport=self.transport is not None)
+                    if not st.error and upto < n_total:
+                        self._waits.submit(self._await_ready, st)  # the rest is still being prefilled
+                        return
+            else:
+                why = "aborted" if isinstance(reply, Aborted) else "timed out waiting for READY"
+                if self.store is None:
+                    st.error = why
+                else:  # without READY (prefill late, down, or aborted) the store may hold the chunks
+                    self._load_range(st, n_total, use_transport=False)
+                    st.error = f"{why}; {st.error}" if st.error else ""
+        except Exception as e:  # never let a load failure escape into the engine
+            logger.exception("pd_id=%s: load failed", st.spec.pd_id)
+            st.error = f"internal error: {e}"
+        self._finish(st)
+
+    def _finish(self, st: _Load) -> None:
+        spec = st.spec
+        bpc = self.cfg.chunk_size // self.block_size
+        n_blocks = -(-len(spec.token_ids) // self.block_size)
+        first_block = spec.start_token // self.block_size
+        bad = set(spec.block_ids[st.loaded_upto:n_blocks])
+        ok = not bad
+        if ok and first_block and self.transport is not None:
+            # Chunks before the local prefix hit were not read: they are not needed either.
+            self.transport.delete([transfer_key(spec.pd_id, k) for k in st.keys[: first_block // bpc]])
+        elif not ok and self.transport is not None and st.ready:
+            # The rest is recomputed: none of this request's chunks is of use any more (the
+            # coordinator also frees them through the producer; this does not wait for that).
+            self.transport.delete([transfer_key(spec.pd_id, k) for k in st.keys])
+        with self._lock:
+            self._bad_blocks |= bad
+            self._done_recving.add(spec.req_id)
+            self._cancel.pop(spec.req_id, None)
+        load_ms = (time.monotonic() - st.t0) * 1e3 - st.wait_ms
+        self.stats["loads_ok" if ok else "loads_failed"] += 1
+        self.stats["chunks_loaded"] += st.n_chunks
+        self.stats["bytes_loaded"] += st.n_bytes
+        self.stats["store_chunks_loaded"] += st.from_store
+        if ok:
+            logger.info("pd_id=%s: loaded %d chunks (%d B) in %.1f ms (waited %.1f ms)", spec.pd_id,
+                        st.n_chunks, st.n_bytes, load_ms, st.wait_ms)
+        else:
+            logger.warning("pd_id=%s: %s; %d of %d blocks will be recomputed", spec.pd_id, st.error,
+                           len(bad), n_blocks - first_block)
+        self.coord.done(Done(pd_id=spec.pd_id, rank=self.rank, ok=ok, instance_id=self.instance_id,
+                             n_chunks=st.n_chunks, n_bytes=st.n_bytes, load_ms=load_ms, error=st.error,
+                             n_store_chunks=st.from_store))
+
+    # ---- prefix loads ----------------------------------------------------------------------
+
+    def _run_store_load(self, st: _Load) -> None:
+        spec = st.spec
+        n_blocks = -(-len(spec.token_ids) // self.block_size)
+        try:
+            self._load_range(st, len(st.keys), use_transport=False)
+        except Exception as e:
+            logger.exception("req %s: prefix load from the store failed", spec.req_id)
+            st.error = f"internal error: {e}"
+        bad = set(spec.block_ids[st.loaded_upto:n_blocks])
+        with self._lock:
+            self._bad_blocks |= bad
+            self._done_recving.add(spec.req_id)
+            self._cancel.pop(spec.req_id, None)
+        self.stats["prefix_loads_ok" if not bad else "prefix_loads_failed"] += 1
+        self.stats["store_chunks_loaded"] += st.from_store
+        if bad:
+            logger.warning("req %s: prefix from the store: %s; %d blocks recomputed", spec.req_id,
+                           st.error or "no store", len(bad))
+        else:
+            logger.info("req %s: loaded a %d-token prefix from the store in %.1f ms", spec.req_id,
+                        len(spec.token_ids) - spec.start_token, (time.monotonic() - st.t0) * 1e3)
+
+    # ---- chunks ----------------------------------------------------------------------------
+
+    def _load_range(self, st: _Load, upto: int, use_transport: bool) -> None:
+        """Load chunks [st.next_chunk, upto) in batches; stop at the first one that fails."""
+        spans = list(self._chunk_spans(len(st.spec.token_ids), st.next_chunk, upto))
+        blocks = torch.tensor(st.spec.block_ids, dtype=torch.long)
+        deadline = time.monotonic() + self.cfg.load_timeout_s
+        if self.store is None and not use_transport:
+            st.error = "no transport and no store to load from"
+            return
+        for i in range(0, len(spans), self.pool.n_slabs):
+            if not self._load_batch(st, spans[i : i + self.pool.n_slabs], blocks, use_transport, deadline):
+                return
+
+    def _check(self, view, key: str, size: int, nb: int) -> str:
+        """'' if the chunk in ``view`` is the right one and intact, else why not."""
+        if len(view) != size:
+            return f"chunk is {len(view)} B, expected {size} B"
+        try:
+            _, hdr_blocks, _ = chunkfmt.verify(view, self.layout.fingerprint, key_digest(key),
+                                               size - chunkfmt.HEADER_SIZE)
+            if hdr_blocks != nb:
+                raise chunkfmt.ChunkError(f"chunk has {hdr_blocks} blocks, expected {nb}")
+        except chunkfmt.ChunkError as e:
+            self.stats["chunk_errors"] += 1
+            return str(e)
+        return ""
+
+    def _load_batch(self, st: _Load, batch, blocks: torch.Tensor, use_transport: bool, deadline: float) -> bool:
+        """Load one batch of chunks; False when one failed (``st.error`` says why)."""
+        sizes = [self._chunk_bytes(nb) for _, _, nb, _ in batch]
+        xkeys = [transfer_key(st.spec.pd_id, st.keys[c]) for c, *_ in batch]
+        zero_copy = use_transport and self.zero_copy
+        reads = self.transport.acquire(xkeys) if zero_copy else [None] * len(batch)
+        with ExitStack() as stack:
+            stack.callback(lambda: self.transport.release(reads) if zero_copy else None)
+            views: list = [r.view if r is not None else None for r in reads]
+            if not zero_copy:  # copy transports (and the store) read into staging slabs
+                slabs = stack.enter_context(self.pool.acquire(len(batch)))
+                views = [memoryview(s.numpy())[:n] for s, n in zip(slabs, sizes)]
+                got = self.transport.get(xkeys, views) if use_transport else [0] * len(batch)
+            else:
+                got = [len(v) if v is not None else 0 for v in views]
+            where = "transport" if use_transport else "store"
+            why = [("" if n == size else f"missing from the {where}") for n, size in zip(got, sizes)]
+            if use_transport:
+                why = [w or self._check(views[j], st.keys[c], sizes[j], nb)
+                       for j, (w, (c, _b0, nb, _t)) in enumerate(zip(why, batch))]
+            source = ["" if w else "transport" for w in why]
+            need = [j for j, w in enumerate(why) if w]
+            if need and self.store is not None:
+                if zero_copy:  # never read the store into the producer's slots
+                    slabs = stack.enter_context(self.pool.acquire(len(need)))
+                    for j, s in zip(need, slabs):
+                        views[j] = memoryview(s.numpy())[: sizes[j]]
+                read = self.store.get_many([st.keys[batch[j][0]] for j in need], [views[j] for j in need])
+                for j, n in zip(need, read):
+                    c, _b0, nb, _t = batch[j]
+                    bad = "missing" if n != sizes[j] else self._check(views[j], st.keys[c], sizes[j], nb)
+                    if not bad:
+                        source[j], why[j] = "store", ""
+                    elif use_transport:
+                        why[j] = f"{why[j]}; store copy: {bad}"
+                    else:
+                        why[j] = f"store copy: {bad}"
+            for j, (c, b0, nb, _t) in enumerate(batch):
+                if why[j]:
+                    st.error = f"chunk {c}: {why[j]}"
+                    return False
+                if time.monotonic() > deadline:
+                    st.error = "load timed out"
+                    return False
+                skip = max(0, st.loaded_upto - b0)  # blocks already valid from the local cache
+                layout = self.layout
+                src = layout.payload_view(torch.frombuffer(views[j], dtype=torch.uint8), nb)
+                layout.scatter(blocks[b0 + skip : b0 + nb], src[:, skip:])
+                if reads[j] is not None:
+                    stable = self.transport.release([reads[j]])[0]
+                    reads[j] = None
+                    if source[j] == "transport" and not stable:
+                        # The producer reused the slot while it was read: what was scattered may
+                        # be another value's bytes; these blocks and the rest are recomputed.
+                        st.error = f"chunk {c} was evicted from the transport while it was read"
+                        return False
+                st.loaded_upto, st.n_chunks, st.n_bytes = b0 + nb, st.n_chunks + 1, st.n_bytes + sizes[j]
+                st.next_chunk = c + 1
+                st.from_store += source[j] == "store"
+            if use_transport:
+                self.transport.delete(xkeys)
+        return True

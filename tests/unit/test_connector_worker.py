@@ -1,0 +1,202 @@
+"""The connector's two halves without vLLM: real coordinator (ZMQ), real shm transport, CPU caches.
+
+A producer WorkerSide and a consumer WorkerSide share a pool directory, as a prefill and a decode
+instance on one host do; the scheduler half is driven with scheduler outputs shaped like vLLM's.
+"""
+from __future__ import annotations
+
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from pd.config import ConnectorConfig, CoordinatorConfig, TransportConfig
+from pd.connector_scheduler import LoadSpec, PDMetadata, SaveSpec, SchedulerSide
+from pd.connector_worker import WorkerSide
+from pd.coord_client import CoordinatorClient
+from pd.coordinator import Coordinator
+from transport.shm import ShmTransport
+
+BLOCK, CHUNK, NUM_BLOCKS = 4, 8, 64  # 2 blocks per chunk
+
+
+def _caches(seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {f"layers.{i}.attn": torch.randn(NUM_BLOCKS, 2, BLOCK, 16, generator=g) for i in range(3)}
+
+
+@pytest.fixture
+def coord():
+    c = Coordinator(CoordinatorConfig(port=0)).start_in_thread()
+    yield c
+    c.stop()
+
+
+def _worker(tmp_path, coord, seed, **over) -> WorkerSide:
+    cfg = ConnectorConfig(coordinator=coord.address, chunk_size=CHUNK, io_threads=2,
+                          transport=TransportConfig(pool_size_mb=8, shm_dir=str(tmp_path), name="w"), **over)
+    w = WorkerSide(cfg, 0, "m", BLOCK, CoordinatorClient(coord.address), ShmTransport(cfg.transport), {},
+                   instance_id=f"inst-{seed}")
+    w.caches = _caches(seed)
+    w.register_kv_caches(w.caches)
+    return w
+
+
+@pytest.fixture
+def pair(tmp_path, coord):
+    p, d = _worker(tmp_path, coord, 1), _worker(tmp_path, coord, 2, wait_timeout_s=5)
+    yield p, d
+    for w in (p, d):
+        w.shutdown()
+        w.transport.close()
+
+
+def _until(pred, timeout=10.0):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if pred():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def _same_blocks(p, d, src_blocks, dst_blocks) -> bool:
+    return all(torch.equal(p.caches[n][src_blocks], d.caches[n][dst_blocks]) for n in p.caches)
+
+
+PROMPT = list(range(100, 137))  # 37 tokens: 5 chunks, the last partial (5 tokens, 2 blocks)
+SRC = list(range(10, 20))  # the producer's blocks of the prompt
+DST = list(range(40, 50))
+
+
+def _save(pd_id, first, last, final, req="p1"):
+    return PDMetadata(saves=[SaveSpec(req, pd_id, PROMPT, SRC, first, last, final)])
+
+
+def test_streamed_chunks_are_loaded_before_the_prompt_is_done(pair, coord):
+    p, d = pair
+    d.start_step(PDMetadata(loads=[LoadSpec("d1", "x1", PROMPT, DST, 0)]))
+    p.after_forward(_save("x1", 0, 2, False))
+    # Decode loads the first two chunks while "prefill" still runs, and waits for the rest.
+    assert _until(lambda: d.stats["chunks_loaded"] == 0 and _same_blocks(p, d, SRC[:4], DST[:4]))
+    assert not d.get_finished(set())[1]
+    p.after_forward(_save("x1", 2, 4, False))
+    p.after_forward(_save("x1", 4, 5, True))
+    assert _until(lambda: "d1" in d._done_recving)
+    assert _same_blocks(p, d, SRC, DST)
+    assert d.take_load_errors() == set()
+    assert d.stats["chunks_loaded"] == 5 and d.stats["loads_ok"] == 1
+    assert p.stats["ready_parts"] == 3 and p.stats["chunks_saved"] == 5
+    # The consumer deleted what it read: the pool holds nothing of this transfer.
+    assert not any(p.transport.exists([k]) [0] for k in [f"xfer/x1/{k}" for k in p._keys(PROMPT)])
+    rec = CoordinatorClient(coord.address).query("x1").transfer
+    assert rec.ready and rec.done and rec.ok and rec.n_chunks == 5
+
+
+def test_producer_reports_sending_only_when_finished_and_all_jobs_done(pair):
+    p, _ = pair
+    p.after_forward(_save("x2", 0, 2, False))
+    assert _until(lambda: p._save_jobs["p1"].done())
+    assert p.get_finished(set()) == (set(), set())  # not finished yet: blocks stay held
+    # Aborted midway (no final save): once vLLM says it finished, its blocks are released.
+    assert p.get_finished({"p1", "other"})[0] == {"p1"}
+    assert p.get_finished(set())[0] == set() and not p._finished_seen
+
+
+def test_ready_with_another_token_count_is_refused(pair):
+    p, d = pair
+    other = SaveSpec("p1", "x3", PROMPT + [1, 2, 3], SRC + [20], 0, -1, True)
+    p.after_forward(PDMetadata(saves=[other]))
+    d.start_step(PDMetadata(loads=[LoadSpec("d1", "x3", PROMPT, DST, 0)]))
+    assert _until(lambda: "d1" in d._done_recving)
+    assert d.take_load_errors() == set(DST)
+    assert d.stats["loads_failed"] == 1
+
+
+def test_wait_timeout_and_cancel_release_the_request(tmp_path, coord):
+    d = _worker(tmp_path, coord, 3, wait_timeout_s=0.3)
+    try:
+        d.start_step(PDMetadata(loads=[LoadSpec("d1", "never", PROMPT, DST, 0)]))
+        assert _until(lambda: "d1" in d._done_recving, 5)
+        assert d.take_load_errors() == set(DST)
+        d.cfg.wait_timeout_s = 60
+        d.start_step(PDMetadata(loads=[LoadSpec("d2", "never2", PROMPT, DST, 0)]))
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        d.start_step(PDMetadata(cancels=["d2"]))
+        assert _until(lambda: "d2" in d._done_recving, 5)
+        assert time.monotonic() - t0 < 3  # waits are 1 s slices
+    finally:
+        d.shutdown()
+        d.transport.close()
+
+
+def test_stream_broken_midway_recomputes_from_the_missing_chunk(pair):
+    p, d = pair
+    d.start_step(PDMetadata(loads=[LoadSpec("d1", "x4", PROMPT, DST, 0)]))
+    p.after_forward(_save("x4", 0, 2, False))
+    assert _until(lambda: _same_blocks(p, d, SRC[:4], DST[:4]))
+    # Chunk 2 is lost (evicted, say) before decode reads it; the final READY names the rest.
+    held, real = [], p.coord
+    p.coord = SimpleNamespace(ready=lambda msg: held.append(msg) or True)
+    p.after_forward(_save("x4", 2, 5, True))
+    assert _until(lambda: p._save_jobs["p1"].done()) and len(held) == 1
+    assert p.transport.delete([f"xfer/x4/{p._keys(PROMPT)[2]}"]) == 1
+    real.ready(held[0])
+    assert _until(lambda: "d1" in d._done_recving)
+    assert d.take_load_errors() == set(DST[4:])
+    assert _same_blocks(p, d, SRC[:4], DST[:4])
+    assert d.stats["loads_failed"] == 1 and d.stats["chunk_errors"] == 0
+
+
+def test_local_prefix_hit_loads_only_the_rest(pair):
+    p, d = pair
+    p.after_forward(_save("x5", 0, 5, True))
+    # Decode already holds the first 3 blocks (12 tokens): chunk 1 is loaded from its 2nd block.
+    d.start_step(PDMetadata(loads=[LoadSpec("d1", "x5", PROMPT, DST, 12)]))
+    assert _until(lambda: "d1" in d._done_recving)
+    assert d.take_load_errors() == set()
+    assert _same_blocks(p, d, SRC[3:], DST[3:])
+    assert not _same_blocks(p, d, SRC[:3], DST[:3])
+
+
+# ---- the scheduler half's chunked-prefill streaming -----------------------------------------
+
+
+def _req(req_id, prompt, pd_id="x"):
+    return SimpleNamespace(request_id=req_id, prompt_token_ids=prompt,
+                           kv_transfer_params={"pd_id": pd_id, "do_remote_decode": True})
+
+
+def _step(new=(), cached=(), scheduled=None):
+    ids = [c[0] for c in cached]
+    return SimpleNamespace(
+        scheduled_new_reqs=[SimpleNamespace(req_id=r, block_ids=(b,), num_computed_tokens=n) for r, b, n in new],
+        scheduled_cached_reqs=SimpleNamespace(req_ids=ids, new_block_ids=[(b,) for _, b, _ in cached],
+                                              resumed_req_ids=set(), num_computed_tokens=[n for *_, n in cached]),
+        num_scheduled_tokens=scheduled or {}, preempted_req_ids=set())
+
+
+def test_scheduler_streams_chunks_as_chunked_prefill_completes_them():
+    s = SchedulerSide(BLOCK, is_producer=True, is_consumer=False, chunk_size=CHUNK)
+    s.on_new_request(_req("r", PROMPT))
+    m1 = s.build_connector_meta(_step(new=[("r", [0, 1, 2, 3], 0)], scheduled={"r": 16}))
+    assert [(x.first_chunk, x.last_chunk, x.final, x.block_ids) for x in m1.saves] == [(0, 2, False, [0, 1, 2, 3])]
+    assert s.request_finished(SimpleNamespace(request_id="other"), [])[0] is False
+    m2 = s.build_connector_meta(_step(cached=[("r", [4, 5], 16)], scheduled={"r": 6}))  # 22 tokens: chunk 2 not done
+    assert m2.saves == []
+    m3 = s.build_connector_meta(_step(cached=[("r", [6, 7, 8, 9], 22)], scheduled={"r": 15}))
+    assert [(x.first_chunk, x.last_chunk, x.final) for x in m3.saves] == [(2, 5, True)]
+    assert m3.saves[0].block_ids == list(range(10))
+    assert s.request_finished(SimpleNamespace(request_id="r"), [])[0] is True  # blocks held
+
+
+def test_scheduler_holds_blocks_of_a_request_aborted_after_a_partial_save():
+    s = SchedulerSide(BLOCK, is_producer=True, is_consumer=False, chunk_size=CHUNK)
+    s.on_new_request(_req("r", PROMPT))
+    assert s.build_connector_meta(_step(new=[("r", [0, 1], 0)], scheduled={"r": 8})).saves
+    assert s.request_finished(SimpleNamespace(request_id="r"), [])[0] is True
+    s.on_new_request(_req("q", PROMPT))
+    assert not s.build_connector_meta(_step(new=[("q", [0], 0)], scheduled={"q": 4})).saves
+    assert s.request_finished(SimpleNamespace(request_id="q"), [])[0] is False  # nothing read yet
