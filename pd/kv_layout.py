@@ -1,16 +1,35 @@
 """The paged KV cache as vLLM registered it, seen as raw pages, and chunk gather/scatter.
 
-Each layer's cache is treated as ``num_blocks`` pages of ``page_bytes`` starting at the
-tensor's first element (the block dimension must be the outermost one, as in every current
-vLLM backend, CPU included). Blocks are copied as opaque bytes: the CPU backend packs K/V in an
-ISA-specific format, so raw copies are only valid between identical layouts, which the layout
-fingerprint guarantees.
+Each layer's layout is read from its tensor's shape and strides, never assumed. Supported:
+
+* ``blocks-outer``: one contiguous page per block: the CPU backend's (num_blocks, kv_heads,
+  block_size, 2*head) packing, FlashInfer's (num_blocks, 2, block_size, kv_heads, head), newer
+  FLASH_ATTN's logical (2, num_blocks, block_size, kv_heads, head) over block-outermost memory,
+  pages of one layer a stride of several layers' pages apart (vLLM's cross-layer layouts).
+* ``kv-split``: older FlashAttention's contiguous (2, num_blocks, block_size, kv_heads, head): a
+  block is two runs, K at [0, b] and V at [1, b].
+* ``runs``: any other fixed set of equal contiguous runs per block (e.g. heads outside blocks).
+* kernel blocks: given ``num_blocks``, a block dim of k * num_blocks (vLLM split each block into
+  k kernel blocks) is read as num_blocks blocks of k kernel blocks.
+
+The block dim is dim 0, or dim 1 when dim 0 is a K/V pair (size 2). Given ``num_blocks`` (the
+KV cache config's block count) it must have that size; without it, dim 1 is taken only for 5-d
+tensors of shape (2, n != 2, ...). Both dims of size 2 are told apart by strides (dim 1 if it
+is the outer one in memory) or refused. Overlapping dims, a non-contiguous innermost dim or
+layers that differ are refused with a ValueError.
+
+Chunk payload: per layer, per block, the block's elements in memory order (a block's runs one
+after another: K then V for ``kv-split``), viewed as (layers, blocks, runs, run words). Gaps
+between pages or runs are never copied, so the payload depends only on ``layout`` (the per-block
+dims in memory order, ``size@logical dim``); equal ``layout`` and dtype = interchangeable pages.
+Blocks move as opaque bytes (the CPU backend packs K/V in an ISA-specific format).
 """
 from __future__ import annotations
 
 import re
 import threading
 from contextlib import contextmanager
+from math import prod
 from typing import Iterator
 
 import torch
@@ -18,98 +37,146 @@ import torch
 from pd.chunk import HEADER_SIZE
 from pd.keys import layout_fingerprint
 
+SUPPORTED = ("supported: a block dim 0 (or 1 after a K/V pair of size 2) of num_blocks entries, "
+             "a contiguous innermost dim, non-overlapping dims, the same layout in every layer")
+_WORDS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
+
 
 def _natural(name: str) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
 
-def _as_pages(t: torch.Tensor, name: str) -> torch.Tensor:
-    """One layer's cache as (num_blocks, page) in the widest integer word dividing the page."""
-    num_blocks = t.shape[0]
+def _refuse(name: str, t: torch.Tensor, why: str) -> ValueError:
+    return ValueError(f"KV cache of layer {name} (shape {tuple(t.shape)}, strides {t.stride()}, "
+                      f"{t.dtype}): {why}; this layout is not supported by pdkv ({SUPPORTED})")
+
+
+def _block_dim(t: torch.Tensor, name: str, num_blocks: int | None) -> tuple[int, int]:
+    """(block dim, kernel blocks per block)."""
+    shape = t.shape
+    pair = t.dim() >= 3 and shape[0] == 2  # dim 0 may be FlashAttention's K/V pair
+    if num_blocks is None:
+        cands = [0, 1] if pair and t.dim() == 5 else [0]
+        if cands == [0, 1] and shape[1] != 2:
+            return 1, 1  # vLLM's (2, num_blocks, block_size, kv_heads, head)
+    else:
+        cands = [d for d in ((0, 1) if pair else (0,)) if shape[d] == num_blocks]
+        if not cands:
+            if not pair and t.dim() > 0 and shape[0] > num_blocks > 0 and shape[0] % num_blocks == 0:
+                return 0, shape[0] // num_blocks
+            raise _refuse(name, t, f"no block dim of {num_blocks} blocks")
+    if len(cands) == 1:
+        return cands[0], 1
+    if t.stride(1) > t.stride(0):  # (2, 2, ...): the pair lies inside each block
+        return 1, 1
+    raise _refuse(name, t, "dims 0 and 1 both have size 2, either could be the block dim")
+
+
+def _geometry(t: torch.Tensor, name: str, num_blocks: int | None):
+    """(byte offset, [(size, byte stride)]: blocks then the run grid, run bytes, layout string)."""
+    d, k = _block_dim(t, name, num_blocks)
+    if k > 1:
+        t = t.unflatten(d, (num_blocks, k))
+    dims = sorted((i for i in range(t.dim()) if i != d and t.shape[i] > 1), key=lambda i: -t.stride(i))
+    extent = 0  # no overlap: in increasing stride order each dim steps past all the ones inside it
+    for i in sorted(dims + [d] * (t.shape[d] > 1), key=t.stride):
+        if t.stride(i) <= extent:
+            raise _refuse(name, t, "its dims overlap in memory")
+        extent += t.stride(i) * (t.shape[i] - 1)
+    layout = ",".join(f"{t.shape[i]}@{i}" for i in dims)
+    run = 1
+    while dims and t.stride(dims[-1]) == run:
+        run *= t.shape[dims.pop()]
+    if run == 1 and dims:
+        raise _refuse(name, t, "its innermost dim is not contiguous")
     es = t.element_size()
-    page_elems = t.stride(0)
-    if any(t.stride(d) * (t.shape[d] - 1) >= page_elems for d in range(1, t.dim()) if t.shape[d] > 1):
-        raise ValueError(
-            f"KV cache of layer {name} has shape {tuple(t.shape)} strides {t.stride()}: the block "
-            "dimension is not the outermost one; this layout is not supported by pdkv"
-        )
-    page_bytes = page_elems * es
-    pages = torch.empty(0, dtype=torch.uint8, device=t.device)
-    pages.set_(t.untyped_storage(), t.storage_offset() * es, (num_blocks, page_bytes), (page_bytes, 1))
-    # Indexed copies of 1-byte elements are ~100x slower on the CPU than of 8-byte words.
-    for word in (torch.int64, torch.int32, torch.int16):
-        size = torch.tensor([], dtype=word).element_size()
-        if page_bytes % size == 0 and (t.storage_offset() * es) % size == 0:
-            return pages.view(word)
-    return pages
+    sizes = [(t.shape[d], t.stride(d) * es)] + [(t.shape[i], t.stride(i) * es) for i in dims]
+    return t.storage_offset() * es, sizes, run * es, layout
 
 
 class KVLayout:
-    """The registered caches of one worker, in a fixed layer order."""
+    """The registered caches of one worker, in a fixed layer order.
 
-    def __init__(self, kv_caches: dict[str, torch.Tensor], block_size: int, extra: dict | None = None):
+    ``num_blocks``: the block count of vLLM's KV cache config; it locates the block dim (see the
+    module docstring) and is the attribute ``num_blocks``. ``layout`` names the page format,
+    ``kind`` is ``blocks-outer``, ``kv-split`` or ``runs``.
+    """
+
+    def __init__(self, kv_caches: dict[str, torch.Tensor], block_size: int, extra: dict | None = None,
+                 *, num_blocks: int | None = None):
         if not kv_caches:
             raise ValueError("no KV caches were registered")
         self.layer_names = sorted(kv_caches, key=_natural)
         first = kv_caches[self.layer_names[0]]
-        self.device = first.device
-        self.block_size = block_size
-        self.num_blocks = first.shape[0]
-        self.pages = []
         for name in self.layer_names:
             t = kv_caches[name]
             if t.shape != first.shape or t.dtype != first.dtype or t.stride() != first.stride():
-                raise ValueError(f"layer {name} has a different KV shape/dtype/strides than {self.layer_names[0]}")
-            self.pages.append(_as_pages(t, name))
-        self.word = self.pages[0].dtype
-        self.page_words = self.pages[0].shape[1]
-        self.page_bytes = self.page_words * self.pages[0].element_size()
-        self._local = threading.local()
+                raise _refuse(name, t, f"layer {self.layer_names[0]} has shape {tuple(first.shape)}, "
+                              f"strides {first.stride()}, {first.dtype}")
+        geo = [_geometry(kv_caches[name], name, num_blocks) for name in self.layer_names]
+        _, dims, run, self.layout = geo[0]
+        numbers = [g[0] for g in geo] + [s for _, s in dims] + [run]
+        ws = next(w for w in _WORDS if all(x % w == 0 for x in numbers))
+        # Indexed copies of 1-byte elements are ~100x slower on the CPU than of 8-byte words.
+        self.word = _WORDS[ws]
+        self.device = first.device
+        self.block_size = block_size
+        self.num_blocks = dims[0][0]
+        self._grid = tuple(size for size, _ in dims[1:])
+        self.runs, self.run_words = prod(self._grid), run // ws
+        self.kind = "blocks-outer" if self.runs == 1 else (
+            "kv-split" if self.layout.startswith("2@0,") and len(self._grid) == 1 else "runs")
+        shape = [size for size, _ in dims] + [self.run_words]
+        strides = [s // ws for _, s in dims] + [1]
+        self.pages = [torch.empty(0, dtype=self.word, device=self.device).set_(
+            kv_caches[name].untyped_storage(), g[0] // ws, shape, strides)
+            for name, g in zip(self.layer_names, geo)]
+        self.page_bytes = self.runs * run
         self.num_layers = len(self.pages)
+        self._local = threading.local()
         self.fingerprint = layout_fingerprint(
-            dtype=str(first.dtype), shape=tuple(first.shape[1:]), strides=first.stride(),
-            layers=self.num_layers, page_bytes=self.page_bytes, block_size=block_size,
-            device=self.device.type, **(extra or {}),
+            dtype=str(first.dtype), layout=self.layout, layers=self.num_layers, page_bytes=self.page_bytes,
+            block_size=block_size, device=self.device.type, **(extra or {}),
         )
 
     def chunk_payload_bytes(self, n_blocks: int) -> int:
         return self.num_layers * n_blocks * self.page_bytes
 
     def payload_view(self, slab: torch.Tensor, n_blocks: int) -> torch.Tensor:
-        """The (layers, n_blocks, page words) payload region of a staging slab."""
+        """The (layers, n_blocks, runs, run words) payload region of a staging slab."""
         n = self.chunk_payload_bytes(n_blocks)
-        return slab[HEADER_SIZE : HEADER_SIZE + n].view(self.word).view(self.num_layers, n_blocks, self.page_words)
+        return slab[HEADER_SIZE : HEADER_SIZE + n].view(self.word).view(
+            self.num_layers, n_blocks, self.runs, self.run_words)
 
     def gather(self, block_ids: torch.Tensor, out: torch.Tensor) -> None:
         """Copy blocks ``block_ids`` of every layer into host ``out`` (a ``payload_view``).
 
-        On a GPU the blocks are first gathered on the device (one indexed copy per layer), then
+        One indexed copy per layer. On a GPU the blocks are first gathered on the device, then
         moved to the (pinned) host slab in one copy, on a side stream.
         """
         if self.device.type == "cpu":
-            for layer, pages in enumerate(self.pages):
-                torch.index_select(pages, 0, block_ids, out=out[layer])
-            return
+            return self._gather(block_ids, out)
         with torch.cuda.stream(self._stream()):
-            ids = block_ids.to(self.device, non_blocking=True)
             dev = torch.empty(out.shape, dtype=out.dtype, device=self.device)
-            for layer, pages in enumerate(self.pages):
-                torch.index_select(pages, 0, ids, out=dev[layer])
+            self._gather(block_ids.to(self.device, non_blocking=True), dev)
             out.copy_(dev, non_blocking=True)
             torch.cuda.current_stream().synchronize()
 
     def scatter(self, block_ids: torch.Tensor, src: torch.Tensor) -> None:
-        """Copy host ``src`` (a ``payload_view``) into blocks ``block_ids`` of every layer."""
+        """Copy host ``src`` (a ``payload_view``, maybe sliced on dim 1) into blocks ``block_ids``."""
         if self.device.type == "cpu":
-            for layer, pages in enumerate(self.pages):
-                pages.index_put_((block_ids,), src[layer])
-            return
+            return self._scatter(block_ids, src)
         with torch.cuda.stream(self._stream()):
-            ids = block_ids.to(self.device, non_blocking=True)
-            dev = src.to(self.device, non_blocking=True)
-            for layer, pages in enumerate(self.pages):
-                pages.index_put_((ids,), dev[layer])
+            self._scatter(block_ids.to(self.device, non_blocking=True), src.to(self.device, non_blocking=True))
             torch.cuda.current_stream().synchronize()
+
+    def _gather(self, ids: torch.Tensor, out: torch.Tensor) -> None:
+        for layer, pages in enumerate(self.pages):
+            torch.index_select(pages, 0, ids, out=out[layer].view(len(ids), *self._grid, self.run_words))
+
+    def _scatter(self, ids: torch.Tensor, src: torch.Tensor) -> None:
+        for layer, pages in enumerate(self.pages):
+            pages.index_put_((ids,), src[layer].reshape(len(ids), *self._grid, self.run_words))
 
     def _stream(self):
         stream = getattr(self._local, "stream", None)
