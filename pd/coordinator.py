@@ -268,6 +268,7 @@ class Coordinator:
         key = (msg.pd_id, msg.rank)
         rec = self._record(msg.pd_id, now)
         rec.ready, rec.n_tokens, rec.producer = rec.ready or msg.final, msg.n_tokens, msg.instance_id
+        rec.n_ready_parts += 1
         if msg.pd_id in self._aborted:
             self._free(msg, "request was aborted")
             return

@@ -142,6 +142,7 @@ class TransferRecord(msgspec.Struct):
     n_store_chunks: int = 0
     producer: str = ""
     consumer: str = ""
+    n_ready_parts: int = 0  # READY messages (one per engine step that completed chunks, per rank)
 
 
 class QueryReply(_Msg):

@@ -125,6 +125,8 @@ def pd_config(model_path: Path, name: str, port_base: int, transport: str, store
     return cfg
 
 
+STEP_TOKENS = 512  # the shared deployments' prefill token budget per engine step
+
 BASE = {
     "vllm": {"max_model_len": 2048, "block_size": 32, "kv_cache_space_gb": 1, "max_num_seqs": 16},
     "connector": {"chunk_size": 256, "wait_timeout_s": 120},
@@ -143,6 +145,9 @@ def deployments(model_path, tmp_path_factory):
     co_cfg = {**yaml.safe_load(yaml.safe_dump(BASE)), "model": str(model_path), "mode": "colocated",
               "prefill": {"count": 1, "port_base": 18300}, "decode": {"count": 0, "port_base": 18400},
               "proxy": {"port": 18001}, "coordinator": {"port": 18571}}
+    # Prompts longer than this are prefilled over several steps (chunked prefill), and their
+    # chunks stream to decode step by step; the reference computes the same way.
+    pd_cfg["vllm"]["extra_args"] = co_cfg["vllm"]["extra_args"] = ["--max-num-batched-tokens", str(STEP_TOKENS)]
     # 2 cores: prefill on core 0, decode on core 1, the colocated reference shares core 0.
     pd_cfg["vllm"]["cpu_bind"] = "0;1"
     co_cfg["vllm"]["cpu_bind"] = "0"
