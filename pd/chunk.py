@@ -4,8 +4,10 @@ Header (little endian, HEADER_SIZE bytes, the rest zero):
     magic 8s | version H | header_size H | flags I | fingerprint 16s | key hash 16s |
     n_tokens I | n_blocks I | payload_len Q | checksum Q (xxh3-64 of the payload)
 
-A reader checks magic, version, layout fingerprint, the key hash it asked for, the lengths and
-the checksum; any mismatch is a ``ChunkError`` and the caller treats the chunk as a miss.
+A reader checks magic, version, layout fingerprint, the key hash it asked for, the lengths and,
+when flag ``FLAG_CHECKSUM`` is set, the checksum; any mismatch is a ``ChunkError`` and the caller
+treats the chunk as a miss. A writer leaves the checksum out (flag clear, field 0) only where
+the medium guards the bytes itself (see ``connector.checksum``).
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ MAGIC = b"PDKVCHNK"
 VERSION = 1
 HEADER_SIZE = 128
 _FMT = struct.Struct("<8sHHI16s16sIIQQ")
+FLAG_CHECKSUM = 1  # the checksum field holds xxh3-64 of the payload
 assert _FMT.size <= HEADER_SIZE
 
 
@@ -29,13 +32,13 @@ def checksum(payload) -> int:
 
 
 def write_header(buf: memoryview, fingerprint: bytes, key_hash: bytes, n_tokens: int,
-                 n_blocks: int, payload_len: int) -> None:
+                 n_blocks: int, payload_len: int, with_checksum: bool = True) -> None:
     """Fill ``buf[:HEADER_SIZE]``; the payload must already be in ``buf[HEADER_SIZE:]``."""
     payload = buf[HEADER_SIZE : HEADER_SIZE + payload_len]
     if len(payload) != payload_len:
         raise ValueError(f"buffer holds {len(payload)} payload bytes, expected {payload_len}")
-    _FMT.pack_into(buf, 0, MAGIC, VERSION, HEADER_SIZE, 0, fingerprint, key_hash,
-                   n_tokens, n_blocks, payload_len, checksum(payload))
+    _FMT.pack_into(buf, 0, MAGIC, VERSION, HEADER_SIZE, FLAG_CHECKSUM if with_checksum else 0, fingerprint,
+                   key_hash, n_tokens, n_blocks, payload_len, checksum(payload) if with_checksum else 0)
     buf[_FMT.size:HEADER_SIZE] = bytes(HEADER_SIZE - _FMT.size)
 
 
@@ -48,10 +51,10 @@ def read_header(buf) -> tuple:
 def verify(buf: memoryview, fingerprint: bytes, key_hash: bytes, expect_payload: int | None = None
            ) -> tuple[int, int, memoryview]:
     """Validate a chunk; return ``(n_tokens, n_blocks, payload view)`` or raise ChunkError."""
-    magic, version, hsize, _flags, fp, kh, n_tokens, n_blocks, plen, csum = read_header(buf)
+    magic, version, hsize, flags, fp, kh, n_tokens, n_blocks, plen, csum = read_header(buf)
     if magic != MAGIC:
         raise ChunkError("bad magic (not a pdkv chunk)")
-    if version != VERSION or hsize != HEADER_SIZE:
+    if version != VERSION or hsize != HEADER_SIZE or flags & ~FLAG_CHECKSUM:
         raise ChunkError(f"unsupported chunk version {version}/{hsize}")
     if fp != fingerprint:
         raise ChunkError("layout fingerprint mismatch (KV from another model/layout)")
@@ -62,6 +65,6 @@ def verify(buf: memoryview, fingerprint: bytes, key_hash: bytes, expect_payload:
     payload = buf[HEADER_SIZE : HEADER_SIZE + plen]
     if len(payload) != plen:
         raise ChunkError(f"chunk truncated: payload {len(payload)} of {plen} bytes")
-    if checksum(payload) != csum:
+    if flags & FLAG_CHECKSUM and checksum(payload) != csum:
         raise ChunkError("checksum mismatch (corrupt chunk)")
     return n_tokens, n_blocks, payload

@@ -114,6 +114,12 @@ class ConnectorConfig:
     heartbeat_interval_s: float = field(default=2.0, metadata=_rng(0.1, 600))
     # Background threads for gather/put (producer) and get/scatter (consumer).
     io_threads: int = field(default=2, metadata=_rng(1, 64))
+    # xxh3 checksum of each chunk's payload, written by prefill and checked by decode. "auto":
+    # always, except on GPUs with the zero-copy shm transport, where it would be the only pass
+    # over the bytes by the CPU (there the slot's sequence check, the key hash and the layout
+    # fingerprint in the header still refuse torn, stale or foreign chunks; stores checksum
+    # their own copies).
+    checksum: str = field(default="auto", metadata=_choices("auto", "always", "never"))
     transport: TransportConfig = field(default_factory=TransportConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
 

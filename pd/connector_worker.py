@@ -55,6 +55,7 @@ class WorkerSide(LoadMixin):
         self.instance_id = instance_id or cfg.instance_id  # the id its agent registered (FREE goes there)
         self.num_blocks = num_blocks
         self.layout: KVLayout | None = None
+        self.checksum = True  # payload checksums written (decided with the device, at registration)
         self.pool: StagingPool | None = None
         self.namespace = ""
         self._exec = ThreadPoolExecutor(cfg.io_threads, thread_name_prefix="pd-io")
@@ -91,6 +92,9 @@ class WorkerSide(LoadMixin):
             physical = getattr(self.layout, "layout", "")
             self.layout.fingerprint = (_with_physical(self.spec_fingerprint, physical) if physical
                                        else self.spec_fingerprint)
+        on_gpu = self.layout.device.type == "cuda"
+        self.checksum = self.cfg.checksum == "always" or (self.cfg.checksum == "auto"
+                                                         and not (self.zero_copy and on_gpu))
         bpc = self.cfg.chunk_size // self.block_size
         slab = chunkfmt.HEADER_SIZE + self.layout.chunk_payload_bytes(bpc)
         self.pool = StagingPool(slab, SLABS_PER_THREAD * self.cfg.io_threads,
@@ -102,9 +106,10 @@ class WorkerSide(LoadMixin):
                          "value: every store put will be dropped (counted too_large); lower "
                          "connector.chunk_size, or raise connector.store.size_gb (or, for hf3fs, "
                          "iov_size_mb)", self.rank, slab, getattr(self.store, "location", "?"), limit)
-        logger.info("pdkv worker rank %d: %d layers, page %d B, chunk %d tokens = %d B, namespace %s%s",
+        logger.info("pdkv worker rank %d: %d layers, page %d B, chunk %d tokens = %d B, namespace %s%s%s",
                     self.rank, self.layout.num_layers, self.layout.page_bytes, self.cfg.chunk_size,
-                    slab, self.namespace, ", zero-copy transport" if self.zero_copy else "")
+                    slab, self.namespace, ", zero-copy transport" if self.zero_copy else "",
+                    "" if self.checksum else ", payload checksums off")
 
     def _keys(self, token_ids: list[int]) -> list[str]:
         return [chunk_key(self.namespace, self.rank, h) for h in chunk_hashes(token_ids, self.cfg.chunk_size)]
@@ -204,7 +209,7 @@ class WorkerSide(LoadMixin):
         layout = self.layout
         layout.gather(blocks, layout.payload_view(torch.frombuffer(view, dtype=torch.uint8), nb))
         chunkfmt.write_header(view, layout.fingerprint, key_digest(key), toks, nb,
-                              len(view) - chunkfmt.HEADER_SIZE)
+                              len(view) - chunkfmt.HEADER_SIZE, with_checksum=self.checksum)
 
     def _save_chunks(self, spec: SaveSpec, keys: list[str], last: int) -> int:
         pool = self.pool

@@ -2,6 +2,8 @@
 import subprocess
 import sys
 
+import struct
+
 import numpy as np
 import pytest
 
@@ -94,3 +96,23 @@ def test_wrong_layout_key_or_length_is_refused():
         C.verify(memoryview(buf)[: C.HEADER_SIZE + 100], b"F" * 16, b"K" * 16)
     with pytest.raises(C.ChunkError, match="truncated"):
         C.verify(memoryview(buf)[:10], b"F" * 16, b"K" * 16)
+
+
+def test_chunk_without_checksum_still_checks_layout_key_and_length():
+    buf = np.zeros(C.HEADER_SIZE + 512, dtype=np.uint8)
+    buf[C.HEADER_SIZE:] = 7
+    C.write_header(memoryview(buf), b"F" * 16, b"K" * 16, 33, 3, 512, with_checksum=False)
+    assert C.read_header(memoryview(buf))[3] == 0 and C.read_header(memoryview(buf))[9] == 0
+    buf[C.HEADER_SIZE + 5] ^= 1  # not detected: such chunks rely on the medium (shm seqlock, store checksum)
+    assert C.verify(memoryview(buf), b"F" * 16, b"K" * 16, 512)[:2] == (33, 3)
+    with pytest.raises(C.ChunkError, match="fingerprint"):
+        C.verify(memoryview(buf), b"G" * 16, b"K" * 16)
+    with pytest.raises(C.ChunkError, match="key hash"):
+        C.verify(memoryview(buf), b"F" * 16, b"L" * 16)
+
+
+def test_unknown_header_flags_are_refused():
+    buf = _chunk(b"x" * 64)
+    struct.pack_into("<I", buf, 12, 0x80 | C.FLAG_CHECKSUM)
+    with pytest.raises(C.ChunkError, match="unsupported"):
+        C.verify(memoryview(buf), b"F" * 16, b"K" * 16)
