@@ -20,6 +20,10 @@ of equal ones is printed.
 Long prefills stall the decoding of other requests on a colocated instance; on a P/D deployment
 they run on the prefill instance, so the short requests' TPOT/ITL tails are where P/D should win,
 and TTFT of long prompts is where it pays (the transfer).
+
+``--device cuda`` (``launch.bench_gpu``) runs the same on GPUs, with a third mode ``nixl`` (vLLM's
+NixlConnector), a one-request-at-a-time phase before the Poisson one, and the KV transfer time as
+a share of TTFT; see scripts/gpu/README.md.
 """
 from __future__ import annotations
 
@@ -54,6 +58,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modes", default="pd,colocated", help="modes to run, in order (default pd,colocated)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--port", type=int, default=8000, help="proxy port (default 8000)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: on GPUs, modes pd, colocated and nixl (launch.bench_gpu; its options below)")
+    from launch.bench_gpu import add_gpu_arguments
+
+    add_gpu_arguments(p)
 
 
 @dataclass
@@ -72,6 +81,7 @@ class Result:
     token_times: list[float] = field(default_factory=list)
     text: str = ""
     error: str = ""
+    pd_id: str = ""  # the proxy's x-pd-id (P/D mode)
 
     @property
     def ttft(self) -> float | None:
@@ -106,30 +116,40 @@ def make_workload(n: int, rate: float, long_fraction: float, long_tokens: int, s
     return out
 
 
-def _one(url: str, model: str, req: Request, res: Result) -> None:
-    body = {"model": model, "prompt": req.prompt, "max_tokens": req.max_tokens, "temperature": 0,
+def completion_body(model: str, req: Request) -> dict:
+    return {"model": model, "prompt": req.prompt, "max_tokens": req.max_tokens, "temperature": 0,
             "ignore_eos": True, "stream": True}
+
+
+def stream_into(url: str, body: dict, res: Result) -> None:
+    """POST ``body`` to ``url``/v1/completions and record the streamed tokens' arrival times in ``res``."""
     r = urllib.request.Request(f"{url}/v1/completions", json.dumps(body).encode(),
                                {"Content-Type": "application/json"})
+    with urllib.request.urlopen(r, timeout=600) as resp:
+        res.pd_id = resp.headers.get("x-pd-id") or ""
+        for line in resp:
+            if not line.startswith(b"data: {"):
+                continue
+            now = time.perf_counter()
+            choice = json.loads(line[6:])["choices"][0]
+            if choice.get("text"):
+                res.token_times.append(now)
+                res.text += choice["text"]
+    res.ok = bool(res.token_times)
+    res.error = "" if res.ok else "no tokens"
+
+
+def _one(url: str, model: str, req: Request, res: Result) -> None:
     res.sent = time.perf_counter()
     try:
-        with urllib.request.urlopen(r, timeout=600) as resp:
-            for line in resp:
-                if not line.startswith(b"data: {"):
-                    continue
-                now = time.perf_counter()
-                choice = json.loads(line[6:])["choices"][0]
-                if choice.get("text"):
-                    res.token_times.append(now)
-                    res.text += choice["text"]
-        res.ok = bool(res.token_times)
-        res.error = "" if res.ok else "no tokens"
+        stream_into(url, completion_body(model, req), res)
     except Exception as e:  # noqa: BLE001 - a failed request is a result, not a crash
         res.error = f"{type(e).__name__}: {e}"
 
 
-def run_load(url: str, model: str, workload: list[Request]) -> tuple[list[Result], float]:
-    """Send each request at its arrival time (one thread each); (results, wall seconds)."""
+def run_load(url: str, model: str, workload: list[Request], send=_one) -> tuple[list[Result], float]:
+    """Send each request at its arrival time (one thread each, ``send(url, model, req, res)``);
+    (results, wall seconds)."""
     results = [Result(False, r.long, 0.0) for r in workload]
     threads = []
     t0 = time.perf_counter()
@@ -137,7 +157,7 @@ def run_load(url: str, model: str, workload: list[Request]) -> tuple[list[Result
         delay = t0 + req.arrival_s - time.perf_counter()
         if delay > 0:
             time.sleep(delay)
-        th = threading.Thread(target=_one, args=(url, model, req, res), daemon=True)
+        th = threading.Thread(target=send, args=(url, model, req, res), daemon=True)
         th.start()
         threads.append(th)
     for th in threads:
@@ -184,15 +204,16 @@ ROWS = [("TTFT p50 ms", "ttft_p50", 1e3), ("TTFT p90 ms", "ttft_p90", 1e3), ("TT
 
 
 def format_table(figures: dict[str, dict]) -> str:
+    """One row per metric, one column per mode, then pd/<mode> ratios when pd is the first mode."""
     modes = list(figures)
-    ratio = modes == ["pd", "colocated"]
-    head = ["metric", *modes] + (["pd/colocated"] if ratio else [])
+    others = modes[1:] if modes and modes[0] == "pd" else []
+    head = ["metric", *modes] + [f"pd/{m}" for m in others]
     lines = ["| " + " | ".join(head) + " |", "|:---|" + "---:|" * (len(head) - 1)]
     for label, key, scale in ROWS:
         vals = [figures[m].get(key) for m in modes]
         cells = ["-" if v is None else f"{v * scale:.1f}" for v in vals]
-        if ratio:
-            a, b = vals
+        for b in vals[1:] if others else []:
+            a = vals[0]
             cells.append(f"{a / b:.2f}" if a is not None and b else "-")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -208,6 +229,10 @@ def _deployment(mode: str, model: str, args) -> DeploymentConfig:
 
 
 def run(args) -> int:
+    if getattr(args, "device", "cpu") == "cuda":
+        from launch.bench_gpu import run_gpu
+
+        return run_gpu(args)
     model = str(check_model(args.model))
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     workload = make_workload(args.requests, args.rate, args.long_fraction, args.long_tokens,

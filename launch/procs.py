@@ -21,6 +21,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from launch.gpus import GpuSlot, cuda_args, cuda_env, gpu_slots, parse_env, resolve_device, resolve_dtype
 from pd.config import ConfigError, DeploymentConfig, kv_transfer_config
 
 # vLLM's CPU attention backend accepts only block sizes that are multiples of this
@@ -99,7 +100,13 @@ def check_config(dep: DeploymentConfig) -> None:
         raise ConfigError("mode pd needs at least one prefill and one decode instance "
                           f"(got prefill.count={dep.prefill.count}, decode.count={dep.decode.count})")
     bs = dep.vllm.block_size
-    if bs % CPU_BLOCK_MULTIPLE:
+    parse_env(dep.vllm.env, "vllm.env")
+    for group in ("prefill", "decode"):
+        parse_env(getattr(dep, group).env, f"{group}.env")
+    if dep.vllm.device == "cpu" and dep.vllm.tensor_parallel_size > 1:
+        raise ConfigError(f"vllm.tensor_parallel_size: {dep.vllm.tensor_parallel_size} is not allowed on "
+                          "vllm.device cpu; allowed: 1")
+    if dep.vllm.device == "cpu" and bs % CPU_BLOCK_MULTIPLE:
         raise ConfigError(f"vllm.block_size: {bs} is not allowed; vLLM's CPU attention needs a multiple of "
                           f"{CPU_BLOCK_MULTIPLE}")
     if dep.mode == "pd" and dep.connector.chunk_size % bs:
@@ -180,29 +187,45 @@ def cpu_binds(mode: str, n: int) -> list[str]:
     return lists
 
 
-def vllm_env(dep: DeploymentConfig, bind: str) -> dict[str, str]:
-    """Environment of one vLLM instance (on top of the launcher's)."""
-    return {"VLLM_CPU_KVCACHE_SPACE": str(int(dep.vllm.kv_cache_space_gb)), "PYTHONHASHSEED": "0",
-            "VLLM_CPU_OMP_THREADS_BIND": bind}
+def vllm_env(dep: DeploymentConfig, bind: str, group: str = "prefill", slot: GpuSlot | None = None) -> dict[str, str]:
+    """Environment of one vLLM instance (on top of the launcher's): cpu settings, or its GPUs; then
+    ``vllm.env`` and the group's ``env``."""
+    if slot is None:
+        env = {"VLLM_CPU_KVCACHE_SPACE": str(int(dep.vllm.kv_cache_space_gb)), "PYTHONHASHSEED": "0",
+               "VLLM_CPU_OMP_THREADS_BIND": bind}
+    else:
+        env = cuda_env(dep, slot)
+    env.update(parse_env(dep.vllm.env, "vllm.env"))
+    env.update(parse_env(getattr(dep, group).env, f"{group}.env"))
+    return env
 
 
-def vllm_spec(dep: DeploymentConfig, name: str, role: str, port: int, group: str, bind: str = "auto") -> ProcSpec:
-    """One vLLM OpenAI server; with the P/D connector unless ``role`` is colocated."""
+def vllm_spec(dep: DeploymentConfig, name: str, role: str, port: int, group: str, bind: str = "auto",
+              slot: GpuSlot | None = None) -> ProcSpec:
+    """One vLLM OpenAI server; with the P/D connector unless ``role`` is colocated; on its GPUs with ``slot``."""
     v = dep.vllm
+    dtype = resolve_dtype(dep, "cpu" if slot is None else "cuda")
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(Path(dep.model).resolve()),
             "--served-model-name", served_name(dep), "--host", "127.0.0.1", "--port", str(port),
             "--max-model-len", str(v.max_model_len), "--block-size", str(v.block_size),
-            "--max-num-seqs", str(v.max_num_seqs), "--dtype", v.dtype]
+            "--max-num-seqs", str(v.max_num_seqs), "--dtype", dtype]
     if v.enforce_eager:
         argv.append("--enforce-eager")
+    if v.load_format:
+        argv += ["--load-format", v.load_format]
+    if slot is not None:
+        argv += cuda_args(dep, slot)
     if role in ("prefill", "decode"):
         argv += ["--kv-transfer-config", json.dumps(kv_transfer_config(dep, role, name))]
     argv += list(v.extra_args) + list(getattr(dep, group).extra_args)
-    return ProcSpec(name, argv, vllm_env(dep, bind), f"http://127.0.0.1:{port}/health", port)
+    return ProcSpec(name, argv, vllm_env(dep, bind, group, slot), f"http://127.0.0.1:{port}/health", port)
 
 
 def plan(dep: DeploymentConfig) -> list[ProcSpec]:
-    """Every process of the deployment, in start order (coordinator, instances, proxy)."""
+    """Every process of the deployment, in start order (coordinator, instances, proxy).
+
+    ``vllm.device`` cpu binds each instance to its cores; cuda gives it its GPUs (``launch.gpus``).
+    """
     check_config(dep)
     py = [sys.executable, "-m", "pd.cli"]
     specs: list[ProcSpec] = []
@@ -213,8 +236,12 @@ def plan(dep: DeploymentConfig) -> list[ProcSpec]:
                                                    "--instance-ttl-s", str(c.instance_ttl_s)],
                               port=c.port, host=c.host))
     instances = instance_ports(dep)
-    binds = cpu_binds(dep.vllm.cpu_bind, len(instances))
-    specs += [vllm_spec(dep, *inst, bind=bind) for inst, bind in zip(instances, binds)]
+    if resolve_device(dep) == "cuda":
+        slots = gpu_slots(dep, instances)
+        specs += [vllm_spec(dep, *inst, slot=slot) for inst, slot in zip(instances, slots)]
+    else:
+        binds = cpu_binds(dep.vllm.cpu_bind, len(instances))
+        specs += [vllm_spec(dep, *inst, bind=bind) for inst, bind in zip(instances, binds)]
     p = dep.proxy
     proxy = py + ["proxy", "--host", p.host, "--port", str(p.port), "--policy", p.policy,
                   "--upstream-timeout-s", str(p.upstream_timeout_s)]

