@@ -5,6 +5,14 @@ The paged caches are laid out as vLLM registers them, (num_blocks, kv_heads, blo
 busy engine). Beside each figure, the same bytes are moved by one plain contiguous copy between
 the same memories (device -> host for gather, host -> device for scatter, memcpy on the CPU),
 measured in the same run, so the ratio is the cost of paging and per-layer indexing.
+
+``--transfer`` (on by default) also moves each chunk end to end the way the connector does with
+the shm transport: gather into a reserved slot of a producer's shared arena (registered with
+CUDA on a GPU), write the chunk header, commit; then a consumer transport (its own mapping of
+that arena, as a decode process has) acquires the slot, checks the header, scatters into a
+second paged cache and releases it. Its reference is the same bytes copied device -> pinned
+host -> device by two plain copies (memcpy twice on the CPU). With two GPUs it also prints a
+plain GPU 0 -> GPU 1 copy of the chunk (peer access, no host), the next step's ceiling.
 """
 from __future__ import annotations
 
@@ -15,6 +23,7 @@ import time
 
 import torch
 
+from pd import chunk as chunkfmt
 from pd.chunk import HEADER_SIZE
 from pd.kv_layout import KVLayout, StagingPool
 
@@ -29,6 +38,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-tokens", default="256,1024,4096", help="tokens per chunk, comma separated")
     p.add_argument("--cache-gb", type=float, default=4.0, help="size of the paged cache")
     p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--transfer", default="on", choices=("on", "off"),
+                   help="also time gather -> shm slot -> scatter end to end (default on)")
+    p.add_argument("--checksum", default="auto", choices=("auto", "always", "never"),
+                   help="payload checksums in the end-to-end path, as connector.checksum (default auto)")
 
 
 def _sync(device: torch.device) -> None:
@@ -57,15 +70,21 @@ def run(args) -> int:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(f"# pd bench kv on {device} ({name}); {args.layers} layers, {args.kv_heads} kv heads, "
           f"head size {args.head_size}, {args.dtype}; cache {args.cache_gb} GB")
+    xfer = args.transfer == "on"
+    checksum = args.checksum == "always" or (args.checksum == "auto" and device.type != "cuda")
+    if xfer:
+        print(f"# end to end: gather -> shm slot -> scatter, payload checksums {'on' if checksum else 'off'}")
     print("| block | chunk tokens | chunk MB | gather GB/s | plain copy GB/s | gather/copy | scatter GB/s | "
-          "plain copy GB/s | scatter/copy |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "plain copy GB/s | scatter/copy |" + (" transfer GB/s | plain 2 copies GB/s | transfer/copies |" if xfer else ""))
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if xfer else ""))
     for bs in (int(x) for x in args.block_sizes.split(",")):
         page = args.kv_heads * bs * 2 * args.head_size * es
         num_blocks = max(64, int(args.cache_gb * 1e9 / (page * args.layers)))
         caches = {f"layers.{i}": torch.empty(num_blocks, args.kv_heads, bs, 2 * args.head_size, dtype=dtype,
                                              device=device).normal_() for i in range(args.layers)}
         layout = KVLayout(caches, bs)
+        dst = ({n: torch.empty_like(t) for n, t in caches.items()} if xfer else None)
+        dst_layout = KVLayout(dst, bs) if xfer else None
         for tokens in (int(x) for x in args.chunk_tokens.split(",")):
             nb = tokens // bs
             if nb < 1 or nb > num_blocks:
@@ -81,10 +100,73 @@ def run(args) -> int:
                 flat = slab[HEADER_SIZE:HEADER_SIZE + n_bytes]
                 t_d2h = _time(lambda: flat.copy_(src, non_blocking=True), device, args.iters)
                 t_h2d = _time(lambda: src.copy_(flat, non_blocking=True), device, args.iters)
-            print(f"| {bs} | {tokens} | {n_bytes / 1e6:.1f} | {n_bytes / t_gather / 1e9:.2f} | "
-                  f"{n_bytes / t_d2h / 1e9:.2f} | {t_d2h / t_gather:.2f} | {n_bytes / t_scatter / 1e9:.2f} | "
-                  f"{n_bytes / t_h2d / 1e9:.2f} | {t_h2d / t_scatter:.2f} |")
-        del caches, layout
+            row = (f"| {bs} | {tokens} | {n_bytes / 1e6:.1f} | {n_bytes / t_gather / 1e9:.2f} | "
+                   f"{n_bytes / t_d2h / 1e9:.2f} | {t_d2h / t_gather:.2f} | {n_bytes / t_scatter / 1e9:.2f} | "
+                   f"{n_bytes / t_h2d / 1e9:.2f} | {t_h2d / t_scatter:.2f} |")
+            if xfer:
+                t_xfer, ok = _time_transfer(layout, dst_layout, ids, nb, n_bytes, device, args.iters, checksum)
+                if not ok:
+                    raise RuntimeError("end-to-end transfer moved wrong bytes")
+                t_copies = t_d2h + t_h2d
+                row += f" {n_bytes / t_xfer / 1e9:.2f} | {n_bytes / t_copies / 1e9:.2f} | {t_copies / t_xfer:.2f} |"
+            print(row)
+            if xfer and device.type == "cuda" and torch.cuda.device_count() > 1 and bs == args_first(args):
+                _peer_copy(n_bytes, args.iters, tokens)
+        del caches, layout, dst, dst_layout
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return 0
+
+
+def args_first(args) -> int:
+    return int(args.block_sizes.split(",")[0])
+
+
+def _time_transfer(src: KVLayout, dst: KVLayout, ids: torch.Tensor, nb: int, n_bytes: int,
+                   device: torch.device, iters: int, checksum: bool) -> tuple[float, bool]:
+    """Median seconds of one chunk moved as the connector moves it through the shm transport."""
+    import tempfile
+
+    from pd.config import TransportConfig
+    from pd.keys import layout_fingerprint
+    from transport.shm import ShmTransport
+
+    size = HEADER_SIZE + n_bytes
+    fp, kh = layout_fingerprint(bench="kv"), b"K" * 16
+    dst_ids = ids.flip(0)
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as shm_dir:
+        cfg = TransportConfig(pool_size_mb=max(64, -(-2 * size // (1 << 20))), shm_dir=shm_dir, name="bench-kv")
+        pin = {"pin_cuda": True} if device.type == "cuda" else {}
+        prod, cons = ShmTransport(cfg, **pin), ShmTransport(cfg, **pin)
+        try:
+            def once() -> None:
+                (slot,) = prod.reserve(["k"], [size])
+                src.gather(ids, src.payload_view(torch.frombuffer(slot.view, dtype=torch.uint8), nb))
+                chunkfmt.write_header(slot.view, fp, kh, nb * src.block_size, nb, n_bytes, with_checksum=checksum)
+                assert prod.commit([slot]) == [True]
+                (read,) = cons.acquire(["k"])
+                chunkfmt.verify(read.view, fp, kh, n_bytes)
+                dst.scatter(dst_ids, dst.payload_view(torch.frombuffer(read.view, dtype=torch.uint8), nb))
+                assert cons.release([read]) == [True]
+                cons.delete(["k"])
+
+            t = _time(once, device, iters)
+            ok = all(torch.equal(a[ids], b[dst_ids]) for a, b in zip(src.pages, dst.pages))
+        finally:
+            cons.close()
+            prod.close()
+    return t, ok
+
+
+def _peer_copy(n_bytes: int, iters: int, tokens: int) -> None:
+    a = torch.empty(n_bytes, dtype=torch.uint8, device="cuda:0")
+    b = torch.empty(n_bytes, dtype=torch.uint8, device="cuda:1")
+    peer = torch.cuda.can_device_access_peer(0, 1)
+
+    def copy() -> None:
+        b.copy_(a, non_blocking=True)
+        torch.cuda.synchronize(0)
+        torch.cuda.synchronize(1)
+
+    t = _time(copy, torch.device("cuda:0"), iters)
+    print(f"#   {tokens}-token chunk GPU0 -> GPU1 device copy: {n_bytes / t / 1e9:.2f} GB/s (peer access {peer})")
