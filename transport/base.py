@@ -1,7 +1,7 @@
 """The transport interface: batched put/get of whole chunks, addressed by string keys."""
 from __future__ import annotations
 
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 
 class TransportError(RuntimeError):
@@ -36,12 +36,41 @@ class Transport(Protocol):
     def close(self) -> None: ...
 
 
-def make_transport(cfg, role: str = "both") -> Transport | None:
-    """Build the transport named by a ``TransportConfig`` (None for kind "none")."""
+@runtime_checkable
+class ZeroCopyTransport(Transport, Protocol):
+    """Optional capability: hand out views of the transport's own memory instead of copying.
+
+    A producer ``reserve``s slots, fills ``slot.view`` (a writable 1-D uint8 memoryview of
+    exactly the reserved size, e.g. gathering KV straight into it) and ``commit``s them; a
+    consumer ``acquire``s views of committed values, reads them and ``release``s them. Check with
+    ``isinstance(t, ZeroCopyTransport)``; shm implements it.
+    """
+
+    def reserve(self, keys: Sequence[str], sizes: Sequence[int]) -> list[Any]:
+        """A writable slot per key (``.key``, ``.view``, ``.size``), invisible to readers until
+        committed; None = no room (counted as dropped). Every slot must be committed."""
+
+    def commit(self, slots: Sequence[Any], ok: Sequence[bool] | None = None) -> list[bool]:
+        """Publish the slots (atomic per key); slots with ``ok`` False (or None slots) are
+        released unpublished. Returns per slot whether it was published."""
+
+    def acquire(self, keys: Sequence[str]) -> list[Any]:
+        """Read views (``.key``, ``.view``, ``.size``) of committed values; None = miss."""
+
+    def release(self, reads: Sequence[Any]) -> list[bool]:
+        """End the reads; True where the value stayed committed and unchanged during the hold
+        (so what was read is valid); False (and None entries) = treat the chunk as a miss."""
+
+
+def make_transport(cfg, role: str = "both", *, pin_cuda: bool = False) -> Transport | None:
+    """Build the transport named by a ``TransportConfig`` (None for kind "none").
+
+    ``pin_cuda``: register the transport's shared memory with CUDA (shm), for GPU workers.
+    """
     if cfg.kind == "none":
         return None
     if cfg.kind == "shm":
         from transport.shm import ShmTransport
 
-        return ShmTransport(cfg)
+        return ShmTransport(cfg, pin_cuda=pin_cuda)
     raise ValueError(f"unknown transport kind {cfg.kind!r}; allowed: shm, none")

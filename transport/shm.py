@@ -1,101 +1,59 @@
-"""Same-host transport: one file per chunk in a tmpfs directory (``/dev/shm/pdkv-<name>``).
+"""Same-host transport: each producer's chunks live in its own shared-memory arena.
 
-A producer writes each chunk to a temporary file in the pool directory and renames it to the
-chunk's name, so a reader never sees a half-written chunk. A consumer opens the file and reads
-it straight into its own buffer; an open descriptor keeps the data even if the producer evicts
-(unlinks) the file meanwhile. Consumers delete what they have read.
+The pool is a tmpfs directory (``/dev/shm/pdkv-<name>``). Each instance that writes owns one
+*arena* there, ``.arena-<pid>-<uuid8>``: a file of ``pool_size_mb`` MiB, created on the first
+write, allocated and faulted in once, reused for the instance's life (``transport/arena.py``).
+A value is one slot of it (64-byte header + bytes); the shared memory *is* the staging memory,
+so ``put`` is one copy in and ``get`` one copy out, and ``reserve``/``acquire`` hand out views
+of the slot itself (no copy at all; on GPUs a DMA straight from/into it, with ``pin_cuda``).
 
-Memory is bounded per producer: ``pool_size_mb`` is the budget of the bytes *this instance*
-put. When a put would exceed it, entries whose files are already gone (consumed) are forgotten
-first, then the oldest chunks still there are evicted until the new one fits.
+Index: one symlink per key -> ``"<arena>:<offset>:<length>:<seq>"``, made atomically once the
+value is complete (``transport/shm_index.py``). Readers resolve the link, map the arena (cached,
+``transport/shm_maps.py``), check the slot header (magic, committed, seq, length, key digest),
+copy, and check the seq again: a slot that changed meanwhile is a miss, never a torn or foreign
+value. The producer never waits for readers.
+
+Budget: the arena (``transport/shm_owner.py``). When a value does not fit, the producer frees
+the slots consumers deleted, then evicts its oldest committed values; reserved slots are never
+evicted; a value larger than the arena is dropped. ``delete`` works from any process: it unlinks
+the link and marks the slot deleted in shared memory; the producer reuses the space when it
+next needs room. A SIGKILLed producer leaves its arena and links: readers still get its
+committed values, and a slot it was writing has no link. ``cleanup_pool`` (the launcher's
+clean stop) removes everything.
 """
 from __future__ import annotations
 
-import errno
-import hashlib
-import itertools
 import logging
 import os
-import re
-import shutil
 import threading
-from collections import OrderedDict
+import uuid
 from typing import Any, Sequence
 
+from transport import shm_index as index
+from transport.arena import COMMITTED, Mapping, buffer_address, key_digest16, stamp
 from transport.base import TransportError
+from transport.shm_index import cleanup_pool, key_to_name, name_to_key, pool_dir  # noqa: F401 - API
+from transport.shm_maps import MapCache
+from transport.shm_owner import ArenaOwner, Call, Entry
 
 log = logging.getLogger(__name__)
 
-_PLAIN = re.compile(r"[A-Za-z0-9_.-]")
-_MAX_NAME = 200  # well under NAME_MAX (255 bytes)
-_TMP_PREFIX = ".tmp-"
-
 STAT_KEYS = (
-    "puts",          # chunks stored
-    "put_bytes",     # bytes stored
-    "dropped",       # puts that returned False (too large for the budget, or an OS error)
+    "puts",          # values published (put or commit)
+    "put_bytes",     # bytes published
+    "dropped",       # values not published: no room, too large, no arena, an OS error
     "put_errors",    # ... of which OS errors (ENOSPC, EIO, ...)
-    "evictions",     # chunks unlinked to make room (never read by a consumer)
-    "reclaimed",     # tracked chunks found already deleted by a consumer
-    "gets",          # keys asked for
+    "evictions",     # values unpublished to make room (never read by a consumer)
+    "reclaimed",     # slots found deleted by a consumer (or their link gone) and reused
+    "gets",          # keys asked for (get and acquire)
     "get_hits",
-    "get_misses",    # absent, buffer too small, or an OS error
+    "get_misses",    # absent, buffer too small, or the slot changed during the copy
     "get_bytes",
-    "deletes",       # files unlinked by delete()
+    "deletes",       # index links unlinked by delete()
+    "read_races",    # reads that lost to the producer: a get miss, or a release() False
+    "aborted",       # reserved slots released unpublished (commit with ok False)
+    "arenas",        # arena files this instance created (1, or more if the pool was removed)
 )
-
-
-def key_to_name(key: str) -> str:
-    """Flat, injective file name for a key.
-
-    ``[A-Za-z0-9_.-]`` stay as they are, ``/`` becomes ``+``, every other byte (of the UTF-8
-    form) becomes ``%XX``; a leading ``.`` is escaped too, so no name is ``.``/``..`` or
-    collides with a temporary file. Names longer than ``_MAX_NAME`` keep a readable prefix and
-    end in ``#`` + a 128-bit digest of the key (``#`` never occurs in an escaped name).
-    """
-    out = []
-    for i, ch in enumerate(key):
-        if ch == "/":
-            out.append("+")
-        elif _PLAIN.match(ch) and not (i == 0 and ch == "."):
-            out.append(ch)
-        else:
-            out.extend(f"%{b:02X}" for b in ch.encode())
-    name = "".join(out)
-    if len(name) > _MAX_NAME:
-        digest = hashlib.blake2b(key.encode(), digest_size=16).hexdigest()
-        name = name[: _MAX_NAME - 33] + "#" + digest
-    return name
-
-
-def name_to_key(name: str) -> str | None:
-    """Inverse of ``key_to_name`` (None for hashed long names and temporary files)."""
-    if "#" in name or name.startswith(_TMP_PREFIX):
-        return None
-    raw = bytearray()
-    i = 0
-    while i < len(name):
-        ch = name[i]
-        if ch == "%":
-            raw.append(int(name[i + 1 : i + 3], 16))
-            i += 3
-            continue
-        raw += b"/" if ch == "+" else ch.encode()
-        i += 1
-    return raw.decode()
-
-
-def pool_dir(cfg: Any) -> str:
-    """The pool directory of a ``TransportConfig``: ``<shm_dir>/pdkv-<name>``."""
-    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.name) or "default"
-    return os.path.join(cfg.shm_dir, f"pdkv-{safe}")
-
-
-def cleanup_pool(cfg: Any) -> None:
-    """Remove the whole pool directory (every producer's chunks); the launcher's clean stop."""
-    path = pool_dir(cfg)
-    shutil.rmtree(path, ignore_errors=True)
-    log.info("removed shm pool %s", path)
 
 
 def _byte_view(buf: Any) -> memoryview:
@@ -103,206 +61,297 @@ def _byte_view(buf: Any) -> memoryview:
     return mv if mv.format == "B" and mv.ndim == 1 else mv.cast("B")
 
 
+def _release_view(mv: memoryview) -> None:
+    try:
+        mv.release()
+    except BufferError:  # the caller made an array/tensor of it: that one keeps the memory alive
+        pass
+
+
+class SlotWrite:
+    """A reserved slot: fill ``view`` (writable 1-D uint8, exactly ``size`` bytes), then commit."""
+    __slots__ = ("key", "view", "size", "_owner", "_m", "_e", "_done")
+
+    def __init__(self, key: str, view: memoryview, size: int, owner: "ShmTransport", m: Mapping,
+                 e: Entry) -> None:
+        self.key, self.view, self.size = key, view, size
+        self._owner, self._m, self._e, self._done = owner, m, e, False
+
+
+class SlotRead:
+    """A held committed value: ``view`` (1-D uint8, ``size`` bytes) stays mapped until release,
+    which says whether the value stayed unchanged for the whole hold."""
+    __slots__ = ("key", "view", "size", "_owner", "_m", "_off", "_seq", "_done")
+
+    def __init__(self, key: str, view: memoryview, size: int, owner: "ShmTransport", m: Mapping,
+                 off: int, seq: int) -> None:
+        self.key, self.view, self.size = key, view, size
+        self._owner, self._m, self._off, self._seq, self._done = owner, m, off, seq, False
+
+
 class ShmTransport:
-    """``transport.base.Transport`` over files in a shared-memory directory (same host only)."""
+    """``Transport`` and ``ZeroCopyTransport`` over shared-memory arenas (same host only).
+
+    Thread-safe. ``pin_cuda``: every arena this instance creates or maps is registered with CUDA
+    once (``cudaHostRegister``), so GPU copies from/into slot views are DMA; on failure it warns
+    once and goes on unpinned.
+    """
 
     cleanup_pool = staticmethod(cleanup_pool)
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: Any, pin_cuda: bool = False) -> None:
         self.path = pool_dir(cfg)
         self.location = f"shm:{self.path}"
         self.budget = int(cfg.pool_size_mb) << 20
+        self.pin_cuda = pin_cuda
         self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
+        self._uid = uuid.uuid4().hex[:8]  # temporary link names: unique across instances
         self._lock = threading.Lock()
-        self._entries: OrderedDict[str, int] = OrderedDict()  # key -> size, oldest first
-        self._used = 0          # bytes of committed entries
-        self._inflight = 0      # bytes reserved by puts being written
-        self._seq = itertools.count()
+        self._maps = MapCache(self.path, self._lock, pin_cuda)
+        self._own = ArenaOwner(self.path, self.budget, self._maps, self.stats, self._link, self._uid)
         try:
             os.makedirs(self.path, mode=0o700, exist_ok=True)
         except OSError as e:
             raise TransportError(f"cannot create shm pool {self.path}: {e}") from e
 
+    # -- copy API (Transport) --------------------------------------------------------------
+    def put(self, keys: Sequence[str], buffers: Sequence[Any]) -> list[bool]:
+        """Store each buffer under its key: reserve, one copy, commit. False = dropped."""
+        if len(keys) != len(buffers):
+            raise ValueError(f"put: {len(keys)} keys but {len(buffers)} buffers")
+        mvs = [_byte_view(b) for b in buffers]
+        res: list[bool] = []
+        call = Call()
+        for key, mv in zip(keys, mvs):  # one value at a time: a batch may exceed the arena
+            with self._lock:
+                (got,) = self._own.reserve([key], [mv.nbytes], call)
+            if got is None:
+                res.append(False)
+                continue
+            m, e = got
+            try:
+                if e.size:
+                    m.copy_in(e.off, buffer_address(mv), e.size)
+            except BaseException:
+                self._commit(m, e, False)
+                raise
+            res.append(self._commit(m, e, True))
+        self._log_drops(call.dropped, len(keys))
+        return res
+
+    def get(self, keys: Sequence[str], buffers: Sequence[Any]) -> list[int]:
+        """Copy each key's value into its buffer; bytes read per key, 0 = miss.
+
+        A buffer smaller than the value is a miss and is not written. A read that loses a race
+        with the producer (the slot was evicted during the copy) is a miss too, and the buffer
+        then holds unspecified bytes.
+        """
+        if len(keys) != len(buffers):
+            raise ValueError(f"get: {len(keys)} keys but {len(buffers)} buffers")
+        mvs = [_byte_view(b) for b in buffers]
+        for i, mv in enumerate(mvs):
+            if mv.readonly:
+                raise TypeError(f"get: buffer {i} is read-only")
+        out: list[int] = []
+        races = 0
+        for key, mv in zip(keys, mvs):
+            found = self._lookup(key)
+            if found is None:
+                out.append(0)
+                continue
+            m, off, length, seq = found
+            n = 0
+            try:
+                if 0 < length <= mv.nbytes:
+                    m.copy_out(off, buffer_address(mv), length)
+                    n = length if m.get_stamp(off) == stamp(seq, COMMITTED) else 0
+                    races += not n
+            finally:
+                self._maps.unhold(m)
+            out.append(n)
+        hits = sum(1 for n in out if n)
+        self._bump(gets=len(out), get_hits=hits, get_misses=len(out) - hits, get_bytes=sum(out),
+                   read_races=races)
+        return out
+
+    def exists(self, keys: Sequence[str]) -> list[bool]:
+        """Whether each key has a committed value now (it may vanish right after)."""
+        out = []
+        for key in keys:
+            found = self._lookup(key)
+            if found is not None:
+                self._maps.unhold(found[0])
+            out.append(found is not None)
+        return out
+
+    def delete(self, keys: Sequence[str]) -> int:
+        """Unlink the keys' index links (anyone's) and mark their values deleted in the
+        producers' arenas; returns how many links were unlinked."""
+        n = 0
+        for key in keys:
+            link = self._link(key)
+            target = index.read_link(link)
+            try:
+                os.unlink(link)
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                log.warning("shm pool %s: delete %s failed: %s", self.path, key, e)
+                continue
+            n += 1
+            if target:
+                self._mark_deleted(key, target)
+        self._bump(deletes=n)
+        return n
+
+    def close(self) -> None:
+        """Unlink this instance's links and arena, unpin and unmap every arena it mapped.
+
+        Never raises. A view still out (a SlotRead not released, a SlotWrite not committed)
+        keeps its arena mapped (and pinned) until the last one is released/committed, then it
+        is unmapped; release() still tells whether the value held. After close, writes are
+        dropped and reads miss.
+        """
+        with self._lock:
+            if self._own.closed:
+                return
+            own, arena = self._own.close()
+        self._own.remove(own, arena)
+        self._maps.close()
+        log.debug("shm pool %s: closed; stats %s", self.path, self.stats)
+
+    def used_bytes(self) -> int:
+        """Bytes of this instance's arena in use (committed and reserved slots, headers included)."""
+        with self._lock:
+            return self._own.used_bytes()
+
+    @property
+    def arena_bytes(self) -> int:
+        """Size of this instance's arena (0 before the first write)."""
+        a = self._own.arena
+        return 0 if a is None else a.size
+
+    # -- zero-copy API (ZeroCopyTransport) --------------------------------------------------
+    def reserve(self, keys: Sequence[str], sizes: Sequence[int]) -> list[SlotWrite | None]:
+        """A writable slot per key (None = no room / too large / no arena; counted as dropped).
+        The batch is held at once: its slots cannot evict each other. Readers cannot see a slot
+        before ``commit``, and every slot must be committed (ok or not) to free its space."""
+        if len(keys) != len(sizes):
+            raise ValueError(f"reserve: {len(keys)} keys but {len(sizes)} sizes")
+        sizes = [int(s) for s in sizes]
+        if any(s < 0 for s in sizes):
+            raise ValueError(f"reserve: negative size in {sizes}")
+        call = Call()
+        with self._lock:
+            got = self._own.reserve(keys, sizes, call)
+        self._log_drops(call.dropped, len(keys))
+        return [None if g is None else SlotWrite(k, g[0].view(g[1].off, g[1].size), g[1].size, self, *g)
+                for k, g in zip(keys, got)]
+
+    def commit(self, slots: Sequence[SlotWrite | None], ok: Sequence[bool] | None = None) -> list[bool]:
+        """Publish each slot (atomically per key); slots with ``ok`` False are released unpublished.
+        Returns per slot whether it was published. The slot views must not be used afterwards."""
+        if ok is not None and len(ok) != len(slots):
+            raise ValueError(f"commit: {len(slots)} slots but {len(ok)} ok flags")
+        for s in slots:
+            if s is not None and (s._owner is not self or s._done):
+                raise ValueError(f"commit: slot for {s.key!r} is not a pending slot of this transport")
+        res = []
+        for i, s in enumerate(slots):
+            if s is None:
+                res.append(False)
+                continue
+            s._done = True
+            _release_view(s.view)
+            res.append(self._commit(s._m, s._e, ok is None or bool(ok[i])))
+        return res
+
+    def acquire(self, keys: Sequence[str]) -> list[SlotRead | None]:
+        """A view of each key's committed value (None = miss), inside the producer's arena.
+        The memory is mapped writable (so torch.frombuffer takes it) but must only be read."""
+        out: list[SlotRead | None] = []
+        for key in keys:
+            found = self._lookup(key)
+            if found is None:
+                out.append(None)
+                continue
+            m, off, length, seq = found
+            out.append(SlotRead(key, m.view(off, length), length, self, m, off, seq))
+        got = [r.size for r in out if r is not None]
+        self._bump(gets=len(out), get_hits=len(got), get_misses=len(out) - len(got), get_bytes=sum(got))
+        return out
+
+    def release(self, reads: Sequence[SlotRead | None]) -> list[bool]:
+        """End the holds; True where the value stayed committed and unchanged for the whole hold
+        (what was read from the view is the committed value). None (or released) entries: False."""
+        res, races = [], 0
+        for r in reads:
+            if r is None or r._owner is not self or r._done:
+                res.append(False)
+                continue
+            r._done = True
+            same = r._m.get_stamp(r._off) == stamp(r._seq, COMMITTED)
+            races += not same
+            _release_view(r.view)
+            self._maps.unhold(r._m)
+            res.append(same)
+        self._bump(read_races=races)
+        return res
+
     # -- helpers -------------------------------------------------------------------------
-    def _file(self, key: str) -> str:
-        return os.path.join(self.path, key_to_name(key))
+    def _link(self, key: str) -> str:
+        return f"{self.path}/{key_to_name(key)}"
+
+    def _commit(self, m: Mapping, e: Entry, good: bool) -> bool:
+        with self._lock:
+            published, replaced = self._own.commit(m, e, good)
+            self._maps.unhold_locked(m)
+        if replaced:  # another producer's value under this key: let it reuse that slot
+            self._mark_deleted(e.key, replaced)
+        return published
+
+    def _lookup(self, key: str) -> tuple[Mapping, int, int, int] | None:
+        """Resolve ``key`` to a committed slot, holding its mapping (caller must unhold)."""
+        self._maps.sweep()
+        try:
+            name, off, length, seq = index.parse_target(os.readlink(self._link(key)))
+        except (OSError, ValueError):
+            return None
+        m = self._maps.hold(name)
+        if m is None:
+            return None
+        if not m.check(off, seq, length, key_digest16(key)):
+            self._maps.unhold(m)
+            return None
+        return m, off, length, seq
+
+    def _mark_deleted(self, key: str, target: str) -> None:
+        """Mark the slot a just-unlinked (or replaced) link pointed to as deleted."""
+        try:
+            name, off, length, seq = index.parse_target(target)
+        except ValueError:
+            return
+        with self._lock:
+            own = self._own.arena
+            if own is not None and name == own.name:  # our own value: free it now
+                self._own.free_if(off, seq)
+                return
+        m = self._maps.hold(name)
+        if m is None:
+            return
+        try:
+            if m.check(off, seq, length, key_digest16(key)):
+                m.mark_deleted(off, seq)
+        finally:
+            self._maps.unhold(m)
+
+    def _log_drops(self, dropped: list[int], n: int) -> None:
+        if dropped:
+            log.warning("shm pool %s: dropped %d of %d values (%s; largest %d bytes, arena %d bytes)",
+                        self.path, len(dropped), n, self._own.why_dropped(max(dropped)), max(dropped),
+                        self.budget)
 
     def _bump(self, **deltas: int) -> None:
         with self._lock:
             for k, v in deltas.items():
                 self.stats[k] += v
-
-    def _forget(self, key: str) -> None:
-        """Drop ``key`` from the accounting (lock held)."""
-        size = self._entries.pop(key, None)
-        if size is not None:
-            self._used -= size
-
-    def _reserve(self, key: str, size: int, reclaimed: list[bool]) -> bool:
-        """Make room for ``size`` bytes and reserve them (lock held); False if impossible."""
-        if size > self.budget:
-            return False
-        old = self._entries.get(key, 0)  # an overwrite frees the old copy's bytes
-        if self._used - old + self._inflight + size > self.budget and not reclaimed[0]:
-            reclaimed[0] = True  # one scan per put() call is enough
-            gone = [k for k in self._entries if not os.path.exists(self._file(k))]
-            for k in gone:
-                self._forget(k)
-            self.stats["reclaimed"] += len(gone)
-            old = self._entries.get(key, 0)
-        while self._used - old + self._inflight + size > self.budget and self._entries:
-            victim, _ = next(iter(self._entries.items()))
-            self._forget(victim)
-            if victim == key:
-                old = 0
-            try:
-                os.unlink(self._file(victim))
-                self.stats["evictions"] += 1
-            except FileNotFoundError:
-                self.stats["reclaimed"] += 1
-            except OSError as e:
-                log.warning("shm pool %s: cannot evict %s: %s", self.path, victim, e)
-        if self._used - old + self._inflight + size > self.budget:
-            return False  # the rest of the budget is held by puts still being written
-        self._inflight += size
-        return True
-
-    def _write(self, key: str, mv: memoryview) -> None:
-        tmp = os.path.join(self.path, f"{_TMP_PREFIX}{os.getpid()}-{next(self._seq)}")
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL
-        try:
-            fd = os.open(tmp, flags, 0o600)
-        except FileNotFoundError:  # the pool directory was removed under us: recreate it
-            os.makedirs(self.path, mode=0o700, exist_ok=True)
-            fd = os.open(tmp, flags, 0o600)
-        try:
-            done = os.write(fd, mv)
-            while done < len(mv):  # only for writes beyond the kernel's ~2 GiB per call
-                done += os.write(fd, mv[done:])
-        except BaseException:
-            os.close(fd)
-            os.unlink(tmp)
-            raise
-        os.close(fd)
-        try:
-            os.rename(tmp, self._file(key))
-        except BaseException:
-            os.unlink(tmp)
-            raise
-
-    # -- Transport -----------------------------------------------------------------------
-    def put(self, keys: Sequence[str], buffers: Sequence[Any]) -> list[bool]:
-        """Store each buffer under its key (atomic rename); False = dropped, never raises."""
-        if len(keys) != len(buffers):
-            raise ValueError(f"put: {len(keys)} keys but {len(buffers)} buffers")
-        ok: list[bool] = []
-        reclaimed = [False]
-        for key, buf in zip(keys, buffers):
-            mv = _byte_view(buf)
-            size = mv.nbytes
-            with self._lock:
-                reserved = self._reserve(key, size, reclaimed)
-                if not reserved:
-                    self.stats["dropped"] += 1
-            if not reserved:
-                log.warning("shm pool %s: dropped %s (%d bytes, budget %d bytes)",
-                            self.path, key, size, self.budget)
-                ok.append(False)
-                continue
-            err: OSError | None = None
-            try:
-                self._write(key, mv)
-            except OSError as e:
-                err = e
-            with self._lock:
-                self._inflight -= size
-                if err is None:
-                    self._forget(key)
-                    self._entries[key] = size
-                    self._used += size
-                    self.stats["puts"] += 1
-                    self.stats["put_bytes"] += size
-                else:
-                    self.stats["dropped"] += 1
-                    self.stats["put_errors"] += 1
-            if err is not None:
-                level = logging.WARNING if err.errno in (errno.ENOSPC, errno.EDQUOT) else logging.ERROR
-                log.log(level, "shm pool %s: put %s failed: %s", self.path, key, err)
-            ok.append(err is None)
-        return ok
-
-    def get(self, keys: Sequence[str], buffers: Sequence[Any]) -> list[int]:
-        """Read each key into its buffer; bytes read per key, 0 = miss (incl. too small)."""
-        if len(keys) != len(buffers):
-            raise ValueError(f"get: {len(keys)} keys but {len(buffers)} buffers")
-        out: list[int] = []
-        for key, buf in zip(keys, buffers):
-            mv = _byte_view(buf)
-            try:
-                fd = os.open(self._file(key), os.O_RDONLY)
-            except FileNotFoundError:
-                out.append(0)
-                continue
-            except OSError as e:
-                log.warning("shm pool %s: open %s failed: %s", self.path, key, e)
-                out.append(0)
-                continue
-            try:
-                size = os.fstat(fd).st_size
-                if size > mv.nbytes or size == 0:
-                    out.append(0)
-                    continue
-                done = os.readv(fd, [mv[:size]])
-                while 0 < done < size:  # only for reads beyond the kernel's ~2 GiB per call
-                    n = os.readv(fd, [mv[done:size]])
-                    if n == 0:
-                        break
-                    done += n
-                out.append(size if done == size else 0)
-            except OSError as e:
-                log.warning("shm pool %s: read %s failed: %s", self.path, key, e)
-                out.append(0)
-            finally:
-                os.close(fd)
-        hits = sum(1 for n in out if n)
-        self._bump(gets=len(out), get_hits=hits, get_misses=len(out) - hits, get_bytes=sum(out))
-        return out
-
-    def exists(self, keys: Sequence[str]) -> list[bool]:
-        """Whether each key's chunk is in the pool now (it may vanish right after)."""
-        return [os.path.exists(self._file(k)) for k in keys]
-
-    def delete(self, keys: Sequence[str]) -> int:
-        """Unlink the chunks that exist (anyone's); returns how many were unlinked."""
-        n = 0
-        for key in keys:
-            try:
-                os.unlink(self._file(key))
-                n += 1
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                log.warning("shm pool %s: delete %s failed: %s", self.path, key, e)
-        with self._lock:
-            for key in keys:
-                self._forget(key)
-            self.stats["deletes"] += n
-        return n
-
-    def close(self) -> None:
-        """Remove the chunks this instance put that are still in the pool."""
-        with self._lock:
-            keys = list(self._entries)
-            self._entries.clear()
-            self._used = 0
-        for key in keys:
-            try:
-                os.unlink(self._file(key))
-            except OSError:
-                pass
-        log.debug("shm pool %s: closed, removed up to %d chunks; stats %s", self.path, len(keys), self.stats)
-
-    def used_bytes(self) -> int:
-        """Bytes this instance currently accounts for (committed + being written)."""
-        with self._lock:
-            return self._used + self._inflight
