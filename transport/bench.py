@@ -1,9 +1,11 @@
 """``pd bench transport``: put/get throughput and latency per chunk size, next to memcpy.
 
 For each chunk size, a set of preallocated source chunks is put (one batched call), read back
-into preallocated destination chunks (one batched call) and deleted, ``--iters`` times; then
-up to ``LAT_SAMPLES`` chunks are put and got one call each for per-chunk latency. A plain
-``numpy.copyto`` between the same buffers gives the memcpy baseline of this machine and run.
+into preallocated destination chunks (one batched call) and deleted; then the same through the
+zero-copy API (``reserve`` + a copy into each slot view + ``commit``; ``acquire`` + a copy out
+of each view + ``release``) and deleted, ``--iters`` times; then up to ``LAT_SAMPLES`` chunks
+are put and got one call each for per-chunk latency. A plain ``numpy.copyto`` between the same
+buffers gives the memcpy baseline of this machine and run.
 """
 from __future__ import annotations
 
@@ -106,7 +108,7 @@ def _bench_size(transport, src: np.ndarray, dst: np.ndarray, size: int, n: int, 
     dsts = [dst[i * size:(i + 1) * size] for i in range(n)]
     keys = [f"bench/{tag}/{size}/{i}" for i in range(n)]
     total = size * n
-    put_bw, get_bw, cpy_bw = [], [], []
+    put_bw, get_bw, zput_bw, zget_bw, cpy_bw = [], [], [], [], []
     for it in range(iters):
         for i in (0, n - 1):
             srcs[i][:8] = np.frombuffer(np.int64(it * n + i).tobytes(), np.uint8)
@@ -121,12 +123,35 @@ def _bench_size(transport, src: np.ndarray, dst: np.ndarray, size: int, n: int, 
         if not (np.array_equal(dsts[0], srcs[0]) and np.array_equal(dsts[-1], srcs[-1])):
             raise RuntimeError(f"size {size}: data read back differs from data put")
         transport.delete(keys)
+        for d in (dsts[0], dsts[-1]):
+            d[:8] = 0
+        z0 = time.perf_counter()
+        slots = transport.reserve(keys, [size] * n)
+        for slot, s in zip(slots, srcs):  # the worker gathers KV into the slot view instead
+            if slot is not None:
+                np.copyto(np.frombuffer(slot.view, np.uint8), s)
+        ok = transport.commit(slots)
+        z1 = time.perf_counter()
+        reads = transport.acquire(keys)
+        for r, d in zip(reads, dsts):  # the worker scatters (or DMAs) from the view instead
+            if r is not None:
+                np.copyto(d, np.frombuffer(r.view, np.uint8))
+        held = transport.release(reads)
+        z2 = time.perf_counter()
+        if not all(ok) or not all(held):
+            raise RuntimeError(f"size {size}: zero-copy: {ok.count(False)} slots dropped, "
+                               f"{held.count(False)} reads missed or lost")
+        if not (np.array_equal(dsts[0], srcs[0]) and np.array_equal(dsts[-1], srcs[-1])):
+            raise RuntimeError(f"size {size}: zero-copy data read back differs from data put")
+        transport.delete(keys)
         t3 = time.perf_counter()
         for s, d in zip(srcs, dsts):
             np.copyto(d, s)
         t4 = time.perf_counter()
         put_bw.append(total / (t1 - t0))
         get_bw.append(total / (t2 - t1))
+        zput_bw.append(total / (z1 - z0))
+        zget_bw.append(total / (z2 - z1))
         cpy_bw.append(total / (t4 - t3))
     m = min(n, LAT_SAMPLES)
     put_ms, get_ms = [], []
@@ -139,21 +164,26 @@ def _bench_size(transport, src: np.ndarray, dst: np.ndarray, size: int, n: int, 
         put_ms.append((t1 - t0) * 1e3)
         get_ms.append((t2 - t1) * 1e3)
     transport.delete(keys[:m])
-    put_gbs, get_gbs, cpy_gbs = (statistics.median(x) / 1e9 for x in (put_bw, get_bw, cpy_bw))
+    put_gbs, get_gbs, zput_gbs, zget_gbs, cpy_gbs = (
+        statistics.median(x) / 1e9 for x in (put_bw, get_bw, zput_bw, zget_bw, cpy_bw))
     return {
         "size": _fmt_size(size), "n": n, "put": put_gbs, "get": get_gbs,
+        "zput": zput_gbs, "zget": zget_gbs,
         "put_p50": _pct(put_ms, .5), "put_p99": _pct(put_ms, .99),
         "get_p50": _pct(get_ms, .5), "get_p99": _pct(get_ms, .99),
         "memcpy": cpy_gbs, "put_ratio": put_gbs / cpy_gbs, "get_ratio": get_gbs / cpy_gbs,
+        "zput_ratio": zput_gbs / cpy_gbs, "zget_ratio": zget_gbs / cpy_gbs,
     }
 
 
 _COLS = [("size", "{:>6}"), ("n", "{:>5}"), ("put", "{:>8.2f}"), ("get", "{:>8.2f}"),
+         ("zput", "{:>8.2f}"), ("zget", "{:>8.2f}"),
          ("put_p50", "{:>8.3f}"), ("put_p99", "{:>8.3f}"), ("get_p50", "{:>8.3f}"),
          ("get_p99", "{:>8.3f}"), ("memcpy", "{:>8.2f}"), ("put_ratio", "{:>7.2f}"),
-         ("get_ratio", "{:>7.2f}")]
-_HEAD = ["size", "chunks", "put GB/s", "get GB/s", "put p50", "put p99", "get p50", "get p99",
-         "memcpy GB/s", "put/cpy", "get/cpy"]
+         ("get_ratio", "{:>7.2f}"), ("zput_ratio", "{:>7.2f}"), ("zget_ratio", "{:>7.2f}")]
+_HEAD = ["size", "chunks", "put GB/s", "get GB/s", "zc put GB/s", "zc get GB/s", "put p50",
+         "put p99", "get p50", "get p99", "memcpy GB/s", "put/cpy", "get/cpy", "zc put/cpy",
+         "zc get/cpy"]
 
 
 def format_table(rows: list[dict]) -> str:
@@ -183,12 +213,14 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     from pd.config import TransportConfig
+    from transport.arena import slot_bytes
     from transport.shm import ShmTransport, cleanup_pool
 
     total = args.total_mb << 20
     counts = {s: max(4, total // s) for s in sizes}
     span = max(s * n for s, n in counts.items())
-    cfg = TransportConfig(kind="shm", pool_size_mb=(span >> 20) + 64, shm_dir=args.shm_dir,
+    arena = max(slot_bytes(s) * n for s, n in counts.items())  # every chunk of a pass at once
+    cfg = TransportConfig(kind="shm", pool_size_mb=-(-arena >> 20) + 16, shm_dir=args.shm_dir,
                           name=f"bench-{os.getpid()}-{uuid.uuid4().hex[:6]}")
     print(f"# pd bench transport  {_dt.datetime.now().isoformat(timespec='seconds')}")
     print(f"# cpu: {cpu_model()} ({os.cpu_count()} logical cores)  python {platform.python_version()}"
@@ -203,12 +235,17 @@ def run(args: argparse.Namespace) -> int:
     transport = ShmTransport(cfg)
     rows = []
     try:
+        t0 = time.perf_counter()  # the arena is made (allocated, faulted in) by the first write
+        transport.commit(transport.reserve(["bench/warm-up"], [1]), [False])
+        print(f"# arena: {transport.arena_bytes >> 20} MiB, made in {time.perf_counter() - t0:.2f} s"
+              " (once per producer, not in the figures)")
         for size in sizes:
             rows.append(_bench_size(transport, src, dst, size, counts[size], args.iters, cfg.name))
     finally:
         transport.close()
         cleanup_pool(cfg)
     print(format_table(rows))
-    print("# GB/s = 1e9 bytes/s, median of iters (one batched call per pass); p50/p99 = ms per "
-          "single-chunk call; cpy = numpy.copyto between the same buffers")
+    print("# GB/s = 1e9 bytes/s, median of iters (one batched call per pass); zc = reserve + "
+          "numpy.copyto into each view + commit / acquire + numpy.copyto out + release; p50/p99 = "
+          "ms per single-chunk put/get call; cpy = numpy.copyto between the same buffers")
     return 0
