@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import time
 import uuid
@@ -129,10 +130,14 @@ def test_corrupt_chunk_is_recomputed_and_counted(deployments):
         files = sorted(p for p in pd.pool_dir.iterdir() if pd_id in p.name and not p.name.startswith("."))
         time.sleep(0.1)
     assert len(files) == 3, [p.name for p in pd.pool_dir.iterdir()]
-    target = files[1]  # a middle chunk: chunk 0 stays valid, 1 and 2 are recomputed
-    data = bytearray(target.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    target.write_bytes(bytes(data))
+    # A middle chunk: chunk 0 stays valid, 1 and 2 are recomputed. Its index link names the
+    # producer's arena and the slot (64-byte slot header, then the chunk).
+    arena, off, length, _seq = os.readlink(files[1]).rsplit(":", 3)
+    with open(pd.pool_dir / arena, "r+b") as f:
+        f.seek(int(off) + 64 + int(length) // 2)
+        byte = f.read(1)[0]
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte ^ 0xFF]))
 
     before = requests.get(f"{pd.url}/metrics", timeout=10).text
     ids, _, _ = _complete(pd.instance_url("decode"), prompt,
@@ -160,7 +165,8 @@ def test_pool_is_drained_after_consumption(deployments):
     deadline = time.monotonic() + 10
     left = ["?"]
     while left and time.monotonic() < deadline:
-        left = [p.name for p in pd.pool_dir.iterdir()] if pd.pool_dir.exists() else []
+        # Index links of chunks not yet read (the producer's arena, a dot file, stays).
+        left = [p.name for p in pd.pool_dir.iterdir() if not p.name.startswith(".")] if pd.pool_dir.exists() else []
         time.sleep(0.2)
     assert not left, left
 

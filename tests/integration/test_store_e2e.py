@@ -60,7 +60,8 @@ def _wait_files(directory: Path, pattern: str, n: int, timeout: float = 30) -> l
     deadline = time.monotonic() + timeout
     files: list[Path] = []
     while time.monotonic() < deadline:
-        files = [p for p in directory.rglob(pattern) if p.is_file() and not p.name.startswith(".")]
+        files = [p for p in directory.rglob(pattern)  # shm index links, store files
+                 if (p.is_symlink() or p.is_file()) and not p.name.startswith(".")]
         if len(files) >= n:
             return files
         time.sleep(0.1)
