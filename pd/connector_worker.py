@@ -216,8 +216,12 @@ class WorkerSide(LoadMixin):
         blocks = torch.tensor(spec.block_ids, dtype=torch.long)
         spans = list(self._chunk_spans(len(spec.token_ids), spec.first_chunk, last))
         n_bytes = 0
-        for i in range(0, len(spans), pool.n_slabs):
-            batch = spans[i : i + pool.n_slabs]
+        # Zero-copy: one chunk at a time, each committed as soon as it is gathered (a reserved
+        # slot cannot be evicted, so a batch of them could need more than the arena); copy
+        # transports: a batch per call.
+        step = 1 if self.zero_copy else pool.n_slabs
+        for i in range(0, len(spans), step):
+            batch = spans[i : i + step]
             sizes = [self._chunk_bytes(nb) for _, _, nb, _ in batch]
             xkeys = [transfer_key(spec.pd_id, keys[c]) for c, *_ in batch]
             slots = self.transport.reserve(xkeys, sizes) if self.zero_copy else [None] * len(batch)
