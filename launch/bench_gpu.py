@@ -49,6 +49,9 @@ def add_gpu_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=10240, help="(default 10240)")
     g.add_argument("--block-size", type=int, default=32, help="(default 32)")
     g.add_argument("--chunk-size", type=int, default=1024, help="pdkv connector.chunk_size (default 1024)")
+    g.add_argument("--pool-mb", type=int, default=16384,
+                   help="pdkv connector.transport.pool_size_mb (default 16384: an 8k-token prompt of an "
+                        "8B model is 1 GiB of KV, and several are in flight under load)")
     g.add_argument("--max-num-seqs", type=int, default=64, help="(default 64)")
     g.add_argument("--no-enforce-eager", dest="enforce_eager", action="store_false",
                    help="let vLLM compile and capture CUDA graphs (slower start, faster decode)")
@@ -71,7 +74,8 @@ def gpu_deployment(mode: str, model: str, args, n_gpus: int) -> DeploymentConfig
     over: dict = {"model": model, "proxy": {"port": args.port}, "vllm": vllm,
                   "prefill": {"count": 1, "gpus": "0"}, "decode": {"count": 1, "gpus": second}}
     if mode == "pd":
-        over["connector"] = {"chunk_size": args.chunk_size, "transport": {"name": "bench"}}
+        over["connector"] = {"chunk_size": args.chunk_size,
+                             "transport": {"name": "bench", "pool_size_mb": args.pool_mb}}
     else:
         over["mode"] = "colocated"
     if mode == "nixl":

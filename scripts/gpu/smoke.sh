@@ -85,7 +85,9 @@ done
 echo "smoke: ready:$ready (${SECONDS}s)"
 ARGS=(--pd http://127.0.0.1:8000 --colocated http://127.0.0.1:8001 --model m8b --out "$OUT/smoke.json")
 [ "$NIXL" = 1 ] && case " $ready " in *" nixl "*) ARGS+=(--nixl http://127.0.0.1:8400,http://127.0.0.1:8500);; esac
-case " $ready " in *" pd "*" co "*) timeout 240 python3 scripts/gpu/smoke_requests.py "${ARGS[@]}" ;; esac
+if [[ " $ready " == *" pd "* && " $ready " == *" co "* ]]; then
+  timeout 240 python3 scripts/gpu/smoke_requests.py "${ARGS[@]}"
+fi
 echo "smoke: requests done (${SECONDS}s)"
 echo "--- decode connector: loaded lines"; grep -i "loaded" /tmp/run-pd/decode-0.log | tail -12
 for n in $names; do kill -TERM "${PID[$n]}" 2> /dev/null; done

@@ -63,3 +63,106 @@ def test_unknown_mode_exit_2(tmp_path, capsys):
     (model / "tokenizer.json").write_text("{}")
     assert cli.main(["bench", "serve", "--model", str(model), "--modes", "pd,nope"]) == 2
     assert "unknown mode 'nope'" in capsys.readouterr().err
+
+
+# ---- --device cuda (launch.bench_gpu): planning, the NIXL flow, the summaries -----------------
+
+import argparse  # noqa: E402
+import http.server  # noqa: E402
+import json  # noqa: E402
+import threading  # noqa: E402
+
+from launch import bench_gpu  # noqa: E402
+from launch.bench_serve import Request, add_arguments  # noqa: E402
+from launch.procs import plan  # noqa: E402
+
+
+def _gpu_args(*extra):
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    return p.parse_args(["--device", "cuda", *extra])
+
+
+@pytest.mark.parametrize("n_gpus, second", [(2, "1"), (1, "0")])
+def test_gpu_modes_use_the_same_gpus(tmp_path, n_gpus, second):
+    model = tmp_path / "m"
+    deps = {m: bench_gpu.gpu_deployment(m, str(model), _gpu_args(), n_gpus) for m in bench_gpu.GPU_MODES}
+    for mode, dep in deps.items():
+        specs = {s.name: s for s in plan(dep)}
+        inst = [s for s in specs.values() if "vllm.entrypoints" in " ".join(s.argv)]
+        assert [s.env["CUDA_VISIBLE_DEVICES"] for s in inst] == ["0", second], mode
+        assert dep.vllm.device == "cuda" and dep.vllm.load_format == "dummy"
+        assert (dep.vllm.kv_cache_memory_gb > 0) == (n_gpus == 1)
+        argv = " ".join(inst[1].argv)
+        assert ("PDConnector" in argv) == (mode == "pd") and ("NixlConnector" in argv) == (mode == "nixl")
+    assert deps["pd"].connector.chunk_size == 1024 and deps["colocated"].mode == "colocated"
+    ports = [s.env.get("VLLM_NIXL_SIDE_CHANNEL_PORT") for s in plan(deps["nixl"]) if "vllm.entrypoints" in " ".join(s.argv)]
+    assert len(set(ports)) == 2 and None not in ports
+    with pytest.raises(ValueError, match="unknown mode 'pdx'"):
+        bench_gpu.gpu_deployment("pdx", str(model), _gpu_args(), 2)
+
+
+class _FakeVllm(http.server.BaseHTTPRequestHandler):
+    """Prefill (path /p/...) answers kv_transfer_params; decode (/d/...) streams three tokens."""
+    seen: list = []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.seen.append((self.path, body))
+        self.send_response(200)
+        if self.path.startswith("/p/"):
+            out = json.dumps({"choices": [{"text": "x"}], "kv_transfer_params": {"remote_engine_id": "e1",
+                                                                                 "do_remote_prefill": True}})
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(out.encode())
+            return
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        for t in ("a", "b", "c"):
+            self.wfile.write(b"data: " + json.dumps({"choices": [{"text": t}]}).encode() + b"\n\n")
+        self.wfile.write(b"data: [DONE]\n\n")
+
+    def log_message(self, *a):
+        pass
+
+
+def test_nixl_flow_prefill_then_decode_with_its_params():
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakeVllm)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{srv.server_address[1]}"
+    try:
+        _FakeVllm.seen = []
+        res = Result(False, False, 0.0)
+        bench_gpu.nixl_send(base + "/p", base + "/d")("", "m", Request(0, [5, 6], 3, False), res)
+    finally:
+        srv.shutdown()
+    assert res.ok and res.text == "abc" and res.error == "" and len(res.token_times) == 3
+    (p_path, p_body), (d_path, d_body) = _FakeVllm.seen
+    assert p_path == "/p/v1/completions" and d_path == "/d/v1/completions"
+    assert p_body["max_tokens"] == 1 and p_body["stream"] is False and p_body["prompt"] == [5, 6]
+    assert p_body["kv_transfer_params"]["do_remote_decode"] is True
+    assert p_body["kv_transfer_params"]["do_remote_prefill"] is False
+    assert d_body["max_tokens"] == 3 and d_body["stream"] is True
+    assert d_body["kv_transfer_params"] == {"remote_engine_id": "e1", "do_remote_prefill": True}
+
+
+def test_transfer_summary_and_answers():
+    recs = [{"ok": True, "long": True, "n_tokens": 8000, "n_bytes": 1_000_000_000, "load_ms": 100.0,
+             "wait_ms": 10.0, "ttft_ms": 1000.0},
+            {"ok": True, "long": False, "n_tokens": 200, "n_bytes": 25_000_000, "load_ms": 5.0, "wait_ms": 1.0,
+             "ttft_ms": 50.0},
+            {"ok": False, "long": True, "error": "x"}]
+    s = bench_gpu.transfer_summary(recs)
+    assert s["failed"] == 1 and s["long"]["n"] == 1
+    assert s["long"]["load_share_of_ttft_p50"] == pytest.approx(0.1) and s["long"]["gb_s_p50"] == pytest.approx(10.0)
+    assert "| long | 1 | 8000 | 1000.0 | 100.0 |" in bench_gpu.format_transfers(s)
+    assert bench_gpu.same_answers({"pd": ["a", "b", None], "colocated": ["a", "c", None], "nixl": ["a", "b", "d"]}) == \
+        {"colocated": 1, "nixl": 2}
+
+
+def test_table_with_three_modes_has_a_ratio_per_other_mode():
+    f = {m: summarize([_res(0, [t, 2 * t])], 1.0, 1.0, 1.0) for m, t in (("pd", 0.1), ("colocated", 0.2), ("nixl", 0.4))}
+    lines = format_table(f).splitlines()
+    assert lines[0] == "| metric | pd | colocated | nixl | pd/colocated | pd/nixl |"
+    assert next(x for x in lines if x.startswith("| TTFT p50 ms |")) == "| TTFT p50 ms | 100.0 | 200.0 | 400.0 | 0.50 | 0.25 |"

@@ -694,3 +694,117 @@ def test_hf3fs_store_is_checked_before_anything_starts(model, tmp_path, capsys, 
                  "--dry-run"]) == 2
     err = capsys.readouterr().err
     assert "hf3fs_py_usrbio" in err and "backend local" in err
+
+
+# ---- vllm.device cuda (planning only: no GPU needed) ----------------------------------------
+
+
+def cuda_plan(model, tmp_path, **extra):
+    """name -> (env, argv) of the vLLM instances planned for a cuda config."""
+    cfg = free_config(model, tmp_path, **extra)
+    cfg["vllm"] = {"device": "cuda", **cfg.get("vllm", {})}
+    return {s.name: (s.env, s.argv) for s in plan(load(DeploymentConfig, cfg)) if "vllm.entrypoints" in " ".join(s.argv)}
+
+
+def test_cuda_instances_get_their_gpus_and_no_cpu_settings(model, tmp_path, capsys):
+    cfg = free_config(model, tmp_path, prefill={"gpus": "0"}, decode={"gpus": "1"},
+                      vllm={"device": "cuda", "load_format": "dummy", "block_size": 16})
+    assert main(["launch", "--config", str(write_yaml(tmp_path, cfg)), "--dry-run"]) == 0
+    procs = parse_dry_run(capsys.readouterr().out)
+    for name, gpu in (("prefill-0", "0"), ("decode-0", "1")):
+        env, argv = procs[name]
+        assert env["CUDA_VISIBLE_DEVICES"] == gpu and env["VLLM_USE_FLASHINFER_SAMPLER"] == "0"
+        assert env["PYTHONHASHSEED"] == "0" and not any(k.startswith("VLLM_CPU_") for k in env)
+        assert flag(argv, "--dtype") == "bfloat16" and flag(argv, "--load-format") == "dummy"
+        assert flag(argv, "--block-size") == "16"  # the CPU-only multiple-of-32 rule does not apply
+        # alone on its GPU: vLLM sizes memory itself
+        assert "--gpu-memory-utilization" not in argv and "--kv-cache-memory-bytes" not in argv
+        assert "--tensor-parallel-size" not in argv
+        assert json.loads(flag(argv, "--kv-transfer-config"))["kv_connector"] == "PDConnector"
+
+
+def test_cuda_shared_gpu_needs_kv_cache_size_and_splits_utilization(model, tmp_path):
+    with pytest.raises(ConfigError) as e:
+        cuda_plan(model, tmp_path, prefill={"gpus": "0"}, decode={"gpus": "0"})
+    msg = str(e.value)
+    assert "vllm.kv_cache_memory_gb: 0 is not allowed" in msg and "GPU 0: prefill-0, decode-0" in msg
+    procs = cuda_plan(model, tmp_path, prefill={"gpus": "0"}, decode={"gpus": "0"},
+                      vllm={"kv_cache_memory_gb": 1.5, "dtype": "float16"})
+    for env, argv in procs.values():
+        assert env["CUDA_VISIBLE_DEVICES"] == "0"
+        assert flag(argv, "--gpu-memory-utilization") == "0.45"
+        assert flag(argv, "--kv-cache-memory-bytes") == str(int(1.5 * (1 << 30)))
+        assert flag(argv, "--dtype") == "float16"
+    procs = cuda_plan(model, tmp_path, prefill={"gpus": "0"}, decode={"gpus": "0"},
+                      vllm={"kv_cache_memory_gb": 2, "gpu_memory_utilization": 0.3})
+    assert {flag(argv, "--gpu-memory-utilization") for _, argv in procs.values()} == {"0.3"}
+
+
+def test_cuda_gpu_lists_per_instance_and_tensor_parallel(model, tmp_path):
+    procs = cuda_plan(model, tmp_path, prefill={"gpus": "0,1"}, decode={"count": 2, "gpus": "2,3;4,5"},
+                      vllm={"tensor_parallel_size": 2})
+    assert {n: e["CUDA_VISIBLE_DEVICES"] for n, (e, _) in procs.items()} == {
+        "prefill-0": "0,1", "decode-0": "2,3", "decode-1": "4,5"}
+    assert all(flag(argv, "--tensor-parallel-size") == "2" for _, argv in procs.values())
+
+
+def test_cuda_default_gpus_round_robin(model, tmp_path, monkeypatch):
+    import launch.gpus
+
+    monkeypatch.setattr(launch.gpus, "gpu_count", lambda: 2)
+    procs = cuda_plan(model, tmp_path)
+    assert [e["CUDA_VISIBLE_DEVICES"] for e, _ in procs.values()] == ["0", "1"]
+    monkeypatch.setattr(launch.gpus, "gpu_count", lambda: 0)
+    with pytest.raises(ConfigError, match="vllm.device cuda: no GPU found"):
+        cuda_plan(model, tmp_path)
+
+
+def test_auto_device(model, tmp_path, monkeypatch):
+    import launch.gpus
+
+    monkeypatch.setattr(launch.gpus, "gpu_count", lambda: 0)
+    specs = plan(load(DeploymentConfig, free_config(model, tmp_path, vllm={"device": "auto"})))
+    assert all("VLLM_CPU_KVCACHE_SPACE" in s.env for s in specs if s.name.startswith(("prefill", "decode")))
+    monkeypatch.setattr(launch.gpus, "gpu_count", lambda: 1)
+    with pytest.raises(ConfigError, match="kv_cache_memory_gb"):  # one GPU for both: must be sized
+        plan(load(DeploymentConfig, free_config(model, tmp_path, vllm={"device": "auto"})))
+
+
+def test_env_keys(model, tmp_path):
+    procs = cuda_plan(model, tmp_path, prefill={"gpus": "0", "env": ["UCX_TLS=cuda_ipc,tcp"]}, decode={"gpus": "1"},
+                      vllm={"env": ["VLLM_USE_FLASHINFER_SAMPLER=1", "A=x=y"]})
+    env_p, _ = procs["prefill-0"]
+    env_d, _ = procs["decode-0"]
+    assert env_p["VLLM_USE_FLASHINFER_SAMPLER"] == "1" and env_p["A"] == "x=y" and env_p["UCX_TLS"] == "cuda_ipc,tcp"
+    assert "UCX_TLS" not in env_d
+    specs = plan(load(DeploymentConfig, free_config(model, tmp_path, vllm={"env": ["FOO=1"]})))
+    assert all(s.env["FOO"] == "1" for s in specs if s.name.startswith(("prefill", "decode")))
+
+
+@pytest.mark.parametrize("over, needle", [
+    ({"prefill": {"gpus": "zero"}}, "prefill.gpus: 'zero' is not allowed; give GPU indices"),
+    ({"decode": {"gpus": "0;1;2"}}, "decode.gpus: '0;1;2' gives 3 GPU lists for 1 instances"),
+    ({"prefill": {"gpus": "0"}, "vllm": {"tensor_parallel_size": 2}},
+     "prefill.gpus: '0' names 1 distinct GPU(s) but vllm.tensor_parallel_size is 2"),
+    ({"prefill": {"gpus": "1,1"}, "vllm": {"tensor_parallel_size": 2}}, "names 1 distinct GPU(s)"),
+    ({"vllm": {"env": ["NOVALUE"]}}, "vllm.env[0]: 'NOVALUE' is not allowed; give KEY=VALUE"),
+    ({"decode": {"env": ["1X=2"]}}, "decode.env[0]: '1X=2' is not allowed"),
+])
+def test_cuda_bad_values(model, tmp_path, over, needle):
+    over = {"prefill": {"gpus": "0"}, "decode": {"gpus": "1"}, **over}
+    with pytest.raises(ConfigError) as e:
+        cuda_plan(model, tmp_path, **over)
+    assert needle in str(e.value)
+
+
+@pytest.mark.parametrize("over, needle", [
+    ({"vllm": {"device": "tpu"}}, "vllm.device: 'tpu' is not allowed; choose one of cpu, cuda, auto"),
+    ({"vllm": {"gpu_memory_utilization": 1.5}}, "vllm.gpu_memory_utilization: 1.5 is out of range; allowed 0.0..1.0"),
+    ({"vllm": {"load_format": "gguf"}}, "vllm.load_format: 'gguf' is not allowed"),
+    ({"vllm": {"kv_cache_memory_gb": -1}}, "vllm.kv_cache_memory_gb: -1.0 is out of range"),
+    ({"vllm": {"tensor_parallel_size": 2}}, "vllm.tensor_parallel_size: 2 is not allowed on vllm.device cpu"),
+])
+def test_device_key_errors(model, tmp_path, over, needle):
+    with pytest.raises(ConfigError) as e:
+        plan(load(DeploymentConfig, free_config(model, tmp_path, **over)))
+    assert needle in str(e.value)

@@ -213,3 +213,43 @@ def test_cli_bad_choice_exits_2(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("pd make-model: error: argument --arch: invalid choice")
     assert not (tmp_path / "x").exists()
+
+
+def test_shaped_model_without_weights_and_with_random_weights(tmp_path, monkeypatch):
+    """--shape: config of the named shape + tokenizer; --weights random: seeded safetensors shards
+    that transformers loads (names and shapes right), norms 1, std as asked, prompt-dependent output."""
+    import launch.model as m
+
+    monkeypatch.setitem(m.SHAPES, "tiny-test", dict(arch="llama", layers=2, hidden=64, heads=2, kv_heads=1,
+                                                    intermediate=96, vocab=512, max_position=256,
+                                                    rope_theta=10000.0, dtype="float32", init_std=0.02))
+    bare = m.make_shaped_model(tmp_path / "bare", "tiny-test", "none")
+    cfg = json.loads((bare / "config.json").read_text())
+    assert cfg["num_hidden_layers"] == 2 and cfg["intermediate_size"] == 96 and cfg["num_key_value_heads"] == 1
+    assert cfg["vocab_size"] == 512 and cfg["torch_dtype"] == "float32"
+    assert not list(bare.glob("*.safetensors")) and (bare / "tokenizer.json").is_file()
+    d = m.make_shaped_model(tmp_path / "rand", "tiny-test", "random", seed=3, init_std=0.5)
+    model = transformers.AutoModelForCausalLM.from_pretrained(d).eval()
+    sd = model.state_dict()
+    assert torch.all(sd["model.norm.weight"] == 1)
+    assert 0.45 < float(sd["model.layers.1.mlp.up_proj.weight"].std()) < 0.55
+    assert len({tuple(_greedy(model, [i, i + 1, i + 2], n=6)) for i in (5, 50, 100)}) == 3
+
+
+def test_random_weights_do_not_depend_on_shard_size(tmp_path):
+    from launch.model import write_random_weights
+
+    cfg = dict(hidden_size=32, intermediate_size=48, vocab_size=300, num_attention_heads=2, num_key_value_heads=1,
+               num_hidden_layers=2)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    write_random_weights(tmp_path / "a", cfg, 0, 0.02, "float32")
+    write_random_weights(tmp_path / "b", cfg, 0, 0.02, "float32", shard_bytes=20_000)
+    from safetensors.torch import load_file
+
+    a = load_file(str(next((tmp_path / "a").glob("*.safetensors"))))
+    b = {}
+    for f in sorted((tmp_path / "b").glob("*.safetensors")):
+        b.update(load_file(str(f)))
+    assert len(list((tmp_path / "b").glob("*.safetensors"))) > 1 and a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
