@@ -208,8 +208,7 @@ class LoadMixin:
                 got = self.transport.get(xkeys, views) if use_transport else [0] * len(batch)
             else:
                 got = [len(v) if v is not None else 0 for v in views]
-            where = "transport" if use_transport else "store"
-            why = [("" if n == size else f"missing from the {where}") for n, size in zip(got, sizes)]
+            why = [("" if n == size else "missing from the transport") for n, size in zip(got, sizes)]
             if use_transport:
                 why = [w or self._check(views[j], st.keys[c], sizes[j], nb)
                        for j, (w, (c, _b0, nb, _t)) in enumerate(zip(why, batch))]
@@ -223,13 +222,13 @@ class LoadMixin:
                 read = self.store.get_many([st.keys[batch[j][0]] for j in need], [views[j] for j in need])
                 for j, n in zip(need, read):
                     c, _b0, nb, _t = batch[j]
-                    bad = "missing" if n != sizes[j] else self._check(views[j], st.keys[c], sizes[j], nb)
-                    if not bad:
+                    bad = "" if n != sizes[j] else self._check(views[j], st.keys[c], sizes[j], nb)
+                    if n == sizes[j] and not bad:
                         source[j], why[j] = "store", ""
                     elif use_transport:
-                        why[j] = f"{why[j]}; store copy: {bad}"
+                        why[j] += f"; store copy: {bad}" if bad else "; not in the store either"
                     else:
-                        why[j] = f"store copy: {bad}"
+                        why[j] = f"store copy: {bad}" if bad else "not in the store"
             for j, (c, b0, nb, _t) in enumerate(batch):
                 if why[j]:
                     st.error = f"chunk {c}: {why[j]}"
