@@ -166,3 +166,70 @@ def test_table_with_three_modes_has_a_ratio_per_other_mode():
     lines = format_table(f).splitlines()
     assert lines[0] == "| metric | pd | colocated | nixl | pd/colocated | pd/nixl |"
     assert next(x for x in lines if x.startswith("| TTFT p50 ms |")) == "| TTFT p50 ms | 100.0 | 200.0 | 400.0 | 0.50 | 0.25 |"
+
+
+class _FakeProxy(http.server.BaseHTTPRequestHandler):
+    """A pd proxy stand-in: streams 'abc' with an x-pd-id; answers /pd/transfers/<id>."""
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("x-pd-id", "id1")
+        self.end_headers()
+        for t in ("a", "b", "c"):
+            self.wfile.write(b"data: " + json.dumps({"choices": [{"text": t}]}).encode() + b"\n\n")
+
+    def do_GET(self):
+        rec = {"pd_id": "id1", "ok": True, "n_tokens": 40, "n_bytes": 4_000_000, "load_ms": 2.0, "wait_ms": 1.0}
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(json.dumps(rec).encode())
+
+    def log_message(self, *a):
+        pass
+
+
+def test_run_gpu_end_to_end_with_stand_ins(tmp_path, monkeypatch, capsys):
+    """run_gpu's flow (modes in turn, phases, answers, transfer table, JSON + .md) with fake deployments."""
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakeProxy)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}"
+    started = []
+
+    class FakeDeployment:
+        def __init__(self, dep):
+            self.dep, self.proxy_url, self.run_dir = dep, url, tmp_path / "run"
+
+        def start(self, progress=print):
+            started.append(self.dep.mode)
+
+        def stop(self):
+            pass
+
+    from launch.bench_serve import _one
+
+    monkeypatch.setattr(bench_gpu, "Deployment", FakeDeployment)
+    monkeypatch.setattr(bench_gpu, "check_ports", lambda dep: None)
+    monkeypatch.setattr(bench_gpu, "nixl_send", lambda p, d: _one)
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    (model / "tokenizer.json").write_text("{}")
+    out = tmp_path / "r.json"
+    args = _gpu_args("--model", str(model), "--modes", "pd,colocated,nixl", "--gpus", "2", "--requests", "6",
+                     "--rate", "50", "--long-tokens", "40", "--short-tokens", "8", "--max-tokens", "3",
+                     "--sequential", "4", "--out", str(out))
+    try:
+        assert bench_gpu.run_gpu(args) == 0
+    finally:
+        srv.shutdown()
+    assert started == ["pd", "colocated", "colocated"]
+    res = json.loads(out.read_text())
+    assert set(res["modes"]) == {"pd", "colocated", "nixl"}
+    assert res["modes"]["pd"]["sequential"]["requests"] == 4 and res["modes"]["pd"]["load"]["requests"] == 6
+    assert res["modes"]["pd"]["transfer_summary"]["load"]["long"]["tokens"] == 40
+    text = out.with_suffix(".md").read_text()
+    assert "| metric | pd | colocated | nixl | pd/colocated | pd/nixl |" in text
+    assert "same answer as pd: colocated 4 of 4, nixl 4 of 4" in text and "colocated 6 of 6" in text
+    assert "pdkv KV transfer (load" in text
