@@ -15,8 +15,10 @@ cache and ``--gpu-memory-utilization`` 0.45 unless given):
 Per mode: a warm-up request, then ``--sequential`` requests one at a time (the first ones of the
 workload, long and short), then the whole workload under Poisson arrivals. Answers (greedy) are
 compared with the first mode's, request by request. For pd, each request's transfer record
-(``GET /pd/transfers/{pd_id}`` on the proxy: load_ms, wait_ms, bytes) gives the KV transfer time
-as a share of its TTFT. A JSON with everything and the printed tables go to ``--out``.
+(``GET /pd/transfers/{pd_id}`` on the proxy: load_ms, wait_ms, bytes, READY parts, tail_ms) gives
+the KV transfer time as a share of its TTFT: ``load`` is all the time decode spent loading (much
+of it overlapped with the prefill, as chunks stream), ``tail`` the part after the prefill's last
+chunks were out (final READY -> DONE), which is what the transfer adds to TTFT. A JSON with everything and the printed tables go to ``--out``.
 """
 from __future__ import annotations
 
@@ -53,6 +55,9 @@ def add_gpu_arguments(p: argparse.ArgumentParser) -> None:
                    help="pdkv connector.transport.pool_size_mb (default 16384: an 8k-token prompt of an "
                         "8B model is 1 GiB of KV, and several are in flight under load)")
     g.add_argument("--max-num-seqs", type=int, default=64, help="(default 64)")
+    g.add_argument("--prefill-step-tokens", type=int, default=2048,
+                   help="pdkv's prefill instance: --max-num-batched-tokens, so a long prompt is prefilled "
+                        "over several steps and its KV streams to decode meanwhile (default 2048; 0 = vLLM's)")
     g.add_argument("--no-enforce-eager", dest="enforce_eager", action="store_false",
                    help="let vLLM compile and capture CUDA graphs (slower start, faster decode)")
     g.add_argument("--sequential", type=int, default=8,
@@ -76,6 +81,8 @@ def gpu_deployment(mode: str, model: str, args, n_gpus: int) -> DeploymentConfig
     if mode == "pd":
         over["connector"] = {"chunk_size": args.chunk_size,
                              "transport": {"name": "bench", "pool_size_mb": args.pool_mb}}
+        if args.prefill_step_tokens:
+            over["prefill"]["extra_args"] = ["--max-num-batched-tokens", str(args.prefill_step_tokens)]
     else:
         over["mode"] = "colocated"
     if mode == "nixl":
@@ -165,20 +172,26 @@ def transfer_summary(recs: list[dict]) -> dict:
                       "load_ms_p50": med([r["load_ms"] for r in rs]), "wait_ms_p50": med([r["wait_ms"] for r in rs]),
                       "ttft_ms_p50": med([r["ttft_ms"] for r in rs]),
                       "load_share_of_ttft_p50": med([r["load_ms"] / r["ttft_ms"] for r in rs]),
+                      "tail_ms_p50": med([r.get("tail_ms", 0.0) for r in rs]),
+                      "tail_share_of_ttft_p50": med([r.get("tail_ms", 0.0) / r["ttft_ms"] for r in rs]),
+                      "ready_parts_p50": med([r.get("n_ready_parts", 0) for r in rs]),
                       "gb_s_p50": med([r["n_bytes"] / 1e6 / r["load_ms"] for r in rs if r["load_ms"] > 0])}
     out["failed"] = sum(1 for r in recs if not r.get("ok"))
     return out
 
 
 def format_transfers(summary: dict) -> str:
-    lines = ["| prompts | n | tokens | KV MB | load ms p50 | waited for READY ms p50 | TTFT ms p50 | load/TTFT p50 | GB/s |",
-             "|:---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| prompts | n | tokens | KV MB | READY parts | load ms p50 | waited for READY ms p50 | TTFT ms p50 | "
+             "load/TTFT p50 | GB/s | tail ms p50 | tail/TTFT p50 |",
+             "|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for label in ("long", "short"):
         s = summary.get(label)
         if s:
             gbs = f"{s['gb_s_p50']:.2f}" if s["gb_s_p50"] is not None else "-"
-            lines.append(f"| {label} | {s['n']} | {s['tokens']:.0f} | {s['mb']:.1f} | {s['load_ms_p50']:.1f} | "
-                         f"{s['wait_ms_p50']:.1f} | {s['ttft_ms_p50']:.1f} | {s['load_share_of_ttft_p50']:.3f} | {gbs} |")
+            lines.append(f"| {label} | {s['n']} | {s['tokens']:.0f} | {s['mb']:.1f} | {s['ready_parts_p50']:g} | "
+                         f"{s['load_ms_p50']:.1f} | {s['wait_ms_p50']:.1f} | {s['ttft_ms_p50']:.1f} | "
+                         f"{s['load_share_of_ttft_p50']:.3f} | {gbs} | {s['tail_ms_p50']:.1f} | "
+                         f"{s['tail_share_of_ttft_p50']:.3f} |")
     return "\n".join(lines)
 
 

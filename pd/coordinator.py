@@ -91,6 +91,7 @@ class Coordinator:
         self._aborted: dict[str, tuple[float, str]] = {}  # pd_id -> (until, reason)
         self._abandoned: dict[Key, float] = {}  # failed DONE before READY: a late READY is freed at once
         self._wait_since: dict[str, float] = {}  # pd_id -> first unanswered WAIT (for wait_ms)
+        self._final_at: dict[str, float] = {}  # pd_id -> its (latest) final READY (for tail_ms)
         self._instances: dict[str, _Instance] = {}
         self._records: OrderedDict[str, tuple[TransferRecord, float]] = OrderedDict()
         self._log_state: dict[str, list[float]] = {}  # kind -> [last logged, suppressed since]
@@ -269,6 +270,8 @@ class Coordinator:
         rec = self._record(msg.pd_id, now)
         rec.ready, rec.n_tokens, rec.producer = rec.ready or msg.final, msg.n_tokens, msg.instance_id
         rec.n_ready_parts += 1
+        if msg.final:
+            self._final_at[msg.pd_id] = now
         if msg.pd_id in self._aborted:
             self._free(msg, "request was aborted")
             return
@@ -324,6 +327,9 @@ class Coordinator:
         rec.done, rec.ok, rec.n_chunks, rec.n_bytes = True, msg.ok, msg.n_chunks, msg.n_bytes
         rec.load_ms, rec.error, rec.consumer = msg.load_ms, msg.error, msg.instance_id
         rec.n_store_chunks = msg.n_store_chunks
+        final_at = self._final_at.pop(msg.pd_id, None)
+        if final_at is not None:
+            rec.tail_ms = round((now - final_at) * 1000, 3)
         self.counters["store_chunks_loaded"] += msg.n_store_chunks
         if not msg.ok:
             if entry is not None:
@@ -381,6 +387,8 @@ class Coordinator:
         horizon = max(self.cfg.entry_ttl_s, MAX_WAIT_S)
         for pd_id in [p for p, since in self._wait_since.items() if now - since > horizon]:
             del self._wait_since[pd_id]
+        for pd_id in [p for p, at in self._final_at.items() if now - at > horizon]:
+            del self._final_at[pd_id]
         while self._records and (len(self._records) > MAX_RECORDS
                                  or now - next(iter(self._records.values()))[1] > RECORD_TTL_S):
             self._records.popitem(last=False)

@@ -143,6 +143,9 @@ class TransferRecord(msgspec.Struct):
     producer: str = ""
     consumer: str = ""
     n_ready_parts: int = 0  # READY messages (one per engine step that completed chunks, per rank)
+    # From the final READY (the prompt's last chunks out) to DONE, at the coordinator: the part of
+    # the transfer that streaming could not hide behind the prefill.
+    tail_ms: float = 0.0
 
 
 class QueryReply(_Msg):

@@ -149,14 +149,16 @@ def test_nixl_flow_prefill_then_decode_with_its_params():
 
 def test_transfer_summary_and_answers():
     recs = [{"ok": True, "long": True, "n_tokens": 8000, "n_bytes": 1_000_000_000, "load_ms": 100.0,
-             "wait_ms": 10.0, "ttft_ms": 1000.0},
+             "wait_ms": 10.0, "ttft_ms": 1000.0, "n_ready_parts": 4, "tail_ms": 30.0},
             {"ok": True, "long": False, "n_tokens": 200, "n_bytes": 25_000_000, "load_ms": 5.0, "wait_ms": 1.0,
              "ttft_ms": 50.0},
             {"ok": False, "long": True, "error": "x"}]
     s = bench_gpu.transfer_summary(recs)
     assert s["failed"] == 1 and s["long"]["n"] == 1
     assert s["long"]["load_share_of_ttft_p50"] == pytest.approx(0.1) and s["long"]["gb_s_p50"] == pytest.approx(10.0)
-    assert "| long | 1 | 8000 | 1000.0 | 100.0 |" in bench_gpu.format_transfers(s)
+    assert s["long"]["tail_share_of_ttft_p50"] == pytest.approx(0.03)
+    assert "| long | 1 | 8000 | 1000.0 | 4 | 100.0 | 10.0 | 1000.0 | 0.100 | 10.00 | 30.0 | 0.030 |" in \
+        bench_gpu.format_transfers(s)
     assert bench_gpu.same_answers({"pd": ["a", "b", None], "colocated": ["a", "c", None], "nixl": ["a", "b", "d"]}) == \
         {"colocated": 1, "nixl": 2}
 

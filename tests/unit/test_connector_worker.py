@@ -92,6 +92,7 @@ def test_streamed_chunks_are_loaded_before_the_prompt_is_done(pair, coord):
     assert not any(p.transport.exists([k]) [0] for k in [f"xfer/x1/{k}" for k in p._keys(PROMPT)])
     rec = CoordinatorClient(coord.address).query("x1").transfer
     assert rec.ready and rec.done and rec.ok and rec.n_chunks == 5
+    assert rec.n_ready_parts == 3 and rec.tail_ms > 0
 
 
 def test_producer_reports_sending_only_when_finished_and_all_jobs_done(pair):
