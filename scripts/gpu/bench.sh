@@ -21,8 +21,17 @@ tail -5 "$OUT/setup.log"
 M=${MODEL:-/tmp/m8b}
 WEIGHTS=${WEIGHTS:-none}
 if [ "$WEIGHTS" = random ]; then M=${MODEL:-/tmp/m8b-random}; FORMAT=auto; else FORMAT=dummy; fi
-[ -f "$M/config.json" ] || python3 -m pd.cli make-model "$M" --shape llama3-8b --weights "$WEIGHTS"
-echo "bench: model $M ready (${SECONDS}s)"
+STAGES=${STAGES:-prep,serve}  # two device calls (each at most 10 min): STAGES=prep, then STAGES=serve
+if [[ $STAGES == *prep* ]]; then
+  # The KV path alone: gather/scatter and gather -> shm slot (CUDA-registered) -> scatter, beside
+  # plain pinned copies; the layouts' CUDA round trips.
+  timeout 240 python3 -m pd.cli bench kv --device cuda --cache-gb 4 --block-sizes 32 \
+    --chunk-tokens 256,1024,2048,4096 --iters 10 2>&1 | tee "$OUT/bench_kv.log"
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/unit/test_kv_layout.py 2>&1 | tail -3 | tee -a "$OUT/bench_kv.log"
+  [ -f "$M/config.json" ] || python3 -m pd.cli make-model "$M" --shape llama3-8b --weights "$WEIGHTS"
+  echo "bench: model $M ready (${SECONDS}s)"
+fi
+[[ $STAGES == *serve* ]] || exit 0
 python3 -m pd.cli bench serve --device cuda --model "$M" --load-format "$FORMAT" --modes pd,colocated,nixl \
   --requests 48 --rate 2 --long-fraction 0.25 --long-tokens 8000 --short-tokens 256 --max-tokens 128 \
   --sequential 8 --slo-ttft-ms 2000 --slo-tpot-ms 50 --max-model-len 10240 --seed 0 \
