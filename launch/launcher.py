@@ -7,6 +7,13 @@ One progress line is printed per process as it becomes ready, then
 vLLM's engine processes too), removes the shared-memory pool and exits 0. If a child dies, the
 launcher says which one, its exit code and the tail of its log, stops the rest and exits 1.
 
+Multi-host (``launch.topology``): ``--role control|prefill|decode`` (a comma list; default all)
+or ``--host NAME`` (a ``hosts:`` entry) starts one host's share. The control share's proxy is
+ready only once every instance it routes to answers, remote ones included; while it waits the
+launcher names the ones that do not. An instance share first asks the coordinator whether it
+answers and accepts this host's keys (refused keys stop the launch; a coordinator not up yet is
+only reported, the instances connect when it comes).
+
 Python API (integration tests, ``pd demo``)::
 
     with Deployment(dep) as d:        # start() + wait_ready(); stop() on exit
@@ -26,12 +33,16 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-from launch.procs import ProcSpec, check_model, check_ports, check_store, child_env, format_command, plan
-from pd.config import DeploymentConfig, load, load_yaml, merge, to_dict
+from launch.procs import (
+    ProcSpec, check_model, check_ports, check_store, child_env, format_command, plan, plan_hosts,
+)
+from launch.topology import layout, share
+from pd.config import ConfigError, DeploymentConfig, load, load_yaml, merge, to_dict
 
 log = logging.getLogger("pd.launch")
 Progress = Callable[[str], None]
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+REPORT_EVERY_S = 15.0  # how often the launcher says what the proxy still waits for
 
 
 class ChildDied(RuntimeError):
@@ -47,24 +58,51 @@ def tail(path: Path, n: int = 20) -> str:
 
 
 def _ready(spec: ProcSpec) -> bool:
+    return _readiness(spec)[0]
+
+
+def _readiness(spec: ProcSpec) -> tuple[bool, str]:
+    """(ready, what it still waits for)."""
+    if spec.health_url and spec.upstreams:
+        return _proxy_readiness(spec.health_url)
     if spec.health_url:
         try:
             with urllib.request.urlopen(spec.health_url, timeout=2) as r:
-                return r.status == 200
+                return r.status == 200, ""
         except Exception:  # noqa: BLE001 - not up yet, in any way
-            return False
+            return False, ""
     if spec.port:
         try:
             with socket.create_connection((spec.host, spec.port), timeout=1):
-                return True
+                return True, ""
         except OSError:
-            return False
-    return True
+            return False, ""
+    return True, ""
 
 
-def default_run_dir() -> Path:
-    """``runs/<timestamp>`` under the current directory, made unique."""
-    base = Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+def _proxy_readiness(url: str) -> tuple[bool, str]:
+    """The proxy is ready when its /health lists every upstream as up (remote instances too)."""
+    import json
+    import urllib.error
+
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            body = r.read()
+    except urllib.error.HTTPError as e:  # 503: some role has no healthy instance yet
+        body = e.read()
+    except Exception:  # noqa: BLE001 - the proxy itself is not up yet
+        return False, ""
+    try:
+        checks = json.loads(body)["upstreams"]
+    except (ValueError, KeyError, TypeError):
+        return False, ""
+    down = [f"{role} {u}" for role, urls in checks.items() for u, ok in urls.items() if not ok]
+    return not down, ("instances not answering /health: " + ", ".join(down)) if down else ""
+
+
+def default_run_dir(label: str = "") -> Path:
+    """``runs/<timestamp>[-<label>]`` under the current directory, made unique."""
+    base = Path("runs") / (time.strftime("%Y%m%d-%H%M%S") + (f"-{label}" if label else ""))
     path, k = base, 1
     while path.exists():
         path, k = base.with_name(f"{base.name}-{k}"), k + 1
@@ -72,19 +110,30 @@ def default_run_dir() -> Path:
 
 
 class Deployment:
-    """A deployment's processes; also a context manager for tests and scripts."""
+    """A deployment's processes (this host's share: ``roles`` or ``host``, default everything);
+    also a context manager for tests and scripts."""
 
-    def __init__(self, dep: DeploymentConfig):
+    def __init__(self, dep: DeploymentConfig, roles: str | list[str] | None = None, host: str | None = None):
         self.dep = dep
-        self.specs = plan(dep)  # validates cross-key rules
-        self.run_dir = Path(dep.run_dir).resolve() if dep.run_dir else default_run_dir().resolve()
+        self.label, self.roles = share(dep, roles, host)
+        self.host = host
+        self._share = {} if roles is None and host is None else {"roles": roles, "host": host}
+        self.specs = plan(dep, **self._share)  # validates cross-key rules
+        self.run_dir = Path(dep.run_dir).resolve() if dep.run_dir else default_run_dir(self.label).resolve()
         self.procs: dict[str, tuple[ProcSpec, subprocess.Popen]] = {}
         self._stopping = False
         self._t0 = time.monotonic()
 
     @property
     def proxy_url(self) -> str:
-        return f"http://{self.dep.proxy.host}:{self.dep.proxy.port}"
+        from launch.topology import reach_host
+        from pd.config import url_host
+
+        return f"http://{url_host(reach_host(self.dep.proxy.host))}:{self.dep.proxy.port}"
+
+    @property
+    def runs_instances(self) -> bool:
+        return any(r in self.roles for r in ("prefill", "decode"))
 
     def log_path(self, name: str) -> Path:
         return self.run_dir / f"{name}.log"
@@ -105,14 +154,16 @@ class Deployment:
 
     def start(self, progress: Progress = print, wait: bool = True) -> "Deployment":
         """Check the ports, start every process, and (``wait``) wait until all are ready."""
-        check_ports(self.dep)
+        check_ports(self.dep, **self._share)
+        check_keys(self.dep, self.roles)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         import yaml
 
-        (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(self.dep), sort_keys=False))
+        name = f"config.{self.label}.yaml" if self.label else "config.yaml"  # hosts may share a run_dir
+        (self.run_dir / name).write_text(yaml.safe_dump(to_dict(self.dep), sort_keys=False))
         self._t0 = time.monotonic()
-        progress(f"pdkv: starting {self.dep.mode} deployment: {', '.join(s.name for s in self.specs)} "
-                 f"(logs in {self.run_dir})")
+        what = f"{self.dep.mode} deployment" + (f" ({self.label}: {', '.join(self.roles)})" if self.label else "")
+        progress(f"pdkv: starting {what}: {', '.join(s.name for s in self.specs)} (logs in {self.run_dir})")
         for spec in self.specs:  # the proxy's /health answers 200 only once its upstreams do
             self._spawn(spec)
         if wait:
@@ -124,18 +175,29 @@ class Deployment:
         timeout_s = self.dep.vllm.startup_timeout_s if timeout_s is None else timeout_s
         pending = [spec for spec, _ in self.procs.values()]
         deadline = time.monotonic() + timeout_s
+        waiting: dict[str, str] = {}  # name -> what it waits for (remote instances), as last reported
+        next_report = time.monotonic() + REPORT_EVERY_S
         while pending:
             self.check_children()
             for spec in list(pending):
-                if _ready(spec):
+                ok, why = _readiness(spec)
+                waiting[spec.name] = why
+                if ok:
                     where = f" on port {spec.port}" if spec.port else ""
                     progress(f"  {spec.name:<14} ready{where} ({time.monotonic() - self._t0:.0f}s)")
                     pending.remove(spec)
-            if pending and time.monotonic() > deadline:
+            now = time.monotonic()
+            if pending and now > deadline:
                 names = ", ".join(s.name for s in pending)
                 last = pending[0].name
-                raise ChildDied(f"not ready after {timeout_s:.0f}s (vllm.startup_timeout_s): {names}; "
+                remote = "".join(f"\n{s.name}: {waiting[s.name]}" for s in pending if waiting.get(s.name))
+                raise ChildDied(f"not ready after {timeout_s:.0f}s (vllm.startup_timeout_s): {names}{remote}; "
                                 f"last lines of {self.log_path(last)}:\n{tail(self.log_path(last))}")
+            if pending and now >= next_report:
+                next_report = now + REPORT_EVERY_S
+                for s in pending:
+                    if waiting.get(s.name):
+                        progress(f"  {s.name:<14} waiting: {waiting[s.name]} ({now - self._t0:.0f}s)")
             if pending:
                 time.sleep(0.5)
 
@@ -178,7 +240,7 @@ class Deployment:
         self._cleanup_pool()
 
     def _cleanup_pool(self) -> None:
-        if self.dep.mode != "pd" or self.dep.connector.transport.kind != "shm":
+        if self.dep.mode != "pd" or self.dep.connector.transport.kind != "shm" or not self.runs_instances:
             return
         try:
             from transport.shm import cleanup_pool
@@ -235,6 +297,37 @@ def _group_alive(proc: subprocess.Popen) -> bool:
 # ---- CLI ---------------------------------------------------------------------------------
 
 
+def check_keys(dep: DeploymentConfig, roles: list[str]) -> None:
+    """With ``coordinator.auth: curve``, the key files this host's share needs exist (ConfigError)."""
+    if dep.mode != "pd" or dep.coordinator.auth != "curve":
+        return
+    from pd.curve import load_client_keys, load_server_keys
+
+    c = dep.coordinator
+    if "control" in roles:
+        load_server_keys(c.keys_dir)
+    load_client_keys(c.keys_dir, c.client_key)  # the proxy, the instances' connectors
+
+
+def preflight(dep: DeploymentConfig, roles: list[str], progress: Progress = print, timeout_s: float = 3.0) -> None:
+    """An instance share without the control role: does the coordinator answer, and take our keys?
+
+    Refused keys or a failed handshake: ConfigError (nothing starts). Not answering yet: reported
+    only (the control host may start later; the instances connect when it is up).
+    """
+    if dep.mode != "pd" or "control" in roles or not any(r in roles for r in ("prefill", "decode")):
+        return
+    from pd.coord_client import PROBE_HANDSHAKE, PROBE_OK, PROBE_REFUSED, probe
+    from pd.curve import client_keys_for
+
+    address = layout(dep).coordinator_address
+    status, why = probe(address, client_keys_for(dep.coordinator), timeout_s)
+    if status in (PROBE_REFUSED, PROBE_HANDSHAKE):
+        raise ConfigError(why)
+    progress(f"pdkv: {why}" + ("" if status == PROBE_OK else "; starting the instances anyway (they connect when "
+                                                              "it is up)"))
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``pd launch``; each has a YAML key (in parentheses)."""
     p.add_argument("--config", help="deployment YAML (see examples/pd.yaml); flags override it")
@@ -250,7 +343,40 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", choices=("none", "local", "hf3fs"), help="connector.store.backend")
     p.add_argument("--store-path", metavar="DIR[,DIR...]", help="connector.store.paths")
     p.add_argument("--store-size-gb", type=float, metavar="N", help="connector.store.size_gb")
-    p.add_argument("--dry-run", action="store_true", help="print the commands with their environment and exit")
+    p.add_argument("--role", metavar="ROLES",
+                   help="this host's share: all (default), or a comma list of control (coordinator, transport "
+                        "servers, proxy), prefill, decode")
+    p.add_argument("--host", metavar="NAME", help="this host's share is hosts.NAME's roles (a hosts: section)")
+    p.add_argument("--keys-dir", metavar="DIR", help="coordinator.keys_dir (CurveZMQ keys; see pd keys)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="set any config key (VALUE is YAML), e.g. --set coordinator.advertise_host=10.0.0.1 "
+                        "--set decode.urls=[http://10.0.0.2:8200]; repeatable, after the other flags")
+    p.add_argument("--dry-run", action="store_true", help="print the commands with their environment and exit "
+                   "(with a hosts: section and no --host, every host's; with --role all, each role's)")
+    p.add_argument("--json", action="store_true", help="with --dry-run: one JSON object per line")
+
+
+def parse_set(items: list[str]) -> dict:
+    """``["a.b=1", ...]`` as a nested override dict (values parsed as YAML)."""
+    import yaml
+
+    out: dict = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip() or any(not k for k in key.strip().split(".")):
+            raise ConfigError(f"--set: {item!r} is not KEY=VALUE (e.g. coordinator.advertise_host=10.0.0.1)")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {key}: {raw!r} is not a YAML value: {e}") from None
+        d = out
+        parts = key.strip().split(".")
+        for k in parts[:-1]:
+            d = d.setdefault(k, {})
+            if not isinstance(d, dict):
+                raise ConfigError(f"--set: {key} conflicts with an earlier --set")
+        d[parts[-1]] = value
+    return out
 
 
 def config_from_args(args: argparse.Namespace) -> DeploymentConfig:
@@ -266,6 +392,8 @@ def config_from_args(args: argparse.Namespace) -> DeploymentConfig:
         over["decode"] = {"count": args.decode}
     if args.port is not None:
         over["proxy"] = {"port": args.port}
+    if getattr(args, "keys_dir", None):
+        over["coordinator"] = {"keys_dir": args.keys_dir}
     conn: dict = {}
     if getattr(args, "transport", None) is not None:
         conn["transport"] = {"kind": args.transport}
@@ -278,21 +406,54 @@ def config_from_args(args: argparse.Namespace) -> DeploymentConfig:
     if conn:
         over["connector"] = conn
     dep = merge(dep, over)
+    if getattr(args, "set", None):
+        dep = merge(dep, parse_set(args.set))
     dep.model = str(check_model(dep.model))
+    if dep.coordinator.keys_dir:  # the instances and the proxy may run elsewhere than this cwd
+        dep.coordinator.keys_dir = str(Path(dep.coordinator.keys_dir).expanduser().resolve())
     if dep.mode == "pd":
         check_store(dep.connector.store)
     return dep
 
 
+def _print_specs(specs: list[ProcSpec], as_json: bool, share_: str = "", roles: list[str] = ()) -> None:
+    import json
+
+    for spec in specs:
+        if as_json:
+            print(json.dumps({"host": share_, "roles": list(roles), "name": spec.name, "argv": spec.argv,
+                              "env": spec.env, "health_url": spec.health_url, "port": spec.port,
+                              "bind": spec.bind or spec.host}))
+        else:
+            print(format_command(spec))
+
+
+def dry_run(dep: DeploymentConfig, roles: str | None, host: str | None, as_json: bool = False) -> None:
+    """Print the commands: this share's, or (a hosts: section without --host) every host's."""
+    if dep.hosts and host is None and roles is None:
+        for name, host_roles, specs in plan_hosts(dep):
+            h = dep.hosts[name]
+            if not as_json:
+                print(f"### host {name} ({h.address}): {', '.join(host_roles)}; run there: "
+                      f"pd launch --config FILE --host {name}")
+            _print_specs(specs, as_json, name, host_roles)
+        return
+    label, parsed = share(dep, roles, host)
+    specs = plan(dep, roles, host) if (roles is not None or host is not None) else plan(dep)
+    _print_specs(specs, as_json, label, parsed)
+
+
 def run(args: argparse.Namespace) -> int:
     """``pd launch``: 0 after a clean stop (Ctrl-C/SIGTERM), 1 if a child died, 2 on bad config."""
     dep = config_from_args(args)
-    deployment = Deployment(dep)
+    roles, host = getattr(args, "role", None), getattr(args, "host", None)
     if args.dry_run:
-        for spec in deployment.specs:
-            print(format_command(spec))
+        dry_run(dep, roles, host, getattr(args, "json", False))
         return 0
-    check_ports(dep)
+    deployment = Deployment(dep, roles, host) if (roles is not None or host is not None) else Deployment(dep)
+    check_ports(dep, **deployment._share)
+    check_keys(dep, deployment.roles)
+    preflight(dep, deployment.roles, progress=lambda line: print(line, flush=True))
 
     def on_signal(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt
@@ -302,7 +463,11 @@ def run(args: argparse.Namespace) -> int:
     code = 0
     try:
         deployment.start(progress=lambda line: print(line, flush=True))
-        print(f"pdkv ready: proxy at {deployment.proxy_url} (run dir: {deployment.run_dir})", flush=True)
+        if "control" in deployment.roles:
+            print(f"pdkv ready: proxy at {deployment.proxy_url} (run dir: {deployment.run_dir})", flush=True)
+        else:
+            print(f"pdkv ready: {', '.join(s.name for s in deployment.specs)} (run dir: {deployment.run_dir})",
+                  flush=True)
         deployment.watch()
     except KeyboardInterrupt:
         print("pdkv: stopping", flush=True)

@@ -12,6 +12,7 @@ there are more instances than cores (then they share, but each still starts).
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -22,7 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from launch.gpus import GpuSlot, cuda_args, cuda_env, gpu_slots, parse_env, resolve_device, resolve_dtype
+from launch.topology import Instance, Layout, layout, local_instances, reach_host, share
 from pd.config import ConfigError, DeploymentConfig, kv_transfer_config
+from pd.curve import is_loopback
 
 # vLLM's CPU attention backend accepts only block sizes that are multiples of this
 # ("No common block size for 16 (CPU_ATTN: [MultipleOf(32)])" otherwise, after ~1 minute of startup).
@@ -41,6 +44,9 @@ class ProcSpec:
     health_url: str | None = None  # GET answers 200 when ready
     port: int | None = None  # with no health_url: ready once this TCP port accepts connections
     host: str = "127.0.0.1"
+    # The proxy: ready once its /health says every upstream (remote ones too) answers.
+    upstreams: bool = False
+    bind: str = ""  # the host it listens on ("" = host); for the port checks
 
 
 def check_store(cfg) -> None:
@@ -116,53 +122,57 @@ def check_config(dep: DeploymentConfig) -> None:
 
 def port_in_use(host: str, port: int) -> bool:
     """Whether ``host:port`` cannot be bound now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    return bind_error(host, port) is not None
+
+
+def bind_error(host: str, port: int) -> int | None:
+    """The errno binding ``host:port`` fails with now (None: it can be bound)."""
+    host = "0.0.0.0" if host.strip() in ("*", "") else host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
-        except OSError:
-            return True
-    return False
+        except socket.gaierror:
+            return errno.EADDRNOTAVAIL
+        except OSError as e:
+            return e.errno or errno.EADDRINUSE
+    return None
 
 
 def instance_ports(dep: DeploymentConfig) -> list[tuple[str, str, int, str]]:
-    """(name, role, port, group) of every vLLM instance; role is prefill, decode or colocated.
+    """(name, role, port, group) of every vLLM instance (on every host); role is prefill, decode or
+    colocated.
 
     In colocated mode the instances are ``instance-0..`` on the prefill ports, then the decode ports.
     """
-    out = []
-    for group in ("prefill", "decode"):
-        g = getattr(dep, group)
-        for i in range(g.count):
-            if dep.mode == "pd":
-                out.append((f"{group}-{i}", group, g.port_base + i, group))
-            else:
-                out.append((f"instance-{len(out)}", "colocated", g.port_base + i, group))
-    return out
+    return [i.as_tuple() for i in layout(dep).instances]
 
 
-def wanted_ports(dep: DeploymentConfig) -> list[tuple[str, str, int]]:
-    """(what, host, port) of every port the deployment listens on."""
-    wanted = [("proxy", dep.proxy.host, dep.proxy.port)]
-    if dep.mode == "pd":
-        wanted.append(("coordinator", dep.coordinator.host, dep.coordinator.port))
-    wanted += [(name, "127.0.0.1", port) for name, _, port, _ in instance_ports(dep)]
-    return wanted
+def wanted_ports(dep: DeploymentConfig, roles: str | list[str] | None = None,
+                 host: str | None = None) -> list[tuple[str, str, int]]:
+    """(what, bind host, port) of every port this host's share of the deployment listens on."""
+    return [(s.name, s.bind or s.host, s.port) for s in plan(dep, roles, host) if s.port]
 
 
-def check_ports(dep: DeploymentConfig) -> None:
-    """ConfigError unless every port is distinct, in range and free."""
+def check_ports(dep: DeploymentConfig, roles: str | list[str] | None = None, host: str | None = None) -> None:
+    """ConfigError unless every port of this host's share is distinct, in range and free."""
+    wanted = wanted_ports(dep, roles, host)
     seen: dict[int, str] = {}
-    for what, host, port in wanted_ports(dep):
+    for what, bind, port in wanted:
         if not 1 <= port <= 65535:
             raise ConfigError(f"port {port} ({what}) is out of range; allowed 1..65535")
         if port in seen:
             raise ConfigError(f"port {port} is used twice: by {seen[port]} and by {what}; "
                               "change a port_base or port")
         seen[port] = what
-    for what, host, port in wanted_ports(dep):
-        if port_in_use(host, port):
-            raise ConfigError(f"port {port} ({what}) is already in use on {host}")
+    for what, bind, port in wanted:
+        err = bind_error(bind, port)
+        if err == errno.EADDRNOTAVAIL:
+            raise ConfigError(f"{what} cannot listen on {bind}:{port}: {bind} is not an address of this host "
+                              "(is this the right --host/--role, or should it listen on 0.0.0.0?)")
+        if err is not None:
+            raise ConfigError(f"port {port} ({what}) is already in use on {bind}")
 
 
 def served_name(dep: DeploymentConfig) -> str:
@@ -201,12 +211,13 @@ def vllm_env(dep: DeploymentConfig, bind: str, group: str = "prefill", slot: Gpu
 
 
 def vllm_spec(dep: DeploymentConfig, name: str, role: str, port: int, group: str, bind: str = "auto",
-              slot: GpuSlot | None = None) -> ProcSpec:
-    """One vLLM OpenAI server; with the P/D connector unless ``role`` is colocated; on its GPUs with ``slot``."""
+              slot: GpuSlot | None = None, host: str = "127.0.0.1", coordinator: str = "") -> ProcSpec:
+    """One vLLM OpenAI server listening on ``host``; with the P/D connector (reaching the coordinator at
+    ``coordinator``, default the config's) unless ``role`` is colocated; on its GPUs with ``slot``."""
     v = dep.vllm
     dtype = resolve_dtype(dep, "cpu" if slot is None else "cuda")
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(Path(dep.model).resolve()),
-            "--served-model-name", served_name(dep), "--host", "127.0.0.1", "--port", str(port),
+            "--served-model-name", served_name(dep), "--host", host, "--port", str(port),
             "--max-model-len", str(v.max_model_len), "--block-size", str(v.block_size),
             "--max-num-seqs", str(v.max_num_seqs), "--dtype", dtype]
     if v.enforce_eager:
@@ -216,45 +227,110 @@ def vllm_spec(dep: DeploymentConfig, name: str, role: str, port: int, group: str
     if slot is not None:
         argv += cuda_args(dep, slot)
     if role in ("prefill", "decode"):
-        argv += ["--kv-transfer-config", json.dumps(kv_transfer_config(dep, role, name))]
+        argv += ["--kv-transfer-config", json.dumps(kv_transfer_config(dep, role, name, coordinator))]
     argv += list(v.extra_args) + list(getattr(dep, group).extra_args)
-    return ProcSpec(name, argv, vllm_env(dep, bind, group, slot), f"http://127.0.0.1:{port}/health", port)
+    near = reach_host(host)
+    return ProcSpec(name, argv, vllm_env(dep, bind, group, slot), f"http://{near}:{port}/health", port, near,
+                    bind=host)
 
 
-def plan(dep: DeploymentConfig) -> list[ProcSpec]:
-    """Every process of the deployment, in start order (coordinator, instances, proxy).
+def check_coordinator_security(dep: DeploymentConfig, lay: Layout) -> None:
+    """Refuse a coordinator that listens, or is reached, beyond loopback without authentication."""
+    c = dep.coordinator
+    if dep.mode != "pd" or c.auth != "none" or c.allow_insecure:
+        return
+    host = lay.coordinator_address.split("//", 1)[1].rsplit(":", 1)[0].strip("[]")
+    for key, value in (("coordinator.host", lay.coordinator_bind), ("coordinator address", host)):
+        if not is_loopback(value):
+            raise ConfigError(
+                f"{key} {value!r} is not a loopback address and coordinator.auth is none: anyone who can reach the "
+                "port could publish, consume and free KV transfers. Make keys with `pd keys DIR`, then set "
+                "coordinator.auth: curve and coordinator.keys_dir: DIR (or, on a network you trust, "
+                "coordinator.allow_insecure: true)")
 
-    ``vllm.device`` cpu binds each instance to its cores; cuda gives it its GPUs (``launch.gpus``).
+
+def transport_servers(dep: DeploymentConfig) -> list[ProcSpec]:
+    """The servers the transport needs on the control host (``transport.base.server_specs``, when
+    the transport module has it; none otherwise)."""
+    try:
+        from transport import base
+    except ImportError:
+        return []
+    server_specs = getattr(base, "server_specs", None)
+    if server_specs is None:
+        return []
+    specs = []
+    for d in server_specs(dep.connector.transport) or []:
+        bind = str(d.get("host") or "127.0.0.1")
+        port = int(d["port"]) if d.get("port") else None
+        specs.append(ProcSpec(str(d["name"]), [str(a) for a in d["argv"]], dict(d.get("env") or {}),
+                              d.get("health_url"), port, reach_host(bind), bind=bind))
+    return specs
+
+
+def coordinator_spec(dep: DeploymentConfig, lay: Layout) -> ProcSpec:
+    c = dep.coordinator
+    argv = [sys.executable, "-m", "pd.cli", "coordinator", "--host", lay.coordinator_bind, "--port", str(c.port),
+            "--entry-ttl-s", str(c.entry_ttl_s), "--instance-ttl-s", str(c.instance_ttl_s)]
+    if c.auth == "curve":
+        argv += ["--auth", "curve", "--keys-dir", c.keys_dir]
+    if c.allow_insecure:
+        argv.append("--allow-insecure")
+    near = reach_host(lay.coordinator_bind)
+    return ProcSpec("coordinator", argv, port=c.port, host=near, bind=lay.coordinator_bind)
+
+
+def proxy_spec(dep: DeploymentConfig, lay: Layout) -> ProcSpec:
+    p = dep.proxy
+    argv = [sys.executable, "-m", "pd.cli", "proxy", "--host", p.host, "--port", str(p.port), "--policy", p.policy,
+            "--upstream-timeout-s", str(p.upstream_timeout_s)]
+    if dep.mode == "pd":
+        argv += ["--prefill", ",".join(lay.urls("prefill")), "--decode", ",".join(lay.urls("decode")),
+                 "--coordinator", lay.coordinator_address]
+        if dep.coordinator.auth == "curve":
+            argv += ["--coordinator-keys-dir", dep.coordinator.keys_dir,
+                     "--coordinator-client-key", dep.coordinator.client_key]
+    else:
+        argv += ["--colocated", ",".join(lay.urls("colocated"))]
+    near = reach_host(p.host)
+    return ProcSpec("proxy", argv, {}, f"http://{near}:{p.port}/health", p.port, near, upstreams=True, bind=p.host)
+
+
+def plan(dep: DeploymentConfig, roles: str | list[str] | None = None, host: str | None = None) -> list[ProcSpec]:
+    """The processes of this host's share of the deployment, in start order (coordinator, transport
+    servers, instances, proxy): ``host`` names a ``hosts:`` entry, else ``roles`` (default all).
+
+    ``vllm.device`` cpu binds each instance to its cores; cuda gives it its GPUs (``launch.gpus``);
+    both count only the instances started here.
     """
     check_config(dep)
-    py = [sys.executable, "-m", "pd.cli"]
+    _, roles = share(dep, roles, host)
+    lay = layout(dep)
+    check_coordinator_security(dep, lay)
+    pd_mode = dep.mode == "pd"
     specs: list[ProcSpec] = []
-    if dep.mode == "pd":
-        c = dep.coordinator
-        specs.append(ProcSpec("coordinator", py + ["coordinator", "--host", c.host, "--port", str(c.port),
-                                                   "--entry-ttl-s", str(c.entry_ttl_s),
-                                                   "--instance-ttl-s", str(c.instance_ttl_s)],
-                              port=c.port, host=c.host))
-    instances = instance_ports(dep)
-    if resolve_device(dep) == "cuda":
-        slots = gpu_slots(dep, instances)
-        specs += [vllm_spec(dep, *inst, slot=slot) for inst, slot in zip(instances, slots)]
-    else:
-        binds = cpu_binds(dep.vllm.cpu_bind, len(instances))
-        specs += [vllm_spec(dep, *inst, bind=bind) for inst, bind in zip(instances, binds)]
-    p = dep.proxy
-    proxy = py + ["proxy", "--host", p.host, "--port", str(p.port), "--policy", p.policy,
-                  "--upstream-timeout-s", str(p.upstream_timeout_s)]
-
-    def urls(role: str) -> str:
-        return ",".join(f"http://127.0.0.1:{port}" for _, r, port, _ in instances if r == role)
-
-    if dep.mode == "pd":
-        proxy += ["--prefill", urls("prefill"), "--decode", urls("decode"), "--coordinator", dep.coordinator.address]
-    else:
-        proxy += ["--colocated", urls("colocated")]
-    specs.append(ProcSpec("proxy", proxy, {}, f"http://{p.host}:{p.port}/health", p.port, p.host))
+    if "control" in roles and pd_mode:
+        specs.append(coordinator_spec(dep, lay))
+        specs += transport_servers(dep)
+    local: list[Instance] = local_instances(lay, roles, host or "")
+    tuples = [i.as_tuple() for i in local]
+    extra = [{"host": i.bind, "coordinator": lay.coordinator_address} for i in local]
+    if local and resolve_device(dep) == "cuda":
+        slots = gpu_slots(dep, tuples)
+        specs += [vllm_spec(dep, *t, slot=slot, **x) for t, slot, x in zip(tuples, slots, extra)]
+    elif local:
+        binds = cpu_binds(dep.vllm.cpu_bind, len(local))
+        specs += [vllm_spec(dep, *t, bind=b, **x) for t, b, x in zip(tuples, binds, extra)]
+    if "control" in roles:
+        specs.append(proxy_spec(dep, lay))
     return specs
+
+
+def plan_hosts(dep: DeploymentConfig) -> list[tuple[str, list[str], list[ProcSpec]]]:
+    """(host, roles, specs) of every host of a ``hosts:`` section, or of each role without one."""
+    if dep.hosts:
+        return [(name, share(dep, host=name)[1], plan(dep, host=name)) for name in dep.hosts]
+    return [(role, [role], plan(dep, [role])) for role in ("control", "prefill", "decode")]
 
 
 def format_command(spec: ProcSpec) -> str:

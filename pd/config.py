@@ -30,10 +30,44 @@ def _choices(*values: str) -> dict:
     return {"choices": values}
 
 
+WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "*", "")
+
+
+def url_host(host: str) -> str:
+    """``host`` as it goes into a URL (IPv6 literals in brackets)."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+def advertised(bind: str, advertise: str, key: str, bind_key: str) -> str:
+    """The address others connect to: ``advertise``, else ``bind``; ConfigError for a wildcard."""
+    host = advertise or bind
+    if host.strip() in WILDCARD_HOSTS:
+        raise ConfigError(f"{key}: {host!r} is not an address other processes can connect to; give this "
+                          f"host's IP or name ({bind_key} {bind!r} is only where it listens)")
+    if "/" in host or " " in host or (":" in host and not host.strip("[]").count(":") > 1):
+        raise ConfigError(f"{key}: {host!r} is not a host name or IP address (no scheme, port or path)")
+    return host
+
+
 @dataclass
 class CoordinatorConfig:
+    # Where the coordinator listens (0.0.0.0: every interface).
     host: str = "127.0.0.1"
     port: int = field(default=5570, metadata=_rng(1, 65535))
+    # The host clients connect to (instances, proxy, pd stats); "" = host. Required when host is a
+    # wildcard such as 0.0.0.0.
+    advertise_host: str = ""
+    # The port clients connect to; 0 = port.
+    advertise_port: int = field(default=0, metadata=_rng(0, 65535))
+    # none, or curve: CurveZMQ, only clients whose public key is in <keys_dir>/authorized get in
+    # (see `pd keys`). A coordinator listening beyond loopback without it is refused at start.
+    auth: str = field(default="none", metadata=_choices("none", "curve"))
+    # Directory `pd keys DIR` made (or, on an instance host, a copy of its clients/<name>/ bundle).
+    keys_dir: str = ""
+    # This host's client keypair: a name in keys_dir (<name>.key_secret) or a path to a .key_secret.
+    client_key: str = "client"
+    # Listen beyond loopback with auth none anyway (a network you trust).
+    allow_insecure: bool = False
     # READY entries not consumed within this time are dropped and their chunks freed.
     entry_ttl_s: float = field(default=120.0, metadata=_rng(1, 86400))
     # An instance that has not heartbeated within this time is marked down.
@@ -42,7 +76,13 @@ class CoordinatorConfig:
 
     @property
     def address(self) -> str:
-        return f"tcp://{self.host}:{self.port}"
+        """The advertised address clients connect to (ConfigError if it would be a wildcard)."""
+        host = advertised(self.host, self.advertise_host, "coordinator.advertise_host", "coordinator.host")
+        return f"tcp://{url_host(host)}:{self.advertise_port or self.port}"
+
+    @property
+    def bind_address(self) -> str:
+        return f"tcp://{url_host(self.host or '*')}:{self.port}"
 
 
 @dataclass
@@ -104,6 +144,10 @@ class ConnectorConfig:
     """What vLLM's kv_connector_extra_config may say (plus transport/coordinator)."""
 
     coordinator: str = "tcp://127.0.0.1:5570"
+    # CurveZMQ keys for the coordinator ("" = no authentication): a directory with server.key and
+    # <coordinator_client_key>.key_secret (see pd/curve.py); the launcher sets both from `coordinator`.
+    coordinator_keys_dir: str = ""
+    coordinator_client_key: str = "client"
     instance_id: str = ""
     # Tokens per chunk; must be a multiple of vLLM's block size (checked at start).
     chunk_size: int = field(default=256, metadata=_rng(1, 1 << 20))
@@ -137,6 +181,28 @@ class InstanceGroupConfig:
     gpus: str = ""
     # Extra environment of this group's instances, "KEY=VALUE" each (after vllm.env).
     env: list[str] = field(default_factory=list)
+    # Where the instances `pd launch` starts listen (0.0.0.0: every interface).
+    host: str = "127.0.0.1"
+    # The host in the URLs the proxy reaches them at; "" = host (required when host is a wildcard).
+    advertise_host: str = ""
+    # The proxy reaches this group's instances at these URLs (one per instance, e.g. instances on
+    # other hosts, started there); empty = http://<advertise_host or host>:<port_base + i>.
+    urls: list[str] = field(default_factory=list)
+
+
+HOST_ROLES = ("control", "prefill", "decode")
+
+
+@dataclass
+class HostConfig:
+    """One host of a multi-host deployment (``hosts.<name>``); ``pd launch --host <name>`` runs its share."""
+
+    # How the other hosts reach this one (an IP or name; never a wildcard). Required.
+    address: str = ""
+    # Where its processes listen; "" = address.
+    bind: str = ""
+    # What runs here: control (coordinator, proxy, transport servers), prefill, decode.
+    roles: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -200,6 +266,8 @@ class DeploymentConfig:
     proxy: ProxyConfig = field(default_factory=ProxyConfig)
     coordinator: CoordinatorConfig = field(default_factory=CoordinatorConfig)
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
+    # Multi-host: name -> HostConfig. Empty: everything on this host (or use pd launch --role).
+    hosts: dict[str, HostConfig] = field(default_factory=dict)
 
 
 def _describe(tp: Any) -> str:
@@ -217,6 +285,11 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return load(tp, value, prefix=key + ".")
+    if origin in (dict, typing.Dict):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of names, got {value!r}")
+        kt, vt = typing.get_args(tp)
+        return {_coerce(kt, k, f"{key} name {k!r}"): _coerce(vt, v, f"{key}.{k}") for k, v in value.items()}
     if origin in (list, typing.List):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
@@ -313,12 +386,16 @@ CONNECTOR_MODULE = "pd.connector"
 ROLE_TO_KV_ROLE = {"prefill": "kv_producer", "decode": "kv_consumer", "both": "kv_both"}
 
 
-def kv_transfer_config(dep: DeploymentConfig, role: str, instance_id: str) -> dict:
-    """The ``--kv-transfer-config`` JSON (as a dict) for one vLLM instance of ``dep``."""
+def kv_transfer_config(dep: DeploymentConfig, role: str, instance_id: str, coordinator: str = "") -> dict:
+    """The ``--kv-transfer-config`` JSON (as a dict) for one vLLM instance of ``dep``; it reaches the
+    coordinator at ``coordinator`` (default: ``dep.coordinator.address``, the advertised one)."""
     if role not in ROLE_TO_KV_ROLE:
         raise ConfigError(f"role {role!r} is not allowed; choose one of {', '.join(ROLE_TO_KV_ROLE)}")
     conn = dataclasses.asdict(dep.connector)
-    conn["coordinator"] = dep.coordinator.address
+    conn["coordinator"] = coordinator or dep.coordinator.address
+    curve = dep.coordinator.auth == "curve"
+    conn["coordinator_keys_dir"] = dep.coordinator.keys_dir if curve else ""
+    conn["coordinator_client_key"] = dep.coordinator.client_key
     conn["instance_id"] = instance_id
     conn["heartbeat_interval_s"] = dep.coordinator.heartbeat_interval_s
     return {

@@ -113,20 +113,22 @@ class PDConnector(KVConnectorBase_V1):
 
         from pd.coord_client import CoordinatorClient, InstanceAgent
         from pd.connector_worker import WorkerSide
+        from pd.curve import client_keys_for
         from transport.base import make_transport
 
         rank = get_tensor_model_parallel_rank()
         # On a GPU the transport's shared memory is registered with CUDA: gathers and scatters
         # DMA straight into and out of it.
         on_gpu = str(vllm_config.device_config.device_type) == "cuda"
+        keys = client_keys_for(self.cfg)  # CurveZMQ keys (coordinator_keys_dir) or None; missing files: ConfigError
         transport = make_transport(self.cfg.transport, **({"pin_cuda": True} if on_gpu else {}))
-        coord = CoordinatorClient(self.cfg.coordinator)
+        coord = CoordinatorClient(self.cfg.coordinator, keys=keys)
         role = {"kv_producer": "prefill", "kv_consumer": "decode"}.get(ktc.kv_role, "both")
         instance = self.cfg.instance_id or f"{role}-{id(self):x}"
         self._agent_id = instance if rank == 0 else f"{instance}/tp{rank}"
         self._agent = InstanceAgent(
             self.cfg.coordinator, self._agent_id, role, interval_s=self.cfg.heartbeat_interval_s,
-            on_free=(lambda free: transport.delete(free.keys)) if transport is not None else None,
+            on_free=(lambda free: transport.delete(free.keys)) if transport is not None else None, keys=keys,
         )
         self._agent.start()
         from store import make_store

@@ -5,6 +5,11 @@ False/None/WaitTimeout after their timeout, and a socket whose reply did not com
 closed and replaced, so a late reply is never taken for the answer to a later call.
 Unsolicited ``Free`` messages are only acted on by the ``InstanceAgent``; a request socket that
 happens to receive one skips it.
+
+``keys`` (a ``pd.curve.ClientKeys``) makes every socket a CurveZMQ client. A coordinator that
+refuses the keys sends nothing back: the calls time out exactly as with the coordinator down, and
+the first miss is logged with a hint about the keys. ``probe()`` tells the cases apart (refused
+keys, failed handshake, nothing listening, no answer) for ``pd stats`` and ``pd launch``.
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ import os
 import threading
 import time
 import uuid
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import zmq
 import zmq.asyncio
@@ -24,13 +29,19 @@ from pd.protocol import (
     WaitTimeout, decode_reply, encode,
 )
 
+if TYPE_CHECKING:
+    from pd.curve import ClientKeys
+
 logger = logging.getLogger("pd.coordinator.client")
 WAIT_MARGIN_S = 1.0  # a WAIT's client-side deadline is its timeout plus at most this
 
 
-def _dealer(ctx: zmq.Context, address: str, identity: bytes | None = None, sndhwm: int = 0) -> zmq.Socket:
+def _dealer(ctx: zmq.Context, address: str, identity: bytes | None = None, sndhwm: int = 0,
+            keys: "ClientKeys | None" = None) -> zmq.Socket:
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
+    if keys is not None:
+        keys.apply(s)
     if identity:
         s.setsockopt(zmq.IDENTITY, identity)
     if sndhwm:
@@ -42,15 +53,19 @@ def _dealer(ctx: zmq.Context, address: str, identity: bytes | None = None, sndhw
 class _Health:
     """Logs the first unanswered call (warning) and the first answer after that (info)."""
 
-    def __init__(self, address: str):
+    def __init__(self, address: str, keys: "ClientKeys | None" = None):
         self.address = address
         self.down = False
+        self.hint = "" if keys is None else (
+            f"; with CurveZMQ, also check the keys: the coordinator logs 'rejected a client' when this "
+            f"client's public key ({keys.public.decode()}, from {keys.source}) is not in its authorized/ "
+            f"directory, and 'failed the CURVE handshake' when this host's server.key is not the coordinator's")
 
     def note(self, answered: bool, what: str, timeout_s: float) -> None:
         if not answered and not self.down:
             self.down = True
             logger.warning("coordinator %s did not answer %s within %.1fs (further misses are not logged "
-                           "until it answers again)", self.address, what, timeout_s)
+                           "until it answers again)%s", self.address, what, timeout_s, self.hint)
         elif answered and self.down:
             self.down = False
             logger.info("coordinator %s answers again", self.address)
@@ -59,16 +74,17 @@ class _Health:
 class CoordinatorClient:
     """Request/reply calls to the coordinator; thread-safe (one DEALER socket per calling thread)."""
 
-    def __init__(self, address: str, timeout_s: float = 5.0):
+    def __init__(self, address: str, timeout_s: float = 5.0, keys: "ClientKeys | None" = None):
         self.address = address
         self.timeout_s = timeout_s
+        self.keys = keys
         self._ctx = zmq.Context.instance()
         self._local = threading.local()
         self._lock = threading.Lock()
         self._socks: set[zmq.Socket] = set()
         self._busy: set[zmq.Socket] = set()
         self._closed = False
-        self._health = _Health(address)
+        self._health = _Health(address, keys)
 
     def _acquire(self) -> zmq.Socket | None:
         with self._lock:
@@ -76,7 +92,7 @@ class CoordinatorClient:
                 return None
             s = getattr(self._local, "sock", None)
             if s is None:
-                s = self._local.sock = _dealer(self._ctx, self.address)
+                s = self._local.sock = _dealer(self._ctx, self.address, keys=self.keys)
                 self._socks.add(s)
             self._busy.add(s)
             return s
@@ -167,8 +183,9 @@ class InstanceAgent:
     """
 
     def __init__(self, address: str, instance_id: str, role: str, url: str = "", interval_s: float = 2.0,
-                 on_free: Callable[[Free], None] | None = None):
+                 on_free: Callable[[Free], None] | None = None, keys: "ClientKeys | None" = None):
         self.address, self.instance_id, self.role, self.url = address, instance_id, role, url
+        self.keys = keys
         self.interval_s = interval_s
         self.on_free = on_free
         self.freed = 0  # keys handed to on_free
@@ -202,7 +219,7 @@ class InstanceAgent:
         identity = f"{self.instance_id}#{uuid.uuid4().hex[:8]}".encode()
         pid = os.getpid()
         try:
-            sock = _dealer(zmq.Context.instance(), self.address, identity, sndhwm=4)
+            sock = _dealer(zmq.Context.instance(), self.address, identity, sndhwm=4, keys=self.keys)
         except zmq.ZMQError as e:
             logger.error("instance agent %s: cannot connect to %s: %s", self.instance_id, self.address, e)
             return
@@ -250,14 +267,15 @@ class InstanceAgent:
 class AsyncCoordinatorClient:
     """asyncio client for the proxy: abort and query; never raises (except the caller's cancellation)."""
 
-    def __init__(self, address: str, timeout_s: float = 2.0):
+    def __init__(self, address: str, timeout_s: float = 2.0, keys: "ClientKeys | None" = None):
         self.address = address
         self.timeout_s = timeout_s
+        self.keys = keys
         self._ctx = zmq.asyncio.Context.instance()
         self._sock: zmq.asyncio.Socket | None = None
         self._lock: asyncio.Lock | None = None
         self._closed = False
-        self._health = _Health(address)
+        self._health = _Health(address, keys)
 
     async def _call(self, msg) -> ReplyMsg | None:
         if self._closed:
@@ -279,7 +297,7 @@ class AsyncCoordinatorClient:
         if self._closed:
             return None
         if self._sock is None:
-            self._sock = _dealer(self._ctx, self.address)
+            self._sock = _dealer(self._ctx, self.address, keys=self.keys)
         sock, reply = self._sock, None
         try:
             await sock.send_multipart(encode(msg))
@@ -314,3 +332,67 @@ class AsyncCoordinatorClient:
         if self._sock is not None:
             self._sock.close(0)
             self._sock = None
+
+
+# ---- diagnosis ---------------------------------------------------------------------------
+
+PROBE_OK, PROBE_REFUSED, PROBE_HANDSHAKE, PROBE_UNREACHABLE, PROBE_SILENT = (
+    "ok", "keys refused", "handshake failed", "unreachable", "no answer")
+
+
+def probe(address: str, keys: "ClientKeys | None" = None, timeout_s: float = 3.0) -> tuple[str, str]:
+    """Ask the coordinator at ``address`` for its counters and say what happened: (status, message).
+
+    status: ``ok``; ``keys refused`` (CURVE: our public key is not authorized); ``handshake failed``
+    (a client without keys at a CURVE coordinator, or with a wrong server key, or keys at a
+    coordinator without auth); ``unreachable`` (no connection: nothing listens, or no route);
+    ``no answer`` (connected, then silence).
+    """
+    from zmq.utils.monitor import recv_monitor_message
+
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    if keys is not None:
+        keys.apply(sock)
+    mon = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+                                  | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                                  | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+    seen: set[int] = set()
+    try:
+        try:
+            sock.connect(address)
+        except zmq.ZMQError as e:
+            return PROBE_UNREACHABLE, f"cannot connect to {address!r}: {e}"
+        sock.send_multipart(encode(Query("")), zmq.NOBLOCK)
+        deadline = time.monotonic() + timeout_s
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(mon, zmq.POLLIN)
+        while (left := deadline - time.monotonic()) > 0:
+            ready = dict(poller.poll(left * 1000))
+            if mon in ready:
+                while mon.poll(0):
+                    seen.add(recv_monitor_message(mon)["event"])
+                if zmq.EVENT_HANDSHAKE_FAILED_AUTH in seen:
+                    return PROBE_REFUSED, (f"the coordinator at {address} refused this client's key"
+                                           f"{' from ' + keys.source if keys else ''}: add its public key to the "
+                                           "coordinator's authorized/ directory (pd keys DIR --client NAME makes one)")
+                if seen & {zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL} \
+                        and zmq.EVENT_HANDSHAKE_SUCCEEDED not in seen:
+                    why = ("this client has no CurveZMQ keys and the coordinator may require them "
+                           "(coordinator.auth: curve + coordinator.keys_dir)" if keys is None else
+                           "the coordinator may not use CurveZMQ, or this host's server.key is not its public key")
+                    return PROBE_HANDSHAKE, f"the handshake with the coordinator at {address} failed: {why}"
+            if sock in ready:
+                reply = decode_reply(sock.recv_multipart())
+                if isinstance(reply, QueryReply):
+                    return PROBE_OK, f"the coordinator at {address} answers"
+        if zmq.EVENT_CONNECTED not in seen:
+            return PROBE_UNREACHABLE, (f"no connection to the coordinator at {address} within {timeout_s:g}s "
+                                       "(not started yet, wrong address or port, or no route)")
+        return PROBE_SILENT, f"the coordinator at {address} accepted the connection but did not answer in {timeout_s:g}s"
+    finally:
+        sock.disable_monitor()
+        mon.close(0)
+        sock.close(0)

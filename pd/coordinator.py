@@ -5,6 +5,12 @@ A single-threaded ZMQ ROUTER loop. State is small and in memory: READY entries (
 (answered at READY or at their deadline), aborted pd_ids (so a late READY is freed at once),
 instances with their last heartbeat, counters, and a bounded record of recent transfers.
 Nothing a peer sends can crash it: malformed input is logged, counted and answered with Error.
+
+With ``auth: curve`` the socket is a CurveZMQ server that admits only the clients whose public
+keys are in ``<keys_dir>/authorized`` (``pd.curve``); a refused key is logged (with the peer's
+address) and counted as ``auth_rejected``, a connection that fails the handshake (a client without
+keys, or with another server key) as ``handshake_failed``. Listening beyond loopback without
+auth is refused at start unless ``allow_insecure``.
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ from typing import NamedTuple
 
 import zmq
 
-from pd.config import ConfigError, CoordinatorConfig, load_yaml, merge
+from pd.config import ConfigError, CoordinatorConfig, load_yaml, merge, url_host
 from pd.protocol import (
     Abort, Ack, Aborted, Done, Error, Free, Heartbeat, InstanceInfo, ProtocolError, Query, QueryReply, Ready,
     Register, TransferRecord, Wait, WaitTimeout, decode_client, encode,
@@ -30,7 +36,8 @@ logger = logging.getLogger("pd.coordinator")
 
 COUNTERS = ("registered", "heartbeats", "ready", "waits", "wait_hits_immediate", "wait_timeouts", "done_ok",
             "done_failed", "aborts", "expired", "freed_keys", "malformed", "internal_errors", "chunks_loaded",
-            "bytes_loaded", "load_ms_sum", "instances_alive", "store_chunks_loaded")
+            "bytes_loaded", "load_ms_sum", "instances_alive", "store_chunks_loaded", "auth_rejected",
+            "handshake_failed")
 MAX_RECORDS = 10000          # transfer records kept (oldest dropped first)
 RECORD_TTL_S = 3600.0        # ... and for at most this long
 DEAD_INSTANCE_TTL_S = 3600.0  # an instance down this long is forgotten
@@ -84,6 +91,9 @@ class Coordinator:
     """
 
     def __init__(self, cfg: CoordinatorConfig):
+        from pd.curve import CurveServer, check_bind
+
+        check_bind(cfg)  # ConfigError: beyond loopback without auth
         self.cfg = cfg
         self.counters: dict[str, float] = dict.fromkeys(COUNTERS, 0)
         self._entries: dict[Key, tuple[Ready, float]] = {}  # -> (ready, expires)
@@ -102,9 +112,17 @@ class Coordinator:
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting agent keeps its identity
+        self._curve: CurveServer | None = None
+        self._monitor: zmq.Socket | None = None
         try:
-            self._sock.bind(f"tcp://{cfg.host}:{cfg.port or '*'}")  # EADDRINUSE if the port is taken
-        except zmq.ZMQError:
+            if cfg.auth == "curve":
+                self._curve = CurveServer(self._ctx, cfg.keys_dir)  # ConfigError for missing key files
+                self._curve.apply(self._sock)
+                self._monitor = self._sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+            if ":" in cfg.host:
+                self._sock.setsockopt(zmq.IPV6, 1)
+            self._sock.bind(f"tcp://{url_host(cfg.host or '*')}:{cfg.port or '*'}")  # EADDRINUSE if taken
+        except (zmq.ZMQError, ConfigError):
             self._close()
             raise
         self.address: str = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -117,11 +135,16 @@ class Coordinator:
         self._serving = True
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
+        if self._monitor is not None:
+            poller.register(self._monitor, zmq.POLLIN)
         next_sweep = time.monotonic()
         try:
             while not self._stop.is_set():
                 wait_ms = max(0.0, next_sweep - time.monotonic()) * 1000
-                if poller.poll(wait_ms):
+                events = dict(poller.poll(wait_ms))
+                if self._monitor is not None and self._monitor in events:
+                    self._on_monitor()
+                if self._sock in events:
                     for _ in range(1000):  # drain, but bounded so the sweep stays on time
                         try:
                             frames = self._sock.recv_multipart(zmq.NOBLOCK)
@@ -155,8 +178,41 @@ class Coordinator:
 
     def _close(self) -> None:
         if not self._sock.closed:
+            if self._monitor is not None:
+                try:
+                    self._sock.disable_monitor()
+                except zmq.ZMQError:
+                    pass
+                self._monitor.close(0)
             self._sock.close(0)
+            if self._curve is not None:
+                self._curve.stop()
             self._ctx.term()
+
+    def _on_monitor(self) -> None:
+        """Count and log connections that failed the CURVE handshake (keys refused: see pd.curve)."""
+        from zmq.utils.monitor import recv_monitor_message
+
+        while self._monitor.poll(0):
+            try:
+                event = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            except zmq.ZMQError:
+                return
+            if event["event"] != zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+                continue
+            self.counters["handshake_failed"] += 1
+            code = event["value"]
+            why = ("the client does not use CURVE (no keys configured?)"
+                   if code == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH else
+                   "the client's server key is not this coordinator's public key"
+                   if code == zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC else f"ZMTP protocol error {code:#x}")
+            self._log("handshake", logging.WARNING,
+                      f"a connection failed the CURVE handshake: {why} ({int(self.counters['handshake_failed'])} "
+                      "so far)")
+
+    def _sync_auth_counters(self) -> None:
+        if self._curve is not None:
+            self.counters["auth_rejected"] = self._curve.rejected
 
     def _send(self, ident: bytes, msg) -> None:
         try:
@@ -358,6 +414,7 @@ class Coordinator:
         instances = [InstanceInfo(iid, i.role, i.url, i.pid, i.alive, round(now - i.seen, 3))
                      for iid, i in sorted(self._instances.items())]
         self.counters["instances_alive"] = sum(1 for i in instances if i.alive)
+        self._sync_auth_counters()
         item = self._records.get(pd_id) if pd_id else None
         return QueryReply(counters=dict(self.counters), instances=instances, transfer=item[0] if item else None)
 
@@ -415,13 +472,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, help="port to listen on (default 5570)")
     p.add_argument("--entry-ttl-s", type=float, help="drop and free READY entries not consumed in this time")
     p.add_argument("--instance-ttl-s", type=float, help="mark instances down after this long without heartbeat")
+    p.add_argument("--auth", choices=("none", "curve"), help="curve: CurveZMQ, clients in KEYS_DIR/authorized only")
+    p.add_argument("--keys-dir", help="the directory `pd keys` made (coordinator.keys_dir)")
+    p.add_argument("--allow-insecure", action="store_true", default=None,
+                   help="listen beyond loopback without auth anyway (coordinator.allow_insecure)")
 
 
 def config_from_args(args: argparse.Namespace) -> CoordinatorConfig:
     """The config ``args`` describe: defaults, then ``--config``'s coordinator section, then flags."""
     cfg = load_yaml(args.config).coordinator if getattr(args, "config", None) else CoordinatorConfig()
     over = {k: v for k, v in {"host": args.host, "port": args.port, "entry_ttl_s": args.entry_ttl_s,
-                              "instance_ttl_s": args.instance_ttl_s}.items() if v is not None}
+                              "instance_ttl_s": args.instance_ttl_s, "auth": getattr(args, "auth", None),
+                              "keys_dir": getattr(args, "keys_dir", None),
+                              "allow_insecure": getattr(args, "allow_insecure", None)}.items() if v is not None}
     return merge(cfg, over, "coordinator.") if over else cfg
 
 
@@ -434,17 +497,20 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         coord = Coordinator(cfg)
+    except ConfigError as e:
+        print(f"coordinator: {e}", file=sys.stderr)
+        return 2
     except zmq.ZMQError as e:
         if e.errno == zmq.EADDRINUSE:
             print(f"coordinator: port {cfg.port} on {cfg.host} is already in use", file=sys.stderr)
         else:
-            print(f"coordinator: cannot listen on {cfg.address}: {e}", file=sys.stderr)
+            print(f"coordinator: cannot listen on {cfg.bind_address}: {e}", file=sys.stderr)
         return 2
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: coord._stop.set())
-    logger.info("listening on %s (entry ttl %gs, instance ttl %gs)", coord.address, cfg.entry_ttl_s,
-                cfg.instance_ttl_s)
+    logger.info("listening on %s (entry ttl %gs, instance ttl %gs, auth %s)", coord.address, cfg.entry_ttl_s,
+                cfg.instance_ttl_s, cfg.auth + (f": keys in {cfg.keys_dir}" if cfg.auth == "curve" else ""))
     coord.serve_forever()
     logger.info("stopped")
     return 0

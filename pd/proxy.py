@@ -61,12 +61,13 @@ class _Started:
 class Proxy:
     """The proxy in front of ``prefill_urls``/``decode_urls`` (colocated mode: ``decode_urls`` only).
 
-    ``coordinator`` is the coordinator's address; without one, aborts are skipped,
-    ``/pd/transfers`` answers 503 and ``/metrics`` has only the proxy's own series.
+    ``coordinator`` is the coordinator's address (``coordinator_keys``: CurveZMQ ``pd.curve.ClientKeys``);
+    without one, aborts are skipped, ``/pd/transfers`` answers 503 and ``/metrics`` has only the
+    proxy's own series.
     """
 
     def __init__(self, prefill_urls: list[str], decode_urls: list[str], cfg: ProxyConfig | None = None,
-                 coordinator: str | None = None, mode: str = "pd"):
+                 coordinator: str | None = None, mode: str = "pd", coordinator_keys: Any = None):
         self.cfg = cfg or ProxyConfig()
         if mode not in MODES:
             raise ConfigError(f"mode {mode!r} is not allowed; choose one of {', '.join(MODES)}")
@@ -80,6 +81,7 @@ class Proxy:
         self.prefill = Pool("prefill", prefill_urls if mode == "pd" else [], self.cfg.policy)
         self.decode = Pool("decode" if mode == "pd" else "colocated", decode_urls, self.cfg.policy)
         self.coordinator_address = coordinator
+        self.coordinator_keys = coordinator_keys
         # An AsyncCoordinatorClient (made at startup from ``coordinator``), or any object with its API.
         self.coord: Any = None
         self.metrics = ProxyMetrics()
@@ -116,7 +118,7 @@ class Proxy:
         if self.coordinator_address and self.coord is None:
             from pd.coord_client import AsyncCoordinatorClient
 
-            self.coord = AsyncCoordinatorClient(self.coordinator_address)
+            self.coord = AsyncCoordinatorClient(self.coordinator_address, keys=self.coordinator_keys)
 
     async def _cleanup(self, app: web.Application) -> None:
         for t in list(self._tasks):
@@ -387,6 +389,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=None, help="listen port (default 8000)")
     p.add_argument("--policy", choices=POLICIES, default=None, help="instance choice (default least_outstanding)")
     p.add_argument("--coordinator", help="coordinator address, e.g. tcp://127.0.0.1:5570")
+    p.add_argument("--coordinator-keys-dir", metavar="DIR",
+                   help="CurveZMQ keys for the coordinator (coordinator.keys_dir; see pd keys)")
+    p.add_argument("--coordinator-client-key", default="client", metavar="NAME",
+                   help="this client's keypair in DIR (default %(default)s)")
     p.add_argument("--upstream-timeout-s", type=float, default=None,
                    help="longest wait for an upstream's next bytes (default 600)")
 
@@ -409,8 +415,13 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("--colocated cannot be combined with --prefill/--decode")
         proxy = Proxy([], parse_urls(args.colocated, "--colocated"), cfg, None, mode="colocated")
     else:
+        keys = None
+        if getattr(args, "coordinator_keys_dir", None):
+            from pd.curve import load_client_keys
+
+            keys = load_client_keys(args.coordinator_keys_dir, args.coordinator_client_key, "--coordinator-keys-dir")
         proxy = Proxy(parse_urls(args.prefill, "--prefill"), parse_urls(args.decode, "--decode"), cfg,
-                      args.coordinator)
+                      args.coordinator, coordinator_keys=keys)
     sock = _listen(cfg.host, cfg.port)
     print(f"pd proxy ({proxy.mode}) listening on http://{cfg.host}:{cfg.port}", flush=True)
     web.run_app(proxy.make_app(), sock=sock, print=None, access_log=None, handler_cancellation=True,

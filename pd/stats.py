@@ -10,9 +10,32 @@ from pd.config import ConfigError, CoordinatorConfig
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of ``pd stats``."""
-    p.add_argument("--coordinator", default=CoordinatorConfig().address,
-                   help="coordinator address (default %(default)s)")
+    p.add_argument("--config", help="deployment YAML: the coordinator's address and keys come from it")
+    p.add_argument("--coordinator", default=None,
+                   help=f"coordinator address (default: the config's, else {CoordinatorConfig().address})")
+    p.add_argument("--keys-dir", help="CurveZMQ keys (coordinator.keys_dir); given: use CURVE")
+    p.add_argument("--client-key", default=None, help="this client's keypair in the keys dir (default client)")
     p.add_argument("--pd-id", default="", help="also show the record of this transfer (the x-pd-id header)")
+
+
+def _target(args: argparse.Namespace):
+    """(address, ClientKeys or None) from --config and the flags."""
+    from pd.config import load_yaml
+    from pd.curve import load_client_keys
+
+    dep = load_yaml(args.config) if getattr(args, "config", None) else None
+    cfg = dep.coordinator if dep is not None else CoordinatorConfig()
+    if args.coordinator:
+        address = args.coordinator
+    elif dep is not None and dep.hosts:
+        from launch.topology import layout
+
+        address = layout(dep).coordinator_address
+    else:
+        address = cfg.address
+    keys_dir = getattr(args, "keys_dir", None) or (cfg.keys_dir if cfg.auth == "curve" else "")
+    client = getattr(args, "client_key", None) or cfg.client_key
+    return address, (load_client_keys(keys_dir, client) if keys_dir else None)
 
 
 def _num(v: float) -> str:
@@ -27,14 +50,18 @@ def run(args: argparse.Namespace) -> int:
 
     if not getattr(args, "verbose", False):  # no answer is reported once, as the error below
         logging.getLogger("pd.coordinator.client").setLevel(logging.ERROR)
-    client = CoordinatorClient(args.coordinator, timeout_s=3)
+    from pd.coord_client import PROBE_OK, probe
+
+    address, keys = _target(args)
+    client = CoordinatorClient(address, timeout_s=3, keys=keys)
     try:
         reply = client.query(args.pd_id)
     finally:
         client.close()
     if reply is None:
-        raise ConfigError(f"no answer from the coordinator at {args.coordinator}")
-    print(f"coordinator {args.coordinator}")
+        status, why = probe(address, keys, timeout_s=2)
+        raise ConfigError(f"no answer from the coordinator at {address}" + ("" if status == PROBE_OK else f": {why}"))
+    print(f"coordinator {address}{' (CurveZMQ)' if keys else ''}")
     print("counters:")
     for k, v in sorted(reply.counters.items()):
         print(f"  {k:<22} {_num(v):>16}")
