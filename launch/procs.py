@@ -21,6 +21,7 @@ import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 from launch.gpus import GpuSlot, cuda_args, cuda_env, gpu_slots, parse_env, resolve_device, resolve_dtype
 from launch.topology import Instance, Layout, layout, local_instances, reach_host, share
@@ -240,13 +241,30 @@ def check_coordinator_security(dep: DeploymentConfig, lay: Layout) -> None:
     if dep.mode != "pd" or c.auth != "none" or c.allow_insecure:
         return
     host = lay.coordinator_address.split("//", 1)[1].rsplit(":", 1)[0].strip("[]")
-    for key, value in (("coordinator.host", lay.coordinator_bind), ("coordinator address", host)):
+    where = f"hosts.{lay.control_host}" if lay.control_host else "coordinator"
+    keys = (f"{where}.bind", f"{where}.address") if lay.control_host else ("coordinator.host",
+                                                                           "coordinator.advertise_host")
+    for key, value in zip(keys, (lay.coordinator_bind, host)):
         if not is_loopback(value):
             raise ConfigError(
                 f"{key} {value!r} is not a loopback address and coordinator.auth is none: anyone who can reach the "
                 "port could publish, consume and free KV transfers. Make keys with `pd keys DIR`, then set "
                 "coordinator.auth: curve and coordinator.keys_dir: DIR (or, on a network you trust, "
                 "coordinator.allow_insecure: true)")
+
+
+def check_transport_reach(dep: DeploymentConfig, lay: Layout) -> None:
+    """The shm transport moves KV within one host: refuse pools placed on different hosts."""
+    if dep.mode != "pd" or dep.connector.transport.kind != "shm":
+        return
+    if lay.hosts:
+        where = sorted({i.host for i in lay.instances})
+    else:  # without hosts:, two distinct non-loopback URL hosts are two machines
+        where = sorted({h for h in (urlparse(i.url).hostname or "" for i in lay.instances) if not is_loopback(h)})
+    if len(where) > 1:
+        raise ConfigError(f"connector.transport.kind: shm moves KV only within one host, but the instances run on "
+                          f"{', '.join(where)}; use a network transport (see the README's transport rows), or "
+                          "kind none with a store on a directory every host shares")
 
 
 def transport_servers(dep: DeploymentConfig) -> list[ProcSpec]:
@@ -307,6 +325,7 @@ def plan(dep: DeploymentConfig, roles: str | list[str] | None = None, host: str 
     _, roles = share(dep, roles, host)
     lay = layout(dep)
     check_coordinator_security(dep, lay)
+    check_transport_reach(dep, lay)
     pd_mode = dep.mode == "pd"
     specs: list[ProcSpec] = []
     if "control" in roles and pd_mode:

@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "coordinator": ("pd.coordinator", "the ZMQ coordinator that matches prefill and decode"),
     "make-model": ("launch.model", "write a small random HF model with a locally trained tokenizer"),
     "stats": ("pd.stats", "show the coordinator's counters, instances and one transfer"),
+    "keys": ("pd.curve", "make CurveZMQ keys for the coordinator (server, clients, allow-list)"),
 }
 BENCH: dict[str, tuple[str, str]] = {
     "transport": ("transport.bench", "put/get throughput and latency of a transport vs memcpy"),
