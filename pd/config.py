@@ -86,14 +86,111 @@ class CoordinatorConfig:
 
 
 @dataclass
+class MooncakeConfig:
+    """Transport kind mooncake: a Mooncake Store pool (one master service, every instance a client;
+    TCP, or RDMA where there is a NIC). Formats are checked by ``check()`` at start."""
+
+    # The master's RPC address as clients dial it: host:port ([v6]:port).
+    master: str = "127.0.0.1:50051"
+    # Transfer-engine metadata: "" = the master's own HTTP metadata server
+    # (http://<master host>:<metadata_port>/metadata), an http(s):// URL of one, or P2PHANDSHAKE
+    # (peers exchange it directly; no metadata server).
+    metadata_server: str = ""
+    protocol: str = field(default="tcp", metadata=_choices("tcp", "rdma"))
+    # rdma: the NIC(s), e.g. mlx5_0 or mlx5_0,mlx5_1; "" = Mooncake picks.
+    device_name: str = ""
+    # The address this process advertises to peers; "" = its address on the route to the master.
+    local_hostname: str = ""
+    # Memory this process contributes to the pool, MiB (0: none; it then only reads and writes
+    # other processes' memory). The master evicts the oldest values when the pool is full.
+    global_segment_size_mb: int = field(default=1024, metadata=_rng(0, 1 << 22))
+    # Registered staging memory of this process, MiB: zero-copy slots and put/get copies live
+    # here, so it bounds the largest value and the bytes in flight at once.
+    local_buffer_size_mb: int = field(default=256, metadata=_rng(1, 1 << 20))
+    # Puts go to this process's own segment when it has one (a producer's chunks stay in its
+    # memory, as with shm; readers pull them); false: anywhere in the pool.
+    prefer_local_segment: bool = True
+    # Longest one batched call may take; a later answer counts as a miss / a dropped put.
+    op_timeout_s: float = field(default=10.0, metadata=_rng(0.1, 3600))
+    # Longest connecting to the master at start may take (then a TransportError).
+    setup_timeout_s: float = field(default=30.0, metadata=_rng(1, 3600))
+    # The launcher starts the master (mooncake_master) on the control host when true.
+    start_master: bool = False
+    # Where the master listens (RPC, metadata, metrics): "" = the host of `master`; 0.0.0.0 = all.
+    # The master has no authentication: keep it on a private network.
+    bind_host: str = ""
+    # The master's HTTP metadata server port (used when metadata_server is "").
+    metadata_port: int = field(default=8080, metadata=_rng(1, 65535))
+    # The master's HTTP metrics/health port (GET /health).
+    metrics_port: int = field(default=9003, metadata=_rng(1, 65535))
+    # The master evicts eviction_ratio of the pool once it is eviction_high_watermark_ratio full.
+    eviction_high_watermark_ratio: float = field(default=0.9, metadata=_rng(0.1, 1.0))
+    eviction_ratio: float = field(default=0.05, metadata=_rng(0.01, 0.9))
+
+    def master_host_port(self) -> tuple[str, int]:
+        """``master`` as (host, port); ConfigError naming the key when it does not parse."""
+        return _host_port(self.master, "connector.transport.mooncake.master")
+
+    def metadata_url(self) -> str:
+        """The metadata server as the client takes it (P2PHANDSHAKE or an http(s) URL)."""
+        v = self.metadata_server.strip()
+        if v == "":
+            host, _ = self.master_host_port()
+            return f"http://{url_host(host)}:{self.metadata_port}/metadata"
+        if v.upper() == "P2PHANDSHAKE":
+            return "P2PHANDSHAKE"
+        from urllib.parse import urlparse
+
+        try:
+            u = urlparse(v)
+            ok = u.scheme in ("http", "https") and bool(u.hostname) and u.port is not None
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"connector.transport.mooncake.metadata_server: {v!r} is not allowed; give "
+                              "\"\" (the master's HTTP metadata server), P2PHANDSHAKE, or an "
+                              "http://host:port/metadata URL")
+        return v
+
+    def check(self) -> None:
+        """Refuse values that do not parse (the fields' ranges and choices are checked by load)."""
+        self.master_host_port()
+        self.metadata_url()
+        for key, host in (("local_hostname", self.local_hostname), ("bind_host", self.bind_host)):
+            if host and ("/" in host or " " in host or (":" in host and host.strip("[]").count(":") < 2)):
+                raise ConfigError(f"connector.transport.mooncake.{key}: {host!r} is not a host name or IP "
+                                  "address (no scheme, port or path)")
+        if self.protocol == "tcp" and self.device_name:
+            raise ConfigError(f"connector.transport.mooncake.device_name: {self.device_name!r} is only for "
+                              "protocol rdma; leave it empty with tcp")
+
+
+def _host_port(text: str, key: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` -> (host, port), or ConfigError naming ``key``."""
+    t = text.strip()
+    host, sep, port = t.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    bad = (not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535 or "/" in t
+           or " " in t or (":" in host and not t.startswith("[")))
+    if bad:
+        raise ConfigError(f"{key}: {text!r} is not an address; expected host:port (e.g. 10.0.0.1:50051, "
+                          "[fd00::1]:50051) with a port in 1..65535")
+    return host, int(port)
+
+
+@dataclass
 class TransportConfig:
-    kind: str = field(default="shm", metadata=_choices("shm", "none"))
+    # shm: same host (shared memory); mooncake: across hosts (Mooncake Store, see mooncake.*).
+    kind: str = field(default="shm", metadata=_choices("shm", "mooncake", "none"))
     # Per-producer budget of the shared-memory pool; the oldest unconsumed chunks are evicted.
     pool_size_mb: int = field(default=1024, metadata=_rng(1, 1 << 20))
     # Directory for the shm pool (a tmpfs); each deployment uses its own sub-directory.
     shm_dir: str = "/dev/shm"
     # Deployment name: the pool lives in <shm_dir>/pdkv-<name>.
     name: str = "default"
+    # Kind mooncake only.
+    mooncake: MooncakeConfig = field(default_factory=MooncakeConfig)
 
 
 @dataclass
