@@ -199,10 +199,11 @@ def test_client_disconnect_aborts_both_halves(deployments):
     body = {"model": "tiny-llama", "prompt": _prompt(400, seed=77), "max_tokens": 1500, "temperature": 0,
             "ignore_eos": True, "stream": True}
     r = requests.post(f"{pd.url}/v1/completions", json=body, stream=True, timeout=60)
+    pd_id = r.headers.get("x-pd-id", "?")
     lines = r.iter_lines()
     assert next(line for line in lines if line.startswith(b"data: "))
     r.close()  # the client goes away mid-stream
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 30
     running = None
     while time.monotonic() < deadline:
         running = _vllm_metric(dec, "vllm:num_requests_running")
@@ -210,8 +211,10 @@ def test_client_disconnect_aborts_both_halves(deployments):
         if running == 0 and aborts > aborts0:
             break
         time.sleep(0.3)
-    assert running == 0, "decode kept generating for a client that went away"
-    assert aborts > aborts0
+    seen = [line for name in ("proxy.log", "coordinator.log") if (pd.run_dir / name).exists()
+            for line in (pd.run_dir / name).read_text(errors="replace").splitlines() if pd_id in line]
+    assert running == 0, f"decode kept generating for a client that went away; logs: {seen}"
+    assert aborts > aborts0, f"no ABORT reached the coordinator for pd_id {pd_id}; logs: {seen}"
 
 
 def test_decode_keeps_serving_while_a_load_waits(deployments):
