@@ -298,15 +298,30 @@ def _group_alive(proc: subprocess.Popen) -> bool:
 
 
 def check_keys(dep: DeploymentConfig, roles: list[str]) -> None:
-    """With ``coordinator.auth: curve``, the key files this host's share needs exist (ConfigError)."""
+    """The key files this host's share needs exist (ConfigError): the API token, and with
+    ``coordinator.auth: curve`` the coordinator's and the clients' keys."""
+    from pd.curve import load_client_keys, load_server_keys, read_token
+
+    if dep.vllm.api_key_file:
+        read_token(dep.vllm.api_key_file)
     if dep.mode != "pd" or dep.coordinator.auth != "curve":
         return
-    from pd.curve import load_client_keys, load_server_keys
 
     c = dep.coordinator
     if "control" in roles:
         load_server_keys(c.keys_dir)
     load_client_keys(c.keys_dir, c.client_key)  # the proxy, the instances' connectors
+
+
+def exposure_warnings(dep: DeploymentConfig, specs: list[ProcSpec]) -> list[str]:
+    """Instances that listen beyond loopback without an API token."""
+    from pd.curve import is_loopback
+
+    if dep.vllm.api_key_file:
+        return []
+    return [f"{s.name} listens on {s.bind} without vllm.api_key_file: anyone who reaches {s.bind}:{s.port} can "
+            "send it requests (pd keys DIR writes DIR/api.key)"
+            for s in specs if "vllm.entrypoints" in " ".join(s.argv) and not is_loopback(s.bind or s.host)]
 
 
 def preflight(dep: DeploymentConfig, roles: list[str], progress: Progress = print, timeout_s: float = 3.0) -> None:
@@ -411,6 +426,8 @@ def config_from_args(args: argparse.Namespace) -> DeploymentConfig:
     dep.model = str(check_model(dep.model))
     if dep.coordinator.keys_dir:  # the instances and the proxy may run elsewhere than this cwd
         dep.coordinator.keys_dir = str(Path(dep.coordinator.keys_dir).expanduser().resolve())
+    if dep.vllm.api_key_file:
+        dep.vllm.api_key_file = str(Path(dep.vllm.api_key_file).expanduser().resolve())
     if dep.mode == "pd":
         check_store(dep.connector.store)
     return dep
@@ -453,6 +470,8 @@ def run(args: argparse.Namespace) -> int:
     deployment = Deployment(dep, roles, host) if (roles is not None or host is not None) else Deployment(dep)
     check_ports(dep, **deployment._share)
     check_keys(dep, deployment.roles)
+    for line in exposure_warnings(dep, deployment.specs):
+        print(f"pdkv: warning: {line}", file=sys.stderr, flush=True)
     preflight(dep, deployment.roles, progress=lambda line: print(line, flush=True))
 
     def on_signal(signum: int, _frame: object) -> None:

@@ -26,7 +26,7 @@ from urllib.parse import urlparse
 from launch.gpus import GpuSlot, cuda_args, cuda_env, gpu_slots, parse_env, resolve_device, resolve_dtype
 from launch.topology import Instance, Layout, layout, local_instances, reach_host, share
 from pd.config import ConfigError, DeploymentConfig, kv_transfer_config
-from pd.curve import is_loopback
+from pd.curve import is_loopback, read_token
 
 # vLLM's CPU attention backend accepts only block sizes that are multiples of this
 # ("No common block size for 16 (CPU_ATTN: [MultipleOf(32)])" otherwise, after ~1 minute of startup).
@@ -48,6 +48,9 @@ class ProcSpec:
     # The proxy: ready once its /health says every upstream (remote ones too) answers.
     upstreams: bool = False
     bind: str = ""  # the host it listens on ("" = host); for the port checks
+    # Environment read from files when the child starts (name -> path), e.g. the API token: the
+    # dry run prints "$(cat path)", never the secret.
+    env_files: dict[str, str] = field(default_factory=dict)
 
 
 def check_store(cfg) -> None:
@@ -231,8 +234,9 @@ def vllm_spec(dep: DeploymentConfig, name: str, role: str, port: int, group: str
         argv += ["--kv-transfer-config", json.dumps(kv_transfer_config(dep, role, name, coordinator))]
     argv += list(v.extra_args) + list(getattr(dep, group).extra_args)
     near = reach_host(host)
+    files = {"VLLM_API_KEY": v.api_key_file} if v.api_key_file else {}
     return ProcSpec(name, argv, vllm_env(dep, bind, group, slot), f"http://{near}:{port}/health", port, near,
-                    bind=host)
+                    bind=host, env_files=files)
 
 
 def check_coordinator_security(dep: DeploymentConfig, lay: Layout) -> None:
@@ -310,6 +314,8 @@ def proxy_spec(dep: DeploymentConfig, lay: Layout) -> ProcSpec:
                      "--coordinator-client-key", dep.coordinator.client_key]
     else:
         argv += ["--colocated", ",".join(lay.urls("colocated"))]
+    if dep.vllm.api_key_file:
+        argv += ["--upstream-api-key-file", dep.vllm.api_key_file]
     near = reach_host(p.host)
     return ProcSpec("proxy", argv, {}, f"http://{near}:{p.port}/health", p.port, near, upstreams=True, bind=p.host)
 
@@ -354,7 +360,8 @@ def plan_hosts(dep: DeploymentConfig) -> list[tuple[str, list[str], list[ProcSpe
 
 def format_command(spec: ProcSpec) -> str:
     """``# name`` and a shell line (env assignments, then the command) that runs ``spec``."""
-    env = " ".join(f"{k}={shlex.quote(v)}" for k, v in spec.env.items())
+    env = " ".join([f"{k}={shlex.quote(v)}" for k, v in spec.env.items()]
+                   + [f'{k}="$(cat {shlex.quote(f)})"' for k, f in spec.env_files.items()])
     return f"# {spec.name}\n{env + ' ' if env else ''}{shlex.join(spec.argv)}"
 
 
@@ -362,6 +369,7 @@ def child_env(spec: ProcSpec) -> dict[str, str]:
     """The full environment of a child: ours, the spec's, and the repository on PYTHONPATH."""
     env = dict(os.environ)
     env.update(spec.env)
+    env.update({k: read_token(f) for k, f in spec.env_files.items()})
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("PYTHONUNBUFFERED", "1")

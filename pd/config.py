@@ -339,6 +339,10 @@ class VllmConfig:
     # instance in start order (prefill then decode), separated by ";", e.g. "0-3;4-7".
     cpu_bind: str = "split"
     extra_args: list[str] = field(default_factory=list)
+    # A file with a bearer token (`pd keys` writes DIR/api.key): the instances then answer /v1 only
+    # with it (VLLM_API_KEY) and the proxy sends it upstream. Set it when instances listen beyond
+    # loopback; "" = no token.
+    api_key_file: str = ""
 
 
 @dataclass

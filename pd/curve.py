@@ -5,8 +5,9 @@
     DIR/server.key, server.key_secret      the coordinator's keypair (server.key is public)
     DIR/client.key, client.key_secret      the control host's own client (proxy, pd stats)
     DIR/authorized/<name>.key              the allow-list: public keys of the clients let in
+    DIR/api.key                            a bearer token for the vLLM instances' HTTP (vllm.api_key_file)
     DIR/clients/<name>/                    one bundle per extra client, to copy to its host:
-        server.key, client.key, client.key_secret
+        server.key, client.key, client.key_secret, api.key
 
 The coordinator (``coordinator.auth: curve``) reads ``server.key_secret`` and admits a client only
 if its public key is a file in ``authorized/`` (re-read when the directory changes, so adding or
@@ -23,6 +24,7 @@ import ipaddress
 import logging
 import os
 import re
+import secrets
 import threading
 import time
 from dataclasses import dataclass
@@ -36,6 +38,7 @@ SERVER = "server"
 DEFAULT_CLIENT = "client"
 AUTHORIZED = "authorized"
 CLIENTS = "clients"
+API_KEY = "api.key"
 ZAP_DOMAIN = "pdkv"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 LOG_EVERY_S = 60.0
@@ -146,6 +149,17 @@ def check_bind(cfg) -> None:
             "can reach the port could publish, consume and free KV transfers. Make keys with `pd keys DIR`, "
             "then set coordinator.auth: curve and coordinator.keys_dir: DIR (or, on a network you trust, "
             "coordinator.allow_insecure: true)")
+
+
+def read_token(path: str, key: str = "vllm.api_key_file") -> str:
+    """The bearer token in ``path`` (one line); ConfigError if it is missing or empty."""
+    try:
+        token = Path(path).expanduser().read_text().strip()
+    except OSError as e:
+        raise ConfigError(f"{key}: cannot read {path}: {e.strerror or e}; `pd keys DIR` writes DIR/api.key") from None
+    if not token or any(c.isspace() for c in token):
+        raise ConfigError(f"{key}: {path} must hold one token (no spaces); `pd keys DIR` writes DIR/api.key")
+    return token
 
 
 # ---- the server side ---------------------------------------------------------------------
@@ -298,6 +312,10 @@ def make_keys(keys_dir: str | Path, clients: list[str] = ()) -> list[str]:
         else:
             _new_keypair(d, SERVER)
             done.append(f"server keypair   {d / SERVER}.key (public), {server_secret} (keep it on the control host)")
+        if not (d / API_KEY).exists():
+            (d / API_KEY).write_text(secrets.token_urlsafe(32) + "\n")
+            _private_file(d / API_KEY)
+            done.append(f"api token        {d / API_KEY} (vllm.api_key_file: the instances' HTTP)")
         if not (d / f"{DEFAULT_CLIENT}.key_secret").exists():
             public, _ = _new_keypair(d, DEFAULT_CLIENT)
             (d / AUTHORIZED / f"{DEFAULT_CLIENT}.key").write_bytes(public.read_bytes())
@@ -308,8 +326,9 @@ def make_keys(keys_dir: str | Path, clients: list[str] = ()) -> list[str]:
             _mkdir(d / CLIENTS)
             _mkdir(bundle)
             public, _ = _new_keypair(bundle, DEFAULT_CLIENT)
-            (bundle / f"{SERVER}.key").write_bytes((d / f"{SERVER}.key").read_bytes())
-            _private_file(bundle / f"{SERVER}.key")
+            for f in (f"{SERVER}.key", API_KEY):
+                (bundle / f).write_bytes((d / f).read_bytes())
+                _private_file(bundle / f)
             (d / AUTHORIZED / f"{name}.key").write_bytes(public.read_bytes())
             _private_file(d / AUTHORIZED / f"{name}.key")
             done.append(f"client {name!r:<9} {bundle}/ (copy it to that host; point coordinator.keys_dir there)")

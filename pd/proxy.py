@@ -82,6 +82,8 @@ class Proxy:
         self.decode = Pool("decode" if mode == "pd" else "colocated", decode_urls, self.cfg.policy)
         self.coordinator_address = coordinator
         self.coordinator_keys = coordinator_keys
+        # Bearer token for the upstream instances (vllm.api_key_file); None: forward the client's.
+        self.upstream_token: str | None = None
         # An AsyncCoordinatorClient (made at startup from ``coordinator``), or any object with its API.
         self.coord: Any = None
         self.metrics = ProxyMetrics()
@@ -138,7 +140,9 @@ class Proxy:
 
     def _headers(self, request: web.Request) -> dict[str, str]:
         h = {"Content-Type": "application/json"}
-        if "Authorization" in request.headers:
+        if self.upstream_token is not None:
+            h["Authorization"] = f"Bearer {self.upstream_token}"
+        elif "Authorization" in request.headers:
             h["Authorization"] = request.headers["Authorization"]
         return h
 
@@ -395,6 +399,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="this client's keypair in DIR (default %(default)s)")
     p.add_argument("--upstream-timeout-s", type=float, default=None,
                    help="longest wait for an upstream's next bytes (default 600)")
+    p.add_argument("--upstream-api-key-file", metavar="FILE",
+                   help="send the bearer token in FILE to the instances (vllm.api_key_file) instead of the client's")
 
 
 def _listen(host: str, port: int) -> socket.socket:
@@ -422,6 +428,10 @@ def run(args: argparse.Namespace) -> int:
             keys = load_client_keys(args.coordinator_keys_dir, args.coordinator_client_key, "--coordinator-keys-dir")
         proxy = Proxy(parse_urls(args.prefill, "--prefill"), parse_urls(args.decode, "--decode"), cfg,
                       args.coordinator, coordinator_keys=keys)
+    if getattr(args, "upstream_api_key_file", None):
+        from pd.curve import read_token
+
+        proxy.upstream_token = read_token(args.upstream_api_key_file, "--upstream-api-key-file")
     sock = _listen(cfg.host, cfg.port)
     print(f"pd proxy ({proxy.mode}) listening on http://{cfg.host}:{cfg.port}", flush=True)
     web.run_app(proxy.make_app(), sock=sock, print=None, access_log=None, handler_cancellation=True,

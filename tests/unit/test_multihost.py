@@ -331,3 +331,26 @@ def test_control_share_waits_for_remote_instances_and_names_them(model, tmp_path
             assert "pdkv_coordinator_auth_rejected" in r.read().decode()
     finally:
         d.stop(grace_s=5)
+
+
+# ---- the instances' API token -----------------------------------------------------------
+
+
+def test_api_token_reaches_instances_from_a_file_and_the_proxy(model, tmp_path, keys, capsys):
+    token = keys / "api.key"
+    assert (keys / "clients" / "hostb" / "api.key").read_bytes() == token.read_bytes()
+    base = ["launch", "--model", str(model), "--set", f"vllm.api_key_file={token}", "--dry-run"]
+    assert main(base) == 0
+    out = capsys.readouterr().out
+    assert f'VLLM_API_KEY="$(cat {token})"' in out and token.read_text().strip() not in out  # never the secret
+    dep = load(DeploymentConfig, {"model": str(model), "vllm": {"api_key_file": str(token)}})
+    specs = {s.name: s for s in plan(dep)}
+    assert flag(specs["proxy"].argv, "--upstream-api-key-file") == str(token)
+    from launch.procs import child_env
+
+    assert child_env(specs["decode-0"])["VLLM_API_KEY"] == token.read_text().strip()
+    missing = load(DeploymentConfig, {"model": str(model), "vllm": {"api_key_file": str(tmp_path / "none")}})
+    with pytest.raises(ConfigError, match="vllm.api_key_file: cannot read .*pd keys DIR"):
+        launcher.check_keys(missing, ["decode"])
+    exposed = load(DeploymentConfig, {"model": str(model), "decode": {"host": "0.0.0.0", "advertise_host": "127.0.0.1"}})
+    assert [w.split(" ")[0] for w in launcher.exposure_warnings(exposed, plan(exposed))] == ["decode-0"]

@@ -190,6 +190,19 @@ def test_non_streaming_split_rewrites_the_prefill_half_and_returns_decode_answer
     run(go())
 
 
+def test_upstream_token_replaces_the_clients_authorization():
+    async def go():
+        async with deployment() as env:
+            env.proxy.upstream_token = "tok-1"  # vllm.api_key_file: pd proxy --upstream-api-key-file
+            async with env.client.post(env.url + "/v1/completions", json=REQ,
+                                       headers={"Authorization": "Bearer client"}) as r:
+                assert r.status == 200
+            async with env.client.get(env.url + "/v1/models") as r:
+                assert r.status == 200
+            assert env.p[0].headers[0]["Authorization"] == env.d[0].headers[0]["Authorization"] == "Bearer tok-1"
+    run(go())
+
+
 def test_streaming_passes_events_through_as_they_arrive():
     async def go():
         async with deployment() as env:
