@@ -40,6 +40,8 @@ def _dealer(ctx: zmq.Context, address: str, identity: bytes | None = None, sndhw
             keys: "ClientKeys | None" = None) -> zmq.Socket:
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
+    if "[" in address:  # an IPv6 literal
+        s.setsockopt(zmq.IPV6, 1)
     if keys is not None:
         keys.apply(s)
     if identity:
@@ -353,6 +355,8 @@ def probe(address: str, keys: "ClientKeys | None" = None, timeout_s: float = 3.0
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    if "[" in address:
+        sock.setsockopt(zmq.IPV6, 1)
     if keys is not None:
         keys.apply(sock)
     mon = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED

@@ -210,3 +210,15 @@ def test_pd_stats_with_keys_and_without(curve_coord, keys, capsys, tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"coordinator: {{port: {coord.port}, auth: curve, keys_dir: {keys}}}\n")
     assert main(["stats", "--config", str(cfg)]) == 0
+
+
+def test_ipv6_loopback_coordinator_and_client():
+    coord = Coordinator(CoordinatorConfig(host="::1", port=0)).start_in_thread()
+    try:
+        assert coord.address.startswith("tcp://[::1]:")
+        assert CoordinatorConfig(host="::1", port=coord.port).address == coord.address
+        client = CoordinatorClient(coord.address, timeout_s=3)
+        assert client.query() is not None
+        client.close()
+    finally:
+        coord.stop()
