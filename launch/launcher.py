@@ -384,6 +384,8 @@ def parse_set(items: list[str]) -> dict:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"--set {key}: {raw!r} is not a YAML value: {e}") from None
+        if _key_type(key.strip()) is str and not isinstance(value, str) and not isinstance(value, (list, dict)):
+            value = raw.strip()  # vllm.cpu_bind=0 means "0"
         d = out
         parts = key.strip().split(".")
         for k in parts[:-1]:
@@ -392,6 +394,25 @@ def parse_set(items: list[str]) -> dict:
                 raise ConfigError(f"--set: {key} conflicts with an earlier --set")
         d[parts[-1]] = value
     return out
+
+
+def _key_type(key: str):
+    """The type of the config field at dotted ``key`` (None if there is none)."""
+    import dataclasses
+    import typing
+
+    tp = DeploymentConfig
+    for part in key.split("."):
+        if dataclasses.is_dataclass(tp):
+            hints = typing.get_type_hints(tp)
+            if part not in hints:
+                return None
+            tp = hints[part]
+        elif typing.get_origin(tp) is dict:
+            tp = typing.get_args(tp)[1]
+        else:
+            return None
+    return tp
 
 
 def config_from_args(args: argparse.Namespace) -> DeploymentConfig:

@@ -222,6 +222,9 @@ def test_share_selection_errors(model, tmp_path, keys, capsys):
 
 def test_parse_set():
     assert parse_set(["a.b=1", "a.c=[x, y]", "d=", "e=true"]) == {"a": {"b": 1, "c": ["x", "y"]}, "d": "", "e": True}
+    # a string key keeps the text as given (cpu_bind 0 is the core list "0", not a number)
+    assert parse_set(["vllm.cpu_bind=0", "hosts.a.address=10.0.0.1", "coordinator.port=6000"]) == {
+        "vllm": {"cpu_bind": "0"}, "hosts": {"a": {"address": "10.0.0.1"}}, "coordinator": {"port": 6000}}
     for bad in ("nokey", "=1", "a..b=1"):
         with pytest.raises(ConfigError, match="not KEY=VALUE"):
             parse_set([bad])
