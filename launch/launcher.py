@@ -122,6 +122,8 @@ class Deployment:
         self.run_dir = Path(dep.run_dir).resolve() if dep.run_dir else default_run_dir(self.label).resolve()
         self.procs: dict[str, tuple[ProcSpec, subprocess.Popen]] = {}
         self._stopping = False
+        self._ready = False  # every process was ready once: non-critical ones may go away now
+        self._gone: set[str] = set()  # non-critical processes that exited (reported once)
         self._t0 = time.monotonic()
 
     @property
@@ -200,13 +202,21 @@ class Deployment:
                         progress(f"  {s.name:<14} waiting: {waiting[s.name]} ({now - self._t0:.0f}s)")
             if pending:
                 time.sleep(0.5)
+        self._ready = True
 
     def check_children(self) -> None:
         """ChildDied if any child has exited (unless we are stopping)."""
         if self._stopping:
             return
-        for name, (_, proc) in self.procs.items():
+        for name, (spec, proc) in self.procs.items():
             code = proc.poll()
+            if code is not None and self._ready and not spec.critical:
+                if name not in self._gone:
+                    self._gone.add(name)
+                    print(f"pdkv: {name} (pid {proc.pid}) exited with code {code}; the rest goes on without it "
+                          f"(transfers fall back to the store, then recompute); last lines of "
+                          f"{self.log_path(name)}:\n{tail(self.log_path(name), 5)}", file=sys.stderr, flush=True)
+                continue
             if code is not None:
                 raise ChildDied(f"{name} (pid {proc.pid}) exited with code {code}; last lines of "
                                 f"{self.log_path(name)}:\n{tail(self.log_path(name))}")

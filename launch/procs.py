@@ -51,6 +51,9 @@ class ProcSpec:
     # Environment read from files when the child starts (name -> path), e.g. the API token: the
     # dry run prints "$(cat path)", never the secret.
     env_files: dict[str, str] = field(default_factory=dict)
+    # False: once the deployment is ready, its exit is reported and the rest goes on (a transport
+    # server: decode then falls back to the store, then recomputes); at startup it is fatal.
+    critical: bool = True
 
 
 def check_store(cfg) -> None:
@@ -286,7 +289,7 @@ def transport_servers(dep: DeploymentConfig) -> list[ProcSpec]:
         bind = str(d.get("host") or "127.0.0.1")
         port = int(d["port"]) if d.get("port") else None
         specs.append(ProcSpec(str(d["name"]), [str(a) for a in d["argv"]], dict(d.get("env") or {}),
-                              d.get("health_url"), port, reach_host(bind), bind=bind))
+                              d.get("health_url"), port, reach_host(bind), bind=bind, critical=False))
     return specs
 
 

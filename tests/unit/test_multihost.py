@@ -377,8 +377,8 @@ def test_transport_servers_run_with_the_control_share(model, monkeypatch):
     specs = plan(dep, "control")
     assert [s.name for s in specs] == ["coordinator", "kv-master", "proxy"] and seen
     master = specs[1]
-    assert (master.argv, master.env, master.port, master.bind, master.host) == (
-        ["kv-master", "--port", "7001"], {"A": "1"}, 7001, "0.0.0.0", "127.0.0.1")
+    assert (master.argv, master.env, master.port, master.bind, master.host, master.critical) == (
+        ["kv-master", "--port", "7001"], {"A": "1"}, 7001, "0.0.0.0", "127.0.0.1", False)
     assert [s.name for s in plan(dep, "prefill,decode")] == ["prefill-0", "decode-0"]  # not on instance hosts
     from launch.procs import wanted_ports
 
@@ -403,3 +403,41 @@ def test_two_host_example(model):
     assert flag(a["proxy"].argv, "--decode") == "http://10.0.0.2:8200"
     assert flag(a["coordinator"].argv, "--auth") == "curve"
     assert extra_config(plan(dep, host="b")[0].argv)["coordinator"] == "tcp://10.0.0.1:5570"
+
+
+def test_a_transport_server_that_exits_after_start_is_reported_not_fatal(model, tmp_path, capsys):
+    import sys
+    import time
+
+    from launch.procs import ProcSpec
+
+    def listener(port: int, live_s: float) -> list[str]:
+        code = (f"import socket, time; s = socket.create_server(('127.0.0.1', {port})); "
+                f"time.sleep({live_s})")
+        return [sys.executable, "-c", code]
+
+    dep = load(DeploymentConfig, {"model": str(model), "run_dir": str(tmp_path / "run")})
+    p1, p2 = free_port(), free_port()
+    d = Deployment(dep)
+    d.specs = [ProcSpec("kv-master", listener(p1, 1.0), port=p1, critical=False),
+               ProcSpec("other", listener(p2, 60), port=p2)]
+    try:
+        d.start(progress=lambda _: None)
+        deadline = time.monotonic() + 10
+        while d.procs["kv-master"][1].poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        d.check_children()  # no ChildDied: the rest goes on
+        d.check_children()
+        err = capsys.readouterr().err
+        assert err.count("kv-master (pid") == 1 and "the rest goes on without it" in err
+    finally:
+        d.stop(grace_s=2)
+    # at startup the same exit is fatal
+    d = Deployment(dep)
+    d.specs = [ProcSpec("kv-master", [sys.executable, "-c", "import sys; sys.exit(3)"], port=free_port(),
+                        critical=False)]
+    try:
+        with pytest.raises(ChildDied, match="kv-master .* exited with code 3"):
+            d.start(progress=lambda _: None)
+    finally:
+        d.stop(grace_s=2)
