@@ -92,10 +92,10 @@ class MooncakeConfig:
 
     # The master's RPC address as clients dial it: host:port ([v6]:port).
     master: str = "127.0.0.1:50051"
-    # Transfer-engine metadata: "" = the master's own HTTP metadata server
-    # (http://<master host>:<metadata_port>/metadata), an http(s):// URL of one, or P2PHANDSHAKE
-    # (peers exchange it directly; no metadata server).
-    metadata_server: str = ""
+    # Transfer-engine metadata: P2PHANDSHAKE (peers exchange it directly; no metadata server),
+    # master (the master's own HTTP metadata server, http://<master host>:<metadata_port>/metadata;
+    # it listens on every interface whatever bind_host says), or an http(s):// URL of one.
+    metadata_server: str = "P2PHANDSHAKE"
     protocol: str = field(default="tcp", metadata=_choices("tcp", "rdma"))
     # rdma: the NIC(s), e.g. mlx5_0 or mlx5_0,mlx5_1; "" = Mooncake picks.
     device_name: str = ""
@@ -112,14 +112,15 @@ class MooncakeConfig:
     prefer_local_segment: bool = True
     # Longest one batched call may take; a later answer counts as a miss / a dropped put.
     op_timeout_s: float = field(default=10.0, metadata=_rng(0.1, 3600))
-    # Longest connecting to the master at start may take (then a TransportError).
-    setup_timeout_s: float = field(default=30.0, metadata=_rng(1, 3600))
+    # Longest the start-up probe of the master (and of an HTTP metadata server) waits for an
+    # answer; no answer: a TransportError naming what was tried.
+    connect_timeout_s: float = field(default=5.0, metadata=_rng(0.1, 600))
     # The launcher starts the master (mooncake_master) on the control host when true.
     start_master: bool = False
     # Where the master listens (RPC, metadata, metrics): "" = the host of `master`; 0.0.0.0 = all.
     # The master has no authentication: keep it on a private network.
     bind_host: str = ""
-    # The master's HTTP metadata server port (used when metadata_server is "").
+    # The master's HTTP metadata server port (metadata_server: master).
     metadata_port: int = field(default=8080, metadata=_rng(1, 65535))
     # The master's HTTP metrics/health port (GET /health).
     metrics_port: int = field(default=9003, metadata=_rng(1, 65535))
@@ -134,7 +135,7 @@ class MooncakeConfig:
     def metadata_url(self) -> str:
         """The metadata server as the client takes it (P2PHANDSHAKE or an http(s) URL)."""
         v = self.metadata_server.strip()
-        if v == "":
+        if v.lower() == "master":
             host, _ = self.master_host_port()
             return f"http://{url_host(host)}:{self.metadata_port}/metadata"
         if v.upper() == "P2PHANDSHAKE":
@@ -148,7 +149,7 @@ class MooncakeConfig:
             ok = False
         if not ok:
             raise ConfigError(f"connector.transport.mooncake.metadata_server: {v!r} is not allowed; give "
-                              "\"\" (the master's HTTP metadata server), P2PHANDSHAKE, or an "
+                              "P2PHANDSHAKE, master (the master's HTTP metadata server), or an "
                               "http://host:port/metadata URL")
         return v
 

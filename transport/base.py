@@ -65,7 +65,9 @@ class ZeroCopyTransport(Transport, Protocol):
 def make_transport(cfg, role: str = "both", *, pin_cuda: bool = False) -> Transport | None:
     """Build the transport named by a ``TransportConfig`` (None for kind "none").
 
-    ``pin_cuda``: register the transport's shared memory with CUDA (shm), for GPU workers.
+    ``pin_cuda``: register the transport's staging memory with CUDA (shm: its shared memory;
+    mooncake: its registered staging region), for GPU workers. Both implement ``ZeroCopyTransport``.
+    A transport that cannot start (mooncake: master not reachable) raises ``TransportError``.
     """
     if cfg.kind == "none":
         return None
@@ -73,4 +75,25 @@ def make_transport(cfg, role: str = "both", *, pin_cuda: bool = False) -> Transp
         from transport.shm import ShmTransport
 
         return ShmTransport(cfg, pin_cuda=pin_cuda)
-    raise ValueError(f"unknown transport kind {cfg.kind!r}; allowed: shm, none")
+    if cfg.kind == "mooncake":
+        from transport.mooncake import MooncakeTransport
+
+        return MooncakeTransport(cfg, pin_cuda=pin_cuda)
+    raise ValueError(f"unknown transport kind {cfg.kind!r}; allowed: shm, mooncake, none")
+
+
+def server_specs(cfg) -> list[dict]:
+    """The servers a deployment's control host must run for this ``TransportConfig``.
+
+    Each is ``{"name", "argv", "host" (where it listens), "port" (to wait for), "env",
+    "health_url"}``. mooncake with ``start_master``: the ``mooncake_master``; otherwise none.
+    Checks the transport's settings (ConfigError naming the key), so a launch fails at start.
+    """
+    if cfg.kind != "mooncake":
+        return []
+    cfg.mooncake.check()
+    if not cfg.mooncake.start_master:
+        return []
+    from transport.mooncake import master_spec
+
+    return [master_spec(cfg.mooncake)]

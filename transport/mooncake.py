@@ -1,0 +1,626 @@
+"""Network transport over Mooncake Store (``mooncake-transfer-engine``; ``-non-cuda`` on CPU hosts).
+
+A Mooncake pool is one master service (``mooncake_master``: placement, eviction, leases) plus
+clients; every client may contribute memory to the pool (``global_segment_size_mb``) and moves
+bytes with the transfer engine, over TCP or RDMA. Each pdkv process is one client.
+
+Staging: the process registers ONE region of its own memory with the engine once
+(``local_buffer_size_mb``, faulted in up front, CUDA-pinned with ``pin_cuda``) and every transfer
+goes from or into slots of it, in one batched call per batch of keys:
+
+* zero-copy (``ZeroCopyTransport``): ``reserve`` hands out slots of the region (the connector
+  gathers KV straight into them), ``commit`` publishes them with one ``batch_upsert_from``;
+  ``acquire`` learns the values' sizes (one ``batch_get_replica_desc``) and reads them into slots
+  with one ``batch_get_into``; the connector scatters from the slot, ``release`` frees it. The
+  bytes in a slot are this process's private copy, so ``release`` is True for every held read.
+* copy API: ``put`` copies the caller's bytes into slots and commits them; ``get`` reads into
+  slots sized to the caller's buffers (the engine refuses a buffer smaller than the value, so a
+  too-small buffer is a miss, never a partial read) and copies out.
+
+Registering the callers' buffers instead was rejected: the transport cannot tell a long-lived
+buffer from a temporary one, and an RDMA registration costs far more than the copy it saves;
+the connector's long-lived staging is this region itself, through the zero-copy API.
+
+Puts are upserts (last write wins) and go to this process's own segment when it has one
+(``prefer_local_segment``). Deletes are forced: Mooncake refuses to remove a value whose read
+lease (granted by every get/exists, 10 s by default) is live, and pdkv deletes a transfer key
+only when its one reader has finished with it or no reader will come.
+
+Failure: a master that is not there at start is a ``TransportError`` after a TCP probe (setup
+itself would retry for ~90 s). Every later call runs on a worker thread and waits at most
+``op_timeout_s``; a call that fails with an RPC error or times out marks the master down, and
+for the next ``DOWN_S`` seconds (or while the client's own health check says so) calls return
+misses / drops at once. A value that the pool cannot hold is a dropped put. Everything is counted
+in ``stats``.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import mmap
+import os
+import shutil
+import socket
+import sys
+import threading
+import time
+from concurrent.futures import Future, TimeoutError as FutureTimeout
+from queue import SimpleQueue
+from typing import Any, Callable, Sequence
+from urllib.error import HTTPError, URLError
+from urllib.request import urlopen
+
+from transport.arena import PAGE, FirstFit, _clear_cuda_error, buffer_address
+from transport.base import TransportError
+
+log = logging.getLogger(__name__)
+
+# Return codes of mooncake-transfer-engine 0.3.13 (negative = an ErrorCode).
+NO_SPACE, BAD_PARAMS, TRANSFER_FAILED, NOT_FOUND, HAS_LEASE, RPC_FAILED = -200, -600, -800, -704, -706, -900
+DOWN_S = 1.0        # after a failed call, calls fail fast this long before one tries again
+FULL_RETRY_S = 0.05  # a put refused for lack of space is retried once after this (the master evicts)
+WORKERS = 4
+
+STAT_KEYS = (
+    "puts", "put_bytes",
+    "dropped",      # values not stored: too large, no room, pool full, master down, errors
+    "too_large",    # ... of which larger than the staging region
+    "pool_full",    # ... of which the pool refused (no space even after eviction, or larger than it)
+    "gets", "get_hits", "get_misses", "get_bytes",
+    "too_small",    # gets missed because the buffer was smaller than the value
+    "errors",       # calls or keys that failed for another reason (transfer failed, ...)
+    "deletes",
+    "master_down",  # calls answered at once (miss/drop) because the master was down
+    "timeouts",     # calls that took longer than op_timeout_s
+)
+
+
+def _byte_view(buf: Any) -> memoryview:
+    mv = memoryview(buf)
+    return mv if mv.format == "B" and mv.ndim == 1 else mv.cast("B")
+
+
+def _span(n: int) -> int:
+    return max(PAGE, -(-n // PAGE) * PAGE)
+
+
+def _import_store():
+    os.environ.setdefault("MC_LOG_LEVEL", "WARNING")  # the engine logs several INFO lines per client
+    try:
+        from mooncake.store import MooncakeDistributedStore, ReplicateConfig
+    except (ImportError, OSError) as e:
+        raise TransportError(
+            f"transport kind mooncake needs Mooncake Store's Python module ({e}); run scripts/setup.sh, "
+            "or pip install 'pdkv[mooncake]' (mooncake-transfer-engine-non-cuda; mooncake-transfer-engine "
+            "on CUDA hosts) and apt-get install libibverbs1") from None
+    return MooncakeDistributedStore, ReplicateConfig
+
+
+def route_address(host: str, port: int) -> str:
+    """This host's address on the route to ``host`` (what peers there can reach us at)."""
+    try:
+        fam = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
+        with socket.socket(fam[0], socket.SOCK_DGRAM) as s:
+            s.connect(fam[4])  # no packet is sent
+            return s.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
+
+
+def master_binary() -> str | None:
+    """The ``mooncake_master`` executable: in the wheel's package directory, beside this Python,
+    or on PATH."""
+    spec = importlib.util.find_spec("mooncake")
+    dirs = list(spec.submodule_search_locations or []) if spec else []
+    for p in [os.path.join(d, "mooncake_master") for d in dirs] + [
+            os.path.join(os.path.dirname(sys.executable), "mooncake_master"), shutil.which("mooncake_master")]:
+        if p and os.path.isfile(p) and os.access(p, os.X_OK):
+            return p
+    return None
+
+
+def master_spec(m) -> dict:
+    """The server entry of ``transport.base.server_specs`` for a ``MooncakeConfig``."""
+    from pd.config import WILDCARD_HOSTS, ConfigError, url_host
+
+    host, port = m.master_host_port()
+    binary = master_binary()
+    if binary is None:
+        raise ConfigError("connector.transport.mooncake.start_master: true, but mooncake_master is not installed "
+                          "here; run scripts/setup.sh (pip install 'pdkv[mooncake]'), or start the master yourself "
+                          "and set start_master: false")
+    bind = m.bind_host or host
+    argv = [binary, f"--rpc_port={port}", f"--rpc_address={bind}", f"--metrics_port={m.metrics_port}",
+            f"--metrics_host={bind}", f"--eviction_high_watermark_ratio={m.eviction_high_watermark_ratio}",
+            f"--eviction_ratio={m.eviction_ratio}"]
+    if m.metadata_server.strip().lower() == "master":
+        argv += ["--enable_http_metadata_server=true", f"--http_metadata_server_host={bind}",
+                 f"--http_metadata_server_port={m.metadata_port}"]
+    near = "127.0.0.1" if bind in WILDCARD_HOSTS else bind
+    return {"name": "mooncake-master", "argv": argv, "host": bind, "port": port, "env": {},
+            "health_url": f"http://{url_host(near)}:{m.metrics_port}/health"}
+
+
+def run_master(m, log_file=None, timeout_s: float = 20.0):
+    """Start ``mooncake_master`` as ``server_specs`` describes it (tests, ``pd bench transport``)
+    and wait until its RPC port accepts; returns the ``subprocess.Popen``."""
+    import subprocess
+
+    spec = master_spec(m)
+    p = subprocess.Popen(spec["argv"], env={**os.environ, **spec["env"]}, stdin=subprocess.DEVNULL,
+                         stdout=log_file or subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    host, port = m.master_host_port()
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if p.poll() is not None:
+            raise TransportError(f"mooncake_master exited with {p.returncode} at start: {' '.join(spec['argv'])}")
+        try:
+            socket.create_connection((host, port), timeout=1).close()
+            return p
+        except OSError:
+            time.sleep(0.05)
+    p.kill()
+    raise TransportError(f"mooncake_master did not listen on {m.master} within {timeout_s} s")
+
+
+class _Workers:
+    """Daemon threads that run store calls, so a caller can stop waiting for one that hangs
+    (a peer or master gone without a reset) and the process can still exit."""
+
+    def __init__(self, n: int) -> None:
+        self._q: SimpleQueue = SimpleQueue()
+        for i in range(n):
+            threading.Thread(target=self._run, name=f"pdkv-mooncake-{i}", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            fut, fn, args = item
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn(*args))
+                except BaseException as e:  # noqa: BLE001 - handed to the caller
+                    fut.set_exception(e)
+
+    def submit(self, fn: Callable, *args) -> Future:
+        fut: Future = Future()
+        self._q.put((fut, fn, args))
+        return fut
+
+    def stop(self, n: int) -> None:
+        for _ in range(n):
+            self._q.put(None)
+
+
+class MooncakeSlot:
+    """A slot of the registered region: ``view`` (writable 1-D uint8, ``size`` bytes). From
+    ``reserve`` (fill it, then commit) or ``acquire`` (read it, then release)."""
+    __slots__ = ("key", "view", "size", "_off", "_span", "_owner", "_done")
+
+    def __init__(self, key: str, view: memoryview, size: int, off: int, owner: "MooncakeTransport") -> None:
+        self.key, self.view, self.size, self._off, self._span = key, view, size, off, _span(size)
+        self._owner, self._done = owner, False
+
+
+class MooncakeTransport:
+    """``Transport`` and ``ZeroCopyTransport`` over a Mooncake Store pool. Thread-safe."""
+
+    def __init__(self, cfg: Any, pin_cuda: bool = False) -> None:
+        m = cfg.mooncake
+        m.check()
+        self.cfg, self.location = m, f"mooncake:{m.master}"
+        self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
+        self.op_timeout = float(m.op_timeout_s)
+        self._cv = threading.Condition()
+        self._closed, self._inflight, self._down_until, self._down_logged = False, 0, 0.0, False
+        self._drop_logged = -1e9
+        store_cls, rcfg_cls = _import_store()
+        self._store = self._connect(store_cls, m)
+        self._workers = _Workers(WORKERS)
+        self.size = int(m.local_buffer_size_mb) << 20
+        flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0x20) | getattr(mmap, "MAP_POPULATE", 0)
+        self._mm = mmap.mmap(-1, self.size, flags=flags)
+        self._mv = memoryview(self._mm)
+        self.addr = buffer_address(self._mv)
+        self._ff = FirstFit(self.size)
+        rc = self._store.register_buffer(self.addr, self.size)
+        if rc != 0:
+            self._store.close()
+            raise TransportError(f"mooncake: registering {m.local_buffer_size_mb} MiB of staging memory failed "
+                                 f"(rc {rc}); lower connector.transport.mooncake.local_buffer_size_mb")
+        self.pinned = pin_cuda and self._pin()
+        self._rcfg = rcfg_cls()
+        if m.prefer_local_segment and m.global_segment_size_mb > 0:
+            self._rcfg.preferred_segment = self._store.get_hostname()
+        log.info("mooncake transport: master %s, metadata %s, %s, this client %s (%d MiB to the pool, %d MiB "
+                 "staging)", m.master, m.metadata_url(), m.protocol, self._store.get_hostname(),
+                 m.global_segment_size_mb, m.local_buffer_size_mb)
+
+    # -- start ----------------------------------------------------------------------------
+    def _connect(self, store_cls, m):
+        host, port = m.master_host_port()
+        probe_s = m.connect_timeout_s
+        try:
+            socket.create_connection((host, port), timeout=probe_s).close()
+        except OSError as e:
+            raise TransportError(f"mooncake master {m.master} is not reachable ({e}); start it (pd launch with "
+                                 "connector.transport.mooncake.start_master: true, or mooncake_master "
+                                 f"--rpc_port={port}) or fix connector.transport.mooncake.master") from None
+        url = m.metadata_url()
+        if url != "P2PHANDSHAKE":
+            try:
+                urlopen(url + ("&" if "?" in url else "?") + "key=pdkv-probe", timeout=probe_s).close()
+            except HTTPError:
+                pass  # it answered (404: no such key)
+            except (URLError, OSError, ValueError) as e:
+                raise TransportError(f"mooncake metadata server {url} is not reachable ({e}); fix "
+                                     "connector.transport.mooncake.metadata_server") from None
+        local = m.local_hostname or route_address(host, port)
+        store = store_cls()
+        # setup holds the GIL (as close does) and retries for up to ~90 s when something is missing:
+        # the probes above catch the usual causes first. The local buffer is 0: we register our own.
+        rc = store.setup(local, url, int(m.global_segment_size_mb) << 20, 0, m.protocol, m.device_name, m.master)
+        if rc != 0:
+            raise TransportError(f"mooncake: setup failed (rc {rc}) with master {m.master}, metadata {url}, "
+                                 f"protocol {m.protocol}{' on ' + m.device_name if m.device_name else ''}, as "
+                                 f"{local}; the engine's log lines above say why")
+        return store
+
+    def _pin(self) -> bool:
+        try:
+            import torch
+
+            rc = int(torch.cuda.cudart().cudaHostRegister(self.addr, self.size, 1))
+        except Exception as e:  # noqa: BLE001 - no CUDA here
+            rc = str(e)
+        if rc != 0:
+            _clear_cuda_error()
+            log.warning("mooncake: staging memory not CUDA-pinned (%s); GPU copies will be slower", rc)
+        return rc == 0
+
+    # -- calls ------------------------------------------------------------------------------
+    def _up(self) -> bool:
+        """False while the master is known to be down (counted; logged once per outage)."""
+        if self._store.health_check() != 0 or time.monotonic() < self._down_until:
+            with self._cv:
+                self.stats["master_down"] += 1
+            return False
+        if self._down_logged:
+            self._down_logged = False
+            log.warning("mooncake master %s: reachable again", self.cfg.master)
+        return True
+
+    def _mark_down(self, why: str) -> None:
+        self._down_until = time.monotonic() + DOWN_S
+        if not self._down_logged:
+            self._down_logged = True
+            log.warning("mooncake master %s: %s; transfers miss (then the store, then recompute) until it "
+                        "answers again", self.cfg.master, why)
+
+    def _call(self, what: str, fn: Callable, *args, after: Callable[[], None] | None = None) -> Any:
+        """``fn(*args)`` on a worker, waiting at most op_timeout_s; None when the transport is
+        closed, the master is down, the call timed out or raised. ``after`` runs when the call
+        has really ended (it frees the slots the call reads or writes), however long that takes."""
+        if self._closed or not self._up():
+            if after:
+                after()
+            return None
+        with self._cv:
+            self._inflight += 1
+        fut = self._workers.submit(fn, *args)
+
+        def done(_f) -> None:
+            if after:
+                after()
+            with self._cv:
+                self._inflight -= 1
+                self._cv.notify_all()
+
+        fut.add_done_callback(done)
+        try:
+            res = fut.result(timeout=self.op_timeout)
+        except FutureTimeout:
+            self._bump(timeouts=1)
+            self._mark_down(f"{what} took longer than op_timeout_s={self.op_timeout}")
+            return None
+        except Exception as e:  # noqa: BLE001 - a failed call is a miss, not a crash
+            self._bump(errors=1)
+            log.warning("mooncake %s failed: %s", what, e)
+            return None
+        if isinstance(res, list) and RPC_FAILED in res:
+            self._mark_down(f"{what} failed (RPC error)")
+        return res
+
+    # -- staging slots --------------------------------------------------------------------
+    def _alloc(self, sizes: Sequence[int]) -> list[int | None]:
+        """A slot offset per size; None for a value larger than the region, and for every value
+        from the first one that found no room on. Waits (up to op_timeout_s) for room only while
+        this call holds nothing (other calls hold the room it needs)."""
+        offs: list[int | None] = [None] * len(sizes)
+        deadline = time.monotonic() + self.op_timeout
+        held = False
+        with self._cv:
+            for i, n in enumerate(sizes):
+                span = _span(n)
+                if self._closed or span > self._ff.size:
+                    continue
+                off = self._ff.alloc(span)
+                while off is None and not held and not self._closed:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not self._cv.wait(left):
+                        break
+                    off = self._ff.alloc(span)
+                if off is None:
+                    break
+                offs[i], held = off, True
+        return offs
+
+    def _free(self, offs_sizes: Sequence[tuple[int, int]]) -> None:
+        with self._cv:
+            for off, n in offs_sizes:
+                self._ff.free(off, _span(n))
+            self._cv.notify_all()
+
+    def _ptr(self, off: int) -> int:
+        return self.addr + off
+
+    def used_bytes(self) -> int:
+        """Bytes of the staging region in slots now."""
+        with self._cv:
+            return self._ff.size - self._ff.free_bytes
+
+    # -- zero-copy API --------------------------------------------------------------------
+    def reserve(self, keys: Sequence[str], sizes: Sequence[int]) -> list[MooncakeSlot | None]:
+        """A writable slot of registered memory per key (None = no room / too large, counted as
+        dropped). Commit every slot (ok or not) to give its room back."""
+        if len(keys) != len(sizes):
+            raise ValueError(f"reserve: {len(keys)} keys but {len(sizes)} sizes")
+        sizes = [int(s) for s in sizes]
+        if any(s < 0 for s in sizes):
+            raise ValueError(f"reserve: negative size in {sizes}")
+        offs = self._alloc(sizes)
+        out = [None if o is None else MooncakeSlot(k, self._mv[o:o + n], n, o, self)
+               for k, n, o in zip(keys, sizes, offs)]
+        self._count_drops([n for n, o in zip(sizes, offs) if o is None], "no room in, or larger than, the staging region")
+        return out
+
+    def commit(self, slots: Sequence[MooncakeSlot | None], ok: Sequence[bool] | None = None) -> list[bool]:
+        """Store the slots' bytes (one batched upsert); slots with ``ok`` False are freed unstored."""
+        if ok is not None and len(ok) != len(slots):
+            raise ValueError(f"commit: {len(slots)} slots but {len(ok)} ok flags")
+        for s in slots:
+            if s is not None and (s._owner is not self or s._done):
+                raise ValueError(f"commit: slot for {s.key!r} is not a pending slot of this transport")
+        for s in slots:
+            if s is not None:
+                s._done = True
+                s.view.release()
+        go = [i for i, s in enumerate(slots) if s is not None and (ok is None or ok[i])]
+        self._free([(s._off, s.size) for i, s in enumerate(slots) if s is not None and not (ok is None or ok[i])])
+        res = [False] * len(slots)
+        for i, r in zip(go, self._upsert([slots[i] for i in go])):
+            res[i] = r
+        return res
+
+    def _upsert(self, slots: list[MooncakeSlot]) -> list[bool]:
+        """One ``batch_upsert_from`` of the slots (each key once: the last wins); frees them."""
+        if not slots:
+            return []
+        last = {s.key: j for j, s in enumerate(slots)}
+        todo = [s for j, s in enumerate(slots) if last[s.key] == j and s.size > 0]
+        held = [(s._off, s.size) for s in slots]
+        rcs = self._call("put", self._upsert_retry, [s.key for s in todo], [self._ptr(s._off) for s in todo],
+                         [s.size for s in todo], after=lambda: self._free(held)) if todo else []
+        by_key = {s.key: rc for s, rc in zip(todo, rcs or [None] * len(todo))}
+        res = [by_key.get(s.key) == 0 for s in slots]
+        stored = [s for s in todo if by_key[s.key] == 0]
+        full = sum(1 for s in todo if by_key[s.key] == NO_SPACE)
+        other = sorted({rc for rc in rcs or () if rc not in (0, NO_SPACE, RPC_FAILED)})
+        self._bump(puts=len(stored), put_bytes=sum(s.size for s in stored), pool_full=full,
+                   errors=sum(1 for s in todo if by_key[s.key] in other))
+        why = ("the master is down or timed out" if rcs is None else
+               f"the pool is full or smaller than the value ({full})" if full else f"codes {other}")
+        self._count_drops([s.size for s in todo if by_key[s.key] != 0], why)
+        self._count_drops([0] * sum(1 for s in slots if s.size == 0), "empty value")
+        return res
+
+    def _upsert_retry(self, keys: list[str], ptrs: list[int], sizes: list[int]) -> list[int]:
+        rcs = list(self._store.batch_upsert_from(keys, ptrs, sizes, self._rcfg))
+        again = [j for j, rc in enumerate(rcs) if rc == NO_SPACE]
+        if again:  # the pool is full: the master evicts in the background; one more try
+            time.sleep(FULL_RETRY_S)
+            for j, rc in zip(again, self._store.batch_upsert_from(
+                    [keys[j] for j in again], [ptrs[j] for j in again], [sizes[j] for j in again], self._rcfg)):
+                rcs[j] = rc
+        return rcs
+
+    def acquire(self, keys: Sequence[str]) -> list[MooncakeSlot | None]:
+        """Read each key's value into a slot of registered memory; None = miss. ``release`` them."""
+        sizes: list[int] = [0] * len(keys)
+        descs = self._call("lookup", self._store.batch_get_replica_desc, list(keys)) if keys else {}
+        for i, k in enumerate(keys):
+            for rep in (descs or {}).get(k, ()):
+                if rep.is_memory_replica():
+                    sizes[i] = int(rep.get_memory_descriptor().buffer_descriptor.size)
+                    break
+        want = [i for i, n in enumerate(sizes) if n > 0]
+        offs = self._alloc([sizes[i] for i in want])
+        got = [(i, o) for i, o in zip(want, offs) if o is not None]
+        rcs = self._read([keys[i] for i, _ in got], [o for _, o in got], [sizes[i] for i, _ in got])
+        out: list[MooncakeSlot | None] = [None] * len(keys)
+        if rcs is not None:
+            bad = []
+            for (i, o), rc in zip(got, rcs):
+                if rc == sizes[i]:
+                    out[i] = MooncakeSlot(keys[i], self._mv[o:o + rc], rc, o, self)
+                else:
+                    bad.append((o, sizes[i]))
+            self._free(bad)
+            self._bump(errors=sum(1 for rc in rcs if rc < 0 and rc not in (NOT_FOUND, RPC_FAILED)))
+        hits = [s.size for s in out if s is not None]
+        self._bump(gets=len(keys), get_hits=len(hits), get_misses=len(keys) - len(hits), get_bytes=sum(hits))
+        return out
+
+    def release(self, reads: Sequence[MooncakeSlot | None]) -> list[bool]:
+        """Free the slots; True for each held read (its bytes are this process's own copy)."""
+        res, free = [], []
+        for r in reads:
+            if r is None or r._owner is not self or r._done:
+                res.append(False)
+                continue
+            r._done = True
+            try:
+                r.view.release()
+            except BufferError:  # a tensor made from the view keeps the memory mapped
+                pass
+            free.append((r._off, r.size))
+            res.append(True)
+        self._free(free)
+        return res
+
+    def _read(self, keys: list[str], offs: list[int], caps: list[int]) -> list[int] | None:
+        """One ``batch_get_into`` into slots: per key the bytes read or a negative code (the
+        caller copies out and frees the slots), or None (closed, master down, timed out: the
+        slots are freed here, once the engine has really let go of them)."""
+        if not keys:
+            return []
+        held, lock, state = list(zip(offs, caps)), threading.Lock(), {"ended": False, "abandoned": False}
+
+        def ended() -> None:
+            with lock:
+                state["ended"] = True
+                abandoned = state["abandoned"]
+            if abandoned:
+                self._free(held)
+
+        rcs = self._call("get", self._store.batch_get_into, keys, [self._ptr(o) for o in offs], caps, after=ended)
+        if rcs is None:
+            with lock:
+                state["abandoned"] = not state["ended"]
+                free_now = state["ended"]
+            if free_now:
+                self._free(held)
+        return None if rcs is None else list(rcs)
+
+    # -- copy API (Transport) -------------------------------------------------------------
+    def put(self, keys: Sequence[str], buffers: Sequence[Any]) -> list[bool]:
+        """Store each buffer under its key (one copy into registered memory, one batched upsert per
+        batch that fits the region); False = dropped (counted)."""
+        if len(keys) != len(buffers):
+            raise ValueError(f"put: {len(keys)} keys but {len(buffers)} buffers")
+        mvs = [_byte_view(b) for b in buffers]
+        res = [False] * len(keys)
+        big = [j for j, mv in enumerate(mvs) if _span(mv.nbytes) > self.size]
+        self._count_drops([mvs[j].nbytes for j in big], "larger than the staging region")
+        todo = [j for j in range(len(keys)) if _span(mvs[j].nbytes) <= self.size]
+        while todo:
+            offs = self._alloc([mvs[j].nbytes for j in todo])
+            got = [(j, o) for j, o in zip(todo, offs) if o is not None]
+            if not got:  # no room within op_timeout_s (or closed): the rest are dropped
+                self._count_drops([mvs[j].nbytes for j in todo], "no room in the staging region")
+                break
+            slots = []
+            for j, o in got:
+                n = mvs[j].nbytes
+                self._mv[o:o + n] = mvs[j]
+                slots.append(MooncakeSlot(keys[j], self._mv[o:o + n], n, o, self))
+            for (j, _), ok in zip(got, self.commit(slots)):
+                res[j] = ok
+            todo = [j for j, o in zip(todo, offs) if o is None]
+        return res
+
+    def get(self, keys: Sequence[str], buffers: Sequence[Any]) -> list[int]:
+        """Read each key into its buffer; bytes read per key, 0 = miss (absent, buffer too small,
+        master down, transfer failed). Nothing is written into a buffer on a miss."""
+        if len(keys) != len(buffers):
+            raise ValueError(f"get: {len(keys)} keys but {len(buffers)} buffers")
+        mvs = [_byte_view(b) for b in buffers]
+        for j, mv in enumerate(mvs):
+            if mv.readonly:
+                raise TypeError(f"get: buffer {j} is read-only")
+        out = [0] * len(keys)
+        todo = [j for j, mv in enumerate(mvs) if mv.nbytes > 0]
+        while todo:
+            caps = [min(mvs[j].nbytes, self.size) for j in todo]
+            offs = self._alloc(caps)  # caps never exceed the region: a prefix is allocated
+            n = next((k for k, o in enumerate(offs) if o is None), len(offs))
+            if n == 0:
+                break  # no room in the staging region within op_timeout_s: the rest miss
+            batch, offs, caps = todo[:n], list(offs[:n]), caps[:n]
+            todo = todo[n:]
+            rcs = self._read([keys[j] for j in batch], offs, caps)
+            if rcs is None:
+                continue
+            for j, o, rc in zip(batch, offs, rcs):
+                if rc > 0:
+                    mvs[j][:rc] = self._mv[o:o + rc]
+                    out[j] = rc
+            self._free(list(zip(offs, caps)))
+            small = sum(1 for rc in rcs if rc == BAD_PARAMS)
+            other = sum(1 for rc in rcs if rc < 0 and rc not in (BAD_PARAMS, NOT_FOUND, RPC_FAILED))
+            self._bump(too_small=small, errors=other)
+        hits = [n for n in out if n]
+        self._bump(gets=len(keys), get_hits=len(hits), get_misses=len(keys) - len(hits), get_bytes=sum(hits))
+        return out
+
+    def exists(self, keys: Sequence[str]) -> list[bool]:
+        """Whether each key has a value now (it may be evicted right after)."""
+        rcs = self._call("exists", self._store.batch_is_exist, list(keys)) if keys else []
+        return [rc == 1 for rc in rcs] if rcs is not None else [False] * len(keys)
+
+    def delete(self, keys: Sequence[str]) -> int:
+        """Remove the keys (forced: a live read lease does not stop it); returns how many existed."""
+        rcs = self._call("delete", self._store.batch_remove, list(keys), True) if keys else []
+        n = sum(1 for rc in rcs or () if rc == 0)
+        self._bump(deletes=n)
+        return n
+
+    def close(self) -> None:
+        """Stop: later puts drop and gets miss. Waits (up to op_timeout_s) for calls in flight,
+        then leaves the pool: the values in this process's segment go with it. Never raises."""
+        with self._cv:
+            if self._closed:
+                return
+            self._closed = True
+            self._cv.notify_all()
+            self._cv.wait_for(lambda: self._inflight == 0, timeout=self.op_timeout)
+            stuck = self._inflight
+        self._workers.stop(WORKERS)
+        try:  # holds the GIL for 1-2 s (~14 s when the master is gone: it retries the unmount)
+            self._store.close()
+        except Exception as e:  # noqa: BLE001 - closing never raises
+            log.warning("mooncake: close did not finish cleanly: %s", e)
+        if self.pinned:
+            import torch
+
+            if int(torch.cuda.cudart().cudaHostUnregister(self.addr)) != 0:
+                _clear_cuda_error()
+        if not stuck:  # else the engine may still touch the region: leave it mapped
+            try:
+                self._mv.release()
+                self._mm.close()
+            except BufferError:  # views still exported: unmapped when they are freed
+                pass
+        log.debug("mooncake transport closed; stats %s", self.stats)
+
+    # -- helpers --------------------------------------------------------------------------
+    def _count_drops(self, sizes: Sequence[int], why: str) -> None:
+        if not sizes:
+            return
+        big = sum(1 for n in sizes if _span(n) > self.size)
+        with self._cv:
+            self.stats["dropped"] += len(sizes)
+            self.stats["too_large"] += big
+            quiet = time.monotonic() < self._drop_logged + 10
+            if not quiet:
+                self._drop_logged = time.monotonic()
+        if not quiet:  # at most one line per 10 s
+            log.warning("mooncake: dropped %d values (%s; largest %d B, staging region %d MiB); stats %s",
+                        len(sizes), why, max(sizes), self.size >> 20, self.stats)
+
+    def _bump(self, **deltas: int) -> None:
+        with self._cv:
+            for k, v in deltas.items():
+                self.stats[k] += v
