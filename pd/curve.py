@@ -10,8 +10,8 @@
         server.key, client.key, client.key_secret, api.key
 
 The coordinator (``coordinator.auth: curve``) reads ``server.key_secret`` and admits a client only
-if its public key is a file in ``authorized/`` (re-read when the directory changes, so adding or
-removing a file takes effect without a restart). A client reads ``server.key`` and its own
+if its public key is a file in ``authorized/`` (re-read at each handshake, so adding or removing
+a file takes effect at the next connection, without a restart). A client reads ``server.key`` and its own
 ``<client_key>.key_secret`` (default ``client``) from its keys directory, so ``DIR`` serves the
 control host and a copied ``clients/<name>/`` bundle serves another host, under one config key.
 A client the coordinator refuses gets no answer: its calls time out as if the coordinator were
@@ -166,28 +166,23 @@ def read_token(path: str, key: str = "vllm.api_key_file") -> str:
 
 
 class _AllowList:
-    """The ZAP credentials callback: public keys from a directory, re-read when it changes."""
+    """The ZAP credentials callback: public keys from a directory, re-read at each handshake."""
 
     def __init__(self, directory: Path):
         self.directory = directory
         self.rejected = 0
         self.accepted = 0
         self.peer = ""  # address of the connection being authenticated (set by the authenticator)
-        self._mtime: int | None = None
         self._keys: dict[bytes, str] = {}
         self._lock = threading.Lock()
         self._last_log: dict[bytes, float] = {}
         self._reload()
 
     def _reload(self) -> None:
+        """Read the directory again (at every handshake: they are rare, connections long-lived), so
+        adding or deleting a key file takes effect at the next connection."""
         import zmq.auth
 
-        try:
-            mtime = self.directory.stat().st_mtime_ns
-        except OSError:
-            mtime = None
-        if mtime == self._mtime and self._mtime is not None:
-            return
         keys = {}
         for f in sorted(self.directory.glob("*.key")):
             try:
@@ -198,8 +193,10 @@ class _AllowList:
             if public:
                 keys[public] = f.stem
         with self._lock:
-            self._keys, self._mtime = keys, mtime
-        logger.info("%d client key(s) authorized from %s", len(keys), self.directory)
+            changed, self._keys = keys != self._keys, keys
+        if changed:
+            logger.info("%d client key(s) authorized from %s: %s", len(keys), self.directory,
+                        ", ".join(sorted(keys.values())) or "none")
 
     def callback(self, domain: str, key: bytes) -> bool:
         self._reload()
