@@ -179,14 +179,15 @@ class WorkerSide(LoadMixin):
         last = len(keys) if spec.last_chunk < 0 else spec.last_chunk
         xkeys = ([transfer_key(spec.pd_id, keys[c]) for c in range(spec.first_chunk, last)]
                  if self.transport is not None else [])
-        n_bytes = 0
+        n_bytes, dropped = 0, 0
         try:
             if event is not None:
                 event.synchronize()
             if self.transport is not None or self.write_through:
-                n_bytes = self._save_chunks(spec, keys, last)
-            if self.transport is None and self.write_through:
-                # Decode reads from the store alone: READY must not overtake the queued writes.
+                n_bytes, dropped = self._save_chunks(spec, keys, last)
+            if self.write_through and (self.transport is None or dropped):
+                # Decode will read these chunks from the store (there is no transport, or it
+                # dropped them: full, or its server down): READY must not overtake the writes.
                 self.store.flush(self.cfg.load_timeout_s)
         except Exception:
             logger.exception("pd_id=%s: saving chunks %d..%d failed; decode will recompute them",
@@ -211,11 +212,12 @@ class WorkerSide(LoadMixin):
         chunkfmt.write_header(view, layout.fingerprint, key_digest(key), toks, nb,
                               len(view) - chunkfmt.HEADER_SIZE, with_checksum=self.checksum)
 
-    def _save_chunks(self, spec: SaveSpec, keys: list[str], last: int) -> int:
+    def _save_chunks(self, spec: SaveSpec, keys: list[str], last: int) -> tuple[int, int]:
+        """Gather and put chunks [spec.first_chunk, last); (bytes, chunks the transport dropped)."""
         pool = self.pool
         blocks = torch.tensor(spec.block_ids, dtype=torch.long)
         spans = list(self._chunk_spans(len(spec.token_ids), spec.first_chunk, last))
-        n_bytes = 0
+        n_bytes, dropped = 0, 0
         # Zero-copy: one chunk at a time, each committed as soon as it is gathered (a reserved
         # slot cannot be evicted, so a batch of them could need more than the arena); copy
         # transports: a batch per call.
@@ -245,10 +247,11 @@ class WorkerSide(LoadMixin):
                     ok = (self.transport.commit(slots) if self.zero_copy
                           else self.transport.put(xkeys, views))
                     if not all(ok):
+                        dropped += ok.count(False)
                         self.stats["transport_dropped"] += ok.count(False)
                         logger.warning("pd_id=%s: transport dropped %d of %d chunks", spec.pd_id,
                                        ok.count(False), len(ok))
-        return n_bytes
+        return n_bytes, dropped
 
     def shutdown(self) -> None:
         for ev in list(self._cancel.values()):

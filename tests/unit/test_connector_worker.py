@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pd.config import ConnectorConfig, CoordinatorConfig, TransportConfig
+from pd.config import ConnectorConfig, CoordinatorConfig, StoreConfig, TransportConfig
 from pd.connector_scheduler import LoadSpec, PDMetadata, SaveSpec, SchedulerSide
 from pd.connector_worker import WorkerSide
 from pd.coord_client import CoordinatorClient
@@ -33,11 +33,18 @@ def coord():
     c.stop()
 
 
-def _worker(tmp_path, coord, seed, **over) -> WorkerSide:
+def _worker(tmp_path, coord, seed, store_writer: bool | None = None, **over) -> WorkerSide:
     cfg = ConnectorConfig(coordinator=coord.address, chunk_size=CHUNK, io_threads=2,
                           transport=TransportConfig(pool_size_mb=8, shm_dir=str(tmp_path), name="w"), **over)
+    store = None
+    if store_writer is not None:
+        from store import make_store
+
+        (tmp_path / "store").mkdir(exist_ok=True)
+        cfg.store = StoreConfig(backend="local", paths=[str(tmp_path / "store")], size_gb=0.1)
+        store = make_store(cfg.store, 0, writer=store_writer)
     w = WorkerSide(cfg, 0, "m", BLOCK, CoordinatorClient(coord.address), ShmTransport(cfg.transport), {},
-                   instance_id=f"inst-{seed}")
+                   store=store, instance_id=f"inst-{seed}")
     w.caches = _caches(seed)
     w.register_kv_caches(w.caches)
     return w
@@ -160,6 +167,29 @@ def test_local_prefix_hit_loads_only_the_rest(pair):
     assert d.take_load_errors() == set()
     assert _same_blocks(p, d, SRC[3:], DST[3:])
     assert not _same_blocks(p, d, SRC[:3], DST[:3])
+
+
+def test_chunks_the_transport_dropped_are_in_the_store_before_ready(tmp_path, coord):
+    """A transport that drops puts (full, its server down): READY waits for the store writes, so
+    decode finds every chunk there."""
+    p = _worker(tmp_path, coord, 6, store_writer=True)
+    d = _worker(tmp_path, coord, 7, store_writer=False)
+    real = p.transport.commit
+    p.transport.commit = lambda slots, ok=None: (real(slots, [False] * len(slots)), [False] * len(slots))[1]
+    write = p.store._write_item  # a slow disk: without the flush, decode would look too early
+    p.store._write_item = lambda item: (time.sleep(0.2), write(item))[1]
+    try:
+        p.after_forward(_save("x6", 0, 5, True))
+        d.start_step(PDMetadata(loads=[LoadSpec("d1", "x6", PROMPT, DST, 0)]))
+        assert _until(lambda: "d1" in d._done_recving)
+        assert d.take_load_errors() == set()
+        assert _same_blocks(p, d, SRC, DST)
+        assert p.stats["transport_dropped"] == 5 and d.stats["store_chunks_loaded"] == 5
+    finally:
+        for w in (p, d):
+            w.shutdown()
+            w.transport.close()
+            w.store.close()
 
 
 # ---- the scheduler half's chunked-prefill streaming -----------------------------------------

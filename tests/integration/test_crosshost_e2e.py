@@ -1,0 +1,157 @@
+"""P/D across two hosts: prefill on host a, decode on host b (network namespaces, tests/integration/netns.py).
+
+One 2P2D deployment from one YAML file with a ``hosts:`` section, each host's share started by
+``pd launch --host``: host a runs the control plane (coordinator with CurveZMQ, proxy, the
+Mooncake master) and two prefill instances, host b two decode instances. The KV crosses the veth
+pair through Mooncake Store (TCP); a local store on a directory both hosts see is the fallback.
+Answers are compared token for token with the colocated reference of the shared fixture.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+import yaml
+
+from tests.integration import netns
+from tests.integration.conftest import BASE, READY, ROOT, STEP_TOKENS
+from tests.integration.test_pd_e2e import _complete, _prompt, _transfer
+
+pytestmark = pytest.mark.integration
+
+PORTS = {"prefill": 19100, "decode": 19150, "proxy": 19190, "coordinator": 19191, "master": 19192,
+         "metadata": 19193, "metrics": 19194}
+
+
+def _launch(argv: list[str], log: Path) -> subprocess.Popen:
+    with open(log, "w") as out:
+        return subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen) -> int:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(90)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode
+
+
+@pytest.fixture(scope="module")
+def two_hosts():
+    why = netns.available()
+    if why:
+        pytest.skip(f"two hosts need network namespaces: {why}")
+    hosts = netns.make()
+    yield hosts
+    hosts.close()
+
+
+@pytest.fixture(scope="module")
+def crosshost(two_hosts, model_path, tmp_path_factory):
+    """The 2P2D deployment across the two hosts; yields (proxy URL, config, master port, host a's log)."""
+    h = two_hosts
+    tmp = tmp_path_factory.mktemp("crosshost")
+    keys = tmp / "keys"
+    subprocess.run([sys.executable, "-m", "pd.cli", "keys", str(keys), "--client", "b"], cwd=ROOT, check=True,
+                   capture_output=True)
+    cfg = {**yaml.safe_load(yaml.safe_dump(BASE)), "model": str(model_path), "mode": "pd",
+           "hosts": {"a": {"address": h.addr_a, "roles": ["control", "prefill"]},
+                     "b": {"address": h.addr_b, "roles": ["decode"]}},
+           "prefill": {"count": 2, "port_base": PORTS["prefill"]},
+           "decode": {"count": 2, "port_base": PORTS["decode"]},
+           "proxy": {"port": PORTS["proxy"]},
+           "coordinator": {"port": PORTS["coordinator"], "auth": "curve", "keys_dir": str(keys)}}
+    cfg["vllm"]["extra_args"] = ["--max-num-batched-tokens", str(STEP_TOKENS)]
+    cfg["connector"]["transport"] = {"kind": "mooncake", "mooncake": {
+        "master": f"{h.addr_a}:{PORTS['master']}", "start_master": True, "metadata_port": PORTS["metadata"],
+        "metrics_port": PORTS["metrics"], "op_timeout_s": 3, "global_segment_size_mb": 256,
+        "local_buffer_size_mb": 64}}
+    cfg["connector"]["store"] = {"backend": "local", "paths": [str(tmp / "shared-store")]}
+    cfg_file = tmp / "crosshost.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    launch = [sys.executable, "-m", "pd.cli", "launch", "--config", str(cfg_file)]
+    a = _launch(launch + ["--host", "a", "--set", f"run_dir={tmp / 'run-a'}"], tmp / "a.out")
+    b = _launch(h.exec_b(launch + ["--host", "b", "--keys-dir", str(keys / "clients" / "b"),
+                                   "--set", f"run_dir={tmp / 'run-b'}"]), tmp / "b.out")
+    try:
+        deadline, url = time.monotonic() + 900, None
+        while time.monotonic() < deadline and url is None:
+            m = READY.search((tmp / "a.out").read_text())
+            url = m.group(1) if m else None
+            for name, p in (("a", a), ("b", b)):
+                if p.poll() is not None:
+                    raise RuntimeError(f"host {name}'s pd launch exited {p.returncode}:\n"
+                                       f"{(tmp / f'{name}.out').read_text()[-4000:]}")
+            time.sleep(1)
+        if url is None:
+            raise RuntimeError(f"host a not ready in time:\n{(tmp / 'a.out').read_text()[-4000:]}")
+        yield url, cfg, tmp
+    finally:
+        codes = [_stop(b), _stop(a)]
+    assert codes == [0, 0], f"pd launch exit codes (b, a): {codes}\n{(tmp / 'a.out').read_text()[-3000:]}"
+
+
+def test_answers_match_colocated_and_the_kv_crossed_hosts_through_mooncake(crosshost, deployments):
+    url, _, _ = crosshost
+    _, co = deployments
+    lengths = [40, 256, 300, 700, 1100, 1500, 90, 800]
+    cases = [(n, _prompt(n, seed=700 + n)) for n in lengths]
+    with ThreadPoolExecutor(4) as ex:
+        got = list(ex.map(lambda c: _complete(url, c[1]), cases))
+    producers, consumers = set(), set()
+    for (n, prompt), (ids, _, pd_id) in zip(cases, got):
+        assert ids == _complete(co.url, prompt)[0], f"prompt of {n} tokens"
+        rec = _transfer(url, pd_id)
+        # Everything came through the network transport: no chunk from the store.
+        assert rec["ok"] and rec["n_chunks"] == -(-n // 256) and rec["n_store_chunks"] == 0, (n, rec)
+        producers.add(rec["producer"])
+        consumers.add(rec["consumer"])
+    # Both prefill instances (host a) and both decode instances (host b) served.
+    assert {p.split("/")[0] for p in producers} == {"prefill-0", "prefill-1"}, producers
+    assert {c.split("/")[0] for c in consumers} == {"decode-0", "decode-1"}, consumers
+
+
+def test_coordinator_refuses_a_client_without_the_keys(crosshost, two_hosts):
+    """The coordinator listens beyond loopback, so only clients with an authorized key get answers."""
+    _, cfg, _ = crosshost
+    from pd.coord_client import CoordinatorClient
+
+    plain = CoordinatorClient(f"tcp://{two_hosts.addr_a}:{cfg['coordinator']['port']}", timeout_s=1.0)
+    try:
+        assert plain.query() is None
+    finally:
+        plain.close()
+
+
+def test_master_stopped_midrun_decode_falls_back_to_the_shared_store(crosshost, deployments):
+    """Last: kills the Mooncake master. Puts and gets fail fast; decode loads from the store."""
+    url, _, tmp = crosshost
+    _, co = deployments
+    pids = subprocess.run(["pgrep", "-f", f"mooncake_master.*{PORTS['master']}"], capture_output=True,
+                          text=True).stdout.split()
+    assert pids, "the Mooncake master is not running"
+    for pid in pids:
+        os.kill(int(pid), signal.SIGKILL)
+    time.sleep(1)
+    for n, seed in ((600, 801), (1000, 802)):
+        prompt = _prompt(n, seed)
+        ids, _, pd_id = _complete(url, prompt)
+        assert ids == _complete(co.url, prompt)[0]
+        rec = _transfer(url, pd_id)
+        chunks = -(-n // 256)
+        assert rec["ok"] and rec["n_chunks"] == chunks and rec["n_store_chunks"] == chunks, rec
+    # Host a's launcher reported the master's exit and kept the deployment up.
+    assert re.search(r"mooncake-master", (tmp / "a.out").read_text())
+    assert requests.get(f"{url}/v1/models", timeout=10).status_code == 200
