@@ -78,13 +78,17 @@ def crosshost(two_hosts, model_path, tmp_path_factory):
         "master": f"{h.addr_a}:{PORTS['master']}", "start_master": True, "metadata_port": PORTS["metadata"],
         "metrics_port": PORTS["metrics"], "op_timeout_s": 3, "global_segment_size_mb": 256,
         "local_buffer_size_mb": 64}}
+    (tmp / "shared-store").mkdir()  # both hosts see this directory (one filesystem)
     cfg["connector"]["store"] = {"backend": "local", "paths": [str(tmp / "shared-store")]}
     cfg_file = tmp / "crosshost.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg))
     launch = [sys.executable, "-m", "pd.cli", "launch", "--config", str(cfg_file)]
-    a = _launch(launch + ["--host", "a", "--set", f"run_dir={tmp / 'run-a'}"], tmp / "a.out")
+    # Each host's instances on their own share of this machine's 2 cores.
+    a = _launch(launch + ["--host", "a", "--set", f"run_dir={tmp / 'run-a'}", "--set", "vllm.cpu_bind=0;1"],
+                tmp / "a.out")
     b = _launch(h.exec_b(launch + ["--host", "b", "--keys-dir", str(keys / "clients" / "b"),
-                                   "--set", f"run_dir={tmp / 'run-b'}"]), tmp / "b.out")
+                                   "--set", f"run_dir={tmp / 'run-b'}", "--set", "vllm.cpu_bind=0;1"]),
+                tmp / "b.out")
     try:
         deadline, url = time.monotonic() + 900, None
         while time.monotonic() < deadline and url is None:
