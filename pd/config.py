@@ -101,8 +101,8 @@ class MooncakeConfig:
     device_name: str = ""
     # The address this process advertises to peers; "" = its address on the route to the master.
     local_hostname: str = ""
-    # Memory this process contributes to the pool, MiB (0: none; it then only reads and writes
-    # other processes' memory). The master evicts the oldest values when the pool is full.
+    # Memory this process contributes to the pool, MiB: 0 (none; it then only reads and writes
+    # other processes' memory) or at least 16. The master evicts old values when the pool is full.
     global_segment_size_mb: int = field(default=1024, metadata=_rng(0, 1 << 22))
     # Registered staging memory of this process, MiB: zero-copy slots and put/get copies live
     # here, so it bounds the largest value and the bytes in flight at once.
@@ -157,6 +157,9 @@ class MooncakeConfig:
         """Refuse values that do not parse (the fields' ranges and choices are checked by load)."""
         self.master_host_port()
         self.metadata_url()
+        if 0 < self.global_segment_size_mb < 16:
+            raise ConfigError(f"connector.transport.mooncake.global_segment_size_mb: {self.global_segment_size_mb} "
+                              "is not allowed; 0 (none) or at least 16 (Mooncake's smallest segment)")
         for key, host in (("local_hostname", self.local_hostname), ("bind_host", self.bind_host)):
             if host and ("/" in host or " " in host or (":" in host and host.strip("[]").count(":") < 2)):
                 raise ConfigError(f"connector.transport.mooncake.{key}: {host!r} is not a host name or IP "

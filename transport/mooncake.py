@@ -57,9 +57,10 @@ log = logging.getLogger(__name__)
 
 # Return codes of mooncake-transfer-engine 0.3.13 (negative = an ErrorCode).
 NO_SPACE, BAD_PARAMS, TRANSFER_FAILED, NOT_FOUND, HAS_LEASE, RPC_FAILED = -200, -600, -800, -704, -706, -900
-DOWN_S = 1.0        # after a failed call, calls fail fast this long before one tries again
+DOWN_S = 1.0        # while the master is down, a background probe tries it this often
 FULL_RETRY_S = 0.05  # a put refused for lack of space is retried once after this (the master evicts)
 WORKERS = 4
+CLOSE_WAIT_S = 30.0  # close waits this long for calls still in the engine
 
 STAT_KEYS = (
     "puts", "put_bytes",
@@ -214,7 +215,7 @@ class MooncakeTransport:
         self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
         self.op_timeout = float(m.op_timeout_s)
         self._cv = threading.Condition()
-        self._closed, self._inflight, self._down_until, self._down_logged = False, 0, 0.0, False
+        self._closed, self._inflight, self._down = False, 0, False
         self._drop_logged = -1e9
         store_cls, rcfg_cls = _import_store()
         self._store = self._connect(store_cls, m)
@@ -282,33 +283,58 @@ class MooncakeTransport:
 
     # -- calls ------------------------------------------------------------------------------
     def _up(self) -> bool:
-        """False while the master is known to be down (counted; logged once per outage)."""
-        if self._store.health_check() != 0 or time.monotonic() < self._down_until:
+        """False (counted) while the master is known to be down: from a failed or timed-out call,
+        or the client's own health check, until the background probe gets an answer."""
+        if not self._down and self._store.health_check() != 0:
+            self._mark_down("the client lost it")
+        if self._down:
             with self._cv:
                 self.stats["master_down"] += 1
-            return False
-        if self._down_logged:
-            self._down_logged = False
-            log.warning("mooncake master %s: reachable again", self.cfg.master)
-        return True
+        return not self._down
 
     def _mark_down(self, why: str) -> None:
-        self._down_until = time.monotonic() + DOWN_S
-        if not self._down_logged:
-            self._down_logged = True
-            log.warning("mooncake master %s: %s; transfers miss (then the store, then recompute) until it "
-                        "answers again", self.cfg.master, why)
+        with self._cv:
+            if self._down or self._closed:
+                return
+            self._down = True
+        log.warning("mooncake master %s: %s; transfers miss (then the store, then recompute) until it "
+                    "answers again", self.cfg.master, why)
+        threading.Thread(target=self._probe, name="pdkv-mooncake-probe", daemon=True).start()
+
+    def _probe(self) -> None:
+        """Every DOWN_S, one cheap call (on this thread, so no caller waits for it) until the
+        master answers; then calls go through again."""
+        while True:
+            time.sleep(DOWN_S)
+            with self._cv:
+                if self._closed:
+                    return
+                self._inflight += 1
+            try:
+                rcs = self._store.batch_is_exist(["pdkv/probe"])
+            except Exception:  # noqa: BLE001 - still down
+                rcs = [RPC_FAILED]
+            finally:
+                with self._cv:
+                    self._inflight -= 1
+                    self._cv.notify_all()
+            if RPC_FAILED not in rcs and self._store.health_check() == 0:
+                with self._cv:
+                    self._down = False
+                log.warning("mooncake master %s: answering again", self.cfg.master)
+                return
 
     def _call(self, what: str, fn: Callable, *args, after: Callable[[], None] | None = None) -> Any:
         """``fn(*args)`` on a worker, waiting at most op_timeout_s; None when the transport is
         closed, the master is down, the call timed out or raised. ``after`` runs when the call
         has really ended (it frees the slots the call reads or writes), however long that takes."""
-        if self._closed or not self._up():
+        with self._cv:
+            go = not self._closed and self._up()
+            self._inflight += go
+        if not go:
             if after:
                 after()
             return None
-        with self._cv:
-            self._inflight += 1
         fut = self._workers.submit(fn, *args)
 
         def done(_f) -> None:
@@ -585,13 +611,19 @@ class MooncakeTransport:
                 return
             self._closed = True
             self._cv.notify_all()
-            self._cv.wait_for(lambda: self._inflight == 0, timeout=self.op_timeout)
+            # A call still in the engine must end first: closing the client under it crashes.
+            # They end within seconds (a failed RPC takes ~4.5 s); CLOSE_WAIT_S bounds a hung one.
+            self._cv.wait_for(lambda: self._inflight == 0, timeout=max(CLOSE_WAIT_S, self.op_timeout))
             stuck = self._inflight
         self._workers.stop(WORKERS)
-        try:  # holds the GIL for 1-2 s (~14 s when the master is gone: it retries the unmount)
-            self._store.close()
-        except Exception as e:  # noqa: BLE001 - closing never raises
-            log.warning("mooncake: close did not finish cleanly: %s", e)
+        if stuck:
+            log.error("mooncake: %d calls still in the engine after %.0f s; leaving the client open", stuck,
+                      max(CLOSE_WAIT_S, self.op_timeout))
+        else:
+            try:  # holds the GIL for 1-2 s (~14 s when the master is gone: it retries the unmount)
+                self._store.close()
+            except Exception as e:  # noqa: BLE001 - closing never raises
+                log.warning("mooncake: close did not finish cleanly: %s", e)
         if self.pinned:
             import torch
 
