@@ -6,17 +6,30 @@ zero-copy API (``reserve`` + a copy into each slot view + ``commit``; ``acquire`
 of each view + ``release``) and deleted, ``--iters`` times; then up to ``LAT_SAMPLES`` chunks
 are put and got one call each for per-chunk latency. A plain ``numpy.copyto`` between the same
 buffers gives the memcpy baseline of this machine and run.
+
+``--transport mooncake`` measures between two endpoints: this process (a Mooncake client that
+contributes no memory) and a *peer* process that holds the pool's memory (its segment), so every
+put crosses to the peer and every get comes back from it. The peer also runs a plain TCP socket
+sink and source: the same bytes, in the same chunks, streamed over one connection each way into
+a preallocated buffer, in the same run (the physical reference of that link). Without
+``--peer-host`` the peer is started here on 127.0.0.1; across hosts (or network namespaces) start
+it there first, ``pd bench transport --serve-peer --peer-host ITS_ADDRESS``, and point this side
+at it with ``--peer-host`` and ``--local-host`` (this side's address the peer can reach). The
+master is started here on ``--local-host`` unless ``--master`` names a running one.
 """
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import json
 import logging
 import os
 import platform
 import re
 import shlex
+import socket
 import statistics
+import subprocess
 import sys
 import time
 import uuid
@@ -25,8 +38,9 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-TRANSPORTS = ("shm",)
+TRANSPORTS = ("shm", "mooncake")
 NOT_BUILT = ("tcp", "infinistore")
+PEER_PORT = 5610
 DEFAULT_SIZES = "64K,256K,1M,4M,16M,64M"
 LAT_SAMPLES = 200
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
@@ -50,13 +64,26 @@ def _fmt_size(n: int) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``pd bench transport``."""
     parser.add_argument("--transport", default="shm",
-                        help="transport to measure: shm (tcp and infinistore are not built yet)")
+                        help="transport to measure: shm or mooncake (tcp and infinistore are not built yet)")
     parser.add_argument("--sizes", default=DEFAULT_SIZES,
                         help=f"comma-separated chunk sizes (default {DEFAULT_SIZES})")
     parser.add_argument("--total-mb", type=int, default=256,
                         help="bytes moved per pass and size, in MiB (at least 4 chunks; default 256)")
     parser.add_argument("--iters", type=int, default=3, help="timed passes per size (default 3)")
     parser.add_argument("--shm-dir", default="/dev/shm", help="tmpfs directory for the shm pool")
+    g = parser.add_argument_group("mooncake (two endpoints: this process and a peer holding the pool's memory)")
+    g.add_argument("--peer-host", default="",
+                   help="address of a running peer (pd bench transport --serve-peer); default: start one "
+                        "here on 127.0.0.1. With --serve-peer: the address to listen on")
+    g.add_argument("--peer-port", type=int, default=PEER_PORT, help=f"the peer's port (default {PEER_PORT})")
+    g.add_argument("--local-host", default="127.0.0.1",
+                   help="this endpoint's address, as the peer reaches it (the master listens there too)")
+    g.add_argument("--master", default="", help="HOST:PORT of a running mooncake_master; default: start one "
+                                                "on --local-host")
+    g.add_argument("--protocol", default="tcp", choices=("tcp", "rdma"), help="Mooncake's transfer protocol")
+    g.add_argument("--device-name", default="", help="rdma: the NIC(s), e.g. mlx5_0")
+    g.add_argument("--serve-peer", action="store_true",
+                   help="run the peer side (until the measuring side says quit)")
 
 
 def cpu_model() -> str:
@@ -196,6 +223,8 @@ def format_table(rows: list[dict]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark; print a header and the table; 0 on success, 2 on bad arguments."""
+    if getattr(args, "serve_peer", False):
+        return serve_peer(args.peer_host or "127.0.0.1", args.peer_port)
     if args.transport not in TRANSPORTS:
         log.error("unknown transport %r; allowed: %s (%s are not built yet)", args.transport,
                   ", ".join(TRANSPORTS), " and ".join(NOT_BUILT))
@@ -208,6 +237,8 @@ def run(args: argparse.Namespace) -> int:
     if not sizes or args.total_mb <= 0 or args.iters <= 0:
         log.error("--sizes must name at least one size; --total-mb and --iters must be positive")
         return 2
+    if args.transport == "mooncake":
+        return run_mooncake(args, sizes)
     if not os.path.isdir(args.shm_dir):
         log.error("--shm-dir %s is not a directory", args.shm_dir)
         return 2
@@ -216,16 +247,11 @@ def run(args: argparse.Namespace) -> int:
     from transport.arena import slot_bytes
     from transport.shm import ShmTransport, cleanup_pool
 
-    total = args.total_mb << 20
-    counts = {s: max(4, total // s) for s in sizes}
-    span = max(s * n for s, n in counts.items())
+    counts, span = _counts(args, sizes)
     arena = max(slot_bytes(s) * n for s, n in counts.items())  # every chunk of a pass at once
     cfg = TransportConfig(kind="shm", pool_size_mb=-(-arena >> 20) + 16, shm_dir=args.shm_dir,
                           name=f"bench-{os.getpid()}-{uuid.uuid4().hex[:6]}")
-    print(f"# pd bench transport  {_dt.datetime.now().isoformat(timespec='seconds')}")
-    print(f"# cpu: {cpu_model()} ({os.cpu_count()} logical cores)  python {platform.python_version()}"
-          f"  numpy {np.__version__}")
-    print(f"# command: {shlex.join(sys.argv)}")
+    _print_header()
     print(f"# transport={args.transport} dir={args.shm_dir} ({_fs_type(os.path.realpath(args.shm_dir))})"
           f" bytes/pass~{args.total_mb} MiB iters={args.iters} latency samples<={LAT_SAMPLES}")
     sys.stdout.flush()
@@ -248,4 +274,232 @@ def run(args: argparse.Namespace) -> int:
     print("# GB/s = 1e9 bytes/s, median of iters (one batched call per pass); zc = reserve + "
           "numpy.copyto into each view + commit / acquire + numpy.copyto out + release; p50/p99 = "
           "ms per single-chunk put/get call; cpy = numpy.copyto between the same buffers")
+    return 0
+
+
+def _counts(args: argparse.Namespace, sizes: list[int]) -> tuple[dict[int, int], int]:
+    """Chunks per pass for each size (at least 4, about --total-mb in all) and the largest pass."""
+    total = args.total_mb << 20
+    counts = {s: max(4, total // s) for s in sizes}
+    return counts, max(s * n for s, n in counts.items())
+
+
+def _print_header() -> None:
+    print(f"# pd bench transport  {_dt.datetime.now().isoformat(timespec='seconds')}")
+    print(f"# cpu: {cpu_model()} ({os.cpu_count()} logical cores)  python {platform.python_version()}"
+          f"  numpy {np.__version__}")
+    print(f"# command: {shlex.join(sys.argv)}")
+
+
+# -- mooncake: this endpoint and a peer -----------------------------------------------------
+def _send_json(conn: socket.socket, obj: dict) -> None:
+    conn.sendall(json.dumps(obj).encode() + b"\n")
+
+
+def _recv_line(conn: socket.socket) -> dict:
+    """One JSON line, read byte by byte (so no stream data after it is consumed)."""
+    buf = bytearray()
+    while not buf.endswith(b"\n"):
+        b = conn.recv(1)
+        if not b:
+            raise ConnectionError("peer closed the connection")
+        buf += b
+    return json.loads(buf)
+
+
+def _recv_exact(conn: socket.socket, view: memoryview) -> None:
+    got = 0
+    while got < view.nbytes:
+        n = conn.recv_into(view[got:])
+        if not n:
+            raise ConnectionError(f"stream ended after {got} of {view.nbytes} bytes")
+        got += n
+
+
+def _connect(addr: tuple[str, int]) -> socket.socket:
+    c = socket.create_connection(addr, timeout=120)
+    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return c
+
+
+def serve_peer(host: str, port: int) -> int:
+    """The peer endpoint: on request it joins the Mooncake pool with a segment of its memory (so
+    the measuring side's puts land here and its gets come from here), and it sinks / sources TCP
+    streams into / from a preallocated buffer. Prints its address, then serves until ``quit``."""
+    from pd.config import MooncakeConfig, TransportConfig
+    from transport.mooncake import MooncakeTransport
+
+    srv = socket.create_server((host, port))
+    print(f"# peer listening on {host}:{srv.getsockname()[1]}", flush=True)
+    transport, buf = None, np.empty(0, np.uint8)
+    try:
+        while True:
+            conn, _ = srv.accept()
+            with conn:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                req = _recv_line(conn)
+                op, total = req.get("op"), int(req.get("total", 0))
+                if total > buf.nbytes:
+                    buf = aligned_empty(total)
+                    buf.fill(0x3C)  # fault the pages in outside the timed streams
+                if op == "join":
+                    if transport is not None:
+                        transport.close()
+                    try:
+                        m = MooncakeConfig(**req["mooncake"])
+                        transport = MooncakeTransport(TransportConfig(kind="mooncake", mooncake=m))
+                        _send_json(conn, {"ok": True, "client": transport._store.get_hostname()})
+                    except Exception as e:  # noqa: BLE001 - reported to the measuring side
+                        transport = None
+                        _send_json(conn, {"ok": False, "error": str(e)})
+                elif op == "sink":  # the stream into a preallocated buffer, then an ack
+                    _recv_exact(conn, memoryview(buf)[:total])
+                    conn.sendall(b"k")
+                elif op == "source":
+                    size = int(req["size"])
+                    for off in range(0, total, size):
+                        conn.sendall(memoryview(buf)[off:min(total, off + size)])
+                elif op == "alloc":  # the buffer, made before the timed streams
+                    conn.sendall(b"k")
+                elif op == "quit":
+                    _send_json(conn, {"ok": True})
+                    return 0
+    finally:
+        srv.close()
+        if transport is not None:
+            transport.close()
+
+
+def _tcp_size(peer: tuple[str, int], src: np.ndarray, dst: np.ndarray, size: int, n: int,
+              iters: int) -> tuple[float, float]:
+    """GB/s of one TCP stream of ``n`` chunks of ``size`` bytes to the peer (until its ack) and
+    back from it (into ``dst``); medians of ``iters``."""
+    total = size * n
+    out, back = [], []
+    for _ in range(iters):
+        with _connect(peer) as c:
+            _send_json(c, {"op": "sink", "total": total})
+            t0 = time.perf_counter()
+            for i in range(n):
+                c.sendall(memoryview(src)[i * size:(i + 1) * size])
+            if c.recv(1) != b"k":
+                raise ConnectionError("the peer did not acknowledge the stream")
+            out.append(total / (time.perf_counter() - t0))
+        with _connect(peer) as c:
+            t0 = time.perf_counter()
+            _send_json(c, {"op": "source", "total": total, "size": size})
+            _recv_exact(c, memoryview(dst)[:total])
+            back.append(total / (time.perf_counter() - t0))
+    return statistics.median(out) / 1e9, statistics.median(back) / 1e9
+
+
+def _free_ports(host: str, n: int) -> list[int]:
+    socks = []
+    for _ in range(n):
+        s = socket.socket()
+        s.bind((host, 0))
+        socks.append(s)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def _start_peer() -> tuple[subprocess.Popen, tuple[str, int]]:
+    p = subprocess.Popen([sys.executable, "-m", "pd.cli", "bench", "transport", "--serve-peer", "--peer-host",
+                          "127.0.0.1", "--peer-port", "0"], stdout=subprocess.PIPE, text=True)
+    line = p.stdout.readline()
+    m = re.search(r"listening on (\S+):(\d+)", line)
+    if not m:
+        p.kill()
+        raise RuntimeError(f"the peer did not start: {line!r}")
+    return p, (m.group(1), int(m.group(2)))
+
+
+_MC_HEAD = ["tcp to peer GB/s", "tcp from peer GB/s", "put/tcp", "get/tcp"]
+
+
+def run_mooncake(args: argparse.Namespace, sizes: list[int]) -> int:
+    """``--transport mooncake``: the table of ``_bench_size`` through Mooncake between this
+    process and the peer, with a TCP stream of the same bytes between the same two endpoints."""
+    from pd.config import ConfigError, MooncakeConfig, TransportConfig
+    from transport.base import TransportError
+    from transport.mooncake import MooncakeTransport, run_master
+
+    counts, span = _counts(args, sizes)
+    pass_mb = -(-span >> 20)
+    procs: list[subprocess.Popen] = []
+    peer = (args.peer_host, args.peer_port)
+    transport = None
+    try:
+        if args.master:
+            master = args.master
+        else:
+            rpc, metrics = _free_ports(args.local_host, 2)
+            mcfg = MooncakeConfig(master=f"{args.local_host}:{rpc}", metrics_port=metrics, start_master=True)
+            procs.append(run_master(mcfg))
+            master = mcfg.master
+        if not args.peer_host:
+            p, peer = _start_peer()
+            procs.append(p)
+        common = {"master": master, "protocol": args.protocol, "device_name": args.device_name}
+        with _connect(peer) as c:  # the peer holds the pool: room for a pass under the eviction mark
+            _send_json(c, {"op": "join", "mooncake": {**common, "global_segment_size_mb": 2 * pass_mb + 64,
+                                                      "local_buffer_size_mb": 16}})
+            joined = _recv_line(c)
+        if not joined.get("ok"):
+            log.error("the peer at %s:%d could not join the pool: %s", *peer, joined.get("error"))
+            return 1
+        with _connect(peer) as c:
+            _send_json(c, {"op": "alloc", "total": span})
+            c.recv(1)
+        transport = MooncakeTransport(TransportConfig(kind="mooncake", mooncake=MooncakeConfig(
+            **common, local_hostname=args.local_host, global_segment_size_mb=0, local_buffer_size_mb=pass_mb + 16,
+            op_timeout_s=120)))
+        _print_header()
+        print(f"# transport=mooncake protocol={args.protocol} master={master} ({'given' if args.master else 'started here'})"
+              f"  this endpoint={transport._store.get_hostname()} (no segment)  peer={peer[0]}:{peer[1]} "
+              f"({'remote' if args.peer_host else 'started here'}, client {joined['client']}, segment "
+              f"{2 * pass_mb + 64} MiB)  bytes/pass~{args.total_mb} MiB iters={args.iters}"
+              f" latency samples<={LAT_SAMPLES}")
+        sys.stdout.flush()
+        src, dst = aligned_empty(span), aligned_empty(span)
+        src.fill(0x5A)
+        dst.fill(0)
+        rows = []
+        for size in sizes:
+            row = _bench_size(transport, src, dst, size, counts[size], args.iters, f"mc-{uuid.uuid4().hex[:6]}")
+            row["tcp_out"], row["tcp_back"] = _tcp_size(peer, src, dst, size, counts[size], args.iters)
+            row["put_tcp"], row["get_tcp"] = row["put"] / row["tcp_out"], row["get"] / row["tcp_back"]
+            rows.append(row)
+    except (ConfigError, TransportError, OSError, RuntimeError) as e:
+        log.error("pd bench transport --transport mooncake: %s", e)
+        return 1
+    finally:
+        if transport is not None:
+            transport.close()
+        try:
+            with _connect(peer) as c:
+                _send_json(c, {"op": "quit"})
+                _recv_line(c)
+        except OSError:
+            pass
+        for p in procs:
+            p.terminate()
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    table = format_table(rows).splitlines()
+    extra = [("tcp_out", "{:.2f}"), ("tcp_back", "{:.2f}"), ("put_tcp", "{:.2f}"), ("get_tcp", "{:.2f}")]
+    table[0] = table[0] + " " + " | ".join(_MC_HEAD) + " |"
+    table[1] = table[1] + "---:|" * len(_MC_HEAD)
+    for i, r in enumerate(rows):
+        table[2 + i] += " " + " | ".join(f.format(r[k]) for k, f in extra) + " |"
+    print("\n".join(table))
+    print("# GB/s = 1e9 bytes/s, median of iters (one batched call per pass); put/get: copy API (a copy into/out "
+          "of registered staging + the transfer); zc = reserve + numpy.copyto into each slot + commit / acquire + "
+          "numpy.copyto out + release; p50/p99 = ms per single-chunk put/get call; cpy = numpy.copyto; tcp = one "
+          "socket stream of the same chunks between the same two endpoints (to the peer: until its ack; from "
+          "the peer: into a preallocated buffer)")
     return 0

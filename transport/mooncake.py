@@ -60,6 +60,7 @@ NO_SPACE, BAD_PARAMS, TRANSFER_FAILED, NOT_FOUND, HAS_LEASE, RPC_FAILED = -200, 
 DOWN_S = 1.0        # while the master is down, a background probe tries it this often
 FULL_RETRY_S = 0.05  # a put refused for lack of space is retried once after this (the master evicts)
 WORKERS = 4
+MAX_KEYS = 1024     # keys per engine call (see _in_parts)
 CLOSE_WAIT_S = 30.0  # close waits this long for calls still in the engine
 
 STAT_KEYS = (
@@ -162,6 +163,15 @@ def run_master(m, log_file=None, timeout_s: float = 20.0):
             time.sleep(0.05)
     p.kill()
     raise TransportError(f"mooncake_master did not listen on {m.master} within {timeout_s} s")
+
+
+def _in_parts(fn: Callable, keys: list[str], ptrs: list[int], sizes: list[int]) -> list[int]:
+    """``fn`` over at most MAX_KEYS keys at a time: the engine's TCP transport fails a whole
+    batch of 4096 transfers to one peer (TRANSFER_FAIL after ~60 s; 2048 pass)."""
+    out: list[int] = []
+    for i in range(0, len(keys), MAX_KEYS):
+        out += list(fn(keys[i:i + MAX_KEYS], ptrs[i:i + MAX_KEYS], sizes[i:i + MAX_KEYS]))
+    return out
 
 
 class _Workers:
@@ -453,7 +463,7 @@ class MooncakeTransport:
         return res
 
     def _upsert_retry(self, keys: list[str], ptrs: list[int], sizes: list[int]) -> list[int]:
-        rcs = list(self._store.batch_upsert_from(keys, ptrs, sizes, self._rcfg))
+        rcs = _in_parts(lambda *a: self._store.batch_upsert_from(*a, self._rcfg), keys, ptrs, sizes)
         again = [j for j, rc in enumerate(rcs) if rc == NO_SPACE]
         if again:  # the pool is full: the master evicts in the background; one more try
             time.sleep(FULL_RETRY_S)
@@ -521,7 +531,8 @@ class MooncakeTransport:
             if abandoned:
                 self._free(held)
 
-        rcs = self._call("get", self._store.batch_get_into, keys, [self._ptr(o) for o in offs], caps, after=ended)
+        rcs = self._call("get", _in_parts, self._store.batch_get_into, keys, [self._ptr(o) for o in offs], caps,
+                         after=ended)
         if rcs is None:
             with lock:
                 state["abandoned"] = not state["ended"]

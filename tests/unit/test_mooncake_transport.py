@@ -284,3 +284,19 @@ def test_a_busy_staging_region_waits_then_drops(master):
     assert t.commit([slot], [False]) == [False]  # room again: the waiting put goes through
     th.join(5)
     assert res == [[True]] and t.used_bytes() == 0
+
+
+@needs_mooncake
+def test_bench_tiny_run(capsys):
+    """pd bench transport --transport mooncake: a master and a peer started here, the TCP columns."""
+    import argparse
+
+    from transport import bench
+
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    args = p.parse_args(["--transport", "mooncake", "--sizes", "64K,1M", "--total-mb", "2", "--iters", "1"])
+    assert bench.run(args) == 0
+    out = capsys.readouterr().out
+    assert "| 64K |" in out and "| 1M |" in out and "tcp to peer GB/s" in out and "transport=mooncake" in out
+    assert "started here" in out

@@ -222,6 +222,16 @@ def test_a_batch_larger_than_the_staging_memory(backend, k):
         assert ok == [True] * 6 and got == [700_000] * 6
 
 
+def test_thousands_of_keys_in_one_batch(t, k):
+    keys = [k(f"many/{i}") for i in range(1500)]  # mooncake: more than one engine call (1024 keys each)
+    vals = [np.full(512, i % 251, np.uint8) for i in range(1500)]
+    assert t.put(keys, vals) == [True] * 1500
+    outs = [np.zeros(512, np.uint8) for _ in keys]
+    assert t.get(keys, outs) == [512] * 1500
+    assert all((o == i % 251).all() for i, o in enumerate(outs))
+    assert t.exists(keys) == [True] * 1500 and t.delete(keys) == 1500
+
+
 def test_a_value_too_large_is_dropped(backend, k):
     t = backend.open(limit_mb=1)
     assert t.put([k("ok"), k("big")], [b"z" * 10, np.zeros(2 * MB, np.uint8)]) == [True, False]
