@@ -25,4 +25,23 @@ if ! python -c "import pd.connector, xxhash, pytest" 2>/dev/null; then
     python -m pip install -q -e ".[test]"
     python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 fi
+# Mooncake Store (connector.transport.kind: mooncake): its wheel (pdkv's [mooncake] extra; a CUDA
+# host may have the CUDA build, mooncake-transfer-engine, instead) and libibverbs, which its
+# binaries link even for TCP.
+if ! ldconfig -p 2>/dev/null | grep -q 'libibverbs\.so\.1 '; then
+    echo "setup: installing libibverbs1 (Mooncake's binaries link it, even for TCP)"
+    SUDO=""
+    [ "$(id -u)" = 0 ] || { sudo -n true 2>/dev/null && SUDO="sudo -n"; }
+    if ! command -v apt-get >/dev/null || { [ "$(id -u)" != 0 ] && [ -z "$SUDO" ]; } \
+        || ! { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libibverbs1 >/dev/null; }; then
+        echo "setup: error: libibverbs.so.1 is missing and could not be installed; install rdma-core's" \
+             "libibverbs as root (Debian/Ubuntu: apt-get install libibverbs1) and run this again" >&2
+        exit 1
+    fi
+fi
+if ! python -c "import mooncake.store" 2>/dev/null; then
+    echo "setup: installing Mooncake Store (mooncake-transfer-engine-non-cuda)"
+    python -m pip install -q -e ".[test,mooncake]"
+    python -c "import mooncake.store" || { echo "setup: error: Mooncake Store does not import" >&2; exit 1; }
+fi
 python -c "import vllm, torch, pd.connector; print(f'setup: ok (vllm {vllm.__version__}, torch {torch.__version__})')"
