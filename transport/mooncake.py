@@ -27,11 +27,13 @@ lease (granted by every get/exists, 10 s by default) is live, and pdkv deletes a
 only when its one reader has finished with it or no reader will come.
 
 Failure: a master that is not there at start is a ``TransportError`` after a TCP probe (setup
-itself would retry for ~90 s). Every later call runs on a worker thread and waits at most
-``op_timeout_s``; a call that fails with an RPC error or times out marks the master down, and
-for the next ``DOWN_S`` seconds (or while the client's own health check says so) calls return
-misses / drops at once. A value that the pool cannot hold is a dropped put. Everything is counted
-in ``stats``.
+itself would retry for ~90 s, holding the GIL). Every later call runs on a worker thread (the
+engine releases the GIL) and its caller waits at most ``op_timeout_s``; a call that fails with an
+RPC error (a dead master answers those in ~0-4.5 s) or times out marks the master down: from then
+on calls return misses / drops at once, and a background probe tries the master every ``DOWN_S``
+until it answers. A value that the pool cannot hold is a dropped put; a peer that died with the
+value in its segment is a miss. Everything is counted in ``stats``. ``close`` (and the process's
+exit, through Mooncake's own atexit hook) holds the GIL for 1-2 s, ~14 s when the master is gone.
 """
 from __future__ import annotations
 
@@ -56,7 +58,7 @@ from transport.base import TransportError
 log = logging.getLogger(__name__)
 
 # Return codes of mooncake-transfer-engine 0.3.13 (negative = an ErrorCode).
-NO_SPACE, BAD_PARAMS, TRANSFER_FAILED, NOT_FOUND, HAS_LEASE, RPC_FAILED = -200, -600, -800, -704, -706, -900
+NO_SPACE, BAD_PARAMS, NOT_FOUND, RPC_FAILED = -200, -600, -704, -900  # -800: transfer failed (a dead peer)
 DOWN_S = 1.0        # while the master is down, a background probe tries it this often
 FULL_RETRY_S = 0.05  # a put refused for lack of space is retried once after this (the master evicts)
 WORKERS = 4
@@ -80,6 +82,13 @@ STAT_KEYS = (
 def _byte_view(buf: Any) -> memoryview:
     mv = memoryview(buf)
     return mv if mv.format == "B" and mv.ndim == 1 else mv.cast("B")
+
+
+def _release_view(mv: memoryview) -> None:
+    try:
+        mv.release()
+    except BufferError:  # the caller made an array/tensor of it: that one keeps the memory alive
+        pass
 
 
 def _span(n: int) -> int:
@@ -432,7 +441,7 @@ class MooncakeTransport:
         for s in slots:
             if s is not None:
                 s._done = True
-                s.view.release()
+                _release_view(s.view)
         go = [i for i, s in enumerate(slots) if s is not None and (ok is None or ok[i])]
         self._free([(s._off, s.size) for i, s in enumerate(slots) if s is not None and not (ok is None or ok[i])])
         res = [False] * len(slots)
@@ -447,6 +456,8 @@ class MooncakeTransport:
         last = {s.key: j for j, s in enumerate(slots)}
         todo = [s for j, s in enumerate(slots) if last[s.key] == j and s.size > 0]
         held = [(s._off, s.size) for s in slots]
+        if not todo:
+            self._free(held)
         rcs = self._call("put", self._upsert_retry, [s.key for s in todo], [self._ptr(s._off) for s in todo],
                          [s.size for s in todo], after=lambda: self._free(held)) if todo else []
         by_key = {s.key: rc for s, rc in zip(todo, rcs or [None] * len(todo))}
@@ -507,10 +518,7 @@ class MooncakeTransport:
                 res.append(False)
                 continue
             r._done = True
-            try:
-                r.view.release()
-            except BufferError:  # a tensor made from the view keeps the memory mapped
-                pass
+            _release_view(r.view)
             free.append((r._off, r.size))
             res.append(True)
         self._free(free)
