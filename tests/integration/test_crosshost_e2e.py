@@ -83,11 +83,14 @@ def crosshost(two_hosts, model_path, tmp_path_factory):
     cfg_file = tmp / "crosshost.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg))
     launch = [sys.executable, "-m", "pd.cli", "launch", "--config", str(cfg_file)]
-    # Each host's instances on their own share of this machine's 2 cores.
-    a = _launch(launch + ["--host", "a", "--set", f"run_dir={tmp / 'run-a'}", "--set", "vllm.cpu_bind=0;1"],
+    # The two "hosts" share this machine's 2 cores: the prefill instances get core 0, the decode
+    # instances core 1. A decode instance waiting for KV keeps its engine stepping and its worker
+    # spinning (vLLM's shm broadcast busy loop); on the core of a prefill instance it starved that
+    # prefill (seen: 120 s stalls), which separate machines never see.
+    a = _launch(launch + ["--host", "a", "--set", f"run_dir={tmp / 'run-a'}", "--set", "vllm.cpu_bind=0;0"],
                 tmp / "a.out")
     b = _launch(h.exec_b(launch + ["--host", "b", "--keys-dir", str(keys / "clients" / "b"),
-                                   "--set", f"run_dir={tmp / 'run-b'}", "--set", "vllm.cpu_bind=0;1"]),
+                                   "--set", f"run_dir={tmp / 'run-b'}", "--set", "vllm.cpu_bind=1;1"]),
                 tmp / "b.out")
     try:
         deadline, url = time.monotonic() + 900, None
