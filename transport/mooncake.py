@@ -152,14 +152,23 @@ def master_spec(m) -> dict:
             "health_url": f"http://{url_host(near)}:{m.metrics_port}/health"}
 
 
+def _die_with_parent() -> None:
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def run_master(m, log_file=None, timeout_s: float = 20.0):
-    """Start ``mooncake_master`` as ``server_specs`` describes it (tests, ``pd bench transport``)
-    and wait until its RPC port accepts; returns the ``subprocess.Popen``."""
+    """Start ``mooncake_master`` as ``server_specs`` describes it (tests, ``pd bench transport``;
+    it is terminated if this process dies) and wait until its RPC port accepts; returns the
+    ``subprocess.Popen``."""
     import subprocess
 
     spec = master_spec(m)
     p = subprocess.Popen(spec["argv"], env={**os.environ, **spec["env"]}, stdin=subprocess.DEVNULL,
-                         stdout=log_file or subprocess.DEVNULL, stderr=subprocess.STDOUT)
+                         stdout=log_file or subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                         preexec_fn=_die_with_parent if sys.platform == "linux" else None)
     host, port = m.master_host_port()
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
