@@ -93,8 +93,11 @@ class WorkerSide(LoadMixin):
             self.layout.fingerprint = (_with_physical(self.spec_fingerprint, physical) if physical
                                        else self.spec_fingerprint)
         on_gpu = self.layout.device.type == "cuda"
+        # auto: no payload checksum only where the transport itself reports racing reads (shm's
+        # slot sequence check) and checksumming would be the only CPU pass over GPU KV.
+        guarded = getattr(self.transport, "guards_reads", False)
         self.checksum = self.cfg.checksum == "always" or (self.cfg.checksum == "auto"
-                                                         and not (self.zero_copy and on_gpu))
+                                                         and not (guarded and on_gpu))
         bpc = self.cfg.chunk_size // self.block_size
         slab = chunkfmt.HEADER_SIZE + self.layout.chunk_payload_bytes(bpc)
         self.pool = StagingPool(slab, SLABS_PER_THREAD * self.cfg.io_threads,

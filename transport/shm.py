@@ -97,6 +97,10 @@ class ShmTransport:
     once and goes on unpinned.
     """
 
+    #: ``release`` re-checks each slot's sequence number: a read that raced the producer is
+    #: reported, so the connector may skip payload checksums (``connector.checksum: auto``).
+    guards_reads = True
+
     cleanup_pool = staticmethod(cleanup_pool)
 
     def __init__(self, cfg: Any, pin_cuda: bool = False) -> None:
