@@ -65,6 +65,7 @@ from typing import Any, Sequence
 
 import xxhash
 
+from pd.bytes import byte_view
 from store.queue import DUPLICATE, QUEUED, WriteQueue
 
 log = logging.getLogger(__name__)
@@ -95,11 +96,6 @@ STAT_KEYS = ("puts", "put_bytes", "duplicates", "dropped", "queue_full", "too_la
              "write_bytes", "write_errors", "budget_drops", "evictions", "hits", "misses",
              "get_bytes", "queue_hits", "corrupt", "read_errors", "deletes", "recovered",
              "log_compactions", "batches", "read_only", "peer_hits", "peer_corrupt")
-
-
-def _byte_view(buf: Any) -> memoryview:
-    mv = memoryview(buf)
-    return mv if mv.format == "B" and mv.ndim == 1 else mv.cast("B")
 
 
 def _round_up(n: int, a: int = ALIGN) -> int:
@@ -563,7 +559,7 @@ class Hf3fsStore:
 
     # -- KVStore ---------------------------------------------------------------------------
     def put(self, key: str, data: Any) -> bool:
-        mv = _byte_view(data)
+        mv = byte_view(data)
         got = self._q.reserve(key, mv.nbytes, self._index.__contains__, limit=self.max_value)
         if got != QUEUED:
             return got == DUPLICATE
@@ -574,7 +570,7 @@ class Hf3fsStore:
 
     def get_many(self, keys: Sequence[str], intos: Sequence[Any]) -> list[int]:
         """Batched ``get``: one submit per read-staging area's worth of values."""
-        outs = [_byte_view(b) for b in intos]
+        outs = [byte_view(b) for b in intos]
         if any(o.readonly for o in outs):
             raise ValueError("get: the destination buffer is read-only")
         res = [0] * len(keys)

@@ -60,6 +60,7 @@ from typing import Any, Sequence
 
 import xxhash
 
+from pd.bytes import byte_view
 from store.queue import DUPLICATE, QUEUED, WriteQueue
 
 log = logging.getLogger(__name__)
@@ -151,11 +152,6 @@ def key_to_relpath(key: str) -> str:
 
 def parse_path(p: str) -> str:
     return p[len("file://"):] if p.startswith("file://") else p
-
-
-def _byte_view(buf: Any) -> memoryview:
-    mv = memoryview(buf)
-    return mv if mv.format == "B" and mv.ndim == 1 else mv.cast("B")
 
 
 def _round_up(n: int) -> int:
@@ -624,7 +620,7 @@ class LocalStore:
 
     # -- KVStore ---------------------------------------------------------------------------
     def put(self, key: str, data: Any) -> bool:
-        mv = _byte_view(data)
+        mv = byte_view(data)
         plen = mv.nbytes
         kb = key.encode()
         if len(kb) > _MAX_KEY:
@@ -649,7 +645,7 @@ class LocalStore:
         return True
 
     def get(self, key: str, into: Any) -> int:
-        out = _byte_view(into)
+        out = byte_view(into)
         if out.readonly:
             raise ValueError("get: the destination buffer is read-only")
         with self._lock:

@@ -52,6 +52,7 @@ from typing import Any, Callable, Sequence
 from urllib.error import HTTPError, URLError
 from urllib.request import urlopen
 
+from pd.bytes import byte_view, release_view
 from transport.arena import PAGE, FirstFit, _clear_cuda_error, buffer_address
 from transport.base import TransportError
 
@@ -77,18 +78,6 @@ STAT_KEYS = (
     "master_down",  # calls answered at once (miss/drop) because the master was down
     "timeouts",     # calls that took longer than op_timeout_s
 )
-
-
-def _byte_view(buf: Any) -> memoryview:
-    mv = memoryview(buf)
-    return mv if mv.format == "B" and mv.ndim == 1 else mv.cast("B")
-
-
-def _release_view(mv: memoryview) -> None:
-    try:
-        mv.release()
-    except BufferError:  # the caller made an array/tensor of it: that one keeps the memory alive
-        pass
 
 
 def _span(n: int) -> int:
@@ -450,7 +439,7 @@ class MooncakeTransport:
         for s in slots:
             if s is not None:
                 s._done = True
-                _release_view(s.view)
+                release_view(s.view)
         go = [i for i, s in enumerate(slots) if s is not None and (ok is None or ok[i])]
         self._free([(s._off, s.size) for i, s in enumerate(slots) if s is not None and not (ok is None or ok[i])])
         res = [False] * len(slots)
@@ -527,7 +516,7 @@ class MooncakeTransport:
                 res.append(False)
                 continue
             r._done = True
-            _release_view(r.view)
+            release_view(r.view)
             free.append((r._off, r.size))
             res.append(True)
         self._free(free)
@@ -564,7 +553,7 @@ class MooncakeTransport:
         batch that fits the region); False = dropped (counted)."""
         if len(keys) != len(buffers):
             raise ValueError(f"put: {len(keys)} keys but {len(buffers)} buffers")
-        mvs = [_byte_view(b) for b in buffers]
+        mvs = [byte_view(b) for b in buffers]
         res = [False] * len(keys)
         big = [j for j, mv in enumerate(mvs) if _span(mv.nbytes) > self.size]
         self._count_drops([mvs[j].nbytes for j in big], "larger than the staging region")
@@ -590,7 +579,7 @@ class MooncakeTransport:
         master down, transfer failed). Nothing is written into a buffer on a miss."""
         if len(keys) != len(buffers):
             raise ValueError(f"get: {len(keys)} keys but {len(buffers)} buffers")
-        mvs = [_byte_view(b) for b in buffers]
+        mvs = [byte_view(b) for b in buffers]
         for j, mv in enumerate(mvs):
             if mv.readonly:
                 raise TypeError(f"get: buffer {j} is read-only")

@@ -29,6 +29,7 @@ import threading
 import uuid
 from typing import Any, Sequence
 
+from pd.bytes import byte_view, release_view
 from transport import shm_index as index
 from transport.arena import COMMITTED, Mapping, buffer_address, key_digest16, stamp
 from transport.base import TransportError
@@ -54,18 +55,6 @@ STAT_KEYS = (
     "aborted",       # reserved slots released unpublished (commit with ok False)
     "arenas",        # arena files this instance created (1, or more if the pool was removed)
 )
-
-
-def _byte_view(buf: Any) -> memoryview:
-    mv = memoryview(buf)
-    return mv if mv.format == "B" and mv.ndim == 1 else mv.cast("B")
-
-
-def _release_view(mv: memoryview) -> None:
-    try:
-        mv.release()
-    except BufferError:  # the caller made an array/tensor of it: that one keeps the memory alive
-        pass
 
 
 class SlotWrite:
@@ -123,7 +112,7 @@ class ShmTransport:
         """Store each buffer under its key: reserve, one copy, commit. False = dropped."""
         if len(keys) != len(buffers):
             raise ValueError(f"put: {len(keys)} keys but {len(buffers)} buffers")
-        mvs = [_byte_view(b) for b in buffers]
+        mvs = [byte_view(b) for b in buffers]
         res: list[bool] = []
         call = Call()
         for key, mv in zip(keys, mvs):  # one value at a time: a batch may exceed the arena
@@ -152,7 +141,7 @@ class ShmTransport:
         """
         if len(keys) != len(buffers):
             raise ValueError(f"get: {len(keys)} keys but {len(buffers)} buffers")
-        mvs = [_byte_view(b) for b in buffers]
+        mvs = [byte_view(b) for b in buffers]
         for i, mv in enumerate(mvs):
             if mv.readonly:
                 raise TypeError(f"get: buffer {i} is read-only")
@@ -266,7 +255,7 @@ class ShmTransport:
                 res.append(False)
                 continue
             s._done = True
-            _release_view(s.view)
+            release_view(s.view)
             res.append(self._commit(s._m, s._e, ok is None or bool(ok[i])))
         return res
 
@@ -296,7 +285,7 @@ class ShmTransport:
             r._done = True
             same = r._m.get_stamp(r._off) == stamp(r._seq, COMMITTED)
             races += not same
-            _release_view(r.view)
+            release_view(r.view)
             self._maps.unhold(r._m)
             res.append(same)
         self._bump(read_races=races)
