@@ -94,6 +94,6 @@ def server_specs(cfg) -> list[dict]:
     cfg.mooncake.check()
     if not cfg.mooncake.start_master:
         return []
-    from transport.mooncake import master_spec
+    from transport.mooncake_master import master_spec
 
     return [master_spec(cfg.mooncake)]

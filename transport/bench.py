@@ -424,7 +424,8 @@ def run_mooncake(args: argparse.Namespace, sizes: list[int]) -> int:
     process and the peer, with a TCP stream of the same bytes between the same two endpoints."""
     from pd.config import ConfigError, MooncakeConfig, TransportConfig
     from transport.base import TransportError
-    from transport.mooncake import MooncakeTransport, run_master
+    from transport.mooncake import MooncakeTransport
+    from transport.mooncake_master import run_master
 
     counts, span = _counts(args, sizes)
     pass_mb = -(-span >> 20)

@@ -37,13 +37,10 @@ exit, through Mooncake's own atexit hook) holds the GIL for 1-2 s, ~14 s when th
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 import mmap
 import os
-import shutil
 import socket
-import sys
 import threading
 import time
 from concurrent.futures import Future, TimeoutError as FutureTimeout
@@ -55,6 +52,7 @@ from urllib.request import urlopen
 from pd.bytes import byte_view, release_view
 from transport.arena import PAGE, FirstFit, _clear_cuda_error, buffer_address
 from transport.base import TransportError
+from transport.mooncake_master import route_address
 
 log = logging.getLogger(__name__)
 
@@ -94,82 +92,6 @@ def _import_store():
             "or pip install 'pdkv[mooncake]' (mooncake-transfer-engine-non-cuda; mooncake-transfer-engine "
             "on CUDA hosts) and apt-get install libibverbs1") from None
     return MooncakeDistributedStore, ReplicateConfig
-
-
-def route_address(host: str, port: int) -> str:
-    """This host's address on the route to ``host`` (what peers there can reach us at)."""
-    try:
-        fam = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)[0]
-        with socket.socket(fam[0], socket.SOCK_DGRAM) as s:
-            s.connect(fam[4])  # no packet is sent
-            return s.getsockname()[0]
-    except OSError:
-        return "127.0.0.1"
-
-
-def master_binary() -> str | None:
-    """The ``mooncake_master`` executable: in the wheel's package directory, beside this Python,
-    or on PATH."""
-    spec = importlib.util.find_spec("mooncake")
-    dirs = list(spec.submodule_search_locations or []) if spec else []
-    for p in [os.path.join(d, "mooncake_master") for d in dirs] + [
-            os.path.join(os.path.dirname(sys.executable), "mooncake_master"), shutil.which("mooncake_master")]:
-        if p and os.path.isfile(p) and os.access(p, os.X_OK):
-            return p
-    return None
-
-
-def master_spec(m) -> dict:
-    """The server entry of ``transport.base.server_specs`` for a ``MooncakeConfig``."""
-    from pd.config import WILDCARD_HOSTS, ConfigError, url_host
-
-    host, port = m.master_host_port()
-    binary = master_binary()
-    if binary is None:
-        raise ConfigError("connector.transport.mooncake.start_master: true, but mooncake_master is not installed "
-                          "here; run scripts/setup.sh (pip install 'pdkv[mooncake]'), or start the master yourself "
-                          "and set start_master: false")
-    bind = m.bind_host or host
-    argv = [binary, f"--rpc_port={port}", f"--rpc_address={bind}", f"--metrics_port={m.metrics_port}",
-            f"--metrics_host={bind}", f"--eviction_high_watermark_ratio={m.eviction_high_watermark_ratio}",
-            f"--eviction_ratio={m.eviction_ratio}"]
-    if m.metadata_server.strip().lower() == "master":
-        argv += ["--enable_http_metadata_server=true", f"--http_metadata_server_host={bind}",
-                 f"--http_metadata_server_port={m.metadata_port}"]
-    near = "127.0.0.1" if bind in WILDCARD_HOSTS else bind
-    return {"name": "mooncake-master", "argv": argv, "host": bind, "port": port, "env": {},
-            "health_url": f"http://{url_host(near)}:{m.metrics_port}/health"}
-
-
-def _die_with_parent() -> None:
-    import ctypes
-    import signal
-
-    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def run_master(m, log_file=None, timeout_s: float = 20.0):
-    """Start ``mooncake_master`` as ``server_specs`` describes it (tests, ``pd bench transport``;
-    it is terminated if this process dies) and wait until its RPC port accepts; returns the
-    ``subprocess.Popen``."""
-    import subprocess
-
-    spec = master_spec(m)
-    p = subprocess.Popen(spec["argv"], env={**os.environ, **spec["env"]}, stdin=subprocess.DEVNULL,
-                         stdout=log_file or subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                         preexec_fn=_die_with_parent if sys.platform == "linux" else None)
-    host, port = m.master_host_port()
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if p.poll() is not None:
-            raise TransportError(f"mooncake_master exited with {p.returncode} at start: {' '.join(spec['argv'])}")
-        try:
-            socket.create_connection((host, port), timeout=1).close()
-            return p
-        except OSError:
-            time.sleep(0.05)
-    p.kill()
-    raise TransportError(f"mooncake_master did not listen on {m.master} within {timeout_s} s")
 
 
 def _in_parts(fn: Callable, keys: list[str], ptrs: list[int], sizes: list[int]) -> list[int]:

@@ -19,6 +19,7 @@ import pytest
 from pd.config import ConfigError, DeploymentConfig, MooncakeConfig, TransportConfig, load
 from test_transport_contract import close_all, free_ports, mooncake_installed
 from transport import mooncake as mc
+from transport import mooncake_master as mm
 from transport.base import TransportError, make_transport, server_specs
 
 MB = 1 << 20
@@ -44,7 +45,7 @@ def master():
     if mooncake_installed():
         pytest.skip("Mooncake Store not installed")
     m = _mc()
-    p = mc.run_master(m)
+    p = mm.run_master(m)
     later: list = []
     yield m, later
     close_all(later)
@@ -101,7 +102,7 @@ def test_server_specs():
     assert server_specs(TransportConfig(kind="mooncake")) == []  # start_master false: started elsewhere
     with pytest.raises(ConfigError, match="mooncake.master"):
         server_specs(TransportConfig(kind="mooncake", mooncake=MooncakeConfig(master="nope")))
-    if mc.master_binary() is None:
+    if mm.master_binary() is None:
         with pytest.raises(ConfigError, match="start_master: true, but mooncake_master is not installed"):
             server_specs(TransportConfig(kind="mooncake", mooncake=MooncakeConfig(start_master=True)))
         return
@@ -121,7 +122,7 @@ def test_server_specs():
 
 
 def test_missing_binary_and_module(monkeypatch):
-    monkeypatch.setattr(mc, "master_binary", lambda: None)
+    monkeypatch.setattr(mm, "master_binary", lambda: None)
     with pytest.raises(ConfigError, match="start_master: true, but mooncake_master is not installed"):
         server_specs(TransportConfig(kind="mooncake", mooncake=MooncakeConfig(start_master=True)))
     monkeypatch.setitem(sys.modules, "mooncake.store", None)  # import fails
@@ -130,7 +131,7 @@ def test_missing_binary_and_module(monkeypatch):
 
 
 def test_route_address():
-    assert mc.route_address("127.0.0.1", 50051) == "127.0.0.1"
+    assert mm.route_address("127.0.0.1", 50051) == "127.0.0.1"
 
 
 # -- failure at start ------------------------------------------------------------------------
@@ -156,7 +157,7 @@ def test_no_metadata_server_is_a_clear_error(master):
 def test_master_dies_calls_fail_fast_then_recover():
     """Master with its HTTP metadata server (metadata_server: master); killed mid-run; restarted."""
     m = _mc(metadata_server="master", op_timeout_s=2.0)
-    p = mc.run_master(m)
+    p = mm.run_master(m)
     t = make_transport(_tc(m))
     try:
         keys, out = [_k("a"), _k("b")], bytearray(100)
@@ -175,7 +176,7 @@ def test_master_dies_calls_fail_fast_then_recover():
             time.sleep(0.5)  # the background probe keeps trying meanwhile
         assert time.monotonic() - t0 < 5 * 0.5 + 0.5
         assert t.stats["master_down"] >= 20 and t.used_bytes() == 0
-        p = mc.run_master(m)  # the same address: the client finds it again
+        p = mm.run_master(m)  # the same address: the client finds it again
         deadline = time.monotonic() + 20
         while t.put([_k("back")], [b"1"]) != [True]:
             assert time.monotonic() < deadline, f"no recovery: {t.stats}"

@@ -41,7 +41,8 @@ def free_ports(n: int) -> list[int]:
 def mooncake_installed() -> str:
     """'' when the Mooncake Store module and master are usable here, else why not."""
     try:
-        from transport.mooncake import _import_store, master_binary
+        from transport.mooncake import _import_store
+        from transport.mooncake_master import master_binary
 
         _import_store()
     except Exception as e:  # noqa: BLE001 - the reason of the skip
@@ -65,7 +66,7 @@ def mooncake_master():
     why = mooncake_installed()
     if why:
         pytest.skip(f"Mooncake Store not installed ({why}); scripts/setup.sh installs it")
-    from transport.mooncake import run_master
+    from transport.mooncake_master import run_master
 
     rpc, metrics, meta = free_ports(3)
     m = MooncakeConfig(master=f"127.0.0.1:{rpc}", metrics_port=metrics, metadata_port=meta, start_master=True,
