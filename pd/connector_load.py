@@ -41,13 +41,15 @@ class _Load:
     wait_ms: float = 0.0
     ready: bool = False  # a READY was seen (the producer's chunks exist)
     error: str = ""
+    store: object = None  # the store to fall back to (None: none, or KV not keyed by tokens)
 
 
 class LoadMixin:
     def start_load(self, spec: LoadSpec) -> None:
         bpc = self.cfg.chunk_size // self.block_size
         first_block = spec.start_token // self.block_size
-        st = _Load(spec, self._keys(spec.token_ids), time.monotonic(), first_block // bpc, first_block)
+        st = _Load(spec, self._keys(spec.token_ids, spec.seed), time.monotonic(), first_block // bpc, first_block,
+                   store=self.store if spec.seed is not None else None)
         if spec.pd_id:
             self._waits.submit(self._await_ready, st)
         else:  # prefix reuse: the chunks are in the store, no transfer to wait for
@@ -98,7 +100,7 @@ class LoadMixin:
                         return
             else:
                 why = "aborted" if isinstance(reply, Aborted) else "timed out waiting for READY"
-                if self.store is None:
+                if st.store is None:
                     st.error = why
                 else:  # without READY (prefill late, down, or aborted) the store may hold the chunks
                     self._load_range(st, n_total, use_transport=False)
@@ -172,7 +174,7 @@ class LoadMixin:
         spans = list(self._chunk_spans(len(st.spec.token_ids), st.next_chunk, upto))
         blocks = torch.tensor(st.spec.block_ids, dtype=torch.long)
         deadline = time.monotonic() + self.cfg.load_timeout_s
-        if self.store is None and not use_transport:
+        if st.store is None and not use_transport:
             st.error = "no transport and no store to load from"
             return
         for i in range(0, len(spans), self.pool.n_slabs):
@@ -214,12 +216,12 @@ class LoadMixin:
                        for j, (w, (c, _b0, nb, _t)) in enumerate(zip(why, batch))]
             source = ["" if w else "transport" for w in why]
             need = [j for j, w in enumerate(why) if w]
-            if need and self.store is not None:
+            if need and st.store is not None:
                 if zero_copy:  # never read the store into the producer's slots
                     slabs = stack.enter_context(self.pool.acquire(len(need)))
                     for j, s in zip(need, slabs):
                         views[j] = memoryview(s.numpy())[: sizes[j]]
-                read = self.store.get_many([st.keys[batch[j][0]] for j in need], [views[j] for j in need])
+                read = st.store.get_many([st.keys[batch[j][0]] for j in need], [views[j] for j in need])
                 for j, n in zip(need, read):
                     c, _b0, nb, _t = batch[j]
                     bad = "" if n != sizes[j] else self._check(views[j], st.keys[c], sizes[j], nb)

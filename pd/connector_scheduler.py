@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+from pd.keys import request_seed
+
 logger = logging.getLogger("pd.connector")
 
 
@@ -25,6 +27,7 @@ class LoadSpec:
     token_ids: list[int]  # the prompt
     block_ids: list[int]  # the request's blocks, from block 0
     start_token: int  # first token to load (block aligned: the local prefix hit ends here)
+    seed: bytes | None = b""  # pd.keys.request_seed: adapter, cache_salt, multimodal inputs
 
 
 @dataclass
@@ -36,6 +39,7 @@ class SaveSpec:
     first_chunk: int = 0  # save chunks [first_chunk, last_chunk) of the prompt
     last_chunk: int = -1  # -1: to the end of the prompt
     final: bool = True  # the prompt's last chunk is among them
+    seed: bytes | None = b""  # pd.keys.request_seed; None: never written to the store
 
 
 @dataclass
@@ -64,6 +68,7 @@ class _Track:
     token_ids: list[int]
     block_ids: list[int]
     sent: int = 0  # chunks already handed to the workers
+    seed: bytes | None = b""
 
 
 class SchedulerSide:
@@ -89,10 +94,12 @@ class SchedulerSide:
         pd_id, remote_prefill, _ = transfer_params(request)
         return pd_id if self.is_consumer and pd_id and remote_prefill else None
 
-    def _stored_prefix(self, prompt) -> int:
+    def _stored_prefix(self, prompt, seed: bytes | None) -> int:
         from pd.keys import chunk_keys
 
-        n = self.store.contains(chunk_keys(self.namespace, 0, prompt, self.chunk_size))
+        if seed is None:  # KV not keyed by its tokens (prompt embeddings): no reuse
+            return 0
+        n = self.store.contains(chunk_keys(self.namespace, 0, prompt, self.chunk_size, seed))
         return min(n * self.chunk_size, len(prompt))
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:
@@ -102,7 +109,8 @@ class SchedulerSide:
         if self._is_pd_load(request):
             n = n_prompt - num_computed_tokens
         elif self.store is not None:
-            hit = self._hits[request.request_id] = self._stored_prefix(request.prompt_token_ids or [])
+            hit = self._stored_prefix(request.prompt_token_ids or [], request_seed(request))
+            self._hits[request.request_id] = hit
             n = hit - num_computed_tokens
         else:
             n = 0
@@ -125,7 +133,8 @@ class SchedulerSide:
         (block_ids,) = blocks.get_block_ids()
         self._loaded.add(request.request_id)
         self._loading.add(request.request_id)
-        self._new_loads.append(LoadSpec(request.request_id, pd_id, prompt, list(block_ids), start))
+        self._new_loads.append(LoadSpec(request.request_id, pd_id, prompt, list(block_ids), start,
+                                        request_seed(request)))
 
     # ---- producer ----------------------------------------------------------------------
 
@@ -134,7 +143,8 @@ class SchedulerSide:
             return
         pd_id, _, remote_decode = transfer_params(request)
         if pd_id and remote_decode:
-            self._tracks[request.request_id] = _Track(pd_id, list(request.prompt_token_ids), [])
+            self._tracks[request.request_id] = _Track(pd_id, list(request.prompt_token_ids), [],
+                                                      seed=request_seed(request))
 
     def _follow_blocks(self, so) -> list[SaveSpec]:
         saves = []
@@ -164,7 +174,8 @@ class SchedulerSide:
             if upto <= t.sent:
                 continue
             n_blocks = -(-min(upto * self.chunk_size, n_prompt) // self.block_size)
-            saves.append(SaveSpec(req_id, t.pd_id, t.token_ids, t.block_ids[:n_blocks], t.sent, upto, final))
+            saves.append(SaveSpec(req_id, t.pd_id, t.token_ids, t.block_ids[:n_blocks], t.sent, upto, final,
+                                  t.seed))
             t.sent = upto
             self._saving.add(req_id)  # its blocks are held until the workers have read them
             if final:

@@ -114,8 +114,10 @@ class WorkerSide(LoadMixin):
                     slab, self.namespace, ", zero-copy transport" if self.zero_copy else "",
                     "" if self.checksum else ", payload checksums off")
 
-    def _keys(self, token_ids: list[int]) -> list[str]:
-        return [chunk_key(self.namespace, self.rank, h) for h in chunk_hashes(token_ids, self.cfg.chunk_size)]
+    def _keys(self, token_ids: list[int], seed: bytes | None = b"") -> list[str]:
+        """The prompt's chunk keys; ``seed``: ``pd.keys.request_seed`` of the request."""
+        return [chunk_key(self.namespace, self.rank, h)
+                for h in chunk_hashes(token_ids, self.cfg.chunk_size, seed or b"")]
 
     def _chunk_spans(self, n_tokens: int, first_chunk: int = 0, last_chunk: int = -1):
         """(chunk index, first block offset, n_blocks, n_tokens) for chunks [first, last)."""
@@ -178,7 +180,8 @@ class WorkerSide(LoadMixin):
 
     def _run_save(self, spec: SaveSpec, event, prev: Future | None) -> None:
         t0 = time.monotonic()
-        keys = self._keys(spec.token_ids)
+        keys = self._keys(spec.token_ids, spec.seed)
+        to_store = self.write_through and spec.seed is not None  # None: KV not keyed by tokens
         last = len(keys) if spec.last_chunk < 0 else spec.last_chunk
         xkeys = ([transfer_key(spec.pd_id, keys[c]) for c in range(spec.first_chunk, last)]
                  if self.transport is not None else [])
@@ -186,9 +189,9 @@ class WorkerSide(LoadMixin):
         try:
             if event is not None:
                 event.synchronize()
-            if self.transport is not None or self.write_through:
-                n_bytes, dropped = self._save_chunks(spec, keys, last)
-            if self.write_through and (self.transport is None or dropped):
+            if self.transport is not None or to_store:
+                n_bytes, dropped = self._save_chunks(spec, keys, last, to_store)
+            if to_store and (self.transport is None or dropped):
                 # Decode will read these chunks from the store (there is no transport, or it
                 # dropped them: full, or its server down): READY must not overtake the writes.
                 self.store.flush(self.cfg.load_timeout_s)
@@ -215,7 +218,7 @@ class WorkerSide(LoadMixin):
         chunkfmt.write_header(view, layout.fingerprint, key_digest(key), toks, nb,
                               len(view) - chunkfmt.HEADER_SIZE, with_checksum=self.checksum)
 
-    def _save_chunks(self, spec: SaveSpec, keys: list[str], last: int) -> tuple[int, int]:
+    def _save_chunks(self, spec: SaveSpec, keys: list[str], last: int, to_store: bool) -> tuple[int, int]:
         """Gather and put chunks [spec.first_chunk, last); (bytes, chunks the transport dropped)."""
         pool = self.pool
         blocks = torch.tensor(spec.block_ids, dtype=torch.long)
@@ -231,7 +234,7 @@ class WorkerSide(LoadMixin):
             xkeys = [transfer_key(spec.pd_id, keys[c]) for c, *_ in batch]
             slots = self.transport.reserve(xkeys, sizes) if self.zero_copy else [None] * len(batch)
             # Staging slabs only where there is no slot and the bytes must go somewhere.
-            staged = [s is None and (not self.zero_copy or self.write_through) for s in slots]
+            staged = [s is None and (not self.zero_copy or to_store) for s in slots]
             with pool.acquire(sum(staged)) as slabs:
                 free = iter(slabs)
                 views = []
@@ -242,7 +245,7 @@ class WorkerSide(LoadMixin):
                         self._gather_into(view, blocks[b0 : b0 + nb], keys[c], toks, nb)
                         n_bytes += size
                     views.append(view)
-                if self.write_through:  # the store copies the bytes (before a reader may free a slot)
+                if to_store:  # the store copies the bytes (before a reader may free a slot)
                     for (c, *_), view in zip(batch, views):
                         if view is not None and not self.store.put(keys[c], view):
                             self.stats["store_puts_dropped"] += 1

@@ -47,8 +47,38 @@ def chunk_key(namespace: str, rank: int, digest: bytes) -> str:
     return f"{namespace}/{rank}/{digest.hex()}"
 
 
-def chunk_keys(namespace: str, rank: int, token_ids: Sequence[int], chunk_size: int) -> list[str]:
-    return [chunk_key(namespace, rank, d) for d in chunk_hashes(token_ids, chunk_size)]
+def chunk_keys(namespace: str, rank: int, token_ids: Sequence[int], chunk_size: int,
+               seed: bytes = b"") -> list[str]:
+    return [chunk_key(namespace, rank, d) for d in chunk_hashes(token_ids, chunk_size, seed)]
+
+
+def request_seed(request) -> bytes | None:
+    """What besides its token ids makes a request's KV its own, as a chain-hash seed.
+
+    vLLM's own block hashes also cover the LoRA adapter, ``cache_salt`` and multimodal inputs
+    (their content hash and position); the store's keys must too, or a request with another
+    adapter, salt or image could load KV that is not its own. ``b""`` for a plain request (its
+    keys stay what they were); ``None`` when its KV cannot be keyed by token ids at all (prompt
+    embeddings): such a request neither reads nor writes the store.
+    """
+    if getattr(request, "prompt_embeds", None) is not None:
+        return None
+    parts = []
+    lora = getattr(request, "lora_request", None)
+    if lora is not None:
+        parts.append(f"lora={getattr(lora, 'lora_name', '')}|{getattr(lora, 'lora_path', '')}")
+    salt = getattr(request, "cache_salt", None)
+    if salt:
+        parts.append(f"salt={salt}")
+    for f in getattr(request, "mm_features", None) or ():
+        ident = getattr(f, "identifier", None)
+        pos = getattr(f, "mm_position", None)
+        if ident is None:
+            return None  # an input we cannot name: no reuse
+        parts.append(f"mm={ident}@{getattr(pos, 'offset', '?')}+{getattr(pos, 'length', '?')}")
+    if not parts:
+        return b""
+    return hashlib.blake2b("\x1f".join(parts).encode(), digest_size=HASH_BYTES).digest()
 
 
 def key_digest(key: str) -> bytes:

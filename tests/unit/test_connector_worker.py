@@ -192,6 +192,55 @@ def test_chunks_the_transport_dropped_are_in_the_store_before_ready(tmp_path, co
             w.store.close()
 
 
+def test_store_keys_carry_the_request_seed(tmp_path, coord):
+    """KV written for one cache_salt / adapter / image is never loaded for another (prefix reuse)."""
+    p = _worker(tmp_path, coord, 8, store_writer=True)
+    d = _worker(tmp_path, coord, 9, store_writer=False)
+    salt_a, salt_b = b"A" * 16, b"B" * 16
+    try:
+        p.after_forward(PDMetadata(saves=[SaveSpec("p1", "x8", PROMPT, SRC, 0, -1, True, salt_a)]))
+        assert _until(lambda: p._save_jobs["p1"].done())
+        p.store.flush(10)
+        d.start_step(PDMetadata(loads=[LoadSpec("d1", "", PROMPT, DST, 0, salt_b)]))  # another tenant
+        assert _until(lambda: "d1" in d._done_recving)
+        assert d.take_load_errors() == set(DST) and not _same_blocks(p, d, SRC[:1], DST[:1])
+        d.start_step(PDMetadata(loads=[LoadSpec("d2", "", PROMPT, DST, 0, salt_a)]))
+        assert _until(lambda: "d2" in d._done_recving)
+        assert d.take_load_errors() == set() and _same_blocks(p, d, SRC, DST)
+        # A request whose KV is not keyed by its tokens (seed None) is not written to the store.
+        puts = p.store.stats.get("puts", None)
+        p.after_forward(PDMetadata(saves=[SaveSpec("p2", "x9", PROMPT, SRC, 0, -1, True, None)]))
+        assert _until(lambda: p._save_jobs["p2"].done())
+        assert p.store.stats.get("puts", None) == puts
+    finally:
+        for w in (p, d):
+            w.shutdown()
+            w.transport.close()
+            w.store.close()
+
+
+def test_scheduler_looks_up_the_store_with_the_request_seed():
+    class Store:
+        def __init__(self):
+            self.asked = []
+
+        def contains(self, keys):
+            self.asked.append(keys)
+            return 0
+
+    store = Store()
+    s = SchedulerSide(BLOCK, is_producer=False, is_consumer=True, store=store, namespace="ns", chunk_size=CHUNK)
+    base = dict(prompt_token_ids=PROMPT, kv_transfer_params=None, lora_request=None, mm_features=[],
+                prompt_embeds=None)
+    s.get_num_new_matched_tokens(SimpleNamespace(request_id="a", cache_salt="t1", **base), 0)
+    s.get_num_new_matched_tokens(SimpleNamespace(request_id="b", cache_salt="t2", **base), 0)
+    s.get_num_new_matched_tokens(SimpleNamespace(request_id="c", cache_salt=None, **base), 0)
+    assert len(store.asked) == 3 and len({tuple(k) for k in store.asked}) == 3
+    s.get_num_new_matched_tokens(SimpleNamespace(request_id="e", cache_salt=None,
+                                                 **{**base, "prompt_embeds": object()}), 0)
+    assert len(store.asked) == 3  # prompt embeddings: no lookup
+
+
 # ---- the scheduler half's chunked-prefill streaming -----------------------------------------
 
 

@@ -116,3 +116,28 @@ def test_unknown_header_flags_are_refused():
     struct.pack_into("<I", buf, 12, 0x80 | C.FLAG_CHECKSUM)
     with pytest.raises(C.ChunkError, match="unsupported"):
         C.verify(memoryview(buf), b"F" * 16, b"K" * 16)
+
+
+def test_request_seed_covers_what_vllm_block_hashes_cover():
+    from types import SimpleNamespace as NS
+
+    from pd.keys import request_seed
+
+    def req(**kw):
+        return NS(**{"prompt_embeds": None, "lora_request": None, "cache_salt": None, "mm_features": [], **kw})
+
+    image = lambda ident, offset: NS(identifier=ident, mm_position=NS(offset=offset, length=16))  # noqa: E731
+    plain = request_seed(req())
+    assert plain == b""  # plain requests keep the keys they always had
+    seeds = [request_seed(req(cache_salt="tenant-a")), request_seed(req(cache_salt="tenant-b")),
+             request_seed(req(lora_request=NS(lora_name="sql", lora_path="/l/sql"))),
+             request_seed(req(lora_request=NS(lora_name="chat", lora_path="/l/chat"))),
+             request_seed(req(mm_features=[image("img-1", 5)])), request_seed(req(mm_features=[image("img-2", 5)])),
+             request_seed(req(mm_features=[image("img-1", 9)]))]
+    assert len(set(seeds)) == len(seeds) and plain not in seeds
+    assert request_seed(req(cache_salt="tenant-a")) == seeds[0]  # stable across calls and processes
+    assert request_seed(req(prompt_embeds=object())) is None  # cannot be keyed by tokens: no store
+    assert request_seed(req(mm_features=[NS(identifier=None, mm_position=None)])) is None
+    toks = list(range(600))
+    assert chunk_keys("ns", 0, toks, 256, seeds[0]) != chunk_keys("ns", 0, toks, 256, seeds[1])
+    assert chunk_keys("ns", 0, toks, 256, b"") == chunk_keys("ns", 0, toks, 256)
