@@ -314,6 +314,8 @@ def check_keys(dep: DeploymentConfig, roles: list[str]) -> None:
 
     if dep.vllm.api_key_file:
         read_token(dep.vllm.api_key_file)
+    if dep.proxy.api_key_file and "control" in roles:
+        read_token(dep.proxy.api_key_file, "proxy.api_key_file")
     if dep.mode != "pd" or dep.coordinator.auth != "curve":
         return
 
@@ -324,14 +326,17 @@ def check_keys(dep: DeploymentConfig, roles: list[str]) -> None:
 
 
 def exposure_warnings(dep: DeploymentConfig, specs: list[ProcSpec]) -> list[str]:
-    """Instances that listen beyond loopback without an API token."""
+    """Instances (and the proxy) that listen beyond loopback without an API token."""
     from pd.curve import is_loopback
 
-    if dep.vllm.api_key_file:
-        return []
-    return [f"{s.name} listens on {s.bind} without vllm.api_key_file: anyone who reaches {s.bind}:{s.port} can "
-            "send it requests (pd keys DIR writes DIR/api.key)"
-            for s in specs if "vllm.entrypoints" in " ".join(s.argv) and not is_loopback(s.bind or s.host)]
+    out = [] if dep.vllm.api_key_file else [
+        f"{s.name} listens on {s.bind} without vllm.api_key_file: anyone who reaches {s.bind}:{s.port} can "
+        "send it requests (pd keys DIR writes DIR/api.key)"
+        for s in specs if "vllm.entrypoints" in " ".join(s.argv) and not is_loopback(s.bind or s.host)]
+    out += [f"the proxy listens on {s.bind} without proxy.api_key_file: anyone who reaches {s.bind}:{s.port} "
+            "can send it requests" for s in specs
+            if s.name == "proxy" and not dep.proxy.api_key_file and not is_loopback(s.bind or s.host)]
+    return out
 
 
 def preflight(dep: DeploymentConfig, roles: list[str], progress: Progress = print, timeout_s: float = 3.0) -> None:
@@ -455,10 +460,10 @@ def config_from_args(args: argparse.Namespace) -> DeploymentConfig:
     if getattr(args, "set", None):
         dep = merge(dep, parse_set(args.set))
     dep.model = str(check_model(dep.model))
-    if dep.coordinator.keys_dir:  # the instances and the proxy may run elsewhere than this cwd
-        dep.coordinator.keys_dir = str(Path(dep.coordinator.keys_dir).expanduser().resolve())
-    if dep.vllm.api_key_file:
-        dep.vllm.api_key_file = str(Path(dep.vllm.api_key_file).expanduser().resolve())
+    # the instances and the proxy may run elsewhere than this cwd
+    for section, key in ((dep.proxy, "api_key_file"), (dep.coordinator, "keys_dir"), (dep.vllm, "api_key_file")):
+        if getattr(section, key):
+            setattr(section, key, str(Path(getattr(section, key)).expanduser().resolve()))
     if dep.mode == "pd":
         check_store(dep.connector.store)
     return dep

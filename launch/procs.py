@@ -319,6 +319,8 @@ def proxy_spec(dep: DeploymentConfig, lay: Layout) -> ProcSpec:
         argv += ["--colocated", ",".join(lay.urls("colocated"))]
     if dep.vllm.api_key_file:
         argv += ["--upstream-api-key-file", dep.vllm.api_key_file]
+    if p.api_key_file:
+        argv += ["--api-key-file", p.api_key_file]
     near = reach_host(p.host)
     return ProcSpec("proxy", argv, {}, f"http://{near}:{p.port}/health", p.port, near, upstreams=True, bind=p.host)
 

@@ -355,6 +355,8 @@ class ProxyConfig:
     port: int = field(default=8000, metadata=_rng(1, 65535))
     policy: str = field(default="least_outstanding", metadata=_choices("least_outstanding", "round_robin"))
     upstream_timeout_s: float = field(default=600.0, metadata=_rng(0.1, 86400))
+    # A file with the bearer token clients must send on /v1 routes ("" = none), like vLLM's --api-key.
+    api_key_file: str = ""
 
 
 @dataclass

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
+import hmac
 import json
 import logging
 import socket
@@ -38,10 +39,22 @@ from pd.proxy_routing import POLICIES, Pool, UpstreamError, decode_body, error_b
 logger = logging.getLogger("pd.proxy")
 SSE = "text/event-stream"
 MODES = ("pd", "colocated")
+GENERATE = ("/v1/completions", "/v1/chat/completions")
+DONE_EVENT = b"data: [DONE]"
 
 
 def _json_error(message: str, status: int, typ: str = "invalid_request_error") -> web.Response:
     return web.json_response(error_body(message, status, typ), status=status)
+
+
+# request key: the client had the whole answer before it went away
+COMPLETE = web.RequestKey("pd_answer_complete", bool) if hasattr(web, "RequestKey") else "pd_answer_complete"
+
+
+def _finished(task: asyncio.Task) -> bool:
+    """``task`` (a decode start) gave an answer the client has had to its end."""
+    return (task.done() and not task.cancelled() and task.exception() is None
+            and isinstance(task.result(), _Started) and task.result().complete)
 
 
 class _ClientGone(Exception):
@@ -56,6 +69,7 @@ class _Started:
     resp: aiohttp.ClientResponse
     first: bytes
     stream: bool
+    complete: bool = False  # the client has had the whole answer (its ``data: [DONE]``)
 
 
 class Proxy:
@@ -84,6 +98,9 @@ class Proxy:
         self.coordinator_keys = coordinator_keys
         # Bearer token for the upstream instances (vllm.api_key_file); None: forward the client's.
         self.upstream_token: str | None = None
+        # Bearer token clients must send on /v1 routes (proxy.api_key_file, like vLLM's --api-key);
+        # None: no check.
+        self.api_key: str | None = None
         # An AsyncCoordinatorClient (made at startup from ``coordinator``), or any object with its API.
         self.coord: Any = None
         self.metrics = ProxyMetrics()
@@ -94,9 +111,9 @@ class Proxy:
 
     def make_app(self) -> web.Application:
         """The aiohttp application (run it with ``handler_cancellation=True``)."""
-        app = web.Application(client_max_size=64 << 20)
-        app.router.add_post("/v1/completions", self.handle_generate)
-        app.router.add_post("/v1/chat/completions", self.handle_generate)
+        app = web.Application(client_max_size=64 << 20, middlewares=[self._auth])
+        for path in GENERATE:
+            app.router.add_post(path, self.handle_generate)
         app.router.add_get("/v1/models", self.handle_models)
         app.router.add_get("/health", self.handle_health)
         app.router.add_get("/metrics", self.handle_metrics)
@@ -130,6 +147,19 @@ class Proxy:
             await self.session.close()
         if self.coord is not None:
             self.coord.close()
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler) -> web.StreamResponse:
+        """With ``api_key``: /v1 routes answer 401 unless the client sends ``Authorization: Bearer <key>``
+        (as vLLM's --api-key; /health and /metrics stay open)."""
+        if self.api_key is not None and request.path.startswith("/v1"):
+            got = request.headers.get("Authorization", "")
+            if not hmac.compare_digest(got.encode(), f"Bearer {self.api_key}".encode()):
+                if request.path in GENERATE:  # bounded label values only
+                    self.metrics.request(request.path, 401, 0.0)
+                return _json_error("missing or wrong API key: send the header 'Authorization: Bearer <key>' "
+                                   "with the key of proxy.api_key_file", 401, "authentication_error")
+        return await handler(request)
 
     def _spawn(self, coro: Coroutine) -> asyncio.Task:
         """A task kept alive until done, its exception always retrieved (no 'never retrieved' noise)."""
@@ -188,7 +218,7 @@ class Proxy:
             status = resp.status
             return resp
         finally:
-            self.metrics.request(endpoint, status, time.monotonic() - t0)
+            self.metrics.request(endpoint, 200 if request.get(COMPLETE) else status, time.monotonic() - t0)
 
     async def _pd(self, request: web.Request, endpoint: str, body: dict, t0: float) -> web.StreamResponse:
         pd_id = uuid.uuid4().hex
@@ -219,6 +249,10 @@ class Proxy:
                 prefill.add_done_callback(lambda t: self._late_prefill(t, pd_id))
                 return await self._relay(request, started, headers, pd_id, "decode", t0)
             except BaseException as e:  # the client went away (or a bug: aiohttp answers 500)
+                if _finished(decode):  # it hung up after [DONE]: the answer was whole, the KV consumed
+                    logger.debug("pd_id=%s: client closed after the end of the answer", pd_id)
+                    request[COMPLETE] = True
+                    raise
                 gone = isinstance(e, (asyncio.CancelledError, _ClientGone))
                 if not isinstance(e, _ClientGone):  # that one was logged where it was noticed
                     logger.info("pd_id=%s: %s", pd_id, "client went away" if gone else f"failed: {e!r}")
@@ -247,7 +281,12 @@ class Proxy:
                 started = await self._start(request, "colocated", url, endpoint, body, None)
             except UpstreamError as e:
                 return e.response({})
-            return await self._relay(request, started, {}, None, "colocated", t0)
+            try:
+                return await self._relay(request, started, {}, None, "colocated", t0)
+            except BaseException:
+                if started.complete:
+                    request[COMPLETE] = True
+                raise
 
     async def _prefill(self, request: web.Request, url: str, endpoint: str, body: dict, pd_id: str) -> None:
         """Run the prefill half to its end; raise UpstreamError if it fails."""
@@ -298,16 +337,22 @@ class Proxy:
                                      headers={**headers, "Content-Type": SSE, "Cache-Control": "no-cache"})
             await out.prepare(request)
             self.metrics.ttft(time.monotonic() - t0)
-            chunk = st.first
+            chunk, tail = st.first, b""
             while chunk:
                 try:
                     await out.write(chunk)
                 except ConnectionError:  # ConnectionResetError, aiohttp's ClientConnectionResetError
+                    if st.complete:  # the client hung up after [DONE]: nothing was lost
+                        return out
                     logger.info("pd_id=%s: client went away mid-stream", pd_id or "-")
                     raise _ClientGone(out) from None
+                tail = (tail + chunk)[-len(DONE_EVENT) - 8:]  # [DONE] may straddle two reads
+                st.complete = st.complete or DONE_EVENT in tail
                 try:
                     chunk = await st.resp.content.readany()
                 except (asyncio.TimeoutError, aiohttp.ClientError, OSError) as e:
+                    if st.complete:  # the upstream's connection ended badly after a whole answer
+                        break
                     timeout = isinstance(e, asyncio.TimeoutError)
                     err = self._fail(role, str(st.resp.url.origin()), pd_id, 504 if timeout else 502,
                                      why="timed out mid-stream" if timeout else f"failed mid-stream: {e!r}")
@@ -315,7 +360,11 @@ class Proxy:
                     await self._write_quietly(out, b"data: " + err.body + b"\n\n")
                     return out
             done = True
-            await out.write_eof()
+            try:
+                await out.write_eof()
+            except ConnectionError:
+                if not st.complete:
+                    raise _ClientGone(out) from None
             return out
         finally:
             st.resp.release() if done else st.resp.close()
@@ -331,7 +380,11 @@ class Proxy:
     # ---- other routes ------------------------------------------------------------------
 
     async def handle_models(self, request: web.Request) -> web.Response:
-        """GET /v1/models, from a decode (or colocated) instance."""
+        """GET /v1/models, from a decode (or colocated) instance; in P/D mode 503 until a prefill
+        instance is up too (clients that wait for /v1/models would otherwise send requests that fail)."""
+        if self.mode == "pd" and not any(await asyncio.gather(*(self._healthy(u) for u in self.prefill.urls))):
+            return _json_error("no prefill instance is up yet, so requests would fail (GET /health shows each "
+                               "instance); try again shortly", 503, "unavailable")
         url = self.decode.pick()
         try:
             async with self.session.get(url + "/v1/models", headers=self._headers(request)) as r:
@@ -399,6 +452,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="this client's keypair in DIR (default %(default)s)")
     p.add_argument("--upstream-timeout-s", type=float, default=None,
                    help="longest wait for an upstream's next bytes (default 600)")
+    p.add_argument("--api-key-file", metavar="FILE",
+                   help="clients must send 'Authorization: Bearer <the token in FILE>' on /v1 routes "
+                        "(proxy.api_key_file, like vLLM's --api-key)")
     p.add_argument("--upstream-api-key-file", metavar="FILE",
                    help="send the bearer token in FILE to the instances (vllm.api_key_file) instead of the client's")
 
@@ -414,7 +470,8 @@ def _listen(host: str, port: int) -> socket.socket:
 def run(args: argparse.Namespace) -> int:
     """``pd proxy``: serve until interrupted. Bad options raise ConfigError (the CLI exits 2)."""
     over = {k: v for k, v in {"host": args.host, "port": args.port, "policy": args.policy,
-                              "upstream_timeout_s": args.upstream_timeout_s}.items() if v is not None}
+                              "upstream_timeout_s": args.upstream_timeout_s,
+                              "api_key_file": getattr(args, "api_key_file", None)}.items() if v is not None}
     cfg = merge(ProxyConfig(), over, "proxy.")
     if args.colocated:
         if args.prefill or args.decode:
@@ -432,6 +489,10 @@ def run(args: argparse.Namespace) -> int:
         from pd.curve import read_token
 
         proxy.upstream_token = read_token(args.upstream_api_key_file, "--upstream-api-key-file")
+    if cfg.api_key_file:
+        from pd.curve import read_token
+
+        proxy.api_key = read_token(cfg.api_key_file, "--api-key-file (proxy.api_key_file)")
     sock = _listen(cfg.host, cfg.port)
     print(f"pd proxy ({proxy.mode}) listening on http://{cfg.host}:{cfg.port}", flush=True)
     web.run_app(proxy.make_app(), sock=sock, print=None, access_log=None, handler_cancellation=True,

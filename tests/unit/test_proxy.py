@@ -40,6 +40,8 @@ class FakeVLLM:
         self.gate: asyncio.Event | None = None
         self.cancelled = asyncio.Event()
         self.cut = False  # drop the connection after the first event of a stream
+        self.linger = 0.0  # seconds between a stream's [DONE] and its end (the network's delay)
+        self.down = False  # /health answers 503 (the instance is still starting)
         self.url = ""
 
     def error(self) -> dict:
@@ -70,6 +72,7 @@ class FakeVLLM:
                     request.transport.close()
                     return out
             await out.write(b"data: [DONE]\n\n")
+            await asyncio.sleep(self.linger)
             await out.write_eof()
             return out
         except (asyncio.CancelledError, ConnectionError):
@@ -80,7 +83,7 @@ class FakeVLLM:
         return web.json_response({"object": "list", "data": [{"id": "m", "owned_by": self.name}]})
 
     async def health(self, request: web.Request) -> web.Response:
-        return web.Response(text="")
+        return web.Response(text="", status=503 if self.down else 200)
 
     def app(self) -> web.Application:
         app = web.Application()

@@ -1,0 +1,103 @@
+"""The proxy's edges: its API key, /v1/models readiness, a client that hangs up after [DONE].
+
+Real HTTP against the fake vLLM instances of test_proxy (doubles that answer like vLLM)."""
+from __future__ import annotations
+
+import asyncio
+import json
+
+from pd.cli import main as cli_main
+from tests.unit.test_proxy import REQ, FakeCoord, deployment, eventually, run
+
+
+def _count(proxy, endpoint: str, status: int) -> float:
+    return proxy.metrics.requests.labels(endpoint, str(status))._value.get()
+
+
+def test_api_key_guards_v1_routes_only():
+    async def go():
+        async with deployment() as env:
+            env.proxy.api_key = "sk-proxy"
+            for hdr in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "sk-proxy"}):
+                async with env.client.post(env.url + "/v1/completions", json=REQ, headers=hdr) as r:
+                    assert r.status == 401
+                    err = (await r.json())["error"]
+                    assert err["type"] == "authentication_error" and "Authorization: Bearer" in err["message"]
+                async with env.client.get(env.url + "/v1/models", headers=hdr) as r:
+                    assert r.status == 401
+            assert env.p[0].bodies == [] and env.d[0].bodies == []  # nothing reached an instance
+            assert _count(env.proxy, "/v1/completions", 401) == 3
+            ok = {"Authorization": "Bearer sk-proxy"}
+            async with env.client.post(env.url + "/v1/completions", json=REQ, headers=ok) as r:
+                assert r.status == 200
+            async with env.client.get(env.url + "/health") as r:  # probes need no key
+                assert r.status == 200
+    run(go())
+
+
+def test_models_is_503_until_a_prefill_instance_is_up():
+    async def go():
+        async with deployment(n_p=2) as env:
+            for f in env.p:
+                f.down = True
+            async with env.client.get(env.url + "/v1/models") as r:
+                assert r.status == 503
+                assert "no prefill instance is up" in (await r.json())["error"]["message"]
+            env.p[1].down = False
+            async with env.client.get(env.url + "/v1/models") as r:
+                assert r.status == 200
+                assert (await r.json())["data"][0]["id"] == "m"
+    run(go())
+
+
+def test_models_in_colocated_mode_needs_no_prefill():
+    async def go():
+        async with deployment(n_p=0, mode="colocated") as env:
+            async with env.client.get(env.url + "/v1/models") as r:
+                assert r.status == 200
+    run(go())
+
+
+def test_client_closing_right_after_done_is_not_an_abort():
+    """The client reads to ``data: [DONE]`` and closes while the upstream's stream is still
+    ending: the answer was whole, so no abort reaches the coordinator and it counts as 200."""
+    async def go():
+        coord = FakeCoord()
+        async with deployment(coord=coord) as env:
+            env.d[0].linger = 1.0
+            host, port = env.url.removeprefix("http://").split(":")
+            reader, writer = await asyncio.open_connection(host, int(port))
+            body = json.dumps({**REQ, "stream": True}).encode()
+            writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            await writer.drain()
+            seen = b""
+            while b"data: [DONE]" not in seen:
+                seen += await asyncio.wait_for(reader.read(4096), 5)
+            writer.close()
+            await eventually(lambda: env.d[0].cancelled.is_set() or _count(env.proxy, "/v1/completions", 200) == 1,
+                             timeout=5)
+            await asyncio.sleep(1.5)  # past the linger: a late abort would have been sent by now
+            assert coord.aborts == []
+            assert _count(env.proxy, "/v1/completions", 200) == 1
+            assert _count(env.proxy, "/v1/completions", 499) == 0
+    run(go())
+
+
+def test_client_closing_mid_stream_is_still_an_abort():
+    async def go():
+        coord = FakeCoord()
+        async with deployment(coord=coord) as env:
+            env.d[0].gate = asyncio.Event()  # the stream stalls after its first event
+            async with env.client.post(env.url + "/v1/completions", json={**REQ, "stream": True}) as r:
+                await r.content.readany()
+            await eventually(lambda: len(coord.aborts) == 1)
+            assert "client went away" in coord.aborts[0][1]
+    run(go())
+
+
+def test_pd_proxy_api_key_file_flag(tmp_path, capsys):
+    missing = tmp_path / "nope"
+    assert cli_main(["proxy", "--prefill", "http://127.0.0.1:1", "--decode", "http://127.0.0.1:2",
+                     "--api-key-file", str(missing)]) == 2
+    assert "--api-key-file" in capsys.readouterr().err
