@@ -100,7 +100,9 @@ class LoadMixin:
                         return
             else:
                 why = "aborted" if isinstance(reply, Aborted) else "timed out waiting for READY"
-                if st.store is None:
+                if self._cancelled(st):  # the request is gone: nothing to load for it
+                    st.error = "request aborted"
+                elif st.store is None:
                     st.error = why
                 else:  # without READY (prefill late, down, or aborted) the store may hold the chunks
                     self._load_range(st, n_total, use_transport=False)
@@ -109,6 +111,11 @@ class LoadMixin:
             logger.exception("pd_id=%s: load failed", st.spec.pd_id)
             st.error = f"internal error: {e}"
         self._finish(st)
+
+    def _cancelled(self, st: _Load) -> bool:
+        """Whether vLLM aborted the request (its blocks are released once the load reports)."""
+        ev = self._cancel.get(st.spec.req_id)
+        return ev is not None and ev.is_set()
 
     def _finish(self, st: _Load) -> None:
         spec = st.spec
@@ -130,6 +137,8 @@ class LoadMixin:
             self._cancel.pop(spec.req_id, None)
         load_ms = (time.monotonic() - st.t0) * 1e3 - st.wait_ms
         self.stats["loads_ok" if ok else "loads_failed"] += 1
+        self.stats["loads_aborted"] += st.error.endswith("request aborted")
+        self.stats["load_timeouts"] += st.error == "load timed out"
         self.stats["chunks_loaded"] += st.n_chunks
         self.stats["bytes_loaded"] += st.n_bytes
         self.stats["store_chunks_loaded"] += st.from_store
@@ -237,6 +246,9 @@ class LoadMixin:
                     return False
                 if time.monotonic() > deadline:
                     st.error = "load timed out"
+                    return False
+                if self._cancelled(st):  # stop at the next chunk, not after the whole batch
+                    st.error = "request aborted"
                     return False
                 skip = max(0, st.loaded_upto - b0)  # blocks already valid from the local cache
                 layout = self.layout

@@ -71,7 +71,8 @@ class WorkerSide(LoadMixin):
         self.stats = {"saves": 0, "chunks_saved": 0, "loads_ok": 0, "loads_failed": 0,
                       "chunks_loaded": 0, "bytes_loaded": 0, "chunk_errors": 0,
                       "store_chunks_loaded": 0, "store_puts_dropped": 0, "transport_dropped": 0,
-                      "prefix_loads_ok": 0, "prefix_loads_failed": 0, "ready_parts": 0}
+                      "prefix_loads_ok": 0, "prefix_loads_failed": 0, "ready_parts": 0,
+                      "loads_aborted": 0, "load_timeouts": 0}
 
     # ---- setup -------------------------------------------------------------------------
 

@@ -1,0 +1,241 @@
+"""The connector's scheduler and worker halves driven through vLLM's own objects.
+
+vLLM's ``Request``, ``SchedulerOutput``/``NewRequestData``/``CachedRequestData``, ``KVCacheBlocks``
+and ``KVConnectorOutput`` carry each step to ``SchedulerSide``, whose metadata goes to real
+``WorkerSide``s (real coordinator over ZMQ, real shm transport, CPU caches), in the order vLLM's
+engine calls the hooks: preemption during a save, an abort while waiting for READY and while
+loading, a load that times out.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from vllm import SamplingParams
+from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+from vllm.v1.core.kv_cache_utils import KVCacheBlock
+from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput
+from vllm.v1.outputs import KVConnectorOutput
+from vllm.v1.request import Request
+
+from pd.connector_scheduler import SchedulerSide
+from pd.coord_client import CoordinatorClient
+from tests.unit.test_connector_worker import BLOCK, CHUNK, DST, PROMPT, SRC, _until, _worker, coord  # noqa: F401
+
+N_BLOCKS = -(-len(PROMPT) // BLOCK)  # 10
+
+
+def _request(req_id: str, pd_id: str, role: str) -> Request:
+    params = {"pd_id": pd_id, "do_remote_decode": True} if role == "prefill" else \
+        {"pd_id": pd_id, "do_remote_prefill": True}
+    return Request(req_id, list(PROMPT), SamplingParams(max_tokens=1, extra_args={"kv_transfer_params": params}),
+                   None)
+
+
+def _output(new=(), cached=(), resumed=(), preempted=()) -> SchedulerOutput:
+    """A step: ``new`` [(request, blocks, computed, scheduled)], ``cached`` [(req_id, new blocks,
+    computed, scheduled)] (``resumed``: those whose blocks are all new), ``preempted`` req ids."""
+    so = SchedulerOutput.make_empty()
+    so.scheduled_new_reqs = [NewRequestData.from_request(r, (list(b),)) for r, b, _, _ in new]
+    for (r, _, computed, _), n in zip(new, so.scheduled_new_reqs):
+        n.num_computed_tokens = computed
+    c = CachedRequestData.make_empty()
+    c.req_ids = [r for r, *_ in cached]
+    c.resumed_req_ids = set(resumed)
+    c.new_block_ids = [(list(b),) for _, b, _, _ in cached]
+    c.num_computed_tokens = [n for _, _, n, _ in cached]
+    c.num_output_tokens = [0] * len(cached)
+    c.new_token_ids = [[] for _ in cached]
+    so.scheduled_cached_reqs = c
+    so.num_scheduled_tokens = {**{r.request_id: s for r, _, _, s in new}, **{r: s for r, _, _, s in cached}}
+    so.total_num_scheduled_tokens = sum(so.num_scheduled_tokens.values())
+    so.preempted_req_ids = set(preempted)
+    return so
+
+
+def _blocks(ids) -> KVCacheBlocks:
+    return KVCacheBlocks((([KVCacheBlock(i) for i in ids]),))
+
+
+@pytest.fixture
+def workers(tmp_path, coord):  # noqa: F811 - the coordinator fixture
+    made = []
+
+    def make(seed, **over):
+        w = _worker(tmp_path, coord, seed, **over)
+        made.append(w)
+        return w
+
+    yield make
+    for w in made:
+        w.shutdown()
+        w.transport.close()
+
+
+def _slow(worker, what: str, seconds: float, first: threading.Event | None = None) -> list[float]:
+    """Make ``worker.layout.<what>`` (gather or scatter: the device copy) take ``seconds`` per
+    call; returns the times of the calls' ends."""
+    real = getattr(worker.layout, what)
+    ends: list[float] = []
+
+    def slow(*a, **k):
+        time.sleep(seconds)
+        out = real(*a, **k)
+        ends.append(time.monotonic())
+        if first is not None:
+            first.set()
+        return out
+
+    setattr(worker.layout, what, slow)
+    return ends
+
+
+def _consumer_load(s: SchedulerSide, req: Request):
+    """The consumer scheduler's steps for a new remote-prefill request: its metadata."""
+    n, is_async = s.get_num_new_matched_tokens(req, 0)
+    assert (n, is_async) == (len(PROMPT), True)
+    s.update_state_after_alloc(req, _blocks(DST), n)
+    meta = s.build_connector_meta(_output())
+    assert [(x.req_id, x.block_ids) for x in meta.loads] == [(req.request_id, DST)]
+    return meta
+
+
+def _abort(s: SchedulerSide, req: Request):
+    """vLLM aborts a request waiting for remote KV: ``request_finished``, then the next step."""
+    assert s.request_finished(req, DST) == (False, None)  # vLLM itself holds WAITING_FOR_REMOTE_KVS blocks
+    meta = s.build_connector_meta(_output())
+    assert meta.cancels == [req.request_id]
+    return meta
+
+
+def _received(d, s, req_id: str, timeout: float = 10.0) -> float:
+    """Wait until the worker reports ``req_id`` received; pass it to the scheduler (as vLLM's
+    KVConnectorOutput); the time it was seen."""
+    got: set[str] = set()
+    assert _until(lambda: bool(got.update(d.get_finished(set())[1]) or req_id in got), timeout)
+    s.update_connector_output(KVConnectorOutput(finished_recving={req_id}))
+    assert req_id not in s._loading
+    return time.monotonic()
+
+
+def _record(coord, pd_id: str):  # noqa: F811
+    """The coordinator's record of ``pd_id`` once its DONE is in (sent just after the release)."""
+    client = CoordinatorClient(coord.address)
+    assert _until(lambda: (r := client.query(pd_id).transfer) is not None and r.done, 5)
+    return client.query(pd_id).transfer
+
+
+def test_preemption_during_a_save_holds_the_blocks_and_resume_publishes_fresh_chunks(workers, coord):  # noqa: F811
+    p, d = workers(1), workers(2, wait_timeout_s=10)
+    s = SchedulerSide(BLOCK, is_producer=True, is_consumer=False, chunk_size=CHUNK)
+    req = _request("r", "pre1", "prefill")
+    truth = {n: t[SRC].clone() for n, t in p.caches.items()}  # the prompt's KV, wherever it is computed
+    s.on_new_request(req)
+    m1 = s.build_connector_meta(_output(new=[(req, SRC[:4], 0, 16)]))  # chunks 0-1 computed
+    assert [(x.first_chunk, x.last_chunk, x.block_ids) for x in m1.saves] == [(0, 2, SRC[:4])]
+    gate = threading.Event()
+    real_gather = p.layout.gather
+    p.layout.gather = lambda *a, **k: (gate.wait(10), real_gather(*a, **k))[1]  # a slow device copy
+    p.after_forward(m1)
+    # The next step preempts r: vLLM frees its blocks, the worker must finish reading them first.
+    m2 = s.build_connector_meta(_output(preempted=["r"]))
+    assert m2.preempted == ["r"] and not m2.saves
+    th = threading.Thread(target=p.handle_preemptions, args=(m2,))
+    th.start()
+    th.join(0.5)
+    assert th.is_alive()  # still reading the blocks: the step (and their reuse) waits
+    gate.set()
+    th.join(10)
+    assert not th.is_alive() and p._save_jobs["r"].done()
+    for t in p.caches.values():  # the blocks now hold another request's KV
+        t[SRC] = torch.randn_like(t[SRC])
+    # Resumed in new blocks, recomputed from token 0: only the chunks not yet sent are saved, from
+    # the new blocks.
+    new_blocks = list(range(20, 30))
+    for n, t in p.caches.items():
+        t[new_blocks] = truth[n]
+    m3 = s.build_connector_meta(_output(cached=[("r", new_blocks[:4], 0, 16)], resumed=["r"]))
+    assert not m3.saves  # chunks 0-1 went out before the preemption: not again, from these blocks
+    p.after_forward(m3)
+    m4 = s.build_connector_meta(_output(cached=[("r", new_blocks[4:], 16, len(PROMPT) - 16)]))
+    assert [(x.first_chunk, x.last_chunk, x.final, x.block_ids) for x in m4.saves] == [(2, 5, True, new_blocks)]
+    p.after_forward(m4)
+    assert s.request_finished(req, new_blocks) == (True, None)  # held until the sends are done
+    assert _until(lambda: "r" in p.get_finished({"r"})[0])
+    dreq = _request("d", "pre1", "decode")
+    sd = SchedulerSide(BLOCK, is_producer=False, is_consumer=True, chunk_size=CHUNK)
+    d.start_step(_consumer_load(sd, dreq))
+    _received(d, sd, "d")
+    assert d.take_load_errors() == set()
+    assert all(torch.equal(d.caches[n][DST], truth[n]) for n in truth)  # every chunk is the prompt's KV
+
+
+def test_abort_while_waiting_releases_the_blocks_and_tells_the_coordinator(workers, coord):  # noqa: F811
+    p, d = workers(1), workers(2, wait_timeout_s=60)
+    s = SchedulerSide(BLOCK, is_producer=False, is_consumer=True, chunk_size=CHUNK)
+    req = _request("d", "ab1", "decode")
+    before = {n: t[DST].clone() for n, t in d.caches.items()}
+    d.start_step(_consumer_load(s, req))
+    time.sleep(0.3)  # parked at the coordinator
+    t0 = time.monotonic()
+    d.start_step(_abort(s, req))
+    assert _received(d, s, "d", 5) - t0 < 3
+    assert d.take_load_errors() == set(DST)
+    rec = _record(coord, "ab1")
+    assert rec.done and not rec.ok and "aborted" in rec.error
+    # The prefill's READY comes late: nothing is loaded into the (freed) blocks.
+    from tests.unit.test_connector_worker import _save
+
+    p.after_forward(_save("ab1", 0, 5, True))
+    assert _until(lambda: p._save_jobs["p1"].done())
+    time.sleep(0.5)
+    assert all(torch.equal(d.caches[n][DST], before[n]) for n in before)
+    assert d.stats["chunks_loaded"] == 0 and d.stats["loads_failed"] == 1
+
+
+def test_abort_during_a_load_stops_it_and_nothing_is_loaded_after(workers, coord):  # noqa: F811
+    p, d = workers(1), workers(2, wait_timeout_s=10)
+    from tests.unit.test_connector_worker import _save
+
+    p.after_forward(_save("ab2", 0, 5, True))
+    assert _until(lambda: p._save_jobs["p1"].done())
+    s = SchedulerSide(BLOCK, is_producer=False, is_consumer=True, chunk_size=CHUNK)
+    req = _request("d", "ab2", "decode")
+    first = threading.Event()
+    ends = _slow(d, "scatter", 0.5, first)  # 5 chunks: 2.5 s in all
+    d.start_step(_consumer_load(s, req))
+    assert first.wait(5)
+    t0 = time.monotonic()
+    d.start_step(_abort(s, req))
+    done_at = _received(d, s, "d", 5)
+    n_done = len(ends)
+    assert done_at - t0 < 1.2 and n_done <= 2  # stopped at the next chunk, not after all five
+    time.sleep(1.2)
+    assert len(ends) == n_done and max(ends) <= done_at  # no copy into the blocks once released
+    loaded = n_done * CHUNK // BLOCK
+    assert d.take_load_errors() == set(DST[loaded:])
+    assert d.stats["loads_aborted"] == 1 and d.stats["loads_ok"] == 0
+    rec = _record(coord, "ab2")
+    assert rec.done and not rec.ok and "aborted" in rec.error
+
+
+def test_load_timeout_recomputes_the_rest_and_is_counted(workers, coord):  # noqa: F811
+    p, d = workers(1), workers(2, wait_timeout_s=10, load_timeout_s=0.4)
+    from tests.unit.test_connector_worker import _save, _same_blocks
+
+    p.after_forward(_save("lt1", 0, 5, True))
+    assert _until(lambda: p._save_jobs["p1"].done())
+    s = SchedulerSide(BLOCK, is_producer=False, is_consumer=True, chunk_size=CHUNK)
+    _slow(d, "scatter", 0.25)  # a slow device: 5 chunks take 1.25 s, the budget is 0.4 s
+    d.start_step(_consumer_load(s, _request("d", "lt1", "decode")))
+    _received(d, s, "d")
+    bad = d.take_load_errors()
+    assert bad and bad == set(DST[DST.index(min(bad)):])  # a tail of the blocks: recomputed by vLLM
+    good = DST.index(min(bad))
+    assert good >= CHUNK // BLOCK and _same_blocks(p, d, SRC[:good], DST[:good])
+    assert d.stats["load_timeouts"] == 1 and d.stats["loads_failed"] == 1
+    rec = _record(coord, "lt1")
+    assert rec.done and not rec.ok and "timed out" in rec.error
+    assert CoordinatorClient(coord.address).query("").counters["done_failed"] == 1
