@@ -37,7 +37,7 @@ logger = logging.getLogger("pd.coordinator")
 COUNTERS = ("registered", "heartbeats", "ready", "waits", "wait_hits_immediate", "wait_timeouts", "done_ok",
             "done_failed", "aborts", "expired", "freed_keys", "malformed", "internal_errors", "chunks_loaded",
             "bytes_loaded", "load_ms_sum", "instances_alive", "store_chunks_loaded", "auth_rejected",
-            "handshake_failed")
+            "handshake_failed", "entries", "waiters")  # the last two: gauges, set at each query
 MAX_RECORDS = 10000          # transfer records kept (oldest dropped first)
 RECORD_TTL_S = 3600.0        # ... and for at most this long
 DEAD_INSTANCE_TTL_S = 3600.0  # an instance down this long is forgotten
@@ -414,6 +414,8 @@ class Coordinator:
         instances = [InstanceInfo(iid, i.role, i.url, i.pid, i.alive, round(now - i.seen, 3))
                      for iid, i in sorted(self._instances.items())]
         self.counters["instances_alive"] = sum(1 for i in instances if i.alive)
+        self.counters["entries"] = len(self._entries)  # READYs held for a consumer
+        self.counters["waiters"] = sum(len(w) for w in self._waiters.values())  # parked WAITs
         self._sync_auth_counters()
         item = self._records.get(pd_id) if pd_id else None
         return QueryReply(counters=dict(self.counters), instances=instances, transfer=item[0] if item else None)

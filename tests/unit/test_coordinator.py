@@ -171,6 +171,21 @@ def test_wait_then_ready_answers_the_parked_waiter(peers):
     assert q.transfer.wait_ms >= QUIET_S * 1000 * 0.8  # it waited at least as long as we watched
 
 
+def test_entries_and_waiters_gauges_go_back_to_zero(peers):
+    prod, cons = peers(), peers()
+    cons.send(Wait("pd-g", 0, 10.0))
+    assert cons.recv(QUIET_S) is None
+    q = prod.query()
+    assert (q.counters["entries"], q.counters["waiters"]) == (0, 1)
+    assert isinstance(prod.req(ready("pd-g")), Ack) and isinstance(cons.recv(3.0), Ready)
+    assert isinstance(prod.req(ready("pd-h")), Ack)
+    q = prod.query()
+    assert (q.counters["entries"], q.counters["waiters"]) == (2, 0)  # held until DONE (or expiry)
+    for pd_id in ("pd-g", "pd-h"):
+        assert isinstance(cons.req(Done(pd_id, 0, ok=True)), Ack)
+    assert prod.query().counters["entries"] == 0
+
+
 def test_two_waiters_for_one_pd_id_are_both_answered(peers):
     prod, w1, w2 = peers(), peers(), peers()
     w1.send(Wait("pd-c", 0, 10.0))
