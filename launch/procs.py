@@ -81,8 +81,14 @@ def check_store(cfg) -> None:
                           "(--store-path DIR[,DIR...])")
     for raw in cfg.paths:
         path = Path(raw[len("file://"):] if raw.startswith("file://") else raw)
+        if not path.exists():  # made, as LMCache makes its local disk path (owner-only)
+            try:
+                path.mkdir(mode=0o700, parents=True)
+            except OSError as e:
+                raise ConfigError(f"connector.store.paths: {raw} does not exist and cannot be made: "
+                                  f"{e.strerror or e}") from None
         if not path.is_dir():
-            raise ConfigError(f"connector.store.paths: {raw} is not an existing directory")
+            raise ConfigError(f"connector.store.paths: {raw} is not a directory")
         if not os.access(path, os.W_OK | os.X_OK):
             raise ConfigError(f"connector.store.paths: {raw} is not writable")
 

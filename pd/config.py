@@ -227,8 +227,11 @@ class StoreConfig:
     # Directories for store/local (``file://`` prefix allowed); instance i on GPU/device d uses
     # paths[d % len(paths)].
     paths: list[str] = field(default_factory=list)
-    # One budget across all paths; least valuable chunks (by ``eviction``) go first when full.
+    # One budget across all paths and writers; least valuable chunks (by ``eviction``) go first.
     size_gb: float = field(default=10.0, metadata=_rng(0.001, 1 << 20))
+    # Processes writing to each path: each keeps to size_gb / len(paths) / writers, so together they
+    # keep to size_gb. pd launch raises it to the prefill ranks that share a path.
+    writers: int = field(default=1, metadata=_rng(1, 4096))
     eviction: str = field(default="lru", metadata=_choices("lru", "lfu", "fifo"))
     o_direct: bool = False
     # Bytes waiting in the write queue; a put beyond this is dropped and counted.
@@ -493,6 +496,15 @@ CONNECTOR_MODULE = "pd.connector"
 ROLE_TO_KV_ROLE = {"prefill": "kv_producer", "decode": "kv_consumer", "both": "kv_both"}
 
 
+def store_writers_per_path(dep: DeploymentConfig) -> int:
+    """The most prefill worker ranks that write to one store path: rank r of every prefill instance
+    uses path r % len(paths), so the writers of a path share its part of ``store.size_gb``."""
+    s = dep.connector.store
+    n_paths = max(1, len((s.hf3fs.base_paths or s.paths) if s.backend == "hf3fs" else s.paths))
+    tp = max(1, int(getattr(dep.prefill, "tp", 0) or dep.vllm.tensor_parallel_size))
+    return max(1, dep.prefill.count) * -(-tp // n_paths)
+
+
 def kv_transfer_config(dep: DeploymentConfig, role: str, instance_id: str, coordinator: str = "") -> dict:
     """The ``--kv-transfer-config`` JSON (as a dict) for one vLLM instance of ``dep``; it reaches the
     coordinator at ``coordinator`` (default: ``dep.coordinator.address``, the advertised one)."""
@@ -505,6 +517,7 @@ def kv_transfer_config(dep: DeploymentConfig, role: str, instance_id: str, coord
     conn["coordinator_client_key"] = dep.coordinator.client_key
     conn["instance_id"] = instance_id
     conn["heartbeat_interval_s"] = dep.coordinator.heartbeat_interval_s
+    conn["store"]["writers"] = max(dep.connector.store.writers, store_writers_per_path(dep))
     return {
         "kv_connector": CONNECTOR_CLASS,
         "kv_connector_module_path": CONNECTOR_MODULE,

@@ -13,9 +13,9 @@ directory back and replays its index). A writer directory holds:
   the default 200 MB iovec; raise ``iov_size_mb`` for larger chunks. A slab is given to one slot
   size class (4 KiB x 2^k up to the slab size) when a value of that class needs room, and goes
   back to the free slabs when its last slot is freed. The budget (``size_gb`` over the base
-  paths) is the number of slabs x ``slab_size``, so the data files never exceed it. The budget
-  is per writer directory: normally one per device index and base path (the prefill worker of
-  that rank); give each prefill instance its own base path or account for one budget per writer.
+  paths and ``writers``, the processes writing to each base path, which ``pd launch`` sets from
+  the prefill pool) is the number of slabs x ``slab_size`` of one writer directory, so the data
+  files of all writers together never exceed ``size_gb``.
 * Each slot: a 64-byte header ``magic 4s | version H | pad H | xxh3(key) Q | payload_len Q |
   xxh3(payload) Q | seq Q`` then the payload. A slot whose header does not name the key, the
   index's sequence number, the length or the checksum is a miss (torn, stale, overwritten).
@@ -315,15 +315,17 @@ class Hf3fsStore:
         if self.io.extract_mount_point(self.root) != self.mount_point:
             raise ValueError(f"store path {self.root} is not under the 3FS mount {self.mount_point}")
         try:
-            os.makedirs(self.root, exist_ok=True)
+            os.makedirs(self.root, mode=0o700, exist_ok=True)
         except OSError as e:
             raise ValueError(f"store path {self.root} cannot be created ({e.strerror or e})") from None
         self.location = f"hf3fs:{self.root}"
         self.writer = bool(writer)
-        self.budget = int(cfg.size_gb * 1e9 / len(bases))
+        writers = max(1, int(getattr(cfg, "writers", 1)))
+        self.budget = int(cfg.size_gb * 1e9 / len(bases) / writers)
         if self.budget < MIN_BUDGET:
-            raise ValueError(f"store.size_gb={cfg.size_gb} gives {self.budget} bytes per base path; "
-                             f"the hf3fs store needs at least {MIN_BUDGET} bytes (1 MiB)")
+            raise ValueError(f"store.size_gb={cfg.size_gb} gives {self.budget} bytes per writer over "
+                             f"{len(bases)} base path(s) and {writers} writer(s) per path; the hf3fs store needs "
+                             f"at least {MIN_BUDGET} bytes (1 MiB) per writer")
         if cfg.eviction != "lru" and self.writer:
             log.warning("hf3fs store: eviction %r is not implemented; using lru", cfg.eviction)
         self.iov_size = int(h.iov_size_mb) << 20
@@ -391,8 +393,8 @@ class Hf3fsStore:
         """Take the first writer directory ``w<k>`` whose lock no live process holds."""
         for k in range(MAX_WRITERS):
             path = os.path.join(self.root, f"w{k}")
-            os.makedirs(path, exist_ok=True)
-            fd = os.open(os.path.join(path, "lock"), os.O_RDWR | os.O_CREAT, 0o644)
+            os.makedirs(path, mode=0o700, exist_ok=True)
+            fd = os.open(os.path.join(path, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
@@ -444,7 +446,7 @@ class Hf3fsStore:
 
     # -- files, addresses, index log -------------------------------------------------------
     def _open_file(self, f: int) -> int:
-        fd = os.open(os.path.join(self.path, f"data-{f:04d}.bin"), os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(os.path.join(self.path, f"data-{f:04d}.bin"), os.O_RDWR | os.O_CREAT, 0o600)
         try:
             self.io.register_fd(fd)
         except BaseException:

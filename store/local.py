@@ -3,13 +3,14 @@
 Layout and sharding (the conventions of LMCache's local-disk backend):
 
 * ``StoreConfig.paths`` lists directories (``file://`` prefix allowed). The instance on device
-  ``d`` uses ``paths[d % len(paths)]``, so each GPU writes to its own drive. The directories
-  must exist and be writable (checked at construction).
-* ``StoreConfig.size_gb`` is ONE total budget for all paths: each instance gets
-  ``size_gb * 1e9 / len(paths)`` bytes and accounts only for the files under its own path
-  (what it found there at start, what it wrote, and files of other processes it read). When
-  several live processes write to the same path, each enforces the share on its own view, so
-  that path may hold up to (number of writers) x the share.
+  ``d`` uses ``paths[d % len(paths)]``, so each GPU writes to its own drive. A directory that
+  does not exist yet is made (owner-only); it must be writable (checked at construction).
+* ``StoreConfig.size_gb`` is ONE total budget for all paths and all their writers: each writing
+  process keeps to ``size_gb * 1e9 / len(paths) / writers`` bytes (``StoreConfig.writers``: the
+  processes that write to each path; ``pd launch`` sets it from the prefill pool), accounting for
+  the files under its own path (what it found there at start, what it wrote, and files of other
+  processes it read), so the writers of a path together stay within its share.
+* Files and directories are created readable by their owner only (0600 / 0700).
 * Key ``namespace/rank/hexhash`` -> ``<path>/<namespace>+<rank>/<hexhash>.kv``. Characters
   outside ``[A-Za-z0-9_.-]`` are escaped as ``%XX`` (``/`` inside the directory part as ``+``),
   so the mapping is injective and a lookup is a single ``open``; no index scan.
@@ -55,6 +56,7 @@ import re
 import struct
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from typing import Any, Sequence
 
@@ -420,11 +422,13 @@ class LocalStore:
         path = paths[device_index % len(paths)]
         self.path = os.path.abspath(path)
         self._check_dir(path)
-        self.budget = int(cfg.size_gb * 1e9 / len(paths))
+        writers = max(1, int(getattr(cfg, "writers", 1)))
+        self.budget = int(cfg.size_gb * 1e9 / len(paths) / writers)
         if self.budget < MIN_BUDGET:
             raise ValueError(
-                f"store.size_gb={cfg.size_gb} gives {self.budget} bytes per path over {len(paths)} "
-                f"path(s); the local store needs at least {MIN_BUDGET} bytes (1 MiB) per path")
+                f"store.size_gb={cfg.size_gb} gives {self.budget} bytes per writer over {len(paths)} "
+                f"path(s) and {writers} writer(s) per path; the local store needs at least {MIN_BUDGET} "
+                "bytes (1 MiB) per writer")
         self.location = f"local:{self.path}"
         self.eviction = cfg.eviction
         self.queue_budget = int(cfg.queue_mb) << 20
@@ -451,6 +455,7 @@ class LocalStore:
         self._rpool = _BufPool(min(self.queue_budget, READ_POOL_MAX))
         self._evicting: set[str] = set()
         self._seq = itertools.count()
+        self._uid = uuid.uuid4().hex[:12]  # temp names: unique per store, not per process only
         self._dirs: set[str] = set()
         self._scan()
         self._threads = [threading.Thread(target=self._writer, name=f"pdkv-store-w{i}", daemon=True)
@@ -464,8 +469,12 @@ class LocalStore:
     @staticmethod
     def _check_dir(path: str) -> None:
         if not os.path.exists(path):
-            raise ValueError(f"store path {path} does not exist; create the directory (on the disk "
-                             "meant for the KV store) before starting")
+            try:
+                os.makedirs(path, mode=0o700, exist_ok=True)
+            except OSError as e:
+                raise ValueError(f"store path {path} does not exist and cannot be made ({e.strerror or e}); "
+                                 "create the directory (on the disk meant for the KV store) before starting") from None
+            log.info("local store: made the directory %s", path)
         if not os.path.isdir(path):
             raise ValueError(f"store path {path} is not a directory; store.paths needs directories")
         # named like a temp file of this (live) process, so a concurrent scan leaves it alone
@@ -1001,9 +1010,9 @@ class LocalStore:
     def _write_file(self, item: _Item, full: str) -> None:
         d = os.path.dirname(full)
         if d not in self._dirs:
-            os.makedirs(d, mode=0o755, exist_ok=True)
+            os.makedirs(d, mode=0o700, exist_ok=True)
             self._dirs.add(d)
-        tmp = os.path.join(d, f"{TMP_PREFIX}{os.getpid()}-{next(self._seq)}")
+        tmp = os.path.join(d, f"{TMP_PREFIX}{os.getpid()}-{self._uid}-{next(self._seq)}")
         kb = item.key.encode()
         hoff, poff, end = HEADER_FIXED + len(kb), item.poff, item.poff + item.plen
         mv = memoryview(item.buf)
@@ -1043,10 +1052,10 @@ class LocalStore:
 
     def _open_tmp(self, tmp: str, flags: int, direct: bool) -> int:
         try:
-            return os.open(tmp, flags | (os.O_DIRECT if direct else 0), 0o644)
+            return os.open(tmp, flags | (os.O_DIRECT if direct else 0), 0o600)
         except FileNotFoundError:  # the sub-directory was removed under us
-            os.makedirs(os.path.dirname(tmp), mode=0o755, exist_ok=True)
-            return os.open(tmp, flags | (os.O_DIRECT if direct else 0), 0o644)
+            os.makedirs(os.path.dirname(tmp), mode=0o700, exist_ok=True)
+            return os.open(tmp, flags | (os.O_DIRECT if direct else 0), 0o600)
         except OSError as e:
             if direct and e.errno == errno.EINVAL:
                 self._open_direct_fallback(e)

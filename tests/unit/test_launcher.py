@@ -662,13 +662,24 @@ def test_store_flags_reach_the_instances(model, tmp_path, capsys):
     assert extra["store"]["size_gb"] == 2 and extra["transport"]["kind"] == "none"
 
 
+def test_store_path_is_made_and_writers_share_the_budget(model, tmp_path, capsys):
+    cfg = free_config(model, tmp_path)
+    cfg["prefill"] = {"count": 3}
+    path = tmp_path / "new" / "kv"
+    assert main(["launch", "--config", str(write_yaml(tmp_path, cfg)), "--store", "local", "--store-path",
+                 f"{path},{tmp_path / 'kv2'}", "--dry-run"]) == 0
+    assert path.is_dir() and path.stat().st_mode & 0o777 == 0o700
+    assert _store_extra(capsys.readouterr().out)["store"]["writers"] == 3  # 3 prefill ranks 0 on each path
+
+
 @pytest.mark.parametrize("args, words", [
     (["--store", "local"], ["connector.store.paths", "at least one directory"]),
-    (["--store", "local", "--store-path", "/nonexistent/kv"], ["/nonexistent/kv", "not an existing directory"]),
+    (["--store", "local", "--store-path", "{tmp}/a-file/kv"], ["a-file/kv", "does not exist and cannot be made"]),
     (["--store", "local", "--store-path", "{tmp}", "--store-size-gb", "0"], ["size_gb", "0.001"]),
 ])
 def test_bad_store_flags_exit_2(model, tmp_path, capsys, args, words):
     cfg = write_yaml(tmp_path, free_config(model, tmp_path))
+    (tmp_path / "a-file").write_text("x")
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     assert main(["launch", "--config", str(cfg), *args, "--dry-run"]) == 2
     err = capsys.readouterr().err

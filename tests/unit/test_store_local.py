@@ -308,9 +308,55 @@ def test_sharding_by_device_index(disk):
         s.close()
 
 
+def test_missing_directory_is_made_owner_only(disk):
+    s = LocalStore(_cfg(disk / "new" / "kv"))
+    assert (disk / "new" / "kv").is_dir() and (disk / "new" / "kv").stat().st_mode & 0o777 == 0o700
+    s.put(_key(1), _data(1))
+    s.flush(5)
+    (f,) = _files(disk / "new" / "kv")
+    assert f.stat().st_mode & 0o777 == 0o600 and f.parent.stat().st_mode & 0o777 == 0o700
+    s.close()
+    ro = disk / "ro"
+    ro.mkdir(mode=0o500)
+    if os.geteuid() != 0:  # root may write anywhere
+        with pytest.raises(ValueError, match="cannot be made"):
+            LocalStore(_cfg(ro / "kv"))
+
+
+def test_two_stores_in_one_process_never_share_temp_names(disk):
+    """Two writers on one directory in one process (two instances, or a restarted one) write
+    their temporary files under distinct names: no put is lost to a collision."""
+    a, b = LocalStore(_cfg(disk, write_threads=2)), LocalStore(_cfg(disk, write_threads=2))
+    for i in range(40):
+        a.put(_key(i), _data(i, 50_000))
+        b.put(_key(1000 + i), _data(1000 + i, 50_000))
+    a.flush(10)
+    b.flush(10)
+    assert a.usage()["write_errors"] == b.usage()["write_errors"] == 0
+    assert a.contains([_key(i) for i in range(40)]) == 40
+    assert b.contains([_key(1000 + i) for i in range(40)]) == 40
+    assert not [f for f in disk.rglob(".tmp-*")]
+    a.close()
+    b.close()
+
+
+def test_writers_share_one_budget(disk):
+    """``writers`` processes on one path keep together to the path's share of ``size_gb``."""
+    stores = [LocalStore(_cfg(disk, size_gb=0.004, writers=2)) for _ in range(2)]
+    assert [s.budget for s in stores] == [2_000_000, 2_000_000]
+    for i in range(20):
+        for j, s in enumerate(stores):
+            s.put(_key(100 * j + i), _data(100 * j + i, 300_000))
+            s.flush(5)
+    on_disk = sum(f.stat().st_size for f in _files(disk))
+    assert 3_000_000 < on_disk <= 4_000_000
+    for s in stores:
+        s.close()
+    with pytest.raises(ValueError, match="per writer"):
+        LocalStore(_cfg(disk, size_gb=0.004, writers=8))
+
+
 def test_bad_configuration(disk):
-    with pytest.raises(ValueError, match="does not exist"):
-        LocalStore(_cfg(disk / "missing"))
     f = disk / "a-file"
     f.write_text("x")
     with pytest.raises(ValueError, match="not a directory"):
