@@ -37,12 +37,13 @@ logger = logging.getLogger("pd.coordinator")
 COUNTERS = ("registered", "heartbeats", "ready", "waits", "wait_hits_immediate", "wait_timeouts", "done_ok",
             "done_failed", "aborts", "expired", "freed_keys", "malformed", "internal_errors", "chunks_loaded",
             "bytes_loaded", "load_ms_sum", "instances_alive", "store_chunks_loaded", "auth_rejected",
-            "handshake_failed", "entries", "waiters")  # the last two: gauges, set at each query
+            "handshake_failed", "ready_conflicts", "entries", "waiters")  # the last two: gauges, set at each query
 MAX_RECORDS = 10000          # transfer records kept (oldest dropped first)
 RECORD_TTL_S = 3600.0        # ... and for at most this long
 DEAD_INSTANCE_TTL_S = 3600.0  # an instance down this long is forgotten
 MAX_WAIT_S = 3600.0          # a WAIT never parks longer than this
 SWEEP_INTERVAL_S = 0.05      # expiry resolution; also how fast stop() is noticed
+MAX_MESSAGE_BYTES = 64 << 20  # a READY of 100,000 keys is ~10 MB
 LOG_EVERY_S = 60.0           # repeated warnings of one kind are logged at most this often
 
 Key = tuple[str, int]
@@ -112,6 +113,7 @@ class Coordinator:
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting agent keeps its identity
+        self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)  # a larger frame: the peer is disconnected
         self._curve: CurveServer | None = None
         self._monitor: zmq.Socket | None = None
         try:
@@ -323,6 +325,16 @@ class Coordinator:
         self.counters["ready"] += 1
         self._send(ident, Ack())
         key = (msg.pd_id, msg.rank)
+        first = self._entries.get(key)
+        if first is not None and first[0].instance_id != msg.instance_id:
+            # One producer per pd_id and rank: merging would send the first one's keys to the
+            # second when freed (the first would never free them) and mix two locations.
+            self.counters["ready_conflicts"] += 1
+            self._log("ready-conflict", logging.WARNING,
+                      f"pd_id={msg.pd_id} rank {msg.rank}: READY from {msg.instance_id!r} refused, "
+                      f"{first[0].instance_id!r} published it first")
+            self._free(msg, "another instance published this pd_id first")
+            return
         rec = self._record(msg.pd_id, now)
         rec.ready, rec.n_tokens, rec.producer = rec.ready or msg.final, msg.n_tokens, msg.instance_id
         rec.n_ready_parts += 1

@@ -6,10 +6,20 @@ another version, or sending anything that does not decode to one of these struct
 """
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 import msgspec
 
 PROTOCOL_VERSION = 2  # 2: READY streams (chunks_ready, final), WAIT says what it has (have)
 PROTOCOL_TAG = b"pdkv/%d" % PROTOCOL_VERSION
+
+
+# Field types with the values a peer may send: anything else is refused at decoding (an Error
+# naming the field), so that no count, rank or duration from the wire is negative, NaN or infinite.
+Count = Annotated[int, msgspec.Meta(ge=0)]
+Seconds = Annotated[float, msgspec.Meta(ge=0, le=1e9)]  # finite (NaN fails ge)
+Millis = Annotated[float, msgspec.Meta(ge=0, le=1e12)]
+Role = Literal["prefill", "decode", "both", "proxy"]
 
 
 class _Msg(msgspec.Struct, tag_field="type", tag=lambda name: name.lower(), forbid_unknown_fields=True):
@@ -21,18 +31,18 @@ class _Msg(msgspec.Struct, tag_field="type", tag=lambda name: name.lower(), forb
 
 class Register(_Msg):
     instance_id: str
-    role: str  # "prefill" | "decode" | "both" | "proxy"
+    role: Role
     url: str = ""
-    pid: int = 0
+    pid: Count = 0
 
 
 class Heartbeat(_Msg):
     """Liveness; the optional fields let a restarted coordinator re-register the instance fully."""
 
     instance_id: str
-    role: str = ""
+    role: Role | Literal[""] = ""
     url: str = ""
-    pid: int = 0
+    pid: Count = 0
 
 
 class Ready(_Msg):
@@ -45,13 +55,13 @@ class Ready(_Msg):
     """
 
     pd_id: str
-    rank: int
+    rank: Count
     keys: list[str]
-    n_tokens: int
-    n_bytes: int = 0
+    n_tokens: Count
+    n_bytes: Count = 0
     location: str = ""  # transport kind + address, e.g. "shm:/dev/shm/pdkv-default"
     instance_id: str = ""
-    chunks_ready: int = 0
+    chunks_ready: Count = 0
     final: bool = True
 
 
@@ -60,23 +70,23 @@ class Wait(_Msg):
     answered when a final READY or one with more than ``have`` chunks is there, or at timeout."""
 
     pd_id: str
-    rank: int
-    timeout_s: float
-    have: int = 0
+    rank: Count
+    timeout_s: Seconds
+    have: Count = 0
 
 
 class Done(_Msg):
     """Decode finished with ``pd_id``: loaded (ok) or gave up (error); chunks may be freed."""
 
     pd_id: str
-    rank: int
+    rank: Count
     ok: bool
     instance_id: str = ""
-    n_chunks: int = 0
-    n_bytes: int = 0
-    load_ms: float = 0.0
+    n_chunks: Count = 0
+    n_bytes: Count = 0
+    load_ms: Millis = 0.0
     error: str = ""
-    n_store_chunks: int = 0  # of n_chunks, how many came from the persistent store
+    n_store_chunks: Count = 0  # of n_chunks, how many came from the persistent store
 
 
 class Abort(_Msg):
