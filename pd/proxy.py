@@ -34,7 +34,9 @@ from aiohttp import web
 
 from pd.config import ConfigError, ProxyConfig, merge
 from pd.proxy_metrics import CONTENT_TYPE, ProxyMetrics
-from pd.proxy_routing import POLICIES, Pool, UpstreamError, decode_body, error_body, parse_urls, prefill_body
+from pd.proxy_routing import (
+    POLICIES, Pool, UpstreamError, client_transfer_params, decode_body, error_body, parse_urls, prefill_body,
+)
 
 logger = logging.getLogger("pd.proxy")
 SSE = "text/event-stream"
@@ -205,9 +207,19 @@ class Proxy:
             except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
                 status = 400
                 return _json_error(f"request body is not valid JSON: {e}", 400)
+            except RecursionError:
+                status = 400
+                return _json_error("request body is not valid JSON: nested too deeply", 400)
+            except web.HTTPRequestEntityTooLarge:
+                status = 413
+                return _json_error(f"request body is larger than the {request.client_max_size} bytes allowed", 413)
             if not isinstance(body, dict):
                 status = 400
                 return _json_error("request body must be a JSON object", 400)
+            refused = client_transfer_params(body)
+            if refused:
+                status = 400
+                return _json_error(refused, 400)
             try:
                 if self.mode == "pd":
                     resp = await self._pd(request, endpoint, body, t0)

@@ -51,6 +51,18 @@ class Pool:
             self.outstanding[url] -= 1
 
 
+def client_transfer_params(body: dict[str, Any]) -> str:
+    """Why ``body`` is refused for naming a KV transfer itself ("" if it does not): only the proxy
+    sets ``kv_transfer_params`` (vLLM also takes them from ``vllm_xargs``), or a client could make
+    an instance publish or load KV under a pd_id of its choosing."""
+    if body.get("kv_transfer_params") is not None:
+        return "kv_transfer_params is set by the proxy; a client may not send it (leave it out)"
+    xargs = body.get("vllm_xargs")
+    if isinstance(xargs, dict) and "kv_transfer_params" in xargs:
+        return "vllm_xargs.kv_transfer_params is set by the proxy; a client may not send it (leave it out)"
+    return ""
+
+
 def prefill_body(body: dict[str, Any], pd_id: str) -> dict[str, Any]:
     """The prefill half: one token, not streamed, KV sent on as ``pd_id``."""
     out = {k: v for k, v in body.items() if k not in DROP_FOR_PREFILL}
