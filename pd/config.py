@@ -184,9 +184,80 @@ def _host_port(text: str, key: str) -> tuple[str, int]:
 
 
 @dataclass
+class InfinistoreConfig:
+    """Transport kind infinistore: one InfiniStore server holds the values in its DRAM pool, every
+    instance is a client, over RDMA or TCP. ``server()`` / ``check()`` check formats at start."""
+
+    # The server as LMCache writes it: infinistore://host:port/?device=mlx5_0 (device: the RDMA NIC
+    # of this host, needed by connection_type rdma). IPv4 literals or names (resolved here).
+    url: str = "infinistore://127.0.0.1:22345"
+    # rdma: one-sided reads/writes of registered memory; tcp: the bytes over the control socket.
+    connection_type: str = field(default="rdma", metadata=_choices("rdma", "tcp"))
+    # rdma: IB (InfiniBand) or Ethernet (RoCE v2).
+    link_type: str = field(default="IB", metadata=_choices("IB", "Ethernet"))
+    ib_port: int = field(default=1, metadata=_rng(1, 255))
+    # rdma: the GID index (RoCE); -1 = InfiniStore picks. Needs an InfiniStore newer than 0.2.35.
+    gid_index: int = field(default=-1, metadata=_rng(-1, 255))
+    # Staging memory of this process, MiB (registered with the NIC once in rdma mode): every value
+    # moves from or into slots of it, so it bounds the bytes in flight and the largest value.
+    staging_mb: int = field(default=512, metadata=_rng(1, 1 << 20))
+    # The largest value (chunk) a zero-copy read reserves room for, MiB (at most staging_mb).
+    max_value_mb: int = field(default=64, metadata=_rng(1, 1 << 16))
+    # rdma: batched calls in flight on the connection (the server allows 128).
+    max_inflight: int = field(default=64, metadata=_rng(1, 128))
+    # tcp: connections (one per thread) a batch is spread over.
+    tcp_threads: int = field(default=4, metadata=_rng(1, 64))
+    # Longest one batched call may take; a later answer counts as a miss / a dropped put.
+    op_timeout_s: float = field(default=10.0, metadata=_rng(0.1, 3600))
+    connect_timeout_s: float = field(default=5.0, metadata=_rng(0.1, 600))
+    # The launcher starts the server (`infinistore`) on the control host when true.
+    start_server: bool = False
+    # The server's pool, GB (registered with its NIC at start), and its allocation unit, KB.
+    server_prealloc_gb: int = field(default=16, metadata=_rng(1, 1 << 14))
+    server_minimal_allocate_kb: int = field(default=64, metadata=_rng(16, 1 << 20))
+    # The server's HTTP management port (GET /kvmap_len, POST /purge).
+    server_manage_port: int = field(default=18080, metadata=_rng(1, 65535))
+    # A directory holding a libibverbs.so.1 the server loads instead of the system's: "" = the
+    # system's. The released server needs an RDMA device even for TCP; on a host without one,
+    # the test double build/verbs-double (tests/doubles/verbs) lets it serve TCP (see the README).
+    server_libibverbs: str = ""
+
+    def server(self) -> tuple[str, int, str]:
+        """``url`` as (host, port, device); ConfigError naming the key when it does not parse."""
+        from urllib.parse import parse_qs, urlparse
+
+        key = "connector.transport.infinistore.url"
+        try:
+            u = urlparse(self.url.strip())
+            host, port, query = u.hostname, u.port, parse_qs(u.query)
+            ok = u.scheme == "infinistore" and bool(host) and port is not None and u.path in ("", "/")
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ConfigError(f"{key}: {self.url!r} is not allowed; give infinistore://host:port/?device=mlx5_0 "
+                              "(device: the RDMA NIC, for connection_type rdma)")
+        unknown = sorted(set(query) - {"device"})
+        if unknown:
+            raise ConfigError(f"{key}: unknown parameter(s) {unknown} in {self.url!r}; allowed: device")
+        return host, port, (query.get("device") or [""])[0]
+
+    def check(self) -> None:
+        """Refuse values that do not parse or do not go together."""
+        _, _, device = self.server()
+        if self.connection_type == "rdma" and not device:
+            raise ConfigError(f"connector.transport.infinistore.url: {self.url!r} names no RDMA device; "
+                              "connection_type rdma needs ?device=<NIC> (see ibv_devices), or use "
+                              "connection_type tcp")
+        if self.max_value_mb > self.staging_mb:
+            raise ConfigError(f"connector.transport.infinistore.max_value_mb: {self.max_value_mb} is larger "
+                              f"than staging_mb {self.staging_mb}; allowed: at most staging_mb")
+
+
+@dataclass
 class TransportConfig:
-    # shm: same host (shared memory); mooncake: across hosts (Mooncake Store, see mooncake.*).
-    kind: str = field(default="shm", metadata=_choices("shm", "mooncake", "none"))
+    # shm: same host (shared memory); mooncake: across hosts (Mooncake Store, see mooncake.*);
+    # infinistore: across hosts (an InfiniStore server, RDMA or TCP, see infinistore.*).
+    kind: str = field(default="shm", metadata=_choices("shm", "mooncake", "infinistore", "none"))
     # Per-producer budget of the shared-memory pool; the oldest unconsumed chunks are evicted.
     pool_size_mb: int = field(default=1024, metadata=_rng(1, 1 << 20))
     # Directory for the shm pool (a tmpfs); each deployment uses its own sub-directory.
@@ -195,6 +266,8 @@ class TransportConfig:
     name: str = "default"
     # Kind mooncake only.
     mooncake: MooncakeConfig = field(default_factory=MooncakeConfig)
+    # Kind infinistore only.
+    infinistore: InfinistoreConfig = field(default_factory=InfinistoreConfig)
 
 
 @dataclass

@@ -25,23 +25,42 @@ if ! python -c "import pd.connector, xxhash, pytest, hypothesis" 2>/dev/null; th
     python -m pip install -q -e ".[test]"
     python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 fi
+apt_install() {  # apt_install PACKAGE WHY: as root (or with sudo -n), else stop with what to do
+    echo "setup: installing $1 ($2)"
+    local SUDO=""
+    [ "$(id -u)" = 0 ] || { sudo -n true 2>/dev/null && SUDO="sudo -n"; }
+    if ! command -v apt-get >/dev/null || { [ "$(id -u)" != 0 ] && [ -z "$SUDO" ]; } \
+        || ! { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "$1" >/dev/null; }; then
+        echo "setup: error: $1 is missing and could not be installed ($2); install it as root" \
+             "(Debian/Ubuntu: apt-get install $1) and run this again" >&2
+        exit 1
+    fi
+}
 # Mooncake Store (connector.transport.kind: mooncake): its wheel (pdkv's [mooncake] extra; a CUDA
 # host may have the CUDA build, mooncake-transfer-engine, instead) and libibverbs, which its
 # binaries link even for TCP.
 if ! ldconfig -p 2>/dev/null | grep -q 'libibverbs\.so\.1 '; then
-    echo "setup: installing libibverbs1 (Mooncake's binaries link it, even for TCP)"
-    SUDO=""
-    [ "$(id -u)" = 0 ] || { sudo -n true 2>/dev/null && SUDO="sudo -n"; }
-    if ! command -v apt-get >/dev/null || { [ "$(id -u)" != 0 ] && [ -z "$SUDO" ]; } \
-        || ! { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libibverbs1 >/dev/null; }; then
-        echo "setup: error: libibverbs.so.1 is missing and could not be installed; install rdma-core's" \
-             "libibverbs as root (Debian/Ubuntu: apt-get install libibverbs1) and run this again" >&2
-        exit 1
-    fi
+    apt_install libibverbs1 "Mooncake's and InfiniStore's binaries link it, even for TCP"
 fi
 if ! python -c "import mooncake.store" 2>/dev/null; then
     echo "setup: installing Mooncake Store (mooncake-transfer-engine-non-cuda)"
     python -m pip install -q -e ".[test,mooncake]"
     python -c "import mooncake.store" || { echo "setup: error: Mooncake Store does not import" >&2; exit 1; }
 fi
+# InfiniStore (connector.transport.kind: infinistore): its wheel (pdkv's [infinistore] extra); for its
+# server, uvloop 0.21.0 in build/infinistore-server (transport/infinistore_server.py says why) and,
+# for hosts without an RDMA device, the libibverbs test double in build/verbs-double (built from
+# tests/doubles/verbs with gcc and rdma-core's headers).
+if ! python -c "import infinistore" 2>/dev/null; then
+    echo "setup: installing InfiniStore (infinistore==0.2.35)"
+    python -m pip install -q -e ".[test,infinistore]"
+    python -c "import infinistore" || { echo "setup: error: infinistore does not import" >&2; exit 1; }
+fi
+if [ ! -d build/infinistore-server/uvloop ]; then
+    echo "setup: installing uvloop 0.21.0 for the InfiniStore server (build/infinistore-server)"
+    python -m pip install -q --no-deps --target build/infinistore-server uvloop==0.21.0
+fi
+[ -f /usr/include/infiniband/verbs.h ] || apt_install libibverbs-dev "headers of the libibverbs test double"
+command -v gcc >/dev/null || apt_install gcc "builds the libibverbs test double"
+bash tests/doubles/verbs/build.sh build/verbs-double
 python -c "import vllm, torch, pd.connector; print(f'setup: ok (vllm {vllm.__version__}, torch {torch.__version__})')"

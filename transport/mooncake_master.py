@@ -8,9 +8,6 @@ import os
 import shutil
 import socket
 import sys
-import time
-
-from transport.base import TransportError
 
 
 def route_address(host: str, port: int) -> str:
@@ -58,32 +55,11 @@ def master_spec(m) -> dict:
             "health_url": f"http://{url_host(near)}:{m.metrics_port}/health"}
 
 
-def _die_with_parent() -> None:
-    import ctypes
-    import signal
-
-    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 def run_master(m, log_file=None, timeout_s: float = 20.0):
     """Start ``mooncake_master`` as ``server_specs`` describes it (tests, ``pd bench transport``;
     it is terminated if this process dies) and wait until its RPC port accepts; returns the
     ``subprocess.Popen``."""
-    import subprocess
+    from transport.base import run_spec
 
-    spec = master_spec(m)
-    p = subprocess.Popen(spec["argv"], env={**os.environ, **spec["env"]}, stdin=subprocess.DEVNULL,
-                         stdout=log_file or subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                         preexec_fn=_die_with_parent if sys.platform == "linux" else None)
     host, port = m.master_host_port()
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if p.poll() is not None:
-            raise TransportError(f"mooncake_master exited with {p.returncode} at start: {' '.join(spec['argv'])}")
-        try:
-            socket.create_connection((host, port), timeout=1).close()
-            return p
-        except OSError:
-            time.sleep(0.05)
-    p.kill()
-    raise TransportError(f"mooncake_master did not listen on {m.master} within {timeout_s} s")
+    return run_spec(master_spec(m), host, port, log_file, timeout_s)
