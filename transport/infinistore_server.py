@@ -7,13 +7,16 @@ before it serves anything, TCP included. Without a device the launcher stops wit
 saying so, unless ``server_libibverbs`` names a libibverbs to load instead of the system's (the
 test double of tests/doubles/verbs, which lets the real server serve its TCP path).
 
-The two fixes, both in how the server starts, neither in what it serves:
+Three fixes, all in how the server starts, none in what it serves:
 * It drives uvloop's libuv loop with the libuv 1.41 it bundles; with uvloop 0.23 (libuv 1.52)
   the first connection aborts the server (``uv__io_cb: unreachable``). uvloop 0.21.0 (libuv 1.48)
   works: scripts/setup.sh installs it in build/infinistore-server, which the server's PYTHONPATH
   puts first; a uvloop newer than that is refused here with the reason.
 * It sets its ``oom_score_adj`` to -1000, which a container without CAP_SYS_RESOURCE refuses
   (PermissionError, the server exits): there it logs a warning and goes on.
+* Its listening socket gets TCP_NODELAY (accepted connections inherit it): a TCP read is
+  answered in two writes, and with Nagle the second waited ~40 ms for the reader's delayed ACK
+  (measured: 44 ms -> 0.03 ms per read of 544 bytes on loopback).
 """
 from __future__ import annotations
 
@@ -92,6 +95,30 @@ def _uvloop_problem() -> str:
     return ""
 
 
+def _nodelay_listener(port: int) -> None:
+    """TCP_NODELAY on the server's listening socket (connections accepted from it inherit it).
+    InfiniStore answers a TCP read with a header and the value in two writes; with Nagle on, the
+    second waits for the reader's delayed ACK: ~40 ms per read."""
+    import socket
+    import stat
+
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if not stat.S_ISSOCK(os.fstat(int(name)).st_mode):
+                continue
+            s = socket.socket(fileno=int(name))
+        except OSError:
+            continue
+        try:
+            if s.type == socket.SOCK_STREAM and s.family in (socket.AF_INET, socket.AF_INET6) \
+                    and s.getsockname()[1] == port:
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        finally:
+            s.detach()
+
+
 def main(argv: list[str] | None = None) -> int:
     why = _uvloop_problem()
     if why:
@@ -109,6 +136,13 @@ def main(argv: list[str] | None = None) -> int:
                                "memory runs out")
 
     server.prevent_oom = prevent_oom
+    register = server.register_server
+
+    def register_server(loop, config) -> None:
+        register(loop, config)
+        _nodelay_listener(config.service_port)
+
+    server.register_server = register_server
     sys.argv = ["infinistore", *(sys.argv[1:] if argv is None else argv)]
     server.main()
     return 0

@@ -93,7 +93,7 @@ def test_config_keys_load_and_bad_values_name_the_key():
     ]:
         with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
             load(DeploymentConfig, {"connector": {"transport": {"mooncake": data}}})
-    with pytest.raises(ConfigError, match="choose one of shm, mooncake, none"):
+    with pytest.raises(ConfigError, match="choose one of shm, mooncake, infinistore, none"):
         load(DeploymentConfig, {"connector": {"transport": {"kind": "tcp"}}})
 
 

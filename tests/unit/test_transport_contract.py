@@ -1,10 +1,13 @@
-"""The same behavioural tests for every transport: shm and mooncake.
+"""The same behavioural tests for every transport: shm, mooncake and infinistore.
 
-A new transport is added by listing it in ``BACKENDS`` (and a ``Backend.open`` branch). mooncake
+A new transport is added by listing it in ``BACKENDS`` (and a ``Backend.cfg`` branch). mooncake
 runs against a real ``mooncake_master`` started for this module on free ports (TCP, P2P
-handshake); it is skipped with the reason when Mooncake is not installed (scripts/setup.sh
-installs it). Transport-specific behaviour (shm's arena and eviction, mooncake's master going
-away) lives in test_shm_transport.py and test_mooncake_transport.py.
+handshake); infinistore against the real InfiniStore server and client in TCP mode (the server
+with the libibverbs test double where there is no RDMA device: see tests/doubles/verbs). Each is
+skipped with the reason when it is not installed (scripts/setup.sh installs both).
+Transport-specific behaviour (shm's arena and eviction, mooncake's master going away,
+infinistore's server going away) lives in test_shm_transport.py, test_mooncake_transport.py and
+test_infinistore_transport.py.
 """
 from __future__ import annotations
 
@@ -18,14 +21,14 @@ import numpy as np
 import pytest
 
 from pd import chunk
-from pd.config import MooncakeConfig, TransportConfig
+from pd.config import InfinistoreConfig, MooncakeConfig, TransportConfig
 from pd.keys import chunk_keys, key_digest, layout_fingerprint, transfer_key
 from transport.base import Transport, ZeroCopyTransport, make_transport
 
 FP = layout_fingerprint(model="m", dtype="bf16", layers=2)
 MB = 1 << 20
 SPAWN = mp.get_context("spawn")
-BACKENDS = ["shm", "mooncake"]
+BACKENDS = ["shm", "mooncake", "infinistore"]
 
 
 def free_ports(n: int) -> list[int]:
@@ -79,24 +82,65 @@ def mooncake_master():
     p.wait(10)
 
 
-class Backend:
-    """Opens transports of one kind. mooncake: one shared transport per size limit (with fresh
-    counters for each test), closed at the module's end: a Mooncake client holds the interpreter
-    for 1-2 s while it leaves the pool."""
+def infinistore_ready() -> str:
+    """'' when the real InfiniStore server and client can run here, else why not."""
+    try:
+        import infinistore  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - the reason of the skip
+        return f"infinistore does not import ({e})"
+    from transport.infinistore_server import SERVER_PY, VERBS_DOUBLE, rdma_devices
 
-    def __init__(self, name: str, root: str, master: tuple | None) -> None:
+    if not (SERVER_PY / "uvloop").is_dir():
+        return f"uvloop 0.21.0 for the server is not in {SERVER_PY}"
+    if not rdma_devices() and not (VERBS_DOUBLE / "libibverbs.so.1").is_file():
+        return f"no RDMA device and no libibverbs test double in {VERBS_DOUBLE}"
+    return ""
+
+
+@pytest.fixture(scope="module")
+def infinistore_server(tmp_path_factory):
+    """The real InfiniStore server on free ports, TCP mode, for this module's tests: (its
+    InfinistoreConfig, a list of transports to close before it stops)."""
+    why = infinistore_ready()
+    if why:
+        pytest.skip(f"InfiniStore not usable here ({why}); scripts/setup.sh installs it")
+    from transport.infinistore_server import VERBS_DOUBLE, rdma_devices, run_server
+
+    service, manage = free_ports(2)
+    c = InfinistoreConfig(url=f"infinistore://127.0.0.1:{service}", connection_type="tcp", start_server=True,
+                          server_prealloc_gb=1, server_manage_port=manage, staging_mb=8, max_value_mb=2,
+                          op_timeout_s=10, server_libibverbs="" if rdma_devices() else str(VERBS_DOUBLE))
+    log = open(tmp_path_factory.mktemp("infinistore") / "server.log", "w")
+    p = run_server(c, log)
+    later: list = []
+    yield c, later
+    close_all(later)
+    p.kill()
+    p.wait(10)
+    log.close()
+
+
+class Backend:
+    """Opens transports of one kind. mooncake, infinistore: one shared transport per size limit
+    (with fresh counters for each test), closed at the module's end: a Mooncake client holds the
+    interpreter for 1-2 s while it leaves the pool."""
+
+    def __init__(self, name: str, root: str, server: tuple | None) -> None:
         self.name, self.root = name, root
-        self.master, self._later = master or (None, [])
+        self.server, self._later = server or (None, [])
 
     def cfg(self, limit_mb: int = 8) -> TransportConfig:
-        """A config whose largest value is about ``limit_mb`` MiB (shm: the arena; mooncake: the
-        staging region)."""
-        if self.name == "shm":
-            return TransportConfig(kind="shm", pool_size_mb=limit_mb, shm_dir=self.root, name="c")
+        """A config whose largest value is about ``limit_mb`` MiB (shm: the arena; mooncake,
+        infinistore: the staging region)."""
         import dataclasses
 
+        if self.name == "shm":
+            return TransportConfig(kind="shm", pool_size_mb=limit_mb, shm_dir=self.root, name="c")
+        if self.name == "infinistore":
+            return TransportConfig(kind="infinistore", infinistore=dataclasses.replace(
+                self.server, staging_mb=limit_mb, max_value_mb=min(limit_mb, self.server.max_value_mb)))
         return TransportConfig(kind="mooncake",
-                               mooncake=dataclasses.replace(self.master, local_buffer_size_mb=limit_mb))
+                               mooncake=dataclasses.replace(self.server, local_buffer_size_mb=limit_mb))
 
     def open(self, limit_mb: int = 8, fresh: bool = False):
         """A transport to use in this test (shm: close it; mooncake: the module closes it)."""
@@ -118,8 +162,8 @@ _SHARED: dict = {}
 
 @pytest.fixture(params=BACKENDS)
 def backend(request, tmp_path) -> Backend:
-    master = request.getfixturevalue("mooncake_master") if request.param == "mooncake" else None
-    return Backend(request.param, str(tmp_path), master)
+    server = {"mooncake": "mooncake_master", "infinistore": "infinistore_server"}.get(request.param)
+    return Backend(request.param, str(tmp_path), request.getfixturevalue(server) if server else None)
 
 
 @pytest.fixture
@@ -219,7 +263,7 @@ def test_a_batch_larger_than_the_staging_memory(backend, k):
     got = t.get(keys, outs)
     for g, v, o in zip(got, vals, outs):
         assert g == 0 or (g == 700_000 and np.array_equal(o, v))  # a value or a miss, never other bytes
-    if backend.name == "mooncake":  # the pool holds them all; only staging was small
+    if backend.name != "shm":  # the pool holds them all; only staging was small
         assert ok == [True] * 6 and got == [700_000] * 6
 
 
