@@ -368,8 +368,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mode", choices=("pd", "colocated"), help="P/D or plain instances behind the proxy (mode)")
     p.add_argument("--port", type=int, help="proxy port (proxy.port)")
     p.add_argument("--run-dir", help="directory for the logs (run_dir); default runs/<time>")
-    p.add_argument("--transport", choices=("shm", "none"),
+    p.add_argument("--transport", choices=("shm", "mooncake", "infinistore", "none"),
                    help="connector.transport.kind; none = P/D through the store alone")
+    p.add_argument("--transport-url", metavar="URL",
+                   help="infinistore: the server, infinistore://host:port/?device=mlx5_0 "
+                        "(connector.transport.infinistore.url)")
     p.add_argument("--store", choices=("none", "local", "hf3fs"), help="connector.store.backend")
     p.add_argument("--store-path", metavar="DIR[,DIR...]", help="connector.store.paths")
     p.add_argument("--store-size-gb", type=float, metavar="N", help="connector.store.size_gb")
@@ -448,6 +451,11 @@ def config_from_args(args: argparse.Namespace) -> DeploymentConfig:
     conn: dict = {}
     if getattr(args, "transport", None) is not None:
         conn["transport"] = {"kind": args.transport}
+    if getattr(args, "transport_url", None):
+        if (args.transport or dep.connector.transport.kind) != "infinistore":
+            raise ConfigError("--transport-url: only for --transport infinistore (the InfiniStore server's "
+                              "infinistore://host:port/?device=... URL)")
+        conn.setdefault("transport", {})["infinistore"] = {"url": args.transport_url}
     store = {k: v for k, v in (("backend", getattr(args, "store", None)),
                                ("size_gb", getattr(args, "store_size_gb", None))) if v is not None}
     if getattr(args, "store_path", None):

@@ -96,12 +96,15 @@ class _Tcp:
         return res
 
     def _guard(self, fn, failed):
+        """``fn`` for one key; when it fails, the key is ``failed`` and the connection is made again,
+        and when that fails too the whole call fails (the transport marks the server down)."""
         def run(it):
             try:
                 return fn(self.conn(), it)
-            except Exception as e:  # noqa: BLE001 - one key's failure; the connection is made again
+            except Exception as e:  # noqa: BLE001 - one key's failure
                 print(f"infinistore client: {e}", file=sys.stderr, flush=True)
                 self.drop()
+                self.conn()
                 return failed
         return run
 
@@ -131,12 +134,7 @@ class _Tcp:
         return self._each(self._guard(lambda conn, k: bool(conn.check_exist(k)), False), keys)
 
     def delete(self, keys: list) -> int:
-        try:
-            return int(self.conn().delete_keys(keys))
-        except Exception as e:  # noqa: BLE001 - reported as none deleted
-            print(f"infinistore client: delete: {e}", file=sys.stderr, flush=True)
-            self.drop()
-            return 0
+        return self._guard(lambda conn, ks: int(conn.delete_keys(ks)), 0)(keys)
 
 
 class _Rdma:
@@ -230,8 +228,11 @@ def serve(chan: Connection, client) -> None:
             res = getattr(client, op)(args)
         except Exception as e:  # noqa: BLE001 - sent back to the caller
             res = ("error", f"{type(e).__name__}: {e}")
-        with send_lock:
-            chan.send((rid, res))
+        try:
+            with send_lock:
+                chan.send((rid, res))
+        except OSError:  # the transport is gone
+            pass
 
     while True:
         try:
@@ -248,11 +249,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--region-size", type=int, required=True)
     p.add_argument("--config", required=True, help="JSON: host, port, mode, device, ib_port, link_type, ...")
     a = p.parse_args(argv)
-    if sys.platform == "linux":
-        import ctypes
-        import signal
-
-        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: end with the transport's process
     chan = Connection(a.chan_fd)
     c = json.loads(a.config)
     mm = mmap.mmap(a.region_fd, a.region_size)
@@ -269,9 +265,11 @@ def main(argv: list[str] | None = None) -> int:
         chan.send((0, ("error", f"{type(e).__name__}: {e}")))
         return 1
     chan.send((0, "ready"))
-    serve(chan, client)
+    serve(chan, client)  # returns when the transport closed its end or its process died
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    rc = main()
+    sys.stderr.flush()
+    os._exit(rc)  # now, even with a request stuck in the library
