@@ -30,6 +30,7 @@ BENCH: dict[str, tuple[str, str]] = {
     "kv": ("pd.bench_kv", "chunk gather/scatter speed of the paged KV cache vs a plain copy (CPU or GPU)"),
     "store": ("store.bench", "write/read GB/s and per-chunk latency of a KV store vs plain O_DIRECT I/O"),
     "serve": ("launch.bench_serve", "P/D vs colocated serving under one load: TTFT, TPOT, ITL, goodput"),
+    "soak": ("launch.bench_soak", "mixed traffic for minutes: RSS, fds, pool, store, coordinator, errors; flat?"),
 }
 EXIT_USAGE = 2
 

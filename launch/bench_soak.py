@@ -1,0 +1,418 @@
+"""`pd bench soak`: mixed traffic through a P/D deployment's proxy for minutes; do its resources stay flat?
+
+It starts a deployment (``--config``, default 1P1D with a local store in a temporary directory,
+as ``pd launch`` would) or drives a running one (``--url`` of its proxy, with ``--config`` its
+YAML and ``--pid`` its ``pd launch`` process, found from the proxy's port when left out).
+
+Traffic: requests arrive as a Poisson process of ``--rate`` per second (seeded) for
+``--minutes``; each asks for one of ``--prompts`` fixed prompts (``--long-fraction`` of them
+``--long-tokens`` long, the rest ``--short-tokens``), ``--max-tokens`` tokens, greedy; a
+``--stream-fraction`` of them stream, and ``--abort-fraction`` of the streamed ones are closed by
+the client after 0-2 tokens. Every complete answer of a prompt must equal its first one (greedy
+decoding: another answer means another request's KV, or torn KV, was used).
+
+Every ``--interval`` seconds it samples (``launch.soak_probe``): resident memory, open file
+descriptors and threads of every process of the deployment (the launcher, proxy, coordinator,
+each vLLM instance and its engine processes), the shm pool's live values and bytes, the store's
+files and bytes, the coordinator's held READYs and parked WAITs and its error counters, the
+proxy's answers by status, vLLM's KV cache usage; and prints a line. At the end: each process
+over time, the verdict on every series (``launch.soak_verdict``), and what was left once the
+traffic stopped (after up to ``--drain-s``: no held READY, no parked WAIT, no value in the pool,
+KV cache usage 0). Exit 0 when every series stayed flat, no request failed (other than those
+the client aborted), no answer differed and nothing was left; else 1.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from launch import soak_probe as probe
+from launch.soak_verdict import format_verdicts, judge_all
+
+VOCAB = (16, 4000)  # token ids used for prompts (the test model has 4096)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--minutes", type=float, default=10.0, help="how long traffic runs (default 10)")
+    p.add_argument("--rate", type=float, default=1.0, help="mean arrivals per second (Poisson; default 1)")
+    p.add_argument("--url", help="drive the running deployment whose proxy is here (default: start one)")
+    p.add_argument("--config", help="deployment YAML: the one to start, or (--url) the running one's")
+    p.add_argument("--pid", type=int, help="--url: its `pd launch` process (default: the parent of "
+                   "the process listening on the proxy's port)")
+    p.add_argument("--model", default="models/tiny-llama", help="without --config (default models/tiny-llama)")
+    p.add_argument("--port", type=int, default=8000, help="without --config: the proxy's port (default 8000)")
+    p.add_argument("--interval", type=float, default=10.0, help="seconds between samples (default 10)")
+    p.add_argument("--prompts", type=int, default=24, help="distinct prompts (default 24)")
+    p.add_argument("--long-fraction", type=float, default=0.25, help="share of long prompts (default 0.25)")
+    p.add_argument("--long-tokens", type=int, default=1200, help="long prompt length (default 1200)")
+    p.add_argument("--short-tokens", type=int, default=96, help="short prompt length (default 96)")
+    p.add_argument("--max-tokens", type=int, default=24, help="tokens per answer (default 24)")
+    p.add_argument("--stream-fraction", type=float, default=0.5, help="share streamed (default 0.5)")
+    p.add_argument("--abort-fraction", type=float, default=0.2,
+                   help="share of the streamed requests the client closes early (default 0.2)")
+    p.add_argument("--request-timeout", type=float, default=180.0, help="client timeout per request (default 180)")
+    p.add_argument("--drain-s", type=float, default=60.0,
+                   help="after the traffic, wait this long at most for nothing to be left (default 60)")
+    p.add_argument("--out", help="write every sample here (JSON lines)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+@dataclass(frozen=True)
+class Ask:
+    prompt: int  # index into the prompts
+    stream: bool
+    abort_after: int  # -1: read the whole answer; n >= 0: close after n tokens
+
+
+def make_prompts(n: int, long_fraction: float, long_tokens: int, short_tokens: int, seed: int) -> list[list[int]]:
+    rng = random.Random(seed)
+    n_long = round(n * long_fraction)
+    return [[rng.randrange(*VOCAB) for _ in range(long_tokens if i < n_long else short_tokens)] for i in range(n)]
+
+
+def check_args(args) -> None:
+    """ValueError naming the option that is out of range."""
+    for name, lo in (("minutes", 0), ("rate", 0), ("interval", 0), ("request_timeout", 0)):
+        if not getattr(args, name) > lo:
+            raise ValueError(f"--{name.replace('_', '-')} must be > {lo}, got {getattr(args, name)}")
+    for name in ("prompts", "long_tokens", "short_tokens", "max_tokens"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("long_fraction", "stream_fraction", "abort_fraction"):
+        if not 0 <= getattr(args, name) <= 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    if args.drain_s < 0:
+        raise ValueError(f"--drain-s must be >= 0, got {args.drain_s}")
+    if args.pid is not None and not args.url:
+        raise ValueError("--pid goes with --url (the running deployment's `pd launch` process)")
+
+
+class Traffic:
+    """Sends the asks (one thread each) and keeps the outcomes."""
+
+    def __init__(self, url: str, model: str, prompts: list[list[int]], max_tokens: int, timeout_s: float):
+        self.url, self.model, self.prompts, self.max_tokens, self.timeout_s = url, model, prompts, max_tokens, timeout_s
+        self.counts: Counter = Counter()  # sent, ok, aborted, failed, differ
+        self.errors: Counter = Counter()  # why failed
+        self.answers: dict[int, str] = {}  # prompt -> its first complete answer
+        self._lock = threading.Lock()
+        self.threads: list[threading.Thread] = []
+
+    def send(self, ask: Ask) -> None:
+        with self._lock:
+            self.counts["sent"] += 1
+        th = threading.Thread(target=self._one, args=(ask,), daemon=True)
+        th.start()
+        self.threads = [t for t in self.threads if t.is_alive()] + [th]
+
+    def in_flight(self) -> int:
+        return sum(t.is_alive() for t in self.threads)
+
+    def _one(self, ask: Ask) -> None:
+        body = {"model": self.model, "prompt": self.prompts[ask.prompt], "max_tokens": self.max_tokens,
+                "temperature": 0, "ignore_eos": True, "stream": ask.stream}
+        req = urllib.request.Request(f"{self.url}/v1/completions", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+                text = self._read(resp, ask)
+        except urllib.error.HTTPError as e:
+            return self._outcome("failed", why=f"HTTP {e.code}")
+        except Exception as e:  # noqa: BLE001 - a failed request is an outcome
+            return self._outcome("failed", why=type(e).__name__)
+        if text is None:
+            return self._outcome("aborted")
+        if not text:
+            return self._outcome("failed", why="empty answer")
+        with self._lock:
+            first = self.answers.setdefault(ask.prompt, text)
+        self._outcome("ok" if first == text else "differ")
+
+    def _read(self, resp, ask: Ask) -> str | None:
+        """The answer's text; None when this client closed it early (as asked)."""
+        if not ask.stream:
+            return json.loads(resp.read())["choices"][0]["text"]
+        text, n = "", 0
+        for line in resp:
+            if n == ask.abort_after:
+                return None  # the with-block closes the connection mid-stream
+            if line.startswith(b"data: {"):
+                piece = json.loads(line[6:])["choices"][0].get("text") or ""
+                text += piece
+                n += bool(piece)
+        return None if ask.abort_after >= 0 else text
+
+    def _outcome(self, kind: str, why: str = "") -> None:
+        with self._lock:
+            self.counts[kind] += 1
+            if why:
+                self.errors[why] += 1
+
+
+def asks(rng: random.Random, n_prompts: int, stream_fraction: float, abort_fraction: float):
+    """An endless seeded stream of asks."""
+    while True:
+        stream = rng.random() < stream_fraction
+        abort = stream and rng.random() < abort_fraction
+        yield Ask(rng.randrange(n_prompts), stream, rng.randrange(3) if abort else -1)
+
+
+@dataclass
+class Target:
+    """What is sampled: the processes, the pool, the store, the proxy and the instances."""
+    url: str
+    model: str
+    procs: probe.Processes
+    pool: str | None = None
+    store_paths: tuple[str, ...] = ()
+    store_budget: float | None = None
+    instances: dict[str, str] | None = None  # name -> base URL
+
+    def sample(self, t: float, traffic: Traffic) -> dict:
+        proxy = probe.scrape(f"{self.url}/metrics")
+        counters = {k.removeprefix("pdkv_coordinator_"): v for k, v in proxy.items()
+                    if k.startswith("pdkv_coordinator_")}
+        statuses = {c: probe.total(proxy, "pdkv_proxy_requests_total", status=f"{c}*") for c in "2345"}
+        kv = {}
+        for name, base in (self.instances or {}).items():
+            m = probe.scrape(f"{base}/metrics")
+            if m:
+                kv[name] = probe.total(m, "vllm:kv_cache_usage_perc")
+        with traffic._lock:
+            counts, errors = dict(traffic.counts), dict(traffic.errors)
+        return {"t": round(t, 2), "requests": counts, "errors": errors, "in_flight": traffic.in_flight(),
+                "procs": {n: [s.rss, s.fds, s.threads] for n, s in self.procs.sample().items()},
+                "pool": probe.pool_usage(self.pool) if self.pool else {},
+                "store": probe.dir_usage(list(self.store_paths)) if self.store_paths else {},
+                "coordinator": counters,
+                "proxy": {"2xx": statuses["2"], "4xx": statuses["4"], "5xx": statuses["5"],
+                          "499": probe.total(proxy, "pdkv_proxy_requests_total", status="499"),
+                          "upstream_errors": probe.total(proxy, "pdkv_proxy_upstream_errors_total")},
+                "kv_usage": kv}
+
+
+def line(s: dict) -> str:
+    """One sample as one line."""
+    r, procs = s["requests"], s["procs"]
+    mib = sum(v[0] for v in procs.values()) / 2**20
+    fds = sum(v[1] for v in procs.values())
+    c, pool, store = s["coordinator"], s["pool"], s["store"]
+    parts = [f"t={s['t']:6.0f}s sent {r.get('sent', 0)} ok {r.get('ok', 0)} aborted {r.get('aborted', 0)} "
+             f"failed {r.get('failed', 0)} differ {r.get('differ', 0)} in flight {s['in_flight']}",
+             f"{len(procs)} procs rss {mib:.0f} MiB fds {fds}"]
+    if pool:
+        parts.append(f"pool {pool['values']} values {pool['value_bytes'] / 2**20:.1f} MiB")
+    if store:
+        parts.append(f"store {store['files']} files {store['bytes'] / 2**20:.1f} MiB")
+    parts.append(f"coordinator entries {c.get('entries', '-'):g} waiters {c.get('waiters', '-'):g} "
+                 f"done_failed {c.get('done_failed', 0):g} wait_timeouts {c.get('wait_timeouts', 0):g}"
+                 if c else "coordinator -")
+    parts.append(f"proxy 5xx {s['proxy']['5xx']:g} 499 {s['proxy']['499']:g}")
+    if s["kv_usage"]:
+        parts.append("kv " + " ".join(f"{n} {v * 100:.1f}%" for n, v in s["kv_usage"].items()))
+    return " | ".join(parts)
+
+
+def series(samples: list[dict]) -> dict[tuple[str, str], list[tuple[float, float]]]:
+    """The judged series of the samples: per process rss/fds/threads, the pool, the coordinator."""
+    out: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for s in samples:
+        t = s["t"]
+        for name, (rss, fds, threads) in s["procs"].items():
+            for kind, v in (("rss", rss), ("fds", fds), ("threads", threads)):
+                out.setdefault((name, kind), []).append((t, v))
+        if s["pool"]:
+            out.setdefault(("pool", "pool_values"), []).append((t, s["pool"]["values"]))
+            out.setdefault(("pool", "pool_bytes"), []).append((t, s["pool"]["value_bytes"]))
+        for k in ("entries", "waiters"):
+            if k in s["coordinator"]:
+                out.setdefault(("coordinator", k), []).append((t, s["coordinator"][k]))
+    return out
+
+
+def over_time(samples: list[dict], points: int = 6) -> str:
+    """Each process's resident MiB and fds at ``points`` times spread over the run."""
+    picks = sorted({round(i * (len(samples) - 1) / (points - 1)) for i in range(points)}) if samples else []
+    names = sorted({n for s in samples for n in s["procs"]})
+    head = "| process | " + " | ".join(f"t={samples[i]['t']:.0f}s" for i in picks) + " |"
+    lines = [head, "|:---|" + "---:|" * len(picks)]
+    for n in names:
+        cells = []
+        for i in picks:
+            v = samples[i]["procs"].get(n)
+            cells.append(f"{v[0] / 2**20:.0f} MiB, {v[1]} fds" if v else "-")
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def leftovers(s: dict) -> dict[str, float]:
+    """What a sample shows still held though no request is in flight (empty: nothing)."""
+    left = {}
+    for k in ("entries", "waiters"):
+        if s["coordinator"].get(k):
+            left[f"coordinator {k}"] = s["coordinator"][k]
+    if s["pool"].get("values"):
+        left["pool values"] = s["pool"]["values"]
+    for name, v in s["kv_usage"].items():
+        if v > 0:
+            left[f"{name} kv cache usage"] = v
+    return left
+
+
+def soak(target: Target, args, progress=print) -> tuple[list[dict], dict, Traffic]:
+    """Run the traffic for ``args.minutes``, sampling; then drain. (samples, drained sample, traffic)."""
+    prompts = make_prompts(args.prompts, args.long_fraction, args.long_tokens, args.short_tokens, args.seed)
+    traffic = Traffic(target.url, target.model, prompts, args.max_tokens, args.request_timeout)
+    rng = random.Random(args.seed + 1)
+    stream = asks(rng, args.prompts, args.stream_fraction, args.abort_fraction)
+    out = open(args.out, "w") if args.out else None  # noqa: SIM115 - closed below
+    samples: list[dict] = []
+
+    def record(s: dict) -> None:
+        samples.append(s)
+        progress(line(s))
+        if out:
+            out.write(json.dumps(s) + "\n")
+            out.flush()
+
+    try:
+        t0 = time.monotonic()
+        end = t0 + args.minutes * 60
+        next_send, next_sample = t0, t0
+        while True:
+            now = time.monotonic()
+            if now >= next_sample:
+                record(target.sample(now - t0, traffic))
+                next_sample += args.interval
+            if now >= end:
+                break
+            if now >= next_send:
+                traffic.send(next(stream))
+                next_send += rng.expovariate(args.rate)
+            time.sleep(max(0.0, min(next_send, next_sample, end) - time.monotonic()))
+        for th in traffic.threads:  # the requests still in flight end (or time out)
+            th.join(max(0.0, end + args.request_timeout - time.monotonic()))
+        drain_end = time.monotonic() + args.drain_s
+        while True:
+            last = target.sample(time.monotonic() - t0, traffic)
+            if not leftovers(last) or time.monotonic() >= drain_end:
+                break
+            time.sleep(1.0)
+        record(last)
+    finally:
+        if out:
+            out.close()
+    return samples, last, traffic
+
+
+def report(samples: list[dict], last: dict, traffic: Traffic, target: Target, progress=print) -> bool:
+    """Print the processes over time, the verdicts and what was left; whether the soak passed."""
+    judged = judge_all(series(samples[:-1]))  # the drained sample is not under traffic
+    progress("\n## Processes over time (resident memory, open fds)\n" + over_time(samples))
+    progress("\n## Verdict per series\n" + format_verdicts(judged))
+    c = traffic.counts
+    ok = True
+    why = []
+    if not judged:
+        ok = False
+        why.append("too few samples for a verdict (run longer or sample more often)")
+    grown = [f"{j.name} {j.kind}" for j in judged if not j.flat]
+    if grown:
+        ok = False
+        why.append(f"not flat: {', '.join(grown)}")
+    if c["failed"]:
+        ok = False
+        why.append(f"{c['failed']} requests failed ({dict(traffic.errors)})")
+    if c["differ"]:
+        ok = False
+        why.append(f"{c['differ']} answers differed from the first answer of their prompt")
+    left = leftovers(last)
+    if left:
+        ok = False
+        why.append(f"left after the drain: {left}")
+    if target.store_budget is not None and samples:
+        peak = max(s["store"].get("bytes", 0) for s in samples)
+        progress(f"# store: at most {peak / 2**20:.1f} MiB on disk, budget {target.store_budget / 2**20:.1f} MiB")
+        if peak > target.store_budget * 1.05:
+            ok = False
+            why.append("the store went over its budget")
+    progress(f"\n# requests: {c['sent']} sent, {c['ok']} ok, {c['aborted']} aborted by the client, "
+             f"{c['failed']} failed, {c['differ']} differing; coordinator at the end: "
+             + ", ".join(f"{k} {last['coordinator'].get(k, 0):g}" for k in
+                         ("done_ok", "done_failed", "aborts", "wait_timeouts", "expired", "malformed",
+                          "internal_errors")))
+    progress(f"# verdict: {'PASS' if ok else 'FAIL'}" + ("" if ok else ": " + "; ".join(why)))
+    return ok
+
+
+def _deployment(args, store_dir: str | None):
+    from pd.config import DeploymentConfig, load, load_yaml, merge
+
+    if args.config:
+        return load_yaml(args.config)
+    over = {"model": args.model, "proxy": {"port": args.port},
+            "connector": {"store": {"backend": "local", "paths": [store_dir], "size_gb": 0.5}}}
+    return merge(load(DeploymentConfig, {}), over)
+
+
+def target_for(dep, url: str, procs: probe.Processes) -> Target:
+    """What to sample of ``dep`` (a DeploymentConfig), its proxy at ``url``."""
+    from launch.procs import plan, served_name
+    from transport.shm_index import pool_dir
+
+    specs = plan(dep)
+    procs.names_by_port = {s.port: s.name for s in specs if s.port}
+    t = dep.connector.transport
+    store = dep.connector.store
+    paths = tuple(store.paths) if store.backend == "local" else ()
+    instances = {s.name: s.health_url.removesuffix("/health") for s in specs
+                 if s.health_url and s.name not in ("proxy",)}
+    return Target(url, served_name(dep), procs, pool_dir(t) if dep.mode == "pd" and t.kind == "shm" else None,
+                  paths, store.size_gb * 1e9 if paths else None, instances)
+
+
+def run(args) -> int:
+    check_args(args)
+    if args.url:
+        from pd.config import DeploymentConfig, load, load_yaml
+
+        dep = load_yaml(args.config) if args.config else load(DeploymentConfig, {})
+        pid = args.pid
+        if pid is None:
+            port = int(args.url.rstrip("/").rsplit(":", 1)[1])
+            listener = probe.listener_pid(port)
+            if listener is None:
+                raise ValueError(f"--url {args.url}: no process of ours listens on port {port}; give --pid")
+            pid = probe.parent_pid(listener)
+        target = target_for(dep, args.url.rstrip("/"), probe.Processes(root=pid))
+        samples, last, traffic = soak(target, args)
+        return 0 if report(samples, last, traffic, target) else 1
+    from launch.launcher import Deployment
+    from launch.procs import check_model
+
+    store_dir = None if args.config else tempfile.mkdtemp(prefix="pdkv-soak-store-")
+    try:
+        dep = _deployment(args, store_dir)
+        check_model(dep.model)
+        d = Deployment(dep)
+        try:
+            d.start(progress=print)
+            procs = probe.Processes(tops={name: proc.pid for name, (_, proc) in d.procs.items()})
+            target = target_for(dep, d.proxy_url, procs)
+            samples, last, traffic = soak(target, args)
+        finally:
+            d.stop()
+    finally:
+        if store_dir:
+            shutil.rmtree(store_dir, ignore_errors=True)
+    return 0 if report(samples, last, traffic, target) else 1
