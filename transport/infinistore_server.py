@@ -42,6 +42,20 @@ def rdma_devices() -> list[str]:
         return []
 
 
+def unavailable() -> str:
+    """'' when the real InfiniStore server and client can run on this host (with the test double
+    where there is no RDMA device), else why not."""
+    try:
+        import infinistore  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - the reason
+        return f"infinistore does not import ({e})"
+    if not (SERVER_PY / "uvloop").is_dir():
+        return f"uvloop 0.21.0 for the server is not in {SERVER_PY}"
+    if not rdma_devices() and not (VERBS_DOUBLE / "libibverbs.so.1").is_file():
+        return f"no RDMA device and no libibverbs test double in {VERBS_DOUBLE}"
+    return ""
+
+
 def server_spec(c) -> dict:
     """The entry of ``transport.base.server_specs`` for an ``InfinistoreConfig`` with start_server."""
     from pd.config import ConfigError

@@ -22,9 +22,9 @@ import pytest
 
 from pd.cli import main
 from pd.config import ConfigError, DeploymentConfig, InfinistoreConfig, TransportConfig, load
-from test_transport_contract import free_ports, infinistore_ready
+from test_transport_contract import free_ports
 from transport.base import TransportError, make_transport, server_specs
-from transport.infinistore_server import ROOT, VERBS_DOUBLE, rdma_devices, run_server
+from transport.infinistore_server import ROOT, VERBS_DOUBLE, rdma_devices, run_server, unavailable
 
 NO_RDMA = "" if rdma_devices() else "no RDMA device here (ibv_devices lists none)"
 
@@ -40,7 +40,7 @@ def _server_cfg(**kw) -> InfinistoreConfig:
 @pytest.fixture
 def server(tmp_path):
     """A real InfiniStore server of this test: (its config, a function that (re)starts it, the Popen box)."""
-    why = infinistore_ready()
+    why = unavailable()
     if why:
         pytest.skip(f"InfiniStore not usable here ({why}); scripts/setup.sh installs it")
     c = _server_cfg()
@@ -205,7 +205,7 @@ def test_the_verbs_double_lists_a_device_and_refuses_rdma():
 @pytest.mark.skipif(bool(NO_RDMA), reason=NO_RDMA)
 def test_rdma_round_trip_through_a_real_device(tmp_path):
     """RDMA mode end to end (register_mr, batched one-sided writes and reads, misses per key)."""
-    why = infinistore_ready()
+    why = unavailable()
     if why:
         pytest.skip(why)
     dev = rdma_devices()[0]

@@ -82,29 +82,15 @@ def mooncake_master():
     p.wait(10)
 
 
-def infinistore_ready() -> str:
-    """'' when the real InfiniStore server and client can run here, else why not."""
-    try:
-        import infinistore  # noqa: F401
-    except Exception as e:  # noqa: BLE001 - the reason of the skip
-        return f"infinistore does not import ({e})"
-    from transport.infinistore_server import SERVER_PY, VERBS_DOUBLE, rdma_devices
-
-    if not (SERVER_PY / "uvloop").is_dir():
-        return f"uvloop 0.21.0 for the server is not in {SERVER_PY}"
-    if not rdma_devices() and not (VERBS_DOUBLE / "libibverbs.so.1").is_file():
-        return f"no RDMA device and no libibverbs test double in {VERBS_DOUBLE}"
-    return ""
-
-
 @pytest.fixture(scope="module")
 def infinistore_server(tmp_path_factory):
     """The real InfiniStore server on free ports, TCP mode, for this module's tests: (its
     InfinistoreConfig, a list of transports to close before it stops)."""
-    why = infinistore_ready()
+    from transport.infinistore_server import VERBS_DOUBLE, rdma_devices, run_server, unavailable
+
+    why = unavailable()
     if why:
         pytest.skip(f"InfiniStore not usable here ({why}); scripts/setup.sh installs it")
-    from transport.infinistore_server import VERBS_DOUBLE, rdma_devices, run_server
 
     service, manage = free_ports(2)
     c = InfinistoreConfig(url=f"infinistore://127.0.0.1:{service}", connection_type="tcp", start_server=True,
