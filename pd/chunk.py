@@ -48,8 +48,8 @@ def read_header(buf) -> tuple:
     return _FMT.unpack_from(buf, 0)
 
 
-def verify(buf: memoryview, fingerprint: bytes, key_hash: bytes, expect_payload: int | None = None
-           ) -> tuple[int, int, memoryview]:
+def verify(buf: memoryview, fingerprint: bytes, key_hash: bytes, expect_payload: int | None = None,
+           expect_blocks: int | None = None) -> tuple[int, int, memoryview]:
     """Validate a chunk; return ``(n_tokens, n_blocks, payload view)`` or raise ChunkError."""
     magic, version, hsize, flags, fp, kh, n_tokens, n_blocks, plen, csum = read_header(buf)
     if magic != MAGIC:
@@ -62,6 +62,8 @@ def verify(buf: memoryview, fingerprint: bytes, key_hash: bytes, expect_payload:
         raise ChunkError("key hash mismatch (chunk belongs to other tokens)")
     if expect_payload is not None and plen != expect_payload:
         raise ChunkError(f"payload length {plen} != expected {expect_payload}")
+    if expect_blocks is not None and n_blocks != expect_blocks:
+        raise ChunkError(f"chunk has {n_blocks} blocks, expected {expect_blocks}")
     payload = buf[HEADER_SIZE : HEADER_SIZE + plen]
     if len(payload) != plen:
         raise ChunkError(f"chunk truncated: payload {len(payload)} of {plen} bytes")

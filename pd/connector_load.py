@@ -195,10 +195,7 @@ class LoadMixin:
         if len(view) != size:
             return f"chunk is {len(view)} B, expected {size} B"
         try:
-            _, hdr_blocks, _ = chunkfmt.verify(view, self.layout.fingerprint, key_digest(key),
-                                               size - chunkfmt.HEADER_SIZE)
-            if hdr_blocks != nb:
-                raise chunkfmt.ChunkError(f"chunk has {hdr_blocks} blocks, expected {nb}")
+            chunkfmt.verify(view, self.layout.fingerprint, key_digest(key), size - chunkfmt.HEADER_SIZE, nb)
         except chunkfmt.ChunkError as e:
             self.stats["chunk_errors"] += 1
             return str(e)
