@@ -7,6 +7,8 @@ the value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import math
+import reprlib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +17,16 @@ from typing import Any
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown or out of range."""
+
+
+_SHOW = reprlib.Repr()
+_SHOW.maxstring, _SHOW.maxother, _SHOW.maxlist, _SHOW.maxdict, _SHOW.maxlevel = 80, 80, 6, 6, 3
+
+
+def _show(value: Any) -> str:
+    """``repr(value)``, cut short: an error quotes a bad value, never megabytes of it (or a YAML
+    alias bomb's billions of items)."""
+    return _SHOW.repr(value)
 
 
 def _rng(lo=None, hi=None, **kw) -> dict:
@@ -466,59 +478,67 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping, got {_show(value)}")
         return load(tp, value, prefix=key + ".")
     if origin in (dict, typing.Dict):
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping of names, got {value!r}")
+            raise ConfigError(f"{key}: expected a mapping of names, got {_show(value)}")
         kt, vt = typing.get_args(tp)
         return {_coerce(kt, k, f"{key} name {k!r}"): _coerce(vt, v, f"{key}.{k}") for k, v in value.items()}
     if origin in (list, typing.List):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
+            raise ConfigError(f"{key}: expected {_describe(tp)}, got {_show(value)}")
         (inner,) = typing.get_args(tp)
         return [_coerce(inner, v, f"{key}[{i}]") for i, v in enumerate(value)]
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        raise ConfigError(f"{key}: expected true or false, got {_show(value)}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        raise ConfigError(f"{key}: expected an integer, got {_show(value)}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+            try:
+                return float(value)
+            except OverflowError:  # an integer beyond any float
+                raise ConfigError(f"{key}: {_show(value)} is out of range; give a finite number") from None
+        raise ConfigError(f"{key}: expected a number, got {_show(value)}")
     if tp is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
+        raise ConfigError(f"{key}: expected a string, got {_show(value)}")
     raise ConfigError(f"{key}: unsupported type {tp!r}")
 
 
 def _check(f: dataclasses.Field, value: Any, key: str) -> None:
     m = f.metadata
     if "choices" in m and value not in m["choices"]:
-        raise ConfigError(f"{key}: {value!r} is not allowed; choose one of {', '.join(m['choices'])}")
+        raise ConfigError(f"{key}: {_show(value)} is not allowed; choose one of {', '.join(m['choices'])}")
+    if isinstance(value, float) and not math.isfinite(value):  # NaN passes every comparison below
+        raise ConfigError(f"{key}: {value!r} is not allowed; give a finite number")
     lo, hi = m.get("min"), m.get("max")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         allowed = f"{lo}..{hi}" if lo is not None and hi is not None else (
             f"at least {lo}" if lo is not None else f"at most {hi}")
-        raise ConfigError(f"{key}: {value!r} is out of range; allowed {allowed}")
+        raise ConfigError(f"{key}: {_show(value)} is out of range; allowed {allowed}")
 
 
 def load(cls: type, data: dict | None, prefix: str = "") -> Any:
     """Build dataclass ``cls`` from ``data``, refusing unknown keys and bad values."""
     data = {} if data is None else data
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {_show(data)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields), key=str)
     if unknown:
+        name = unknown[0]
+        if not (isinstance(name, str) and name.isprintable() and name.strip() == name and name):
+            name = _show(name)  # quoted: an empty name, spaces or a line break are visible
         raise ConfigError(
-            f"unknown key {prefix}{unknown[0]!s}; allowed keys{' under ' + prefix.rstrip('.') if prefix else ''}: "
+            f"unknown key {prefix}{name}; allowed keys{' under ' + prefix.rstrip('.') if prefix else ''}: "
             + ", ".join(sorted(fields))
         )
     obj = cls()
@@ -555,8 +575,12 @@ def load_yaml(path: str | Path) -> DeploymentConfig:
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {p} is not UTF-8 text: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {p} is not valid YAML: nested too deeply") from None
     if data is not None and not isinstance(data, dict):
-        raise ConfigError(f"config file {p}: expected a mapping of keys, got {data!r}")
+        raise ConfigError(f"config file {p}: expected a mapping of keys, got {_show(data)}")
     return load(DeploymentConfig, data)
 
 
