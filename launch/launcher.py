@@ -140,12 +140,12 @@ class Deployment:
     def log_path(self, name: str) -> Path:
         return self.run_dir / f"{name}.log"
 
-    def _spawn(self, spec: ProcSpec) -> None:
+    def _spawn(self, spec: ProcSpec, append: bool = False) -> None:
         # No Ctrl-C between Popen and recording the child, so none is left behind untracked; the
         # child must not inherit the blocked mask (it would then ignore our SIGTERM).
         old = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
         try:
-            with open(self.log_path(spec.name), "w") as out:
+            with open(self.log_path(spec.name), "a" if append else "w") as out:
                 proc = subprocess.Popen(spec.argv, env=child_env(spec), stdout=out, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL, start_new_session=True,
                                         preexec_fn=_unblock_signals)
@@ -220,6 +220,27 @@ class Deployment:
             if code is not None:
                 raise ChildDied(f"{name} (pid {proc.pid}) exited with code {code}; last lines of "
                                 f"{self.log_path(name)}:\n{tail(self.log_path(name))}")
+
+    def respawn(self, name: str, progress: Progress = print, timeout_s: float | None = None) -> None:
+        """Start child ``name`` again with the same command (SIGKILL its group first if it still
+        runs) and wait until it is ready: fault tests restart what they killed this way."""
+        spec, proc = self.procs[name]
+        _signal_group(proc, signal.SIGKILL)
+        proc.wait()
+        while _group_alive(proc):
+            time.sleep(0.05)
+        self._spawn(spec, append=True)
+        deadline = time.monotonic() + (self.dep.vllm.startup_timeout_s if timeout_s is None else timeout_s)
+        while not _readiness(spec)[0]:
+            new = self.procs[name][1]
+            if new.poll() is not None:
+                raise ChildDied(f"{name} (pid {new.pid}) exited with code {new.returncode} when restarted; last "
+                                f"lines of {self.log_path(name)}:\n{tail(self.log_path(name))}")
+            if time.monotonic() > deadline:
+                raise ChildDied(f"{name} not ready again in time; last lines of {self.log_path(name)}:\n"
+                                f"{tail(self.log_path(name))}")
+            time.sleep(0.3)
+        progress(f"  {name:<14} ready again ({time.monotonic() - self._t0:.0f}s)")
 
     def watch(self, interval_s: float = 0.5) -> None:
         """Block until a child dies (ChildDied) or we are interrupted."""

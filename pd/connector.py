@@ -129,6 +129,7 @@ class PDConnector(KVConnectorBase_V1):
         self._agent = InstanceAgent(
             self.cfg.coordinator, self._agent_id, role, interval_s=self.cfg.heartbeat_interval_s,
             on_free=(lambda free: transport.delete(free.keys)) if transport is not None else None, keys=keys,
+            stats=self._instance_stats,
         )
         self._agent.start()
         from store import make_store
@@ -141,6 +142,18 @@ class PDConnector(KVConnectorBase_V1):
                           coord, transport, {}, store=store, fingerprint=self.fingerprint,
                           page_bytes=_spec(self._kv_cache_config).page_size_bytes, instance_id=self._agent_id,
                           num_blocks=getattr(self._kv_cache_config, "num_blocks", None))
+
+    def _instance_stats(self) -> dict[str, float]:
+        """The worker's counters, its transport's (``pool_*``) and its store's (``store_*``), sent with
+        each heartbeat."""
+        w = self._worker
+        if w is None:
+            return {}
+        out = dict(w.stats)
+        for prefix, part in (("pool_", w.transport), ("store_", w.store)):
+            out.update({prefix + k: v for k, v in getattr(part, "stats", {}).items()
+                        if isinstance(v, (int, float))})
+        return out
 
     # ---- worker side -------------------------------------------------------------------
 

@@ -127,9 +127,11 @@ class LoadMixin:
         if ok and first_block and self.transport is not None:
             # Chunks before the local prefix hit were not read: they are not needed either.
             self.transport.delete([transfer_key(spec.pd_id, k) for k in st.keys[: first_block // bpc]])
-        elif not ok and self.transport is not None and st.ready:
-            # The rest is recomputed: none of this request's chunks is of use any more (the
-            # coordinator also frees them through the producer; this does not wait for that).
+        elif self.transport is not None and not (ok and st.ready):
+            # The rest is recomputed, or came from the store without a READY: none of this
+            # request's chunks in the transport is of use any more. The coordinator also frees
+            # them through the producer, but not those whose READY it never saw (it was down or
+            # restarted, and lost them): this delete is what removes those.
             self.transport.delete([transfer_key(spec.pd_id, k) for k in st.keys])
         with self._lock:
             self._bad_blocks |= bad

@@ -72,7 +72,7 @@ class WorkerSide(LoadMixin):
                       "chunks_loaded": 0, "bytes_loaded": 0, "chunk_errors": 0,
                       "store_chunks_loaded": 0, "store_puts_dropped": 0, "transport_dropped": 0,
                       "prefix_loads_ok": 0, "prefix_loads_failed": 0, "ready_parts": 0,
-                      "loads_aborted": 0, "load_timeouts": 0}
+                      "loads_aborted": 0, "load_timeouts": 0, "ready_undelivered": 0}
 
     # ---- setup -------------------------------------------------------------------------
 
@@ -207,6 +207,7 @@ class WorkerSide(LoadMixin):
                                     instance_id=self.instance_id, chunks_ready=last, final=spec.final))
         self.stats["saves"] += spec.final
         self.stats["ready_parts"] += 1
+        self.stats["ready_undelivered"] += not ok  # the coordinator was down: decode will time out
         self.stats["chunks_saved"] += last - spec.first_chunk
         logger.debug("pd_id=%s: saved chunks %d..%d (%d B) in %.1f ms, %sready %s", spec.pd_id,
                      spec.first_chunk, last - 1, n_bytes, (time.monotonic() - t0) * 1e3,

@@ -185,8 +185,10 @@ class InstanceAgent:
     """
 
     def __init__(self, address: str, instance_id: str, role: str, url: str = "", interval_s: float = 2.0,
-                 on_free: Callable[[Free], None] | None = None, keys: "ClientKeys | None" = None):
+                 on_free: Callable[[Free], None] | None = None, keys: "ClientKeys | None" = None,
+                 stats: Callable[[], dict[str, float]] | None = None):
         self.address, self.instance_id, self.role, self.url = address, instance_id, role, url
+        self.stats = stats  # the counters each heartbeat carries
         self.keys = keys
         self.interval_s = interval_s
         self.on_free = on_free
@@ -238,12 +240,21 @@ class InstanceAgent:
                             break
                         self._handle(frames)
                 if time.monotonic() >= next_beat:
-                    self._send(sock, Heartbeat(self.instance_id, self.role, self.url, pid))
+                    self._send(sock, Heartbeat(self.instance_id, self.role, self.url, pid, self._stats()))
                     next_beat = time.monotonic() + self.interval_s
         except Exception:
             logger.exception("instance agent %s stopped", self.instance_id)
         finally:
             sock.close(0)
+
+    def _stats(self) -> dict[str, float]:
+        if self.stats is None:
+            return {}
+        try:
+            return {str(k): float(v) for k, v in self.stats().items()}
+        except Exception:  # a counter source that fails must not stop the heartbeats
+            logger.debug("instance agent %s: no stats this beat", self.instance_id, exc_info=True)
+            return {}
 
     def _handle(self, frames: list[bytes]) -> None:
         try:

@@ -44,6 +44,7 @@ DEAD_INSTANCE_TTL_S = 3600.0  # an instance down this long is forgotten
 MAX_WAIT_S = 3600.0          # a WAIT never parks longer than this
 SWEEP_INTERVAL_S = 0.05      # expiry resolution; also how fast stop() is noticed
 MAX_MESSAGE_BYTES = 64 << 20  # a READY of 100,000 keys is ~10 MB
+MAX_INSTANCE_STATS = 256     # counters kept per instance (from its heartbeats)
 LOG_EVERY_S = 60.0           # repeated warnings of one kind are logged at most this often
 
 Key = tuple[str, int]
@@ -75,6 +76,7 @@ class _Instance:
     ident: bytes
     seen: float
     alive: bool = True
+    stats: dict | None = None  # its counters, from its latest heartbeat
 
 
 def _malformed_kind(reason: str) -> str:
@@ -286,8 +288,11 @@ class Coordinator:
     def _on_heartbeat(self, ident: bytes, msg: Heartbeat, now: float) -> None:
         self.counters["heartbeats"] += 1
         inst = self._instances.get(msg.instance_id)
+        stats = dict(list(msg.stats.items())[:MAX_INSTANCE_STATS])
+        if inst is not None:
+            inst.stats = stats
         if inst is None:
-            inst = _Instance(msg.role or "unknown", msg.url, msg.pid, ident, now)
+            inst = _Instance(msg.role or "unknown", msg.url, msg.pid, ident, now, stats=stats)
             self._instances[msg.instance_id] = inst
             self.counters["registered"] += 1
             logger.info("instance %s registered by its heartbeat (role %s)", msg.instance_id, inst.role)
@@ -430,7 +435,18 @@ class Coordinator:
         self.counters["waiters"] = sum(len(w) for w in self._waiters.values())  # parked WAITs
         self._sync_auth_counters()
         item = self._records.get(pd_id) if pd_id else None
-        return QueryReply(counters=dict(self.counters), instances=instances, transfer=item[0] if item else None)
+        return QueryReply(counters={**self.counters, **self._instance_counters()}, instances=instances,
+                          transfer=item[0] if item else None)
+
+    def _instance_counters(self) -> dict[str, float]:
+        """``<role>.<counter>``: the instances' own counters (from their heartbeats) summed per role;
+        an instance that died keeps its last ones until it is forgotten."""
+        out: dict[str, float] = {}
+        for inst in self._instances.values():
+            for k, v in (inst.stats or {}).items():
+                name = f"{inst.role}.{k}"
+                out[name] = out.get(name, 0.0) + v
+        return out
 
     def _sweep(self, now: float) -> None:
         for key, waiters in list(self._waiters.items()):

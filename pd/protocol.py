@@ -43,6 +43,10 @@ class Heartbeat(_Msg):
     role: Role | Literal[""] = ""
     url: str = ""
     pid: Count = 0
+    # The instance's own counters (its connector's transfers, transport and store), exported by
+    # the coordinator summed per role: the faults only an instance sees (a full disk, a READY it
+    # could not deliver, a dead producer's arena it removed) are counted somewhere one can scrape.
+    stats: dict[Annotated[str, msgspec.Meta(max_length=100)], Annotated[float, msgspec.Meta(ge=0, le=1e18)]] = {}
 
 
 class Ready(_Msg):

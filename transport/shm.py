@@ -18,8 +18,9 @@ the slots consumers deleted, then evicts its oldest committed values; reserved s
 evicted; a value larger than the arena is dropped. ``delete`` works from any process: it unlinks
 the link and marks the slot deleted in shared memory; the producer reuses the space when it
 next needs room. A SIGKILLed producer leaves its arena and links: readers still get its
-committed values, and a slot it was writing has no link. ``cleanup_pool`` (the launcher's
-clean stop) removes everything.
+committed values, and a slot it was writing has no link; the next producer that creates an arena
+in the pool (its restart) removes the arenas of pids that no longer run and the links into them.
+``cleanup_pool`` (the launcher's clean stop) removes everything.
 """
 from __future__ import annotations
 
@@ -54,6 +55,8 @@ STAT_KEYS = (
     "read_races",    # reads that lost to the producer: a get miss, or a release() False
     "aborted",       # reserved slots released unpublished (commit with ok False)
     "arenas",        # arena files this instance created (1, or more if the pool was removed)
+    "reaped_arenas", # arenas of producers that were gone (SIGKILLed), removed when creating ours
+    "reaped_links",  # ... and the index links into them
 )
 
 

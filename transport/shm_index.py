@@ -130,3 +130,41 @@ def unlink_if(link: str, target: str) -> bool:
     except OSError as err:
         log.warning("shm pool: cannot unlink %s: %s", link, err)
         return False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def reap_dead(path: str) -> tuple[int, int]:
+    """Remove the arenas of producers that are gone (their pid no longer runs: a SIGKILLed
+    instance) and the links into them; (arenas, links) removed. A reader that mapped such an arena
+    keeps its mapping; one that resolves a removed link sees a miss (store, then recompute)."""
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return 0, 0
+    dead = {n for n in names if _ARENA_RE.fullmatch(n) and not _pid_alive(int(n.split("-")[1]))}
+    if not dead:
+        return 0, 0
+    links = 0
+    for n in names:
+        if n.startswith("."):
+            continue
+        target = read_link(os.path.join(path, n))
+        if target and target.rsplit(":", 3)[0] in dead and unlink_if(os.path.join(path, n), target):
+            links += 1
+    for n in dead:
+        try:
+            os.unlink(os.path.join(path, n))
+        except FileNotFoundError:
+            pass
+    log.warning("shm pool %s: removed %d arena(s) of producers that are gone and %d link(s) into them",
+                path, len(dead), links)
+    return len(dead), links

@@ -109,6 +109,9 @@ class ArenaOwner:
                 log.error("shm pool %s: cannot create a %d MiB arena: %s (writes dropped)",
                           self.path, self.budget >> 20, e)
                 return None
+            arenas, links = index.reap_dead(self.path)  # a SIGKILLed predecessor's memory
+            self.stats["reaped_arenas"] += arenas
+            self.stats["reaped_links"] += links
             self.maps.pin(a)
             self.maps.add_own(a)
             self.arena, self.alloc = a, FirstFit(a.size)
