@@ -115,6 +115,7 @@ class Deployment:
 
     def __init__(self, dep: DeploymentConfig, roles: str | list[str] | None = None, host: str | None = None):
         self.dep = dep
+        resolve_auth(dep)
         self.label, self.roles = share(dep, roles, host)
         self.host = host
         self._share = {} if roles is None and host is None else {"roles": roles, "host": host}
@@ -157,6 +158,7 @@ class Deployment:
     def start(self, progress: Progress = print, wait: bool = True) -> "Deployment":
         """Check the ports, start every process, and (``wait``) wait until all are ready."""
         check_ports(self.dep, **self._share)
+        own_keys(self.dep)
         check_keys(self.dep, self.roles)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         import yaml
@@ -328,16 +330,43 @@ def _group_alive(proc: subprocess.Popen) -> bool:
 # ---- CLI ---------------------------------------------------------------------------------
 
 
+def resolve_auth(dep: DeploymentConfig) -> None:
+    """``coordinator.auth: auto`` made ``curve`` or ``none``: curve with ``keys_dir`` when it is set;
+    a one-host P/D deployment on loopback gets keys of its own (``pd.curve.local_keys_dir``, made
+    by ``own_keys`` at start), so no other user's process can publish, consume, abort or free KV
+    transfers; otherwise none (which ``check_coordinator_security`` refuses beyond loopback)."""
+    from pd.curve import is_loopback, local_keys_dir
+
+    c = dep.coordinator
+    if c.auth != "auto":
+        return
+    if c.keys_dir:
+        c.auth = "curve"
+    elif dep.mode == "pd" and not dep.hosts and is_loopback(c.host) and is_loopback(c.advertise_host or c.host):
+        c.auth, c.keys_dir = "curve", str(local_keys_dir(c.advertise_port or c.port))
+    else:
+        c.auth = "none"
+
+
+def own_keys(dep: DeploymentConfig) -> None:
+    """Make the keys ``resolve_auth`` chose for a one-host deployment (kept across launches)."""
+    from pd.curve import local_keys_dir, make_keys
+
+    c = dep.coordinator
+    if dep.mode == "pd" and c.auth == "curve" and c.keys_dir == str(local_keys_dir(c.advertise_port or c.port)):
+        make_keys(c.keys_dir)
+
+
 def check_keys(dep: DeploymentConfig, roles: list[str]) -> None:
     """The key files this host's share needs exist (ConfigError): the API token, and with
     ``coordinator.auth: curve`` the coordinator's and the clients' keys."""
-    from pd.curve import load_client_keys, load_server_keys, read_token
+    from pd.curve import effective_auth, load_client_keys, load_server_keys, read_token
 
     if dep.vllm.api_key_file:
         read_token(dep.vllm.api_key_file)
     if dep.proxy.api_key_file and "control" in roles:
         read_token(dep.proxy.api_key_file, "proxy.api_key_file")
-    if dep.mode != "pd" or dep.coordinator.auth != "curve":
+    if dep.mode != "pd" or effective_auth(dep.coordinator) != "curve":
         return
 
     c = dep.coordinator
@@ -489,6 +518,7 @@ def config_from_args(args: argparse.Namespace) -> DeploymentConfig:
     if getattr(args, "set", None):
         dep = merge(dep, parse_set(args.set))
     dep.model = str(check_model(dep.model))
+    resolve_auth(dep)
     # the instances and the proxy may run elsewhere than this cwd
     for section, key in ((dep.proxy, "api_key_file"), (dep.coordinator, "keys_dir"), (dep.vllm, "api_key_file")):
         if getattr(section, key):
@@ -534,6 +564,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     deployment = Deployment(dep, roles, host) if (roles is not None or host is not None) else Deployment(dep)
     check_ports(dep, **deployment._share)
+    own_keys(dep)
     check_keys(dep, deployment.roles)
     for line in exposure_warnings(dep, deployment.specs):
         print(f"pdkv: warning: {line}", file=sys.stderr, flush=True)

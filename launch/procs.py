@@ -26,7 +26,7 @@ from urllib.parse import urlparse
 from launch.gpus import GpuSlot, cuda_args, cuda_env, gpu_slots, parse_env, resolve_device, resolve_dtype
 from launch.topology import Instance, Layout, layout, local_instances, reach_host, share
 from pd.config import ConfigError, DeploymentConfig, kv_transfer_config
-from pd.curve import is_loopback, read_token
+from pd.curve import effective_auth, is_loopback, read_token
 
 # vLLM's CPU attention backend accepts only block sizes that are multiples of this
 # ("No common block size for 16 (CPU_ATTN: [MultipleOf(32)])" otherwise, after ~1 minute of startup).
@@ -251,7 +251,7 @@ def vllm_spec(dep: DeploymentConfig, name: str, role: str, port: int, group: str
 def check_coordinator_security(dep: DeploymentConfig, lay: Layout) -> None:
     """Refuse a coordinator that listens, or is reached, beyond loopback without authentication."""
     c = dep.coordinator
-    if dep.mode != "pd" or c.auth != "none" or c.allow_insecure:
+    if dep.mode != "pd" or effective_auth(c) != "none" or c.allow_insecure:
         return
     host = lay.coordinator_address.split("//", 1)[1].rsplit(":", 1)[0].strip("[]")
     where = f"hosts.{lay.control_host}" if lay.control_host else "coordinator"
@@ -303,7 +303,7 @@ def coordinator_spec(dep: DeploymentConfig, lay: Layout) -> ProcSpec:
     c = dep.coordinator
     argv = [sys.executable, "-m", "pd.cli", "coordinator", "--host", lay.coordinator_bind, "--port", str(c.port),
             "--entry-ttl-s", str(c.entry_ttl_s), "--instance-ttl-s", str(c.instance_ttl_s)]
-    if c.auth == "curve":
+    if effective_auth(c) == "curve":
         argv += ["--auth", "curve", "--keys-dir", c.keys_dir]
     if c.allow_insecure:
         argv.append("--allow-insecure")
@@ -318,7 +318,7 @@ def proxy_spec(dep: DeploymentConfig, lay: Layout) -> ProcSpec:
     if dep.mode == "pd":
         argv += ["--prefill", ",".join(lay.urls("prefill")), "--decode", ",".join(lay.urls("decode")),
                  "--coordinator", lay.coordinator_address]
-        if dep.coordinator.auth == "curve":
+        if effective_auth(dep.coordinator) == "curve":
             argv += ["--coordinator-keys-dir", dep.coordinator.keys_dir,
                      "--coordinator-client-key", dep.coordinator.client_key]
     else:

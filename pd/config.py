@@ -71,9 +71,11 @@ class CoordinatorConfig:
     advertise_host: str = ""
     # The port clients connect to; 0 = port.
     advertise_port: int = field(default=0, metadata=_rng(0, 65535))
-    # none, or curve: CurveZMQ, only clients whose public key is in <keys_dir>/authorized get in
-    # (see `pd keys`). A coordinator listening beyond loopback without it is refused at start.
-    auth: str = field(default="none", metadata=_choices("none", "curve"))
+    # curve: CurveZMQ, only clients whose public key is in <keys_dir>/authorized get in (see `pd keys`).
+    # auto: curve when keys_dir is set; else pd launch on one host makes keys of its own (owner-only,
+    # in ~/.config/pdkv/coordinator-<port>) and uses curve; a coordinator started by hand without
+    # keys_dir runs without auth. none: no auth (refused beyond loopback unless allow_insecure).
+    auth: str = field(default="auto", metadata=_choices("auto", "none", "curve"))
     # Directory `pd keys DIR` made (or, on an instance host, a copy of its clients/<name>/ bundle).
     keys_dir: str = ""
     # This host's client keypair: a name in keys_dir (<name>.key_secret) or a path to a .key_secret.
@@ -609,7 +611,9 @@ def kv_transfer_config(dep: DeploymentConfig, role: str, instance_id: str, coord
         raise ConfigError(f"role {role!r} is not allowed; choose one of {', '.join(ROLE_TO_KV_ROLE)}")
     conn = dataclasses.asdict(dep.connector)
     conn["coordinator"] = coordinator or dep.coordinator.address
-    curve = dep.coordinator.auth == "curve"
+    from pd.curve import effective_auth
+
+    curve = effective_auth(dep.coordinator) == "curve"
     conn["coordinator_keys_dir"] = dep.coordinator.keys_dir if curve else ""
     conn["coordinator_client_key"] = dep.coordinator.client_key
     conn["instance_id"] = instance_id

@@ -94,7 +94,7 @@ class Coordinator:
     """
 
     def __init__(self, cfg: CoordinatorConfig):
-        from pd.curve import CurveServer, check_bind
+        from pd.curve import CurveServer, check_bind, effective_auth
 
         check_bind(cfg)  # ConfigError: beyond loopback without auth
         self.cfg = cfg
@@ -119,7 +119,7 @@ class Coordinator:
         self._curve: CurveServer | None = None
         self._monitor: zmq.Socket | None = None
         try:
-            if cfg.auth == "curve":
+            if effective_auth(cfg) == "curve":
                 self._curve = CurveServer(self._ctx, cfg.keys_dir)  # ConfigError for missing key files
                 self._curve.apply(self._sock)
                 self._monitor = self._sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
@@ -502,7 +502,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, help="port to listen on (default 5570)")
     p.add_argument("--entry-ttl-s", type=float, help="drop and free READY entries not consumed in this time")
     p.add_argument("--instance-ttl-s", type=float, help="mark instances down after this long without heartbeat")
-    p.add_argument("--auth", choices=("none", "curve"), help="curve: CurveZMQ, clients in KEYS_DIR/authorized only")
+    p.add_argument("--auth", choices=("auto", "none", "curve"),
+                   help="curve: CurveZMQ, clients in KEYS_DIR/authorized only; auto (default): curve when --keys-dir is given")
     p.add_argument("--keys-dir", help="the directory `pd keys` made (coordinator.keys_dir)")
     p.add_argument("--allow-insecure", action="store_true", default=None,
                    help="listen beyond loopback without auth anyway (coordinator.allow_insecure)")
@@ -540,7 +541,7 @@ def run(args: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: coord._stop.set())
     logger.info("listening on %s (entry ttl %gs, instance ttl %gs, auth %s)", coord.address, cfg.entry_ttl_s,
-                cfg.instance_ttl_s, cfg.auth + (f": keys in {cfg.keys_dir}" if cfg.auth == "curve" else ""))
+                cfg.instance_ttl_s, "curve: keys in " + cfg.keys_dir if coord._curve is not None else "none")
     coord.serve_forever()
     logger.info("stopped")
     return 0

@@ -136,14 +136,26 @@ def client_keys_for(cfg) -> ClientKeys | None:
             return None
         return load_client_keys(cfg.coordinator_keys_dir, cfg.coordinator_client_key,
                                 "kv_connector_extra_config.coordinator_keys_dir")
-    if cfg.auth != "curve":
+    if effective_auth(cfg) != "curve":
         return None
     return load_client_keys(cfg.keys_dir, cfg.client_key)
 
 
+def effective_auth(cfg) -> str:
+    """``curve`` or ``none``: what a ``CoordinatorConfig`` means (``auto``: curve when it has keys)."""
+    return "curve" if cfg.auth == "curve" or (cfg.auth == "auto" and cfg.keys_dir) else "none"
+
+
+def local_keys_dir(port: int) -> Path:
+    """Where ``pd launch`` keeps the keys it makes for a one-host deployment's coordinator on
+    ``port`` (``auth: auto`` without ``keys_dir``); ``pd stats`` looks there too."""
+    base = os.environ.get("PDKV_KEYS_HOME") or os.path.join(os.environ.get("XDG_CONFIG_HOME") or "~/.config", "pdkv")
+    return Path(base).expanduser() / f"coordinator-{port}"
+
+
 def check_bind(cfg) -> None:
     """Refuse a coordinator config that would listen beyond loopback without authentication."""
-    if cfg.auth == "none" and not is_loopback(cfg.host) and not cfg.allow_insecure:
+    if effective_auth(cfg) == "none" and not is_loopback(cfg.host) and not cfg.allow_insecure:
         raise ConfigError(
             f"coordinator.host: {cfg.host!r} is not a loopback address and coordinator.auth is none: anyone who "
             "can reach the port could publish, consume and free KV transfers. Make keys with `pd keys DIR`, "

@@ -33,7 +33,12 @@ def _target(args: argparse.Namespace):
         address = layout(dep).coordinator_address
     else:
         address = cfg.address
-    keys_dir = getattr(args, "keys_dir", None) or (cfg.keys_dir if cfg.auth == "curve" else "")
+    from pd.curve import effective_auth, local_keys_dir
+
+    keys_dir = getattr(args, "keys_dir", None) or (cfg.keys_dir if effective_auth(cfg) == "curve" else "")
+    if not keys_dir and cfg.auth == "auto":  # the keys pd launch made for a one-host deployment
+        own = local_keys_dir(int(address.rsplit(":", 1)[1]))
+        keys_dir = str(own) if (own / "client.key_secret").is_file() else ""
     client = getattr(args, "client_key", None) or cfg.client_key
     return address, (load_client_keys(keys_dir, client) if keys_dir else None)
 
