@@ -25,6 +25,7 @@ import argparse
 import logging
 import os
 import signal
+import re
 import socket
 import subprocess
 import sys
@@ -47,6 +48,40 @@ REPORT_EVERY_S = 15.0  # how often the launcher says what the proxy still waits 
 
 class ChildDied(RuntimeError):
     """A child exited (or never became ready); the message says which, how, and its log's tail."""
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_LEVEL = re.compile(r"(?:^|\s)(?:ERROR|CRITICAL)\b")
+_ABOVE = re.compile(r"(?i)(root cause|see) above")
+_EXC = re.compile(r"\b(?:[A-Za-z_][\w.]*\.)?[A-Z]\w*(?:Error|Exception|Exit|Interrupt)\b(?::.*)?$")
+
+
+def why(path: Path) -> str:
+    """The log line of ``path`` that most likely says why the process ended, with its line number:
+    the last exception line (``ValueError: ...``) that does not point elsewhere (vLLM's "See root
+    cause above"), else the last ERROR/CRITICAL line; "" if none."""
+    try:
+        lines = [_ANSI.sub("", s).strip() for s in path.read_text(errors="replace").splitlines()]
+    except OSError:
+        return ""
+    for test in (lambda s: _EXC.search(s) and not _ABOVE.search(s), _EXC.search,
+                 _LEVEL.search):
+        for i in range(len(lines) - 1, -1, -1):
+            if lines[i] and test(lines[i]):
+                return f"{lines[i][:400]} ({path}:{i + 1})"
+    return ""
+
+
+def exit_text(name: str, pid: int, code: int, log_file: Path) -> str:
+    """``name (pid P) exited with code C`` or ``... was killed by SIGKILL``, and the line saying why."""
+    how = f"exited with code {code}"
+    if code < 0:
+        try:
+            how = f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            how = f"was killed by signal {-code}"
+    reason = why(log_file)
+    return f"{name} (pid {pid}) {how}" + (f"; why: {reason}" if reason else "")
 
 
 def tail(path: Path, n: int = 20) -> str:
@@ -215,12 +250,12 @@ class Deployment:
             if code is not None and self._ready and not spec.critical:
                 if name not in self._gone:
                     self._gone.add(name)
-                    print(f"pdkv: {name} (pid {proc.pid}) exited with code {code}; the rest goes on without it "
+                    print(f"pdkv: {exit_text(name, proc.pid, code, self.log_path(name))}; the rest goes on without it "
                           f"(transfers fall back to the store, then recompute); last lines of "
                           f"{self.log_path(name)}:\n{tail(self.log_path(name), 5)}", file=sys.stderr, flush=True)
                 continue
             if code is not None:
-                raise ChildDied(f"{name} (pid {proc.pid}) exited with code {code}; last lines of "
+                raise ChildDied(f"{exit_text(name, proc.pid, code, self.log_path(name))}; last lines of "
                                 f"{self.log_path(name)}:\n{tail(self.log_path(name))}")
 
     def respawn(self, name: str, progress: Progress = print, timeout_s: float | None = None) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launch.launcher import ChildDied, Deployment
+from launch.launcher import ChildDied, Deployment, exit_text
 from launch.procs import ProcSpec, check_ports, cpu_binds, plan
 from pd.cli import main
 from pd.config import ConfigError, DeploymentConfig, load
@@ -332,6 +332,31 @@ def test_child_death_during_startup(model, tmp_path):
     assert "bad" in msg and "exited with code 3" in msg and "boom bad" in msg
     assert not any(p.poll() is None for _, p in d.procs.values())
     assert not alive(int(a_kid.read_text()))
+
+
+VLLM_DEATH = """INFO 11-30 05:40:00 [api_server.py:100] vLLM API server version 0.32.0
+(EngineCore_DP0 pid=4242) ERROR 11-30 05:40:10 [core.py:700] EngineCore failed to start.
+(EngineCore_DP0 pid=4242) ERROR 11-30 05:40:10 [core.py:700] Traceback (most recent call last):
+(EngineCore_DP0 pid=4242) ERROR 11-30 05:40:10 [core.py:700]   File "core.py", line 690, in run
+(EngineCore_DP0 pid=4242) ERROR 11-30 05:40:10 [core.py:700] ValueError: max_model_len 8192 exceeds the KV cache (4096 tokens)
+Traceback (most recent call last):
+  File "api_server.py", line 12, in <module>
+RuntimeError: Engine core initialization failed. See root cause above.
+INFO 11-30 05:40:11 [loggers.py:1] shutting down
+"""
+
+
+def test_the_line_that_says_why_a_child_died_is_named(tmp_path):
+    log = tmp_path / "decode-0.log"
+    log.write_text(VLLM_DEATH)
+    assert exit_text("decode-0", 7, 1, log) == (
+        f"decode-0 (pid 7) exited with code 1; why: (EngineCore_DP0 pid=4242) ERROR 11-30 05:40:10 [core.py:700] "
+        f"ValueError: max_model_len 8192 exceeds the KV cache (4096 tokens) ({log}:5)")
+    log.write_text("\x1b[1;31mERROR\x1b[0m 05:40 [x.py:1] cannot bind\nbye\n")
+    assert "why: ERROR 05:40 [x.py:1] cannot bind" in exit_text("p", 1, 1, log)
+    log.write_text("nothing to see\n")
+    assert exit_text("p", 1, -9, log) == "p (pid 1) was killed by SIGKILL"
+    assert exit_text("p", 1, 2, tmp_path / "missing.log") == "p (pid 1) exited with code 2"
 
 
 def test_startup_timeout(model, tmp_path):
