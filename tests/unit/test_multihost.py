@@ -416,7 +416,9 @@ def test_a_transport_server_that_exits_after_start_is_reported_not_fatal(model, 
                 f"time.sleep({live_s})")
         return [sys.executable, "-c", code]
 
-    dep = load(DeploymentConfig, {"model": str(model), "run_dir": str(tmp_path / "run")})
+    dep = load(DeploymentConfig, {"model": str(model), "run_dir": str(tmp_path / "run"),  # ports free of others'
+                                  "coordinator": {"port": free_port()}, "proxy": {"port": free_port()},
+                                  "prefill": {"port_base": free_port()}, "decode": {"port_base": free_port()}})
     p1, p2 = free_port(), free_port()
     d = Deployment(dep)
     d.specs = [ProcSpec("kv-master", listener(p1, 1.0), port=p1, critical=False),
