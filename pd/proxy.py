@@ -156,7 +156,8 @@ class Proxy:
         (as vLLM's --api-key; /health and /metrics stay open)."""
         if self.api_key is not None and request.path.startswith("/v1"):
             got = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(got.encode(), f"Bearer {self.api_key}".encode()):
+            # surrogateescape: a header of non-UTF-8 bytes is a wrong key, not a 500
+            if not hmac.compare_digest(got.encode("utf-8", "surrogateescape"), f"Bearer {self.api_key}".encode()):
                 if request.path in GENERATE:  # bounded label values only
                     self.metrics.request(request.path, 401, 0.0)
                 return _json_error("missing or wrong API key: send the header 'Authorization: Bearer <key>' "
