@@ -24,9 +24,16 @@ _SHOW.maxstring, _SHOW.maxother, _SHOW.maxlist, _SHOW.maxdict, _SHOW.maxlevel = 
 
 
 def _show(value: Any) -> str:
-    """``repr(value)``, cut short: an error quotes a bad value, never megabytes of it (or a YAML
-    alias bomb's billions of items)."""
+    """``repr(value)``, cut short: an error quotes a bad value, never megabytes of it."""
     return _SHOW.repr(value)
+
+
+def _name(name: Any) -> str:
+    """A key's name as an error shows it: as it is, or quoted when empty, not a plain string or
+    holding spaces or line breaks (which would hide it or split the one-line error)."""
+    if isinstance(name, str) and name and name.isprintable() and name.strip() == name and len(name) <= 80:
+        return name
+    return _show(name)
 
 
 def _rng(lo=None, hi=None, **kw) -> dict:
@@ -486,7 +493,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping of names, got {_show(value)}")
         kt, vt = typing.get_args(tp)
-        return {_coerce(kt, k, f"{key} name {k!r}"): _coerce(vt, v, f"{key}.{k}") for k, v in value.items()}
+        return {_coerce(kt, k, f"{key} name {_show(k)}"): _coerce(vt, v, f"{key}.{_name(k)}")
+                for k, v in value.items()}
     if origin in (list, typing.List):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected {_describe(tp)}, got {_show(value)}")
@@ -536,11 +544,8 @@ def load(cls: type, data: dict | None, prefix: str = "") -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields), key=str)
     if unknown:
-        name = unknown[0]
-        if not (isinstance(name, str) and name.isprintable() and name.strip() == name and name):
-            name = _show(name)  # quoted: an empty name, spaces or a line break are visible
         raise ConfigError(
-            f"unknown key {prefix}{name}; allowed keys{' under ' + prefix.rstrip('.') if prefix else ''}: "
+            f"unknown key {prefix}{_name(unknown[0])}; allowed keys{' under ' + prefix.rstrip('.') if prefix else ''}: "
             + ", ".join(sorted(fields))
         )
     obj = cls()

@@ -152,6 +152,7 @@ def test_a_file_that_is_not_utf8_is_a_config_error_naming_it(tmp_path, raw):
 @fuzz_settings(80)
 @given(data=config_dicts(DeploymentConfig) | config_dicts(DeploymentConfig, wild=False))
 @example(data={"\r": None})  # the error named the key as it was: a line break split the one line
+@example(data={"hosts": {"\r": {"": None}}})  # ... and the name of a host too
 def test_pd_launch_dry_run_exits_0_or_2_with_one_line(tmp_path_factory, capsys, data):
     """The whole path of a config file through the launcher's checks and plan, without starting."""
     store = (data.get("connector") or {}).get("store") if isinstance(data.get("connector"), dict) else None
