@@ -278,9 +278,9 @@ def soak(target: Target, args, progress=print) -> tuple[list[dict], dict, Traffi
     out = open(args.out, "w") if args.out else None  # noqa: SIM115 - closed below
     samples: list[dict] = []
 
-    def record(s: dict) -> None:
+    def record(s: dict, label: str = "") -> None:
         samples.append(s)
-        progress(line(s))
+        progress(label + line(s))
         if out:
             out.write(json.dumps(s) + "\n")
             out.flush()
@@ -308,7 +308,7 @@ def soak(target: Target, args, progress=print) -> tuple[list[dict], dict, Traffi
             if not leftovers(last) or time.monotonic() >= drain_end:
                 break
             time.sleep(1.0)
-        record(last)
+        record(last, "after the traffic: ")
     finally:
         if out:
             out.close()
