@@ -269,15 +269,15 @@ class InfinistoreTransport:
         return None
 
     # -- staging slots ---------------------------------------------------------------------
-    def _alloc(self, spans: Sequence[int]) -> list[int | None]:
+    def _alloc(self, spans: Sequence[int], wait: bool = True) -> list[int | None]:
         """An offset per span, in order; from the first that finds no room on, None. Waits (up to
-        op_timeout_s) for room only for the first (other calls hold what it needs)."""
+        op_timeout_s, with ``wait``) for room only for the first (other calls hold what it needs)."""
         offs: list[int | None] = [None] * len(spans)
         deadline = time.monotonic() + self.op_timeout
         with self._cv:
             for i, span in enumerate(spans):
                 off = None if self._closed or span > self._ff.size else self._ff.alloc(span)
-                while off is None and i == 0 and not self._closed and span <= self._ff.size:
+                while off is None and wait and i == 0 and not self._closed and span <= self._ff.size:
                     left = deadline - time.monotonic()
                     if left <= 0 or not self._cv.wait(left):
                         break
@@ -350,17 +350,27 @@ class InfinistoreTransport:
         return [s is not None and id(s) in sent and s.key in stored for s in slots]
 
     def acquire(self, keys: Sequence[str]) -> list[InfinistoreSlot | None]:
-        """Read each key into a slot (room for the largest value, max_value_mb); None = miss. ``release`` them."""
+        """Read each key into a slot; None = miss. ``release`` them. A read needs room for the largest
+        value (max_value_mb) until it is answered; then its slot shrinks to the value. Keys that find
+        no room in one round are read in the next, with the room the shrinking gave back."""
         cap = self.max_value + FRAME
-        offs = self._alloc([_span(cap)] * len(keys))
-        got = [(i, o) for i, o in enumerate(offs) if o is not None]
         out: list[InfinistoreSlot | None] = [None] * len(keys)
-        for (i, o), n in zip(got, self._read([keys[i] for i, _ in got], [o for _, o in got], [cap] * len(got))):
-            length = self._payload(o, n) if n is not None and n > 0 else -1
-            if length >= 0:
-                out[i] = InfinistoreSlot(keys[i], self._mv[o + HEADER.size:o + HEADER.size + length], length, o, self)
-            else:
-                self._free([(o, _span(cap))])
+        todo, first = list(range(len(keys))), True
+        while todo:
+            offs = self._alloc([_span(cap)] * len(todo), wait=first)
+            got = [(i, o) for i, o in zip(todo, offs) if o is not None]
+            if not got:
+                break  # no room: the rest miss
+            first, todo = False, todo[len(got):]
+            rcs = self._read([keys[i] for i, _ in got], [o for _, o in got], [cap] * len(got))
+            if rcs and rcs[0] is None:
+                continue  # not answered: the slots are freed when it ends
+            for (i, o), n in zip(got, rcs):
+                length = self._payload(o, n) if n > 0 else -1
+                keep = _span(length + FRAME) if length >= 0 else 0
+                self._free([(o + keep, _span(cap) - keep)] if keep < _span(cap) else [])
+                if length >= 0:
+                    out[i] = InfinistoreSlot(keys[i], self._mv[o + HEADER.size:o + HEADER.size + length], length, o, self)
         hits = [s.size for s in out if s is not None]
         self._bump(gets=len(keys), get_hits=len(hits), get_misses=len(keys) - len(hits), get_bytes=sum(hits))
         return out
@@ -374,7 +384,7 @@ class InfinistoreTransport:
                 continue
             r._done = True
             release_view(r.view)
-            free.append((r._off, _span(self.max_value + FRAME)))
+            free.append((r._off, _span(r.size + FRAME)))
             res.append(True)
         self._free(free)
         return res

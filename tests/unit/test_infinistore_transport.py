@@ -226,3 +226,19 @@ def test_rdma_round_trip_through_a_real_device(tmp_path):
     finally:
         t.close()
         p.kill()
+
+
+def test_zero_copy_reads_of_more_keys_than_max_value_slots_fit(server):
+    """acquire reserves max_value_mb per read until it is answered, then shrinks the slot: 40 small
+    values come back through 4 MiB of staging with 1 MiB reserved per read (rounds)."""
+    c, _, _ = server
+    t = make_transport(TransportConfig(kind="infinistore", infinistore=c))
+    try:
+        keys = [f"zc/{uuid.uuid4().hex}/{i}" for i in range(40)]
+        vals = [np.full(10_000 + i, i, np.uint8) for i in range(40)]
+        assert t.put(keys, vals) == [True] * 40
+        reads = t.acquire(keys + ["absent"])
+        assert reads[-1] is None and all(bytes(r.view) == v.tobytes() for r, v in zip(reads, vals))
+        assert t.release(reads) == [True] * 40 + [False] and t.used_bytes() == 0
+    finally:
+        t.close()
