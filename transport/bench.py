@@ -38,8 +38,8 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-TRANSPORTS = ("shm", "mooncake")
-NOT_BUILT = ("tcp", "infinistore")
+TRANSPORTS = ("shm", "mooncake", "infinistore")
+NOT_BUILT = ("tcp",)
 PEER_PORT = 5610
 DEFAULT_SIZES = "64K,256K,1M,4M,16M,64M"
 LAT_SAMPLES = 200
@@ -64,7 +64,7 @@ def _fmt_size(n: int) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``pd bench transport``."""
     parser.add_argument("--transport", default="shm",
-                        help="transport to measure: shm or mooncake (tcp and infinistore are not built yet)")
+                        help="transport to measure: shm, mooncake or infinistore (tcp is not built yet)")
     parser.add_argument("--sizes", default=DEFAULT_SIZES,
                         help=f"comma-separated chunk sizes (default {DEFAULT_SIZES})")
     parser.add_argument("--total-mb", type=int, default=256,
@@ -82,6 +82,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                 "on --local-host")
     g.add_argument("--protocol", default="tcp", choices=("tcp", "rdma"), help="Mooncake's transfer protocol")
     g.add_argument("--device-name", default="", help="rdma: the NIC(s), e.g. mlx5_0")
+    g = parser.add_argument_group("infinistore (the server on the peer's host; see transport/bench_infinistore.py)")
+    g.add_argument("--transport-url", default="",
+                   help="infinistore://HOST:PORT of a running server; default: the peer starts one on its host")
+    g.add_argument("--connection-type", default="tcp", choices=("tcp", "rdma"),
+                   help="InfiniStore's connection type (rdma: with --device-name)")
     g.add_argument("--serve-peer", action="store_true",
                    help="run the peer side (until the measuring side says quit)")
 
@@ -226,7 +231,7 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "serve_peer", False):
         return serve_peer(args.peer_host or "127.0.0.1", args.peer_port)
     if args.transport not in TRANSPORTS:
-        log.error("unknown transport %r; allowed: %s (%s are not built yet)", args.transport,
+        log.error("unknown transport %r; allowed: %s (%s is not built yet)", args.transport,
                   ", ".join(TRANSPORTS), " and ".join(NOT_BUILT))
         return 2
     try:
@@ -239,6 +244,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.transport == "mooncake":
         return run_mooncake(args, sizes)
+    if args.transport == "infinistore":
+        from transport.bench_infinistore import run_infinistore
+
+        return run_infinistore(args, sizes)
     if not os.path.isdir(args.shm_dir):
         log.error("--shm-dir %s is not a directory", args.shm_dir)
         return 2
@@ -331,7 +340,7 @@ def serve_peer(host: str, port: int) -> int:
 
     srv = socket.create_server((host, port))
     print(f"# peer listening on {host}:{srv.getsockname()[1]}", flush=True)
-    transport, buf = None, np.empty(0, np.uint8)
+    transport, buf, servers = None, np.empty(0, np.uint8), []
     try:
         while True:
             conn, _ = srv.accept()
@@ -352,6 +361,10 @@ def serve_peer(host: str, port: int) -> int:
                     except Exception as e:  # noqa: BLE001 - reported to the measuring side
                         transport = None
                         _send_json(conn, {"ok": False, "error": str(e)})
+                elif op == "infinistore":  # an InfiniStore server on this host
+                    from transport.bench_infinistore import serve_server
+
+                    _send_json(conn, serve_server(host, req, servers))
                 elif op == "sink":  # the stream into a preallocated buffer, then an ack
                     _recv_exact(conn, memoryview(buf)[:total])
                     conn.sendall(b"k")
@@ -368,6 +381,8 @@ def serve_peer(host: str, port: int) -> int:
         srv.close()
         if transport is not None:
             transport.close()
+        for p in servers:
+            p.kill()
 
 
 def _tcp_size(peer: tuple[str, int], src: np.ndarray, dst: np.ndarray, size: int, n: int,
@@ -416,7 +431,34 @@ def _start_peer() -> tuple[subprocess.Popen, tuple[str, int]]:
     return p, (m.group(1), int(m.group(2)))
 
 
-_MC_HEAD = ["tcp to peer GB/s", "tcp from peer GB/s", "put/tcp", "get/tcp"]
+_TCP_HEAD = ["tcp to peer GB/s", "tcp from peer GB/s", "put/tcp", "get/tcp"]
+
+
+def format_tcp_table(rows: list[dict]) -> str:
+    """``format_table`` with the TCP stream columns of a two-endpoint run."""
+    table = format_table(rows).splitlines()
+    extra = [("tcp_out", "{:.2f}"), ("tcp_back", "{:.2f}"), ("put_tcp", "{:.2f}"), ("get_tcp", "{:.2f}")]
+    table[0] = table[0] + " " + " | ".join(_TCP_HEAD) + " |"
+    table[1] = table[1] + "---:|" * len(_TCP_HEAD)
+    for i, r in enumerate(rows):
+        table[2 + i] += " " + " | ".join(f.format(r[k]) for k, f in extra) + " |"
+    return "\n".join(table)
+
+
+def stop_peer(peer: tuple[str, int], procs: list[subprocess.Popen]) -> None:
+    """Tell the peer to quit (it stops what it started), then end the processes started here."""
+    try:
+        with _connect(peer) as c:
+            _send_json(c, {"op": "quit"})
+            _recv_line(c)
+    except OSError:
+        pass
+    for p in procs:
+        p.terminate()
+        try:
+            p.wait(20)
+        except subprocess.TimeoutExpired:
+            p.kill()
 
 
 def run_mooncake(args: argparse.Namespace, sizes: list[int]) -> int:
@@ -479,25 +521,8 @@ def run_mooncake(args: argparse.Namespace, sizes: list[int]) -> int:
     finally:
         if transport is not None:
             transport.close()
-        try:
-            with _connect(peer) as c:
-                _send_json(c, {"op": "quit"})
-                _recv_line(c)
-        except OSError:
-            pass
-        for p in procs:
-            p.terminate()
-            try:
-                p.wait(20)
-            except subprocess.TimeoutExpired:
-                p.kill()
-    table = format_table(rows).splitlines()
-    extra = [("tcp_out", "{:.2f}"), ("tcp_back", "{:.2f}"), ("put_tcp", "{:.2f}"), ("get_tcp", "{:.2f}")]
-    table[0] = table[0] + " " + " | ".join(_MC_HEAD) + " |"
-    table[1] = table[1] + "---:|" * len(_MC_HEAD)
-    for i, r in enumerate(rows):
-        table[2 + i] += " " + " | ".join(f.format(r[k]) for k, f in extra) + " |"
-    print("\n".join(table))
+        stop_peer(peer, procs)
+    print(format_tcp_table(rows))
     print("# GB/s = 1e9 bytes/s, median of iters (one batched call per pass); put/get: copy API (a copy into/out "
           "of registered staging + the transfer); zc = reserve + numpy.copyto into each slot + commit / acquire + "
           "numpy.copyto out + release; p50/p99 = ms per single-chunk put/get call; cpy = numpy.copyto; tcp = one "

@@ -242,3 +242,21 @@ def test_zero_copy_reads_of_more_keys_than_max_value_slots_fit(server):
         assert t.release(reads) == [True] * 40 + [False] and t.used_bytes() == 0
     finally:
         t.close()
+
+
+def test_bench_tiny_run(capsys):
+    """pd bench transport --transport infinistore: the peer (started here) starts the server; TCP columns."""
+    import argparse
+
+    from transport import bench
+
+    why = unavailable()
+    if why:
+        pytest.skip(f"InfiniStore not usable here ({why})")
+    p = argparse.ArgumentParser()
+    bench.add_arguments(p)
+    args = p.parse_args(["--transport", "infinistore", "--sizes", "64K,1M", "--total-mb", "2", "--iters", "1"])
+    assert bench.run(args) == 0
+    out = capsys.readouterr().out
+    assert "| 64K |" in out and "| 1M |" in out and "tcp to peer GB/s" in out
+    assert "transport=infinistore connection=tcp" in out and "started by the peer" in out
