@@ -351,8 +351,9 @@ class InfinistoreTransport:
 
     def acquire(self, keys: Sequence[str]) -> list[InfinistoreSlot | None]:
         """Read each key into a slot; None = miss. ``release`` them. A read needs room for the largest
-        value (max_value_mb) until it is answered; then its slot shrinks to the value. Keys that find
-        no room in one round are read in the next, with the room the shrinking gave back."""
+        value (max_value_mb) until it is answered; then the value moves to a slot of its size (see
+        ``_settle``; none when max_value_mb is the chunk size). Keys that find no room in one round
+        are read in the next."""
         cap = self.max_value + FRAME
         out: list[InfinistoreSlot | None] = [None] * len(keys)
         todo, first = list(range(len(keys))), True
@@ -367,13 +368,30 @@ class InfinistoreTransport:
                 continue  # not answered: the slots are freed when it ends
             for (i, o), n in zip(got, rcs):
                 length = self._payload(o, n) if n > 0 else -1
-                keep = _span(length + FRAME) if length >= 0 else 0
-                self._free([(o + keep, _span(cap) - keep)] if keep < _span(cap) else [])
-                if length >= 0:
-                    out[i] = InfinistoreSlot(keys[i], self._mv[o + HEADER.size:o + HEADER.size + length], length, o, self)
+                if length < 0:
+                    self._free([(o, _span(cap))])
+                    continue
+                o = self._settle(o, _span(cap), length)
+                out[i] = InfinistoreSlot(keys[i], self._mv[o + HEADER.size:o + HEADER.size + length], length, o, self)
         hits = [s.size for s in out if s is not None]
         self._bump(gets=len(keys), get_hits=len(hits), get_misses=len(keys) - len(hits), get_bytes=sum(hits))
         return out
+
+    def _settle(self, off: int, held: int, length: int) -> int:
+        """Where a value read into ``held`` bytes at ``off`` stays: there when it fills them, else
+        copied into a slot of its own size (freeing all of ``held``: shrinking in place would cut
+        the region into pieces too small for the next reads), else there with the tail freed."""
+        need = _span(length + FRAME)
+        if need >= held:
+            return off
+        (dst,) = self._alloc([need], wait=False)
+        if dst is None:
+            self._free([(off + need, held - need)])
+            return off
+        n = HEADER.size + length
+        self._mv[dst:dst + n] = self._mv[off:off + n]
+        self._free([(off, held)])
+        return dst
 
     def release(self, reads: Sequence[InfinistoreSlot | None]) -> list[bool]:
         """Free the slots; True for each held read (its bytes are this process's own copy)."""
