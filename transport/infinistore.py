@@ -33,17 +33,15 @@ import mmap
 import os
 import socket
 import struct
-import subprocess
-import sys
 import threading
 import time
-from concurrent.futures import Future, TimeoutError as FutureTimeout
-from multiprocessing.connection import Connection
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable, Sequence
 
 from pd.bytes import byte_view, release_view
 from transport.arena import PAGE, FirstFit, buffer_address
 from transport.base import TransportError
+from transport.infinistore_client import ClientProcess
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +50,6 @@ TRAILER = struct.Struct("<Q")      # the nonce again, after the payload
 FRAME = HEADER.size + TRAILER.size
 MAGIC, VERSION = b"PDIS", 1
 DOWN_S = 1.0
-START_TIMEOUT_S = 30.0  # the client process imports InfiniStore (numpy) and connects
 
 STAT_KEYS = ("puts", "put_bytes", "dropped", "too_large", "gets", "get_hits", "get_misses", "get_bytes",
              "too_small", "errors", "deletes", "server_down", "timeouts", "restarts")
@@ -69,81 +66,6 @@ class InfinistoreSlot:
 
     def __init__(self, key: str, view: memoryview, size: int, off: int, owner: "InfinistoreTransport") -> None:
         self.key, self.view, self.size, self._off, self._owner, self._done = key, view, size, off, owner, False
-
-
-class _Client:
-    """The client process and the requests in flight to it."""
-
-    def __init__(self, cfg_json: str, region_fd: int, region_size: int, timeout_s: float) -> None:
-        mine, theirs = socket.socketpair()
-        self.chan = Connection(os.dup(mine.fileno()))
-        mine.close()
-        argv = [sys.executable, "-m", "transport.infinistore_client", "--chan-fd", str(theirs.fileno()),
-                "--region-fd", str(region_fd), "--region-size", str(region_size), "--config", cfg_json]
-        self.proc = subprocess.Popen(argv, pass_fds=(theirs.fileno(), region_fd), stdin=subprocess.DEVNULL,
-                                     stdout=subprocess.DEVNULL)
-        theirs.close()
-        self.pending: dict[int, tuple[Future, Callable[[], None] | None]] = {}
-        self.lock, self.next_id, self.dead = threading.Lock(), 1, False
-        if not self.chan.poll(timeout_s):
-            self.stop()
-            raise TransportError(f"infinistore: the client process did not start within {timeout_s:.0f} s")
-        try:
-            _, first = self.chan.recv()
-        except (EOFError, OSError):
-            first = ("error", f"the client process exited with {self.proc.wait(5)}")
-        if first != "ready":
-            self.stop()
-            raise TransportError(f"infinistore: {first[1]}")
-        threading.Thread(target=self._read, name="pdkv-infinistore-reader", daemon=True).start()
-
-    def submit(self, op: str, args: Any, after: Callable[[], None] | None) -> Future:
-        fut: Future = Future()
-        with self.lock:
-            if self.dead:
-                raise EOFError("the client process is gone")
-            rid, self.next_id = self.next_id, self.next_id + 1
-            self.pending[rid] = (fut, after)
-            try:
-                self.chan.send((rid, op, args))
-            except OSError as e:
-                del self.pending[rid]
-                raise EOFError(str(e)) from None
-        return fut
-
-    def _read(self) -> None:
-        while True:
-            try:
-                rid, res = self.chan.recv()
-            except (EOFError, OSError):
-                break
-            with self.lock:
-                fut, after = self.pending.pop(rid, (None, None))
-            if after:
-                after()
-            if fut is not None:
-                if isinstance(res, tuple) and res and res[0] == "error":
-                    fut.set_exception(RuntimeError(res[1]))
-                else:
-                    fut.set_result(res)
-        with self.lock:  # the process is gone: nothing it held is in use any more
-            self.dead = True
-            left, self.pending = list(self.pending.values()), {}
-        for fut, after in left:
-            if after:
-                after()
-            fut.set_exception(EOFError(f"the client process exited ({self.proc.poll()})"))
-
-    def stop(self) -> None:
-        try:
-            self.chan.close()
-        except OSError:
-            pass
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(5)
 
 
 class InfinistoreTransport:
@@ -180,7 +102,7 @@ class InfinistoreTransport:
                  f" on {device}" if c.connection_type == "rdma" else "", c.staging_mb)
 
     # -- the client process ---------------------------------------------------------------------
-    def _start(self) -> _Client:
+    def _start(self) -> ClientProcess:
         host, port, _ = self.cfg.server()
         try:
             socket.create_connection((host, port), timeout=self.cfg.connect_timeout_s).close()
@@ -188,7 +110,7 @@ class InfinistoreTransport:
             raise TransportError(f"infinistore server {host}:{port} is not reachable ({e}); start it (pd launch "
                                  "with connector.transport.infinistore.start_server: true) or fix "
                                  "connector.transport.infinistore.url") from None
-        return _Client(self._client_json, self._fd, self.size, START_TIMEOUT_S + self.cfg.connect_timeout_s)
+        return ClientProcess(self._client_json, self._fd, self.size, 30.0 + self.cfg.connect_timeout_s)
 
     def _pin(self) -> bool:
         try:

@@ -1,4 +1,5 @@
-"""The InfiniStore client process of one ``InfinistoreTransport`` (``python -m transport.infinistore_client``).
+"""The InfiniStore client process of one ``InfinistoreTransport``: ``main`` is the process
+(``python -m transport.infinistore_client``), ``ClientProcess`` the transport's handle on it.
 
 Why a process of its own: InfiniStore 0.2.35's client crashes the process that holds it when a
 TCP read gets no value (``r_tcp`` dereferences a null result: a missing key, a server that died
@@ -24,10 +25,14 @@ import mmap
 import os
 import socket
 import sys
+import subprocess
 import threading
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from multiprocessing.connection import Connection
+from typing import Any, Callable
+
+from transport.base import TransportError
 
 MAX_KEYS = 1024            # keys per RDMA call (the server posts one work request per key)
 MAX_MSG_BYTES = 3 << 20    # keys+offsets per RDMA call, under the server's 4 MiB request message
@@ -134,7 +139,7 @@ class _Tcp:
         return self._each(self._guard(lambda conn, k: bool(conn.check_exist(k)), False), keys)
 
     def delete(self, keys: list) -> int:
-        return self._guard(lambda conn, ks: int(conn.delete_keys(ks)), 0)(keys)
+        return self.pool.submit(self._guard(lambda conn, ks: int(conn.delete_keys(ks)), 0), keys).result()
 
 
 class _Rdma:
@@ -215,6 +220,82 @@ class _Rdma:
     def delete(self, keys: list) -> int:
         with self.ctl:
             return int(self.conn.delete_keys(keys))
+
+
+class ClientProcess:
+    """The transport's side: the client process (started here) and the requests in flight to it."""
+
+    def __init__(self, cfg_json: str, region_fd: int, region_size: int, timeout_s: float) -> None:
+        mine, theirs = socket.socketpair()
+        self.chan = Connection(os.dup(mine.fileno()))
+        mine.close()
+        argv = [sys.executable, "-m", "transport.infinistore_client", "--chan-fd", str(theirs.fileno()),
+                "--region-fd", str(region_fd), "--region-size", str(region_size), "--config", cfg_json]
+        self.proc = subprocess.Popen(argv, pass_fds=(theirs.fileno(), region_fd), stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.DEVNULL)
+        theirs.close()
+        self.pending: dict[int, tuple[Future, Callable[[], None] | None]] = {}
+        self.lock, self.next_id, self.dead = threading.Lock(), 1, False
+        if not self.chan.poll(timeout_s):
+            self.stop()
+            raise TransportError(f"infinistore: the client process did not start within {timeout_s:.0f} s")
+        try:
+            _, first = self.chan.recv()
+        except (EOFError, OSError):
+            first = ("error", f"the client process exited with {self.proc.wait(5)}")
+        if first != "ready":
+            self.stop()
+            raise TransportError(f"infinistore: {first[1]}")
+        threading.Thread(target=self._read, name="pdkv-infinistore-reader", daemon=True).start()
+
+    def submit(self, op: str, args: Any, after: Callable[[], None] | None) -> Future:
+        fut: Future = Future()
+        with self.lock:
+            if self.dead:
+                raise EOFError("the client process is gone")
+            rid, self.next_id = self.next_id, self.next_id + 1
+            self.pending[rid] = (fut, after)
+            try:
+                self.chan.send((rid, op, args))
+            except OSError as e:
+                del self.pending[rid]
+                raise EOFError(str(e)) from None
+        return fut
+
+    def _read(self) -> None:
+        while True:
+            try:
+                rid, res = self.chan.recv()
+            except (EOFError, OSError):
+                break
+            with self.lock:
+                fut, after = self.pending.pop(rid, (None, None))
+            if after:
+                after()
+            if fut is not None:
+                if isinstance(res, tuple) and res and res[0] == "error":
+                    fut.set_exception(RuntimeError(res[1]))
+                else:
+                    fut.set_result(res)
+        with self.lock:  # the process is gone: nothing it held is in use any more
+            self.dead = True
+            left, self.pending = list(self.pending.values()), {}
+        for fut, after in left:
+            if after:
+                after()
+            fut.set_exception(EOFError(f"the client process exited ({self.proc.poll()})"))
+
+    def stop(self) -> None:
+        try:
+            self.chan.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+
 
 
 def serve(chan: Connection, client) -> None:

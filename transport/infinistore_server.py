@@ -62,7 +62,7 @@ def server_spec(c) -> dict:
 
     c.check()
     _, port, device = c.server()
-    lib = c.server_libibverbs
+    lib = os.path.abspath(c.server_libibverbs) if c.server_libibverbs else ""
     if lib and not os.path.isfile(os.path.join(lib, "libibverbs.so.1")):
         raise ConfigError(f"connector.transport.infinistore.server_libibverbs: {lib!r} holds no libibverbs.so.1; "
                           f"give a directory with one (scripts/setup.sh builds the test double in {VERBS_DOUBLE})")
