@@ -260,3 +260,113 @@ def test_bench_tiny_run(capsys):
     out = capsys.readouterr().out
     assert "| 64K |" in out and "| 1M |" in out and "tcp to peer GB/s" in out
     assert "transport=infinistore connection=tcp" in out and "started by the peer" in out
+
+
+class RdmaConnectionDouble:
+    """TEST DOUBLE of InfiniStore 0.2.35's ``InfinityConnection`` in RDMA mode (no RDMA here), as
+    its code behaves: ``register_mr`` once per base; a call's blocks share one ``block_size`` and
+    must address the registered base; a write stores ``block_size`` bytes per key; a read fails as
+    a whole when a key is absent (``InfiniStoreKeyNotFound``) or holds more than ``block_size``
+    (400), else copies what each key holds to ``ptr + offset``; more than 128 calls in flight or a
+    request message over 4 MiB is refused. Counts calls, keys per call and calls in flight."""
+
+    class KeyNotFound(Exception):
+        pass
+
+    def __init__(self, config=None) -> None:
+        self.kv: dict[str, bytes] = {}
+        self.base = self.size = None
+        self.calls, self.max_keys, self.inflight, self.max_inflight = 0, 0, 0, 0
+
+    def connect(self) -> None:
+        pass
+
+    def register_mr(self, ptr: int, size: int) -> int:
+        self.base, self.size = ptr, size
+        return 0
+
+    async def _call(self, blocks, block_size: int, ptr: int, op) -> int:
+        import asyncio
+
+        if ptr != self.base:
+            raise Exception("Please register memory first")
+        if sum(len(k) + 16 for k, _ in blocks) > 4 << 20 or self.inflight >= 128:
+            raise Exception("request refused")
+        self.calls, self.max_keys = self.calls + 1, max(self.max_keys, len(blocks))
+        self.inflight += 1
+        self.max_inflight = max(self.max_inflight, self.inflight)
+        try:
+            await asyncio.sleep(0.001)  # the completion arrives later, on the library's CQ thread
+            for _, off in blocks:
+                assert 0 <= off and off + block_size <= self.size
+            op(blocks, block_size)
+            return 200
+        finally:
+            self.inflight -= 1
+
+    async def rdma_write_cache_async(self, blocks, block_size: int, ptr: int) -> int:
+        def write(blocks, n):
+            for k, off in blocks:
+                self.kv[k] = ctypes.string_at(self.base + off, n)
+        return await self._call(blocks, block_size, ptr, write)
+
+    async def rdma_read_cache_async(self, blocks, block_size: int, ptr: int) -> int:
+        def read(blocks, n):
+            if any(k not in self.kv for k, _ in blocks):
+                raise self.KeyNotFound("some keys not found")
+            if any(len(self.kv[k]) > n for k, _ in blocks):
+                raise Exception("Failed to read to infinistore, ret = 400")
+            for k, off in blocks:
+                ctypes.memmove(self.base + off, self.kv[k], len(self.kv[k]))
+        return await self._call(blocks, block_size, ptr, read)
+
+    def check_exist(self, key: str) -> bool:
+        return key in self.kv
+
+    def delete_keys(self, keys) -> int:
+        return sum(self.kv.pop(k, None) is not None for k in keys)
+
+
+def test_rdma_batching_over_a_connection_double():
+    """The client's RDMA path (transport/infinistore_client.py ``_Rdma``) over the double: values
+    grouped by size, at most 1024 keys a call, bounded in flight, a failed batch read retried key
+    by key (a missing key and one too large for the block are misses, the rest hits). What the
+    double cannot show (the NIC, the server) is for test_rdma_round_trip_through_a_real_device."""
+    import mmap
+    import socket
+    import types
+
+    from transport import infinistore_client as ic
+
+    conn = RdmaConnectionDouble()
+    isl = types.SimpleNamespace(TYPE_RDMA="RDMA", InfinityConnection=lambda cfg: conn,
+                                ClientConfig=lambda **kw: types.SimpleNamespace(**kw))
+    listener = socket.create_server(("127.0.0.1", 0))  # the start-up probe dials the server
+    size = 80 << 20
+    mm = mmap.mmap(-1, size)
+    mv = memoryview(mm)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(mv))
+    c = {"host": "127.0.0.1", "port": listener.getsockname()[1], "device": "mlx5_0", "ib_port": 1,
+         "link_type": "IB", "gid_index": -1, "max_inflight": 4, "connect_timeout_s": 1}
+    r = ic._Rdma(isl, c, mv, base, size)
+    try:
+        sizes = [4096, 8192, 4096 * 3]
+        items = [(f"k/{i}", i * 16384, sizes[i % 3]) for i in range(4000)]  # 1334 a size: 2 calls each
+        for key, off, n in items:
+            mv[off:off + n] = bytes([int(key[2:]) % 251]) * n
+        assert r.put(items) == [True] * 4000 and conn.kv["k/5"] == bytes([5]) * sizes[2]
+        assert conn.max_keys <= 1024 and conn.calls == 6 and conn.max_inflight == 4
+        mv[:] = bytes(size)
+        reads = [(k, off, 16384) for k, off, _ in items] + [("absent", 4000 * 16384, 16384)]
+        got = r.get(reads)
+        assert got[:4000] == [16384] * 4000 and got[4000] == ic.ABSENT
+        assert all(mv[off:off + n] == bytes([i % 251]) * n for i, (_, off, n) in enumerate(items))
+        calls = conn.calls
+        small = [(k, off, 4096) for k, off, _ in items[:6]]  # k/1, k/2, k/4, k/5 hold more than 4096
+        assert r.get(small) == [4096, 0, 0, 4096, 0, 0] and conn.calls == calls + 1 + 6
+        assert r.exists(["k/0", "absent"]) == [True, False] and r.delete(["k/0", "absent"]) == 1
+    finally:
+        r.loop.call_soon_threadsafe(r.loop.stop)
+        listener.close()
+        mv.release()
+        mm.close()
