@@ -227,8 +227,8 @@ class ClientProcess:
 
     def __init__(self, cfg_json: str, region_fd: int, region_size: int, timeout_s: float) -> None:
         mine, theirs = socket.socketpair()
+        self.sock = mine  # shut down by stop(): that wakes our reader and ends the process (EOF)
         self.chan = Connection(os.dup(mine.fileno()))
-        mine.close()
         argv = [sys.executable, "-m", "transport.infinistore_client", "--chan-fd", str(theirs.fileno()),
                 "--region-fd", str(region_fd), "--region-size", str(region_size), "--config", cfg_json]
         self.proc = subprocess.Popen(argv, pass_fds=(theirs.fileno(), region_fd), stdin=subprocess.DEVNULL,
@@ -238,6 +238,7 @@ class ClientProcess:
         self.lock, self.next_id, self.dead = threading.Lock(), 1, False
         if not self.chan.poll(timeout_s):
             self.stop()
+            self.chan.close()
             raise TransportError(f"infinistore: the client process did not start within {timeout_s:.0f} s")
         try:
             _, first = self.chan.recv()
@@ -245,6 +246,7 @@ class ClientProcess:
             first = ("error", f"the client process exited with {self.proc.wait(5)}")
         if first != "ready":
             self.stop()
+            self.chan.close()
             raise TransportError(f"infinistore: {first[1]}")
         threading.Thread(target=self._read, name="pdkv-infinistore-reader", daemon=True).start()
 
@@ -277,17 +279,24 @@ class ClientProcess:
                     fut.set_exception(RuntimeError(res[1]))
                 else:
                     fut.set_result(res)
+        try:  # our end closed or the process ended: wait until it is gone (it exits at EOF)
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
         with self.lock:  # the process is gone: nothing it held is in use any more
             self.dead = True
             left, self.pending = list(self.pending.values()), {}
+        self.chan.close()
         for fut, after in left:
             if after:
                 after()
             fut.set_exception(EOFError(f"the client process exited ({self.proc.poll()})"))
 
     def stop(self) -> None:
+        """End the process: it exits at EOF on its channel (killed if it has not within 5 s)."""
         try:
-            self.chan.close()
+            self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
         try:
@@ -295,7 +304,7 @@ class ClientProcess:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait(5)
-
+        self.sock.close()
 
 
 def serve(chan: Connection, client) -> None:
