@@ -99,7 +99,9 @@ def test_forged_peers_cannot_abort_or_replace_a_transfer(closed):
     assert isinstance(got, Ready) and got.keys == keys and got.instance_id == "prefill-0"
     counters = good.query().counters
     assert counters["aborts"] == 0 and counters["ready"] == 1 and counters["freed_keys"] == 0
-    assert counters["auth_rejected"] >= 1 and counters["handshake_failed"] >= 1
+    # the keypair not in authorized/ is refused by ZAP and counted; a keyless client fails the
+    # handshake, which the coordinator sees only if the client stays long enough (test_curve.py)
+    assert counters["auth_rejected"] >= 1
 
 
 def test_shm_pool_of_another_mode_or_owner_is_refused(tmp_path):
