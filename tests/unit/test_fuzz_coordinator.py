@@ -14,6 +14,7 @@ import pytest
 import zmq
 from hypothesis import example, given, strategies as st
 
+import test_coordinator
 from fuzzing import fuzz_settings, open_fds, tried
 from pd.config import CoordinatorConfig
 from pd.coordinator import Coordinator
@@ -44,15 +45,7 @@ def ctx():
     c.term()
 
 
-class Peer:
-    def __init__(self, ctx: zmq.Context, address: str):
-        self.sock = ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.connect(address)
-
-    def send(self, msg) -> None:
-        self.sock.send_multipart(encode(msg))
-
+class Peer(test_coordinator.Peer):
     def replies_until_query(self, timeout_s: float = 10.0) -> list:
         """Send a QUERY and return every reply before its answer (the coordinator must answer)."""
         self.send(Query())
