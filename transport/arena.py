@@ -180,8 +180,8 @@ class Mapping:
 
     def check(self, off: int, seq: int, length: int, digest: bytes) -> bool:
         """Whether the slot at ``off`` holds the committed value ``seq`` of that key and length."""
-        if off % PAGE or off < 0 or off + HEADER + length > self.size:
-            return False
+        if off % PAGE or off < 0 or length < 0 or off + HEADER + length > self.size:
+            return False  # (a negative length let a link name a header past the arena's end)
         magic, st, hlen, deleted, hdig = _HDR.unpack_from(self.mm, off)
         return (magic == MAGIC and hlen == length and hdig == digest and deleted != seq
                 and self.get_stamp(off) == stamp(seq, COMMITTED))
