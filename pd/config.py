@@ -362,6 +362,10 @@ class ConnectorConfig:
     # fingerprint in the header still refuse torn, stale or foreign chunks; stores checksum
     # their own copies).
     checksum: str = field(default="auto", metadata=_choices("auto", "always", "never"))
+    # KV heads are cut into this many groups, a chunk holds one (pd/heads.py); 0 = this instance's
+    # TP size. Prefill and decode of different TP sizes need lcm(prefill TP, decode TP) on both
+    # sides (pd launch sets it); instances share the store only with equal head_groups.
+    head_groups: int = field(default=0, metadata=_rng(0, 1024))
     transport: TransportConfig = field(default_factory=TransportConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
 
@@ -386,6 +390,12 @@ class InstanceGroupConfig:
     # The proxy reaches this group's instances at these URLs (one per instance, e.g. instances on
     # other hosts, started there); empty = http://<advertise_host or host>:<port_base + i>.
     urls: list[str] = field(default_factory=list)
+    # Tensor-parallel size of this group's instances (vLLM --tensor-parallel-size); 0 =
+    # vllm.tensor_parallel_size. Prefill and decode may differ (pd/heads.py).
+    tp: int = field(default=0, metadata=_rng(0, 64))
+
+    def tp_size(self, dep_vllm) -> int:
+        return self.tp or dep_vllm.tensor_parallel_size
 
 
 HOST_ROLES = ("control", "prefill", "decode")

@@ -25,6 +25,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 
 from pd.config import ConfigError, ConnectorConfig, load
 from pd.connector_scheduler import PDMetadata, SchedulerSide
+from pd.heads import HeadGroups, resolve
 from pd.keys import layout_fingerprint, make_namespace
 
 logger = logging.getLogger("pd.connector")
@@ -48,20 +49,29 @@ def _spec(kv_cache_config):
     return kv_cache_config.kv_cache_groups[0].kv_cache_spec
 
 
-def _spec_fingerprint(vllm_config, kv_cache_config) -> bytes:
+def _head_groups(vllm_config, cfg: ConnectorConfig, rank: int = 0) -> HeadGroups:
+    """This instance's KV-head groups (pd.heads); ConfigError for TP sizes that cannot work."""
+    tp = vllm_config.parallel_config.tensor_parallel_size
+    return resolve(cfg.head_groups, tp, vllm_config.model_config.get_total_num_kv_heads(), rank)
+
+
+def _spec_fingerprint(vllm_config, kv_cache_config, heads: HeadGroups) -> bytes:
     """The layout fingerprint, from what both the scheduler and the workers know.
 
-    The worker checks that the caches vLLM registered have the page size of this spec.
+    It describes one head group's chunk (pd.heads), never the TP size: instances of different TP
+    sizes with the same head groups share keys. The worker checks that the caches vLLM
+    registered have the page size of this spec.
     """
     import vllm
 
     spec = _spec(kv_cache_config)
     return layout_fingerprint(
-        dtype=str(spec.dtype), kv_heads=spec.num_kv_heads, head_size=spec.head_size,
-        block_size=spec.block_size, page_bytes=spec.page_size_bytes,
+        dtype=str(spec.dtype), total_kv_heads=heads.total_heads, head_groups=heads.groups,
+        head_size=spec.head_size, block_size=spec.block_size,
+        group_page_bytes=spec.page_size_bytes // heads.per_rank,
         layers=len(kv_cache_config.kv_cache_groups[0].layer_names),
         device=str(vllm_config.device_config.device_type), vllm=vllm.__version__,
-        tp=vllm_config.parallel_config.tensor_parallel_size, cache_dtype=str(vllm_config.cache_config.cache_dtype),
+        cache_dtype=str(vllm_config.cache_config.cache_dtype),
         cpu_isa=torch.backends.cpu.get_cpu_capability(), kind=type(spec).__name__,
     )
 
@@ -96,12 +106,13 @@ class PDConnector(KVConnectorBase_V1):
             )
         self._sched: SchedulerSide | None = None
         self._worker = None
-        self.fingerprint = _spec_fingerprint(vllm_config, kv_cache_config)
+        self.heads = _head_groups(vllm_config, self.cfg)
+        self.fingerprint = _spec_fingerprint(vllm_config, kv_cache_config, self.heads)
         self.namespace = make_namespace(str(vllm_config.model_config.model), self.fingerprint)
         if role == KVConnectorRole.SCHEDULER:
             from store import make_store
 
-            # The scheduler only looks keys up (prefix reuse); rank 0's chunks stand for all ranks.
+            # The scheduler only looks keys up (prefix reuse); group 0's chunks stand for all.
             store = make_store(self.cfg.store, 0, writer=False)
             self._sched = SchedulerSide(self.block_size, ktc.is_kv_producer, ktc.is_kv_consumer,
                                         store=store, namespace=self.namespace, chunk_size=self.cfg.chunk_size)
@@ -134,14 +145,16 @@ class PDConnector(KVConnectorBase_V1):
         self._agent.start()
         from store import make_store
 
-        # Shard by TP rank (the rank in the keys), so prefill and decode pick the same path.
-        # Only an instance that saves KV writes to the store; decode workers read.
+        # Shard by head group (the number in the keys), so prefill and decode of any TP sizes pick
+        # the same path. Only an instance that saves KV writes to the store; decode workers read.
         writes = ktc.kv_role != "kv_consumer" and self.cfg.store.write_through == "always"
-        store = make_store(self.cfg.store, rank, writer=writes)
+        heads = _head_groups(vllm_config, self.cfg, rank)
+        stores = {g: make_store(self.cfg.store, g, writer=writes) for g in heads.owned}
         return WorkerSide(self.cfg, rank, str(vllm_config.model_config.model), self.block_size,
-                          coord, transport, {}, store=store, fingerprint=self.fingerprint,
+                          coord, transport, {}, store=stores[heads.owned[0]], fingerprint=self.fingerprint,
                           page_bytes=_spec(self._kv_cache_config).page_size_bytes, instance_id=self._agent_id,
-                          num_blocks=getattr(self._kv_cache_config, "num_blocks", None))
+                          num_blocks=getattr(self._kv_cache_config, "num_blocks", None),
+                          heads=heads, group_stores=stores)
 
     def _instance_stats(self) -> dict[str, float]:
         """The worker's counters, its transport's (``pool_*``) and its store's (``store_*``), sent with
@@ -188,8 +201,9 @@ class PDConnector(KVConnectorBase_V1):
             self._agent.stop()
             if self._worker.transport is not None:
                 self._worker.transport.close()
-            if self._worker.store is not None:
-                self._worker.store.close()
+            for store in self._worker.stores.values():
+                if store is not None:
+                    store.close()
 
     # ---- scheduler side ----------------------------------------------------------------
 

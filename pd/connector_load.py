@@ -10,13 +10,18 @@ reported as a load error and vLLM recomputes it. Every load ends in ``finished_r
 once (failed and cancelled ones included) and in one DONE to the coordinator.
 
 A prefix load (no pd_id: a stored prefix found by the scheduler) reads the store alone.
+
+A rank that holds several KV-head groups (``pd.heads``: decode at a lower TP size than prefill)
+runs one load per group, each with its own WAIT, chunks, store shard and DONE, each scattering
+into its group's heads; the request is finished when all are, and its failed blocks are the
+union of theirs (vLLM recomputes a block for every head).
 """
 from __future__ import annotations
 
 import logging
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -42,18 +47,42 @@ class _Load:
     ready: bool = False  # a READY was seen (the producer's chunks exist)
     error: str = ""
     store: object = None  # the store to fall back to (None: none, or KV not keyed by tokens)
+    group: int = 0  # the head group this load fills (pd.heads)
+    join: "_Join | None" = None
+
+
+@dataclass
+class _Join:
+    """The group loads of one request: it is finished when the last one is."""
+
+    left: int
+    bad: set = field(default_factory=set)
 
 
 class LoadMixin:
     def start_load(self, spec: LoadSpec) -> None:
         bpc = self.cfg.chunk_size // self.block_size
         first_block = spec.start_token // self.block_size
-        st = _Load(spec, self._keys(spec.token_ids, spec.seed), time.monotonic(), first_block // bpc, first_block,
-                   store=self.store if spec.seed is not None else None)
-        if spec.pd_id:
-            self._waits.submit(self._await_ready, st)
-        else:  # prefix reuse: the chunks are in the store, no transfer to wait for
-            self._exec.submit(self._run_store_load, st)
+        join = _Join(len(self.owned))
+        for group in self.owned:
+            st = _Load(spec, self._keys(spec.token_ids, spec.seed, group), time.monotonic(), first_block // bpc,
+                       first_block, store=self.stores.get(group) if spec.seed is not None else None,
+                       group=group, join=join)
+            if spec.pd_id:
+                self._waits.submit(self._await_ready, st)
+            else:  # prefix reuse: the chunks are in the store, no transfer to wait for
+                self._exec.submit(self._run_store_load, st)
+
+    def _settle(self, st: _Load, bad: set) -> None:
+        """One group load of a request is over; the last one reports the request finished."""
+        with self._lock:
+            st.join.bad |= bad
+            st.join.left -= 1
+            if st.join.left:
+                return
+            self._bad_blocks |= st.join.bad
+            self._done_recving.add(st.spec.req_id)
+            self._cancel.pop(st.spec.req_id, None)
 
     # ---- P/D loads -----------------------------------------------------------------------
 
@@ -80,7 +109,7 @@ class LoadMixin:
             left = deadline - time.monotonic()
             if left <= 0:
                 return None
-            reply = self.coord.wait(st.spec.pd_id, self.rank, min(left, 1.0), have=st.next_chunk)
+            reply = self.coord.wait(st.spec.pd_id, st.group, min(left, 1.0), have=st.next_chunk)
             if isinstance(reply, (Ready, Aborted)):
                 return reply
 
@@ -133,10 +162,7 @@ class LoadMixin:
             # them through the producer, but not those whose READY it never saw (it was down or
             # restarted, and lost them): this delete is what removes those.
             self.transport.delete([transfer_key(spec.pd_id, k) for k in st.keys])
-        with self._lock:
-            self._bad_blocks |= bad
-            self._done_recving.add(spec.req_id)
-            self._cancel.pop(spec.req_id, None)
+        self._settle(st, bad)
         load_ms = (time.monotonic() - st.t0) * 1e3 - st.wait_ms
         self.stats["loads_ok" if ok else "loads_failed"] += 1
         self.stats["loads_aborted"] += st.error.endswith("request aborted")
@@ -150,7 +176,7 @@ class LoadMixin:
         else:
             logger.warning("pd_id=%s: %s; %d of %d blocks will be recomputed", spec.pd_id, st.error,
                            len(bad), n_blocks - first_block)
-        self.coord.done(Done(pd_id=spec.pd_id, rank=self.rank, ok=ok, instance_id=self.instance_id,
+        self.coord.done(Done(pd_id=spec.pd_id, rank=st.group, ok=ok, instance_id=self.instance_id,
                              n_chunks=st.n_chunks, n_bytes=st.n_bytes, load_ms=load_ms, error=st.error,
                              n_store_chunks=st.from_store))
 
@@ -165,10 +191,7 @@ class LoadMixin:
             logger.exception("req %s: prefix load from the store failed", spec.req_id)
             st.error = f"internal error: {e}"
         bad = set(spec.block_ids[st.loaded_upto:n_blocks])
-        with self._lock:
-            self._bad_blocks |= bad
-            self._done_recving.add(spec.req_id)
-            self._cancel.pop(spec.req_id, None)
+        self._settle(st, bad)
         self.stats["prefix_loads_ok" if not bad else "prefix_loads_failed"] += 1
         self.stats["store_chunks_loaded"] += st.from_store
         if bad:
@@ -250,9 +273,12 @@ class LoadMixin:
                     st.error = "request aborted"
                     return False
                 skip = max(0, st.loaded_upto - b0)  # blocks already valid from the local cache
-                layout = self.layout
-                src = layout.payload_view(torch.frombuffer(views[j], dtype=torch.uint8), nb)
-                layout.scatter(blocks[b0 + skip : b0 + nb], src[:, skip:])
+                layout, part = self.layout, self._part(st.group)
+                slab = torch.frombuffer(views[j], dtype=torch.uint8)
+                if part is None:
+                    layout.scatter(blocks[b0 + skip : b0 + nb], layout.payload_view(slab, nb)[:, skip:])
+                else:
+                    layout.scatter(blocks[b0 + skip : b0 + nb], layout.payload_view(slab, nb, part[1])[:, skip:], part)
                 if reads[j] is not None:
                     stable = self.transport.release([reads[j]])[0]
                     reads[j] = None

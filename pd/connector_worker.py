@@ -26,6 +26,7 @@ from pd.config import ConnectorConfig
 from pd.connector_load import LoadMixin
 from pd.connector_scheduler import PDMetadata, SaveSpec
 from pd.keys import chunk_hashes, chunk_key, key_digest, transfer_key
+from pd.heads import HeadGroups
 from pd.kv_layout import KVLayout, StagingPool
 from pd.protocol import Ready
 
@@ -39,7 +40,8 @@ WAIT_THREADS = 256  # loads that may wait for READY at once (threads are made as
 class WorkerSide(LoadMixin):
     def __init__(self, cfg: ConnectorConfig, rank: int, namespace_model: str, block_size: int,
                  coordinator, transport, layout_extra: dict, store=None, fingerprint: bytes | None = None,
-                 page_bytes: int | None = None, instance_id: str = "", num_blocks: int | None = None):
+                 page_bytes: int | None = None, instance_id: str = "", num_blocks: int | None = None,
+                 heads: HeadGroups | None = None, group_stores: dict | None = None):
         self.cfg = cfg
         self.rank = rank
         self.model = namespace_model
@@ -49,6 +51,12 @@ class WorkerSide(LoadMixin):
         # Zero-copy transports hand out slots of shared memory to gather into and scatter from.
         self.zero_copy = transport is not None and hasattr(transport, "reserve")
         self.store = store
+        # Head groups (pd.heads): the groups this rank saves or loads, each its own chunks, keys,
+        # READY/WAIT/DONE and store shard; without ``heads`` one group, numbered as the rank.
+        self.heads = heads
+        self.owned = heads.owned if heads is not None else [rank]
+        self.parts = len(self.owned)
+        self.stores = group_stores or {self.owned[0]: store}
         self.write_through = store is not None and cfg.store.write_through == "always"
         self.layout_extra = layout_extra
         self.spec_fingerprint, self.spec_page_bytes = fingerprint, page_bytes
@@ -80,17 +88,26 @@ class WorkerSide(LoadMixin):
         from pd.keys import make_namespace
 
         extra = {"num_blocks": self.num_blocks} if self.num_blocks else {}
+        if self.heads is not None:
+            extra["heads"] = self.heads.total_heads // self.heads.tp
         try:
             self.layout = KVLayout(kv_caches, self.block_size, self.layout_extra, **extra)
         except TypeError:  # a KVLayout without the num_blocks keyword
             self.layout = KVLayout(kv_caches, self.block_size, self.layout_extra)
+        sliced = getattr(self.layout, "head_pages", None) is not None
+        if self.parts > 1 and not sliced:
+            raise ValueError(f"this rank holds {self.parts} KV-head groups but pdkv found no KV-head dim of "
+                             f"{extra.get('heads')} heads in the registered caches (layout {self.layout.layout}); "
+                             "cutting chunks by head group is not supported for this layout: use the same "
+                             "tensor_parallel_size for prefill and decode")
         if self.spec_fingerprint is not None:
             if self.spec_page_bytes is not None and self.layout.page_bytes != self.spec_page_bytes:
                 raise ValueError(f"registered KV pages are {self.layout.page_bytes} B but the KV cache spec "
                                  f"says {self.spec_page_bytes} B; this layout is not supported by pdkv")
             # Chunk headers carry the spec's fingerprint plus how the pages lie in memory (raw
             # bytes move as they are); keys keep the spec's alone, as the scheduler computes them.
-            physical = getattr(self.layout, "layout", "")
+            physical = (self.layout.group_layout(self.heads.group_heads) if sliced
+                        else getattr(self.layout, "layout", ""))
             self.layout.fingerprint = (_with_physical(self.spec_fingerprint, physical) if physical
                                        else self.spec_fingerprint)
         on_gpu = self.layout.device.type == "cuda"
@@ -100,7 +117,7 @@ class WorkerSide(LoadMixin):
         self.checksum = self.cfg.checksum == "always" or (self.cfg.checksum == "auto"
                                                          and not (guarded and on_gpu))
         bpc = self.cfg.chunk_size // self.block_size
-        slab = chunkfmt.HEADER_SIZE + self.layout.chunk_payload_bytes(bpc)
+        slab = self._chunk_bytes(bpc)
         self.pool = StagingPool(slab, SLABS_PER_THREAD * self.cfg.io_threads,
                                 pin=self.layout.device.type == "cuda")
         self.namespace = make_namespace(self.model, self.spec_fingerprint or self.layout.fingerprint)  # = the scheduler's
@@ -115,10 +132,15 @@ class WorkerSide(LoadMixin):
                     slab, self.namespace, ", zero-copy transport" if self.zero_copy else "",
                     "" if self.checksum else ", payload checksums off")
 
-    def _keys(self, token_ids: list[int], seed: bytes | None = b"") -> list[str]:
-        """The prompt's chunk keys; ``seed``: ``pd.keys.request_seed`` of the request."""
-        return [chunk_key(self.namespace, self.rank, h)
-                for h in chunk_hashes(token_ids, self.cfg.chunk_size, seed or b"")]
+    def _keys(self, token_ids: list[int], seed: bytes | None = b"", group: int | None = None) -> list[str]:
+        """The prompt's chunk keys of head ``group`` (default: this rank's first); ``seed``:
+        ``pd.keys.request_seed`` of the request."""
+        g = self.owned[0] if group is None else group
+        return [chunk_key(self.namespace, g, h) for h in chunk_hashes(token_ids, self.cfg.chunk_size, seed or b"")]
+
+    def _part(self, group: int) -> tuple[int, int] | None:
+        """The slice of this rank's heads that ``group`` is (None: all of them)."""
+        return None if self.parts == 1 else (group - self.owned[0], self.parts)
 
     def _chunk_spans(self, n_tokens: int, first_chunk: int = 0, last_chunk: int = -1):
         """(chunk index, first block offset, n_blocks, n_tokens) for chunks [first, last)."""
@@ -130,7 +152,8 @@ class WorkerSide(LoadMixin):
             yield c, c * bpc, -(-toks // self.block_size), toks
 
     def _chunk_bytes(self, n_blocks: int) -> int:
-        return chunkfmt.HEADER_SIZE + self.layout.chunk_payload_bytes(n_blocks)
+        """Bytes of one head group's chunk of ``n_blocks`` blocks."""
+        return chunkfmt.HEADER_SIZE + self.layout.chunk_payload_bytes(n_blocks, self.parts)
 
     # ---- per step ----------------------------------------------------------------------
 
@@ -181,47 +204,67 @@ class WorkerSide(LoadMixin):
 
     def _run_save(self, spec: SaveSpec, event, prev: Future | None) -> None:
         t0 = time.monotonic()
-        keys = self._keys(spec.token_ids, spec.seed)
-        to_store = self.write_through and spec.seed is not None  # None: KV not keyed by tokens
+        if event is not None:
+            event.synchronize()
+        # Each head group of this rank: its own chunks and its own READY (a consumer rank waits
+        # for exactly the groups it holds).
+        parts = [self._save_group(spec, group) for group in self.owned]
+        if prev is not None:
+            prev.result()  # READYs of one request go out in order (jobs never raise)
+        last = parts[0][2]
+        for group, (xkeys, n_bytes, _) in zip(self.owned, parts):
+            ok = self.coord.ready(Ready(pd_id=spec.pd_id, rank=group, keys=xkeys,
+                                        n_tokens=len(spec.token_ids), n_bytes=n_bytes,
+                                        location=getattr(self.transport, "location", "none"),
+                                        instance_id=self.instance_id, chunks_ready=last, final=spec.final))
+            logger.debug("pd_id=%s: group %d: saved chunks %d..%d (%d B) in %.1f ms, %sready %s", spec.pd_id,
+                         group, spec.first_chunk, last - 1, n_bytes, (time.monotonic() - t0) * 1e3,
+                         "final " if spec.final else "", "sent" if ok else "NOT delivered")
+            self.stats["ready_undelivered"] += not ok  # the coordinator was down: decode will time out
+        self.stats["saves"] += spec.final
+        self.stats["ready_parts"] += 1
+        self.stats["chunks_saved"] += (last - spec.first_chunk) * self.parts
+
+    def _save_group(self, spec: SaveSpec, group: int) -> tuple[list[str], int, int]:
+        """Save head ``group``'s chunks of ``spec``; (transport keys, bytes, chunks ready)."""
+        keys = self._keys(spec.token_ids, spec.seed, group)
+        store = self.stores.get(group)
+        to_store = self.write_through and store is not None and spec.seed is not None  # None: not keyed by tokens
         last = len(keys) if spec.last_chunk < 0 else spec.last_chunk
         xkeys = ([transfer_key(spec.pd_id, keys[c]) for c in range(spec.first_chunk, last)]
                  if self.transport is not None else [])
         n_bytes, dropped = 0, 0
         try:
-            if event is not None:
-                event.synchronize()
             if self.transport is not None or to_store:
-                n_bytes, dropped = self._save_chunks(spec, keys, last, to_store)
+                n_bytes, dropped = self._save_chunks(spec, keys, last, to_store, group)
             if to_store and (self.transport is None or dropped):
                 # Decode will read these chunks from the store (there is no transport, or it
                 # dropped them: full, or its server down): READY must not overtake the writes.
-                self.store.flush(self.cfg.load_timeout_s)
+                store.flush(self.cfg.load_timeout_s)
         except Exception:
-            logger.exception("pd_id=%s: saving chunks %d..%d failed; decode will recompute them",
-                             spec.pd_id, spec.first_chunk, last - 1)
-        if prev is not None:
-            prev.result()  # READYs of one request go out in order (jobs never raise)
-        ok = self.coord.ready(Ready(pd_id=spec.pd_id, rank=self.rank, keys=xkeys,
-                                    n_tokens=len(spec.token_ids), n_bytes=n_bytes,
-                                    location=getattr(self.transport, "location", "none"),
-                                    instance_id=self.instance_id, chunks_ready=last, final=spec.final))
-        self.stats["saves"] += spec.final
-        self.stats["ready_parts"] += 1
-        self.stats["ready_undelivered"] += not ok  # the coordinator was down: decode will time out
-        self.stats["chunks_saved"] += last - spec.first_chunk
-        logger.debug("pd_id=%s: saved chunks %d..%d (%d B) in %.1f ms, %sready %s", spec.pd_id,
-                     spec.first_chunk, last - 1, n_bytes, (time.monotonic() - t0) * 1e3,
-                     "final " if spec.final else "", "sent" if ok else "NOT delivered")
+            logger.exception("pd_id=%s: saving chunks %d..%d of head group %d failed; decode will recompute "
+                             "them", spec.pd_id, spec.first_chunk, last - 1, group)
+        return xkeys, n_bytes, last
 
-    def _gather_into(self, view: memoryview, blocks: torch.Tensor, key: str, toks: int, nb: int) -> None:
-        """Gather one chunk's blocks into ``view`` (a slot or a staging slab) and write its header."""
+    def _gather_into(self, view: memoryview, blocks: torch.Tensor, key: str, toks: int, nb: int,
+                     part: tuple[int, int] | None = None) -> None:
+        """Gather one chunk's blocks (of head group ``part``) into ``view`` (a slot or a staging
+        slab) and write its header."""
         layout = self.layout
-        layout.gather(blocks, layout.payload_view(torch.frombuffer(view, dtype=torch.uint8), nb))
+        slab = torch.frombuffer(view, dtype=torch.uint8)
+        if part is None:
+            layout.gather(blocks, layout.payload_view(slab, nb))
+        else:
+            layout.gather(blocks, layout.payload_view(slab, nb, part[1]), part)
         chunkfmt.write_header(view, layout.fingerprint, key_digest(key), toks, nb,
                               len(view) - chunkfmt.HEADER_SIZE, with_checksum=self.checksum)
 
-    def _save_chunks(self, spec: SaveSpec, keys: list[str], last: int, to_store: bool) -> tuple[int, int]:
-        """Gather and put chunks [spec.first_chunk, last); (bytes, chunks the transport dropped)."""
+    def _save_chunks(self, spec: SaveSpec, keys: list[str], last: int, to_store: bool,
+                     group: int | None = None) -> tuple[int, int]:
+        """Gather and put chunks [spec.first_chunk, last) of head ``group`` (default: this rank's
+        first); (bytes, chunks the transport dropped)."""
+        group = self.owned[0] if group is None else group
+        part, store = self._part(group), self.stores.get(group)
         pool = self.pool
         blocks = torch.tensor(spec.block_ids, dtype=torch.long)
         spans = list(self._chunk_spans(len(spec.token_ids), spec.first_chunk, last))
@@ -244,12 +287,12 @@ class WorkerSide(LoadMixin):
                     view = slot.view if slot is not None else (
                         memoryview(next(free).numpy())[:size] if stage else None)
                     if view is not None:
-                        self._gather_into(view, blocks[b0 : b0 + nb], keys[c], toks, nb)
+                        self._gather_into(view, blocks[b0 : b0 + nb], keys[c], toks, nb, part)
                         n_bytes += size
                     views.append(view)
                 if to_store:  # the store copies the bytes (before a reader may free a slot)
                     for (c, *_), view in zip(batch, views):
-                        if view is not None and not self.store.put(keys[c], view):
+                        if view is not None and not store.put(keys[c], view):
                             self.stats["store_puts_dropped"] += 1
                 if self.transport is not None:
                     ok = (self.transport.commit(slots) if self.zero_copy

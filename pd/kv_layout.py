@@ -23,6 +23,15 @@ after another: K then V for ``kv-split``), viewed as (layers, blocks, runs, run 
 between pages or runs are never copied, so the payload depends only on ``layout`` (the per-block
 dims in memory order, ``size@logical dim``); equal ``layout`` and dtype = interchangeable pages.
 Blocks move as opaque bytes (the CPU backend packs K/V in an ISA-specific format).
+
+Head groups (tensor parallelism, ``pd.heads``): given ``heads`` (the KV heads of this rank),
+the KV-head dim is found in vLLM's logical per-layer shape (dim 1 of the 4-d
+[blocks, heads, tokens, content], dim 3 of the 5-d [2, blocks, tokens, heads, head] /
+[blocks, 2, tokens, heads, head]) and a chunk may hold a contiguous range of heads: per layer,
+per block, the block's elements in memory order with the head dim cut to the range. With the
+whole range that is byte for byte the full page above, so a rank holding exactly one group
+moves full pages while a rank of another TP size cuts or stitches the same bytes.
+``group_layout(g)`` names that format for g heads per group without depending on the TP size.
 """
 from __future__ import annotations
 
@@ -94,6 +103,31 @@ def _geometry(t: torch.Tensor, name: str, num_blocks: int | None):
     return t.storage_offset() * es, sizes, run * es, layout
 
 
+def _head_dim(t: torch.Tensor, heads: int) -> int | None:
+    """The KV-head dim of vLLM's logical per-layer shape, if it has ``heads`` entries."""
+    d = {4: 1, 5: 3}.get(t.dim())
+    return d if d is not None and t.shape[d] == heads else None
+
+
+def _head_geometry(t: torch.Tensor, name: str, num_blocks: int | None, heads: int):
+    """(byte offset, [(size, byte stride, logical dim)] blocks first, then memory order, head dim
+    kept even when of size 1 (right after the blocks), innermost contiguous) or None."""
+    hd = _head_dim(t, heads)
+    d, k = _block_dim(t, name, num_blocks)
+    if hd is None or hd == d:
+        return None
+    if k > 1:
+        t = t.unflatten(d, (num_blocks, k))
+        hd += hd > d
+    dims = sorted((i for i in range(t.dim()) if i != d and t.shape[i] > 1), key=lambda i: -t.stride(i))
+    if t.shape[hd] == 1:
+        dims.insert(0, hd)
+    if not dims or t.stride(dims[-1]) != 1 or dims[-1] == hd:
+        return None
+    es = t.element_size()
+    return t.storage_offset() * es, [(t.shape[i], t.stride(i) * es, i) for i in [d] + dims], hd
+
+
 class KVLayout:
     """The registered caches of one worker, in a fixed layer order.
 
@@ -103,7 +137,7 @@ class KVLayout:
     """
 
     def __init__(self, kv_caches: dict[str, torch.Tensor], block_size: int, extra: dict | None = None,
-                 *, num_blocks: int | None = None):
+                 *, num_blocks: int | None = None, heads: int | None = None):
         if not kv_caches:
             raise ValueError("no KV caches were registered")
         self.layer_names = sorted(kv_caches, key=_natural)
@@ -134,47 +168,97 @@ class KVLayout:
         self.page_bytes = self.runs * run
         self.num_layers = len(self.pages)
         self._local = threading.local()
+        self.heads = heads
+        self.head_pages = self._head_pages(kv_caches, num_blocks, heads) if heads else None
         self.fingerprint = layout_fingerprint(
             dtype=str(first.dtype), layout=self.layout, layers=self.num_layers, page_bytes=self.page_bytes,
             block_size=block_size, device=self.device.type, **(extra or {}),
         )
 
-    def chunk_payload_bytes(self, n_blocks: int) -> int:
-        return self.num_layers * n_blocks * self.page_bytes
+    def _head_pages(self, kv_caches: dict[str, torch.Tensor], num_blocks: int | None, heads: int):
+        """Per layer a word view (blocks, dims in memory order) with the head dim at ``_hpos``."""
+        geo = [_head_geometry(kv_caches[n], n, num_blocks, heads) for n in self.layer_names]
+        if any(g is None for g in geo):
+            return None
+        es = kv_caches[self.layer_names[0]].element_size()
+        # offsets, strides and the innermost dim's bytes: all whole words
+        numbers = [g[0] for g in geo] + [s for _, s, _ in geo[0][1]] + [geo[0][1][-1][0] * es]
+        ws = next(w for w in _WORDS if all(x % w == 0 for x in numbers))
+        self._hword, dims, hd = _WORDS[ws], geo[0][1], geo[0][2]
+        self._hpos = [i for _, _, i in dims].index(hd)
+        self._hdims = dims
+        shape = [size for size, _, _ in dims[:-1]] + [dims[-1][0] * es // ws]
+        strides = [s // ws for _, s, _ in dims[:-1]] + [1]
+        return [torch.empty(0, dtype=self._hword, device=self.device).set_(
+            kv_caches[name].untyped_storage(), g[0] // ws, shape, strides)
+            for name, g in zip(self.layer_names, geo)]
 
-    def payload_view(self, slab: torch.Tensor, n_blocks: int) -> torch.Tensor:
-        """The (layers, n_blocks, runs, run words) payload region of a staging slab."""
-        n = self.chunk_payload_bytes(n_blocks)
-        return slab[HEADER_SIZE : HEADER_SIZE + n].view(self.word).view(
-            self.num_layers, n_blocks, self.runs, self.run_words)
+    def group_layout(self, group_heads: int) -> str:
+        """The payload format of a chunk of ``group_heads`` heads, the same at every TP size."""
+        if self.head_pages is None:
+            raise ValueError("no head groups: KVLayout was built without heads or its KV-head dim was not found")
+        sizes = [(group_heads if i == self._hdims[self._hpos][2] else size, i) for size, _, i in self._hdims[1:]]
+        hd = self._hdims[self._hpos][2]
+        return ",".join(f"{n}{'h' if i == hd else ''}@{i}" for n, i in sizes if n > 1)
 
-    def gather(self, block_ids: torch.Tensor, out: torch.Tensor) -> None:
-        """Copy blocks ``block_ids`` of every layer into host ``out`` (a ``payload_view``).
+    def chunk_payload_bytes(self, n_blocks: int, parts: int = 1) -> int:
+        """Payload bytes of ``n_blocks`` blocks; ``parts``: of one of that many head groups."""
+        return self.num_layers * n_blocks * self.page_bytes // parts
+
+    def payload_view(self, slab: torch.Tensor, n_blocks: int, parts: int = 1) -> torch.Tensor:
+        """The payload region of a staging slab: (layers, n_blocks, runs, run words), or for one of
+        ``parts`` head groups (layers, n_blocks, the block's dims with the head dim cut)."""
+        n = self.chunk_payload_bytes(n_blocks, parts)
+        raw = slab[HEADER_SIZE : HEADER_SIZE + n]
+        if parts == 1:
+            return raw.view(self.word).view(self.num_layers, n_blocks, self.runs, self.run_words)
+        shape = list(self.head_pages[0].shape[1:])
+        shape[self._hpos - 1] //= parts
+        return raw.view(self._hword).view(self.num_layers, n_blocks, *shape)
+
+    def _cut(self, pages: torch.Tensor, part: tuple[int, int] | None) -> torch.Tensor:
+        index, parts = part
+        g = self.heads // parts
+        return pages.narrow(self._hpos, index * g, g)
+
+    def gather(self, block_ids: torch.Tensor, out: torch.Tensor, part: tuple[int, int] | None = None) -> None:
+        """Copy blocks ``block_ids`` of every layer into host ``out`` (a ``payload_view``); ``part``
+        = (group index, groups): only that head group's heads.
 
         One indexed copy per layer. On a GPU the blocks are first gathered on the device, then
         moved to the (pinned) host slab in one copy, on a side stream.
         """
         if self.device.type == "cpu":
-            return self._gather(block_ids, out)
+            return self._gather(block_ids, out, part)
         with torch.cuda.stream(self._stream()):
             dev = torch.empty(out.shape, dtype=out.dtype, device=self.device)
-            self._gather(block_ids.to(self.device, non_blocking=True), dev)
+            self._gather(block_ids.to(self.device, non_blocking=True), dev, part)
             out.copy_(dev, non_blocking=True)
             torch.cuda.current_stream().synchronize()
 
-    def scatter(self, block_ids: torch.Tensor, src: torch.Tensor) -> None:
-        """Copy host ``src`` (a ``payload_view``, maybe sliced on dim 1) into blocks ``block_ids``."""
+    def scatter(self, block_ids: torch.Tensor, src: torch.Tensor, part: tuple[int, int] | None = None) -> None:
+        """Copy host ``src`` (a ``payload_view``, maybe sliced on dim 1) into blocks ``block_ids``
+        (``part``: into that head group's heads only)."""
         if self.device.type == "cpu":
-            return self._scatter(block_ids, src)
+            return self._scatter(block_ids, src, part)
         with torch.cuda.stream(self._stream()):
-            self._scatter(block_ids.to(self.device, non_blocking=True), src.to(self.device, non_blocking=True))
+            self._scatter(block_ids.to(self.device, non_blocking=True), src.to(self.device, non_blocking=True),
+                          part)
             torch.cuda.current_stream().synchronize()
 
-    def _gather(self, ids: torch.Tensor, out: torch.Tensor) -> None:
+    def _gather(self, ids: torch.Tensor, out: torch.Tensor, part=None) -> None:
+        if part is not None and part[1] > 1:
+            for layer, pages in enumerate(self.head_pages):
+                torch.index_select(self._cut(pages, part), 0, ids, out=out[layer])
+            return
         for layer, pages in enumerate(self.pages):
             torch.index_select(pages, 0, ids, out=out[layer].view(len(ids), *self._grid, self.run_words))
 
-    def _scatter(self, ids: torch.Tensor, src: torch.Tensor) -> None:
+    def _scatter(self, ids: torch.Tensor, src: torch.Tensor, part=None) -> None:
+        if part is not None and part[1] > 1:
+            for layer, pages in enumerate(self.head_pages):
+                self._cut(pages, part).index_put_((ids,), src[layer])
+            return
         for layer, pages in enumerate(self.pages):
             pages.index_put_((ids,), src[layer].reshape(len(ids), *self._grid, self.run_words))
 
