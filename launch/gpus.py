@@ -85,7 +85,8 @@ def _group_lists(dep: DeploymentConfig, group: str, tp: int) -> list[list[str]] 
     for x in out:
         if len(x) != tp or len(set(x)) != len(x):
             raise ConfigError(f"{group}.gpus: {','.join(x)!r} names {len(set(x))} distinct GPU(s) but "
-                              f"vllm.tensor_parallel_size is {tp}; allowed: lists of {tp} distinct GPU(s)")
+                              f"{group}.tp (or vllm.tensor_parallel_size) is {tp}; allowed: lists of {tp} "
+                              "distinct GPU(s)")
     return out
 
 
@@ -96,24 +97,28 @@ def gpu_slots(dep: DeploymentConfig, instances: list[tuple[str, str, int, str]],
     ``count`` is the number of GPUs for the round-robin default (found with nvidia-smi if None
     and some group names no GPUs).
     """
-    tp = dep.vllm.tensor_parallel_size
-    explicit = {group: _group_lists(dep, group, tp) for group in ("prefill", "decode")}
+    tps = {group: getattr(dep, group).tp_size(dep.vllm) for group in ("prefill", "decode")}
+    explicit = {group: _group_lists(dep, group, tps[group]) for group in ("prefill", "decode")}
     per_group_index: dict[str, int] = defaultdict(int)
     lists = []
+    offset = 0  # GPUs of the instances before this one (round-robin default)
     for k, (_, _, _, group) in enumerate(instances):
+        offset += tps[instances[k - 1][3]] if k else 0
         i = per_group_index[group]
         per_group_index[group] += 1
         if explicit[group] is not None:
             lists.append(explicit[group][i])
             continue
+        tp = tps[group]
         if count is None:
             count = gpu_count()
         if count < 1:
             raise ConfigError(f"vllm.device cuda: no GPU found (nvidia-smi -L lists none); set {group}.gpus "
                               "(e.g. \"0\") or use vllm.device cpu")
         if tp > count:
-            raise ConfigError(f"vllm.tensor_parallel_size: {tp} is more than the {count} GPU(s) found")
-        lists.append([str((k * tp + j) % count) for j in range(tp)])
+            raise ConfigError(f"{group}.tp (or vllm.tensor_parallel_size): {tp} is more than the {count} GPU(s) "
+                              "found")
+        lists.append([str((offset + j) % count) for j in range(tp)])
     users: dict[str, list[str]] = defaultdict(list)
     for (name, *_), gpus in zip(instances, lists):
         for gpu in gpus:
@@ -132,16 +137,17 @@ def gpu_slots(dep: DeploymentConfig, instances: list[tuple[str, str, int, str]],
     return slots
 
 
-def cuda_args(dep: DeploymentConfig, slot: GpuSlot) -> list[str]:
-    """The vLLM flags of one instance on cuda."""
+def cuda_args(dep: DeploymentConfig, slot: GpuSlot, tp: int | None = None) -> list[str]:
+    """The vLLM flags of one instance on cuda (``tp``: its TP size, default vllm.tensor_parallel_size)."""
+    tp = tp or dep.vllm.tensor_parallel_size
     v = dep.vllm
     args = []
     if slot.memory_utilization is not None:
         args += ["--gpu-memory-utilization", f"{slot.memory_utilization:g}"]
     if v.kv_cache_memory_gb:
         args += ["--kv-cache-memory-bytes", str(int(v.kv_cache_memory_gb * (1 << 30)))]
-    if v.tensor_parallel_size > 1:
-        args += ["--tensor-parallel-size", str(v.tensor_parallel_size)]
+    if tp > 1:
+        args += ["--tensor-parallel-size", str(tp)]
     return args
 
 

@@ -450,6 +450,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill", type=int, metavar="N",
                    help="number of prefill instances (prefill.count); colocated: instances on the prefill ports")
     p.add_argument("--decode", type=int, metavar="M", help="number of decode instances (decode.count)")
+    p.add_argument("--prefill-tp", type=int, metavar="T",
+                   help="tensor-parallel size of each prefill instance (prefill.tp)")
+    p.add_argument("--decode-tp", type=int, metavar="T", help="tensor-parallel size of each decode instance (decode.tp)")
     p.add_argument("--mode", choices=("pd", "colocated"), help="P/D or plain instances behind the proxy (mode)")
     p.add_argument("--port", type=int, help="proxy port (proxy.port)")
     p.add_argument("--run-dir", help="directory for the logs (run_dir); default runs/<time>")
@@ -525,10 +528,11 @@ def config_from_args(args: argparse.Namespace) -> DeploymentConfig:
     for key, value in (("model", args.model), ("mode", args.mode), ("run_dir", args.run_dir)):
         if value is not None:
             over[key] = value
-    if args.prefill is not None:
-        over["prefill"] = {"count": args.prefill}
-    if args.decode is not None:
-        over["decode"] = {"count": args.decode}
+    for group in ("prefill", "decode"):
+        g = {k: v for k, v in (("count", getattr(args, group, None)), ("tp", getattr(args, f"{group}_tp", None)))
+             if v is not None}
+        if g:
+            over[group] = g
     if args.port is not None:
         over["proxy"] = {"port": args.port}
     if getattr(args, "keys_dir", None):

@@ -8,7 +8,9 @@ CPU cores (``vllm.cpu_bind``, default "split"): vLLM's CPU worker pins its OpenM
 cores (core 0 on a 2-core machine, cores 0-1 with a KV connector), and instances whose threads
 share cores wait at barriers for each other's preempted threads, orders of magnitude slower.
 "split" gives each instance its own share of the cores this process may use, round-robin when
-there are more instances than cores (then they share, but each still starts).
+there are more instances than cores (then they share, but each still starts). A tensor-parallel
+instance (``prefill.tp``/``decode.tp``) has one worker per rank and one core list per rank
+("0|1": rank 0 on core 0, rank 1 on core 1); "split" shares the cores out by rank.
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ from pd.curve import effective_auth, is_loopback, read_token
 # ("No common block size for 16 (CPU_ATTN: [MultipleOf(32)])" otherwise, after ~1 minute of startup).
 CPU_BLOCK_MULTIPLE = 32
 _CORE_LIST = re.compile(r"\d+(-\d+)?(,\d+(-\d+)?)*")
+_RANK_LISTS = re.compile(r"\d+(-\d+)?(,\d+(-\d+)?)*(\|\d+(-\d+)?(,\d+(-\d+)?)*)*")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
 
@@ -122,15 +125,48 @@ def check_config(dep: DeploymentConfig) -> None:
     parse_env(dep.vllm.env, "vllm.env")
     for group in ("prefill", "decode"):
         parse_env(getattr(dep, group).env, f"{group}.env")
-    if dep.vllm.device == "cpu" and dep.vllm.tensor_parallel_size > 1:
-        raise ConfigError(f"vllm.tensor_parallel_size: {dep.vllm.tensor_parallel_size} is not allowed on "
-                          "vllm.device cpu; allowed: 1")
+    check_tp(dep)
     if dep.vllm.device == "cpu" and bs % CPU_BLOCK_MULTIPLE:
         raise ConfigError(f"vllm.block_size: {bs} is not allowed; vLLM's CPU attention needs a multiple of "
                           f"{CPU_BLOCK_MULTIPLE}")
     if dep.mode == "pd" and dep.connector.chunk_size % bs:
         raise ConfigError(f"connector.chunk_size: {dep.connector.chunk_size} is not a multiple of "
                           f"vllm.block_size ({bs})")
+
+
+def group_tp(dep: DeploymentConfig, group: str) -> int:
+    """The TP size of ``group``'s instances (colocated instances: the prefill group's ports, its TP)."""
+    return getattr(dep, group).tp_size(dep.vllm)
+
+
+def check_tp(dep: DeploymentConfig) -> None:
+    """Refuse TP sizes whose KV cannot move between prefill and decode (pd.heads), before anything
+    starts: the model's KV heads must divide into lcm(prefill.tp, decode.tp) groups."""
+    from pd.heads import lcm, resolve
+
+    if dep.mode != "pd":
+        return
+    p, d = group_tp(dep, "prefill"), group_tp(dep, "decode")
+    heads = model_kv_heads(dep.model)
+    if heads is None:
+        return
+    groups = dep.connector.head_groups or lcm(p, d)
+    for group, tp in (("prefill", p), ("decode", d)):
+        try:
+            resolve(groups, tp, heads, key="connector.head_groups")
+        except ConfigError as e:
+            raise ConfigError(f"{group}.tp {tp} (prefill.tp {p}, decode.tp {d}): {e}") from None
+
+
+def model_kv_heads(model: str) -> int | None:
+    """The KV heads in the model's config.json (None if it cannot be read: checked elsewhere)."""
+    try:
+        cfg = json.loads((Path(model) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    cfg = cfg.get("text_config", cfg)
+    heads = cfg.get("num_key_value_heads", cfg.get("num_attention_heads"))
+    return heads if isinstance(heads, int) and heads > 0 else None
 
 
 def port_in_use(host: str, port: int) -> bool:
@@ -193,20 +229,31 @@ def served_name(dep: DeploymentConfig) -> str:
     return dep.served_model_name or Path(dep.model).name
 
 
-def cpu_binds(mode: str, n: int) -> list[str]:
-    """VLLM_CPU_OMP_THREADS_BIND for each of ``n`` instances (see the module docstring)."""
+def cpu_binds(mode: str, n: int, tps: list[int] | None = None) -> list[str]:
+    """VLLM_CPU_OMP_THREADS_BIND for each of ``n`` instances whose TP sizes are ``tps`` (default
+    all 1; see the module docstring)."""
+    tps = tps or [1] * n
     if mode in ("auto", "nobind"):
         return [mode] * n
     if mode == "split":
         cores = sorted(os.sched_getaffinity(0))
-        if n >= len(cores):
-            return [str(cores[i % len(cores)]) for i in range(n)]
-        per = len(cores) // n
-        return [",".join(str(c) for c in cores[i * per:(i + 1) * per]) for i in range(n)]
+        ranks = sum(tps)
+        if ranks >= len(cores):
+            per_rank = [str(cores[i % len(cores)]) for i in range(ranks)]
+        else:
+            per = len(cores) // ranks
+            per_rank = [",".join(str(c) for c in cores[i * per:(i + 1) * per]) for i in range(ranks)]
+        starts = [sum(tps[:i]) for i in range(n)]
+        return ["|".join(per_rank[s:s + tp]) for s, tp in zip(starts, tps)]
     lists = [x.strip() for x in mode.split(";")]
-    if len(lists) != n or not all(_CORE_LIST.fullmatch(x) for x in lists):
+    if len(lists) != n or not all(_RANK_LISTS.fullmatch(x) for x in lists):
         raise ConfigError(f"vllm.cpu_bind: {mode!r} gives {len(lists)} core lists for {n} instances; "
-                          "allowed: split, auto, nobind, or one list per instance separated by ';'")
+                          "allowed: split, auto, nobind, or one list per instance separated by ';' (a "
+                          "tensor-parallel instance: one list per rank separated by '|', e.g. 0|1)")
+    for x, tp in zip(lists, tps):
+        if len(x.split("|")) != tp:
+            raise ConfigError(f"vllm.cpu_bind: {x!r} gives {len(x.split('|'))} core lists for an instance with "
+                              f"tp {tp}; allowed: one list per rank separated by '|'")
     return lists
 
 
@@ -237,8 +284,11 @@ def vllm_spec(dep: DeploymentConfig, name: str, role: str, port: int, group: str
         argv.append("--enforce-eager")
     if v.load_format:
         argv += ["--load-format", v.load_format]
+    tp = group_tp(dep, group)
     if slot is not None:
-        argv += cuda_args(dep, slot)
+        argv += cuda_args(dep, slot, tp)
+    elif tp > 1:  # vLLM's CPU backend runs TP ranks as worker processes
+        argv += ["--tensor-parallel-size", str(tp), "--distributed-executor-backend", "mp"]
     if role in ("prefill", "decode"):
         argv += ["--kv-transfer-config", json.dumps(kv_transfer_config(dep, role, name, coordinator))]
     argv += list(v.extra_args) + list(getattr(dep, group).extra_args)
@@ -355,7 +405,7 @@ def plan(dep: DeploymentConfig, roles: str | list[str] | None = None, host: str 
         slots = gpu_slots(dep, tuples)
         specs += [vllm_spec(dep, *t, slot=slot, **x) for t, slot, x in zip(tuples, slots, extra)]
     elif local:
-        binds = cpu_binds(dep.vllm.cpu_bind, len(local))
+        binds = cpu_binds(dep.vllm.cpu_bind, len(local), [group_tp(dep, t[3]) for t in tuples])
         specs += [vllm_spec(dep, *t, bind=b, **x) for t, b, x in zip(tuples, binds, extra)]
     if "control" in roles:
         specs.append(proxy_spec(dep, lay))

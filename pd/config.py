@@ -611,12 +611,15 @@ ROLE_TO_KV_ROLE = {"prefill": "kv_producer", "decode": "kv_consumer", "both": "k
 
 
 def store_writers_per_path(dep: DeploymentConfig) -> int:
-    """The most prefill worker ranks that write to one store path: rank r of every prefill instance
-    uses path r % len(paths), so the writers of a path share its part of ``store.size_gb``."""
+    """The most prefill store writers of one store path: a prefill worker rank writes each KV-head
+    group g it holds (pd.heads) to path g % len(paths), so every prefill instance has one writer
+    per group and the writers of a path share its part of ``store.size_gb``."""
+    from pd.heads import lcm
+
     s = dep.connector.store
     n_paths = max(1, len((s.hf3fs.base_paths or s.paths) if s.backend == "hf3fs" else s.paths))
-    tp = max(1, int(getattr(dep.prefill, "tp", 0) or dep.vllm.tensor_parallel_size))
-    return max(1, dep.prefill.count) * -(-tp // n_paths)
+    groups = dep.connector.head_groups or lcm(dep.prefill.tp_size(dep.vllm), dep.decode.tp_size(dep.vllm))
+    return max(1, dep.prefill.count) * -(-groups // n_paths)
 
 
 def kv_transfer_config(dep: DeploymentConfig, role: str, instance_id: str, coordinator: str = "") -> dict:
@@ -634,6 +637,10 @@ def kv_transfer_config(dep: DeploymentConfig, role: str, instance_id: str, coord
     conn["instance_id"] = instance_id
     conn["heartbeat_interval_s"] = dep.coordinator.heartbeat_interval_s
     conn["store"]["writers"] = max(dep.connector.store.writers, store_writers_per_path(dep))
+    if not conn["head_groups"]:  # both sides cut KV heads the same way (pd.heads)
+        from pd.heads import lcm
+
+        conn["head_groups"] = lcm(dep.prefill.tp_size(dep.vllm), dep.decode.tp_size(dep.vllm))
     return {
         "kv_connector": CONNECTOR_CLASS,
         "kv_connector_module_path": CONNECTOR_MODULE,

@@ -246,6 +246,7 @@ def test_kv_transfer_config_fields_and_full_round_trip():
         assert kv["kv_buffer_device"] == "cpu"
         back = load(ConnectorConfig, kv["kv_connector_extra_config"])
         assert back == dataclasses.replace(dep.connector, coordinator="tcp://127.0.0.2:6123",
-                                           instance_id=f"{role}-1", heartbeat_interval_s=1.5)
+                                           instance_id=f"{role}-1", heartbeat_interval_s=1.5,
+                                           head_groups=1)  # lcm(prefill TP, decode TP): pd.heads
         assert back.transport.pool_size_mb == 32 and back.io_threads == 3 and back.wait_timeout_s == 7.0
     assert dep.connector.instance_id == "" and dep.connector.coordinator == "tcp://127.0.0.1:5570"  # not modified
