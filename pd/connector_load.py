@@ -178,7 +178,7 @@ class LoadMixin:
                            len(bad), n_blocks - first_block)
         self.coord.done(Done(pd_id=spec.pd_id, rank=st.group, ok=ok, instance_id=self.instance_id,
                              n_chunks=st.n_chunks, n_bytes=st.n_bytes, load_ms=load_ms, error=st.error,
-                             n_store_chunks=st.from_store))
+                             n_store_chunks=st.from_store, groups=self.n_groups))
 
     # ---- prefix loads ----------------------------------------------------------------------
 

@@ -56,6 +56,7 @@ class WorkerSide(LoadMixin):
         self.heads = heads
         self.owned = heads.owned if heads is not None else [rank]
         self.parts = len(self.owned)
+        self.n_groups = heads.groups if heads is not None else 1
         self.stores = group_stores or {self.owned[0]: store}
         self.write_through = store is not None and cfg.store.write_through == "always"
         self.layout_extra = layout_extra
@@ -216,7 +217,8 @@ class WorkerSide(LoadMixin):
             ok = self.coord.ready(Ready(pd_id=spec.pd_id, rank=group, keys=xkeys,
                                         n_tokens=len(spec.token_ids), n_bytes=n_bytes,
                                         location=getattr(self.transport, "location", "none"),
-                                        instance_id=self.instance_id, chunks_ready=last, final=spec.final))
+                                        instance_id=self.instance_id, chunks_ready=last, final=spec.final,
+                                        groups=self.n_groups))
             logger.debug("pd_id=%s: group %d: saved chunks %d..%d (%d B) in %.1f ms, %sready %s", spec.pd_id,
                          group, spec.first_chunk, last - 1, n_bytes, (time.monotonic() - t0) * 1e3,
                          "final " if spec.final else "", "sent" if ok else "NOT delivered")

@@ -68,6 +68,20 @@ def _merge(old: Ready, new: Ready) -> Ready:
                  new.instance_id, max(old.chunks_ready, new.chunks_ready), new.final)
 
 
+def _add_done(rec: TransferRecord, msg: Done) -> None:
+    """One KV-head group's DONE into the record (done when every group's is in)."""
+    first = rec.groups_done == 0
+    rec.groups_done += 1
+    rec.done = rec.groups_done >= msg.groups
+    rec.ok = msg.ok if first else rec.ok and msg.ok
+    rec.n_chunks = msg.n_chunks if first else min(rec.n_chunks, msg.n_chunks)
+    rec.n_bytes = msg.n_bytes + (0 if first else rec.n_bytes)
+    rec.n_store_chunks = msg.n_store_chunks + (0 if first else rec.n_store_chunks)
+    rec.load_ms = msg.load_ms if first else max(rec.load_ms, msg.load_ms)
+    rec.error = rec.error if not first and rec.error else msg.error
+    rec.consumer = msg.instance_id
+
+
 @dataclass
 class _Instance:
     role: str
@@ -341,9 +355,10 @@ class Coordinator:
             self._free(msg, "another instance published this pd_id first")
             return
         rec = self._record(msg.pd_id, now)
-        rec.ready, rec.n_tokens, rec.producer = rec.ready or msg.final, msg.n_tokens, msg.instance_id
+        rec.groups_ready += msg.final
+        rec.ready, rec.n_tokens, rec.producer = rec.groups_ready >= msg.groups, msg.n_tokens, msg.instance_id
         rec.n_ready_parts += 1
-        if msg.final:
+        if msg.final and rec.ready:
             self._final_at[msg.pd_id] = now
         if msg.pd_id in self._aborted:
             self._free(msg, "request was aborted")
@@ -397,10 +412,8 @@ class Coordinator:
         self.counters["bytes_loaded"] += msg.n_bytes
         self.counters["load_ms_sum"] += msg.load_ms
         rec = self._record(msg.pd_id, now)
-        rec.done, rec.ok, rec.n_chunks, rec.n_bytes = True, msg.ok, msg.n_chunks, msg.n_bytes
-        rec.load_ms, rec.error, rec.consumer = msg.load_ms, msg.error, msg.instance_id
-        rec.n_store_chunks = msg.n_store_chunks
-        final_at = self._final_at.pop(msg.pd_id, None)
+        _add_done(rec, msg)
+        final_at = self._final_at.pop(msg.pd_id, None) if rec.done else None
         if final_at is not None:
             rec.tail_ms = round((now - final_at) * 1000, 3)
         self.counters["store_chunks_loaded"] += msg.n_store_chunks

@@ -100,7 +100,8 @@ def test_streamed_transfer_between_tp_sizes(tmp_path, coord, prefill_tp, decode_
             keys = [f"xfer/x1/{k}" for k in prefill[0]._keys(PROMPT, group=g)]
             assert not any(prefill[0].transport.exists(keys))
         rec = CoordinatorClient(coord.address).query("x1").transfer
-        assert rec.ready and rec.done and rec.ok
+        assert rec.ready and rec.done and rec.ok and rec.n_chunks == 5
+        assert rec.groups_ready == groups and rec.groups_done == groups
     finally:
         _close(prefill, decode)
 
@@ -114,6 +115,9 @@ def test_a_missing_group_recomputes_the_blocks_of_every_head(tmp_path, coord):
         assert _until(lambda: "d0" in decode[0]._done_recving, 15)
         assert decode[0].take_load_errors() == set(DST)
         assert decode[0].stats["loads_ok"] == 1 and decode[0].stats["loads_failed"] == 1
+        rec = CoordinatorClient(coord.address).query("x2").transfer
+        # one group's READY never came: the transfer is neither ready nor ok
+        assert rec.done and not rec.ready and not rec.ok and rec.groups_ready == 1, rec
     finally:
         _close(prefill, decode)
 
