@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ import requests
 import yaml
 
 from tests.integration.conftest import BASE, ROOT, STEP_TOKENS
+from tests.integration.test_crosshost_e2e import _stop
 from tests.integration.test_pd_e2e import GEN, _complete, _prompt, _transfer
 
 pytestmark = pytest.mark.integration
@@ -53,17 +53,6 @@ def _config(host: str, tmp: Path, tag: str) -> dict:
     cfg["vllm"]["cpu_bind"] = BIND[host]
     cfg["vllm"]["extra_args"] = ["--max-num-batched-tokens", str(STEP_TOKENS)]
     return cfg
-
-
-def _stop(proc: subprocess.Popen) -> int:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(90)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    return proc.returncode
 
 
 @pytest.fixture(scope="module")

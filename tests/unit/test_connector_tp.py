@@ -2,8 +2,6 @@
 and local store, CPU caches cut by KV head (pd.heads). Each rank is a WorkerSide of its own."""
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -13,6 +11,7 @@ from pd.connector_worker import WorkerSide
 from pd.coord_client import CoordinatorClient
 from pd.coordinator import Coordinator
 from pd.heads import lcm, resolve
+from tests.unit.test_connector_worker import _until
 from transport.shm import ShmTransport
 
 BLOCK, CHUNK, NUM_BLOCKS, HEADS = 4, 8, 64, 4
@@ -62,15 +61,6 @@ def _close(*sides):
             for s in w.stores.values():
                 if s is not None:
                     s.close()
-
-
-def _until(pred, timeout=10.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.01)
-    return False
 
 
 def _all_heads(ranks: list[WorkerSide], name: str, blocks: list[int]) -> torch.Tensor:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -10,22 +9,16 @@ import pytest
 from pd.cli import main
 from launch.procs import cpu_binds, plan
 from pd.config import ConfigError, DeploymentConfig, load
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.unit.test_launcher import free_port as _port
 
 
 @pytest.fixture
 def model(tmp_path) -> Path:
-    d = tmp_path / "tiny"
-    d.mkdir()
-    (d / "config.json").write_text(json.dumps({"model_type": "llama", "num_attention_heads": 4,
-                                               "num_key_value_heads": 2}))
-    (d / "tokenizer.json").write_text("{}")
-    return d
+    """A model directory the launcher accepts, with 2 KV heads (vLLM never runs here)."""
+    (tmp_path / "tiny").mkdir()
+    (tmp_path / "tiny" / "config.json").write_text(json.dumps({"num_key_value_heads": 2}))
+    (tmp_path / "tiny" / "tokenizer.json").write_text("{}")
+    return tmp_path / "tiny"
 
 
 def _cfg(model, tmp_path, **groups) -> dict:
