@@ -320,8 +320,9 @@ def check_transport_reach(dep: DeploymentConfig, lay: Layout) -> None:
     """The shm transport moves KV within one host: refuse pools placed on different hosts."""
     if dep.mode != "pd" or dep.connector.transport.kind != "shm":
         return
-    if lay.hosts:
-        where = sorted({i.host for i in lay.instances})
+    if lay.hosts:  # hosts at loopback addresses (127.0.0.1, 127.0.0.2, ...) are all this machine
+        where = sorted({"this machine" if is_loopback(dep.hosts[i.host].address) else i.host
+                        for i in lay.instances})
     else:  # without hosts:, two distinct non-loopback URL hosts are two machines
         where = sorted({h for h in (urlparse(i.url).hostname or "" for i in lay.instances) if not is_loopback(h)})
     if len(where) > 1:

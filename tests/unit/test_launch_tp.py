@@ -116,3 +116,16 @@ def test_flags_set_tp_per_pool(model, tmp_path, capsys):
                  "--set", "vllm.cpu_bind=0|1;1", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "--tensor-parallel-size 2" in out and "VLLM_CPU_OMP_THREADS_BIND='0|1'" in out
+
+
+def test_shm_between_hosts_at_loopback_addresses_is_one_machine(model, tmp_path):
+    """The TP end-to-end test runs two "hosts" at 127.0.0.1 and 127.0.0.2 over one shm pool."""
+    cfg = _cfg(model, tmp_path)
+    cfg["hosts"] = {"x": {"address": "127.0.0.1", "roles": ["control", "prefill", "decode"]},
+                    "y": {"address": "127.0.0.2", "roles": ["prefill", "decode"]}}
+    names = [s.name for s in plan(load(DeploymentConfig, cfg), host="y")]
+    assert names == ["prefill-1", "decode-1"]
+    cfg["hosts"]["y"]["address"] = "10.0.0.2"
+    with pytest.raises(ConfigError, match="shm moves KV only within one host, but the instances run on this "
+                                          "machine, y"):
+        plan(load(DeploymentConfig, cfg), host="x")
