@@ -29,6 +29,7 @@ from launch.gpus import GpuSlot, cuda_args, cuda_env, gpu_slots, parse_env, reso
 from launch.topology import Instance, Layout, layout, local_instances, reach_host, share
 from pd.config import ConfigError, DeploymentConfig, kv_transfer_config
 from pd.curve import effective_auth, is_loopback, read_token
+from pd.heads import check_deployment, group_tp
 
 # vLLM's CPU attention backend accepts only block sizes that are multiples of this
 # ("No common block size for 16 (CPU_ATTN: [MultipleOf(32)])" otherwise, after ~1 minute of startup).
@@ -125,48 +126,13 @@ def check_config(dep: DeploymentConfig) -> None:
     parse_env(dep.vllm.env, "vllm.env")
     for group in ("prefill", "decode"):
         parse_env(getattr(dep, group).env, f"{group}.env")
-    check_tp(dep)
+    check_deployment(dep)
     if dep.vllm.device == "cpu" and bs % CPU_BLOCK_MULTIPLE:
         raise ConfigError(f"vllm.block_size: {bs} is not allowed; vLLM's CPU attention needs a multiple of "
                           f"{CPU_BLOCK_MULTIPLE}")
     if dep.mode == "pd" and dep.connector.chunk_size % bs:
         raise ConfigError(f"connector.chunk_size: {dep.connector.chunk_size} is not a multiple of "
                           f"vllm.block_size ({bs})")
-
-
-def group_tp(dep: DeploymentConfig, group: str) -> int:
-    """The TP size of ``group``'s instances (colocated instances: the prefill group's ports, its TP)."""
-    return getattr(dep, group).tp_size(dep.vllm)
-
-
-def check_tp(dep: DeploymentConfig) -> None:
-    """Refuse TP sizes whose KV cannot move between prefill and decode (pd.heads), before anything
-    starts: the model's KV heads must divide into lcm(prefill.tp, decode.tp) groups."""
-    from pd.heads import lcm, resolve
-
-    if dep.mode != "pd":
-        return
-    p, d = group_tp(dep, "prefill"), group_tp(dep, "decode")
-    heads = model_kv_heads(dep.model)
-    if heads is None:
-        return
-    groups = dep.connector.head_groups or lcm(p, d)
-    for group, tp in (("prefill", p), ("decode", d)):
-        try:
-            resolve(groups, tp, heads, key="connector.head_groups")
-        except ConfigError as e:
-            raise ConfigError(f"{group}.tp {tp} (prefill.tp {p}, decode.tp {d}): {e}") from None
-
-
-def model_kv_heads(model: str) -> int | None:
-    """The KV heads in the model's config.json (None if it cannot be read: checked elsewhere)."""
-    try:
-        cfg = json.loads((Path(model) / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    cfg = cfg.get("text_config", cfg)
-    heads = cfg.get("num_key_value_heads", cfg.get("num_attention_heads"))
-    return heads if isinstance(heads, int) and heads > 0 else None
 
 
 def port_in_use(host: str, port: int) -> bool:

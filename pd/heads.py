@@ -14,8 +14,10 @@ when it loads. Instances with the same ``G`` share the store whatever their TP s
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from math import gcd
+from pathlib import Path
 
 from pd.config import ConfigError
 
@@ -69,3 +71,37 @@ def resolve(head_groups: int, tp: int, total_heads: int, rank: int = 0,
         raise ConfigError(f"{key}: the model's {total_heads} KV heads do not divide into {g} groups; prefill and "
                           f"decode TP sizes whose lcm ({g}) does not divide {total_heads} cannot exchange KV")
     return HeadGroups(total_heads, g, tp, rank)
+
+
+def group_tp(dep, group: str) -> int:
+    """The TP size of a ``DeploymentConfig``'s ``group`` (prefill or decode) instances."""
+    return getattr(dep, group).tp_size(dep.vllm)
+
+
+def check_deployment(dep) -> None:
+    """Refuse a deployment's TP sizes whose KV cannot move between prefill and decode, before
+    anything starts: the model's KV heads (its config.json) must divide into the head groups."""
+    if dep.mode != "pd":
+        return
+    p, d = group_tp(dep, "prefill"), group_tp(dep, "decode")
+    heads = model_kv_heads(dep.model)
+    if heads is None:
+        return
+    groups = dep.connector.head_groups or lcm(p, d)
+    for group, tp in (("prefill", p), ("decode", d)):
+        try:
+            resolve(groups, tp, heads, key="connector.head_groups")
+        except ConfigError as e:
+            raise ConfigError(f"{group}.tp {tp} (prefill.tp {p}, decode.tp {d}): {e}") from None
+
+
+def model_kv_heads(model: str) -> int | None:
+    """The KV heads in a model directory's config.json (None if it cannot be read: the launcher's
+    model check reports that)."""
+    try:
+        cfg = json.loads((Path(model) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    cfg = cfg.get("text_config", cfg)
+    heads = cfg.get("num_key_value_heads", cfg.get("num_attention_heads"))
+    return heads if isinstance(heads, int) and heads > 0 else None

@@ -126,3 +126,13 @@ def test_combinations_that_cannot_work_are_refused(groups, tp, heads, msg):
 def test_default_is_one_group_per_rank():
     hg = resolve(0, 2, 8, rank=1)
     assert (hg.groups, hg.owned, hg.group_heads, hg.part(1)) == (2, [1], 4, (0, 1))
+
+
+def test_model_kv_heads_reads_config_json(tmp_path):
+    from pd.heads import model_kv_heads
+
+    (tmp_path / "config.json").write_text('{"text_config": {"num_key_value_heads": 8, "num_attention_heads": 32}}')
+    assert model_kv_heads(str(tmp_path)) == 8
+    (tmp_path / "config.json").write_text('{"num_attention_heads": 12}')  # no GQA: one KV head per head
+    assert model_kv_heads(str(tmp_path)) == 12
+    assert model_kv_heads(str(tmp_path / "missing")) is None
