@@ -32,8 +32,11 @@ pytestmark = pytest.mark.integration
 PORTS = {"prefill": 19300, "decode": 19350, "proxy": 19390, "coordinator": 19391}
 HOSTS = {"x": "127.0.0.1", "y": "127.0.0.2"}
 TP = {"x": {"prefill": 2, "decode": 1}, "y": {"prefill": 1, "decode": 2}}
-# host x: A's ranks on cores 0 and 1, D on core 1; host y: B on core 0, C's ranks on 0 and 1
-BIND = {"x": "0|1;1", "y": "0;0|1"}
+# Prefill on core 0, decode on core 1 (a TP instance's two ranks share its core): a decode that
+# waits for KV spins its workers, and with ranks on both cores it starved the prefill, the
+# coordinator and everything else for minutes (docs/design.md, "A decode instance waiting for
+# KV spins").
+BIND = {"x": "0|0;1", "y": "0;1|1"}
 READY_LINE = re.compile(r"pdkv ready: ")
 LENGTHS = [17, 300, 700]  # inside a block; two chunks; three chunks prefilled over two steps
 
