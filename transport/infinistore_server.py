@@ -76,8 +76,8 @@ def server_spec(c) -> dict:
             "--ib-port", str(c.ib_port), "--log-level", "warning"]
     if device:
         argv += ["--dev-name", device]
-    env = {"PYTHONPATH": os.pathsep.join(p for p in (str(SERVER_PY), str(ROOT), os.environ.get("PYTHONPATH", ""))
-                                         if p)}
+    paths = [str(SERVER_PY), str(ROOT), *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
+    env = {"PYTHONPATH": os.pathsep.join(dict.fromkeys(p for p in paths if p))}
     if lib:
         env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (lib, os.environ.get("LD_LIBRARY_PATH", "")) if p)
     # The server listens on every interface whatever --host says (InfiniStore ignores it).
