@@ -370,3 +370,40 @@ def test_rdma_batching_over_a_connection_double():
         listener.close()
         mv.release()
         mm.close()
+
+
+_RAW_WRITER = """
+import struct, sys, numpy as np, infinistore as isl
+port, key, kind = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+conn = isl.InfinityConnection(isl.ClientConfig(connection_type=isl.TYPE_TCP, host_addr="127.0.0.1",
+                                                service_port=port))
+conn.connect()
+payload = np.full(1000, 7, np.uint8)
+head = struct.pack("<4sHHQQ", b"PDIS", 1, 0, 1000, 42)
+tail = struct.pack("<Q", 43 if kind == "torn" else 42)  # the nonce again (torn: the tail is not this write's)
+raw = np.frombuffer(head + payload.tobytes() + (tail if kind != "short" else b""), np.uint8).copy()
+conn.tcp_write_cache(key, raw.ctypes.data, raw.nbytes)
+"""
+
+
+def test_a_value_not_framed_as_written_is_a_miss(server):
+    """Values written to the real server by InfiniStore's own client, not through pdkv: one framed
+    as pdkv frames them reads back; one whose trailing nonce is another write's (as when a reader
+    sees a TCP put before all its bytes arrived) and one cut short are misses, nothing written."""
+    c, _, _ = server
+    _, port, _ = c.server()
+    keys = {kind: f"raw/{kind}/{uuid.uuid4().hex}" for kind in ("whole", "torn", "short")}
+    for kind, key in keys.items():
+        r = subprocess.run([sys.executable, "-c", _RAW_WRITER, str(port), key, kind], capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+    t = make_transport(TransportConfig(kind="infinistore", infinistore=c))
+    try:
+        outs = [np.zeros(2000, np.uint8) for _ in keys]
+        assert t.get(list(keys.values()), outs) == [1000, 0, 0]
+        assert (outs[0][:1000] == 7).all() and not outs[1].any() and not outs[2].any()
+        reads = t.acquire(list(keys.values()))
+        assert reads[0] is not None and reads[1:] == [None, None]
+        t.release(reads)
+    finally:
+        t.close()
