@@ -87,6 +87,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="infinistore://HOST:PORT of a running server; default: the peer starts one on its host")
     g.add_argument("--connection-type", default="tcp", choices=("tcp", "rdma"),
                    help="InfiniStore's connection type (rdma: with --device-name)")
+    g.add_argument("--link-type", default="IB", choices=("IB", "Ethernet"),
+                   help="rdma: the NICs' link layer (Ethernet: RoCE v2), for the server and this client")
     g.add_argument("--serve-peer", action="store_true",
                    help="run the peer side (until the measuring side says quit)")
 

@@ -32,6 +32,7 @@ def serve_server(host: str, req: dict, procs: list) -> dict:
     service, manage = _free_ports(host, 2)
     c = InfinistoreConfig(url=f"infinistore://{host}:{service}", connection_type="tcp", start_server=True,
                           server_prealloc_gb=int(req.get("prealloc_gb", 4)), server_manage_port=manage,
+                          link_type=req.get("link_type", "IB"),
                           server_libibverbs="" if rdma_devices() else str(VERBS_DOUBLE))
     try:
         procs.append(run_server(c))
@@ -60,7 +61,8 @@ def run_infinistore(args: argparse.Namespace, sizes: list[int]) -> int:
         url = args.transport_url
         if not url:  # the server on the peer's host, room for two passes
             with _connect(peer) as c:
-                _send_json(c, {"op": "infinistore", "prealloc_gb": max(1, -(-2 * span >> 30) + 1)})
+                _send_json(c, {"op": "infinistore", "prealloc_gb": max(1, -(-2 * span >> 30) + 1),
+                               "link_type": args.link_type})
                 started = _recv_line(c)
             if not started.get("ok"):
                 log.error("the peer at %s:%d could not start an InfiniStore server: %s", *peer, started.get("error"))
@@ -72,7 +74,8 @@ def run_infinistore(args: argparse.Namespace, sizes: list[int]) -> int:
             c.recv(1)
         if args.connection_type == "rdma":
             url += ("&" if "?" in url else "/?") + f"device={args.device_name}"
-        cfg = InfinistoreConfig(url=url, connection_type=args.connection_type, staging_mb=2 * pass_mb + 16,
+        cfg = InfinistoreConfig(url=url, connection_type=args.connection_type, link_type=args.link_type,
+                                staging_mb=2 * pass_mb + 16,
                                 max_value_mb=-(-max(sizes) >> 20), op_timeout_s=120)
         transport = InfinistoreTransport(TransportConfig(kind="infinistore", infinistore=cfg))
         _print_header()
