@@ -253,3 +253,19 @@ def _clear_cuda_error() -> None:
             ctypes.CDLL(lib).cudaGetLastError()
     except Exception:  # noqa: BLE001 - best effort
         pass
+
+
+def cuda_pin(addr: int, size: int, what: str) -> bool:
+    """``cudaHostRegister`` the ``size`` bytes at ``addr`` (staging memory GPU copies go through);
+    False, with one warning naming ``what``, where it fails or there is no CUDA."""
+    try:
+        import torch
+
+        rc = int(torch.cuda.cudart().cudaHostRegister(addr, size, 1))
+    except Exception as e:  # noqa: BLE001 - no CUDA here
+        rc = str(e)
+    if rc != 0:
+        _clear_cuda_error()
+        log.warning("%s: staging memory not CUDA-pinned (%s); GPU copies will be slower", what, rc)
+    return rc == 0
+

@@ -447,6 +447,23 @@ def format_tcp_table(rows: list[dict]) -> str:
     return "\n".join(table)
 
 
+def measure_with_tcp(transport, peer: tuple[str, int], args: argparse.Namespace, sizes: list[int],
+                     tag: str) -> list[dict]:
+    """``_bench_size`` through ``transport`` for each size, with the TCP stream columns to and
+    from ``peer`` for the same chunks (a two-endpoint run)."""
+    counts, span = _counts(args, sizes)
+    src, dst = aligned_empty(span), aligned_empty(span)
+    src.fill(0x5A)  # touch every page now, not in the timed loop
+    dst.fill(0)
+    rows = []
+    for size in sizes:
+        row = _bench_size(transport, src, dst, size, counts[size], args.iters, f"{tag}-{uuid.uuid4().hex[:6]}")
+        row["tcp_out"], row["tcp_back"] = _tcp_size(peer, src, dst, size, counts[size], args.iters)
+        row["put_tcp"], row["get_tcp"] = row["put"] / row["tcp_out"], row["get"] / row["tcp_back"]
+        rows.append(row)
+    return rows
+
+
 def stop_peer(peer: tuple[str, int], procs: list[subprocess.Popen]) -> None:
     """Tell the peer to quit (it stops what it started), then end the processes started here."""
     try:
@@ -471,7 +488,7 @@ def run_mooncake(args: argparse.Namespace, sizes: list[int]) -> int:
     from transport.mooncake import MooncakeTransport
     from transport.mooncake_master import run_master
 
-    counts, span = _counts(args, sizes)
+    _, span = _counts(args, sizes)
     pass_mb = -(-span >> 20)
     procs: list[subprocess.Popen] = []
     peer = (args.peer_host, args.peer_port)
@@ -508,15 +525,7 @@ def run_mooncake(args: argparse.Namespace, sizes: list[int]) -> int:
               f"{2 * pass_mb + 64} MiB)  bytes/pass~{args.total_mb} MiB iters={args.iters}"
               f" latency samples<={LAT_SAMPLES}")
         sys.stdout.flush()
-        src, dst = aligned_empty(span), aligned_empty(span)
-        src.fill(0x5A)
-        dst.fill(0)
-        rows = []
-        for size in sizes:
-            row = _bench_size(transport, src, dst, size, counts[size], args.iters, f"mc-{uuid.uuid4().hex[:6]}")
-            row["tcp_out"], row["tcp_back"] = _tcp_size(peer, src, dst, size, counts[size], args.iters)
-            row["put_tcp"], row["get_tcp"] = row["put"] / row["tcp_out"], row["get"] / row["tcp_back"]
-            rows.append(row)
+        rows = measure_with_tcp(transport, peer, args, sizes, "mc")
     except (ConfigError, TransportError, OSError, RuntimeError) as e:
         log.error("pd bench transport --transport mooncake: %s", e)
         return 1

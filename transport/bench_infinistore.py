@@ -15,7 +15,6 @@ import argparse
 import logging
 import subprocess
 import sys
-import uuid
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +44,11 @@ def run_infinistore(args: argparse.Namespace, sizes: list[int]) -> int:
     """The table of ``_bench_size`` through InfiniStore, with the TCP stream columns."""
     from pd.config import ConfigError, InfinistoreConfig, TransportConfig
     from transport.base import TransportError
-    from transport.bench import (LAT_SAMPLES, _bench_size, _connect, _counts, _print_header, _recv_line,
-                                 _send_json, _start_peer, _tcp_size, aligned_empty, format_tcp_table, stop_peer)
+    from transport.bench import (LAT_SAMPLES, _connect, _counts, _print_header, _recv_line, _send_json,
+                                 _start_peer, format_tcp_table, measure_with_tcp, stop_peer)
     from transport.infinistore import InfinistoreTransport
 
-    counts, span = _counts(args, sizes)
+    _, span = _counts(args, sizes)
     pass_mb = -(-span >> 20)
     procs: list[subprocess.Popen] = []
     peer = (args.peer_host, args.peer_port)
@@ -83,14 +82,7 @@ def run_infinistore(args: argparse.Namespace, sizes: list[int]) -> int:
               f"peer={peer[0]}:{peer[1]} ({'remote' if args.peer_host else 'started here'})  "
               f"bytes/pass~{args.total_mb} MiB iters={args.iters} latency samples<={LAT_SAMPLES}")
         sys.stdout.flush()
-        src, dst = aligned_empty(span), aligned_empty(span)
-        src.fill(0x5A)
-        dst.fill(0)
-        for size in sizes:
-            row = _bench_size(transport, src, dst, size, counts[size], args.iters, f"is-{uuid.uuid4().hex[:6]}")
-            row["tcp_out"], row["tcp_back"] = _tcp_size(peer, src, dst, size, counts[size], args.iters)
-            row["put_tcp"], row["get_tcp"] = row["put"] / row["tcp_out"], row["get"] / row["tcp_back"]
-            rows.append(row)
+        rows = measure_with_tcp(transport, peer, args, sizes, "is")
     except (ConfigError, TransportError, OSError, RuntimeError) as e:
         log.error("pd bench transport --transport infinistore: %s", e)
         return 1

@@ -39,7 +39,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable, Sequence
 
 from pd.bytes import byte_view, release_view
-from transport.arena import PAGE, FirstFit, buffer_address
+from transport.arena import PAGE, FirstFit, cuda_pin, buffer_address
 from transport.base import TransportError
 from transport.infinistore_client import ClientProcess
 
@@ -97,7 +97,7 @@ class InfinistoreTransport:
         except TransportError:
             self._release_region()
             raise
-        self.pinned = pin_cuda and self._pin()
+        self.pinned = pin_cuda and cuda_pin(self.addr, self.size, "infinistore")
         log.info("infinistore transport: server %s:%d, %s%s, %d MiB staging", host, port, c.connection_type,
                  f" on {device}" if c.connection_type == "rdma" else "", c.staging_mb)
 
@@ -111,20 +111,6 @@ class InfinistoreTransport:
                                  "with connector.transport.infinistore.start_server: true) or fix "
                                  "connector.transport.infinistore.url") from None
         return ClientProcess(self._client_json, self._fd, self.size, 30.0 + self.cfg.connect_timeout_s)
-
-    def _pin(self) -> bool:
-        try:
-            import torch
-
-            rc = int(torch.cuda.cudart().cudaHostRegister(self.addr, self.size, 1))
-        except Exception as e:  # noqa: BLE001 - no CUDA here
-            rc = str(e)
-        if rc != 0:
-            from transport.arena import _clear_cuda_error
-
-            _clear_cuda_error()
-            log.warning("infinistore: staging memory not CUDA-pinned (%s); GPU copies will be slower", rc)
-        return rc == 0
 
     def _mark_down(self, why: str) -> None:
         with self._cv:

@@ -50,7 +50,7 @@ from urllib.error import HTTPError, URLError
 from urllib.request import urlopen
 
 from pd.bytes import byte_view, release_view
-from transport.arena import PAGE, FirstFit, _clear_cuda_error, buffer_address
+from transport.arena import PAGE, FirstFit, cuda_pin, _clear_cuda_error, buffer_address
 from transport.base import TransportError
 from transport.mooncake_master import route_address
 
@@ -170,7 +170,7 @@ class MooncakeTransport:
             self._store.close()
             raise TransportError(f"mooncake: registering {m.local_buffer_size_mb} MiB of staging memory failed "
                                  f"(rc {rc}); lower connector.transport.mooncake.local_buffer_size_mb")
-        self.pinned = pin_cuda and self._pin()
+        self.pinned = pin_cuda and cuda_pin(self.addr, self.size, "mooncake")
         self._rcfg = rcfg_cls()
         if m.prefer_local_segment and m.global_segment_size_mb > 0:
             self._rcfg.preferred_segment = self._store.get_hostname()
@@ -207,18 +207,6 @@ class MooncakeTransport:
                                  f"protocol {m.protocol}{' on ' + m.device_name if m.device_name else ''}, as "
                                  f"{local}; the engine's log lines above say why")
         return store
-
-    def _pin(self) -> bool:
-        try:
-            import torch
-
-            rc = int(torch.cuda.cudart().cudaHostRegister(self.addr, self.size, 1))
-        except Exception as e:  # noqa: BLE001 - no CUDA here
-            rc = str(e)
-        if rc != 0:
-            _clear_cuda_error()
-            log.warning("mooncake: staging memory not CUDA-pinned (%s); GPU copies will be slower", rc)
-        return rc == 0
 
     # -- calls ------------------------------------------------------------------------------
     def _up(self) -> bool:
