@@ -163,7 +163,7 @@ class LoadMixin:
             # restarted, and lost them): this delete is what removes those.
             self.transport.delete([transfer_key(spec.pd_id, k) for k in st.keys])
         self._settle(st, bad)
-        load_ms = (time.monotonic() - st.t0) * 1e3 - st.wait_ms
+        load_ms = max(0.0, (time.monotonic() - st.t0) * 1e3 - st.wait_ms)  # the protocol refuses < 0
         self.stats["loads_ok" if ok else "loads_failed"] += 1
         self.stats["loads_aborted"] += st.error.endswith("request aborted")
         self.stats["load_timeouts"] += st.error == "load timed out"
