@@ -8,6 +8,9 @@
 #
 # With 2+ GPUs: prefill (and the colocated instance, and nixl's prefill) on GPU 0, decode (and
 # nixl's decode) on GPU 1; with one GPU everything on GPU 0 and no nixl pair (memory).
+# PREFILL_TP=2 / DECODE_TP=2 (2 GPUs): that pool's instance spans GPUs 0,1 (tensor parallel, its
+# ranks share the GPUs with the other instances) and the colocated reference runs at the decode's
+# TP size; no nixl pair then.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/smoke-out}
@@ -22,6 +25,10 @@ M=${MODEL:-/tmp/m8b}
 [ -f "$M/config.json" ] || python3 -m pd.cli make-model "$M" --shape llama3-8b --no-weights
 echo "smoke: model ready (${SECONDS}s)"
 if [ "$N" -ge 2 ]; then D=1; NIXL=1; UTIL=0.28; KV=16; else D=0; NIXL=0; UTIL=0.3; KV=12; fi
+PTP=${PREFILL_TP:-1}; DTP=${DECODE_TP:-1}; P=0; CO=0
+[ "$PTP" = 2 ] && P=0,1
+[ "$DTP" = 2 ] && D=0,1 && CO=0,1
+[ "$PTP$DTP" = 11 ] || NIXL=0
 
 common() {  # the vllm section every deployment shares
   cat <<EOF
@@ -38,8 +45,8 @@ EOF
 }
 { common; cat <<EOF
 run_dir: /tmp/run-pd
-prefill: {gpus: "0", port_base: 8100}
-decode: {gpus: "$D", port_base: 8200}
+prefill: {gpus: "$P", port_base: 8100, tp: $PTP}
+decode: {gpus: "$D", port_base: 8200, tp: $DTP}
 proxy: {port: 8000}
 connector: {chunk_size: 1024, transport: {name: smoke}}
 EOF
@@ -47,7 +54,7 @@ EOF
 { common; cat <<EOF
 run_dir: /tmp/run-co
 mode: colocated
-prefill: {count: 1, gpus: "0", port_base: 8300}
+prefill: {count: 1, gpus: "$CO", port_base: 8300, tp: $DTP}
 decode: {count: 0}
 proxy: {port: 8001}
 EOF
