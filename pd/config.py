@@ -308,8 +308,8 @@ class Hf3fsConfig:
     numa: int = field(default=-1, metadata=_rng(-1))
     # Write threads, each with its own write ioring and its share of the write iovec.
     io_threads: int = field(default=4, metadata=_rng(2, 16))
-    # Directories (relative to mount_point, or absolute under it); instance on device d uses
-    # base_paths[d % len]; empty = store.paths, else <mount_point>/pdkv.
+    # Directories (relative to mount_point, or absolute under it); KV-head group g (pd.heads; the
+    # TP rank with one TP size) uses base_paths[g % len]; empty = store.paths, else <mount_point>/pdkv.
     base_paths: list[str] = field(default_factory=list)
 
 
@@ -318,8 +318,8 @@ class StoreConfig:
     """The persistent KV store (decode fallback and prefix reuse across requests)."""
 
     backend: str = field(default="none", metadata=_choices("none", "local", "hf3fs"))
-    # Directories for store/local (``file://`` prefix allowed); instance i on GPU/device d uses
-    # paths[d % len(paths)].
+    # Directories for store/local (``file://`` prefix allowed); KV-head group g (pd.heads; the TP
+    # rank with one TP size) uses paths[g % len(paths)].
     paths: list[str] = field(default_factory=list)
     # One budget across all paths and writers; least valuable chunks (by ``eviction``) go first.
     size_gb: float = field(default=10.0, metadata=_rng(0.001, 1 << 20))
