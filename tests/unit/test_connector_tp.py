@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pd.config import ConnectorConfig, CoordinatorConfig, StoreConfig, TransportConfig
+from pd.config import ConnectorConfig, CoordinatorConfig, Hf3fsConfig, StoreConfig, TransportConfig
 from pd.connector_scheduler import LoadSpec, PDMetadata, SaveSpec
 from pd.connector_worker import WorkerSide
 from pd.coord_client import CoordinatorClient
@@ -31,7 +31,19 @@ def _caches(heads: int, seed: int) -> dict[str, torch.Tensor]:
     return {f"layers.{i}.attn": torch.randn(NUM_BLOCKS, heads, BLOCK, 16, generator=g) for i in range(3)}
 
 
-def _ranks(tmp_path, coord, tp: int, groups: int, seed: int, store: str | None = None, **over) -> list[WorkerSide]:
+def _store_config(tmp_path, backend: str) -> StoreConfig:
+    if backend == "local":
+        (tmp_path / "store").mkdir(exist_ok=True)
+        return StoreConfig(backend="local", paths=[str(tmp_path / "store")], size_gb=0.1)
+    from store import usrbio_emulator
+
+    mount = usrbio_emulator.emulate_mount(str(tmp_path / "3fs"))  # the USRBIO emulator over plain files
+    return StoreConfig(backend="hf3fs", paths=["kv"], size_gb=0.1,
+                       hf3fs=Hf3fsConfig(mount_point=str(mount), iov_size_mb=100, io_threads=2))
+
+
+def _ranks(tmp_path, coord, tp: int, groups: int, seed: int, store: str | None = None, backend: str = "local",
+           **over) -> list[WorkerSide]:
     out = []
     for rank in range(tp):
         cfg = ConnectorConfig(coordinator=coord.address, chunk_size=CHUNK, io_threads=2, head_groups=groups,
@@ -41,8 +53,7 @@ def _ranks(tmp_path, coord, tp: int, groups: int, seed: int, store: str | None =
         if store is not None:
             from store import make_store
 
-            (tmp_path / "store").mkdir(exist_ok=True)
-            cfg.store = StoreConfig(backend="local", paths=[str(tmp_path / "store")], size_gb=0.1)
+            cfg.store = _store_config(tmp_path, backend)
             stores = {g: make_store(cfg.store, g, writer=store == "write") for g in heads.owned}
         w = WorkerSide(cfg, rank, "m", BLOCK, CoordinatorClient(coord.address), ShmTransport(cfg.transport), {},
                        store=(stores or {}).get(heads.owned[0]), fingerprint=b"f" * 16,
@@ -112,10 +123,17 @@ def test_a_missing_group_recomputes_the_blocks_of_every_head(tmp_path, coord):
         _close(prefill, decode)
 
 
-def test_store_written_at_one_tp_size_is_read_at_another(tmp_path, coord):
+@pytest.fixture(params=["local", "hf3fs"])
+def backend(request):
+    if request.param == "hf3fs":
+        request.getfixturevalue("usrbio_double")
+    return request.param
+
+
+def test_store_written_at_one_tp_size_is_read_at_another(tmp_path, coord, backend):
     """Prefix reuse across TP sizes: chunks stored by TP=2 prefill ranks, loaded by a TP=1 rank
     (and the reverse) from the store alone, with the same head groups."""
-    prefill = _ranks(tmp_path, coord, 2, 2, 1, store="write")
+    prefill = _ranks(tmp_path, coord, 2, 2, 1, store="write", backend=backend)
     try:
         for w in prefill:
             w.after_forward(PDMetadata(saves=[SaveSpec("p1", "x3", PROMPT, SRC)]))
@@ -126,7 +144,7 @@ def test_store_written_at_one_tp_size_is_read_at_another(tmp_path, coord):
     finally:
         _close(prefill)
     for tp in (1, 2):
-        decode = _ranks(tmp_path, coord, tp, 2, 3 + tp, store="read")
+        decode = _ranks(tmp_path, coord, tp, 2, 3 + tp, store="read", backend=backend)
         try:
             for r, w in enumerate(decode):
                 w.start_step(PDMetadata(loads=[LoadSpec(f"q{r}", "", PROMPT, DST, 0)]))  # no pd_id: store only
@@ -136,3 +154,24 @@ def test_store_written_at_one_tp_size_is_read_at_another(tmp_path, coord):
                 assert torch.equal(_all_heads(decode, name, DST), _all_heads(prefill, name, SRC))
         finally:
             _close(decode)
+
+
+def test_decode_falls_back_to_the_store_across_tp_sizes(tmp_path, coord, backend):
+    """Prefill TP=1 (both head groups in one rank) writes through; its transport chunks are gone
+    before decode TP=2 reads them: each decode rank takes its group from the store."""
+    prefill = _ranks(tmp_path, coord, 1, 2, 1, store="write", backend=backend)
+    decode = _ranks(tmp_path, coord, 2, 2, 2, store="read", backend=backend, wait_timeout_s=5)
+    try:
+        prefill[0].after_forward(PDMetadata(saves=[SaveSpec("p1", "x4", PROMPT, SRC)]))
+        assert _until(lambda: prefill[0].stats["saves"] == 1)
+        for g in (0, 1):
+            prefill[0].transport.delete([f"xfer/x4/{k}" for k in prefill[0]._keys(PROMPT, group=g)])
+        for r, w in enumerate(decode):
+            w.start_step(PDMetadata(loads=[LoadSpec(f"d{r}", "x4", PROMPT, DST, 0)]))
+        assert _until(lambda: all(f"d{r}" in w._done_recving for r, w in enumerate(decode)))
+        assert all(w.take_load_errors() == set() for w in decode)
+        assert [w.stats["store_chunks_loaded"] for w in decode] == [5, 5]
+        for name in prefill[0].caches:
+            assert torch.equal(_all_heads(decode, name, DST), _all_heads(prefill, name, SRC))
+    finally:
+        _close(prefill, decode)
