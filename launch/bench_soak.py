@@ -9,7 +9,9 @@ Traffic: requests arrive as a Poisson process of ``--rate`` per second (seeded) 
 ``--long-tokens`` long, the rest ``--short-tokens``), ``--max-tokens`` tokens, greedy; a
 ``--stream-fraction`` of them stream, and ``--abort-fraction`` of the streamed ones are closed by
 the client after 0-2 tokens. Every complete answer of a prompt must equal its first one (greedy
-decoding: another answer means another request's KV, or torn KV, was used).
+decoding: another answer means another request's KV, or torn KV, was used). A
+``--fresh-fraction`` of the requests carry a prompt never sent before instead: new chunks for
+the transport and the store (which fills to its budget and evicts over a long soak).
 
 Every ``--interval`` seconds it samples (``launch.soak_probe``): resident memory, open file
 descriptors and threads of every process of the deployment (the launcher, proxy, coordinator,
@@ -57,6 +59,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--long-tokens", type=int, default=1200, help="long prompt length (default 1200)")
     p.add_argument("--short-tokens", type=int, default=96, help="short prompt length (default 96)")
     p.add_argument("--max-tokens", type=int, default=24, help="tokens per answer (default 24)")
+    p.add_argument("--fresh-fraction", type=float, default=0.1,
+                   help="share of requests with a never-seen prompt (default 0.1)")
+    p.add_argument("--store-gb", type=float, default=0.5,
+                   help="without --config: the local store's budget in GB (default 0.5)")
     p.add_argument("--stream-fraction", type=float, default=0.5, help="share streamed (default 0.5)")
     p.add_argument("--abort-fraction", type=float, default=0.2,
                    help="share of the streamed requests the client closes early (default 0.2)")
@@ -69,9 +75,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 @dataclass(frozen=True)
 class Ask:
-    prompt: int  # index into the prompts
+    prompt: int  # index into the prompts; -1: a fresh prompt made from ``fresh`` (a seed)
     stream: bool
     abort_after: int  # -1: read the whole answer; n >= 0: close after n tokens
+    fresh: int = 0
 
 
 def make_prompts(n: int, long_fraction: float, long_tokens: int, short_tokens: int, seed: int) -> list[list[int]]:
@@ -88,9 +95,11 @@ def check_args(args) -> None:
     for name in ("prompts", "long_tokens", "short_tokens", "max_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    for name in ("long_fraction", "stream_fraction", "abort_fraction"):
+    for name in ("long_fraction", "stream_fraction", "abort_fraction", "fresh_fraction"):
         if not 0 <= getattr(args, name) <= 1:
             raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(args, name)}")
+    if not args.store_gb > 0:
+        raise ValueError(f"--store-gb must be > 0, got {args.store_gb}")
     if args.drain_s < 0:
         raise ValueError(f"--drain-s must be >= 0, got {args.drain_s}")
     if args.pid is not None and not args.url:
@@ -100,8 +109,10 @@ def check_args(args) -> None:
 class Traffic:
     """Sends the asks (one thread each) and keeps the outcomes."""
 
-    def __init__(self, url: str, model: str, prompts: list[list[int]], max_tokens: int, timeout_s: float):
+    def __init__(self, url: str, model: str, prompts: list[list[int]], max_tokens: int, timeout_s: float,
+                 fresh_lengths: tuple[int, ...] = (96,)):
         self.url, self.model, self.prompts, self.max_tokens, self.timeout_s = url, model, prompts, max_tokens, timeout_s
+        self.fresh_lengths = fresh_lengths  # a fresh prompt's length is one of these (seeded)
         self.counts: Counter = Counter()  # sent, ok, aborted, failed, differ
         self.errors: Counter = Counter()  # why failed
         self.answers: dict[int, str] = {}  # prompt -> its first complete answer
@@ -119,7 +130,7 @@ class Traffic:
         return sum(t.is_alive() for t in self.threads)
 
     def _one(self, ask: Ask) -> None:
-        body = {"model": self.model, "prompt": self.prompts[ask.prompt], "max_tokens": self.max_tokens,
+        body = {"model": self.model, "prompt": self.prompt_of(ask), "max_tokens": self.max_tokens,
                 "temperature": 0, "ignore_eos": True, "stream": ask.stream}
         req = urllib.request.Request(f"{self.url}/v1/completions", json.dumps(body).encode(),
                                      {"Content-Type": "application/json"})
@@ -134,9 +145,17 @@ class Traffic:
             return self._outcome("aborted")
         if not text:
             return self._outcome("failed", why="empty answer")
+        if ask.prompt < 0:  # a fresh prompt: nothing to compare with
+            return self._outcome("ok")
         with self._lock:
             first = self.answers.setdefault(ask.prompt, text)
         self._outcome("ok" if first == text else "differ")
+
+    def prompt_of(self, ask: Ask) -> list[int]:
+        if ask.prompt >= 0:
+            return self.prompts[ask.prompt]
+        rng = random.Random(ask.fresh)
+        return [rng.randrange(*VOCAB) for _ in range(rng.choice(self.fresh_lengths))]
 
     def _read(self, resp, ask: Ask) -> str | None:
         """The answer's text; None when this client closed it early (as asked)."""
@@ -159,12 +178,15 @@ class Traffic:
                 self.errors[why] += 1
 
 
-def asks(rng: random.Random, n_prompts: int, stream_fraction: float, abort_fraction: float):
+def asks(rng: random.Random, n_prompts: int, stream_fraction: float, abort_fraction: float,
+         fresh_fraction: float = 0.0):
     """An endless seeded stream of asks."""
     while True:
         stream = rng.random() < stream_fraction
         abort = stream and rng.random() < abort_fraction
-        yield Ask(rng.randrange(n_prompts), stream, rng.randrange(3) if abort else -1)
+        fresh = rng.random() < fresh_fraction
+        yield Ask(-1 if fresh else rng.randrange(n_prompts), stream, rng.randrange(3) if abort else -1,
+                  rng.getrandbits(63) if fresh else 0)
 
 
 @dataclass
@@ -272,9 +294,10 @@ def leftovers(s: dict) -> dict[str, float]:
 def soak(target: Target, args, progress=print) -> tuple[list[dict], dict, Traffic]:
     """Run the traffic for ``args.minutes``, sampling; then drain. (samples, drained sample, traffic)."""
     prompts = make_prompts(args.prompts, args.long_fraction, args.long_tokens, args.short_tokens, args.seed)
-    traffic = Traffic(target.url, target.model, prompts, args.max_tokens, args.request_timeout)
+    lengths = tuple(len(p) for p in prompts)  # fresh prompts: long and short in the same shares
+    traffic = Traffic(target.url, target.model, prompts, args.max_tokens, args.request_timeout, lengths)
     rng = random.Random(args.seed + 1)
-    stream = asks(rng, args.prompts, args.stream_fraction, args.abort_fraction)
+    stream = asks(rng, args.prompts, args.stream_fraction, args.abort_fraction, args.fresh_fraction)
     out = open(args.out, "w") if args.out else None  # noqa: SIM115 - closed below
     samples: list[dict] = []
 
@@ -361,7 +384,7 @@ def _deployment(args, store_dir: str | None):
     if args.config:
         return load_yaml(args.config)
     over = {"model": args.model, "proxy": {"port": args.port},
-            "connector": {"store": {"backend": "local", "paths": [store_dir], "size_gb": 0.5}}}
+            "connector": {"store": {"backend": "local", "paths": [store_dir], "size_gb": args.store_gb}}}
     return merge(load(DeploymentConfig, {}), over)
 
 

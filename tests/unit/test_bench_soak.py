@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 
 from launch import soak_probe as probe
-from launch.bench_soak import check_args, leftovers, series
+from launch.bench_soak import Traffic, asks, check_args, leftovers, make_prompts, series
 from launch.soak_verdict import MIN_SAMPLES, judge, judge_all
 from tests.unit.test_connector_worker import _until
 
@@ -58,6 +58,7 @@ def test_series_and_leftovers_of_samples():
 def _args(**over):
     base = dict(minutes=1, rate=1, interval=5, request_timeout=10, prompts=4, long_tokens=10, short_tokens=5,
                 max_tokens=4, long_fraction=0.5, stream_fraction=0.5, abort_fraction=0.5, drain_s=5, pid=None,
+                fresh_fraction=0.1, store_gb=0.5,
                 url=None)
     return SimpleNamespace(**{**base, **over})
 
@@ -66,11 +67,27 @@ def _args(**over):
                                        ({"abort_fraction": 1.5}, r"--abort-fraction must be in \[0, 1\]"),
                                        ({"prompts": 0}, "--prompts must be >= 1"),
                                        ({"drain_s": -1}, "--drain-s must be >= 0"),
+                                       ({"fresh_fraction": -0.1}, r"--fresh-fraction must be in \[0, 1\]"),
+                                       ({"store_gb": 0}, "--store-gb must be > 0"),
                                        ({"pid": 1}, "--pid goes with --url")])
 def test_bad_options_are_named(over, msg):
     check_args(_args())
     with pytest.raises(ValueError, match=msg):
         check_args(_args(**over))
+
+
+def test_asks_mix_fixed_and_fresh_prompts():
+    prompts = make_prompts(8, 0.25, 50, 10, seed=0)
+    assert [len(p) for p in prompts] == [50, 50] + [10] * 6
+    got = [a for a, _ in zip(asks(random.Random(1), 8, 0.5, 0.5, fresh_fraction=0.3), range(2000))]
+    fresh = [a for a in got if a.prompt < 0]
+    assert 500 < len(fresh) < 700 and len({a.fresh for a in fresh}) == len(fresh)
+    assert {a.prompt for a in got if a.prompt >= 0} == set(range(8))
+    assert all(a.stream for a in got if a.abort_after >= 0) and {a.abort_after for a in got} == {-1, 0, 1, 2}
+    t = Traffic("http://127.0.0.1:1", "m", prompts, 4, 1.0, fresh_lengths=(50, 10))
+    assert t.prompt_of(fresh[0]) == t.prompt_of(fresh[0]) != t.prompt_of(fresh[1])  # seeded, new each time
+    assert len(t.prompt_of(fresh[0])) in (50, 10) and t.prompt_of(got[0]) in prompts or got[0].prompt < 0
+    assert not [a for a, _ in zip(asks(random.Random(1), 8, 0.5, 0.5), range(500)) if a.prompt < 0]
 
 
 def test_processes_names_a_tree_and_samples_it():
