@@ -2,7 +2,8 @@
 
 It starts a deployment (``--config``, default 1P1D with a local store in a temporary directory,
 as ``pd launch`` would) or drives a running one (``--url`` of its proxy, with ``--config`` its
-YAML and ``--pid`` its ``pd launch`` process, found from the proxy's port when left out).
+YAML and ``--pid`` its ``pd launch`` process, found from the proxy's port when left out). Requests
+carry the proxy's API key when the config names ``proxy.api_key_file``.
 
 Traffic: requests arrive as a Poisson process of ``--rate`` per second (seeded) for
 ``--minutes``; each asks for one of ``--prompts`` fixed prompts (``--long-fraction`` of them
@@ -110,8 +111,11 @@ class Traffic:
     """Sends the asks (one thread each) and keeps the outcomes."""
 
     def __init__(self, url: str, model: str, prompts: list[list[int]], max_tokens: int, timeout_s: float,
-                 fresh_lengths: tuple[int, ...] = (96,)):
+                 fresh_lengths: tuple[int, ...] = (96,), api_key: str | None = None):
         self.url, self.model, self.prompts, self.max_tokens, self.timeout_s = url, model, prompts, max_tokens, timeout_s
+        self.headers = {"Content-Type": "application/json"}
+        if api_key:  # the proxy's proxy.api_key_file
+            self.headers["Authorization"] = f"Bearer {api_key}"
         self.fresh_lengths = fresh_lengths  # a fresh prompt's length is one of these (seeded)
         self.counts: Counter = Counter()  # sent, ok, aborted, failed, differ
         self.errors: Counter = Counter()  # why failed
@@ -132,8 +136,7 @@ class Traffic:
     def _one(self, ask: Ask) -> None:
         body = {"model": self.model, "prompt": self.prompt_of(ask), "max_tokens": self.max_tokens,
                 "temperature": 0, "ignore_eos": True, "stream": ask.stream}
-        req = urllib.request.Request(f"{self.url}/v1/completions", json.dumps(body).encode(),
-                                     {"Content-Type": "application/json"})
+        req = urllib.request.Request(f"{self.url}/v1/completions", json.dumps(body).encode(), self.headers)
         try:
             with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
                 text = self._read(resp, ask)
@@ -199,6 +202,7 @@ class Target:
     store_paths: tuple[str, ...] = ()
     store_budget: float | None = None
     instances: dict[str, str] | None = None  # name -> base URL
+    api_key: str | None = None  # what clients send the proxy (proxy.api_key_file)
 
     def sample(self, t: float, traffic: Traffic) -> dict:
         proxy = probe.scrape(f"{self.url}/metrics")
@@ -295,7 +299,8 @@ def soak(target: Target, args, progress=print) -> tuple[list[dict], dict, Traffi
     """Run the traffic for ``args.minutes``, sampling; then drain. (samples, drained sample, traffic)."""
     prompts = make_prompts(args.prompts, args.long_fraction, args.long_tokens, args.short_tokens, args.seed)
     lengths = tuple(len(p) for p in prompts)  # fresh prompts: long and short in the same shares
-    traffic = Traffic(target.url, target.model, prompts, args.max_tokens, args.request_timeout, lengths)
+    traffic = Traffic(target.url, target.model, prompts, args.max_tokens, args.request_timeout, lengths,
+                      target.api_key)
     rng = random.Random(args.seed + 1)
     stream = asks(rng, args.prompts, args.stream_fraction, args.abort_fraction, args.fresh_fraction)
     out = open(args.out, "w") if args.out else None  # noqa: SIM115 - closed below
@@ -400,8 +405,13 @@ def target_for(dep, url: str, procs: probe.Processes) -> Target:
     paths = tuple(store.paths) if store.backend == "local" else ()
     instances = {s.name: s.health_url.removesuffix("/health") for s in specs
                  if s.health_url and s.name not in ("proxy",)}
+    key = None
+    if dep.proxy.api_key_file:
+        from pd.curve import read_token
+
+        key = read_token(dep.proxy.api_key_file, "proxy.api_key_file")
     return Target(url, served_name(dep), procs, pool_dir(t) if dep.mode == "pd" and t.kind == "shm" else None,
-                  paths, store.size_gb * 1e9 if paths else None, instances)
+                  paths, store.size_gb * 1e9 if paths else None, instances, key)
 
 
 def run(args) -> int:

@@ -165,3 +165,27 @@ def test_dir_usage_and_scrape(tmp_path):
                'pdkv_proxy_requests_total{endpoint="/v1/chat/completions",status="503"}': 1.0, "other": 9.0}
     assert probe.total(series_, "pdkv_proxy_requests_total", status="5*") == 3.0
     assert probe.total(series_, "pdkv_proxy_requests_total") == 8.0
+
+
+def test_traffic_through_a_real_proxy_with_an_api_key():
+    """The soak's client against the real proxy (upstream: test_proxy's vLLM doubles), which takes
+    an API key: requests with the key are answered, streamed or not, closed early or not; without
+    it every one fails with a 401 that is counted."""
+    import asyncio
+
+    from launch.bench_soak import Ask
+    from tests.unit.test_proxy import deployment, run
+
+    asks_ = [Ask(0, False, -1), Ask(1, True, -1), Ask(0, True, 1), Ask(-1, False, -1, fresh=7)]
+
+    async def go():
+        async with deployment() as env:
+            env.proxy.api_key = "sk-soak"
+            for key in ("sk-soak", None):
+                t = Traffic(env.url, "m", [[1, 2, 3], [4, 5]], 4, 10.0, api_key=key)
+                await asyncio.gather(*(asyncio.to_thread(t._one, a) for a in asks_))
+                if key:
+                    assert (t.counts["ok"], t.counts["aborted"], t.counts["failed"]) == (3, 1, 0), t.errors
+                else:
+                    assert t.counts["failed"] == 4 and t.errors == {"HTTP 401": 4}
+    run(go())
