@@ -563,7 +563,7 @@ def config_from_args(args: argparse.Namespace) -> DeploymentConfig:
         if getattr(section, key):
             setattr(section, key, str(Path(getattr(section, key)).expanduser().resolve()))
     if dep.mode == "pd":
-        check_store(dep.connector.store)
+        check_store(dep.connector.store, make=not getattr(args, "dry_run", False))
     return dep
 
 

@@ -60,8 +60,9 @@ class ProcSpec:
     critical: bool = True
 
 
-def check_store(cfg) -> None:
-    """Refuse a store config that cannot work, before anything starts."""
+def check_store(cfg, make: bool = True) -> None:
+    """Refuse a store config that cannot work, before anything starts; ``make``: create missing
+    local store directories (a dry run only checks that they could be made)."""
     if cfg.backend == "none":
         return
     if cfg.backend == "hf3fs":
@@ -86,6 +87,12 @@ def check_store(cfg) -> None:
     for raw in cfg.paths:
         path = Path(raw[len("file://"):] if raw.startswith("file://") else raw)
         if not path.exists():  # made, as LMCache makes its local disk path (owner-only)
+            if not make:
+                parent = next(p for p in path.absolute().parents if p.exists())
+                if parent.is_dir() and os.access(parent, os.W_OK | os.X_OK):
+                    continue
+                raise ConfigError(f"connector.store.paths: {raw} does not exist and cannot be made: "
+                                  f"{parent} is not a writable directory")
             try:
                 path.mkdir(mode=0o700, parents=True)
             except OSError as e:

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from launch.launcher import ChildDied, Deployment, exit_text
-from launch.procs import ProcSpec, check_ports, cpu_binds, plan
+from launch.procs import ProcSpec, check_ports, check_store, cpu_binds, plan
 from pd.cli import main
 from pd.config import ConfigError, DeploymentConfig, load
 
@@ -693,8 +693,11 @@ def test_store_path_is_made_and_writers_share_the_budget(model, tmp_path, capsys
     path = tmp_path / "new" / "kv"
     assert main(["launch", "--config", str(write_yaml(tmp_path, cfg)), "--store", "local", "--store-path",
                  f"{path},{tmp_path / 'kv2'}", "--dry-run"]) == 0
-    assert path.is_dir() and path.stat().st_mode & 0o777 == 0o700
+    assert not path.exists()  # a dry run makes nothing
     assert _store_extra(capsys.readouterr().out)["store"]["writers"] == 3  # 3 prefill ranks 0 on each path
+    check_store(load(DeploymentConfig, {**cfg, "connector": {"store": {"backend": "local", "paths": [str(path)]}}})
+                .connector.store)
+    assert path.is_dir() and path.stat().st_mode & 0o777 == 0o700
 
 
 @pytest.mark.parametrize("args, words", [
