@@ -13,6 +13,11 @@ that arena, as a decode process has) acquires the slot, checks the header, scatt
 second paged cache and releases it. Its reference is the same bytes copied device -> pinned
 host -> device by two plain copies (memcpy twice on the CPU). With two GPUs it also prints a
 plain GPU 0 -> GPU 1 copy of the chunk (peer access, no host), the next step's ceiling.
+
+``--head-groups G`` (G > 1) also times the chunk cut into G KV-head groups (what a prefill rank
+holding G groups saves when decode runs at a higher TP size) and stitched back from them (a
+decode rank at a lower TP size): the same bytes in G chunks, each one indexed copy per layer of
+a head-narrowed view; the ratio to the full-page gather/scatter is the cost of re-slicing.
 """
 from __future__ import annotations
 
@@ -40,6 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--transfer", default="on", choices=("on", "off"),
                    help="also time gather -> shm slot -> scatter end to end (default on)")
+    p.add_argument("--head-groups", type=int, default=1,
+                   help="also time gather/scatter cut into this many KV-head groups (pd/heads.py); 1 = off")
     p.add_argument("--checksum", default="auto", choices=("auto", "always", "never"),
                    help="payload checksums in the end-to-end path, as connector.checksum (default auto)")
 
@@ -71,18 +78,24 @@ def run(args) -> int:
     print(f"# pd bench kv on {device} ({name}); {args.layers} layers, {args.kv_heads} kv heads, "
           f"head size {args.head_size}, {args.dtype}; cache {args.cache_gb} GB")
     xfer = args.transfer == "on"
+    groups = args.head_groups
+    if groups < 1 or args.kv_heads % groups:
+        raise ValueError(f"--head-groups {groups}: must be >= 1 and divide --kv-heads {args.kv_heads}")
     checksum = args.checksum == "always" or (args.checksum == "auto" and device.type != "cuda")
     if xfer:
         print(f"# end to end: gather -> shm slot -> scatter, payload checksums {'on' if checksum else 'off'}")
     print("| block | chunk tokens | chunk MB | gather GB/s | plain copy GB/s | gather/copy | scatter GB/s | "
-          "plain copy GB/s | scatter/copy |" + (" transfer GB/s | plain 2 copies GB/s | transfer/copies |" if xfer else ""))
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if xfer else ""))
+          "plain copy GB/s | scatter/copy |" + (" transfer GB/s | plain 2 copies GB/s | transfer/copies |" if xfer else "")
+          + (f" gather as {groups} groups GB/s | /full gather | scatter from {groups} groups GB/s | /full scatter |"
+             if groups > 1 else ""))
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if xfer else "")
+          + ("---:|---:|---:|---:|" if groups > 1 else ""))
     for bs in (int(x) for x in args.block_sizes.split(",")):
         page = args.kv_heads * bs * 2 * args.head_size * es
         num_blocks = max(64, int(args.cache_gb * 1e9 / (page * args.layers)))
         caches = {f"layers.{i}": torch.empty(num_blocks, args.kv_heads, bs, 2 * args.head_size, dtype=dtype,
                                              device=device).normal_() for i in range(args.layers)}
-        layout = KVLayout(caches, bs)
+        layout = KVLayout(caches, bs, heads=args.kv_heads if groups > 1 else None)
         dst = ({n: torch.empty_like(t) for n, t in caches.items()} if xfer else None)
         dst_layout = KVLayout(dst, bs) if xfer else None
         for tokens in (int(x) for x in args.chunk_tokens.split(",")):
@@ -109,6 +122,8 @@ def run(args) -> int:
                     raise RuntimeError("end-to-end transfer moved wrong bytes")
                 t_copies = t_d2h + t_h2d
                 row += f" {n_bytes / t_xfer / 1e9:.2f} | {n_bytes / t_copies / 1e9:.2f} | {t_copies / t_xfer:.2f} |"
+            if groups > 1:
+                row += _grouped(layout, ids, nb, n_bytes, groups, t_gather, t_scatter, device, args.iters)
             print(row)
             if xfer and device.type == "cuda" and torch.cuda.device_count() > 1 and bs == args_first(args):
                 _peer_copy(n_bytes, args.iters, tokens)
@@ -116,6 +131,17 @@ def run(args) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return 0
+
+
+def _grouped(layout: KVLayout, ids: torch.Tensor, nb: int, n_bytes: int, groups: int, t_gather: float,
+             t_scatter: float, device: torch.device, iters: int) -> str:
+    """Table cells: the chunk gathered into, and scattered from, ``groups`` head-group chunks."""
+    pool = StagingPool(HEADER_SIZE + layout.chunk_payload_bytes(nb, groups), groups, pin=device.type == "cuda")
+    with pool.acquire(groups) as slabs:
+        outs = [layout.payload_view(slab, nb, groups) for slab in slabs]
+        t_g = _time(lambda: [layout.gather(ids, out, (g, groups)) for g, out in enumerate(outs)], device, iters)
+        t_s = _time(lambda: [layout.scatter(ids, out, (g, groups)) for g, out in enumerate(outs)], device, iters)
+    return f" {n_bytes / t_g / 1e9:.2f} | {t_gather / t_g:.2f} | {n_bytes / t_s / 1e9:.2f} | {t_scatter / t_s:.2f} |"
 
 
 def args_first(args) -> int:

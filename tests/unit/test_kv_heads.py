@@ -136,3 +136,20 @@ def test_model_kv_heads_reads_config_json(tmp_path):
     (tmp_path / "config.json").write_text('{"num_attention_heads": 12}')  # no GQA: one KV head per head
     assert model_kv_heads(str(tmp_path)) == 12
     assert model_kv_heads(str(tmp_path / "missing")) is None
+
+
+def test_bench_kv_times_head_groups(capsys):
+    import argparse
+
+    from pd import bench_kv
+
+    p = argparse.ArgumentParser()
+    bench_kv.add_arguments(p)
+    args = p.parse_args(["--device", "cpu", "--layers", "2", "--kv-heads", "4", "--head-size", "16", "--cache-gb",
+                         "0.01", "--block-sizes", "16", "--chunk-tokens", "64", "--iters", "1", "--head-groups", "2",
+                         "--transfer", "off", "--dtype", "float32"])
+    assert bench_kv.run(args) == 0
+    header, _, row = capsys.readouterr().out.strip().splitlines()[-3:]
+    assert "gather as 2 groups GB/s" in header and len(row.split("|")) == len(header.split("|"))
+    with pytest.raises(ValueError, match="--head-groups 3: must be >= 1 and divide --kv-heads 4"):
+        bench_kv.run(p.parse_args(["--device", "cpu", "--kv-heads", "4", "--head-groups", "3"]))
