@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from launch.bench_soak import series
+from launch.soak_report import series
 from launch.soak_verdict import judge_all
 from tests.integration.conftest import ROOT
 

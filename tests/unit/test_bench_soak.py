@@ -11,7 +11,8 @@ from types import SimpleNamespace
 import pytest
 
 from launch import soak_probe as probe
-from launch.bench_soak import Traffic, asks, check_args, leftovers, make_prompts, series
+from launch.bench_soak import Traffic, asks, check_args, make_prompts
+from launch.soak_report import leftovers, series
 from launch.soak_verdict import MIN_SAMPLES, judge, judge_all
 from tests.unit.test_connector_worker import _until
 
@@ -189,3 +190,37 @@ def test_traffic_through_a_real_proxy_with_an_api_key():
                 else:
                     assert t.counts["failed"] == 4 and t.errors == {"HTTP 401": 4}
     run(go())
+
+
+def test_soak_and_report_end_to_end_on_the_real_proxy(tmp_path):
+    """``soak`` then ``report`` for a few seconds against the real proxy (upstream: the vLLM
+    doubles), this test's process as the deployment: samples, the drained line, a verdict."""
+    import asyncio
+    import json
+
+    from launch.bench_soak import Target, soak
+    from launch.soak_report import report
+    from tests.unit.test_proxy import deployment, run
+
+    # all streamed: the doubles answer a streamed and a plain request with other texts
+    args = _args(minutes=0.1, rate=10, interval=0.25, out=str(tmp_path / "s.jsonl"), seed=0, drain_s=2,
+                 stream_fraction=1.0)
+    printed: list[str] = []
+    got = []
+
+    async def go():
+        async with deployment() as env:
+            target = Target(env.url, "m", probe.Processes(tops={"test": os.getpid()}))
+            got.extend([*await asyncio.to_thread(soak, target, args, printed.append), target])
+
+    run(go())
+    samples, last, traffic, target = got
+    assert len(samples) >= 20 and samples[-1] is last and printed[-1].startswith("after the traffic: ")
+    assert [json.loads(x)["t"] for x in (tmp_path / "s.jsonl").read_text().splitlines()] == [s["t"] for s in samples]
+    assert traffic.counts["sent"] >= 20 and traffic.counts["failed"] == 0
+    assert traffic.counts["ok"] + traffic.counts["aborted"] == traffic.counts["sent"] and not traffic.counts["differ"]
+    assert all(s["procs"]["test"][0] > MiB for s in samples)
+    ok = report(samples, last, traffic, target, printed.append)
+    text = "\n".join(printed)
+    assert "## Verdict per series" in text and "| test rss |" in text
+    assert ok == ("# verdict: PASS" in text)
