@@ -8,6 +8,7 @@ Answers are compared token for token with the colocated reference of the shared 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -48,6 +49,37 @@ def _stop(proc: subprocess.Popen) -> int:
     return proc.returncode
 
 
+@contextlib.contextmanager
+def launched_on_two_hosts(h, cfg: dict, tmp: Path, keys: Path, binds_a: str, binds_b: str, ready_s: float):
+    """``cfg`` (with a hosts: section naming a and b) launched with ``pd launch --host`` on both
+    hosts, host b with its client key bundle; yields the proxy URL once host a is ready, and
+    checks at the end that both launches stopped cleanly."""
+    cfg_file = tmp / "deployment.yaml"
+    cfg_file.write_text(yaml.safe_dump(cfg))
+    launch = [sys.executable, "-m", "pd.cli", "launch", "--config", str(cfg_file)]
+    a = _launch(launch + ["--host", "a", "--set", f"run_dir={tmp / 'run-a'}", "--set", f"vllm.cpu_bind={binds_a}"],
+                tmp / "a.out")
+    b = _launch(h.exec_b(launch + ["--host", "b", "--keys-dir", str(keys / "clients" / "b"),
+                                   "--set", f"run_dir={tmp / 'run-b'}", "--set", f"vllm.cpu_bind={binds_b}"]),
+                tmp / "b.out")
+    try:
+        deadline, url = time.monotonic() + ready_s, None
+        while time.monotonic() < deadline and url is None:
+            m = READY.search((tmp / "a.out").read_text())
+            url = m.group(1) if m else None
+            for name, p in (("a", a), ("b", b)):
+                if p.poll() is not None:
+                    raise RuntimeError(f"host {name}'s pd launch exited {p.returncode}:\n"
+                                       f"{(tmp / f'{name}.out').read_text()[-4000:]}")
+            time.sleep(1)
+        if url is None:
+            raise RuntimeError(f"host a not ready in time:\n{(tmp / 'a.out').read_text()[-4000:]}")
+        yield url
+    finally:
+        codes = [_stop(b), _stop(a)]
+    assert codes == [0, 0], f"pd launch exit codes (b, a): {codes}\n{(tmp / 'a.out').read_text()[-3000:]}"
+
+
 @pytest.fixture(scope="module")
 def two_hosts():
     why = netns.available()
@@ -80,34 +112,12 @@ def crosshost(two_hosts, model_path, tmp_path_factory):
         "local_buffer_size_mb": 64}}
     (tmp / "shared-store").mkdir()  # both hosts see this directory (one filesystem)
     cfg["connector"]["store"] = {"backend": "local", "paths": [str(tmp / "shared-store")]}
-    cfg_file = tmp / "crosshost.yaml"
-    cfg_file.write_text(yaml.safe_dump(cfg))
-    launch = [sys.executable, "-m", "pd.cli", "launch", "--config", str(cfg_file)]
     # The two "hosts" share this machine's 2 cores: the prefill instances get core 0, the decode
     # instances core 1. A decode instance waiting for KV keeps its engine stepping and its worker
     # spinning (vLLM's shm broadcast busy loop); on the core of a prefill instance it starved that
     # prefill (seen: 120 s stalls), which separate machines never see.
-    a = _launch(launch + ["--host", "a", "--set", f"run_dir={tmp / 'run-a'}", "--set", "vllm.cpu_bind=0;0"],
-                tmp / "a.out")
-    b = _launch(h.exec_b(launch + ["--host", "b", "--keys-dir", str(keys / "clients" / "b"),
-                                   "--set", f"run_dir={tmp / 'run-b'}", "--set", "vllm.cpu_bind=1;1"]),
-                tmp / "b.out")
-    try:
-        deadline, url = time.monotonic() + 900, None
-        while time.monotonic() < deadline and url is None:
-            m = READY.search((tmp / "a.out").read_text())
-            url = m.group(1) if m else None
-            for name, p in (("a", a), ("b", b)):
-                if p.poll() is not None:
-                    raise RuntimeError(f"host {name}'s pd launch exited {p.returncode}:\n"
-                                       f"{(tmp / f'{name}.out').read_text()[-4000:]}")
-            time.sleep(1)
-        if url is None:
-            raise RuntimeError(f"host a not ready in time:\n{(tmp / 'a.out').read_text()[-4000:]}")
+    with launched_on_two_hosts(h, cfg, tmp, keys, "0;0", "1;1", 900) as url:
         yield url, cfg, tmp
-    finally:
-        codes = [_stop(b), _stop(a)]
-    assert codes == [0, 0], f"pd launch exit codes (b, a): {codes}\n{(tmp / 'a.out').read_text()[-3000:]}"
 
 
 def test_answers_match_colocated_and_the_kv_crossed_hosts_through_mooncake(crosshost, deployments):

@@ -17,14 +17,13 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import yaml
 
-from tests.integration.conftest import BASE, READY, ROOT, STEP_TOKENS
-from tests.integration.test_crosshost_e2e import _launch, _stop, two_hosts  # noqa: F401 - a fixture
+from tests.integration.conftest import BASE, ROOT, STEP_TOKENS
+from tests.integration.test_crosshost_e2e import launched_on_two_hosts, two_hosts  # noqa: F401 - a fixture
 from tests.integration.test_pd_e2e import _complete, _prompt, _transfer
 
 pytestmark = pytest.mark.integration
@@ -58,31 +57,9 @@ def infinistore_1p1d(two_hosts, model_path, tmp_path_factory):  # noqa: F811 - t
         "server_prealloc_gb": 1, "server_manage_port": PORTS["manage"], "staging_mb": 64, "max_value_mb": 16,
         "op_timeout_s": 5, "server_libibverbs": "" if rdma_devices() else str(VERBS_DOUBLE)}}
     cfg["connector"]["store"] = {"backend": "none"}
-    cfg_file = tmp / "infinistore.yaml"
-    cfg_file.write_text(yaml.safe_dump(cfg))
-    launch = [sys.executable, "-m", "pd.cli", "launch", "--config", str(cfg_file)]
     # prefill on core 0, decode on core 1 (see test_crosshost_e2e.py: a waiting decode spins its core)
-    a = _launch(launch + ["--host", "a", "--set", f"run_dir={tmp / 'run-a'}", "--set", "vllm.cpu_bind=0"],
-                tmp / "a.out")
-    b = _launch(h.exec_b(launch + ["--host", "b", "--keys-dir", str(keys / "clients" / "b"),
-                                   "--set", f"run_dir={tmp / 'run-b'}", "--set", "vllm.cpu_bind=1"]),
-                tmp / "b.out")
-    try:
-        deadline, url = time.monotonic() + 600, None
-        while time.monotonic() < deadline and url is None:
-            m = READY.search((tmp / "a.out").read_text())
-            url = m.group(1) if m else None
-            for name, p in (("a", a), ("b", b)):
-                if p.poll() is not None:
-                    raise RuntimeError(f"host {name}'s pd launch exited {p.returncode}:\n"
-                                       f"{(tmp / f'{name}.out').read_text()[-4000:]}")
-            time.sleep(1)
-        if url is None:
-            raise RuntimeError(f"host a not ready in time:\n{(tmp / 'a.out').read_text()[-4000:]}")
+    with launched_on_two_hosts(h, cfg, tmp, keys, "0", "1", 600) as url:
         yield url, tmp
-    finally:
-        codes = [_stop(b), _stop(a)]
-    assert codes == [0, 0], f"pd launch exit codes (b, a): {codes}\n{(tmp / 'a.out').read_text()[-3000:]}"
 
 
 def test_answers_match_colocated_and_the_kv_crossed_hosts_through_infinistore(infinistore_1p1d, deployments):
