@@ -32,6 +32,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports (held open together while chosen, so none repeats)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 @pytest.fixture
 def model(tmp_path) -> Path:
     d = tmp_path / "tiny"
@@ -242,9 +254,10 @@ def test_a_listener_on_an_address_of_another_host(model):
 
 
 def test_missing_keys_stop_the_launch_before_anything_starts(model, tmp_path, capsys):
+    ports = free_ports(4)
     cfg = {"model": str(model), "run_dir": str(tmp_path / "run"),
-           "coordinator": {"auth": "curve", "keys_dir": str(tmp_path / "nokeys"), "port": free_port()},
-           "prefill": {"port_base": free_port()}, "decode": {"port_base": free_port()}, "proxy": {"port": free_port()}}
+           "coordinator": {"auth": "curve", "keys_dir": str(tmp_path / "nokeys"), "port": ports[0]},
+           "prefill": {"port_base": ports[1]}, "decode": {"port_base": ports[2]}, "proxy": {"port": ports[3]}}
     assert main(["launch", "--config", str(write_yaml(tmp_path, cfg))]) == 2
     err = capsys.readouterr().err
     assert "server.key_secret does not exist; run `pd keys" in err
@@ -416,9 +429,10 @@ def test_a_transport_server_that_exits_after_start_is_reported_not_fatal(model, 
                 f"time.sleep({live_s})")
         return [sys.executable, "-c", code]
 
+    ports = free_ports(4)
     dep = load(DeploymentConfig, {"model": str(model), "run_dir": str(tmp_path / "run"),  # ports free of others'
-                                  "coordinator": {"port": free_port()}, "proxy": {"port": free_port()},
-                                  "prefill": {"port_base": free_port()}, "decode": {"port_base": free_port()}})
+                                  "coordinator": {"port": ports[0]}, "proxy": {"port": ports[1]},
+                                  "prefill": {"port_base": ports[2]}, "decode": {"port_base": ports[3]}})
     p1, p2 = free_port(), free_port()
     d = Deployment(dep)
     d.specs = [ProcSpec("kv-master", listener(p1, 1.0), port=p1, critical=False),
