@@ -26,7 +26,9 @@ WAIT_S = 6.0    # connector.wait_timeout_s: decode gives up waiting for READY af
 TTL_S = 8.0     # coordinator.entry_ttl_s: unconsumed READY entries are freed after this
 BOUND_S = 90.0  # every request of a case ends (answer or error) within this
 TMPFS_MB = 48
-STORE_GB = 0.03
+# The store's budget is larger than its disk: it never evicts to make room, so a full disk is
+# a full disk (with a budget under the disk size, evicting its own files would free the space).
+STORE_GB = 0.1
 
 
 def prompt(n: int, seed: int) -> list[int]:

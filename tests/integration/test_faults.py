@@ -145,7 +145,7 @@ def test_abort_storm_and_clients_gone_mid_stream(matrix):
     gone = statuses.get('pdkv_proxy_requests_total{endpoint="/v1/completions",status="499"}', 0)
     # Every client went away before its 400 tokens: those whose answer had begun, at least, were
     # seen going (a client gone before the proxy read its request never reached a handler).
-    assert began >= 1 and gone >= max(began, 100), (began, statuses)
+    assert gone >= max(began, 100), (began, statuses)
     assert _delta(before, after, "pdkv_coordinator_aborts") >= gone
     m.healthy_round(seed=32)
 
