@@ -102,8 +102,7 @@ def test_decode_stalled_past_the_entry_ttl(matrix):
         m.signal("decode-0", signal.SIGCONT)
     # Requests the proxy sent to the stopped decode on kept-alive connections are reset when it
     # wakes up (up to 4 of the 6 per run): a clear 502 naming decode, never a wrong answer.
-    answered, failed = m.check_outcomes(work, outs)
-    assert answered + failed == len(work)
+    m.check_outcomes(work, outs)
     assert all(m.instance_url("decode") in o.error for o in outs if not o.ok), [o.error for o in outs if not o.ok]
     m.assert_idle()
     after = m.metrics()
