@@ -35,7 +35,7 @@ def test_dead_child_is_reported_and_the_rest_stopped(model_path, tmp_path):
     code = proc.wait(120)
     text = log.read_text()
     assert code == 1, text[-2000:]
-    assert re.search(r"(instance|prefill)-0 .*exited with code -9", text), text[-2000:]
+    assert re.search(r"(instance|prefill)-0 \(pid \d+\) was killed by SIGKILL", text), text[-2000:]
     assert "last lines of" in text and str(run_dir) in text
     time.sleep(1)
     assert not _pids_in_group(victim), "the dead instance's engine processes were left running"
