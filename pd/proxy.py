@@ -43,6 +43,7 @@ SSE = "text/event-stream"
 MODES = ("pd", "colocated")
 GENERATE = ("/v1/completions", "/v1/chat/completions")
 DONE_EVENT = b"data: [DONE]"
+UPSTREAM_KEEPALIVE_S = 4.0
 
 
 def _json_error(message: str, status: int, typ: str = "invalid_request_error") -> web.Response:
@@ -135,7 +136,10 @@ class Proxy:
     async def _startup(self, app: web.Application) -> None:
         t = self.cfg.upstream_timeout_s
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=min(10.0, t), sock_read=t)
-        self.session = aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=1024))
+        # Idle upstream connections are dropped before vLLM's own keep-alive (5 s,
+        # VLLM_HTTP_TIMEOUT_KEEP_ALIVE) closes them under a request sent on one.
+        connector = aiohttp.TCPConnector(limit=1024, keepalive_timeout=UPSTREAM_KEEPALIVE_S)
+        self.session = aiohttp.ClientSession(timeout=timeout, connector=connector)
         if self.coordinator_address and self.coord is None:
             from pd.coord_client import AsyncCoordinatorClient
 
@@ -301,12 +305,30 @@ class Proxy:
                     request[COMPLETE] = True
                 raise
 
+    async def _post(self, request: web.Request, role: str, url: str, endpoint: str, body: dict,
+                    pd_id: str | None) -> aiohttp.ClientResponse:
+        """POST ``body``; once more on a new connection when the instance dropped the connection
+        before any answer (a kept-alive connection it closed under the request, e.g. after a stall:
+        vLLM never saw that request)."""
+        try:
+            return await self.session.post(url + endpoint, json=body, headers=self._headers(request))
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
+            if not (isinstance(e, aiohttp.ServerDisconnectedError) or e.errno in (errno.ECONNRESET, errno.EPIPE)):
+                raise
+            self.metrics.upstream_retry(role)
+            logger.info("pd_id=%s: %s %s dropped the connection before answering (%s); sending again on a new "
+                        "connection", pd_id or "-", role, url, e)
+        return await self.session.post(url + endpoint, json=body, headers=self._headers(request))
+
     async def _prefill(self, request: web.Request, url: str, endpoint: str, body: dict, pd_id: str) -> None:
         """Run the prefill half to its end; raise UpstreamError if it fails."""
         with self.prefill.track(url):
             try:
-                async with self.session.post(url + endpoint, json=body, headers=self._headers(request)) as r:
+                r = await self._post(request, "prefill", url, endpoint, body, pd_id)
+                try:
                     data = await r.read()
+                finally:
+                    r.release()
             except asyncio.TimeoutError:
                 raise self._fail("prefill", url, pd_id, 504, why="timed out") from None
             except (aiohttp.ClientError, OSError) as e:
@@ -320,7 +342,7 @@ class Proxy:
         """Send ``body`` to ``url`` and wait until its answer begins (SSE) or is complete (otherwise)."""
         r = None
         try:
-            r = await self.session.post(url + endpoint, json=body, headers=self._headers(request))
+            r = await self._post(request, role, url, endpoint, body, pd_id)
             if r.status >= 400 or r.content_type != SSE:
                 data = await r.read()  # read to the end: the connection goes back to the pool
                 if r.status >= 400:

@@ -20,6 +20,9 @@ class ProxyMetrics:
                                 "(499: the client went away)", ["endpoint", "status"], registry=r)
         self.upstream_errors = Counter("pdkv_proxy_upstream_errors", "error answers, unreachable instances and "
                                        "timeouts by upstream role", ["role"], registry=r)
+        self.upstream_retries = Counter("pdkv_proxy_upstream_retries", "requests sent again on a new connection "
+                                        "because the instance dropped the first before answering", ["role"],
+                                        registry=r)
         self.inflight = Gauge("pdkv_proxy_inflight", "requests in flight per upstream instance", ["role", "url"],
                               registry=r)
         self.latency = Histogram("pdkv_proxy_request_latency_seconds", "time to the end of a successful answer",
@@ -34,6 +37,9 @@ class ProxyMetrics:
 
     def upstream_error(self, role: str) -> None:
         self.upstream_errors.labels(role).inc()
+
+    def upstream_retry(self, role: str) -> None:
+        self.upstream_retries.labels(role).inc()
 
     def ttft(self, seconds: float) -> None:
         self.ttft_s.observe(seconds)

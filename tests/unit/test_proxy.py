@@ -42,6 +42,7 @@ class FakeVLLM:
         self.cut = False  # drop the connection after the first event of a stream
         self.linger = 0.0  # seconds between a stream's [DONE] and its end (the network's delay)
         self.down = False  # /health answers 503 (the instance is still starting)
+        self.drop = 0  # close the connection without an answer for this many requests
         self.url = ""
 
     def error(self) -> dict:
@@ -53,6 +54,10 @@ class FakeVLLM:
         self.bodies.append(body)
         self.headers.append(dict(request.headers))
         self.paths.append(request.path)
+        if self.drop > 0:  # as a server closing a kept-alive connection under a request
+            self.drop -= 1
+            request.transport.close()
+            return web.Response(status=500)
         try:
             if self.hold is not None:
                 await self.hold.wait()

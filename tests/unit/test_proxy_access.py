@@ -101,3 +101,22 @@ def test_pd_proxy_api_key_file_flag(tmp_path, capsys):
     assert cli_main(["proxy", "--prefill", "http://127.0.0.1:1", "--decode", "http://127.0.0.1:2",
                      "--api-key-file", str(missing)]) == 2
     assert "--api-key-file" in capsys.readouterr().err
+
+
+def test_a_connection_dropped_before_any_answer_is_sent_again_once():
+    """An instance that closes the connection under a request without answering (vLLM closing a
+    kept-alive connection when it wakes from a stall) gets the request once more on a new
+    connection; a second drop is a 502 naming the instance."""
+    async def go():
+        async with deployment() as env:
+            env.p[0].drop, env.d[0].drop = 1, 1
+            async with env.client.post(env.url + "/v1/completions", json=REQ) as r:
+                assert r.status == 200 and (await r.json())["choices"][0]["text"] == "from d0"
+            assert len(env.p[0].bodies) == len(env.d[0].bodies) == 2
+            retries = env.proxy.metrics.upstream_retries
+            assert retries.labels("prefill")._value.get() == retries.labels("decode")._value.get() == 1
+            env.d[0].drop = 2
+            async with env.client.post(env.url + "/v1/completions", json=REQ) as r:
+                assert r.status == 502
+                assert env.d[0].url in (await r.json())["error"]["message"]
+    run(go())
