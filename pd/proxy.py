@@ -10,6 +10,10 @@ upstream connection makes vLLM abort the request).
 
 Colocated mode: each request goes unchanged to one instance (the baseline for benchmarks).
 
+A request whose connection an instance drops before any answer (it closed a kept-alive
+connection under it, e.g. waking from a stall) is sent once more on a new connection; idle
+upstream connections are kept 4 s, under vLLM's 5 s keep-alive.
+
 ``upstream_timeout_s`` bounds every wait for an upstream's next bytes (the whole answer when not
 streamed); running past it gives 504. The app must run with ``handler_cancellation=True`` (as
 ``Proxy.start`` and ``pd proxy`` do) for a client that goes away before the answer to be noticed.
