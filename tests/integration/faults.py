@@ -161,53 +161,14 @@ class Matrix:
         answered, _ = self.check_outcomes(work, outs)
         assert answered == n, [o for o in outs if not o.ok]
 
-    # ---- metrics ---------------------------------------------------------------------------
+    # ---- metrics ----------------------------------------------------------------------------
 
     def metrics(self) -> dict[str, float]:
-        """The proxy's /metrics (its own series and the coordinator's counters), summed per name+labels."""
-        out: dict[str, float] = {}
-        for line in requests.get(f"{self.url}/metrics", timeout=10).text.splitlines():
-            if line and not line.startswith("#"):
-                name, value = line.rsplit(" ", 1)
-                out[name] = out.get(name, 0.0) + float(value)
-        return out
-
-    @staticmethod
-    def vllm_metric(url: str, name: str) -> float:
-        total = 0.0
-        for line in requests.get(f"{url}/metrics", timeout=10).text.splitlines():
-            if line.startswith(name) and not line.startswith("#"):
-                total += float(line.rsplit(" ", 1)[1])
-        return total
-
-    def leftovers(self) -> dict:
-        """Everything that must be back to idle after a case (empty values when it is)."""
-        state: dict = {}
-        links = [p.name for p in self.pool_dir.iterdir() if not p.name.startswith(".")] if self.pool_dir.exists() else []
-        if links:
-            state["transport keys"] = links[:5] + ([f"... {len(links)} in all"] if len(links) > 5 else [])
-        m = self.metrics()
-        for gauge in ("pdkv_coordinator_entries", "pdkv_coordinator_waiters"):
-            if m.get(gauge, -1) != 0:
-                state[gauge] = m.get(gauge, "not exported")
-        # Upstream requests still open at the proxy (a late prefill half, say).
-        state.update({k: v for k, v in m.items() if k.startswith("pdkv_proxy_inflight") and v})
-        for group in ("prefill", "decode"):
-            url = self.instance_url(group)
-            for name in ("vllm:kv_cache_usage_perc", "vllm:num_requests_running", "vllm:num_requests_waiting"):
-                v = self.vllm_metric(url, name)
-                if v:
-                    state[f"{group} {name}"] = v
-        temps = [p.name for p in self.store_dir.rglob("*") if p.is_file() and not p.name.endswith(".kv")]
-        if temps:
-            state["store temp files"] = temps[:5]
-        return state
+        return proxy_metrics(self.url)
 
     def assert_idle(self, timeout_s: float = TTL_S + 20) -> None:
-        deadline = time.monotonic() + timeout_s
-        while (left := self.leftovers()) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert not left, f"left behind after the case: {left}"
+        assert_idle(self.url, [self.instance_url(g) for g in ("prefill", "decode")], self.store_dir, self.pool_dir,
+                    timeout_s)
 
     def wait_for_links(self, n: int, timeout_s: float = 60) -> bool:
         """Until ``n`` chunks are in the transport (prefill is putting): True, or False at the timeout."""
@@ -217,6 +178,74 @@ class Matrix:
                 return True
             time.sleep(0.005)
         return False
+
+
+def proxy_metrics(url: str) -> dict[str, float]:
+    """The proxy's /metrics (its own series and the coordinator's counters), summed per name+labels."""
+    out: dict[str, float] = {}
+    for line in requests.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = out.get(name, 0.0) + float(value)
+    return out
+
+
+def vllm_metric(url: str, name: str) -> float:
+    total = 0.0
+    for line in requests.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith(name) and not line.startswith("#"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def delta(before: dict, after: dict, name: str) -> float:
+    return after.get(name, 0.0) - before.get(name, 0.0)
+
+
+def counted(proxy_url: str, name: str, before: dict, at_least: float = 1, timeout_s: float = 10) -> bool:
+    """Whether counter ``name`` rose by ``at_least`` since ``before`` (instances' counters come with
+    their heartbeats: poll)."""
+    deadline = time.monotonic() + timeout_s
+    while delta(before, proxy_metrics(proxy_url), name) < at_least:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
+
+
+def leftovers(proxy_url: str, instance_urls: list[str], store_dir: Path | None = None,
+              pool_dir: Path | None = None) -> dict:
+    """Everything that must be back to idle after a case (empty values when it is): the shm pool's
+    transport keys (``pool_dir``), the coordinator's entries and waiters, the proxy's requests in
+    flight, each vLLM instance's KV usage and running / waiting requests, the store's temp files."""
+    state: dict = {}
+    links = [p.name for p in pool_dir.iterdir() if not p.name.startswith(".")] if pool_dir and pool_dir.exists() else []
+    if links:
+        state["transport keys"] = links[:5] + ([f"... {len(links)} in all"] if len(links) > 5 else [])
+    m = proxy_metrics(proxy_url)
+    for gauge in ("pdkv_coordinator_entries", "pdkv_coordinator_waiters"):
+        if m.get(gauge, -1) != 0:
+            state[gauge] = m.get(gauge, "not exported")
+    # Upstream requests still open at the proxy (a late prefill half, say).
+    state.update({k: v for k, v in m.items() if k.startswith("pdkv_proxy_inflight") and v})
+    for url in instance_urls:
+        for name in ("vllm:kv_cache_usage_perc", "vllm:num_requests_running", "vllm:num_requests_waiting"):
+            v = vllm_metric(url, name)
+            if v:
+                state[f"{url} {name}"] = v
+    temps = [p.name for p in store_dir.rglob("*") if p.is_file() and not p.name.endswith(".kv")] if store_dir else []
+    if temps:
+        state["store temp files"] = temps[:5]
+    return state
+
+
+def assert_idle(proxy_url: str, instance_urls: list[str], store_dir: Path | None = None, pool_dir: Path | None = None,
+                timeout_s: float = TTL_S + 20) -> None:
+    """``leftovers`` polled until empty; fails with what was left after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while (left := leftovers(proxy_url, instance_urls, store_dir, pool_dir)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"left behind after the case: {left}"
 
 
 def start_matrix(model_path: Path, tmp: Path, reference_url: str, cfg_fn) -> tuple[Matrix, callable]:

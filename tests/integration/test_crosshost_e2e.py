@@ -22,9 +22,12 @@ import pytest
 import requests
 import yaml
 
+from pd.config import load_yaml
 from tests.integration import netns
 from tests.integration.conftest import BASE, READY, ROOT, STEP_TOKENS
+from tests.integration.faults import assert_idle, counted, proxy_metrics, vllm_metric
 from tests.integration.test_pd_e2e import _complete, _prompt, _transfer
+from transport.mooncake_master import run_master
 
 pytestmark = pytest.mark.integration
 
@@ -92,7 +95,8 @@ def two_hosts():
 
 @pytest.fixture(scope="module")
 def crosshost(two_hosts, model_path, tmp_path_factory):
-    """The 2P2D deployment across the two hosts; yields (proxy URL, config, master port, host a's log)."""
+    """The 2P2D deployment across the two hosts; yields (proxy URL, config, tmp dir, a list of
+    processes a test started, killed once the deployment has stopped)."""
     h = two_hosts
     tmp = tmp_path_factory.mktemp("crosshost")
     keys = tmp / "keys"
@@ -116,12 +120,18 @@ def crosshost(two_hosts, model_path, tmp_path_factory):
     # instances core 1. A decode instance waiting for KV keeps its engine stepping and its worker
     # spinning (vLLM's shm broadcast busy loop); on the core of a prefill instance it starved that
     # prefill (seen: 120 s stalls), which separate machines never see.
-    with launched_on_two_hosts(h, cfg, tmp, keys, "0;0", "1;1", 900) as url:
-        yield url, cfg, tmp
+    started: list[subprocess.Popen] = []
+    try:
+        with launched_on_two_hosts(h, cfg, tmp, keys, "0;0", "1;1", 900) as url:
+            yield url, cfg, tmp, started
+    finally:
+        for p in started:
+            p.kill()
+            p.wait(10)
 
 
 def test_answers_match_colocated_and_the_kv_crossed_hosts_through_mooncake(crosshost, deployments):
-    url, _, _ = crosshost
+    url, _, _, _ = crosshost
     _, co = deployments
     lengths = [40, 256, 300, 700, 1100, 1500, 90, 800]
     cases = [(n, _prompt(n, seed=700 + n)) for n in lengths]
@@ -142,7 +152,7 @@ def test_answers_match_colocated_and_the_kv_crossed_hosts_through_mooncake(cross
 
 def test_coordinator_refuses_a_client_without_the_keys(crosshost, two_hosts):
     """The coordinator listens beyond loopback, so only clients with an authorized key get answers."""
-    _, cfg, _ = crosshost
+    _, cfg, _, _ = crosshost
     from pd.coord_client import CoordinatorClient
 
     plain = CoordinatorClient(f"tcp://{two_hosts.addr_a}:{cfg['coordinator']['port']}", timeout_s=1.0)
@@ -152,13 +162,55 @@ def test_coordinator_refuses_a_client_without_the_keys(crosshost, two_hosts):
         plain.close()
 
 
-def test_master_stopped_midrun_decode_falls_back_to_the_shared_store(crosshost, deployments):
-    """Last: kills the Mooncake master. Puts and gets fail fast; decode loads from the store."""
-    url, _, tmp = crosshost
+def instance_urls(cfg: dict) -> list[str]:
+    """Every vLLM instance of a two-host ``cfg`` (prefill on host a, decode on host b)."""
+    return [f"http://{cfg['hosts'][host]['address']}:{cfg[group]['port_base'] + i}"
+            for group, host in (("prefill", "a"), ("decode", "b")) for i in range(cfg[group]["count"])]
+
+
+def reported_gone(log: Path, name: str, timeout_s: float = 10) -> bool:
+    """Whether the launcher writing ``log`` reported that its child ``name`` was SIGKILLed and
+    that the deployment goes on without it."""
+    deadline = time.monotonic() + timeout_s
+    pattern = re.compile(rf"pdkv: {re.escape(name)} \(pid \d+\) was killed by SIGKILL; the rest goes on")
+    while not pattern.search(log.read_text()):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
+
+
+def until_through_the_transport(url: str, co_url: str, seed: int, clean, names: set[str],
+                                timeout_s: float = 90) -> list[dict]:
+    """Rounds of 4 requests at once, each answered equal to colocated, until every transfer record
+    of a round passes ``clean`` and the instances ``names`` all took part (their clients are back on
+    the restarted server); that round's records, or an AssertionError after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        cases = [_prompt(n, seed=seed + i) for i, n in enumerate((300, 600, 450, 700))]
+        seed += 10
+        with ThreadPoolExecutor(4) as ex:
+            got = list(ex.map(lambda p: _complete(url, p), cases))
+        recs = []
+        for prompt, (ids, _, pd_id) in zip(cases, got):
+            assert ids == _complete(co_url, prompt)[0], f"a prompt of {len(prompt)} tokens"
+            recs.append({**_transfer(url, pd_id), "n": len(prompt)})
+        took_part = {r[k].split("/")[0] for r in recs for k in ("producer", "consumer")}
+        if all(clean(r) for r in recs) and took_part >= names:
+            return recs
+        assert time.monotonic() < deadline, f"not through the transport again after {timeout_s} s: {recs}"
+        time.sleep(1)
+
+
+def test_master_killed_midrun_store_fallback_then_restarted_mooncake_again(crosshost, deployments):
+    """Last: SIGKILLs the Mooncake master; puts and gets fail fast, decode loads from the shared
+    store; then starts it again (same command line, same port, host a) and the clients go back to it."""
+    url, cfg, tmp, started = crosshost
     _, co = deployments
     pids = subprocess.run(["pgrep", "-f", f"mooncake_master.*{PORTS['master']}"], capture_output=True,
                           text=True).stdout.split()
     assert pids, "the Mooncake master is not running"
+    before = proxy_metrics(url)
     for pid in pids:
         os.kill(int(pid), signal.SIGKILL)
     time.sleep(1)
@@ -169,6 +221,23 @@ def test_master_stopped_midrun_decode_falls_back_to_the_shared_store(crosshost, 
         rec = _transfer(url, pd_id)
         chunks = -(-n // 256)
         assert rec["ok"] and rec["n_chunks"] == chunks and rec["n_store_chunks"] == chunks, rec
-    # Host a's launcher reported the master's exit and kept the deployment up.
-    assert re.search(r"mooncake-master", (tmp / "a.out").read_text())
+    assert reported_gone(tmp / "a.out", "mooncake-master")  # host a's launcher said so and went on
     assert requests.get(f"{url}/v1/models", timeout=10).status_code == 200
+    # Counted (the instances' counters, with their heartbeats): prefill's puts dropped, decode's
+    # reads missed, the chunks loaded from the store instead.
+    for name, n in (("prefill_pool_dropped", 7), ("decode_pool_get_misses", 1), ("store_chunks_loaded", 7)):
+        name = f"pdkv_coordinator_{name}"
+        assert counted(url, name, before, n), f"{name} did not rise by {n}: {proxy_metrics(url).get(name)}"
+
+    m = load_yaml(str(tmp / "deployment.yaml")).connector.transport.mooncake
+    with open(tmp / "master-restarted.out", "w") as log:
+        started.append(run_master(m, log))  # the launcher's command line (master_spec), in host a
+    until_through_the_transport(url, co.url, 810, lambda r: r["ok"] and r["n_store_chunks"] == 0
+                                and r["n_chunks"] == -(-r["n"] // 256), {"prefill-0", "prefill-1", "decode-0", "decode-1"})
+    assert_idle(url, instance_urls(cfg), tmp / "shared-store")
+    # Nothing left in the restarted master: every transfer key was deleted once read.
+    master_keys = f"http://{cfg['hosts']['a']['address']}:{PORTS['metrics']}/metrics"
+    deadline = time.monotonic() + 20
+    while (keys := vllm_metric(master_keys, "master_key_count")) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert keys == 0, f"{keys} keys left in the restarted master"

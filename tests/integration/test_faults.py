@@ -19,7 +19,8 @@ import aiohttp
 import pytest
 
 from tests.integration.conftest import STEP_TOKENS, pd_config
-from tests.integration.faults import BOUND_S, STORE_GB, TTL_S, WAIT_S, Matrix, prompt, start_matrix
+from tests.integration.faults import (BOUND_S, STORE_GB, TTL_S, WAIT_S, Matrix, counted, delta as _delta, prompt,
+                                     start_matrix)
 
 pytestmark = pytest.mark.integration
 
@@ -48,18 +49,8 @@ def matrix(model_path, tmp_path_factory, deployments):
         assert not left, f"the shm pool was not removed at a clean stop: {left}"
 
 
-def _delta(before: dict, after: dict, name: str) -> float:
-    return after.get(name, 0.0) - before.get(name, 0.0)
-
-
 def _counted(m: Matrix, name: str, before: dict, at_least: float = 1, timeout_s: float = 10) -> bool:
-    """Whether counter ``name`` rose by ``at_least`` (instances' counters come with heartbeats: poll)."""
-    deadline = time.monotonic() + timeout_s
-    while _delta(before, m.metrics(), name) < at_least:
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.5)
-    return True
+    return counted(m.url, name, before, at_least, timeout_s)
 
 
 def _run_with_fault(m: Matrix, work, fault, threads: int = 8):

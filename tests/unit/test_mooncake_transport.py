@@ -190,6 +190,58 @@ def test_master_dies_calls_fail_fast_then_recover():
         p.wait(10)
 
 
+def _child_put_after_restart(cfg, before, after, ready, restarted, put_again) -> None:
+    """A second client: puts ``before`` into its own segment; once the master is back, puts
+    ``after`` until it is stored (the client has re-mounted its segment)."""
+    t = make_transport(cfg)
+    ok = t.put([before], [np.full(100_000, 5, np.uint8)]) == [True]
+    ready.set()
+    if ok and restarted.wait(60):
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if t.put([after], [np.full(100_000, 6, np.uint8)]) == [True]:
+                put_again.set()
+                break
+            time.sleep(0.5)
+    time.sleep(60)
+    os._exit(0)
+
+
+@needs_mooncake
+def test_master_restarted_a_peer_s_values_flow_again():
+    """Two clients (processes), P2P handshake: a value put into one's segment is read by the
+    other before the master dies and, once it is back at the same address, again."""
+    m = _mc(op_timeout_s=2.0)
+    p = mm.run_master(m)
+    t = make_transport(_tc(m))
+    before, after = _k("before"), _k("after")
+    ready, restarted, put_again = SPAWN.Event(), SPAWN.Event(), SPAWN.Event()
+    child = SPAWN.Process(target=_child_put_after_restart, args=(_tc(m), before, after, ready, restarted, put_again))
+    child.start()
+    try:
+        assert ready.wait(60)
+        out = np.zeros(100_000, np.uint8)
+        assert t.get([before], [out]) == [100_000] and (out == 5).all()
+        p.kill()
+        p.wait(10)
+        assert t.get([before], [out]) == [0]
+        p = mm.run_master(m)
+        restarted.set()
+        assert put_again.wait(40), "the peer could not put into its own segment after the restart"
+        deadline = time.monotonic() + 20
+        while t.get([after], [out]) != [100_000]:
+            assert time.monotonic() < deadline, f"no read from the peer after the restart: {t.stats}"
+            time.sleep(0.5)
+        assert (out == 6).all()
+        assert t.get([before], [out]) == [0]  # the old master's values are gone: a miss
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
+        child.join(10)
+        t.close()
+        p.kill()
+        p.wait(10)
+
+
 class _SlowStore:
     """Delegates to the real client; batch_get_into first sleeps (a peer that does not answer)."""
 
