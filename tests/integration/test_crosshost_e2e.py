@@ -55,8 +55,9 @@ def _stop(proc: subprocess.Popen) -> int:
 @contextlib.contextmanager
 def launched_on_two_hosts(h, cfg: dict, tmp: Path, keys: Path, binds_a: str, binds_b: str, ready_s: float):
     """``cfg`` (with a hosts: section naming a and b) launched with ``pd launch --host`` on both
-    hosts, host b with its client key bundle; yields the proxy URL once host a is ready, and
-    checks at the end that both launches stopped cleanly."""
+    hosts, host b with its client key bundle; yields (the proxy URL once host a is ready, a list
+    for processes a test starts: they are killed once both launches have stopped), and checks at
+    the end that both launches stopped cleanly."""
     cfg_file = tmp / "deployment.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg))
     launch = [sys.executable, "-m", "pd.cli", "launch", "--config", str(cfg_file)]
@@ -65,6 +66,7 @@ def launched_on_two_hosts(h, cfg: dict, tmp: Path, keys: Path, binds_a: str, bin
     b = _launch(h.exec_b(launch + ["--host", "b", "--keys-dir", str(keys / "clients" / "b"),
                                    "--set", f"run_dir={tmp / 'run-b'}", "--set", f"vllm.cpu_bind={binds_b}"]),
                 tmp / "b.out")
+    started: list[subprocess.Popen] = []
     try:
         deadline, url = time.monotonic() + ready_s, None
         while time.monotonic() < deadline and url is None:
@@ -77,9 +79,12 @@ def launched_on_two_hosts(h, cfg: dict, tmp: Path, keys: Path, binds_a: str, bin
             time.sleep(1)
         if url is None:
             raise RuntimeError(f"host a not ready in time:\n{(tmp / 'a.out').read_text()[-4000:]}")
-        yield url
+        yield url, started
     finally:
         codes = [_stop(b), _stop(a)]
+        for p in started:
+            p.kill()
+            p.wait(10)
     assert codes == [0, 0], f"pd launch exit codes (b, a): {codes}\n{(tmp / 'a.out').read_text()[-3000:]}"
 
 
@@ -120,14 +125,8 @@ def crosshost(two_hosts, model_path, tmp_path_factory):
     # instances core 1. A decode instance waiting for KV keeps its engine stepping and its worker
     # spinning (vLLM's shm broadcast busy loop); on the core of a prefill instance it starved that
     # prefill (seen: 120 s stalls), which separate machines never see.
-    started: list[subprocess.Popen] = []
-    try:
-        with launched_on_two_hosts(h, cfg, tmp, keys, "0;0", "1;1", 900) as url:
-            yield url, cfg, tmp, started
-    finally:
-        for p in started:
-            p.kill()
-            p.wait(10)
+    with launched_on_two_hosts(h, cfg, tmp, keys, "0;0", "1;1", 900) as (url, started):
+        yield url, cfg, tmp, started
 
 
 def test_answers_match_colocated_and_the_kv_crossed_hosts_through_mooncake(crosshost, deployments):

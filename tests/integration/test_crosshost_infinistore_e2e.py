@@ -66,14 +66,8 @@ def infinistore_1p1d(two_hosts, model_path, tmp_path_factory):  # noqa: F811 - t
         "op_timeout_s": 5, "server_libibverbs": "" if rdma_devices() else str(VERBS_DOUBLE)}}
     cfg["connector"]["store"] = {"backend": "none"}
     # prefill on core 0, decode on core 1 (see test_crosshost_e2e.py: a waiting decode spins its core)
-    started: list[subprocess.Popen] = []
-    try:
-        with launched_on_two_hosts(h, cfg, tmp, keys, "0", "1", 600) as url:
-            yield url, cfg, tmp, started
-    finally:
-        for p in started:
-            p.kill()
-            p.wait(10)
+    with launched_on_two_hosts(h, cfg, tmp, keys, "0", "1", 600) as (url, started):
+        yield url, cfg, tmp, started
 
 
 def test_answers_match_colocated_and_the_kv_crossed_hosts_through_infinistore(infinistore_1p1d, deployments):
