@@ -190,7 +190,8 @@ def proxy_metrics(url: str) -> dict[str, float]:
     return out
 
 
-def vllm_metric(url: str, name: str) -> float:
+def series_sum(url: str, name: str) -> float:
+    """The sum of Prometheus series ``name`` (all its labels) at ``url``/metrics."""
     total = 0.0
     for line in requests.get(f"{url}/metrics", timeout=10).text.splitlines():
         if line.startswith(name) and not line.startswith("#"):
@@ -230,7 +231,7 @@ def leftovers(proxy_url: str, instance_urls: list[str], store_dir: Path | None =
     state.update({k: v for k, v in m.items() if k.startswith("pdkv_proxy_inflight") and v})
     for url in instance_urls:
         for name in ("vllm:kv_cache_usage_perc", "vllm:num_requests_running", "vllm:num_requests_waiting"):
-            v = vllm_metric(url, name)
+            v = series_sum(url, name)
             if v:
                 state[f"{url} {name}"] = v
     temps = [p.name for p in store_dir.rglob("*") if p.is_file() and not p.name.endswith(".kv")] if store_dir else []

@@ -25,7 +25,7 @@ import yaml
 from pd.config import load_yaml
 from tests.integration import netns
 from tests.integration.conftest import BASE, READY, ROOT, STEP_TOKENS
-from tests.integration.faults import assert_idle, counted, proxy_metrics, vllm_metric
+from tests.integration.faults import assert_idle, counted, delta, proxy_metrics, series_sum
 from tests.integration.test_pd_e2e import _complete, _prompt, _transfer
 from transport.mooncake_master import run_master
 
@@ -171,7 +171,7 @@ def reported_gone(log: Path, name: str, timeout_s: float = 10) -> bool:
     """Whether the launcher writing ``log`` reported that its child ``name`` was SIGKILLed and
     that the deployment goes on without it."""
     deadline = time.monotonic() + timeout_s
-    pattern = re.compile(rf"pdkv: {re.escape(name)} \(pid \d+\) was killed by SIGKILL; the rest goes on")
+    pattern = re.compile(rf"pdkv: {re.escape(name)} \(pid \d+\) was killed by SIGKILL[^\n]*; the rest goes on")
     while not pattern.search(log.read_text()):
         if time.monotonic() > deadline:
             return False
@@ -179,13 +179,22 @@ def reported_gone(log: Path, name: str, timeout_s: float = 10) -> bool:
     return True
 
 
+def print_counters(url: str, before: dict, *names: str) -> None:
+    """The rise of the coordinator's counters ``names`` since ``before`` (the figures in
+    docs/reliability.md's fault matrix; pytest -rP shows them)."""
+    now = proxy_metrics(url)
+    print("counted:", ", ".join(f"{n} +{delta(before, now, 'pdkv_coordinator_' + n):g}" for n in names))
+
+
 def until_through_the_transport(url: str, co_url: str, seed: int, clean, names: set[str],
                                 timeout_s: float = 90) -> list[dict]:
     """Rounds of 4 requests at once, each answered equal to colocated, until every transfer record
     of a round passes ``clean`` and the instances ``names`` all took part (their clients are back on
     the restarted server); that round's records, or an AssertionError after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
+    t0 = time.monotonic()
+    deadline, rounds = t0 + timeout_s, 0
     while True:
+        rounds += 1
         cases = [_prompt(n, seed=seed + i) for i, n in enumerate((300, 600, 450, 700))]
         seed += 10
         with ThreadPoolExecutor(4) as ex:
@@ -196,6 +205,7 @@ def until_through_the_transport(url: str, co_url: str, seed: int, clean, names: 
             recs.append({**_transfer(url, pd_id), "n": len(prompt)})
         took_part = {r[k].split("/")[0] for r in recs for k in ("producer", "consumer")}
         if all(clean(r) for r in recs) and took_part >= names:
+            print(f"through the transport again: round {rounds}, {time.monotonic() - t0:.0f} s after the restart")
             return recs
         assert time.monotonic() < deadline, f"not through the transport again after {timeout_s} s: {recs}"
         time.sleep(1)
@@ -227,16 +237,18 @@ def test_master_killed_midrun_store_fallback_then_restarted_mooncake_again(cross
     for name, n in (("prefill_pool_dropped", 7), ("decode_pool_get_misses", 1), ("store_chunks_loaded", 7)):
         name = f"pdkv_coordinator_{name}"
         assert counted(url, name, before, n), f"{name} did not rise by {n}: {proxy_metrics(url).get(name)}"
-
+    print_counters(url, before, "prefill_pool_dropped", "prefill_pool_master_down", "decode_pool_get_misses",
+                   "decode_pool_master_down", "store_chunks_loaded")
     m = load_yaml(str(tmp / "deployment.yaml")).connector.transport.mooncake
     with open(tmp / "master-restarted.out", "w") as log:
         started.append(run_master(m, log))  # the launcher's command line (master_spec), in host a
     until_through_the_transport(url, co.url, 810, lambda r: r["ok"] and r["n_store_chunks"] == 0
-                                and r["n_chunks"] == -(-r["n"] // 256), {"prefill-0", "prefill-1", "decode-0", "decode-1"})
+                                and r["n_chunks"] == -(-r["n"] // 256),
+                                {"prefill-0", "prefill-1", "decode-0", "decode-1"})
     assert_idle(url, instance_urls(cfg), tmp / "shared-store")
     # Nothing left in the restarted master: every transfer key was deleted once read.
     master_keys = f"http://{cfg['hosts']['a']['address']}:{PORTS['metrics']}/metrics"
     deadline = time.monotonic() + 20
-    while (keys := vllm_metric(master_keys, "master_key_count")) and time.monotonic() < deadline:
+    while (keys := series_sum(master_keys, "master_key_count")) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert keys == 0, f"{keys} keys left in the restarted master"

@@ -29,8 +29,8 @@ import yaml
 from pd.config import load_yaml
 from tests.integration.conftest import BASE, ROOT, STEP_TOKENS
 from tests.integration.faults import assert_idle, complete, counted, delta, proxy_metrics
-from tests.integration.test_crosshost_e2e import (instance_urls, launched_on_two_hosts, reported_gone,  # noqa: F401
-                                                  two_hosts, until_through_the_transport)
+from tests.integration.test_crosshost_e2e import (instance_urls, launched_on_two_hosts, print_counters,  # noqa: F401
+                                                  reported_gone, two_hosts, until_through_the_transport)
 from tests.integration.test_pd_e2e import _complete, _prompt, _transfer
 
 pytestmark = pytest.mark.integration
@@ -109,6 +109,7 @@ def test_server_killed_midrun_recompute_then_restarted_infinistore_again(infinis
         outs = [f.result() for f in futures]
     for o, ref in zip(outs, refs):  # answered (what did not come through InfiniStore was recomputed)
         assert o.ok and o.ids == ref, o
+    print("in flight at the kill:", [f"{o.seconds:.1f} s" for o in outs])
     # With the server gone: answered equal to colocated, the KV recomputed.
     for n, seed in ((600, 981), (1000, 982)):
         prompt = _prompt(n, seed)
@@ -122,7 +123,8 @@ def test_server_killed_midrun_recompute_then_restarted_infinistore_again(infinis
     for name in ("prefill_pool_dropped", "done_failed"):
         name = f"pdkv_coordinator_{name}"
         assert counted(url, name, before, 2), f"{name} did not rise by 2: {proxy_metrics(url).get(name)}"
-
+    print_counters(url, before, "prefill_pool_dropped", "prefill_pool_server_down", "decode_pool_get_misses",
+                   "decode_pool_server_down", "done_failed")
     c = load_yaml(str(tmp / "deployment.yaml")).connector.transport.infinistore
     from transport.infinistore_server import run_server
 
@@ -131,6 +133,7 @@ def test_server_killed_midrun_recompute_then_restarted_infinistore_again(infinis
     until_through_the_transport(url, co.url, 990, lambda r: r["ok"] and r["n_store_chunks"] == 0
                                 and r["n_chunks"] == -(-r["n"] // 256), {"prefill-0", "decode-0"})
     assert counted(url, "pdkv_coordinator_prefill_pool_restarts", before), "prefill's client did not reconnect"
+    print_counters(url, before, "prefill_pool_restarts", "decode_pool_restarts")
     assert_idle(url, instance_urls(cfg))
     # Nothing left in the restarted server: every transfer key was deleted once read.
     deadline = time.monotonic() + 20
