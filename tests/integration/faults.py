@@ -161,7 +161,7 @@ class Matrix:
         answered, _ = self.check_outcomes(work, outs)
         assert answered == n, [o for o in outs if not o.ok]
 
-    # ---- metrics ----------------------------------------------------------------------------
+    # ---- metrics ---------------------------------------------------------------------------
 
     def metrics(self) -> dict[str, float]:
         return proxy_metrics(self.url)
