@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any, Protocol, Sequence, runtime_checkable
 
+from pd.bytes import release_view
+
 
 class TransportError(RuntimeError):
     """The transport itself failed (down, misconfigured); a missing key is not an error."""
@@ -60,6 +62,43 @@ class ZeroCopyTransport(Transport, Protocol):
     def release(self, reads: Sequence[Any]) -> list[bool]:
         """End the reads; True where the value stayed committed and unchanged during the hold
         (so what was read is valid); False (and None entries) = treat the chunk as a miss."""
+
+
+def check_reserve(keys: Sequence[str], sizes: Sequence[int]) -> list[int]:
+    """``sizes`` as ints, one per key and none negative (ValueError otherwise): what every
+    staging-region ``reserve`` takes."""
+    if len(keys) != len(sizes):
+        raise ValueError(f"reserve: {len(keys)} keys but {len(sizes)} sizes")
+    sizes = [int(s) for s in sizes]
+    if any(s < 0 for s in sizes):
+        raise ValueError(f"reserve: negative size in {sizes}")
+    return sizes
+
+
+def close_written(owner: Any, slots: Sequence[Any], ok: Sequence[bool] | None) -> list[bool]:
+    """End the write slots ``commit`` got (ValueError for one not pending at ``owner``): views
+    released, slots done; per slot whether it is to be stored (not None and ``ok``)."""
+    if ok is not None and len(ok) != len(slots):
+        raise ValueError(f"commit: {len(slots)} slots but {len(ok)} ok flags")
+    for s in slots:
+        if s is not None and (s._owner is not owner or s._done):
+            raise ValueError(f"commit: slot for {s.key!r} is not a pending slot of this transport")
+    for s in slots:
+        if s is not None:
+            s._done = True
+            release_view(s.view)
+    return [s is not None and (ok is None or bool(ok[i])) for i, s in enumerate(slots)]
+
+
+def close_reads(owner: Any, reads: Sequence[Any]) -> list[bool]:
+    """End the read slots ``release`` got: per slot True when it was a held read of ``owner``
+    (now done, its view released), False for None, foreign or already released ones."""
+    held = [r is not None and r._owner is owner and not r._done for r in reads]
+    for r, h in zip(reads, held):
+        if h:
+            r._done = True
+            release_view(r.view)
+    return held
 
 
 def make_transport(cfg, role: str = "both", *, pin_cuda: bool = False) -> Transport | None:

@@ -38,9 +38,9 @@ import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable, Sequence
 
-from pd.bytes import byte_view, release_view
+from pd.bytes import byte_view
 from transport.arena import PAGE, FirstFit, cuda_pin, buffer_address
-from transport.base import TransportError
+from transport.base import TransportError, check_reserve, close_reads, close_written
 from transport.infinistore_client import ClientProcess
 
 log = logging.getLogger(__name__)
@@ -219,11 +219,7 @@ class InfinistoreTransport:
     # -- zero-copy API -----------------------------------------------------------------------
     def reserve(self, keys: Sequence[str], sizes: Sequence[int]) -> list[InfinistoreSlot | None]:
         """A writable slot per key (None = no room / too large, counted as dropped); commit every slot."""
-        if len(keys) != len(sizes):
-            raise ValueError(f"reserve: {len(keys)} keys but {len(sizes)} sizes")
-        sizes = [int(s) for s in sizes]
-        if any(s < 0 for s in sizes):
-            raise ValueError(f"reserve: negative size in {sizes}")
+        sizes = check_reserve(keys, sizes)
         offs = self._alloc([_span(n + FRAME) for n in sizes])
         self._drops([n for n, o in zip(sizes, offs) if o is None], "no room in, or larger than, the staging region")
         return [None if o is None else InfinistoreSlot(k, self._mv[o + HEADER.size:o + HEADER.size + n], n, o, self)
@@ -231,18 +227,9 @@ class InfinistoreTransport:
 
     def commit(self, slots: Sequence[InfinistoreSlot | None], ok: Sequence[bool] | None = None) -> list[bool]:
         """Store the slots' bytes (one batched call; each key once, the last wins); ``ok`` False: freed unstored."""
-        if ok is not None and len(ok) != len(slots):
-            raise ValueError(f"commit: {len(slots)} slots but {len(ok)} ok flags")
-        for s in slots:
-            if s is not None and (s._owner is not self or s._done):
-                raise ValueError(f"commit: slot for {s.key!r} is not a pending slot of this transport")
-        for s in slots:
-            if s is not None:
-                s._done = True
-                release_view(s.view)
-        go = [s for i, s in enumerate(slots) if s is not None and (ok is None or ok[i])]
-        self._free([(s._off, _span(s.size + FRAME)) for i, s in enumerate(slots)
-                    if s is not None and not (ok is None or ok[i])])
+        store = close_written(self, slots, ok)
+        go = [s for s, g in zip(slots, store) if g]
+        self._free([(s._off, _span(s.size + FRAME)) for s, g in zip(slots, store) if s is not None and not g])
         todo = list({s.key: s for s in go}.values())  # each key once: the last wins
         for s in todo:
             nonce = int.from_bytes(os.urandom(8), "little")
@@ -303,17 +290,9 @@ class InfinistoreTransport:
 
     def release(self, reads: Sequence[InfinistoreSlot | None]) -> list[bool]:
         """Free the slots; True for each held read (its bytes are this process's own copy)."""
-        res, free = [], []
-        for r in reads:
-            if r is None or r._owner is not self or r._done:
-                res.append(False)
-                continue
-            r._done = True
-            release_view(r.view)
-            free.append((r._off, _span(r.size + FRAME)))
-            res.append(True)
-        self._free(free)
-        return res
+        held = close_reads(self, reads)
+        self._free([(r._off, _span(r.size + FRAME)) for r, h in zip(reads, held) if h])
+        return held
 
     def _read(self, keys: list[str], offs: list[int], caps: list[int]) -> list[int | None]:
         """One get call into the slots: per key what was written (0 absent, <0 not usable); the slots

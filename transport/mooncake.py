@@ -49,9 +49,9 @@ from typing import Any, Callable, Sequence
 from urllib.error import HTTPError, URLError
 from urllib.request import urlopen
 
-from pd.bytes import byte_view, release_view
+from pd.bytes import byte_view
 from transport.arena import PAGE, FirstFit, cuda_pin, _clear_cuda_error, buffer_address
-from transport.base import TransportError
+from transport.base import TransportError, check_reserve, close_reads, close_written
 from transport.mooncake_master import route_address
 
 log = logging.getLogger(__name__)
@@ -328,11 +328,7 @@ class MooncakeTransport:
     def reserve(self, keys: Sequence[str], sizes: Sequence[int]) -> list[MooncakeSlot | None]:
         """A writable slot of registered memory per key (None = no room / too large, counted as
         dropped). Commit every slot (ok or not) to give its room back."""
-        if len(keys) != len(sizes):
-            raise ValueError(f"reserve: {len(keys)} keys but {len(sizes)} sizes")
-        sizes = [int(s) for s in sizes]
-        if any(s < 0 for s in sizes):
-            raise ValueError(f"reserve: negative size in {sizes}")
+        sizes = check_reserve(keys, sizes)
         offs = self._alloc(sizes)
         out = [None if o is None else MooncakeSlot(k, self._mv[o:o + n], n, o, self)
                for k, n, o in zip(keys, sizes, offs)]
@@ -341,17 +337,9 @@ class MooncakeTransport:
 
     def commit(self, slots: Sequence[MooncakeSlot | None], ok: Sequence[bool] | None = None) -> list[bool]:
         """Store the slots' bytes (one batched upsert); slots with ``ok`` False are freed unstored."""
-        if ok is not None and len(ok) != len(slots):
-            raise ValueError(f"commit: {len(slots)} slots but {len(ok)} ok flags")
-        for s in slots:
-            if s is not None and (s._owner is not self or s._done):
-                raise ValueError(f"commit: slot for {s.key!r} is not a pending slot of this transport")
-        for s in slots:
-            if s is not None:
-                s._done = True
-                release_view(s.view)
-        go = [i for i, s in enumerate(slots) if s is not None and (ok is None or ok[i])]
-        self._free([(s._off, s.size) for i, s in enumerate(slots) if s is not None and not (ok is None or ok[i])])
+        store = close_written(self, slots, ok)
+        go = [i for i, g in enumerate(store) if g]
+        self._free([(s._off, s.size) for s, g in zip(slots, store) if s is not None and not g])
         res = [False] * len(slots)
         for i, r in zip(go, self._upsert([slots[i] for i in go])):
             res[i] = r
@@ -420,17 +408,9 @@ class MooncakeTransport:
 
     def release(self, reads: Sequence[MooncakeSlot | None]) -> list[bool]:
         """Free the slots; True for each held read (its bytes are this process's own copy)."""
-        res, free = [], []
-        for r in reads:
-            if r is None or r._owner is not self or r._done:
-                res.append(False)
-                continue
-            r._done = True
-            release_view(r.view)
-            free.append((r._off, r.size))
-            res.append(True)
-        self._free(free)
-        return res
+        held = close_reads(self, reads)
+        self._free([(r._off, r.size) for r, h in zip(reads, held) if h])
+        return held
 
     def _read(self, keys: list[str], offs: list[int], caps: list[int]) -> list[int] | None:
         """One ``batch_get_into`` into slots: per key the bytes read or a negative code (the
