@@ -22,9 +22,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from common.config import load, merge
 from launch.launcher import ChildDied, Deployment
 from launch.procs import check_model, check_ports, served_name
-from pd.config import DeploymentConfig, load, merge
+from pd.config import DeploymentConfig
 
 DEFAULT_MODEL = Path("models/tiny-llama")
 CONTEXT = ("A long shared context, such as a system prompt, a document for RAG or the history of a "
@@ -116,7 +117,7 @@ def _metric(url: str, name: str, label: str) -> float:
 
 def _cold_warm(url: str, name: str, prefill_url: str) -> bool:
     """A long context cold, then again: the warm one must be loaded from the store."""
-    from launch.bench_ttft import ttft
+    from launch.bench.ttft import ttft
 
     metric, src = "vllm:prompt_tokens_by_source_total", 'source="external_kv_transfer"'
     context = CONTEXT * 30  # about 1100 tokens: 4 whole chunks can be stored

@@ -16,7 +16,8 @@ import subprocess
 from collections import defaultdict
 from dataclasses import dataclass
 
-from pd.config import ConfigError, DeploymentConfig
+from common.config import ConfigError
+from pd.config import DeploymentConfig
 
 _GPU_LIST = re.compile(r"\d+(,\d+)*")
 _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")

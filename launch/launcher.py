@@ -24,8 +24,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -34,11 +34,19 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from common.config import ConfigError, load, merge, to_dict
 from launch.procs import (
-    ProcSpec, check_model, check_ports, check_store, child_env, format_command, plan, plan_hosts,
+    ProcSpec,
+    check_model,
+    check_ports,
+    check_store,
+    child_env,
+    format_command,
+    plan,
+    plan_hosts,
 )
 from launch.topology import layout, share
-from pd.config import ConfigError, DeploymentConfig, load, load_yaml, merge, to_dict
+from pd.config import DeploymentConfig, load_yaml
 
 log = logging.getLogger("pd.launch")
 Progress = Callable[[str], None]
@@ -164,8 +172,8 @@ class Deployment:
 
     @property
     def proxy_url(self) -> str:
+        from common.config import url_host
         from launch.topology import reach_host
-        from pd.config import url_host
 
         return f"http://{url_host(reach_host(self.dep.proxy.host))}:{self.dep.proxy.port}"
 
@@ -367,10 +375,10 @@ def _group_alive(proc: subprocess.Popen) -> bool:
 
 def resolve_auth(dep: DeploymentConfig) -> None:
     """``coordinator.auth: auto`` made ``curve`` or ``none``: curve with ``keys_dir`` when it is set;
-    a one-host P/D deployment on loopback gets keys of its own (``pd.curve.local_keys_dir``, made
+    a one-host P/D deployment on loopback gets keys of its own (``pd.coordinator.curve.local_keys_dir``, made
     by ``own_keys`` at start), so no other user's process can publish, consume, abort or free KV
     transfers; otherwise none (which ``check_coordinator_security`` refuses beyond loopback)."""
-    from pd.curve import is_loopback, local_keys_dir
+    from pd.coordinator.curve import is_loopback, local_keys_dir
 
     c = dep.coordinator
     if c.auth != "auto":
@@ -385,7 +393,7 @@ def resolve_auth(dep: DeploymentConfig) -> None:
 
 def own_keys(dep: DeploymentConfig) -> None:
     """Make the keys ``resolve_auth`` chose for a one-host deployment (kept across launches)."""
-    from pd.curve import local_keys_dir, make_keys
+    from pd.coordinator.curve import local_keys_dir, make_keys
 
     c = dep.coordinator
     if dep.mode == "pd" and c.auth == "curve" and c.keys_dir == str(local_keys_dir(c.advertise_port or c.port)):
@@ -395,7 +403,12 @@ def own_keys(dep: DeploymentConfig) -> None:
 def check_keys(dep: DeploymentConfig, roles: list[str]) -> None:
     """The key files this host's share needs exist (ConfigError): the API token, and with
     ``coordinator.auth: curve`` the coordinator's and the clients' keys."""
-    from pd.curve import effective_auth, load_client_keys, load_server_keys, read_token
+    from pd.coordinator.curve import (
+        effective_auth,
+        load_client_keys,
+        load_server_keys,
+        read_token,
+    )
 
     if dep.vllm.api_key_file:
         read_token(dep.vllm.api_key_file)
@@ -412,7 +425,7 @@ def check_keys(dep: DeploymentConfig, roles: list[str]) -> None:
 
 def exposure_warnings(dep: DeploymentConfig, specs: list[ProcSpec]) -> list[str]:
     """Instances (and the proxy) that listen beyond loopback without an API token."""
-    from pd.curve import is_loopback
+    from pd.coordinator.curve import is_loopback
 
     out = [] if dep.vllm.api_key_file else [
         f"{s.name} listens on {s.bind} without vllm.api_key_file: anyone who reaches {s.bind}:{s.port} can "
@@ -432,8 +445,8 @@ def preflight(dep: DeploymentConfig, roles: list[str], progress: Progress = prin
     """
     if dep.mode != "pd" or "control" in roles or not any(r in roles for r in ("prefill", "decode")):
         return
-    from pd.coord_client import PROBE_HANDSHAKE, PROBE_OK, PROBE_REFUSED, probe
-    from pd.curve import client_keys_for
+    from pd.coordinator.client import PROBE_HANDSHAKE, PROBE_OK, PROBE_REFUSED, probe
+    from pd.coordinator.curve import client_keys_for
 
     address = layout(dep).coordinator_address
     status, why = probe(address, client_keys_for(dep.coordinator), timeout_s)

@@ -153,7 +153,12 @@ def make_model(out: str | Path, arch: str = "llama", layers: int = 4, hidden: in
                init_std: float = 0.2, dtype: str = "float32") -> Path:
     """Write a HF model directory to ``out`` and return its path."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     if arch not in ARCHS:
         raise ValueError(f"arch {arch!r} is not supported; choose one of {', '.join(ARCHS)}")

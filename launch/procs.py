@@ -25,11 +25,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
-from launch.gpus import GpuSlot, cuda_args, cuda_env, gpu_slots, parse_env, resolve_device, resolve_dtype
+from common.config import ConfigError
+from launch.gpus import (
+    GpuSlot,
+    cuda_args,
+    cuda_env,
+    gpu_slots,
+    parse_env,
+    resolve_device,
+    resolve_dtype,
+)
+from launch.kv_config import kv_transfer_config
 from launch.topology import Instance, Layout, layout, local_instances, reach_host, share
-from pd.config import ConfigError, DeploymentConfig, kv_transfer_config
-from pd.curve import effective_auth, is_loopback, read_token
-from pd.heads import check_deployment, group_tp
+from pd.config import DeploymentConfig
+from pd.connector.heads import check_deployment, group_tp
+from pd.coordinator.curve import effective_auth, is_loopback, read_token
+from transport import server_specs
 
 # vLLM's CPU attention backend accepts only block sizes that are multiples of this
 # ("No common block size for 16 (CPU_ATTN: [MultipleOf(32)])" otherwise, after ~1 minute of startup).
@@ -305,15 +316,7 @@ def check_transport_reach(dep: DeploymentConfig, lay: Layout) -> None:
 
 
 def transport_servers(dep: DeploymentConfig) -> list[ProcSpec]:
-    """The servers the transport needs on the control host (``transport.base.server_specs``, when
-    the transport module has it; none otherwise)."""
-    try:
-        from transport import base
-    except ImportError:
-        return []
-    server_specs = getattr(base, "server_specs", None)
-    if server_specs is None:
-        return []
+    """The servers the transport needs on the control host (``transport.server_specs``)."""
     specs = []
     for d in server_specs(dep.connector.transport) or []:
         bind = str(d.get("host") or "127.0.0.1")
@@ -325,7 +328,7 @@ def transport_servers(dep: DeploymentConfig) -> list[ProcSpec]:
 
 def coordinator_spec(dep: DeploymentConfig, lay: Layout) -> ProcSpec:
     c = dep.coordinator
-    argv = [sys.executable, "-m", "pd.cli", "coordinator", "--host", lay.coordinator_bind, "--port", str(c.port),
+    argv = [sys.executable, "-m", "launch.cli", "coordinator", "--host", lay.coordinator_bind, "--port", str(c.port),
             "--entry-ttl-s", str(c.entry_ttl_s), "--instance-ttl-s", str(c.instance_ttl_s)]
     if effective_auth(c) == "curve":
         argv += ["--auth", "curve", "--keys-dir", c.keys_dir]
@@ -337,7 +340,7 @@ def coordinator_spec(dep: DeploymentConfig, lay: Layout) -> ProcSpec:
 
 def proxy_spec(dep: DeploymentConfig, lay: Layout) -> ProcSpec:
     p = dep.proxy
-    argv = [sys.executable, "-m", "pd.cli", "proxy", "--host", p.host, "--port", str(p.port), "--policy", p.policy,
+    argv = [sys.executable, "-m", "launch.cli", "proxy", "--host", p.host, "--port", str(p.port), "--policy", p.policy,
             "--upstream-timeout-s", str(p.upstream_timeout_s)]
     if dep.mode == "pd":
         argv += ["--prefill", ",".join(lay.urls("prefill")), "--decode", ",".join(lay.urls("decode")),

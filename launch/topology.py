@@ -16,8 +16,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pd.config import HOST_ROLES, WILDCARD_HOSTS, ConfigError, DeploymentConfig, advertised, url_host
-from pd.proxy_routing import parse_urls
+from common.config import WILDCARD_HOSTS, ConfigError, advertised, url_host
+from pd.config import HOST_ROLES, DeploymentConfig
+from pd.proxy.routing import parse_urls
 
 ALL = "all"
 

@@ -1,7 +1,7 @@
 """The persistent KV store interface (decode fallback and prefix reuse across requests).
 
-A store maps chunk keys (``namespace/rank/hexhash``, see ``pd.keys``) to opaque byte strings
-(normally whole chunks in ``pd.chunk`` format). It is a cache: any value may vanish at any time
+A store maps chunk keys (``namespace/rank/hexhash``, see ``pd.connector.keys``) to opaque byte strings
+(normally whole chunks in ``pd.connector.chunk`` format). It is a cache: any value may vanish at any time
 (eviction, corruption, disk errors), and every failure is reported as a miss or a dropped put,
 never as an exception on the serving path.
 """

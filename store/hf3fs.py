@@ -1,6 +1,6 @@
 """3FS KV store through the USRBIO API (``hf3fs_fuse.io``), the same behaviour as ``store.local``.
 
-Tested only against ``store.usrbio_emulator`` (a test double over local files); no real 3FS
+Tested only against ``tests.doubles.usrbio_emulator`` (a test double over local files); no real 3FS
 cluster has run this backend.
 
 Layout under ``<mount_point>/<base path>/dev<device_index>/``: one directory ``w<k>`` per writing
@@ -65,7 +65,7 @@ from typing import Any, Sequence
 
 import xxhash
 
-from pd.bytes import byte_view
+from common.bytes import byte_view
 from store.queue import DUPLICATE, QUEUED, WriteQueue
 
 log = logging.getLogger(__name__)

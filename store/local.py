@@ -62,7 +62,7 @@ from typing import Any, Sequence
 
 import xxhash
 
-from pd.bytes import byte_view
+from common.bytes import byte_view
 from store.queue import DUPLICATE, QUEUED, WriteQueue
 
 log = logging.getLogger(__name__)

@@ -1,4 +1,54 @@
-"""Moving chunks between processes and hosts."""
-from transport.base import Transport, TransportError, make_transport
+"""Moving chunks between processes and hosts: the ``Transport`` interface (transport.base), its
+implementations, and the factories that pick one from a ``TransportConfig`` (transport.config).
+The implementations import their heavy clients (mooncake, infinistore, torch) only when built.
+"""
+from __future__ import annotations
 
-__all__ = ["Transport", "TransportError", "make_transport"]
+from transport.base import Transport, TransportError, ZeroCopyTransport
+from transport.infinistore import InfinistoreTransport
+from transport.infinistore_server import server_spec
+from transport.mooncake import MooncakeTransport
+from transport.mooncake_master import master_spec
+from transport.shm import ShmTransport
+
+__all__ = ["Transport", "TransportError", "ZeroCopyTransport", "make_transport", "server_specs"]
+
+
+def make_transport(cfg, role: str = "both", *, pin_cuda: bool = False) -> Transport | None:
+    """Build the transport named by a ``TransportConfig`` (None for kind "none").
+
+    ``pin_cuda``: register the transport's staging memory with CUDA (shm: its shared memory;
+    mooncake, infinistore: their staging regions), for GPU workers. All implement
+    ``ZeroCopyTransport``. A transport that cannot start (mooncake: master not reachable;
+    infinistore: server not reachable) raises ``TransportError``.
+    """
+    if cfg.kind == "none":
+        return None
+    if cfg.kind == "shm":
+        return ShmTransport(cfg, pin_cuda=pin_cuda)
+    if cfg.kind == "mooncake":
+        return MooncakeTransport(cfg, pin_cuda=pin_cuda)
+    if cfg.kind == "infinistore":
+        return InfinistoreTransport(cfg, pin_cuda=pin_cuda)
+    raise ValueError(f"unknown transport kind {cfg.kind!r}; allowed: shm, mooncake, infinistore, none")
+
+
+def server_specs(cfg) -> list[dict]:
+    """The servers a deployment's control host must run for this ``TransportConfig``.
+
+    Each is ``{"name", "argv", "host" (where it listens), "port" (to wait for), "env",
+    "health_url"}``. mooncake with ``start_master``: the ``mooncake_master``; infinistore with
+    ``start_server``: the InfiniStore server; otherwise none. Checks the transport's settings
+    (ConfigError naming the key), so a launch fails at start.
+    """
+    if cfg.kind == "infinistore":
+        cfg.infinistore.check()
+        if not cfg.infinistore.start_server:
+            return []
+        return [server_spec(cfg.infinistore)]
+    if cfg.kind != "mooncake":
+        return []
+    cfg.mooncake.check()
+    if not cfg.mooncake.start_master:
+        return []
+    return [master_spec(cfg.mooncake)]

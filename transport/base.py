@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol, Sequence, runtime_checkable
 
-from pd.bytes import release_view
+from common.bytes import release_view
 
 
 class TransportError(RuntimeError):
@@ -99,86 +99,3 @@ def close_reads(owner: Any, reads: Sequence[Any]) -> list[bool]:
             r._done = True
             release_view(r.view)
     return held
-
-
-def make_transport(cfg, role: str = "both", *, pin_cuda: bool = False) -> Transport | None:
-    """Build the transport named by a ``TransportConfig`` (None for kind "none").
-
-    ``pin_cuda``: register the transport's staging memory with CUDA (shm: its shared memory;
-    mooncake, infinistore: their staging regions), for GPU workers. All implement
-    ``ZeroCopyTransport``. A transport that cannot start (mooncake: master not reachable;
-    infinistore: server not reachable) raises ``TransportError``.
-    """
-    if cfg.kind == "none":
-        return None
-    if cfg.kind == "shm":
-        from transport.shm import ShmTransport
-
-        return ShmTransport(cfg, pin_cuda=pin_cuda)
-    if cfg.kind == "mooncake":
-        from transport.mooncake import MooncakeTransport
-
-        return MooncakeTransport(cfg, pin_cuda=pin_cuda)
-    if cfg.kind == "infinistore":
-        from transport.infinistore import InfinistoreTransport
-
-        return InfinistoreTransport(cfg, pin_cuda=pin_cuda)
-    raise ValueError(f"unknown transport kind {cfg.kind!r}; allowed: shm, mooncake, infinistore, none")
-
-
-def server_specs(cfg) -> list[dict]:
-    """The servers a deployment's control host must run for this ``TransportConfig``.
-
-    Each is ``{"name", "argv", "host" (where it listens), "port" (to wait for), "env",
-    "health_url"}``. mooncake with ``start_master``: the ``mooncake_master``; infinistore with
-    ``start_server``: the InfiniStore server; otherwise none. Checks the transport's settings
-    (ConfigError naming the key), so a launch fails at start.
-    """
-    if cfg.kind == "infinistore":
-        cfg.infinistore.check()
-        if not cfg.infinistore.start_server:
-            return []
-        from transport.infinistore_server import server_spec
-
-        return [server_spec(cfg.infinistore)]
-    if cfg.kind != "mooncake":
-        return []
-    cfg.mooncake.check()
-    if not cfg.mooncake.start_master:
-        return []
-    from transport.mooncake_master import master_spec
-
-    return [master_spec(cfg.mooncake)]
-
-
-def _die_with_parent() -> None:
-    import ctypes
-    import signal
-
-    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
-def run_spec(spec: dict, host: str, port: int, log_file=None, timeout_s: float = 20.0):
-    """Start a ``server_specs`` entry in this process's environment plus its own (tests and
-    benchmarks; it is terminated if this process dies) and wait until ``host:port`` accepts;
-    returns the ``subprocess.Popen``. TransportError if it exits or does not listen in time."""
-    import os
-    import socket
-    import subprocess
-    import sys
-    import time
-
-    p = subprocess.Popen(spec["argv"], env={**os.environ, **spec["env"]}, stdin=subprocess.DEVNULL,
-                         stdout=log_file or subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                         preexec_fn=_die_with_parent if sys.platform == "linux" else None)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if p.poll() is not None:
-            raise TransportError(f"{spec['name']} exited with {p.returncode} at start: {' '.join(spec['argv'])}")
-        try:
-            socket.create_connection((host, port), timeout=1).close()
-            return p
-        except OSError:
-            time.sleep(0.05)
-    p.kill()
-    raise TransportError(f"{spec['name']} did not listen on {host}:{port} within {timeout_s} s")

@@ -38,8 +38,8 @@ import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable, Sequence
 
-from pd.bytes import byte_view
-from transport.arena import PAGE, FirstFit, cuda_pin, buffer_address
+from common.bytes import byte_view
+from transport.arena import PAGE, FirstFit, buffer_address, cuda_pin
 from transport.base import TransportError, check_reserve, close_reads, close_written
 from transport.infinistore_client import ClientProcess
 

@@ -24,8 +24,8 @@ import json
 import mmap
 import os
 import socket
-import sys
 import subprocess
+import sys
 import threading
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor

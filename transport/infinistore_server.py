@@ -1,4 +1,4 @@
-"""The InfiniStore server of a deployment: its command line (``transport.base.server_specs``), the
+"""The InfiniStore server of a deployment: its command line (``transport.server_specs``), the
 RDMA check, and the server's start (``python -m transport.infinistore_server``, InfiniStore's
 own ``infinistore`` entry point with two start-up fixes).
 
@@ -24,6 +24,8 @@ import logging
 import os
 import sys
 from pathlib import Path
+
+from transport.process import run_spec
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +59,8 @@ def unavailable() -> str:
 
 
 def server_spec(c) -> dict:
-    """The entry of ``transport.base.server_specs`` for an ``InfinistoreConfig`` with start_server."""
-    from pd.config import ConfigError
+    """The entry of ``transport.server_specs`` for an ``InfinistoreConfig`` with start_server."""
+    from common.config import ConfigError
 
     c.check()
     _, port, device = c.server()
@@ -88,8 +90,6 @@ def server_spec(c) -> dict:
 def run_server(c, log_file=None, timeout_s: float = 60.0):
     """Start the server as ``server_specs`` describes it (tests, ``pd bench transport``; it is
     terminated if this process dies) and wait until its service port accepts."""
-    from transport.base import run_spec
-
     _, port, _ = c.server()
     return run_spec(server_spec(c), "127.0.0.1", port, log_file, timeout_s)
 

@@ -43,14 +43,15 @@ import os
 import socket
 import threading
 import time
-from concurrent.futures import Future, TimeoutError as FutureTimeout
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from queue import SimpleQueue
 from typing import Any, Callable, Sequence
 from urllib.error import HTTPError, URLError
 from urllib.request import urlopen
 
-from pd.bytes import byte_view
-from transport.arena import PAGE, FirstFit, cuda_pin, _clear_cuda_error, buffer_address
+from common.bytes import byte_view
+from transport.arena import PAGE, FirstFit, _clear_cuda_error, buffer_address, cuda_pin
 from transport.base import TransportError, check_reserve, close_reads, close_written
 from transport.mooncake_master import route_address
 

@@ -1,5 +1,5 @@
 """The Mooncake master for a deployment: where its binary is, its command line
-(``transport.base.server_specs``), starting it for tests and benchmarks, and the address a
+(``transport.server_specs``), starting it for tests and benchmarks, and the address a
 client advertises on the route to it."""
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import os
 import shutil
 import socket
 import sys
+
+from transport.process import run_spec
 
 
 def route_address(host: str, port: int) -> str:
@@ -34,8 +36,8 @@ def master_binary() -> str | None:
 
 
 def master_spec(m) -> dict:
-    """The server entry of ``transport.base.server_specs`` for a ``MooncakeConfig``."""
-    from pd.config import WILDCARD_HOSTS, ConfigError, url_host
+    """The server entry of ``transport.server_specs`` for a ``MooncakeConfig``."""
+    from common.config import WILDCARD_HOSTS, ConfigError, url_host
 
     host, port = m.master_host_port()
     binary = master_binary()
@@ -59,7 +61,5 @@ def run_master(m, log_file=None, timeout_s: float = 20.0):
     """Start ``mooncake_master`` as ``server_specs`` describes it (tests, ``pd bench transport``;
     it is terminated if this process dies) and wait until its RPC port accepts; returns the
     ``subprocess.Popen``."""
-    from transport.base import run_spec
-
     host, port = m.master_host_port()
     return run_spec(master_spec(m), host, port, log_file, timeout_s)

@@ -30,7 +30,7 @@ import threading
 import uuid
 from typing import Any, Sequence
 
-from pd.bytes import byte_view, release_view
+from common.bytes import byte_view, release_view
 from transport import shm_index as index
 from transport.arena import COMMITTED, Mapping, buffer_address, key_digest16, stamp
 from transport.base import TransportError

@@ -20,7 +20,15 @@ from typing import Callable
 import numpy as np
 
 from transport import shm_index as index
-from transport.arena import COMMITTED, FREED, FirstFit, Mapping, key_digest16, slot_bytes, stamp
+from transport.arena import (
+    COMMITTED,
+    FREED,
+    FirstFit,
+    Mapping,
+    key_digest16,
+    slot_bytes,
+    stamp,
+)
 from transport.shm_maps import MapCache
 
 log = logging.getLogger(__name__)

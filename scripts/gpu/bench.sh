@@ -25,14 +25,14 @@ STAGES=${STAGES:-prep,serve}  # two device calls (each at most 10 min): STAGES=p
 if [[ $STAGES == *prep* ]]; then
   # The KV path alone: gather/scatter and gather -> shm slot (CUDA-registered) -> scatter, beside
   # plain pinned copies; the layouts' CUDA round trips.
-  timeout 240 python3 -m pd.cli bench kv --device cuda --cache-gb 4 --block-sizes 32 \
+  timeout 240 python3 -m launch.cli bench kv --device cuda --cache-gb 4 --block-sizes 32 \
     --chunk-tokens 256,1024,2048,4096 --iters 10 2>&1 | tee "$OUT/bench_kv.log"
   timeout 120 python3 -m pytest -q -p no:cacheprovider tests/unit/test_kv_layout.py 2>&1 | tail -3 | tee -a "$OUT/bench_kv.log"
-  [ -f "$M/config.json" ] || python3 -m pd.cli make-model "$M" --shape llama3-8b --weights "$WEIGHTS"
+  [ -f "$M/config.json" ] || python3 -m launch.cli make-model "$M" --shape llama3-8b --weights "$WEIGHTS"
   echo "bench: model $M ready (${SECONDS}s)"
 fi
 [[ $STAGES == *serve* ]] || exit 0
-python3 -m pd.cli bench serve --device cuda --model "$M" --load-format "$FORMAT" --modes pd,colocated,nixl \
+python3 -m launch.cli bench serve --device cuda --model "$M" --load-format "$FORMAT" --modes pd,colocated,nixl \
   --requests 48 --rate 2 --long-fraction 0.25 --long-tokens 8000 --short-tokens 256 --max-tokens 128 \
   --sequential 8 --slo-ttft-ms 2000 --slo-tpot-ms 50 --max-model-len 10240 --seed 0 \
   --out "$OUT/bench_gpu.json" "$@" 2>&1 | tee "$OUT/bench.log"

@@ -22,7 +22,7 @@ bash scripts/gpu/setup.sh 2>&1 | tee "$OUT/setup.log"
 N=$(nvidia-smi -L | grep -c '^GPU')
 echo "smoke: $N GPU(s); $(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | head -1)"
 M=${MODEL:-/tmp/m8b}
-[ -f "$M/config.json" ] || python3 -m pd.cli make-model "$M" --shape llama3-8b --no-weights
+[ -f "$M/config.json" ] || python3 -m launch.cli make-model "$M" --shape llama3-8b --no-weights
 echo "smoke: model ready (${SECONDS}s)"
 if [ "$N" -ge 2 ]; then D=1; NIXL=1; UTIL=0.28; KV=16; else D=0; NIXL=0; UTIL=0.3; KV=12; fi
 PTP=${PREFILL_TP:-1}; DTP=${DECODE_TP:-1}; P=0; CO=0
@@ -72,8 +72,8 @@ EOF
 names="pd co"; [ "$NIXL" = 1 ] && names="pd co nixl"
 declare -A PID
 for n in $names; do
-  python3 -m pd.cli launch --config /tmp/$n.yaml --dry-run > /tmp/dry-$n.txt 2>&1 || { cat /tmp/dry-$n.txt; exit 1; }
-  python3 -m pd.cli launch --config /tmp/$n.yaml > /tmp/launch-$n.log 2>&1 &
+  python3 -m launch.cli launch --config /tmp/$n.yaml --dry-run > /tmp/dry-$n.txt 2>&1 || { cat /tmp/dry-$n.txt; exit 1; }
+  python3 -m launch.cli launch --config /tmp/$n.yaml > /tmp/launch-$n.log 2>&1 &
   PID[$n]=$!
 done
 cat /tmp/dry-pd.txt

@@ -12,8 +12,8 @@ import argparse
 import json
 import random
 
-from launch.bench_gpu import nixl_send, transfers
-from launch.bench_serve import Request, Result, _one
+from launch.bench.gpu import nixl_send, transfers
+from launch.bench.serve import Request, Result, _one
 
 TEXT = ["def main(args):", "The quick brown fox jumps over", "import os\nimport sys\n\nclass Foo(object):"]
 

@@ -14,13 +14,13 @@ SECONDS=0
 bash scripts/gpu/setup.sh > "$OUT/setup.log" 2>&1 || { cat "$OUT/setup.log"; exit 1; }
 . /tmp/pdkv-gpu.env
 M=${MODEL:-/tmp/m8b-random}
-[ -f "$M/config.json" ] || python3 -m pd.cli make-model "$M" --shape llama3-8b --weights random > /dev/null
+[ -f "$M/config.json" ] || python3 -m launch.cli make-model "$M" --shape llama3-8b --weights random > /dev/null
 echo "streaming: model ready (${SECONDS}s)"
 common=(bench serve --device cuda --model "$M" --load-format auto --requests 8 --sequential 8 --rate 2
         --long-fraction 0.5 --long-tokens 8000 --short-tokens 256 --max-tokens 32 --max-model-len 10240 --seed 1)
 for step in 4096 0; do
   modes=pd; [ "$step" = 4096 ] && modes=pd,colocated
-  timeout 200 python3 -m pd.cli "${common[@]}" --modes "$modes" --prefill-step-tokens "$step" \
+  timeout 200 python3 -m launch.cli "${common[@]}" --modes "$modes" --prefill-step-tokens "$step" \
     --out "$OUT/stream_$step.json" > "$OUT/stream_$step.log" 2>&1
   echo "streaming: step $step done, rc $? (${SECONDS}s)"
   sed -n '/## sequential/,/## load/p' "$OUT/stream_$step.log"

@@ -24,7 +24,7 @@ pytestmark = pytest.mark.integration
 def model_path() -> Path:
     """The default synthetic model (made once, reused across runs)."""
     if not (MODEL_DIR / "config.json").is_file():
-        subprocess.run([sys.executable, "-m", "pd.cli", "make-model", str(MODEL_DIR)], check=True, cwd=ROOT)
+        subprocess.run([sys.executable, "-m", "launch.cli", "make-model", str(MODEL_DIR)], check=True, cwd=ROOT)
     return MODEL_DIR
 
 
@@ -59,7 +59,7 @@ def start(cfg: dict, tmp: Path, name: str, env: dict | None = None) -> tuple[sub
     cfg_file.write_text(yaml.safe_dump(cfg))
     log = tmp / f"{name}.out"
     with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "pd.cli", "launch", "--config", str(cfg_file)], cwd=ROOT,
+        proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "launch", "--config", str(cfg_file)], cwd=ROOT,
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True, text=True,
                                 env={**os.environ, **(env or {})})
     return proc, log

@@ -25,7 +25,13 @@ import yaml
 from pd.config import load_yaml
 from tests.integration import netns
 from tests.integration.conftest import BASE, READY, ROOT, STEP_TOKENS
-from tests.integration.faults import assert_idle, counted, delta, proxy_metrics, series_sum
+from tests.integration.faults import (
+    assert_idle,
+    counted,
+    delta,
+    proxy_metrics,
+    series_sum,
+)
 from tests.integration.test_pd_e2e import _complete, _prompt, _transfer
 from transport.mooncake_master import run_master
 
@@ -60,7 +66,7 @@ def launched_on_two_hosts(h, cfg: dict, tmp: Path, keys: Path, binds_a: str, bin
     the end that both launches stopped cleanly."""
     cfg_file = tmp / "deployment.yaml"
     cfg_file.write_text(yaml.safe_dump(cfg))
-    launch = [sys.executable, "-m", "pd.cli", "launch", "--config", str(cfg_file)]
+    launch = [sys.executable, "-m", "launch.cli", "launch", "--config", str(cfg_file)]
     a = _launch(launch + ["--host", "a", "--set", f"run_dir={tmp / 'run-a'}", "--set", f"vllm.cpu_bind={binds_a}"],
                 tmp / "a.out")
     b = _launch(h.exec_b(launch + ["--host", "b", "--keys-dir", str(keys / "clients" / "b"),
@@ -105,7 +111,7 @@ def crosshost(two_hosts, model_path, tmp_path_factory):
     h = two_hosts
     tmp = tmp_path_factory.mktemp("crosshost")
     keys = tmp / "keys"
-    subprocess.run([sys.executable, "-m", "pd.cli", "keys", str(keys), "--client", "b"], cwd=ROOT, check=True,
+    subprocess.run([sys.executable, "-m", "launch.cli", "keys", str(keys), "--client", "b"], cwd=ROOT, check=True,
                    capture_output=True)
     cfg = {**yaml.safe_load(yaml.safe_dump(BASE)), "model": str(model_path), "mode": "pd",
            "hosts": {"a": {"address": h.addr_a, "roles": ["control", "prefill"]},
@@ -152,7 +158,7 @@ def test_answers_match_colocated_and_the_kv_crossed_hosts_through_mooncake(cross
 def test_coordinator_refuses_a_client_without_the_keys(crosshost, two_hosts):
     """The coordinator listens beyond loopback, so only clients with an authorized key get answers."""
     _, cfg, _, _ = crosshost
-    from pd.coord_client import CoordinatorClient
+    from pd.coordinator.client import CoordinatorClient
 
     plain = CoordinatorClient(f"tcp://{two_hosts.addr_a}:{cfg['coordinator']['port']}", timeout_s=1.0)
     try:

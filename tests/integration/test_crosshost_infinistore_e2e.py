@@ -28,9 +28,21 @@ import yaml
 
 from pd.config import load_yaml
 from tests.integration.conftest import BASE, ROOT, STEP_TOKENS
-from tests.integration.faults import assert_idle, complete, counted, delta, proxy_metrics
-from tests.integration.test_crosshost_e2e import (instance_urls, launched_on_two_hosts, print_counters,  # noqa: F401
-                                                  reported_gone, two_hosts, until_through_the_transport)
+from tests.integration.faults import (
+    assert_idle,
+    complete,
+    counted,
+    delta,
+    proxy_metrics,
+)
+from tests.integration.test_crosshost_e2e import (
+    instance_urls,
+    launched_on_two_hosts,
+    print_counters,
+    reported_gone,
+    two_hosts,
+    until_through_the_transport,
+)
 from tests.integration.test_pd_e2e import _complete, _prompt, _transfer
 
 pytestmark = pytest.mark.integration
@@ -50,7 +62,7 @@ def infinistore_1p1d(two_hosts, model_path, tmp_path_factory):  # noqa: F811 - t
     h = two_hosts
     tmp = tmp_path_factory.mktemp("crosshost-infinistore")
     keys = tmp / "keys"
-    subprocess.run([sys.executable, "-m", "pd.cli", "keys", str(keys), "--client", "b"], cwd=ROOT, check=True,
+    subprocess.run([sys.executable, "-m", "launch.cli", "keys", str(keys), "--client", "b"], cwd=ROOT, check=True,
                    capture_output=True)
     cfg = {**yaml.safe_load(yaml.safe_dump(BASE)), "model": str(model_path), "mode": "pd",
            "hosts": {"a": {"address": h.addr_a, "roles": ["control", "prefill"]},

@@ -19,8 +19,17 @@ import aiohttp
 import pytest
 
 from tests.integration.conftest import STEP_TOKENS, pd_config
-from tests.integration.faults import (BOUND_S, STORE_GB, TTL_S, WAIT_S, Matrix, counted, delta as _delta, prompt,
-                                     start_matrix)
+from tests.integration.faults import (
+    BOUND_S,
+    STORE_GB,
+    TTL_S,
+    WAIT_S,
+    Matrix,
+    counted,
+    prompt,
+    start_matrix,
+)
+from tests.integration.faults import delta as _delta
 
 pytestmark = pytest.mark.integration
 

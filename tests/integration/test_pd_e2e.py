@@ -243,7 +243,7 @@ def test_decode_keeps_serving_while_a_load_waits(deployments):
 def test_bench_serve_load_generator_on_both_deployments(deployments):
     """`pd bench serve`'s load generator through both proxies: every request answers, the
     per-request figures exist, and P/D answers as colocated does."""
-    from launch.bench_serve import make_workload, run_load, summarize
+    from launch.bench.serve import make_workload, run_load, summarize
 
     pd, co = deployments
     work = make_workload(6, 4.0, 0.34, 600, 64, 12, seed=11)

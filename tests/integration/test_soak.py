@@ -6,8 +6,8 @@ import json
 import subprocess
 import sys
 
-from launch.soak_report import series
-from launch.soak_verdict import judge_all
+from launch.bench.soak_report import series
+from launch.bench.soak_verdict import judge_all
 from tests.integration.conftest import ROOT
 
 MiB = 2**20
@@ -16,7 +16,7 @@ MiB = 2**20
 def test_short_soak_samples_every_process_and_stays_flat(deployments, tmp_path):
     pd, _ = deployments
     out = tmp_path / "soak.jsonl"
-    argv = [sys.executable, "-m", "pd.cli", "bench", "soak", "--url", pd.url, "--config",
+    argv = [sys.executable, "-m", "launch.cli", "bench", "soak", "--url", pd.url, "--config",
             str(pd.run_dir / "config.yaml"), "--minutes", "1.25", "--rate", "2", "--interval", "4",
             "--prompts", "8", "--long-tokens", "700", "--max-tokens", "16", "--drain-s", "60", "--out", str(out)]
     r = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=420)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from store import usrbio_emulator as emu
+from tests.doubles import usrbio_emulator as emu
 from tests.integration.conftest import ROOT, Launched, deployment_set, pd_config
 from tests.integration.test_pd_e2e import _complete, _prompt, _transfer, _vllm_metric
 

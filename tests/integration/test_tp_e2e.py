@@ -70,7 +70,7 @@ def tp_deployment(model_path, tmp_path_factory):
             f.write_text(yaml.safe_dump(_config(host, tmp, tag)))
             log = tmp / f"{host}.out"
             with open(log, "w") as out:
-                procs[host] = (subprocess.Popen([sys.executable, "-m", "pd.cli", "launch", "--config", str(f),
+                procs[host] = (subprocess.Popen([sys.executable, "-m", "launch.cli", "launch", "--config", str(f),
                                                  "--host", host], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                                                 text=True, start_new_session=True), log)
         deadline = time.monotonic() + 900

@@ -2,7 +2,7 @@
 
 Usage: python store_crash_writer.py DIR [O_DIRECT(0/1)] [BACKEND(local|hf3fs)]
 
-For backend hf3fs, DIR is a mount made by ``store.usrbio_emulator.emulate_mount`` and the store
+For backend hf3fs, DIR is a mount made by ``tests.doubles.usrbio_emulator.emulate_mount`` and the store
 is built by ``store.make_store`` with ``tests/doubles`` on the path (``hf3fs_fuse.io`` is the
 emulator there), the way an instance builds it.
 
@@ -34,7 +34,7 @@ def content(key: str) -> bytes:
 
 def crash_config(path: str, backend: str, o_direct: bool = False):
     """The store config of this writer (also what the test reopens the store with)."""
-    from pd.config import Hf3fsConfig, StoreConfig
+    from store.config import Hf3fsConfig, StoreConfig
 
     # A budget of ~40 chunks: eviction runs while the writer is killed, too.
     if backend == "hf3fs":

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from launch.bench_serve import Result, format_table, make_workload, summarize
-from pd import cli
+from launch import cli
+from launch.bench.serve import Result, format_table, make_workload, summarize
 
 
 def test_workload_is_seeded_poisson_with_the_asked_mix():
@@ -65,15 +65,15 @@ def test_unknown_mode_exit_2(tmp_path, capsys):
     assert "unknown mode 'nope'" in capsys.readouterr().err
 
 
-# ---- --device cuda (launch.bench_gpu): planning, the NIXL flow, the summaries -----------------
+# ---- --device cuda (launch.bench.gpu): planning, the NIXL flow, the summaries -----------------
 
 import argparse  # noqa: E402
 import http.server  # noqa: E402
 import json  # noqa: E402
 import threading  # noqa: E402
 
-from launch import bench_gpu  # noqa: E402
-from launch.bench_serve import Request, add_arguments  # noqa: E402
+from launch.bench import gpu as bench_gpu  # noqa: E402
+from launch.bench.serve import Request, add_arguments  # noqa: E402
 from launch.procs import plan  # noqa: E402
 
 
@@ -209,7 +209,7 @@ def test_run_gpu_end_to_end_with_stand_ins(tmp_path, monkeypatch, capsys):
         def stop(self):
             pass
 
-    from launch.bench_serve import _one
+    from launch.bench.serve import _one
 
     monkeypatch.setattr(bench_gpu, "Deployment", FakeDeployment)
     monkeypatch.setattr(bench_gpu, "check_ports", lambda dep: None)

@@ -10,10 +10,10 @@ from types import SimpleNamespace
 
 import pytest
 
-from launch import soak_probe as probe
-from launch.bench_soak import Traffic, asks, check_args, make_prompts
-from launch.soak_report import leftovers, series
-from launch.soak_verdict import MIN_SAMPLES, judge, judge_all
+from launch.bench import soak_probe as probe
+from launch.bench.soak import Traffic, asks, check_args, make_prompts
+from launch.bench.soak_report import leftovers, series
+from launch.bench.soak_verdict import MIN_SAMPLES, judge, judge_all
 from tests.unit.test_connector_worker import _until
 
 MiB = 2**20
@@ -119,7 +119,7 @@ def test_label_of_command_lines():
     names = {8100: "prefill-0"}
     assert probe.label_of(["python", "-m", "vllm.entrypoints.openai.api_server", "--port", "8100"], names) == "prefill-0"
     assert probe.label_of(["python", "-m", "vllm.entrypoints.openai.api_server", "--port", "8200"], names) == "vllm:8200"
-    assert probe.label_of(["python", "-m", "pd.cli", "coordinator", "--port", "5570"], {}) == "coordinator:5570"
+    assert probe.label_of(["python", "-m", "launch.cli", "coordinator", "--port", "5570"], {}) == "coordinator:5570"
     assert probe.label_of(["/usr/bin/sleep", "10"], {}) == "sleep"
 
 
@@ -135,7 +135,7 @@ def test_listener_pid_finds_this_process():
 
 
 def test_pool_usage_counts_live_values_of_a_real_shm_pool(tmp_path):
-    from pd.config import TransportConfig
+    from transport.config import TransportConfig
     from transport.shm import ShmTransport
     from transport.shm_index import pool_dir
 
@@ -174,7 +174,7 @@ def test_traffic_through_a_real_proxy_with_an_api_key():
     it every one fails with a 401 that is counted."""
     import asyncio
 
-    from launch.bench_soak import Ask
+    from launch.bench.soak import Ask
     from tests.unit.test_proxy import deployment, run
 
     asks_ = [Ask(0, False, -1), Ask(1, True, -1), Ask(0, True, 1), Ask(-1, False, -1, fresh=7)]
@@ -198,8 +198,8 @@ def test_soak_and_report_end_to_end_on_the_real_proxy(tmp_path):
     import asyncio
     import json
 
-    from launch.bench_soak import Target, soak
-    from launch.soak_report import report
+    from launch.bench.soak import Target, soak
+    from launch.bench.soak_report import report
     from tests.unit.test_proxy import deployment, run
 
     # all streamed: the doubles answer a streamed and a plain request with other texts

@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pd.config import (ConfigError, ConnectorConfig, DeploymentConfig, kv_transfer_config, load, load_yaml, merge,
-                       to_dict)
+from common.config import ConfigError, load, merge, to_dict
+from launch.kv_config import kv_transfer_config
+from pd.config import ConnectorConfig, DeploymentConfig, load_yaml
 
 
 def _err(data: dict, cls: type = DeploymentConfig) -> str:
@@ -247,6 +248,6 @@ def test_kv_transfer_config_fields_and_full_round_trip():
         back = load(ConnectorConfig, kv["kv_connector_extra_config"])
         assert back == dataclasses.replace(dep.connector, coordinator="tcp://127.0.0.2:6123",
                                            instance_id=f"{role}-1", heartbeat_interval_s=1.5,
-                                           head_groups=1)  # lcm(prefill TP, decode TP): pd.heads
+                                           head_groups=1)  # lcm(prefill TP, decode TP): pd.connector.heads
         assert back.transport.pool_size_mb == 32 and back.io_threads == 3 and back.wait_timeout_s == 7.0
     assert dep.connector.instance_id == "" and dep.connector.coordinator == "tcp://127.0.0.1:5570"  # not modified

@@ -20,9 +20,18 @@ from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, Schedul
 from vllm.v1.outputs import KVConnectorOutput
 from vllm.v1.request import Request
 
-from pd.connector_scheduler import SchedulerSide
-from pd.coord_client import CoordinatorClient
-from tests.unit.test_connector_worker import BLOCK, CHUNK, DST, PROMPT, SRC, _until, _worker, coord  # noqa: F401
+from pd.connector.scheduler import SchedulerSide
+from pd.coordinator.client import CoordinatorClient
+from tests.unit.test_connector_worker import (  # noqa: F401
+    BLOCK,
+    CHUNK,
+    DST,
+    PROMPT,
+    SRC,
+    _until,
+    _worker,
+    coord,
+)
 
 N_BLOCKS = -(-len(PROMPT) // BLOCK)  # 10
 
@@ -223,7 +232,7 @@ def test_abort_during_a_load_stops_it_and_nothing_is_loaded_after(workers, coord
 
 def test_load_timeout_recomputes_the_rest_and_is_counted(workers, coord):  # noqa: F811
     p, d = workers(1), workers(2, wait_timeout_s=10, load_timeout_s=0.4)
-    from tests.unit.test_connector_worker import _save, _same_blocks
+    from tests.unit.test_connector_worker import _same_blocks, _save
 
     p.after_forward(_save("lt1", 0, 5, True))
     assert _until(lambda: p._save_jobs["p1"].done())

@@ -1,17 +1,19 @@
 """Worker halves of different TP sizes exchange KV: a real coordinator (ZMQ), real shm transport
-and local store, CPU caches cut by KV head (pd.heads). Each rank is a WorkerSide of its own."""
+and local store, CPU caches cut by KV head (pd.connector.heads). Each rank is a WorkerSide of its own."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from pd.config import ConnectorConfig, CoordinatorConfig, Hf3fsConfig, StoreConfig, TransportConfig
-from pd.connector_scheduler import LoadSpec, PDMetadata, SaveSpec
-from pd.connector_worker import WorkerSide
-from pd.coord_client import CoordinatorClient
-from pd.coordinator import Coordinator
-from pd.heads import lcm, resolve
+from pd.config import ConnectorConfig, CoordinatorConfig
+from pd.connector.heads import lcm, resolve
+from pd.connector.scheduler import LoadSpec, PDMetadata, SaveSpec
+from pd.connector.worker import WorkerSide
+from pd.coordinator.client import CoordinatorClient
+from pd.coordinator.server import Coordinator
+from store.config import Hf3fsConfig, StoreConfig
 from tests.unit.test_connector_worker import _until
+from transport.config import TransportConfig
 from transport.shm import ShmTransport
 
 BLOCK, CHUNK, NUM_BLOCKS, HEADS = 4, 8, 64, 4
@@ -35,7 +37,7 @@ def _store_config(tmp_path, backend: str) -> StoreConfig:
     if backend == "local":
         (tmp_path / "store").mkdir(exist_ok=True)
         return StoreConfig(backend="local", paths=[str(tmp_path / "store")], size_gb=0.1)
-    from store import usrbio_emulator
+    from tests.doubles import usrbio_emulator
 
     mount = usrbio_emulator.emulate_mount(str(tmp_path / "3fs"))  # the USRBIO emulator over plain files
     return StoreConfig(backend="hf3fs", paths=["kv"], size_gb=0.1,

@@ -11,11 +11,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pd.config import ConnectorConfig, CoordinatorConfig, StoreConfig, TransportConfig
-from pd.connector_scheduler import LoadSpec, PDMetadata, SaveSpec, SchedulerSide
-from pd.connector_worker import WorkerSide
-from pd.coord_client import CoordinatorClient
-from pd.coordinator import Coordinator
+from pd.config import ConnectorConfig, CoordinatorConfig
+from pd.connector.scheduler import LoadSpec, PDMetadata, SaveSpec, SchedulerSide
+from pd.connector.worker import WorkerSide
+from pd.coordinator.client import CoordinatorClient
+from pd.coordinator.server import Coordinator
+from store.config import StoreConfig
+from transport.config import TransportConfig
 from transport.shm import ShmTransport
 
 BLOCK, CHUNK, NUM_BLOCKS = 4, 8, 64  # 2 blocks per chunk

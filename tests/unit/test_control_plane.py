@@ -10,16 +10,27 @@ import os
 import pytest
 import zmq
 
+from common.config import ConfigError, load
+from launch.kv_config import kv_transfer_config
 from launch.launcher import own_keys, resolve_auth
 from launch.procs import plan
-from pd.config import ConfigError, CoordinatorConfig, DeploymentConfig, TransportConfig, kv_transfer_config, load
-from pd.connector_scheduler import LoadSpec, PDMetadata, SaveSpec
-from pd.coord_client import CoordinatorClient
-from pd.coordinator import Coordinator
-from pd.curve import ClientKeys, load_client_keys, local_keys_dir, make_keys
-from pd.protocol import Ready
-from tests.unit.test_connector_worker import DST, PROMPT, SRC, _same_blocks, _until, coord, pair  # noqa: F401  (fixtures)
+from pd.config import CoordinatorConfig, DeploymentConfig
+from pd.connector.scheduler import LoadSpec, PDMetadata, SaveSpec
+from pd.coordinator.client import CoordinatorClient
+from pd.coordinator.curve import ClientKeys, load_client_keys, local_keys_dir, make_keys
+from pd.coordinator.protocol import Ready
+from pd.coordinator.server import Coordinator
+from tests.unit.test_connector_worker import (  # noqa: F401  (fixtures)
+    DST,
+    PROMPT,
+    SRC,
+    _same_blocks,
+    _until,
+    coord,
+    pair,
+)
 from transport.base import TransportError
+from transport.config import TransportConfig
 from transport.shm import ShmTransport
 
 

@@ -18,12 +18,30 @@ import pytest
 import zmq
 
 from pd.config import CoordinatorConfig
-from pd.coord_client import AsyncCoordinatorClient, CoordinatorClient, InstanceAgent
-from pd.coordinator import Coordinator
-from pd.protocol import (
-    PROTOCOL_TAG, Abort, Aborted, Ack, Done, Error, Free, Heartbeat, Query, QueryReply, Ready, Register, Wait,
-    WaitTimeout, decode_reply, encode,
+from pd.coordinator.client import (
+    AsyncCoordinatorClient,
+    CoordinatorClient,
+    InstanceAgent,
 )
+from pd.coordinator.protocol import (
+    PROTOCOL_TAG,
+    Abort,
+    Aborted,
+    Ack,
+    Done,
+    Error,
+    Free,
+    Heartbeat,
+    Query,
+    QueryReply,
+    Ready,
+    Register,
+    Wait,
+    WaitTimeout,
+    decode_reply,
+    encode,
+)
+from pd.coordinator.server import Coordinator
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -572,7 +590,7 @@ def test_cli_port_in_use_exits_2_with_one_line():
         busy.bind(("127.0.0.1", 0))
         busy.listen(1)
         port = busy.getsockname()[1]
-        proc = subprocess.run([PYTHON, "-m", "pd.cli", "coordinator", "--port", str(port)], cwd=ROOT,
+        proc = subprocess.run([PYTHON, "-m", "launch.cli", "coordinator", "--port", str(port)], cwd=ROOT,
                               capture_output=True, text=True, timeout=30)
     out = proc.stdout + proc.stderr
     lines = [ln for ln in out.splitlines() if ln.strip()]
@@ -585,7 +603,7 @@ def test_cli_port_in_use_exits_2_with_one_line():
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_cli_coordinator_exits_0_on_signal(sig):
     port = free_port()
-    proc = subprocess.Popen([PYTHON, "-m", "pd.cli", "coordinator", "--port", str(port)], cwd=ROOT,
+    proc = subprocess.Popen([PYTHON, "-m", "launch.cli", "coordinator", "--port", str(port)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     client = CoordinatorClient(f"tcp://127.0.0.1:{port}", timeout_s=0.3)
     try:

@@ -12,15 +12,29 @@ from pathlib import Path
 import pytest
 import zmq
 
-from pd.cli import main
-from pd.config import ConfigError, CoordinatorConfig, ConnectorConfig
-from pd.coord_client import (
-    PROBE_HANDSHAKE, PROBE_OK, PROBE_REFUSED, PROBE_UNREACHABLE, AsyncCoordinatorClient, CoordinatorClient,
-    InstanceAgent, probe,
+from common.config import ConfigError
+from launch.cli import main
+from pd.config import ConnectorConfig, CoordinatorConfig
+from pd.coordinator.client import (
+    PROBE_HANDSHAKE,
+    PROBE_OK,
+    PROBE_REFUSED,
+    PROBE_UNREACHABLE,
+    AsyncCoordinatorClient,
+    CoordinatorClient,
+    InstanceAgent,
+    probe,
 )
-from pd.coordinator import Coordinator
-from pd.curve import ClientKeys, check_bind, client_keys_for, is_loopback, load_client_keys, make_keys
-from pd.protocol import Ack, Ready
+from pd.coordinator.curve import (
+    ClientKeys,
+    check_bind,
+    client_keys_for,
+    is_loopback,
+    load_client_keys,
+    make_keys,
+)
+from pd.coordinator.protocol import Ack, Ready
+from pd.coordinator.server import Coordinator
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -216,7 +230,7 @@ def test_probe_plain_coordinator_and_nothing_listening(keys):
 
 
 def test_pd_coordinator_cli_refuses_insecure_bind_in_one_line(capsys):
-    from pd.coordinator import main as coord_main
+    from pd.coordinator.server import main as coord_main
 
     assert coord_main(["--host", "0.0.0.0", "--port", "5571"]) == 2
     err = capsys.readouterr().err.strip()

@@ -9,9 +9,9 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
-from pd.connector_scheduler import LoadSpec, PDMetadata
-from pd.coord_client import CoordinatorClient, InstanceAgent
-from pd.keys import transfer_key
+from pd.connector.keys import transfer_key
+from pd.connector.scheduler import LoadSpec, PDMetadata
+from pd.coordinator.client import CoordinatorClient, InstanceAgent
 from tests.unit.test_connector_worker import DST, PROMPT, _save, _until, _worker, coord  # noqa: F401 - fixture
 from transport import shm_index
 from transport.shm import ShmTransport

@@ -11,14 +11,15 @@ import struct
 
 import numpy as np
 import pytest
-from hypothesis import example, given, strategies as st
-
 from fuzzing import fuzz_settings, tried
-from pd import chunk as chunkfmt
-from pd.config import Hf3fsConfig, StoreConfig
-from store import usrbio_emulator as emu
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from pd.connector import chunk as chunkfmt
+from store.config import Hf3fsConfig, StoreConfig
 from store.hf3fs import Hf3fsStore
 from store.local import LocalStore, key_to_relpath
+from tests.doubles import usrbio_emulator as emu
 
 pytestmark = pytest.mark.timeout(600)
 

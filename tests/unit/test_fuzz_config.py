@@ -14,11 +14,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import example, given, strategies as st
-
 from fuzzing import fuzz_settings, tried
-from pd.cli import main as cli_main
-from pd.config import ConfigError, DeploymentConfig, load, load_yaml
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from common.config import ConfigError, load
+from launch.cli import main as cli_main
+from pd.config import DeploymentConfig, load_yaml
 
 pytestmark = pytest.mark.timeout(600)
 

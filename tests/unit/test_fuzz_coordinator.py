@@ -11,17 +11,34 @@ import time
 
 import msgspec
 import pytest
-import zmq
-from hypothesis import example, given, strategies as st
-
 import test_coordinator
+import zmq
 from fuzzing import fuzz_settings, open_fds, tried
+from hypothesis import example, given
+from hypothesis import strategies as st
+
 from pd.config import CoordinatorConfig
-from pd.coordinator import Coordinator
-from pd.protocol import (
-    PROTOCOL_TAG, Abort, Aborted, Ack, Done, Error, Free, Heartbeat, ProtocolError, Query, QueryReply, Ready,
-    Register, Wait, WaitTimeout, decode_client, decode_reply, encode,
+from pd.coordinator.protocol import (
+    PROTOCOL_TAG,
+    Abort,
+    Aborted,
+    Ack,
+    Done,
+    Error,
+    Free,
+    Heartbeat,
+    ProtocolError,
+    Query,
+    QueryReply,
+    Ready,
+    Register,
+    Wait,
+    WaitTimeout,
+    decode_client,
+    decode_reply,
+    encode,
 )
+from pd.coordinator.server import Coordinator
 
 pytestmark = pytest.mark.timeout(300)
 

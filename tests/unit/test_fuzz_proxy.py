@@ -15,12 +15,13 @@ import json
 import threading
 
 import pytest
-from hypothesis import example, given, strategies as st
-
 from fuzzing import fuzz_settings, open_fds, tried
-from pd.config import ProxyConfig
-from pd.proxy import Proxy
+from hypothesis import example, given
+from hypothesis import strategies as st
 from vllm_http_double import SERVED, VllmHttpDouble
+
+from pd.config import ProxyConfig
+from pd.proxy.server import Proxy
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -9,12 +9,13 @@ import os
 
 import numpy as np
 import pytest
-from hypothesis import example, given, strategies as st
-
 from fuzzing import fuzz_settings, tried
-from pd.config import TransportConfig
+from hypothesis import example, given
+from hypothesis import strategies as st
+
 from transport import arena as arena_mod
 from transport import shm_index
+from transport.config import TransportConfig
 from transport.shm import ShmTransport
 
 pytestmark = pytest.mark.timeout(600)

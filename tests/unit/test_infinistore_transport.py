@@ -19,12 +19,20 @@ import uuid
 
 import numpy as np
 import pytest
-
-from pd.cli import main
-from pd.config import ConfigError, DeploymentConfig, InfinistoreConfig, TransportConfig, load
 from test_transport_contract import free_ports
-from transport.base import TransportError, make_transport, server_specs
-from transport.infinistore_server import ROOT, VERBS_DOUBLE, rdma_devices, run_server, unavailable
+
+from common.config import ConfigError, load
+from launch.cli import main
+from pd.config import DeploymentConfig
+from transport import TransportError, make_transport, server_specs
+from transport.config import InfinistoreConfig, TransportConfig
+from transport.infinistore_server import (
+    ROOT,
+    VERBS_DOUBLE,
+    rdma_devices,
+    run_server,
+    unavailable,
+)
 
 NO_RDMA = "" if rdma_devices() else "no RDMA device here (ibv_devices lists none)"
 
@@ -248,7 +256,7 @@ def test_bench_tiny_run(capsys):
     """pd bench transport --transport infinistore: the peer (started here) starts the server; TCP columns."""
     import argparse
 
-    from transport import bench
+    from launch.bench import transport as bench
 
     why = unavailable()
     if why:

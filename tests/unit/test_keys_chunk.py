@@ -1,14 +1,20 @@
 """Keys and chunk format."""
+import struct
 import subprocess
 import sys
-
-import struct
 
 import numpy as np
 import pytest
 
-from pd import chunk as C
-from pd.keys import chunk_hashes, chunk_keys, key_digest, layout_fingerprint, make_namespace, transfer_key
+from pd.connector import chunk as C
+from pd.connector.keys import (
+    chunk_hashes,
+    chunk_keys,
+    key_digest,
+    layout_fingerprint,
+    make_namespace,
+    transfer_key,
+)
 
 
 def test_equal_prefixes_give_equal_keys_and_divergence_changes_the_rest():
@@ -31,7 +37,7 @@ def test_partial_chunk_differs_from_full_chunk_with_same_start():
 
 
 def test_keys_do_not_depend_on_python_hash_seed():
-    code = "from pd.keys import chunk_keys; print(chunk_keys('ns', 1, list(range(300)), 256))"
+    code = "from pd.connector.keys import chunk_keys; print(chunk_keys('ns', 1, list(range(300)), 256))"
     outs = {subprocess.run([sys.executable, "-c", code], env={"PYTHONHASHSEED": s, "PATH": ""},
                            capture_output=True, text=True, check=True).stdout for s in ("1", "2")}
     assert len(outs) == 1
@@ -121,7 +127,7 @@ def test_unknown_header_flags_are_refused():
 def test_request_seed_covers_what_vllm_block_hashes_cover():
     from types import SimpleNamespace as NS
 
-    from pd.keys import request_seed
+    from pd.connector.keys import request_seed
 
     def req(**kw):
         return NS(**{"prompt_embeds": None, "lora_request": None, "cache_salt": None, "mm_features": [], **kw})

@@ -1,11 +1,11 @@
-"""Chunks cut by KV-head group (pd.heads, KVLayout parts): one TP size's pages into another's."""
+"""Chunks cut by KV-head group (pd.connector.heads, KVLayout parts): one TP size's pages into another's."""
 import pytest
 import torch
 
-from pd.chunk import HEADER_SIZE
-from pd.config import ConfigError
-from pd.heads import lcm, resolve
-from pd.kv_layout import KVLayout
+from common.config import ConfigError
+from pd.connector.chunk import HEADER_SIZE
+from pd.connector.heads import lcm, resolve
+from pd.connector.kv_layout import KVLayout
 
 N, D, L, NB = 4, 8, 3, 12  # tokens per block, head size, layers, blocks
 # vLLM's per-layer layouts with h KV heads: build(h) -> one layer's tensor, (block dim, head dim)
@@ -129,7 +129,7 @@ def test_default_is_one_group_per_rank():
 
 
 def test_model_kv_heads_reads_config_json(tmp_path):
-    from pd.heads import model_kv_heads
+    from pd.connector.heads import model_kv_heads
 
     (tmp_path / "config.json").write_text('{"text_config": {"num_key_value_heads": 8, "num_attention_heads": 32}}')
     assert model_kv_heads(str(tmp_path)) == 8
@@ -141,7 +141,7 @@ def test_model_kv_heads_reads_config_json(tmp_path):
 def test_bench_kv_times_head_groups(capsys):
     import argparse
 
-    from pd import bench_kv
+    from launch.bench import kv as bench_kv
 
     p = argparse.ArgumentParser()
     bench_kv.add_arguments(p)

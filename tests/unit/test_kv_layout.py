@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from pd.chunk import HEADER_SIZE
-from pd.kv_layout import KVLayout, StagingPool
+from pd.connector.chunk import HEADER_SIZE
+from pd.connector.kv_layout import KVLayout, StagingPool
 
 
 def _caches(n_layers=3, num_blocks=20, heads=2, block=4, head=8, dtype=torch.bfloat16, seed=0):

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from pd.cli import main
+from common.config import ConfigError, load
+from launch.cli import main
 from launch.procs import cpu_binds, plan
-from pd.config import ConfigError, DeploymentConfig, load
+from pd.config import DeploymentConfig
 from tests.unit.test_launcher import free_port as _port
 
 

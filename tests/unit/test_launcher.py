@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from common.config import ConfigError, load
+from launch.cli import main
 from launch.launcher import ChildDied, Deployment, exit_text
 from launch.procs import ProcSpec, check_ports, check_store, cpu_binds, plan
-from pd.cli import main
-from pd.config import ConfigError, DeploymentConfig, load
+from pd.config import DeploymentConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -85,7 +86,7 @@ def write_yaml(tmp_path: Path, cfg: dict) -> Path:
 
 
 def pd_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pd.cli", *args], capture_output=True, text=True, timeout=timeout,
+    return subprocess.run([sys.executable, "-m", "launch.cli", *args], capture_output=True, text=True, timeout=timeout,
                           cwd=ROOT)
 
 
@@ -120,7 +121,7 @@ def test_dry_run_pd(model, tmp_path, capsys):
     assert list(procs) == ["coordinator", "prefill-0", "decode-0", "decode-1", "proxy"]
     assert not (tmp_path / "run").exists()  # a dry run starts nothing and writes nothing
     _, coord = procs["coordinator"]
-    assert coord[1:4] == ["-m", "pd.cli", "coordinator"] and flag(coord, "--port") == str(cfg["coordinator"]["port"])
+    assert coord[1:4] == ["-m", "launch.cli", "coordinator"] and flag(coord, "--port") == str(cfg["coordinator"]["port"])
     for i, name in enumerate(["prefill-0", "decode-0", "decode-1"]):
         env, argv = procs[name]
         assert argv[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
@@ -377,7 +378,7 @@ LAUNCH_WITH_FAKES = textwrap.dedent("""
     from launch.procs import ProcSpec
     specs = [ProcSpec(**s) for s in json.loads(sys.argv[1])]
     launcher.plan = lambda dep: specs
-    from pd.cli import main
+    from launch.cli import main
     sys.exit(main(sys.argv[2:]))
 """)
 
@@ -474,7 +475,7 @@ def leftovers(*needles: str) -> list[str]:
         cmd = " ".join(p.info["cmdline"] or [])
         if p.info["status"] == psutil.STATUS_ZOMBIE or p.pid == os.getpid():
             continue
-        if ("pd.cli" in cmd or "vllm" in cmd) and any(n in cmd for n in needles):
+        if ("launch.cli" in cmd or "vllm" in cmd) and any(n in cmd for n in needles):
             found.append(f"{p.pid}: {cmd}")
     return found
 
@@ -482,7 +483,7 @@ def leftovers(*needles: str) -> list[str]:
 def run_launch(tmp_path: Path, cfg: dict, *args: str) -> subprocess.CompletedProcess:
     """``pd launch`` (not a dry run) that must fail before starting anything; never leaves a child."""
     needles = [str(tmp_path)] + [f"--port {cfg[k]['port']}" for k in ("proxy", "coordinator") if k in cfg]
-    proc = subprocess.Popen([sys.executable, "-m", "pd.cli", "launch", *args], cwd=ROOT, text=True,
+    proc = subprocess.Popen([sys.executable, "-m", "launch.cli", "launch", *args], cwd=ROOT, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
         out, err = proc.communicate(timeout=30)
@@ -715,7 +716,7 @@ def test_bad_store_flags_exit_2(model, tmp_path, capsys, args, words):
 
 
 def test_hf3fs_store_is_checked_before_anything_starts(model, tmp_path, capsys, monkeypatch, usrbio_double):
-    from store import usrbio_emulator as emu
+    from tests.doubles import usrbio_emulator as emu
 
     cfg = write_yaml(tmp_path, free_config(model, tmp_path))
     plain = tmp_path / "plain"

@@ -111,7 +111,7 @@ def test_cli_bad_argument_is_one_line(tmp_path):
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "pd.cli", "make-model", str(tmp_path / "x"), "--hidden", "48",
+    r = subprocess.run([sys.executable, "-m", "launch.cli", "make-model", str(tmp_path / "x"), "--hidden", "48",
                         "--heads", "2", "--kv-heads", "1"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
@@ -193,7 +193,7 @@ def test_bad_arguments_messages_and_nothing_written(tmp_path, kwargs, needle):
 def test_defaults_are_valid_and_match_the_cli():
     import inspect
 
-    from pd.cli import build_parser
+    from launch.cli import build_parser
 
     d = {k: p.default for k, p in inspect.signature(make_model).parameters.items() if k != "out"}
     assert d["arch"] in ("llama", "qwen2")
@@ -208,7 +208,7 @@ def test_cli_bad_choice_exits_2(tmp_path):
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "pd.cli", "make-model", str(tmp_path / "x"), "--arch", "gpt"],
+    r = subprocess.run([sys.executable, "-m", "launch.cli", "make-model", str(tmp_path / "x"), "--arch", "gpt"],
                        capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[2])
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("pd make-model: error: argument --arch: invalid choice")

@@ -15,12 +15,14 @@ import uuid
 
 import numpy as np
 import pytest
-
-from pd.config import ConfigError, DeploymentConfig, MooncakeConfig, TransportConfig, load
 from test_transport_contract import close_all, free_ports, mooncake_installed
+
+from common.config import ConfigError, load
+from pd.config import DeploymentConfig
+from transport import TransportError, make_transport, server_specs
 from transport import mooncake as mc
 from transport import mooncake_master as mm
-from transport.base import TransportError, make_transport, server_specs
+from transport.config import MooncakeConfig, TransportConfig
 
 MB = 1 << 20
 SPAWN = mp.get_context("spawn")
@@ -344,7 +346,7 @@ def test_bench_tiny_run(capsys):
     """pd bench transport --transport mooncake: a master and a peer started here, the TCP columns."""
     import argparse
 
-    from transport import bench
+    from launch.bench import transport as bench
 
     p = argparse.ArgumentParser()
     bench.add_arguments(p)

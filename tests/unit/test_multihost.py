@@ -14,14 +14,15 @@ from pathlib import Path
 import pytest
 import yaml
 
+from common.config import ConfigError, load, merge
 from launch import launcher
+from launch.cli import main
 from launch.launcher import ChildDied, Deployment, parse_set, preflight
 from launch.procs import check_ports, plan
 from launch.topology import layout
-from pd.cli import main
-from pd.config import ConfigError, CoordinatorConfig, DeploymentConfig, load, merge
-from pd.coordinator import Coordinator
-from pd.curve import make_keys
+from pd.config import CoordinatorConfig, DeploymentConfig
+from pd.coordinator.curve import make_keys
+from pd.coordinator.server import Coordinator
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -376,7 +377,7 @@ def test_api_token_reaches_instances_from_a_file_and_the_proxy(model, tmp_path, 
 
 
 def test_transport_servers_run_with_the_control_share(model, monkeypatch):
-    from transport import base
+    from launch import procs
 
     seen = []
 
@@ -385,7 +386,7 @@ def test_transport_servers_run_with_the_control_share(model, monkeypatch):
         return [{"name": "kv-master", "argv": ["kv-master", "--port", "7001"], "host": "0.0.0.0", "port": 7001,
                  "env": {"A": "1"}}]
 
-    monkeypatch.setattr(base, "server_specs", fake_server_specs, raising=False)
+    monkeypatch.setattr(procs, "server_specs", fake_server_specs)
     dep = load(DeploymentConfig, {"model": str(model), "connector": {"transport": {"kind": "none"}}})
     specs = plan(dep, "control")
     assert [s.name for s in specs] == ["coordinator", "kv-master", "proxy"] and seen
@@ -396,7 +397,7 @@ def test_transport_servers_run_with_the_control_share(model, monkeypatch):
     from launch.procs import wanted_ports
 
     assert ("kv-master", "0.0.0.0", 7001) in wanted_ports(dep, "control")
-    monkeypatch.setattr(base, "server_specs", lambda cfg: [], raising=False)
+    monkeypatch.setattr(procs, "server_specs", lambda cfg: [])
     assert [s.name for s in plan(dep, "control")] == ["coordinator", "proxy"]
 
 

@@ -4,9 +4,27 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from pd.protocol import (
-    PROTOCOL_TAG, Abort, Ack, Aborted, Done, Error, Free, Heartbeat, InstanceInfo, ProtocolError, Query,
-    QueryReply, Ready, Register, TransferRecord, Wait, WaitTimeout, decode_client, decode_reply, encode,
+from pd.coordinator.protocol import (
+    PROTOCOL_TAG,
+    Abort,
+    Aborted,
+    Ack,
+    Done,
+    Error,
+    Free,
+    Heartbeat,
+    InstanceInfo,
+    ProtocolError,
+    Query,
+    QueryReply,
+    Ready,
+    Register,
+    TransferRecord,
+    Wait,
+    WaitTimeout,
+    decode_client,
+    decode_reply,
+    encode,
 )
 
 CLIENT_MSGS = [

@@ -11,10 +11,10 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from pd.cli import main as cli_main
+from launch.cli import main as cli_main
 from pd.config import ProxyConfig
-from pd.protocol import QueryReply, TransferRecord
-from pd.proxy import Proxy
+from pd.coordinator.protocol import QueryReply, TransferRecord
+from pd.proxy.server import Proxy
 
 N_CHUNKS = 4
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from pd.cli import main as cli_main
+from launch.cli import main as cli_main
 from tests.unit.test_proxy import REQ, FakeCoord, deployment, eventually, run
 
 

@@ -5,10 +5,10 @@ import sys
 
 import pytest
 
+from common.config import load
 from launch.scratch_store import ScratchStore
-from pd.config import DeploymentConfig, load
+from pd.config import DeploymentConfig
 from store import make_store
-
 
 
 def _no_usrbio(monkeypatch):

@@ -15,12 +15,11 @@ import uuid
 import numpy as np
 import pytest
 
-from pd import chunk
-from pd.config import TransportConfig
-from pd.keys import chunk_keys, key_digest, layout_fingerprint, transfer_key
+from pd.connector import chunk
+from pd.connector.keys import chunk_keys, key_digest, layout_fingerprint, transfer_key
+from transport import Transport, ZeroCopyTransport, make_transport, shm_maps
 from transport import arena as arena_mod
-from transport import shm_maps
-from transport.base import Transport, ZeroCopyTransport, make_transport
+from transport.config import TransportConfig
 from transport.shm import ShmTransport, cleanup_pool, key_to_name, name_to_key, pool_dir
 
 FP = layout_fingerprint(model="m", dtype="bf16", layers=2)
@@ -631,7 +630,7 @@ def test_first_fit_allocator():
 def _bench_args(*argv: str):
     import argparse
 
-    from transport import bench
+    from launch.bench import transport as bench
 
     p = argparse.ArgumentParser()
     bench.add_arguments(p)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from pd import cli
+from launch import cli
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -45,7 +45,7 @@ def test_only_o_direct_rows(tmp_path, capsys):
 @pytest.mark.parametrize("backend, words", [("hf3fs", ["hf3fs_py_usrbio", "PYTHONPATH=tests/doubles"]),
                                             ("nfs", ["unknown store backend", "local", "hf3fs"])])
 def test_bad_backend_exit_2(tmp_path, backend, words):
-    p = subprocess.run([sys.executable, "-m", "pd.cli", "bench", "store", "--backend", backend,
+    p = subprocess.run([sys.executable, "-m", "launch.cli", "bench", "store", "--backend", backend,
                         "--path", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2
     assert "Traceback" not in p.stderr + p.stdout
@@ -65,7 +65,7 @@ def test_hf3fs_on_the_emulator_says_so(tmp_path):
     """With tests/doubles on the path, hf3fs_fuse.io is the emulator: the run works and its
     header says the figures are not 3FS figures."""
     env = {**os.environ, "PYTHONPATH": str(ROOT / "tests" / "doubles")}
-    p = subprocess.run([sys.executable, "-m", "pd.cli", "bench", "store", "--backend", "hf3fs",
+    p = subprocess.run([sys.executable, "-m", "launch.cli", "bench", "store", "--backend", "hf3fs",
                         "--path", str(tmp_path), "--sizes", "256K,1M", "--total-mb", "2", "--iters", "1"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert p.returncode == 0, p.stderr

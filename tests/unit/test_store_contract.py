@@ -1,6 +1,6 @@
 """The same behavioural tests for every store backend: store/local and store/hf3fs.
 
-store/hf3fs runs on the USRBIO emulator (``store.usrbio_emulator``, a test double of
+store/hf3fs runs on the USRBIO emulator (``tests.doubles.usrbio_emulator``, a test double of
 ``hf3fs_fuse.io`` over local files, put on the path as ``hf3fs_fuse.io`` from tests/doubles),
 built through ``store.make_store`` as an instance builds it. No real 3FS is involved.
 """
@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from pd.config import Hf3fsConfig, StoreConfig
-from store import KVStore, make_store
-from store import usrbio_emulator as emu
 from conftest import round_trip
+
+from store import KVStore, make_store
+from store.config import Hf3fsConfig, StoreConfig
+from tests.doubles import usrbio_emulator as emu
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]

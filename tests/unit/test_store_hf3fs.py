@@ -1,4 +1,4 @@
-"""Hf3fsStore against store.usrbio_emulator (a test double of hf3fs_fuse.io over local files).
+"""Hf3fsStore against tests.doubles.usrbio_emulator (a test double of hf3fs_fuse.io over local files).
 
 No real 3FS cluster is involved: these tests check the store's logic (slabs, index log, slot
 headers, batching, queue, errors), not 3FS itself."""
@@ -11,12 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from pd.config import ConfigError, Hf3fsConfig, StoreConfig, load
-from store import KVStore, make_store
-from store import usrbio_emulator as emu
 from conftest import round_trip
+
+from common.config import ConfigError, load
+from store import KVStore, make_store
+from store.config import Hf3fsConfig, StoreConfig
 from store.hf3fs import MISSING_MODULE, Hf3fsStore, _View
+from tests.doubles import usrbio_emulator as emu
 
 NS = "model-0123456789abcdef"
 

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from pd.config import StoreConfig
-from store import KVStore, make_store
-from store import local
 from conftest import round_trip
+
+from store import KVStore, local, make_store
+from store.config import StoreConfig
 from store.local import MAGIC, TMP_PREFIX, LocalStore, key_to_relpath
 
 HERE = Path(__file__).resolve().parent

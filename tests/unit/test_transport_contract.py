@@ -20,10 +20,10 @@ import uuid
 import numpy as np
 import pytest
 
-from pd import chunk
-from pd.config import InfinistoreConfig, MooncakeConfig, TransportConfig
-from pd.keys import chunk_keys, key_digest, layout_fingerprint, transfer_key
-from transport.base import Transport, ZeroCopyTransport, make_transport
+from pd.connector import chunk
+from pd.connector.keys import chunk_keys, key_digest, layout_fingerprint, transfer_key
+from transport import Transport, ZeroCopyTransport, make_transport
+from transport.config import InfinistoreConfig, MooncakeConfig, TransportConfig
 
 FP = layout_fingerprint(model="m", dtype="bf16", layers=2)
 MB = 1 << 20
@@ -86,7 +86,12 @@ def mooncake_master():
 def infinistore_server(tmp_path_factory):
     """The real InfiniStore server on free ports, TCP mode, for this module's tests: (its
     InfinistoreConfig, a list of transports to close before it stops)."""
-    from transport.infinistore_server import VERBS_DOUBLE, rdma_devices, run_server, unavailable
+    from transport.infinistore_server import (
+        VERBS_DOUBLE,
+        rdma_devices,
+        run_server,
+        unavailable,
+    )
 
     why = unavailable()
     if why:

@@ -24,7 +24,7 @@ between pages or runs are never copied, so the payload depends only on ``layout`
 dims in memory order, ``size@logical dim``); equal ``layout`` and dtype = interchangeable pages.
 Blocks move as opaque bytes (the CPU backend packs K/V in an ISA-specific format).
 
-Head groups (tensor parallelism, ``pd.heads``): given ``heads`` (the KV heads of this rank),
+Head groups (tensor parallelism, ``pd.connector.heads``): given ``heads`` (the KV heads of this rank),
 the KV-head dim is found in vLLM's logical per-layer shape (dim 1 of the 4-d
 [blocks, heads, tokens, content], dim 3 of the 5-d [2, blocks, tokens, heads, head] /
 [blocks, 2, tokens, heads, head]) and a chunk may hold a contiguous range of heads: per layer,
@@ -43,8 +43,8 @@ from typing import Iterator
 
 import torch
 
-from pd.chunk import HEADER_SIZE
-from pd.keys import layout_fingerprint
+from pd.connector.chunk import HEADER_SIZE
+from pd.connector.keys import layout_fingerprint
 
 SUPPORTED = ("supported: a block dim 0 (or 1 after a K/V pair of size 2) of num_blocks entries, "
              "a contiguous innermost dim, non-overlapping dims, the same layout in every layer")

@@ -21,9 +21,14 @@ log = logging.getLogger(__name__)
 def serve_server(host: str, req: dict, procs: list) -> dict:
     """The peer's side of ``op: infinistore``: start a server on ``host`` (free ports), keep its
     Popen in ``procs``; answers ``{"ok", "url"}`` or ``{"ok": False, "error"}``."""
-    from pd.config import InfinistoreConfig
-    from transport.bench import _free_ports
-    from transport.infinistore_server import VERBS_DOUBLE, rdma_devices, run_server, unavailable
+    from launch.bench.transport import _free_ports
+    from transport.config import InfinistoreConfig
+    from transport.infinistore_server import (
+        VERBS_DOUBLE,
+        rdma_devices,
+        run_server,
+        unavailable,
+    )
 
     why = unavailable()
     if why:
@@ -42,10 +47,21 @@ def serve_server(host: str, req: dict, procs: list) -> dict:
 
 def run_infinistore(args: argparse.Namespace, sizes: list[int]) -> int:
     """The table of ``_bench_size`` through InfiniStore, with the TCP stream columns."""
-    from pd.config import ConfigError, InfinistoreConfig, TransportConfig
+    from common.config import ConfigError
+    from launch.bench.transport import (
+        LAT_SAMPLES,
+        _connect,
+        _counts,
+        _print_header,
+        _recv_line,
+        _send_json,
+        _start_peer,
+        format_tcp_table,
+        measure_with_tcp,
+        stop_peer,
+    )
     from transport.base import TransportError
-    from transport.bench import (LAT_SAMPLES, _connect, _counts, _print_header, _recv_line, _send_json,
-                                 _start_peer, format_tcp_table, measure_with_tcp, stop_peer)
+    from transport.config import InfinistoreConfig, TransportConfig
     from transport.infinistore import InfinistoreTransport
 
     _, span = _counts(args, sizes)

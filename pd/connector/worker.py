@@ -8,7 +8,7 @@ zero-copy transport (shm) the gather writes straight into the transport's shared
 from the paged cache (one DMA on a GPU) and nothing else. A request's jobs publish in order; the
 scheduler holds its blocks until every job has read them.
 
-Load jobs (consumer, ``pd.connector_load``): WAIT at the coordinator, load the chunks published
+Load jobs (consumer, ``pd.connector.load``): WAIT at the coordinator, load the chunks published
 so far, wait for more, until the final READY; each chunk is checked against keys computed from
 the prompt before it is scattered.
 """
@@ -21,14 +21,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
-from pd import chunk as chunkfmt
 from pd.config import ConnectorConfig
-from pd.connector_load import LoadMixin
-from pd.connector_scheduler import PDMetadata, SaveSpec
-from pd.keys import chunk_hashes, chunk_key, key_digest, transfer_key
-from pd.heads import HeadGroups
-from pd.kv_layout import KVLayout, StagingPool
-from pd.protocol import Ready
+from pd.connector import chunk as chunkfmt
+from pd.connector.heads import HeadGroups
+from pd.connector.keys import chunk_hashes, chunk_key, key_digest, transfer_key
+from pd.connector.kv_layout import KVLayout, StagingPool
+from pd.connector.load import LoadMixin
+from pd.connector.scheduler import PDMetadata, SaveSpec
+from pd.coordinator.protocol import Ready
 
 logger = logging.getLogger("pd.connector")
 
@@ -51,7 +51,7 @@ class WorkerSide(LoadMixin):
         # Zero-copy transports hand out slots of shared memory to gather into and scatter from.
         self.zero_copy = transport is not None and hasattr(transport, "reserve")
         self.store = store
-        # Head groups (pd.heads): the groups this rank saves or loads, each its own chunks, keys,
+        # Head groups (pd.connector.heads): the groups this rank saves or loads, each its own chunks, keys,
         # READY/WAIT/DONE and store shard; without ``heads`` one group, numbered as the rank.
         self.heads = heads
         self.owned = heads.owned if heads is not None else [rank]
@@ -86,7 +86,7 @@ class WorkerSide(LoadMixin):
     # ---- setup -------------------------------------------------------------------------
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
-        from pd.keys import make_namespace
+        from pd.connector.keys import make_namespace
 
         extra = {"num_blocks": self.num_blocks} if self.num_blocks else {}
         if self.heads is not None:
@@ -135,7 +135,7 @@ class WorkerSide(LoadMixin):
 
     def _keys(self, token_ids: list[int], seed: bytes | None = b"", group: int | None = None) -> list[str]:
         """The prompt's chunk keys of head ``group`` (default: this rank's first); ``seed``:
-        ``pd.keys.request_seed`` of the request."""
+        ``pd.connector.keys.request_seed`` of the request."""
         g = self.owned[0] if group is None else group
         return [chunk_key(self.namespace, g, h) for h in chunk_hashes(token_ids, self.cfg.chunk_size, seed or b"")]
 
@@ -315,6 +315,6 @@ class WorkerSide(LoadMixin):
 
 def _with_physical(spec_fingerprint: bytes, physical: str) -> bytes:
     """The spec's fingerprint combined with the physical page layout."""
-    from pd.keys import layout_fingerprint
+    from pd.connector.keys import layout_fingerprint
 
     return layout_fingerprint(spec=spec_fingerprint.hex(), physical=physical)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from math import gcd
 from pathlib import Path
 
-from pd.config import ConfigError
+from common.config import ConfigError
 
 
 def lcm(a: int, b: int) -> int:

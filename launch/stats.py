@@ -5,7 +5,8 @@ import argparse
 
 import msgspec
 
-from pd.config import ConfigError, CoordinatorConfig
+from common.config import ConfigError
+from pd.config import CoordinatorConfig
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _target(args: argparse.Namespace):
     """(address, ClientKeys or None) from --config and the flags."""
     from pd.config import load_yaml
-    from pd.curve import load_client_keys
+    from pd.coordinator.curve import load_client_keys
 
     dep = load_yaml(args.config) if getattr(args, "config", None) else None
     cfg = dep.coordinator if dep is not None else CoordinatorConfig()
@@ -33,7 +34,7 @@ def _target(args: argparse.Namespace):
         address = layout(dep).coordinator_address
     else:
         address = cfg.address
-    from pd.curve import effective_auth, local_keys_dir
+    from pd.coordinator.curve import effective_auth, local_keys_dir
 
     keys_dir = getattr(args, "keys_dir", None) or (cfg.keys_dir if effective_auth(cfg) == "curve" else "")
     if not keys_dir and cfg.auth == "auto":  # the keys pd launch made for a one-host deployment
@@ -51,11 +52,11 @@ def run(args: argparse.Namespace) -> int:
     """Print what the coordinator knows; ConfigError (exit 2) if it does not answer."""
     import logging
 
-    from pd.coord_client import CoordinatorClient
+    from pd.coordinator.client import CoordinatorClient
 
     if not getattr(args, "verbose", False):  # no answer is reported once, as the error below
         logging.getLogger("pd.coordinator.client").setLevel(logging.ERROR)
-    from pd.coord_client import PROBE_OK, probe
+    from pd.coordinator.client import PROBE_OK, probe
 
     address, keys = _target(args)
     client = CoordinatorClient(address, timeout_s=3, keys=keys)

@@ -14,12 +14,12 @@ decoding: another answer means another request's KV, or torn KV, was used). A
 ``--fresh-fraction`` of the requests carry a prompt never sent before instead: new chunks for
 the transport and the store (which fills to its budget and evicts over a long soak).
 
-Every ``--interval`` seconds it samples (``launch.soak_probe``): resident memory, open file
+Every ``--interval`` seconds it samples (``launch.bench.soak_probe``): resident memory, open file
 descriptors and threads of every process of the deployment (the launcher, proxy, coordinator,
 each vLLM instance and its engine processes), the shm pool's live values and bytes, the store's
 files and bytes, the coordinator's held READYs and parked WAITs and its error counters, the
 proxy's answers by status, vLLM's KV cache usage; and prints a line. At the end: each process
-over time, the verdict on every series (``launch.soak_verdict``), and what was left once the
+over time, the verdict on every series (``launch.bench.soak_verdict``), and what was left once the
 traffic stopped (after up to ``--drain-s``: no held READY, no parked WAIT, no value in the pool,
 KV cache usage 0). Exit 0 when every series stayed flat, no request failed (other than those
 the client aborted), no answer differed and nothing was left; else 1.
@@ -38,8 +38,8 @@ import urllib.request
 from collections import Counter
 from dataclasses import dataclass
 
-from launch import soak_probe as probe
-from launch.soak_report import leftovers, line, report
+from launch.bench import soak_probe as probe
+from launch.bench.soak_report import leftovers, line, report
 
 VOCAB = (16, 4000)  # token ids used for prompts (the test model has 4096)
 
@@ -275,7 +275,8 @@ def soak(target: Target, args, progress=print) -> tuple[list[dict], dict, Traffi
 
 
 def _deployment(args, store_dir: str | None):
-    from pd.config import DeploymentConfig, load, load_yaml, merge
+    from common.config import load, merge
+    from pd.config import DeploymentConfig, load_yaml
 
     if args.config:
         return load_yaml(args.config)
@@ -298,7 +299,7 @@ def target_for(dep, url: str, procs: probe.Processes) -> Target:
                  if s.health_url and s.name not in ("proxy",)}
     key = None
     if dep.proxy.api_key_file:
-        from pd.curve import read_token
+        from pd.coordinator.curve import read_token
 
         key = read_token(dep.proxy.api_key_file, "proxy.api_key_file")
     return Target(url, served_name(dep), procs, pool_dir(t) if dep.mode == "pd" and t.kind == "shm" else None,
@@ -308,7 +309,8 @@ def target_for(dep, url: str, procs: probe.Processes) -> Target:
 def run(args) -> int:
     check_args(args)
     if args.url:
-        from pd.config import DeploymentConfig, load, load_yaml
+        from common.config import load
+        from pd.config import DeploymentConfig, load_yaml
 
         dep = load_yaml(args.config) if args.config else load(DeploymentConfig, {})
         pid = args.pid

@@ -15,10 +15,11 @@ import statistics
 import time
 import urllib.request
 
+from common.config import load, merge
 from launch.launcher import Deployment
 from launch.procs import check_model, check_ports
 from launch.scratch_store import ScratchStore
-from pd.config import DeploymentConfig, load, merge
+from pd.config import DeploymentConfig
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

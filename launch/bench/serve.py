@@ -21,7 +21,7 @@ Long prefills stall the decoding of other requests on a colocated instance; on a
 they run on the prefill instance, so the short requests' TPOT/ITL tails are where P/D should win,
 and TTFT of long prompts is where it pays (the transfer).
 
-``--device cuda`` (``launch.bench_gpu``) runs the same on GPUs, with a third mode ``nixl`` (vLLM's
+``--device cuda`` (``launch.bench.gpu``) runs the same on GPUs, with a third mode ``nixl`` (vLLM's
 NixlConnector), a one-request-at-a-time phase before the Poisson one, and the KV transfer time as
 a share of TTFT; see scripts/gpu/README.md.
 """
@@ -36,9 +36,10 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 
+from common.config import load, merge
 from launch.launcher import Deployment
 from launch.procs import check_model, check_ports, served_name
-from pd.config import DeploymentConfig, load, merge
+from pd.config import DeploymentConfig
 
 VOCAB = (16, 4000)  # token ids used for prompts (the test model has 4096)
 
@@ -59,8 +60,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--port", type=int, default=8000, help="proxy port (default 8000)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                   help="cuda: on GPUs, modes pd, colocated and nixl (launch.bench_gpu; its options below)")
-    from launch.bench_gpu import add_gpu_arguments
+                   help="cuda: on GPUs, modes pd, colocated and nixl (launch.bench.gpu; its options below)")
+    from launch.bench.gpu import add_gpu_arguments
 
     add_gpu_arguments(p)
 
@@ -230,7 +231,7 @@ def _deployment(mode: str, model: str, args) -> DeploymentConfig:
 
 def run(args) -> int:
     if getattr(args, "device", "cpu") == "cuda":
-        from launch.bench_gpu import run_gpu
+        from launch.bench.gpu import run_gpu
 
         return run_gpu(args)
     model = str(check_model(args.model))

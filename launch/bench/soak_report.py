@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from launch.soak_verdict import format_verdicts, judge_all
+from launch.bench.soak_verdict import format_verdicts, judge_all
 
 if TYPE_CHECKING:
-    from launch.bench_soak import Target, Traffic
+    from launch.bench.soak import Target, Traffic
 
 
 def line(s: dict) -> str:

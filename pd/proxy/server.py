@@ -36,10 +36,18 @@ import aiohttp
 import msgspec
 from aiohttp import web
 
-from pd.config import ConfigError, ProxyConfig, merge
-from pd.proxy_metrics import CONTENT_TYPE, ProxyMetrics
-from pd.proxy_routing import (
-    POLICIES, Pool, UpstreamError, client_transfer_params, decode_body, error_body, parse_urls, prefill_body,
+from common.config import ConfigError, merge
+from pd.config import ProxyConfig
+from pd.proxy.metrics import CONTENT_TYPE, ProxyMetrics
+from pd.proxy.routing import (
+    POLICIES,
+    Pool,
+    UpstreamError,
+    client_transfer_params,
+    decode_body,
+    error_body,
+    parse_urls,
+    prefill_body,
 )
 
 logger = logging.getLogger("pd.proxy")
@@ -82,7 +90,7 @@ class _Started:
 class Proxy:
     """The proxy in front of ``prefill_urls``/``decode_urls`` (colocated mode: ``decode_urls`` only).
 
-    ``coordinator`` is the coordinator's address (``coordinator_keys``: CurveZMQ ``pd.curve.ClientKeys``);
+    ``coordinator`` is the coordinator's address (``coordinator_keys``: CurveZMQ ``pd.coordinator.curve.ClientKeys``);
     without one, aborts are skipped, ``/pd/transfers`` answers 503 and ``/metrics`` has only the
     proxy's own series.
     """
@@ -145,7 +153,7 @@ class Proxy:
         connector = aiohttp.TCPConnector(limit=1024, keepalive_timeout=UPSTREAM_KEEPALIVE_S)
         self.session = aiohttp.ClientSession(timeout=timeout, connector=connector)
         if self.coordinator_address and self.coord is None:
-            from pd.coord_client import AsyncCoordinatorClient
+            from pd.coordinator.client import AsyncCoordinatorClient
 
             self.coord = AsyncCoordinatorClient(self.coordinator_address, keys=self.coordinator_keys)
 
@@ -519,17 +527,17 @@ def run(args: argparse.Namespace) -> int:
     else:
         keys = None
         if getattr(args, "coordinator_keys_dir", None):
-            from pd.curve import load_client_keys
+            from pd.coordinator.curve import load_client_keys
 
             keys = load_client_keys(args.coordinator_keys_dir, args.coordinator_client_key, "--coordinator-keys-dir")
         proxy = Proxy(parse_urls(args.prefill, "--prefill"), parse_urls(args.decode, "--decode"), cfg,
                       args.coordinator, coordinator_keys=keys)
     if getattr(args, "upstream_api_key_file", None):
-        from pd.curve import read_token
+        from pd.coordinator.curve import read_token
 
         proxy.upstream_token = read_token(args.upstream_api_key_file, "--upstream-api-key-file")
     if cfg.api_key_file:
-        from pd.curve import read_token
+        from pd.coordinator.curve import read_token
 
         proxy.api_key = read_token(cfg.api_key_file, "--api-key-file (proxy.api_key_file)")
     sock = _listen(cfg.host, cfg.port)

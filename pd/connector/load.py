@@ -1,4 +1,4 @@
-"""The consumer's loads (a mixin of ``pd.connector_worker.WorkerSide``).
+"""The consumer's loads (a mixin of ``pd.connector.worker.WorkerSide``).
 
 A P/D load streams: WAIT(pd_id, have=chunks loaded) at the coordinator on a wait thread; when a
 READY says more chunks are out, load them on an I/O thread, then wait again, until the final
@@ -11,7 +11,7 @@ once (failed and cancelled ones included) and in one DONE to the coordinator.
 
 A prefix load (no pd_id: a stored prefix found by the scheduler) reads the store alone.
 
-A rank that holds several KV-head groups (``pd.heads``: decode at a lower TP size than prefill)
+A rank that holds several KV-head groups (``pd.connector.heads``: decode at a lower TP size than prefill)
 runs one load per group, each with its own WAIT, chunks, store shard and DONE, each scattering
 into its group's heads; the request is finished when all are, and its failed blocks are the
 union of theirs (vLLM recomputes a block for every head).
@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from pd import chunk as chunkfmt
-from pd.connector_scheduler import LoadSpec
-from pd.keys import key_digest, transfer_key
-from pd.protocol import Aborted, Done, Ready
+from pd.connector import chunk as chunkfmt
+from pd.connector.keys import key_digest, transfer_key
+from pd.connector.scheduler import LoadSpec
+from pd.coordinator.protocol import Aborted, Done, Ready
 
 logger = logging.getLogger("pd.connector")
 
@@ -47,7 +47,7 @@ class _Load:
     ready: bool = False  # a READY was seen (the producer's chunks exist)
     error: str = ""
     store: object = None  # the store to fall back to (None: none, or KV not keyed by tokens)
-    group: int = 0  # the head group this load fills (pd.heads)
+    group: int = 0  # the head group this load fills (pd.connector.heads)
     join: "_Join | None" = None
 
 

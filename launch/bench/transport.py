@@ -247,15 +247,15 @@ def run(args: argparse.Namespace) -> int:
     if args.transport == "mooncake":
         return run_mooncake(args, sizes)
     if args.transport == "infinistore":
-        from transport.bench_infinistore import run_infinistore
+        from launch.bench.infinistore import run_infinistore
 
         return run_infinistore(args, sizes)
     if not os.path.isdir(args.shm_dir):
         log.error("--shm-dir %s is not a directory", args.shm_dir)
         return 2
 
-    from pd.config import TransportConfig
     from transport.arena import slot_bytes
+    from transport.config import TransportConfig
     from transport.shm import ShmTransport, cleanup_pool
 
     counts, span = _counts(args, sizes)
@@ -337,7 +337,7 @@ def serve_peer(host: str, port: int) -> int:
     """The peer endpoint: on request it joins the Mooncake pool with a segment of its memory (so
     the measuring side's puts land here and its gets come from here), and it sinks / sources TCP
     streams into / from a preallocated buffer. Prints its address, then serves until ``quit``."""
-    from pd.config import MooncakeConfig, TransportConfig
+    from transport.config import MooncakeConfig, TransportConfig
     from transport.mooncake import MooncakeTransport
 
     srv = socket.create_server((host, port))
@@ -364,7 +364,7 @@ def serve_peer(host: str, port: int) -> int:
                         transport = None
                         _send_json(conn, {"ok": False, "error": str(e)})
                 elif op == "infinistore":  # an InfiniStore server on this host
-                    from transport.bench_infinistore import serve_server
+                    from launch.bench.infinistore import serve_server
 
                     _send_json(conn, serve_server(host, req, servers))
                 elif op == "sink":  # the stream into a preallocated buffer, then an ack
@@ -423,7 +423,7 @@ def _free_ports(host: str, n: int) -> list[int]:
 
 
 def _start_peer() -> tuple[subprocess.Popen, tuple[str, int]]:
-    p = subprocess.Popen([sys.executable, "-m", "pd.cli", "bench", "transport", "--serve-peer", "--peer-host",
+    p = subprocess.Popen([sys.executable, "-m", "launch.cli", "bench", "transport", "--serve-peer", "--peer-host",
                           "127.0.0.1", "--peer-port", "0"], stdout=subprocess.PIPE, text=True)
     line = p.stdout.readline()
     m = re.search(r"listening on (\S+):(\d+)", line)
@@ -483,8 +483,9 @@ def stop_peer(peer: tuple[str, int], procs: list[subprocess.Popen]) -> None:
 def run_mooncake(args: argparse.Namespace, sizes: list[int]) -> int:
     """``--transport mooncake``: the table of ``_bench_size`` through Mooncake between this
     process and the peer, with a TCP stream of the same bytes between the same two endpoints."""
-    from pd.config import ConfigError, MooncakeConfig, TransportConfig
+    from common.config import ConfigError
     from transport.base import TransportError
+    from transport.config import MooncakeConfig, TransportConfig
     from transport.mooncake import MooncakeTransport
     from transport.mooncake_master import run_master
 

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
-from transport.bench import _fmt_size, _fs_type, _pct, cpu_model, parse_size
+from launch.bench.transport import _fmt_size, _fs_type, _pct, cpu_model, parse_size
 
 log = logging.getLogger(__name__)
 
@@ -300,7 +300,7 @@ def _usrbio():
 
 def _hf3fs_config(io, d: str, budget_bytes: int, queue_mb: int, largest: int):
     """A StoreConfig for ``d`` whose slabs hold the largest chunk (iovec = 2 x its slot class)."""
-    from pd.config import Hf3fsConfig, StoreConfig
+    from store.config import Hf3fsConfig, StoreConfig
     from store.hf3fs import HDR
 
     mp = io.extract_mount_point(d)
@@ -318,8 +318,8 @@ def _hf3fs_config(io, d: str, budget_bytes: int, queue_mb: int, largest: int):
 def run(args: argparse.Namespace) -> int:
     """Run the benchmark; print a header and the table. Bad arguments raise ValueError (exit 2)."""
     sizes = _check_args(args)
-    from pd.config import StoreConfig
     from store import make_store
+    from store.config import StoreConfig
 
     base = Path(args.path) if args.path else DEFAULT_PATH
     made_base = False

@@ -4,9 +4,15 @@ from __future__ import annotations
 import re
 from typing import Iterable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
-from pd.proxy_routing import Pool
+from pd.proxy.routing import Pool
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

@@ -30,12 +30,21 @@ import time
 import urllib.request
 from pathlib import Path
 
-from launch.bench_serve import (Request, Result, completion_body, format_table, make_workload, run_load,
-                                stream_into, summarize)
+from common.config import load, merge
+from launch.bench.serve import (
+    Request,
+    Result,
+    completion_body,
+    format_table,
+    make_workload,
+    run_load,
+    stream_into,
+    summarize,
+)
 from launch.gpus import gpu_count
 from launch.launcher import Deployment
 from launch.procs import check_model, check_ports, served_name
-from pd.config import DeploymentConfig, load, merge
+from pd.config import DeploymentConfig
 
 NIXL_SIDE_CHANNEL_BASE = 5600
 GPU_MODES = ("pd", "colocated", "nixl")
@@ -215,7 +224,7 @@ def run_mode(mode: str, dep: DeploymentConfig, seq: list[Request], load_: list[R
             ports = [getattr(dep, g).port_base for g in ("prefill", "decode")]
             send = nixl_send(f"http://127.0.0.1:{ports[0]}", f"http://127.0.0.1:{ports[1]}")
         else:
-            from launch.bench_serve import _one as send
+            from launch.bench.serve import _one as send
         url = d.proxy_url
         run_sequential(url, name, [Request(0, [11, 12, 13, 14] * 8, 4, False)], send)  # warm-up
         seq_res, seq_wall = run_sequential(url, name, seq, send)

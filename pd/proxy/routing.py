@@ -8,7 +8,7 @@ from urllib.parse import urlparse
 
 from aiohttp import web
 
-from pd.config import ConfigError
+from common.config import ConfigError
 
 POLICIES = ("least_outstanding", "round_robin")
 # Keys that make no sense for a one-token, non-streamed prefill (or would stop it at one token).

@@ -7,7 +7,7 @@ instances with their last heartbeat, counters, and a bounded record of recent tr
 Nothing a peer sends can crash it: malformed input is logged, counted and answered with Error.
 
 With ``auth: curve`` the socket is a CurveZMQ server that admits only the clients whose public
-keys are in ``<keys_dir>/authorized`` (``pd.curve``); a refused key is logged (with the peer's
+keys are in ``<keys_dir>/authorized`` (``pd.coordinator.curve``); a refused key is logged (with the peer's
 address) and counted as ``auth_rejected``, a connection that fails the handshake (a client without
 keys, or with another server key) as ``handshake_failed``. Listening beyond loopback without
 auth is refused at start unless ``allow_insecure``.
@@ -26,10 +26,27 @@ from typing import NamedTuple
 
 import zmq
 
-from pd.config import ConfigError, CoordinatorConfig, load_yaml, merge, url_host
-from pd.protocol import (
-    Abort, Ack, Aborted, Done, Error, Free, Heartbeat, InstanceInfo, ProtocolError, Query, QueryReply, Ready,
-    Register, TransferRecord, Wait, WaitTimeout, decode_client, encode,
+from common.config import ConfigError, merge, url_host
+from pd.config import CoordinatorConfig, load_yaml
+from pd.coordinator.protocol import (
+    Abort,
+    Aborted,
+    Ack,
+    Done,
+    Error,
+    Free,
+    Heartbeat,
+    InstanceInfo,
+    ProtocolError,
+    Query,
+    QueryReply,
+    Ready,
+    Register,
+    TransferRecord,
+    Wait,
+    WaitTimeout,
+    decode_client,
+    encode,
 )
 
 logger = logging.getLogger("pd.coordinator")
@@ -108,7 +125,7 @@ class Coordinator:
     """
 
     def __init__(self, cfg: CoordinatorConfig):
-        from pd.curve import CurveServer, check_bind, effective_auth
+        from pd.coordinator.curve import CurveServer, check_bind, effective_auth
 
         check_bind(cfg)  # ConfigError: beyond loopback without auth
         self.cfg = cfg
@@ -208,7 +225,7 @@ class Coordinator:
             self._ctx.term()
 
     def _on_monitor(self) -> None:
-        """Count and log connections that failed the CURVE handshake (keys refused: see pd.curve)."""
+        """Count and log connections that failed the CURVE handshake (keys refused: see pd.coordinator.curve)."""
         from zmq.utils.monitor import recv_monitor_message
 
         while self._monitor.poll(0):

@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from pd.config import ConfigError
+from common.config import ConfigError
 
 logger = logging.getLogger("pd.coordinator.auth")
 

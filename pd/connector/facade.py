@@ -9,7 +9,7 @@ vLLM loads it with::
 
 The proxy links the two halves of a request by ``kv_transfer_params.pd_id`` (vLLM appends random
 characters to engine request ids, so those never match across instances). The scheduler half
-lives in ``pd.connector_scheduler``, the worker half in ``pd.connector_worker``.
+lives in ``pd.connector.scheduler``, the worker half in ``pd.connector.worker``.
 """
 from __future__ import annotations
 
@@ -23,10 +23,11 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 
-from pd.config import ConfigError, ConnectorConfig, load
-from pd.connector_scheduler import PDMetadata, SchedulerSide
-from pd.heads import HeadGroups, resolve
-from pd.keys import layout_fingerprint, make_namespace
+from common.config import ConfigError, load
+from pd.config import ConnectorConfig
+from pd.connector.heads import HeadGroups, resolve
+from pd.connector.keys import layout_fingerprint, make_namespace
+from pd.connector.scheduler import PDMetadata, SchedulerSide
 
 logger = logging.getLogger("pd.connector")
 
@@ -50,7 +51,7 @@ def _spec(kv_cache_config):
 
 
 def _head_groups(vllm_config, cfg: ConnectorConfig, rank: int = 0) -> HeadGroups:
-    """This instance's KV-head groups (pd.heads); ConfigError for TP sizes that cannot work."""
+    """This instance's KV-head groups (pd.connector.heads); ConfigError for TP sizes that cannot work."""
     tp = vllm_config.parallel_config.tensor_parallel_size
     return resolve(cfg.head_groups, tp, vllm_config.model_config.get_total_num_kv_heads(), rank)
 
@@ -58,7 +59,7 @@ def _head_groups(vllm_config, cfg: ConnectorConfig, rank: int = 0) -> HeadGroups
 def _spec_fingerprint(vllm_config, kv_cache_config, heads: HeadGroups) -> bytes:
     """The layout fingerprint, from what both the scheduler and the workers know.
 
-    It describes one head group's chunk (pd.heads), never the TP size: instances of different TP
+    It describes one head group's chunk (pd.connector.heads), never the TP size: instances of different TP
     sizes with the same head groups share keys. The worker checks that the caches vLLM
     registered have the page size of this spec.
     """
@@ -122,10 +123,10 @@ class PDConnector(KVConnectorBase_V1):
     def _make_worker(self, vllm_config, ktc):
         from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
-        from pd.coord_client import CoordinatorClient, InstanceAgent
-        from pd.connector_worker import WorkerSide
-        from pd.curve import client_keys_for
-        from transport.base import make_transport
+        from pd.connector.worker import WorkerSide
+        from pd.coordinator.client import CoordinatorClient, InstanceAgent
+        from pd.coordinator.curve import client_keys_for
+        from transport import make_transport
 
         rank = get_tensor_model_parallel_rank()
         # On a GPU the transport's shared memory is registered with CUDA: gathers and scatters

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from pd.keys import request_seed
+from pd.connector.keys import request_seed
 
 logger = logging.getLogger("pd.connector")
 
@@ -27,7 +27,7 @@ class LoadSpec:
     token_ids: list[int]  # the prompt
     block_ids: list[int]  # the request's blocks, from block 0
     start_token: int  # first token to load (block aligned: the local prefix hit ends here)
-    seed: bytes | None = b""  # pd.keys.request_seed: adapter, cache_salt, multimodal inputs
+    seed: bytes | None = b""  # pd.connector.keys.request_seed: adapter, cache_salt, multimodal inputs
 
 
 @dataclass
@@ -39,7 +39,7 @@ class SaveSpec:
     first_chunk: int = 0  # save chunks [first_chunk, last_chunk) of the prompt
     last_chunk: int = -1  # -1: to the end of the prompt
     final: bool = True  # the prompt's last chunk is among them
-    seed: bytes | None = b""  # pd.keys.request_seed; None: never written to the store
+    seed: bytes | None = b""  # pd.connector.keys.request_seed; None: never written to the store
 
 
 @dataclass
@@ -95,7 +95,7 @@ class SchedulerSide:
         return pd_id if self.is_consumer and pd_id and remote_prefill else None
 
     def _stored_prefix(self, prompt, seed: bytes | None) -> int:
-        from pd.keys import chunk_keys
+        from pd.connector.keys import chunk_keys
 
         if seed is None:  # KV not keyed by its tokens (prompt embeddings): no reuse
             return 0

@@ -18,27 +18,27 @@ from collections.abc import Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "launch": ("launch.launcher", "start a P/D (or colocated) deployment"),
     "demo": ("launch.demo", "make the test model, launch 1P1D, send requests, show the KV that moved"),
-    "proxy": ("pd.proxy", "the OpenAI-compatible proxy that splits requests into prefill and decode"),
-    "coordinator": ("pd.coordinator", "the ZMQ coordinator that matches prefill and decode"),
+    "proxy": ("pd.proxy.server", "the OpenAI-compatible proxy that splits requests into prefill and decode"),
+    "coordinator": ("pd.coordinator.server", "the ZMQ coordinator that matches prefill and decode"),
     "make-model": ("launch.model", "write a small random HF model with a locally trained tokenizer"),
-    "stats": ("pd.stats", "show the coordinator's counters, instances and one transfer"),
-    "keys": ("pd.curve", "make CurveZMQ keys for the coordinator (server, clients, allow-list)"),
+    "stats": ("launch.stats", "show the coordinator's counters, instances and one transfer"),
+    "keys": ("pd.coordinator.curve", "make CurveZMQ keys for the coordinator (server, clients, allow-list)"),
 }
 BENCH: dict[str, tuple[str, str]] = {
-    "transport": ("transport.bench", "put/get throughput and latency of a transport vs memcpy"),
-    "ttft": ("launch.bench_ttft", "cold vs warm time to first token of a long prompt (prefix reuse from the store)"),
-    "kv": ("pd.bench_kv", "chunk gather/scatter speed of the paged KV cache vs a plain copy (CPU or GPU)"),
-    "store": ("store.bench", "write/read GB/s and per-chunk latency of a KV store vs plain O_DIRECT I/O"),
-    "serve": ("launch.bench_serve", "P/D vs colocated serving under one load: TTFT, TPOT, ITL, goodput"),
-    "soak": ("launch.bench_soak", "mixed traffic for minutes: RSS, fds, pool, store, coordinator, errors; flat?"),
+    "transport": ("launch.bench.transport", "put/get throughput and latency of a transport vs memcpy"),
+    "ttft": ("launch.bench.ttft", "cold vs warm time to first token of a long prompt (prefix reuse from the store)"),
+    "kv": ("launch.bench.kv", "chunk gather/scatter speed of the paged KV cache vs a plain copy (CPU or GPU)"),
+    "store": ("launch.bench.store", "write/read GB/s and per-chunk latency of a KV store vs plain O_DIRECT I/O"),
+    "serve": ("launch.bench.serve", "P/D vs colocated serving under one load: TTFT, TPOT, ITL, goodput"),
+    "soak": ("launch.bench.soak", "mixed traffic for minutes: RSS, fds, pool, store, coordinator, errors; flat?"),
 }
 EXIT_USAGE = 2
 
-log = logging.getLogger("pd.cli")
+log = logging.getLogger("launch.cli")
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from pd.config import ConfigError
+    from common.config import ConfigError
 
     return (ConfigError, ValueError, OSError)
 

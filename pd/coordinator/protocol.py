@@ -19,7 +19,7 @@ PROTOCOL_TAG = b"pdkv/%d" % PROTOCOL_VERSION
 Count = Annotated[int, msgspec.Meta(ge=0)]
 Seconds = Annotated[float, msgspec.Meta(ge=0, le=1e9)]  # finite (NaN fails ge)
 Millis = Annotated[float, msgspec.Meta(ge=0, le=1e12)]
-Groups = Annotated[int, msgspec.Meta(ge=1, le=1024)]  # KV-head groups (pd.heads)
+Groups = Annotated[int, msgspec.Meta(ge=1, le=1024)]  # KV-head groups (pd.connector.heads)
 Role = Literal["prefill", "decode", "both", "proxy"]
 
 
@@ -68,7 +68,7 @@ class Ready(_Msg):
     instance_id: str = ""
     chunks_ready: Count = 0
     final: bool = True
-    # ``rank`` is the KV-head group (pd.heads; the TP rank when groups = TP size); the transfer is
+    # ``rank`` is the KV-head group (pd.connector.heads; the TP rank when groups = TP size); the transfer is
     # ready when the final READY of each of ``groups`` groups is in.
     groups: Groups = 1
 
@@ -165,7 +165,7 @@ class TransferRecord(msgspec.Struct):
     # From the final READY (the prompt's last chunks out) to DONE, at the coordinator: the part of
     # the transfer that streaming could not hide behind the prefill.
     tail_ms: float = 0.0
-    # KV-head groups (pd.heads) whose final READY / DONE are in; ready and done need all of them.
+    # KV-head groups (pd.connector.heads) whose final READY / DONE are in; ready and done need all of them.
     # n_chunks is the fewest any group loaded, ok all groups', n_bytes and n_store_chunks the sums.
     groups_ready: int = 0
     groups_done: int = 0

@@ -28,9 +28,9 @@ import time
 
 import torch
 
-from pd import chunk as chunkfmt
-from pd.chunk import HEADER_SIZE
-from pd.kv_layout import KVLayout, StagingPool
+from pd.connector import chunk as chunkfmt
+from pd.connector.chunk import HEADER_SIZE
+from pd.connector.kv_layout import KVLayout, StagingPool
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -153,8 +153,8 @@ def _time_transfer(src: KVLayout, dst: KVLayout, ids: torch.Tensor, nb: int, n_b
     """Median seconds of one chunk moved as the connector moves it through the shm transport."""
     import tempfile
 
-    from pd.config import TransportConfig
-    from pd.keys import layout_fingerprint
+    from pd.connector.keys import layout_fingerprint
+    from transport.config import TransportConfig
     from transport.shm import ShmTransport
 
     size = HEADER_SIZE + n_bytes

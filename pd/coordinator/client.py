@@ -6,7 +6,7 @@ closed and replaced, so a late reply is never taken for the answer to a later ca
 Unsolicited ``Free`` messages are only acted on by the ``InstanceAgent``; a request socket that
 happens to receive one skips it.
 
-``keys`` (a ``pd.curve.ClientKeys``) makes every socket a CurveZMQ client. A coordinator that
+``keys`` (a ``pd.coordinator.curve.ClientKeys``) makes every socket a CurveZMQ client. A coordinator that
 refuses the keys sends nothing back: the calls time out exactly as with the coordinator down, and
 the first miss is logged with a hint about the keys. ``probe()`` tells the cases apart (refused
 keys, failed handshake, nothing listening, no answer) for ``pd stats`` and ``pd launch``.
@@ -24,13 +24,26 @@ from typing import TYPE_CHECKING, Callable
 import zmq
 import zmq.asyncio
 
-from pd.protocol import (
-    Abort, Ack, Aborted, Done, Free, Heartbeat, Query, QueryReply, Ready, Register, ReplyMsg, Wait,
-    WaitTimeout, decode_reply, encode,
+from pd.coordinator.protocol import (
+    Abort,
+    Aborted,
+    Ack,
+    Done,
+    Free,
+    Heartbeat,
+    Query,
+    QueryReply,
+    Ready,
+    Register,
+    ReplyMsg,
+    Wait,
+    WaitTimeout,
+    decode_reply,
+    encode,
 )
 
 if TYPE_CHECKING:
-    from pd.curve import ClientKeys
+    from pd.coordinator.curve import ClientKeys
 
 logger = logging.getLogger("pd.coordinator.client")
 WAIT_MARGIN_S = 1.0  # a WAIT's client-side deadline is its timeout plus at most this
