@@ -20,6 +20,9 @@ class Transport(Protocol):
 
     #: short description of where chunks live, published in READY (e.g. "shm:/dev/shm/pdkv-x")
     location: str
+    #: True when the transport itself refuses torn or raced reads (shm: ``release`` re-checks each
+    #: slot's sequence number), so a reader may skip payload checksums (``connector.checksum: auto``)
+    guards_reads: bool
 
     def put(self, keys: Sequence[str], buffers: Sequence[memoryview]) -> list[bool]:
         """Store each buffer under its key; returns per-key success (False = dropped)."""
