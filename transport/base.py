@@ -23,6 +23,11 @@ class Transport(Protocol):
     #: True when the transport itself refuses torn or raced reads (shm: ``release`` re-checks each
     #: slot's sequence number), so a reader may skip payload checksums (``connector.checksum: auto``)
     guards_reads: bool
+    #: True when the transport also implements ``ZeroCopyTransport`` (reserve/commit,
+    #: acquire/release); the connector then gathers and scatters straight into its memory
+    zero_copy: bool
+    #: counters (puts, drops, ...; names per implementation), sent with each heartbeat
+    stats: dict[str, int]
 
     def put(self, keys: Sequence[str], buffers: Sequence[memoryview]) -> list[bool]:
         """Store each buffer under its key; returns per-key success (False = dropped)."""

@@ -73,6 +73,7 @@ class InfinistoreTransport:
 
     #: reads are not checked against a racing writer: the connector keeps its payload checksums
     guards_reads = False
+    zero_copy = True
 
     def __init__(self, cfg: Any, pin_cuda: bool = False) -> None:
         c = cfg.infinistore

@@ -150,6 +150,7 @@ class MooncakeTransport:
 
     #: reads are not checked against a racing writer: the connector keeps its payload checksums
     guards_reads = False
+    zero_copy = True
 
     def __init__(self, cfg: Any, pin_cuda: bool = False) -> None:
         m = cfg.mooncake

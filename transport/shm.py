@@ -102,6 +102,7 @@ class ShmTransport:
     #: ``release`` re-checks each slot's sequence number: a read that raced the producer is
     #: reported, so the connector may skip payload checksums (``connector.checksum: auto``).
     guards_reads = True
+    zero_copy = True
 
     cleanup_pool = staticmethod(cleanup_pool)
 
