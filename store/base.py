@@ -14,6 +14,11 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 class KVStore(Protocol):
     #: Counters (names depend on the backend; ``usage()`` returns them too).
     stats: dict[str, int]
+    #: Where the values live, for log lines: ``local:<dir>``, ``hf3fs:<root>``.
+    location: str
+    #: The largest value one ``put`` can ever store (bytes); a larger one is dropped and counted
+    #: ``too_large``.
+    max_value: int
 
     def put(self, key: str, data: Any) -> bool:
         """Queue a copy of ``data`` (any buffer-protocol object) for writing under ``key``.

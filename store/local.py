@@ -430,6 +430,8 @@ class LocalStore:
                 f"path(s) and {writers} writer(s) per path; the local store needs at least {MIN_BUDGET} "
                 "bytes (1 MiB) per writer")
         self.location = f"local:{self.path}"
+        # a put is refused when its file image exceeds the budget (see ``put``)
+        self.max_value = self.budget
         self.eviction = cfg.eviction
         self.queue_budget = int(cfg.queue_mb) << 20
         self.fsync = fsync

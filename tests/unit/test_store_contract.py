@@ -117,6 +117,13 @@ def test_round_trip_misses_and_counters(store):
     assert u["hits"] == 5 and u["misses"] == 2 and u["bytes"] >= sum(sizes)
 
 
+def test_location_and_max_value(store, backend):
+    assert store.location.startswith(f"{backend.name}:")
+    assert store.max_value > 0
+    assert not store.put(_key(1), bytes(store.max_value + 1))  # can never fit: dropped at once
+    assert store.usage()["too_large"] == 1 and store.usage()["dropped"] == 1
+
+
 def test_put_copies_and_is_readable_before_and_after_flush(store):
     src = _data(1)
     assert store.put(_key(1), src)
