@@ -18,7 +18,8 @@ from hypothesis import strategies as st
 from pd.connector import chunk as chunkfmt
 from store.config import Hf3fsConfig, StoreConfig
 from store.hf3fs import Hf3fsStore
-from store.local import LocalStore, key_to_relpath
+from store.local import LocalStore
+from store.local_format import key_to_relpath
 from tests.doubles import usrbio_emulator as emu
 
 pytestmark = pytest.mark.timeout(600)

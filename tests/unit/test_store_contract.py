@@ -65,7 +65,7 @@ def backend(request, tmp_path) -> Backend:
 
 
 # The method each backend's writer threads call before their I/O.
-WRITE_IO = {"local": ("store.local", "LocalStore", "_write_file"),
+WRITE_IO = {"local": ("store.local_files", "ChunkFiles", "write"),
             "hf3fs": ("store.hf3fs", "Hf3fsStore", "_write_batch")}
 
 

@@ -16,9 +16,11 @@ import numpy as np
 import pytest
 from conftest import round_trip
 
-from store import KVStore, local, make_store
+from store import KVStore, fileio, local, local_files, local_format, make_store
 from store.config import StoreConfig
-from store.local import MAGIC, TMP_PREFIX, LocalStore, key_to_relpath
+from store.local import LocalStore
+from store.local_files import ChunkFiles
+from store.local_format import MAGIC, TMP_PREFIX, key_to_relpath
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
@@ -70,13 +72,13 @@ class _Gate:
 
     def __init__(self, monkeypatch):
         self.event = threading.Event()
-        real = LocalStore._write_file
+        real = ChunkFiles.write
 
-        def slow(store_self, item, full):
+        def slow(files_self, item, full):
             self.event.wait(10)
-            return real(store_self, item, full)
+            return real(files_self, item, full)
 
-        monkeypatch.setattr(LocalStore, "_write_file", slow)
+        monkeypatch.setattr(ChunkFiles, "write", slow)
 
 
 # -- basics -----------------------------------------------------------------------------
@@ -400,7 +402,7 @@ def test_not_writable_directory(disk):
 
 # -- failures ----------------------------------------------------------------------------
 def test_enospc_drops_the_put_and_serving_goes_on(store, monkeypatch):
-    real = local._write_all
+    real = local_files.write_all
     calls = {"n": 0}
 
     def full_disk(fd, bufs):
@@ -410,7 +412,7 @@ def test_enospc_drops_the_put_and_serving_goes_on(store, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(fd, bufs)
 
-    monkeypatch.setattr(local, "_write_all", full_disk)
+    monkeypatch.setattr(local_files, "write_all", full_disk)
     assert store.put(_key(1), _data(1))  # accepted: the failure happens later, in the writer
     assert store.flush(5)
     u = store.usage()
@@ -502,7 +504,7 @@ def test_staging_buffers_are_reused(disk, o_direct):
 
 
 def test_buffer_pool_keeps_at_most_cap_and_prefers_the_new_size():
-    pool = local._BufPool(cap=5 * 4096)
+    pool = fileio.BufPool(cap=5 * 4096)
     a, b = pool.get(4096), pool.get(4096)
     big = pool.get(3 * 4096 - 5)
     assert len(big) == 3 * 4096 and len(a) == 4096
@@ -529,13 +531,13 @@ def test_odirect_read_into_caller_buffer(disk, monkeypatch, n, shift, room):
     s = LocalStore(_cfg(disk, o_direct=True))
     assert s.put(_key(1), _data(1, n)) and s.flush(5)
     staged = []
-    real = LocalStore._read_staged
+    real = ChunkFiles._read_staged
 
     def spy(self, *a):
         staged.append(a[0])
         return real(self, *a)
 
-    monkeypatch.setattr(LocalStore, "_read_staged", spy)
+    monkeypatch.setattr(ChunkFiles, "_read_staged", spy)
     out = _aligned_buf(n + room, shift)
     out[:] = b"\xee" * len(out)
     assert s.get(_key(1), out) == n
@@ -554,8 +556,8 @@ def test_older_padded_layout_is_still_read(disk, o_direct):
     import xxhash
     key, data = _key(3), _data(3).tobytes()
     kb = key.encode()
-    hdr = local._HDR.pack(MAGIC, local.VERSION, len(kb), local.FLAG_PADDED, len(data),
-                          xxhash.xxh3_64_intdigest(data))
+    hdr = local_format.HEADER.pack(MAGIC, local_format.VERSION, len(kb), local_format.FLAG_PADDED,
+                                   len(data), xxhash.xxh3_64_intdigest(data))
     raw = hdr + kb + data
     raw += bytes(-len(raw) % 4096)
     f = disk / key_to_relpath(key)
@@ -637,7 +639,7 @@ def test_key_to_relpath_mapping():
         assert key_to_relpath(key) == want, key
     long = key_to_relpath("n/" + "a" * 300)
     name = long.split("/")[1]
-    assert long.startswith("n/") and len(name) == local._MAX_NAME + len(".kv") and "#" in name
+    assert long.startswith("n/") and len(name) == local_format._MAX_NAME + len(".kv") and "#" in name
     assert key_to_relpath("n/" + "a" * 300) != key_to_relpath("n/" + "a" * 301)
 
 
@@ -645,7 +647,7 @@ def test_key_to_relpath_mapping():
 def test_buffered_read_in_pieces_hashed_alongside(disk, monkeypatch, piece, room):
     """A large buffered read goes piece by piece (pieces made tiny here), hashed by the helper
     thread; the result and the corruption check are the same as in one piece."""
-    monkeypatch.setattr(local, "READ_PIECE", piece)
+    monkeypatch.setattr(local_files, "READ_PIECE", piece)
     s = LocalStore(_cfg(disk))
     for i in range(3):
         assert s.put(_key(i), _data(i)) and s.flush(5)
@@ -705,7 +707,7 @@ def test_reused_buffers_under_concurrent_puts_gets_deletes(disk, o_direct):
 def test_read_in_pieces_after_fork(disk, monkeypatch):
     """The hashing thread is per process: a child forked after the parent used it starts its own
     (instead of waiting forever on a thread that fork did not copy)."""
-    monkeypatch.setattr(local, "READ_PIECE", 8192)
+    monkeypatch.setattr(local_files, "READ_PIECE", 8192)
     s = LocalStore(_cfg(disk))
     assert s.put(_key(1), _data(1)) and s.flush(5)
     out = np.zeros(100_000, dtype=np.uint8)
