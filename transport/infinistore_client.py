@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import json
 import mmap
 import os
@@ -29,6 +30,7 @@ import sys
 import threading
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
+from importlib.metadata import PackageNotFoundError, version
 from multiprocessing.connection import Connection
 from typing import Any, Callable
 
@@ -52,8 +54,6 @@ def _client_config(infinistore, c: dict, kind: str):
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("infinistore")
     except PackageNotFoundError:
@@ -343,8 +343,6 @@ def main(argv: list[str] | None = None) -> int:
     c = json.loads(a.config)
     mm = mmap.mmap(a.region_fd, a.region_size)
     mv = memoryview(mm)
-    import ctypes
-
     base = ctypes.addressof(ctypes.c_char.from_buffer(mv))
     try:
         import infinistore

@@ -22,9 +22,12 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import stat
 import sys
 from pathlib import Path
 
+from common.config import ConfigError
 from transport.process import run_spec
 
 log = logging.getLogger(__name__)
@@ -60,8 +63,6 @@ def unavailable() -> str:
 
 def server_spec(c) -> dict:
     """The entry of ``transport.server_specs`` for an ``InfinistoreConfig`` with start_server."""
-    from common.config import ConfigError
-
     c.check()
     _, port, device = c.server()
     lib = os.path.abspath(c.server_libibverbs) if c.server_libibverbs else ""
@@ -113,9 +114,6 @@ def _nodelay_listener(port: int) -> None:
     """TCP_NODELAY on the server's listening socket (connections accepted from it inherit it).
     InfiniStore answers a TCP read with a header and the value in two writes; with Nagle on, the
     second waits for the reader's delayed ACK: ~40 ms per read."""
-    import socket
-    import stat
-
     for name in os.listdir("/proc/self/fd"):
         try:
             if not stat.S_ISSOCK(os.fstat(int(name)).st_mode):

@@ -9,6 +9,7 @@ import shutil
 import socket
 import sys
 
+from common.config import WILDCARD_HOSTS, ConfigError, url_host
 from transport.process import run_spec
 
 
@@ -37,8 +38,6 @@ def master_binary() -> str | None:
 
 def master_spec(m) -> dict:
     """The server entry of ``transport.server_specs`` for a ``MooncakeConfig``."""
-    from common.config import WILDCARD_HOSTS, ConfigError, url_host
-
     host, port = m.master_host_port()
     binary = master_binary()
     if binary is None:
