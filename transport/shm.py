@@ -30,11 +30,11 @@ import threading
 import uuid
 from typing import Any, Sequence
 
-from common.bytes import byte_view, release_view
+from common.bytes import byte_view
 from transport import shm_index as index
 from transport.arena import COMMITTED, Mapping, buffer_address, key_digest16, stamp
-from transport.base import TransportError
-from transport.shm_index import cleanup_pool, key_to_name, name_to_key, pool_dir  # noqa: F401 - API
+from transport.base import TransportError, check_reserve, close_reads, close_written
+from transport.shm_index import cleanup_pool, key_to_name, pool_dir  # noqa: F401 - cleanup_pool: launch/ imports it here
 from transport.shm_maps import MapCache
 from transport.shm_owner import ArenaOwner, Call, Entry
 
@@ -103,8 +103,6 @@ class ShmTransport:
     #: reported, so the connector may skip payload checksums (``connector.checksum: auto``).
     guards_reads = True
     zero_copy = True
-
-    cleanup_pool = staticmethod(cleanup_pool)
 
     def __init__(self, cfg: Any, pin_cuda: bool = False) -> None:
         self.path = pool_dir(cfg)
@@ -245,11 +243,7 @@ class ShmTransport:
         """A writable slot per key (None = no room / too large / no arena; counted as dropped).
         The batch is held at once: its slots cannot evict each other. Readers cannot see a slot
         before ``commit``, and every slot must be committed (ok or not) to free its space."""
-        if len(keys) != len(sizes):
-            raise ValueError(f"reserve: {len(keys)} keys but {len(sizes)} sizes")
-        sizes = [int(s) for s in sizes]
-        if any(s < 0 for s in sizes):
-            raise ValueError(f"reserve: negative size in {sizes}")
+        sizes = check_reserve(keys, sizes)
         call = Call()
         with self._lock:
             got = self._own.reserve(keys, sizes, call)
@@ -260,20 +254,8 @@ class ShmTransport:
     def commit(self, slots: Sequence[SlotWrite | None], ok: Sequence[bool] | None = None) -> list[bool]:
         """Publish each slot (atomically per key); slots with ``ok`` False are released unpublished.
         Returns per slot whether it was published. The slot views must not be used afterwards."""
-        if ok is not None and len(ok) != len(slots):
-            raise ValueError(f"commit: {len(slots)} slots but {len(ok)} ok flags")
-        for s in slots:
-            if s is not None and (s._owner is not self or s._done):
-                raise ValueError(f"commit: slot for {s.key!r} is not a pending slot of this transport")
-        res = []
-        for i, s in enumerate(slots):
-            if s is None:
-                res.append(False)
-                continue
-            s._done = True
-            release_view(s.view)
-            res.append(self._commit(s._m, s._e, ok is None or bool(ok[i])))
-        return res
+        store = close_written(self, slots, ok)
+        return [s is not None and self._commit(s._m, s._e, g) for s, g in zip(slots, store)]
 
     def acquire(self, keys: Sequence[str]) -> list[SlotRead | None]:
         """A view of each key's committed value (None = miss), inside the producer's arena.
@@ -293,18 +275,13 @@ class ShmTransport:
     def release(self, reads: Sequence[SlotRead | None]) -> list[bool]:
         """End the holds; True where the value stayed committed and unchanged for the whole hold
         (what was read from the view is the committed value). None (or released) entries: False."""
-        res, races = [], 0
-        for r in reads:
-            if r is None or r._owner is not self or r._done:
-                res.append(False)
-                continue
-            r._done = True
-            same = r._m.get_stamp(r._off) == stamp(r._seq, COMMITTED)
-            races += not same
-            release_view(r.view)
-            self._maps.unhold(r._m)
-            res.append(same)
-        self._bump(read_races=races)
+        held = close_reads(self, reads)
+        res = []
+        for r, h in zip(reads, held):
+            res.append(h and r._m.get_stamp(r._off) == stamp(r._seq, COMMITTED))
+            if h:
+                self._maps.unhold(r._m)
+        self._bump(read_races=sum(h and not same for h, same in zip(held, res)))
         return res
 
     # -- helpers -------------------------------------------------------------------------

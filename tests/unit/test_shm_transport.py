@@ -20,7 +20,8 @@ from pd.connector.keys import chunk_keys, key_digest, layout_fingerprint, transf
 from transport import Transport, ZeroCopyTransport, make_transport, shm_maps
 from transport import arena as arena_mod
 from transport.config import TransportConfig
-from transport.shm import ShmTransport, cleanup_pool, key_to_name, name_to_key, pool_dir
+from transport.shm import ShmTransport
+from transport.shm_index import cleanup_pool, key_to_name, name_to_key, pool_dir
 
 FP = layout_fingerprint(model="m", dtype="bf16", layers=2)
 MB = 1 << 20
