@@ -14,7 +14,7 @@ from transport.shm import ShmTransport
 __all__ = ["Transport", "TransportError", "ZeroCopyTransport", "make_transport", "server_specs"]
 
 
-def make_transport(cfg, role: str = "both", *, pin_cuda: bool = False) -> Transport | None:
+def make_transport(cfg, *, pin_cuda: bool = False) -> Transport | None:
     """Build the transport named by a ``TransportConfig`` (None for kind "none").
 
     ``pin_cuda``: register the transport's staging memory with CUDA (shm: its shared memory;
