@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Callable
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import recv_monitor_message
 
 from pd.coordinator.protocol import (
     Abort,
@@ -374,8 +375,6 @@ def probe(address: str, keys: "ClientKeys | None" = None, timeout_s: float = 3.0
     coordinator without auth); ``unreachable`` (no connection: nothing listens, or no route);
     ``no answer`` (connected, then silence).
     """
-    from zmq.utils.monitor import recv_monitor_message
-
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)

@@ -30,6 +30,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+
 from common.config import ConfigError
 
 logger = logging.getLogger("pd.coordinator.auth")
@@ -72,8 +76,6 @@ def is_loopback(host: str) -> bool:
 
 
 def _load(path: Path, what: str, fix: str) -> tuple[bytes, bytes | None]:
-    import zmq.auth
-
     if not path.is_file():
         raise ConfigError(f"{what}: {path} does not exist; {fix}")
     try:
@@ -193,8 +195,6 @@ class _AllowList:
     def _reload(self) -> None:
         """Read the directory again (at every handshake: they are rare, connections long-lived), so
         adding or deleting a key file takes effect at the next connection."""
-        import zmq.auth
-
         keys = {}
         for f in sorted(self.directory.glob("*.key")):
             try:
@@ -239,8 +239,6 @@ class CurveServer:
     """
 
     def __init__(self, ctx, keys_dir: str):
-        from zmq.auth.thread import ThreadAuthenticator
-
         self.public, self._secret, authorized = load_server_keys(keys_dir)
         self.allow = _AllowList(authorized)
         allow = self.allow
@@ -256,8 +254,6 @@ class CurveServer:
         self._auth.configure_curve_callback(ZAP_DOMAIN, credentials_provider=self.allow)
 
     def apply(self, sock) -> None:
-        import zmq
-
         sock.curve_secretkey = self._secret
         sock.curve_publickey = self.public
         sock.curve_server = True
@@ -281,8 +277,6 @@ def _private_file(path: Path) -> None:
 
 def _new_keypair(directory: Path, name: str) -> tuple[Path, Path]:
     """``name.key`` and ``name.key_secret`` in ``directory`` (0600), made atomically."""
-    import zmq.auth
-
     public_file, secret_file = zmq.auth.create_certificates(str(directory), name)
     for f in (public_file, secret_file):
         _private_file(Path(f))

@@ -226,7 +226,7 @@ def test_huge_messages_do_not_take_the_coordinator_down(coord, ctx, peers):
         assert [type(r) for r in peer.replies_until_query(30)] == [Ack, Ack]
     finally:
         big.close()
-    assert ("huge", 0) not in coord._entries
+    assert ("huge", 0) not in coord.state.entries
     _healthy(coord)
 
 
@@ -321,8 +321,8 @@ def test_replayed_and_reordered_messages_never_cross_requests_or_leak(coord, ctx
                     assert all(k.startswith(f"{r.pd_id}/{r.rank}/") for k in r.keys), r
                 if isinstance(r, Free):  # only to the producer that published them
                     assert all(k.startswith(f"{r.pd_id}/") and k.split("/")[2] == name for k in r.keys), (name, r)
-        assert not [k for k in list(coord._entries) if k[0].startswith(run)], "entries left after ABORT"
-        assert not [k for k in list(coord._waiters) if k[0].startswith(run)], "waiters left after ABORT"
+        assert not [k for k in list(coord.state.entries) if k[0].startswith(run)], "entries left after ABORT"
+        assert not [k for k in list(coord.state.waiters) if k[0].startswith(run)], "waiters left after ABORT"
     finally:
         for p in peers.values():
             p.close()
