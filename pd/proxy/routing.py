@@ -111,3 +111,8 @@ class UpstreamError(Exception):
 
     def response(self, headers: dict[str, str]) -> web.Response:
         return web.Response(status=self.status, body=self.body, content_type=self.content_type, headers=headers)
+
+
+def json_error(message: str, status: int, typ: str = "invalid_request_error") -> web.Response:
+    """An OpenAI-style error answer."""
+    return web.json_response(error_body(message, status, typ), status=status)
