@@ -11,8 +11,8 @@ import pytest
 import zmq
 
 from common.config import ConfigError, load
+from launch.auth import own_keys, resolve_auth
 from launch.kv_config import kv_transfer_config
-from launch.launcher import own_keys, resolve_auth
 from launch.procs import plan
 from pd.config import CoordinatorConfig, DeploymentConfig
 from pd.connector.scheduler import LoadSpec, PDMetadata, SaveSpec
