@@ -14,6 +14,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+from common.config import ConfigError
+
 # subcommand -> (module with add_arguments/run, help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "launch": ("launch.launcher", "start a P/D (or colocated) deployment"),
@@ -33,14 +35,9 @@ BENCH: dict[str, tuple[str, str]] = {
     "soak": ("launch.bench.soak", "mixed traffic for minutes: RSS, fds, pool, store, coordinator, errors; flat?"),
 }
 EXIT_USAGE = 2
+USER_ERRORS = (ConfigError, ValueError, OSError)  # one line on stderr, exit 2, no traceback
 
 log = logging.getLogger("launch.cli")
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from common.config import ConfigError
-
-    return (ConfigError, ValueError, OSError)
 
 
 def _add(sub: argparse._SubParsersAction, name: str, module: str, help_text: str, selected: bool,
@@ -88,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
-    except _user_errors() as e:
+    except USER_ERRORS as e:
         log.debug("user error", exc_info=True)
         print(f"pd {args._cmd}: error: {e}", file=sys.stderr)
         return EXIT_USAGE

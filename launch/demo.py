@@ -23,8 +23,11 @@ import urllib.request
 from pathlib import Path
 
 from common.config import load, merge
-from launch.launcher import ChildDied, Deployment
+from launch.bench.ttft import ttft
+from launch.model import make_model
 from launch.procs import check_model, check_ports, served_name
+from launch.scratch_store import ScratchStore
+from launch.supervise import ChildDied, Deployment
 from pd.config import DeploymentConfig
 
 DEFAULT_MODEL = Path("models/tiny-llama")
@@ -89,8 +92,6 @@ def _model(arg: str | None) -> Path:
     if arg:
         return check_model(arg)
     if not (DEFAULT_MODEL / "config.json").is_file():
-        from launch.model import make_model
-
         print(f"pdkv demo: making the test model in {DEFAULT_MODEL}", flush=True)
         make_model(DEFAULT_MODEL)
     return check_model(str(DEFAULT_MODEL))
@@ -117,8 +118,6 @@ def _metric(url: str, name: str, label: str) -> float:
 
 def _cold_warm(url: str, name: str, prefill_url: str) -> bool:
     """A long context cold, then again: the warm one must be loaded from the store."""
-    from launch.bench.ttft import ttft
-
     metric, src = "vllm:prompt_tokens_by_source_total", 'source="external_kv_transfer"'
     context = CONTEXT * 30  # about 1100 tokens: 4 whole chunks can be stored
     before = _metric(prefill_url, metric, src)
@@ -146,8 +145,6 @@ def run(args: argparse.Namespace) -> int:
     over: dict = {"model": str(model), "proxy": {"port": args.port}}
     store = None
     if args.store != "none":
-        from launch.scratch_store import ScratchStore
-
         store = ScratchStore(args.store, args.store_path)
         over["connector"] = {"store": store.config()}
         over["vllm"] = {"extra_args": ["--no-enable-prefix-caching"]}

@@ -1,6 +1,6 @@
 """What a deployment runs: validation, and the command line, environment and readiness of each process.
 
-Nothing here starts a process; ``launch.launcher.Deployment`` does, from the ``ProcSpec``s of
+Nothing here starts a process; ``launch.supervise.Deployment`` does, from the ``ProcSpec``s of
 ``plan(dep)``.
 
 CPU cores (``vllm.cpu_bind``, default "split"): vLLM's CPU worker pins its OpenMP threads
@@ -40,6 +40,7 @@ from launch.topology import Instance, Layout, layout, local_instances, reach_hos
 from pd.config import DeploymentConfig
 from pd.connector.heads import check_deployment, group_tp
 from pd.coordinator.curve import effective_auth, is_loopback, read_token
+from store.hf3fs import Hf3fsStore
 from transport import server_specs
 
 # vLLM's CPU attention backend accepts only block sizes that are multiples of this
@@ -82,8 +83,6 @@ def check_store(cfg, make: bool = True) -> None:
         except ImportError:
             raise ConfigError("connector.store.backend hf3fs needs hf3fs_py_usrbio (built from the 3FS source "
                               "tree, see docs); a 3FS FUSE mount can be used with backend local meanwhile") from None
-        from store.hf3fs import Hf3fsStore
-
         # Open each base path once for reading: the same checks the instances make (mount point,
         # base path under it, budget), refused here before anything starts.
         for d in range(max(1, len(cfg.hf3fs.base_paths or cfg.paths))):

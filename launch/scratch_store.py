@@ -11,6 +11,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from store.hf3fs import MISSING_MODULE
+
 
 class ScratchStore:
     def __init__(self, backend: str, path: str | None = None):
@@ -33,8 +35,6 @@ class ScratchStore:
         try:
             import hf3fs_fuse.io as io  # type: ignore[import-not-found]
         except Exception:
-            from store.hf3fs import MISSING_MODULE
-
             raise ValueError(f"{MISSING_MODULE}; to run it on the USRBIO emulator (a test double, "
                              "not 3FS) set PYTHONPATH=tests/doubles") from None
         if getattr(io, "EMULATOR", False):

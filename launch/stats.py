@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 import msgspec
 
 from common.config import ConfigError
-from pd.config import CoordinatorConfig
+from launch.topology import layout
+from pd.config import CoordinatorConfig, load_yaml
+from pd.coordinator.client import PROBE_OK, CoordinatorClient, probe
+from pd.coordinator.curve import effective_auth, load_client_keys, local_keys_dir
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,21 +25,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _target(args: argparse.Namespace):
     """(address, ClientKeys or None) from --config and the flags."""
-    from pd.config import load_yaml
-    from pd.coordinator.curve import load_client_keys
-
     dep = load_yaml(args.config) if getattr(args, "config", None) else None
     cfg = dep.coordinator if dep is not None else CoordinatorConfig()
     if args.coordinator:
         address = args.coordinator
     elif dep is not None and dep.hosts:
-        from launch.topology import layout
-
         address = layout(dep).coordinator_address
     else:
         address = cfg.address
-    from pd.coordinator.curve import effective_auth, local_keys_dir
-
     keys_dir = getattr(args, "keys_dir", None) or (cfg.keys_dir if effective_auth(cfg) == "curve" else "")
     if not keys_dir and cfg.auth == "auto":  # the keys pd launch made for a one-host deployment
         own = local_keys_dir(int(address.rsplit(":", 1)[1]))
@@ -50,14 +47,8 @@ def _num(v: float) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Print what the coordinator knows; ConfigError (exit 2) if it does not answer."""
-    import logging
-
-    from pd.coordinator.client import CoordinatorClient
-
     if not getattr(args, "verbose", False):  # no answer is reported once, as the error below
         logging.getLogger("pd.coordinator.client").setLevel(logging.ERROR)
-    from pd.coordinator.client import PROBE_OK, probe
-
     address, keys = _target(args)
     client = CoordinatorClient(address, timeout_s=3, keys=keys)
     try:

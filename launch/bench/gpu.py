@@ -42,8 +42,8 @@ from launch.bench.serve import (
     summarize,
 )
 from launch.gpus import gpu_count
-from launch.launcher import Deployment
 from launch.procs import check_model, check_ports, served_name
+from launch.supervise import Deployment
 from pd.config import DeploymentConfig
 
 NIXL_SIDE_CHANNEL_BASE = 5600

@@ -30,15 +30,14 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import statistics
 import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
 
 from common.config import load, merge
-from launch.launcher import Deployment
 from launch.procs import check_model, check_ports, served_name
+from launch.supervise import Deployment
 from pd.config import DeploymentConfig
 
 VOCAB = (16, 4000)  # token ids used for prompts (the test model has 4096)

@@ -38,8 +38,14 @@ import urllib.request
 from collections import Counter
 from dataclasses import dataclass
 
+from common.config import load, merge
 from launch.bench import soak_probe as probe
 from launch.bench.soak_report import leftovers, line, report
+from launch.procs import check_model, plan, served_name
+from launch.supervise import Deployment
+from pd.config import DeploymentConfig, load_yaml
+from pd.coordinator.curve import read_token
+from transport.shm_index import pool_dir
 
 VOCAB = (16, 4000)  # token ids used for prompts (the test model has 4096)
 
@@ -164,11 +170,11 @@ class Traffic:
         if not ask.stream:
             return json.loads(resp.read())["choices"][0]["text"]
         text, n = "", 0
-        for line in resp:
+        for event in resp:
             if n == ask.abort_after:
                 return None  # the with-block closes the connection mid-stream
-            if line.startswith(b"data: {"):
-                piece = json.loads(line[6:])["choices"][0].get("text") or ""
+            if event.startswith(b"data: {"):
+                piece = json.loads(event[6:])["choices"][0].get("text") or ""
                 text += piece
                 n += bool(piece)
         return None if ask.abort_after >= 0 else text
@@ -275,9 +281,6 @@ def soak(target: Target, args, progress=print) -> tuple[list[dict], dict, Traffi
 
 
 def _deployment(args, store_dir: str | None):
-    from common.config import load, merge
-    from pd.config import DeploymentConfig, load_yaml
-
     if args.config:
         return load_yaml(args.config)
     over = {"model": args.model, "proxy": {"port": args.port},
@@ -287,9 +290,6 @@ def _deployment(args, store_dir: str | None):
 
 def target_for(dep, url: str, procs: probe.Processes) -> Target:
     """What to sample of ``dep`` (a DeploymentConfig), its proxy at ``url``."""
-    from launch.procs import plan, served_name
-    from transport.shm_index import pool_dir
-
     specs = plan(dep)
     procs.names_by_port = {s.port: s.name for s in specs if s.port}
     t = dep.connector.transport
@@ -299,8 +299,6 @@ def target_for(dep, url: str, procs: probe.Processes) -> Target:
                  if s.health_url and s.name not in ("proxy",)}
     key = None
     if dep.proxy.api_key_file:
-        from pd.coordinator.curve import read_token
-
         key = read_token(dep.proxy.api_key_file, "proxy.api_key_file")
     return Target(url, served_name(dep), procs, pool_dir(t) if dep.mode == "pd" and t.kind == "shm" else None,
                   paths, store.size_gb * 1e9 if paths else None, instances, key)
@@ -309,9 +307,6 @@ def target_for(dep, url: str, procs: probe.Processes) -> Target:
 def run(args) -> int:
     check_args(args)
     if args.url:
-        from common.config import load
-        from pd.config import DeploymentConfig, load_yaml
-
         dep = load_yaml(args.config) if args.config else load(DeploymentConfig, {})
         pid = args.pid
         if pid is None:
@@ -323,9 +318,6 @@ def run(args) -> int:
         target = target_for(dep, args.url.rstrip("/"), probe.Processes(root=pid))
         samples, last, traffic = soak(target, args)
         return 0 if report(samples, last, traffic, target) else 1
-    from launch.launcher import Deployment
-    from launch.procs import check_model
-
     store_dir = None if args.config else tempfile.mkdtemp(prefix="pdkv-soak-store-")
     try:
         dep = _deployment(args, store_dir)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from transport.shm_index import ARENA_PREFIX, parse_target
+
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -169,8 +171,6 @@ class Processes:
 
 def pool_usage(pool: str) -> dict[str, int]:
     """The shm pool ``pool``: live values (index links) and their bytes, arenas and their bytes."""
-    from transport.shm_index import ARENA_PREFIX, parse_target
-
     out = {"values": 0, "value_bytes": 0, "arenas": 0, "arena_bytes": 0}
     try:
         entries = list(os.scandir(pool))

@@ -16,9 +16,9 @@ import time
 import urllib.request
 
 from common.config import load, merge
-from launch.launcher import Deployment
 from launch.procs import check_model, check_ports
 from launch.scratch_store import ScratchStore
+from launch.supervise import Deployment
 from pd.config import DeploymentConfig
 
 

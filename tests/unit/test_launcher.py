@@ -17,8 +17,8 @@ import yaml
 
 from common.config import ConfigError, load
 from launch.cli import main
-from launch.launcher import ChildDied, Deployment, exit_text
 from launch.procs import ProcSpec, check_ports, check_store, cpu_binds, plan
+from launch.supervise import ChildDied, Deployment, exit_text
 from pd.config import DeploymentConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -374,10 +374,10 @@ def test_startup_timeout(model, tmp_path):
 
 LAUNCH_WITH_FAKES = textwrap.dedent("""
     import json, sys
-    from launch import launcher
+    from launch import supervise
     from launch.procs import ProcSpec
     specs = [ProcSpec(**s) for s in json.loads(sys.argv[1])]
-    launcher.plan = lambda dep: specs
+    supervise.plan = lambda dep: specs
     from launch.cli import main
     sys.exit(main(sys.argv[2:]))
 """)

@@ -15,10 +15,12 @@ import pytest
 import yaml
 
 from common.config import ConfigError, load, merge
-from launch import launcher
+from launch import auth, supervise
+from launch.auth import preflight
 from launch.cli import main
-from launch.launcher import ChildDied, Deployment, parse_set, preflight
+from launch.launcher import parse_set
 from launch.procs import check_ports, plan
+from launch.supervise import ChildDied, Deployment
 from launch.topology import layout
 from pd.config import CoordinatorConfig, DeploymentConfig
 from pd.coordinator.curve import make_keys
@@ -324,7 +326,7 @@ def remote_instance():
 
 def test_control_share_waits_for_remote_instances_and_names_them(model, tmp_path, keys, remote_instance,
                                                                   monkeypatch):
-    monkeypatch.setattr(launcher, "REPORT_EVERY_S", 0.5)
+    monkeypatch.setattr(supervise, "REPORT_EVERY_S", 0.5)
     p_port, d_port = free_port(), free_port()
     cfg = {"model": str(model), "run_dir": str(tmp_path / "run"), "vllm": {"startup_timeout_s": 4},
            "coordinator": {"auth": "curve", "keys_dir": str(keys), "port": free_port()},
@@ -368,9 +370,9 @@ def test_api_token_reaches_instances_from_a_file_and_the_proxy(model, tmp_path, 
     assert child_env(specs["decode-0"])["VLLM_API_KEY"] == token.read_text().strip()
     missing = load(DeploymentConfig, {"model": str(model), "vllm": {"api_key_file": str(tmp_path / "none")}})
     with pytest.raises(ConfigError, match="vllm.api_key_file: cannot read .*pd keys DIR"):
-        launcher.check_keys(missing, ["decode"])
+        auth.check_keys(missing, ["decode"])
     exposed = load(DeploymentConfig, {"model": str(model), "decode": {"host": "0.0.0.0", "advertise_host": "127.0.0.1"}})
-    assert [w.split(" ")[0] for w in launcher.exposure_warnings(exposed, plan(exposed))] == ["decode-0"]
+    assert [w.split(" ")[0] for w in auth.exposure_warnings(exposed, plan(exposed))] == ["decode-0"]
 
 
 # ---- transport servers and the 2-host example ---------------------------------------------
