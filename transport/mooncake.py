@@ -34,36 +34,38 @@ on calls return misses / drops at once, and a background probe tries the master 
 until it answers. A value that the pool cannot hold is a dropped put; a peer that died with the
 value in its segment is a miss. Everything is counted in ``stats``. ``close`` (and the process's
 exit, through Mooncake's own atexit hook) holds the GIL for 1-2 s, ~14 s when the master is gone.
+
+The client pieces (import, start-up probes and setup, return codes, worker threads) are in
+``transport/mooncake_client.py``.
 """
 from __future__ import annotations
 
 import logging
 import mmap
-import os
-import socket
 import threading
 import time
-from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from queue import SimpleQueue
 from typing import Any, Callable, Sequence
-from urllib.error import HTTPError, URLError
-from urllib.request import urlopen
 
 from common.bytes import byte_view
 from transport.arena import PAGE, FirstFit, _clear_cuda_error, buffer_address, cuda_pin
 from transport.base import TransportError, check_reserve, close_reads, close_written
-from transport.mooncake_master import route_address
+from transport.mooncake_client import (
+    BAD_PARAMS,
+    CLOSE_WAIT_S,
+    DOWN_S,
+    FULL_RETRY_S,
+    NO_SPACE,
+    NOT_FOUND,
+    RPC_FAILED,
+    WORKERS,
+    Workers,
+    connect,
+    import_store,
+    in_parts,
+)
 
 log = logging.getLogger(__name__)
-
-# Return codes of mooncake-transfer-engine 0.3.13 (negative = an ErrorCode).
-NO_SPACE, BAD_PARAMS, NOT_FOUND, RPC_FAILED = -200, -600, -704, -900  # -800: transfer failed (a dead peer)
-DOWN_S = 1.0        # while the master is down, a background probe tries it this often
-FULL_RETRY_S = 0.05  # a put refused for lack of space is retried once after this (the master evicts)
-WORKERS = 4
-MAX_KEYS = 1024     # keys per engine call (see _in_parts)
-CLOSE_WAIT_S = 30.0  # close waits this long for calls still in the engine
 
 STAT_KEYS = (
     "puts", "put_bytes",
@@ -81,58 +83,6 @@ STAT_KEYS = (
 
 def _span(n: int) -> int:
     return max(PAGE, -(-n // PAGE) * PAGE)
-
-
-def _import_store():
-    os.environ.setdefault("MC_LOG_LEVEL", "WARNING")  # the engine logs several INFO lines per client
-    try:
-        from mooncake.store import MooncakeDistributedStore, ReplicateConfig
-    except (ImportError, OSError) as e:
-        raise TransportError(
-            f"transport kind mooncake needs Mooncake Store's Python module ({e}); run scripts/setup.sh, "
-            "or pip install 'pdkv[mooncake]' (mooncake-transfer-engine-non-cuda; mooncake-transfer-engine "
-            "on CUDA hosts) and apt-get install libibverbs1") from None
-    return MooncakeDistributedStore, ReplicateConfig
-
-
-def _in_parts(fn: Callable, keys: list[str], ptrs: list[int], sizes: list[int]) -> list[int]:
-    """``fn`` over at most MAX_KEYS keys at a time: the engine's TCP transport fails a whole
-    batch of 4096 transfers to one peer (TRANSFER_FAIL after ~60 s; 2048 pass)."""
-    out: list[int] = []
-    for i in range(0, len(keys), MAX_KEYS):
-        out += list(fn(keys[i:i + MAX_KEYS], ptrs[i:i + MAX_KEYS], sizes[i:i + MAX_KEYS]))
-    return out
-
-
-class _Workers:
-    """Daemon threads that run store calls, so a caller can stop waiting for one that hangs
-    (a peer or master gone without a reset) and the process can still exit."""
-
-    def __init__(self, n: int) -> None:
-        self._q: SimpleQueue = SimpleQueue()
-        for i in range(n):
-            threading.Thread(target=self._run, name=f"pdkv-mooncake-{i}", daemon=True).start()
-
-    def _run(self) -> None:
-        while True:
-            item = self._q.get()
-            if item is None:
-                return
-            fut, fn, args = item
-            if fut.set_running_or_notify_cancel():
-                try:
-                    fut.set_result(fn(*args))
-                except BaseException as e:  # noqa: BLE001 - handed to the caller
-                    fut.set_exception(e)
-
-    def submit(self, fn: Callable, *args) -> Future:
-        fut: Future = Future()
-        self._q.put((fut, fn, args))
-        return fut
-
-    def stop(self, n: int) -> None:
-        for _ in range(n):
-            self._q.put(None)
 
 
 class MooncakeSlot:
@@ -161,9 +111,9 @@ class MooncakeTransport:
         self._cv = threading.Condition()
         self._closed, self._inflight, self._down = False, 0, False
         self._drop_logged = -1e9
-        store_cls, rcfg_cls = _import_store()
-        self._store = self._connect(store_cls, m)
-        self._workers = _Workers(WORKERS)
+        store_cls, rcfg_cls = import_store()
+        self._store = connect(store_cls, m)
+        self._workers = Workers(WORKERS)
         self.size = int(m.local_buffer_size_mb) << 20
         flags = mmap.MAP_PRIVATE | getattr(mmap, "MAP_ANONYMOUS", 0x20) | getattr(mmap, "MAP_POPULATE", 0)
         self._mm = mmap.mmap(-1, self.size, flags=flags)
@@ -182,36 +132,6 @@ class MooncakeTransport:
         log.info("mooncake transport: master %s, metadata %s, %s, this client %s (%d MiB to the pool, %d MiB "
                  "staging)", m.master, m.metadata_url(), m.protocol, self._store.get_hostname(),
                  m.global_segment_size_mb, m.local_buffer_size_mb)
-
-    # -- start ----------------------------------------------------------------------------
-    def _connect(self, store_cls, m):
-        host, port = m.master_host_port()
-        probe_s = m.connect_timeout_s
-        try:
-            socket.create_connection((host, port), timeout=probe_s).close()
-        except OSError as e:
-            raise TransportError(f"mooncake master {m.master} is not reachable ({e}); start it (pd launch with "
-                                 "connector.transport.mooncake.start_master: true, or mooncake_master "
-                                 f"--rpc_port={port}) or fix connector.transport.mooncake.master") from None
-        url = m.metadata_url()
-        if url != "P2PHANDSHAKE":
-            try:
-                urlopen(url + ("&" if "?" in url else "?") + "key=pdkv-probe", timeout=probe_s).close()
-            except HTTPError:
-                pass  # it answered (404: no such key)
-            except (URLError, OSError, ValueError) as e:
-                raise TransportError(f"mooncake metadata server {url} is not reachable ({e}); fix "
-                                     "connector.transport.mooncake.metadata_server") from None
-        local = m.local_hostname or route_address(host, port)
-        store = store_cls()
-        # setup holds the GIL (as close does) and retries for up to ~90 s when something is missing:
-        # the probes above catch the usual causes first. The local buffer is 0: we register our own.
-        rc = store.setup(local, url, int(m.global_segment_size_mb) << 20, 0, m.protocol, m.device_name, m.master)
-        if rc != 0:
-            raise TransportError(f"mooncake: setup failed (rc {rc}) with master {m.master}, metadata {url}, "
-                                 f"protocol {m.protocol}{' on ' + m.device_name if m.device_name else ''}, as "
-                                 f"{local}; the engine's log lines above say why")
-        return store
 
     # -- calls ------------------------------------------------------------------------------
     def _up(self) -> bool:
@@ -375,7 +295,7 @@ class MooncakeTransport:
         return res
 
     def _upsert_retry(self, keys: list[str], ptrs: list[int], sizes: list[int]) -> list[int]:
-        rcs = _in_parts(lambda *a: self._store.batch_upsert_from(*a, self._rcfg), keys, ptrs, sizes)
+        rcs = in_parts(lambda *a: self._store.batch_upsert_from(*a, self._rcfg), keys, ptrs, sizes)
         again = [j for j, rc in enumerate(rcs) if rc == NO_SPACE]
         if again:  # the pool is full: the master evicts in the background; one more try
             time.sleep(FULL_RETRY_S)
@@ -432,7 +352,7 @@ class MooncakeTransport:
             if abandoned:
                 self._free(held)
 
-        rcs = self._call("get", _in_parts, self._store.batch_get_into, keys, [self._ptr(o) for o in offs], caps,
+        rcs = self._call("get", in_parts, self._store.batch_get_into, keys, [self._ptr(o) for o in offs], caps,
                          after=ended)
         if rcs is None:
             with lock:

@@ -44,10 +44,10 @@ def free_ports(n: int) -> list[int]:
 def mooncake_installed() -> str:
     """'' when the Mooncake Store module and master are usable here, else why not."""
     try:
-        from transport.mooncake import _import_store
+        from transport.mooncake_client import import_store
         from transport.mooncake_master import master_binary
 
-        _import_store()
+        import_store()
     except Exception as e:  # noqa: BLE001 - the reason of the skip
         return str(e)
     return "" if master_binary() else "mooncake_master not found"
