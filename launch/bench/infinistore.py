@@ -13,27 +13,43 @@ from __future__ import annotations
 
 import argparse
 import logging
-import subprocess
 import sys
 
+from common.config import ConfigError
+from launch.bench.common import (
+    LAT_SAMPLES,
+    alloc_on_peer,
+    connect,
+    counts,
+    format_tcp_table,
+    free_ports,
+    measure_with_tcp,
+    print_header,
+    recv_line,
+    send_json,
+    start_peer,
+    stop_peer,
+)
+from transport.base import TransportError
+from transport.config import InfinistoreConfig, TransportConfig
+from transport.infinistore import InfinistoreTransport
+from transport.infinistore_server import (
+    VERBS_DOUBLE,
+    rdma_devices,
+    run_server,
+    unavailable,
+)
+
 log = logging.getLogger(__name__)
+
 
 def serve_server(host: str, req: dict, procs: list) -> dict:
     """The peer's side of ``op: infinistore``: start a server on ``host`` (free ports), keep its
     Popen in ``procs``; answers ``{"ok", "url"}`` or ``{"ok": False, "error"}``."""
-    from launch.bench.transport import _free_ports
-    from transport.config import InfinistoreConfig
-    from transport.infinistore_server import (
-        VERBS_DOUBLE,
-        rdma_devices,
-        run_server,
-        unavailable,
-    )
-
     why = unavailable()
     if why:
         return {"ok": False, "error": why}
-    service, manage = _free_ports(host, 2)
+    service, manage = free_ports(host, 2)
     c = InfinistoreConfig(url=f"infinistore://{host}:{service}", connection_type="tcp", start_server=True,
                           server_prealloc_gb=int(req.get("prealloc_gb", 4)), server_manage_port=manage,
                           link_type=req.get("link_type", "IB"),
@@ -45,55 +61,41 @@ def serve_server(host: str, req: dict, procs: list) -> dict:
     return {"ok": True, "url": c.url, "double": not rdma_devices()}
 
 
-def run_infinistore(args: argparse.Namespace, sizes: list[int]) -> int:
-    """The table of ``_bench_size`` through InfiniStore, with the TCP stream columns."""
-    from common.config import ConfigError
-    from launch.bench.transport import (
-        LAT_SAMPLES,
-        _connect,
-        _counts,
-        _print_header,
-        _recv_line,
-        _send_json,
-        _start_peer,
-        format_tcp_table,
-        measure_with_tcp,
-        stop_peer,
-    )
-    from transport.base import TransportError
-    from transport.config import InfinistoreConfig, TransportConfig
-    from transport.infinistore import InfinistoreTransport
+def _server_on_peer(peer: tuple[str, int], span: int, link_type: str) -> dict:
+    """Ask the peer to start an InfiniStore server on its host with room for two passes of ``span``
+    bytes; its answer (``serve_server``'s)."""
+    with connect(peer) as c:
+        send_json(c, {"op": "infinistore", "prealloc_gb": max(1, -(-2 * span >> 30) + 1), "link_type": link_type})
+        return recv_line(c)
 
-    _, span = _counts(args, sizes)
+
+def run_infinistore(args: argparse.Namespace, sizes: list[int]) -> int:
+    """The table of ``bench_size`` through InfiniStore, with the TCP stream columns."""
+    _, span = counts(args, sizes)
     pass_mb = -(-span >> 20)
-    procs: list[subprocess.Popen] = []
+    procs: list = []
     peer = (args.peer_host, args.peer_port)
     transport, rows, where = None, [], "given"
     try:
         if not args.peer_host:
-            p, peer = _start_peer()
+            p, peer = start_peer()
             procs.append(p)
         url = args.transport_url
-        if not url:  # the server on the peer's host, room for two passes
-            with _connect(peer) as c:
-                _send_json(c, {"op": "infinistore", "prealloc_gb": max(1, -(-2 * span >> 30) + 1),
-                               "link_type": args.link_type})
-                started = _recv_line(c)
+        if not url:  # the server on the peer's host
+            started = _server_on_peer(peer, span, args.link_type)
             if not started.get("ok"):
                 log.error("the peer at %s:%d could not start an InfiniStore server: %s", *peer, started.get("error"))
                 return 1
             url = started["url"]
             where = "started by the peer" + (" with the libibverbs test double" if started["double"] else "")
-        with _connect(peer) as c:
-            _send_json(c, {"op": "alloc", "total": span})
-            c.recv(1)
+        alloc_on_peer(peer, span)
         if args.connection_type == "rdma":
             url += ("&" if "?" in url else "/?") + f"device={args.device_name}"
         cfg = InfinistoreConfig(url=url, connection_type=args.connection_type, link_type=args.link_type,
                                 staging_mb=2 * pass_mb + 16,
                                 max_value_mb=-(-max(sizes) >> 20), op_timeout_s=120)
         transport = InfinistoreTransport(TransportConfig(kind="infinistore", infinistore=cfg))
-        _print_header()
+        print_header("transport")
         print(f"# transport=infinistore connection={args.connection_type} server={url} ({where})  "
               f"peer={peer[0]}:{peer[1]} ({'remote' if args.peer_host else 'started here'})  "
               f"bytes/pass~{args.total_mb} MiB iters={args.iters} latency samples<={LAT_SAMPLES}")

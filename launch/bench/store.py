@@ -33,13 +33,10 @@ so that the largest chunk fits a slab; the page cache is dropped before reads as
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import errno
 import logging
 import mmap
 import os
-import platform
-import shlex
 import shutil
 import statistics
 import sys
@@ -49,14 +46,17 @@ from pathlib import Path
 
 import numpy as np
 
-from launch.bench.transport import _fmt_size, _fs_type, _pct, cpu_model, parse_size
+from launch.bench.common import counts, fmt_size, fs_type, parse_size, pct, print_header
+from store import make_store
+from store.config import Hf3fsConfig, StoreConfig
+from store.hf3fs import HDR, MISSING_MODULE
 
 log = logging.getLogger(__name__)
 
 BACKENDS = ("local", "hf3fs")
 DEFAULT_SIZES = "256K,1M,4M,16M,64M"
 ALIGN = 4096
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_PATH = REPO / ".bench-tmp"
 
 
@@ -213,13 +213,13 @@ def _store_pass(store, root: str, keys: list[str], srcs: list[memoryview], dsts:
         ok = store.put(key, mv)
         put_lat.append(time.perf_counter() - t)
         if not ok:
-            raise RuntimeError(f"size {_fmt_size(size)}: put of {key} was dropped ({store.stats})")
+            raise RuntimeError(f"size {fmt_size(size)}: put of {key} was dropped ({store.stats})")
     if not store.flush(timeout_s=600.0):
-        raise RuntimeError(f"size {_fmt_size(size)}: flush did not finish in 600 s")
+        raise RuntimeError(f"size {fmt_size(size)}: flush did not finish in 600 s")
     t_write = time.perf_counter() - t0
     errs = {k: store.stats[k] - before[k] for k in ("write_errors", "budget_drops", "dropped")}
     if any(errs.values()) or store.stats["writes"] - before["writes"] != n:
-        raise RuntimeError(f"size {_fmt_size(size)}: the store lost writes: {errs}")
+        raise RuntimeError(f"size {fmt_size(size)}: the store lost writes: {errs}")
     if buffered:
         _drop_tree(root)  # untimed: the reads below come from the device, not the page cache
     t0 = time.perf_counter()
@@ -228,11 +228,11 @@ def _store_pass(store, root: str, keys: list[str], srcs: list[memoryview], dsts:
         got = store.get(key, mv)
         get_lat.append(time.perf_counter() - t)
         if got != size:
-            raise RuntimeError(f"size {_fmt_size(size)}: get of {key} returned {got} bytes")
+            raise RuntimeError(f"size {fmt_size(size)}: get of {key} returned {got} bytes")
     t_read = time.perf_counter() - t0
     for i in (0, n - 1):
         if not _same(dsts[i], srcs[i]):
-            raise RuntimeError(f"size {_fmt_size(size)}: chunk {i} read back differs from what was put")
+            raise RuntimeError(f"size {fmt_size(size)}: chunk {i} read back differs from what was put")
     store.delete(keys)
     return {"write_s": t_write, "read_s": t_read, "put_lat": put_lat, "get_lat": get_lat}
 
@@ -243,8 +243,8 @@ def _summary(passes: list[dict], total: int) -> dict:
     return {
         "write": statistics.median(total / p["write_s"] for p in passes) / 1e9,
         "read": statistics.median(total / p["read_s"] for p in passes) / 1e9,
-        "w_p50": _pct(put_lat, .5) * 1e3, "w_p99": _pct(put_lat, .99) * 1e3,
-        "r_p50": _pct(get_lat, .5) * 1e3, "r_p99": _pct(get_lat, .99) * 1e3,
+        "w_p50": pct(put_lat, .5) * 1e3, "w_p99": pct(put_lat, .99) * 1e3,
+        "r_p50": pct(get_lat, .5) * 1e3, "r_p99": pct(get_lat, .99) * 1e3,
     }
 
 
@@ -278,7 +278,7 @@ def _check_args(args: argparse.Namespace) -> list[int]:
         raise ValueError(f"--sizes: {e}") from None
     if not sizes:
         raise ValueError("--sizes must name at least one size")
-    bad = [_fmt_size(s) for s in sizes if s % ALIGN]
+    bad = [fmt_size(s) for s in sizes if s % ALIGN]
     if bad:
         raise ValueError(f"--sizes must be multiples of {ALIGN} bytes (O_DIRECT); got {', '.join(bad)}")
     if args.total_mb <= 0 or args.iters <= 0 or args.write_threads <= 0:
@@ -291,8 +291,6 @@ def _usrbio():
     try:
         import hf3fs_fuse.io as io  # type: ignore[import-not-found]
     except Exception:
-        from store.hf3fs import MISSING_MODULE
-
         raise ValueError(f"{MISSING_MODULE}; to measure pdkv's hf3fs code on the USRBIO emulator "
                          "(a test double, not 3FS) run with PYTHONPATH=tests/doubles") from None
     return io
@@ -300,27 +298,20 @@ def _usrbio():
 
 def _hf3fs_config(io, d: str, budget_bytes: int, queue_mb: int, largest: int):
     """A StoreConfig for ``d`` whose slabs hold the largest chunk (iovec = 2 x its slot class)."""
-    from store.config import Hf3fsConfig, StoreConfig
-    from store.hf3fs import HDR
-
     mp = io.extract_mount_point(d)
     if not mp:
         raise ValueError(f"--path {d} is not on a 3FS mount (hf3fs_fuse.io.extract_mount_point)")
     slot = 1 << (largest + HDR - 1).bit_length()
     iov_mb = max(200, 2 * slot >> 20)
     if iov_mb > 2048:
-        raise ValueError(f"--sizes: {_fmt_size(largest)} needs an iovec of {iov_mb} MB; at most 2048")
+        raise ValueError(f"--sizes: {fmt_size(largest)} needs an iovec of {iov_mb} MB; at most 2048")
     budget = max(budget_bytes, 4 * slot) + (64 << 20)
     return StoreConfig(backend="hf3fs", paths=[d], size_gb=budget / 1e9, queue_mb=queue_mb,
                        hf3fs=Hf3fsConfig(mount_point=mp, iov_size_mb=iov_mb))
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run the benchmark; print a header and the table. Bad arguments raise ValueError (exit 2)."""
-    sizes = _check_args(args)
-    from store import make_store
-    from store.config import StoreConfig
-
+def _base_dir(args: argparse.Namespace) -> tuple[Path, bool]:
+    """The directory to measure under, and whether it was made here (the default, removed at the end)."""
     base = Path(args.path) if args.path else DEFAULT_PATH
     made_base = False
     if args.path is None and not base.exists():
@@ -328,95 +319,119 @@ def run(args: argparse.Namespace) -> int:
         made_base = True
     if not base.is_dir():
         raise ValueError(f"--path {base} is not a directory")
+    return base, made_base
+
+
+def _open_stores(args: argparse.Namespace, io, root: str, modes: list[bool], per_size: dict[int, int],
+                 span: int, stores: dict[bool, tuple]) -> StoreConfig:
+    """A store per o_direct mode, each in its own directory under ``root``, into ``stores``; the last config."""
+    for od in modes:
+        d = os.path.join(root, f"store-odirect-{'on' if od else 'off'}")
+        os.makedirs(d)
+        padded = span + max(per_size.values()) * 2 * ALIGN
+        if io is not None:
+            # Slots are powers of two: a batch needs up to twice its bytes.
+            cfg = _hf3fs_config(io, d, 2 * padded, (padded >> 20) + 64, max(per_size))
+        else:
+            cfg = StoreConfig(backend=args.backend, paths=[d], o_direct=od,
+                              size_gb=max(0.01, (padded + (64 << 20)) / 1e9),
+                              queue_mb=(padded >> 20) + 64, write_threads=args.write_threads)
+        stores[od] = (make_store(cfg), d)
+    return cfg
+
+
+def _print_setup(args: argparse.Namespace, real: str, cfg: StoreConfig, io, modes: list[bool], plain: _Plain) -> None:
+    hf3fs = io is not None
+    print_header("store", numpy_too=False)
+    print(f"# backend={args.backend} dir={real} ({fs_type(real)}) bytes/batch~{args.total_mb} MiB"
+          f" iters={args.iters} write_threads={args.write_threads}"
+          + (f" iov_size_mb={cfg.hf3fs.iov_size_mb} io_threads={cfg.hf3fs.io_threads}"
+             f" usrbio={getattr(io, '__file__', io)}" if hf3fs else
+             f" store o_direct: {', '.join('on' if m else 'off' for m in modes)}"))
+    if getattr(io, "EMULATOR", False):
+        print("# USRBIO EMULATOR (tests/doubles: a test double over local files): these figures "
+              "measure pdkv's hf3fs store code over local files, NOT 3FS")
+    print("# plain baseline: one file per chunk, sequential, "
+          + ("O_DIRECT" if plain.direct else f"buffered + fsync per file, page cache dropped "
+             f"before reads ({plain.why})"))
+    if hf3fs:
+        print("# hf3fs: write GB/s = first put .. flush done; before reading, the data files "
+              "are fdatasync'ed and their pages dropped (untimed)")
+    elif False in modes:
+        print("# o_direct off: write GB/s = filling the page cache (flush does not fsync); "
+              "before reading, each file is fdatasync'ed and its pages dropped (untimed), so "
+              "reads come from the device")
+    sys.stdout.flush()
+
+
+def _measure_size(args: argparse.Namespace, size: int, n: int, src: memoryview, dst: memoryview,
+                  modes: list[bool], stores: dict[bool, tuple], plain: _Plain) -> tuple[list[dict], dict]:
+    """``args.iters`` passes of ``n`` chunks of ``size`` bytes, plain I/O then each store, interleaved:
+    (the plain passes, the store passes per o_direct mode)."""
+    srcs = [src[i * size:(i + 1) * size] for i in range(n)]
+    dsts = [dst[i * size:(i + 1) * size] for i in range(n)]
+    plain_passes: list[dict] = []
+    store_passes: dict[bool, list[dict]] = {od: [] for od in modes}
+    for it in range(args.iters):
+        _fill(src, size, n, stamp=it + 1)
+        names = [f"{size}-{it}-{i}.bin" for i in range(n)]
+        w, wl = plain.write(names, srcs)
+        r, rl = plain.read(names, dsts)
+        if not (_same(dsts[0], srcs[0]) and _same(dsts[-1], srcs[-1])):
+            raise RuntimeError(f"size {fmt_size(size)}: plain read back differs")
+        plain.clear(names)
+        plain_passes.append({"write_s": w, "read_s": r, "put_lat": wl, "get_lat": rl})
+        for od in modes:
+            store, d = stores[od]
+            keys = [f"bench-{os.getpid()}/0/{size:x}{it:04x}{i:08x}" for i in range(n)]
+            dsts[0][:16] = dsts[-1][:16] = bytes(16)  # a stale buffer cannot pass
+            store_passes[od].append(_store_pass(store, d, keys, srcs, dsts, size,
+                                                buffered=not store.usage().get("o_direct")))
+    return plain_passes, store_passes
+
+
+def _print_results(rows: list[dict], stores: dict[bool, tuple]) -> None:
+    fallbacks = []
+    for od, (store, _d) in stores.items():
+        if od and not store.usage().get("o_direct", True):
+            fallbacks.append("the store's o_direct on rows ran buffered: the filesystem "
+                             "refused O_DIRECT")
+    print(format_table(rows))
+    print("# GB/s = 1e9 bytes/s, median of iters; write = first put .. flush done; read = all "
+          "gets into preallocated page-aligned buffers; p50/p99 = ms per call (put = enqueue "
+          "copy; plain = open+write/read+close of one chunk); ratios = store/plain")
+    for f in fallbacks:
+        print(f"# NOTE: {f}")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmark; print a header and the table. Bad arguments raise ValueError (exit 2)."""
+    sizes = _check_args(args)
+    base, made_base = _base_dir(args)
     hf3fs = args.backend == "hf3fs"
     io = _usrbio() if hf3fs else None
-    emulated = bool(getattr(io, "EMULATOR", False))
     modes = [False] if hf3fs else [False, True] if args.o_direct is None else [args.o_direct]
-    total_mb = args.total_mb << 20
-    counts = {s: max(4, total_mb // s) for s in sizes}
-    span = max(s * n for s, n in counts.items())
+    per_size, span = counts(args, sizes)
     stores: dict[bool, tuple] = {}
     root = tempfile.mkdtemp(prefix=f"pd-bench-store-{os.getpid()}-", dir=str(base))
     try:
         real = os.path.realpath(root)
-        if emulated:
+        if getattr(io, "EMULATOR", False):
             io.emulate_mount(root)
         plain = _Plain(os.path.join(root, "plain"))
-        for od in modes:
-            d = os.path.join(root, f"store-odirect-{'on' if od else 'off'}")
-            os.makedirs(d)
-            padded = span + max(counts.values()) * 2 * ALIGN
-            if hf3fs:
-                # Slots are powers of two: a batch needs up to twice its bytes.
-                cfg = _hf3fs_config(io, d, 2 * padded, (padded >> 20) + 64, max(sizes))
-            else:
-                cfg = StoreConfig(backend=args.backend, paths=[d], o_direct=od,
-                                  size_gb=max(0.01, (padded + (64 << 20)) / 1e9),
-                                  queue_mb=(padded >> 20) + 64, write_threads=args.write_threads)
-            stores[od] = (make_store(cfg), d)
-
-        print(f"# pd bench store  {_dt.datetime.now().isoformat(timespec='seconds')}")
-        print(f"# cpu: {cpu_model()} ({os.cpu_count()} logical cores)  python {platform.python_version()}")
-        print(f"# command: {shlex.join(sys.argv)}")
-        print(f"# backend={args.backend} dir={real} ({_fs_type(real)}) bytes/batch~{args.total_mb} MiB"
-              f" iters={args.iters} write_threads={args.write_threads}"
-              + (f" iov_size_mb={cfg.hf3fs.iov_size_mb} io_threads={cfg.hf3fs.io_threads}"
-                 f" usrbio={getattr(io, '__file__', io)}" if hf3fs else
-                 f" store o_direct: {', '.join('on' if m else 'off' for m in modes)}"))
-        if emulated:
-            print("# USRBIO EMULATOR (tests/doubles: a test double over local files): these figures "
-                  "measure pdkv's hf3fs store code over local files, NOT 3FS")
-        print("# plain baseline: one file per chunk, sequential, "
-              + ("O_DIRECT" if plain.direct else f"buffered + fsync per file, page cache dropped "
-                 f"before reads ({plain.why})"))
-        if hf3fs:
-            print("# hf3fs: write GB/s = first put .. flush done; before reading, the data files "
-                  "are fdatasync'ed and their pages dropped (untimed)")
-        elif False in modes:
-            print("# o_direct off: write GB/s = filling the page cache (flush does not fsync); "
-                  "before reading, each file is fdatasync'ed and its pages dropped (untimed), so "
-                  "reads come from the device")
-        sys.stdout.flush()
-
+        cfg = _open_stores(args, io, root, modes, per_size, span, stores)
+        _print_setup(args, real, cfg, io, modes, plain)
         _src_map, src = _aligned(span)
         _dst_map, dst = _aligned(span)
         rows: dict[tuple[bool, int], dict] = {}
         for size in sizes:
-            n = counts[size]
-            srcs = [src[i * size:(i + 1) * size] for i in range(n)]
-            dsts = [dst[i * size:(i + 1) * size] for i in range(n)]
-            plain_passes: list[dict] = []
-            store_passes: dict[bool, list[dict]] = {od: [] for od in modes}
-            for it in range(args.iters):
-                _fill(src, size, n, stamp=it + 1)
-                names = [f"{size}-{it}-{i}.bin" for i in range(n)]
-                w, wl = plain.write(names, srcs)
-                r, rl = plain.read(names, dsts)
-                if not (_same(dsts[0], srcs[0]) and _same(dsts[-1], srcs[-1])):
-                    raise RuntimeError(f"size {_fmt_size(size)}: plain read back differs")
-                plain.clear(names)
-                plain_passes.append({"write_s": w, "read_s": r, "put_lat": wl, "get_lat": rl})
-                for od in modes:
-                    store, d = stores[od]
-                    keys = [f"bench-{os.getpid()}/0/{size:x}{it:04x}{i:08x}" for i in range(n)]
-                    dsts[0][:16] = dsts[-1][:16] = bytes(16)  # a stale buffer cannot pass
-                    store_passes[od].append(_store_pass(store, d, keys, srcs, dsts, size,
-                                                        buffered=not store.usage().get("o_direct")))
+            n = per_size[size]
+            plain_passes, store_passes = _measure_size(args, size, n, src, dst, modes, stores, plain)
             p = _summary(plain_passes, size * n)
             for od in modes:
-                rows[(od, size)] = {"o_direct": None if hf3fs else od, "size": _fmt_size(size), "n": n,
+                rows[(od, size)] = {"o_direct": None if hf3fs else od, "size": fmt_size(size), "n": n,
                                     "store": _summary(store_passes[od], size * n), "plain": p}
-        fallbacks = []
-        for od, (store, _d) in stores.items():
-            if od and not store.usage().get("o_direct", True):
-                fallbacks.append("the store's o_direct on rows ran buffered: the filesystem "
-                                 "refused O_DIRECT")
-        print(format_table([rows[(od, s)] for od in modes for s in sizes]))
-        print("# GB/s = 1e9 bytes/s, median of iters; write = first put .. flush done; read = all "
-              "gets into preallocated page-aligned buffers; p50/p99 = ms per call (put = enqueue "
-              "copy; plain = open+write/read+close of one chunk); ratios = store/plain")
-        for f in fallbacks:
-            print(f"# NOTE: {f}")
+        _print_results([rows[(od, s)] for od in modes for s in sizes], stores)
         return 0
     finally:
         for store, _d in stores.values():
