@@ -4,12 +4,14 @@ from __future__ import annotations
 from typing import Any
 
 from store.base import KVStore
+from store.hf3fs import Hf3fsStore
+from store.local import LocalStore
 
 __all__ = ["KVStore", "make_store"]
 
 
 def make_store(cfg: Any, device_index: int = 0, writer: bool = True) -> KVStore | None:
-    """The store of ``cfg`` (a ``pd.config.StoreConfig``) for device ``device_index``.
+    """The store of ``cfg`` (a ``store.config.StoreConfig``) for device ``device_index``.
 
     ``writer=False`` opens it for reading only (a scheduler's lookups, a decode worker's
     fallback): no writer threads, no directory claimed, every ``put`` dropped and counted.
@@ -21,11 +23,7 @@ def make_store(cfg: Any, device_index: int = 0, writer: bool = True) -> KVStore 
     if backend == "none":
         return None
     if backend == "local":
-        from store.local import LocalStore
-
         return LocalStore(cfg, device_index, writer=writer)
     if backend == "hf3fs":
-        from store.hf3fs import Hf3fsStore
-
         return Hf3fsStore(cfg, device_index, writer=writer)
     raise ValueError(f"unknown store backend {backend!r}; choose none, local or hf3fs")

@@ -16,7 +16,8 @@ from conftest import round_trip
 from common.config import ConfigError, load
 from store import KVStore, make_store
 from store.config import Hf3fsConfig, StoreConfig
-from store.hf3fs import MISSING_MODULE, Hf3fsStore, _View
+from store.hf3fs import MISSING_MODULE, Hf3fsStore
+from store.hf3fs_peers import View
 from tests.doubles import usrbio_emulator as emu
 
 NS = "model-0123456789abcdef"
@@ -177,7 +178,7 @@ def test_layout_change_starts_empty(mount):
 
 
 def test_writers_get_their_own_directories_and_read_each_other(store, mount, monkeypatch):
-    monkeypatch.setattr("store.hf3fs.MISS_RESCAN_S", 0.0)  # look for new writers on every miss
+    monkeypatch.setattr("store.hf3fs_peers.MISS_RESCAN_S", 0.0)  # look for new writers on every miss
     assert store.put(_key(1), _data(1)) and store.flush(10)
     s2 = _open(mount)
     out = np.zeros(100_000, dtype=np.uint8)
@@ -213,7 +214,7 @@ def test_reader_follows_the_writer_and_writes_nothing(store, mount):
             assert r.get(_key(i), out) == 100_000 and np.array_equal(out, _data(i))
         store.delete([_key(0)])
         assert r.get(_key(0), out) == 0
-        store._rewrite_log(list(store._index.items()))  # a compaction: a new log generation
+        store._log.rewrite(list(store._index.items()))  # a compaction: a new log generation
         assert store.put(_key(4), _data(4)) and store.flush(10)
         assert r.contains([_key(i) for i in range(1, 6)]) == 4
         assert r.get(_key(4), out) == 100_000 and np.array_equal(out, _data(4))
@@ -230,7 +231,7 @@ def test_stale_peer_entry_is_a_miss_never_another_value(mount, monkeypatch):
             assert w.put(_key(i), _data(i))
         assert w.flush(10)
         assert r.contains([_key(i) for i in range(14)]) == 14
-        monkeypatch.setattr(_View, "refresh", lambda self: None)  # the reader's view goes stale
+        monkeypatch.setattr(View, "refresh", lambda self: None)  # the reader's view goes stale
         for i in range(14, 28):  # evicts 0..13 and writes into their slots
             assert w.put(_key(i), _data(i))
         assert w.flush(10) and w.usage()["evictions"] >= 13
