@@ -1,9 +1,11 @@
-"""The transport interface: batched put/get of whole chunks, addressed by string keys."""
+"""The transport interface: batched put/get of whole chunks, addressed by string keys; and the
+checks and slot bookkeeping its implementations share."""
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence, runtime_checkable
+import threading
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
-from common.bytes import release_view
+from common.bytes import byte_view, release_view
 
 
 class TransportError(RuntimeError):
@@ -52,8 +54,8 @@ class ZeroCopyTransport(Transport, Protocol):
 
     A producer ``reserve``s slots, fills ``slot.view`` (a writable 1-D uint8 memoryview of
     exactly the reserved size, e.g. gathering KV straight into it) and ``commit``s them; a
-    consumer ``acquire``s views of committed values, reads them and ``release``s them. Check with
-    ``isinstance(t, ZeroCopyTransport)``; shm implements it.
+    consumer ``acquire``s views of committed values, reads them and ``release``s them. A
+    transport that implements it says so with ``zero_copy`` (shm, mooncake and infinistore do).
     """
 
     def reserve(self, keys: Sequence[str], sizes: Sequence[int]) -> list[Any]:
@@ -70,6 +72,18 @@ class ZeroCopyTransport(Transport, Protocol):
     def release(self, reads: Sequence[Any]) -> list[bool]:
         """End the reads; True where the value stayed committed and unchanged during the hold
         (so what was read is valid); False (and None entries) = treat the chunk as a miss."""
+
+
+def check_buffers(op: str, keys: Sequence[str], buffers: Sequence[Any], writable: bool = False) -> list[memoryview]:
+    """``buffers`` as flat byte views, one per key (ValueError otherwise), each writable with
+    ``writable`` (TypeError naming a read-only one): what every ``put`` and ``get`` takes."""
+    if len(keys) != len(buffers):
+        raise ValueError(f"{op}: {len(keys)} keys but {len(buffers)} buffers")
+    mvs = [byte_view(b) for b in buffers]
+    for j, mv in enumerate(mvs):
+        if writable and mv.readonly:
+            raise TypeError(f"{op}: buffer {j} is read-only")
+    return mvs
 
 
 def check_reserve(keys: Sequence[str], sizes: Sequence[int]) -> list[int]:
@@ -107,3 +121,28 @@ def close_reads(owner: Any, reads: Sequence[Any]) -> list[bool]:
             r._done = True
             release_view(r.view)
     return held
+
+
+class InFlight:
+    """The staging slots one engine call reads into. The caller frees them once the call answered;
+    a caller that stopped waiting ``abandon``s them, and they are freed when the call has really
+    ended (``ended``, run by the call's end), not before: a late answer must never land in memory
+    handed out again."""
+
+    def __init__(self, free: Callable[[], None]) -> None:
+        self._free, self._lock = free, threading.Lock()
+        self._ended = self._abandoned = False
+
+    def ended(self) -> None:
+        with self._lock:
+            self._ended = True
+            abandoned = self._abandoned
+        if abandoned:
+            self._free()
+
+    def abandon(self) -> None:
+        with self._lock:
+            self._abandoned = True
+            ended = self._ended
+        if ended:
+            self._free()

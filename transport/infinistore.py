@@ -38,9 +38,15 @@ import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable, Sequence
 
-from common.bytes import byte_view
 from transport.arena import PAGE, FirstFit, buffer_address, cuda_pin
-from transport.base import TransportError, check_reserve, close_reads, close_written
+from transport.base import (
+    InFlight,
+    TransportError,
+    check_buffers,
+    check_reserve,
+    close_reads,
+    close_written,
+)
 from transport.infinistore_client import ClientProcess
 
 log = logging.getLogger(__name__)
@@ -303,24 +309,11 @@ class InfinistoreTransport:
         stay the caller's unless the call never answered (then they are freed when it ends)."""
         if not keys:
             return []
-        state = {"answered": False, "abandoned": False}
-        lock = threading.Lock()
         spans = [(o, _span(c)) for o, c in zip(offs, caps)]
-
-        def ended() -> None:
-            with lock:
-                state["answered"] = True
-                free = state["abandoned"]
-            if free:
-                self._free(spans)
-
-        rcs = self._call("get", [(k, o, c) for k, o, c in zip(keys, offs, caps)], after=ended)
+        flight = InFlight(lambda: self._free(spans))
+        rcs = self._call("get", [(k, o, c) for k, o, c in zip(keys, offs, caps)], after=flight.ended)
         if rcs is None:
-            with lock:
-                state["abandoned"] = True
-                free = state["answered"]
-            if free:
-                self._free(spans)
+            flight.abandon()
             return [None] * len(keys)  # the slots are not the caller's any more
         self._bump(too_small=sum(1 for n in rcs if n == -1), errors=sum(1 for n in rcs if n == -2))
         return list(rcs)
@@ -328,9 +321,7 @@ class InfinistoreTransport:
     # -- copy API (Transport) ----------------------------------------------------------------
     def put(self, keys: Sequence[str], buffers: Sequence[Any]) -> list[bool]:
         """Store each buffer under its key (one copy into the staging region, batched calls); False = dropped."""
-        if len(keys) != len(buffers):
-            raise ValueError(f"put: {len(keys)} keys but {len(buffers)} buffers")
-        mvs = [byte_view(b) for b in buffers]
+        mvs = check_buffers("put", keys, buffers)
         res = [False] * len(keys)
         big = [j for j, mv in enumerate(mvs) if _span(mv.nbytes + FRAME) > self.size]
         self._drops([mvs[j].nbytes for j in big], "larger than the staging region")
@@ -355,12 +346,7 @@ class InfinistoreTransport:
     def get(self, keys: Sequence[str], buffers: Sequence[Any]) -> list[int]:
         """Read each key into its buffer; bytes read per key, 0 = miss (absent, buffer too small, server
         down). Nothing is written into a buffer on a miss."""
-        if len(keys) != len(buffers):
-            raise ValueError(f"get: {len(keys)} keys but {len(buffers)} buffers")
-        mvs = [byte_view(b) for b in buffers]
-        for j, mv in enumerate(mvs):
-            if mv.readonly:
-                raise TypeError(f"get: buffer {j} is read-only")
+        mvs = check_buffers("get", keys, buffers, writable=True)
         out = [0] * len(keys)
         todo = [j for j, mv in enumerate(mvs) if mv.nbytes > 0]
         while todo:

@@ -47,9 +47,15 @@ import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable, Sequence
 
-from common.bytes import byte_view
 from transport.arena import PAGE, FirstFit, _clear_cuda_error, buffer_address, cuda_pin
-from transport.base import TransportError, check_reserve, close_reads, close_written
+from transport.base import (
+    InFlight,
+    TransportError,
+    check_buffers,
+    check_reserve,
+    close_reads,
+    close_written,
+)
 from transport.mooncake_client import (
     BAD_PARAMS,
     CLOSE_WAIT_S,
@@ -343,32 +349,19 @@ class MooncakeTransport:
         slots are freed here, once the engine has really let go of them)."""
         if not keys:
             return []
-        held, lock, state = list(zip(offs, caps)), threading.Lock(), {"ended": False, "abandoned": False}
-
-        def ended() -> None:
-            with lock:
-                state["ended"] = True
-                abandoned = state["abandoned"]
-            if abandoned:
-                self._free(held)
-
+        held = list(zip(offs, caps))
+        flight = InFlight(lambda: self._free(held))
         rcs = self._call("get", in_parts, self._store.batch_get_into, keys, [self._ptr(o) for o in offs], caps,
-                         after=ended)
+                         after=flight.ended)
         if rcs is None:
-            with lock:
-                state["abandoned"] = not state["ended"]
-                free_now = state["ended"]
-            if free_now:
-                self._free(held)
+            flight.abandon()
         return None if rcs is None else list(rcs)
 
     # -- copy API (Transport) -------------------------------------------------------------
     def put(self, keys: Sequence[str], buffers: Sequence[Any]) -> list[bool]:
         """Store each buffer under its key (one copy into registered memory, one batched upsert per
         batch that fits the region); False = dropped (counted)."""
-        if len(keys) != len(buffers):
-            raise ValueError(f"put: {len(keys)} keys but {len(buffers)} buffers")
-        mvs = [byte_view(b) for b in buffers]
+        mvs = check_buffers("put", keys, buffers)
         res = [False] * len(keys)
         big = [j for j, mv in enumerate(mvs) if _span(mv.nbytes) > self.size]
         self._count_drops([mvs[j].nbytes for j in big], "larger than the staging region")
@@ -392,12 +385,7 @@ class MooncakeTransport:
     def get(self, keys: Sequence[str], buffers: Sequence[Any]) -> list[int]:
         """Read each key into its buffer; bytes read per key, 0 = miss (absent, buffer too small,
         master down, transfer failed). Nothing is written into a buffer on a miss."""
-        if len(keys) != len(buffers):
-            raise ValueError(f"get: {len(keys)} keys but {len(buffers)} buffers")
-        mvs = [byte_view(b) for b in buffers]
-        for j, mv in enumerate(mvs):
-            if mv.readonly:
-                raise TypeError(f"get: buffer {j} is read-only")
+        mvs = check_buffers("get", keys, buffers, writable=True)
         out = [0] * len(keys)
         todo = [j for j, mv in enumerate(mvs) if mv.nbytes > 0]
         while todo:

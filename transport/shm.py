@@ -30,10 +30,15 @@ import threading
 import uuid
 from typing import Any, Sequence
 
-from common.bytes import byte_view
 from transport import shm_index as index
 from transport.arena import COMMITTED, Mapping, buffer_address, key_digest16, stamp
-from transport.base import TransportError, check_reserve, close_reads, close_written
+from transport.base import (
+    TransportError,
+    check_buffers,
+    check_reserve,
+    close_reads,
+    close_written,
+)
 from transport.shm_index import cleanup_pool, key_to_name, pool_dir  # noqa: F401 - cleanup_pool: launch/ imports it here
 from transport.shm_maps import MapCache
 from transport.shm_owner import ArenaOwner, Call, Entry
@@ -124,9 +129,7 @@ class ShmTransport:
     # -- copy API (Transport) --------------------------------------------------------------
     def put(self, keys: Sequence[str], buffers: Sequence[Any]) -> list[bool]:
         """Store each buffer under its key: reserve, one copy, commit. False = dropped."""
-        if len(keys) != len(buffers):
-            raise ValueError(f"put: {len(keys)} keys but {len(buffers)} buffers")
-        mvs = [byte_view(b) for b in buffers]
+        mvs = check_buffers("put", keys, buffers)
         res: list[bool] = []
         call = Call()
         for key, mv in zip(keys, mvs):  # one value at a time: a batch may exceed the arena
@@ -153,12 +156,7 @@ class ShmTransport:
         with the producer (the slot was evicted during the copy) is a miss too, and the buffer
         then holds unspecified bytes.
         """
-        if len(keys) != len(buffers):
-            raise ValueError(f"get: {len(keys)} keys but {len(buffers)} buffers")
-        mvs = [byte_view(b) for b in buffers]
-        for i, mv in enumerate(mvs):
-            if mv.readonly:
-                raise TypeError(f"get: buffer {i} is read-only")
+        mvs = check_buffers("get", keys, buffers, writable=True)
         out: list[int] = []
         races = 0
         for key, mv in zip(keys, mvs):
