@@ -31,13 +31,14 @@ import urllib.request
 from pathlib import Path
 
 from common.config import load, merge
-from launch.bench.serve import (
+from launch.bench.serve_load import (
     Request,
     Result,
     completion_body,
     format_table,
     make_workload,
     run_load,
+    send_one,
     stream_into,
     summarize,
 )
@@ -224,7 +225,7 @@ def run_mode(mode: str, dep: DeploymentConfig, seq: list[Request], load_: list[R
             ports = [getattr(dep, g).port_base for g in ("prefill", "decode")]
             send = nixl_send(f"http://127.0.0.1:{ports[0]}", f"http://127.0.0.1:{ports[1]}")
         else:
-            from launch.bench.serve import _one as send
+            send = send_one
         url = d.proxy_url
         run_sequential(url, name, [Request(0, [11, 12, 13, 14] * 8, 4, False)], send)  # warm-up
         seq_res, seq_wall = run_sequential(url, name, seq, send)

@@ -24,13 +24,17 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
+import tempfile
 import time
 
 import torch
 
 from pd.connector import chunk as chunkfmt
 from pd.connector.chunk import HEADER_SIZE
+from pd.connector.keys import layout_fingerprint
 from pd.connector.kv_layout import KVLayout, StagingPool
+from transport.config import TransportConfig
+from transport.shm import ShmTransport
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -73,7 +77,6 @@ def run(args) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available here; use --device cpu")
     dtype = getattr(torch, args.dtype)
-    es = torch.tensor([], dtype=dtype).element_size()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(f"# pd bench kv on {device} ({name}); {args.layers} layers, {args.kv_heads} kv heads, "
           f"head size {args.head_size}, {args.dtype}; cache {args.cache_gb} GB")
@@ -91,46 +94,58 @@ def run(args) -> int:
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if xfer else "")
           + ("---:|---:|---:|---:|" if groups > 1 else ""))
     for bs in (int(x) for x in args.block_sizes.split(",")):
-        page = args.kv_heads * bs * 2 * args.head_size * es
-        num_blocks = max(64, int(args.cache_gb * 1e9 / (page * args.layers)))
-        caches = {f"layers.{i}": torch.empty(num_blocks, args.kv_heads, bs, 2 * args.head_size, dtype=dtype,
-                                             device=device).normal_() for i in range(args.layers)}
-        layout = KVLayout(caches, bs, heads=args.kv_heads if groups > 1 else None)
-        dst = ({n: torch.empty_like(t) for n, t in caches.items()} if xfer else None)
-        dst_layout = KVLayout(dst, bs) if xfer else None
-        for tokens in (int(x) for x in args.chunk_tokens.split(",")):
-            nb = tokens // bs
-            if nb < 1 or nb > num_blocks:
-                continue
-            n_bytes = layout.chunk_payload_bytes(nb)
-            pool = StagingPool(HEADER_SIZE + n_bytes, 1, pin=device.type == "cuda")
-            ids = torch.randperm(num_blocks)[:nb]
-            with pool.acquire(1) as (slab,):
-                out = layout.payload_view(slab, nb)
-                t_gather = _time(lambda: layout.gather(ids, out), device, args.iters)
-                t_scatter = _time(lambda: layout.scatter(ids, out), device, args.iters)
-                src = torch.empty(n_bytes, dtype=torch.uint8, device=device)
-                flat = slab[HEADER_SIZE:HEADER_SIZE + n_bytes]
-                t_d2h = _time(lambda: flat.copy_(src, non_blocking=True), device, args.iters)
-                t_h2d = _time(lambda: src.copy_(flat, non_blocking=True), device, args.iters)
-            row = (f"| {bs} | {tokens} | {n_bytes / 1e6:.1f} | {n_bytes / t_gather / 1e9:.2f} | "
-                   f"{n_bytes / t_d2h / 1e9:.2f} | {t_d2h / t_gather:.2f} | {n_bytes / t_scatter / 1e9:.2f} | "
-                   f"{n_bytes / t_h2d / 1e9:.2f} | {t_h2d / t_scatter:.2f} |")
-            if xfer:
-                t_xfer, ok = _time_transfer(layout, dst_layout, ids, nb, n_bytes, device, args.iters, checksum)
-                if not ok:
-                    raise RuntimeError("end-to-end transfer moved wrong bytes")
-                t_copies = t_d2h + t_h2d
-                row += f" {n_bytes / t_xfer / 1e9:.2f} | {n_bytes / t_copies / 1e9:.2f} | {t_copies / t_xfer:.2f} |"
-            if groups > 1:
-                row += _grouped(layout, ids, nb, n_bytes, groups, t_gather, t_scatter, device, args.iters)
-            print(row)
-            if xfer and device.type == "cuda" and torch.cuda.device_count() > 1 and bs == args_first(args):
-                _peer_copy(n_bytes, args.iters, tokens)
-        del caches, layout, dst, dst_layout
+        _block_size(args, bs, device, dtype, checksum)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return 0
+
+
+def _block_size(args, bs: int, device: torch.device, dtype: torch.dtype, checksum: bool) -> None:
+    """The table rows of one block size: paged caches of about ``--cache-gb``, each chunk size timed."""
+    xfer, groups = args.transfer == "on", args.head_groups
+    page = args.kv_heads * bs * 2 * args.head_size * torch.tensor([], dtype=dtype).element_size()
+    num_blocks = max(64, int(args.cache_gb * 1e9 / (page * args.layers)))
+    caches = {f"layers.{i}": torch.empty(num_blocks, args.kv_heads, bs, 2 * args.head_size, dtype=dtype,
+                                         device=device).normal_() for i in range(args.layers)}
+    layout = KVLayout(caches, bs, heads=args.kv_heads if groups > 1 else None)
+    dst = ({n: torch.empty_like(t) for n, t in caches.items()} if xfer else None)
+    dst_layout = KVLayout(dst, bs) if xfer else None
+    for tokens in (int(x) for x in args.chunk_tokens.split(",")):
+        nb = tokens // bs
+        if nb < 1 or nb > num_blocks:
+            continue
+        n_bytes = layout.chunk_payload_bytes(nb)
+        ids = torch.randperm(num_blocks)[:nb]
+        row, t_gather, t_scatter, t_copies = _plain_row(layout, ids, nb, n_bytes, bs, tokens, device, args.iters)
+        if xfer:
+            t_xfer, ok = _time_transfer(layout, dst_layout, ids, nb, n_bytes, device, args.iters, checksum)
+            if not ok:
+                raise RuntimeError("end-to-end transfer moved wrong bytes")
+            row += f" {n_bytes / t_xfer / 1e9:.2f} | {n_bytes / t_copies / 1e9:.2f} | {t_copies / t_xfer:.2f} |"
+        if groups > 1:
+            row += _grouped(layout, ids, nb, n_bytes, groups, t_gather, t_scatter, device, args.iters)
+        print(row)
+        if xfer and device.type == "cuda" and torch.cuda.device_count() > 1 and bs == args_first(args):
+            _peer_copy(n_bytes, args.iters, tokens)
+
+
+def _plain_row(layout: KVLayout, ids: torch.Tensor, nb: int, n_bytes: int, bs: int, tokens: int,
+               device: torch.device, iters: int) -> tuple[str, float, float, float]:
+    """The row's first cells (gather and scatter beside one plain copy each way), the gather and
+    scatter seconds, and the seconds of the two plain copies."""
+    pool = StagingPool(HEADER_SIZE + n_bytes, 1, pin=device.type == "cuda")
+    with pool.acquire(1) as (slab,):
+        out = layout.payload_view(slab, nb)
+        t_gather = _time(lambda: layout.gather(ids, out), device, iters)
+        t_scatter = _time(lambda: layout.scatter(ids, out), device, iters)
+        src = torch.empty(n_bytes, dtype=torch.uint8, device=device)
+        flat = slab[HEADER_SIZE:HEADER_SIZE + n_bytes]
+        t_d2h = _time(lambda: flat.copy_(src, non_blocking=True), device, iters)
+        t_h2d = _time(lambda: src.copy_(flat, non_blocking=True), device, iters)
+    row = (f"| {bs} | {tokens} | {n_bytes / 1e6:.1f} | {n_bytes / t_gather / 1e9:.2f} | "
+           f"{n_bytes / t_d2h / 1e9:.2f} | {t_d2h / t_gather:.2f} | {n_bytes / t_scatter / 1e9:.2f} | "
+           f"{n_bytes / t_h2d / 1e9:.2f} | {t_h2d / t_scatter:.2f} |")
+    return row, t_gather, t_scatter, t_d2h + t_h2d
 
 
 def _grouped(layout: KVLayout, ids: torch.Tensor, nb: int, n_bytes: int, groups: int, t_gather: float,
@@ -151,12 +166,6 @@ def args_first(args) -> int:
 def _time_transfer(src: KVLayout, dst: KVLayout, ids: torch.Tensor, nb: int, n_bytes: int,
                    device: torch.device, iters: int, checksum: bool) -> tuple[float, bool]:
     """Median seconds of one chunk moved as the connector moves it through the shm transport."""
-    import tempfile
-
-    from pd.connector.keys import layout_fingerprint
-    from transport.config import TransportConfig
-    from transport.shm import ShmTransport
-
     size = HEADER_SIZE + n_bytes
     fp, kh = layout_fingerprint(bench="kv"), b"K" * 16
     dst_ids = ids.flip(0)

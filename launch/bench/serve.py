@@ -28,19 +28,13 @@ a share of TTFT; see scripts/gpu/README.md.
 from __future__ import annotations
 
 import argparse
-import json
-import random
-import threading
-import time
-import urllib.request
-from dataclasses import dataclass, field
 
 from common.config import load, merge
+from launch.bench.gpu import add_gpu_arguments, run_gpu
+from launch.bench.serve_load import format_table, make_workload, run_load, summarize
 from launch.procs import check_model, check_ports, served_name
 from launch.supervise import Deployment
 from pd.config import DeploymentConfig
-
-VOCAB = (16, 4000)  # token ids used for prompts (the test model has 4096)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -60,163 +54,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000, help="proxy port (default 8000)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cuda: on GPUs, modes pd, colocated and nixl (launch.bench.gpu; its options below)")
-    from launch.bench.gpu import add_gpu_arguments
-
     add_gpu_arguments(p)
-
-
-@dataclass
-class Request:
-    arrival_s: float
-    prompt: list[int]
-    max_tokens: int
-    long: bool
-
-
-@dataclass
-class Result:
-    ok: bool
-    long: bool
-    sent: float
-    token_times: list[float] = field(default_factory=list)
-    text: str = ""
-    error: str = ""
-    pd_id: str = ""  # the proxy's x-pd-id (P/D mode)
-
-    @property
-    def ttft(self) -> float | None:
-        return self.token_times[0] - self.sent if self.token_times else None
-
-    @property
-    def tpot(self) -> float | None:
-        t = self.token_times
-        return (t[-1] - t[0]) / (len(t) - 1) if len(t) > 1 else None
-
-    @property
-    def itls(self) -> list[float]:
-        t = self.token_times
-        return [b - a for a, b in zip(t, t[1:])]
-
-
-def make_workload(n: int, rate: float, long_fraction: float, long_tokens: int, short_tokens: int,
-                  max_tokens: int, seed: int = 0) -> list[Request]:
-    """``n`` requests with Poisson arrivals of ``rate``/s; the same for the same arguments."""
-    if n < 1 or rate <= 0 or not 0 <= long_fraction <= 1 or min(long_tokens, short_tokens, max_tokens) < 1:
-        raise ValueError("need --requests >= 1, --rate > 0, 0 <= --long-fraction <= 1 and positive "
-                         "--long-tokens, --short-tokens, --max-tokens")
-    rng = random.Random(seed)
-    n_long = round(n * long_fraction)
-    kinds = [True] * n_long + [False] * (n - n_long)
-    rng.shuffle(kinds)
-    t, out = 0.0, []
-    for is_long in kinds:
-        size = long_tokens if is_long else short_tokens
-        out.append(Request(t, [rng.randrange(*VOCAB) for _ in range(size)], max_tokens, is_long))
-        t += rng.expovariate(rate)
-    return out
-
-
-def completion_body(model: str, req: Request) -> dict:
-    return {"model": model, "prompt": req.prompt, "max_tokens": req.max_tokens, "temperature": 0,
-            "ignore_eos": True, "stream": True}
-
-
-def stream_into(url: str, body: dict, res: Result) -> None:
-    """POST ``body`` to ``url``/v1/completions and record the streamed tokens' arrival times in ``res``."""
-    r = urllib.request.Request(f"{url}/v1/completions", json.dumps(body).encode(),
-                               {"Content-Type": "application/json"})
-    with urllib.request.urlopen(r, timeout=600) as resp:
-        res.pd_id = resp.headers.get("x-pd-id") or ""
-        for line in resp:
-            if not line.startswith(b"data: {"):
-                continue
-            now = time.perf_counter()
-            choice = json.loads(line[6:])["choices"][0]
-            if choice.get("text"):
-                res.token_times.append(now)
-                res.text += choice["text"]
-    res.ok = bool(res.token_times)
-    res.error = "" if res.ok else "no tokens"
-
-
-def _one(url: str, model: str, req: Request, res: Result) -> None:
-    res.sent = time.perf_counter()
-    try:
-        stream_into(url, completion_body(model, req), res)
-    except Exception as e:  # noqa: BLE001 - a failed request is a result, not a crash
-        res.error = f"{type(e).__name__}: {e}"
-
-
-def run_load(url: str, model: str, workload: list[Request], send=_one) -> tuple[list[Result], float]:
-    """Send each request at its arrival time (one thread each, ``send(url, model, req, res)``);
-    (results, wall seconds)."""
-    results = [Result(False, r.long, 0.0) for r in workload]
-    threads = []
-    t0 = time.perf_counter()
-    for req, res in zip(workload, results):
-        delay = t0 + req.arrival_s - time.perf_counter()
-        if delay > 0:
-            time.sleep(delay)
-        th = threading.Thread(target=send, args=(url, model, req, res), daemon=True)
-        th.start()
-        threads.append(th)
-    for th in threads:
-        th.join()
-    ends = [r.token_times[-1] for r in results if r.token_times]
-    return results, (max(ends) if ends else time.perf_counter()) - t0
-
-
-def _pct(xs: list[float], q: float) -> float | None:
-    if not xs:
-        return None
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
-
-
-def summarize(results: list[Result], wall_s: float, slo_ttft_s: float, slo_tpot_s: float) -> dict:
-    """The figures of one mode (seconds; None where no request gave one)."""
-    ok = [r for r in results if r.ok]
-    ttft = [r.ttft for r in ok]
-    tpot = [r.tpot for r in ok if r.tpot is not None]
-    short_tpot = [r.tpot for r in ok if r.tpot is not None and not r.long]
-    itl = [x for r in ok for x in r.itls]
-    good = [r for r in ok if r.ttft <= slo_ttft_s and (r.tpot is None or r.tpot <= slo_tpot_s)]
-    out = {"requests": len(results), "failed": len(results) - len(ok), "wall_s": wall_s,
-           "throughput_tok_s": sum(len(r.token_times) for r in ok) / wall_s if wall_s > 0 else 0.0,
-           "request_rate": len(ok) / wall_s if wall_s > 0 else 0.0,
-           "goodput": len(good) / wall_s if wall_s > 0 else 0.0, "slo_met": len(good)}
-    for name, xs in (("ttft", ttft), ("tpot", tpot), ("tpot_short", short_tpot), ("itl", itl)):
-        for q in (0.5, 0.9, 0.99):
-            out[f"{name}_p{int(q * 100)}"] = _pct(xs, q)
-    out["ttft_long_p50"] = _pct([r.ttft for r in ok if r.long], 0.5)
-    out["ttft_short_p50"] = _pct([r.ttft for r in ok if not r.long], 0.5)
-    return out
-
-
-ROWS = [("TTFT p50 ms", "ttft_p50", 1e3), ("TTFT p90 ms", "ttft_p90", 1e3), ("TTFT p99 ms", "ttft_p99", 1e3),
-        ("TTFT p50 ms, long prompts", "ttft_long_p50", 1e3), ("TTFT p50 ms, short prompts", "ttft_short_p50", 1e3),
-        ("TPOT p50 ms", "tpot_p50", 1e3), ("TPOT p90 ms", "tpot_p90", 1e3), ("TPOT p99 ms", "tpot_p99", 1e3),
-        ("TPOT p99 ms, short prompts", "tpot_short_p99", 1e3),
-        ("ITL p50 ms", "itl_p50", 1e3), ("ITL p90 ms", "itl_p90", 1e3), ("ITL p99 ms", "itl_p99", 1e3),
-        ("output tokens/s", "throughput_tok_s", 1.0), ("requests/s", "request_rate", 1.0),
-        ("goodput (SLO met)/s", "goodput", 1.0), ("requests meeting the SLOs", "slo_met", 1.0),
-        ("failed requests", "failed", 1.0)]
-
-
-def format_table(figures: dict[str, dict]) -> str:
-    """One row per metric, one column per mode, then pd/<mode> ratios when pd is the first mode."""
-    modes = list(figures)
-    others = modes[1:] if modes and modes[0] == "pd" else []
-    head = ["metric", *modes] + [f"pd/{m}" for m in others]
-    lines = ["| " + " | ".join(head) + " |", "|:---|" + "---:|" * (len(head) - 1)]
-    for label, key, scale in ROWS:
-        vals = [figures[m].get(key) for m in modes]
-        cells = ["-" if v is None else f"{v * scale:.1f}" for v in vals]
-        for b in vals[1:] if others else []:
-            a = vals[0]
-            cells.append(f"{a / b:.2f}" if a is not None and b else "-")
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
 
 
 def _deployment(mode: str, model: str, args) -> DeploymentConfig:
@@ -230,8 +68,6 @@ def _deployment(mode: str, model: str, args) -> DeploymentConfig:
 
 def run(args) -> int:
     if getattr(args, "device", "cpu") == "cuda":
-        from launch.bench.gpu import run_gpu
-
         return run_gpu(args)
     model = str(check_model(args.model))
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]

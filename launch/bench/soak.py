@@ -40,14 +40,13 @@ from dataclasses import dataclass
 
 from common.config import load, merge
 from launch.bench import soak_probe as probe
+from launch.bench.common import VOCAB
 from launch.bench.soak_report import leftovers, line, report
 from launch.procs import check_model, plan, served_name
 from launch.supervise import Deployment
 from pd.config import DeploymentConfig, load_yaml
 from pd.coordinator.curve import read_token
 from transport.shm_index import pool_dir
-
-VOCAB = (16, 4000)  # token ids used for prompts (the test model has 4096)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from launch import cli
-from launch.bench.serve import Result, format_table, make_workload, summarize
+from launch.bench.serve_load import Result, format_table, make_workload, summarize
 
 
 def test_workload_is_seeded_poisson_with_the_asked_mix():
@@ -73,7 +73,8 @@ import json  # noqa: E402
 import threading  # noqa: E402
 
 from launch.bench import gpu as bench_gpu  # noqa: E402
-from launch.bench.serve import Request, add_arguments  # noqa: E402
+from launch.bench.serve import add_arguments  # noqa: E402
+from launch.bench.serve_load import Request, send_one  # noqa: E402
 from launch.procs import plan  # noqa: E402
 
 
@@ -209,11 +210,9 @@ def test_run_gpu_end_to_end_with_stand_ins(tmp_path, monkeypatch, capsys):
         def stop(self):
             pass
 
-    from launch.bench.serve import _one
-
     monkeypatch.setattr(bench_gpu, "Deployment", FakeDeployment)
     monkeypatch.setattr(bench_gpu, "check_ports", lambda dep: None)
-    monkeypatch.setattr(bench_gpu, "nixl_send", lambda p, d: _one)
+    monkeypatch.setattr(bench_gpu, "nixl_send", lambda p, d: send_one)
     model = tmp_path / "m"
     model.mkdir()
     (model / "config.json").write_text("{}")
