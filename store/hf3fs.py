@@ -56,25 +56,16 @@ from store.hf3fs_format import (
 from store.hf3fs_log import IndexLog
 from store.hf3fs_peers import Peers
 from store.hf3fs_slabs import FILE_BYTES, Slabs, slab_size, slot_class
-from store.hf3fs_usrbio import Usrbio
+from store.hf3fs_usrbio import MISSING_MODULE, Usrbio, import_io
 from store.queue import DUPLICATE, QUEUED, WriteQueue
 
-log = logging.getLogger(__name__)
+__all__ = ["HDR", "MISSING_MODULE", "Hf3fsStore"]  # HDR and MISSING_MODULE: for launch/
 
-MISSING_MODULE = ("store backend hf3fs needs hf3fs_py_usrbio (build it from the 3FS source tree); "
-                  "a 3FS FUSE mount can be used with backend local meanwhile")
+log = logging.getLogger(__name__)
 
 MAX_WRITERS = 64
 
 STAT_KEYS = COMMON_STAT_KEYS + ("read_errors", "log_compactions", "batches", "peer_hits", "peer_corrupt")
-
-
-def _import_io() -> Any:
-    try:
-        import hf3fs_fuse.io as io  # type: ignore[import-not-found]
-    except Exception:  # ImportError, or the .so failing to load (libhf3fs_api_shared missing)
-        raise ValueError(MISSING_MODULE) from None
-    return io
 
 
 class _Item:
@@ -88,7 +79,7 @@ class Hf3fsStore:
     """``store.base.KVStore`` on 3FS through USRBIO (see the module docstring)."""
 
     def __init__(self, cfg: Any, device_index: int = 0, io: Any = None, writer: bool = True) -> None:
-        self.io = io if io is not None else _import_io()
+        self.io = io if io is not None else import_io()
         h = cfg.hf3fs
         if device_index < 0:
             raise ValueError(f"device_index must be >= 0, got {device_index}")

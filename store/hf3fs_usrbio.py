@@ -1,4 +1,5 @@
-"""The USRBIO resources of one store/hf3fs instance, and its batched reads and writes.
+"""The USRBIO client (``hf3fs_fuse.io``, imported on first use: an optional dependency), the
+resources of one store/hf3fs instance, and its batched reads and writes.
 
 One shared-memory segment (``iov_size_mb``) registered once with ``make_iovec``: its first
 ``read_area`` bytes stage reads (one batch at a time), the rest is split between the writer
@@ -18,6 +19,18 @@ from typing import Any, Callable, Iterator, Sequence
 from store.fileio import round_up
 
 log = logging.getLogger(__name__)
+
+MISSING_MODULE = ("store backend hf3fs needs hf3fs_py_usrbio (build it from the 3FS source tree); "
+                  "a 3FS FUSE mount can be used with backend local meanwhile")
+
+
+def import_io() -> Any:
+    """``hf3fs_fuse.io``; ValueError(MISSING_MODULE) without it."""
+    try:
+        import hf3fs_fuse.io as io  # type: ignore[import-not-found]
+    except Exception:  # ImportError, or the .so failing to load (libhf3fs_api_shared missing)
+        raise ValueError(MISSING_MODULE) from None
+    return io
 
 
 def open_registered(io: Any, path: str, flags: int) -> int:
