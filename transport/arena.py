@@ -269,3 +269,10 @@ def cuda_pin(addr: int, size: int, what: str) -> bool:
         log.warning("%s: staging memory not CUDA-pinned (%s); GPU copies will be slower", what, rc)
     return rc == 0
 
+
+def cuda_unpin(addr: int) -> None:
+    """Undo ``cuda_pin`` (``cudaHostUnregister``); a failure is only cleared, never raised."""
+    import torch  # only pinned staging memory gets here
+
+    if int(torch.cuda.cudart().cudaHostUnregister(addr)) != 0:
+        _clear_cuda_error()

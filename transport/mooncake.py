@@ -47,7 +47,7 @@ import time
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable, Sequence
 
-from transport.arena import PAGE, FirstFit, _clear_cuda_error, buffer_address, cuda_pin
+from transport.arena import PAGE, FirstFit, buffer_address, cuda_pin, cuda_unpin
 from transport.base import (
     InFlight,
     TransportError,
@@ -445,10 +445,7 @@ class MooncakeTransport:
             except Exception as e:  # noqa: BLE001 - closing never raises
                 log.warning("mooncake: close did not finish cleanly: %s", e)
         if self.pinned:
-            import torch
-
-            if int(torch.cuda.cudart().cudaHostUnregister(self.addr)) != 0:
-                _clear_cuda_error()
+            cuda_unpin(self.addr)
         if not stuck:  # else the engine may still touch the region: leave it mapped
             try:
                 self._mv.release()
