@@ -13,7 +13,7 @@ import json
 import random
 
 from launch.bench.gpu import nixl_send, transfers
-from launch.bench.serve import Request, Result, _one
+from launch.bench.serve_load import Request, Result, send_one
 
 TEXT = ["def main(args):", "The quick brown fox jumps over", "import os\nimport sys\n\nclass Foo(object):"]
 
@@ -29,7 +29,7 @@ def main() -> int:
     p.add_argument("--out", default="smoke.json")
     a = p.parse_args()
     prompts: list = list(TEXT) + [[random.Random(s).randrange(16, 4000) for _ in range(a.long_tokens)] for s in (1, 2)]
-    sends = {"pd": (a.pd, _one), "colocated": (a.colocated, _one)}
+    sends = {"pd": (a.pd, send_one), "colocated": (a.colocated, send_one)}
     if a.nixl:
         pre, dec = a.nixl.split(",")
         sends["nixl"] = (pre, nixl_send(pre, dec))
