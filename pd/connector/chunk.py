@@ -8,10 +8,17 @@ A reader checks magic, version, layout fingerprint, the key hash it asked for, t
 when flag ``FLAG_CHECKSUM`` is set, the checksum; any mismatch is a ``ChunkError`` and the caller
 treats the chunk as a miss. A writer leaves the checksum out (flag clear, field 0) only where
 the medium guards the bytes itself (see ``connector.checksum``).
+
+``Chunking`` is the geometry both halves share: which tokens and blocks each chunk of a prompt
+covers.
 """
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
+from typing import Iterator
+
+import xxhash
 
 MAGIC = b"PDKVCHNK"
 VERSION = 1
@@ -26,8 +33,6 @@ class ChunkError(ValueError):
 
 
 def checksum(payload) -> int:
-    import xxhash  # imported here so that layout code runs where only torch is installed
-
     return xxhash.xxh3_64_intdigest(payload)
 
 
@@ -70,3 +75,33 @@ def verify(buf: memoryview, fingerprint: bytes, key_hash: bytes, expect_payload:
     if flags & FLAG_CHECKSUM and checksum(payload) != csum:
         raise ChunkError("checksum mismatch (corrupt chunk)")
     return n_tokens, n_blocks, payload
+
+
+@dataclass(frozen=True)
+class Chunking:
+    """A prompt cut into chunks of ``chunk_size`` tokens (the last may be partial), each a whole
+    number of vLLM blocks of ``block_size`` tokens."""
+
+    chunk_size: int
+    block_size: int
+
+    @property
+    def blocks_per_chunk(self) -> int:
+        return self.chunk_size // self.block_size
+
+    def blocks(self, n_tokens: int) -> int:
+        """Blocks that hold ``n_tokens`` tokens (the last may be partial)."""
+        return -(-n_tokens // self.block_size)
+
+    def chunks(self, n_tokens: int) -> int:
+        """Chunks that hold ``n_tokens`` tokens (the last may be partial)."""
+        return -(-n_tokens // self.chunk_size)
+
+    def spans(self, n_tokens: int, first: int = 0, last: int = -1) -> Iterator[tuple[int, int, int, int]]:
+        """(chunk index, its first block, its blocks, its tokens) of chunks [first, last) of an
+        ``n_tokens`` prompt; ``last`` -1: to the end."""
+        n_chunks = self.chunks(n_tokens)
+        last = n_chunks if last < 0 else min(last, n_chunks)
+        for c in range(first, last):
+            toks = min(self.chunk_size, n_tokens - c * self.chunk_size)
+            yield c, c * self.blocks_per_chunk, self.blocks(toks), toks

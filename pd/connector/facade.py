@@ -1,4 +1,4 @@
-"""PDConnector: pdkv's vLLM KV connector (KVConnectorBase_V1).
+"""PDConnector: pdkv's vLLM KV connector (KVConnectorBase_V1), a thin facade over two halves.
 
 vLLM loads it with::
 
@@ -7,9 +7,31 @@ vLLM loads it with::
                            "kv_load_failure_policy": "recompute",
                            "kv_connector_extra_config": {...pd.config.ConnectorConfig...}}'
 
+and makes one in the scheduler (role SCHEDULER: ``pd.connector.scheduler.SchedulerSide``) and
+one in each worker (``pd.connector.worker.WorkerSide``). The hooks, in the order vLLM calls them:
+
+Scheduler side, for each request:
+    on_new_request              the request is added: a producer starts following its prompt
+    get_num_new_matched_tokens  how many prompt tokens a load will bring (remote prefill, or a
+                                prefix in the store); asynchronous
+    get_loaded_kv_cache_group_ids  every KV cache group: a load restores them all
+    update_state_after_alloc    its blocks are allocated: the load to hand to the workers
+    build_connector_meta        each step: loads, saves (chunks that step completes), cancels,
+                                preempted requests -> ``PDMetadata``
+    update_connector_output     the workers' finished loads
+    request_finished            True: the blocks stay held until the workers' saves are done
+
+Worker side:
+    register_kv_caches          once, before the first step: the caches' layout, chunk format
+    then each step: handle_preemptions (finish reading blocks about to be reused),
+    start_load_kv (start this step's loads, cancel aborted ones), wait_for_layer_load and
+    save_kv_layer (nothing: whole chunks move outside the forward), wait_for_save (start this
+    step's saves), get_finished (requests whose saves / loads are done),
+    get_block_ids_with_load_errors (blocks vLLM recomputes); shutdown at the end.
+
 The proxy links the two halves of a request by ``kv_transfer_params.pd_id`` (vLLM appends random
-characters to engine request ids, so those never match across instances). The scheduler half
-lives in ``pd.connector.scheduler``, the worker half in ``pd.connector.worker``.
+characters to engine request ids, so those never match across instances). See docs/design.md
+("One request, step by step") for the rest.
 """
 from __future__ import annotations
 
@@ -17,17 +39,24 @@ import logging
 from typing import Any
 
 import torch
+import vllm
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
 )
+from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
 from common.config import ConfigError, load
 from pd.config import ConnectorConfig
 from pd.connector.heads import HeadGroups, resolve
 from pd.connector.keys import layout_fingerprint, make_namespace
 from pd.connector.scheduler import PDMetadata, SchedulerSide
+from pd.connector.worker import WorkerConfig, WorkerSide
+from pd.coordinator.client import CoordinatorClient, InstanceAgent
+from pd.coordinator.curve import client_keys_for
+from store import make_store
+from transport import make_transport
 
 logger = logging.getLogger("pd.connector")
 
@@ -63,8 +92,6 @@ def _spec_fingerprint(vllm_config, kv_cache_config, heads: HeadGroups) -> bytes:
     sizes with the same head groups share keys. The worker checks that the caches vLLM
     registered have the page size of this spec.
     """
-    import vllm
-
     spec = _spec(kv_cache_config)
     return layout_fingerprint(
         dtype=str(spec.dtype), total_kv_heads=heads.total_heads, head_groups=heads.groups,
@@ -111,8 +138,6 @@ class PDConnector(KVConnectorBase_V1):
         self.fingerprint = _spec_fingerprint(vllm_config, kv_cache_config, self.heads)
         self.namespace = make_namespace(str(vllm_config.model_config.model), self.fingerprint)
         if role == KVConnectorRole.SCHEDULER:
-            from store import make_store
-
             # The scheduler only looks keys up (prefix reuse); group 0's chunks stand for all.
             store = make_store(self.cfg.store, 0, writer=False)
             self._sched = SchedulerSide(self.block_size, ktc.is_kv_producer, ktc.is_kv_consumer,
@@ -120,14 +145,7 @@ class PDConnector(KVConnectorBase_V1):
         else:
             self._worker = self._make_worker(vllm_config, ktc)
 
-    def _make_worker(self, vllm_config, ktc):
-        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
-
-        from pd.connector.worker import WorkerSide
-        from pd.coordinator.client import CoordinatorClient, InstanceAgent
-        from pd.coordinator.curve import client_keys_for
-        from transport import make_transport
-
+    def _make_worker(self, vllm_config, ktc) -> WorkerSide:
         rank = get_tensor_model_parallel_rank()
         # On a GPU the transport's shared memory is registered with CUDA: gathers and scatters
         # DMA straight into and out of it.
@@ -144,18 +162,16 @@ class PDConnector(KVConnectorBase_V1):
             stats=self._instance_stats,
         )
         self._agent.start()
-        from store import make_store
-
         # Shard by head group (the number in the keys), so prefill and decode of any TP sizes pick
         # the same path. Only an instance that saves KV writes to the store; decode workers read.
         writes = ktc.kv_role != "kv_consumer" and self.cfg.store.write_through == "always"
         heads = _head_groups(vllm_config, self.cfg, rank)
         stores = {g: make_store(self.cfg.store, g, writer=writes) for g in heads.owned}
-        return WorkerSide(self.cfg, rank, str(vllm_config.model_config.model), self.block_size,
-                          coord, transport, {}, store=stores[heads.owned[0]], fingerprint=self.fingerprint,
-                          page_bytes=_spec(self._kv_cache_config).page_size_bytes, instance_id=self._agent_id,
-                          num_blocks=getattr(self._kv_cache_config, "num_blocks", None),
-                          heads=heads, group_stores=stores)
+        config = WorkerConfig(self.cfg, rank, str(vllm_config.model_config.model), self.block_size,
+                              instance_id=self._agent_id, heads=heads, fingerprint=self.fingerprint,
+                              page_bytes=_spec(self._kv_cache_config).page_size_bytes,
+                              num_blocks=getattr(self._kv_cache_config, "num_blocks", None))
+        return WorkerSide(config, coord, transport, stores)
 
     def _instance_stats(self) -> dict[str, float]:
         """The worker's counters, its transport's (``pool_*``) and its store's (``store_*``), sent with
@@ -165,14 +181,41 @@ class PDConnector(KVConnectorBase_V1):
             return {}
         out = dict(w.stats)
         for prefix, part in (("pool_", w.transport), ("store_", w.store)):
-            out.update({prefix + k: v for k, v in getattr(part, "stats", {}).items()
-                        if isinstance(v, (int, float))})
+            if part is not None:  # no transport, no store configured
+                out.update({prefix + k: v for k, v in part.stats.items() if isinstance(v, (int, float))})
         return out
 
-    # ---- worker side -------------------------------------------------------------------
+    # ---- scheduler side (pd.connector.scheduler), in the order vLLM calls the hooks ----------
+
+    def on_new_request(self, request) -> None:
+        self._sched.on_new_request(request)
+
+    def get_num_new_matched_tokens(self, request, num_computed_tokens: int):
+        return self._sched.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def get_loaded_kv_cache_group_ids(self, request) -> tuple[int, ...]:
+        # A P/D transfer restores the request's own blocks in every group.
+        return tuple(range(len(self._kv_cache_config.kv_cache_groups)))
+
+    def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
+        self._sched.update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output) -> KVConnectorMetadata:
+        return PDConnectorMetadata(self._sched.build_connector_meta(scheduler_output))
+
+    def update_connector_output(self, connector_output) -> None:
+        self._sched.update_connector_output(connector_output)
+
+    def request_finished(self, request, block_ids):
+        return self._sched.request_finished(request, block_ids)
+
+    # ---- worker side (pd.connector.worker), in the order vLLM calls the hooks --------------
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self._worker.register_kv_caches(kv_caches)
+
+    def handle_preemptions(self, kv_connector_metadata) -> None:
+        self._worker.handle_preemptions(kv_connector_metadata.meta)
 
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
         self._worker.start_step(self._get_connector_metadata().meta)
@@ -186,9 +229,6 @@ class PDConnector(KVConnectorBase_V1):
     def wait_for_save(self) -> None:
         if self.has_connector_metadata():
             self._worker.after_forward(self._get_connector_metadata().meta)
-
-    def handle_preemptions(self, kv_connector_metadata) -> None:
-        self._worker.handle_preemptions(kv_connector_metadata.meta)
 
     def get_finished(self, finished_req_ids: set[str]):
         return self._worker.get_finished(finished_req_ids)
@@ -205,27 +245,3 @@ class PDConnector(KVConnectorBase_V1):
             for store in self._worker.stores.values():
                 if store is not None:
                     store.close()
-
-    # ---- scheduler side ----------------------------------------------------------------
-
-    def get_num_new_matched_tokens(self, request, num_computed_tokens: int):
-        return self._sched.get_num_new_matched_tokens(request, num_computed_tokens)
-
-    def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
-        self._sched.update_state_after_alloc(request, blocks, num_external_tokens)
-
-    def build_connector_meta(self, scheduler_output) -> KVConnectorMetadata:
-        return PDConnectorMetadata(self._sched.build_connector_meta(scheduler_output))
-
-    def on_new_request(self, request) -> None:
-        self._sched.on_new_request(request)
-
-    def update_connector_output(self, connector_output) -> None:
-        self._sched.update_connector_output(connector_output)
-
-    def request_finished(self, request, block_ids):
-        return self._sched.request_finished(request, block_ids)
-
-    def get_loaded_kv_cache_group_ids(self, request) -> tuple[int, ...]:
-        # A P/D transfer restores the request's own blocks in every group.
-        return tuple(range(len(self._kv_cache_config.kv_cache_groups)))

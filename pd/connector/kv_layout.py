@@ -133,7 +133,9 @@ class KVLayout:
 
     ``num_blocks``: the block count of vLLM's KV cache config; it locates the block dim (see the
     module docstring) and is the attribute ``num_blocks``. ``layout`` names the page format,
-    ``kind`` is ``blocks-outer``, ``kv-split`` or ``runs``.
+    ``kind`` is ``blocks-outer``, ``kv-split`` or ``runs``. ``heads``: the KV heads of this rank;
+    ``head_pages`` is then the per-layer view by KV head that chunks of a head group are cut from,
+    None when no KV-head dim was found (or no ``heads`` given): only whole pages move.
     """
 
     def __init__(self, kv_caches: dict[str, torch.Tensor], block_size: int, extra: dict | None = None,
@@ -148,7 +150,8 @@ class KVLayout:
                 raise _refuse(name, t, f"layer {self.layer_names[0]} has shape {tuple(first.shape)}, "
                               f"strides {first.stride()}, {first.dtype}")
         geo = [_geometry(kv_caches[name], name, num_blocks) for name in self.layer_names]
-        _, dims, run, self.layout = geo[0]
+        _, dims, run, layout = geo[0]
+        self.layout: str = layout
         numbers = [g[0] for g in geo] + [s for _, s in dims] + [run]
         ws = next(w for w in _WORDS if all(x % w == 0 for x in numbers))
         # Indexed copies of 1-byte elements are ~100x slower on the CPU than of 8-byte words.
@@ -169,7 +172,7 @@ class KVLayout:
         self.num_layers = len(self.pages)
         self._local = threading.local()
         self.heads = heads
-        self.head_pages = self._head_pages(kv_caches, num_blocks, heads) if heads else None
+        self.head_pages: list[torch.Tensor] | None = self._head_pages(kv_caches, num_blocks, heads) if heads else None
         self.fingerprint = layout_fingerprint(
             dtype=str(first.dtype), layout=self.layout, layers=self.num_layers, page_bytes=self.page_bytes,
             block_size=block_size, device=self.device.type, **(extra or {}),

@@ -1,4 +1,4 @@
-"""The consumer's loads (a mixin of ``pd.connector.worker.WorkerSide``).
+"""The consumer's loads: ``Loads``, built by ``pd.connector.worker.WorkerSide`` when vLLM registers its caches.
 
 A P/D load streams: WAIT(pd_id, have=chunks loaded) at the coordinator on a wait thread; when a
 READY says more chunks are out, load them on an I/O thread, then wait again, until the final
@@ -19,18 +19,29 @@ union of theirs (vLLM recomputes a block for every head).
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import torch
 
+from pd.config import ConnectorConfig
 from pd.connector import chunk as chunkfmt
-from pd.connector.keys import key_digest, transfer_key
+from pd.connector.codec import ChunkCodec
+from pd.connector.keys import transfer_key
+from pd.connector.kv_layout import StagingPool
 from pd.connector.scheduler import LoadSpec
 from pd.coordinator.protocol import Aborted, Done, Ready
+from store.base import KVStore
+from transport.base import Transport
 
 logger = logging.getLogger("pd.connector")
+
+WAIT_THREADS = 256  # loads that may wait for READY at once (threads are made as needed)
+
+Span = tuple[int, int, int, int]  # Chunking.spans: (chunk, first block, blocks, tokens)
 
 
 @dataclass
@@ -46,7 +57,7 @@ class _Load:
     wait_ms: float = 0.0
     ready: bool = False  # a READY was seen (the producer's chunks exist)
     error: str = ""
-    store: object = None  # the store to fall back to (None: none, or KV not keyed by tokens)
+    store: KVStore | None = None  # the store to fall back to (None: none, or KV not keyed by tokens)
     group: int = 0  # the head group this load fills (pd.connector.heads)
     join: "_Join | None" = None
 
@@ -59,19 +70,85 @@ class _Join:
     bad: set = field(default_factory=set)
 
 
-class LoadMixin:
-    def start_load(self, spec: LoadSpec) -> None:
-        bpc = self.cfg.chunk_size // self.block_size
-        first_block = spec.start_token // self.block_size
-        join = _Join(len(self.owned))
-        for group in self.owned:
-            st = _Load(spec, self._keys(spec.token_ids, spec.seed, group), time.monotonic(), first_block // bpc,
-                       first_block, store=self.stores.get(group) if spec.seed is not None else None,
-                       group=group, join=join)
+@dataclass
+class _Batch:
+    """Chunks of one load read at once: where each one's bytes are and whether they are good."""
+
+    spans: list[Span]
+    sizes: list[int]
+    xkeys: list[str]  # transport keys
+    reads: list  # zero-copy reads still held (None: none)
+    views: list = field(default_factory=list)  # each chunk's bytes: a transport slot or a staging slab
+    why: list[str] = field(default_factory=list)  # "" = good, else why not
+    source: list[str] = field(default_factory=list)  # where a good chunk came from: transport, store
+
+
+class Loads:
+    """The loads of one worker: started by ``start``, reported by ``take_finished`` and ``take_errors``.
+
+    ``codec``, ``pool``: the registered caches as chunks and the staging slabs (shared with the
+    worker's saves); ``coord``, ``transport``, ``stores`` (head group -> store or None): where chunks
+    are awaited and read from; ``cfg``: the timeouts, read at each load; ``instance_id``: the id
+    DONE names; ``io``: the worker's I/O threads; ``stats``: the worker's counters, added to.
+    """
+
+    def __init__(self, codec: ChunkCodec, pool: StagingPool, coord, transport: Transport | None,
+                 stores: dict[int, KVStore | None], *, cfg: ConnectorConfig, instance_id: str,
+                 io: ThreadPoolExecutor, stats: dict[str, int]):
+        self.codec, self.pool = codec, pool
+        self.coord, self.transport, self.stores = coord, transport, stores
+        self.zero_copy = transport is not None and transport.zero_copy
+        self.cfg = cfg
+        self.instance_id = instance_id
+        self.stats = stats
+        self._io = io
+        # Waiting for READY holds no I/O thread: a load waiting on a long prefill must not queue
+        # the loads (and saves) behind it.
+        self._waits = ThreadPoolExecutor(WAIT_THREADS, thread_name_prefix="pd-wait")
+        self._lock = threading.Lock()  # guards what the load threads report to the engine's
+        self._done_recving: set[str] = set()
+        self._bad_blocks: set[int] = set()
+        self._cancel: dict[str, threading.Event] = {}
+
+    # ---- the worker's calls ------------------------------------------------------------------
+
+    def start(self, spec: LoadSpec) -> None:
+        self._cancel[spec.req_id] = threading.Event()
+        ch = self.codec.chunking
+        first_block = spec.start_token // ch.block_size
+        join = _Join(len(self.codec.owned))
+        for group in self.codec.owned:
+            st = _Load(spec, self.codec.keys(spec.token_ids, spec.seed, group), time.monotonic(),
+                       first_block // ch.blocks_per_chunk, first_block,
+                       store=self.stores.get(group) if spec.seed is not None else None, group=group, join=join)
             if spec.pd_id:
                 self._waits.submit(self._await_ready, st)
             else:  # prefix reuse: the chunks are in the store, no transfer to wait for
-                self._exec.submit(self._run_store_load, st)
+                self._io.submit(self._run_store_load, st)
+
+    def cancel(self, req_ids: list[str]) -> None:
+        """vLLM aborted these requests: their loads stop at the next chunk or wait slice."""
+        for req_id in req_ids:
+            ev = self._cancel.get(req_id)
+            if ev is not None:
+                ev.set()
+
+    def take_finished(self) -> set[str]:
+        """Requests whose loads ended (well or not) since the last call."""
+        with self._lock:
+            done, self._done_recving = self._done_recving, set()
+        return done
+
+    def take_errors(self) -> set[int]:
+        """Blocks that failed to load since the last call (vLLM recomputes them)."""
+        with self._lock:
+            bad, self._bad_blocks = self._bad_blocks, set()
+        return bad
+
+    def shutdown(self) -> None:
+        for ev in list(self._cancel.values()):
+            ev.set()
+        self._waits.shutdown(wait=True, cancel_futures=False)  # cancelled waits end within 1 s
 
     def _settle(self, st: _Load, bad: set) -> None:
         """One group load of a request is over; the last one reports the request finished."""
@@ -96,7 +173,7 @@ class LoadMixin:
             reply = None
         st.wait_ms += (time.monotonic() - t) * 1e3
         try:
-            self._exec.submit(self._load_step, st, reply)
+            self._io.submit(self._load_step, st, reply)
         except RuntimeError:  # shutting down: finish it here, so the request is released
             self._load_step(st, reply)
 
@@ -147,15 +224,14 @@ class LoadMixin:
         return ev is not None and ev.is_set()
 
     def _finish(self, st: _Load) -> None:
-        spec = st.spec
-        bpc = self.cfg.chunk_size // self.block_size
-        n_blocks = -(-len(spec.token_ids) // self.block_size)
-        first_block = spec.start_token // self.block_size
+        spec, ch = st.spec, self.codec.chunking
+        n_blocks = ch.blocks(len(spec.token_ids))
+        first_block = spec.start_token // ch.block_size
         bad = set(spec.block_ids[st.loaded_upto:n_blocks])
         ok = not bad
         if ok and first_block and self.transport is not None:
             # Chunks before the local prefix hit were not read: they are not needed either.
-            self.transport.delete([transfer_key(spec.pd_id, k) for k in st.keys[: first_block // bpc]])
+            self.transport.delete([transfer_key(spec.pd_id, k) for k in st.keys[: first_block // ch.blocks_per_chunk]])
         elif self.transport is not None and not (ok and st.ready):
             # The rest is recomputed, or came from the store without a READY: none of this
             # request's chunks in the transport is of use any more. The coordinator also frees
@@ -178,13 +254,13 @@ class LoadMixin:
                            len(bad), n_blocks - first_block)
         self.coord.done(Done(pd_id=spec.pd_id, rank=st.group, ok=ok, instance_id=self.instance_id,
                              n_chunks=st.n_chunks, n_bytes=st.n_bytes, load_ms=load_ms, error=st.error,
-                             n_store_chunks=st.from_store, groups=self.n_groups))
+                             n_store_chunks=st.from_store, groups=self.codec.groups))
 
     # ---- prefix loads ----------------------------------------------------------------------
 
     def _run_store_load(self, st: _Load) -> None:
         spec = st.spec
-        n_blocks = -(-len(spec.token_ids) // self.block_size)
+        n_blocks = self.codec.chunking.blocks(len(spec.token_ids))
         try:
             self._load_range(st, len(st.keys), use_transport=False)
         except Exception as e:
@@ -205,7 +281,7 @@ class LoadMixin:
 
     def _load_range(self, st: _Load, upto: int, use_transport: bool) -> None:
         """Load chunks [st.next_chunk, upto) in batches; stop at the first one that fails."""
-        spans = list(self._chunk_spans(len(st.spec.token_ids), st.next_chunk, upto))
+        spans = list(self.codec.chunking.spans(len(st.spec.token_ids), st.next_chunk, upto))
         blocks = torch.tensor(st.spec.block_ids, dtype=torch.long)
         deadline = time.monotonic() + self.cfg.load_timeout_s
         if st.store is None and not use_transport:
@@ -220,76 +296,88 @@ class LoadMixin:
         if len(view) != size:
             return f"chunk is {len(view)} B, expected {size} B"
         try:
-            chunkfmt.verify(view, self.layout.fingerprint, key_digest(key), size - chunkfmt.HEADER_SIZE, nb)
+            self.codec.verify(view, key, size, nb)
         except chunkfmt.ChunkError as e:
             self.stats["chunk_errors"] += 1
             return str(e)
         return ""
 
-    def _load_batch(self, st: _Load, batch, blocks: torch.Tensor, use_transport: bool, deadline: float) -> bool:
+    def _load_batch(self, st: _Load, spans: list[Span], blocks: torch.Tensor, use_transport: bool,
+                    deadline: float) -> bool:
         """Load one batch of chunks; False when one failed (``st.error`` says why)."""
-        sizes = [self._chunk_bytes(nb) for _, _, nb, _ in batch]
-        xkeys = [transfer_key(st.spec.pd_id, st.keys[c]) for c, *_ in batch]
         zero_copy = use_transport and self.zero_copy
-        reads = self.transport.acquire(xkeys) if zero_copy else [None] * len(batch)
+        xkeys = [transfer_key(st.spec.pd_id, st.keys[c]) for c, *_ in spans]
+        b = _Batch(spans, [self.codec.chunk_bytes(nb) for _, _, nb, _ in spans], xkeys,
+                   self.transport.acquire(xkeys) if zero_copy else [None] * len(spans))
         with ExitStack() as stack:
-            stack.callback(lambda: self.transport.release(reads) if zero_copy else None)
-            views: list = [r.view if r is not None else None for r in reads]
-            if not zero_copy:  # copy transports (and the store) read into staging slabs
-                slabs = stack.enter_context(self.pool.acquire(len(batch)))
-                views = [memoryview(s.numpy())[:n] for s, n in zip(slabs, sizes)]
-                got = self.transport.get(xkeys, views) if use_transport else [0] * len(batch)
-            else:
-                got = [len(v) if v is not None else 0 for v in views]
-            why = [("" if n == size else "missing from the transport") for n, size in zip(got, sizes)]
-            if use_transport:
-                why = [w or self._check(views[j], st.keys[c], sizes[j], nb)
-                       for j, (w, (c, _b0, nb, _t)) in enumerate(zip(why, batch))]
-            source = ["" if w else "transport" for w in why]
-            need = [j for j, w in enumerate(why) if w]
-            if need and st.store is not None:
-                if zero_copy:  # never read the store into the producer's slots
-                    slabs = stack.enter_context(self.pool.acquire(len(need)))
-                    for j, s in zip(need, slabs):
-                        views[j] = memoryview(s.numpy())[: sizes[j]]
-                read = st.store.get_many([st.keys[batch[j][0]] for j in need], [views[j] for j in need])
-                for j, n in zip(need, read):
-                    c, _b0, nb, _t = batch[j]
-                    bad = "" if n != sizes[j] else self._check(views[j], st.keys[c], sizes[j], nb)
-                    if n == sizes[j] and not bad:
-                        source[j], why[j] = "store", ""
-                    elif use_transport:
-                        why[j] += f"; store copy: {bad}" if bad else "; not in the store either"
-                    else:
-                        why[j] = f"store copy: {bad}" if bad else "not in the store"
-            for j, (c, b0, nb, _t) in enumerate(batch):
-                if why[j]:
-                    st.error = f"chunk {c}: {why[j]}"
+            stack.callback(lambda: self.transport.release(b.reads) if zero_copy else None)
+            self._read_transport(st, b, use_transport, zero_copy, stack)
+            if any(b.why) and st.store is not None:
+                self._read_store(st, b, use_transport, zero_copy, stack)
+            for j in range(len(spans)):
+                if not self._scatter(st, b, j, blocks, deadline):
                     return False
-                if time.monotonic() > deadline:
-                    st.error = "load timed out"
-                    return False
-                if self._cancelled(st):  # stop at the next chunk, not after the whole batch
-                    st.error = "request aborted"
-                    return False
-                skip = max(0, st.loaded_upto - b0)  # blocks already valid from the local cache
-                layout, part = self.layout, self._part(st.group)
-                slab = torch.frombuffer(views[j], dtype=torch.uint8)
-                if part is None:
-                    layout.scatter(blocks[b0 + skip : b0 + nb], layout.payload_view(slab, nb)[:, skip:])
-                else:
-                    layout.scatter(blocks[b0 + skip : b0 + nb], layout.payload_view(slab, nb, part[1])[:, skip:], part)
-                if reads[j] is not None:
-                    stable = self.transport.release([reads[j]])[0]
-                    reads[j] = None
-                    if source[j] == "transport" and not stable:
-                        # The producer reused the slot while it was read: what was scattered may
-                        # be another value's bytes; these blocks and the rest are recomputed.
-                        st.error = f"chunk {c} was evicted from the transport while it was read"
-                        return False
-                st.loaded_upto, st.n_chunks, st.n_bytes = b0 + nb, st.n_chunks + 1, st.n_bytes + sizes[j]
-                st.next_chunk = c + 1
-                st.from_store += source[j] == "store"
             if use_transport:
                 self.transport.delete(xkeys)
+        return True
+
+    def _read_transport(self, st: _Load, b: _Batch, use_transport: bool, zero_copy: bool,
+                        stack: ExitStack) -> None:
+        """Fill ``b.views`` from the transport: its own slots (zero-copy) or staging slabs."""
+        b.views = [r.view if r is not None else None for r in b.reads]
+        if not zero_copy:  # copy transports (and the store) read into staging slabs
+            slabs = stack.enter_context(self.pool.acquire(len(b.spans)))
+            b.views = [memoryview(s.numpy())[:n] for s, n in zip(slabs, b.sizes)]
+            got = self.transport.get(b.xkeys, b.views) if use_transport else [0] * len(b.spans)
+        else:
+            got = [len(v) if v is not None else 0 for v in b.views]
+        b.why = [("" if n == size else "missing from the transport") for n, size in zip(got, b.sizes)]
+        if use_transport:
+            b.why = [w or self._check(b.views[j], st.keys[c], b.sizes[j], nb)
+                     for j, (w, (c, _b0, nb, _t)) in enumerate(zip(b.why, b.spans))]
+        b.source = ["" if w else "transport" for w in b.why]
+
+    def _read_store(self, st: _Load, b: _Batch, use_transport: bool, zero_copy: bool, stack: ExitStack) -> None:
+        """Read the chunks the transport did not have (or had bad) from the store."""
+        need = [j for j, w in enumerate(b.why) if w]
+        if zero_copy:  # never read the store into the producer's slots
+            slabs = stack.enter_context(self.pool.acquire(len(need)))
+            for j, s in zip(need, slabs):
+                b.views[j] = memoryview(s.numpy())[: b.sizes[j]]
+        read = st.store.get_many([st.keys[b.spans[j][0]] for j in need], [b.views[j] for j in need])
+        for j, n in zip(need, read):
+            c, _b0, nb, _t = b.spans[j]
+            bad = "" if n != b.sizes[j] else self._check(b.views[j], st.keys[c], b.sizes[j], nb)
+            if n == b.sizes[j] and not bad:
+                b.source[j], b.why[j] = "store", ""
+            elif use_transport:
+                b.why[j] += f"; store copy: {bad}" if bad else "; not in the store either"
+            else:
+                b.why[j] = f"store copy: {bad}" if bad else "not in the store"
+
+    def _scatter(self, st: _Load, b: _Batch, j: int, blocks: torch.Tensor, deadline: float) -> bool:
+        """Scatter chunk ``j`` of the batch into its blocks; False (``st.error``) to stop the load."""
+        c, b0, nb, _t = b.spans[j]
+        if b.why[j]:
+            st.error = f"chunk {c}: {b.why[j]}"
+            return False
+        if time.monotonic() > deadline:
+            st.error = "load timed out"
+            return False
+        if self._cancelled(st):  # stop at the next chunk, not after the whole batch
+            st.error = "request aborted"
+            return False
+        skip = max(0, st.loaded_upto - b0)  # blocks already valid from the local cache
+        self.codec.scatter_from(b.views[j], blocks[b0 + skip : b0 + nb], nb, skip, st.group)
+        if b.reads[j] is not None:
+            stable = self.transport.release([b.reads[j]])[0]
+            b.reads[j] = None
+            if b.source[j] == "transport" and not stable:
+                # The producer reused the slot while it was read: what was scattered may
+                # be another value's bytes; these blocks and the rest are recomputed.
+                st.error = f"chunk {c} was evicted from the transport while it was read"
+                return False
+        st.loaded_upto, st.n_chunks, st.n_bytes = b0 + nb, st.n_chunks + 1, st.n_bytes + b.sizes[j]
+        st.next_chunk = c + 1
+        st.from_store += b.source[j] == "store"
         return True

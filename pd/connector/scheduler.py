@@ -9,13 +9,20 @@ that completes the prompt saves the last ones, ``final``). From the first save o
 Consumer (kv_consumer/kv_both, request carries ``do_remote_prefill``): reports the prompt tokens
 beyond the local prefix-cache hit as an asynchronous external hit; after allocation it tells the
 workers which blocks to fill. A pd_id is loaded at most once per request.
+
+Each request has one record (``_Request``) that says where it stands in loading and in saving:
+two statuses, as an instance with a store may load a request's stored prefix and then save its
+prompt (and never loads it again, not even after a preemption in the middle of the saves).
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from enum import Enum
 
-from pd.connector.keys import request_seed
+from pd.connector.chunk import Chunking
+from pd.connector.keys import chunk_keys, request_seed
+from store.base import KVStore
 
 logger = logging.getLogger("pd.connector")
 
@@ -62,31 +69,56 @@ def transfer_params(request) -> tuple[str | None, bool, bool]:
     return pd_id, bool(p.get("do_remote_prefill")), bool(p.get("do_remote_decode"))
 
 
+class LoadStatus(Enum):
+    """Where a request stands in loading KV (consumer; prefix reuse from the store anywhere)."""
+
+    NONE = "none"  # nothing to load, or not looked up yet
+    LOOKED_UP = "looked up"  # the store holds a prefix of ``hit`` tokens; waiting for the allocation
+    LOADING = "loading"  # handed to the workers; vLLM holds its blocks until they report it
+    LOADED = "loaded"  # reported; never loaded again (not after a preemption either)
+
+
+class SaveStatus(Enum):
+    """Where a request stands in saving its prompt's KV (producer)."""
+
+    NONE = "none"  # not saved
+    PREFILLING = "prefilling"  # followed through (chunked) prefill; ``sent`` chunks ordered saved so far
+    SENT = "sent"  # the prompt's last chunks ordered saved: no longer followed
+
+
 @dataclass
-class _Track:
-    pd_id: str
-    token_ids: list[int]
-    block_ids: list[int]
-    sent: int = 0  # chunks already handed to the workers
+class _Request:
+    """The scheduler half's one record of a request, dropped by ``request_finished``."""
+
+    load: LoadStatus = LoadStatus.NONE
+    hit: int = 0  # LOOKED_UP: the stored prefix (tokens) seen at the last lookup
+    save: SaveStatus = SaveStatus.NONE
+    # Saves (from on_new_request): the prompt and its blocks, from block 0, as prefill allocates them.
+    pd_id: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    block_ids: list[int] = field(default_factory=list)
     seed: bytes | None = b""
+    sent: int = 0  # chunks already handed to the workers; > 0: request_finished holds the blocks
 
 
 class SchedulerSide:
-    def __init__(self, block_size: int, is_producer: bool, is_consumer: bool, store=None, namespace: str = "",
-                 chunk_size: int = 256):
-        self.block_size = block_size
+    def __init__(self, block_size: int, is_producer: bool, is_consumer: bool, store: KVStore | None = None,
+                 namespace: str = "", chunk_size: int = 256):
+        self.chunking = Chunking(chunk_size, block_size)
         self.store = store  # prefix reuse: look up the longest stored prefix of each new request
         self.namespace = namespace
-        self.chunk_size = chunk_size
-        self._hits: dict[str, int] = {}  # req -> stored prefix length seen at the last lookup
         self.is_producer = is_producer
         self.is_consumer = is_consumer
-        self._tracks: dict[str, _Track] = {}  # producer: prompts being prefilled
-        self._saving: set[str] = set()  # producer: save ordered, awaiting request_finished
+        self._reqs: dict[str, _Request] = {}
+        # What the next build_connector_meta hands to the workers.
         self._new_loads: list[LoadSpec] = []
-        self._loading: set[str] = set()  # consumer: loads handed to workers, not finished
-        self._loaded: set[str] = set()  # consumer: never load a pd_id twice for a request
         self._cancels: list[str] = []
+
+    def _record(self, req_id: str) -> _Request:
+        rec = self._reqs.get(req_id)
+        if rec is None:
+            rec = self._reqs[req_id] = _Request()
+        return rec
 
     # ---- consumer ----------------------------------------------------------------------
 
@@ -95,22 +127,23 @@ class SchedulerSide:
         return pd_id if self.is_consumer and pd_id and remote_prefill else None
 
     def _stored_prefix(self, prompt, seed: bytes | None) -> int:
-        from pd.connector.keys import chunk_keys
-
         if seed is None:  # KV not keyed by its tokens (prompt embeddings): no reuse
             return 0
-        n = self.store.contains(chunk_keys(self.namespace, 0, prompt, self.chunk_size, seed))
-        return min(n * self.chunk_size, len(prompt))
+        size = self.chunking.chunk_size
+        n = self.store.contains(chunk_keys(self.namespace, 0, prompt, size, seed))
+        return min(n * size, len(prompt))
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:
-        if request.request_id in self._loaded:
+        rec = self._reqs.get(request.request_id)
+        if rec is not None and rec.load in (LoadStatus.LOADING, LoadStatus.LOADED):
             return 0, False
         n_prompt = len(request.prompt_token_ids or ())
         if self._is_pd_load(request):
             n = n_prompt - num_computed_tokens
         elif self.store is not None:
             hit = self._stored_prefix(request.prompt_token_ids or [], request_seed(request))
-            self._hits[request.request_id] = hit
+            rec = self._record(request.request_id)
+            rec.load, rec.hit = LoadStatus.LOOKED_UP, hit
             n = hit - num_computed_tokens
         else:
             n = 0
@@ -122,17 +155,19 @@ class SchedulerSide:
         pd_id = self._is_pd_load(request)
         prompt = list(request.prompt_token_ids)
         if not pd_id:
-            hit = self._hits.pop(request.request_id, 0)
+            rec = self._reqs.get(request.request_id)
+            if rec is None or rec.load is not LoadStatus.LOOKED_UP:
+                return
+            hit, rec.load, rec.hit = rec.hit, LoadStatus.NONE, 0
             if not hit:
                 return
             pd_id, prompt = "", prompt[:hit]  # a prefix from the store, no transfer
         start = len(prompt) - num_external_tokens
-        if start % self.block_size:
+        if start % self.chunking.block_size:
             logger.warning("req %s: load start %d not block aligned; not loading", request.request_id, start)
             return
         (block_ids,) = blocks.get_block_ids()
-        self._loaded.add(request.request_id)
-        self._loading.add(request.request_id)
+        self._record(request.request_id).load = LoadStatus.LOADING
         self._new_loads.append(LoadSpec(request.request_id, pd_id, prompt, list(block_ids), start,
                                         request_seed(request)))
 
@@ -143,51 +178,61 @@ class SchedulerSide:
             return
         pd_id, _, remote_decode = transfer_params(request)
         if pd_id and remote_decode:
-            self._tracks[request.request_id] = _Track(pd_id, list(request.prompt_token_ids), [],
-                                                      seed=request_seed(request))
+            rec = self._record(request.request_id)
+            rec.save, rec.pd_id, rec.token_ids = SaveStatus.PREFILLING, pd_id, list(request.prompt_token_ids)
+            rec.block_ids, rec.seed = [], request_seed(request)
+
+    def _prefilling(self, req_id: str) -> _Request | None:
+        rec = self._reqs.get(req_id)
+        return rec if rec is not None and rec.save is SaveStatus.PREFILLING else None
 
     def _follow_blocks(self, so) -> list[SaveSpec]:
-        saves = []
         done_tokens: dict[str, int] = {}
         for r in so.scheduled_new_reqs:
-            t = self._tracks.get(r.req_id)
-            if t is not None:
-                t.block_ids = list(r.block_ids[0])
+            rec = self._prefilling(r.req_id)
+            if rec is not None:
+                rec.block_ids = list(r.block_ids[0])
                 done_tokens[r.req_id] = r.num_computed_tokens
         cached = so.scheduled_cached_reqs
         for i, req_id in enumerate(cached.req_ids):
-            t = self._tracks.get(req_id)
-            if t is None:
+            rec = self._prefilling(req_id)
+            if rec is None:
                 continue
             new = cached.new_block_ids[i]
             if req_id in cached.resumed_req_ids:
-                t.block_ids = list(new[0]) if new else []
+                rec.block_ids = list(new[0]) if new else []
             elif new:
-                t.block_ids.extend(new[0])
+                rec.block_ids.extend(new[0])
             done_tokens[req_id] = cached.num_computed_tokens[i]
+        saves = []
         for req_id, computed in done_tokens.items():
-            t = self._tracks[req_id]
-            n_prompt = len(t.token_ids)
-            done = min(computed + so.num_scheduled_tokens.get(req_id, 0), n_prompt)
-            final = done >= n_prompt
-            upto = -(-n_prompt // self.chunk_size) if final else done // self.chunk_size
-            if upto <= t.sent:
-                continue
-            n_blocks = -(-min(upto * self.chunk_size, n_prompt) // self.block_size)
-            saves.append(SaveSpec(req_id, t.pd_id, t.token_ids, t.block_ids[:n_blocks], t.sent, upto, final,
-                                  t.seed))
-            t.sent = upto
-            self._saving.add(req_id)  # its blocks are held until the workers have read them
-            if final:
-                del self._tracks[req_id]
+            save = self._chunks_done(req_id, computed + so.num_scheduled_tokens.get(req_id, 0))
+            if save is not None:
+                saves.append(save)
         return saves
+
+    def _chunks_done(self, req_id: str, done: int) -> SaveSpec | None:
+        """The save of the chunks a step completed (``done`` tokens computed after it), if any."""
+        rec, ch = self._reqs[req_id], self.chunking
+        n_prompt = len(rec.token_ids)
+        done = min(done, n_prompt)
+        final = done >= n_prompt
+        upto = ch.chunks(n_prompt) if final else done // ch.chunk_size
+        if upto <= rec.sent:
+            return None
+        n_blocks = ch.blocks(min(upto * ch.chunk_size, n_prompt))
+        save = SaveSpec(req_id, rec.pd_id, rec.token_ids, rec.block_ids[:n_blocks], rec.sent, upto, final, rec.seed)
+        rec.sent = upto  # its blocks are now held until the workers have read them
+        if final:
+            rec.save = SaveStatus.SENT
+        return save
 
     # ---- both --------------------------------------------------------------------------
 
     def build_connector_meta(self, so) -> PDMetadata:
         meta = PDMetadata(
             loads=self._new_loads,
-            saves=self._follow_blocks(so) if self._tracks else [],
+            saves=self._follow_blocks(so) if self.is_producer else [],
             cancels=self._cancels,
             preempted=list(getattr(so, "preempted_req_ids", None) or ()),
         )
@@ -196,18 +241,16 @@ class SchedulerSide:
 
     def update_connector_output(self, output) -> None:
         for req_id in getattr(output, "finished_recving", None) or ():
-            self._loading.discard(req_id)
+            rec = self._reqs.get(req_id)
+            if rec is not None and rec.load is LoadStatus.LOADING:
+                rec.load = LoadStatus.LOADED
 
     def request_finished(self, request, block_ids) -> tuple[bool, dict | None]:
-        req_id = request.request_id
-        self._tracks.pop(req_id, None)
-        self._loaded.discard(req_id)
-        self._hits.pop(req_id, None)
-        if req_id in self._loading:
+        rec = self._reqs.pop(request.request_id, None)
+        if rec is None:
+            return False, None
+        if rec.load is LoadStatus.LOADING:
             # Aborted while its KV was in flight: vLLM holds the blocks until the worker
             # reports the load finished; make the worker stop waiting.
-            self._cancels.append(req_id)
-        if req_id in self._saving:
-            self._saving.discard(req_id)
-            return True, None
-        return False, None
+            self._cancels.append(request.request_id)
+        return rec.sent > 0, None

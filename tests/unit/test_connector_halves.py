@@ -20,7 +20,7 @@ from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, Schedul
 from vllm.v1.outputs import KVConnectorOutput
 from vllm.v1.request import Request
 
-from pd.connector.scheduler import SchedulerSide
+from pd.connector.scheduler import LoadStatus, SchedulerSide
 from pd.coordinator.client import CoordinatorClient
 from tests.unit.test_connector_worker import (  # noqa: F401
     BLOCK,
@@ -125,7 +125,7 @@ def _received(d, s, req_id: str, timeout: float = 10.0) -> float:
     got: set[str] = set()
     assert _until(lambda: bool(got.update(d.get_finished(set())[1]) or req_id in got), timeout)
     s.update_connector_output(KVConnectorOutput(finished_recving={req_id}))
-    assert req_id not in s._loading
+    assert req_id not in s._reqs or s._reqs[req_id].load is not LoadStatus.LOADING
     return time.monotonic()
 
 

@@ -8,7 +8,7 @@ import torch
 from pd.config import ConnectorConfig, CoordinatorConfig
 from pd.connector.heads import lcm, resolve
 from pd.connector.scheduler import LoadSpec, PDMetadata, SaveSpec
-from pd.connector.worker import WorkerSide
+from pd.connector.worker import WorkerConfig, WorkerSide
 from pd.coordinator.client import CoordinatorClient
 from pd.coordinator.server import Coordinator
 from store.config import Hf3fsConfig, StoreConfig
@@ -57,9 +57,9 @@ def _ranks(tmp_path, coord, tp: int, groups: int, seed: int, store: str | None =
 
             cfg.store = _store_config(tmp_path, backend)
             stores = {g: make_store(cfg.store, g, writer=store == "write") for g in heads.owned}
-        w = WorkerSide(cfg, rank, "m", BLOCK, CoordinatorClient(coord.address), ShmTransport(cfg.transport), {},
-                       store=(stores or {}).get(heads.owned[0]), fingerprint=b"f" * 16,
-                       instance_id=f"i{seed}-{rank}", heads=heads, group_stores=stores)
+        config = WorkerConfig(cfg, rank, "m", BLOCK, instance_id=f"i{seed}-{rank}", heads=heads,
+                              fingerprint=b"f" * 16)
+        w = WorkerSide(config, CoordinatorClient(coord.address), ShmTransport(cfg.transport), stores)
         w.caches = _caches(HEADS // tp, seed * 10 + rank)
         w.register_kv_caches(w.caches)
         out.append(w)
@@ -92,7 +92,7 @@ def test_streamed_transfer_between_tp_sizes(tmp_path, coord, prefill_tp, decode_
         for first, last, final in ((0, 2, False), (2, 5, True)):
             for w in prefill:
                 w.after_forward(PDMetadata(saves=[SaveSpec("p1", "x1", PROMPT, SRC, first, last, final)]))
-        assert _until(lambda: all(f"d{r}" in w._done_recving for r, w in enumerate(decode)))
+        assert _until(lambda: all(f"d{r}" in w.loads._done_recving for r, w in enumerate(decode)))
         for name in prefill[0].caches:
             assert torch.equal(_all_heads(decode, name, DST), _all_heads(prefill, name, SRC))
         assert all(w.take_load_errors() == set() for w in decode)
@@ -100,7 +100,7 @@ def test_streamed_transfer_between_tp_sizes(tmp_path, coord, prefill_tp, decode_
         assert sum(w.stats["loads_ok"] for w in decode) == groups
         assert sum(w.stats["chunks_loaded"] for w in decode) == 5 * groups
         for g in range(groups):
-            keys = [f"xfer/x1/{k}" for k in prefill[0]._keys(PROMPT, group=g)]
+            keys = [f"xfer/x1/{k}" for k in prefill[0].codec.keys(PROMPT, group=g)]
             assert not any(prefill[0].transport.exists(keys))
         rec = CoordinatorClient(coord.address).query("x1").transfer
         assert rec.ready and rec.done and rec.ok and rec.n_chunks == 5
@@ -115,7 +115,7 @@ def test_a_missing_group_recomputes_the_blocks_of_every_head(tmp_path, coord):
     try:
         decode[0].start_step(PDMetadata(loads=[LoadSpec("d0", "x2", PROMPT, DST, 0)]))
         prefill[0].after_forward(PDMetadata(saves=[SaveSpec("p1", "x2", PROMPT, SRC)]))  # rank 1 never saves
-        assert _until(lambda: "d0" in decode[0]._done_recving, 15)
+        assert _until(lambda: "d0" in decode[0].loads._done_recving, 15)
         assert decode[0].take_load_errors() == set(DST)
         assert decode[0].stats["loads_ok"] == 1 and decode[0].stats["loads_failed"] == 1
         rec = CoordinatorClient(coord.address).query("x2").transfer
@@ -150,7 +150,7 @@ def test_store_written_at_one_tp_size_is_read_at_another(tmp_path, coord, backen
         try:
             for r, w in enumerate(decode):
                 w.start_step(PDMetadata(loads=[LoadSpec(f"q{r}", "", PROMPT, DST, 0)]))  # no pd_id: store only
-            assert _until(lambda: all(f"q{r}" in w._done_recving for r, w in enumerate(decode)))
+            assert _until(lambda: all(f"q{r}" in w.loads._done_recving for r, w in enumerate(decode)))
             assert all(w.take_load_errors() == set() for w in decode)
             for name in prefill[0].caches:
                 assert torch.equal(_all_heads(decode, name, DST), _all_heads(prefill, name, SRC))
@@ -167,10 +167,10 @@ def test_decode_falls_back_to_the_store_across_tp_sizes(tmp_path, coord, backend
         prefill[0].after_forward(PDMetadata(saves=[SaveSpec("p1", "x4", PROMPT, SRC)]))
         assert _until(lambda: prefill[0].stats["saves"] == 1)
         for g in (0, 1):
-            prefill[0].transport.delete([f"xfer/x4/{k}" for k in prefill[0]._keys(PROMPT, group=g)])
+            prefill[0].transport.delete([f"xfer/x4/{k}" for k in prefill[0].codec.keys(PROMPT, group=g)])
         for r, w in enumerate(decode):
             w.start_step(PDMetadata(loads=[LoadSpec(f"d{r}", "x4", PROMPT, DST, 0)]))
-        assert _until(lambda: all(f"d{r}" in w._done_recving for r, w in enumerate(decode)))
+        assert _until(lambda: all(f"d{r}" in w.loads._done_recving for r, w in enumerate(decode)))
         assert all(w.take_load_errors() == set() for w in decode)
         assert [w.stats["store_chunks_loaded"] for w in decode] == [5, 5]
         for name in prefill[0].caches:

@@ -13,7 +13,7 @@ import torch
 
 from pd.config import ConnectorConfig, CoordinatorConfig
 from pd.connector.scheduler import LoadSpec, PDMetadata, SaveSpec, SchedulerSide
-from pd.connector.worker import WorkerSide
+from pd.connector.worker import WorkerConfig, WorkerSide
 from pd.coordinator.client import CoordinatorClient
 from pd.coordinator.server import Coordinator
 from store.config import StoreConfig
@@ -45,8 +45,8 @@ def _worker(tmp_path, coord, seed, store_writer: bool | None = None, **over) -> 
         (tmp_path / "store").mkdir(exist_ok=True)
         cfg.store = StoreConfig(backend="local", paths=[str(tmp_path / "store")], size_gb=0.1)
         store = make_store(cfg.store, 0, writer=store_writer)
-    w = WorkerSide(cfg, 0, "m", BLOCK, CoordinatorClient(coord.address), ShmTransport(cfg.transport), {},
-                   store=store, instance_id=f"inst-{seed}")
+    w = WorkerSide(WorkerConfig(cfg, 0, "m", BLOCK, instance_id=f"inst-{seed}"), CoordinatorClient(coord.address),
+                   ShmTransport(cfg.transport), {0: store})
     w.caches = _caches(seed)
     w.register_kv_caches(w.caches)
     return w
@@ -92,13 +92,13 @@ def test_streamed_chunks_are_loaded_before_the_prompt_is_done(pair, coord):
     assert not d.get_finished(set())[1]
     p.after_forward(_save("x1", 2, 4, False))
     p.after_forward(_save("x1", 4, 5, True))
-    assert _until(lambda: "d1" in d._done_recving)
+    assert _until(lambda: "d1" in d.loads._done_recving)
     assert _same_blocks(p, d, SRC, DST)
     assert d.take_load_errors() == set()
     assert d.stats["chunks_loaded"] == 5 and d.stats["loads_ok"] == 1
     assert p.stats["ready_parts"] == 3 and p.stats["chunks_saved"] == 5
     # The consumer deleted what it read: the pool holds nothing of this transfer.
-    assert not any(p.transport.exists([k]) [0] for k in [f"xfer/x1/{k}" for k in p._keys(PROMPT)])
+    assert not any(p.transport.exists([k]) [0] for k in [f"xfer/x1/{k}" for k in p.codec.keys(PROMPT)])
     rec = CoordinatorClient(coord.address).query("x1").transfer
     assert rec.ready and rec.done and rec.ok and rec.n_chunks == 5
     assert rec.n_ready_parts == 3 and rec.tail_ms > 0
@@ -119,7 +119,7 @@ def test_ready_with_another_token_count_is_refused(pair):
     other = SaveSpec("p1", "x3", PROMPT + [1, 2, 3], SRC + [20], 0, -1, True)
     p.after_forward(PDMetadata(saves=[other]))
     d.start_step(PDMetadata(loads=[LoadSpec("d1", "x3", PROMPT, DST, 0)]))
-    assert _until(lambda: "d1" in d._done_recving)
+    assert _until(lambda: "d1" in d.loads._done_recving)
     assert d.take_load_errors() == set(DST)
     assert d.stats["loads_failed"] == 1
 
@@ -128,14 +128,14 @@ def test_wait_timeout_and_cancel_release_the_request(tmp_path, coord):
     d = _worker(tmp_path, coord, 3, wait_timeout_s=0.3)
     try:
         d.start_step(PDMetadata(loads=[LoadSpec("d1", "never", PROMPT, DST, 0)]))
-        assert _until(lambda: "d1" in d._done_recving, 5)
+        assert _until(lambda: "d1" in d.loads._done_recving, 5)
         assert d.take_load_errors() == set(DST)
         d.cfg.wait_timeout_s = 60
         d.start_step(PDMetadata(loads=[LoadSpec("d2", "never2", PROMPT, DST, 0)]))
         time.sleep(0.2)
         t0 = time.monotonic()
         d.start_step(PDMetadata(cancels=["d2"]))
-        assert _until(lambda: "d2" in d._done_recving, 5)
+        assert _until(lambda: "d2" in d.loads._done_recving, 5)
         assert time.monotonic() - t0 < 3  # waits are 1 s slices
     finally:
         d.shutdown()
@@ -152,9 +152,9 @@ def test_stream_broken_midway_recomputes_from_the_missing_chunk(pair):
     p.coord = SimpleNamespace(ready=lambda msg: held.append(msg) or True)
     p.after_forward(_save("x4", 2, 5, True))
     assert _until(lambda: p._save_jobs["p1"].done()) and len(held) == 1
-    assert p.transport.delete([f"xfer/x4/{p._keys(PROMPT)[2]}"]) == 1
+    assert p.transport.delete([f"xfer/x4/{p.codec.keys(PROMPT)[2]}"]) == 1
     real.ready(held[0])
-    assert _until(lambda: "d1" in d._done_recving)
+    assert _until(lambda: "d1" in d.loads._done_recving)
     assert d.take_load_errors() == set(DST[4:])
     assert _same_blocks(p, d, SRC[:4], DST[:4])
     assert d.stats["loads_failed"] == 1 and d.stats["chunk_errors"] == 0
@@ -165,7 +165,7 @@ def test_local_prefix_hit_loads_only_the_rest(pair):
     p.after_forward(_save("x5", 0, 5, True))
     # Decode already holds the first 3 blocks (12 tokens): chunk 1 is loaded from its 2nd block.
     d.start_step(PDMetadata(loads=[LoadSpec("d1", "x5", PROMPT, DST, 12)]))
-    assert _until(lambda: "d1" in d._done_recving)
+    assert _until(lambda: "d1" in d.loads._done_recving)
     assert d.take_load_errors() == set()
     assert _same_blocks(p, d, SRC[3:], DST[3:])
     assert not _same_blocks(p, d, SRC[:3], DST[:3])
@@ -183,7 +183,7 @@ def test_chunks_the_transport_dropped_are_in_the_store_before_ready(tmp_path, co
     try:
         p.after_forward(_save("x6", 0, 5, True))
         d.start_step(PDMetadata(loads=[LoadSpec("d1", "x6", PROMPT, DST, 0)]))
-        assert _until(lambda: "d1" in d._done_recving)
+        assert _until(lambda: "d1" in d.loads._done_recving)
         assert d.take_load_errors() == set()
         assert _same_blocks(p, d, SRC, DST)
         assert p.stats["transport_dropped"] == 5 and d.stats["store_chunks_loaded"] == 5
@@ -204,10 +204,10 @@ def test_store_keys_carry_the_request_seed(tmp_path, coord):
         assert _until(lambda: p._save_jobs["p1"].done())
         p.store.flush(10)
         d.start_step(PDMetadata(loads=[LoadSpec("d1", "", PROMPT, DST, 0, salt_b)]))  # another tenant
-        assert _until(lambda: "d1" in d._done_recving)
+        assert _until(lambda: "d1" in d.loads._done_recving)
         assert d.take_load_errors() == set(DST) and not _same_blocks(p, d, SRC[:1], DST[:1])
         d.start_step(PDMetadata(loads=[LoadSpec("d2", "", PROMPT, DST, 0, salt_a)]))
-        assert _until(lambda: "d2" in d._done_recving)
+        assert _until(lambda: "d2" in d.loads._done_recving)
         assert d.take_load_errors() == set() and _same_blocks(p, d, SRC, DST)
         # A request whose KV is not keyed by its tokens (seed None) is not written to the store.
         puts = p.store.stats.get("puts", None)

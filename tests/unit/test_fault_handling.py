@@ -24,11 +24,11 @@ def test_chunks_whose_ready_was_lost_are_deleted_by_the_consumer(tmp_path, coord
     p = _worker(tmp_path, down, 1)
     d = _worker(tmp_path, coord, 2, wait_timeout_s=0.5)
     try:
-        keys = [transfer_key("lost", k) for k in p._keys(PROMPT)]
+        keys = [transfer_key("lost", k) for k in p.codec.keys(PROMPT)]
         p.after_forward(_save("lost", 0, 5, True))
         assert _until(lambda: all(p.transport.exists(keys)))
         d.start_step(PDMetadata(loads=[LoadSpec("d1", "lost", PROMPT, DST, 0)]))
-        assert _until(lambda: "d1" in d._done_recving)
+        assert _until(lambda: "d1" in d.loads._done_recving)
         assert d.take_load_errors() == set(DST)  # recomputed
         assert not any(p.transport.exists(keys)), "chunks nobody will read stayed in the transport"
     finally:
