@@ -138,7 +138,7 @@ def test_decode_never_loads_another_requests_chunks(pair):
     mine = [t + 1 for t in PROMPT]  # same length, other tokens
     before = {n: c[DST].clone() for n, c in d.caches.items()}
     d.start_step(PDMetadata(loads=[LoadSpec("d1", "theirs", mine, DST, 0)]))
-    assert _until(lambda: "d1" in d._done_recving)
+    assert _until(lambda: "d1" in d.loads._done_recving)
     assert d.take_load_errors() == set(DST)  # recomputed, every block
     assert d.stats["chunks_loaded"] == 0
     assert all(d.caches[n][DST].equal(before[n]) for n in before)  # not one byte of theirs
