@@ -58,7 +58,7 @@ class ConnectorConfig:
 
     coordinator: str = "tcp://127.0.0.1:5570"
     # CurveZMQ keys for the coordinator ("" = no authentication): a directory with server.key and
-    # <coordinator_client_key>.key_secret (see pd/curve.py); the launcher sets both from `coordinator`.
+    # <coordinator_client_key>.key_secret (see pd/coordinator/curve.py); the launcher sets both from `coordinator`.
     coordinator_keys_dir: str = ""
     coordinator_client_key: str = "client"
     instance_id: str = ""
@@ -77,7 +77,7 @@ class ConnectorConfig:
     # fingerprint in the header still refuse torn, stale or foreign chunks; stores checksum
     # their own copies).
     checksum: str = field(default="auto", metadata=choices("auto", "always", "never"))
-    # KV heads are cut into this many groups, a chunk holds one (pd/heads.py); 0 = this instance's
+    # KV heads are cut into this many groups, a chunk holds one (pd/connector/heads.py); 0 = this instance's
     # TP size. Prefill and decode of different TP sizes need lcm(prefill TP, decode TP) on both
     # sides (pd launch sets it); instances share the store only with equal head_groups.
     head_groups: int = field(default=0, metadata=rng(0, 1024))
@@ -106,7 +106,7 @@ class InstanceGroupConfig:
     # other hosts, started there); empty = http://<advertise_host or host>:<port_base + i>.
     urls: list[str] = field(default_factory=list)
     # Tensor-parallel size of this group's instances (vLLM --tensor-parallel-size); 0 =
-    # vllm.tensor_parallel_size. Prefill and decode may differ (pd/heads.py).
+    # vllm.tensor_parallel_size. Prefill and decode may differ (pd/connector/heads.py).
     tp: int = field(default=0, metadata=rng(0, 64))
 
     def tp_size(self, dep_vllm) -> int:

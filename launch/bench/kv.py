@@ -50,7 +50,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transfer", default="on", choices=("on", "off"),
                    help="also time gather -> shm slot -> scatter end to end (default on)")
     p.add_argument("--head-groups", type=int, default=1,
-                   help="also time gather/scatter cut into this many KV-head groups (pd/heads.py); 1 = off")
+                   help="also time gather/scatter cut into this many KV-head groups (pd/connector/heads.py); 1 = off")
     p.add_argument("--checksum", default="auto", choices=("auto", "always", "never"),
                    help="payload checksums in the end-to-end path, as connector.checksum (default auto)")
 

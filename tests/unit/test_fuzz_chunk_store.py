@@ -37,7 +37,7 @@ def make_chunk(payload: bytes, n_tokens: int = 64, n_blocks: int = 2, with_check
 
 def accepted_intact(buf, payload: bytes) -> None:
     """``buf`` is refused, or what a loader takes from it (checking what it knows: payload length
-    and block count, as pd/connector_load.py does) is what was written."""
+    and block count, as pd/connector/load.py does) is what was written."""
     try:
         _, blocks, got = chunkfmt.verify(memoryview(buf), FP, KH, len(payload), 2)
     except chunkfmt.ChunkError as e:
@@ -46,7 +46,7 @@ def accepted_intact(buf, payload: bytes) -> None:
     assert blocks == 2 and bytes(got) == payload, "a damaged chunk was accepted with other KV"
 
 
-# ---- pd/chunk.py -------------------------------------------------------------------------
+# ---- pd/connector/chunk.py -------------------------------------------------------------------------
 
 @fuzz_settings(400)
 @given(payload=st.binary(min_size=1, max_size=512), data=st.data())
