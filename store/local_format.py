@@ -20,6 +20,7 @@ import re
 import struct
 from typing import Any
 
+from common.process import pid_alive
 from store.fileio import ZEROS, round_up
 
 MAGIC = b"PDKVSTOR"
@@ -160,19 +161,9 @@ def stale_temp(name: str, full: str, now: float) -> bool:
         pid = int(name[len(TMP_PREFIX):].split("-", 1)[0])
     except ValueError:
         return True
-    if not _pid_alive(pid):  # the writer is gone (crashed): its temp files are garbage
+    if not pid_alive(pid):  # the writer is gone (crashed): its temp files are garbage
         return True
     try:
         return now - os.stat(full).st_mtime > _TMP_STALE_S
     except OSError:
         return False
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

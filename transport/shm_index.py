@@ -15,6 +15,8 @@ import re
 import shutil
 from typing import Any
 
+from common.process import pid_alive
+
 log = logging.getLogger(__name__)
 
 _PLAIN = re.compile(r"[A-Za-z0-9_.-]")
@@ -132,16 +134,6 @@ def unlink_if(link: str, target: str) -> bool:
         return False
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
-
-
 def reap_dead(path: str) -> tuple[int, int]:
     """Remove the arenas of producers that are gone (their pid no longer runs: a SIGKILLed
     instance) and the links into them; (arenas, links) removed. A reader that mapped such an arena
@@ -150,7 +142,7 @@ def reap_dead(path: str) -> tuple[int, int]:
         names = os.listdir(path)
     except OSError:
         return 0, 0
-    dead = {n for n in names if _ARENA_RE.fullmatch(n) and not _pid_alive(int(n.split("-")[1]))}
+    dead = {n for n in names if _ARENA_RE.fullmatch(n) and not pid_alive(int(n.split("-")[1]))}
     if not dead:
         return 0, 0
     links = 0
