@@ -40,6 +40,7 @@ from launch.topology import Instance, Layout, layout, local_instances, reach_hos
 from pd.config import DeploymentConfig
 from pd.connector.heads import check_deployment, group_tp
 from pd.coordinator.curve import effective_auth, is_loopback, read_token
+from store.base import parse_path
 from store.hf3fs import Hf3fsStore
 from transport import server_specs
 
@@ -95,7 +96,7 @@ def check_store(cfg, make: bool = True) -> None:
         raise ConfigError(f"connector.store.paths: backend {cfg.backend} needs at least one directory "
                           "(--store-path DIR[,DIR...])")
     for raw in cfg.paths:
-        path = Path(raw[len("file://"):] if raw.startswith("file://") else raw)
+        path = Path(parse_path(raw))
         if not path.exists():  # made, as LMCache makes its local disk path (owner-only)
             if not make:
                 parent = next(p for p in path.absolute().parents if p.exists())

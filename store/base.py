@@ -46,7 +46,7 @@ def parse_path(p: str) -> str:
 def writer_budget(cfg: Any, n_paths: int, backend: str, paths: str = "path(s)") -> int:
     """Bytes one writing process may keep: ``size_gb`` over ``n_paths`` paths and the
     ``writers`` of each (see ``StoreConfig``). ValueError below ``MIN_BUDGET``."""
-    writers = max(1, int(getattr(cfg, "writers", 1)))
+    writers = max(1, int(cfg.writers))
     budget = int(cfg.size_gb * 1e9 / n_paths / writers)
     if budget < MIN_BUDGET:
         raise ValueError(
@@ -62,8 +62,8 @@ class KVStore(Protocol):
     stats: dict[str, int]
     #: Where the values live, for log lines: ``local:<dir>``, ``hf3fs:<root>``.
     location: str
-    #: The largest value one ``put`` can ever store (bytes); a larger one is dropped and counted
-    #: ``too_large``.
+    #: A bound on the value one ``put`` can store (bytes; the budget, or the slab, and the write
+    #: queue): a larger one is always dropped and counted ``too_large``.
     max_value: int
 
     def put(self, key: str, data: Any) -> bool:

@@ -103,9 +103,9 @@ class Hf3fsStore:
         self.slab_size = slab_size(self.budget, self.read_area)
         self.n_slabs = self.budget // self.slab_size
         self.slabs_per_file = max(1, FILE_BYTES // self.slab_size)
-        self.max_value = self.slab_size - HDR
         self.entries = int(h.ior_entries)
         self.queue_budget = int(cfg.queue_mb) << 20
+        self.max_value = min(self.slab_size - HDR, self.queue_budget)  # one slab; the write queue
         self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
         self._lock = threading.Lock()
         self._q = WriteQueue(self.queue_budget, self.stats, self._lock, f"hf3fs store {self.root}",

@@ -96,10 +96,10 @@ class LocalStore:
         check_dir(path)
         self.budget = writer_budget(cfg, len(paths), "local")
         self.location = f"local:{self.path}"
-        # a put is refused when its file image exceeds the budget (see ``put``)
-        self.max_value = self.budget
         self.eviction = cfg.eviction
         self.queue_budget = int(cfg.queue_mb) << 20
+        # a put larger than the budget or the write queue is refused (see ``put``)
+        self.max_value = min(self.budget, self.queue_budget)
         self.fsync = fsync
         self.writer = bool(writer)  # False: lookups and reads only; every put is dropped
         self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)

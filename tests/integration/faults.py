@@ -1,7 +1,7 @@
 """The fault matrix's deployment and checks (tests/integration/test_faults.py).
 
 One 1P1D deployment (shm transport, local store on a small tmpfs where the test may mount one),
-started through ``launch.launcher.Deployment`` in this process, so a case can SIGKILL, SIGSTOP or
+started through ``launch.supervise.Deployment`` in this process, so a case can SIGKILL, SIGSTOP or
 restart any one of its processes (``pd launch`` would stop everything when a child dies).
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 import requests
 import yaml
 
-from launch.launcher import Deployment
+from launch.supervise import Deployment
 from pd.config import load_yaml
 
 GEN = 12
