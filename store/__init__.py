@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from common.config import ConfigError
 from store.base import KVStore
 from store.hf3fs import Hf3fsStore
 from store.local import LocalStore
@@ -26,4 +27,4 @@ def make_store(cfg: Any, device_index: int = 0, writer: bool = True) -> KVStore 
         return LocalStore(cfg, device_index, writer=writer)
     if backend == "hf3fs":
         return Hf3fsStore(cfg, device_index, writer=writer)
-    raise ValueError(f"unknown store backend {backend!r}; choose none, local or hf3fs")
+    raise ConfigError(f"unknown store backend {backend!r}; choose none, local or hf3fs")

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import Any, Protocol, Sequence, runtime_checkable
 
+from common.config import ConfigError
+
 #: A writer's budget is at least this (bytes).
 MIN_BUDGET = 1 << 20
 
@@ -49,7 +51,7 @@ def writer_budget(cfg: Any, n_paths: int, backend: str, paths: str = "path(s)") 
     writers = max(1, int(cfg.writers))
     budget = int(cfg.size_gb * 1e9 / n_paths / writers)
     if budget < MIN_BUDGET:
-        raise ValueError(
+        raise ConfigError(
             f"store.size_gb={cfg.size_gb} gives {budget} bytes per writer over {n_paths} "
             f"{paths} and {writers} writer(s) per path; the {backend} store needs at least {MIN_BUDGET} "
             "bytes (1 MiB) per writer")

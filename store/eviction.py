@@ -8,6 +8,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Protocol
 
+from common.config import ConfigError
+
 
 class EvictionPolicy(Protocol):
     def add(self, key: str) -> None:
@@ -93,4 +95,4 @@ def make_policy(name: str) -> EvictionPolicy:
         return LFUPolicy()
     if name in ("lru", "fifo"):
         return OrderPolicy(refresh=name == "lru")
-    raise ValueError(f"store.eviction {name!r} is not allowed; choose lru, lfu or fifo")
+    raise ConfigError(f"store.eviction {name!r} is not allowed; choose lru, lfu or fifo")

@@ -41,6 +41,7 @@ from typing import Any, Sequence
 import xxhash
 
 from common.bytes import byte_view
+from common.config import ConfigError
 from store.base import STAT_KEYS as COMMON_STAT_KEYS
 from store.base import parse_path, writer_budget
 from store.fileio import ALIGN, round_up
@@ -84,7 +85,7 @@ class Hf3fsStore:
         if device_index < 0:
             raise ValueError(f"device_index must be >= 0, got {device_index}")
         if h.io_depth > 0:
-            raise ValueError(f"store.hf3fs.io_depth={h.io_depth}: batches of exactly io_depth I/Os "
+            raise ConfigError(f"store.hf3fs.io_depth={h.io_depth}: batches of exactly io_depth I/Os "
                              "are not supported (this store's batches vary); use 0 or a negative value")
         bases = list(h.base_paths) or [parse_path(p) for p in (cfg.paths or [])] or ["pdkv"]
         self.mount_point, self.root = self._locate(h.mount_point, bases[device_index % len(bases)],
@@ -134,22 +135,22 @@ class Hf3fsStore:
         mp = mount_point
         if not mp:
             if not os.path.isabs(base):
-                raise ValueError("store.hf3fs.mount_point is empty and the base path "
+                raise ConfigError("store.hf3fs.mount_point is empty and the base path "
                                  f"{base!r} is relative; set mount_point (e.g. /3fs/stage)")
             mp = self.io.extract_mount_point(base)
             if not mp:
-                raise ValueError(f"store base path {base} is not on a 3FS mount")
+                raise ConfigError(f"store base path {base} is not on a 3FS mount")
         mount = os.path.abspath(mp)
         if not os.path.isdir(mount):
-            raise ValueError(f"store.hf3fs.mount_point {mp} does not exist")
+            raise ConfigError(f"store.hf3fs.mount_point {mp} does not exist")
         base_abs = base if os.path.isabs(base) else os.path.join(mount, base)
         root = os.path.join(os.path.abspath(base_abs), f"dev{device_index}")
         if self.io.extract_mount_point(root) != mount:
-            raise ValueError(f"store path {root} is not under the 3FS mount {mount}")
+            raise ConfigError(f"store path {root} is not under the 3FS mount {mount}")
         try:
             os.makedirs(root, mode=0o700, exist_ok=True)
         except OSError as e:
-            raise ValueError(f"store path {root} cannot be created ({e.strerror or e})") from None
+            raise ConfigError(f"store path {root} cannot be created ({e.strerror or e})") from None
         return mount, root
 
     def _open(self, h: Any) -> None:

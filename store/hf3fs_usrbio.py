@@ -16,6 +16,7 @@ import threading
 from multiprocessing import shared_memory
 from typing import Any, Callable, Iterator, Sequence
 
+from common.config import ConfigError
 from store.fileio import round_up
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ def import_io() -> Any:
     try:
         import hf3fs_fuse.io as io  # type: ignore[import-not-found]
     except Exception:  # ImportError, or the .so failing to load (libhf3fs_api_shared missing)
-        raise ValueError(MISSING_MODULE) from None
+        raise ConfigError(MISSING_MODULE) from None
     return io
 
 

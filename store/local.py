@@ -40,6 +40,7 @@ import time
 from typing import Any, Sequence
 
 from common.bytes import byte_view
+from common.config import ConfigError
 from store.base import STAT_KEYS as COMMON_STAT_KEYS
 from store.base import parse_path, writer_budget
 from store.eviction import make_policy
@@ -87,7 +88,7 @@ class LocalStore:
     def __init__(self, cfg: Any, device_index: int = 0, fsync: bool = False, writer: bool = True) -> None:
         paths = [parse_path(p) for p in (cfg.paths or [])]
         if not paths:
-            raise ValueError("store backend local needs at least one directory in store.paths "
+            raise ConfigError("store backend local needs at least one directory in store.paths "
                              "(e.g. paths: [\"file:///mnt/nvme0/pdkv\"])")
         if device_index < 0:
             raise ValueError(f"device_index must be >= 0, got {device_index}")

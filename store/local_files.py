@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import xxhash
 
+from common.config import ConfigError
 from store.fileio import (
     ALIGN,
     BufPool,
@@ -59,11 +60,11 @@ def check_dir(path: str) -> None:
         try:
             os.makedirs(path, mode=0o700, exist_ok=True)
         except OSError as e:
-            raise ValueError(f"store path {path} does not exist and cannot be made ({e.strerror or e}); "
+            raise ConfigError(f"store path {path} does not exist and cannot be made ({e.strerror or e}); "
                              "create the directory (on the disk meant for the KV store) before starting") from None
         log.info("local store: made the directory %s", path)
     if not os.path.isdir(path):
-        raise ValueError(f"store path {path} is not a directory; store.paths needs directories")
+        raise ConfigError(f"store path {path} is not a directory; store.paths needs directories")
     # named like a temp file of this (live) process, so a concurrent scan leaves it alone
     probe = os.path.join(path, f"{TMP_PREFIX}{os.getpid()}-probe-{threading.get_ident()}")
     try:
@@ -73,7 +74,7 @@ def check_dir(path: str) -> None:
         os.close(fd)
         unlink_quiet(probe)
     except OSError as e:
-        raise ValueError(f"store path {path} is not writable ({e.strerror or e}); the store "
+        raise ConfigError(f"store path {path} is not writable ({e.strerror or e}); the store "
                          "needs a directory this process can create files in") from None
 
 

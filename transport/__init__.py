@@ -4,6 +4,7 @@ The implementations import their heavy clients (mooncake, infinistore, torch) on
 """
 from __future__ import annotations
 
+from common.config import ConfigError
 from transport.base import Transport, TransportError, ZeroCopyTransport
 from transport.infinistore import InfinistoreTransport
 from transport.infinistore_server import server_spec
@@ -30,7 +31,7 @@ def make_transport(cfg, *, pin_cuda: bool = False) -> Transport | None:
         return MooncakeTransport(cfg, pin_cuda=pin_cuda)
     if cfg.kind == "infinistore":
         return InfinistoreTransport(cfg, pin_cuda=pin_cuda)
-    raise ValueError(f"unknown transport kind {cfg.kind!r}; allowed: shm, mooncake, infinistore, none")
+    raise ConfigError(f"unknown transport kind {cfg.kind!r}; allowed: shm, mooncake, infinistore, none")
 
 
 def server_specs(cfg) -> list[dict]:

@@ -251,3 +251,28 @@ def test_kv_transfer_config_fields_and_full_round_trip():
                                            head_groups=1)  # lcm(prefill TP, decode TP): pd.connector.heads
         assert back.transport.pool_size_mb == 32 and back.io_threads == 3 and back.wait_timeout_s == 7.0
     assert dep.connector.instance_id == "" and dep.connector.coordinator == "tcp://127.0.0.1:5570"  # not modified
+
+
+def test_the_libraries_refuse_bad_config_with_the_one_config_error(tmp_path):
+    """transport/ and store/ raise common.config.ConfigError for settings they refuse, the error
+    the CLI turns into one line (launch/cli.py's USER_ERRORS)."""
+    from types import SimpleNamespace
+
+    from launch.cli import USER_ERRORS
+    from store import make_store
+    from store.config import StoreConfig
+    from transport import make_transport
+    from transport.config import MooncakeConfig, TransportConfig
+
+    assert ConfigError in USER_ERRORS
+    with pytest.raises(ConfigError, match="unknown store backend 'tape'"):
+        make_store(SimpleNamespace(backend="tape"))
+    with pytest.raises(ConfigError, match="size_gb"):  # under a MiB per writer
+        make_store(StoreConfig(backend="local", paths=[str(tmp_path)], size_gb=0.001, writers=2))
+    with pytest.raises(ConfigError, match="is not a directory"):
+        (tmp_path / "f").write_text("")
+        make_store(StoreConfig(backend="local", paths=[str(tmp_path / "f")]))
+    with pytest.raises(ConfigError, match="unknown transport kind 'pigeon'"):
+        make_transport(SimpleNamespace(kind="pigeon"))
+    with pytest.raises(ConfigError, match="device_name"):
+        TransportConfig(kind="mooncake", mooncake=MooncakeConfig(device_name="mlx5_0")).mooncake.check()
