@@ -46,7 +46,7 @@ import importlib, sys
 import torch, vllm
 print(f"setup: python {sys.version.split()[0]}, torch {torch.__version__}, vllm {vllm.__version__} "
       f"from {vllm.__file__.rsplit('/', 2)[0]}, GPUs {torch.cuda.device_count()}")
-for mod in ("vllm.entrypoints.openai.api_server", "pd.connector", "nixl._api"):
+for mod in ("vllm.entrypoints.openai.api_server", "pd.connector.facade", "nixl._api"):
     try:
         importlib.import_module(mod)
         print(f"setup: import {mod}: ok")
