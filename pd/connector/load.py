@@ -33,7 +33,7 @@ from pd.connector.codec import ChunkCodec
 from pd.connector.keys import transfer_key
 from pd.connector.kv_layout import StagingPool
 from pd.connector.scheduler import LoadSpec
-from pd.coordinator.protocol import Aborted, Done, Ready
+from pd.coordinator.protocol import MAX_LOAD_PARTS, Aborted, Done, LoadPart, Ready
 from store.base import KVStore
 from transport.base import Transport
 
@@ -60,6 +60,8 @@ class _Load:
     store: KVStore | None = None  # the store to fall back to (None: none, or KV not keyed by tokens)
     group: int = 0  # the head group this load fills (pd.connector.heads)
     join: "_Join | None" = None
+    parts: list[LoadPart] = field(default_factory=list)  # the first MAX_LOAD_PARTS, for DONE
+    total: LoadPart = field(default_factory=lambda: LoadPart(0.0))  # over every part
 
 
 @dataclass
@@ -252,9 +254,12 @@ class Loads:
         else:
             logger.warning("pd_id=%s: %s; %d of %d blocks will be recomputed", spec.pd_id, st.error,
                            len(bad), n_blocks - first_block)
+        t = st.total
         self.coord.done(Done(pd_id=spec.pd_id, rank=st.group, ok=ok, instance_id=self.instance_id,
                              n_chunks=st.n_chunks, n_bytes=st.n_bytes, load_ms=load_ms, error=st.error,
-                             n_store_chunks=st.from_store, groups=self.codec.groups))
+                             n_store_chunks=st.from_store, groups=self.codec.groups, parts=st.parts,
+                             get_ms=round(t.get_ms, 3), store_ms=round(t.store_ms, 3),
+                             scatter_ms=round(t.scatter_ms, 3)))
 
     # ---- prefix loads ----------------------------------------------------------------------
 
@@ -280,16 +285,22 @@ class Loads:
     # ---- chunks ----------------------------------------------------------------------------
 
     def _load_range(self, st: _Load, upto: int, use_transport: bool) -> None:
-        """Load chunks [st.next_chunk, upto) in batches; stop at the first one that fails."""
+        """Load chunks [st.next_chunk, upto) in batches; stop at the first one that fails. One part
+        of the load's timeline (the chunks, their read, store and scatter times)."""
         spans = list(self.codec.chunking.spans(len(st.spec.token_ids), st.next_chunk, upto))
         blocks = torch.tensor(st.spec.block_ids, dtype=torch.long)
         deadline = time.monotonic() + self.cfg.load_timeout_s
         if st.store is None and not use_transport:
             st.error = "no transport and no store to load from"
             return
-        for i in range(0, len(spans), self.pool.n_slabs):
-            if not self._load_batch(st, spans[i : i + self.pool.n_slabs], blocks, use_transport, deadline):
-                return
+        part, before = LoadPart(0.0), (st.n_chunks, st.from_store)
+        try:
+            for i in range(0, len(spans), self.pool.n_slabs):
+                if not self._load_batch(st, spans[i : i + self.pool.n_slabs], blocks, use_transport, deadline,
+                                        part):
+                    return
+        finally:
+            _end_part(st, part, before)
 
     def _check(self, view, key: str, size: int, nb: int) -> str:
         """'' if the chunk in ``view`` is the right one and intact, else why not."""
@@ -303,20 +314,28 @@ class Loads:
         return ""
 
     def _load_batch(self, st: _Load, spans: list[Span], blocks: torch.Tensor, use_transport: bool,
-                    deadline: float) -> bool:
-        """Load one batch of chunks; False when one failed (``st.error`` says why)."""
+                    deadline: float, part: LoadPart) -> bool:
+        """Load one batch of chunks (times into ``part``); False when one failed (``st.error`` says why)."""
         zero_copy = use_transport and self.zero_copy
         xkeys = [transfer_key(st.spec.pd_id, st.keys[c]) for c, *_ in spans]
+        t0 = time.perf_counter()
         b = _Batch(spans, [self.codec.chunk_bytes(nb) for _, _, nb, _ in spans], xkeys,
                    self.transport.acquire(xkeys) if zero_copy else [None] * len(spans))
         with ExitStack() as stack:
             stack.callback(lambda: self.transport.release(b.reads) if zero_copy else None)
             self._read_transport(st, b, use_transport, zero_copy, stack)
+            t1 = time.perf_counter()
             if any(b.why) and st.store is not None:
                 self._read_store(st, b, use_transport, zero_copy, stack)
-            for j in range(len(spans)):
-                if not self._scatter(st, b, j, blocks, deadline):
-                    return False
+            t2 = time.perf_counter()
+            part.get_ms += (t1 - t0) * 1e3
+            part.store_ms += (t2 - t1) * 1e3
+            try:
+                for j in range(len(spans)):
+                    if not self._scatter(st, b, j, blocks, deadline):
+                        return False
+            finally:
+                part.scatter_ms += (time.perf_counter() - t2) * 1e3
             if use_transport:
                 self.transport.delete(xkeys)
         return True
@@ -381,3 +400,18 @@ class Loads:
         st.next_chunk = c + 1
         st.from_store += b.source[j] == "store"
         return True
+
+
+def _end_part(st: _Load, part: LoadPart, before: tuple[int, int]) -> None:
+    """A part of ``st``'s load is over: its chunks and end time, into its parts (the first
+    MAX_LOAD_PARTS) and its totals (all)."""
+    part.at_ms = time.time() * 1e3
+    part.chunks, part.store_chunks = st.n_chunks - before[0], st.from_store - before[1]
+    part.get_ms, part.store_ms, part.scatter_ms = (round(part.get_ms, 3), round(part.store_ms, 3),
+                                                   round(part.scatter_ms, 3))
+    t = st.total
+    t.get_ms, t.store_ms, t.scatter_ms = t.get_ms + part.get_ms, t.store_ms + part.store_ms, \
+        t.scatter_ms + part.scatter_ms
+    t.chunks, t.store_chunks = t.chunks + part.chunks, t.store_chunks + part.store_chunks
+    if len(st.parts) < MAX_LOAD_PARTS:
+        st.parts.append(part)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -40,6 +40,17 @@ logger = logging.getLogger("pd.connector")
 
 # Staging memory per worker: enough slabs to keep one batch in flight per I/O thread.
 SLABS_PER_THREAD = 8
+
+
+@dataclass
+class _Part:
+    """One head group's part of a save job, for its READY: keys, bytes, chunks ready, timings (ms)."""
+
+    xkeys: list[str] = field(default_factory=list)
+    n_bytes: int = 0
+    last: int = 0
+    gather_ms: float = 0.0
+    put_ms: float = 0.0  # transport put/commit (reserve included) and the store's enqueue or flush
 
 
 @dataclass(frozen=True)
@@ -205,51 +216,54 @@ class WorkerSide:
         parts = [self._save_group(spec, group) for group in self.codec.owned]
         if prev is not None:
             prev.result()  # READYs of one request go out in order (jobs never raise)
-        last = parts[0][2]
+        last = parts[0].last
         location = self.transport.location if self.transport is not None else "none"
-        for group, (xkeys, n_bytes, _) in zip(self.codec.owned, parts):
-            ok = self.coord.ready(Ready(pd_id=spec.pd_id, rank=group, keys=xkeys,
-                                        n_tokens=len(spec.token_ids), n_bytes=n_bytes,
+        for group, part in zip(self.codec.owned, parts):
+            ok = self.coord.ready(Ready(pd_id=spec.pd_id, rank=group, keys=part.xkeys,
+                                        n_tokens=len(spec.token_ids), n_bytes=part.n_bytes,
                                         location=location,
                                         instance_id=self.instance_id, chunks_ready=last, final=spec.final,
-                                        groups=self.codec.groups))
+                                        groups=self.codec.groups, part_chunks=last - spec.first_chunk,
+                                        gather_ms=round(part.gather_ms, 3), put_ms=round(part.put_ms, 3),
+                                        sent_ms=time.time() * 1e3))
             logger.debug("pd_id=%s: group %d: saved chunks %d..%d (%d B) in %.1f ms, %sready %s", spec.pd_id,
-                         group, spec.first_chunk, last - 1, n_bytes, (time.monotonic() - t0) * 1e3,
+                         group, spec.first_chunk, last - 1, part.n_bytes, (time.monotonic() - t0) * 1e3,
                          "final " if spec.final else "", "sent" if ok else "NOT delivered")
             self.stats["ready_undelivered"] += not ok  # the coordinator was down: decode will time out
         self.stats["saves"] += spec.final
         self.stats["ready_parts"] += 1
         self.stats["chunks_saved"] += (last - spec.first_chunk) * self.codec.parts
 
-    def _save_group(self, spec: SaveSpec, group: int) -> tuple[list[str], int, int]:
-        """Save head ``group``'s chunks of ``spec``; (transport keys, bytes, chunks ready)."""
+    def _save_group(self, spec: SaveSpec, group: int) -> _Part:
+        """Save head ``group``'s chunks of ``spec``; what its READY says."""
         keys = self.codec.keys(spec.token_ids, spec.seed, group)
         store = self.stores.get(group)
         to_store = self.write_through and store is not None and spec.seed is not None  # None: not keyed by tokens
         last = len(keys) if spec.last_chunk < 0 else spec.last_chunk
-        xkeys = ([transfer_key(spec.pd_id, keys[c]) for c in range(spec.first_chunk, last)]
-                 if self.transport is not None else [])
-        n_bytes, dropped = 0, 0
+        part = _Part([transfer_key(spec.pd_id, keys[c]) for c in range(spec.first_chunk, last)]
+                     if self.transport is not None else [], last=last)
+        dropped = 0
         try:
             if self.transport is not None or to_store:
-                n_bytes, dropped = self._save_chunks(spec, keys, last, to_store, group)
+                dropped = self._save_chunks(spec, keys, part, to_store, group)
             if to_store and (self.transport is None or dropped):
                 # Decode will read these chunks from the store (there is no transport, or it
                 # dropped them: full, or its server down): READY must not overtake the writes.
+                t = time.perf_counter()
                 store.flush(self.cfg.load_timeout_s)
+                part.put_ms += (time.perf_counter() - t) * 1e3
         except Exception:
             logger.exception("pd_id=%s: saving chunks %d..%d of head group %d failed; decode will recompute "
                              "them", spec.pd_id, spec.first_chunk, last - 1, group)
-        return xkeys, n_bytes, last
+        return part
 
-    def _save_chunks(self, spec: SaveSpec, keys: list[str], last: int, to_store: bool,
-                     group: int) -> tuple[int, int]:
-        """Gather and put chunks [spec.first_chunk, last) of head ``group``; (bytes, chunks the
-        transport dropped)."""
+    def _save_chunks(self, spec: SaveSpec, keys: list[str], part: _Part, to_store: bool, group: int) -> int:
+        """Gather and put chunks [spec.first_chunk, part.last) of head ``group`` (bytes and times
+        into ``part``); how many the transport dropped."""
         codec, store, pool = self.codec, self.stores.get(group), self.pool
         blocks = torch.tensor(spec.block_ids, dtype=torch.long)
-        spans = list(codec.chunking.spans(len(spec.token_ids), spec.first_chunk, last))
-        n_bytes, dropped = 0, 0
+        spans = list(codec.chunking.spans(len(spec.token_ids), spec.first_chunk, part.last))
+        dropped = 0
         # Zero-copy: one chunk at a time, each committed as soon as it is gathered (a reserved
         # slot cannot be evicted, so a batch of them could need more than the arena); copy
         # transports: a batch per call.
@@ -258,19 +272,22 @@ class WorkerSide:
             batch = spans[i : i + step]
             sizes = [codec.chunk_bytes(nb) for _, _, nb, _ in batch]
             xkeys = [transfer_key(spec.pd_id, keys[c]) for c, *_ in batch]
+            t0 = time.perf_counter()
             slots = self.transport.reserve(xkeys, sizes) if self.zero_copy else [None] * len(batch)
             # Staging slabs only where there is no slot and the bytes must go somewhere.
             staged = [s is None and (not self.zero_copy or to_store) for s in slots]
             with pool.acquire(sum(staged)) as slabs:
                 free = iter(slabs)
                 views = []
+                t1 = time.perf_counter()
                 for (c, b0, nb, toks), slot, stage, size in zip(batch, slots, staged, sizes):
                     view = slot.view if slot is not None else (
                         memoryview(next(free).numpy())[:size] if stage else None)
                     if view is not None:
                         codec.gather_into(view, blocks[b0 : b0 + nb], keys[c], toks, nb, group)
-                        n_bytes += size
+                        part.n_bytes += size
                     views.append(view)
+                t2 = time.perf_counter()
                 if to_store:  # the store copies the bytes (before a reader may free a slot)
                     for (c, *_), view in zip(batch, views):
                         if view is not None and not store.put(keys[c], view):
@@ -283,7 +300,9 @@ class WorkerSide:
                         self.stats["transport_dropped"] += ok.count(False)
                         logger.warning("pd_id=%s: transport dropped %d of %d chunks", spec.pd_id,
                                        ok.count(False), len(ok))
-        return n_bytes, dropped
+            part.gather_ms += (t2 - t1) * 1e3  # the header's checksum included
+            part.put_ms += (t1 - t0 + time.perf_counter() - t2) * 1e3
+        return dropped
 
 
 def _with_physical(spec_fingerprint: bytes, physical: str) -> bytes:

@@ -176,9 +176,10 @@ class CoordinatorClient:
         """Abort ``pd_id`` (release waiters, free chunks); True when acknowledged."""
         return isinstance(self.call(Abort(pd_id, reason)), Ack)
 
-    def query(self, pd_id: str = "") -> QueryReply | None:
-        """Counters, instances and the record of ``pd_id`` (if given); None without an answer."""
-        reply = self.call(Query(pd_id))
+    def query(self, pd_id: str = "", spans: bool = False) -> QueryReply | None:
+        """Counters, instances, the record of ``pd_id`` (if given) and with ``spans`` the p50/p99 of
+        each span over recent transfers; None without an answer."""
+        reply = self.call(Query(pd_id, spans))
         return reply if isinstance(reply, QueryReply) else None
 
     def close(self) -> None:
@@ -348,9 +349,9 @@ class AsyncCoordinatorClient:
         """Abort ``pd_id``; True when acknowledged."""
         return isinstance(await self._call(Abort(pd_id, reason)), Ack)
 
-    async def query(self, pd_id: str = "") -> QueryReply | None:
-        """Counters, instances and the record of ``pd_id`` (if given); None without an answer."""
-        reply = await self._call(Query(pd_id))
+    async def query(self, pd_id: str = "", spans: bool = False) -> QueryReply | None:
+        """As ``CoordinatorClient.query``."""
+        reply = await self._call(Query(pd_id, spans))
         return reply if isinstance(reply, QueryReply) else None
 
     def close(self) -> None:

@@ -10,7 +10,9 @@ from typing import Annotated, Literal
 
 import msgspec
 
-PROTOCOL_VERSION = 2  # 2: READY streams (chunks_ready, final), WAIT says what it has (have)
+# 2: READY streams (chunks_ready, final), WAIT says what it has (have); 3: timings (READY's gather/put,
+# DONE's parts, the records' timeline and spans, Query's span summary)
+PROTOCOL_VERSION = 3
 PROTOCOL_TAG = b"pdkv/%d" % PROTOCOL_VERSION
 
 
@@ -20,6 +22,8 @@ Count = Annotated[int, msgspec.Meta(ge=0)]
 Seconds = Annotated[float, msgspec.Meta(ge=0, le=1e9)]  # finite (NaN fails ge)
 Millis = Annotated[float, msgspec.Meta(ge=0, le=1e12)]
 Groups = Annotated[int, msgspec.Meta(ge=1, le=1024)]  # KV-head groups (pd.connector.heads)
+WallMs = Annotated[float, msgspec.Meta(ge=0, le=1e15)]  # time.time() * 1000 on the sender's clock; 0: not given
+MAX_LOAD_PARTS = 64  # a DONE lists at most this many load parts (its totals count them all)
 Role = Literal["prefill", "decode", "both", "proxy"]
 
 
@@ -71,6 +75,12 @@ class Ready(_Msg):
     # ``rank`` is the KV-head group (pd.connector.heads; the TP rank when groups = TP size); the transfer is
     # ready when the final READY of each of ``groups`` groups is in.
     groups: Groups = 1
+    # This part's timings at the prefill worker (the timeline, docs/design.md): the chunks it saved, the
+    # time their gather and their put (transport and store) took, and when READY left (its clock).
+    part_chunks: Count = 0
+    gather_ms: Millis = 0.0
+    put_ms: Millis = 0.0
+    sent_ms: WallMs = 0.0
 
 
 class Wait(_Msg):
@@ -81,6 +91,19 @@ class Wait(_Msg):
     rank: Count
     timeout_s: Seconds
     have: Count = 0
+
+
+class LoadPart(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
+    """One part of a decode load (the chunks one READY part made available): when it ended (the
+    decode worker's clock), its chunks, how long their reads (transport), store fallback reads and
+    scatters took, and how many came from the store."""
+
+    at_ms: WallMs
+    chunks: Count = 0
+    get_ms: Millis = 0.0
+    store_ms: Millis = 0.0
+    scatter_ms: Millis = 0.0
+    store_chunks: Count = 0
 
 
 class Done(_Msg):
@@ -96,6 +119,11 @@ class Done(_Msg):
     error: str = ""
     n_store_chunks: Count = 0  # of n_chunks, how many came from the persistent store
     groups: Groups = 1  # KV-head groups of the transfer: it is done when each group's DONE is in
+    # The load's parts (the first MAX_LOAD_PARTS; the timeline) and its totals over all of them.
+    parts: Annotated[list[LoadPart], msgspec.Meta(max_length=MAX_LOAD_PARTS)] = []
+    get_ms: Millis = 0.0
+    store_ms: Millis = 0.0
+    scatter_ms: Millis = 0.0
 
 
 class Abort(_Msg):
@@ -106,9 +134,11 @@ class Abort(_Msg):
 
 
 class Query(_Msg):
-    """Ask for counters, instances and (optionally) the record of one transfer."""
+    """Ask for counters, instances and (optionally) the record of one transfer and the p50/p99 of
+    each span over the recent transfers (``spans``)."""
 
     pd_id: str = ""
+    spans: bool = False
 
 
 # ---- coordinator -> client -------------------------------------------------------------
@@ -147,6 +177,30 @@ class InstanceInfo(msgspec.Struct):
     last_seen_s: float  # seconds since the last heartbeat
 
 
+class Event(msgspec.Struct, omit_defaults=True):
+    """One event of a transfer's timeline: ``name``, ``t_ms`` (time.time() * 1000 on ``source``'s
+    clock: "proxy", "coordinator", "prefill <group>", "decode <group>") and what it carries."""
+
+    name: str
+    t_ms: float
+    source: str
+    chunks: int = 0
+    gather_ms: float = 0.0
+    put_ms: float = 0.0
+    get_ms: float = 0.0
+    store_ms: float = 0.0
+    scatter_ms: float = 0.0
+    store_chunks: int = 0
+
+
+class SpanSummary(msgspec.Struct):
+    """One span over recent transfers: how many had it, its median and 99th percentile (ms)."""
+
+    n: int
+    p50: float
+    p99: float
+
+
 class TransferRecord(msgspec.Struct):
     pd_id: str
     ready: bool = False
@@ -169,12 +223,18 @@ class TransferRecord(msgspec.Struct):
     # n_chunks is the fewest any group loaded, ok all groups', n_bytes and n_store_chunks the sums.
     groups_ready: int = 0
     groups_done: int = 0
+    # The timeline (pd.coordinator.timeline): events in arrival order (READY parts beyond a bound are
+    # counted in events_dropped, never the final ones) and spans, named durations in ms.
+    timeline: list[Event] = []
+    spans: dict[str, float] = {}
+    events_dropped: int = 0
 
 
 class QueryReply(_Msg):
     counters: dict[str, float]
     instances: list[InstanceInfo]
     transfer: TransferRecord | None = None
+    spans: dict[str, SpanSummary] = {}  # with Query.spans: each span over the recent transfers
 
 
 ClientMsg = Register | Heartbeat | Ready | Wait | Done | Abort | Query

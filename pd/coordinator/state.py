@@ -14,11 +14,13 @@ from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 from pd.config import CoordinatorConfig
+from pd.coordinator import timeline
 from pd.coordinator.protocol import (
     Abort,
     Aborted,
     Ack,
     Done,
+    Event,
     Free,
     Heartbeat,
     InstanceInfo,
@@ -141,7 +143,7 @@ class State:
         elif isinstance(msg, Abort):
             self._on_abort(ident, msg, now)
         elif isinstance(msg, Query):
-            self._send(ident, self.query(msg.pd_id, now))
+            self._send(ident, self.query(msg.pd_id, now, msg.spans))
         else:  # decode_client only yields the types above
             raise TypeError(f"no handler for {type(msg).__name__}")
 
@@ -212,6 +214,7 @@ class State:
         rec.groups_ready += msg.final
         rec.ready, rec.n_tokens, rec.producer = rec.groups_ready >= msg.groups, msg.n_tokens, msg.instance_id
         rec.n_ready_parts += 1
+        timeline.on_ready(rec, msg, timeline.wall_ms())
         if msg.final and rec.ready:
             self.final_at[msg.pd_id] = now
         if msg.pd_id in self.aborted:
@@ -242,6 +245,8 @@ class State:
         since = self.wait_since.pop(rec.pd_id, None)
         if since is not None:
             rec.wait_ms = round((now - since) * 1000, 3)
+        timeline.on_first_wait(rec, timeline.wall_ms() - (now - since) * 1000 if since is not None
+                               else timeline.wall_ms())
 
     def _on_wait(self, ident: bytes, msg: Wait, now: float) -> None:
         self.counters["waits"] += 1
@@ -270,6 +275,7 @@ class State:
         final_at = self.final_at.pop(msg.pd_id, None) if rec.done else None
         if final_at is not None:
             rec.tail_ms = round((now - final_at) * 1000, 3)
+        timeline.on_done(rec, msg, timeline.wall_ms())
         self.counters["store_chunks_loaded"] += msg.n_store_chunks
         if not msg.ok:
             if entry is not None:
@@ -291,18 +297,21 @@ class State:
         rec = self._record(msg.pd_id, now)
         if not rec.done:
             rec.error = f"aborted: {reason}"
+        timeline.add(rec, Event("abort", timeline.wall_ms(), timeline.COORDINATOR), keep=True)
         logger.info("pd_id=%s: aborted (%s)", msg.pd_id, reason)
         self._send(ident, Ack())
 
-    def query(self, pd_id: str, now: float) -> QueryReply:
+    def query(self, pd_id: str, now: float, spans: bool = False) -> QueryReply:
         instances = [InstanceInfo(iid, i.role, i.url, i.pid, i.alive, round(now - i.seen, 3))
                      for iid, i in sorted(self.instances.items())]
         self.counters["instances_alive"] = sum(1 for i in instances if i.alive)
         self.counters["entries"] = len(self.entries)  # READYs held for a consumer
         self.counters["waiters"] = sum(len(w) for w in self.waiters.values())  # parked WAITs
         item = self.records.get(pd_id) if pd_id else None
+        summary = (timeline.summarize(timeline.recent_spans(r for r, _ in reversed(self.records.values())))
+                   if spans else {})
         return QueryReply(counters={**self.counters, **self._instance_counters()}, instances=instances,
-                          transfer=item[0] if item else None)
+                          transfer=item[0] if item else None, spans=summary)
 
     def _instance_counters(self) -> dict[str, float]:
         """``<role>.<counter>``: the instances' own counters (from their heartbeats) summed per role;

@@ -29,6 +29,7 @@ from typing import Any, Coroutine
 import aiohttp
 from aiohttp import web
 
+from pd.coordinator.timeline import wall_ms
 from pd.proxy.metrics import ProxyMetrics
 from pd.proxy.routing import (
     Pool,
@@ -39,6 +40,7 @@ from pd.proxy.routing import (
     json_error,
     prefill_body,
 )
+from pd.proxy.timeline import ProxyTimeline
 
 logger = logging.getLogger("pd.proxy")
 SSE = "text/event-stream"
@@ -74,7 +76,8 @@ class Relay:
     """``handle_generate`` and the upstream calls behind it; ``server.Proxy`` is one, with the app.
 
     What it uses of the proxy: the pools, the metrics, the HTTP session (made at startup), the
-    coordinator client (None: no aborts) and the bearer token for the instances.
+    coordinator client (None: no aborts), the bearer token for the instances and the timeline
+    (each P/D request's events: a few clock reads, no I/O).
     """
 
     mode: str
@@ -84,6 +87,7 @@ class Relay:
     session: aiohttp.ClientSession | None
     coord: Any
     upstream_token: str | None
+    timeline: ProxyTimeline
     _tasks: set[asyncio.Task]
 
     def _spawn(self, coro: Coroutine) -> asyncio.Task:
@@ -157,6 +161,7 @@ class Relay:
 
     async def _pd(self, request: web.Request, endpoint: str, body: dict, t0: float) -> web.StreamResponse:
         pd_id = uuid.uuid4().hex
+        self.timeline.start(pd_id, wall_ms() - (time.monotonic() - t0) * 1e3)
         p_url, d_url = self.prefill.pick(), self.decode.pick()
         headers = {"x-pd-id": pd_id}
         logger.debug("pd_id=%s: %s prefill=%s decode=%s stream=%s", pd_id, endpoint, p_url, d_url,
@@ -242,11 +247,13 @@ class Relay:
         """Run the prefill half to its end; raise UpstreamError if it fails."""
         with self.prefill.track(url):
             try:
+                self.timeline.mark(pd_id, "prefill_sent")
                 r = await self._post(request, "prefill", url, endpoint, body, pd_id)
                 try:
                     data = await r.read()
                 finally:
                     r.release()
+                self.timeline.mark(pd_id, "prefill_answered")
             except asyncio.TimeoutError:
                 raise self._fail("prefill", url, pd_id, 504, why="timed out") from None
             except (aiohttp.ClientError, OSError) as e:
@@ -260,13 +267,17 @@ class Relay:
         """Send ``body`` to ``url`` and wait until its answer begins (SSE) or is complete (otherwise)."""
         r = None
         try:
+            self.timeline.mark(pd_id, "decode_sent")
             r = await self._post(request, role, url, endpoint, body, pd_id)
             if r.status >= 400 or r.content_type != SSE:
                 data = await r.read()  # read to the end: the connection goes back to the pool
                 if r.status >= 400:
                     raise self._fail(role, url, pd_id, r.status, data, r.content_type)
+                self.timeline.mark(pd_id, "decode_first_byte")
                 return _Started(r, data, stream=False)
-            return _Started(r, await r.content.readany(), stream=True)
+            first = await r.content.readany()
+            self.timeline.mark(pd_id, "decode_first_byte")
+            return _Started(r, first, stream=True)
         except UpstreamError:
             raise
         except BaseException as e:
@@ -282,6 +293,7 @@ class Relay:
                      role: str, t0: float) -> web.StreamResponse:
         """Give the client the answer that began in ``st``, streaming the rest as it arrives."""
         if not st.stream:
+            self.timeline.mark(pd_id, "last_token")
             return web.Response(status=st.resp.status, body=st.first, content_type=st.resp.content_type,
                                 headers=headers)
         done = False
@@ -313,6 +325,7 @@ class Relay:
                     await self._write_quietly(out, b"data: " + err.body + b"\n\n")
                     return out
             done = True
+            self.timeline.mark(pd_id, "last_token")
             try:
                 await out.write_eof()
             except ConnectionError:

@@ -18,7 +18,6 @@ import socket
 from typing import Any
 
 import aiohttp
-import msgspec
 from aiohttp import web
 
 from common.config import ConfigError, merge
@@ -28,6 +27,7 @@ from pd.coordinator.curve import load_client_keys, read_token
 from pd.proxy.metrics import CONTENT_TYPE, ProxyMetrics
 from pd.proxy.relay import Relay
 from pd.proxy.routing import POLICIES, Pool, json_error, parse_urls
+from pd.proxy.timeline import ProxyTimeline
 
 logger = logging.getLogger("pd.proxy")
 MODES = ("pd", "colocated")
@@ -67,6 +67,7 @@ class Proxy(Relay):
         # An AsyncCoordinatorClient (made at startup from ``coordinator``), or any object with its API.
         self.coord: Any = None
         self.metrics = ProxyMetrics()
+        self.timeline = ProxyTimeline()  # each P/D request's events, the most recent ones
         self.session: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task] = set()
 
@@ -171,7 +172,8 @@ class Proxy(Relay):
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
     async def handle_transfer(self, request: web.Request) -> web.Response:
-        """GET /pd/transfers/{pd_id}: the coordinator's record of one transfer."""
+        """GET /pd/transfers/{pd_id}: the coordinator's record of one transfer, with its timeline and
+        spans (the proxy's events and the coordinator's, ``pd.proxy.timeline``)."""
         pd_id = request.match_info["pd_id"]
         if self.coord is None:
             return json_error("no coordinator configured", 503, "unavailable")
@@ -180,7 +182,7 @@ class Proxy(Relay):
             return json_error("the coordinator did not answer", 503, "unavailable")
         if reply.transfer is None:
             return json_error(f"no transfer record for {pd_id}", 404, "not_found")
-        return web.json_response(msgspec.to_builtins(reply.transfer))
+        return web.json_response(self.timeline.view(reply.transfer))
 
 
 # ---- CLI ---------------------------------------------------------------------------------

@@ -71,7 +71,7 @@ def test_reply_round_trip(msg):
 
 
 def test_tag_carries_version():
-    assert PROTOCOL_TAG == b"pdkv/2"
+    assert PROTOCOL_TAG == b"pdkv/3"
 
 
 @pytest.mark.parametrize("frames", [
