@@ -1,4 +1,5 @@
-"""`pd stats`: the coordinator's counters, instances and (optionally) one transfer."""
+"""`pd stats`: the coordinator's counters, instances, the p50/p99 of each span of the transfers it
+remembers (where the time goes: docs/design.md, "The timeline") and (optionally) one transfer."""
 from __future__ import annotations
 
 import argparse
@@ -45,6 +46,18 @@ def _num(v: float) -> str:
     return f"{int(v):,}" if float(v).is_integer() else f"{v:,.3f}"
 
 
+def print_spans(spans: dict) -> None:
+    """The p50/p99 of each span (``SpanSummary``s by name) as a table."""
+    if not spans:
+        print("spans: no finished transfer remembered")
+        return
+    n = max(s.n for s in spans.values())
+    print(f"spans (ms, over the last {n} finished transfers the coordinator remembers):")
+    print(f"  {'span':<22} {'n':>6} {'p50':>10} {'p99':>10}")
+    for name, s in spans.items():
+        print(f"  {name:<22} {s.n:>6} {s.p50:>10.3f} {s.p99:>10.3f}")
+
+
 def run(args: argparse.Namespace) -> int:
     """Print what the coordinator knows; ConfigError (exit 2) if it does not answer."""
     if not getattr(args, "verbose", False):  # no answer is reported once, as the error below
@@ -52,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     address, keys = _target(args)
     client = CoordinatorClient(address, timeout_s=3, keys=keys)
     try:
-        reply = client.query(args.pd_id)
+        reply = client.query(args.pd_id, spans=True)
     finally:
         client.close()
     if reply is None:
@@ -66,12 +79,24 @@ def run(args: argparse.Namespace) -> int:
     for i in reply.instances:
         print(f"  {i.instance_id:<16} {i.role:<8} {'alive' if i.alive else 'DOWN':<6} pid {i.pid:<8} "
               f"last seen {i.last_seen_s:.1f}s ago  {i.url}")
+    print_spans(reply.spans)
     if args.pd_id:
         if reply.transfer is None:
             print(f"transfer {args.pd_id}: unknown pd_id")
         else:
-            print(f"transfer {args.pd_id}:")
-            for k, v in msgspec.structs.asdict(reply.transfer).items():
-                if k != "pd_id":
-                    print(f"  {k:<10} {v}")
+            print_transfer(reply.transfer)
     return 0
+
+
+def print_transfer(rec) -> None:
+    """A ``TransferRecord``: its fields, then its timeline (the coordinator's part) and spans."""
+    print(f"transfer {rec.pd_id}:")
+    for k, v in msgspec.structs.asdict(rec).items():
+        if k not in ("pd_id", "timeline", "spans"):
+            print(f"  {k:<14} {v}")
+    t0 = min((e.t_ms for e in rec.timeline), default=0.0)
+    print("  timeline (ms from its first event; each on its source's clock):")
+    for e in sorted(rec.timeline, key=lambda e: e.t_ms):
+        extra = {k: v for k, v in msgspec.to_builtins(e).items() if k not in ("name", "t_ms", "source")}
+        print(f"    {e.t_ms - t0:>10.3f}  {e.source:<12} {e.name:<12} {extra or ''}")
+    print("  spans (ms): " + ", ".join(f"{k} {v:g}" for k, v in rec.spans.items()))
