@@ -18,7 +18,9 @@ compared with the first mode's, request by request. For pd, each request's trans
 (``GET /pd/transfers/{pd_id}`` on the proxy: load_ms, wait_ms, bytes, READY parts, tail_ms) gives
 the KV transfer time as a share of its TTFT: ``load`` is all the time decode spent loading (much
 of it overlapped with the prefill, as chunks stream), ``tail`` the part after the prefill's last
-chunks were out (final READY -> DONE), which is what the transfer adds to TTFT. A JSON with everything and the printed tables go to ``--out``.
+chunks were out (final READY -> DONE), which is what the transfer adds to TTFT; the p50/p99 of each
+span of the records' timelines (docs/design.md, "The timeline") show where the rest of the time goes.
+A JSON with everything and the printed tables go to ``--out``.
 """
 from __future__ import annotations
 
@@ -46,6 +48,7 @@ from launch.gpus import gpu_count
 from launch.procs import check_model, check_ports, served_name
 from launch.supervise import Deployment
 from pd.config import DeploymentConfig
+from pd.coordinator import timeline
 
 NIXL_SIDE_CHANNEL_BASE = 5600
 GPU_MODES = ("pd", "colocated", "nixl")
@@ -185,9 +188,23 @@ def transfer_summary(recs: list[dict]) -> dict:
                       "tail_ms_p50": med([r.get("tail_ms", 0.0) for r in rs]),
                       "tail_share_of_ttft_p50": med([r.get("tail_ms", 0.0) / r["ttft_ms"] for r in rs]),
                       "ready_parts_p50": med([r.get("n_ready_parts", 0) for r in rs]),
-                      "gb_s_p50": med([r["n_bytes"] / 1e6 / r["load_ms"] for r in rs if r["load_ms"] > 0])}
+                      "gb_s_p50": med([r["n_bytes"] / 1e6 / r["load_ms"] for r in rs if r["load_ms"] > 0]),
+                      "spans": span_summary(rs)}
     out["failed"] = sum(1 for r in recs if not r.get("ok"))
     return out
+
+
+def span_summary(recs: list[dict]) -> dict[str, dict]:
+    """p50/p99 (ms) of each span of the records' timelines (``spans`` and ``cross_spans``), by name."""
+    got = timeline.summarize([{**r.get("spans", {}), **r.get("cross_spans", {})} for r in recs if r.get("ok")])
+    return {name: {"n": s.n, "p50": s.p50, "p99": s.p99} for name, s in got.items()}
+
+
+def format_spans(spans: dict[str, dict], label: str = "") -> str:
+    """``span_summary`` as a table."""
+    lines = [f"| span{f' ({label})' if label else ''} | n | p50 ms | p99 ms |", "|:---|---:|---:|---:|"]
+    lines += [f"| {name} | {s['n']} | {s['p50']:.2f} | {s['p99']:.2f} |" for name, s in spans.items()]
+    return "\n".join(lines)
 
 
 def format_transfers(summary: dict) -> str:
@@ -202,6 +219,9 @@ def format_transfers(summary: dict) -> str:
                          f"{s['load_ms_p50']:.1f} | {s['wait_ms_p50']:.1f} | {s['ttft_ms_p50']:.1f} | "
                          f"{s['load_share_of_ttft_p50']:.3f} | {gbs} | {s['tail_ms_p50']:.1f} | "
                          f"{s['tail_share_of_ttft_p50']:.3f} |")
+    for label in ("long", "short"):
+        if summary.get(label, {}).get("spans"):
+            lines += ["", format_spans(summary[label]["spans"], f"{label} prompts")]
     return "\n".join(lines)
 
 

@@ -15,7 +15,8 @@ every inter-token latency (ITL, from the arrival times of the streamed tokens). 
 p50/p90/p99 of each, output throughput (tokens / (first send .. last token)), request rate, and
 goodput: requests per second that met both SLOs (``--slo-ttft-ms``, ``--slo-tpot-ms``). The last
 column is pd / colocated. The answers of the two modes are compared (greedy decoding): the count
-of equal ones is printed.
+of equal ones is printed. For mode pd, each request's transfer record (``GET /pd/transfers/{pd_id}``)
+gives the p50/p99 of each span of its timeline: where the time goes (docs/design.md, "The timeline").
 
 Long prefills stall the decoding of other requests on a colocated instance; on a P/D deployment
 they run on the prefill instance, so the short requests' TPOT/ITL tails are where P/D should win,
@@ -30,7 +31,13 @@ from __future__ import annotations
 import argparse
 
 from common.config import load, merge
-from launch.bench.gpu import add_gpu_arguments, run_gpu
+from launch.bench.gpu import (
+    add_gpu_arguments,
+    format_spans,
+    run_gpu,
+    span_summary,
+    transfers,
+)
 from launch.bench.serve_load import format_table, make_workload, run_load, summarize
 from launch.procs import check_model, check_ports, served_name
 from launch.supervise import Deployment
@@ -76,7 +83,7 @@ def run(args) -> int:
     deps = {m: _deployment(m, model, args) for m in modes}
     for dep in deps.values():
         check_ports(dep)
-    figures, texts = {}, {}
+    figures, texts, spans = {}, {}, {}
     for mode, dep in deps.items():
         d = Deployment(dep)
         try:
@@ -84,6 +91,8 @@ def run(args) -> int:
             name = served_name(dep)
             run_load(d.proxy_url, name, [workload[0]])  # warm up the HTTP path and the engines
             results, wall = run_load(d.proxy_url, name, workload)
+            if mode == "pd":
+                spans[mode] = span_summary(transfers(d.proxy_url, results))
         finally:
             d.stop()
         figures[mode] = summarize(results, wall, args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3)
@@ -102,4 +111,7 @@ def run(args) -> int:
         a, b = texts.values()
         same = sum(x is not None and x == y for x, y in zip(a, b))
         print(f"# same answer in both modes: {same} of {len(workload)}")
+    for mode, summary in spans.items():
+        print(f"\n# {mode}: where the time goes (each request's timeline, /pd/transfers)\n")
+        print(format_spans(summary))
     return 0 if all(f["failed"] == 0 for f in figures.values()) else 1

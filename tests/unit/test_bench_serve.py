@@ -150,16 +150,25 @@ def test_nixl_flow_prefill_then_decode_with_its_params():
 
 def test_transfer_summary_and_answers():
     recs = [{"ok": True, "long": True, "n_tokens": 8000, "n_bytes": 1_000_000_000, "load_ms": 100.0,
-             "wait_ms": 10.0, "ttft_ms": 1000.0, "n_ready_parts": 4, "tail_ms": 30.0},
+             "wait_ms": 10.0, "ttft_ms": 1000.0, "n_ready_parts": 4, "tail_ms": 30.0,
+             "spans": {"tail": 30.0, "prefill": 900.0}, "cross_spans": {"done_to_first_token": 12.5}},
+            {"ok": True, "long": True, "n_tokens": 8000, "n_bytes": 1_000_000_000, "load_ms": 100.0,
+             "wait_ms": 10.0, "ttft_ms": 1000.0, "n_ready_parts": 4, "tail_ms": 40.0,
+             "spans": {"tail": 40.0, "prefill": 1000.0}, "cross_spans": {"done_to_first_token": 14.5}},
             {"ok": True, "long": False, "n_tokens": 200, "n_bytes": 25_000_000, "load_ms": 5.0, "wait_ms": 1.0,
              "ttft_ms": 50.0},
             {"ok": False, "long": True, "error": "x"}]
     s = bench_gpu.transfer_summary(recs)
-    assert s["failed"] == 1 and s["long"]["n"] == 1
+    assert s["failed"] == 1 and s["long"]["n"] == 2
     assert s["long"]["load_share_of_ttft_p50"] == pytest.approx(0.1) and s["long"]["gb_s_p50"] == pytest.approx(10.0)
-    assert s["long"]["tail_share_of_ttft_p50"] == pytest.approx(0.03)
-    assert "| long | 1 | 8000 | 1000.0 | 4 | 100.0 | 10.0 | 1000.0 | 0.100 | 10.00 | 30.0 | 0.030 |" in \
-        bench_gpu.format_transfers(s)
+    assert s["long"]["tail_share_of_ttft_p50"] == pytest.approx(0.035)
+    table = bench_gpu.format_transfers(s)
+    assert "| long | 2 | 8000 | 1000.0 | 4 | 100.0 | 10.0 | 1000.0 | 0.100 | 10.00 | 35.0 | 0.035 |" in table
+    # each span of the timelines: p50 and p99 (the proxy's, the coordinator's and across clocks)
+    assert s["long"]["spans"]["tail"] == {"n": 2, "p50": 35.0, "p99": 39.9}
+    assert s["short"]["spans"] == {}
+    assert "| span (long prompts) | n | p50 ms | p99 ms |" in table
+    assert "| done_to_first_token | 2 | 13.50 | 14.48 |" in table and "| prefill | 2 | 950.00 | 999.00 |" in table
     assert bench_gpu.same_answers({"pd": ["a", "b", None], "colocated": ["a", "c", None], "nixl": ["a", "b", "d"]}) == \
         {"colocated": 1, "nixl": 2}
 
@@ -184,7 +193,8 @@ class _FakeProxy(http.server.BaseHTTPRequestHandler):
             self.wfile.write(b"data: " + json.dumps({"choices": [{"text": t}]}).encode() + b"\n\n")
 
     def do_GET(self):
-        rec = {"pd_id": "id1", "ok": True, "n_tokens": 40, "n_bytes": 4_000_000, "load_ms": 2.0, "wait_ms": 1.0}
+        rec = {"pd_id": "id1", "ok": True, "n_tokens": 40, "n_bytes": 4_000_000, "load_ms": 2.0, "wait_ms": 1.0,
+               "spans": {"tail": 0.5, "total": 9.0}, "cross_spans": {}}
         self.send_response(200)
         self.end_headers()
         self.wfile.write(json.dumps(rec).encode())
@@ -234,3 +244,4 @@ def test_run_gpu_end_to_end_with_stand_ins(tmp_path, monkeypatch, capsys):
     assert "| metric | pd | colocated | nixl | pd/colocated | pd/nixl |" in text
     assert "same answer as pd: colocated 4 of 4, nixl 4 of 4" in text and "colocated 6 of 6" in text
     assert "pdkv KV transfer (load" in text
+    assert "| span (long prompts) | n | p50 ms | p99 ms |" in text and "| total | 2 | 9.00 | 9.00 |" in text
