@@ -63,15 +63,47 @@ def _chat(url: str, content: str, stream=False) -> tuple[str, str]:
     return text, r.headers.get("x-pd-id", "")
 
 
-def _transfer(url: str, pd_id: str, wait_s: float = 10) -> dict:
+def _transfer(url: str, pd_id: str, wait_s: float = 10, prefill_answered: bool = False) -> dict:
+    """The finished record (with ``prefill_answered``: once the proxy also has the prefill's answer,
+    which may come in after the decode's)."""
     deadline = time.monotonic() + wait_s
     while True:
         r = requests.get(f"{url}/pd/transfers/{pd_id}", timeout=10)
-        if r.status_code == 200 and r.json().get("done"):
+        if r.status_code == 200 and r.json().get("done") and (not prefill_answered or any(
+                e["name"] == "prefill_answered" for e in r.json()["timeline"])):
             return r.json()
         if time.monotonic() > deadline:
             raise AssertionError(f"no finished transfer record for {pd_id}: {r.status_code} {r.text}")
         time.sleep(0.2)
+
+
+PROXY_EVENTS = {"received", "prefill_sent", "decode_sent", "prefill_answered", "decode_first_byte", "last_token"}
+SPANS = {"dispatch", "prefill", "decode_first_token", "stream", "total", "ready_first_to_final", "tail",
+         "transfer", "load", "wait_for_ready", "gather", "put", "get", "store", "scatter"}
+
+
+def _check_timeline(rec: dict) -> None:
+    """A real request's /pd/transfers timeline: every event of every process, spans that add up."""
+    events = rec["timeline"]
+    assert [e["t_ms"] for e in events] == sorted(e["t_ms"] for e in events)
+    names = {(e["source"], e["name"]) for e in events}
+    assert {("proxy", n) for n in PROXY_EVENTS} <= names, names
+    assert {("coordinator", n) for n in ("ready_final", "wait_first", "done")} <= names, names
+    saved = [e for e in events if e["name"] == "part_saved"]
+    loaded = [e for e in events if e["name"] == "part_loaded"]
+    assert {e["source"] for e in saved} == {"prefill 0"} and {e["source"] for e in loaded} == {"decode 0"}
+    if not rec["events_dropped"]:
+        assert len(saved) == rec["n_ready_parts"]
+        assert sum(e["chunks"] for e in saved) == sum(e["chunks"] for e in loaded) == rec["n_chunks"]
+    proxy = {e["name"]: e["t_ms"] for e in events if e["source"] == "proxy"}
+    order = ["received", "decode_sent", "decode_first_byte", "last_token"]
+    assert [proxy[n] for n in order] == sorted(proxy[n] for n in order)
+    s = rec["spans"]
+    assert SPANS <= set(s), s
+    assert s["dispatch"] + s["decode_first_token"] + s["stream"] == pytest.approx(s["total"], abs=0.01)
+    assert s["ready_first_to_final"] + s["tail"] == pytest.approx(s["transfer"], abs=0.01)
+    assert s["load"] == rec["load_ms"] and s["gather"] > 0 and s["scatter"] > 0
+    assert set(rec["cross_spans"]) == {"decode_sent_to_wait", "done_to_first_token"}
 
 
 def test_completions_match_colocated_and_kv_was_loaded(deployments):
@@ -88,12 +120,13 @@ def test_completions_match_colocated_and_kv_was_loaded(deployments):
         assert ref_ids, "the server did not return token ids"
         assert ids == ref_ids, f"prompt of {n} tokens (stream={stream}): {ids} != {ref_ids}"
         assert text == ref_text
-        rec = _transfer(pd.url, pd_id)
+        rec = _transfer(pd.url, pd_id, prefill_answered=True)
         assert rec["ok"], f"prompt of {n} tokens: load failed: {rec}"
         assert rec["n_chunks"] == -(-n // CHUNK), (n, rec)
         assert rec["n_bytes"] > 0
         if n > STEP_TOKENS + CHUNK:  # prefilled over several steps: chunks went out before the end
             assert rec["n_ready_parts"] >= 2, (n, rec)
+        _check_timeline(rec)
 
 
 def test_outputs_depend_on_the_prompt(deployments):

@@ -40,9 +40,16 @@ from tests.unit.test_proxy import REQ, deployment, run
 PARTS = ((0, 2, False), (2, 4, False), (4, 5, True))  # the prompt's 5 chunks in three engine steps
 
 
-def _engine_doubles(p, d) -> tuple[web.Application, web.Application]:
+def _engine_doubles(p, d, coordinator: str) -> tuple[web.Application, web.Application]:
     """vLLM stand-ins: the prefill saves the prompt's chunks step by step (its worker half), the
     decode loads them (its worker half) before it streams its answer."""
+
+    def finished(pd_id: str) -> bool:
+        c = CoordinatorClient(coordinator)
+        try:
+            return c.query(pd_id).transfer.done
+        finally:
+            c.close()
 
     async def prefill(request: web.Request) -> web.Response:
         pd_id = (await request.json())["kv_transfer_params"]["pd_id"]
@@ -59,8 +66,9 @@ def _engine_doubles(p, d) -> tuple[web.Application, web.Application]:
     async def decode(request: web.Request) -> web.StreamResponse:
         pd_id = (await request.json())["kv_transfer_params"]["pd_id"]
         d.start_step(PDMetadata(loads=[LoadSpec("d1", pd_id, PROMPT, DST, 0)]))
+        # The engine's next step begins once the load is over (and its DONE is at the coordinator).
         loaded = await asyncio.get_running_loop().run_in_executor(
-            None, lambda: _until(lambda: "d1" in d.loads._done_recving))
+            None, lambda: _until(lambda: "d1" in d.loads._done_recving and finished(pd_id)))
         assert loaded
         out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await out.prepare(request)
@@ -91,7 +99,7 @@ async def _one_request(pair, coord) -> tuple[dict, dict]:  # noqa: F811
     p, d = pair
     runners = []
     try:
-        (rp, p_url), (rd, d_url) = [await _serve(a) for a in _engine_doubles(p, d)]
+        (rp, p_url), (rd, d_url) = [await _serve(a) for a in _engine_doubles(p, d, coord.address)]
         runners += [rp, rd]
         proxy = Proxy([p_url], [d_url], ProxyConfig(), coordinator=coord.address)
         prunner, port = await proxy.start()
