@@ -324,12 +324,12 @@ class Loads:
         with ExitStack() as stack:
             stack.callback(lambda: self.transport.release(b.reads) if zero_copy else None)
             self._read_transport(st, b, use_transport, zero_copy, stack)
-            t1 = time.perf_counter()
+            t1 = t2 = time.perf_counter()
+            part.get_ms += (t1 - t0) * 1e3
             if any(b.why) and st.store is not None:
                 self._read_store(st, b, use_transport, zero_copy, stack)
-            t2 = time.perf_counter()
-            part.get_ms += (t1 - t0) * 1e3
-            part.store_ms += (t2 - t1) * 1e3
+                t2 = time.perf_counter()
+                part.store_ms += (t2 - t1) * 1e3
             try:
                 for j in range(len(spans)):
                     if not self._scatter(st, b, j, blocks, deadline):

@@ -85,7 +85,7 @@ def finish(rec: TransferRecord) -> None:
         rec.spans["ready_first_to_final"] = round(max(final) - min(ready), 3)
         rec.spans["tail"] = round(max(done) - max(final), 3)
         rec.spans["transfer"] = round(max(done) - min(ready), 3)
-    rec.spans["load"] = rec.load_ms
+    rec.spans["load"] = round(rec.load_ms, 3)
     rec.spans["wait_for_ready"] = rec.wait_ms
 
 

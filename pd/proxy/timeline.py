@@ -55,13 +55,15 @@ class ProxyTimeline:
         return dict(self._events.get(pd_id, {}))
 
     def view(self, record: TransferRecord) -> dict:
-        """The record as JSON, its ``timeline`` with the proxy's events (ordered by time), its
-        ``spans`` with the proxy's, and ``cross_spans``."""
+        """The record as JSON, its ``timeline`` with the proxy's events (ordered by time; ``rel_ms``:
+        ms since the first one), its ``spans`` with the proxy's, and ``cross_spans``."""
         mine = self.events(record.pd_id)
         events = [Event(name, t, PROXY) for name, t in mine.items()] + list(record.timeline)
         events.sort(key=lambda e: e.t_ms)
         out = msgspec.to_builtins(record)
         out["timeline"] = msgspec.to_builtins(events)
+        for e in out["timeline"]:  # readable offsets beside the clocks' own times
+            e["rel_ms"] = round(e["t_ms"] - events[0].t_ms, 3)
         out["spans"] = {**record.spans, **proxy_spans(mine)}
         out["cross_spans"] = cross_spans(mine, record)
         return out

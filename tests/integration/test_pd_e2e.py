@@ -102,7 +102,7 @@ def _check_timeline(rec: dict) -> None:
     assert SPANS <= set(s), s
     assert s["dispatch"] + s["decode_first_token"] + s["stream"] == pytest.approx(s["total"], abs=0.01)
     assert s["ready_first_to_final"] + s["tail"] == pytest.approx(s["transfer"], abs=0.01)
-    assert s["load"] == rec["load_ms"] and s["gather"] > 0 and s["scatter"] > 0
+    assert s["load"] == pytest.approx(rec["load_ms"], abs=0.001) and s["gather"] > 0 and s["scatter"] > 0
     assert set(rec["cross_spans"]) == {"decode_sent_to_wait", "done_to_first_token"}
 
 
