@@ -25,6 +25,10 @@ M=${MODEL:-/tmp/m8b}
 [ -f "$M/config.json" ] || python3 -m launch.cli make-model "$M" --shape llama3-8b --no-weights
 echo "smoke: model ready (${SECONDS}s)"
 if [ "$N" -ge 2 ]; then D=1; NIXL=1; UTIL=0.28; KV=16; else D=0; NIXL=0; UTIL=0.3; KV=12; fi
+# One GPU under 100 GiB (an H100): three 8B instances at 12 GiB of KV each do not fit (seen: the
+# colocated one out of memory at start); 6 GiB each does.
+MEM=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -1)
+[ "$N" -lt 2 ] && [ "${MEM:-0}" -lt 100000 ] && KV=6
 PTP=${PREFILL_TP:-1}; DTP=${DECODE_TP:-1}; P=0; CO=0
 [ "$PTP" = 2 ] && P=0,1
 [ "$DTP" = 2 ] && D=0,1 && CO=0,1
