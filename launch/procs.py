@@ -338,6 +338,11 @@ def coordinator_spec(dep: DeploymentConfig, lay: Layout) -> ProcSpec:
     return ProcSpec("coordinator", argv, port=c.port, host=near, bind=lay.coordinator_bind)
 
 
+# vLLM options under which a chat answer is parsed (tool calls, reasoning), which a completions
+# request for the decode half would not do: chat then takes the old flow.
+CHAT_PARSERS = ("--tool-call-parser", "--enable-auto-tool-choice", "--reasoning-parser")
+
+
 def proxy_spec(dep: DeploymentConfig, lay: Layout) -> ProcSpec:
     p = dep.proxy
     argv = [sys.executable, "-m", "launch.cli", "proxy", "--host", p.host, "--port", str(p.port), "--policy", p.policy,
@@ -348,6 +353,10 @@ def proxy_spec(dep: DeploymentConfig, lay: Layout) -> ProcSpec:
         if effective_auth(dep.coordinator) == "curve":
             argv += ["--coordinator-keys-dir", dep.coordinator.keys_dir,
                      "--coordinator-client-key", dep.coordinator.client_key]
+        argv += ["--first-token", p.first_token]
+        args = dep.vllm.extra_args + dep.prefill.extra_args + dep.decode.extra_args
+        if not p.chat_first_token or any(a.split("=")[0] in CHAT_PARSERS for a in args):
+            argv.append("--no-chat-first-token")
     else:
         argv += ["--colocated", ",".join(lay.urls("colocated"))]
     if dep.vllm.api_key_file:

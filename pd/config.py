@@ -179,6 +179,14 @@ class ProxyConfig:
     upstream_timeout_s: float = field(default=600.0, metadata=rng(0.1, 86400))
     # A file with the bearer token clients must send on /v1 routes ("" = none), like vLLM's --api-key.
     api_key_file: str = ""
+    # Where token 1 comes from: "prefill" (streamed to the client as soon as the prefill has it; the
+    # decode continues from it; requests this cannot answer exactly take the old flow, see the
+    # README) or "decode" (always the old flow: decode recomputes the prompt's last token).
+    first_token: str = field(default="prefill", metadata=choices("prefill", "decode"))
+    # Chat requests may take that path too; `pd launch` turns it off when the instances parse tool
+    # calls or reasoning (vllm.extra_args has --tool-call-parser, --enable-auto-tool-choice or
+    # --reasoning-parser): the decode half is a completions request, which parses neither.
+    chat_first_token: bool = True
 
 
 @dataclass

@@ -7,7 +7,8 @@ that completes the prompt saves the last ones, ``final``). From the first save o
 ``request_finished`` keeps the blocks until the workers report the sends finished.
 
 Consumer (kv_consumer/kv_both, request carries ``do_remote_prefill``): reports the prompt tokens
-beyond the local prefix-cache hit as an asynchronous external hit; after allocation it tells the
+beyond the local prefix-cache hit (up to ``kv_tokens``, when the prompt ends with the prefill's
+first token) as an asynchronous external hit; after allocation it tells the
 workers which blocks to fill. A pd_id is loaded at most once per request.
 
 Each request has one record (``_Request``) that says where it stands in loading and in saving:
@@ -67,6 +68,21 @@ def transfer_params(request) -> tuple[str | None, bool, bool]:
     if not isinstance(pd_id, str) or not pd_id:
         return None, False, False
     return pd_id, bool(p.get("do_remote_prefill")), bool(p.get("do_remote_decode"))
+
+
+def kv_tokens(request, n_prompt: int) -> int:
+    """How many of the prompt's tokens the transfer's KV covers: ``kv_tokens`` in the transfer
+    params when the proxy sent the prefill's first token on as the prompt's last (the decode
+    computes that token's KV itself), else the whole prompt. A value out of range is ignored."""
+    p = getattr(request, "kv_transfer_params", None) or {}
+    n = p.get("kv_tokens") if isinstance(p, dict) else None
+    if n is None:
+        return n_prompt
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 < n <= n_prompt:
+        logger.warning("req %s: kv_tokens %r is not in 1..%d; loading the whole prompt",
+                       getattr(request, "request_id", "?"), n, n_prompt)
+        return n_prompt
+    return n
 
 
 class LoadStatus(Enum):
@@ -139,7 +155,7 @@ class SchedulerSide:
             return 0, False
         n_prompt = len(request.prompt_token_ids or ())
         if self._is_pd_load(request):
-            n = n_prompt - num_computed_tokens
+            n = kv_tokens(request, n_prompt) - num_computed_tokens
         elif self.store is not None:
             hit = self._stored_prefix(request.prompt_token_ids or [], request_seed(request))
             rec = self._record(request.request_id)
@@ -154,7 +170,9 @@ class SchedulerSide:
             return
         pd_id = self._is_pd_load(request)
         prompt = list(request.prompt_token_ids)
-        if not pd_id:
+        if pd_id:
+            prompt = prompt[:kv_tokens(request, len(prompt))]  # the tokens the transfer's KV covers
+        else:
             rec = self._reqs.get(request.request_id)
             if rec is None or rec.load is not LoadStatus.LOOKED_UP:
                 return

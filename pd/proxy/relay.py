@@ -1,9 +1,11 @@
 """The proxy's generation routes: each request split into its prefill and decode halves, the answer relayed.
 
-P/D mode: each request gets a ``pd_id``; the prefill half (``max_tokens=1``, not streamed) goes
-to a prefill instance and the decode half to a decode instance, both at once (decode waits for
-the KV at the coordinator). The client gets the decode instance's answer unchanged, streamed or
-not, with header ``x-pd-id``. A prefill that fails before the decode answer has begun cancels
+P/D mode: each request gets a ``pd_id`` (header ``x-pd-id`` on the answer). Most take the
+first-token path (``relay_first``: token 1 from the prefill, the decode continues from it); the
+rest (``first_token.path_for`` says why) take the old flow here: the prefill half
+(``max_tokens=1``, not streamed) goes to a prefill instance and the decode half to a decode
+instance, both at once (decode waits for the KV at the coordinator, recomputes the prompt's last
+token and samples token 1 itself), and the client gets the decode's answer unchanged. A prefill that fails before the decode answer has begun cancels
 decode and its error is returned; a decode error is returned as is; either aborts the transfer at
 the coordinator, and so does a client that goes away (both halves are cancelled: closing the
 upstream connection makes vLLM abort the request).
@@ -30,7 +32,10 @@ import aiohttp
 from aiohttp import web
 
 from pd.coordinator.timeline import wall_ms
+from pd.proxy import first_token as ft
 from pd.proxy.metrics import ProxyMetrics
+from pd.proxy.relay_first import COMPLETE, FirstTokenFlow
+from pd.proxy.relay_first import ClientGone as _ClientGone
 from pd.proxy.routing import (
     Pool,
     UpstreamError,
@@ -47,19 +52,10 @@ SSE = "text/event-stream"
 DONE_EVENT = b"data: [DONE]"
 
 
-# request key: the client had the whole answer before it went away
-COMPLETE = web.RequestKey("pd_answer_complete", bool) if hasattr(web, "RequestKey") else "pd_answer_complete"
-
-
 def _finished(task: asyncio.Task) -> bool:
     """``task`` (a decode start) gave an answer the client has had to its end."""
     return (task.done() and not task.cancelled() and task.exception() is None
             and isinstance(task.result(), _Started) and task.result().complete)
-
-
-class _ClientGone(Exception):
-    def __init__(self, response: web.StreamResponse):
-        self.response = response
 
 
 @dataclass
@@ -72,7 +68,7 @@ class _Started:
     complete: bool = False  # the client has had the whole answer (its ``data: [DONE]``)
 
 
-class Relay:
+class Relay(FirstTokenFlow):
     """``handle_generate`` and the upstream calls behind it; ``server.Proxy`` is one, with the app.
 
     What it uses of the proxy: the pools, the metrics, the HTTP session (made at startup), the
@@ -87,6 +83,8 @@ class Relay:
     session: aiohttp.ClientSession | None
     coord: Any
     upstream_token: str | None
+    first_token: str  # "prefill": token 1 from the prefill where first_token.path_for allows; "decode": never
+    chat_first_token: bool  # chat requests may take that path (not when the instances parse tools/reasoning)
     timeline: ProxyTimeline
     _tasks: set[asyncio.Task]
 
@@ -162,6 +160,10 @@ class Relay:
     async def _pd(self, request: web.Request, endpoint: str, body: dict, t0: float) -> web.StreamResponse:
         pd_id = uuid.uuid4().hex
         self.timeline.start(pd_id, wall_ms() - (time.monotonic() - t0) * 1e3)
+        why = ft.path_for(endpoint, body, self.chat_first_token) if self.first_token == "prefill" else "configured"
+        if not why:
+            return await self._pd_first(request, endpoint, body, t0, pd_id)
+        self.metrics.path("decode", why)
         p_url, d_url = self.prefill.pick(), self.decode.pick()
         headers = {"x-pd-id": pd_id}
         logger.debug("pd_id=%s: %s prefill=%s decode=%s stream=%s", pd_id, endpoint, p_url, d_url,
@@ -243,8 +245,8 @@ class Relay:
                         "connection", pd_id or "-", role, url, e)
         return await self.session.post(url + endpoint, json=body, headers=self._headers(request))
 
-    async def _prefill(self, request: web.Request, url: str, endpoint: str, body: dict, pd_id: str) -> None:
-        """Run the prefill half to its end; raise UpstreamError if it fails."""
+    async def _prefill(self, request: web.Request, url: str, endpoint: str, body: dict, pd_id: str) -> bytes:
+        """Run the prefill half to its end, its answer; raise UpstreamError if it fails."""
         with self.prefill.track(url):
             try:
                 self.timeline.mark(pd_id, "prefill_sent")
@@ -261,6 +263,7 @@ class Relay:
             if r.status >= 400:
                 raise self._fail("prefill", url, pd_id, r.status, data, r.content_type)
             logger.debug("pd_id=%s: prefill %s done", pd_id, url)
+            return data
 
     async def _start(self, request: web.Request, role: str, url: str, endpoint: str, body: dict,
                      pd_id: str | None) -> _Started:

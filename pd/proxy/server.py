@@ -69,6 +69,8 @@ class Proxy(Relay):
         self.metrics = ProxyMetrics()
         self.timeline = ProxyTimeline()  # each P/D request's events, the most recent ones
         self.session: aiohttp.ClientSession | None = None
+        self.first_token = self.cfg.first_token
+        self.chat_first_token = self.cfg.chat_first_token
         self._tasks: set[asyncio.Task] = set()
 
     # ---- app ---------------------------------------------------------------------------
@@ -206,6 +208,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key-file", metavar="FILE",
                    help="clients must send 'Authorization: Bearer <the token in FILE>' on /v1 routes "
                         "(proxy.api_key_file, like vLLM's --api-key)")
+    p.add_argument("--first-token", choices=("prefill", "decode"), default=None,
+                   help="where token 1 comes from (default prefill; see the README, 'The first token')")
+    p.add_argument("--no-chat-first-token", action="store_true",
+                   help="chat requests take the old flow (the instances parse tool calls or reasoning)")
     p.add_argument("--upstream-api-key-file", metavar="FILE",
                    help="send the bearer token in FILE to the instances (vllm.api_key_file) instead of the client's")
 
@@ -222,7 +228,10 @@ def run(args: argparse.Namespace) -> int:
     """``pd proxy``: serve until interrupted. Bad options raise ConfigError (the CLI exits 2)."""
     over = {k: v for k, v in {"host": args.host, "port": args.port, "policy": args.policy,
                               "upstream_timeout_s": args.upstream_timeout_s,
-                              "api_key_file": getattr(args, "api_key_file", None)}.items() if v is not None}
+                              "api_key_file": getattr(args, "api_key_file", None),
+                              "first_token": getattr(args, "first_token", None),
+                              "chat_first_token": False if getattr(args, "no_chat_first_token", False) else None,
+                              }.items() if v is not None}
     cfg = merge(ProxyConfig(), over, "proxy.")
     if args.colocated:
         if args.prefill or args.decode:

@@ -20,7 +20,10 @@ from pd.coordinator.timeline import wall_ms
 MAX_REQUESTS = 4096
 PROXY = "proxy"
 # Span -> (from, to) events, all on the proxy's clock: dispatch + decode_first_token + stream = total.
+# On the first-token path, first_token + gap_1_2 = received to token 2 (decode_first_byte).
 PROXY_SPANS = {
+    "first_token": ("received", "first_token"),
+    "gap_1_2": ("first_token", "decode_first_byte"),
     "dispatch": ("received", "decode_sent"),
     "prefill": ("prefill_sent", "prefill_answered"),
     "decode_first_token": ("decode_sent", "decode_first_byte"),

@@ -196,7 +196,8 @@ def test_kv_transfer_config_bad_role():
 
 def test_unknown_nested_key_exact_message():
     assert _err({"proxy": {"prot": 8000}}) == (
-        "unknown key proxy.prot; allowed keys under proxy: api_key_file, host, policy, port, upstream_timeout_s")
+        "unknown key proxy.prot; allowed keys under proxy: api_key_file, chat_first_token, first_token, host, policy, "
+        "port, upstream_timeout_s")
 
 
 def test_unknown_keys_that_are_not_strings():

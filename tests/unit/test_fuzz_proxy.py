@@ -101,8 +101,10 @@ def check_answer(env: Env, status: int, headers: dict, data: bytes, n_p: int, n_
     for b in new_p:
         assert b.get("kv_transfer_params") == {"pd_id": pd_id, "do_remote_decode": True}, b
         assert not isinstance(b.get("vllm_xargs"), dict) or "kv_transfer_params" not in b["vllm_xargs"], b
-    for b in new_d:
-        assert b.get("kv_transfer_params") == {"pd_id": pd_id, "do_remote_prefill": True}, b
+    for b in new_d:  # kv_tokens: the first-token path (the prompt's token ids before token 1)
+        kv = b.get("kv_transfer_params") or {}
+        assert {k: v for k, v in kv.items() if k != "kv_tokens"} == {"pd_id": pd_id, "do_remote_prefill": True}, b
+        assert "kv_tokens" not in kv or kv["kv_tokens"] == len(b["prompt"]) - 1, b
         assert not isinstance(b.get("vllm_xargs"), dict) or "kv_transfer_params" not in b["vllm_xargs"], b
     if new_p or new_d:
         assert pd_id and len(pd_id) == 32, headers

@@ -141,6 +141,9 @@ async def eventually(cond, timeout: float = 5.0) -> None:
 async def deployment(n_p: int = 1, n_d: int = 1, mode: str = "pd", coord: FakeCoord | None = None,
                      prefill_urls: list[str] | None = None, decode_urls: list[str] | None = None,
                      cancel_handlers: bool = True, **cfg):
+    """The old flow unless ``first_token="prefill"`` (these fakes give no token ids; see
+    test_proxy_first_token for the first-token path)."""
+    cfg.setdefault("first_token", "decode")
     fakes_p = [FakeVLLM(f"p{i}") for i in range(n_p)]
     fakes_d = [FakeVLLM(f"d{i}") for i in range(n_d)]
     runners = []

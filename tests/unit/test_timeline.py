@@ -61,7 +61,10 @@ def _engine_doubles(p, d, coordinator: str) -> tuple[web.Application, web.Applic
             p._save_jobs["p1"].result(10)
 
         await asyncio.get_running_loop().run_in_executor(None, steps)
-        return web.json_response({"choices": [{"index": 0, "text": " a"}]})
+        return web.json_response({"id": "cmpl-p", "object": "text_completion", "created": 1, "model": "m",
+                                  "choices": [{"index": 0, "text": " a", "token_ids": [5], "prompt_token_ids": PROMPT,
+                                               "finish_reason": "length"}],
+                                  "usage": {"prompt_tokens": len(PROMPT), "completion_tokens": 1}})
 
     async def decode(request: web.Request) -> web.StreamResponse:
         pd_id = (await request.json())["kv_transfer_params"]["pd_id"]
@@ -73,8 +76,10 @@ def _engine_doubles(p, d, coordinator: str) -> tuple[web.Application, web.Applic
         out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await out.prepare(request)
         for i in range(3):
-            await out.write(b"data: " + json.dumps({"choices": [{"text": f" t{i}"}]}).encode() + b"\n\n")
+            c = {"index": 0, "text": f" t{i}", "token_ids": [10 + i], "finish_reason": "length" if i == 2 else None}
+            await out.write(b"data: " + json.dumps({"id": "cmpl-d", "choices": [c]}).encode() + b"\n\n")
             await asyncio.sleep(0.01)
+        await out.write(b"data: " + json.dumps({"id": "cmpl-d", "choices": [], "usage": {}}).encode() + b"\n\n")
         await out.write(b"data: [DONE]\n\n")
         await out.write_eof()
         return out
@@ -94,14 +99,14 @@ async def _serve(app: web.Application) -> tuple[web.AppRunner, str]:
     return runner, f"http://127.0.0.1:{runner.addresses[0][1]}"
 
 
-async def _one_request(pair, coord) -> tuple[dict, dict]:  # noqa: F811
+async def _one_request(pair, coord, first_token: str) -> tuple[dict, dict]:  # noqa: F811
     """One streamed request through the proxy; (its /pd/transfers answer, the proxy's events)."""
     p, d = pair
     runners = []
     try:
         (rp, p_url), (rd, d_url) = [await _serve(a) for a in _engine_doubles(p, d, coord.address)]
         runners += [rp, rd]
-        proxy = Proxy([p_url], [d_url], ProxyConfig(), coordinator=coord.address)
+        proxy = Proxy([p_url], [d_url], ProxyConfig(first_token=first_token), coordinator=coord.address)
         prunner, port = await proxy.start()
         runners.append(prunner)
         async with aiohttp.ClientSession() as client:
@@ -117,11 +122,12 @@ async def _one_request(pair, coord) -> tuple[dict, dict]:  # noqa: F811
             await runner.cleanup()
 
 
-def test_a_transfer_timeline_has_every_event_in_order_and_its_spans_add_up(pair, coord):  # noqa: F811
+@pytest.mark.parametrize("first_token", ["prefill", "decode"])
+def test_a_transfer_timeline_has_every_event_in_order_and_its_spans_add_up(pair, coord, first_token):  # noqa: F811
     got = {}
 
     async def go():
-        got["rec"], got["proxy"] = await _one_request(pair, coord)
+        got["rec"], got["proxy"] = await _one_request(pair, coord, first_token)
 
     run(go())
     rec = got["rec"]
@@ -136,6 +142,8 @@ def test_a_transfer_timeline_has_every_event_in_order_and_its_spans_add_up(pair,
     proxy_order = ["received", "decode_sent", "decode_first_byte", "last_token"]
     assert [first[("proxy", n)] for n in proxy_order] == sorted(first[("proxy", n)] for n in proxy_order)
     assert first[("proxy", "received")] < first[("proxy", "prefill_sent")] < first[("proxy", "prefill_answered")]
+    if first_token == "prefill":  # token 1 reached the client, then the decode half went out
+        assert first[("proxy", "prefill_answered")] < first[("proxy", "first_token")] < first[("proxy", "decode_sent")]
     # Every READY part: the prefill's part (gather/put) before its arrival at the coordinator.
     saved = [e for e in events if e["name"] == "part_saved"]
     assert [e["source"] for e in saved] == ["prefill 0"] * 3
@@ -159,6 +167,11 @@ def test_a_transfer_timeline_has_every_event_in_order_and_its_spans_add_up(pair,
     assert s["load"] == pytest.approx(rec["load_ms"], abs=0.001) and s["prefill"] > 0 and s["decode_first_token"] > 0
     p = got["proxy"]
     assert s["total"] == pytest.approx(p["last_token"] - p["received"], abs=0.01)
+    if first_token == "prefill":
+        assert s["first_token"] + s["gap_1_2"] == pytest.approx(p["decode_first_byte"] - p["received"], abs=0.01)
+        assert s["first_token"] < s["total"] and s["gap_1_2"] > 0
+    else:
+        assert "first_token" not in s and "gap_1_2" not in s
     cross = rec["cross_spans"]  # one host: the clocks agree
     assert cross["decode_sent_to_wait"] >= 0 and cross["done_to_first_token"] >= 0
 

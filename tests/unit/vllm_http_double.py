@@ -3,8 +3,8 @@
 Requests are validated by vLLM's own request models (``CompletionRequest``,
 ``ChatCompletionRequest``), so a body vLLM would refuse is refused here with vLLM's status and
 error shape (400 ``BadRequestError``; 404 ``NotFoundError`` for a model it does not serve);
-only the engine is missing: a valid request gets a short canned answer (streamed as SSE when
-asked). It records every body it accepted or refused, for checks on what the proxy sent on.
+only the engine is missing: a valid request gets a short canned answer shaped as vLLM shapes it
+(token ids when asked, usage, SSE when streamed). It records every body it accepted or refused, for checks on what the proxy sent on.
 """
 from __future__ import annotations
 
@@ -56,13 +56,50 @@ class VllmHttpDouble:
             return _error(str(e)[:500], 400, "BadRequestError")
         if req.model not in (None, SERVED):
             return _error(f"The model `{req.model}` does not exist.", 404, "NotFoundError")
-        text = {"index": 0, "text": f"from {self.name}", "finish_reason": "length"}
+        return await self._answer(request, req, request.path == "/v1/chat/completions")
+
+    async def _answer(self, request: web.Request, req, chat: bool) -> web.StreamResponse:
+        """Tokens 7, 8, .. (text " w7", " w8", ..) up to max_tokens (at most 3), shaped as vLLM
+        shapes them: token ids when asked (``return_token_ids``), usage, SSE when streamed."""
+        prompt = req.prompt if not chat and isinstance(req.prompt, list) and all(
+            isinstance(t, int) for t in req.prompt) else [1, 2, 3]
+        n = min(req.max_tokens or 3, 3) if not chat else min(req.max_completion_tokens or req.max_tokens or 3, 3)
+        ids = list(range(7, 7 + n))
+        want = bool(req.return_token_ids)
+        usage = {"prompt_tokens": len(prompt), "total_tokens": len(prompt) + n, "completion_tokens": n}
+        head = {"id": "cmpl-1", "object": "chat.completion" if chat else "text_completion", "created": 1,
+                "model": SERVED}
         if not req.stream:
-            return web.json_response({"id": "cmpl-1", "object": "text_completion", "model": SERVED,
-                                      "choices": [text]})
+            choice = {"index": 0, "finish_reason": "length", "stop_reason": None,
+                      "token_ids": ids if want else None}
+            text = "".join(f" w{i}" for i in ids) + f" from {self.name}"
+            if chat:
+                choice["message"] = {"role": "assistant", "content": text}
+                extra = {"prompt_token_ids": prompt if want else None}
+            else:
+                choice.update(text=text, logprobs=None, prompt_token_ids=prompt if want else None)
+                extra = {}
+            return web.json_response({**head, "choices": [choice], "usage": usage, **extra})
         out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await out.prepare(request)
-        await out.write(b"data: " + json.dumps({"id": "cmpl-1", "choices": [text]}).encode() + b"\n\n")
+        head["object"] = "chat.completion.chunk" if chat else "text_completion"
+        for k, i in enumerate(ids):
+            last = k == n - 1
+            c = {"index": 0, "finish_reason": "length" if last else None}
+            if chat:
+                c["delta"] = {"content": f" w{i}"}
+            else:
+                c.update(text=f" w{i}", logprobs=None)
+            if last:
+                c["stop_reason"] = None
+            if want:
+                c["token_ids"] = [i]
+                if k == 0 and not chat:
+                    c["prompt_token_ids"] = prompt
+            await out.write(b"data: " + json.dumps({**head, "choices": [c]}).encode() + b"\n\n")
+        opts = req.stream_options
+        if opts is not None and opts.include_usage:
+            await out.write(b"data: " + json.dumps({**head, "choices": [], "usage": usage}).encode() + b"\n\n")
         await out.write(b"data: [DONE]\n\n")
         await out.write_eof()
         return out

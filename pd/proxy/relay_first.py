@@ -1,0 +1,186 @@
+"""The P/D flow whose first token comes from the prefill (``pd.proxy.first_token`` says which requests).
+
+The prefill half runs first (one token, not streamed, with the prompt's token ids). If token 1
+ends the answer it is the whole answer and the transfer is aborted (its KV is never loaded).
+Otherwise the decode half is sent at once, as a streamed completions request for the prompt's
+token ids plus token 1, and meanwhile a streaming client already gets token 1. The decode's
+events are rewritten into the client's format (``first_token.decode_chunk``) as they come; a
+client that did not stream gets the answer put together from them. A stop string that starts in
+token 1's text and ends in the decode's is found here (the decode cannot see it) and ends the
+answer, closing the decode request (vLLM aborts it).
+
+Timeline events (``pd.proxy.timeline``): prefill_sent, prefill_answered, first_token (token 1
+written to a streaming client), decode_sent, decode_first_byte (token 2's event, on this path),
+last_token.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+
+from pd.proxy import first_token as ft
+from pd.proxy.routing import UpstreamError
+
+SSE = "text/event-stream"
+COMPLETIONS = "/v1/completions"
+
+
+# request key: the client had the whole answer before it went away
+COMPLETE = web.RequestKey("pd_answer_complete", bool) if hasattr(web, "RequestKey") else "pd_answer_complete"
+
+
+class ClientGone(Exception):
+    """The client went away mid-stream (``response``: what it had been given)."""
+
+    def __init__(self, response: web.StreamResponse):
+        self.response = response
+
+
+class FirstTokenFlow:
+    """Mixed into ``pd.proxy.relay.Relay``: uses its pools, metrics, timeline and upstream calls."""
+
+    async def _pd_first(self, request: web.Request, endpoint: str, body: dict, t0: float,
+                        pd_id: str) -> web.StreamResponse:
+        headers = {"x-pd-id": pd_id}
+        p_url = self.prefill.pick()
+        try:
+            data = await self._prefill(request, p_url, endpoint, ft.prefill_body(body, pd_id), pd_id)
+        except UpstreamError as e:
+            self._abort(pd_id, "prefill failed")
+            return e.response(headers)
+        except BaseException:
+            self._abort(pd_id, "client went away during the prefill")
+            raise
+        try:
+            first = ft.parse_prefill(endpoint, body, data)
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+            self._abort(pd_id, "prefill answer unusable")
+            return self._fail("prefill", p_url, pd_id, 502, why=f"gave an answer the proxy cannot use: {e}").response(headers)
+        st = ft.StreamState(first, body)
+        if ft.ends_at_token_1(body, first):
+            self.metrics.path("prefill_only")
+            self._abort(pd_id, "token 1 ended the answer: no decode")
+            return await self._answer(request, st, ft.opening(st, ends=True), headers, pd_id, t0)
+        self.metrics.path("prefill")
+        d_url = self.decode.pick()
+        with self.decode.track(d_url):
+            decode = self._spawn(self._start(request, "decode", d_url, COMPLETIONS,
+                                             ft.decode_body(endpoint, body, first, pd_id), pd_id))
+            try:
+                if body.get("stream"):
+                    return await self._stream_first(request, st, decode, headers, pd_id, t0)
+                return await self._whole_first(st, decode, headers, pd_id)
+            except BaseException as e:
+                if request.get(COMPLETE):  # it hung up after [DONE]: nothing was lost
+                    raise
+                self._discard(decode)
+                self._abort(pd_id, "client went away" if isinstance(e, (asyncio.CancelledError, ClientGone))
+                            else "proxy error")
+                raise
+
+    async def _answer(self, request: web.Request, st: ft.StreamState, chunks: list[dict], headers: dict,
+                      pd_id: str, t0: float) -> web.StreamResponse:
+        """The whole answer from ``chunks`` (token 1 ended it)."""
+        self.timeline.mark(pd_id, "first_token")
+        self.timeline.mark(pd_id, "last_token")
+        if not st.body.get("stream"):
+            return web.json_response(ft.collect(st, chunks), headers=headers)
+        out = await self._open_stream(request, headers, t0)
+        await self._write(out, b"".join(ft.sse(c) for c in chunks) + b"data: [DONE]\n\n", request, True)
+        await out.write_eof()
+        return out
+
+    async def _open_stream(self, request: web.Request, headers: dict, t0: float) -> web.StreamResponse:
+        out = web.StreamResponse(status=200, headers={**headers, "Content-Type": SSE, "Cache-Control": "no-cache"})
+        await out.prepare(request)
+        self.metrics.ttft(time.monotonic() - t0)
+        return out
+
+    @staticmethod
+    async def _write(out: web.StreamResponse, data: bytes, request: web.Request, complete: bool = False) -> None:
+        try:
+            await out.write(data)
+        except ConnectionError:  # ConnectionResetError, aiohttp's ClientConnectionResetError
+            raise ClientGone(out) from None
+        if complete:
+            request[COMPLETE] = True
+
+    async def _decode_events(self, started, pd_id: str) -> AsyncIterator[dict]:
+        """The decode's SSE events (JSON objects) until its ``[DONE]``; UpstreamError if it fails."""
+        buf = started.first
+        while True:
+            while b"\n\n" in buf:
+                event, buf = buf.split(b"\n\n", 1)
+                obj = ft.parse_event(event.strip())
+                if obj == "[DONE]":
+                    return
+                if obj is None or "choices" not in obj:  # vLLM's error event mid-stream
+                    raise UpstreamError(500, event.strip()[len(b"data:"):].strip() or b"{}")
+                yield obj
+            try:
+                more = await started.resp.content.readany()
+            except (asyncio.TimeoutError, aiohttp.ClientError, OSError) as e:
+                timeout = isinstance(e, asyncio.TimeoutError)
+                raise self._fail("decode", str(started.resp.url.origin()), pd_id, 504 if timeout else 502,
+                                 why="timed out mid-stream" if timeout else f"failed mid-stream: {e!r}") from None
+            if not more:
+                raise self._fail("decode", str(started.resp.url.origin()), pd_id, 502,
+                                 why="ended its answer without [DONE]")
+            buf += more
+
+    async def _decode_chunks(self, st: ft.StreamState, decode: asyncio.Task, pd_id: str) -> AsyncIterator[dict]:
+        """The client's chunks for tokens 2..; UpstreamError if the decode fails."""
+        started = await decode
+        if not started.stream:
+            raise UpstreamError(started.resp.status, started.first, started.resp.content_type)
+        done = False
+        try:
+            async for obj in self._decode_events(started, pd_id):
+                chunks, over = ft.decode_chunk(st, obj)
+                for c in chunks:
+                    yield c
+                if over and obj.get("choices"):  # a stop string the proxy found: the decode stops here
+                    break
+            else:
+                done = True
+        finally:
+            started.resp.release() if done else started.resp.close()  # closing aborts it in vLLM
+        self.timeline.mark(pd_id, "last_token")
+
+    async def _whole_first(self, st: ft.StreamState, decode: asyncio.Task, headers: dict,
+                           pd_id: str) -> web.StreamResponse:
+        chunks = ft.opening(st, ends=False)
+        try:
+            async for c in self._decode_chunks(st, decode, pd_id):
+                chunks.append(c)
+        except UpstreamError as e:
+            self._abort(pd_id, f"decode failed ({e.status})")
+            return e.response(headers)
+        return web.json_response(ft.collect(st, chunks), headers=headers)
+
+    async def _stream_first(self, request: web.Request, st: ft.StreamState, decode: asyncio.Task, headers: dict,
+                            pd_id: str, t0: float) -> web.StreamResponse:
+        out = await self._open_stream(request, headers, t0)
+        await self._write(out, b"".join(ft.sse(c) for c in ft.opening(st, ends=False)), request)
+        self.timeline.mark(pd_id, "first_token")
+        try:
+            async for c in self._decode_chunks(st, decode, pd_id):
+                await self._write(out, ft.sse(c), request)
+        except UpstreamError as e:
+            self._abort(pd_id, f"decode failed ({e.status})")
+            try:
+                await out.write(b"data: " + e.body + b"\n\n")
+                await out.write_eof()
+            except ConnectionError:
+                pass
+            return out
+        await self._write(out, b"data: [DONE]\n\n", request, complete=True)
+        try:
+            await out.write_eof()
+        except ConnectionError:
+            pass
+        return out
