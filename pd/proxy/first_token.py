@@ -162,6 +162,8 @@ def decode_body(endpoint: str, body: dict, first: First, pd_id: str) -> dict:
         out["max_tokens"] = mt - 1
     if (body.get("min_tokens") or 0) > 1:
         out["min_tokens"] = body["min_tokens"] - 1
+    if body.get("logprobs") is None and hold_from(body, first.text, len(first.text)) < len(first.text):
+        out["logprobs"] = 0  # each token's text: how many tokens a stop string across token 1 took
     # Streamed even for a client that is not: the proxy counts the tokens (usage after a stop it
     # finds) and puts the answer together.
     out.update(stream=True, stream_options={"include_usage": True}, return_token_ids=True)
@@ -226,8 +228,10 @@ class StreamState:
     body: dict
     held: str = ""  # text not yet sent: a stop string may start in it
     n_first: int = 0  # characters at the start of ``held`` that are token 1's
-    n_decode: int = 0  # decode tokens seen
+    n_decode: int = 0  # decode tokens given to the client
     include_usage: bool = False
+    ids: list[int] = field(default_factory=list)  # the decode's tokens so far
+    ends: list[int] = field(default_factory=list)  # where each one's text ends (its logprobs token strings)
 
     def __post_init__(self):
         opts = self.body.get("stream_options")
@@ -303,21 +307,40 @@ def decode_chunk(st: StreamState, obj: dict) -> tuple[list[dict], bool]:
         return ([usage_chunk(st)] if st.include_usage else []), True
     c = obj["choices"][0]
     ids = c.get("token_ids") or []
-    st.n_decode += len(ids)
     text, finish, stop_reason = c.get("text") or "", c.get("finish_reason"), c.get("stop_reason")
-    lp = _shift_offsets(c.get("logprobs"), _offset_after(st.first.logprobs))
+    raw = c.get("logprobs")
+    lp = None if st.first.chat or st.body.get("logprobs") is None else (  # None: asked for by the proxy only
+        _shift_offsets(raw, _offset_after(st.first.logprobs)))
     if st.n_first:
+        st.ids += ids
+        for t in (raw or {}).get("tokens") or ():
+            st.ends.append((st.ends[-1] if st.ends else 0) + len(t or ""))
         held = st.held + text
         hit = find_stop(st.body, held, st.n_first)
         if hit is not None:
             i, s = hit
+            # As colocated counts: up to the token whose text completed the stop string (the
+            # decode may have held that text back into a later event).
+            end = i + len(s) - st.n_first
+            k = next((j + 1 for j, e in enumerate(st.ends) if e >= end), len(st.ids))
+            new = st.ids[st.n_decode:k]
+            st.n_decode = k
             keep = held[:i] + (s if st.body.get("include_stop_str_in_output") else "")
-            return [_chunk(st, keep, "stop", s, lp, ids)] + ([usage_chunk(st)] if st.include_usage else []), True
+            out = [_chunk(st, keep, "stop", s, _first_tokens(lp, len(new)), new)]
+            return out + ([usage_chunk(st)] if st.include_usage else []), True
+    st.n_decode += len(ids)
+    if st.n_first:
         cut = len(held) if finish is not None else hold_from(st.body, held, st.n_first)
         text, st.held, st.n_first = held[:cut], held[cut:], max(0, st.n_first - cut)
         if not st.n_first:
             text, st.held = text + st.held, ""
     return [_chunk(st, text, finish, stop_reason, lp, ids)], False
+
+
+def _first_tokens(lp: Any, k: int) -> Any:
+    if not isinstance(lp, dict):
+        return lp
+    return {key: v[:k] if isinstance(v, list) else v for key, v in lp.items()}
 
 
 def collect(st: StreamState, chunks: list[dict]) -> dict:

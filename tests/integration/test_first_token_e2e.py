@@ -1,0 +1,187 @@
+"""The first token from the prefill, end to end: every API case against a colocated answer (real vLLM).
+
+Each case is sent to the 1P1D deployment and to the colocated instance; the answers must agree
+in text, token ids, usage, finish and stop reasons, and logprobs, streamed or not. The proxy's
+``pdkv_proxy_first_token_path`` counter says which path each request took (prefill: token 1 from
+the prefill; prefill_only: token 1 ended the answer, no decode request; decode: the old flow).
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+
+import pytest
+import requests
+
+pytestmark = pytest.mark.integration
+
+MODEL = "tiny-llama"
+
+
+def _prompt(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(16, 4000) for _ in range(n)]
+
+
+def _ask(url: str, path: str, body: dict) -> dict:
+    """The answer in one shape, streamed or not: text, token ids, usage, finish/stop reason, logprobs."""
+    body = {"model": MODEL, "temperature": 0, **body}
+    stream = bool(body.get("stream"))
+    if stream:
+        body.setdefault("stream_options", {"include_usage": True})
+    r = requests.post(url + path, json=body, timeout=600, stream=stream)
+    assert r.status_code == 200, r.text
+    chat = path.endswith("chat/completions")
+    if not stream:
+        ans = r.json()
+        out = []
+        for c in ans["choices"]:
+            out.append({"text": c["message"]["content"] if chat else c["text"], "ids": c.get("token_ids"),
+                        "finish": c["finish_reason"], "stop": c.get("stop_reason"), "logprobs": c.get("logprobs")})
+        return {"choices": out, "usage": _usage(ans["usage"])}
+    choices: dict[int, dict] = {}
+    usage = None
+    for line in r.iter_lines():
+        if not line.startswith(b"data: ") or line == b"data: [DONE]":
+            continue
+        ev = json.loads(line[6:])
+        assert "error" not in ev, ev
+        if ev.get("usage"):
+            usage = _usage(ev["usage"])
+        for c in ev["choices"]:
+            o = choices.setdefault(c["index"], {"text": "", "ids": None, "finish": None, "stop": None,
+                                                "logprobs": None})
+            o["text"] += (c["delta"].get("content") or "") if chat else c["text"]
+            if c.get("token_ids") is not None:
+                o["ids"] = (o["ids"] or []) + c["token_ids"]
+            if c.get("finish_reason") is not None:
+                o["finish"], o["stop"] = c["finish_reason"], c.get("stop_reason")
+            lp = c.get("logprobs")
+            if lp and not chat:
+                o["logprobs"] = {k: (o["logprobs"] or {}).get(k, []) + lp[k] for k in lp}
+    return {"choices": [choices[i] for i in sorted(choices)], "usage": usage}
+
+
+def _usage(u: dict) -> dict:
+    return {k: u[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")}
+
+
+def _paths(url: str) -> dict[tuple[str, str], float]:
+    text = requests.get(url + "/metrics", timeout=10).text
+    out = {}
+    for m in re.finditer(r'^pdkv_proxy_first_token_path_total\{path="([^"]*)",why="([^"]*)"\} (\S+)$', text, re.M):
+        out[(m.group(1), m.group(2))] = float(m.group(3))
+    return out
+
+
+def _took(before: dict, after: dict) -> set[str]:
+    return {k[0] for k, v in after.items() if v > before.get(k, 0.0)}
+
+
+def _same(pd, co, path: str, body: dict) -> tuple[dict, set[str]]:
+    """The P/D answer equals the colocated one; (the answer, the paths the P/D request took)."""
+    ref = _ask(co.url, path, body)
+    before = _paths(pd.url)
+    got = _ask(pd.url, path, body)
+    took = _took(before, _paths(pd.url))
+    for g, r in zip(got["choices"], ref["choices"]):
+        assert g["text"] == r["text"], (body, g, r)
+        assert (g["ids"], g["finish"], g["stop"]) == (r["ids"], r["finish"], r["stop"]), (body, g, r)
+        if r["logprobs"] is not None:
+            assert g["logprobs"]["tokens"] == r["logprobs"]["tokens"]
+            assert g["logprobs"]["text_offset"] == r["logprobs"]["text_offset"]
+            assert g["logprobs"]["token_logprobs"] == pytest.approx(r["logprobs"]["token_logprobs"], abs=1e-3)
+            assert [sorted(t) for t in g["logprobs"]["top_logprobs"]] == [sorted(t) for t in r["logprobs"]["top_logprobs"]]
+    assert len(got["choices"]) == len(ref["choices"])
+    assert got["usage"] == ref["usage"], (body, got["usage"], ref["usage"])
+    return got, took
+
+
+LONG = _prompt(700, seed=5)  # three chunks of KV
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("case", [
+    {"max_tokens": 12},
+    {"max_tokens": 12, "return_token_ids": True},
+    {"max_tokens": 8, "logprobs": 3},
+    {"max_tokens": 10, "ignore_eos": True, "min_tokens": 4},
+    {"max_tokens": 6, "temperature": 0.8, "top_p": 0.9, "repetition_penalty": 1.2, "ignore_eos": True,
+     "return_token_ids": True},
+])
+def test_completions_take_the_first_token_path_and_match(deployments, case, stream):
+    pd, co = deployments
+    if case.get("temperature", 0) > 0:  # sampled without a seed: nothing to compare, only the path and counts
+        before = _paths(pd.url)
+        got = _ask(pd.url, "/v1/completions", {"prompt": LONG, "stream": stream, **case})
+        assert got["usage"]["completion_tokens"] == len(got["choices"][0]["ids"]) == case["max_tokens"]
+        assert _took(before, _paths(pd.url)) == {"prefill"}
+        return
+    _, took = _same(pd, co, "/v1/completions", {"prompt": LONG, "stream": stream, **case})
+    assert took == {"prefill"}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_takes_the_first_token_path_and_matches(deployments, stream):
+    pd, co = deployments
+    msgs = [{"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "Summarise: " + "the quick brown fox jumps over the lazy dog. " * 30}]
+    _, took = _same(pd, co, "/v1/chat/completions", {"messages": msgs, "max_tokens": 12, "stream": stream})
+    assert took == {"prefill"}
+
+
+def _first_two(co, prompt) -> tuple[list[int], str, str]:
+    """Colocated's first two tokens: their ids and texts."""
+    ans = _ask(co.url, "/v1/completions", {"prompt": prompt, "max_tokens": 2, "logprobs": 0,
+                                           "return_token_ids": True})["choices"][0]
+    return ans["ids"], ans["logprobs"]["tokens"][0], ans["logprobs"]["tokens"][1]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_token_1_that_ends_the_answer_needs_no_decode(deployments, stream):
+    pd, co = deployments
+    ids, _, _ = _first_two(co, LONG)
+    eos = 1  # pd make-model's eos_token_id
+    for extra in ({"max_tokens": 1}, {"stop_token_ids": [ids[0]]}, {"logit_bias": {str(eos): 100}}):
+        got, took = _same(pd, co, "/v1/completions", {"prompt": LONG, "max_tokens": 12, "stream": stream, **extra})
+        assert took == {"prefill_only"}, extra
+        assert got["usage"]["completion_tokens"] == 1
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_min_tokens_holds_back_eos_on_both_halves(deployments, stream):
+    pd, co = deployments
+    got, took = _same(pd, co, "/v1/completions", {"prompt": LONG, "max_tokens": 12, "min_tokens": 3,
+                                                  "logit_bias": {"1": 100}, "stream": stream})
+    assert took == {"prefill"} and got["usage"]["completion_tokens"] == 4 and got["choices"][0]["finish"] == "stop"  # 3, then EOS
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_stop_string_across_tokens_1_and_2_is_caught(deployments, stream):
+    pd, co = deployments
+    for seed in range(40):  # a prompt whose first two tokens both have text
+        prompt = _prompt(300, seed=1000 + seed)
+        _, t1, t2 = _first_two(co, prompt)
+        if t1 and t2 and (t1[-1] + t2[0]) not in t1 + t2[:-1]:
+            break
+    stop = t1[-1] + t2[0]
+    for extra in ({}, {"include_stop_str_in_output": True}):
+        got, took = _same(pd, co, "/v1/completions", {"prompt": prompt, "max_tokens": 12, "stop": [stop],
+                                                      "stream": stream, **extra})
+        assert took == {"prefill"} and got["choices"][0]["stop"] == stop
+        assert got["usage"]["completion_tokens"] == 2
+    later = _ask(co.url, "/v1/completions", {"prompt": prompt, "max_tokens": 8})["choices"][0]["text"][-3:]
+    got, _ = _same(pd, co, "/v1/completions", {"prompt": prompt, "max_tokens": 12, "stop": [later], "stream": stream})
+    assert got["choices"][0]["finish"] == "stop"
+
+
+@pytest.mark.parametrize("case", [
+    ("n", {"n": 2, "seed": 1, "temperature": 0.9}), ("echo", {"echo": True}), ("prompt list", {"prompt": [LONG[:300], LONG[:200]]}),
+    ("seed", {"seed": 7, "temperature": 0.9}), ("penalties", {"presence_penalty": 0.5}),
+])
+def test_requests_it_cannot_answer_exactly_take_the_old_flow(deployments, case):
+    pd, co = deployments
+    _, extra = case
+    got, took = _same(pd, co, "/v1/completions", {"prompt": LONG, "max_tokens": 8, **extra})
+    assert took == {"decode"}, case
