@@ -56,7 +56,15 @@ def path_for(endpoint: str, body: dict, chat: bool = True) -> str:
 
     ``chat``: chat requests may take the path (False when the instances parse tool calls or
     reasoning out of the text, which a completions request for the decode half would not do).
+    A body of unexpected shape takes the old flow: the instance says what is wrong with it.
     """
+    try:
+        return _path_for(endpoint, body, chat)
+    except (TypeError, AttributeError, ValueError):
+        return "malformed"
+
+
+def _path_for(endpoint: str, body: dict, chat: bool) -> str:
     for key, why in (("n", "n > 1"), ("best_of", "best_of > 1")):
         if body.get(key) not in (None, 1):
             return why
@@ -94,7 +102,10 @@ def path_for(endpoint: str, body: dict, chat: bool = True) -> str:
         return "tools"
     if body.get("logprobs"):
         return "chat logprobs"
-    for m in body.get("messages") or ():
+    msgs = body.get("messages")
+    if not isinstance(msgs, list):
+        return "malformed"
+    for m in msgs:
         c = m.get("content") if isinstance(m, dict) else None
         if isinstance(c, list) and any(not isinstance(p, dict) or p.get("type") != "text" for p in c):
             return "non-text message content"

@@ -72,7 +72,7 @@ class VllmHttpDouble:
         if not req.stream:
             choice = {"index": 0, "finish_reason": "length", "stop_reason": None,
                       "token_ids": ids if want else None}
-            text = "".join(f" w{i}" for i in ids) + f" from {self.name}"
+            text = "".join(f" w{i}" for i in ids)
             if chat:
                 choice["message"] = {"role": "assistant", "content": text}
                 extra = {"prompt_token_ids": prompt if want else None}

@@ -1,0 +1,310 @@
+"""The first token from the prefill: which requests take it, the two halves, the answer put together,
+and the flow over real HTTP against vLLM-validated doubles (pd.proxy.first_token, relay_first).
+
+Equality with a colocated vLLM, case by case, is tests/integration/test_first_token_e2e.py.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+from contextlib import asynccontextmanager
+from types import SimpleNamespace
+
+import aiohttp
+import pytest
+from aiohttp import web
+from vllm_http_double import SERVED, VllmHttpDouble
+
+from pd.config import ProxyConfig
+from pd.proxy import first_token as ft
+from pd.proxy.server import Proxy
+from tests.unit.test_proxy import FakeCoord, eventually, run
+
+C, CHAT = "/v1/completions", "/v1/chat/completions"
+
+
+# ---- which path -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("endpoint,body", [
+    (C, {"prompt": "hi", "max_tokens": 5}),
+    (C, {"prompt": [1, 2, 3], "stream": True, "logprobs": 2, "return_token_ids": True}),
+    (C, {"prompt": "hi", "stop": ["x"], "ignore_eos": True, "temperature": 0.7}),
+    (CHAT, {"messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 4}),
+    (CHAT, {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}], "tool_choice": "none"}),
+])
+def test_plain_requests_take_the_first_token_path(endpoint, body):
+    assert ft.path_for(endpoint, body) == ""
+
+
+@pytest.mark.parametrize("endpoint,body,why", [
+    (C, {"prompt": "hi", "n": 2}, "n > 1"),
+    (C, {"prompt": "hi", "best_of": 3}, "best_of"),
+    (C, {"prompt": "hi", "echo": True}, "echo"),
+    (C, {"prompt": ["a", "b"]}, "prompt list"),
+    (C, {"prompt": [[1, 2], [3]]}, "prompt list"),
+    (C, {"prompt": "hi", "seed": 0}, "seed"),
+    (C, {"prompt": "hi", "presence_penalty": 0.5}, "penalties"),
+    (C, {"prompt": "hi", "frequency_penalty": -1}, "penalties"),
+    (C, {"prompt": "hi", "prompt_logprobs": 1}, "prompt_logprobs"),
+    (C, {"prompt": "hi", "structured_outputs": {"regex": "a+"}}, "structured"),
+    (CHAT, {"messages": [], "response_format": {"type": "json_object"}}, "structured"),
+    (C, {"prompt": "hi", "stop": "x", "min_tokens": 2}, "stop strings with min_tokens"),
+    (C, {"prompt": "hi", "max_tokens": 0}, "out of range"),
+    (C, {"prompt": "hi", "max_tokens": 2, "min_tokens": 3}, "out of range"),
+    (C, {"prompt": "hi", "max_tokens": "5"}, "not integers"),
+    (C, {"prompt": "hi", "stream": True, "stream_options": {"continuous_usage_stats": True}}, "continuous"),
+    (CHAT, {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}, "tools"),
+    (CHAT, {"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, "chat logprobs"),
+    (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "non-text"),
+    (CHAT, {"messages": True}, "malformed"),
+])
+def test_what_it_cannot_answer_exactly_takes_the_old_flow_with_a_reason(endpoint, body, why):
+    assert why in ft.path_for(endpoint, body)
+
+
+def test_chat_takes_the_old_flow_when_the_instances_parse_tools_or_reasoning():
+    assert ft.path_for(CHAT, {"messages": [{"role": "user", "content": "hi"}]}, chat=False) != ""
+    assert ft.path_for(C, {"prompt": "hi"}, chat=False) == ""
+
+
+# ---- the two halves -----------------------------------------------------------------------
+
+
+def _first(text="ab", chat=False, body=None, logprobs=None) -> ft.First:
+    ans = {"id": "cmpl-9", "created": 5, "model": "m", "usage": {"prompt_tokens": 3},
+           "choices": [{"index": 0, "finish_reason": "length", "token_ids": [42], "logprobs": logprobs,
+                        **({"message": {"role": "assistant", "content": text}} if chat else {"text": text})}]}
+    if chat:
+        ans["prompt_token_ids"] = [1, 2, 3]
+    else:
+        ans["choices"][0]["prompt_token_ids"] = [1, 2, 3]
+    return ft.parse_prefill(CHAT if chat else C, body or {}, json.dumps(ans).encode())
+
+
+def test_the_prefill_half_asks_for_one_token_and_the_prompt_ids():
+    b = ft.prefill_body({"prompt": "hi", "stream": True, "stream_options": {"include_usage": True},
+                         "max_tokens": 9, "min_tokens": 4, "stop": ["x"], "logprobs": 2}, "P")
+    assert b == {"prompt": "hi", "stream": False, "max_tokens": 1, "min_tokens": 1, "stop": ["x"], "logprobs": 2,
+                 "return_token_ids": True, "kv_transfer_params": {"pd_id": "P", "do_remote_decode": True}}
+
+
+def test_the_decode_half_continues_from_token_1_as_token_ids():
+    f = _first()
+    b = ft.decode_body(C, {"prompt": "hi", "max_tokens": 9, "min_tokens": 4, "truncate_prompt_tokens": 5,
+                           "temperature": 0.5}, f, "P")
+    assert b["prompt"] == [1, 2, 3, 42] and b["max_tokens"] == 8 and b["min_tokens"] == 3
+    assert "truncate_prompt_tokens" not in b and b["temperature"] == 0.5 and b["stream"] is True
+    assert b["kv_transfer_params"] == {"pd_id": "P", "do_remote_prefill": True, "kv_tokens": 3}
+    assert "logprobs" not in b
+    chat = ft.decode_body(CHAT, {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 4,
+                                 "cache_salt": "s", "stop": ["b!"]}, _first(chat=True), "P")
+    assert "messages" not in chat and chat["max_tokens"] == 3 and chat["cache_salt"] == "s"
+    assert chat["logprobs"] == 0  # "b!" may start in token 1's "ab": the proxy needs each token's text
+    assert "max_tokens" not in ft.decode_body(C, {"prompt": "hi"}, f, "P")  # unbounded stays unbounded
+
+
+def test_token_1_ends_the_answer_on_a_natural_end_or_max_tokens_1():
+    f = _first()
+    assert not ft.ends_at_token_1({"max_tokens": 5}, f)
+    assert ft.ends_at_token_1({"max_tokens": 1}, f)
+    f.finish_reason = "stop"
+    assert ft.ends_at_token_1({"max_tokens": 5}, f)
+
+
+# ---- the answer put together ---------------------------------------------------------------
+
+
+def _decode(text, ids, finish=None, tokens=None):
+    c = {"index": 0, "text": text, "token_ids": ids, "finish_reason": finish}
+    if tokens is not None:
+        c["logprobs"] = {"tokens": tokens, "text_offset": [0] * len(tokens), "token_logprobs": [0.0] * len(tokens),
+                         "top_logprobs": [{}] * len(tokens)}
+    return {"id": "cmpl-d", "choices": [c]}
+
+
+def test_a_stop_string_from_token_1_into_the_decode_text_ends_the_answer_there():
+    body = {"stop": ["bcd"], "stream": True, "stream_options": {"include_usage": True}}
+    st = ft.StreamState(_first("xab", body=body), body)
+    opening = ft.opening(st, ends=False)
+    assert opening[0]["choices"][0]["text"] == "xa"  # "b" may begin the stop string: held back
+    out, over = ft.decode_chunk(st, _decode("", [7], tokens=["c"]))  # the decode held "c" back
+    assert not over and out[0]["choices"][0]["text"] == ""
+    out, over = ft.decode_chunk(st, _decode("cde", [8], tokens=["de"]))
+    assert over and out[0]["choices"][0]["text"] == "" and out[0]["choices"][0]["finish_reason"] == "stop"
+    assert out[0]["choices"][0]["stop_reason"] == "bcd"
+    assert out[-1]["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}  # "d" is token 3
+    assert "logprobs" not in json.dumps([c["choices"] for c in out if c["choices"]]).replace('"logprobs": null', "")
+
+
+def test_held_text_is_sent_once_no_stop_string_can_start_in_token_1():
+    body = {"stop": ["bq"]}
+    st = ft.StreamState(_first("ab", body=body), body)
+    assert ft.opening(st, ends=False)[0]["choices"][0]["text"] == "a"
+    out, over = ft.decode_chunk(st, _decode("cd", [7], tokens=["cd"]))
+    assert not over and out[0]["choices"][0]["text"] == "bcd" and st.held == ""
+    out, _ = ft.decode_chunk(st, _decode("bq", [8], "stop"))  # the decode's own stop: relayed
+    assert out[0]["choices"][0]["text"] == "bq"
+    ans = ft.collect(st, ft.opening(ft.StreamState(_first("ab", body=body), body), ends=False) +
+                     [_chunk_text("bcd"), _chunk_text("", "stop")])
+    assert ans["choices"][0]["text"] == "abcd"
+
+
+def _chunk_text(text, finish=None):
+    return {"choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
+
+
+def test_the_whole_answer_joins_logprobs_usage_and_token_ids_as_colocated_gives_them():
+    body = {"logprobs": 1, "return_token_ids": True}
+    lp1 = {"text_offset": [0], "tokens": ["ab"], "token_logprobs": [-1.0], "top_logprobs": [{"ab": -1.0}]}
+    st = ft.StreamState(_first("ab", body=body, logprobs=lp1), body)
+    chunks = ft.opening(st, ends=False)
+    for text, i in (("c", 7), ("de", 8)):
+        c = _decode(text, [i], "length" if i == 8 else None, tokens=[text])
+        c["choices"][0]["logprobs"]["text_offset"] = [0 if i == 7 else 1]
+        chunks += ft.decode_chunk(st, c)[0]
+    ans = ft.collect(st, chunks)
+    ch = ans["choices"][0]
+    assert ch["text"] == "abcde" and ch["token_ids"] == [42, 7, 8] and ch["prompt_token_ids"] == [1, 2, 3]
+    assert ch["logprobs"]["text_offset"] == [0, 2, 3] and ch["logprobs"]["tokens"] == ["ab", "c", "de"]
+    assert ans["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}
+    assert ch["finish_reason"] == "length" and ans["id"] == "cmpl-9"
+
+
+def test_chat_chunks_are_rebuilt_in_the_chat_format():
+    st = ft.StreamState(_first("Hi", chat=True), {"stream": True})
+    role, tok1 = ft.opening(st, ends=False)
+    assert role["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert tok1["object"] == "chat.completion.chunk" and tok1["choices"][0]["delta"] == {"content": "Hi"}
+    out, _ = ft.decode_chunk(st, _decode(" there", [7], "length"))
+    assert out[0]["choices"][0]["delta"] == {"content": " there"} and out[0]["choices"][0]["finish_reason"] == "length"
+    ans = ft.collect(st, [role, tok1] + out)
+    assert ans["choices"][0]["message"]["content"] == "Hi there" and ans["prompt_token_ids"] is None
+
+
+# ---- the flow over HTTP ----------------------------------------------------------------------
+
+
+class Double(VllmHttpDouble):
+    """vLLM's request validation and answer shapes; ``hold`` delays answers, ``fail`` answers 400."""
+
+    def __init__(self, name):
+        super().__init__(name)
+        self.hold: asyncio.Event | None = None
+        self.fail = False
+        self.paths: list[str] = []
+
+    async def _answer(self, request, req, chat):
+        self.paths.append(request.path)
+        if self.hold is not None:
+            await self.hold.wait()
+        if self.fail:
+            return web.json_response({"error": {"message": f"{self.name} refuses", "type": "BadRequestError",
+                                                "param": None, "code": 400}}, status=400)
+        return await super()._answer(request, req, chat)
+
+
+@asynccontextmanager
+async def flow():
+    p, d, coord = Double("p"), Double("d"), FakeCoord()
+    runners = []
+    for dbl in (p, d):
+        r = web.AppRunner(dbl.app(), handler_cancellation=True, access_log=None)
+        await r.setup()
+        await web.TCPSite(r, "127.0.0.1", 0).start()
+        runners.append(r)
+        dbl.url = f"http://127.0.0.1:{r.addresses[0][1]}"
+    proxy = Proxy([p.url], [d.url], ProxyConfig(upstream_timeout_s=10))
+    proxy.coord = coord
+    prunner, port = await proxy.start()
+    try:
+        async with aiohttp.ClientSession() as client:
+            yield SimpleNamespace(p=p, d=d, coord=coord, proxy=proxy, url=f"http://127.0.0.1:{port}", client=client)
+    finally:
+        for dbl in (p, d):
+            if dbl.hold is not None:
+                dbl.hold.set()
+        await prunner.cleanup()
+        for r in runners:
+            await r.cleanup()
+
+
+REQ = {"model": SERVED, "prompt": "hello", "max_tokens": 3}
+
+
+def test_streamed_token_1_reaches_the_client_before_the_decode_answers():
+    async def go():
+        async with flow() as env:
+            env.d.hold = asyncio.Event()
+            async with env.client.post(env.url + C, json={**REQ, "stream": True}) as r:
+                first = await r.content.readuntil(b"\n\n")
+                assert json.loads(first[6:])["choices"][0]["text"] == " w7"  # the prefill's token
+                await eventually(lambda: env.d.paths)  # the decode half is out, its answer held
+                env.d.hold.set()
+                rest = (await r.read()).decode()
+            texts = [json.loads(e[6:])["choices"][0]["text"] for e in rest.split("\n\n") if e.startswith("data: {")]
+            assert texts == [" w7", " w8"] and rest.endswith("data: [DONE]\n\n")
+            sent = env.d.bodies[-1]
+            assert sent["prompt"] == [1, 2, 3, 7] and sent["max_tokens"] == 2
+            assert sent["kv_transfer_params"]["kv_tokens"] == 3
+            assert env.coord.aborts == []
+    run(go())
+
+
+def test_max_tokens_1_answers_from_the_prefill_and_aborts_the_unused_transfer():
+    async def go():
+        async with flow() as env:
+            for stream in (False, True):
+                async with env.client.post(env.url + C, json={**REQ, "max_tokens": 1, "stream": stream}) as r:
+                    assert r.status == 200
+                    data = await r.read()
+                    pd_id = r.headers["x-pd-id"]
+                if stream:
+                    assert data.endswith(b"data: [DONE]\n\n") and b" w7" in data
+                else:
+                    ans = json.loads(data)
+                    assert ans["choices"][0]["text"].startswith(" w7") and ans["usage"]["completion_tokens"] == 1
+                assert env.d.paths == []
+                await eventually(lambda: any(a[0] == pd_id for a in env.coord.aborts))
+    run(go())
+
+
+def test_a_prefill_error_is_returned_and_no_decode_is_sent():
+    async def go():
+        async with flow() as env:
+            env.p.fail = True
+            async with env.client.post(env.url + C, json=REQ) as r:
+                assert r.status == 400 and "p refuses" in (await r.json())["error"]["message"]
+            assert env.d.paths == []
+            await eventually(lambda: env.coord.aborts)
+    run(go())
+
+
+def test_a_decode_error_after_token_1_ends_the_stream_with_an_error_event_and_aborts():
+    async def go():
+        async with flow() as env:
+            env.d.fail = True
+            async with env.client.post(env.url + C, json={**REQ, "stream": True}) as r:
+                data = (await r.read()).decode()
+                pd_id = r.headers["x-pd-id"]
+            events = [e for e in data.split("\n\n") if e]
+            assert " w7" in events[0] and "d refuses" in events[-1] and "[DONE]" not in data
+            await eventually(lambda: any(a[0] == pd_id for a in env.coord.aborts))
+            async with env.client.post(env.url + C, json=REQ) as r:  # not streamed: the decode's error as is
+                assert r.status == 400 and "d refuses" in (await r.json())["error"]["message"]
+    run(go())
+
+
+def test_a_client_gone_after_token_1_closes_the_decode_and_aborts():
+    async def go():
+        async with flow() as env:
+            env.d.hold = asyncio.Event()
+            async with env.client.post(env.url + C, json={**REQ, "stream": True}) as r:
+                await r.content.readuntil(b"\n\n")
+                pd_id = r.headers["x-pd-id"]
+                await eventually(lambda: env.d.paths)
+                r.close()
+            await eventually(lambda: any(a[0] == pd_id for a in env.coord.aborts))
+            await eventually(lambda: not any(env.proxy.decode.outstanding.values()))
+    run(go())
