@@ -71,8 +71,12 @@ def add_gpu_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prefill-step-tokens", type=int, default=2048,
                    help="pdkv's prefill instance: --max-num-batched-tokens, so a long prompt is prefilled "
                         "over several steps and its KV streams to decode meanwhile (default 2048; 0 = vLLM's)")
+    g.add_argument("--enforce-eager", dest="enforce_eager", action="store_true", default=False,
+                   help="every mode without CUDA graphs (faster start, slower decode); by default vLLM compiles "
+                        "and captures them, its compile cache (VLLM_CACHE_ROOT, default ~/.cache/vllm) shared by "
+                        "the instances of the run")
     g.add_argument("--no-enforce-eager", dest="enforce_eager", action="store_false",
-                   help="let vLLM compile and capture CUDA graphs (slower start, faster decode)")
+                   help="CUDA graphs (the default)")
     g.add_argument("--sequential", type=int, default=8,
                    help="requests sent one at a time before the Poisson phase (default 8)")
     g.add_argument("--ucx-tls", default="", help="UCX_TLS for the nixl instances (default: UCX's choice)")
@@ -303,7 +307,8 @@ def run_gpu(args) -> int:
         print(f"# {mode}: done in {time.perf_counter() - t0:.0f}s", flush=True)
         out_path.write_text(json.dumps(results, indent=1, default=str))
     ok = {m: r for m, r in results["modes"].items() if "error" not in r}
-    report = [header]
+    report = [header, "\n# start-up (pd launch to ready, s): " +
+              ", ".join(f"{m} {r['startup_s']:.0f}" for m, r in ok.items())]
     for phase in ("sequential", "load"):
         report.append(f"\n## {phase}: {'one request at a time' if phase == 'sequential' else 'Poisson arrivals'}\n")
         report.append(format_table({m: r[phase] for m, r in ok.items()}))

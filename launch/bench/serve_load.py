@@ -138,6 +138,12 @@ def summarize(results: list[Result], wall_s: float, slo_ttft_s: float, slo_tpot_
             out[f"{name}_p{int(q * 100)}"] = _pct(xs, q)
     out["ttft_long_p50"] = _pct([r.ttft for r in ok if r.long], 0.5)
     out["ttft_short_p50"] = _pct([r.ttft for r in ok if not r.long], 0.5)
+    # From token 1 to token 2: in P/D with the first token from the prefill, the decode's start
+    # (its request, admission, KV load, first step); beside the ITL of the same prompts.
+    for kind, pick in (("", lambda r: True), ("_long", lambda r: r.long), ("_short", lambda r: not r.long)):
+        out[f"gap12{kind}_p50"] = _pct([r.itls[0] for r in ok if r.itls and pick(r)], 0.5)
+        out[f"itl{kind}_p50" if kind else "itl_p50"] = _pct([x for r in ok if pick(r) for x in r.itls], 0.5)
+    out["gap12_p90"] = _pct([r.itls[0] for r in ok if r.itls], 0.9)
     return out
 
 
@@ -146,6 +152,10 @@ ROWS = [("TTFT p50 ms", "ttft_p50", 1e3), ("TTFT p90 ms", "ttft_p90", 1e3), ("TT
         ("TPOT p50 ms", "tpot_p50", 1e3), ("TPOT p90 ms", "tpot_p90", 1e3), ("TPOT p99 ms", "tpot_p99", 1e3),
         ("TPOT p99 ms, short prompts", "tpot_short_p99", 1e3),
         ("ITL p50 ms", "itl_p50", 1e3), ("ITL p90 ms", "itl_p90", 1e3), ("ITL p99 ms", "itl_p99", 1e3),
+        ("ITL p50 ms, long prompts", "itl_long_p50", 1e3),
+        ("token 1 to 2 p50 ms", "gap12_p50", 1e3), ("token 1 to 2 p90 ms", "gap12_p90", 1e3),
+        ("token 1 to 2 p50 ms, long prompts", "gap12_long_p50", 1e3),
+        ("token 1 to 2 p50 ms, short prompts", "gap12_short_p50", 1e3),
         ("output tokens/s", "throughput_tok_s", 1.0), ("requests/s", "request_rate", 1.0),
         ("goodput (SLO met)/s", "goodput", 1.0), ("requests meeting the SLOs", "slo_met", 1.0),
         ("failed requests", "failed", 1.0)]
