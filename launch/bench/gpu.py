@@ -78,7 +78,7 @@ def add_gpu_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-enforce-eager", dest="enforce_eager", action="store_false",
                    help="CUDA graphs (the default)")
     g.add_argument("--sequential", type=int, default=8,
-                   help="requests sent one at a time before the Poisson phase (default 8)")
+                   help="requests sent one at a time before the Poisson phase (default 8; on the CPU too)")
     g.add_argument("--ucx-tls", default="", help="UCX_TLS for the nixl instances (default: UCX's choice)")
     g.add_argument("--out", default=None, help="JSON results file (default $OUT/bench_gpu.json, else ./bench_gpu.json)")
 
@@ -146,6 +146,13 @@ def nixl_send(prefill_url: str, decode_url: str):
 
 
 # ---- phases ------------------------------------------------------------------------------------
+
+
+def sequential_part(workload: list[Request], n: int) -> list[Request]:
+    """The one-at-a-time phase: the workload's first long and short requests, alternating, ``n`` in all."""
+    longs = [r for r in workload if r.long]
+    shorts = [r for r in workload if not r.long]
+    return [x for pair in zip(longs, shorts) for x in pair][:n]
 
 
 def run_sequential(url: str, model: str, workload: list[Request], send) -> tuple[list[Result], float]:
@@ -281,10 +288,8 @@ def run_gpu(args) -> int:
         raise ValueError("--device cuda: no GPU found (nvidia-smi -L lists none)")
     workload = make_workload(args.requests, args.rate, args.long_fraction, args.long_tokens,
                              args.short_tokens, args.max_tokens, args.seed)
-    # One at a time: the workload's first long and short requests, alternating, --sequential in all.
     longs = [r for r in workload if r.long]
-    shorts = [r for r in workload if not r.long]
-    seq = [x for pair in zip(longs, shorts) for x in pair][:args.sequential]
+    seq = sequential_part(workload, args.sequential)
     deps = {m: gpu_deployment(m, model, args, n_gpus) for m in modes}
     check_ports(next(iter(deps.values())))
     out_path = Path(args.out or os.path.join(os.environ.get("OUT", "."), "bench_gpu.json"))

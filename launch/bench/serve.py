@@ -35,10 +35,12 @@ from launch.bench.gpu import (
     add_gpu_arguments,
     format_spans,
     run_gpu,
+    run_sequential,
+    sequential_part,
     span_summary,
     transfers,
 )
-from launch.bench.serve_load import format_table, make_workload, run_load, summarize
+from launch.bench.serve_load import format_table, make_workload, run_load, send_one, summarize
 from launch.procs import check_model, check_ports, served_name
 from launch.supervise import Deployment
 from pd.config import DeploymentConfig
@@ -83,19 +85,24 @@ def run(args) -> int:
     deps = {m: _deployment(m, model, args) for m in modes}
     for dep in deps.values():
         check_ports(dep)
-    figures, texts, spans = {}, {}, {}
+    seq = sequential_part(workload, args.sequential)
+    figures, seq_figures, texts, spans = {}, {}, {}, {}
+    slo = (args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3)
     for mode, dep in deps.items():
         d = Deployment(dep)
         try:
             d.start(progress=lambda line: None)
             name = served_name(dep)
             run_load(d.proxy_url, name, [workload[0]])  # warm up the HTTP path and the engines
+            seq_res, seq_wall = run_sequential(d.proxy_url, name, seq, send_one)
             results, wall = run_load(d.proxy_url, name, workload)
             if mode == "pd":
                 spans[mode] = span_summary(transfers(d.proxy_url, results))
         finally:
             d.stop()
-        figures[mode] = summarize(results, wall, args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3)
+        if seq:
+            seq_figures[mode] = summarize(seq_res, seq_wall, *slo)
+        figures[mode] = summarize(results, wall, *slo)
         texts[mode] = [r.text if r.ok else None for r in results]
         for r in results:
             if not r.ok:
@@ -106,6 +113,10 @@ def run(args) -> int:
           f"{args.max_tokens} output tokens each, seed {args.seed}; SLOs TTFT <= {args.slo_ttft_ms:g} ms, "
           f"TPOT <= {args.slo_tpot_ms:g} ms; pd = 1 prefill + 1 decode, colocated = {args.colocated} "
           f"instance(s); model {model}")
+    if seq_figures:
+        print(f"\n## one request at a time ({len(seq)}: long and short alternating)\n")
+        print(format_table(seq_figures))
+        print("\n## Poisson arrivals\n")
     print(format_table(figures))
     if len(texts) == 2:
         a, b = texts.values()
@@ -114,4 +125,4 @@ def run(args) -> int:
     for mode, summary in spans.items():
         print(f"\n# {mode}: where the time goes (each request's timeline, /pd/transfers)\n")
         print(format_spans(summary))
-    return 0 if all(f["failed"] == 0 for f in figures.values()) else 1
+    return 0 if all(f["failed"] == 0 for f in [*figures.values(), *seq_figures.values()]) else 1
