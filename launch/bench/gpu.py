@@ -51,7 +51,8 @@ from pd.config import DeploymentConfig
 from pd.coordinator import timeline
 
 NIXL_SIDE_CHANNEL_BASE = 5600
-GPU_MODES = ("pd", "colocated", "nixl")
+GPU_MODES = ("pd", "colocated", "nixl", "pd_old")
+PD_MODES = ("pd", "pd_old")  # pd_old: pdkv with the old flow (proxy.first_token decode), for comparison
 
 
 def add_gpu_arguments(p: argparse.ArgumentParser) -> None:
@@ -95,7 +96,9 @@ def gpu_deployment(mode: str, model: str, args, n_gpus: int) -> DeploymentConfig
             "gpu_memory_utilization": args.gpu_memory_utilization}
     over: dict = {"model": model, "proxy": {"port": args.port}, "vllm": vllm,
                   "prefill": {"count": 1, "gpus": "0"}, "decode": {"count": 1, "gpus": second}}
-    if mode == "pd":
+    if mode in PD_MODES:
+        if mode == "pd_old":
+            over["proxy"]["first_token"] = "decode"
         over["connector"] = {"chunk_size": args.chunk_size,
                              "transport": {"name": "bench", "pool_size_mb": args.pool_mb}}
         if args.prefill_step_tokens:
@@ -261,7 +264,7 @@ def run_mode(mode: str, dep: DeploymentConfig, seq: list[Request], load_: list[R
         run_sequential(url, name, [Request(0, [11, 12, 13, 14] * 8, 4, False)], send)  # warm-up
         seq_res, seq_wall = run_sequential(url, name, seq, send)
         load_res, load_wall = run_load(url, name, load_, send)
-        recs = {"sequential": transfers(url, seq_res), "load": transfers(url, load_res)} if mode == "pd" else {}
+        recs = {"sequential": transfers(url, seq_res), "load": transfers(url, load_res)} if mode in PD_MODES else {}
     finally:
         d.stop()
     for phase, rs in (("sequential", seq_res), ("load", load_res)):

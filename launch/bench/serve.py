@@ -58,7 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slo-ttft-ms", type=float, default=2000.0, help="goodput SLO on TTFT (default 2000)")
     p.add_argument("--slo-tpot-ms", type=float, default=100.0, help="goodput SLO on TPOT (default 100)")
     p.add_argument("--colocated", type=int, default=2, help="colocated instances (default 2)")
-    p.add_argument("--modes", default="pd,colocated", help="modes to run, in order (default pd,colocated)")
+    p.add_argument("--modes", default="pd,colocated",
+                   help="modes to run, in order (default pd,colocated; pd_old: pdkv with the old flow, where "
+                        "decode samples token 1; --device cuda also nixl)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--port", type=int, default=8000, help="proxy port (default 8000)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
@@ -70,8 +72,10 @@ def _deployment(mode: str, model: str, args) -> DeploymentConfig:
     over: dict = {"model": model, "proxy": {"port": args.port}}
     if mode == "colocated":
         over.update(mode="colocated", prefill={"count": args.colocated}, decode={"count": 0})
+    elif mode == "pd_old":  # the old flow: decode samples token 1 (proxy.first_token decode)
+        over["proxy"]["first_token"] = "decode"
     elif mode != "pd":
-        raise ValueError(f"--modes: unknown mode {mode!r}; allowed pd, colocated")
+        raise ValueError(f"--modes: unknown mode {mode!r}; allowed pd, colocated, pd_old")
     return merge(load(DeploymentConfig, {}), over)
 
 
@@ -96,7 +100,7 @@ def run(args) -> int:
             run_load(d.proxy_url, name, [workload[0]])  # warm up the HTTP path and the engines
             seq_res, seq_wall = run_sequential(d.proxy_url, name, seq, send_one)
             results, wall = run_load(d.proxy_url, name, workload)
-            if mode == "pd":
+            if mode in ("pd", "pd_old"):
                 spans[mode] = span_summary(transfers(d.proxy_url, results))
         finally:
             d.stop()
@@ -118,10 +122,10 @@ def run(args) -> int:
         print(format_table(seq_figures))
         print("\n## Poisson arrivals\n")
     print(format_table(figures))
-    if len(texts) == 2:
-        a, b = texts.values()
-        same = sum(x is not None and x == y for x, y in zip(a, b))
-        print(f"# same answer in both modes: {same} of {len(workload)}")
+    first, *others = list(texts) or [""]
+    for m in others:  # the Poisson phase's answers
+        same = sum(x is not None and x == y for x, y in zip(texts[first], texts[m]))
+        print(f"# same answer in {first} and {m}: {same} of {len(workload)}")
     for mode, summary in spans.items():
         print(f"\n# {mode}: where the time goes (each request's timeline, /pd/transfers)\n")
         print(format_spans(summary))
