@@ -95,8 +95,9 @@ def test_gpu_modes_use_the_same_gpus(tmp_path, n_gpus, second):
         assert dep.vllm.device == "cuda" and dep.vllm.load_format == "dummy"
         assert (dep.vllm.kv_cache_memory_gb > 0) == (n_gpus == 1)
         argv = " ".join(inst[1].argv)
-        assert ("PDConnector" in argv) == (mode == "pd") and ("NixlConnector" in argv) == (mode == "nixl")
+        assert ("PDConnector" in argv) == (mode in bench_gpu.PD_MODES) and ("NixlConnector" in argv) == (mode == "nixl")
     assert deps["pd"].connector.chunk_size == 1024 and deps["colocated"].mode == "colocated"
+    assert deps["pd"].proxy.first_token == "prefill" and deps["pd_old"].proxy.first_token == "decode"
     ports = [s.env.get("VLLM_NIXL_SIDE_CHANNEL_PORT") for s in plan(deps["nixl"]) if "vllm.entrypoints" in " ".join(s.argv)]
     assert len(set(ports)) == 2 and None not in ports
     with pytest.raises(ValueError, match="unknown mode 'pdx'"):
