@@ -40,7 +40,13 @@ from launch.bench.gpu import (
     span_summary,
     transfers,
 )
-from launch.bench.serve_load import format_table, make_workload, run_load, send_one, summarize
+from launch.bench.serve_load import (
+    format_table,
+    make_workload,
+    run_load,
+    send_one,
+    summarize,
+)
 from launch.procs import check_model, check_ports, served_name
 from launch.supervise import Deployment
 from pd.config import DeploymentConfig

@@ -266,7 +266,7 @@ def test_max_tokens_1_answers_from_the_prefill_and_aborts_the_unused_transfer():
                     ans = json.loads(data)
                     assert ans["choices"][0]["text"].startswith(" w7") and ans["usage"]["completion_tokens"] == 1
                 assert env.d.paths == []
-                await eventually(lambda: any(a[0] == pd_id for a in env.coord.aborts))
+                await eventually(lambda pd_id=pd_id: any(a[0] == pd_id for a in env.coord.aborts))
     run(go())
 
 
