@@ -57,6 +57,9 @@ class PDMetadata:
     # Loads whose requests were aborted while waiting: workers stop them early.
     cancels: list[str] = field(default_factory=list)
     preempted: list[str] = field(default_factory=list)
+    # Transfers a decode will not load (its prefix cache already holds their KV): workers abort
+    # them at the coordinator, which frees their chunks now rather than at expiry.
+    unneeded: list[str] = field(default_factory=list)
 
 
 def transfer_params(request) -> tuple[str | None, bool, bool]:
@@ -129,6 +132,7 @@ class SchedulerSide:
         # What the next build_connector_meta hands to the workers.
         self._new_loads: list[LoadSpec] = []
         self._cancels: list[str] = []
+        self._unneeded: list[str] = []
 
     def _record(self, req_id: str) -> _Request:
         rec = self._reqs.get(req_id)
@@ -154,8 +158,12 @@ class SchedulerSide:
         if rec is not None and rec.load in (LoadStatus.LOADING, LoadStatus.LOADED):
             return 0, False
         n_prompt = len(request.prompt_token_ids or ())
-        if self._is_pd_load(request):
+        pd_id = self._is_pd_load(request)
+        if pd_id:
             n = kv_tokens(request, n_prompt) - num_computed_tokens
+            if n <= 0:  # the local prefix cache holds it all (a prompt of whole blocks, seen before)
+                self._record(request.request_id).load = LoadStatus.LOADED
+                self._unneeded.append(pd_id)
         elif self.store is not None:
             hit = self._stored_prefix(request.prompt_token_ids or [], request_seed(request))
             rec = self._record(request.request_id)
@@ -253,8 +261,9 @@ class SchedulerSide:
             saves=self._follow_blocks(so) if self.is_producer else [],
             cancels=self._cancels,
             preempted=list(getattr(so, "preempted_req_ids", None) or ()),
+            unneeded=self._unneeded,
         )
-        self._new_loads, self._cancels = [], []
+        self._new_loads, self._cancels, self._unneeded = [], [], []
         return meta
 
     def update_connector_output(self, output) -> None:

@@ -169,6 +169,8 @@ class WorkerSide:
         self.loads.cancel(meta.cancels)
         for spec in meta.loads:
             self.loads.start(spec)
+        for pd_id in meta.unneeded if self.coord is not None else ():
+            self._exec.submit(self.coord.abort, pd_id, "decode had the KV in its prefix cache")
 
     def after_forward(self, meta: PDMetadata) -> None:
         event = None

@@ -130,10 +130,12 @@ class Matrix:
         rng = random.Random(seed)
         return [(prompt(rng.choice(lengths), seed * 1000 + i), i % 2 == 1) for i in range(n)]
 
-    def start_load(self, work, ex: ThreadPoolExecutor):
+    def start_load(self, work, ex: ThreadPoolExecutor, **extra):
+        """Send ``work``; ``extra``: more request fields (``seed=0``: the old flow, where decode is
+        sent with the prefill and waits for its KV; greedy answers stay the same)."""
         for tokens, _ in work:  # reference answers first (the colocated instance, no fault)
             self.reference(tokens)
-        return [ex.submit(complete, self.url, tokens, stream) for tokens, stream in work]
+        return [ex.submit(complete, self.url, tokens, stream, **extra) for tokens, stream in work]
 
     def check_outcomes(self, work, outcomes: list[Outcome], bound_s: float = BOUND_S) -> tuple[int, int]:
         """Every request answered right or failed with a clear error in time; (answered, failed)."""

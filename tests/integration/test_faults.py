@@ -62,27 +62,35 @@ def _counted(m: Matrix, name: str, before: dict, at_least: float = 1, timeout_s:
     return counted(m.url, name, before, at_least, timeout_s)
 
 
-def _run_with_fault(m: Matrix, work, fault, threads: int = 8):
+def _run_with_fault(m: Matrix, work, fault, threads: int = 8, **extra):
     """Send ``work`` (several requests in flight), call ``fault()`` meanwhile; the outcomes."""
     with ThreadPoolExecutor(threads) as ex:
-        futures = m.start_load(work, ex)
+        futures = m.start_load(work, ex, **extra)
         fault()
         return [f.result() for f in futures]
 
 
-def test_prefill_stalled_past_the_wait_timeout_ready_comes_late(matrix):
-    """Prefill stopped (SIGSTOP) longer than decode waits: decode recomputes, the late READY is freed."""
+@pytest.mark.parametrize("flow", ["old", "first_token"])
+def test_prefill_stalled_past_the_wait_timeout_ready_comes_late(matrix, flow):
+    """Prefill stopped (SIGSTOP) longer than decode waits. Old flow (a seeded request: decode is
+    sent with the prefill): decode recomputes, the late READY is freed. First-token path: decode
+    is sent only once the prefill answered, so the stall only delays the answers."""
     m = matrix
     work = m.workload(4, seed=11, lengths=(300, 700))
     before = m.metrics()
     outs = _run_with_fault(m, work, lambda: (m.signal("prefill-0", signal.SIGSTOP), time.sleep(WAIT_S + 3),
-                                             m.signal("prefill-0", signal.SIGCONT)))
+                                             m.signal("prefill-0", signal.SIGCONT)),
+                           **({"seed": 0} if flow == "old" else {}))
     answered, _ = m.check_outcomes(work, outs)
     assert answered == len(work), [o for o in outs if not o.ok]
     m.assert_idle()
     after = m.metrics()
-    assert _delta(before, after, "pdkv_coordinator_done_failed") >= len(work)
-    assert _delta(before, after, "pdkv_coordinator_freed_keys") >= 1  # the late READYs' chunks
+    if flow == "old":
+        assert _delta(before, after, "pdkv_coordinator_done_failed") >= len(work)
+        assert _delta(before, after, "pdkv_coordinator_freed_keys") >= 1  # the late READYs' chunks
+    else:
+        assert _delta(before, after, "pdkv_coordinator_done_failed") == 0
+        assert _delta(before, after, "pdkv_coordinator_done_ok") >= len(work)
     m.healthy_round(seed=12)
 
 

@@ -282,3 +282,43 @@ def test_scheduler_holds_blocks_of_a_request_aborted_after_a_partial_save():
     s.on_new_request(_req("q", PROMPT))
     assert not s.build_connector_meta(_step(new=[("q", [0], 0)], scheduled={"q": 4})).saves
     assert s.request_finished(SimpleNamespace(request_id="q"), [])[0] is False  # nothing read yet
+
+
+def _decode_req(req_id, prompt, pd_id, kv=None):
+    p = {"pd_id": pd_id, "do_remote_prefill": True, **({"kv_tokens": kv} if kv is not None else {})}
+    return SimpleNamespace(request_id=req_id, prompt_token_ids=prompt, kv_transfer_params=p, lora_request=None,
+                           mm_features=[], prompt_embeds=None, cache_salt=None)
+
+
+def test_decode_loads_kv_tokens_of_a_prompt_that_ends_with_token_1():
+    """First-token path: the prompt is the prefill's plus token 1; the transfer covers kv_tokens."""
+    s = SchedulerSide(BLOCK, is_producer=False, is_consumer=True, chunk_size=CHUNK)
+    prompt = PROMPT + [7]
+    req = _decode_req("d", prompt, "p1", kv=len(PROMPT))
+    assert s.get_num_new_matched_tokens(req, 0) == (len(PROMPT), True)
+    s.update_state_after_alloc(req, SimpleNamespace(get_block_ids=lambda: (list(range(10)),)), len(PROMPT))
+    (spec,) = s.build_connector_meta(_step()).loads
+    assert spec.token_ids == PROMPT and spec.start_token == 0  # keys over the prefill's prompt
+    bad = _decode_req("e", prompt, "p2", kv=len(prompt) + 5)  # out of range: the whole prompt
+    assert s.get_num_new_matched_tokens(bad, 0) == (len(prompt), True)
+
+
+def test_a_transfer_the_decode_has_in_its_prefix_cache_is_aborted_not_left_to_expire(tmp_path, coord):
+    s = SchedulerSide(BLOCK, is_producer=False, is_consumer=True, chunk_size=CHUNK)
+    whole = PROMPT[: 2 * BLOCK]  # whole blocks: the local prefix cache can hold all of it
+    req = _decode_req("d", whole + [7], "cached", kv=len(whole))
+    assert s.get_num_new_matched_tokens(req, len(whole)) == (0, False)
+    assert s.get_num_new_matched_tokens(req, len(whole)) == (0, False)  # asked again next step: once
+    meta = s.build_connector_meta(_step())
+    assert meta.unneeded == ["cached"] and meta.loads == []
+    assert s.build_connector_meta(_step()).unneeded == []
+    d = _worker(tmp_path, coord, seed=2)
+    try:
+        d.start_step(meta)
+        c = CoordinatorClient(coord.address)
+        try:
+            assert _until(lambda: c.query().counters.get("aborts", 0) >= 1)
+        finally:
+            c.close()
+    finally:
+        d.shutdown()
