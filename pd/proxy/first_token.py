@@ -156,9 +156,12 @@ def parse_prefill(endpoint: str, body: dict, data: bytes) -> First:
                  bool(body.get("return_token_ids")))
 
 
-def ends_at_token_1(body: dict, first: First) -> bool:
-    """Token 1 ends the answer: EOS, a stop token or string, or max_tokens 1."""
-    return first.finish_reason != "length" or _max_tokens(body) == 1
+def ends_at_token_1(body: dict, first: First, max_model_len: int | None = None) -> bool:
+    """Token 1 ends the answer: EOS, a stop token or string, max_tokens 1, or (no max_tokens) the
+    prompt filling the context but for one token."""
+    if first.finish_reason != "length" or _max_tokens(body) == 1:
+        return True
+    return _max_tokens(body) is None and max_model_len is not None and len(first.prompt_ids) + 1 >= max_model_len
 
 
 def decode_body(endpoint: str, body: dict, first: First, pd_id: str) -> dict:

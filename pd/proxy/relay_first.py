@@ -16,6 +16,7 @@ last_token.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import AsyncIterator
 
@@ -24,6 +25,8 @@ from aiohttp import web
 
 from pd.proxy import first_token as ft
 from pd.proxy.routing import UpstreamError
+
+logger = logging.getLogger("pd.proxy")
 
 SSE = "text/event-stream"
 COMPLETIONS = "/v1/completions"
@@ -61,7 +64,7 @@ class FirstTokenFlow:
             self._abort(pd_id, "prefill answer unusable")
             return self._fail("prefill", p_url, pd_id, 502, why=f"gave an answer the proxy cannot use: {e}").response(headers)
         st = ft.StreamState(first, body)
-        if ft.ends_at_token_1(body, first):
+        if ft.ends_at_token_1(body, first, await self._max_model_len(request)):
             self.metrics.path("prefill_only")
             self._abort(pd_id, "token 1 ended the answer: no decode")
             return await self._answer(request, st, ft.opening(st, ends=True), headers, pd_id, t0)
@@ -81,6 +84,22 @@ class FirstTokenFlow:
                 self._abort(pd_id, "client went away" if isinstance(e, (asyncio.CancelledError, ClientGone))
                             else "proxy error")
                 raise
+
+    async def _max_model_len(self, request: web.Request) -> int | None:
+        """The model's context length, from a decode instance's /v1/models (asked once; None if
+        it does not say)."""
+        if not hasattr(self, "_model_len"):
+            self._model_len: int | None = None
+            try:
+                async with self.session.get(self.decode.urls[0] + "/v1/models", headers=self._headers(request),
+                                            timeout=aiohttp.ClientTimeout(total=10)) as r:
+                    data = (await r.json())["data"] if r.status == 200 else []
+                self._model_len = next((int(m["max_model_len"]) for m in data if m.get("max_model_len")), None)
+            except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, KeyError, TypeError) as e:
+                del self._model_len  # asked again next time
+                logger.info("no max_model_len from %s/v1/models: %r", self.decode.urls[0], e)
+                return None
+        return self._model_len
 
     async def _answer(self, request: web.Request, st: ft.StreamState, chunks: list[dict], headers: dict,
                       pd_id: str, t0: float) -> web.StreamResponse:

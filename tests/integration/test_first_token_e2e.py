@@ -185,3 +185,15 @@ def test_requests_it_cannot_answer_exactly_take_the_old_flow(deployments, case):
     _, extra = case
     _, took = _same(pd, co, "/v1/completions", {"prompt": LONG, "max_tokens": 8, **extra})
     assert took == {"decode"}, case
+
+
+def test_the_context_length_is_respected_as_colocated_respects_it(deployments):
+    pd, co = deployments
+    # No max_tokens and one token of room: colocated gives that token ("length"); so does the prefill alone.
+    got, took = _same(pd, co, "/v1/completions", {"prompt": _prompt(2047, seed=9)})
+    assert took == {"prefill_only"} and got["usage"]["completion_tokens"] == 1
+    # max_tokens beyond the context: vLLM 0.32 stops at the context's end ("length"); so does P/D.
+    for stream in (False, True):
+        got, took = _same(pd, co, "/v1/completions", {"prompt": _prompt(2000, seed=10), "max_tokens": 100,
+                                                      "stream": stream})
+        assert took == {"prefill"} and got["usage"]["completion_tokens"] == 48

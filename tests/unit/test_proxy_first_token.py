@@ -113,6 +113,13 @@ def test_token_1_ends_the_answer_on_a_natural_end_or_max_tokens_1():
     assert ft.ends_at_token_1({"max_tokens": 5}, f)
 
 
+def test_a_prompt_that_leaves_room_for_token_1_only_ends_there():
+    f = _first()  # a 3-token prompt
+    assert ft.ends_at_token_1({}, f, max_model_len=4)  # no max_tokens: room for token 1 only
+    assert not ft.ends_at_token_1({}, f, max_model_len=5) and not ft.ends_at_token_1({}, f)
+    assert not ft.ends_at_token_1({"max_tokens": 9}, f, max_model_len=4)  # the decode clamps it, as vLLM does
+
+
 # ---- the answer put together ---------------------------------------------------------------
 
 
@@ -267,6 +274,17 @@ def test_max_tokens_1_answers_from_the_prefill_and_aborts_the_unused_transfer():
                     assert ans["choices"][0]["text"].startswith(" w7") and ans["usage"]["completion_tokens"] == 1
                 assert env.d.paths == []
                 await eventually(lambda pd_id=pd_id: any(a[0] == pd_id for a in env.coord.aborts))
+    run(go())
+
+
+def test_a_prompt_that_fills_the_context_but_one_token_ends_at_token_1():
+    async def go():
+        async with flow() as env:
+            env.d.max_model_len = 4  # the doubles' prompts are 3 tokens
+            async with env.client.post(env.url + C, json={"model": SERVED, "prompt": "hi"}) as r:
+                ans = await r.json()
+                assert r.status == 200 and ans["usage"]["completion_tokens"] == 1
+            assert env.d.paths == [] and len(env.coord.aborts) == 1
     run(go())
 
 

@@ -40,6 +40,7 @@ class VllmHttpDouble:
         self.name = name
         self.url = ""
         self.bodies: list[dict] = []
+        self.max_model_len = 2048  # what /v1/models says, as vLLM's model card does
         self._models = _vllm_models()
         self._refusals = _refusals()
 
@@ -105,7 +106,8 @@ class VllmHttpDouble:
         return out
 
     async def models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": SERVED, "object": "model"}]})
+        return web.json_response({"object": "list", "data": [{"id": SERVED, "object": "model",
+                                                              "max_model_len": self.max_model_len}]})
 
     async def health(self, request: web.Request) -> web.Response:
         return web.Response(text="")
