@@ -203,12 +203,10 @@ def _offset_after(lp: Any) -> int:
     return 0
 
 
-def _join_logprobs(a: Any, b: Any, shifted: bool = False) -> Any:
-    """Completion logprobs ``a`` then ``b`` (``shifted``: b's text_offset already continue a's)."""
+def _join_logprobs(a: Any, b: Any) -> Any:
+    """Completion logprobs ``a`` then ``b`` (b's text_offset already continue a's: decode_chunk shifted them)."""
     if not isinstance(a, dict) or not isinstance(b, dict):
         return a if b is None else b
-    if not shifted:
-        b = _shift_offsets(b, _offset_after(a))
     return {k: (a.get(k) or []) + (b.get(k) or []) for k in ("text_offset", "token_logprobs", "tokens", "top_logprobs")}
 
 
@@ -365,7 +363,7 @@ def collect(st: StreamState, chunks: list[dict]) -> dict:
     for obj in chunks:
         for c in obj["choices"]:
             text.append((c.get("delta") or {}).get("content") or "" if st.first.chat else c.get("text") or "")
-            lp = _join_logprobs(lp, c.get("logprobs"), shifted=True)
+            lp = _join_logprobs(lp, c.get("logprobs"))
             ids += c.get("token_ids") or []
             if c.get("finish_reason") is not None:
                 finish, stop_reason = c["finish_reason"], c.get("stop_reason")

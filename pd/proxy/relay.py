@@ -34,7 +34,7 @@ from aiohttp import web
 from pd.coordinator.timeline import wall_ms
 from pd.proxy import first_token as ft
 from pd.proxy.metrics import ProxyMetrics
-from pd.proxy.relay_first import COMPLETE, FirstTokenFlow
+from pd.proxy.relay_first import COMPLETE, SSE, FirstTokenFlow
 from pd.proxy.relay_first import ClientGone as _ClientGone
 from pd.proxy.routing import (
     Pool,
@@ -48,7 +48,6 @@ from pd.proxy.routing import (
 from pd.proxy.timeline import ProxyTimeline
 
 logger = logging.getLogger("pd.proxy")
-SSE = "text/event-stream"
 DONE_EVENT = b"data: [DONE]"
 
 

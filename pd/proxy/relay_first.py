@@ -29,7 +29,6 @@ from pd.proxy.routing import UpstreamError
 logger = logging.getLogger("pd.proxy")
 
 SSE = "text/event-stream"
-COMPLETIONS = "/v1/completions"
 
 
 # request key: the client had the whole answer before it went away
@@ -71,7 +70,7 @@ class FirstTokenFlow:
         self.metrics.path("prefill")
         d_url = self.decode.pick()
         with self.decode.track(d_url):
-            decode = self._spawn(self._start(request, "decode", d_url, COMPLETIONS,
+            decode = self._spawn(self._start(request, "decode", d_url, ft.COMPLETIONS,
                                              ft.decode_body(endpoint, body, first, pd_id), pd_id))
             try:
                 if body.get("stream"):
