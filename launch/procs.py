@@ -148,6 +148,10 @@ def check_config(dep: DeploymentConfig) -> None:
     if dep.vllm.device == "cpu" and bs % CPU_BLOCK_MULTIPLE:
         raise ConfigError(f"vllm.block_size: {bs} is not allowed; vLLM's CPU attention needs a multiple of "
                           f"{CPU_BLOCK_MULTIPLE}")
+    t = dep.connector.transport
+    if dep.mode == "pd" and t.kind == "shm" and t.shm_memory == "gpu" and dep.vllm.device == "cpu":
+        raise ConfigError("connector.transport.shm_memory: gpu keeps chunks in the prefill's GPU memory; "
+                          "vllm.device is cpu; allowed there: host")
     if dep.mode == "pd" and dep.connector.chunk_size % bs:
         raise ConfigError(f"connector.chunk_size: {dep.connector.chunk_size} is not a multiple of "
                           f"vllm.block_size ({bs})")

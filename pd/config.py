@@ -66,6 +66,12 @@ class ConnectorConfig:
     chunk_size: int = field(default=256, metadata=rng(1, 1 << 20))
     # How long decode waits for READY from prefill before giving up (-> recompute).
     wait_timeout_s: float = field(default=60.0, metadata=rng(0.01, 3600))
+    # "ready": a decode request whose transfer is wholly in the transport when vLLM admits it (the
+    # first-token path's usual case: the prefill has answered) loads its KV in that same engine
+    # step, before the forward, instead of asynchronously over the coordinator (no WAIT, no step
+    # to report it done); the engine waits for that load (with the shm transport only, which can
+    # tell cheaply). "never": every load asynchronous.
+    sync_load: str = field(default="ready", metadata=choices("ready", "never"))
     # How long one batched transport get may take.
     load_timeout_s: float = field(default=30.0, metadata=rng(0.01, 3600))
     heartbeat_interval_s: float = field(default=2.0, metadata=rng(0.1, 600))

@@ -33,6 +33,8 @@ import struct
 
 import numpy as np
 
+from transport import shm_gpu
+
 log = logging.getLogger(__name__)
 
 PAGE = 4096
@@ -119,11 +121,11 @@ class Mapping:
     keep ``holds`` under their own lock.
     """
 
-    def __init__(self, path: str, fd: int, size: int, owner: bool) -> None:
+    def __init__(self, path: str, fd: int, size: int, owner: bool, populate: bool = True) -> None:
         self.path, self.name, self.fd, self.size, self.owner = path, os.path.basename(path), fd, size, owner
-        self.mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | _POPULATE,
+        self.mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | (_POPULATE if populate else 0),
                             prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        if not _POPULATE:  # fault every page in now, in C (no Python loop per page)
+        if populate and not _POPULATE:  # fault every page in now, in C (no Python loop per page)
             pages = np.frombuffer(self.mm, np.uint8)[::PAGE]
             if owner:
                 pages[:] = 0  # a fresh file: zeros already, but a write fault allocates the page
@@ -136,14 +138,27 @@ class Mapping:
         self.holds = 0
         self.retired = False
         self.pinned = False
+        self.dev = None  # a GPU arena's device buffer (values at the slots' offsets); None: in ``mm``
 
     @classmethod
-    def create(cls, path: str, size: int) -> "Mapping":
-        """A new arena file of ``size`` bytes, allocated and faulted in (OSError if no room)."""
+    def create(cls, path: str, size: int, device=None) -> "Mapping":
+        """A new arena file of ``size`` bytes, allocated and faulted in (OSError if no room).
+        With a CUDA ``device``: a GPU arena (``transport/shm_gpu.py``), the file sparse and the
+        values in a device buffer, described in page 0 (GpuArenaError if it cannot be made)."""
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.posix_fallocate(fd, 0, size)
-            return cls(path, fd, size, owner=True)
+            if device is None:
+                os.posix_fallocate(fd, 0, size)
+                return cls(path, fd, size, owner=True)
+            os.ftruncate(fd, size)  # sparse: only the header pages are ever touched
+            m = cls(path, fd, size, owner=True, populate=False)
+            try:
+                m.dev, head = shm_gpu.create(m.name, size, device)
+            except BaseException:
+                m.close()
+                raise
+            m.mm[: len(head)] = head
+            return m
         except BaseException:
             os.close(fd)
             try:
@@ -153,16 +168,27 @@ class Mapping:
             raise
 
     @classmethod
-    def open(cls, path: str) -> "Mapping":
+    def open(cls, path: str, device=None) -> "Mapping":
+        """Map another producer's arena; a GPU arena's buffer is mapped on ``device`` (a CUDA
+        device of this process; GpuArenaError without one, or where it cannot be mapped)."""
         fd = os.open(path, os.O_RDWR)
         try:
             size = os.fstat(fd).st_size
             if size < PAGE:
                 raise OSError(f"arena {path} is too small ({size} bytes)")
-            return cls(path, fd, size, owner=False)
+            head = os.pread(fd, PAGE, 0)
+            gpu = shm_gpu.is_gpu_arena(head)
+            m = cls(path, fd, size, owner=False, populate=not gpu)
         except BaseException:
             os.close(fd)
             raise
+        if gpu:
+            try:
+                m.dev = shm_gpu.open_buffer(m.name, head, size, device)
+            except BaseException:
+                m.close()
+                raise
+        return m
 
     # -- slot headers --------------------------------------------------------------------
     def get_stamp(self, off: int) -> int:
@@ -191,15 +217,24 @@ class Mapping:
         return self.u64[offs // 8 + _DELETED // 8]
 
     # -- data ----------------------------------------------------------------------------
-    def view(self, off: int, length: int) -> memoryview:
-        """Writable 1-D uint8 view of the value of the slot at ``off``."""
+    def view(self, off: int, length: int):
+        """Writable 1-D uint8 view of the value of the slot at ``off``: a memoryview, or for a
+        GPU arena a uint8 CUDA tensor."""
+        if self.dev is not None:
+            return self.dev[off + HEADER : off + HEADER + length]
         return self.mv[off + HEADER : off + HEADER + length]
 
-    def copy_in(self, off: int, src_addr: int, length: int) -> None:
-        ctypes.memmove(self.addr + off + HEADER, src_addr, length)  # releases the GIL
+    def copy_in(self, off: int, src: memoryview) -> None:
+        """Copy the bytes of ``src`` into the value of the slot at ``off`` (done on return)."""
+        if self.dev is not None:
+            return shm_gpu.copy(self.view(off, src.nbytes), src)
+        ctypes.memmove(self.addr + off + HEADER, buffer_address(src), src.nbytes)  # releases the GIL
 
-    def copy_out(self, off: int, dst_addr: int, length: int) -> None:
-        ctypes.memmove(dst_addr, self.addr + off + HEADER, length)
+    def copy_out(self, off: int, dst: memoryview, length: int) -> None:
+        """Copy the first ``length`` bytes of the slot's value into ``dst`` (done on return)."""
+        if self.dev is not None:
+            return shm_gpu.copy(dst[:length], self.view(off, length))
+        ctypes.memmove(buffer_address(dst), self.addr + off + HEADER, length)
 
     def exists(self) -> bool:
         """Whether the arena file is still linked (the owner or a cleanup may have removed it)."""
@@ -212,6 +247,8 @@ class Mapping:
     def pin(self) -> int:
         """Page-lock the mapping for CUDA (``cudaHostRegister``, portable: every device's context
         sees it pinned, whichever device the calling thread has current); the cudaError, 0 = ok."""
+        if self.dev is not None:  # a GPU arena: its file holds headers only, nothing to pin
+            return 0
         import torch  # only pin_cuda instances get here
 
         rc = int(torch.cuda.cudart().cudaHostRegister(self.addr, self.size, 1))
@@ -223,6 +260,10 @@ class Mapping:
     def close(self) -> None:
         """Unpin and unmap (holds must be 0). Views the caller still keeps (e.g. a tensor made
         from a released view) keep the memory mapped until they are freed: never an error."""
+        if self.dev is not None:
+            if self.owner:
+                shm_gpu.forget(self.name)
+            self.dev = None  # the buffer goes (an IPC mapping closes) with its last tensor
         if self.pinned:
             import torch
 

@@ -166,6 +166,10 @@ class TransportConfig:
     pool_size_mb: int = field(default=1024, metadata=rng(1, 1 << 20))
     # Directory for the shm pool (a tmpfs); each deployment uses its own sub-directory.
     shm_dir: str = "/dev/shm"
+    # Where a prefill keeps its shm chunks: host (shared memory, CUDA-pinned on a GPU) or gpu (its
+    # GPU's memory, pool_size_mb of it; decode reads them device to device through CUDA IPC, on
+    # the same GPU or one with peer access; needs vLLM on CUDA). See transport/shm_gpu.py.
+    shm_memory: str = field(default="host", metadata=choices("host", "gpu"))
     # Deployment name: the pool lives in <shm_dir>/pdkv-<name>.
     name: str = "default"
     # Kind mooncake only.

@@ -31,7 +31,7 @@ import uuid
 from typing import Any, Sequence
 
 from transport import shm_index as index
-from transport.arena import COMMITTED, Mapping, buffer_address, key_digest16, stamp
+from transport.arena import COMMITTED, Mapping, key_digest16, stamp
 from transport.base import (
     TransportError,
     check_buffers,
@@ -109,16 +109,23 @@ class ShmTransport:
     guards_reads = True
     zero_copy = True
 
-    def __init__(self, cfg: Any, pin_cuda: bool = False) -> None:
+    def __init__(self, cfg: Any, pin_cuda: bool = False, device: Any = None) -> None:
         self.path = pool_dir(cfg)
         self.location = f"shm:{self.path}"
         self.budget = int(cfg.pool_size_mb) << 20
         self.pin_cuda = pin_cuda
+        self.gpu = getattr(cfg, "shm_memory", "host") == "gpu"
+        if self.gpu and (device is None or str(device).split(":")[0] != "cuda"):
+            raise TransportError(f"connector.transport.shm_memory: gpu keeps the chunks in the producer's GPU "
+                                 f"memory and needs a CUDA device; this instance runs on {device or 'the CPU'}; "
+                                 "allowed here: host")
         self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
         self._uid = uuid.uuid4().hex[:8]  # temporary link names: unique across instances
         self._lock = threading.Lock()
-        self._maps = MapCache(self.path, self._lock, pin_cuda)
-        self._own = ArenaOwner(self.path, self.budget, self._maps, self.stats, self._link, self._uid)
+        # A reader with a CUDA device maps any producer's GPU arena; one without sees its keys miss.
+        self._maps = MapCache(self.path, self._lock, pin_cuda, device)
+        self._own = ArenaOwner(self.path, self.budget, self._maps, self.stats, self._link, self._uid,
+                               device if self.gpu else None)
         try:
             os.makedirs(self.path, mode=0o700, exist_ok=True)
             st = os.stat(self.path)
@@ -141,7 +148,7 @@ class ShmTransport:
             m, e = got
             try:
                 if e.size:
-                    m.copy_in(e.off, buffer_address(mv), e.size)
+                    m.copy_in(e.off, mv)
             except BaseException:
                 self._commit(m, e, False)
                 raise
@@ -168,7 +175,7 @@ class ShmTransport:
             n = 0
             try:
                 if 0 < length <= mv.nbytes:
-                    m.copy_out(off, buffer_address(mv), length)
+                    m.copy_out(off, mv, length)
                     n = length if m.get_stamp(off) == stamp(seq, COMMITTED) else 0
                     races += not n
             finally:

@@ -13,7 +13,7 @@ import logging
 import os
 import re
 import shutil
-from typing import Any
+from typing import Any, Sequence
 
 from common.process import pid_alive
 
@@ -92,6 +92,17 @@ def parse_target(target: str) -> tuple[str, int, int, int]:
     if not _ARENA_RE.fullmatch(name):
         raise ValueError(f"not an arena: {name!r}")
     return name, int(off), int(length), int(seq)
+
+
+def all_linked(path: str, keys: Sequence[str]) -> bool:
+    """Whether every key has an index link in pool ``path`` now (each was committed, and not
+    evicted or consumed since): one readlink per key, nothing mapped."""
+    for key in keys:
+        try:
+            parse_target(os.readlink(os.path.join(path, key_to_name(key))))
+        except (OSError, ValueError):
+            return False
+    return True
 
 
 def read_link(link: str) -> str:

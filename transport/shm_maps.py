@@ -14,6 +14,7 @@ import threading
 import time
 
 from transport.arena import Mapping
+from transport.shm_gpu import GpuArenaError
 
 log = logging.getLogger(__name__)
 
@@ -23,12 +24,13 @@ SWEEP_S = 2.0
 class MapCache:
     """Name -> ``Mapping``; shares the transport's lock (``lock``)."""
 
-    def __init__(self, path: str, lock: threading.Lock, pin_cuda: bool) -> None:
-        self.path, self.lock, self.pin_cuda = path, lock, pin_cuda
+    def __init__(self, path: str, lock: threading.Lock, pin_cuda: bool, device=None) -> None:
+        self.path, self.lock, self.pin_cuda, self.device = path, lock, pin_cuda, device
         self.maps: dict[str, Mapping] = {}
         self.closed = False
         self._sweep_at = 0.0
         self._pin_failed = False
+        self._unmappable: set[str] = set()  # GPU arenas this reader could not map (warned once)
 
     def add_own(self, m: Mapping) -> None:
         """(lock held) Cache the instance's own new arena (it was pinned by the caller)."""
@@ -38,14 +40,19 @@ class MapCache:
         """The mapping of arena ``name`` with one more hold, mapping it first if needed
         (None if it cannot be mapped, or after close). The caller must ``unhold`` it."""
         with self.lock:
-            if self.closed:
+            if self.closed or name in self._unmappable:
                 return None
             m = self.maps.get(name)
             if m is not None:
                 m.holds += 1
                 return m
         try:  # map outside the lock: faulting a large arena in takes a while
-            new = Mapping.open(os.path.join(self.path, name))
+            new = Mapping.open(os.path.join(self.path, name), self.device)
+        except GpuArenaError as e:
+            if name not in self._unmappable:
+                self._unmappable.add(name)
+                log.warning("shm pool %s: %s; its chunks are read as misses", self.path, e)
+            return None
         except (OSError, ValueError):
             return None
         with self.lock:

@@ -23,6 +23,7 @@ from transport import shm_index as index
 from transport.arena import (
     COMMITTED,
     FREED,
+    PAGE,
     FirstFit,
     Mapping,
     key_digest16,
@@ -54,8 +55,9 @@ class Call:
 
 class ArenaOwner:
     def __init__(self, path: str, budget: int, maps: MapCache, stats: dict[str, int],
-                 link: Callable[[str], str], uid: str) -> None:
+                 link: Callable[[str], str], uid: str, device=None) -> None:
         self.path, self.budget, self.maps, self.stats, self.link, self.uid = path, budget, maps, stats, link, uid
+        self.device = device  # a CUDA device: values in a GPU arena (transport/shm_gpu.py)
         self.arena: Mapping | None = None
         self.alloc: FirstFit | None = None
         self.committed: OrderedDict[int, Entry] = OrderedDict()  # offset -> entry, oldest first
@@ -110,7 +112,7 @@ class ArenaOwner:
             path = os.path.join(self.path, f"{index.ARENA_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}")
             try:
                 os.makedirs(self.path, mode=0o700, exist_ok=True)
-                a = Mapping.create(path, self.budget)
+                a = Mapping.create(path, self.budget, self.device)
             except (OSError, ValueError) as e:
                 self._retry_at = time.monotonic() + RETRY_ARENA_S
                 self.stats["put_errors"] += 1
@@ -123,6 +125,8 @@ class ArenaOwner:
             self.maps.pin(a)
             self.maps.add_own(a)
             self.arena, self.alloc = a, FirstFit(a.size)
+            if a.dev is not None:
+                self.alloc.alloc(PAGE)  # page 0 describes the GPU buffer: never a slot
             self.reserved.clear()  # slots of a removed arena fail at commit
             self.reserved_bytes = 0
             self.stats["arenas"] += 1

@@ -51,8 +51,10 @@ from pd.config import DeploymentConfig
 from pd.coordinator import timeline
 
 NIXL_SIDE_CHANNEL_BASE = 5600
-GPU_MODES = ("pd", "colocated", "nixl", "pd_old")
-PD_MODES = ("pd", "pd_old")  # pd_old: pdkv with the old flow (proxy.first_token decode), for comparison
+GPU_MODES = ("pd", "colocated", "nixl", "pd_old", "pd_host")
+# pd_old: pdkv with the old flow (proxy.first_token decode); pd_host: pdkv with its shm chunks in
+# shared host memory (connector.transport.shm_memory host) instead of the prefill's GPU memory.
+PD_MODES = ("pd", "pd_old", "pd_host")
 
 
 def add_gpu_arguments(p: argparse.ArgumentParser) -> None:
@@ -68,6 +70,9 @@ def add_gpu_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pool-mb", type=int, default=16384,
                    help="pdkv connector.transport.pool_size_mb (default 16384: an 8k-token prompt of an "
                         "8B model is 1 GiB of KV, and several are in flight under load)")
+    g.add_argument("--gpu-pool-mb", type=int, default=4096,
+                   help="the same for modes pd and pd_old, whose shm chunks live in the prefill's GPU memory "
+                        "(connector.transport.shm_memory gpu; default 4096: taken from the GPU, beside the KV cache)")
     g.add_argument("--max-num-seqs", type=int, default=64, help="(default 64)")
     g.add_argument("--prefill-step-tokens", type=int, default=2048,
                    help="pdkv's prefill instance: --max-num-batched-tokens, so a long prompt is prefilled "
@@ -99,8 +104,10 @@ def gpu_deployment(mode: str, model: str, args, n_gpus: int) -> DeploymentConfig
     if mode in PD_MODES:
         if mode == "pd_old":
             over["proxy"]["first_token"] = "decode"
+        gpu_memory = mode != "pd_host"
         over["connector"] = {"chunk_size": args.chunk_size,
-                             "transport": {"name": "bench", "pool_size_mb": args.pool_mb}}
+                             "transport": {"name": "bench", "pool_size_mb": args.gpu_pool_mb if gpu_memory else args.pool_mb,
+                                           "shm_memory": "gpu" if gpu_memory else "host"}}
         if args.prefill_step_tokens:
             over["prefill"]["extra_args"] = ["--max-num-batched-tokens", str(args.prefill_step_tokens)]
     else:

@@ -29,9 +29,9 @@ import time
 
 import torch
 
-from pd.connector import chunk as chunkfmt
-from pd.connector.chunk import HEADER_SIZE
-from pd.connector.keys import layout_fingerprint
+from pd.connector.chunk import HEADER_SIZE, Chunking
+from pd.connector.codec import ChunkCodec
+from pd.connector.keys import chunk_key, layout_fingerprint
 from pd.connector.kv_layout import KVLayout, StagingPool
 from transport.config import TransportConfig
 from transport.shm import ShmTransport
@@ -85,13 +85,19 @@ def run(args) -> int:
     if groups < 1 or args.kv_heads % groups:
         raise ValueError(f"--head-groups {groups}: must be >= 1 and divide --kv-heads {args.kv_heads}")
     checksum = args.checksum == "always" or (args.checksum == "auto" and device.type != "cuda")
+    gpu_row = xfer and device.type == "cuda"
     if xfer:
         print(f"# end to end: gather -> shm slot -> scatter, payload checksums {'on' if checksum else 'off'}")
+    if gpu_row:
+        print("# GPU memory: the same through a GPU arena (connector.transport.shm_memory gpu), device to device; "
+              "both ends in this process, so the reader uses the producer's buffer, not its CUDA IPC mapping")
     print("| block | chunk tokens | chunk MB | gather GB/s | plain copy GB/s | gather/copy | scatter GB/s | "
           "plain copy GB/s | scatter/copy |" + (" transfer GB/s | plain 2 copies GB/s | transfer/copies |" if xfer else "")
+          + (" GPU-memory transfer GB/s | plain D2D copy_ GB/s | /1 copy_ | /2 copies_ |" if gpu_row else "")
           + (f" gather as {groups} groups GB/s | /full gather | scatter from {groups} groups GB/s | /full scatter |"
              if groups > 1 else ""))
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if xfer else "")
+          + ("---:|---:|---:|---:|" if gpu_row else "")
           + ("---:|---:|---:|---:|" if groups > 1 else ""))
     for bs in (int(x) for x in args.block_sizes.split(",")):
         _block_size(args, bs, device, dtype, checksum)
@@ -122,6 +128,8 @@ def _block_size(args, bs: int, device: torch.device, dtype: torch.dtype, checksu
             if not ok:
                 raise RuntimeError("end-to-end transfer moved wrong bytes")
             row += f" {n_bytes / t_xfer / 1e9:.2f} | {n_bytes / t_copies / 1e9:.2f} | {t_copies / t_xfer:.2f} |"
+            if device.type == "cuda":
+                row += _gpu_memory_cells(layout, dst_layout, ids, nb, n_bytes, device, args.iters, checksum)
         if groups > 1:
             row += _grouped(layout, ids, nb, n_bytes, groups, t_gather, t_scatter, device, args.iters)
         print(row)
@@ -164,26 +172,30 @@ def args_first(args) -> int:
 
 
 def _time_transfer(src: KVLayout, dst: KVLayout, ids: torch.Tensor, nb: int, n_bytes: int,
-                   device: torch.device, iters: int, checksum: bool) -> tuple[float, bool]:
-    """Median seconds of one chunk moved as the connector moves it through the shm transport."""
+                   device: torch.device, iters: int, checksum: bool, memory: str = "host") -> tuple[float, bool]:
+    """Median seconds of one chunk moved as the connector moves it through the shm transport
+    (its ``ChunkCodec``: gather into a reserved slot, header, commit; acquire, check, scatter,
+    release), the slots in shared host memory or (``memory`` gpu) in a GPU arena."""
     size = HEADER_SIZE + n_bytes
-    fp, kh = layout_fingerprint(bench="kv"), b"K" * 16
+    fp, key = layout_fingerprint(bench="kv"), chunk_key("bench", 0, b"K" * 16)
     dst_ids = ids.flip(0)
+    chunking = Chunking(nb * src.block_size, src.block_size)
+    put, get = (ChunkCodec(lay, chunking, "bench", fp, checksum, (0,), 1) for lay in (src, dst))
     with tempfile.TemporaryDirectory(dir="/dev/shm") as shm_dir:
-        cfg = TransportConfig(pool_size_mb=max(64, -(-2 * size // (1 << 20))), shm_dir=shm_dir, name="bench-kv")
-        pin = {"pin_cuda": True} if device.type == "cuda" else {}
+        cfg = TransportConfig(pool_size_mb=max(64, -(-2 * size // (1 << 20))), shm_dir=shm_dir, name="bench-kv",
+                              shm_memory=memory)
+        pin = {"pin_cuda": True, "device": device} if device.type == "cuda" else {}
         prod, cons = ShmTransport(cfg, **pin), ShmTransport(cfg, **pin)
         try:
             def once() -> None:
-                (slot,) = prod.reserve(["k"], [size])
-                src.gather(ids, src.payload_view(torch.frombuffer(slot.view, dtype=torch.uint8), nb))
-                chunkfmt.write_header(slot.view, fp, kh, nb * src.block_size, nb, n_bytes, with_checksum=checksum)
+                (slot,) = prod.reserve([key], [size])
+                put.gather_into(slot.view, ids, key, nb * src.block_size, nb, 0)
                 assert prod.commit([slot]) == [True]
-                (read,) = cons.acquire(["k"])
-                chunkfmt.verify(read.view, fp, kh, n_bytes)
-                dst.scatter(dst_ids, dst.payload_view(torch.frombuffer(read.view, dtype=torch.uint8), nb))
+                (read,) = cons.acquire([key])
+                get.verify(read.view, key, size, nb)
+                get.scatter_from(read.view, dst_ids, nb, 0, 0)
                 assert cons.release([read]) == [True]
-                cons.delete(["k"])
+                cons.delete([key])
 
             t = _time(once, device, iters)
             ok = all(torch.equal(a[ids], b[dst_ids]) for a, b in zip(src.pages, dst.pages))
@@ -191,6 +203,21 @@ def _time_transfer(src: KVLayout, dst: KVLayout, ids: torch.Tensor, nb: int, n_b
             cons.close()
             prod.close()
     return t, ok
+
+
+def _gpu_memory_cells(src: KVLayout, dst: KVLayout, ids: torch.Tensor, nb: int, n_bytes: int,
+                      device: torch.device, iters: int, checksum: bool) -> str:
+    """Table cells: the chunk moved through a GPU arena (``shm_memory: gpu``) beside one plain
+    device-to-device ``copy_`` of the same bytes and beside two (a gather and a scatter each
+    move the bytes once)."""
+    t_xfer, ok = _time_transfer(src, dst, ids, nb, n_bytes, device, iters, checksum, memory="gpu")
+    if not ok:
+        raise RuntimeError("end-to-end transfer through GPU memory moved wrong bytes")
+    a = torch.empty(n_bytes, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    t_copy = _time(lambda: b.copy_(a), device, iters)
+    return (f" {n_bytes / t_xfer / 1e9:.2f} | {n_bytes / t_copy / 1e9:.2f} | {t_copy / t_xfer:.2f} | "
+            f"{2 * t_copy / t_xfer:.2f} |")
 
 
 def _peer_copy(n_bytes: int, iters: int, tokens: int) -> None:

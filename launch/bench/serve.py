@@ -66,7 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--colocated", type=int, default=2, help="colocated instances (default 2)")
     p.add_argument("--modes", default="pd,colocated",
                    help="modes to run, in order (default pd,colocated; pd_old: pdkv with the old flow, where "
-                        "decode samples token 1; --device cuda also nixl)")
+                        "decode samples token 1; --device cuda also nixl, and pd_host: pd with its shm chunks in host memory)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--port", type=int, default=8000, help="proxy port (default 8000)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",

@@ -42,9 +42,17 @@ def write_header(buf: memoryview, fingerprint: bytes, key_hash: bytes, n_tokens:
     payload = buf[HEADER_SIZE : HEADER_SIZE + payload_len]
     if len(payload) != payload_len:
         raise ValueError(f"buffer holds {len(payload)} payload bytes, expected {payload_len}")
-    _FMT.pack_into(buf, 0, MAGIC, VERSION, HEADER_SIZE, FLAG_CHECKSUM if with_checksum else 0, fingerprint,
-                   key_hash, n_tokens, n_blocks, payload_len, checksum(payload) if with_checksum else 0)
-    buf[_FMT.size:HEADER_SIZE] = bytes(HEADER_SIZE - _FMT.size)
+    buf[:HEADER_SIZE] = pack_header(fingerprint, key_hash, n_tokens, n_blocks, payload_len,
+                                    checksum(payload) if with_checksum else None)
+
+
+def pack_header(fingerprint: bytes, key_hash: bytes, n_tokens: int, n_blocks: int, payload_len: int,
+                csum: int | None) -> bytes:
+    """The ``HEADER_SIZE`` header bytes of a chunk (``csum``: its payload's checksum, None = none)."""
+    head = bytearray(HEADER_SIZE)
+    _FMT.pack_into(head, 0, MAGIC, VERSION, HEADER_SIZE, 0 if csum is None else FLAG_CHECKSUM, fingerprint,
+                   key_hash, n_tokens, n_blocks, payload_len, csum or 0)
+    return bytes(head)
 
 
 def read_header(buf) -> tuple:
@@ -56,7 +64,20 @@ def read_header(buf) -> tuple:
 def verify(buf: memoryview, fingerprint: bytes, key_hash: bytes, expect_payload: int | None = None,
            expect_blocks: int | None = None) -> tuple[int, int, memoryview]:
     """Validate a chunk; return ``(n_tokens, n_blocks, payload view)`` or raise ChunkError."""
-    magic, version, hsize, flags, fp, kh, n_tokens, n_blocks, plen, csum = read_header(buf)
+    head = read_header(buf)
+    flags, n_tokens, n_blocks, plen, csum = check_header(head, len(buf), fingerprint, key_hash, expect_payload,
+                                                         expect_blocks)
+    payload = buf[HEADER_SIZE : HEADER_SIZE + plen]
+    if flags & FLAG_CHECKSUM and checksum(payload) != csum:
+        raise ChunkError("checksum mismatch (corrupt chunk)")
+    return n_tokens, n_blocks, payload
+
+
+def check_header(head: tuple, size: int, fingerprint: bytes, key_hash: bytes, expect_payload: int | None = None,
+                 expect_blocks: int | None = None) -> tuple[int, int, int, int, int]:
+    """Check a ``read_header`` tuple of a chunk of ``size`` bytes (all but the checksum);
+    ``(flags, n_tokens, n_blocks, payload_len, checksum)`` or ChunkError."""
+    magic, version, hsize, flags, fp, kh, n_tokens, n_blocks, plen, csum = head
     if magic != MAGIC:
         raise ChunkError("bad magic (not a pdkv chunk)")
     if version != VERSION or hsize != HEADER_SIZE or flags & ~FLAG_CHECKSUM:
@@ -69,12 +90,9 @@ def verify(buf: memoryview, fingerprint: bytes, key_hash: bytes, expect_payload:
         raise ChunkError(f"payload length {plen} != expected {expect_payload}")
     if expect_blocks is not None and n_blocks != expect_blocks:
         raise ChunkError(f"chunk has {n_blocks} blocks, expected {expect_blocks}")
-    payload = buf[HEADER_SIZE : HEADER_SIZE + plen]
-    if len(payload) != plen:
-        raise ChunkError(f"chunk truncated: payload {len(payload)} of {plen} bytes")
-    if flags & FLAG_CHECKSUM and checksum(payload) != csum:
-        raise ChunkError("checksum mismatch (corrupt chunk)")
-    return n_tokens, n_blocks, payload
+    if size - HEADER_SIZE < plen:
+        raise ChunkError(f"chunk truncated: payload {max(0, size - HEADER_SIZE)} of {plen} bytes")
+    return flags, n_tokens, n_blocks, plen, csum
 
 
 @dataclass(frozen=True)

@@ -48,28 +48,51 @@ class ChunkCodec:
         """Bytes of one head group's chunk of ``n_blocks`` blocks."""
         return chunkfmt.HEADER_SIZE + self.layout.chunk_payload_bytes(n_blocks, self.parts)
 
-    def gather_into(self, view: memoryview, blocks: torch.Tensor, key: str, toks: int, nb: int,
-                    group: int) -> None:
-        """Gather one chunk's blocks (of head ``group``) into ``view`` and write its header."""
+    def gather_into(self, view, blocks: torch.Tensor, key: str, toks: int, nb: int, group: int) -> None:
+        """Gather one chunk's blocks (of head ``group``) into ``view`` and write its header.
+        ``view``: a byte memoryview, or a uint8 CUDA tensor (a GPU arena's slot: gathered device
+        to device, the header copied in after it)."""
         layout, part = self.layout, self.part(group)
-        slab = torch.frombuffer(view, dtype=torch.uint8)
+        slab = _as_bytes(view)
         if part is None:
             layout.gather(blocks, layout.payload_view(slab, nb))
         else:
             layout.gather(blocks, layout.payload_view(slab, nb, part[1]), part)
-        chunkfmt.write_header(view, self.fingerprint, key_digest(key), toks, nb,
-                              len(view) - chunkfmt.HEADER_SIZE, with_checksum=self.checksum)
+        plen = len(view) - chunkfmt.HEADER_SIZE
+        if not slab.is_cuda:
+            chunkfmt.write_header(view, self.fingerprint, key_digest(key), toks, nb, plen,
+                                  with_checksum=self.checksum)
+            return
+        csum = chunkfmt.checksum(layout.to_host(slab[chunkfmt.HEADER_SIZE:])) if self.checksum else None
+        head = chunkfmt.pack_header(self.fingerprint, key_digest(key), toks, nb, plen, csum)
+        layout.from_host(slab[: chunkfmt.HEADER_SIZE], head)
 
-    def scatter_from(self, view: memoryview, blocks: torch.Tensor, nb: int, skip: int, group: int) -> None:
+    def scatter_from(self, view, blocks: torch.Tensor, nb: int, skip: int, group: int) -> None:
         """Scatter a checked chunk of ``nb`` blocks (head ``group``) in ``view`` into ``blocks``,
         the chunk's blocks from its ``skip``-th on (those before hold valid KV already)."""
         layout, part = self.layout, self.part(group)
-        slab = torch.frombuffer(view, dtype=torch.uint8)
+        slab = _as_bytes(view)
         if part is None:
             layout.scatter(blocks, layout.payload_view(slab, nb)[:, skip:])
         else:
             layout.scatter(blocks, layout.payload_view(slab, nb, part[1])[:, skip:], part)
 
-    def verify(self, view: memoryview, key: str, size: int, nb: int) -> None:
-        """Raise ``ChunkError`` unless ``view`` holds chunk ``key`` intact (``size`` bytes)."""
-        chunkfmt.verify(view, self.fingerprint, key_digest(key), size - chunkfmt.HEADER_SIZE, nb)
+    def verify(self, view, key: str, size: int, nb: int) -> None:
+        """Raise ``ChunkError`` unless ``view`` holds chunk ``key`` intact (``size`` bytes). A
+        CUDA view: its header is copied to the host (and the payload too if it has a checksum)."""
+        if not isinstance(view, torch.Tensor):
+            chunkfmt.verify(view, self.fingerprint, key_digest(key), size - chunkfmt.HEADER_SIZE, nb)
+            return
+        if len(view) < chunkfmt.HEADER_SIZE:
+            raise chunkfmt.ChunkError(f"chunk truncated: {len(view)} bytes, header needs {chunkfmt.HEADER_SIZE}")
+        head = chunkfmt.read_header(self.layout.to_host(view[: chunkfmt.HEADER_SIZE]))
+        flags, _t, _b, plen, csum = chunkfmt.check_header(head, len(view), self.fingerprint, key_digest(key),
+                                                          size - chunkfmt.HEADER_SIZE, nb)
+        payload = view[chunkfmt.HEADER_SIZE : chunkfmt.HEADER_SIZE + plen]
+        if flags & chunkfmt.FLAG_CHECKSUM and chunkfmt.checksum(self.layout.to_host(payload)) != csum:
+            raise chunkfmt.ChunkError("checksum mismatch (corrupt chunk)")
+
+
+def _as_bytes(view) -> torch.Tensor:
+    """A chunk's buffer as a 1-D uint8 tensor (a CUDA slot already is one)."""
+    return view if isinstance(view, torch.Tensor) else torch.frombuffer(view, dtype=torch.uint8)

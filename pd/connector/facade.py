@@ -56,7 +56,7 @@ from pd.connector.worker import WorkerConfig, WorkerSide
 from pd.coordinator.client import CoordinatorClient, InstanceAgent
 from pd.coordinator.curve import client_keys_for
 from store import make_store
-from transport import make_transport
+from transport import make_transport, published_check
 
 logger = logging.getLogger("pd.connector")
 
@@ -140,8 +140,10 @@ class PDConnector(KVConnectorBase_V1):
         if role == KVConnectorRole.SCHEDULER:
             # The scheduler only looks keys up (prefix reuse); group 0's chunks stand for all.
             store = make_store(self.cfg.store, 0, writer=False)
+            published = published_check(self.cfg.transport) if self.cfg.sync_load == "ready" else None
             self._sched = SchedulerSide(self.block_size, ktc.is_kv_producer, ktc.is_kv_consumer,
-                                        store=store, namespace=self.namespace, chunk_size=self.cfg.chunk_size)
+                                        store=store, namespace=self.namespace, chunk_size=self.cfg.chunk_size,
+                                        published=published, groups=self.heads.groups)
         else:
             self._worker = self._make_worker(vllm_config, ktc)
 
@@ -151,7 +153,8 @@ class PDConnector(KVConnectorBase_V1):
         # DMA straight into and out of it.
         on_gpu = str(vllm_config.device_config.device_type) == "cuda"
         keys = client_keys_for(self.cfg)  # CurveZMQ keys (coordinator_keys_dir) or None; missing files: ConfigError
-        transport = make_transport(self.cfg.transport, **({"pin_cuda": True} if on_gpu else {}))
+        device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else None
+        transport = make_transport(self.cfg.transport, **({"pin_cuda": True, "device": device} if on_gpu else {}))
         coord = CoordinatorClient(self.cfg.coordinator, keys=keys)
         role = {"kv_producer": "prefill", "kv_consumer": "decode"}.get(ktc.kv_role, "both")
         instance = self.cfg.instance_id or f"{role}-{id(self):x}"

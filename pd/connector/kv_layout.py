@@ -234,19 +234,37 @@ class KVLayout:
         if self.device.type == "cpu":
             return self._gather(block_ids, out, part)
         with torch.cuda.stream(self._stream()):
-            dev = torch.empty(out.shape, dtype=out.dtype, device=self.device)
-            self._gather(block_ids.to(self.device, non_blocking=True), dev, part)
-            out.copy_(dev, non_blocking=True)
+            ids = block_ids.to(self.device, non_blocking=True)
+            if out.device == self.device:  # a GPU arena's slot: gathered straight into it
+                self._gather(ids, out, part)
+            else:
+                dev = torch.empty(out.shape, dtype=out.dtype, device=self.device)
+                self._gather(ids, dev, part)
+                out.copy_(dev, non_blocking=True)
             torch.cuda.current_stream().synchronize()
 
     def scatter(self, block_ids: torch.Tensor, src: torch.Tensor, part: tuple[int, int] | None = None) -> None:
-        """Copy host ``src`` (a ``payload_view``, maybe sliced on dim 1) into blocks ``block_ids``
+        """Copy ``src`` (a ``payload_view``, maybe sliced on dim 1; in host memory, or device
+        memory of this GPU: a GPU arena's slot, mapped here) into blocks ``block_ids``
         (``part``: into that head group's heads only)."""
         if self.device.type == "cpu":
             return self._scatter(block_ids, src, part)
         with torch.cuda.stream(self._stream()):
             self._scatter(block_ids.to(self.device, non_blocking=True), src.to(self.device, non_blocking=True),
                           part)
+            torch.cuda.current_stream().synchronize()
+
+    def to_host(self, src: torch.Tensor) -> bytes:
+        """The bytes of a uint8 tensor on this GPU (a chunk header, or a payload to checksum),
+        copied on the side stream (not behind the model's kernels)."""
+        with torch.cuda.stream(self._stream()):
+            out = src.to("cpu", non_blocking=False)
+        return out.numpy().tobytes()
+
+    def from_host(self, dst: torch.Tensor, data: bytes) -> None:
+        """Write ``data`` into a uint8 tensor on this GPU, on the side stream; done on return."""
+        with torch.cuda.stream(self._stream()):
+            dst.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8), non_blocking=False)
             torch.cuda.current_stream().synchronize()
 
     def _gather(self, ids: torch.Tensor, out: torch.Tensor, part=None) -> None:

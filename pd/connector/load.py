@@ -70,6 +70,7 @@ class _Join:
 
     left: int
     bad: set = field(default_factory=set)
+    sync: bool = False  # loaded within the step: no finished_recving for it
 
 
 @dataclass
@@ -116,17 +117,37 @@ class Loads:
 
     def start(self, spec: LoadSpec) -> None:
         self._cancel[spec.req_id] = threading.Event()
-        ch = self.codec.chunking
-        first_block = spec.start_token // ch.block_size
-        join = _Join(len(self.codec.owned))
-        for group in self.codec.owned:
-            st = _Load(spec, self.codec.keys(spec.token_ids, spec.seed, group), time.monotonic(),
-                       first_block // ch.blocks_per_chunk, first_block,
-                       store=self.stores.get(group) if spec.seed is not None else None, group=group, join=join)
+        for st in self._group_loads(spec):
             if spec.pd_id:
                 self._waits.submit(self._await_ready, st)
             else:  # prefix reuse: the chunks are in the store, no transfer to wait for
                 self._io.submit(self._run_store_load, st)
+
+    def load_now(self, spec: LoadSpec) -> None:
+        """A synchronous load (``spec.sync``: the scheduler saw every chunk in the transport):
+        read and scatter it here, before this step's forward, without waiting at the
+        coordinator. Blocks that fail are reported through ``take_errors`` after this step
+        (vLLM discards the step's output for the request and recomputes them); no
+        ``finished_recving`` comes for it; DONE goes to the coordinator off this thread."""
+        for st in self._group_loads(spec, sync=True):
+            st.ready = True  # published: the producer's chunks exist (or are a miss now)
+            try:
+                self._load_range(st, len(st.keys), use_transport=self.transport is not None)
+            except Exception as e:  # never let a load failure escape into the engine
+                logger.exception("pd_id=%s: load failed", spec.pd_id)
+                st.error = f"internal error: {e}"
+            self._finish(st)
+        self.stats["loads_sync"] += 1
+
+    def _group_loads(self, spec: LoadSpec, sync: bool = False) -> list[_Load]:
+        """One ``_Load`` per head group this rank holds, joined."""
+        ch = self.codec.chunking
+        first_block = spec.start_token // ch.block_size
+        join = _Join(len(self.codec.owned), sync=sync)
+        return [_Load(spec, self.codec.keys(spec.token_ids, spec.seed, group), time.monotonic(),
+                      first_block // ch.blocks_per_chunk, first_block,
+                      store=self.stores.get(group) if spec.seed is not None else None, group=group, join=join)
+                for group in self.codec.owned]
 
     def cancel(self, req_ids: list[str]) -> None:
         """vLLM aborted these requests: their loads stop at the next chunk or wait slice."""
@@ -160,7 +181,8 @@ class Loads:
             if st.join.left:
                 return
             self._bad_blocks |= st.join.bad
-            self._done_recving.add(st.spec.req_id)
+            if not st.join.sync:
+                self._done_recving.add(st.spec.req_id)
             self._cancel.pop(st.spec.req_id, None)
 
     # ---- P/D loads -----------------------------------------------------------------------
@@ -249,17 +271,23 @@ class Loads:
         self.stats["bytes_loaded"] += st.n_bytes
         self.stats["store_chunks_loaded"] += st.from_store
         if ok:
-            logger.info("pd_id=%s: loaded %d chunks (%d B) in %.1f ms (waited %.1f ms)", spec.pd_id,
-                        st.n_chunks, st.n_bytes, load_ms, st.wait_ms)
+            logger.info("pd_id=%s: loaded %d chunks (%d B) in %.1f ms (%s)", spec.pd_id, st.n_chunks,
+                        st.n_bytes, load_ms, "in the step" if st.join.sync else f"waited {st.wait_ms:.1f} ms")
         else:
             logger.warning("pd_id=%s: %s; %d of %d blocks will be recomputed", spec.pd_id, st.error,
                            len(bad), n_blocks - first_block)
         t = st.total
-        self.coord.done(Done(pd_id=spec.pd_id, rank=st.group, ok=ok, instance_id=self.instance_id,
-                             n_chunks=st.n_chunks, n_bytes=st.n_bytes, load_ms=load_ms, error=st.error,
-                             n_store_chunks=st.from_store, groups=self.codec.groups, parts=st.parts,
-                             get_ms=round(t.get_ms, 3), store_ms=round(t.store_ms, 3),
-                             scatter_ms=round(t.scatter_ms, 3)))
+        done = Done(pd_id=spec.pd_id, rank=st.group, ok=ok, instance_id=self.instance_id,
+                    n_chunks=st.n_chunks, n_bytes=st.n_bytes, load_ms=load_ms, error=st.error,
+                    n_store_chunks=st.from_store, groups=self.codec.groups, parts=st.parts,
+                    get_ms=round(t.get_ms, 3), store_ms=round(t.store_ms, 3), scatter_ms=round(t.scatter_ms, 3),
+                    sync=st.join.sync)
+        try:
+            if not st.join.sync:
+                raise RuntimeError
+            self._io.submit(self.coord.done, done)  # the engine's step waits for the load, not for this
+        except RuntimeError:  # (or the pool is shutting down)
+            self.coord.done(done)
 
     # ---- prefix loads ----------------------------------------------------------------------
 

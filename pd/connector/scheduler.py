@@ -8,8 +8,10 @@ that completes the prompt saves the last ones, ``final``). From the first save o
 
 Consumer (kv_consumer/kv_both, request carries ``do_remote_prefill``): reports the prompt tokens
 beyond the local prefix-cache hit (up to ``kv_tokens``, when the prompt ends with the prefill's
-first token) as an asynchronous external hit; after allocation it tells the
-workers which blocks to fill. A pd_id is loaded at most once per request.
+first token) as an external hit: synchronous when every chunk of the transfer is already
+published in the transport (``connector.sync_load: ready``; the workers then load it in this
+step, before the forward), else asynchronous; after allocation it tells the workers which
+blocks to fill. A pd_id is loaded at most once per request.
 
 Each request has one record (``_Request``) that says where it stands in loading and in saving:
 two statuses, as an instance with a store may load a request's stored prefix and then save its
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from pd.connector.chunk import Chunking
-from pd.connector.keys import chunk_keys, request_seed
+from pd.connector.keys import chunk_keys, request_seed, transfer_key
 from store.base import KVStore
 
 logger = logging.getLogger("pd.connector")
@@ -36,6 +38,7 @@ class LoadSpec:
     block_ids: list[int]  # the request's blocks, from block 0
     start_token: int  # first token to load (block aligned: the local prefix hit ends here)
     seed: bytes | None = b""  # pd.connector.keys.request_seed: adapter, cache_salt, multimodal inputs
+    sync: bool = False  # load within this step, before the forward (vLLM counts the tokens computed)
 
 
 @dataclass
@@ -118,14 +121,18 @@ class _Request:
     block_ids: list[int] = field(default_factory=list)
     seed: bytes | None = b""
     sent: int = 0  # chunks already handed to the workers; > 0: request_finished holds the blocks
+    sync: bool = False  # the transfer was all published at the last lookup: load it synchronously
 
 
 class SchedulerSide:
     def __init__(self, block_size: int, is_producer: bool, is_consumer: bool, store: KVStore | None = None,
-                 namespace: str = "", chunk_size: int = 256):
+                 namespace: str = "", chunk_size: int = 256, published=None, groups: int = 1):
         self.chunking = Chunking(chunk_size, block_size)
         self.store = store  # prefix reuse: look up the longest stored prefix of each new request
         self.namespace = namespace
+        # transport.published_check (None: never synchronous): whether a list of transport keys
+        # is all published now; ``groups``: the KV-head groups a transfer's chunks are cut into.
+        self.published, self.groups = published, groups
         self.is_producer = is_producer
         self.is_consumer = is_consumer
         self._reqs: dict[str, _Request] = {}
@@ -160,10 +167,18 @@ class SchedulerSide:
         n_prompt = len(request.prompt_token_ids or ())
         pd_id = self._is_pd_load(request)
         if pd_id:
-            n = kv_tokens(request, n_prompt) - num_computed_tokens
+            n_kv = kv_tokens(request, n_prompt)
+            n = n_kv - num_computed_tokens
             if n <= 0:  # the local prefix cache holds it all (a prompt of whole blocks, seen before)
                 self._record(request.request_id).load = LoadStatus.LOADED
                 self._unneeded.append(pd_id)
+            elif self.published is not None and n_kv < n_prompt:
+                # (the first-token path: the decode computes the prompt's last token itself, so
+                # vLLM has a token to schedule after a synchronous load)
+                rec = self._record(request.request_id)
+                rec.sync = self._all_published(pd_id, request, n_kv)
+                if rec.sync:
+                    return n, False
         elif self.store is not None:
             hit = self._stored_prefix(request.prompt_token_ids or [], request_seed(request))
             rec = self._record(request.request_id)
@@ -172,6 +187,13 @@ class SchedulerSide:
         else:
             n = 0
         return (n, True) if n > 0 else (0, False)
+
+    def _all_published(self, pd_id: str, request, n_kv: int) -> bool:
+        """Whether every chunk of the transfer (each head group's) is in the transport now."""
+        prompt, seed = (request.prompt_token_ids or [])[:n_kv], request_seed(request) or b""
+        keys = [transfer_key(pd_id, k) for g in range(self.groups)
+                for k in chunk_keys(self.namespace, g, prompt, self.chunking.chunk_size, seed)]
+        return self.published(keys)
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
         if num_external_tokens <= 0:
@@ -193,9 +215,12 @@ class SchedulerSide:
             logger.warning("req %s: load start %d not block aligned; not loading", request.request_id, start)
             return
         (block_ids,) = blocks.get_block_ids()
-        self._record(request.request_id).load = LoadStatus.LOADING
+        rec = self._record(request.request_id)
+        sync = bool(pd_id) and rec.sync
+        # A synchronous load is over (well or not) when this step's forward starts: no report comes.
+        rec.load = LoadStatus.LOADED if sync else LoadStatus.LOADING
         self._new_loads.append(LoadSpec(request.request_id, pd_id, prompt, list(block_ids), start,
-                                        request_seed(request)))
+                                        request_seed(request), sync))
 
     # ---- producer ----------------------------------------------------------------------
 

@@ -109,7 +109,7 @@ class WorkerSide:
                       "chunks_loaded": 0, "bytes_loaded": 0, "chunk_errors": 0,
                       "store_chunks_loaded": 0, "store_puts_dropped": 0, "transport_dropped": 0,
                       "prefix_loads_ok": 0, "prefix_loads_failed": 0, "ready_parts": 0,
-                      "loads_aborted": 0, "load_timeouts": 0, "ready_undelivered": 0}
+                      "loads_aborted": 0, "load_timeouts": 0, "ready_undelivered": 0, "loads_sync": 0}
 
     @property
     def layout(self) -> KVLayout | None:
@@ -168,7 +168,10 @@ class WorkerSide:
     def start_step(self, meta: PDMetadata) -> None:
         self.loads.cancel(meta.cancels)
         for spec in meta.loads:
-            self.loads.start(spec)
+            if spec.sync:
+                self.loads.load_now(spec)
+            else:
+                self.loads.start(spec)
         for pd_id in meta.unneeded if self.coord is not None else ():
             self._exec.submit(self.coord.abort, pd_id, "decode had the KV in its prefix cache")
 
@@ -292,6 +295,8 @@ class WorkerSide:
                 t2 = time.perf_counter()
                 if to_store:  # the store copies the bytes (before a reader may free a slot)
                     for (c, *_), view in zip(batch, views):
+                        if isinstance(view, torch.Tensor):  # a GPU arena's slot: the store wants host bytes
+                            view = memoryview(codec.layout.to_host(view))
                         if view is not None and not store.put(keys[c], view):
                             self.stats["store_puts_dropped"] += 1
                 if self.transport is not None:

@@ -124,6 +124,8 @@ class Done(_Msg):
     get_ms: Millis = 0.0
     store_ms: Millis = 0.0
     scatter_ms: Millis = 0.0
+    # Loaded within the engine step that admitted the request (connector.sync_load): no WAIT came.
+    sync: bool = False
 
 
 class Abort(_Msg):
@@ -223,6 +225,7 @@ class TransferRecord(msgspec.Struct):
     # n_chunks is the fewest any group loaded, ok all groups', n_bytes and n_store_chunks the sums.
     groups_ready: int = 0
     groups_done: int = 0
+    sync_load: bool = False  # the decode loaded it within the step that admitted its request
     # The timeline (pd.coordinator.timeline): events in arrival order (READY parts beyond a bound are
     # counted in events_dropped, never the final ones) and spans, named durations in ms.
     timeline: list[Event] = []

@@ -98,6 +98,7 @@ def _add_done(rec: TransferRecord, msg: Done) -> None:
     rec.load_ms = msg.load_ms if first else max(rec.load_ms, msg.load_ms)
     rec.error = rec.error if not first and rec.error else msg.error
     rec.consumer = msg.instance_id
+    rec.sync_load = msg.sync if first else rec.sync_load and msg.sync
 
 
 @dataclass
@@ -124,6 +125,9 @@ class State:
         self.waiters: dict[Key, list[_Waiter]] = {}
         self.aborted: dict[str, tuple[float, str]] = {}  # pd_id -> (until, reason)
         self.abandoned: dict[Key, float] = {}  # failed DONE before READY: a late READY is freed at once
+        # ok DONE: a READY still to come (a synchronous load read the published chunks before the
+        # final READY arrived) is freed at once and adds no entry
+        self.consumed: dict[Key, float] = {}
         self.wait_since: dict[str, float] = {}  # pd_id -> first unanswered WAIT (for wait_ms)
         self.final_at: dict[str, float] = {}  # pd_id -> its (latest) final READY (for tail_ms)
         self.instances: dict[str, _Instance] = {}
@@ -220,6 +224,12 @@ class State:
         if msg.pd_id in self.aborted:
             self._free(msg, "request was aborted")
             return
+        if key in self.consumed:
+            self.final_at.pop(msg.pd_id, None)
+            if rec.done:
+                timeline.finish(rec)
+            self._free(msg, "the consumer already loaded them")
+            return
         if key in self.abandoned:
             self._free(msg, "the consumer already gave up")
             return
@@ -282,6 +292,8 @@ class State:
                 self._free(entry[0], f"load failed: {msg.error or 'no reason given'}")
             # READYs still to come (a late prefill, the rest of a stream) are freed on arrival.
             self.abandoned[key] = now + self.cfg.entry_ttl_s
+        elif entry is None or not entry[0].final:
+            self.consumed[key] = now + self.cfg.entry_ttl_s
         self._send(ident, Ack())
 
     def _on_abort(self, ident: bytes, msg: Abort, now: float) -> None:
@@ -346,6 +358,8 @@ class State:
             del self.aborted[pd_id]
         for key in [k for k, until in self.abandoned.items() if until <= now]:
             del self.abandoned[key]
+        for key in [k for k, until in self.consumed.items() if until <= now]:
+            del self.consumed[key]
         horizon = max(self.cfg.entry_ttl_s, MAX_WAIT_S)
         for pd_id in [p for p, since in self.wait_since.items() if now - since > horizon]:
             del self.wait_since[pd_id]

@@ -82,9 +82,12 @@ def finish(rec: TransferRecord) -> None:
     ready_first_to_final + tail = transfer (first READY part -> last DONE)."""
     ready, final, done = _times(rec, *READY_EVENTS), _times(rec, "ready_final"), _times(rec, "done")
     if ready and final and done:
+        # (a load within the decode's step may read the published chunks before the final READY
+        # comes: its DONE is then earlier, and the tail 0; called again when that READY comes)
+        end = max(max(done), max(final))
         rec.spans["ready_first_to_final"] = round(max(final) - min(ready), 3)
-        rec.spans["tail"] = round(max(done) - max(final), 3)
-        rec.spans["transfer"] = round(max(done) - min(ready), 3)
+        rec.spans["tail"] = round(end - max(final), 3)
+        rec.spans["transfer"] = round(end - min(ready), 3)
     rec.spans["load"] = round(rec.load_ms, 3)
     rec.spans["wait_for_ready"] = rec.wait_ms
 

@@ -81,14 +81,20 @@ def proxy_spans(events: dict[str, float]) -> dict[str, float]:
 def cross_spans(events: dict[str, float], record: TransferRecord) -> dict[str, float]:
     """Spans from a proxy event to a coordinator event or back: right only as far as the two
     hosts' clocks agree. decode_sent_to_wait: the decode instance's admission of the request (its
-    first WAIT); done_to_first_token: from the load's end to the first token (decode's engine step)."""
+    first WAIT; a synchronous load has none); decode_sent_to_loaded: to the end of its last load
+    part (admission, any wait for READY, the load; the decode worker's clock);
+    done_to_first_token: from the load's DONE to the first token (decode's engine step)."""
     coord = {}
     for e in record.timeline:
         if e.source == "coordinator" and e.name in ("wait_first", "done"):
             coord[e.name] = max(coord.get(e.name, 0.0), e.t_ms)  # done: the last group's
+        elif e.name == "part_loaded":
+            coord["loaded"] = max(coord.get("loaded", 0.0), e.t_ms)
     out = {}
     if "decode_sent" in events and "wait_first" in coord:
         out["decode_sent_to_wait"] = round(coord["wait_first"] - events["decode_sent"], 3)
+    if "decode_sent" in events and "loaded" in coord:
+        out["decode_sent_to_loaded"] = round(coord["loaded"] - events["decode_sent"], 3)
     if "done" in coord and "decode_first_byte" in events:
         out["done_to_first_token"] = round(events["decode_first_byte"] - coord["done"], 3)
     return out

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 import re
+import time
 
 import pytest
 import requests
@@ -197,3 +198,34 @@ def test_the_context_length_is_respected_as_colocated_respects_it(deployments):
         got, took = _same(pd, co, "/v1/completions", {"prompt": _prompt(2000, seed=10), "max_tokens": 100,
                                                       "stream": stream})
         assert took == {"prefill"} and got["usage"]["completion_tokens"] == 48
+
+
+def _record(url: str, pd_id: str) -> dict:
+    deadline = time.monotonic() + 10
+    while True:
+        r = requests.get(f"{url}/pd/transfers/{pd_id}", timeout=10)
+        if r.status_code == 200 and r.json().get("done"):
+            return r.json()
+        assert time.monotonic() < deadline, f"no finished transfer record for {pd_id}: {r.text}"
+        time.sleep(0.1)
+
+
+def test_the_decode_loads_kv_already_published_within_its_first_step(deployments):
+    """The decode's request goes out once the prefill has answered, so its KV is usually all in
+    the shm pool by then: the decode loads it in the engine step that admits the request
+    (``connector.sync_load: ready``: no WAIT, no step to report it), and the answer is
+    colocated's. Each record says which way it was loaded; at least one of four was in-step."""
+    pd, co = deployments
+    sync = []
+    for i in range(4):
+        body = {"model": MODEL, "prompt": _prompt(700, seed=60 + i), "max_tokens": 8, "temperature": 0}
+        ref = requests.post(co.url + "/v1/completions", json=body, timeout=600)
+        got = requests.post(pd.url + "/v1/completions", json=body, timeout=600)
+        assert got.status_code == ref.status_code == 200
+        assert got.json()["choices"][0]["text"] == ref.json()["choices"][0]["text"]
+        rec = _record(pd.url, got.headers["x-pd-id"])
+        assert rec["ok"] and rec["n_chunks"] == 3, rec
+        names = {e["name"] for e in rec["timeline"]}
+        assert ("wait_first" in names) != rec["sync_load"], rec  # an in-step load never WAITs
+        sync.append(rec["sync_load"])
+    assert any(sync), sync

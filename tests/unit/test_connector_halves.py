@@ -248,3 +248,90 @@ def test_load_timeout_recomputes_the_rest_and_is_counted(workers, coord):  # noq
     rec = _record(coord, "lt1")
     assert rec.done and not rec.ok and "timed out" in rec.error
     assert CoordinatorClient(coord.address).query("").counters["done_failed"] == 1
+
+
+# ---- synchronous loads (connector.sync_load: ready) -------------------------------------------
+
+def _first_token_request(req_id: str, pd_id: str) -> Request:
+    """A decode request of the first-token path: the prompt plus token 1, KV for the prompt."""
+    params = {"pd_id": pd_id, "do_remote_prefill": True, "kv_tokens": len(PROMPT)}
+    return Request(req_id, list(PROMPT) + [7], SamplingParams(max_tokens=4, extra_args={"kv_transfer_params": params}),
+                   None)
+
+
+def _sync_scheduler(d) -> SchedulerSide:
+    """A decode scheduler half that checks the worker's shm pool, as the facade builds it."""
+    from transport import published_check
+    from transport.config import TransportConfig
+
+    shm_dir, name = d.transport.path.rsplit("/pdkv-", 1)  # <shm_dir>/pdkv-<name>
+    return SchedulerSide(BLOCK, is_producer=False, is_consumer=True, namespace=d.codec.namespace, chunk_size=CHUNK,
+                         published=published_check(TransportConfig(shm_dir=shm_dir, name=name)))
+
+
+def test_a_published_transfer_loads_within_the_step_without_a_wait(workers, coord):  # noqa: F811
+    from tests.unit.test_connector_worker import _same_blocks, _save
+
+    p, d = workers(1), workers(2, wait_timeout_s=10)
+    s = _sync_scheduler(d)
+    req = _first_token_request("d", "sy1")
+    assert s.get_num_new_matched_tokens(req, 0) == (len(PROMPT), True)  # nothing published yet: async
+    p.after_forward(_save("sy1", 0, 5, True))
+    assert _until(lambda: p._save_jobs["p1"].done())
+    assert s.get_num_new_matched_tokens(req, 0) == (len(PROMPT), False)  # all published: in the step
+    s.update_state_after_alloc(req, _blocks(DST), len(PROMPT))
+    meta = s.build_connector_meta(_output())
+    assert [(x.req_id, x.sync) for x in meta.loads] == [("d", True)]
+    assert s._reqs["d"].load is LoadStatus.LOADED  # no finished_recving will come for it
+    d.start_step(meta)  # returns once the KV is in the blocks (the forward comes next)
+    assert _same_blocks(p, d, SRC, DST)
+    assert d.get_finished(set()) == (set(), set()) and d.take_load_errors() == set()
+    assert d.stats["loads_sync"] == 1 and d.stats["loads_ok"] == 1
+    rec = _record(coord, "sy1")
+    assert rec.ok and rec.sync_load and rec.n_chunks == 5 and "wait_first" not in [e.name for e in rec.timeline]
+    assert s.request_finished(req, DST) == (False, None)
+    assert s.build_connector_meta(_output()).cancels == []
+
+
+def test_a_synchronous_load_that_misses_reports_its_blocks_in_the_same_step(workers, coord):  # noqa: F811
+    """A chunk evicted between the scheduler's look and the load: the blocks from it on are
+    errors before the forward's output is taken (vLLM then recomputes them)."""
+    from tests.unit.test_connector_worker import _save
+
+    p, d = workers(1), workers(2, wait_timeout_s=10)
+    p.after_forward(_save("sy2", 0, 5, True))
+    assert _until(lambda: p._save_jobs["p1"].done())
+    s = _sync_scheduler(d)
+    req = _first_token_request("d", "sy2")
+    assert s.get_num_new_matched_tokens(req, 0) == (len(PROMPT), False)
+    from pd.connector.keys import transfer_key
+
+    third = transfer_key("sy2", d.codec.keys(PROMPT, b"")[2])
+    assert p.transport.delete([third]) == 1
+    s.update_state_after_alloc(req, _blocks(DST), len(PROMPT))
+    d.start_step(s.build_connector_meta(_output()))
+    assert d.take_load_errors() == set(DST[4:])  # chunks 0 and 1 (4 blocks) loaded
+    assert d.get_finished(set())[1] == set()
+    rec = _record(coord, "sy2")
+    assert not rec.ok and "chunk 2" in rec.error
+
+
+def test_sync_needs_every_group_published_and_a_token_left_to_compute():
+    asked: list[list[str]] = []
+
+    def published(keys):
+        asked.append(list(keys))
+        return True
+
+    s = SchedulerSide(BLOCK, is_producer=False, is_consumer=True, namespace="ns", chunk_size=CHUNK,
+                      published=published, groups=2)
+    assert s.get_num_new_matched_tokens(_first_token_request("a", "g1"), 0) == (len(PROMPT), False)
+    n_chunks = -(-len(PROMPT) // CHUNK)
+    assert len(asked[0]) == 2 * n_chunks and {k.split("/")[-2] for k in asked[0]} == {"0", "1"}
+    assert all(k.startswith("xfer/g1/ns/") for k in asked[0])
+    # The old flow (no kv_tokens): the whole prompt is loaded and vLLM must recompute its last
+    # token, which only the asynchronous path does: never synchronous.
+    assert s.get_num_new_matched_tokens(_request("b", "g2", "decode"), 0) == (len(PROMPT), True)
+    assert len(asked) == 1
+    s.published = lambda keys: False
+    assert s.get_num_new_matched_tokens(_first_token_request("c", "g3"), 0) == (len(PROMPT), True)

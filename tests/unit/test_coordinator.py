@@ -330,6 +330,27 @@ def test_failed_done_before_ready_frees_the_late_ready(peers, agents):
     assert isinstance(cons.req(Wait("pd-late", 0, 0.2)), WaitTimeout), "the late READY must not be stored"
 
 
+def test_ok_done_before_the_final_ready_frees_the_late_ready(peers, agents):
+    """A synchronous load reads the published chunks before the prefill's final READY comes:
+    that READY adds no entry (nobody would read it) and its chunks are freed."""
+    cons = peers()
+    coord = peers.holder["coord"]
+    _, frees = agents(coord.address, "prod-0")
+    first = ready("pd-sync", keys=("k0",))
+    first.final, first.chunks_ready = False, 1
+    assert isinstance(cons.req(first), Ack)
+    assert isinstance(cons.req(Done("pd-sync", 0, True, n_chunks=2, n_bytes=10)), Ack)
+    r = ready("pd-sync", keys=("k1",))
+    assert isinstance(cons.req(r), Ack)
+    free = frees.get(timeout=3.0)
+    assert free.pd_id == "pd-sync" and free.keys == r.keys
+    assert isinstance(cons.req(Wait("pd-sync", 0, 0.2)), WaitTimeout)
+    q = cons.query("pd-sync")
+    assert q.transfer.done and q.transfer.ok and q.counters["entries"] == 0
+    sp = q.transfer.spans  # the spans are made again with the final READY in: the tail is 0
+    assert sp["tail"] == 0 and sp["transfer"] == pytest.approx(sp["ready_first_to_final"], abs=0.01)
+
+
 def test_repeated_ready_frees_only_keys_no_longer_named(peers, agents):
     cons = peers()
     _, frees = agents(peers.holder["coord"].address, "prod-0")

@@ -1,0 +1,39 @@
+# KV GPU to GPU (connector.transport.shm_memory gpu) and the first token, on the GPU machine, in two
+# parts run on one warm machine (see README.md here for the carry calls before them):
+#   a: setup; the GPU tests of the shm transport's GPU arenas and the KV layout; `pd bench kv`
+#      (the GPU-memory row beside a plain device-to-device copy_); `pd bench serve` with modes
+#      pd (chunks in the prefill's GPU memory), pd_host (in shared host memory) and colocated,
+#      one request at a time and under load, dummy weights (the timing run).
+#   b: a Llama-3-8B-shaped model with seeded random weights; `pd bench serve` with modes pd,
+#      colocated, nixl and pd_old on it (the equality run: answers compared token for token).
+# Results go to $OUT. Usage: bash scripts/gpu/gpu_memory.sh a|b
+set -u
+part=${1:?usage: gpu_memory.sh a|b}
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+bash scripts/gpu/setup.sh > "$OUT/setup_$part.log" 2>&1 || { tail -30 "$OUT/setup_$part.log"; exit 1; }
+. /tmp/pdkv-gpu.env
+common=(--device cuda --requests 40 --rate 4 --long-fraction 0.5 --long-tokens 8000 --short-tokens 256
+        --sequential 40 --kv-cache-gb 12 --slo-ttft-ms 2000 --slo-tpot-ms 50 --max-model-len 10240 --seed 0)
+if [ "$part" = a ]; then
+  python3 -m pytest -q -p no:cacheprovider tests/unit/test_shm_gpu.py tests/unit/test_kv_layout.py \
+    > "$OUT/pytest_gpu.log" 2>&1
+  tail -4 "$OUT/pytest_gpu.log"
+  python3 -m launch.cli bench kv --device cuda --block-sizes 32 --chunk-tokens 1024,2048,4096 --iters 20 \
+    > "$OUT/bench_kv.md" 2>&1
+  cat "$OUT/bench_kv.md"
+  python3 -m launch.cli make-model /tmp/m8b --shape llama3-8b --no-weights > /dev/null
+  timeout "${SERVE_TIMEOUT:-430}" python3 -m launch.cli bench serve --model /tmp/m8b --load-format dummy \
+    --modes pd,pd_host,colocated --max-tokens 64 "${common[@]}" --out "$OUT/serve_a.json" > "$OUT/serve_a.md" 2>&1
+  echo "serve rc $?"
+  tail -c 7000 "$OUT/serve_a.md"
+else
+  t0=$(date +%s)
+  python3 -m launch.cli make-model /tmp/m8r --shape llama3-8b --weights random > "$OUT/make_model.log" 2>&1
+  echo "random weights written in $(( $(date +%s) - t0 )) s"
+  timeout "${SERVE_TIMEOUT:-480}" python3 -m launch.cli bench serve --model /tmp/m8r --load-format auto \
+    --modes "${MODES:-pd,colocated,nixl,pd_old}" --max-tokens 128 "${common[@]}" --out "$OUT/serve_b.json" \
+    > "$OUT/serve_b.md" 2>&1
+  echo "serve rc $?"
+  tail -c 7000 "$OUT/serve_b.md"
+fi
