@@ -21,6 +21,9 @@ class Hf3fsConfig:
     io_depth: int = field(default=0, metadata=rng(-128, 128))
     # NUMA node of the iovec/ioring memory; -1 = the current process's.
     numa: int = field(default=-1, metadata=rng(-1))
+    # Longest wait for one batch's I/Os (a stuck FUSE daemon, a storage outage): its values are
+    # then misses or dropped writes, and its ring is not used again until they have completed.
+    io_timeout_s: float = field(default=5.0, metadata=rng(0.01, 3600))
     # Write threads, each with its own write ioring and its share of the write iovec.
     io_threads: int = field(default=4, metadata=rng(2, 16))
     # Directories (relative to mount_point, or absolute under it); KV-head group g (pd.connector.heads; the

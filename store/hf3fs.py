@@ -3,9 +3,11 @@
 Tested only against ``tests.doubles.usrbio_emulator`` (a test double over local files); no real 3FS
 cluster has run this backend.
 
-Layout under ``<mount_point>/<base path>/dev<device_index>/``: one directory ``w<k>`` per writing
-process (the first ``k`` whose ``lock`` file it can ``flock``; a restarted writer takes its old
-directory back and replays its index). A writer directory holds:
+Layout under ``<mount_point>/<base path>/dev<device_index>/``: one directory ``<host>.w<k>`` per
+writing process (the first ``k`` whose ``lock`` file it can ``flock``; a restarted writer takes its
+old directory back and replays its index). The host's name is part of it because 3FS's FUSE has
+no lock operations: a ``flock`` holds only among the processes of one host, so writers of two
+hosts must never contend for one directory. A writer directory holds:
 
 * ``data-NNNN.bin``: a few large data files, cut into slabs of ``slab_size`` bytes (see
   store/hf3fs_slabs.py): at most 1 GiB, a quarter of the budget, and the read staging area (half
@@ -34,6 +36,8 @@ import errno
 import fcntl
 import logging
 import os
+import re
+import socket
 import threading
 from collections import OrderedDict
 from typing import Any, Sequence
@@ -57,7 +61,7 @@ from store.hf3fs_format import (
 from store.hf3fs_log import IndexLog
 from store.hf3fs_peers import Peers
 from store.hf3fs_slabs import FILE_BYTES, Slabs, slab_size, slot_class
-from store.hf3fs_usrbio import MISSING_MODULE, Usrbio, import_io
+from store.hf3fs_usrbio import MISSING_MODULE, RingBusy, Usrbio, import_io, locate
 from store.queue import DUPLICATE, QUEUED, WriteQueue
 
 __all__ = ["HDR", "MISSING_MODULE", "Hf3fsStore"]  # HDR and MISSING_MODULE: for launch/
@@ -88,8 +92,8 @@ class Hf3fsStore:
             raise ConfigError(f"store.hf3fs.io_depth={h.io_depth}: batches of exactly io_depth I/Os "
                              "are not supported (this store's batches vary); use 0 or a negative value")
         bases = list(h.base_paths) or [parse_path(p) for p in (cfg.paths or [])] or ["pdkv"]
-        self.mount_point, self.root = self._locate(h.mount_point, bases[device_index % len(bases)],
-                                                   device_index)
+        self.mount_point, self.root = locate(self.io, h.mount_point,
+                                                bases[device_index % len(bases)], device_index)
         self.location = f"hf3fs:{self.root}"
         self.writer = bool(writer)
         self.budget = writer_budget(cfg, len(bases), "hf3fs", "base path(s)")
@@ -130,29 +134,6 @@ class Hf3fsStore:
                  f"writer {self.path}" if self.writer else "reader", self.n_slabs, self.slab_size,
                  len(self._index), len(self._peers.views))
 
-    def _locate(self, mount_point: str, base: str, device_index: int) -> tuple[str, str]:
-        """(the 3FS mount, this device's directory under ``base``), made if missing."""
-        mp = mount_point
-        if not mp:
-            if not os.path.isabs(base):
-                raise ConfigError("store.hf3fs.mount_point is empty and the base path "
-                                 f"{base!r} is relative; set mount_point (e.g. /3fs/stage)")
-            mp = self.io.extract_mount_point(base)
-            if not mp:
-                raise ConfigError(f"store base path {base} is not on a 3FS mount")
-        mount = os.path.abspath(mp)
-        if not os.path.isdir(mount):
-            raise ConfigError(f"store.hf3fs.mount_point {mp} does not exist")
-        base_abs = base if os.path.isabs(base) else os.path.join(mount, base)
-        root = os.path.join(os.path.abspath(base_abs), f"dev{device_index}")
-        if self.io.extract_mount_point(root) != mount:
-            raise ConfigError(f"store path {root} is not under the 3FS mount {mount}")
-        try:
-            os.makedirs(root, mode=0o700, exist_ok=True)
-        except OSError as e:
-            raise ConfigError(f"store path {root} cannot be created ({e.strerror or e})") from None
-        return mount, root
-
     def _open(self, h: Any) -> None:
         """Replay the log (a writer), map the iovec, make the iorings, open the data files, find
         the peers; on any failure release what was taken (the writer directory too)."""
@@ -160,7 +141,8 @@ class Hf3fsStore:
             if self.writer:
                 self._seq = self._log.replay()
             self._usrbio = Usrbio(self.io, self.mount_point, self.iov_size, self.read_area, self.write_area,
-                                  self.n_writers, self.entries, h.io_depth, h.numa, name=self.path)
+                                  self.n_writers, self.entries, h.io_depth, h.numa, name=self.path or self.root,
+                                  timeout_s=h.io_timeout_s)
             if self.writer:
                 for f in range((self.n_slabs + self.slabs_per_file - 1) // self.slabs_per_file):
                     self._usrbio.open_file(f, data_file(self.path, f))
@@ -171,10 +153,11 @@ class Hf3fsStore:
             raise
 
     def _claim_dir(self) -> tuple[str, int]:
-        """Take the first writer directory ``w<k>`` whose lock no live process holds: (its
-        path, the fd holding its lock)."""
+        """Take the first writer directory ``<host>.w<k>`` whose lock no live process of this
+        host holds: (its path, the fd holding its lock)."""
+        host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
         for k in range(MAX_WRITERS):
-            path = os.path.join(self.root, f"w{k}")
+            path = os.path.join(self.root, f"{host}.w{k}")
             os.makedirs(path, mode=0o700, exist_ok=True)
             fd = os.open(os.path.join(path, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
             try:
@@ -270,16 +253,15 @@ class Hf3fsStore:
         usrbio = self._usrbio
         with usrbio.read_lock:
             try:
-                done = usrbio.read([(t[2], t[3], off, n, (t, off)) for t, off, n in batch])
-            except Exception as ex:  # the ring refused: every value of the batch is a miss
-                log.error("hf3fs store %s: read batch failed: %s", self.root, ex)
+                done, err = usrbio.read([(t[2], t[3], off, n, (t, off)) for t, off, n in batch])
+            except RingBusy as ex:  # an earlier batch's reads are still out: this one is a miss
+                done, err = [], ex
+            if err is not None:  # the values not in ``done`` are misses
+                log.error("hf3fs store %s: read batch: %d of %d values not read: %s", self.root,
+                          len(batch) - len(done), len(batch), err)
                 with self._lock:
-                    self.stats["read_errors"] += len(batch)
-                return
-            for r in done:
-                (i, key, _fd, _foff, length, csum, seq, owner), off = r.userdata
-                result = r.result
-                del r
+                    self.stats["read_errors"] += len(batch) - len(done)
+            for ((i, key, _fd, _foff, length, csum, seq, owner), off), result in done:
                 if result < 0:
                     with self._lock:
                         self.stats["read_errors"] += 1

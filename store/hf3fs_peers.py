@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 PEER_SCAN_S = 1.0   # new writer directories are looked for this often ...
 MISS_RESCAN_S = 0.1  # ... and on a miss, if the last look is older than this
-WRITER_DIR = re.compile(r"w\d+")
+WRITER_DIR = re.compile(r"(?:[A-Za-z0-9_-]+\.)?w\d+")  # <host>.w<k> (w<k>: before hosts were named)
 
 
 class Ref:

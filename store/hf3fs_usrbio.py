@@ -5,14 +5,28 @@ One shared-memory segment (``iov_size_mb``) registered once with ``make_iovec``:
 ``read_area`` bytes stage reads (one batch at a time), the rest is split between the writer
 threads (``write_area`` each), each with its own write ioring; a value larger than a writer's
 share is written in pieces (several submits). Data files are ``register_fd``-ed once. Writes and
-batched reads prepare every I/O of a batch, submit once and wait for all results.
+batched reads prepare every I/O of a batch, submit once and wait for all results (``Ring``).
+
+The binding's rules that shape ``Ring`` (deepseek-ai/3FS ``src/lib/api/UsrbIo.cc``,
+``src/lib/py/usrbio_binding.cc``): ``prepare`` may raise ``OSError`` (EBADF, EACCES, EINVAL,
+EAGAIN) after earlier I/Os of the batch were prepared, and a prepared I/O may already run
+before ``submit``; ``wait`` returns at most ``max(max_results, min_results)`` completions, in
+any order, and at its timeout returns what it has; an entry is free only once ``wait`` returned
+its completion. So every I/O carries its batch's tag, a completion with another tag (a batch
+given up on) is counted and dropped, never taken for another key's, and a ring whose I/Os are
+not all collected is not used again (its staging area may still be read or written) until they
+are.
 """
 from __future__ import annotations
 
+import datetime
+import errno
 import gc
+import itertools
 import logging
 import os
 import threading
+import time
 from multiprocessing import shared_memory
 from typing import Any, Callable, Iterator, Sequence
 
@@ -55,11 +69,115 @@ def close_registered(io: Any, fds: dict[int, int]) -> None:
     fds.clear()
 
 
+def locate(io: Any, mount_point: str, base: str, device_index: int) -> tuple[str, str]:
+    """(the 3FS mount, device ``device_index``'s directory under ``base``), made if missing.
+
+    The real ``extract_mount_point`` resolves a path with ``boost::filesystem::canonical``:
+    the path must exist (a missing one is a RuntimeError) and symlinks are followed; a path
+    on no 3FS mount is None. So it is asked about the nearest existing directory, and
+    mount points are compared resolved."""
+    mp = mount_point
+    if not mp:
+        if not os.path.isabs(base):
+            raise ConfigError("store.hf3fs.mount_point is empty and the base path "
+                             f"{base!r} is relative; set mount_point (e.g. /3fs/stage)")
+        mp = mount_of(io, base)
+        if not mp:
+            raise ConfigError(f"store base path {base} is not on a 3FS mount")
+    if not os.path.isdir(mp):
+        raise ConfigError(f"store.hf3fs.mount_point {mp} does not exist")
+    mount = os.path.realpath(mp)
+    base_abs = base if os.path.isabs(base) else os.path.join(mount, base)
+    root = os.path.join(os.path.abspath(base_abs), f"dev{device_index}")
+    found = mount_of(io, root)
+    if not found or os.path.realpath(found) != mount:
+        raise ConfigError(f"store path {root} is not under the 3FS mount {mp}"
+                          + (f" (it is on {found})" if found else ""))
+    try:
+        os.makedirs(root, mode=0o700, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"store path {root} cannot be created ({e.strerror or e})") from None
+    return mount, root
+
+def mount_of(io: Any, path: str) -> str | None:
+    """The 3FS mount holding ``path`` (or, while it does not exist yet, its nearest
+    existing parent): ``extract_mount_point`` of that, None if on no 3FS mount."""
+    p = os.path.abspath(path)
+    while not os.path.exists(p) and os.path.dirname(p) != p:
+        p = os.path.dirname(p)
+    try:
+        return io.extract_mount_point(p)
+    except (RuntimeError, OSError) as e:  # vanished meanwhile, or a path the client refuses
+        raise ConfigError(f"store path {path}: the 3FS client cannot resolve {p}: {e}") from None
+
+
+class RingBusy(OSError):
+    """A ring still has I/Os of a batch given up on: its staging area may be in use."""
+
+
+class Ring:
+    """One ioring, the I/Os of this store outstanding on it, and batch tags (see the module)."""
+
+    def __init__(self, ring: Any, timeout_s: float, what: str) -> None:
+        self.ring, self.timeout_s, self.what = ring, timeout_s, what
+        self.outstanding = 0  # prepared I/Os whose completion wait has not returned yet
+        self.strays = 0  # completions of earlier, abandoned batches (counted, dropped)
+        self._tags = itertools.count(1)
+
+    def settle(self) -> bool:
+        """Collect what earlier batches left (without blocking); whether none is left."""
+        while self.outstanding:
+            got = self.ring.wait(max_results=self.outstanding, timeout=datetime.timedelta(0))
+            if not got:
+                return False
+            self.outstanding -= len(got)
+            self.strays += len(got)
+        return True
+
+    def run(self, ios: Sequence[tuple[Any, bool, int, int, Any]]) -> tuple[list[tuple[Any, int]], Exception | None]:
+        """Prepare, submit and wait for each (iov, read, fd, offset, item) of ``ios``: the
+        (item, result) of those that completed, and what went wrong (None: all did). RingBusy
+        (nothing prepared) while an earlier batch's I/Os are out."""
+        if not self.settle():
+            raise RingBusy(f"{self.what}: {self.outstanding} I/Os of a batch given up on are still out")
+        tag, err, prepared = next(self._tags), None, 0
+        for iov, read, fd, off, item in ios:
+            try:
+                self.ring.prepare(iov, read, fd, off, userdata=(tag, item))
+            except Exception as e:  # OSError: EBADF, EACCES, EINVAL, EAGAIN; the rest: a bug
+                err = e.with_traceback(None)  # (its frames would keep views of the iovec alive)
+                break
+            prepared += 1
+        out: list[tuple[Any, int]] = []
+        if not prepared:
+            return out, err
+        self.outstanding += prepared
+        self.ring.submit()
+        deadline = time.monotonic() + self.timeout_s
+        while len(out) < prepared:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            got = self.ring.wait(min_results=prepared - len(out), max_results=self.outstanding,
+                                 timeout=datetime.timedelta(seconds=left))
+            self.outstanding -= len(got)
+            for r in got:
+                t, item = r.userdata
+                if t == tag:
+                    out.append((item, r.result))
+                else:
+                    self.strays += 1
+        if len(out) < prepared and err is None:
+            err = TimeoutError(f"{self.what}: {prepared - len(out)} of {prepared} I/Os not done in {self.timeout_s:g} s")
+        return out, err
+
+
 class Usrbio:
     """The iovec, the iorings and the registered data files (``fds``: file number -> fd)."""
 
     def __init__(self, io: Any, mount_point: str, size: int, read_area: int, write_area: int,
-                 n_writers: int, entries: int, io_depth: int, numa: int, name: str = "") -> None:
+                 n_writers: int, entries: int, io_depth: int, numa: int, name: str = "",
+                 timeout_s: float = 5.0) -> None:
         self.io, self.name = io, name  # name: the store's, for log lines
         self.read_area, self.write_area, self.entries = read_area, write_area, entries
         self.fds: dict[int, int] = {}
@@ -72,9 +190,10 @@ class Usrbio:
             self._shm = shared_memory.SharedMemory(create=True, size=size)
             self.buf = memoryview(self._shm.buf)
             self._iov = io.make_iovec(self._shm, mount_point, block_size=0, numa=numa)
-            self._read_ring = io.make_ioring(mount_point, entries, for_read=True, io_depth=io_depth, numa=numa)
-            self._rings = [io.make_ioring(mount_point, entries, for_read=False, io_depth=io_depth, numa=numa)
-                           for _ in range(n_writers)]
+            self._read_ring = Ring(io.make_ioring(mount_point, entries, for_read=True, io_depth=io_depth,
+                                                  numa=numa), timeout_s, f"hf3fs store {name}: read ring")
+            self._rings = [Ring(io.make_ioring(mount_point, entries, for_read=False, io_depth=io_depth, numa=numa),
+                                timeout_s, f"hf3fs store {name}: write ring {w}") for w in range(n_writers)]
         except BaseException:
             self.release()
             raise
@@ -101,47 +220,70 @@ class Usrbio:
             start += len(batch)
             yield batch
 
-    def read(self, reads: list[tuple[int, int, int, int, Any]]) -> list:
-        """Read each (fd, file offset, area offset, bytes, userdata) of ``reads`` into the read
-        area at its offset: one submit, the results (``.result``, ``.userdata``). Call with
-        ``read_lock`` held (kept while the area is read); raises if the ring refuses."""
-        ring = self._read_ring
-        for fd, foff, off, n, userdata in reads:
-            ring.prepare(self._iov[off:off + n], True, fd, foff, userdata=userdata)
-        return ring.submit().wait(min_results=len(reads))
+    def read(self, reads: list[tuple[int, int, int, int, Any]]) -> tuple[list[tuple[Any, int]], Exception | None]:
+        """Read each (fd, file offset, area offset, bytes, item) of ``reads`` into the read area
+        at its offset: (item, result) of each read that completed, and what failed (``Ring.run``).
+        Call with ``read_lock`` held (kept while the area is read)."""
+        return self._read_ring.run([(self._iov[off:off + n], True, fd, foff, item) for fd, foff, off, n, item in reads])
+
+    @property
+    def strays(self) -> int:
+        """Completions of batches given up on, on every ring."""
+        return sum(r.strays for r in (self._read_ring, *self._rings) if r is not None)
 
     # -- writes ----------------------------------------------------------------------------
     def write(self, w: int, slots: list[tuple[int, int, bytes, Any]]) -> dict[int, int]:
         """Write each (fd, file offset, header, payload) of ``slots`` (zero padded to ``ALIGN``)
         through writer ``w``'s area and ring, in pieces of at most the area (a value larger than
         the area takes several rounds). Returns {k: error} for the slots that failed (-errno,
-        or the bytes of a short write)."""
+        or the bytes of a short write). Once a round fails (a prepare refused, I/Os not done in
+        time) the slots after it are not tried: the area may still be in use."""
         ring, area0 = self._rings[w], self.read_area + w * self.write_area
         errors: dict[int, int] = {}
-        prepared = used = 0
+        ios: list[tuple] = []
+        used = 0
+        failed: list[Exception] = []
 
         def round_trip() -> None:
-            for r in ring.submit().wait(min_results=prepared):
-                k, want = r.userdata
-                if r.result != want and k not in errors:
-                    errors[k] = r.result if r.result < 0 else max(r.result, 1)
+            done, err = ring.run(ios) if ring.settle() else ([], RingBusy(f"{ring.what}: busy"))
+            for (k, want, _p0), result in done:
+                if result != want and k not in errors:
+                    errors[k] = result if result < 0 else max(result, 1)
+            finished = {item for item, _ in done}
+            for *_, item in ios:
+                if item not in finished:
+                    errors.setdefault(item[0], -errno.EIO)
+            if err is not None:
+                failed.append(err)
+            ios.clear()
 
         for k, (fd, foff, hdr, data) in enumerate(slots):
+            if failed:
+                errors[k] = -errno.EIO
+                continue
             total = round_up(len(hdr) + len(data))
             p0 = 0
-            while p0 < total:
+            while p0 < total and not failed:
                 p1 = min(total, p0 + self.write_area)
-                if used + p1 - p0 > self.write_area or prepared >= self.entries:
+                if ios and (used + p1 - p0 > self.write_area or len(ios) >= self.entries):
                     round_trip()
-                    prepared = used = 0
+                    used = 0
+                    if failed:
+                        errors.setdefault(k, -errno.EIO)
+                        break
+                if not ios and not ring.settle():  # never restage while a given-up write reads the area
+                    failed.append(RingBusy(f"{ring.what}: {ring.outstanding} I/Os still out"))
+                    errors.setdefault(k, -errno.EIO)
+                    break
                 dst = area0 + used
                 self._stage(dst, hdr, data, p0, p1)
-                ring.prepare(self._iov[dst:dst + p1 - p0], False, fd, foff + p0, userdata=(k, p1 - p0))
-                prepared += 1
+                ios.append((self._iov[dst:dst + p1 - p0], False, fd, foff + p0, (k, p1 - p0, p0)))
                 used += p1 - p0
                 p0 = p1
-        if prepared:
+        if ios:
             round_trip()
+        if failed:
+            log.error("hf3fs store %s: write batch failed: %s", self.name, failed[0])
         return errors
 
     def _stage(self, dst: int, hdr: bytes, data: Any, p0: int, p1: int) -> None:

@@ -3,6 +3,8 @@
 store/local on a local directory; store/hf3fs on the USRBIO emulator (tests/doubles)."""
 from __future__ import annotations
 
+import re
+import socket
 import time
 import uuid
 from pathlib import Path
@@ -11,6 +13,9 @@ import pytest
 import requests
 
 from tests.doubles import usrbio_emulator as emu
+
+# this host's writer directories (<host>.w<k>, store/hf3fs.py)
+W0, W1 = (re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) + f".w{k}" for k in (0, 1))
 from tests.integration.conftest import ROOT, Launched, deployment_set, pd_config
 from tests.integration.test_pd_e2e import _complete, _prompt, _transfer, _vllm_metric
 
@@ -168,7 +173,7 @@ def test_hf3fs_layout_is_a_few_big_files_shared_by_reader_processes(store_deploy
     """The prefill worker owns one writer directory; decode and the schedulers only read it."""
     _, kv = store_deployments["hf3fs_only"]
     writers = sorted(p.name for p in (kv / "dev0").iterdir())
-    assert writers == ["w0"], writers  # decode workers and schedulers claimed nothing
-    data = sorted((kv / "dev0" / "w0").glob("data-*.bin"))
-    assert len(data) == 1 and (kv / "dev0" / "w0" / "index.log").stat().st_size > 16
+    assert writers == [W0], writers  # decode workers and schedulers claimed nothing
+    data = sorted((kv / "dev0" / W0).glob("data-*.bin"))
+    assert len(data) == 1 and (kv / "dev0" / W0 / "index.log").stat().st_size > 16
     assert not list(kv.rglob("*.kv"))  # not a file per chunk

@@ -189,7 +189,7 @@ def hf3fs_originals(tmp_path_factory):
         for i, v in values.items():
             assert s.put(_key(i), v)
         assert s.flush(10)
-    wdir = next(p for p in mount.rglob("w*") if p.is_dir())
+    wdir = next(p for p in mount.rglob("*.w0") if p.is_dir())  # <host>.w0 (store/hf3fs.py)
     files = {p.name: p.read_bytes() for p in wdir.iterdir() if p.name.startswith(("data-", "index.log"))}
     yield cfg, wdir, files, values
     emu.forget_mounts()

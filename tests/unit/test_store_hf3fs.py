@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import errno
 import os
+import re
+import socket
 import threading
 from pathlib import Path
 
@@ -19,6 +21,9 @@ from store.config import Hf3fsConfig, StoreConfig
 from store.hf3fs import MISSING_MODULE, Hf3fsStore
 from store.hf3fs_peers import View
 from tests.doubles import usrbio_emulator as emu
+
+# this host's writer directories (<host>.w<k>, store/hf3fs.py)
+W0, W1 = (re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) + f".w{k}" for k in (0, 1))
 
 NS = "model-0123456789abcdef"
 
@@ -65,7 +70,7 @@ def test_round_trip_layout_and_resources(mount):
     sizes = round_trip(s, _key, _data)
     u = s.usage()
     assert u["files"] == 5 and u["writes"] == 5 and u["hits"] == 5 and u["write_errors"] == 0
-    d = mount / "kv" / "dev0" / "w0"
+    d = mount / "kv" / "dev0" / W0
     data_files = sorted(d.glob("data-*.bin"))
     assert len(data_files) == 1 and (d / "index.log").is_file()  # one big file, not one per chunk
     assert sum(f.stat().st_size for f in data_files) <= s.budget
@@ -150,7 +155,7 @@ def test_restart_finds_chunks(mount):
     s.flush(5)
     s.delete([_key(4)])
     s.close()
-    with open(mount / "kv" / "dev0" / "w0" / "index.log", "ab") as fh:
+    with open(mount / "kv" / "dev0" / W0 / "index.log", "ab") as fh:
         fh.write(b"PK3L\x01 torn tail of a crashed append")
     s2 = _open(mount)
     u = s2.usage()
@@ -183,7 +188,7 @@ def test_writers_get_their_own_directories_and_read_each_other(store, mount, mon
     s2 = _open(mount)
     out = np.zeros(100_000, dtype=np.uint8)
     try:
-        assert store.path.endswith("w0") and s2.path.endswith("w1")
+        assert store.path.endswith(W0) and s2.path.endswith(W1)
         assert s2.get(_key(1), out) == 100_000 and np.array_equal(out, _data(1))
         assert s2.usage()["peer_hits"] == 1 and s2.usage()["files"] == 0  # not copied
         assert s2.put(_key(2), _data(2)) and s2.flush(10)
@@ -194,7 +199,7 @@ def test_writers_get_their_own_directories_and_read_each_other(store, mount, mon
         s2.close()
     s3 = _open(mount)  # w1 is free again: a restarted writer takes it back with its index
     try:
-        assert s3.path.endswith("w1") and s3.usage()["files"] == 1
+        assert s3.path.endswith(W1) and s3.usage()["files"] == 1
     finally:
         s3.close()
 
@@ -205,7 +210,7 @@ def test_reader_follows_the_writer_and_writes_nothing(store, mount):
     try:
         assert r.put(_key(9), _data(9)) is False
         assert r.usage()["read_only"] == 1 and r.usage()["dropped"] == 1
-        assert [p.name for p in (mount / "kv" / "dev0").iterdir()] == ["w0"]  # claimed nothing
+        assert [p.name for p in (mount / "kv" / "dev0").iterdir()] == [W0]  # claimed nothing
         for i in range(4):
             assert store.put(_key(i), _data(i))
         assert store.flush(10)
@@ -376,7 +381,7 @@ def test_bad_hf3fs_configuration(mount, tmp_path):
     # mount point found from an absolute base path
     s = Hf3fsStore(StoreConfig(backend="hf3fs", size_gb=0.01, paths=[f"file://{mount}/p"],
                                hf3fs=Hf3fsConfig(iov_size_mb=100, io_threads=2)), io=emu)
-    assert s.mount_point == str(mount) and s.path == str(mount / "p" / "dev0" / "w0")
+    assert s.mount_point == str(mount) and s.path == str(mount / "p" / "dev0" / W0)
     s.close()
 
 
