@@ -16,8 +16,6 @@ import pytest
 import torch
 
 from common.config import ConfigError
-from launch.procs import check_config
-from pd.config import DeploymentConfig
 from transport import make_transport, shm_gpu
 from transport.base import TransportError
 from transport.config import TransportConfig
@@ -41,6 +39,9 @@ def test_gpu_memory_without_a_gpu_is_refused_clearly(tmp_path):
 
 
 def test_launch_refuses_gpu_memory_on_cpu_instances():
+    from launch.procs import check_config  # (imports ZMQ: not on the GPU machine without the carry)
+    from pd.config import DeploymentConfig
+
     dep = DeploymentConfig(model="/m")
     dep.connector.transport.shm_memory = "gpu"
     with pytest.raises(ConfigError, match="shm_memory: gpu .* vllm.device is cpu; allowed there: host"):
