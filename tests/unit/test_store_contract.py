@@ -13,6 +13,7 @@ import shutil
 import threading
 import time
 import uuid
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -61,8 +62,19 @@ class Backend:
 REAL_3FS = os.environ.get("PDKV_3FS_MOUNT", "")
 
 
-@pytest.fixture(params=["local", "hf3fs"])
-def backend(request, tmp_path) -> Backend:
+@pytest.fixture(params=["local", "hf3fs", "hf3fs-lax"])
+def backend(request, tmp_path, monkeypatch) -> Backend:
+    """hf3fs: on the strict USRBIO emulator (the binding's rules); hf3fs-lax: the same tests on
+    its old, lax behaviour (PDKV_USRBIO_LAX=1), which the store must pass too."""
+    if request.param == "hf3fs-lax":
+        if REAL_3FS:
+            pytest.skip("a real mount has no lax behaviour")
+        monkeypatch.setattr(emu, "STRICT", False)
+        monkeypatch.setenv("PDKV_USRBIO_LAX", "1")  # the crash writer's subprocess too
+        request.getfixturevalue("usrbio_double")
+        yield Backend("hf3fs", Path(emu.emulate_mount(str(tmp_path / "3fs"))))
+        emu.forget_mounts()
+        return
     if request.param == "hf3fs" and REAL_3FS:
         root = Path(REAL_3FS)
         test_dir = root / "pdkv-contract" / uuid.uuid4().hex[:8]
@@ -331,3 +343,13 @@ def test_writer_killed_mid_write_leaves_only_whole_values(backend):
         assert u["corrupt"] == 0 and u["misses"] == 0, u
     finally:
         s.close()
+
+
+def test_the_store_sees_the_emulators_strictness(backend):
+    """hf3fs_fuse.io, as the store imports it, is this very emulator module: the lax run is lax."""
+    if backend.name != "hf3fs" or REAL_3FS:
+        pytest.skip("the emulator only")
+    import hf3fs_fuse.io as io
+
+    with pytest.raises(RuntimeError) if emu.STRICT else nullcontext():
+        io.extract_mount_point(str(backend.root / "not" / "yet"))

@@ -744,3 +744,33 @@ def test_get_many_is_get_one_by_one(store):
     assert store.usage()["hits"] == 3 and store.usage()["misses"] == 1
     with pytest.raises(ValueError):
         store.get_many([_key(0)], [])
+
+
+@pytest.mark.parametrize("o_direct", [False, True])
+def test_a_file_replaced_while_read_gives_its_key_or_a_miss_never_another(disk, o_direct, monkeypatch):
+    """Issue 17's review of store/local: a value's file replaced (renamed over) by another key's
+    while it is read. The read holds the old inode: its own key's bytes. A later read finds the
+    other key's chunk under this name: a miss (header names another key), that file removed."""
+    s = LocalStore(_cfg(disk, o_direct=o_direct))
+    for i in (1, 2):
+        s.put(_key(i), _data(i))
+    s.flush(5)
+    f1 = _stored_file(s, _key(1))
+    other = _stored_file(s, _key(2)).read_bytes()
+
+    def swapped_first(real):
+        def read(self, key, full, fd, st, out):
+            Path(full + ".swap").write_bytes(other)
+            os.rename(full + ".swap", full)  # key 2's chunk now under key 1's name
+            return real(self, key, full, fd, st, out)
+        return read
+
+    monkeypatch.setattr(ChunkFiles, "_read_buffered", swapped_first(ChunkFiles._read_buffered))
+    monkeypatch.setattr(ChunkFiles, "_read_direct", swapped_first(ChunkFiles._read_direct))
+    out = np.zeros(100_000, dtype=np.uint8)
+    assert s.get(_key(1), out) == 100_000 and np.array_equal(out, _data(1))
+    monkeypatch.undo()
+    out[:] = 0
+    assert s.get(_key(1), out) == 0 and not f1.exists()
+    assert s.get(_key(2), out) == 100_000 and np.array_equal(out, _data(2))
+    s.close()
