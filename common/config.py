@@ -158,7 +158,13 @@ def load(cls: type, data: dict | None, prefix: str = "") -> Any:
     obj = cls()
     for name, value in data.items():
         key = prefix + name
-        coerced = _coerce(hints[name], value, key)
+        default = getattr(obj, name)
+        if dataclasses.is_dataclass(default) and isinstance(value, dict):
+            # A section given in part keeps the field's own defaults (e.g. decode's port_base 8200),
+            # not those of the section's class.
+            coerced = merge(default, value, prefix=key + ".")
+        else:
+            coerced = _coerce(hints[name], value, key)
         _check(fields[name], coerced, key)
         setattr(obj, name, coerced)
     return obj

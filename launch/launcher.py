@@ -36,7 +36,7 @@ from launch.procs import (
 )
 from launch.supervise import SIGNALS, ChildDied, Deployment
 from launch.topology import share
-from pd.config import DeploymentConfig, load_yaml
+from pd.config import DeploymentConfig, StrictLoader, load_yaml
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -81,7 +81,7 @@ def parse_set(items: list[str]) -> dict:
         if not sep or not key.strip() or any(not k for k in key.strip().split(".")):
             raise ConfigError(f"--set: {item!r} is not KEY=VALUE (e.g. coordinator.advertise_host=10.0.0.1)")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = yaml.load(raw, Loader=StrictLoader) if raw.strip() else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"--set {key}: {raw!r} is not a YAML value: {e}") from None
         if _key_type(key.strip()) is str and not isinstance(value, str) and not isinstance(value, (list, dict)):

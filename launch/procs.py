@@ -148,6 +148,11 @@ def check_config(dep: DeploymentConfig) -> None:
     if dep.vllm.device == "cpu" and bs % CPU_BLOCK_MULTIPLE:
         raise ConfigError(f"vllm.block_size: {bs} is not allowed; vLLM's CPU attention needs a multiple of "
                           f"{CPU_BLOCK_MULTIPLE}")
+    for group in ("prefill", "decode"):
+        g = getattr(dep, group)
+        if g.count and g.port_base + g.count - 1 > 65535:
+            raise ConfigError(f"{group}.port_base: {g.port_base} with {g.count} instances needs ports up to "
+                              f"{g.port_base + g.count - 1}; allowed: ports up to 65535")
     t = dep.connector.transport
     if dep.mode == "pd" and t.kind == "shm" and t.shm_memory == "gpu" and dep.vllm.device == "cpu":
         raise ConfigError("connector.transport.shm_memory: gpu keeps chunks in the prefill's GPU memory; "

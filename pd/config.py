@@ -5,6 +5,7 @@ The schema and its checks are common.config's; see docs/design.md ("Conventions"
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import re
 from pathlib import Path
 
 import yaml
@@ -213,14 +214,36 @@ class DeploymentConfig:
     hosts: dict[str, HostConfig] = field(default_factory=dict)
 
 
+class StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last one
+    silently: a second ``proxy:`` block would drop the first one's keys) and reads ``1e3`` as a
+    number (YAML 1.2; PyYAML's YAML 1.1 float needs a dot)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise ConfigError(f"key {key!r} is given twice in one mapping (lines {seen[key] + 1} and "
+                                  f"{key_node.start_mark.line + 1}); give each key once")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+                                   list("-+0123456789"))
+
+
 def load_yaml(path: str | Path) -> DeploymentConfig:
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file {p} does not exist")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.load(p.read_text(), Loader=StrictLoader)
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {p} is not valid YAML: {e}") from None
+    except ConfigError as e:  # a key given twice
+        raise ConfigError(f"config file {p}: {e}") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"config file {p} is not UTF-8 text: {e}") from None
     except RecursionError:

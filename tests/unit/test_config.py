@@ -277,3 +277,34 @@ def test_the_libraries_refuse_bad_config_with_the_one_config_error(tmp_path):
         make_transport(SimpleNamespace(kind="pigeon"))
     with pytest.raises(ConfigError, match="device_name"):
         TransportConfig(kind="mooncake", mooncake=MooncakeConfig(device_name="mlx5_0")).mooncake.check()
+
+
+# ---- issue 18, item 5: config as a careless user writes it ------------------------------------
+
+def test_a_section_given_in_part_keeps_that_fields_defaults(tmp_path):
+    f = tmp_path / "d.yaml"
+    f.write_text("model: /m\ndecode: {count: 1, tp: 1}\n")
+    dep = load_yaml(f)
+    assert (dep.prefill.port_base, dep.decode.port_base) == (8100, 8200)  # not the class default 8100
+
+
+def test_a_key_given_twice_is_refused_with_both_lines(tmp_path):
+    f = tmp_path / "d.yaml"
+    f.write_text("model: /m\nproxy:\n  api_key_file: /k\nproxy:\n  port: 9000\n")
+    with pytest.raises(ConfigError, match=r"key 'proxy' is given twice in one mapping \(lines 2 and 4\)"):
+        load_yaml(f)
+
+
+def test_exponent_numbers_are_numbers(tmp_path):
+    f = tmp_path / "d.yaml"
+    f.write_text("model: /m\nconnector:\n  store: {size_gb: 1e3}\n")
+    assert load_yaml(f).connector.store.size_gb == 1000.0
+
+
+def test_instance_ports_past_65535_are_refused():
+    from launch.procs import check_config
+
+    dep = DeploymentConfig(model="/m")
+    dep.decode.port_base, dep.decode.count = 65535, 2
+    with pytest.raises(ConfigError, match=r"decode.port_base: 65535 with 2 instances needs ports up to 65536"):
+        check_config(dep)
