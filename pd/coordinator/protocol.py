@@ -18,7 +18,12 @@ PROTOCOL_TAG = b"pdkv/%d" % PROTOCOL_VERSION
 
 # Field types with the values a peer may send: anything else is refused at decoding (an Error
 # naming the field), so that no count, rank or duration from the wire is negative, NaN or infinite.
-Count = Annotated[int, msgspec.Meta(ge=0)]
+Count = Annotated[int, msgspec.Meta(ge=0, le=1 << 53)]  # a float counter adds it exactly
+# Strings a peer may send are bounded (an authorized peer could otherwise make the coordinator hold
+# and log megabytes per message): ids are short and plain, free text is cut at 4 KiB.
+Id = Annotated[str, msgspec.Meta(max_length=128, pattern=r"^[A-Za-z0-9_.:/-]*$")]
+Text = Annotated[str, msgspec.Meta(max_length=4096)]
+Keys = Annotated[list[Annotated[str, msgspec.Meta(max_length=512)]], msgspec.Meta(max_length=1 << 16)]
 Seconds = Annotated[float, msgspec.Meta(ge=0, le=1e9)]  # finite (NaN fails ge)
 Millis = Annotated[float, msgspec.Meta(ge=0, le=1e12)]
 Groups = Annotated[int, msgspec.Meta(ge=1, le=1024)]  # KV-head groups (pd.connector.heads)
@@ -35,18 +40,18 @@ class _Msg(msgspec.Struct, tag_field="type", tag=lambda name: name.lower(), forb
 
 
 class Register(_Msg):
-    instance_id: str
+    instance_id: Id
     role: Role
-    url: str = ""
+    url: Text = ""
     pid: Count = 0
 
 
 class Heartbeat(_Msg):
     """Liveness; the optional fields let a restarted coordinator re-register the instance fully."""
 
-    instance_id: str
+    instance_id: Id
     role: Role | Literal[""] = ""
-    url: str = ""
+    url: Text = ""
     pid: Count = 0
     # The instance's own counters (its connector's transfers, transport and store), exported by
     # the coordinator summed per role: the faults only an instance sees (a full disk, a READY it
@@ -63,13 +68,13 @@ class Ready(_Msg):
     ``chunks_ready`` 0 with ``final`` means every chunk of the prompt.
     """
 
-    pd_id: str
+    pd_id: Id
     rank: Count
-    keys: list[str]
+    keys: Keys
     n_tokens: Count
     n_bytes: Count = 0
-    location: str = ""  # transport kind + address, e.g. "shm:/dev/shm/pdkv-default"
-    instance_id: str = ""
+    location: Text = ""  # transport kind + address, e.g. "shm:/dev/shm/pdkv-default"
+    instance_id: Id = ""
     chunks_ready: Count = 0
     final: bool = True
     # ``rank`` is the KV-head group (pd.connector.heads; the TP rank when groups = TP size); the transfer is
@@ -87,7 +92,7 @@ class Wait(_Msg):
     """Decode asks for READY of ``pd_id``/``rank`` beyond the ``have`` chunks it has loaded;
     answered when a final READY or one with more than ``have`` chunks is there, or at timeout."""
 
-    pd_id: str
+    pd_id: Id
     rank: Count
     timeout_s: Seconds
     have: Count = 0
@@ -109,14 +114,14 @@ class LoadPart(msgspec.Struct, array_like=True, forbid_unknown_fields=True):
 class Done(_Msg):
     """Decode finished with ``pd_id``: loaded (ok) or gave up (error); chunks may be freed."""
 
-    pd_id: str
+    pd_id: Id
     rank: Count
     ok: bool
-    instance_id: str = ""
+    instance_id: Id = ""
     n_chunks: Count = 0
     n_bytes: Count = 0
     load_ms: Millis = 0.0
-    error: str = ""
+    error: Text = ""
     n_store_chunks: Count = 0  # of n_chunks, how many came from the persistent store
     groups: Groups = 1  # KV-head groups of the transfer: it is done when each group's DONE is in
     # The load's parts (the first MAX_LOAD_PARTS; the timeline) and its totals over all of them.
@@ -131,15 +136,15 @@ class Done(_Msg):
 class Abort(_Msg):
     """The request was cancelled (client gone, upstream error): release waiters, free chunks."""
 
-    pd_id: str
-    reason: str = ""
+    pd_id: Id
+    reason: Text = ""
 
 
 class Query(_Msg):
     """Ask for counters, instances and (optionally) the record of one transfer and the p50/p99 of
     each span over the recent transfers (``spans``)."""
 
-    pd_id: str = ""
+    pd_id: Id = ""
     spans: bool = False
 
 

@@ -57,6 +57,38 @@ def _finished(task: asyncio.Task) -> bool:
             and isinstance(task.result(), _Started) and task.result().complete)
 
 
+
+MAX_JSON_ITEMS = 1 << 20  # JSON objects, arrays and elements a request body may hold
+PARSE_OFF_LOOP = 1 << 20  # bodies larger than this are parsed off the event loop
+
+
+class BodyTooComplex(ValueError):
+    """A body whose parsed form would cost far more memory than its bytes."""
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a JSON number; give a finite number")
+
+
+def _loads(raw: bytes):
+    return json.loads(raw, parse_constant=_refuse_constant)
+
+
+async def read_json(request: web.Request):
+    """The request's JSON body, bounded before it is parsed: at most ``client_max_size`` bytes
+    (HTTPRequestEntityTooLarge) and ``MAX_JSON_ITEMS`` objects, arrays and elements
+    (BodyTooComplex: a 63 MB body of ``[{},{},...]`` parsed into 2 GB); large bodies are parsed
+    on a thread so the event loop keeps serving; NaN and Infinity are refused (ValueError)."""
+    raw = await request.read()
+    items = raw.count(b"{") + raw.count(b"[") + raw.count(b",")
+    if items > MAX_JSON_ITEMS:
+        raise BodyTooComplex(f"request body has {items} JSON objects, arrays and elements; allowed at most "
+                             f"{MAX_JSON_ITEMS}")
+    if len(raw) > PARSE_OFF_LOOP:
+        return await asyncio.get_running_loop().run_in_executor(None, _loads, raw)
+    return _loads(raw)
+
+
 @dataclass
 class _Started:
     """A decode (or colocated) answer that has begun: its response and first bytes (or whole body)."""
@@ -82,6 +114,7 @@ class Relay(FirstTokenFlow):
     session: aiohttp.ClientSession | None
     coord: Any
     upstream_token: str | None
+    api_key: str | None  # the key clients send the proxy (None: none); never passed upstream
     first_token: str  # "prefill": token 1 from the prefill where first_token.path_for allows; "decode": never
     chat_first_token: bool  # chat requests may take that path (not when the instances parse tools/reasoning)
     timeline: ProxyTimeline
@@ -98,7 +131,8 @@ class Relay(FirstTokenFlow):
         h = {"Content-Type": "application/json"}
         if self.upstream_token is not None:
             h["Authorization"] = f"Bearer {self.upstream_token}"
-        elif "Authorization" in request.headers:
+        elif "Authorization" in request.headers and self.api_key is None:
+            # (a client's token is passed on only when it is not the proxy's own key)
             h["Authorization"] = request.headers["Authorization"]
         return h
 
@@ -127,8 +161,11 @@ class Relay(FirstTokenFlow):
         status = 499  # stays so if we are cancelled (the client went away)
         try:
             try:
-                body = await request.json(loads=json.loads)
-            except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+                body = await read_json(request)
+            except BodyTooComplex as e:
+                status = 413
+                return json_error(str(e), 413)
+            except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, NaN/Infinity
                 status = 400
                 return json_error(f"request body is not valid JSON: {e}", 400)
             except RecursionError:

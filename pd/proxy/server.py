@@ -119,7 +119,7 @@ class Proxy(Relay):
     async def _auth(self, request: web.Request, handler) -> web.StreamResponse:
         """With ``api_key``: /v1 routes answer 401 unless the client sends ``Authorization: Bearer <key>``
         (as vLLM's --api-key; /health and /metrics stay open)."""
-        if self.api_key is not None and request.path.startswith("/v1"):
+        if self.api_key is not None and request.path.startswith(("/v1", "/pd/")):
             got = request.headers.get("Authorization", "")
             # surrogateescape: a header of non-UTF-8 bytes is a wrong key, not a 500
             if not hmac.compare_digest(got.encode("utf-8", "surrogateescape"), f"Bearer {self.api_key}".encode()):

@@ -212,18 +212,21 @@ def test_truncated_messages_are_refused(coord, peers, msg, cut):
 
 def test_huge_messages_do_not_take_the_coordinator_down(coord, ctx, peers):
     """A 100 MB frame is refused at the socket (no reply: the sender is disconnected; before the
-    limit the coordinator read it whole into memory), a READY of 100,000 keys is handled, and the
-    coordinator goes on answering everyone."""
+    limit the coordinator read it whole into memory), a READY of 65,536 keys is handled, one of
+    100,000 refused with an Error (issue 18: bounded fields), and the coordinator goes on
+    answering everyone."""
     peer = peers()
     big = Peer(ctx, coord.address)
     try:
         big.sock.send_multipart([PROTOCOL_TAG, b"\x00" * (100 << 20)])
         assert not big.sock.poll(2000), "a 100 MB message was read and answered"
-        many = Ready("huge", 0, [f"k{i}" for i in range(100_000)], 1, instance_id="nobody")
-        tried("coordinator", 2)
+        many = Ready("huge", 0, [f"k{i}" for i in range(1 << 16)], 1, instance_id="nobody")  # the most allowed
+        too_many = Ready("huge2", 0, [f"k{i}" for i in range(100_000)], 1, instance_id="nobody")
+        tried("coordinator", 3)
         peer.send(many)
+        peer.send(too_many)
         peer.send(Abort("huge", "test"))
-        assert [type(r) for r in peer.replies_until_query(30)] == [Ack, Ack]
+        assert [type(r).__name__ for r in peer.replies_until_query(30)] == ["Ack", "Error", "Ack"]
     finally:
         big.close()
     assert ("huge", 0) not in coord.state.entries

@@ -120,3 +120,18 @@ def test_direction_is_checked():
 def test_old_heartbeat_still_decodes():
     body = msgspec.msgpack.encode({"type": "heartbeat", "instance_id": "p0"})
     assert decode_client([PROTOCOL_TAG, body]) == Heartbeat("p0", "", "", 0)
+
+
+@pytest.mark.parametrize("msg", [
+    Abort("x" * (1 << 20), "a 1 MiB pd_id"),
+    Wait("pd\n id", 0, 1.0),  # not a plain id
+    Register("i" * 129, "decode"),
+    Done("x", 0, False, error="e" * 5000),
+    Done("x", 0, True, n_bytes=(1 << 64) - 1),
+    Ready("x", 0, ["k" * 600], 1),
+], ids=["pd_id-1MiB", "pd_id-chars", "instance-id-long", "error-5000", "n_bytes-2^64", "key-600"])
+def test_fields_an_authorized_peer_could_bloat_are_bounded(msg):
+    """Issue 18, item 6: ids are at most 128 plain characters, free text 4 KiB, keys 512 B,
+    counts below 2^53 (the counters are floats): anything else is refused at decoding."""
+    with pytest.raises(ProtocolError, match="undecodable"):
+        decode_client(encode(msg))

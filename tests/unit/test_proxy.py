@@ -33,6 +33,7 @@ class FakeVLLM:
     def __init__(self, name: str):
         self.name = name
         self.bodies: list[dict] = []
+        self.auth: list[str | None] = []  # each request's Authorization header (None: none)
         self.headers: list[dict] = []
         self.paths: list[str] = []
         self.status = 200
@@ -52,6 +53,7 @@ class FakeVLLM:
     async def generate(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.bodies.append(body)
+        self.auth.append(request.headers.get("Authorization"))
         self.headers.append(dict(request.headers))
         self.paths.append(request.path)
         if self.drop > 0:  # as a server closing a kept-alive connection under a request

@@ -120,3 +120,50 @@ def test_a_connection_dropped_before_any_answer_is_sent_again_once():
                 assert r.status == 502
                 assert env.d[0].url in (await r.json())["error"]["message"]
     run(go())
+
+
+# ---- issue 18: what a request may cost before it is parsed; small leaks -------------------------
+
+def test_a_body_of_too_many_json_elements_is_refused_before_it_is_parsed():
+    """63 MB of ``[{},{},...]`` parsed into about 2 GB: the elements are counted on the bytes
+    first, and the request is a 413 that names the limit."""
+    from pd.proxy.relay import MAX_JSON_ITEMS
+
+    async def go():
+        async with deployment() as env:
+            raw = b'{"model": "m", "prompt": [' + b"{}," * (MAX_JSON_ITEMS + 10) + b'{}]}'
+            async with env.client.post(env.url + "/v1/completions", data=raw,
+                                       headers={"Content-Type": "application/json"}) as r:
+                assert r.status == 413
+                assert f"allowed at most {MAX_JSON_ITEMS}" in (await r.json())["error"]["message"]
+            assert env.p[0].bodies == [] and env.d[0].bodies == []
+            async with env.client.post(env.url + "/v1/completions", json=REQ) as r:  # still serving
+                assert r.status == 200
+    run(go())
+
+
+def test_nan_and_infinity_do_not_pass_the_proxy():
+    async def go():
+        async with deployment() as env:
+            for bad in (b'{"model": "m", "prompt": "hi", "temperature": NaN}',
+                        b'{"model": "m", "prompt": "hi", "top_p": -Infinity}'):
+                async with env.client.post(env.url + "/v1/completions", data=bad,
+                                           headers={"Content-Type": "application/json"}) as r:
+                    assert r.status == 400
+                    assert "not a JSON number" in (await r.json())["error"]["message"]
+            assert env.p[0].bodies == []
+    run(go())
+
+
+def test_transfer_records_need_the_key_and_the_clients_key_stays_at_the_proxy():
+    async def go():
+        async with deployment() as env:
+            env.proxy.api_key = "sk-proxy"
+            async with env.client.get(env.url + "/pd/transfers/abc") as r:
+                assert r.status == 401
+            ok = {"Authorization": "Bearer sk-proxy"}
+            async with env.client.post(env.url + "/v1/completions", json=REQ, headers=ok) as r:
+                assert r.status == 200
+            # no upstream key (vllm.api_key_file): the instances get no Authorization, not the proxy's key
+            assert env.p[0].auth == [None] and env.d[0].auth == [None]
+    run(go())
