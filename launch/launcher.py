@@ -148,6 +148,10 @@ def config_from_args(args: argparse.Namespace) -> DeploymentConfig:
     if getattr(args, "set", None):
         dep = merge(dep, parse_set(args.set))
     dep.model = str(check_model(dep.model))
+    if dep.connector.transport.name == "default":
+        # Two deployments of one host must not share a pool: stopping one would remove the other's.
+        # Their proxy ports differ (one port cannot serve both), so the pool is named by it.
+        dep.connector.transport.name = f"default-{dep.proxy.port}"
     resolve_auth(dep)
     # the instances and the proxy may run elsewhere than this cwd
     for section, key in ((dep.proxy, "api_key_file"), (dep.coordinator, "keys_dir"), (dep.vllm, "api_key_file")):

@@ -170,7 +170,8 @@ class TransportConfig:
     # GPU's memory, pool_size_mb of it; decode reads them device to device through CUDA IPC, on
     # the same GPU or one with peer access; needs vLLM on CUDA). See transport/shm_gpu.py.
     shm_memory: str = field(default="host", metadata=choices("host", "gpu"))
-    # Deployment name: the pool lives in <shm_dir>/pdkv-<name>.
+    # Deployment name: the pool lives in <shm_dir>/pdkv-<name>. `pd launch` makes "default"
+    # default-<proxy port>, so that two deployments of one host never share (and remove) one pool.
     name: str = "default"
     # Kind mooncake only.
     mooncake: MooncakeConfig = field(default_factory=MooncakeConfig)

@@ -39,7 +39,7 @@ from transport.base import (
     close_reads,
     close_written,
 )
-from transport.shm_index import cleanup_pool, key_to_name, pool_dir  # noqa: F401 - cleanup_pool: launch/ imports it here
+from transport.shm_index import cleanup_pool, key_to_name, make_private_dir, pool_dir  # noqa: F401 - cleanup_pool: launch/ imports it here
 from transport.shm_maps import MapCache
 from transport.shm_owner import ArenaOwner, Call, Entry
 
@@ -86,16 +86,6 @@ class SlotRead:
         self._owner, self._m, self._off, self._seq, self._done = owner, m, off, seq, False
 
 
-def _check_private(path: str, st: os.stat_result) -> None:
-    """Refuse a pool directory that another user owns or may enter: they could read the KV of
-    our requests or plant chunks of their own."""
-    if st.st_uid != os.geteuid() or st.st_mode & 0o077:
-        raise TransportError(
-            f"shm pool {path} is owned by uid {st.st_uid} with mode {st.st_mode & 0o777:04o}; it must be ours "
-            f"(uid {os.geteuid()}) and 0700, or other users could read or plant KV chunks. Remove it, or set "
-            "connector.transport.name to another pool")
-
-
 class ShmTransport:
     """``Transport`` and ``ZeroCopyTransport`` over shared-memory arenas (same host only).
 
@@ -126,12 +116,7 @@ class ShmTransport:
         self._maps = MapCache(self.path, self._lock, pin_cuda, device)
         self._own = ArenaOwner(self.path, self.budget, self._maps, self.stats, self._link, self._uid,
                                device if self.gpu else None)
-        try:
-            os.makedirs(self.path, mode=0o700, exist_ok=True)
-            st = os.stat(self.path)
-        except OSError as e:
-            raise TransportError(f"cannot create shm pool {self.path}: {e}") from e
-        _check_private(self.path, st)
+        make_private_dir(self.path)
 
     # -- copy API (Transport) --------------------------------------------------------------
     def put(self, keys: Sequence[str], buffers: Sequence[Any]) -> list[bool]:

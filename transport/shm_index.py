@@ -13,9 +13,11 @@ import logging
 import os
 import re
 import shutil
+import stat
 from typing import Any, Sequence
 
 from common.process import pid_alive
+from transport.base import TransportError
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,29 @@ def pool_dir(cfg: Any) -> str:
     """The pool directory of a ``TransportConfig``: ``<shm_dir>/pdkv-<name>``."""
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", cfg.name) or "default"
     return os.path.join(cfg.shm_dir, f"pdkv-{safe}")
+
+
+def make_private_dir(path: str) -> None:
+    """Make the pool directory (0700) or check the one there: ours, 0700, a directory and not a
+    symlink. TransportError otherwise: another user could read our KV or plant chunks there, and
+    a symlink planted at the pool's path would send the arenas where that user chose."""
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        st = os.lstat(path)
+    except OSError as e:
+        raise TransportError(f"cannot create shm pool {path}: {e}") from e
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise TransportError(f"shm pool {path} is {'a symlink' if stat.S_ISLNK(st.st_mode) else 'not a directory'}; "
+                             "it must be a directory of ours. Remove it, or set connector.transport.name to another pool")
+    if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise TransportError(
+            f"shm pool {path} is owned by uid {st.st_uid} with mode {st.st_mode & 0o777:04o}; it must be ours "
+            f"(uid {os.geteuid()}) and 0700, or other users could read or plant KV chunks. Remove it, or set "
+            "connector.transport.name to another pool")
 
 
 def cleanup_pool(cfg: Any) -> None:

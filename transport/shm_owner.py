@@ -30,6 +30,7 @@ from transport.arena import (
     slot_bytes,
     stamp,
 )
+from transport.base import TransportError
 from transport.shm_maps import MapCache
 
 log = logging.getLogger(__name__)
@@ -111,9 +112,9 @@ class ArenaOwner:
         if a is None and time.monotonic() >= self._retry_at:
             path = os.path.join(self.path, f"{index.ARENA_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}")
             try:
-                os.makedirs(self.path, mode=0o700, exist_ok=True)
+                index.make_private_dir(self.path)  # re-made if it was removed: checked like the first time
                 a = Mapping.create(path, self.budget, self.device)
-            except (OSError, ValueError) as e:
+            except (OSError, ValueError, TransportError) as e:
                 self._retry_at = time.monotonic() + RETRY_ARENA_S
                 self.stats["put_errors"] += 1
                 log.error("shm pool %s: cannot create a %d MiB arena: %s (writes dropped)",

@@ -138,6 +138,8 @@ def test_dry_run_pd(model, tmp_path, capsys):
         assert extra["instance_id"] == name
         assert extra["coordinator"] == f"tcp://127.0.0.1:{cfg['coordinator']['port']}"
         assert extra["transport"]["shm_dir"] == str(tmp_path / "shm")
+        # issue 18: a pool per deployment (named by its proxy port), unless the YAML names one
+        assert extra["transport"]["name"] == cfg["connector"]["transport"].get("name", f"default-{cfg['proxy']['port']}")
         assert env["VLLM_CPU_KVCACHE_SPACE"] == "1" and env["PYTHONHASHSEED"] == "0"
         assert env["VLLM_CPU_OMP_THREADS_BIND"] == ["0", "1", "0"][i]
         assert (argv[-2:] == ["--seed", "7"]) == (role == "decode")
@@ -847,3 +849,14 @@ def test_device_key_errors(model, tmp_path, over, needle):
     with pytest.raises(ConfigError) as e:
         plan(load(DeploymentConfig, free_config(model, tmp_path, **over)))
     assert needle in str(e.value)
+
+
+def test_each_deployment_gets_its_own_shm_pool_by_default(model, tmp_path, capsys):
+    """Issue 18: two deployments on one host shared pdkv-default, and stopping one removed the
+    other's live pool. The default pool is named by the deployment's proxy port."""
+    cfg = free_config(model, tmp_path)
+    del cfg["connector"]["transport"]["name"]
+    assert main(["launch", "--config", str(write_yaml(tmp_path, cfg)), "--dry-run"]) == 0
+    procs = parse_dry_run(capsys.readouterr().out)
+    kv = json.loads(flag(procs["prefill-0"][1], "--kv-transfer-config"))
+    assert kv["kv_connector_extra_config"]["transport"]["name"] == f"default-{cfg['proxy']['port']}"

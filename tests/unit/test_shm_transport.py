@@ -654,3 +654,29 @@ def test_bench_tiny_run(tmp_path, capsys):
     assert bench.parse_size("4M") == 4 << 20
     with pytest.raises(ValueError):
         bench.parse_size("1X")
+
+
+# ---- issue 18, item 3: a pool re-made after it disappeared is checked like the first one ------
+
+@pytest.mark.parametrize("plant", ["symlink", "mode-0755", "file"])
+def test_a_pool_replaced_under_a_running_producer_is_refused_not_written(tmp_path, plant, caplog):
+    t = ShmTransport(_cfg(tmp_path, pool_mb=4))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    try:
+        assert t.put(["a"], [b"x" * 100]) == [True]
+        cleanup_pool(_cfg(tmp_path))  # the pool disappears (another deployment's clean stop, ...)
+        if plant == "symlink":  # someone puts a symlink where the pool was
+            os.symlink(elsewhere, t.path)
+        elif plant == "mode-0755":
+            os.mkdir(t.path, 0o755)
+            os.chmod(t.path, 0o755)
+        else:
+            open(t.path, "w").close()
+        with caplog.at_level(logging.ERROR, logger="transport.shm_owner"):
+            assert t.put(["b"], [b"y" * 100]) == [False]
+        assert list(elsewhere.iterdir()) == []  # nothing written where the symlink points
+        assert any("shm pool" in r.getMessage() and ("symlink" in r.getMessage() or "0700" in r.getMessage()
+                   or "not a directory" in r.getMessage()) for r in caplog.records)
+    finally:
+        t.close()
