@@ -13,6 +13,7 @@ import errno
 import itertools
 import logging
 import os
+import stat
 import threading
 import time
 import uuid
@@ -65,6 +66,11 @@ def check_dir(path: str) -> None:
         log.info("local store: made the directory %s", path)
     if not os.path.isdir(path):
         raise ConfigError(f"store path {path} is not a directory; store.paths needs directories")
+    st = os.stat(path)
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise ConfigError(f"store path {path} is owned by uid {st.st_uid} with mode {st.st_mode & 0o7777:04o}; it must "
+                          f"be ours (uid {os.geteuid()}) and writable by us only (e.g. 0700), or other users could "
+                          "plant or delete KV files there; use a directory of your own (e.g. a sub-directory)")
     # named like a temp file of this (live) process, so a concurrent scan leaves it alone
     probe = os.path.join(path, f"{TMP_PREFIX}{os.getpid()}-probe-{threading.get_ident()}")
     try:
@@ -76,6 +82,31 @@ def check_dir(path: str) -> None:
     except OSError as e:
         raise ConfigError(f"store path {path} is not writable ({e.strerror or e}); the store "
                          "needs a directory this process can create files in") from None
+
+
+def not_ours(path: str) -> str:
+    """Why directory ``path`` is not one pdkv may use ("" if it is): a symlink, not a directory,
+    another user's, or writable by others (they could plant, swap or delete files in it)."""
+    try:
+        st = os.lstat(path)
+    except OSError as e:
+        return e.strerror or str(e)
+    if stat.S_ISLNK(st.st_mode):
+        return "a symlink"
+    if not stat.S_ISDIR(st.st_mode):
+        return "not a directory"
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        return f"owned by uid {st.st_uid} with mode {st.st_mode & 0o7777:04o}"
+    return ""
+
+
+def _own_file(path: str) -> bool:
+    """A regular file of ours (not a symlink, not another user's)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid()
 
 
 def unlink_quiet(path: str) -> None:
@@ -105,12 +136,34 @@ class ChunkFiles:
     def file(self, key: str) -> str:
         return os.path.join(self.path, key_to_relpath(key))
 
+    def make_dirs(self, d: str) -> None:
+        """Make the sub-directories from the store's path down to ``d`` (0700), each checked to
+        be ours and not a symlink (OSError EPERM naming the one that is not: the write fails)."""
+        rel = os.path.relpath(d, self.path)
+        cur = self.path
+        for part in ([] if rel == "." else rel.split(os.sep)):
+            cur = os.path.join(cur, part)
+            try:
+                os.mkdir(cur, 0o700)
+            except FileExistsError:
+                pass
+            why = not_ours(cur)
+            if why:
+                raise PermissionError(errno.EPERM, f"store sub-directory {cur} is {why}; pdkv writes only "
+                                      "into directories of its own")
+        self._dirs.add(d)
+
     def scan(self) -> list[tuple[float, str, int]]:
         """(mtime, key, size) of the files already under the path, oldest first; removes
         leftover temp files and bad files."""
         found: list[tuple[float, str, int]] = []
         now = time.time()
-        for dirpath, _dirnames, filenames in os.walk(self.path):
+        for dirpath, dirnames, filenames in os.walk(self.path):
+            why = not_ours(dirpath) if dirpath != self.path else ""
+            if why:  # never adopt (nor delete) files of a directory someone else controls
+                log.warning("local store %s: skipping %s (%s)", self.path, dirpath, why)
+                dirnames.clear()
+                continue
             for name in filenames:
                 full = os.path.join(dirpath, name)
                 if name.startswith(TMP_PREFIX):
@@ -121,7 +174,7 @@ class ChunkFiles:
                         except OSError:
                             pass
                     continue
-                if not name.endswith(SUFFIX):
+                if not name.endswith(SUFFIX) or not _own_file(full):
                     continue  # not ours: leave it alone
                 got = read_meta(self.path, full)
                 if got is None:
@@ -171,10 +224,13 @@ class ChunkFiles:
         """Read the value of ``key`` from file ``full`` into ``out``: its length, or 0 (a miss)."""
         direct = self.direct
         try:
-            fd = os.open(full, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+            fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | (os.O_DIRECT if direct else 0))
         except FileNotFoundError:
             return 0
         except OSError as e:
+            if e.errno == errno.ELOOP:  # a symlink planted under the value's name
+                self.remove_bad(full, None, "a symlink, not a value file")
+                return 0
             if direct and e.errno == errno.EINVAL:
                 self._direct_fallback(e)
                 return self.read(key, full, out)
@@ -182,6 +238,9 @@ class ChunkFiles:
             return 0
         try:
             st = os.fstat(fd)
+            if st.st_uid != os.geteuid() or not stat.S_ISREG(st.st_mode):
+                self.remove_bad(full, st, f"a file of uid {st.st_uid}, not ours")
+                return 0
             if direct:
                 return self._read_direct(key, full, fd, st, out)
             return self._read_buffered(key, full, fd, st, out)
@@ -294,8 +353,7 @@ class ChunkFiles:
         padding are filled in here) to a temp file, then rename it to ``full``. Raises OSError."""
         d = os.path.dirname(full)
         if d not in self._dirs:
-            os.makedirs(d, mode=0o700, exist_ok=True)
-            self._dirs.add(d)
+            self.make_dirs(d)
         tmp = tmp_name(d, self._uid, next(self._seq))
         mv = memoryview(item.buf)
         csum = xxhash.xxh3_64_intdigest(mv[item.poff:item.poff + item.plen])
@@ -330,7 +388,7 @@ class ChunkFiles:
         try:
             return os.open(tmp, flags | (os.O_DIRECT if direct else 0), 0o600)
         except FileNotFoundError:  # the sub-directory was removed under us
-            os.makedirs(os.path.dirname(tmp), mode=0o700, exist_ok=True)
+            self.make_dirs(os.path.dirname(tmp))
             return os.open(tmp, flags | (os.O_DIRECT if direct else 0), 0o600)
         except OSError as e:
             if direct and e.errno == errno.EINVAL:

@@ -774,3 +774,51 @@ def test_a_file_replaced_while_read_gives_its_key_or_a_miss_never_another(disk, 
     assert s.get(_key(1), out) == 0 and not f1.exists()
     assert s.get(_key(2), out) == 100_000 and np.array_equal(out, _data(2))
     s.close()
+
+
+# ---- issue 18, item 4: directories and files nobody else can plant ------------------------------
+
+def test_a_store_path_others_can_write_is_refused(disk):
+    from common.config import ConfigError
+
+    shared = disk / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)
+    with pytest.raises(ConfigError, match=r"store path .*shared is owned by uid \d+ with mode 1777; it must be ours"):
+        LocalStore(_cfg(shared))
+
+
+def test_a_planted_symlink_sub_directory_is_never_written_through(disk):
+    s = LocalStore(_cfg(disk))
+    elsewhere = disk.parent / f"{disk.name}-elsewhere"
+    elsewhere.mkdir(exist_ok=True)
+    try:
+        target = _stored_file(s, _key(1))
+        top = Path(s.path) / os.path.relpath(target, s.path).split(os.sep)[0]
+        top.symlink_to(elsewhere, target_is_directory=True)  # planted before the first write under it
+        s.put(_key(1), _data(1))
+        s.flush(5)
+        assert list(elsewhere.rglob("*")) == []  # nothing written where the symlink points
+        out = np.zeros(100_000, dtype=np.uint8)
+        assert s.get(_key(1), out) == 0
+    finally:
+        s.close()
+
+
+def test_a_value_file_planted_by_another_user_or_as_a_symlink_is_a_miss(disk):
+    s = LocalStore(_cfg(disk))
+    try:
+        for i in (1, 2):
+            s.put(_key(i), _data(i))
+        s.flush(5)
+        f1, f2 = _stored_file(s, _key(1)), _stored_file(s, _key(2))
+        os.chown(f1, 4321, 4321)  # (root in this container can hand a file to another uid)
+        out = np.zeros(100_000, dtype=np.uint8)
+        assert s.get(_key(1), out) == 0 and not f1.exists()
+        real = disk / "real-value"
+        real.write_bytes(f2.read_bytes())
+        f2.unlink()
+        f2.symlink_to(real)
+        assert s.get(_key(2), out) == 0 and not f2.is_symlink() and real.exists()
+    finally:
+        s.close()
