@@ -14,6 +14,7 @@ import asyncio
 import errno
 import hmac
 import logging
+import signal
 import socket
 from typing import Any
 
@@ -24,6 +25,7 @@ from common.config import ConfigError, merge
 from pd.config import ProxyConfig
 from pd.coordinator.client import AsyncCoordinatorClient
 from pd.coordinator.curve import load_client_keys, read_token
+from pd.proxy.listen import CLIENT_KEEPALIVE_S, LimitedSite, connection_limit, make_runner, raise_fd_limit
 from pd.proxy.metrics import CONTENT_TYPE, ProxyMetrics
 from pd.proxy.relay import Relay
 from pd.proxy.routing import POLICIES, Pool, json_error, parse_urls
@@ -72,6 +74,7 @@ class Proxy(Relay):
         self.first_token = self.cfg.first_token
         self.chat_first_token = self.cfg.chat_first_token
         self._tasks: set[asyncio.Task] = set()
+        self.site: LimitedSite | None = None  # where it listens, once started
 
     # ---- app ---------------------------------------------------------------------------
 
@@ -88,13 +91,18 @@ class Proxy(Relay):
         app.on_cleanup.append(self._cleanup)
         return app
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> tuple[web.AppRunner, int]:
-        """Serve on ``host:port`` (0: a free port) in the running loop; returns the runner and port."""
-        runner = web.AppRunner(self.make_app(), handler_cancellation=True, access_log=None)
+    async def start(self, host: str = "127.0.0.1", port: int = 0, sock: socket.socket | None = None,
+                    limit: int | None = None, keepalive_s: float = CLIENT_KEEPALIVE_S) -> tuple[web.AppRunner, int]:
+        """Serve on ``sock`` or ``host:port`` (0: a free port) in the running loop, at most
+        ``limit`` client connections at once (default from the descriptor limit, raised to its
+        hard value; pd/proxy/listen.py); returns the runner and the port."""
+        if sock is None:
+            sock = _listen(host, port)
+        runner = make_runner(self.make_app(), keepalive_s)
         await runner.setup()
-        site = web.TCPSite(runner, host, port)
-        await site.start()
-        return runner, runner.addresses[0][1]
+        self.site = LimitedSite(runner, sock, limit if limit is not None else connection_limit(raise_fd_limit()))
+        await self.site.start()
+        return runner, sock.getsockname()[1]
 
     async def _startup(self, app: web.Application) -> None:
         t = self.cfg.upstream_timeout_s
@@ -248,7 +256,20 @@ def run(args: argparse.Namespace) -> int:
     if cfg.api_key_file:
         proxy.api_key = read_token(cfg.api_key_file, "--api-key-file (proxy.api_key_file)")
     sock = _listen(cfg.host, cfg.port)
-    print(f"pd proxy ({proxy.mode}) listening on http://{cfg.host}:{cfg.port}", flush=True)
-    web.run_app(proxy.make_app(), sock=sock, print=None, access_log=None, handler_cancellation=True,
-                shutdown_timeout=5)
+    asyncio.run(_serve(proxy, sock, f"pd proxy ({proxy.mode}) listening on http://{cfg.host}:{cfg.port}"))
     return 0
+
+
+async def _serve(proxy: Proxy, sock: socket.socket, banner: str) -> None:
+    """Serve until SIGINT or SIGTERM, then stop cleanly (the coordinator client, the session)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    runner, _ = await proxy.start(sock=sock)
+    print(banner, flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await runner.shutdown()
+        await runner.cleanup()

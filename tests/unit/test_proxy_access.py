@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 
+import aiohttp
+
 from launch.cli import main as cli_main
 from tests.unit.test_proxy import REQ, FakeCoord, deployment, eventually, run
 
@@ -166,4 +168,46 @@ def test_transfer_records_need_the_key_and_the_clients_key_stays_at_the_proxy():
                 assert r.status == 200
             # no upstream key (vllm.api_key_file): the instances get no Authorization, not the proxy's key
             assert env.p[0].auth == [None] and env.d[0].auth == [None]
+    run(go())
+
+
+async def _closed(reader: asyncio.StreamReader) -> bool:
+    """Whether the peer closed the connection (EOF or reset) within 3 s."""
+    try:
+        return await asyncio.wait_for(reader.read(), 3) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_connections_beyond_the_limit_are_closed_at_once_and_idle_ones_are_let_go():
+    """Issue 18, item 2: 1,100 idle connections used up the proxy's 1,024 descriptors and locked
+    every client out. Now at most ``limit`` are open (one more is closed as soon as accepted and
+    counted), and one that sends nothing is closed after the keep-alive time."""
+    from aiohttp import web
+
+    from pd.config import ProxyConfig
+    from pd.proxy.server import Proxy
+    from tests.unit.test_proxy import FakeVLLM
+
+    async def go():
+        fake = FakeVLLM("c0")
+        frunner = web.AppRunner(fake.app())
+        await frunner.setup()
+        await web.TCPSite(frunner, "127.0.0.1", 0).start()
+        fake.url = f"http://127.0.0.1:{frunner.addresses[0][1]}"
+        proxy = Proxy([], [fake.url], ProxyConfig(first_token="decode"), None, mode="colocated")
+        prunner, port = await proxy.start(limit=4, keepalive_s=0.5)
+        try:
+            idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(4)]  # they send nothing
+            await asyncio.sleep(0.2)
+            extra, _w = await asyncio.open_connection("127.0.0.1", port)
+            assert await _closed(extra) and proxy.site.limiter.refused == 1
+            for reader, _ in idle:  # let go after the keep-alive time
+                assert await _closed(reader)
+            async with aiohttp.ClientSession() as c:
+                async with c.post(f"http://127.0.0.1:{port}/v1/completions", json=REQ) as r:
+                    assert r.status == 200
+        finally:
+            await prunner.cleanup()
+            await frunner.cleanup()
     run(go())
