@@ -35,6 +35,7 @@ logger = logging.getLogger("pd.proxy")
 MODES = ("pd", "colocated")
 GENERATE = ("/v1/completions", "/v1/chat/completions")
 UPSTREAM_KEEPALIVE_S = 4.0
+METRICS_COORDINATOR_WAIT_S = 1.0
 
 
 class Proxy(Relay):
@@ -75,6 +76,7 @@ class Proxy(Relay):
         self.chat_first_token = self.cfg.chat_first_token
         self._tasks: set[asyncio.Task] = set()
         self.site: LimitedSite | None = None  # where it listens, once started
+        self._counters: asyncio.Future | None = None  # the coordinator query /metrics scrapes share
 
     # ---- app ---------------------------------------------------------------------------
 
@@ -115,6 +117,8 @@ class Proxy(Relay):
             self.coord = AsyncCoordinatorClient(self.coordinator_address, keys=self.coordinator_keys)
 
     async def _cleanup(self, app: web.Application) -> None:
+        if self._counters is not None:
+            self._counters.cancel()
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -174,12 +178,22 @@ class Proxy(Relay):
 
     async def handle_metrics(self, request: web.Request) -> web.Response:
         """GET /metrics: the proxy's series, plus the coordinator's counters when it answers."""
-        counters = None
-        if self.coord is not None:
-            reply = await self.coord.query()
-            counters = reply.counters if reply is not None else None
-        body = self.metrics.render((self.prefill, self.decode), counters)
+        body = self.metrics.render((self.prefill, self.decode), await self._coordinator_counters())
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+    async def _coordinator_counters(self) -> dict | None:
+        """The coordinator's counters for /metrics: scrapes at the same time share one query, and
+        none waits more than ``METRICS_COORDINATOR_WAIT_S`` (a hung coordinator once made every
+        scrape queue behind the others' 2 s timeouts: no answer in 35 s); None without them."""
+        if self.coord is None:
+            return None
+        if self._counters is None or self._counters.done():
+            self._counters = asyncio.ensure_future(self.coord.query())
+        try:
+            reply = await asyncio.wait_for(asyncio.shield(self._counters), METRICS_COORDINATOR_WAIT_S)
+        except asyncio.TimeoutError:
+            return None
+        return reply.counters if reply is not None else None
 
     async def handle_transfer(self, request: web.Request) -> web.Response:
         """GET /pd/transfers/{pd_id}: the coordinator's record of one transfer, with its timeline and

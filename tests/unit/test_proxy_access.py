@@ -211,3 +211,36 @@ def test_connections_beyond_the_limit_are_closed_at_once_and_idle_ones_are_let_g
             await prunner.cleanup()
             await frunner.cleanup()
     run(go())
+
+
+def test_metrics_answer_while_the_coordinator_hangs():
+    """Issue 18, item 10: with a coordinator that accepts but never answers, five scrapes at once
+    queued behind each other's 2 s timeouts (the client's one socket); now they share one query
+    and each waits at most a second for it, then answers without the coordinator's counters."""
+    import time
+
+    import zmq
+
+    from pd.coordinator.client import AsyncCoordinatorClient
+
+    ctx = zmq.Context.instance()
+    silent = ctx.socket(zmq.ROUTER)  # a real ZMQ peer that reads and never replies
+    port = silent.bind_to_random_port("tcp://127.0.0.1")
+
+    async def go():
+        async with deployment() as env:
+            env.proxy.coord = AsyncCoordinatorClient(f"tcp://127.0.0.1:{port}")
+            t0 = time.monotonic()
+
+            async def scrape() -> int:
+                async with env.client.get(env.url + "/metrics") as r:
+                    await r.read()
+                    return r.status
+
+            assert await asyncio.gather(*(scrape() for _ in range(5))) == [200] * 5
+            assert time.monotonic() - t0 < 5  # was 10 s and more (2 s each, one after the other)
+            env.proxy.coord.close()
+    try:
+        run(go())
+    finally:
+        silent.close(0)
