@@ -51,6 +51,19 @@ def _max_tokens(body: dict) -> int | None:
     return m if m is not None else body.get("max_tokens")
 
 
+def several_sequences(endpoint: str, body: dict) -> str:
+    """Why the request makes several sequences ("" if it makes one): ``n``/``best_of`` > 1, or a
+    completions prompt that is a list of prompts. One pd_id cannot name their transfers (their
+    chunks would collide), so such a request is answered by a decode instance alone."""
+    for key in ("n", "best_of"):
+        if body.get(key) not in (None, 1):
+            return f"{key} > 1"
+    p = body.get("prompt") if endpoint.endswith("/completions") and not endpoint.endswith("chat/completions") else None
+    if isinstance(p, list) and p and not all(isinstance(x, int) and not isinstance(x, bool) for x in p):
+        return "several prompts"
+    return ""
+
+
 def path_for(endpoint: str, body: dict, chat: bool = True) -> str:
     """"" if the request's first token can come from the prefill; else why it takes the old flow.
 

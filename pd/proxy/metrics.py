@@ -34,8 +34,9 @@ class ProxyMetrics:
         self.latency = Histogram("pdkv_proxy_request_latency_seconds", "time to the end of a successful answer",
                                  registry=r, buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300))
         self.paths = Counter("pdkv_proxy_first_token_path", "P/D requests by where their first token came "
-                             "from (prefill, prefill_only: token 1 ended the answer, decode: the old flow) and "
-                             "why (the old flow's reason)", ["path", "why"], registry=r)
+                             "from (prefill, prefill_only: token 1 ended the answer, decode: the old flow, "
+                             "decode_only: several sequences, answered by a decode instance alone) and "
+                             "why (the reason for the last two)", ["path", "why"], registry=r)
         self.ttft_s = Histogram("pdkv_proxy_ttft_seconds", "time to the first streamed bytes of the answer",
                                 registry=r, buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 

@@ -194,6 +194,10 @@ class Relay(FirstTokenFlow):
             self.metrics.request(endpoint, 200 if request.get(COMPLETE) else status, time.monotonic() - t0)
 
     async def _pd(self, request: web.Request, endpoint: str, body: dict, t0: float) -> web.StreamResponse:
+        several = ft.several_sequences(endpoint, body)
+        if several:  # a decode instance computes it all: no transfer, no pd_id to share
+            self.metrics.path("decode_only", several)
+            return await self._colocated(request, endpoint, body, t0)
         pd_id = uuid.uuid4().hex
         self.timeline.start(pd_id, wall_ms() - (time.monotonic() - t0) * 1e3)
         why = ft.path_for(endpoint, body, self.chat_first_token) if self.first_token == "prefill" else "configured"

@@ -182,10 +182,12 @@ def test_a_stop_string_across_tokens_1_and_2_is_caught(deployments, stream):
     ("seed", {"seed": 7, "temperature": 0.9}), ("penalties", {"presence_penalty": 0.5}),
 ])
 def test_requests_it_cannot_answer_exactly_take_the_old_flow(deployments, case):
+    """Several sequences (n, best_of > 1, a prompt list; issue 18: one pd_id for all of them let
+    their chunks collide) are answered by the decode instance alone, without a transfer."""
     pd, co = deployments
-    _, extra = case
+    name, extra = case
     _, took = _same(pd, co, "/v1/completions", {"prompt": LONG, "max_tokens": 8, **extra})
-    assert took == {"decode"}, case
+    assert took == ({"decode_only"} if name in ("n", "prompt list") else {"decode"}), case
 
 
 def test_the_context_length_is_respected_as_colocated_respects_it(deployments):

@@ -244,3 +244,20 @@ def test_metrics_answer_while_the_coordinator_hangs():
         run(go())
     finally:
         silent.close(0)
+
+
+def test_several_sequences_are_answered_by_a_decode_instance_alone():
+    """Issue 18, item 7: n/best_of > 1 and prompt lists went out with one pd_id, so their
+    sequences' chunks collided. Now a decode instance answers them alone: no prefill request,
+    no kv_transfer_params, no transfer."""
+    async def go():
+        async with deployment() as env:
+            for extra in ({"n": 2}, {"best_of": 2}, {"prompt": ["a b", "c d"]}, {"prompt": [[1, 2], [3, 4]]}):
+                async with env.client.post(env.url + "/v1/completions", json={**REQ, **extra}) as r:
+                    assert r.status == 200, extra
+            assert env.p[0].bodies == []
+            assert len(env.d[0].bodies) == 4 and all("kv_transfer_params" not in b for b in env.d[0].bodies)
+            async with env.client.post(env.url + "/v1/completions", json={**REQ, "prompt": [1, 2, 3]}) as r:
+                assert r.status == 200  # one prompt of token ids: P/D as usual
+            assert len(env.p[0].bodies) == 1
+    run(go())
