@@ -46,6 +46,7 @@ API_KEY = "api.key"
 ZAP_DOMAIN = "pdkv"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 LOG_EVERY_S = 60.0
+LOG_BURST = 10  # rejection lines per minute in all (a fresh key per handshake bypasses the per-key limit)
 
 
 @dataclass(frozen=True)
@@ -190,6 +191,7 @@ class _AllowList:
         self._keys: dict[bytes, str] = {}
         self._lock = threading.Lock()
         self._last_log: dict[bytes, float] = {}
+        self._window, self._lines, self._unlogged = -LOG_EVERY_S, 0, 0  # the minute's rejection lines
         self._reload()
 
     def _reload(self) -> None:
@@ -224,10 +226,23 @@ class _AllowList:
             self._last_log[key] = now
             if len(self._last_log) > 1000:
                 self._last_log.clear()
-            logger.warning("rejected a client from %s: its public key %s is not in %s (%d rejection(s) so far; "
-                           "add the key there to let it in)", self.peer or "?", key.decode(), self.directory,
-                           self.rejected)
+            self._log_rejection(now, key)
         return False
+
+    def _log_rejection(self, now: float, key: bytes) -> None:
+        """At most ``LOG_BURST`` lines a minute in all; the rest are counted in the next one."""
+        if now - self._window >= LOG_EVERY_S:
+            if self._unlogged:
+                logger.warning("%d more client(s) with unknown keys were rejected in the last minute, not logged "
+                               "one by one", self._unlogged)
+            self._window, self._lines, self._unlogged = now, 0, 0
+        if self._lines >= LOG_BURST:
+            self._unlogged += 1
+            return
+        self._lines += 1
+        logger.warning("rejected a client from %s: its public key %s is not in %s (%d rejection(s) so far; "
+                       "add the key there to let it in)", self.peer or "?", key.decode(), self.directory,
+                       self.rejected)
 
 
 class CurveServer:

@@ -259,3 +259,22 @@ def test_ipv6_loopback_coordinator_and_client():
         client.close()
     finally:
         coord.stop()
+
+
+def test_a_fresh_key_per_handshake_does_not_flood_the_log(tmp_path, caplog):
+    """Issue 18, item 8: 1,500 handshakes with new keys logged 1,500 lines in 1.7 s (the limit was
+    per key). Now at most LOG_BURST lines a minute; the rest are counted."""
+    import logging
+
+    import zmq
+
+    from pd.coordinator import curve
+
+    (tmp_path / "keys").mkdir()
+    allow = curve._AllowList(tmp_path / "keys")
+    with caplog.at_level(logging.WARNING, logger=curve.logger.name):
+        for _ in range(1500):
+            public, _secret = zmq.curve_keypair()
+            assert allow.callback("global", public) is False
+    lines = [r for r in caplog.records if "rejected a client" in r.getMessage()]
+    assert len(lines) == curve.LOG_BURST and allow.rejected == 1500
