@@ -334,7 +334,9 @@ def test_writer_killed_mid_write_leaves_only_whole_values(backend):
     s = make_store(w.crash_config(str(backend.root), backend.name), 0)  # a restarted writer
     try:
         keys = s.keys()
-        assert len(keys) >= 5
+        # Some values survive (how many depends on which slot classes the last puts filled: the
+        # hf3fs slabs of a 25 MB budget hold as few as 3 of these 64 KiB..1 MiB values), each whole.
+        assert keys
         for key in keys:
             want = w.content(key)
             out = np.zeros(len(want), dtype=np.uint8)
