@@ -136,7 +136,12 @@ class Loads:
             except Exception as e:  # never let a load failure escape into the engine
                 logger.exception("pd_id=%s: load failed", spec.pd_id)
                 st.error = f"internal error: {e}"
-            self._finish(st)
+            try:
+                self._finish(st)
+            except Exception:  # (this runs in vLLM's step: recompute rather than fail the engine)
+                logger.exception("pd_id=%s: finishing an in-step load failed; its blocks are recomputed", spec.pd_id)
+                with self._lock:
+                    self._bad_blocks |= set(spec.block_ids[spec.start_token // self.codec.chunking.block_size:])
         self.stats["loads_sync"] += 1
 
     def _group_loads(self, spec: LoadSpec, sync: bool = False) -> list[_Load]:
