@@ -103,10 +103,13 @@ def check_answer(env: Env, status: int, headers: dict, data: bytes, n_p: int, n_
         assert not isinstance(b.get("vllm_xargs"), dict) or "kv_transfer_params" not in b["vllm_xargs"], b
     for b in new_d:  # kv_tokens: the first-token path (the prompt's token ids before token 1)
         kv = b.get("kv_transfer_params") or {}
+        if pd_id is None:  # several sequences (first_token.several_sequences): a decode alone, no transfer
+            assert not new_p and kv == {}, b
+            continue
         assert {k: v for k, v in kv.items() if k != "kv_tokens"} == {"pd_id": pd_id, "do_remote_prefill": True}, b
         assert "kv_tokens" not in kv or kv["kv_tokens"] == len(b["prompt"]) - 1, b
         assert not isinstance(b.get("vllm_xargs"), dict) or "kv_transfer_params" not in b["vllm_xargs"], b
-    if new_p or new_d:
+    if new_p:  # a transfer: one pd_id for both halves (several sequences: no transfer, no pd_id)
         assert pd_id and len(pd_id) == 32, headers
 
 
@@ -183,8 +186,8 @@ def test_a_client_never_sets_kv_transfer_params(env, path, params, where, stream
     status, _, out = _post_and_check(env, path, json.dumps(body).encode())
     if where == "top" and params is None:  # vLLM's own default: no transfer asked for
         assert status == 200, out
-    else:
-        assert status == 400 and b"kv_transfer_params" in out, out
+    else:  # refused for the params, or (issue 18) for a NaN/Infinity among them before that
+        assert status == 400 and (b"kv_transfer_params" in out or b"not a JSON number" in out), out
 
 
 @pytest.mark.parametrize("data", [b"[" * 100_000, b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"])
