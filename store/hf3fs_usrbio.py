@@ -245,7 +245,10 @@ class Usrbio:
         failed: list[Exception] = []
 
         def round_trip() -> None:
-            done, err = ring.run(ios) if ring.settle() else ([], RingBusy(f"{ring.what}: busy"))
+            try:
+                done, err = ring.run(ios)  # (it first collects what earlier batches left)
+            except RingBusy as busy:
+                done, err = [], busy
             for (k, want, _p0), result in done:
                 if result != want and k not in errors:
                     errors[k] = result if result < 0 else max(result, 1)

@@ -254,12 +254,12 @@ class KVLayout:
                           part)
             torch.cuda.current_stream().synchronize()
 
-    def to_host(self, src: torch.Tensor) -> bytes:
-        """The bytes of a uint8 tensor on this GPU (a chunk header, or a payload to checksum),
-        copied on the side stream (not behind the model's kernels)."""
+    def to_host(self, src: torch.Tensor) -> memoryview:
+        """The bytes of a uint8 tensor on this GPU (a chunk header, or a payload to checksum or
+        to store), copied once, on the side stream (not behind the model's kernels)."""
         with torch.cuda.stream(self._stream()):
             out = src.to("cpu", non_blocking=False)
-        return out.numpy().tobytes()
+        return memoryview(out.numpy())
 
     def from_host(self, dst: torch.Tensor, data: bytes) -> None:
         """Write ``data`` into a uint8 tensor on this GPU, on the side stream; done on return."""

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from pd.connector.chunk import Chunking
-from pd.connector.keys import chunk_keys, request_seed, transfer_key
+from pd.connector.keys import chunk_hashes, chunk_key, chunk_keys, request_seed, transfer_key
 from store.base import KVStore
 
 logger = logging.getLogger("pd.connector")
@@ -191,9 +191,9 @@ class SchedulerSide:
     def _all_published(self, pd_id: str, request, n_kv: int) -> bool:
         """Whether every chunk of the transfer (each head group's) is in the transport now."""
         prompt, seed = (request.prompt_token_ids or [])[:n_kv], request_seed(request) or b""
-        keys = [transfer_key(pd_id, k) for g in range(self.groups)
-                for k in chunk_keys(self.namespace, g, prompt, self.chunking.chunk_size, seed)]
-        return self.published(keys)
+        hashes = chunk_hashes(prompt, self.chunking.chunk_size, seed)  # once for every group
+        return self.published([transfer_key(pd_id, chunk_key(self.namespace, g, h))
+                               for g in range(self.groups) for h in hashes])
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
         if num_external_tokens <= 0:

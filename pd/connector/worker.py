@@ -296,7 +296,7 @@ class WorkerSide:
                 if to_store:  # the store copies the bytes (before a reader may free a slot)
                     for (c, *_), view in zip(batch, views):
                         if isinstance(view, torch.Tensor):  # a GPU arena's slot: the store wants host bytes
-                            view = memoryview(codec.layout.to_host(view))
+                            view = codec.layout.to_host(view)
                         if view is not None and not store.put(keys[c], view):
                             self.stats["store_puts_dropped"] += 1
                 if self.transport is not None:
