@@ -1,7 +1,10 @@
 """Byte views of the buffers that move chunks (shared by transport/ and store/)."""
 from __future__ import annotations
 
+import ctypes
 from typing import Any
+
+import numpy as np
 
 
 def byte_view(buf: Any) -> memoryview:
@@ -19,3 +22,11 @@ def release_view(mv: Any) -> None:
         mv.release()
     except BufferError:
         pass
+
+
+def buffer_address(mv: memoryview) -> int:
+    """Address of a contiguous buffer (read-only ones too) without keeping an export."""
+    try:
+        return ctypes.addressof(ctypes.c_char.from_buffer(mv))
+    except TypeError:  # read-only (bytes, ...)
+        return np.frombuffer(mv, np.uint8).__array_interface__["data"][0]

@@ -51,5 +51,8 @@ class StoreConfig:
     write_threads: int = field(default=1, metadata=rng(1, 64))
     # Prefill writes every chunk it sends through to the store: "always" or "never".
     write_through: str = field(default="always", metadata=choices("always", "never"))
+    # The DRAM tier (store/dram.py): GB of shared memory (/dev/shm) in front of the disk store, shared
+    # by the instances of this host that use the same store paths; 0 = off.
+    dram_gb: float = field(default=0.0, metadata=rng(0, 1 << 20))
     # Backend hf3fs only (3FS USRBIO).
     hf3fs: Hf3fsConfig = field(default_factory=Hf3fsConfig)

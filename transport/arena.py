@@ -33,6 +33,9 @@ import struct
 
 import numpy as np
 
+from common.bytes import buffer_address
+from common.cuda import clear_cuda_error as _clear_cuda_error
+from common.cuda import cuda_pin, cuda_unpin  # noqa: F401 - transport/ imports them from here
 from transport import shm_gpu
 
 log = logging.getLogger(__name__)
@@ -58,14 +61,6 @@ def stamp(seq: int, state: int) -> int:
 
 def key_digest16(key: str) -> bytes:
     return hashlib.blake2b(key.encode(), digest_size=16).digest()
-
-
-def buffer_address(mv: memoryview) -> int:
-    """Address of a contiguous buffer (read-only ones too) without keeping an export."""
-    try:
-        return ctypes.addressof(ctypes.c_char.from_buffer(mv))
-    except TypeError:  # read-only (bytes, ...)
-        return np.frombuffer(mv, np.uint8).__array_interface__["data"][0]
 
 
 class FirstFit:
@@ -282,38 +277,3 @@ class Mapping:
             os.close(self.fd)
         except OSError:
             pass
-
-
-def _clear_cuda_error() -> None:
-    """Reset CUDA's per-thread last error after a failed register call, so torch's next kernel
-    launch check in this thread does not report it (torch exposes no cudaGetLastError)."""
-    try:
-        with open("/proc/self/maps") as f:
-            libs = {line.split()[-1] for line in f if "libcudart.so" in line}
-        for lib in libs:
-            ctypes.CDLL(lib).cudaGetLastError()
-    except Exception:  # noqa: BLE001 - best effort
-        pass
-
-
-def cuda_pin(addr: int, size: int, what: str) -> bool:
-    """``cudaHostRegister`` the ``size`` bytes at ``addr`` (staging memory GPU copies go through);
-    False, with one warning naming ``what``, where it fails or there is no CUDA."""
-    try:
-        import torch
-
-        rc = int(torch.cuda.cudart().cudaHostRegister(addr, size, 1))
-    except Exception as e:  # noqa: BLE001 - no CUDA here
-        rc = str(e)
-    if rc != 0:
-        _clear_cuda_error()
-        log.warning("%s: staging memory not CUDA-pinned (%s); GPU copies will be slower", what, rc)
-    return rc == 0
-
-
-def cuda_unpin(addr: int) -> None:
-    """Undo ``cuda_pin`` (``cudaHostUnregister``); a failure is only cleared, never raised."""
-    import torch  # only pinned staging memory gets here
-
-    if int(torch.cuda.cudart().cudaHostUnregister(addr)) != 0:
-        _clear_cuda_error()

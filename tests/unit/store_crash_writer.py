@@ -1,6 +1,8 @@
 """Helper of the crash tests: writes chunks to a store until it is killed.
 
-Usage: python store_crash_writer.py DIR [O_DIRECT(0/1)] [BACKEND(local|hf3fs)]
+Usage: python store_crash_writer.py DIR [O_DIRECT(0/1)] [BACKEND(local|hf3fs|local-dram)]
+
+``local-dram`` is store/local with the DRAM tier in front (a kill can land inside a DRAM copy).
 
 For backend hf3fs, DIR is a mount made by ``tests.doubles.usrbio_emulator.emulate_mount`` and the store
 is built by ``store.make_store`` with ``tests/doubles`` on the path (``hf3fs_fuse.io`` is the
@@ -40,8 +42,9 @@ def crash_config(path: str, backend: str, o_direct: bool = False):
     if backend == "hf3fs":
         return StoreConfig(backend="hf3fs", paths=["kv"], size_gb=0.025, queue_mb=8,
                            hf3fs=Hf3fsConfig(mount_point=path, iov_size_mb=100, io_threads=2))
+    # local-dram: a DRAM tier of ~10 chunks, so it evicts while the writer is killed, too.
     return StoreConfig(backend="local", paths=[path], size_gb=0.025, queue_mb=8, write_threads=2,
-                       o_direct=o_direct)
+                       o_direct=o_direct, dram_gb=0.008 if backend == "local-dram" else 0.0)
 
 
 def run_until_killed(argv: list[str], n: int, on_progress=None, timeout_s: float = 30.0) -> int:

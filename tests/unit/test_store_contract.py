@@ -1,4 +1,5 @@
-"""The same behavioural tests for every store backend: store/local and store/hf3fs.
+"""The same behavioural tests for every store backend: store/local, store/hf3fs, and store/local
+with the DRAM tier in front (store/tiered.py; its arena in /dev/shm, removed after each test).
 
 store/hf3fs runs on the USRBIO emulator (``tests.doubles.usrbio_emulator``, a test double of
 ``hf3fs_fuse.io`` over local files, put on the path as ``hf3fs_fuse.io`` from tests/doubles),
@@ -22,6 +23,8 @@ from conftest import round_trip
 
 from store import KVStore, make_store
 from store.config import Hf3fsConfig, StoreConfig
+from store.dram import default_dir
+from store.tiered import dram_name
 from tests.doubles import usrbio_emulator as emu
 
 HERE = Path(__file__).resolve().parent
@@ -38,11 +41,14 @@ def _writer_module():
 
 
 class Backend:
-    def __init__(self, name: str, root: Path, base: str = "kv"):
-        self.name, self.root, self.base = name, root, base
+    def __init__(self, name: str, root: Path, base: str = "kv", dram_gb: float = 0.0):
+        self.name, self.root, self.base, self.dram_gb = name, root, base, dram_gb
+        # the crash writer's name of it
+        self.label = f"{name}-dram" if dram_gb else name
 
     def cfg(self, **kw) -> StoreConfig:
         kw.setdefault("size_gb", 0.01)
+        kw.setdefault("dram_gb", self.dram_gb)
         if self.name == "local":
             return StoreConfig(backend="local", paths=[str(self.root)], **kw)
         return StoreConfig(backend="hf3fs", paths=[self.base], **kw,
@@ -50,6 +56,11 @@ class Backend:
 
     def open(self, writer: bool = True, **kw) -> KVStore:
         return make_store(self.cfg(**kw), 0, writer=writer)
+
+    def cold(self, store: KVStore, keys: list[str]) -> None:
+        """Drop these keys from the DRAM tier, if there is one: the next reads go to the disk."""
+        if self.dram_gb:
+            store.dram.delete(keys)
 
     def data_files(self) -> list[Path]:
         top = self.root if self.name == "local" else self.root / self.base
@@ -62,10 +73,25 @@ class Backend:
 REAL_3FS = os.environ.get("PDKV_3FS_MOUNT", "")
 
 
-@pytest.fixture(params=["local", "hf3fs", "hf3fs-lax"])
+def _remove_drams(cfgs: list[StoreConfig]) -> None:
+    """Remove the DRAM arenas (every size) of these stores from /dev/shm."""
+    for cfg in cfgs:
+        for p in Path(default_dir()).glob(f"{dram_name(cfg)}-*"):
+            p.unlink(missing_ok=True)
+
+
+@pytest.fixture(params=["local", "local-dram", "hf3fs", "hf3fs-lax"])
 def backend(request, tmp_path, monkeypatch) -> Backend:
     """hf3fs: on the strict USRBIO emulator (the binding's rules); hf3fs-lax: the same tests on
-    its old, lax behaviour (PDKV_USRBIO_LAX=1), which the store must pass too."""
+    its old, lax behaviour (PDKV_USRBIO_LAX=1), which the store must pass too; local-dram: store/local
+    behind a 4 MB DRAM tier."""
+    if request.param == "local-dram":
+        root = tmp_path / "disk"
+        root.mkdir()
+        b = Backend("local", root, dram_gb=0.004)
+        yield b
+        _remove_drams([b.cfg(), _writer_module().crash_config(str(root), b.label)])
+        return
     if request.param == "hf3fs-lax":
         if REAL_3FS:
             pytest.skip("a real mount has no lax behaviour")
@@ -176,7 +202,11 @@ def test_put_is_asynchronous_and_served_from_the_queue(backend, gate):
         assert s.flush(10)
         assert np.array_equal(_get(s, 7), _data(7))
         u = s.usage()
-        assert u["queue_hits"] == 1 and u["writes"] == 1
+        if backend.dram_gb:  # the DRAM tier in front serves both reads
+            assert u["dram_hits"] == 2 and u["queue_hits"] == 0
+        else:
+            assert u["queue_hits"] == 1
+        assert u["writes"] == 1
     finally:
         gate.set()
         s.close()
@@ -253,6 +283,7 @@ def test_budget_is_kept_and_recent_values_stay(backend):
 
 def test_corrupt_bytes_on_disk_are_a_miss(store, backend):
     assert store.put(_key(1), _data(1)) and store.put(_key(2), _data(2)) and store.flush(10)
+    backend.cold(store, [_key(1), _key(2)])  # the disk's bytes are what is read
     needle = _data(1)[50_000:50_064].tobytes()
     hits = [(p, p.read_bytes().find(needle)) for p in backend.data_files()]
     (path, pos), = [(p, at) for p, at in hits if at >= 0]
@@ -304,7 +335,7 @@ def test_writer_killed_mid_write_leaves_only_whole_values(backend):
         r = None
         while r is None and not stop.is_set():
             try:
-                r = make_store(w.crash_config(str(backend.root), backend.name), 0, writer=False)
+                r = make_store(w.crash_config(str(backend.root), backend.label), 0, writer=False)
             except ValueError:  # the writer has not made its directory yet
                 time.sleep(0.05)
         i = 0
@@ -323,7 +354,7 @@ def test_writer_killed_mid_write_leaves_only_whole_values(backend):
     reader = threading.Thread(target=read_while_writing)
     reader.start()
     try:
-        progress = w.run_until_killed([str(backend.root), "0", backend.name], 60,
+        progress = w.run_until_killed([str(backend.root), "0", backend.label], 60,
                                       on_progress=lambda p: latest.__setitem__(0, p))
     finally:
         stop.set()
@@ -331,7 +362,7 @@ def test_writer_killed_mid_write_leaves_only_whole_values(backend):
     assert progress >= 60, "writer made no progress"
     assert not bad, f"torn or foreign values read while writing: {bad[:3]}"
     assert reads[0] > 0, reads
-    s = make_store(w.crash_config(str(backend.root), backend.name), 0)  # a restarted writer
+    s = make_store(w.crash_config(str(backend.root), backend.label), 0)  # a restarted writer
     try:
         keys = s.keys()
         # Some values survive (how many depends on which slot classes the last puts filled: the

@@ -1,0 +1,349 @@
+"""The DRAM tier of the store: a bounded cache in shared memory, shared by the instances of one
+host, in front of the local/3FS store (store/tiered.py puts it there; docs/design.md, "The DRAM
+tier"). The file, its checks and its layout: store/dram_arena.py.
+
+The arena holds ``units`` units of ``unit`` bytes; a value takes a run of whole units (first fit)
+and one entry of the table, whose fields are: ``stamp = seq << 2 | state`` (FREE, RESERVED,
+COMMITTED), the key's 128-bit digest (``d0``, ``d1``), ``start`` and ``units`` of its run, its
+``length``, the writer (``pid``: a random token << 32 | pid), and for eviction ``tick`` (last
+use, CLOCK_MONOTONIC ns, the same clock in every process of the host), ``hits`` and ``born``.
+
+Guards, the shm transport's (transport/arena.py): every state change takes a new seq from the
+header's counter, so a stamp names one incarnation of an entry for ever. Readers take no lock:
+stamp, fields, copy, stamp again; a value is served only if the stamp was COMMITTED and did not
+change, and the digest and the length match (a key of another namespace, model or rank has
+another digest). Writers hold the lock file's ``flock``: they evict (set FREE, then free the units),
+allocate (mark the units, write the fields, set RESERVED), copy without the lock and set
+COMMITTED. A writer killed inside the lock leaves the header's ``dirty`` flag set: the next one
+rebuilds the unit map from the entries. One killed while copying leaves a RESERVED entry, never
+served, reclaimed once its writer is gone. The bytes of a value are not checksummed here: a
+chunk carries its own checksum, which the connector checks after every store read.
+
+Eviction follows ``StoreConfig.eviction`` (the policies of store/eviction.py on the shared fields:
+lru = oldest ``tick``, lfu = fewest ``hits`` then oldest ``tick``, fifo = oldest ``born``).
+"""
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import hashlib
+import logging
+import os
+import secrets
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from common.bytes import buffer_address, byte_view
+from common.config import ConfigError
+from common.cuda import cuda_pin, cuda_unpin
+from common.process import pid_alive
+from store import dram_arena as arena
+from store.dram_arena import H_DIRTY, H_SEQ, H_UNIT, H_UNITS
+
+log = logging.getLogger(__name__)
+
+FREE, RESERVED, COMMITTED = 0, 1, 2
+POLICIES = ("lru", "lfu", "fifo")
+
+#: The tier's counters (this process's; ``usage()`` adds the arena's shared state).
+STAT_KEYS = (
+    "dram_hits", "dram_misses", "dram_get_bytes",
+    "dram_puts",          # values copied in by puts
+    "dram_fills",         # values copied in after a read from disk
+    "dram_put_bytes",
+    "dram_duplicates",    # already there (or being written by another process): skipped
+    "dram_too_large",     # larger than the tier: not kept in it
+    "dram_full",          # no room even after evicting (the rest held by values being written)
+    "dram_evictions",
+    "dram_torn",          # a read raced an eviction (the stamp changed): a miss
+    "dram_reclaimed",     # entries of writers that died while copying, freed
+    "dram_repairs",       # unit maps rebuilt after a writer died inside the lock
+)
+
+
+def digest(key: str) -> tuple[int, int]:
+    d = hashlib.blake2b(key.encode(), digest_size=16).digest()
+    return int.from_bytes(d[:8], "little"), int.from_bytes(d[8:], "little")
+
+
+def default_dir() -> str:
+    return os.path.join(arena.SHM_DIR, f"pdkv-dram-{os.geteuid()}")
+
+
+class DramTier:
+    """The arena ``<directory>/<name>-<size>.dram`` (made or found; ``directory``: default_dir())."""
+
+    def __init__(self, size: int, name: str, eviction: str = "lru", directory: str | None = None) -> None:
+        if size < arena.MIN_BYTES:
+            raise ConfigError(f"store.dram_gb gives {size} bytes; the DRAM tier needs at least "
+                              f"{arena.MIN_BYTES} bytes (1 MiB), or 0 to turn it off")
+        if eviction not in POLICIES:
+            raise ConfigError(f"store.eviction {eviction!r} is not allowed; choose lru, lfu or fifo")
+        self.eviction, self.size = eviction, size
+        self.path, self._fd, self._lfd = arena.open_arena(directory or default_dir(), name, size)
+        self._mm, fields, self._umap, self._head, self._data = arena.map_arena(self._fd, size)
+        (self._stamp, self._d0, self._d1, self._start, self._units, self._length, self._pid, self._tick,
+         self._hits, self._born) = (fields[f] for f in arena.FIELDS)
+        self.unit, self.n = int(self._head[H_UNIT]), int(self._head[H_UNITS])
+        self.budget = self.max_value = self.n * self.unit
+        self._addr = ctypes.addressof(ctypes.c_char.from_buffer(self._mm))  # temporary export, gone
+        self._owner = secrets.randbits(31) << 32 | os.getpid()
+        self._lock = threading.Lock()
+        self._hint: dict[str, int] = {}
+        self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
+        torch = sys.modules.get("torch")  # a process that uses CUDA has imported torch already
+        self.pinned = bool(torch is not None and torch.cuda.is_available()
+                           and cuda_pin(self._addr, size, f"DRAM tier {self.path}"))
+        with self._locked():
+            self._reclaim()
+        log.info("DRAM tier %s: %d B in %d units of %d B, eviction %s, %d values found, CUDA-pinned %s",
+                 self.path, self.budget, self.n, self.unit, eviction, self.values(), self.pinned)
+
+    # -- the lock and the shared bookkeeping (lock held) ------------------------------------
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        with self._lock:
+            fcntl.flock(self._lfd, fcntl.LOCK_EX)
+            try:
+                if self._head[H_DIRTY]:
+                    self._repair()
+                self._head[H_DIRTY] = 1
+                yield
+                self._head[H_DIRTY] = 0
+            finally:
+                fcntl.flock(self._lfd, fcntl.LOCK_UN)
+
+    def _next_seq(self) -> int:
+        seq = int(self._head[H_SEQ]) + 1
+        self._head[H_SEQ] = seq
+        return seq
+
+    def _free(self, i: int) -> None:
+        """Entry ``i`` FREE (a new seq: readers of it see the change), then its units."""
+        self._stamp[i] = self._next_seq() << 2 | FREE
+        s, u = int(self._start[i]), int(self._units[i])
+        if s + u <= self.n:
+            self._umap[s:s + u] = 0
+
+    def _dead(self, i: int) -> bool:
+        """Whether RESERVED entry ``i``'s writer is gone (dead, or an earlier process of our pid)."""
+        owner = int(self._pid[i])
+        if owner == self._owner:
+            return False
+        pid = owner & 0xFFFFFFFF
+        return pid == os.getpid() or not pid_alive(pid)
+
+    def _reclaim(self) -> int:
+        """Free the RESERVED entries of writers that are gone; how many."""
+        n = 0
+        for i in np.flatnonzero((self._stamp & 3) == RESERVED):
+            if self._dead(int(i)):
+                self._free(int(i))
+                n += 1
+        self.stats["dram_reclaimed"] += n
+        return n
+
+    def _repair(self) -> None:
+        """Rebuild the unit map from the entries (a writer died inside the lock)."""
+        live = np.flatnonzero((self._stamp & 3) != FREE)
+        start, units = self._start[live].astype(np.int64), self._units[live].astype(np.int64)
+        bad = (units <= 0) | (start + units > self.n)
+        for i in live[bad]:
+            self._stamp[i] = self._next_seq() << 2 | FREE
+        start, units = start[~bad], units[~bad]
+        delta = np.zeros(self.n + 1, np.int64)
+        np.add.at(delta, start, 1)
+        np.add.at(delta, start + units, -1)
+        self._umap[:] = np.cumsum(delta[:-1]) > 0
+        self.stats["dram_repairs"] += 1
+        log.warning("DRAM tier %s: a writer died while changing it; rebuilt its unit map (%d values)",
+                    self.path, len(start))
+
+    def _run(self, units: int) -> int:
+        """Start of the first run of ``units`` free units, or -1."""
+        free = np.concatenate(([0], self._umap == 0, [0])).astype(np.int8)
+        d = np.diff(free)
+        starts, ends = np.flatnonzero(d == 1), np.flatnonzero(d == -1)
+        ok = np.flatnonzero(ends - starts >= units)
+        return int(starts[ok[0]]) if ok.size else -1
+
+    def _victims(self) -> np.ndarray:
+        """The COMMITTED entries in the order the policy evicts them."""
+        live = np.flatnonzero((self._stamp & 3) == COMMITTED)
+        if self.eviction == "lfu":
+            return live[np.lexsort((self._tick[live], self._hits[live]))]
+        return live[np.argsort((self._born if self.eviction == "fifo" else self._tick)[live], kind="stable")]
+
+    def _alloc(self, units: int) -> tuple[int, int] | None:
+        """(entry, first unit) of a new run of ``units`` units, evicting by the policy; None if
+        the rest is held by values being written."""
+        start = self._run(units)
+        if start < 0 and self._reclaim():
+            start = self._run(units)
+        if start < 0:
+            free = self.n - int(np.count_nonzero(self._umap))
+            for v in self._victims():
+                free += int(self._units[v])
+                self._free(int(v))
+                self.stats["dram_evictions"] += 1
+                if free >= units and (start := self._run(units)) >= 0:
+                    break
+        if start < 0:
+            return None
+        i = int(np.argmax((self._stamp & 3) == FREE))
+        if int(self._stamp[i]) & 3 != FREE:
+            return None
+        self._umap[start:start + units] = 1
+        return i, start
+
+    def _present(self, d0: int, d1: int) -> bool:
+        """Whether the key is COMMITTED or being written by a live writer (lock held)."""
+        for i in np.flatnonzero(self._d0 == np.uint64(d0)):
+            i = int(i)
+            state = int(self._stamp[i]) & 3
+            if int(self._d1[i]) != d1 or state == FREE:
+                continue
+            if state == COMMITTED or not self._dead(i):
+                return True
+            self._free(i)
+            self.stats["dram_reclaimed"] += 1
+        return False
+
+    # -- lookups (no lock) -------------------------------------------------------------------
+    def _find(self, key: str, d0: int, d1: int) -> int:
+        """Entry of the COMMITTED value of ``key``, or -1 (a hint first, then a scan)."""
+        i = self._hint.get(key)
+        if i is not None and int(self._d0[i]) == d0 and int(self._d1[i]) == d1 \
+                and int(self._stamp[i]) & 3 == COMMITTED:
+            return i
+        for j in np.flatnonzero(self._d0 == np.uint64(d0)):
+            j = int(j)
+            if int(self._d1[j]) == d1 and int(self._stamp[j]) & 3 == COMMITTED:
+                if len(self._hint) > 4 * self.n:
+                    self._hint.clear()
+                self._hint[key] = j
+                return j
+        return -1
+
+    def get(self, key: str, into: Any) -> int:
+        """Copy the value of ``key`` into ``into``; its length, 0 = miss (absent, longer than
+        ``into``, or evicted while being read)."""
+        out = byte_view(into)
+        d0, d1 = digest(key)
+        n = self._read(key, d0, d1, out)
+        if n:
+            self.stats["dram_hits"] += 1
+            self.stats["dram_get_bytes"] += n
+        else:
+            self.stats["dram_misses"] += 1
+        return n
+
+    def _read(self, key: str, d0: int, d1: int, out: memoryview) -> int:
+        i = self._find(key, d0, d1)
+        if i < 0:
+            return 0
+        s1 = int(self._stamp[i])
+        start, units, n = int(self._start[i]), int(self._units[i]), int(self._length[i])
+        if (s1 & 3 != COMMITTED or int(self._d0[i]) != d0 or int(self._d1[i]) != d1 or n == 0
+                or n > out.nbytes or n > units * self.unit or start + units > self.n):
+            return 0
+        ctypes.memmove(buffer_address(out), self._addr + self._data + start * self.unit, n)  # GIL released
+        if int(self._stamp[i]) != s1:
+            self.stats["dram_torn"] += 1
+            return 0
+        self._tick[i] = time.monotonic_ns()
+        self._hits[i] = int(self._hits[i]) + 1  # racy between processes: a lost count, no harm
+        return n
+
+    def contains(self, keys: Sequence[str]) -> int:
+        """Length of the longest prefix of ``keys`` held here."""
+        n = 0
+        for key in keys:
+            if self._find(key, *digest(key)) < 0:
+                break
+            n += 1
+        return n
+
+    # -- changes (the lock) -------------------------------------------------------------------
+    def put(self, key: str, data: Any, fill: bool = False) -> bool:
+        """Copy ``data`` in under ``key`` (``fill``: it was read from disk); False if it is larger
+        than the tier or there is no room. A key already here is skipped (True)."""
+        src = byte_view(data)
+        n = src.nbytes
+        if n == 0 or n > self.max_value:
+            self.stats["dram_too_large"] += n > 0
+            return False
+        d0, d1 = digest(key)
+        units = -(-n // self.unit)
+        with self._locked():
+            if self._present(d0, d1):
+                self.stats["dram_duplicates"] += 1
+                return True
+            got = self._alloc(units)
+            if got is None:
+                self.stats["dram_full"] += 1
+                return False
+            i, start = got
+            seq = self._next_seq()
+            for arr, v in ((self._d0, d0), (self._d1, d1), (self._start, start), (self._units, units),
+                           (self._length, n), (self._pid, self._owner), (self._hits, 0)):
+                arr[i] = v
+            self._tick[i] = self._born[i] = time.monotonic_ns()
+            self._stamp[i] = seq << 2 | RESERVED
+        try:
+            ctypes.memmove(self._addr + self._data + start * self.unit, buffer_address(src), n)
+        except BaseException:
+            with self._locked():
+                self._free(i)
+            raise
+        self._stamp[i] = seq << 2 | COMMITTED  # only this writer changes a live RESERVED entry
+        self._hint[key] = i
+        self.stats["dram_fills" if fill else "dram_puts"] += 1
+        self.stats["dram_put_bytes"] += n
+        return True
+
+    def delete(self, keys: Sequence[str]) -> list[bool]:
+        """Remove these keys; for each, whether it was here."""
+        out = []
+        with self._locked():
+            for key in keys:
+                d0, d1 = digest(key)
+                had = False
+                for i in np.flatnonzero(self._d0 == np.uint64(d0)):
+                    if int(self._d1[i]) == d1 and int(self._stamp[i]) & 3 == COMMITTED:
+                        self._free(int(i))
+                        had = True
+                out.append(had)
+        return out
+
+    def values(self) -> int:
+        return int(np.count_nonzero((self._stamp & 3) == COMMITTED))
+
+    def usage(self) -> dict:
+        if self._mm is None:  # closed
+            return {"dram_path": self.path, "dram_budget": self.budget, **self.stats}
+        return {"dram_path": self.path, "dram_bytes": int(np.count_nonzero(self._umap)) * self.unit,
+                "dram_values": self.values(), "dram_budget": self.budget, "dram_unit": self.unit,
+                "dram_pinned": self.pinned, **self.stats}
+
+    def close(self) -> None:
+        """Unpin and unmap; the arena and its values stay for the next process."""
+        if self._mm is None:
+            return
+        if self.pinned:
+            cuda_unpin(self._addr)
+            self.pinned = False
+        (self._stamp, self._d0, self._d1, self._start, self._units, self._length, self._pid, self._tick,
+         self._hits, self._born, self._umap, self._head) = (None,) * 12
+        try:
+            self._mm.close()
+        except BufferError:  # a view still exported: unmapped when it goes
+            pass
+        self._mm = None
+        for fd in (self._fd, self._lfd):
+            os.close(fd)

@@ -1,0 +1,115 @@
+"""A store with the DRAM tier (store/dram.py) in front of its disk store (local or hf3fs):
+``store.make_store`` builds it when ``StoreConfig.dram_gb`` > 0 (docs/design.md, "The DRAM tier").
+
+* Writes go through: ``put`` hands the value to the disk store (asynchronous, as without the tier)
+  and, if the disk store took it, copies it into DRAM. DRAM thus holds values that are also on
+  disk or queued for it; evicting one from DRAM (by the store's policy) leaves the disk copy, which
+  still serves it. A store opened with ``writer=False`` puts nothing in either.
+* Reads try DRAM first; a disk hit is copied into DRAM (by readers too: a decode's fallback read
+  warms the tier for every instance of the host).
+* ``contains`` (prefix reuse) counts a key present in either tier.
+* The counters are the disk store's, with DRAM hits added to ``hits``/``get_bytes``, and the
+  tier's own ``dram_*`` counters beside them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any, Sequence
+
+from common.bytes import byte_view
+from store.base import KVStore, parse_path
+from store.dram import DramTier
+
+
+def dram_name(cfg: Any) -> str:
+    """The arena's name for the store of ``cfg``: a digest of where its disk values live, so the
+    instances of a host that share a store share one DRAM tier, and other stores have their own."""
+    where = {"backend": cfg.backend, "paths": [os.path.abspath(parse_path(p)) for p in cfg.paths],
+             "hf3fs": [cfg.hf3fs.mount_point, list(cfg.hf3fs.base_paths)] if cfg.backend == "hf3fs" else []}
+    return hashlib.blake2b(json.dumps(where, sort_keys=True).encode(), digest_size=8).hexdigest()
+
+
+def make_dram(cfg: Any, directory: str | None = None) -> DramTier:
+    """The DRAM tier of the store of ``cfg`` (``dram_gb`` > 0)."""
+    return DramTier(int(cfg.dram_gb * 1e9), dram_name(cfg), cfg.eviction, directory)
+
+
+class TieredStore:
+    """``store.base.KVStore``: ``dram`` in front of ``disk`` (see the module docstring)."""
+
+    def __init__(self, disk: KVStore, dram: DramTier) -> None:
+        self.disk, self.dram = disk, dram
+        self.location = f"{disk.location}+dram:{dram.path}"
+        self.max_value = disk.max_value
+        self._closed = False
+
+    @property
+    def stats(self) -> dict[str, int]:
+        s = dict(self.disk.stats)
+        s["hits"] += self.dram.stats["dram_hits"]
+        s["get_bytes"] += self.dram.stats["dram_get_bytes"]
+        s.update(self.dram.stats)
+        return s
+
+    def put(self, key: str, data: Any) -> bool:
+        ok = self.disk.put(key, data)
+        if ok and not self._closed:
+            self.dram.put(key, data)
+        return ok
+
+    def get(self, key: str, into: Any) -> int:
+        return self.get_many([key], [into])[0]
+
+    def get_many(self, keys: Sequence[str], intos: Sequence[Any]) -> list[int]:
+        if len(keys) != len(intos):
+            raise ValueError(f"get_many: {len(keys)} keys but {len(intos)} buffers")
+        outs = [byte_view(b) for b in intos]
+        for out in outs:
+            if out.readonly:
+                raise ValueError("get: the destination buffer is read-only")
+        got = [0] * len(keys) if self._closed else [self.dram.get(k, o) for k, o in zip(keys, outs)]
+        need = [j for j, n in enumerate(got) if not n]
+        if need:
+            for j, n in zip(need, self.disk.get_many([keys[j] for j in need], [outs[j] for j in need])):
+                got[j] = n
+                if n and not self._closed:
+                    self.dram.put(keys[j], outs[j][:n], fill=True)
+        return got
+
+    def contains(self, keys: Sequence[str]) -> int:
+        n = 0
+        while n < len(keys):
+            a = 0 if self._closed else self.dram.contains(keys[n:])
+            b = self.disk.contains(keys[n + a:])
+            n += a + b
+            if not a and not b:
+                break
+        return n
+
+    def keys(self) -> list[str]:
+        """The disk store's keys (every DRAM value is, or was, on disk)."""
+        return self.disk.keys()
+
+    def delete(self, keys: Sequence[str]) -> int:
+        in_dram = [False] * len(keys) if self._closed else self.dram.delete(keys)
+        return sum(bool(self.disk.delete([k])) or d for k, d in zip(keys, in_dram))
+
+    def usage(self) -> dict:
+        return {**self.disk.usage(), **self.stats, **self.dram.usage()}
+
+    def flush(self, timeout_s: float = 30.0) -> bool:
+        return self.disk.flush(timeout_s)
+
+    def close(self) -> None:
+        self.disk.close()
+        if not self._closed:
+            self._closed = True
+            self.dram.close()
+
+    def __enter__(self) -> "TieredStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
