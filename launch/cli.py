@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "coordinator": ("pd.coordinator.server", "the ZMQ coordinator that matches prefill and decode"),
     "make-model": ("launch.model", "write a small random HF model with a locally trained tokenizer"),
     "stats": ("launch.stats", "show the coordinator's counters, instances and one transfer"),
+    "scale": ("launch.ray_scale", "change the pool sizes of a pd launch --ray deployment while it serves"),
     "keys": ("pd.coordinator.curve", "make CurveZMQ keys for the coordinator (server, clients, allow-list)"),
 }
 BENCH: dict[str, tuple[str, str]] = {
@@ -32,6 +33,7 @@ BENCH: dict[str, tuple[str, str]] = {
     "kv": ("launch.bench.kv", "chunk gather/scatter speed of the paged KV cache vs a plain copy (CPU or GPU)"),
     "store": ("launch.bench.store", "write/read GB/s and per-chunk latency of a KV store vs plain O_DIRECT I/O"),
     "serve": ("launch.bench.serve", "P/D vs colocated serving under one load: TTFT, TPOT, ITL, goodput"),
+    "plot": ("launch.bench.plot", "redraw the plots (and report) of a pd bench serve sweep from its results JSON"),
     "soak": ("launch.bench.soak", "mixed traffic for minutes: RSS, fds, pool, store, coordinator, errors; flat?"),
 }
 EXIT_USAGE = 2

@@ -1,8 +1,10 @@
 """`pd bench serve --device cuda`: pdkv P/D, colocated and vLLM's NixlConnector on GPUs, one workload.
 
-Each mode gets the same GPUs, one after the other: with two or more GPUs the first instance on
-GPU 0 and the second on GPU 1, with one GPU both on GPU 0 (each with ``--kv-cache-gb`` of KV
-cache and ``--gpu-memory-utilization`` 0.45 unless given):
+Each mode gets the same GPUs, one after the other: instance i (prefill ones first) on GPU i mod
+the GPUs used (``--gpus``, default all, at most the largest mode's instances); instances that share
+a GPU get ``--kv-cache-gb`` of KV cache each (default 48 / instances per GPU) and a share of
+``--gpu-memory-utilization``. With ``--split`` (``launch.bench.modes``) the P/D modes run each
+split (1P3D, 2P2D, ...) and colocated the same number of instances; the default, 1P1D:
 
 * ``pd``: pdkv, 1 prefill + 1 decode instance, coordinator and pd proxy (``pd launch``);
 * ``colocated``: 2 plain instances behind the same pd proxy;
@@ -25,6 +27,7 @@ A JSON with everything and the printed tables go to ``--out``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -44,6 +47,8 @@ from launch.bench.serve_load import (
     stream_into,
     summarize,
 )
+from launch.bench.modes import Variant, mode_list, variants
+from launch.bench.workloads import fill_legacy_slos, parse_splits
 from launch.gpus import gpu_count
 from launch.procs import check_model, check_ports, served_name
 from launch.supervise import Deployment
@@ -89,18 +94,26 @@ def add_gpu_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--out", default=None, help="JSON results file (default $OUT/bench_gpu.json, else ./bench_gpu.json)")
 
 
-def gpu_deployment(mode: str, model: str, args, n_gpus: int) -> DeploymentConfig:
-    """The DeploymentConfig of one mode on ``n_gpus`` GPUs (two instances on GPUs 0 and 1, or both on 0)."""
+def gpu_lists(prefill: int, decode: int, n_gpus: int) -> tuple[str, str, int]:
+    """The ``gpus`` of the prefill and decode groups, instance i (prefill first) on GPU i mod
+    ``n_gpus``, and the most instances one GPU then has."""
+    ids = [str(i % n_gpus) for i in range(prefill + decode)]
+    return ";".join(ids[:prefill]), ";".join(ids[prefill:]), -(-(prefill + decode) // n_gpus)
+
+
+def gpu_deployment(mode: str, model: str, args, n_gpus: int, prefill: int = 1, decode: int = 1) -> DeploymentConfig:
+    """The DeploymentConfig of one mode with ``prefill`` + ``decode`` instances (colocated: that many
+    plain ones) on ``n_gpus`` GPUs, instance i on GPU i mod ``n_gpus``."""
     if mode not in GPU_MODES:
         raise ValueError(f"--modes: unknown mode {mode!r}; allowed {', '.join(GPU_MODES)}")
-    second = "1" if n_gpus >= 2 else "0"
-    kv_gb = args.kv_cache_gb if args.kv_cache_gb is not None else (0.0 if n_gpus >= 2 else 24.0)
+    p_gpus, d_gpus, per_gpu = gpu_lists(prefill, decode, n_gpus)
+    kv_gb = args.kv_cache_gb if args.kv_cache_gb is not None else (0.0 if per_gpu == 1 else 48.0 / per_gpu)
     vllm = {"device": "cuda", "load_format": args.load_format if args.load_format != "auto" else "",
             "max_model_len": args.max_model_len, "block_size": args.block_size, "max_num_seqs": args.max_num_seqs,
             "enforce_eager": args.enforce_eager, "kv_cache_memory_gb": kv_gb,
             "gpu_memory_utilization": args.gpu_memory_utilization}
     over: dict = {"model": model, "proxy": {"port": args.port}, "vllm": vllm,
-                  "prefill": {"count": 1, "gpus": "0"}, "decode": {"count": 1, "gpus": second}}
+                  "prefill": {"count": prefill, "gpus": p_gpus}, "decode": {"count": decode, "gpus": d_gpus}}
     if mode in PD_MODES:
         if mode == "pd_old":
             over["proxy"]["first_token"] = "decode"
@@ -113,6 +126,10 @@ def gpu_deployment(mode: str, model: str, args, n_gpus: int) -> DeploymentConfig
     else:
         over["mode"] = "colocated"
     if mode == "nixl":
+        if (prefill, decode) != (1, 1):
+            raise ValueError(f"--modes nixl: runs 1P1D only, not {prefill}P{decode}D (vLLM's side-channel port is "
+                             "per instance, and a group's env is the same for all its instances); give nixl "
+                             "--split 1P1D alone, or leave it out")
         kv = json.dumps({"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cuda"})
         for i, group in enumerate(("prefill", "decode")):
             env = [f"VLLM_NIXL_SIDE_CHANNEL_PORT={NIXL_SIDE_CHANNEL_BASE + i}", "VLLM_NIXL_SIDE_CHANNEL_HOST=127.0.0.1"]
@@ -131,11 +148,15 @@ def nixl_prefill_params() -> dict:
             "remote_block_ids": None, "remote_host": None, "remote_port": None}
 
 
-def nixl_send(prefill_url: str, decode_url: str):
-    """A ``send(url, model, req, res)`` for ``run_load`` that does the two hops of the NIXL flow."""
+def nixl_send(prefill_urls: list[str], decode_urls: list[str]):
+    """A ``send(url, model, req, res)`` for ``run_load`` that does the two hops of the NIXL flow,
+    request k on prefill instance k mod x and decode instance k mod y (xPyD)."""
+    turns = itertools.count()
 
     def send(_url: str, model: str, req: Request, res: Result) -> None:
         res.sent = time.perf_counter()
+        k = next(turns)  # atomic under the GIL
+        prefill_url, decode_url = prefill_urls[k % len(prefill_urls)], decode_urls[k % len(decode_urls)]
         try:
             body = completion_body(model, req)
             first = dict(body, stream=False, max_tokens=1, kv_transfer_params=nixl_prefill_params())
@@ -156,6 +177,12 @@ def nixl_send(prefill_url: str, decode_url: str):
 
 
 # ---- phases ------------------------------------------------------------------------------------
+
+
+def instance_urls(dep: DeploymentConfig) -> tuple[list[str], list[str]]:
+    """The URLs of the prefill and of the decode instances (this host)."""
+    return tuple([f"http://127.0.0.1:{g.port_base + i}" for i in range(g.count)]  # type: ignore[return-value]
+                 for g in (dep.prefill, dep.decode))
 
 
 def sequential_part(workload: list[Request], n: int) -> list[Request]:
@@ -263,8 +290,7 @@ def run_mode(mode: str, dep: DeploymentConfig, seq: list[Request], load_: list[R
         d.start(progress=lambda line: print(f"  [{mode}] {line}", flush=True))
         started_s = time.perf_counter() - t_start
         if mode == "nixl":
-            ports = [getattr(dep, g).port_base for g in ("prefill", "decode")]
-            send = nixl_send(f"http://127.0.0.1:{ports[0]}", f"http://127.0.0.1:{ports[1]}")
+            send = nixl_send(*instance_urls(dep))
         else:
             send = send_one
         url = d.proxy_url
@@ -290,18 +316,25 @@ def run_mode(mode: str, dep: DeploymentConfig, seq: list[Request], load_: list[R
             "transfer_summary": {ph: transfer_summary(v) for ph, v in recs.items()}}
 
 
-def run_gpu(args) -> int:
-    model = str(check_model(args.model))
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    n_gpus = min(args.gpus if args.gpus is not None else gpu_count(), 2)
+def pick_gpus(args, vs: list[Variant]) -> int:
+    """The GPUs to use: ``--gpus`` or all nvidia-smi lists, at most as many as the largest mode's instances."""
+    n_gpus = min(args.gpus if args.gpus is not None else gpu_count(), max(v.instances for v in vs))
     if n_gpus < 1:
         raise ValueError("--device cuda: no GPU found (nvidia-smi -L lists none)")
+    return n_gpus
+
+
+def run_gpu(args) -> int:
+    fill_legacy_slos(args)
+    model = str(check_model(args.model))
+    vs = variants(mode_list(args), parse_splits(args.split), args.colocated)
+    n_gpus = pick_gpus(args, vs)
     workload = make_workload(args.requests, args.rate, args.long_fraction, args.long_tokens,
                              args.short_tokens, args.max_tokens, args.seed)
     longs = [r for r in workload if r.long]
     seq = sequential_part(workload, args.sequential)
-    deps = {m: gpu_deployment(m, model, args, n_gpus) for m in modes}
-    check_ports(next(iter(deps.values())))
+    deps = {v.label: (v, gpu_deployment(v.mode, model, args, n_gpus, v.prefill, v.decode)) for v in vs}
+    check_ports(next(iter(deps.values()))[1])
     out_path = Path(args.out or os.path.join(os.environ.get("OUT", "."), "bench_gpu.json"))
     n_long = len(longs)
     header = (f"# pd bench serve --device cuda: {n_gpus} GPU(s), model {model} (--load-format {args.load_format}); "
@@ -312,10 +345,10 @@ def run_gpu(args) -> int:
     print(header, flush=True)
     results: dict = {"args": {k: v for k, v in vars(args).items() if not k.startswith("_")}, "n_gpus": n_gpus,
                      "modes": {}}
-    for mode, dep in deps.items():
+    for mode, (v, dep) in deps.items():
         t0 = time.perf_counter()
         try:
-            results["modes"][mode] = run_mode(mode, dep, seq, workload, args)
+            results["modes"][mode] = run_mode(v.mode, dep, seq, workload, args)
         except Exception as e:  # noqa: BLE001 - one mode failing must not lose the others' figures
             print(f"# {mode}: FAILED: {type(e).__name__}: {e}", flush=True)
             results["modes"][mode] = {"error": f"{type(e).__name__}: {e}"}

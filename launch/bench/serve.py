@@ -1,9 +1,10 @@
 """`pd bench serve`: P/D against colocated serving under the same load (TTFT, TPOT, ITL, goodput).
 
 For each mode it launches a deployment of the same model on this machine, one after the other
-(each gets the whole machine): ``pd`` = 1 prefill + 1 decode instance; ``colocated`` = as many
-plain vLLM instances (``--colocated`` of them, default 2: the same instance count), behind the
-same proxy. Then it replays one workload through the proxy, streaming every answer:
+(each gets the whole machine): ``pd`` = 1 prefill + 1 decode instance (``--split``: any xPyD, or
+several); ``colocated`` = as many plain vLLM instances (``--colocated`` of them, default the
+split's count), behind the same proxy. Then it replays one workload through the proxy, streaming
+every answer (``--rates``/``--workloads`` make a sweep instead: ``launch.bench.sweep``):
 
 * requests arrive as a Poisson process of ``--rate`` per second (seeded), ``--requests`` of them;
 * a ``--long-fraction`` of them have ``--long-tokens`` prompt tokens, the rest ``--short-tokens``
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 
-from common.config import load, merge
 from launch.bench.gpu import (
     add_gpu_arguments,
     format_spans,
@@ -40,6 +40,7 @@ from launch.bench.gpu import (
     span_summary,
     transfers,
 )
+from launch.bench.modes import cpu_deployment, mode_list, variants
 from launch.bench.serve_load import (
     format_table,
     make_workload,
@@ -47,9 +48,10 @@ from launch.bench.serve_load import (
     send_one,
     summarize,
 )
+from launch.bench.sweep import is_sweep, run_sweep
+from launch.bench.workloads import fill_legacy_slos, parse_splits
 from launch.procs import check_model, check_ports, served_name
 from launch.supervise import Deployment
-from pd.config import DeploymentConfig
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -61,9 +63,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--long-tokens", type=int, default=1500, help="long prompt length (default 1500)")
     p.add_argument("--short-tokens", type=int, default=128, help="short prompt length (default 128)")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request (default 64)")
-    p.add_argument("--slo-ttft-ms", type=float, default=2000.0, help="goodput SLO on TTFT (default 2000)")
-    p.add_argument("--slo-tpot-ms", type=float, default=100.0, help="goodput SLO on TPOT (default 100)")
-    p.add_argument("--colocated", type=int, default=2, help="colocated instances (default 2)")
+    p.add_argument("--slo-ttft-ms", type=float, default=None,
+                   help="goodput SLO on TTFT (default 2000; in a sweep each workload's, DistServe's: see docs)")
+    p.add_argument("--slo-tpot-ms", type=float, default=None,
+                   help="goodput SLO on TPOT (default 100; in a sweep each workload's, DistServe's: see docs)")
+    p.add_argument("--colocated", type=int, default=None,
+                   help="colocated instances (default: as many as each --split has, 2 for 1P1D)")
+    p.add_argument("--split", default="1P1D", metavar="xPyD[,...]",
+                   help="prefill:decode split(s) of the P/D modes, e.g. 1P1D,1P3D,2P2D,3P1D (default 1P1D); "
+                        "colocated runs the same number of instances")
+    s = p.add_argument_group("sweep (launch.bench.sweep; either option makes a sweep)")
+    s.add_argument("--rates", default=None, metavar="R[,...]",
+                   help="request rates per second, each run in turn on one start of each mode (default --rate)")
+    s.add_argument("--workloads", default=None, metavar="W[,...]",
+                   help="chat, longdoc, decode_heavy, custom (the --long-*/--short-tokens/--max-tokens mix; the "
+                        "default)")
+    s.add_argument("--length-scale", type=float, default=None,
+                   help="prompt and output lengths times this (default 1 on cuda, 0.2 on the CPU, whose test "
+                        "model is slow and has max_model_len 2048)")
+    s.add_argument("--slo-attainment", type=float, default=0.9,
+                   help="the share of requests within the SLOs a sustained rate needs (default 0.9, DistServe's)")
     p.add_argument("--modes", default="pd,colocated",
                    help="modes to run, in order (default pd,colocated; pd_old: pdkv with the old flow, where "
                         "decode samples token 1; --device cuda also nixl, and pd_host: pd with its shm chunks in host memory)")
@@ -74,25 +93,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_gpu_arguments(p)
 
 
-def _deployment(mode: str, model: str, args) -> DeploymentConfig:
-    over: dict = {"model": model, "proxy": {"port": args.port}}
-    if mode == "colocated":
-        over.update(mode="colocated", prefill={"count": args.colocated}, decode={"count": 0})
-    elif mode == "pd_old":  # the old flow: decode samples token 1 (proxy.first_token decode)
-        over["proxy"]["first_token"] = "decode"
-    elif mode != "pd":
-        raise ValueError(f"--modes: unknown mode {mode!r}; allowed pd, colocated, pd_old")
-    return merge(load(DeploymentConfig, {}), over)
-
-
 def run(args) -> int:
+    if is_sweep(args):
+        return run_sweep(args)
     if getattr(args, "device", "cpu") == "cuda":
         return run_gpu(args)
+    fill_legacy_slos(args)
     model = str(check_model(args.model))
-    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    vs = variants(mode_list(args), parse_splits(args.split), args.colocated)
     workload = make_workload(args.requests, args.rate, args.long_fraction, args.long_tokens,
                              args.short_tokens, args.max_tokens, args.seed)
-    deps = {m: _deployment(m, model, args) for m in modes}
+    deps = {v.label: cpu_deployment(v, model, args) for v in vs}
+    modes = {v.label: v.mode for v in vs}
     for dep in deps.values():
         check_ports(dep)
     seq = sequential_part(workload, args.sequential)
@@ -106,7 +118,7 @@ def run(args) -> int:
             run_load(d.proxy_url, name, [workload[0]])  # warm up the HTTP path and the engines
             seq_res, seq_wall = run_sequential(d.proxy_url, name, seq, send_one)
             results, wall = run_load(d.proxy_url, name, workload)
-            if mode in ("pd", "pd_old"):
+            if modes[mode] in ("pd", "pd_old"):
                 spans[mode] = span_summary(transfers(d.proxy_url, results))
         finally:
             d.stop()
@@ -121,8 +133,8 @@ def run(args) -> int:
     print(f"# pd bench serve: {args.requests} requests, Poisson {args.rate}/s, {n_long} long "
           f"({args.long_tokens} tokens) and {args.requests - n_long} short ({args.short_tokens} tokens), "
           f"{args.max_tokens} output tokens each, seed {args.seed}; SLOs TTFT <= {args.slo_ttft_ms:g} ms, "
-          f"TPOT <= {args.slo_tpot_ms:g} ms; pd = 1 prefill + 1 decode, colocated = {args.colocated} "
-          f"instance(s); model {model}")
+          f"TPOT <= {args.slo_tpot_ms:g} ms; " + ", ".join(f"{v.label} = {v.split}" for v in vs) +
+          f"; model {model}")
     if seq_figures:
         print(f"\n## one request at a time ({len(seq)}: long and short alternating)\n")
         print(format_table(seq_figures))

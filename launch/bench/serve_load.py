@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 import threading
 import time
 import urllib.request
@@ -95,17 +96,57 @@ def send_one(url: str, model: str, req: Request, res: Result) -> None:
         res.error = f"{type(e).__name__}: {e}"
 
 
-def run_load(url: str, model: str, workload: list[Request], send=send_one) -> tuple[list[Result], float]:
-    """Send each request at its arrival time (one thread each, ``send(url, model, req, res)``);
-    (results, wall seconds)."""
+class Progress:
+    """Requests done / total and the rates on stderr (or ``stream``): on a terminal one line redrawn
+    (``\\r``) at most once a second, otherwise a line at each tenth done."""
+
+    def __init__(self, label: str, total: int, rate: float, stream=None, clock=time.monotonic):
+        self.label, self.total, self.rate, self.clock = label, total, rate, clock
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = self.stream.isatty()
+        self.done = self.failed = self._tenths = 0
+        self._lock = threading.Lock()
+        self._t0, self._last = clock(), float("-inf")
+
+    def tick(self, ok: bool) -> None:
+        """One request has finished (``ok``: it got its tokens)."""
+        with self._lock:
+            self.done += 1
+            self.failed += not ok
+            now, last = self.clock(), self.done == self.total
+            if self.tty and (now - self._last >= 1.0 or last):
+                self._last = now
+                self._write(now, "\r", "\n" if last else "")
+            elif not self.tty and self.done * 10 // self.total > self._tenths:
+                self._tenths = self.done * 10 // self.total
+                self._write(now, "", "\n")
+
+    def _write(self, now: float, head: str, tail: str) -> None:
+        elapsed = now - self._t0
+        done_rate = self.done / elapsed if elapsed > 0 else 0.0
+        self.stream.write(f"{head}{self.label}: {self.done}/{self.total} done ({self.failed} failed), "
+                          f"{self.rate:g}/s sent, {done_rate:.2f}/s done, {elapsed:.0f} s{tail}")
+        self.stream.flush()
+
+
+def run_load(url: str, model: str, workload: list[Request], send=send_one,
+             progress: Progress | None = None) -> tuple[list[Result], float]:
+    """Send each request at its arrival time (one thread each, ``send(url, model, req, res)``),
+    ticking ``progress`` as each finishes; (results, wall seconds)."""
     results = [Result(False, r.long, 0.0) for r in workload]
+
+    def one(req: Request, res: Result) -> None:
+        send(url, model, req, res)
+        if progress is not None:
+            progress.tick(res.ok)
+
     threads = []
     t0 = time.perf_counter()
     for req, res in zip(workload, results):
         delay = t0 + req.arrival_s - time.perf_counter()
         if delay > 0:
             time.sleep(delay)
-        th = threading.Thread(target=send, args=(url, model, req, res), daemon=True)
+        th = threading.Thread(target=one, args=(req, res), daemon=True)
         th.start()
         threads.append(th)
     for th in threads:
@@ -132,7 +173,8 @@ def summarize(results: list[Result], wall_s: float, slo_ttft_s: float, slo_tpot_
     out = {"requests": len(results), "failed": len(results) - len(ok), "wall_s": wall_s,
            "throughput_tok_s": sum(len(r.token_times) for r in ok) / wall_s if wall_s > 0 else 0.0,
            "request_rate": len(ok) / wall_s if wall_s > 0 else 0.0,
-           "goodput": len(good) / wall_s if wall_s > 0 else 0.0, "slo_met": len(good)}
+           "goodput": len(good) / wall_s if wall_s > 0 else 0.0, "slo_met": len(good),
+           "slo_attainment": len(good) / len(results) if results else 0.0}
     for name, xs in (("ttft", ttft), ("tpot", tpot), ("tpot_short", short_tpot), ("itl", itl)):
         for q in (0.5, 0.9, 0.99):
             out[f"{name}_p{int(q * 100)}"] = _pct(xs, q)

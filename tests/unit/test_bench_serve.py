@@ -136,7 +136,7 @@ def test_nixl_flow_prefill_then_decode_with_its_params():
     try:
         _FakeVllm.seen = []
         res = Result(False, False, 0.0)
-        bench_gpu.nixl_send(base + "/p", base + "/d")("", "m", Request(0, [5, 6], 3, False), res)
+        bench_gpu.nixl_send([base + "/p"], [base + "/d"])("", "m", Request(0, [5, 6], 3, False), res)
     finally:
         srv.shutdown()
     assert res.ok and res.text == "abc" and res.error == "" and len(res.token_times) == 3
