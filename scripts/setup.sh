@@ -60,6 +60,11 @@ if [ ! -d build/infinistore-server/uvloop ]; then
     echo "setup: installing uvloop 0.21.0 for the InfiniStore server (build/infinistore-server)"
     python -m pip install -q --no-deps --target build/infinistore-server uvloop==0.21.0
 fi
+# The plots of pd bench serve sweeps and pd bench plot (pdkv's [plot] extra: matplotlib, ~40 MB).
+if ! python -c "import matplotlib" 2>/dev/null; then
+    echo "setup: installing matplotlib (pdkv's [plot] extra)"
+    python -m pip install -q -e ".[test,plot]"
+fi
 [ -f /usr/include/infiniband/verbs.h ] || apt_install libibverbs-dev "headers of the libibverbs test double"
 command -v gcc >/dev/null || apt_install gcc "builds the libibverbs test double"
 bash tests/doubles/verbs/build.sh build/verbs-double
