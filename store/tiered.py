@@ -16,11 +16,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from typing import Any, Sequence
 
 from common.bytes import byte_view
 from store.base import KVStore, parse_path
-from store.dram import DramTier
+from store.dram import DramTier, default_dir
 
 
 def dram_name(cfg: Any) -> str:
@@ -31,9 +32,34 @@ def dram_name(cfg: Any) -> str:
     return hashlib.blake2b(json.dumps(where, sort_keys=True).encode(), digest_size=8).hexdigest()
 
 
+#: The tiers this process has open, shared by its stores (a worker owning several head groups has
+#: one store each): one mapping, pinned once. (directory, name, size, eviction) -> [tier, users].
+_OPEN: dict[tuple, list] = {}
+_OPEN_LOCK = threading.Lock()
+
+
 def make_dram(cfg: Any, directory: str | None = None) -> DramTier:
-    """The DRAM tier of the store of ``cfg`` (``dram_gb`` > 0)."""
-    return DramTier(int(cfg.dram_gb * 1e9), dram_name(cfg), cfg.eviction, directory)
+    """The DRAM tier of the store of ``cfg`` (``dram_gb`` > 0), shared with this process's other
+    stores of that tier; give it back with ``release_dram``."""
+    k = (directory or default_dir(), dram_name(cfg), int(cfg.dram_gb * 1e9), cfg.eviction)
+    with _OPEN_LOCK:
+        got = _OPEN.get(k)
+        if got is None:
+            got = _OPEN[k] = [DramTier(k[2], k[1], k[3], k[0]), 0]
+        got[1] += 1
+        return got[0]
+
+
+def release_dram(tier: DramTier) -> None:
+    """One user of ``tier`` is done; the last one closes it (a tier not from ``make_dram`` too)."""
+    with _OPEN_LOCK:
+        for k, got in list(_OPEN.items()):
+            if got[0] is tier:
+                got[1] -= 1
+                if got[1] > 0:
+                    return
+                del _OPEN[k]
+    tier.close()
 
 
 class TieredStore:
@@ -106,7 +132,7 @@ class TieredStore:
         self.disk.close()
         if not self._closed:
             self._closed = True
-            self.dram.close()
+            release_dram(self.dram)
 
     def __enter__(self) -> "TieredStore":
         return self

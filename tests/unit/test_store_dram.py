@@ -106,7 +106,9 @@ def test_disk_reads_fill_dram_for_every_instance_of_the_host(cfg, shm):
         assert w.put(_key(i), _data(i))
     assert w.flush(10)
     w.close()
-    a, b = _tiered(cfg, shm, writer=False), _tiered(cfg, shm, writer=False)
+    a = _tiered(cfg, shm, writer=False)
+    b = TieredStore(LocalStore(cfg, writer=False), DramTier(int(cfg.dram_gb * 1e9), dram_name(cfg), "lru", shm))
+    assert b.dram is not a.dram  # a mapping of its own, as another process has
     try:
         assert np.array_equal(_read(a, 1), _data(1))
         assert a.usage()["dram_fills"] == 1 and a.disk.stats["hits"] == 1
@@ -116,6 +118,23 @@ def test_disk_reads_fill_dram_for_every_instance_of_the_host(cfg, shm):
     finally:
         a.close()
         b.close()
+
+
+def test_the_stores_of_one_process_share_one_mapping(cfg, shm):
+    a, b = _tiered(cfg, shm), _tiered(cfg, shm)
+    try:
+        assert a.dram is b.dram
+        a.close()
+        assert b.put(_key(0), _data(0)) and np.array_equal(_read(b, 0), _data(0))  # still open
+    finally:
+        a.close()
+        b.close()
+    assert b.dram._mm is None  # the last store closed it
+    c = _tiered(cfg, shm)
+    try:
+        assert c.dram is not a.dram and np.array_equal(_read(c, 0), _data(0))
+    finally:
+        c.close()
 
 
 def test_the_tier_keeps_to_dram_gb(tmp_path, shm):
