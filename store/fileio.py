@@ -1,8 +1,12 @@
-"""Aligned file I/O and staging buffers that the stores share (see docs/design.md, the store).
+"""Aligned file I/O, staging buffers and checked directories that the stores share (see
+docs/design.md, the store).
 
 ``ALIGN`` is the page / O_DIRECT alignment both stores lay their files out in; the helpers here
 write and scatter-read whole buffers (retrying short calls), keep page-aligned staging buffers
-for reuse, and hash large reads on a helper thread while the next piece is read.
+for reuse, and hash large reads on a helper thread while the next piece is read. The directories
+and files a store uses must be this process's uid's and writable by it only (``check_owned``,
+``make_own_dirs``, ``open_own``; issue 18): another user could otherwise plant, swap or delete
+KV files, and a symlink planted in their place is never followed.
 """
 from __future__ import annotations
 
@@ -12,9 +16,12 @@ import logging
 import mmap
 import os
 import queue
+import stat
 import threading
 from collections import OrderedDict
 from typing import Any
+
+from common.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +73,76 @@ def preadv_all(fd: int, bufs: list, offset: int, direct: bool = False) -> int:
         if n:
             views[0] = views[0][n:]
     return done
+
+
+def not_ours(path: str) -> str:
+    """Why directory ``path`` is not one pdkv may use ("" if it is): a symlink, not a directory,
+    another user's, or writable by others (they could plant, swap or delete files in it)."""
+    try:
+        st = os.lstat(path)
+    except OSError as e:
+        return e.strerror or str(e)
+    if stat.S_ISLNK(st.st_mode):
+        return "a symlink"
+    if not stat.S_ISDIR(st.st_mode):
+        return "not a directory"
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        return f"owned by uid {st.st_uid} with mode {st.st_mode & 0o7777:04o}"
+    return ""
+
+
+def check_owned(path: str, what: str = "store path", hint: str = "") -> None:
+    """ConfigError unless directory ``path`` (a symlink to one is followed: it is what the
+    configuration names) is this uid's and writable by it only."""
+    st = os.stat(path)
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise ConfigError(f"{what} {path} is owned by uid {st.st_uid} with mode {st.st_mode & 0o7777:04o}; it must "
+                          f"be ours (uid {os.geteuid()}) and writable by us only (e.g. 0700), or other users could "
+                          f"plant or delete KV files there; use a directory of your own (e.g. a sub-directory){hint}")
+
+
+def make_own_dirs(top: str, d: str, what: str = "store sub-directory") -> None:
+    """Make the directories from ``top`` down to ``d`` (0700), each checked to be ours and not a
+    symlink, whether made now or found (PermissionError EPERM naming the one that is not)."""
+    rel = os.path.relpath(d, top)
+    cur = top
+    for part in ([] if rel == "." else rel.split(os.sep)):
+        cur = os.path.join(cur, part)
+        try:
+            os.mkdir(cur, 0o700)
+        except FileExistsError:
+            pass
+        why = not_ours(cur)
+        if why:
+            raise PermissionError(errno.EPERM, f"{what} {cur} is {why}; pdkv writes only into directories "
+                                  "of its own")
+
+
+def own_file(path: str) -> bool:
+    """A regular file of ours (not a symlink, not another user's)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid()
+
+
+def open_own(path: str, flags: int, mode: int = 0o600) -> int:
+    """``os.open`` that never follows a symlink at ``path`` and refuses a file of another uid, or
+    not a regular file (PermissionError EPERM naming it)."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW, mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise PermissionError(errno.EPERM, f"{path} is a symlink; pdkv opens only files of its own") from None
+        raise
+    st = os.fstat(fd)
+    if st.st_uid != os.geteuid() or not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise PermissionError(errno.EPERM, f"{path} is owned by uid {st.st_uid} with mode {st.st_mode & 0o7777:04o}"
+                              f"{'' if stat.S_ISREG(st.st_mode) else ' (not a regular file)'}; pdkv opens only "
+                              f"files of its own (uid {os.geteuid()})")
+    return fd
 
 
 class Hasher:

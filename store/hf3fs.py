@@ -19,6 +19,10 @@ hosts must never contend for one directory. A writer directory holds:
 * ``index.log``: this writer's index (store/hf3fs_log.py).
 * ``lock``: ``flock`` held by the one process that writes the directory.
 
+The base path, ``dev<k>`` and the writer directories must be this uid's and writable by it only,
+and are never followed as symlinks (store/fileio.py; every host's pdkv sharing a base path runs
+as one uid); data files of another uid are never read (a peer's: its values are misses).
+
 Every process reads every ``w*`` directory of its device (store/hf3fs_peers.py). A process opened
 with ``writer=False`` (a scheduler, a decode worker) claims no directory, writes nothing and drops
 every ``put`` (counted ``read_only``). I/O goes through one iovec and batched iorings
@@ -48,7 +52,7 @@ from common.bytes import byte_view
 from common.config import ConfigError
 from store.base import STAT_KEYS as COMMON_STAT_KEYS
 from store.base import parse_path, writer_budget
-from store.fileio import ALIGN, round_up
+from store.fileio import ALIGN, make_own_dirs, open_own, round_up
 from store.hf3fs_format import (
     HDR,
     OP_ADD,
@@ -61,7 +65,14 @@ from store.hf3fs_format import (
 from store.hf3fs_log import IndexLog
 from store.hf3fs_peers import Peers
 from store.hf3fs_slabs import FILE_BYTES, Slabs, slab_size, slot_class
-from store.hf3fs_usrbio import MISSING_MODULE, RingBusy, Usrbio, import_io, locate
+from store.hf3fs_usrbio import (
+    MISSING_MODULE,
+    SAME_UID,
+    RingBusy,
+    Usrbio,
+    import_io,
+    locate,
+)
 from store.queue import DUPLICATE, QUEUED, WriteQueue
 
 __all__ = ["HDR", "MISSING_MODULE", "Hf3fsStore"]  # HDR and MISSING_MODULE: for launch/
@@ -154,12 +165,15 @@ class Hf3fsStore:
 
     def _claim_dir(self) -> tuple[str, int]:
         """Take the first writer directory ``<host>.w<k>`` whose lock no live process of this
-        host holds: (its path, the fd holding its lock)."""
+        host holds: (its path, the fd holding its lock). ConfigError if one is not ours."""
         host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
         for k in range(MAX_WRITERS):
             path = os.path.join(self.root, f"{host}.w{k}")
-            os.makedirs(path, mode=0o700, exist_ok=True)
-            fd = os.open(os.path.join(path, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+            try:  # ours, never a symlink another user planted (their directory would get our files)
+                make_own_dirs(self.root, path, "hf3fs writer directory")
+                fd = open_own(os.path.join(path, "lock"), os.O_RDWR | os.O_CREAT)
+            except PermissionError as e:
+                raise ConfigError(f"{e.strerror}; remove it (pdkv makes it again){SAME_UID}") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
@@ -244,6 +258,8 @@ class Hf3fsStore:
                     except OSError as ex:
                         log.warning("hf3fs store %s: cannot open data file %d of %s: %s",
                                     self.root, ref.file, view.path, ex)
+                        if isinstance(ex, PermissionError):  # not ours: never read, nor tried again
+                            view.entries.pop(keys[i], None)
                         continue
                     todo.append((i, keys[i], fd, ref.off, ref.length, ref.csum, ref.seq, got))
         return todo

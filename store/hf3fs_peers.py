@@ -6,7 +6,8 @@ applied; another generation means the log was rewritten and is read again from i
 ``w*`` directories are looked for at most once a second, and on a miss when the last look is
 0.1 s old. A view may be stale (the peer has evicted the value and reused its slot): the slot
 header check makes such a read a miss, never another value. Reads by other processes do not
-refresh the writer's LRU order.
+refresh the writer's LRU order. A writer directory, index or data file that is not this uid's
+(or is a symlink, or writable by others) is never read: the values it lists are misses.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import threading
 import time
 from typing import Any, Sequence
 
+from store.fileio import not_ours, open_own
 from store.hf3fs_format import (
     LOG_HDR,
     LOG_HDR_MAGIC,
@@ -59,7 +61,10 @@ class View:
 
     def refresh(self) -> None:
         try:
-            fd = os.open(os.path.join(self.path, "index.log"), os.O_RDONLY)
+            fd = open_own(os.path.join(self.path, "index.log"), os.O_RDONLY)
+        except PermissionError:  # another user's log, or a symlink: read nothing of it
+            self._reset(None)
+            raise
         except OSError:  # no log (yet): nothing to read
             self._reset(None)
             return
@@ -109,6 +114,7 @@ class Peers:
         self.root, self.io, self.own = root, io, own
         self.lock = threading.Lock()
         self.views: dict[str, View] = {}
+        self.skipped: set[str] = set()  # writer directories not ours (logged once)
         self.scanned = float("-inf")
 
     def refresh(self, force: bool = False) -> None:
@@ -124,12 +130,32 @@ class Peers:
             for name in names:
                 path = os.path.join(self.root, name)
                 if WRITER_DIR.fullmatch(name) and path != self.own and path not in self.views:
-                    self.views[path] = View(path, self.io)
-        for view in self.views.values():
+                    self._add(path)
+        for view in list(self.views.values()):
             try:
                 view.refresh()
+            except PermissionError as e:  # not ours: dropped, and skipped from now on
+                self._skip(view.path, e.strerror)
+                view.close()
+                del self.views[view.path]
             except OSError as e:
                 log.warning("hf3fs store %s: cannot read the index of %s: %s", self.root, view.path, e)
+
+    def _add(self, path: str) -> None:
+        """A view of writer directory ``path`` unless it is a symlink, another user's or writable
+        by others (its index and data could be anyone's)."""
+        if path in self.skipped:
+            return
+        why = not_ours(path)
+        if why:
+            self._skip(path, f"{path} is {why}")
+        else:
+            self.views[path] = View(path, self.io)
+
+    def _skip(self, path: str, why: str) -> None:
+        self.skipped.add(path)
+        log.warning("hf3fs store %s: not reading the writer directory %s: %s (pdkv reads only directories "
+                    "and files of its own uid)", self.root, path, why)
 
     def refs(self, keys: Sequence[str]) -> dict[str, tuple[View, Ref]]:
         """Where the peers hold ``keys``; looks for new peers on a miss."""

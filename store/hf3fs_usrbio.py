@@ -31,7 +31,7 @@ from multiprocessing import shared_memory
 from typing import Any, Callable, Iterator, Sequence
 
 from common.config import ConfigError
-from store.fileio import round_up
+from store.fileio import check_owned, make_own_dirs, open_own, round_up
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,9 @@ def import_io() -> Any:
 
 
 def open_registered(io: Any, path: str, flags: int) -> int:
-    """Open ``path`` and register the fd with the USRBIO client ``io``."""
-    fd = os.open(path, flags, 0o600)
+    """Open ``path`` (a regular file of this uid, never through a symlink: ``open_own``) and
+    register the fd with the USRBIO client ``io``."""
+    fd = open_own(path, flags)
     try:
         io.register_fd(fd)
     except BaseException:
@@ -67,6 +68,10 @@ def close_registered(io: Any, fds: dict[int, int]) -> None:
         finally:
             os.close(fd)
     fds.clear()
+
+
+# 3FS is shared by every host: each host's pdkv must run as one uid to share a base path.
+SAME_UID = "; every host's pdkv that shares a 3FS base path must run as the same uid"
 
 
 def locate(io: Any, mount_point: str, base: str, device_index: int) -> tuple[str, str]:
@@ -93,8 +98,16 @@ def locate(io: Any, mount_point: str, base: str, device_index: int) -> tuple[str
     if not found or os.path.realpath(found) != mount:
         raise ConfigError(f"store path {root} is not under the 3FS mount {mp}"
                           + (f" (it is on {found})" if found else ""))
+    top = os.path.dirname(root)  # the base path
     try:
-        os.makedirs(root, mode=0o700, exist_ok=True)
+        os.makedirs(top, mode=0o700, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"store path {top} cannot be created ({e.strerror or e})") from None
+    check_owned(top, "store base path", SAME_UID)
+    try:
+        make_own_dirs(top, root)
+    except PermissionError as e:
+        raise ConfigError(f"{e.strerror}{SAME_UID}") from None
     except OSError as e:
         raise ConfigError(f"store path {root} cannot be created ({e.strerror or e})") from None
     return mount, root

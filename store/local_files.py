@@ -26,7 +26,11 @@ from store.fileio import (
     ALIGN,
     BufPool,
     address,
+    check_owned,
     hasher,
+    make_own_dirs,
+    not_ours,
+    own_file,
     pread_into,
     preadv_all,
     round_up,
@@ -66,11 +70,7 @@ def check_dir(path: str) -> None:
         log.info("local store: made the directory %s", path)
     if not os.path.isdir(path):
         raise ConfigError(f"store path {path} is not a directory; store.paths needs directories")
-    st = os.stat(path)
-    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
-        raise ConfigError(f"store path {path} is owned by uid {st.st_uid} with mode {st.st_mode & 0o7777:04o}; it must "
-                          f"be ours (uid {os.geteuid()}) and writable by us only (e.g. 0700), or other users could "
-                          "plant or delete KV files there; use a directory of your own (e.g. a sub-directory)")
+    check_owned(path)
     # named like a temp file of this (live) process, so a concurrent scan leaves it alone
     probe = os.path.join(path, f"{TMP_PREFIX}{os.getpid()}-probe-{threading.get_ident()}")
     try:
@@ -82,31 +82,6 @@ def check_dir(path: str) -> None:
     except OSError as e:
         raise ConfigError(f"store path {path} is not writable ({e.strerror or e}); the store "
                          "needs a directory this process can create files in") from None
-
-
-def not_ours(path: str) -> str:
-    """Why directory ``path`` is not one pdkv may use ("" if it is): a symlink, not a directory,
-    another user's, or writable by others (they could plant, swap or delete files in it)."""
-    try:
-        st = os.lstat(path)
-    except OSError as e:
-        return e.strerror or str(e)
-    if stat.S_ISLNK(st.st_mode):
-        return "a symlink"
-    if not stat.S_ISDIR(st.st_mode):
-        return "not a directory"
-    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
-        return f"owned by uid {st.st_uid} with mode {st.st_mode & 0o7777:04o}"
-    return ""
-
-
-def _own_file(path: str) -> bool:
-    """A regular file of ours (not a symlink, not another user's)."""
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return False
-    return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid()
 
 
 def unlink_quiet(path: str) -> None:
@@ -139,18 +114,7 @@ class ChunkFiles:
     def make_dirs(self, d: str) -> None:
         """Make the sub-directories from the store's path down to ``d`` (0700), each checked to
         be ours and not a symlink (OSError EPERM naming the one that is not: the write fails)."""
-        rel = os.path.relpath(d, self.path)
-        cur = self.path
-        for part in ([] if rel == "." else rel.split(os.sep)):
-            cur = os.path.join(cur, part)
-            try:
-                os.mkdir(cur, 0o700)
-            except FileExistsError:
-                pass
-            why = not_ours(cur)
-            if why:
-                raise PermissionError(errno.EPERM, f"store sub-directory {cur} is {why}; pdkv writes only "
-                                      "into directories of its own")
+        make_own_dirs(self.path, d)
         self._dirs.add(d)
 
     def scan(self) -> list[tuple[float, str, int]]:
@@ -174,7 +138,7 @@ class ChunkFiles:
                         except OSError:
                             pass
                     continue
-                if not name.endswith(SUFFIX) or not _own_file(full):
+                if not name.endswith(SUFFIX) or not own_file(full):
                     continue  # not ours: leave it alone
                 got = read_meta(self.path, full)
                 if got is None:
