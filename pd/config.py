@@ -184,6 +184,11 @@ class ProxyConfig:
     port: int = field(default=8000, metadata=rng(1, 65535))
     policy: str = field(default="least_outstanding", metadata=choices("least_outstanding", "round_robin"))
     upstream_timeout_s: float = field(default=600.0, metadata=rng(0.1, 86400))
+    # A client's request line and headers must all come within this many seconds (of connecting,
+    # or of the request's first byte), its body within body_timeout_s; else the connection is
+    # closed (408 for a body), so slow senders cannot hold the proxy's descriptors.
+    header_timeout_s: float = field(default=10.0, metadata=rng(0.01, 3600))
+    body_timeout_s: float = field(default=30.0, metadata=rng(0.01, 86400))
     # A file with the bearer token clients must send on /v1 routes ("" = none), like vLLM's --api-key.
     api_key_file: str = ""
     # Where token 1 comes from: "prefill" (streamed to the client as soon as the prefill has it; the

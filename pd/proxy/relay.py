@@ -31,8 +31,10 @@ from typing import Any, Coroutine
 import aiohttp
 from aiohttp import web
 
+from pd.config import ProxyConfig
 from pd.coordinator.timeline import wall_ms
 from pd.proxy import first_token as ft
+from pd.proxy.listen import answer_and_close
 from pd.proxy.metrics import ProxyMetrics
 from pd.proxy.relay_first import COMPLETE, SSE, FirstTokenFlow
 from pd.proxy.relay_first import ClientGone as _ClientGone
@@ -66,6 +68,10 @@ class BodyTooComplex(ValueError):
     """A body whose parsed form would cost far more memory than its bytes."""
 
 
+class BodyTooSlow(ValueError):
+    """A body that did not arrive in the time allowed."""
+
+
 def _refuse_constant(name: str):
     raise ValueError(f"{name} is not a JSON number; give a finite number")
 
@@ -74,12 +80,17 @@ def _loads(raw: bytes):
     return json.loads(raw, parse_constant=_refuse_constant)
 
 
-async def read_json(request: web.Request):
+async def read_json(request: web.Request, timeout_s: float):
     """The request's JSON body, bounded before it is parsed: at most ``client_max_size`` bytes
-    (HTTPRequestEntityTooLarge) and ``MAX_JSON_ITEMS`` objects, arrays and elements
-    (BodyTooComplex: a 63 MB body of ``[{},{},...]`` parsed into 2 GB); large bodies are parsed
-    on a thread so the event loop keeps serving; NaN and Infinity are refused (ValueError)."""
-    raw = await request.read()
+    (HTTPRequestEntityTooLarge), all of them within ``timeout_s`` (BodyTooSlow: a client, even
+    one with the key, trickling a body held its connection for ever), and ``MAX_JSON_ITEMS``
+    objects, arrays and elements (BodyTooComplex: a 63 MB body of ``[{},{},...]`` parsed into
+    2 GB); large bodies are parsed on a thread so the event loop keeps serving; NaN and Infinity
+    are refused (ValueError)."""
+    try:
+        raw = await asyncio.wait_for(request.read(), timeout_s)
+    except asyncio.TimeoutError:
+        raise BodyTooSlow(f"request body not received within {timeout_s:g} s (proxy.body_timeout_s)") from None
     items = raw.count(b"{") + raw.count(b"[") + raw.count(b",")
     if items > MAX_JSON_ITEMS:
         raise BodyTooComplex(f"request body has {items} JSON objects, arrays and elements; allowed at most "
@@ -108,6 +119,7 @@ class Relay(FirstTokenFlow):
     """
 
     mode: str
+    cfg: ProxyConfig
     prefill: Pool
     decode: Pool
     metrics: ProxyMetrics
@@ -161,7 +173,10 @@ class Relay(FirstTokenFlow):
         status = 499  # stays so if we are cancelled (the client went away)
         try:
             try:
-                body = await read_json(request)
+                body = await read_json(request, self.cfg.body_timeout_s)
+            except BodyTooSlow as e:
+                status = 408
+                return await answer_and_close(request, json_error(str(e), 408))
             except BodyTooComplex as e:
                 status = 413
                 return json_error(str(e), 413)

@@ -25,7 +25,14 @@ from common.config import ConfigError, merge
 from pd.config import ProxyConfig
 from pd.coordinator.client import AsyncCoordinatorClient
 from pd.coordinator.curve import load_client_keys, read_token
-from pd.proxy.listen import CLIENT_KEEPALIVE_S, LimitedSite, connection_limit, make_runner, raise_fd_limit
+from pd.proxy.listen import (
+    CLIENT_KEEPALIVE_S,
+    Clock,
+    LimitedSite,
+    connection_limit,
+    make_runner,
+    raise_fd_limit,
+)
 from pd.proxy.metrics import CONTENT_TYPE, ProxyMetrics
 from pd.proxy.relay import Relay
 from pd.proxy.routing import POLICIES, Pool, json_error, parse_urls
@@ -76,13 +83,14 @@ class Proxy(Relay):
         self.chat_first_token = self.cfg.chat_first_token
         self._tasks: set[asyncio.Task] = set()
         self.site: LimitedSite | None = None  # where it listens, once started
+        self.clock = Clock(self.cfg.header_timeout_s)  # on each client's request headers
         self._counters: asyncio.Future | None = None  # the coordinator query /metrics scrapes share
 
     # ---- app ---------------------------------------------------------------------------
 
     def make_app(self) -> web.Application:
         """The aiohttp application (run it with ``handler_cancellation=True``)."""
-        app = web.Application(client_max_size=64 << 20, middlewares=[self._auth])
+        app = web.Application(client_max_size=64 << 20, middlewares=[self.clock.middleware, self._auth])
         for path in GENERATE:
             app.router.add_post(path, self.handle_generate)
         app.router.add_get("/v1/models", self.handle_models)
@@ -102,7 +110,8 @@ class Proxy(Relay):
             sock = _listen(host, port)
         runner = make_runner(self.make_app(), keepalive_s)
         await runner.setup()
-        self.site = LimitedSite(runner, sock, limit if limit is not None else connection_limit(raise_fd_limit()))
+        self.site = LimitedSite(runner, sock, limit if limit is not None else connection_limit(raise_fd_limit()),
+                                 self.clock)
         await self.site.start()
         return runner, sock.getsockname()[1]
 
@@ -227,6 +236,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="this client's keypair in DIR (default %(default)s)")
     p.add_argument("--upstream-timeout-s", type=float, default=None,
                    help="longest wait for an upstream's next bytes (default 600)")
+    p.add_argument("--header-timeout-s", type=float, default=None,
+                   help="longest time a client may take to send a request's line and headers (default 10)")
+    p.add_argument("--body-timeout-s", type=float, default=None,
+                   help="longest time a client may take to send a request's body (default 30)")
     p.add_argument("--api-key-file", metavar="FILE",
                    help="clients must send 'Authorization: Bearer <the token in FILE>' on /v1 routes "
                         "(proxy.api_key_file, like vLLM's --api-key)")
@@ -250,6 +263,8 @@ def run(args: argparse.Namespace) -> int:
     """``pd proxy``: serve until interrupted. Bad options raise ConfigError (the CLI exits 2)."""
     over = {k: v for k, v in {"host": args.host, "port": args.port, "policy": args.policy,
                               "upstream_timeout_s": args.upstream_timeout_s,
+                              "header_timeout_s": getattr(args, "header_timeout_s", None),
+                              "body_timeout_s": getattr(args, "body_timeout_s", None),
                               "api_key_file": getattr(args, "api_key_file", None),
                               "first_token": getattr(args, "first_token", None),
                               "chat_first_token": False if getattr(args, "no_chat_first_token", False) else None,

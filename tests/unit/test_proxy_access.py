@@ -201,7 +201,7 @@ def test_connections_beyond_the_limit_are_closed_at_once_and_idle_ones_are_let_g
             idle = [await asyncio.open_connection("127.0.0.1", port) for _ in range(4)]  # they send nothing
             await asyncio.sleep(0.2)
             extra, _w = await asyncio.open_connection("127.0.0.1", port)
-            assert await _closed(extra) and proxy.site.limiter.refused == 1
+            assert await _closed(extra) and proxy.site.limiter.refused.count == 1
             for reader, _ in idle:  # let go after the keep-alive time
                 assert await _closed(reader)
             async with aiohttp.ClientSession() as c:
