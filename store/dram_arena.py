@@ -118,6 +118,11 @@ def _try_remove(path: str, why: str) -> bool:
     return True
 
 
+def remove_arena(path: str) -> bool:
+    """Remove the arena ``path`` (and its lock file) unless a process uses it; whether it is gone."""
+    return _try_remove(path, "asked to")
+
+
 def remove_stale(directory: str, name: str, keep: str) -> None:
     """Remove unused arenas of ``name`` of other sizes, and temporary files of dead creators."""
     for path in glob.glob(os.path.join(directory, f"{name}-*.dram")):

@@ -23,6 +23,9 @@ reads, the benchmark (untimed) ``fdatasync``s each file and drops its cached pag
 Everything is written under a fresh sub-directory of ``--path`` (default ``<repo>/.bench-tmp``,
 a disk filesystem, never /dev/shm) which is removed at the end.
 
+``--dram-gb N`` puts the DRAM tier (store/dram.py, N GB in /dev/shm) in front of the store: puts copy
+into it as well, and the gets are served from it (the header says so); its arena is removed at the end.
+
 ``--backend hf3fs`` measures store/hf3fs through whatever ``hf3fs_fuse.io`` imports: the real
 USRBIO client (then ``--path`` must be on a 3FS mount), or the emulator from ``tests/doubles``
 (``PYTHONPATH=tests/doubles``; the run directory is made an emulated mount, the header says
@@ -49,7 +52,9 @@ import numpy as np
 from launch.bench.common import counts, fmt_size, fs_type, parse_size, pct, print_header
 from store import make_store
 from store.config import Hf3fsConfig, StoreConfig
+from store.dram_arena import remove_arena
 from store.hf3fs import HDR, MISSING_MODULE
+from store.tiered import TieredStore
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="timed batches per size and mode (GB/s: median; default 2)")
     parser.add_argument("--write-threads", type=int, default=1,
                         help="store.write_threads (default 1, the StoreConfig default)")
+    parser.add_argument("--dram-gb", type=float, default=0.0,
+                        help="connector.store.dram_gb: a DRAM tier of N GB (/dev/shm) in front of the store; "
+                             "the gets then come from it (default 0: none). It must hold a batch (--total-mb)")
     g = parser.add_mutually_exclusive_group()
     g.add_argument("--o-direct", dest="o_direct", action="store_const", const=True, default=None,
                    help="only the store with o_direct on (default: both off and on)")
@@ -283,6 +291,8 @@ def _check_args(args: argparse.Namespace) -> list[int]:
         raise ValueError(f"--sizes must be multiples of {ALIGN} bytes (O_DIRECT); got {', '.join(bad)}")
     if args.total_mb <= 0 or args.iters <= 0 or args.write_threads <= 0:
         raise ValueError("--total-mb, --iters and --write-threads must be positive")
+    if not args.dram_gb >= 0:
+        raise ValueError(f"--dram-gb must be 0 (no DRAM tier) or a positive number of GB; got {args.dram_gb}")
     return sizes
 
 
@@ -296,7 +306,7 @@ def _usrbio():
     return io
 
 
-def _hf3fs_config(io, d: str, budget_bytes: int, queue_mb: int, largest: int):
+def _hf3fs_config(io, d: str, budget_bytes: int, queue_mb: int, largest: int, dram_gb: float = 0.0):
     """A StoreConfig for ``d`` whose slabs hold the largest chunk (iovec = 2 x its slot class)."""
     mp = io.extract_mount_point(d)
     if not mp:
@@ -306,7 +316,7 @@ def _hf3fs_config(io, d: str, budget_bytes: int, queue_mb: int, largest: int):
     if iov_mb > 2048:
         raise ValueError(f"--sizes: {fmt_size(largest)} needs an iovec of {iov_mb} MB; at most 2048")
     budget = max(budget_bytes, 4 * slot) + (64 << 20)
-    return StoreConfig(backend="hf3fs", paths=[d], size_gb=budget / 1e9, queue_mb=queue_mb,
+    return StoreConfig(backend="hf3fs", paths=[d], size_gb=budget / 1e9, queue_mb=queue_mb, dram_gb=dram_gb,
                        hf3fs=Hf3fsConfig(mount_point=mp, iov_size_mb=iov_mb))
 
 
@@ -331,11 +341,12 @@ def _open_stores(args: argparse.Namespace, io, root: str, modes: list[bool], per
         padded = span + max(per_size.values()) * 2 * ALIGN
         if io is not None:
             # Slots are powers of two: a batch needs up to twice its bytes.
-            cfg = _hf3fs_config(io, d, 2 * padded, (padded >> 20) + 64, max(per_size))
+            cfg = _hf3fs_config(io, d, 2 * padded, (padded >> 20) + 64, max(per_size), args.dram_gb)
         else:
             cfg = StoreConfig(backend=args.backend, paths=[d], o_direct=od,
                               size_gb=max(0.01, (padded + (64 << 20)) / 1e9),
-                              queue_mb=(padded >> 20) + 64, write_threads=args.write_threads)
+                              queue_mb=(padded >> 20) + 64, write_threads=args.write_threads,
+                              dram_gb=args.dram_gb)
         stores[od] = (make_store(cfg), d)
     return cfg
 
@@ -348,6 +359,9 @@ def _print_setup(args: argparse.Namespace, real: str, cfg: StoreConfig, io, mode
           + (f" iov_size_mb={cfg.hf3fs.iov_size_mb} io_threads={cfg.hf3fs.io_threads}"
              f" usrbio={getattr(io, '__file__', io)}" if hf3fs else
              f" store o_direct: {', '.join('on' if m else 'off' for m in modes)}"))
+    if cfg.dram_gb:
+        print(f"# DRAM tier: {cfg.dram_gb} GB in /dev/shm in front of the store: puts also copy into it, "
+              "gets are served from it (store/dram.py)")
     if getattr(io, "EMULATOR", False):
         print("# USRBIO EMULATOR (tests/doubles: a test double over local files): these figures "
               "measure pdkv's hf3fs store code over local files, NOT 3FS")
@@ -436,6 +450,8 @@ def run(args: argparse.Namespace) -> int:
     finally:
         for store, _d in stores.values():
             store.close()
+            if isinstance(store, TieredStore):
+                remove_arena(store.dram.path)
         shutil.rmtree(root, ignore_errors=True)
         if made_base:
             try:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from launch import cli
+from store.dram import default_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -53,6 +54,20 @@ def test_bad_backend_exit_2(tmp_path, backend, words):
     for w in words:
         assert w in p.stderr
     assert os.listdir(tmp_path) == []
+
+
+def test_dram_tier_rows_and_its_arena_removed(tmp_path, capsys):
+    shm = Path(default_dir())
+    before = set(shm.iterdir()) if shm.exists() else set()
+    rc = cli.main(["bench", "store", "--path", str(tmp_path), "--sizes", "256K", "--total-mb", "1",
+                   "--iters", "1", "--no-o-direct", "--dram-gb", "0.01"])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "# DRAM tier: 0.01 GB in /dev/shm" in out
+    assert [r.split("|")[1:4] for r in out.splitlines() if r.startswith("| off ")] == [[" off ", " 256K ", " 4 "]]
+    assert os.listdir(tmp_path) == [] and set(shm.iterdir()) == before
+    assert cli.main(["bench", "store", "--path", str(tmp_path), "--dram-gb", "-1"]) == 2
+    assert "--dram-gb must be 0" in capsys.readouterr().err
 
 
 def test_bad_sizes_exit_2(tmp_path, capsys):
