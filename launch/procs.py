@@ -356,6 +356,7 @@ def proxy_spec(dep: DeploymentConfig, lay: Layout) -> ProcSpec:
     p = dep.proxy
     argv = [sys.executable, "-m", "launch.cli", "proxy", "--host", p.host, "--port", str(p.port), "--policy", p.policy,
             "--upstream-timeout-s", str(p.upstream_timeout_s)]
+    argv += ["--header-timeout-s", str(p.header_timeout_s), "--body-timeout-s", str(p.body_timeout_s)]
     if dep.mode == "pd":
         argv += ["--prefill", ",".join(lay.urls("prefill")), "--decode", ",".join(lay.urls("decode")),
                  "--coordinator", lay.coordinator_address]
