@@ -67,8 +67,8 @@ def _axes_text(axes, unit: str, wres: dict, target: float) -> None:
             ax.legend(fontsize=8)
 
 
-def draw_workload(plt, name: str, wres: dict, unit: str, target: float, path: Path) -> int:
-    """One workload's figure to ``path``; the number of axes drawn."""
+def draw_workload(plt, name: str, wres: dict, unit: str, target: float, path: Path, scale: float = 1.0) -> int:
+    """One workload's figure to ``path`` (``scale``: the run's --length-scale); the number of axes drawn."""
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     (ax_g, ax_a), (ax_ttft, ax_tpot) = axes
     for label, m in wres["modes"].items():
@@ -82,7 +82,7 @@ def draw_workload(plt, name: str, wres: dict, unit: str, target: float, path: Pa
         _cdf(ax_ttft, top["ttft_ms"], f"{label} at {top['rate']:g}/s")
         _cdf(ax_tpot, top["tpot_ms"], f"{label} at {top['rate']:g}/s")
     _axes_text(axes, unit, wres, target)
-    fig.suptitle(f"{name}: {wres['about']}", fontsize=10)
+    fig.suptitle(f"{name}: {wres['about']}" + (f" (lengths x{scale:g})" if scale != 1 else ""), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     n = len(fig.axes)
@@ -101,7 +101,8 @@ def draw_all(results: dict, out: Path) -> tuple[dict[str, Path], str]:
     drawn = {}
     for name, wres in results["workloads"].items():
         path = png_path(out, name)
-        draw_workload(plt, name, wres, results["unit"], results["slo_attainment_target"], path)
+        draw_workload(plt, name, wres, results["unit"], results["slo_attainment_target"], path,
+                      results.get("length_scale", 1.0))
         drawn[name] = path
     return drawn, ""
 

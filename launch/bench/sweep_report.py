@@ -27,7 +27,7 @@ def rate_table(wres: dict, unit: str) -> list[str]:
     """A row per rate and mode (rates ascending, modes in run order)."""
     head = ["rate/s", "mode", "split", f"{unit}s", "TTFT p50 / p90 / p99 ms", "TPOT p50 / p90 / p99 ms",
             "ITL p50 / p90 / p99 ms", "within SLOs", f"goodput/{unit} req/s", "failed"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * 2 + ":---|" + "---:|" * (len(head) - 3)]
+    lines = ["| " + " | ".join(head) + " |", "|---:|:---|:---|" + "---:|" * (len(head) - 3)]
     rows = [(r["rate"], i, label, m, r) for i, (label, m) in enumerate(wres["modes"].items()) for r in m["rates"]]
     for rate, _, label, m, r in sorted(rows, key=lambda x: (x[0], x[1])):
         s = r["summary"]
@@ -35,6 +35,10 @@ def rate_table(wres: dict, unit: str) -> list[str]:
                      f"{_triple(s, 'tpot')} | {_triple(s, 'itl')} | {r['slo_attainment']:.0%} | "
                      f"{r['goodput_per_unit']:.3f} | {s['failed']} |")
     return lines
+
+
+def min_rate(m: dict) -> float:
+    return min((r["rate"] for r in m["rates"]), default=0.0)
 
 
 def _colocated_like(wres: dict, m: dict) -> tuple[str, dict] | None:
@@ -55,7 +59,8 @@ def sustained_table(wres: dict, unit: str, target: float) -> list[str]:
         other = _colocated_like(wres, m)
         if other and other[1]["sustained_rate_per_unit"] > 0:
             ratio = f"{m['sustained_rate_per_unit'] / other[1]['sustained_rate_per_unit']:.2f} ({other[0]})"
-        lines.append(f"| {label} | {m['split']} | {m['units']} | {m['sustained_rate']:g} | "
+        rate = f"{m['sustained_rate']:g}" if m["sustained_rate"] else f"none (below at {min_rate(m):g}/s)"
+        lines.append(f"| {label} | {m['split']} | {m['units']} | {rate} | "
                      f"{m['sustained_rate_per_unit']:.3f} | {ratio} |")
     return lines
 

@@ -19,7 +19,7 @@ from launch.bench import sweep
 from launch.bench.modes import Variant, cpu_deployment, units, variants
 from launch.bench.serve import add_arguments
 from launch.bench.serve_load import Progress, Result
-from launch.bench.sweep_report import sustained
+from launch.bench.sweep_report import sustained, sustained_table
 from launch.bench.workloads import WORKLOADS, make_requests, parse_rates, parse_splits, parse_workloads
 from launch.procs import plan
 from pd.config import DeploymentConfig
@@ -160,6 +160,12 @@ def test_rate_entry_and_the_sustained_rate():
     rates = [{"rate": r, "slo_attainment": a} for r, a in ((4, 0.95), (1, 1.0), (2, 0.9), (8, 0.5), (16, 0.95))]
     assert sustained(rates, 0.9) == 4  # 16 meets it again, but 8 did not
     assert sustained(rates, 0.99) == 1 and sustained([{"rate": 1, "slo_attainment": 0.1}], 0.9) == 0
+    wres = {"modes": {"pd": {"mode": "pd", "split": "1P1D", "instances": 2, "units": 2, "rates": rates[:2],
+                             "sustained_rate": 0.0, "sustained_rate_per_unit": 0.0},
+                      "colocated": {"mode": "colocated", "split": "2 colocated", "instances": 2, "units": 2,
+                                    "rates": rates[:1], "sustained_rate": 4, "sustained_rate_per_unit": 2.0}}}
+    assert sustained_table(wres, "GPU", 0.9)[2:] == ["| pd | 1P1D | 2 | none (below at 1/s) | 0.000 | 0.00 (colocated) |",
+                                                     "| colocated | 2 colocated | 2 | 4 | 2.000 | - |"]
 
 
 def test_progress_is_a_line_per_tenth_off_a_terminal_and_one_redrawn_line_on_it():
