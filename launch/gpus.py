@@ -138,6 +138,14 @@ def gpu_slots(dep: DeploymentConfig, instances: list[tuple[str, str, int, str]],
     return slots
 
 
+def own_gpu_slots(dep: DeploymentConfig, instances: list[tuple[str, str, int, str]]) -> list[GpuSlot]:
+    """Each instance alone on GPUs of its own, numbered from 0, as a container that requests them
+    sees them (``pd launch --emit k8s``); ``{group}.gpus`` is not used (the cluster picks them)."""
+    tps = {group: getattr(dep, group).tp_size(dep.vllm) for group in ("prefill", "decode")}
+    return [GpuSlot(",".join(str(j) for j in range(tps[group])), dep.vllm.gpu_memory_utilization or None, 1)
+            for *_, group in instances]
+
+
 def cuda_args(dep: DeploymentConfig, slot: GpuSlot, tp: int | None = None) -> list[str]:
     """The vLLM flags of one instance on cuda (``tp``: its TP size, default vllm.tensor_parallel_size)."""
     tp = tp or dep.vllm.tensor_parallel_size

@@ -25,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from common.config import ConfigError, load, merge
+from launch import k8s
 from launch.auth import exposure_warnings, preflight, resolve_auth
 from launch.procs import (
     ProcSpec,
@@ -71,6 +72,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the commands with their environment and exit "
                    "(with a hosts: section and no --host, every host's; with --role all, each role's)")
     p.add_argument("--json", action="store_true", help="with --dry-run: one JSON object per line")
+    k8s.add_arguments(p)
 
 
 def parse_set(items: list[str]) -> dict:
@@ -157,7 +159,7 @@ def config_from_args(args: argparse.Namespace) -> DeploymentConfig:
     for section, key in ((dep.proxy, "api_key_file"), (dep.coordinator, "keys_dir"), (dep.vllm, "api_key_file")):
         if getattr(section, key):
             setattr(section, key, str(Path(getattr(section, key)).expanduser().resolve()))
-    if dep.mode == "pd":
+    if dep.mode == "pd" and not getattr(args, "emit", None):  # --emit: the store's paths are in the pods
         check_store(dep.connector.store, make=not getattr(args, "dry_run", False))
     return dep
 
@@ -191,6 +193,8 @@ def run(args: argparse.Namespace) -> int:
     """``pd launch``: 0 after a clean stop (Ctrl-C/SIGTERM), 1 if a child died, 2 on bad config."""
     dep = config_from_args(args)
     roles, host = getattr(args, "role", None), getattr(args, "host", None)
+    if getattr(args, "emit", None):
+        return k8s.run_emit(dep, args)
     if args.dry_run:
         dry_run(dep, roles, host, getattr(args, "json", False))
         return 0

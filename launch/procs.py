@@ -31,6 +31,7 @@ from launch.gpus import (
     cuda_args,
     cuda_env,
     gpu_slots,
+    own_gpu_slots,
     parse_env,
     resolve_device,
     resolve_dtype,
@@ -324,10 +325,11 @@ def check_transport_reach(dep: DeploymentConfig, lay: Layout) -> None:
                           "kind none with a store on a directory every host shares")
 
 
-def transport_servers(dep: DeploymentConfig) -> list[ProcSpec]:
+def transport_servers(dep: DeploymentConfig, here: bool = True) -> list[ProcSpec]:
     """The servers the transport needs on the control host (``transport.server_specs``)."""
     specs = []
-    for d in server_specs(dep.connector.transport) or []:
+    t = dep.connector.transport
+    for d in (server_specs(t) if here else server_specs(t, here=False)) or []:
         bind = str(d.get("host") or "127.0.0.1")
         port = int(d["port"]) if d.get("port") else None
         specs.append(ProcSpec(str(d["name"]), [str(a) for a in d["argv"]], dict(d.get("env") or {}),
@@ -377,12 +379,15 @@ def proxy_spec(dep: DeploymentConfig, lay: Layout) -> ProcSpec:
     return ProcSpec("proxy", argv, {}, f"http://{near}:{p.port}/health", p.port, near, upstreams=True, bind=p.host)
 
 
-def plan(dep: DeploymentConfig, roles: str | list[str] | None = None, host: str | None = None) -> list[ProcSpec]:
+def plan(dep: DeploymentConfig, roles: str | list[str] | None = None, host: str | None = None,
+         elsewhere: bool = False) -> list[ProcSpec]:
     """The processes of this host's share of the deployment, in start order (coordinator, transport
     servers, instances, proxy): ``host`` names a ``hosts:`` entry, else ``roles`` (default all).
 
     ``vllm.device`` cpu binds each instance to its cores; cuda gives it its GPUs (``launch.gpus``);
-    both count only the instances started here.
+    both count only the instances started here. ``elsewhere``: the processes run in containers
+    of a cluster (``launch.k8s``), not here: each instance has GPUs of its own from 0, and the
+    transport's servers are named as on the image's PATH.
     """
     check_config(dep)
     _, roles = share(dep, roles, host)
@@ -393,12 +398,12 @@ def plan(dep: DeploymentConfig, roles: str | list[str] | None = None, host: str 
     specs: list[ProcSpec] = []
     if "control" in roles and pd_mode:
         specs.append(coordinator_spec(dep, lay))
-        specs += transport_servers(dep)
+        specs += transport_servers(dep, here=not elsewhere)
     local: list[Instance] = local_instances(lay, roles, host or "")
     tuples = [i.as_tuple() for i in local]
     extra = [{"host": i.bind, "coordinator": lay.coordinator_address} for i in local]
     if local and resolve_device(dep) == "cuda":
-        slots = gpu_slots(dep, tuples)
+        slots = own_gpu_slots(dep, tuples) if elsewhere else gpu_slots(dep, tuples)
         specs += [vllm_spec(dep, *t, slot=slot, **x) for t, slot, x in zip(tuples, slots, extra)]
     elif local:
         binds = cpu_binds(dep.vllm.cpu_bind, len(local), [group_tp(dep, t[3]) for t in tuples])

@@ -48,22 +48,24 @@ def published_check(cfg) -> Callable[[Sequence[str]], bool] | None:
     return lambda keys: all_linked(path, keys)
 
 
-def server_specs(cfg) -> list[dict]:
+def server_specs(cfg, here: bool = True) -> list[dict]:
     """The servers a deployment's control host must run for this ``TransportConfig``.
 
     Each is ``{"name", "argv", "host" (where it listens), "port" (to wait for), "env",
     "health_url"}``. mooncake with ``start_master``: the ``mooncake_master``; infinistore with
     ``start_server``: the InfiniStore server; otherwise none. Checks the transport's settings
-    (ConfigError naming the key), so a launch fails at start.
+    (ConfigError naming the key), so a launch fails at start. ``here`` False: for another
+    machine (a container image, ``pd launch --emit k8s``): nothing of this host is checked or
+    named (its binaries, RDMA devices, paths); programs are named as on that machine's PATH.
     """
     if cfg.kind == "infinistore":
         cfg.infinistore.check()
         if not cfg.infinistore.start_server:
             return []
-        return [server_spec(cfg.infinistore)]
+        return [server_spec(cfg.infinistore, here)]
     if cfg.kind != "mooncake":
         return []
     cfg.mooncake.check()
     if not cfg.mooncake.start_master:
         return []
-    return [master_spec(cfg.mooncake)]
+    return [master_spec(cfg.mooncake, here)]

@@ -61,15 +61,17 @@ def unavailable() -> str:
     return ""
 
 
-def server_spec(c) -> dict:
-    """The entry of ``transport.server_specs`` for an ``InfinistoreConfig`` with start_server."""
+def server_spec(c, here: bool = True) -> dict:
+    """The entry of ``transport.server_specs`` for an ``InfinistoreConfig`` with start_server
+    (``here`` False: for another machine, which needs its own RDMA device and uvloop 0.21.0 on
+    its Python path; neither this host's devices nor its paths are looked at)."""
     c.check()
     _, port, device = c.server()
-    lib = os.path.abspath(c.server_libibverbs) if c.server_libibverbs else ""
+    lib = os.path.abspath(c.server_libibverbs) if c.server_libibverbs and here else ""
     if lib and not os.path.isfile(os.path.join(lib, "libibverbs.so.1")):
         raise ConfigError(f"connector.transport.infinistore.server_libibverbs: {lib!r} holds no libibverbs.so.1; "
                           f"give a directory with one (scripts/setup.sh builds the test double in {VERBS_DOUBLE})")
-    if not lib and not rdma_devices():
+    if here and not lib and not rdma_devices():
         raise ConfigError("connector.transport.infinistore.start_server: the InfiniStore server needs an RDMA device, "
                           "even to serve TCP, and this host has none (ibv_devices lists nothing); transports that "
                           f"work without RDMA: {NO_RDMA_TRANSPORTS}")
@@ -80,7 +82,7 @@ def server_spec(c) -> dict:
     if device:
         argv += ["--dev-name", device]
     paths = [str(SERVER_PY), str(ROOT), *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
-    env = {"PYTHONPATH": os.pathsep.join(dict.fromkeys(p for p in paths if p))}
+    env = {"PYTHONPATH": os.pathsep.join(dict.fromkeys(p for p in paths if p))} if here else {}
     if lib:
         env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (lib, os.environ.get("LD_LIBRARY_PATH", "")) if p)
     # The server listens on every interface whatever --host says (InfiniStore ignores it).

@@ -36,10 +36,11 @@ def master_binary() -> str | None:
     return None
 
 
-def master_spec(m) -> dict:
-    """The server entry of ``transport.server_specs`` for a ``MooncakeConfig``."""
+def master_spec(m, here: bool = True) -> dict:
+    """The server entry of ``transport.server_specs`` for a ``MooncakeConfig`` (``here`` False:
+    the binary as another machine's PATH names it)."""
     host, port = m.master_host_port()
-    binary = master_binary()
+    binary = master_binary() if here else "mooncake_master"
     if binary is None:
         raise ConfigError("connector.transport.mooncake.start_master: true, but mooncake_master is not installed "
                           "here; run scripts/setup.sh (pip install 'pdkv[mooncake]'), or start the master yourself "
