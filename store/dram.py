@@ -166,9 +166,10 @@ class DramTier:
 
     def _run(self, units: int) -> int:
         """Start of the first run of ``units`` free units, or -1."""
-        free = np.concatenate(([0], self._umap == 0, [0])).astype(np.int8)
-        d = np.diff(free)
-        starts, ends = np.flatnonzero(d == 1), np.flatnonzero(d == -1)
+        # Between a used unit before the first and one after the last, the changes alternate:
+        # used -> free (a run's start), free -> used (its end).
+        edges = np.flatnonzero(np.diff(self._umap.view(np.int8), prepend=np.int8(1), append=np.int8(1)))
+        starts, ends = edges[0::2], edges[1::2]
         ok = np.flatnonzero(ends - starts >= units)
         return int(starts[ok[0]]) if ok.size else -1
 

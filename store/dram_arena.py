@@ -95,7 +95,7 @@ def lock_path(path: str) -> str:
     return path[: -len(".dram")] + ".lock"
 
 
-def _try_remove(path: str, why: str) -> bool:
+def _try_remove(path: str, why: str, level: int = logging.WARNING) -> bool:
     """Unlink the arena ``path`` if no process holds it (its lock file too); whether it did."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
@@ -110,7 +110,7 @@ def _try_remove(path: str, why: str) -> bool:
         os.unlink(path)
         if os.path.exists(lock_path(path)):
             os.unlink(lock_path(path))
-        log.warning("DRAM tier: removed %s (%s; no process used it)", path, why)
+        log.log(level, "DRAM tier: removed %s (%s; no process used it)", path, why)
     except FileNotFoundError:
         pass
     finally:
@@ -120,7 +120,7 @@ def _try_remove(path: str, why: str) -> bool:
 
 def remove_arena(path: str) -> bool:
     """Remove the arena ``path`` (and its lock file) unless a process uses it; whether it is gone."""
-    return _try_remove(path, "asked to")
+    return _try_remove(path, "asked to", logging.INFO)
 
 
 def remove_stale(directory: str, name: str, keep: str) -> None:
