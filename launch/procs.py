@@ -359,6 +359,8 @@ def proxy_spec(dep: DeploymentConfig, lay: Layout) -> ProcSpec:
     argv = [sys.executable, "-m", "launch.cli", "proxy", "--host", p.host, "--port", str(p.port), "--policy", p.policy,
             "--upstream-timeout-s", str(p.upstream_timeout_s)]
     argv += ["--header-timeout-s", str(p.header_timeout_s), "--body-timeout-s", str(p.body_timeout_s)]
+    argv += ["--prefix-block-tokens", str(p.prefix_block_tokens), "--prefix-load-slack", str(p.prefix_load_slack),
+             "--kv-usage-poll-s", str(p.kv_usage_poll_s)]
     if dep.mode == "pd":
         argv += ["--prefill", ",".join(lay.urls("prefill")), "--decode", ",".join(lay.urls("decode")),
                  "--coordinator", lay.coordinator_address]

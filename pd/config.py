@@ -182,7 +182,20 @@ class VllmConfig:
 class ProxyConfig:
     host: str = "127.0.0.1"
     port: int = field(default=8000, metadata=rng(1, 65535))
-    policy: str = field(default="least_outstanding", metadata=choices("least_outstanding", "round_robin"))
+    # How instances are chosen (docs/design.md, "Routing"): prefix: a prompt goes to the prefill
+    # (colocated) instance that was recently sent its longest leading run of blocks, unless that
+    # one has more than prefix_load_slack requests in flight beyond the least loaded; otherwise,
+    # and for decode, the least loaded, avoiding instances whose KV cache is nearly full.
+    # least_outstanding: fewest requests in flight. round_robin: in turn.
+    policy: str = field(default="prefix", metadata=choices("prefix", "least_outstanding", "round_robin"))
+    # prefix: tokens per block of a prompt given as token ids (4x as many bytes of a text prompt).
+    prefix_block_tokens: int = field(default=256, metadata=rng(1, 1 << 20))
+    # prefix: how many more requests in flight than the least loaded instance an instance that
+    # holds a prompt's prefix may have and still be sent it.
+    prefix_load_slack: int = field(default=2, metadata=rng(0, 1 << 20))
+    # prefix: seconds between reads of each decode (colocated) instance's /metrics for its KV-cache
+    # usage (vllm:kv_cache_usage_perc); 0 = not read.
+    kv_usage_poll_s: float = field(default=1.0, metadata=rng(0.0, 3600))
     upstream_timeout_s: float = field(default=600.0, metadata=rng(0.1, 86400))
     # A client's request line and headers must all come within this many seconds (of connecting,
     # or of the request's first byte), its body within body_timeout_s; else the connection is

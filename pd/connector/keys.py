@@ -31,13 +31,18 @@ def chunk_hashes(token_ids: Sequence[int], chunk_size: int, seed: bytes = b"") -
     """Chain hashes, one per chunk of ``chunk_size`` tokens (the last one may be partial)."""
     if chunk_size <= 0:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
-    toks = array("q", token_ids).tobytes()
-    step = chunk_size * 8
+    return chain_hashes(array("q", token_ids).tobytes(), chunk_size * 8, seed)
+
+
+def chain_hashes(data: bytes, step: int, seed: bytes = b"") -> list[bytes]:
+    """Chain hashes of ``data`` cut every ``step`` bytes (the last piece may be shorter): each
+    covers every byte up to the end of its piece. ``chunk_hashes`` over token ids; the proxy's
+    prefix affinity over prompt text (pd/proxy/prefix.py)."""
     prev = seed
     out = []
-    for start in range(0, len(toks), step):
+    for start in range(0, len(data), step):
         h = hashlib.blake2b(prev, digest_size=HASH_BYTES)
-        h.update(toks[start : start + step])
+        h.update(data[start : start + step])
         prev = h.digest()
         out.append(prev)
     return out

@@ -219,7 +219,7 @@ class Relay(FirstTokenFlow):
         if not why:
             return await self._pd_first(request, endpoint, body, t0, pd_id)
         self.metrics.path("decode", why)
-        p_url, d_url = self.prefill.pick(), self.decode.pick()
+        p_url, d_url = self.prefill.pick(body), self.decode.pick()
         headers = {"x-pd-id": pd_id}
         logger.debug("pd_id=%s: %s prefill=%s decode=%s stream=%s", pd_id, endpoint, p_url, d_url,
                      bool(body.get("stream")))
@@ -272,7 +272,7 @@ class Relay(FirstTokenFlow):
                 t.result().resp.close()
 
     async def _colocated(self, request: web.Request, endpoint: str, body: dict, t0: float) -> web.StreamResponse:
-        url = self.decode.pick()
+        url = self.decode.pick(body)  # colocated: prefix affinity too (prefix policy)
         with self.decode.track(url):
             try:
                 started = await self._start(request, "colocated", url, endpoint, body, None)

@@ -48,7 +48,7 @@ class FirstTokenFlow:
     async def _pd_first(self, request: web.Request, endpoint: str, body: dict, t0: float,
                         pd_id: str) -> web.StreamResponse:
         headers = {"x-pd-id": pd_id}
-        p_url = self.prefill.pick()
+        p_url = self.prefill.pick(body)
         try:
             data = await self._prefill(request, p_url, endpoint, ft.prefill_body(body, pd_id), pd_id)
         except UpstreamError as e:

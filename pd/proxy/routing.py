@@ -9,8 +9,15 @@ from urllib.parse import urlparse
 from aiohttp import web
 
 from common.config import ConfigError
+from pd.proxy.kv_usage import KVUsage
+from pd.proxy.prefix import PrefixIndex, prompt_blocks
 
-POLICIES = ("least_outstanding", "round_robin")
+POLICIES = ("prefix", "least_outstanding", "round_robin")
+AFFINITY_ROLES = ("prefill", "colocated")  # the roles that compute prompts (prefix policy)
+INDEX_ENTRIES = 1 << 16  # block hashes remembered per pool (about 16 MB at most)
+INDEX_OWNERS = 8  # instances remembered per block hash
+KV_FULL = 0.95  # KV-cache usage from which an instance is avoided while another has room
+ROUTE_OUTCOMES = ("hit", "spill", "miss")
 # Keys that make no sense for a one-token, non-streamed prefill (or would stop it at one token).
 DROP_FOR_PREFILL = ("stream_options", "min_tokens", "min_completion_tokens")
 
@@ -19,10 +26,18 @@ class Pool:
     """The instances of one role and how many requests each has in flight.
 
     ``least_outstanding`` picks the instance with the fewest requests in flight, breaking ties
-    round-robin; ``round_robin`` ignores the load.
+    round-robin; ``round_robin`` ignores the load. ``prefix`` (docs/design.md, "Routing"): a
+    pool that computes prompts (prefill, colocated) sends a prompt to the instance that was sent
+    the longest run of its leading blocks (``pd.proxy.prefix``), among those with at most
+    ``slack`` more requests in flight than the least loaded, else (no match) to the least
+    loaded; every pool avoids an instance whose KV cache is ``KV_FULL`` while another has room,
+    and breaks ties in load by KV-cache usage (read from /metrics every ``kv_poll_s``; 0: not
+    read) before round-robin. ``routes`` counts the prefix choices: hit (to an instance with
+    the longest match), spill (a longer match was too loaded), miss (no instance matched).
     """
 
-    def __init__(self, role: str, urls: list[str], policy: str = "least_outstanding"):
+    def __init__(self, role: str, urls: list[str], policy: str = "least_outstanding", *,
+                 block_tokens: int = 256, slack: int = 2, kv_poll_s: float = 0.0):
         if policy not in POLICIES:
             raise ConfigError(f"policy {policy!r} is not allowed; choose one of {', '.join(POLICIES)}")
         self.role = role
@@ -30,16 +45,45 @@ class Pool:
         self.policy = policy
         self.outstanding: dict[str, int] = dict.fromkeys(self.urls, 0)
         self._rr = itertools.count()
+        self.block_tokens, self.slack = block_tokens, slack
+        prefix = policy == "prefix"
+        self.index = PrefixIndex(INDEX_ENTRIES, INDEX_OWNERS) if prefix and role in AFFINITY_ROLES else None
+        self.kv = KVUsage(kv_poll_s) if prefix and role != "prefill" and kv_poll_s > 0 else None
+        self.routes: dict[str, int] = dict.fromkeys(ROUTE_OUTCOMES, 0)
 
-    def pick(self) -> str:
-        """The instance the next request should go to."""
+    def pick(self, body: Any = None) -> str:
+        """The instance the next request (its JSON ``body``, for prefix affinity) should go to."""
         if not self.urls:
             raise LookupError(f"no {self.role} instances configured")
         start = next(self._rr) % len(self.urls)
         order = self.urls[start:] + self.urls[:start]
         if self.policy == "round_robin":
             return order[0]
-        return min(order, key=self.outstanding.__getitem__)  # min keeps the first of equals
+        if self.policy == "least_outstanding":
+            return min(order, key=self.outstanding.__getitem__)  # min keeps the first of equals
+        blocks = prompt_blocks(body, self.block_tokens) if self.index is not None and body is not None else []
+        matched = self.index.match(blocks, self.urls) if blocks else {}
+        least = min(self.outstanding[u] for u in self.urls)
+        near = [u for u in order if self.outstanding[u] <= least + self.slack] if matched else order
+        url = min(near, key=lambda u: (self._full(u), -matched.get(u, 0), self.outstanding[u], self._tenths(u)))
+        if blocks:
+            best = max((matched.get(u, 0) for u in self.urls), default=0)
+            self.routes["miss" if not best else "hit" if matched.get(url, 0) == best else "spill"] += 1
+            self.index.record(blocks, url)
+        return url
+
+    def _full(self, url: str) -> bool:
+        usage = self.kv.get(url) if self.kv is not None else None
+        return usage is not None and usage >= KV_FULL
+
+    def _tenths(self, url: str) -> int:
+        usage = self.kv.get(url) if self.kv is not None else None
+        return int(usage * 10) if usage is not None else 0
+
+    async def watch(self, session: Any) -> None:
+        """Read the instances' KV-cache usage until cancelled (returns at once if not needed)."""
+        if self.kv is not None:
+            await self.kv.watch(session, lambda: self.urls)
 
     @contextmanager
     def track(self, url: str) -> Iterator[None]:
@@ -49,6 +93,12 @@ class Pool:
             yield
         finally:
             self.outstanding[url] -= 1
+
+
+def make_pool(role: str, urls: list[str], cfg: Any) -> Pool:
+    """The pool of ``role`` as ``cfg`` (a ``pd.config.ProxyConfig``) sets its routing."""
+    return Pool(role, urls, cfg.policy, block_tokens=cfg.prefix_block_tokens, slack=cfg.prefix_load_slack,
+                kv_poll_s=cfg.kv_usage_poll_s)
 
 
 def client_transfer_params(body: dict[str, Any]) -> str:

@@ -35,7 +35,7 @@ from pd.proxy.listen import (
 )
 from pd.proxy.metrics import CONTENT_TYPE, ProxyMetrics
 from pd.proxy.relay import Relay
-from pd.proxy.routing import POLICIES, Pool, json_error, parse_urls
+from pd.proxy.routing import POLICIES, json_error, make_pool, parse_urls
 from pd.proxy.timeline import ProxyTimeline
 
 logger = logging.getLogger("pd.proxy")
@@ -65,8 +65,8 @@ class Proxy(Relay):
         if mode == "colocated" and not decode_urls:
             raise ConfigError("colocated mode needs at least one instance URL")
         self.mode = mode
-        self.prefill = Pool("prefill", prefill_urls if mode == "pd" else [], self.cfg.policy)
-        self.decode = Pool("decode" if mode == "pd" else "colocated", decode_urls, self.cfg.policy)
+        self.prefill = make_pool("prefill", prefill_urls if mode == "pd" else [], self.cfg)
+        self.decode = make_pool("decode" if mode == "pd" else "colocated", decode_urls, self.cfg)
         self.coordinator_address = coordinator
         self.coordinator_keys = coordinator_keys
         # Bearer token for the upstream instances (vllm.api_key_file); None: forward the client's.
@@ -122,6 +122,8 @@ class Proxy(Relay):
         # VLLM_HTTP_TIMEOUT_KEEP_ALIVE) closes them under a request sent on one.
         connector = aiohttp.TCPConnector(limit=1024, keepalive_timeout=UPSTREAM_KEEPALIVE_S)
         self.session = aiohttp.ClientSession(timeout=timeout, connector=connector)
+        for pool in (self.prefill, self.decode):  # KV-cache usage for routing (prefix policy)
+            self._spawn(pool.watch(self.session))
         if self.coordinator_address and self.coord is None:
             self.coord = AsyncCoordinatorClient(self.coordinator_address, keys=self.coordinator_keys)
 
@@ -228,7 +230,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--colocated", help="colocated mode: plain instance URLs, comma separated")
     p.add_argument("--host", default=None, help="listen address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="listen port (default 8000)")
-    p.add_argument("--policy", choices=POLICIES, default=None, help="instance choice (default least_outstanding)")
+    p.add_argument("--policy", choices=POLICIES, default=None,
+                   help="instance choice (default prefix; docs/design.md, 'Routing')")
+    p.add_argument("--prefix-block-tokens", type=int, default=None,
+                   help="prefix policy: tokens per prompt block (text: 4x as many bytes; default 256)")
+    p.add_argument("--prefix-load-slack", type=int, default=None,
+                   help="prefix policy: requests in flight beyond the least loaded instance that the one holding "
+                        "a prompt's prefix may have and still get it (default 2)")
+    p.add_argument("--kv-usage-poll-s", type=float, default=None,
+                   help="prefix policy: seconds between reads of decode instances' KV-cache usage (/metrics); "
+                        "0 = not read (default 1)")
     p.add_argument("--coordinator", help="coordinator address, e.g. tcp://127.0.0.1:5570")
     p.add_argument("--coordinator-keys-dir", metavar="DIR",
                    help="CurveZMQ keys for the coordinator (coordinator.keys_dir; see pd keys)")
@@ -262,6 +273,9 @@ def _listen(host: str, port: int) -> socket.socket:
 def run(args: argparse.Namespace) -> int:
     """``pd proxy``: serve until interrupted. Bad options raise ConfigError (the CLI exits 2)."""
     over = {k: v for k, v in {"host": args.host, "port": args.port, "policy": args.policy,
+                              "prefix_block_tokens": getattr(args, "prefix_block_tokens", None),
+                              "prefix_load_slack": getattr(args, "prefix_load_slack", None),
+                              "kv_usage_poll_s": getattr(args, "kv_usage_poll_s", None),
                               "upstream_timeout_s": args.upstream_timeout_s,
                               "header_timeout_s": getattr(args, "header_timeout_s", None),
                               "body_timeout_s": getattr(args, "body_timeout_s", None),

@@ -80,7 +80,7 @@ def test_out_of_range_shows_range(data, needle):
     ({"mode": "split"}, "mode: 'split' is not allowed; choose one of pd, colocated"),
     ({"vllm": {"dtype": "fp8"}}, "choose one of auto, bfloat16, float16, float32"),
     ({"connector": {"transport": {"kind": "rdma"}}}, "connector.transport.kind: 'rdma' is not allowed"),
-    ({"proxy": {"policy": "random"}}, "choose one of least_outstanding, round_robin"),
+    ({"proxy": {"policy": "random"}}, "choose one of prefix, least_outstanding, round_robin"),
 ])
 def test_bad_choice_lists_choices(data, needle):
     assert needle in _err(data)
@@ -196,8 +196,9 @@ def test_kv_transfer_config_bad_role():
 
 def test_unknown_nested_key_exact_message():
     assert _err({"proxy": {"prot": 8000}}) == (
-        "unknown key proxy.prot; allowed keys under proxy: api_key_file, chat_first_token, first_token, host, policy, "
-        "port, upstream_timeout_s")
+        "unknown key proxy.prot; allowed keys under proxy: api_key_file, body_timeout_s, chat_first_token, "
+        "first_token, header_timeout_s, host, kv_usage_poll_s, policy, port, prefix_block_tokens, prefix_load_slack, "
+        "upstream_timeout_s")
 
 
 def test_unknown_keys_that_are_not_strings():
