@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from common.config import ConfigError
+from launch.kv_config import instance_key_file, makes_instance_keys
 from launch.procs import ProcSpec
 from launch.topology import layout
 from pd.config import DeploymentConfig
@@ -21,6 +22,7 @@ from pd.coordinator.curve import (
     load_client_keys,
     load_server_keys,
     local_keys_dir,
+    make_instance_keys,
     make_keys,
     read_token,
 )
@@ -42,11 +44,18 @@ def resolve_auth(dep: DeploymentConfig) -> None:
         c.auth = "none"
 
 
-def own_keys(dep: DeploymentConfig) -> None:
-    """Make the keys ``resolve_auth`` chose for a one-host deployment (kept across launches)."""
+def own_keys(dep: DeploymentConfig, specs: list[ProcSpec] = ()) -> None:
+    """Make the keys ``resolve_auth`` chose for a one-host deployment, and each P/D instance's own key
+    among ``specs`` where this host authorizes keys (``launch.kv_config.makes_instance_keys``); all
+    kept across launches."""
     c = dep.coordinator
-    if dep.mode == "pd" and c.auth == "curve" and c.keys_dir == str(local_keys_dir(c.advertise_port or c.port)):
+    if dep.mode != "pd" or c.auth != "curve":
+        return
+    if c.keys_dir == str(local_keys_dir(c.advertise_port or c.port)):
         make_keys(c.keys_dir)
+    names = [s.name for s in specs if "--kv-transfer-config" in s.argv and instance_key_file(dep, s.name)]
+    if names and makes_instance_keys(dep):
+        make_instance_keys(c.keys_dir, names)
 
 
 def check_keys(dep: DeploymentConfig, roles: list[str]) -> None:

@@ -4,9 +4,11 @@ from __future__ import annotations
 import dataclasses
 
 from common.config import ConfigError
+from pathlib import Path
+
 from pd.config import DeploymentConfig
 from pd.connector.heads import lcm
-from pd.coordinator.curve import effective_auth
+from pd.coordinator.curve import INSTANCES, SERVER, effective_auth, local_keys_dir
 
 CONNECTOR_CLASS = "PDConnector"
 CONNECTOR_MODULE = "pd.connector"
@@ -23,6 +25,22 @@ def store_writers_per_path(dep: DeploymentConfig) -> int:
     return max(1, dep.prefill.count) * -(-groups // n_paths)
 
 
+def makes_instance_keys(dep: DeploymentConfig) -> bool:
+    """Whether this host's launcher can authorize keys of its own making (its keys directory holds
+    the coordinator's keys, or is the one ``pd launch`` makes for a one-host deployment): then each
+    instance it starts gets a key of its own (``launch.auth.own_keys`` makes them)."""
+    c = dep.coordinator
+    return bool(c.keys_dir) and (c.keys_dir == str(local_keys_dir(c.advertise_port or c.port))
+                                 or (Path(c.keys_dir).expanduser() / f"{SERVER}.key_secret").exists())
+
+
+def instance_key_file(dep: DeploymentConfig, instance_id: str) -> str:
+    """The key file of ``instance_id``'s own coordinator key, ``<keys_dir>/instances/<id>.key_secret``,
+    when the launcher makes it or a copied bundle holds it; "" otherwise (the host's key is used)."""
+    f = Path(dep.coordinator.keys_dir).expanduser() / INSTANCES / f"{instance_id}.key_secret"
+    return str(f) if dep.coordinator.keys_dir and (makes_instance_keys(dep) or f.exists()) else ""
+
+
 def kv_transfer_config(dep: DeploymentConfig, role: str, instance_id: str, coordinator: str = "") -> dict:
     """The ``--kv-transfer-config`` JSON (as a dict) for one vLLM instance of ``dep``; it reaches the
     coordinator at ``coordinator`` (default: ``dep.coordinator.address``, the advertised one)."""
@@ -32,7 +50,8 @@ def kv_transfer_config(dep: DeploymentConfig, role: str, instance_id: str, coord
     conn["coordinator"] = coordinator or dep.coordinator.address
     curve = effective_auth(dep.coordinator) == "curve"
     conn["coordinator_keys_dir"] = dep.coordinator.keys_dir if curve else ""
-    conn["coordinator_client_key"] = dep.coordinator.client_key
+    conn["coordinator_client_key"] = (instance_key_file(dep, instance_id) if curve else "") \
+        or dep.coordinator.client_key
     conn["instance_id"] = instance_id
     conn["heartbeat_interval_s"] = dep.coordinator.heartbeat_interval_s
     conn["store"]["writers"] = max(dep.connector.store.writers, store_writers_per_path(dep))

@@ -180,7 +180,7 @@ class Deployment:
     def check(self) -> None:
         """This share's ports are free and its key files exist (making a one-host deployment's keys)."""
         check_ports(self.dep, **self._share)
-        own_keys(self.dep)
+        own_keys(self.dep, self.specs)
         check_keys(self.dep, self.roles)
 
     def start(self, progress: Progress = print, wait: bool = True) -> "Deployment":

@@ -8,6 +8,13 @@
     DIR/api.key                            a bearer token for the vLLM instances' HTTP (vllm.api_key_file)
     DIR/clients/<name>/                    one bundle per extra client, to copy to its host:
         server.key, client.key, client.key_secret, api.key
+    DIR/instances/<name>.key_secret        an instance's own key (``--instance NAME``; pd launch makes one per
+                                           instance it starts), authorized as authorized/instance.<name>.key
+
+Directories and files another user owns or can write, secrets others can read, and symlinks are
+refused (``pd.coordinator.keyfiles``), when writing and when reading. Each message the coordinator
+receives carries its key (the ZAP user id ``<z85 key>:<name>``), which ``pd.coordinator.identity``
+binds instances and transfers to.
 
 The coordinator (``coordinator.auth: curve``) reads ``server.key_secret`` and admits a client only
 if its public key is a file in ``authorized/`` (re-read at each handshake, so adding or removing
@@ -25,22 +32,34 @@ import logging
 import os
 import re
 import secrets
+import stat
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
-import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
 from common.config import ConfigError
+from pd.coordinator.identity import CONTROL_NAME, INSTANCE_PREFIX
+from pd.coordinator.keyfiles import (
+    check_dir,
+    load_certificate,
+    make_dir,
+    new_keypair,
+    owner_name,
+    public_file,
+    read_checked,
+    write_new,
+)
 
 logger = logging.getLogger("pd.coordinator.auth")
 
 SERVER = "server"
-DEFAULT_CLIENT = "client"
+DEFAULT_CLIENT = CONTROL_NAME  # the control host's key (proxy, pd stats): the one that may abort any transfer
 AUTHORIZED = "authorized"
+INSTANCES = "instances"
 CLIENTS = "clients"
 API_KEY = "api.key"
 ZAP_DOMAIN = "pdkv"
@@ -77,11 +96,12 @@ def is_loopback(host: str) -> bool:
 
 
 def _load(path: Path, what: str, fix: str) -> tuple[bytes, bytes | None]:
-    if not path.is_file():
-        raise ConfigError(f"{what}: {path} does not exist; {fix}")
+    """A key file, checked (``keyfiles.read_checked``: ours, not a symlink, a secret 0600)."""
     try:
-        public, secret = zmq.auth.load_certificate(str(path))
-    except (OSError, ValueError) as e:
+        public, secret = load_certificate(path, what, secret=path.suffix == ".key_secret")
+    except FileNotFoundError:
+        raise ConfigError(f"{what}: {path} does not exist; {fix}") from None
+    except ValueError as e:
         raise ConfigError(f"{what}: {path} is not a CurveZMQ key file ({e}); {fix}") from None
     if not public:
         raise ConfigError(f"{what}: {path} has no public-key; {fix}")
@@ -102,8 +122,10 @@ def load_client_keys(keys_dir: str, client_key: str = DEFAULT_CLIENT, what: str 
         raise ConfigError(f"{what}: empty; coordinator.auth curve needs the directory `pd keys DIR` wrote "
                           "(or a copy of its clients/<name>/ bundle on other hosts)")
     d = Path(keys_dir).expanduser()
-    fix = (f"run `pd keys {keys_dir}` on the control host, or copy DIR/clients/<name>/ from there to "
-           f"{keys_dir} on this host")
+    fix = (f"run `pd keys {keys_dir}` on the control host (with --instance NAME for an instance's own key), or "
+           f"copy DIR/clients/<name>/ from there to {keys_dir} on this host")
+    if d.exists():
+        check_dir(d, what)
     server_file = d / f"{SERVER}.key"
     if not server_file.is_file() and (d / f"{SERVER}.key_secret").is_file():
         server_file = d / f"{SERVER}.key_secret"  # the public key is in the secret file too
@@ -122,10 +144,14 @@ def load_server_keys(keys_dir: str, what: str = "coordinator.keys_dir") -> tuple
                           "and set coordinator.keys_dir: DIR")
     d = Path(keys_dir).expanduser()
     fix = f"run `pd keys {keys_dir}` on this (the control) host"
+    if d.exists():
+        check_dir(d, what)
     public, secret = _load(d / f"{SERVER}.key_secret", what + " (the coordinator's secret key)", fix)
     if not secret:
         raise ConfigError(f"{what}: {d / (SERVER + '.key_secret')} has no secret-key; {fix}")
     auth = d / AUTHORIZED
+    if auth.exists():
+        check_dir(auth, what + " (its authorized/ directory)")
     if not auth.is_dir() or not any(auth.glob("*.key")):
         raise ConfigError(f"{what}: {auth} has no client public keys (*.key), so no client could connect; {fix}")
     return public, secret, auth
@@ -169,7 +195,7 @@ def check_bind(cfg) -> None:
 def read_token(path: str, key: str = "vllm.api_key_file") -> str:
     """The bearer token in ``path`` (one line); ConfigError if it is missing or empty."""
     try:
-        token = Path(path).expanduser().read_text().strip()
+        token = read_checked(Path(path).expanduser(), key, secret=True).decode("utf-8", "replace").strip()
     except OSError as e:
         raise ConfigError(f"{key}: cannot read {path}: {e.strerror or e}; `pd keys DIR` writes DIR/api.key") from None
     if not token or any(c.isspace() for c in token):
@@ -189,6 +215,7 @@ class _AllowList:
         self.accepted = 0
         self.peer = ""  # address of the connection being authenticated (set by the authenticator)
         self._keys: dict[bytes, str] = {}
+        self._skipped: dict[Path, str] = {}
         self._lock = threading.Lock()
         self._last_log: dict[bytes, float] = {}
         self._window, self._lines, self._unlogged = -LOG_EVERY_S, 0, 0  # the minute's rejection lines
@@ -197,20 +224,34 @@ class _AllowList:
     def _reload(self) -> None:
         """Read the directory again (at every handshake: they are rare, connections long-lived), so
         adding or deleting a key file takes effect at the next connection."""
-        keys = {}
+        keys, skipped = {}, {}
         for f in sorted(self.directory.glob("*.key")):
             try:
-                public, _ = zmq.auth.load_certificate(str(f))
-            except (OSError, ValueError) as e:
-                logger.warning("ignoring %s: not a CurveZMQ key file (%s)", f, e)
+                public, _ = load_certificate(f, "an authorized key", secret=False)
+            except FileNotFoundError:
                 continue
-            if public:
-                keys[public] = f.stem
+            except (ConfigError, ValueError) as e:  # another user's file, writable by others, garbage
+                skipped[f] = str(e)
+                continue
+            keys[public] = f.stem
+        for f in skipped.keys() - self._skipped.keys():  # once per file, not at every handshake
+            logger.warning("ignoring %s: %s", f, skipped[f])
         with self._lock:
-            changed, self._keys = keys != self._keys, keys
+            changed, self._keys, self._skipped = keys != self._keys, keys, skipped
         if changed:
             logger.info("%d client key(s) authorized from %s: %s", len(keys), self.directory,
                         ", ".join(sorted(keys.values())) or "none")
+
+    def name_of(self, key: bytes) -> str:
+        """The allow-list name (file stem) of an authorized public key (z85); "" if none."""
+        with self._lock:
+            return self._keys.get(key, "")
+
+    def has_instance_key(self, instance: str) -> bool:
+        """Whether ``instance`` has a key of its own (``authorized/instance.<id>.key``)."""
+        name = INSTANCE_PREFIX + instance
+        with self._lock:
+            return name in self._keys.values()
 
     def callback(self, domain: str, key: bytes) -> bool:
         self._reload()
@@ -264,6 +305,12 @@ class CurveServer:
                     allow.peer = msg[3].decode("utf-8", "replace")
                 await super().handle_zap_message(msg)
 
+            def curve_user_id(self, client_public_key: bytes) -> str:
+                """The ZAP user id every message of the connection carries ("User-Id"): the key
+                (z85) and its allow-list name (``pd.coordinator.identity.Peer``)."""
+                z85 = super().curve_user_id(client_public_key)
+                return f"{z85}:{allow.name_of(z85.encode())}"
+
         self._auth = _Authenticator(ctx, log=logging.getLogger("pd.coordinator.zap"))
         self._auth.start()
         self._auth.configure_curve_callback(ZAP_DOMAIN, credentials_provider=self.allow)
@@ -286,73 +333,105 @@ class CurveServer:
 # ---- pd keys ------------------------------------------------------------------------------
 
 
-def _private_file(path: Path) -> None:
-    os.chmod(path, 0o600)
-
-
-def _new_keypair(directory: Path, name: str) -> tuple[Path, Path]:
-    """``name.key`` and ``name.key_secret`` in ``directory`` (0600), made atomically."""
-    public_file, secret_file = zmq.auth.create_certificates(str(directory), name)
-    for f in (public_file, secret_file):
-        _private_file(Path(f))
-    return Path(public_file), Path(secret_file)
-
-
-def _mkdir(path: Path) -> None:
-    path.mkdir(parents=True, exist_ok=True)
-    os.chmod(path, 0o700)
-
-
-def make_keys(keys_dir: str | Path, clients: list[str] = ()) -> list[str]:
-    """Write the server keypair and the default client (unless present) and one bundle per name in
-    ``clients`` (refused if it exists). Returns what was written, one line each."""
-    d = Path(keys_dir).expanduser()
-    for name in clients:
+def _check_names(names: list[str], flag: str) -> None:
+    for name in names:
         if not _NAME.fullmatch(name) or name in (SERVER, DEFAULT_CLIENT):
-            raise ConfigError(f"--client: {name!r} is not allowed; use letters, digits, '_', '.', '-' (not "
+            raise ConfigError(f"{flag}: {name!r} is not allowed; use letters, digits, '_', '.', '-' (at most 64, not "
                               f"{SERVER!r} or {DEFAULT_CLIENT!r})")
-    if len(set(clients)) != len(clients):
-        raise ConfigError("--client: a name is given twice")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{flag}: a name is given twice")
+
+
+def _check_authorized(auth: Path) -> None:
+    """Every file in the allow-list is ours and writable by no one else (``pd keys`` as root into a
+    directory another user made must not keep that user's keys)."""
+    for f in sorted(auth.iterdir()):
+        st = os.lstat(f)
+        if stat.S_ISLNK(st.st_mode) or not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() \
+                or st.st_mode & 0o022:
+            kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "a file"
+            raise ConfigError(f"pd keys: {f} in the allow-list is {kind} owned by {owner_name(st.st_uid)} with mode "
+                              f"{stat.S_IMODE(st.st_mode):04o}; only our own files (not writable by others) may "
+                              f"authorize a client: remove it (or start over in a new directory)")
+
+
+def _keep_or_make(d: Path, name: str, what: str) -> tuple[bytes, bool]:
+    """(public key, made) of ``d/name.key_secret``: an existing one is checked and kept."""
+    secret = d / f"{name}.key_secret"
+    if secret.exists() or secret.is_symlink():
+        return _load(secret, what, f"remove {secret} to make a new one")[0], False
+    return new_keypair(d, name)[0], True
+
+
+def make_instance_keys(keys_dir: str | Path, names: list[str]) -> list[str]:
+    """One keypair per instance (``DIR/instances/<name>.key_secret``, its public key authorized as
+    ``authorized/instance.<name>.key``), kept across launches; the coordinator lets such a key
+    speak only for its own instance (``pd.coordinator.identity``)."""
+    d = Path(keys_dir).expanduser()
+    _check_names(list(names), "instance")
+    done = []
+    old = os.umask(0o077)
+    try:
+        make_dir(d / INSTANCES, "pd keys (instances/)")
+        for name in names:
+            public, made = _keep_or_make(d / INSTANCES, name, f"instance {name!r} key")
+            auth = d / AUTHORIZED / f"{INSTANCE_PREFIX}{name}.key"
+            if made or not auth.exists() or _load(auth, "an authorized key", "remove it")[0] != public:
+                write_new(auth, public_file(public))
+            if made:
+                done.append(f"instance {name!r:<7} {d / INSTANCES / name}.key_secret (its own coordinator key)")
+    finally:
+        os.umask(old)
+    return done
+
+
+def make_keys(keys_dir: str | Path, clients: list[str] = (), instances: list[str] = ()) -> list[str]:
+    """Write the server keypair and the default client (unless present), one bundle per name in
+    ``clients`` (refused if it exists) and one key per name in ``instances``. A directory another
+    user owns or can write, or a file of theirs in it, is refused. Returns what was written."""
+    d = Path(keys_dir).expanduser()
+    _check_names(list(clients), "--client")
     for name in clients:
         if (d / CLIENTS / name).exists() or (d / AUTHORIZED / f"{name}.key").exists():
             raise ConfigError(f"client {name!r} exists in {d}; remove {d / CLIENTS / name} and "
                               f"{d / AUTHORIZED / (name + '.key')} to make it again, or choose another name")
-    if d.exists() and not d.is_dir():
-        raise ConfigError(f"{d} exists and is not a directory")
     done = []
     old = os.umask(0o077)
     try:
-        _mkdir(d)
-        _mkdir(d / AUTHORIZED)
-        server_secret = d / f"{SERVER}.key_secret"
-        if server_secret.exists():
-            done.append(f"kept the server keypair {server_secret}")
+        make_dir(d, "pd keys")
+        make_dir(d / AUTHORIZED, "pd keys (authorized/)")
+        _check_authorized(d / AUTHORIZED)
+        if not _keep_or_make(d, SERVER, "the server keypair")[1]:
+            done.append(f"kept the server keypair {d / SERVER}.key_secret")
         else:
-            _new_keypair(d, SERVER)
-            done.append(f"server keypair   {d / SERVER}.key (public), {server_secret} (keep it on the control host)")
-        if not (d / API_KEY).exists():
-            (d / API_KEY).write_text(secrets.token_urlsafe(32) + "\n")
-            _private_file(d / API_KEY)
+            done.append(f"server keypair   {d / SERVER}.key (public), {d / SERVER}.key_secret (keep it on the "
+                        "control host)")
+        if (d / API_KEY).exists() or (d / API_KEY).is_symlink():
+            read_token(str(d / API_KEY), "pd keys (the api token)")  # ours, 0600
+        else:
+            write_new(d / API_KEY, (secrets.token_urlsafe(32) + "\n").encode())
             done.append(f"api token        {d / API_KEY} (vllm.api_key_file: the instances' HTTP)")
-        if not (d / f"{DEFAULT_CLIENT}.key_secret").exists():
-            public, _ = _new_keypair(d, DEFAULT_CLIENT)
-            (d / AUTHORIZED / f"{DEFAULT_CLIENT}.key").write_bytes(public.read_bytes())
-            _private_file(d / AUTHORIZED / f"{DEFAULT_CLIENT}.key")
-            done.append(f"client 'client'  {d / DEFAULT_CLIENT}.key_secret (this host's proxy, pd stats, instances)")
+        public, made = _keep_or_make(d, DEFAULT_CLIENT, "the control host's client key")
+        if made:
+            write_new(d / AUTHORIZED / f"{DEFAULT_CLIENT}.key", public_file(public))
+            done.append(f"client 'client'  {d / DEFAULT_CLIENT}.key_secret (this host's proxy, pd stats)")
         for name in clients:
-            bundle = d / CLIENTS / name
-            _mkdir(d / CLIENTS)
-            _mkdir(bundle)
-            public, _ = _new_keypair(bundle, DEFAULT_CLIENT)
-            for f in (f"{SERVER}.key", API_KEY):
-                (bundle / f).write_bytes((d / f).read_bytes())
-                _private_file(bundle / f)
-            (d / AUTHORIZED / f"{name}.key").write_bytes(public.read_bytes())
-            _private_file(d / AUTHORIZED / f"{name}.key")
-            done.append(f"client {name!r:<9} {bundle}/ (copy it to that host; point coordinator.keys_dir there)")
+            done.append(_make_bundle(d, name))
+        done += make_instance_keys(d, list(instances))
     finally:
         os.umask(old)
     return done
+
+
+def _make_bundle(d: Path, name: str) -> str:
+    bundle = d / CLIENTS / name
+    make_dir(d / CLIENTS, "pd keys (clients/)")
+    make_dir(bundle, f"pd keys (clients/{name}/)")
+    public, _ = new_keypair(bundle, DEFAULT_CLIENT)
+    for f in (f"{SERVER}.key", API_KEY):
+        write_new(bundle / f, read_checked(d / f, "pd keys", secret=f == API_KEY))
+    write_new(d / AUTHORIZED / f"{name}.key", public_file(public))
+    return f"client {name!r:<9} {bundle}/ (copy it to that host; point coordinator.keys_dir there)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -360,11 +439,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir", metavar="DIR", help="keys directory (made if missing; an existing server keypair is kept)")
     p.add_argument("--client", action="append", default=[], metavar="NAME",
                    help="also make a client keypair bundle DIR/clients/NAME/ for another host (repeatable)")
+    p.add_argument("--instance", action="append", default=[], metavar="NAME",
+                   help="also make instance NAME's own key, DIR/instances/NAME.key_secret (pd launch makes those of "
+                        "the instances it starts here; repeatable)")
 
 
 def run(args: argparse.Namespace) -> int:
-    """``pd keys DIR [--client NAME ...]``."""
-    for line in make_keys(args.dir, args.client):
+    """``pd keys DIR [--client NAME ...] [--instance NAME ...]``."""
+    for line in make_keys(args.dir, args.client, args.instance):
         print(line)
     print(f"authorized clients: {', '.join(sorted(p.stem for p in (Path(args.dir) / AUTHORIZED).glob('*.key')))} "
           f"(public keys in {Path(args.dir) / AUTHORIZED}; delete one to revoke it)")

@@ -25,6 +25,7 @@ from zmq.utils.monitor import recv_monitor_message
 from common.config import ConfigError, merge, url_host
 from pd.config import CoordinatorConfig, load_yaml
 from pd.coordinator.curve import CurveServer, check_bind, effective_auth
+from pd.coordinator.identity import Peer, peer_of
 from pd.coordinator.protocol import Error, ProtocolError, Query, decode_client, encode
 from pd.coordinator.state import State, ThrottledLog
 
@@ -32,6 +33,13 @@ logger = logging.getLogger("pd.coordinator")
 
 SWEEP_INTERVAL_S = 0.05      # expiry resolution; also how fast stop() is noticed
 MAX_MESSAGE_BYTES = 64 << 20  # a READY of 100,000 keys is ~10 MB
+
+
+def _user_id(frame: zmq.Frame) -> str | None:
+    try:
+        return frame.get("User-Id")
+    except zmq.ZMQError:
+        return None
 
 
 def _malformed_kind(reason: str) -> str:
@@ -69,6 +77,7 @@ class Coordinator:
             if effective_auth(cfg) == "curve":
                 self._curve = CurveServer(self._ctx, cfg.keys_dir)  # ConfigError for missing key files
                 self._curve.apply(self._sock)
+                self.state.identity.reserved = self._curve.allow.has_instance_key
                 self._monitor = self._sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
             if ":" in cfg.host:
                 self._sock.setsockopt(zmq.IPV6, 1)
@@ -98,10 +107,13 @@ class Coordinator:
                 if self._sock in events:
                     for _ in range(1000):  # drain, but bounded so the sweep stays on time
                         try:
-                            frames = self._sock.recv_multipart(zmq.NOBLOCK)
+                            frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=self._curve is None)
                         except zmq.Again:
                             break
-                        self._dispatch(frames)
+                        if self._curve is None:
+                            self._dispatch(frames)
+                        else:  # each message carries its connection's ZAP user id: the key that sent it
+                            self._dispatch([f.bytes for f in frames], peer_of(_user_id(frames[-1])))
                 now = time.monotonic()
                 if now >= next_sweep:
                     try:
@@ -167,7 +179,7 @@ class Coordinator:
         except zmq.ZMQError as e:  # peer gone or its queue full: the message is dropped
             logger.debug("send %s to %r failed: %s", type(msg).__name__, ident[:32], e)
 
-    def _dispatch(self, frames: list[bytes]) -> None:
+    def _dispatch(self, frames: list[bytes], peer: Peer | None = None) -> None:
         if len(frames) < 2:  # a ROUTER always prefixes the routing identity
             self.counters["malformed"] += 1
             self._log("empty", logging.WARNING, f"malformed message: {len(frames)} frames")
@@ -176,7 +188,7 @@ class Coordinator:
         msg = None
         try:
             msg = decode_client(body)
-            self._handle(ident, msg, time.monotonic())
+            self._handle(ident, msg, time.monotonic(), peer)
         except ProtocolError as e:
             reason = str(e)[:300]
             self.counters["malformed"] += 1
@@ -189,10 +201,13 @@ class Coordinator:
             self._log("internal", logging.ERROR, f"internal error handling {what}: {e!r}", exc_info=True)
             self._send(ident, Error(f"internal error handling {what}: {e}"[:300]))
 
-    def _handle(self, ident: bytes, msg, now: float) -> None:
-        if isinstance(msg, Query) and self._curve is not None:  # the socket's count, for the answer
-            self.counters["auth_rejected"] = self._curve.rejected
-        self.state.handle(ident, msg, now)
+    def _handle(self, ident: bytes, msg, now: float, peer: Peer | None) -> None:
+        if self._curve is not None:
+            if peer is None:  # CURVE without a user id: never seen; refused rather than trusted
+                raise ProtocolError("the message carries no authenticated key")
+            if isinstance(msg, Query):  # the socket's count, for the answer
+                self.counters["auth_rejected"] = self._curve.rejected
+        self.state.handle(ident, msg, now, peer)
 
 
 # ---- CLI ---------------------------------------------------------------------------------

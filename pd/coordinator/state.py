@@ -8,6 +8,7 @@ bounded record of recent transfers. See docs/design.md.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -15,11 +16,13 @@ from typing import Callable, NamedTuple
 
 from pd.config import CoordinatorConfig
 from pd.coordinator import timeline
+from pd.coordinator.identity import Identity, Peer
 from pd.coordinator.protocol import (
     Abort,
     Aborted,
     Ack,
     Done,
+    Error,
     Event,
     Free,
     Heartbeat,
@@ -38,12 +41,16 @@ logger = logging.getLogger("pd.coordinator")
 COUNTERS = ("registered", "heartbeats", "ready", "waits", "wait_hits_immediate", "wait_timeouts", "done_ok",
             "done_failed", "aborts", "expired", "freed_keys", "malformed", "internal_errors", "chunks_loaded",
             "bytes_loaded", "load_ms_sum", "instances_alive", "store_chunks_loaded", "auth_rejected",
-            "handshake_failed", "ready_conflicts", "entries", "waiters")  # the last two: gauges, set at each query
+            "handshake_failed", "ready_conflicts", "identity_refused", "rate_limited", "instances_refused",
+            "stats_dropped", "entries", "waiters")  # the last two: gauges, set at each query
 MAX_RECORDS = 10000          # transfer records kept (oldest dropped first)
 RECORD_TTL_S = 3600.0        # ... and for at most this long
 DEAD_INSTANCE_TTL_S = 3600.0  # an instance down this long is forgotten
 MAX_WAIT_S = 3600.0          # a WAIT never parks longer than this
 MAX_INSTANCE_STATS = 256     # counters kept per instance (from its heartbeats)
+MAX_STAT_NAMES = 512         # distinct counter names over all instances: the /metrics series per role
+MAX_INSTANCES = 4096         # instance ids known at once (a new one beyond: an Error)
+_STAT_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
 LOG_EVERY_S = 60.0           # repeated warnings of one kind are logged at most this often
 
 Key = tuple[str, int]
@@ -132,8 +139,23 @@ class State:
         self.final_at: dict[str, float] = {}  # pd_id -> its (latest) final READY (for tail_ms)
         self.instances: dict[str, _Instance] = {}
         self.records: OrderedDict[str, tuple[TransferRecord, float]] = OrderedDict()
+        self.identity = Identity(cfg.instance_ttl_s)  # under CurveZMQ: who may say what (pd.coordinator.identity)
+        self._stat_names: set[str] = set()
 
-    def handle(self, ident: bytes, msg, now: float) -> None:
+    def handle(self, ident: bytes, msg, now: float, peer: Peer | None = None) -> None:
+        """Apply ``msg``; ``peer``: the CurveZMQ key that sent it (None without auth)."""
+        if peer is not None:
+            refused = self.identity.check(peer, msg, now)
+            if refused is not None:
+                self._refuse(ident, msg, *refused)
+                return
+        if isinstance(msg, (Register, Heartbeat)) and msg.instance_id not in self.instances \
+                and len(self.instances) >= MAX_INSTANCES:
+            self.counters["instances_refused"] += 1
+            self._log("instances-full", logging.WARNING, f"instance {msg.instance_id!r} refused: {MAX_INSTANCES} are "
+                      "known already")
+            self._send(ident, Error(f"the coordinator knows {MAX_INSTANCES} instances already (the most it keeps)"))
+            return
         if isinstance(msg, Register):
             self._on_register(ident, msg, now)
         elif isinstance(msg, Heartbeat):
@@ -151,6 +173,28 @@ class State:
         else:  # decode_client only yields the types above
             raise TypeError(f"no handler for {type(msg).__name__}")
 
+    def _refuse(self, ident: bytes, msg, kind: str, why: str) -> None:
+        """A message its key may not send (``Identity.check``): an Error, counted, logged once a minute."""
+        self.counters["rate_limited" if kind == "rate" else "identity_refused"] += 1
+        self._log(f"refused-{kind}", logging.WARNING, f"refused a {type(msg).__name__}: {why}")
+        if kind == "pd":  # a READY of the sender's own instance for a pd_id another key publishes
+            self.counters["ready_conflicts"] += 1
+            self._free(msg, "another key published this pd_id first")
+        self._send(ident, Error(why[:300]))
+
+    def _stats(self, stats: dict[str, float]) -> dict[str, float]:
+        """An instance's counters as exported (summed per role): plain names only, and at most
+        MAX_STAT_NAMES distinct names over all instances, so /metrics stays small whatever peers send."""
+        out = {}
+        self.counters["stats_dropped"] += max(0, len(stats) - MAX_INSTANCE_STATS)
+        for k, v in list(stats.items())[:MAX_INSTANCE_STATS]:
+            if k not in self._stat_names and (len(self._stat_names) >= MAX_STAT_NAMES or not _STAT_NAME.fullmatch(k)):
+                self.counters["stats_dropped"] += 1
+                continue
+            self._stat_names.add(k)
+            out[k] = v
+        return out
+
     def _on_register(self, ident: bytes, msg: Register, now: float) -> None:
         again = msg.instance_id in self.instances
         self.instances[msg.instance_id] = _Instance(msg.role, msg.url, msg.pid, ident, now)
@@ -162,7 +206,7 @@ class State:
     def _on_heartbeat(self, ident: bytes, msg: Heartbeat, now: float) -> None:
         self.counters["heartbeats"] += 1
         inst = self.instances.get(msg.instance_id)
-        stats = dict(list(msg.stats.items())[:MAX_INSTANCE_STATS])
+        stats = self._stats(msg.stats)
         if inst is not None:
             inst.stats = stats
         if inst is None:
@@ -336,6 +380,7 @@ class State:
         return out
 
     def sweep(self, now: float) -> None:
+        self.identity.sweep(now)
         for key, waiters in list(self.waiters.items()):
             keep = [w for w in waiters if w.deadline > now]
             for w in waiters:

@@ -107,16 +107,17 @@ def test_non_loopback_without_auth_is_refused():
 def test_authenticated_round_trip_agent_and_free(curve_coord, keys):
     coord = curve_coord()
     host_b = load_client_keys(str(keys / "clients" / "hostb"))
-    client = CoordinatorClient(coord.address, timeout_s=3, keys=host_b)
+    client = CoordinatorClient(coord.address, timeout_s=3, keys=host_b)  # the consumer
+    producer = CoordinatorClient(coord.address, timeout_s=3, keys=load_client_keys(str(keys)))  # the agent's key
     frees = []
     agent = InstanceAgent(coord.address, "prod-0", "prefill", interval_s=0.2, on_free=frees.append,
                           keys=load_client_keys(str(keys))).start()
     try:
         assert agent.wait_registered(5)
-        assert client.ready(Ready("p1", 0, ["a", "b"], 64, 10, "loc", "prod-0", 2, True))
+        assert producer.ready(Ready("p1", 0, ["a", "b"], 64, 10, "loc", "prod-0", 2, True))
         got = client.wait("p1", 0, 2.0)
         assert isinstance(got, Ready) and got.keys == ["a", "b"]
-        assert client.abort("p2") and client.ready(Ready("p2", 0, ["c"], 32, 1, "loc", "prod-0", 1, True))
+        assert client.abort("p2") and producer.ready(Ready("p2", 0, ["c"], 32, 1, "loc", "prod-0", 1, True))
         deadline = time.monotonic() + 5
         while not frees and time.monotonic() < deadline:  # FREE pushed to the agent over CURVE
             time.sleep(0.05)
@@ -126,6 +127,7 @@ def test_authenticated_round_trip_agent_and_free(curve_coord, keys):
     finally:
         agent.stop()
         client.close()
+        producer.close()
 
 
 def test_async_client_with_keys(curve_coord, keys):

@@ -285,6 +285,7 @@ def test_preflight_refuses_keys_the_coordinator_does_not_know(model, tmp_path, k
         stranger.mkdir()
         (stranger / "server.key").write_bytes((keys / "server.key").read_bytes())
         (stranger / "client.key_secret").write_bytes((other / "client.key_secret").read_bytes())
+        (stranger / "client.key_secret").chmod(0o600)  # a secret others can read is refused (test_identity.py)
         dep = load(DeploymentConfig, {**base, "coordinator": {**base["coordinator"], "keys_dir": str(stranger)}})
         with pytest.raises(ConfigError, match="refused this client's key"):
             preflight(dep, ["prefill"], lines.append)
