@@ -84,6 +84,10 @@ class ConnectorConfig:
     # fingerprint in the header still refuse torn, stale or foreign chunks; stores checksum
     # their own copies).
     checksum: str = field(default="auto", metadata=choices("auto", "always", "never"))
+    # A file (mode 0600, at least 16 bytes) with a secret every instance of the deployment shares:
+    # chunk checksums are then keyed with it (BLAKE2b; always on, whatever checksum says), so a chunk
+    # written into a shared store or transport by anyone without it is a miss. "" = plain xxh3.
+    chunk_secret_file: str = ""
     # KV heads are cut into this many groups, a chunk holds one (pd/connector/heads.py); 0 = this instance's
     # TP size. Prefill and decode of different TP sizes need lcm(prefill TP, decode TP) on both
     # sides (pd launch sets it); instances share the store only with equal head_groups.

@@ -9,22 +9,36 @@ when flag ``FLAG_CHECKSUM`` is set, the checksum; any mismatch is a ``ChunkError
 treats the chunk as a miss. A writer leaves the checksum out (flag clear, field 0) only where
 the medium guards the bytes itself (see ``connector.checksum``).
 
+With a deployment secret (``connector.chunk_secret_file``) the checksum is keyed: BLAKE2b-64
+with the secret over the header bytes before it and the payload (flag ``FLAG_KEYED`` too), so
+whoever can write the medium but lacks the secret (another client of a shared store) cannot make
+a chunk a reader accepts; a reader with a secret refuses chunks not keyed with it, one without
+refuses keyed chunks.
+
 ``Chunking`` is the geometry both halves share: which tokens and blocks each chunk of a prompt
 covers.
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
+import os
 import struct
 from dataclasses import dataclass
 from typing import Iterator
 
 import xxhash
 
+from common.config import ConfigError
+
 MAGIC = b"PDKVCHNK"
 VERSION = 1
 HEADER_SIZE = 128
 _FMT = struct.Struct("<8sHHI16s16sIIQQ")
 FLAG_CHECKSUM = 1  # the checksum field holds xxh3-64 of the payload
+FLAG_KEYED = 2  # ... keyed with the deployment's secret instead (module docstring)
+_CSUM_AT = _FMT.size - 8  # where the checksum field starts
+SECRET_MIN_BYTES = 16
 assert _FMT.size <= HEADER_SIZE
 
 
@@ -32,27 +46,72 @@ class ChunkError(ValueError):
     """A chunk that must not be used: wrong magic/version/layout/key, truncated or corrupt."""
 
 
-def checksum(payload) -> int:
-    return xxhash.xxh3_64_intdigest(payload)
+def secret_key(raw: bytes, where: str = "connector.chunk_secret_file") -> bytes:
+    """The BLAKE2b key made from a deployment secret's bytes (at least ``SECRET_MIN_BYTES``)."""
+    raw = raw.strip()
+    if len(raw) < SECRET_MIN_BYTES:
+        raise ConfigError(f"{where}: the secret has {len(raw)} bytes; it needs at least {SECRET_MIN_BYTES} "
+                          "(e.g. `head -c 32 /dev/urandom | base64 > FILE; chmod 600 FILE`)")
+    return hashlib.blake2b(raw, digest_size=32, person=b"pdkv-chunk-key").digest()
+
+
+def read_secret(path: str, where: str = "connector.chunk_secret_file") -> bytes:
+    """``secret_key`` of file ``path``; ConfigError if it cannot be read or others may read it."""
+    try:
+        with open(path, "rb") as fh:
+            mode = os.fstat(fh.fileno()).st_mode
+            raw = fh.read()
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot read {path}: {e.strerror or e}") from None
+    if mode & 0o077:
+        raise ConfigError(f"{where}: {path} has mode {mode & 0o7777:04o}; a secret must be readable by its owner "
+                          "only (chmod 600)")
+    return secret_key(raw, where)
+
+
+def checksum(payload, secret: bytes | None = None, head: bytes = b"") -> int:
+    """xxh3-64 of ``payload``; with ``secret`` (a ``secret_key``): BLAKE2b-64 keyed with it over
+    ``head`` (the header bytes before the checksum field) and the payload."""
+    if not secret:
+        return xxhash.xxh3_64_intdigest(payload)
+    h = hashlib.blake2b(head, key=secret, digest_size=8)
+    h.update(payload)
+    return int.from_bytes(h.digest(), "little")
 
 
 def write_header(buf: memoryview, fingerprint: bytes, key_hash: bytes, n_tokens: int,
-                 n_blocks: int, payload_len: int, with_checksum: bool = True) -> None:
+                 n_blocks: int, payload_len: int, with_checksum: bool = True, secret: bytes | None = None) -> None:
     """Fill ``buf[:HEADER_SIZE]``; the payload must already be in ``buf[HEADER_SIZE:]``."""
     payload = buf[HEADER_SIZE : HEADER_SIZE + payload_len]
     if len(payload) != payload_len:
         raise ValueError(f"buffer holds {len(payload)} payload bytes, expected {payload_len}")
     buf[:HEADER_SIZE] = pack_header(fingerprint, key_hash, n_tokens, n_blocks, payload_len,
-                                    checksum(payload) if with_checksum else None)
+                                    payload if with_checksum or secret else None, secret)
 
 
 def pack_header(fingerprint: bytes, key_hash: bytes, n_tokens: int, n_blocks: int, payload_len: int,
-                csum: int | None) -> bytes:
-    """The ``HEADER_SIZE`` header bytes of a chunk (``csum``: its payload's checksum, None = none)."""
+                payload=None, secret: bytes | None = None) -> bytes:
+    """The ``HEADER_SIZE`` header bytes of a chunk, with the checksum of ``payload`` (its bytes on
+    the host; None: no checksum), keyed with ``secret`` if given."""
+    flags = 0 if payload is None else FLAG_CHECKSUM | (FLAG_KEYED if secret else 0)
     head = bytearray(HEADER_SIZE)
-    _FMT.pack_into(head, 0, MAGIC, VERSION, HEADER_SIZE, 0 if csum is None else FLAG_CHECKSUM, fingerprint,
-                   key_hash, n_tokens, n_blocks, payload_len, csum or 0)
+    _FMT.pack_into(head, 0, MAGIC, VERSION, HEADER_SIZE, flags, fingerprint, key_hash, n_tokens, n_blocks,
+                   payload_len, 0)
+    if payload is not None:
+        struct.pack_into("<Q", head, _CSUM_AT, checksum(payload, secret, bytes(head[:_CSUM_AT])))
     return bytes(head)
+
+
+def check_payload(head: bytes, flags: int, csum: int, payload, secret: bytes | None) -> None:
+    """ChunkError unless the chunk whose header bytes are ``head`` is keyed iff this reader has a
+    ``secret`` and its checksum (if it has one) matches ``payload``."""
+    if bool(flags & FLAG_KEYED) != bool(secret):
+        raise ChunkError("chunk keyed with a secret this reader lacks (connector.chunk_secret_file)" if not secret
+                         else "chunk not keyed with this deployment's secret (connector.chunk_secret_file)")
+    if flags & FLAG_CHECKSUM:
+        got = checksum(payload, secret, bytes(head[:_CSUM_AT]))
+        if not hmac.compare_digest(got.to_bytes(8, "little"), csum.to_bytes(8, "little")):
+            raise ChunkError("checksum mismatch (corrupt chunk, or keyed with another secret)")
 
 
 def read_header(buf) -> tuple:
@@ -62,14 +121,13 @@ def read_header(buf) -> tuple:
 
 
 def verify(buf: memoryview, fingerprint: bytes, key_hash: bytes, expect_payload: int | None = None,
-           expect_blocks: int | None = None) -> tuple[int, int, memoryview]:
+           expect_blocks: int | None = None, secret: bytes | None = None) -> tuple[int, int, memoryview]:
     """Validate a chunk; return ``(n_tokens, n_blocks, payload view)`` or raise ChunkError."""
     head = read_header(buf)
     flags, n_tokens, n_blocks, plen, csum = check_header(head, len(buf), fingerprint, key_hash, expect_payload,
                                                          expect_blocks)
     payload = buf[HEADER_SIZE : HEADER_SIZE + plen]
-    if flags & FLAG_CHECKSUM and checksum(payload) != csum:
-        raise ChunkError("checksum mismatch (corrupt chunk)")
+    check_payload(buf[:_CSUM_AT], flags, csum, payload, secret)
     return n_tokens, n_blocks, payload
 
 
@@ -80,7 +138,8 @@ def check_header(head: tuple, size: int, fingerprint: bytes, key_hash: bytes, ex
     magic, version, hsize, flags, fp, kh, n_tokens, n_blocks, plen, csum = head
     if magic != MAGIC:
         raise ChunkError("bad magic (not a pdkv chunk)")
-    if version != VERSION or hsize != HEADER_SIZE or flags & ~FLAG_CHECKSUM:
+    if (version != VERSION or hsize != HEADER_SIZE or flags & ~(FLAG_CHECKSUM | FLAG_KEYED)
+            or flags & FLAG_KEYED and not flags & FLAG_CHECKSUM):
         raise ChunkError(f"unsupported chunk version {version}/{hsize}")
     if fp != fingerprint:
         raise ChunkError("layout fingerprint mismatch (KV from another model/layout)")

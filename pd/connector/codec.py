@@ -27,6 +27,7 @@ class ChunkCodec:
     checksum: bool  # payload checksums written (decided with the device, at registration)
     owned: tuple[int, ...]  # the head groups this rank saves or loads, each its own chunks
     groups: int  # head groups of the model (READY and DONE say how many to expect)
+    secret: bytes | None = None  # checksums keyed with it (chunk.secret_key; connector.chunk_secret_file)
 
     @property
     def parts(self) -> int:
@@ -61,10 +62,10 @@ class ChunkCodec:
         plen = len(view) - chunkfmt.HEADER_SIZE
         if not slab.is_cuda:
             chunkfmt.write_header(view, self.fingerprint, key_digest(key), toks, nb, plen,
-                                  with_checksum=self.checksum)
+                                  with_checksum=self.checksum, secret=self.secret)
             return
-        csum = chunkfmt.checksum(layout.to_host(slab[chunkfmt.HEADER_SIZE:])) if self.checksum else None
-        head = chunkfmt.pack_header(self.fingerprint, key_digest(key), toks, nb, plen, csum)
+        payload = layout.to_host(slab[chunkfmt.HEADER_SIZE:]) if self.checksum or self.secret else None
+        head = chunkfmt.pack_header(self.fingerprint, key_digest(key), toks, nb, plen, payload, self.secret)
         layout.from_host(slab[: chunkfmt.HEADER_SIZE], head)
 
     def scatter_from(self, view, blocks: torch.Tensor, nb: int, skip: int, group: int) -> None:
@@ -81,16 +82,16 @@ class ChunkCodec:
         """Raise ``ChunkError`` unless ``view`` holds chunk ``key`` intact (``size`` bytes). A
         CUDA view: its header is copied to the host (and the payload too if it has a checksum)."""
         if not isinstance(view, torch.Tensor):
-            chunkfmt.verify(view, self.fingerprint, key_digest(key), size - chunkfmt.HEADER_SIZE, nb)
+            chunkfmt.verify(view, self.fingerprint, key_digest(key), size - chunkfmt.HEADER_SIZE, nb, self.secret)
             return
         if len(view) < chunkfmt.HEADER_SIZE:
             raise chunkfmt.ChunkError(f"chunk truncated: {len(view)} bytes, header needs {chunkfmt.HEADER_SIZE}")
-        head = chunkfmt.read_header(self.layout.to_host(view[: chunkfmt.HEADER_SIZE]))
-        flags, _t, _b, plen, csum = chunkfmt.check_header(head, len(view), self.fingerprint, key_digest(key),
-                                                          size - chunkfmt.HEADER_SIZE, nb)
+        raw = self.layout.to_host(view[: chunkfmt.HEADER_SIZE])
+        flags, _t, _b, plen, csum = chunkfmt.check_header(chunkfmt.read_header(raw), len(view), self.fingerprint,
+                                                          key_digest(key), size - chunkfmt.HEADER_SIZE, nb)
         payload = view[chunkfmt.HEADER_SIZE : chunkfmt.HEADER_SIZE + plen]
-        if flags & chunkfmt.FLAG_CHECKSUM and chunkfmt.checksum(self.layout.to_host(payload)) != csum:
-            raise chunkfmt.ChunkError("checksum mismatch (corrupt chunk)")
+        chunkfmt.check_payload(raw, flags, csum, self.layout.to_host(payload) if flags & chunkfmt.FLAG_CHECKSUM
+                               else b"", self.secret)
 
 
 def _as_bytes(view) -> torch.Tensor:

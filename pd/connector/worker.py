@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pd.config import ConnectorConfig
-from pd.connector.chunk import Chunking
+from pd.connector.chunk import Chunking, read_secret
 from pd.connector.codec import ChunkCodec
 from pd.connector.heads import HeadGroups
 from pd.connector.keys import layout_fingerprint, make_namespace, transfer_key
@@ -98,6 +98,8 @@ class WorkerSide:
         self.stores = {g: (stores or {}).get(g) for g in config.owned}
         self.store = self.stores[config.owned[0]]
         self.write_through = self.store is not None and self.cfg.store.write_through == "always"
+        # chunk checksums keyed with the deployment's secret (None: plain xxh3; pd/connector/chunk.py)
+        self.secret = read_secret(self.cfg.chunk_secret_file) if self.cfg.chunk_secret_file else None
         # Fixed by register_kv_caches (vLLM registers the caches before the first step).
         self.codec: ChunkCodec | None = None
         self.pool: StagingPool | None = None
@@ -124,10 +126,11 @@ class WorkerSide:
         # auto: no payload checksum only where the transport itself reports racing reads (shm's
         # slot sequence check) and checksumming would be the only CPU pass over GPU KV.
         guarded = self.transport is not None and self.transport.guards_reads
-        checksum = cfg.checksum == "always" or (cfg.checksum == "auto" and not (guarded and on_gpu))
+        checksum = (cfg.checksum == "always" or self.secret is not None
+                    or (cfg.checksum == "auto" and not (guarded and on_gpu)))
         chunking = Chunking(cfg.chunk_size, c.block_size)
         namespace = make_namespace(c.model, c.fingerprint or fingerprint)  # = the scheduler's
-        self.codec = ChunkCodec(layout, chunking, namespace, fingerprint, checksum, c.owned, c.groups)
+        self.codec = ChunkCodec(layout, chunking, namespace, fingerprint, checksum, c.owned, c.groups, self.secret)
         slab = self.codec.chunk_bytes(chunking.blocks_per_chunk)
         self.pool = StagingPool(slab, SLABS_PER_THREAD * cfg.io_threads, pin=on_gpu)
         self.loads = Loads(self.codec, self.pool, self.coord, self.transport, self.stores, cfg=cfg,

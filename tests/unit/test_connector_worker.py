@@ -322,3 +322,34 @@ def test_a_transfer_the_decode_has_in_its_prefix_cache_is_aborted_not_left_to_ex
             c.close()
     finally:
         d.shutdown()
+
+
+def test_store_chunks_keyed_with_another_secret_are_never_loaded(tmp_path, coord):
+    """connector.chunk_secret_file (issue 18): chunks another client of a shared store wrote
+    without this deployment's secret (here: with another) are misses, recomputed, never loaded."""
+    secrets = {}
+    for name in ("ours", "theirs"):
+        secrets[name] = tmp_path / f"{name}.secret"
+        secrets[name].write_bytes(name.encode() * 8)
+        secrets[name].chmod(0o600)
+    theirs = _worker(tmp_path, coord, 12, store_writer=True, chunk_secret_file=str(secrets["theirs"]))
+    readers = [_worker(tmp_path, coord, 13 + i, store_writer=False, **over)
+               for i, over in enumerate(({"chunk_secret_file": str(secrets["ours"])}, {},
+                                         {"chunk_secret_file": str(secrets["theirs"])}))]
+    try:
+        theirs.after_forward(PDMetadata(saves=[SaveSpec("p1", "x12", PROMPT, SRC, 0, -1, True, b"S" * 16)]))
+        assert _until(lambda: theirs._save_jobs["p1"].done())
+        theirs.store.flush(10)
+        for i, d in enumerate(readers):
+            d.start_step(PDMetadata(loads=[LoadSpec("d1", "", PROMPT, DST, 0, b"S" * 16)]))
+            assert _until(lambda: "d1" in d.loads._done_recving)
+            if i < 2:  # another secret, or none: every block recomputed, none loaded
+                assert d.take_load_errors() == set(DST) and d.stats["chunk_errors"] >= 1
+                assert not _same_blocks(theirs, d, SRC[:1], DST[:1])
+            else:  # the same secret: loaded
+                assert d.take_load_errors() == set() and _same_blocks(theirs, d, SRC, DST)
+    finally:
+        for w in [theirs, *readers]:
+            w.shutdown()
+            w.transport.close()
+            w.store.close()

@@ -6,6 +6,7 @@ import sys
 import numpy as np
 import pytest
 
+from common.config import ConfigError
 from pd.connector import chunk as C
 from pd.connector.keys import (
     chunk_hashes,
@@ -65,10 +66,10 @@ def test_chunk_size_must_be_positive():
         chunk_hashes([1], 0)
 
 
-def _chunk(payload: bytes, fp=b"F" * 16, kh=b"K" * 16):
+def _chunk(payload: bytes, fp=b"F" * 16, kh=b"K" * 16, secret=None):
     buf = np.zeros(C.HEADER_SIZE + len(payload), dtype=np.uint8)
     buf[C.HEADER_SIZE:] = np.frombuffer(payload, dtype=np.uint8)
-    C.write_header(memoryview(buf), fp, kh, n_tokens=33, n_blocks=3, payload_len=len(payload))
+    C.write_header(memoryview(buf), fp, kh, n_tokens=33, n_blocks=3, payload_len=len(payload), secret=secret)
     return buf
 
 
@@ -147,3 +148,38 @@ def test_request_seed_covers_what_vllm_block_hashes_cover():
     toks = list(range(600))
     assert chunk_keys("ns", 0, toks, 256, seeds[0]) != chunk_keys("ns", 0, toks, 256, seeds[1])
     assert chunk_keys("ns", 0, toks, 256, b"") == chunk_keys("ns", 0, toks, 256)
+
+
+def test_a_chunk_keyed_with_another_secret_or_none_is_refused():
+    """connector.chunk_secret_file: whoever can write a shared store but lacks the deployment's
+    secret cannot make a chunk its readers accept; readers with and without one never mix."""
+    ours, theirs = C.secret_key(b"o" * 32), C.secret_key(b"t" * 32)
+    buf = _chunk(b"x" * 512, secret=ours)
+    assert C.read_header(memoryview(buf))[3] == C.FLAG_CHECKSUM | C.FLAG_KEYED
+    assert C.verify(memoryview(buf), b"F" * 16, b"K" * 16, 512, secret=ours)[:2] == (33, 3)
+    with pytest.raises(C.ChunkError, match="another secret"):
+        C.verify(memoryview(buf), b"F" * 16, b"K" * 16, 512, secret=theirs)
+    with pytest.raises(C.ChunkError, match="secret this reader lacks"):
+        C.verify(memoryview(buf), b"F" * 16, b"K" * 16, 512)
+    with pytest.raises(C.ChunkError, match="not keyed with this deployment's secret"):
+        C.verify(memoryview(_chunk(b"x" * 512)), b"F" * 16, b"K" * 16, 512, secret=ours)
+    # the header is covered too: the same payload relabelled (another token count) is refused
+    struct.pack_into("<I", buf, 48, 34)  # n_tokens
+    assert C.read_header(memoryview(buf))[6] == 34
+    with pytest.raises(C.ChunkError, match="checksum mismatch"):
+        C.verify(memoryview(buf), b"F" * 16, b"K" * 16, 512, secret=ours)
+
+
+def test_chunk_secret_files_must_be_private_and_long_enough(tmp_path):
+    f = tmp_path / "chunk.secret"
+    f.write_bytes(b"s" * 32 + b"\n")
+    f.chmod(0o644)
+    with pytest.raises(ConfigError, match=r"mode 0644; a secret must be readable by its owner only"):
+        C.read_secret(str(f))
+    f.chmod(0o600)
+    assert C.read_secret(str(f)) == C.secret_key(b"s" * 32)
+    f.write_bytes(b"short\n")
+    with pytest.raises(ConfigError, match="has 5 bytes; it needs at least 16"):
+        C.read_secret(str(f))
+    with pytest.raises(ConfigError, match="cannot read"):
+        C.read_secret(str(tmp_path / "missing"))
