@@ -8,11 +8,16 @@ COMMITTED), the key's 128-bit digest (``d0``, ``d1``), ``start`` and ``units`` o
 ``length``, the writer (``pid``: a random token << 32 | pid), and for eviction ``tick`` (last
 use, CLOCK_MONOTONIC ns, the same clock in every process of the host), ``hits`` and ``born``.
 
+A key index (open addressing over the digest, linear probing, backward-shift deletion) finds a
+key's entry in O(1); it holds every entry that is not FREE and is changed under the lock only.
+
 Guards, the shm transport's (transport/arena.py): every state change takes a new seq from the
 header's counter, so a stamp names one incarnation of an entry for ever. Readers take no lock:
 stamp, fields, copy, stamp again; a value is served only if the stamp was COMMITTED and did not
 change, and the digest and the length match (a key of another namespace, model or rank has
-another digest). Writers hold the lock file's ``flock``: they evict (set FREE, then free the units),
+another digest; a read that raced an index change may miss, never return another key's value).
+Writers hold the lock file's ``flock`` (waiting at most ``LOCK_TIMEOUT_S``: a stopped process that
+holds it costs drops, not a hung engine): they evict (set FREE, then free the units),
 allocate (mark the units, write the fields, set RESERVED), copy without the lock and set
 COMMITTED. A writer killed inside the lock leaves the header's ``dirty`` flag set: the next one
 rebuilds the unit map from the entries. One killed while copying leaves a RESERVED entry, never
@@ -49,6 +54,7 @@ log = logging.getLogger(__name__)
 
 FREE, RESERVED, COMMITTED = 0, 1, 2
 POLICIES = ("lru", "lfu", "fifo")
+LOCK_TIMEOUT_S = 2.0
 
 #: The tier's counters (this process's; ``usage()`` adds the arena's shared state).
 STAT_KEYS = (
@@ -62,8 +68,13 @@ STAT_KEYS = (
     "dram_evictions",
     "dram_torn",          # a read raced an eviction (the stamp changed): a miss
     "dram_reclaimed",     # entries of writers that died while copying, freed
-    "dram_repairs",       # unit maps rebuilt after a writer died inside the lock
+    "dram_repairs",       # unit maps and indexes rebuilt after a writer died inside the lock
+    "dram_busy",          # puts/deletes given up: the lock was held longer than LOCK_TIMEOUT_S
 )
+
+
+class _Busy(Exception):
+    """The lock could not be had within LOCK_TIMEOUT_S."""
 
 
 def digest(key: str) -> tuple[int, int]:
@@ -86,7 +97,8 @@ class DramTier:
             raise ConfigError(f"store.eviction {eviction!r} is not allowed; choose lru, lfu or fifo")
         self.eviction, self.size = eviction, size
         self.path, self._fd, self._lfd = arena.open_arena(directory or default_dir(), name, size)
-        self._mm, fields, self._umap, self._head, self._data = arena.map_arena(self._fd, size)
+        self._mm, fields, self._umap, self._index, self._head, self._data = arena.map_arena(self._fd, size)
+        self._mask = len(self._index) - 1
         (self._stamp, self._d0, self._d1, self._start, self._units, self._length, self._pid, self._tick,
          self._hits, self._born) = (fields[f] for f in arena.FIELDS)
         self.unit, self.n = int(self._head[H_UNIT]), int(self._head[H_UNITS])
@@ -94,21 +106,36 @@ class DramTier:
         self._addr = ctypes.addressof(ctypes.c_char.from_buffer(self._mm))  # temporary export, gone
         self._owner = secrets.randbits(31) << 32 | os.getpid()
         self._lock = threading.Lock()
-        self._hint: dict[str, int] = {}
         self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
         torch = sys.modules.get("torch")  # a process that uses CUDA has imported torch already
         self.pinned = bool(torch is not None and torch.cuda.is_available()
                            and cuda_pin(self._addr, size, f"DRAM tier {self.path}"))
-        with self._locked():
-            self._reclaim()
+        try:
+            with self._locked():
+                self._reclaim()
+        except _Busy:
+            log.warning("DRAM tier %s: its lock is held by another process; not checked at start", self.path)
         log.info("DRAM tier %s: %d B in %d units of %d B, eviction %s, %d values found, CUDA-pinned %s",
                  self.path, self.budget, self.n, self.unit, eviction, self.values(), self.pinned)
 
     # -- the lock and the shared bookkeeping (lock held) ------------------------------------
     @contextmanager
     def _locked(self) -> Iterator[None]:
-        with self._lock:
-            fcntl.flock(self._lfd, fcntl.LOCK_EX)
+        """The thread lock and the host's lock file (_Busy after LOCK_TIMEOUT_S); repairs first
+        if the last holder died inside."""
+        if not self._lock.acquire(timeout=LOCK_TIMEOUT_S):
+            raise _Busy
+        try:
+            deadline, pause = time.monotonic() + LOCK_TIMEOUT_S, 0.0002
+            while True:
+                try:
+                    fcntl.flock(self._lfd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise _Busy from None
+                    time.sleep(pause)
+                    pause = min(2 * pause, 0.005)
             try:
                 if self._head[H_DIRTY]:
                     self._repair()
@@ -117,6 +144,55 @@ class DramTier:
                 self._head[H_DIRTY] = 0
             finally:
                 fcntl.flock(self._lfd, fcntl.LOCK_UN)
+        finally:
+            self._lock.release()
+
+    # -- the key index -----------------------------------------------------------------------
+    def _probe(self, d0: int, d1: int, states: tuple[int, ...] = (COMMITTED,)) -> int:
+        """The entry of that digest in one of ``states``, or -1 (no lock: a racing change may hide it)."""
+        j = d0 & self._mask
+        for _ in range(len(self._index)):
+            v = int(self._index[j])
+            if not v:
+                return -1
+            i = v - 1
+            if i < self.n and int(self._d0[i]) == d0 and int(self._d1[i]) == d1 \
+                    and int(self._stamp[i]) & 3 in states:
+                return i
+            j = (j + 1) & self._mask
+        return -1
+
+    def _index_add(self, i: int) -> None:
+        j = int(self._d0[i]) & self._mask
+        while self._index[j]:
+            j = (j + 1) & self._mask
+        self._index[j] = i + 1
+
+    def _index_remove(self, i: int) -> None:
+        """Take entry ``i`` out of the index (backward-shift deletion, Knuth's Algorithm R)."""
+        mask = self._mask
+        hole = int(self._d0[i]) & mask
+        for _ in range(len(self._index)):
+            v = int(self._index[hole])
+            if v == i + 1:
+                break
+            if not v:
+                return
+            hole = (hole + 1) & mask
+        else:
+            return
+        k = hole
+        while True:
+            k = (k + 1) & mask
+            v = int(self._index[k])
+            if not v or v > self.n:
+                break
+            home = int(self._d0[v - 1]) & mask
+            if (k - home) & mask < (k - hole) & mask:
+                continue  # its home lies after the hole: it stays
+            self._index[hole] = v
+            hole = k
+        self._index[hole] = 0
 
     def _next_seq(self) -> int:
         seq = int(self._head[H_SEQ]) + 1
@@ -124,7 +200,8 @@ class DramTier:
         return seq
 
     def _free(self, i: int) -> None:
-        """Entry ``i`` FREE (a new seq: readers of it see the change), then its units."""
+        """Entry ``i`` out of the index, FREE (a new seq: readers of it see the change), then its units."""
+        self._index_remove(i)
         self._stamp[i] = self._next_seq() << 2 | FREE
         s, u = int(self._start[i]), int(self._units[i])
         if s + u <= self.n:
@@ -156,12 +233,15 @@ class DramTier:
         for i in live[bad]:
             self._stamp[i] = self._next_seq() << 2 | FREE
         start, units = start[~bad], units[~bad]
+        self._index[:] = 0
+        for i in live[~bad]:
+            self._index_add(int(i))
         delta = np.zeros(self.n + 1, np.int64)
         np.add.at(delta, start, 1)
         np.add.at(delta, start + units, -1)
         self._umap[:] = np.cumsum(delta[:-1]) > 0
         self.stats["dram_repairs"] += 1
-        log.warning("DRAM tier %s: a writer died while changing it; rebuilt its unit map (%d values)",
+        log.warning("DRAM tier %s: a writer died while changing it; rebuilt its unit map and index (%d values)",
                     self.path, len(start))
 
     def _run(self, units: int) -> int:
@@ -204,39 +284,22 @@ class DramTier:
 
     def _present(self, d0: int, d1: int) -> bool:
         """Whether the key is COMMITTED or being written by a live writer (lock held)."""
-        for i in np.flatnonzero(self._d0 == np.uint64(d0)):
-            i = int(i)
-            state = int(self._stamp[i]) & 3
-            if int(self._d1[i]) != d1 or state == FREE:
-                continue
-            if state == COMMITTED or not self._dead(i):
-                return True
-            self._free(i)
-            self.stats["dram_reclaimed"] += 1
+        i = self._probe(d0, d1, (COMMITTED, RESERVED))
+        if i < 0:
+            return False
+        if int(self._stamp[i]) & 3 == COMMITTED or not self._dead(i):
+            return True
+        self._free(i)
+        self.stats["dram_reclaimed"] += 1
         return False
 
     # -- lookups (no lock) -------------------------------------------------------------------
-    def _find(self, key: str, d0: int, d1: int) -> int:
-        """Entry of the COMMITTED value of ``key``, or -1 (a hint first, then a scan)."""
-        i = self._hint.get(key)
-        if i is not None and int(self._d0[i]) == d0 and int(self._d1[i]) == d1 \
-                and int(self._stamp[i]) & 3 == COMMITTED:
-            return i
-        for j in np.flatnonzero(self._d0 == np.uint64(d0)):
-            j = int(j)
-            if int(self._d1[j]) == d1 and int(self._stamp[j]) & 3 == COMMITTED:
-                if len(self._hint) > 4 * self.n:
-                    self._hint.clear()
-                self._hint[key] = j
-                return j
-        return -1
-
     def get(self, key: str, into: Any) -> int:
         """Copy the value of ``key`` into ``into``; its length, 0 = miss (absent, longer than
         ``into``, or evicted while being read)."""
         out = byte_view(into)
         d0, d1 = digest(key)
-        n = self._read(key, d0, d1, out)
+        n = self._read(d0, d1, out)
         if n:
             self.stats["dram_hits"] += 1
             self.stats["dram_get_bytes"] += n
@@ -244,8 +307,8 @@ class DramTier:
             self.stats["dram_misses"] += 1
         return n
 
-    def _read(self, key: str, d0: int, d1: int, out: memoryview) -> int:
-        i = self._find(key, d0, d1)
+    def _read(self, d0: int, d1: int, out: memoryview) -> int:
+        i = self._probe(d0, d1)
         if i < 0:
             return 0
         s1 = int(self._stamp[i])
@@ -265,7 +328,7 @@ class DramTier:
         """Length of the longest prefix of ``keys`` held here."""
         n = 0
         for key in keys:
-            if self._find(key, *digest(key)) < 0:
+            if self._probe(*digest(key)) < 0:
                 break
             n += 1
         return n
@@ -281,21 +344,16 @@ class DramTier:
             return False
         d0, d1 = digest(key)
         units = -(-n // self.unit)
-        with self._locked():
-            if self._present(d0, d1):
-                self.stats["dram_duplicates"] += 1
-                return True
-            got = self._alloc(units)
-            if got is None:
-                self.stats["dram_full"] += 1
-                return False
-            i, start = got
-            seq = self._next_seq()
-            for arr, v in ((self._d0, d0), (self._d1, d1), (self._start, start), (self._units, units),
-                           (self._length, n), (self._pid, self._owner), (self._hits, 0)):
-                arr[i] = v
-            self._tick[i] = self._born[i] = time.monotonic_ns()
-            self._stamp[i] = seq << 2 | RESERVED
+        try:
+            got = self._reserve(d0, d1, n, units)
+        except _Busy:
+            self.stats["dram_busy"] += 1
+            return False
+        if got is None:
+            return True
+        if not got:
+            return False
+        i, start, seq = got
         try:
             ctypes.memmove(self._addr + self._data + start * self.unit, buffer_address(src), n)
         except BaseException:
@@ -303,23 +361,46 @@ class DramTier:
                 self._free(i)
             raise
         self._stamp[i] = seq << 2 | COMMITTED  # only this writer changes a live RESERVED entry
-        self._hint[key] = i
         self.stats["dram_fills" if fill else "dram_puts"] += 1
         self.stats["dram_put_bytes"] += n
         return True
 
+    def _reserve(self, d0: int, d1: int, n: int, units: int) -> tuple[int, int, int] | tuple | None:
+        """Under the lock: None (a duplicate), () (no room) or (entry, first unit, seq), the entry
+        RESERVED with its fields and indexed."""
+        with self._locked():
+            if self._present(d0, d1):
+                self.stats["dram_duplicates"] += 1
+                return None
+            got = self._alloc(units)
+            if got is None:
+                self.stats["dram_full"] += 1
+                return ()
+            i, start = got
+            seq = self._next_seq()
+            for arr, v in ((self._d0, d0), (self._d1, d1), (self._start, start), (self._units, units),
+                           (self._length, n), (self._pid, self._owner), (self._hits, 0)):
+                arr[i] = v
+            self._tick[i] = self._born[i] = time.monotonic_ns()
+            self._stamp[i] = seq << 2 | RESERVED
+            self._index_add(i)
+            return i, start, seq
+
     def delete(self, keys: Sequence[str]) -> list[bool]:
         """Remove these keys; for each, whether it was here."""
         out = []
-        with self._locked():
-            for key in keys:
-                d0, d1 = digest(key)
-                had = False
-                for i in np.flatnonzero(self._d0 == np.uint64(d0)):
-                    if int(self._d1[i]) == d1 and int(self._stamp[i]) & 3 == COMMITTED:
-                        self._free(int(i))
-                        had = True
-                out.append(had)
+        try:
+            with self._locked():
+                for key in keys:
+                    i = self._probe(*digest(key))
+                    if i >= 0:
+                        self._free(i)
+                    out.append(i >= 0)
+        except _Busy:
+            self.stats["dram_busy"] += 1
+            log.warning("DRAM tier %s: a delete gave up waiting for the lock; its keys may still be read",
+                        self.path)
+            return out + [False] * (len(keys) - len(out))
         return out
 
     def values(self) -> int:
@@ -340,7 +421,7 @@ class DramTier:
             cuda_unpin(self._addr)
             self.pinned = False
         (self._stamp, self._d0, self._d1, self._start, self._units, self._length, self._pid, self._tick,
-         self._hits, self._born, self._umap, self._head) = (None,) * 12
+         self._hits, self._born, self._umap, self._index, self._head) = (None,) * 13
         try:
             self._mm.close()
         except BufferError:  # a view still exported: unmapped when it goes

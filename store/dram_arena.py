@@ -11,7 +11,8 @@ serialise on an exclusive ``flock`` of ``<name>-<bytes>.lock`` (the kernel relea
 writer dies).
 
 Header (page 0, little-endian u64 words): magic, version, file size, unit, units, entries, the
-seq counter, the dirty flag. Then one u64 array per entry field, the unit map (u8), the data.
+seq counter, the dirty flag. Then one u64 array per entry field, the unit map (u8), the key index
+(u32 slots, a power of two >= 2 x entries: entry + 1 or 0, open addressing from the digest), the data.
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ log = logging.getLogger(__name__)
 SHM_DIR = "/dev/shm"
 PAGE = 4096
 MAGIC = int.from_bytes(b"PDKVDRM1", "little")
-VERSION = 1
+VERSION = 2
 MIN_BYTES = 1 << 20
 MAX_UNITS = 1 << 17  # the unit grows with the arena, so each lock-free scan stays ~0.1 ms
 H_MAGIC, H_VERSION, H_SIZE, H_UNIT, H_UNITS, H_ENTRIES, H_SEQ, H_DIRTY = range(8)
@@ -44,12 +45,17 @@ def _up(n: int, a: int = PAGE) -> int:
     return -(-n // a) * a
 
 
+def index_slots(units: int) -> int:
+    """Slots of the key index of ``units`` entries (load factor <= 1/2)."""
+    return 1 << (2 * units - 1).bit_length()
+
+
 def geometry(size: int) -> tuple[int, int, int]:
     """(unit bytes, units, data offset) of an arena file of ``size`` bytes, metadata included."""
     unit = max(PAGE, _up(size // MAX_UNITS))
     units = size // unit
     while units > 0:
-        data = PAGE + _up(len(FIELDS) * 8 * units) + _up(units)
+        data = PAGE + _up(len(FIELDS) * 8 * units) + _up(units) + _up(4 * index_slots(units))
         if data + units * unit <= size:
             return unit, units, data
         units -= 1
@@ -215,14 +221,17 @@ def open_arena(directory: str, name: str, size: int) -> tuple[str, int, int]:
     return path, fd, lfd
 
 
-def map_arena(fd: int, size: int) -> tuple[mmap.mmap, dict[str, np.ndarray], np.ndarray, np.ndarray, int]:
-    """(the mapping, the entry field arrays, the unit map, the header words, data offset)."""
+def map_arena(fd: int, size: int) -> tuple[mmap.mmap, dict[str, np.ndarray], np.ndarray, np.ndarray,
+                                           np.ndarray, int]:
+    """(the mapping, the entry field arrays, the unit map, the key index, the header words, data offset)."""
     mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     _unit, units, data = geometry(size)
     fields, off = {}, PAGE
     for f in FIELDS:
         fields[f] = np.frombuffer(mm, np.uint64, count=units, offset=off)
         off += units * 8
-    umap = np.frombuffer(mm, np.uint8, count=units, offset=PAGE + _up(len(FIELDS) * 8 * units))
+    off = PAGE + _up(len(FIELDS) * 8 * units)
+    umap = np.frombuffer(mm, np.uint8, count=units, offset=off)
+    index = np.frombuffer(mm, np.uint32, count=index_slots(units), offset=off + _up(units))
     head = np.frombuffer(mm, np.uint64, count=8, offset=0)
-    return mm, fields, umap, head, data
+    return mm, fields, umap, index, head, data

@@ -177,6 +177,46 @@ def test_eviction_follows_the_store_policy(shm, policy):
             t.close()
 
 
+def test_the_key_index_agrees_with_a_model_through_puts_and_deletes(shm):
+    """Random puts and deletes of 300 keys (one unit each, no evictions) over a 512-slot index:
+    probes across collisions and backward shifts find exactly the keys the model holds."""
+    t = DramTier(2 * MB, "index", "lru", shm)
+    rng = np.random.default_rng(7)
+    model: set[int] = set()
+    try:
+        assert len(t._index) == 1024 and t.n > 300
+        for _ in range(3000):
+            k = int(rng.integers(300))
+            if rng.random() < 0.6:
+                assert t.put(_key(k), _data(k, 4000))
+                model.add(k)
+            else:
+                assert t.delete([_key(k)]) == [k in model]
+                model.discard(k)
+            probe = int(rng.integers(300))
+            assert t.contains([_key(probe)]) == (probe in model)
+        assert t.stats["dram_evictions"] == 0 and t.values() == len(model)
+        for k in range(300):
+            got = _read(t, k, 4000)
+            assert (got is not None) == (k in model) and (got is None or np.array_equal(got, _data(k, 4000)))
+    finally:
+        t.close()
+
+
+def test_a_held_lock_drops_puts_and_never_stops_reads(shm, monkeypatch):
+    t = DramTier(2 * MB, "busy", "lru", shm)
+    try:
+        assert t.put(_key(0), _data(0))
+        monkeypatch.setattr(dram_mod, "LOCK_TIMEOUT_S", 0.05)
+        with open(t.path[: -len(".dram")] + ".lock", "r+b") as other:  # another process holds it
+            fcntl.flock(other, fcntl.LOCK_EX)
+            assert not t.put(_key(1), _data(1)) and t.stats["dram_busy"] == 1
+            assert np.array_equal(_read(t, 0), _data(0))  # reads take no lock
+        assert t.put(_key(1), _data(1))
+    finally:
+        t.close()
+
+
 def test_values_survive_a_restart_of_their_writer(shm):
     _run(PUT_THEN, shm)  # a process writes and exits
     t = DramTier(2 * MB, "n", "lru", shm)
