@@ -22,10 +22,8 @@ import yaml
 
 from common.config import ConfigError
 from launch import k8s_objects as k
+from launch.auth import own_keys
 from launch.k8s_pods import (
-    API_TOKEN,
-    KEYS_DIR,
-    PROXY_TOKEN,
     Component,
     K8sOptions,
     SecretFile,
@@ -35,6 +33,7 @@ from launch.k8s_pods import (
 )
 from launch.kv_config import store_writers_per_path
 from launch.procs import plan
+from launch.topology import layout
 from pd.config import DeploymentConfig, HostConfig
 from pd.coordinator.curve import effective_auth, local_keys_dir
 
@@ -126,22 +125,10 @@ def _place_transport(kd: DeploymentConfig, name: str) -> None:
         t.infinistore.url = f"infinistore://{name}-infinistore:{port}" + (f"/?device={device}" if device else "")
 
 
-def _place_secrets(kd: DeploymentConfig) -> None:
-    """The key and token files at the paths the pods mount them at (``launch.k8s_pods``)."""
-    c = kd.coordinator
-    if effective_auth(c) == "curve":
-        c.keys_dir = KEYS_DIR
-        c.client_key = Path(c.client_key).name.removesuffix(".key_secret")
-    if kd.vllm.api_key_file:
-        kd.vllm.api_key_file = API_TOKEN
-    if kd.proxy.api_key_file:
-        kd.proxy.api_key_file = PROXY_TOKEN
-
-
 def k8s_config(dep: DeploymentConfig, o: K8sOptions) -> DeploymentConfig:
     """``dep`` placed on a cluster: a ``hosts:`` section (control = the coordinator's Service; each
     instance a pod of its own, or one pod for both pools with shm), every listener on 0.0.0.0,
-    the transport servers behind Services, keys and tokens where the pods mount them, GPUs as
+    the transport servers behind Services, GPUs as
     each container sees them (``vllm.device`` auto = cuda), no core binding (the kubelet places
     pods). The store keeps the pool's writer count (``store.writers``). Nothing else changes."""
     check_placeable(dep, o)
@@ -166,7 +153,6 @@ def k8s_config(dep: DeploymentConfig, o: K8sOptions) -> DeploymentConfig:
                 kd.hosts[f"{g}-{i}"] = HostConfig(address=f"{n}-{g}-{i}.{n}-{g}", bind=ANY, roles=[g])
             getattr(kd, g).count = min(1, getattr(dep, g).count)  # one instance per pod
     _place_transport(kd, n)
-    _place_secrets(kd)
     return kd
 
 
@@ -203,8 +189,12 @@ def objects(dep: DeploymentConfig, kd: DeploymentConfig, comp: Component, o: K8s
 def manifests(dep: DeploymentConfig, o: K8sOptions) -> tuple[dict[str, list[dict]], list[SecretFile]]:
     """{file name: objects} of the deployment, and the secret files the pods mount."""
     kd = k8s_config(dep, o)
-    files = secret_files(dep, kd, o)
-    return {f"{c.name}.yaml": objects(dep, kd, c, o, files) for c in components(kd)}, files
+    if kd.mode == "pd":  # each instance's own coordinator key, made (or kept) as `pd launch` does
+        own_keys(kd, [i.name for i in layout(kd).instances])
+    comps = components(kd)
+    specs = [s for c in comps for s in c.specs]
+    files = secret_files(kd, specs, o)
+    return {f"{c.name}.yaml": objects(dep, kd, c, o, files) for c in comps}, files
 
 
 def secrets_script(files: list[SecretFile], o: K8sOptions) -> str:
@@ -219,7 +209,7 @@ def secrets_script(files: list[SecretFile], o: K8sOptions) -> str:
     for f in files:
         secrets.setdefault(f.secret, []).append(f)
     for secret, fs in secrets.items():
-        args = " ".join(f"\\\n    --from-file={shlex.quote(f'{f.key}={f.source}')}" for f in fs)
+        args = " ".join("\\\n    --from-file=" + shlex.quote(f"{f.key}={f.path}") for f in fs)
         lines.append(f'kubectl "$@" create secret generic {secret} {args} \\\n'
                      f'    --dry-run=client -o yaml | kubectl "$@" apply -f -')
     if not secrets:

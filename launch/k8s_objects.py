@@ -27,16 +27,20 @@ def selector(name: str, component: str) -> dict[str, str]:
 
 
 def escape(arg: str) -> str:
-    """``arg`` with ``$(`` escaped: Kubernetes expands ``$(VAR)`` in a container's command and args."""
-    return arg.replace("$(", "$$(")
+    """``arg`` as Kubernetes must see it to pass it on unchanged: it expands ``$(VAR)`` in a
+    container's command, args and env values and reads ``$$`` as ``$``, so every ``$`` is doubled."""
+    return arg.replace("$", "$$")
 
 
 # ---- volumes and environment -----------------------------------------------------------
 
 
-def secret_volume(name: str, secret: str) -> dict:
-    """A Secret as files (one per key), owner-only (0400)."""
-    return {"name": name, "secret": {"secretName": secret, "defaultMode": SECRET_MODE}}
+def secret_volume(name: str, secret: str, items: list[tuple[str, str]] = ()) -> dict:
+    """A Secret as files, owner-only (0400): one per key, or ``items`` (key, path in the volume)."""
+    src = {"secretName": secret, "defaultMode": SECRET_MODE}
+    if items:
+        src["items"] = [{"key": key, "path": path} for key, path in items]
+    return {"name": name, "secret": src}
 
 
 def memory_volume(name: str, size_mb: int) -> dict:
@@ -52,10 +56,13 @@ def claim_volume(name: str, claim: str, read_only: bool) -> dict:
     return {"name": name, "persistentVolumeClaim": {"claimName": claim, "readOnly": read_only}}
 
 
-def mount(volume: str, path: str, read_only: bool = False, sub_path: str = "") -> dict:
+def mount(volume: str, path: str, read_only: bool = False, sub_path: str = "", sub_path_expr: str = "") -> dict:
+    """``sub_path``: one file or directory of the volume; ``sub_path_expr``: the same with ``$(VAR)``s."""
     m = {"name": volume, "mountPath": path, "readOnly": read_only}
     if sub_path:
         m["subPath"] = sub_path
+    if sub_path_expr:
+        m["subPathExpr"] = sub_path_expr
     return m
 
 

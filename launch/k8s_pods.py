@@ -1,11 +1,12 @@
 """The pods of ``pd launch --emit k8s``: each ``ProcSpec`` of the launcher's plan as a container.
 
 A container runs the spec's command line (the image's ``python`` for the launcher's own
-interpreter) with the spec's environment; its API token comes from a Secret, its key files from
-Secrets mounted owner-only (0400) where the plan's paths point (``KEYS_DIR``, ``API_TOKEN``,
-``PROXY_TOKEN``: ``launch.k8s.k8s_config`` puts them there), one file per mount (``subPath``):
-a Secret volume's own files are symlinks in a directory others may write, which pdkv's key
-checks (``pd.coordinator.keyfiles``) refuse; a file mounted alone is a regular file of root's. Probes follow the spec's readiness
+interpreter) with the spec's environment. The key and token files it reads (``files_read``) come
+from Secrets mounted owner-only (0400) at the same paths as here, one file per mount
+(``subPath``): a Secret volume's own files are symlinks in a directory others may write, which
+pdkv's key checks (``pd.coordinator.keyfiles``) refuse; a file mounted alone is a regular file
+of root's. A pool's pod gets only its own instance key: the pool's keys are one directory each
+in the Secret, and the pod mounts its own (``subPathExpr`` with its index). Probes follow the spec's readiness
 check. A pool's pods share one template: the instance's index comes from the pod's ordinal
 (``$(POD_INDEX)``), the only place where the pods' command lines differ.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from dataclasses import dataclass
 
@@ -21,12 +23,9 @@ from launch import k8s_objects as k
 from launch.procs import ProcSpec
 from pd.config import DeploymentConfig
 from pd.connector.heads import group_tp
-from pd.coordinator.curve import API_KEY, AUTHORIZED, SERVER, effective_auth
+from pd.coordinator.curve import API_KEY, AUTHORIZED, INSTANCES, SERVER
 from store.base import parse_path
 
-KEYS_DIR = "/etc/pdkv/keys"
-API_TOKEN = "/etc/pdkv/api-token/api.key"
-PROXY_TOKEN = "/etc/pdkv/proxy-token/api.key"
 SHM_BASE_MB = 1024  # /dev/shm of a vLLM pod beside the transport's pool (vLLM's workers, NCCL)
 DEV_SHM = "/dev/shm"
 # The name of a control process's main port in its Service (the rest serve HTTP).
@@ -44,13 +43,11 @@ class K8sOptions:
 
 @dataclass(frozen=True)
 class SecretFile:
-    """One file of a Secret: where the processes read it, and the file here it is made from."""
+    """One file a process reads, as a key of a Secret; it is at the same path here and in the pods."""
 
     secret: str
     key: str
-    path: str  # in the pods
-    source: str  # on this machine
-    side: str = ""  # coordinator keys: "server" (the coordinator's) or "client" (everyone else's)
+    path: str
 
 
 @dataclass
@@ -64,44 +61,55 @@ class Component:
     templated: bool = False
 
 
-def secret_files(dep: DeploymentConfig, kd: DeploymentConfig, o: K8sOptions) -> list[SecretFile]:
-    """The key and token files the pods need (``dep``: the files here; ``kd``: the paths in the pods).
+def _flag(argv: list[str], flag: str) -> str:
+    return argv[argv.index(flag) + 1] if flag in argv[:-1] else ""
 
-    The coordinator's Secret holds its secret key and the allow-list; the clients' (the proxy and
-    the instances) the coordinator's public key and their own keypair; never one the other's."""
-    out = []
-    c, n = dep.coordinator, o.name
-    if dep.mode == "pd" and effective_auth(c) == "curve":
-        src = os.path.expanduser(c.keys_dir)
-        server, client = f"{n}-coordinator-keys", f"{n}-client-keys"
-        out.append(SecretFile(server, f"{SERVER}.key_secret", f"{KEYS_DIR}/{SERVER}.key_secret",
-                              os.path.join(src, f"{SERVER}.key_secret"), "server"))
-        allowed = sorted(f for f in os.listdir(os.path.join(src, AUTHORIZED)) if f.endswith(".key"))
-        out += [SecretFile(server, f"{AUTHORIZED}-{f}", f"{KEYS_DIR}/{AUTHORIZED}/{f}",
-                           os.path.join(src, AUTHORIZED, f), "server") for f in allowed]
-        public = os.path.join(src, f"{SERVER}.key")
-        if not os.path.isfile(public):
-            raise ConfigError(f"coordinator.keys_dir: {public} does not exist; the clients' Secret holds the "
-                              f"coordinator's public key (never its secret one): run `pd keys {c.keys_dir}`")
-        own = f"{kd.coordinator.client_key}.key_secret"
-        mine = c.client_key if "/" in c.client_key or c.client_key.endswith(".key_secret") else \
-            os.path.join(src, own)
-        out += [SecretFile(client, f"{SERVER}.key", f"{KEYS_DIR}/{SERVER}.key", public, "client"),
-                SecretFile(client, own, f"{KEYS_DIR}/{own}", os.path.expanduser(mine), "client")]
-    for source, path, secret in ((dep.vllm.api_key_file, API_TOKEN, f"{n}-api-token"),
-                                 (dep.proxy.api_key_file, PROXY_TOKEN, f"{n}-proxy-token")):
-        if source:
-            out.append(SecretFile(secret, API_KEY, path, source))
+
+def _client_files(keys_dir: str, client_key: str) -> list[str]:
+    """What a coordinator client reads: the coordinator's public key and its own secret key."""
+    own = client_key if "/" in client_key or client_key.endswith(".key_secret") else \
+        os.path.join(keys_dir, f"{client_key}.key_secret")
+    return [os.path.join(keys_dir, f"{SERVER}.key"), os.path.expanduser(own)]
+
+
+def files_read(spec: ProcSpec) -> list[str]:
+    """The key and token files ``spec``'s process reads, from its command line (the plan's):
+    the coordinator its secret key and allow-list; a client (the proxy, an instance's connector)
+    the coordinator's public key and its own key; the proxy its token files. The API token an
+    instance reads into its environment is in ``spec.env_files``."""
+    argv = spec.argv
+    if spec.name == "coordinator" and "--keys-dir" in argv:
+        d = _flag(argv, "--keys-dir")
+        allowed = sorted(f for f in os.listdir(os.path.join(d, AUTHORIZED)) if f.endswith(".key"))
+        return [os.path.join(d, f"{SERVER}.key_secret")] + [os.path.join(d, AUTHORIZED, f) for f in allowed]
+    out = [_flag(argv, f) for f in ("--upstream-api-key-file", "--api-key-file") if _flag(argv, f)]
+    if "--coordinator-keys-dir" in argv:
+        out += _client_files(_flag(argv, "--coordinator-keys-dir"), _flag(argv, "--coordinator-client-key"))
+    extra = json.loads(_flag(argv, "--kv-transfer-config") or "{}").get("kv_connector_extra_config", {})
+    if extra.get("coordinator_keys_dir"):
+        out += _client_files(extra["coordinator_keys_dir"], extra["coordinator_client_key"])
     return out
 
 
-def needs(spec: ProcSpec, f: SecretFile) -> bool:
-    """Whether ``spec``'s process reads ``f``: its command line names the file (or, for keys, the
-    keys directory: the coordinator's side for the coordinator, the clients' for the others)."""
-    text = "\n".join(spec.argv)
-    if f.side:
-        return KEYS_DIR in text and (spec.name == "coordinator") == (f.side == "server")
-    return f.path in text
+def secret_files(dep: DeploymentConfig, specs: list[ProcSpec], o: K8sOptions) -> list[SecretFile]:
+    """Every file the processes of ``specs`` read, each in the Secret of who may hold it: the
+    coordinator's (its secret key, the allow-list), the instances' own keys, the API tokens, and
+    the clients' (the coordinator's public key, the control key), never one in another's."""
+    out: dict[str, SecretFile] = {}
+    n, c = o.name, dep.coordinator
+    paths = [p for s in specs for p in files_read(s)] + [p for s in specs for p in s.env_files.values()]
+    for path in paths:
+        d, base = os.path.dirname(path), os.path.basename(path)
+        if path == os.path.join(c.keys_dir, f"{SERVER}.key_secret") or d == os.path.join(c.keys_dir, AUTHORIZED):
+            f = SecretFile(f"{n}-coordinator-keys", base if base.endswith("_secret") else f"{AUTHORIZED}-{base}", path)
+        elif d == os.path.join(c.keys_dir, INSTANCES):
+            f = SecretFile(f"{n}-instance-keys", base, path)
+        elif path in (dep.vllm.api_key_file, dep.proxy.api_key_file):
+            f = SecretFile(f"{n}-api-token" if path == dep.vllm.api_key_file else f"{n}-proxy-token", API_KEY, path)
+        else:
+            f = SecretFile(f"{n}-client-keys", base, path)
+        out.setdefault(path, f)
+    return list(out.values())
 
 
 def container_argv(argv: list[str], o: K8sOptions) -> list[str]:
@@ -110,7 +118,8 @@ def container_argv(argv: list[str], o: K8sOptions) -> list[str]:
 
 
 def _templated_argv(spec: ProcSpec, group: str, o: K8sOptions) -> list[str]:
-    """``spec``'s escaped command line with its instance id made ``<group>-$(POD_INDEX)``."""
+    """``spec``'s escaped command line with its instance id made ``<group>-$(POD_INDEX)`` (in
+    ``instance_id`` and in the name of its own key file)."""
     argv = [k.escape(a) for a in container_argv(spec.argv, o)]
     if "--kv-transfer-config" in argv:
         i = argv.index("--kv-transfer-config") + 1
@@ -118,7 +127,9 @@ def _templated_argv(spec: ProcSpec, group: str, o: K8sOptions) -> list[str]:
         extra = cfg["kv_connector_extra_config"]
         if extra["instance_id"] != spec.name:
             raise ConfigError(f"{spec.name}: its instance_id is {extra['instance_id']!r}; expected its name")
-        extra["instance_id"] = f"{group}-$({k.POD_INDEX_ENV})"
+        name = re.compile(rf"(?<![\w.-]){re.escape(spec.name)}(?![\w-])")
+        for key in ("instance_id", "coordinator_client_key"):
+            extra[key] = name.sub(f"{group}-$({k.POD_INDEX_ENV})", extra[key])
         argv[i] = json.dumps(cfg)
     return argv
 
@@ -215,6 +226,25 @@ def _group(comp: Component, spec: ProcSpec) -> str:
     return comp.name if comp.templated else spec.name.rsplit("-", 1)[0]
 
 
+def _secret_mounts(spec: ProcSpec, comp: Component, files: list[SecretFile],
+                   o: K8sOptions) -> tuple[list[dict], list[dict]]:
+    """(volumes, mounts) of the files ``spec`` reads; a pool's pod mounts its own key's directory."""
+    by_path = {f.path: f for f in files}
+    vols, mounts = {}, []
+    for path in dict.fromkeys(files_read(spec)):
+        f = by_path[path]
+        vol = f.secret.removeprefix(f"{o.name}-")
+        if comp.templated and f.secret == f"{o.name}-instance-keys":
+            ids = [s.name for s in comp.specs]
+            vols[vol] = k.secret_volume(vol, f.secret, [(f"{i}.key_secret", f"{i}/{i}.key_secret") for i in ids])
+            mounts.append(k.mount(vol, os.path.dirname(path), read_only=True,
+                                  sub_path_expr=f"{comp.name}-$({k.POD_INDEX_ENV})"))
+            continue
+        vols.setdefault(vol, k.secret_volume(vol, f.secret))
+        mounts.append(k.mount(vol, path, read_only=True, sub_path=f.key))
+    return list(vols.values()), mounts
+
+
 def pod(dep: DeploymentConfig, kd: DeploymentConfig, comp: Component, o: K8sOptions,
         files: list[SecretFile]) -> tuple[dict, list[tuple[str, int]]]:
     """The pod template of ``comp`` and the ports its containers listen on."""
@@ -224,17 +254,13 @@ def pod(dep: DeploymentConfig, kd: DeploymentConfig, comp: Component, o: K8sOpti
     containers, ports = [], []
     for spec in comp.specs[:1] if comp.templated else comp.specs:
         argv = pool_argv(comp, o) if comp.templated else [k.escape(a) for a in container_argv(spec.argv, o)]
-        mounts = list(inst_mounts) if pool else []
-        for f in files:
-            if needs(spec, f):
-                vol = f.secret.removeprefix(f"{o.name}-")
-                volumes[vol] = k.secret_volume(vol, f.secret)
-                mounts.append(k.mount(vol, f.path, read_only=True, sub_path=f.key))
+        vols, mounts = _secret_mounts(spec, comp, files, o)
+        volumes.update({v["name"]: v for v in vols})
         gpus = group_tp(kd, _group(comp, spec)) if pool and kd.vllm.device == "cuda" else 0
         c_ports = spec_ports(kd, spec)
         ports += c_ports
         containers.append(k.container(comp.name if comp.templated else spec.name, o.image, argv,
                                       container_env(spec, files, comp.templated), c_ports,
-                                      probes(spec, kd.vllm.startup_timeout_s), mounts, gpus))
+                                      probes(spec, kd.vllm.startup_timeout_s), inst_mounts + mounts, gpus))
     share_pids = pool and not comp.templated  # one pod for both pools: the shm transport checks pids
     return k.pod_template(k.labels(o.name, comp.name), containers, list(volumes.values()), share_pids), ports
