@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from common.config import ConfigError
-from launch.kv_config import instance_key_file, makes_instance_keys
+from launch.kv_config import makes_instance_keys
 from launch.procs import ProcSpec
 from launch.topology import layout
 from pd.config import DeploymentConfig
@@ -44,18 +44,20 @@ def resolve_auth(dep: DeploymentConfig) -> None:
         c.auth = "none"
 
 
-def own_keys(dep: DeploymentConfig, specs: list[ProcSpec] = ()) -> None:
-    """Make the keys ``resolve_auth`` chose for a one-host deployment, and each P/D instance's own key
-    among ``specs`` where this host authorizes keys (``launch.kv_config.makes_instance_keys``); all
-    kept across launches."""
+def own_keys(dep: DeploymentConfig, instances: list[str] = ()) -> bool:
+    """Make the keys ``resolve_auth`` chose for a one-host deployment, and where this host
+    authorizes keys (``launch.kv_config.makes_instance_keys``) one key of its own per instance in
+    ``instances`` (the P/D instances started here); all kept across launches. True if instance
+    keys were made or kept (their commands are then planned again, to name them)."""
     c = dep.coordinator
     if dep.mode != "pd" or c.auth != "curve":
-        return
+        return False
     if c.keys_dir == str(local_keys_dir(c.advertise_port or c.port)):
         make_keys(c.keys_dir)
-    names = [s.name for s in specs if "--kv-transfer-config" in s.argv and instance_key_file(dep, s.name)]
-    if names and makes_instance_keys(dep):
-        make_instance_keys(c.keys_dir, names)
+    if not instances or not makes_instance_keys(dep):
+        return False
+    make_instance_keys(c.keys_dir, list(instances))
+    return True
 
 
 def check_keys(dep: DeploymentConfig, roles: list[str]) -> None:

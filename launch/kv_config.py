@@ -27,18 +27,21 @@ def store_writers_per_path(dep: DeploymentConfig) -> int:
 
 def makes_instance_keys(dep: DeploymentConfig) -> bool:
     """Whether this host's launcher can authorize keys of its own making (its keys directory holds
-    the coordinator's keys, or is the one ``pd launch`` makes for a one-host deployment): then each
-    instance it starts gets a key of its own (``launch.auth.own_keys`` makes them)."""
+    the coordinator's keys, or is the one ``pd launch`` makes for a one-host deployment): then it
+    gives each instance it starts a key of its own (``launch.auth.own_keys``)."""
     c = dep.coordinator
     return bool(c.keys_dir) and (c.keys_dir == str(local_keys_dir(c.advertise_port or c.port))
                                  or (Path(c.keys_dir).expanduser() / f"{SERVER}.key_secret").exists())
 
 
 def instance_key_file(dep: DeploymentConfig, instance_id: str) -> str:
-    """The key file of ``instance_id``'s own coordinator key, ``<keys_dir>/instances/<id>.key_secret``,
-    when the launcher makes it or a copied bundle holds it; "" otherwise (the host's key is used)."""
+    """``<keys_dir>/instances/<id>.key_secret``, ``instance_id``'s own coordinator key, if it exists
+    (``pd launch`` made it, or ``pd keys DIR --instance NAME`` and a copy); "" otherwise: the
+    instance uses the host's key (``coordinator.client_key``)."""
+    if not dep.coordinator.keys_dir:
+        return ""
     f = Path(dep.coordinator.keys_dir).expanduser() / INSTANCES / f"{instance_id}.key_secret"
-    return str(f) if dep.coordinator.keys_dir and (makes_instance_keys(dep) or f.exists()) else ""
+    return str(f) if f.exists() else ""
 
 
 def kv_transfer_config(dep: DeploymentConfig, role: str, instance_id: str, coordinator: str = "") -> dict:

@@ -178,9 +178,11 @@ class Deployment:
         log.debug("started %s (pid %d): %s", spec.name, proc.pid, format_command(spec))
 
     def check(self) -> None:
-        """This share's ports are free and its key files exist (making a one-host deployment's keys)."""
+        """This share's ports are free and its key files exist (making a one-host deployment's keys
+        and its instances' own keys, which the instances' commands then name)."""
         check_ports(self.dep, **self._share)
-        own_keys(self.dep, self.specs)
+        if own_keys(self.dep, [s.name for s in self.specs if "--kv-transfer-config" in s.argv]):
+            self.specs = plan(self.dep, **self._share)
         check_keys(self.dep, self.roles)
 
     def start(self, progress: Progress = print, wait: bool = True) -> "Deployment":

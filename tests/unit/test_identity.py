@@ -64,8 +64,10 @@ def test_pd_launch_gives_each_instance_a_key_of_its_own(tmp_path, monkeypatch):
     monkeypatch.setenv("PDKV_KEYS_HOME", str(tmp_path / "home"))
     dep = load(DeploymentConfig, {"model": str(tmp_path), "prefill": {"count": 2}})
     resolve_auth(dep)
-    specs = plan(dep)
-    own_keys(dep, specs)
+    names = [s.name for s in plan(dep) if "--kv-transfer-config" in s.argv]
+    assert kv_transfer_config(dep, "decode", "decode-0")["kv_connector_extra_config"]["coordinator_client_key"] \
+        == "client"  # no key of its own yet: the host's
+    own_keys(dep, names)  # pd launch, before it plans the commands again
     d = Path(dep.coordinator.keys_dir)
     files = {name: kv_transfer_config(dep, role, name)["kv_connector_extra_config"]["coordinator_client_key"]
              for name, role in (("prefill-0", "prefill"), ("prefill-1", "prefill"), ("decode-0", "decode"))}
@@ -77,7 +79,7 @@ def test_pd_launch_gives_each_instance_a_key_of_its_own(tmp_path, monkeypatch):
         f"instance.{n}.key" for n in sorted(files)]
     assert all(Path(f).stat().st_mode & 0o777 == 0o600 for f in files.values())
     before = Path(files["decode-0"]).read_bytes()
-    own_keys(dep, specs)  # a second launch keeps them
+    own_keys(dep, names)  # a second launch keeps them
     assert Path(files["decode-0"]).read_bytes() == before
 
 
