@@ -204,10 +204,11 @@ ROWS = [("TTFT p50 ms", "ttft_p50", 1e3), ("TTFT p90 ms", "ttft_p90", 1e3), ("TT
 
 
 def format_table(figures: dict[str, dict]) -> str:
-    """One row per metric, one column per mode, then pd/<mode> ratios when pd is the first mode."""
+    """One row per metric, one column per mode, then <first>/<mode> ratios when the first mode is a
+    P/D one (pd, or pd-1P3D at another split)."""
     modes = list(figures)
-    others = modes[1:] if modes and modes[0] == "pd" else []
-    head = ["metric", *modes] + [f"pd/{m}" for m in others]
+    others = modes[1:] if modes and modes[0].split("-")[0] == "pd" else []
+    head = ["metric", *modes] + [f"{modes[0]}/{m}" for m in others]
     lines = ["| " + " | ".join(head) + " |", "|:---|" + "---:|" * (len(head) - 1)]
     for label, key, scale in ROWS:
         vals = [figures[m].get(key) for m in modes]

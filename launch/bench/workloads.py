@@ -33,6 +33,7 @@ class Workload:
     slo_ttft_ms: float
     slo_tpot_ms: float
     long_from: int  # prompts of at least this many tokens (before scaling) count as long
+    scalable: bool = True  # False: --length-scale leaves its lengths alone (custom: given in tokens)
 
 
 WORKLOADS: dict[str, Workload] = {
@@ -62,7 +63,7 @@ def custom_workload(args) -> Workload:
              Mix(1.0 - args.long_fraction, (args.short_tokens,) * 2, (args.max_tokens,) * 2))
     return Workload(CUSTOM, f"{args.long_fraction:g} of the prompts {args.long_tokens} tokens, the rest "
                     f"{args.short_tokens}; {args.max_tokens} output tokens", mixes, *LEGACY_SLO_MS,
-                    long_from=max(args.long_tokens, args.short_tokens))
+                    long_from=max(args.long_tokens, args.short_tokens), scalable=False)
 
 
 def parse_workloads(text: str, args) -> list[Workload]:
@@ -120,11 +121,13 @@ def split_name(prefill: int, decode: int) -> str:
 
 
 def scaled(lo_hi: tuple[int, int], scale: float) -> tuple[int, int]:
+    """A length range times ``scale`` (at least one token)."""
     return max(1, round(lo_hi[0] * scale)), max(1, round(lo_hi[1] * scale))
 
 
 def longest(w: Workload, scale: float) -> int:
     """The most tokens (prompt + output) one request of ``w`` can need at ``scale``."""
+    scale = scale if w.scalable else 1.0
     return max(scaled(m.prompt, scale)[1] + scaled(m.output, scale)[1] for m in w.mixes if m.share > 0)
 
 
@@ -133,6 +136,7 @@ def make_requests(w: Workload, n: int, rate: float, scale: float, seed: str) -> 
     prompts depend on ``seed`` only, so every mode gets the same ones and another seed others."""
     if n < 1 or not rate > 0 or not scale > 0:
         raise ValueError(f"need --requests >= 1, rates > 0 and --length-scale > 0 (got {n}, {rate}, {scale})")
+    scale = scale if w.scalable else 1.0
     rng = random.Random(f"{seed}/{w.name}")
     times = random.Random(f"{seed}/{w.name}/arrivals")
     shares = [m.share for m in w.mixes]

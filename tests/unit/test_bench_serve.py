@@ -54,6 +54,9 @@ def test_table_has_a_ratio_column_for_pd_against_colocated():
     ttft = next(line for line in table.splitlines() if line.startswith("| TTFT p50 ms |"))
     assert ttft == "| TTFT p50 ms | 100.0 | 200.0 | 0.50 |"
     assert "pd/colocated" not in format_table({"pd": pd})
+    assert format_table({"pd-1P3D": pd, "colocated-4": co}).splitlines()[0] == \
+        "| metric | pd-1P3D | colocated-4 | pd-1P3D/colocated-4 |"
+    assert format_table({"colocated": co, "pd": pd}).splitlines()[0] == "| metric | colocated | pd |"
 
 
 def test_unknown_mode_exit_2(tmp_path, capsys):

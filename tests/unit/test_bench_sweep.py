@@ -47,6 +47,9 @@ def test_rates_workloads_and_splits_parse():
     assert [w.name for w in parse_workloads("chat,longdoc,decode_heavy", _args())] == ["chat", "longdoc", "decode_heavy"]
     custom = parse_workloads("custom", _args("--long-fraction", "0.5", "--long-tokens", "300"))[0]
     assert [m.prompt for m in custom.mixes] == [(300, 300), (128, 128)] and custom.slo_ttft_ms == 2000
+    reqs = make_requests(custom, 20, 2.0, 0.2, "0/0")  # custom lengths are tokens: --length-scale leaves them
+    assert {len(r.prompt) for r in reqs} == {300, 128} and {r.max_tokens for r in reqs} == {64}
+    assert [r.long for r in reqs] == [len(r.prompt) == 300 for r in reqs]
     assert parse_splits("1P1D,1p3d,2P2D,3P1D") == [(1, 1), (1, 3), (2, 2), (3, 1)]
 
 
