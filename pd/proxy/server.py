@@ -33,6 +33,7 @@ from pd.proxy.listen import (
     make_runner,
     raise_fd_limit,
 )
+from pd.coordinator.protocol import ID_RULE, valid_id
 from pd.proxy.metrics import CONTENT_TYPE, ProxyMetrics
 from pd.proxy.relay import Relay
 from pd.proxy.routing import POLICIES, json_error, make_pool, parse_urls
@@ -210,6 +211,8 @@ class Proxy(Relay):
         """GET /pd/transfers/{pd_id}: the coordinator's record of one transfer, with its timeline and
         spans (the proxy's events and the coordinator's, ``pd.proxy.timeline``)."""
         pd_id = request.match_info["pd_id"]
+        if not valid_id(pd_id):
+            return json_error(f"{pd_id[:64]!r} is not a pd_id: {ID_RULE}", 400, "invalid_request_error")
         if self.coord is None:
             return json_error("no coordinator configured", 503, "unavailable")
         reply = await self.coord.query(pd_id)
