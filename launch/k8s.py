@@ -15,7 +15,6 @@ import argparse
 import copy
 import re
 import shlex
-from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -63,12 +62,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def options_from_args(args: argparse.Namespace) -> K8sOptions:
-    fmt, out = args.emit
+    fmt = args.emit[0]
     if fmt not in EMIT_FORMATS:
         raise ConfigError(f"--emit: {fmt!r} is not allowed; choose {', '.join(EMIT_FORMATS)} (then a directory)")
-    if getattr(args, "role", None) is not None or getattr(args, "host", None) is not None or args.dry_run:
-        raise ConfigError("--emit k8s: the manifests place every part of the deployment; drop --role, --host and "
-                          "--dry-run")
+    if (getattr(args, "role", None) is not None or getattr(args, "host", None) is not None or args.dry_run
+            or getattr(args, "ray", None) is not None):
+        raise ConfigError("--emit k8s: the manifests place every part of the deployment; drop --role, --host, "
+                          "--ray and --dry-run")
     o = K8sOptions(image=args.image, name=args.k8s_name, model_claim=args.model_claim, store_claim=args.store_claim)
     check_options(o)
     return o
