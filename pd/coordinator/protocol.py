@@ -6,6 +6,7 @@ another version, or sending anything that does not decode to one of these struct
 """
 from __future__ import annotations
 
+import re
 from typing import Annotated, Literal
 
 import msgspec
@@ -21,7 +22,10 @@ PROTOCOL_TAG = b"pdkv/%d" % PROTOCOL_VERSION
 Count = Annotated[int, msgspec.Meta(ge=0, le=1 << 53)]  # a float counter adds it exactly
 # Strings a peer may send are bounded (an authorized peer could otherwise make the coordinator hold
 # and log megabytes per message): ids are short and plain, free text is cut at 4 KiB.
-Id = Annotated[str, msgspec.Meta(max_length=128, pattern=r"^[A-Za-z0-9_.:/-]*$")]
+MAX_ID_CHARS = 128
+ID_PATTERN = r"^[A-Za-z0-9_.:/-]*\Z"  # \Z: "$" would let a trailing newline through
+ID_RULE = f"at most {MAX_ID_CHARS} characters, each a letter, a digit or one of _ . : / -"
+Id = Annotated[str, msgspec.Meta(max_length=MAX_ID_CHARS, pattern=ID_PATTERN)]
 Text = Annotated[str, msgspec.Meta(max_length=4096)]
 Keys = Annotated[list[Annotated[str, msgspec.Meta(max_length=512)]], msgspec.Meta(max_length=1 << 16)]
 Seconds = Annotated[float, msgspec.Meta(ge=0, le=1e9)]  # finite (NaN fails ge)
@@ -255,6 +259,11 @@ _reply_decoder = msgspec.msgpack.Decoder(ReplyMsg)
 
 class ProtocolError(ValueError):
     pass
+
+
+def valid_id(value: str) -> bool:
+    """Whether ``value`` is a non-empty id the coordinator takes (a pd_id, an instance id): ``ID_RULE``."""
+    return 0 < len(value) <= MAX_ID_CHARS and re.fullmatch(ID_PATTERN, value) is not None
 
 
 def encode(msg: msgspec.Struct) -> list[bytes]:

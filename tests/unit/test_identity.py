@@ -13,6 +13,7 @@ import os
 import time
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from common.config import ConfigError, load
@@ -22,7 +23,21 @@ from launch.procs import plan
 from pd.config import CoordinatorConfig, DeploymentConfig
 from pd.coordinator.client import CoordinatorClient, InstanceAgent
 from pd.coordinator.curve import load_client_keys, load_server_keys, make_keys, read_token
-from pd.coordinator.protocol import Ack, Done, Error, Heartbeat, Query, QueryReply, Ready, Register, Wait
+from pd.coordinator.protocol import (
+    PROTOCOL_TAG,
+    Ack,
+    Done,
+    Error,
+    Heartbeat,
+    ProtocolError,
+    Query,
+    QueryReply,
+    Ready,
+    Register,
+    Wait,
+    decode_client,
+    valid_id,
+)
 from pd.coordinator.server import Coordinator
 
 pytestmark = pytest.mark.timeout(60)
@@ -232,3 +247,14 @@ def test_an_authorized_key_others_can_write_lets_no_one_in(keys, coord, caplog):
         hostb.close()
     assert "ignoring" in caplog.text and "mode 0666" in caplog.text
     assert isinstance(client().call(Query()), QueryReply)
+
+
+def test_ids_are_plain_to_their_last_character():
+    """pd_ids and instance ids: at most 128 of ``[A-Za-z0-9_.:/-]``; a trailing newline (which a
+    ``$`` pattern lets through) would put a line of the peer's choosing into the log."""
+    for bad in ("abc\n", "a" * 129, "a b", "é"):
+        with pytest.raises(ProtocolError, match="pd_id"):
+            decode_client([PROTOCOL_TAG, msgspec.msgpack.encode({"type": "wait", "pd_id": bad, "rank": 0,
+                                                                 "timeout_s": 1})])
+        assert not valid_id(bad)
+    assert valid_id("f" * 128) and valid_id("prefill-0/tp1")

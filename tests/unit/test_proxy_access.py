@@ -9,6 +9,9 @@ import json
 import aiohttp
 
 from launch.cli import main as cli_main
+from pd.config import CoordinatorConfig
+from pd.coordinator.client import AsyncCoordinatorClient
+from pd.coordinator.server import Coordinator
 from tests.unit.test_proxy import REQ, FakeCoord, deployment, eventually, run
 
 
@@ -169,6 +172,29 @@ def test_transfer_records_need_the_key_and_the_clients_key_stays_at_the_proxy():
             # no upstream key (vllm.api_key_file): the instances get no Authorization, not the proxy's key
             assert env.p[0].auth == [None] and env.d[0].auth == [None]
     run(go())
+
+
+def test_a_transfer_record_is_asked_only_for_a_valid_pd_id():
+    """A pd_id in /pd/transfers/ that the coordinator would refuse (too long, other characters) is a
+    400 naming the rule, not a 503 "the coordinator did not answer" (a real coordinator)."""
+    coordinator = Coordinator(CoordinatorConfig(port=0)).start_in_thread()
+
+    async def go():
+        client = AsyncCoordinatorClient(coordinator.address, timeout_s=2)
+        async with deployment(coord=client) as env:
+            for bad in ("x" * 129, "a%20b", "%C3%A9t%C3%A9"):
+                async with env.client.get(env.url + "/pd/transfers/" + bad) as r:
+                    assert r.status == 400, bad
+                    assert "is not a pd_id: at most 128 characters" in (await r.json())["error"]["message"]
+            async with env.client.get(env.url + "/pd/transfers/" + "f" * 128) as r:
+                assert r.status == 404  # valid, and asked: no such record
+        client.close()
+
+    try:
+        run(go())
+    finally:
+        coordinator.stop()
+    assert coordinator.counters["malformed"] == 0
 
 
 async def _closed(reader: asyncio.StreamReader) -> bool:
