@@ -5,7 +5,7 @@ tier"). The file, its checks and its layout: store/dram_arena.py.
 The arena holds ``units`` units of ``unit`` bytes; a value takes a run of whole units (first fit)
 and one entry of the table, whose fields are: ``stamp = seq << 2 | state`` (FREE, RESERVED,
 COMMITTED), the key's 128-bit digest (``d0``, ``d1``), ``start`` and ``units`` of its run, its
-``length``, the writer (``pid``: a random token << 32 | pid), and for eviction ``tick`` (last
+``length``, the writer (``pid``: its process's random token << 32 | its pid), and for eviction ``tick`` (last
 use, CLOCK_MONOTONIC ns, the same clock in every process of the host), ``hits`` and ``born``.
 
 A key index (open addressing over the digest, linear probing, backward-shift deletion) finds a
@@ -55,6 +55,10 @@ log = logging.getLogger(__name__)
 FREE, RESERVED, COMMITTED = 0, 1, 2
 POLICIES = ("lru", "lfu", "fifo")
 LOCK_TIMEOUT_S = 2.0
+#: This process's mark in the entries it reserves (with its pid): every tier object of the process
+#: shares it, so one never takes another's copy in flight for a dead writer's; a later process that
+#: happens to get the same pid has another token.
+_TOKEN = secrets.randbits(31)
 
 #: The tier's counters (this process's; ``usage()`` adds the arena's shared state).
 STAT_KEYS = (
@@ -82,6 +86,10 @@ def digest(key: str) -> tuple[int, int]:
     return int.from_bytes(d[:8], "little"), int.from_bytes(d[8:], "little")
 
 
+def _owner() -> int:
+    return _TOKEN << 32 | os.getpid()
+
+
 def default_dir() -> str:
     return os.path.join(arena.SHM_DIR, f"pdkv-dram-{os.geteuid()}")
 
@@ -104,7 +112,6 @@ class DramTier:
         self.unit, self.n = int(self._head[H_UNIT]), int(self._head[H_UNITS])
         self.budget = self.max_value = self.n * self.unit
         self._addr = ctypes.addressof(ctypes.c_char.from_buffer(self._mm))  # temporary export, gone
-        self._owner = secrets.randbits(31) << 32 | os.getpid()
         self._lock = threading.Lock()
         self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
         torch = sys.modules.get("torch")  # a process that uses CUDA has imported torch already
@@ -210,7 +217,7 @@ class DramTier:
     def _dead(self, i: int) -> bool:
         """Whether RESERVED entry ``i``'s writer is gone (dead, or an earlier process of our pid)."""
         owner = int(self._pid[i])
-        if owner == self._owner:
+        if owner == _owner():
             return False
         pid = owner & 0xFFFFFFFF
         return pid == os.getpid() or not pid_alive(pid)
@@ -379,7 +386,7 @@ class DramTier:
             i, start = got
             seq = self._next_seq()
             for arr, v in ((self._d0, d0), (self._d1, d1), (self._start, start), (self._units, units),
-                           (self._length, n), (self._pid, self._owner), (self._hits, 0)):
+                           (self._length, n), (self._pid, _owner()), (self._hits, 0)):
                 arr[i] = v
             self._tick[i] = self._born[i] = time.monotonic_ns()
             self._stamp[i] = seq << 2 | RESERVED

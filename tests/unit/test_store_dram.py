@@ -251,6 +251,20 @@ t.put("dram-test/0/torn", np.ones(200_000, np.uint8))
         t.close()
 
 
+def test_a_copy_in_flight_is_never_reclaimed_by_another_tier_of_its_process(shm):
+    a = DramTier(2 * MB, "flight", "lru", shm)
+    d0, d1 = dram_mod.digest(_key(0))
+    i, _start, _seq = a._reserve(d0, d1, 200_000, 49)  # reserved, being copied
+    b = DramTier(2 * MB, "flight", "lru", shm)  # another object of this process checks at start
+    try:
+        assert b.stats["dram_reclaimed"] == 0 and int(b._stamp[i]) & 3 == dram_mod.RESERVED
+        assert b.put(_key(0), _data(0))  # a duplicate of the one in flight: skipped
+        assert b.stats["dram_duplicates"] == 1 and b.contains([_key(0)]) == 0
+    finally:
+        a.close()
+        b.close()
+
+
 def test_a_writer_killed_inside_the_lock_is_repaired(shm):
     _run(PUT_THEN + """
 with t._locked():
