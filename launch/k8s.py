@@ -39,6 +39,7 @@ from pd.coordinator.curve import effective_auth, local_keys_dir
 EMIT_FORMATS = ("k8s",)
 DEFAULT_IMAGE = "pdkv:latest"
 SECRETS_SCRIPT = "create-secrets.sh"
+HEADER = "# Made by `pd launch --emit k8s` from the launcher's plan; made again, not edited (docs/kubernetes.md)\n"
 ANY = "0.0.0.0"
 _NAME = re.compile(r"[a-z]([-a-z0-9]{0,28}[a-z0-9])?")
 POOLS = ("prefill", "decode")
@@ -231,10 +232,13 @@ def emit(dep: DeploymentConfig, o: K8sOptions, out_dir: str | Path) -> list[Path
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--emit k8s: {out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
+    for old in out.glob("*.yaml"):  # an earlier emit's component that this one has not (kubectl apply -f DIR)
+        if old.name not in docs and old.read_text().startswith(HEADER):
+            old.unlink()
     written = []
     for fname, objs in docs.items():
         path = out / fname
-        path.write_text(yaml.dump_all(objs, Dumper=_Dumper, sort_keys=False))
+        path.write_text(HEADER + yaml.dump_all(objs, Dumper=_Dumper, sort_keys=False))
         written.append(path)
     script = out / SECRETS_SCRIPT
     script.write_text(secrets_script(files, o))

@@ -172,7 +172,8 @@ def spec_ports(kd: DeploymentConfig, spec: ProcSpec) -> list[tuple[str, int]]:
 
 
 def service_ports(ports: list[tuple[str, int]]) -> list[tuple[str, int]]:
-    """The pod's ports once each (the containers of one pod listen on distinct ports)."""
+    """The pod's ports once each, each name once (the containers of one pod listen on distinct
+    ports; a second ``http`` is ``http-8101``)."""
     seen: dict[int, str] = {}
     for name, port in ports:
         seen.setdefault(port, name if name not in seen.values() else f"{name}-{port}")
@@ -257,7 +258,7 @@ def pod(dep: DeploymentConfig, kd: DeploymentConfig, comp: Component, o: K8sOpti
         vols, mounts = _secret_mounts(spec, comp, files, o)
         volumes.update({v["name"]: v for v in vols})
         gpus = group_tp(kd, _group(comp, spec)) if pool and kd.vllm.device == "cuda" else 0
-        c_ports = spec_ports(kd, spec)
+        c_ports = service_ports(ports + spec_ports(kd, spec))[len(ports):]  # names unique in the pod
         ports += c_ports
         containers.append(k.container(comp.name if comp.templated else spec.name, o.image, argv,
                                       container_env(spec, files, comp.templated), c_ports,

@@ -350,3 +350,25 @@ def test_an_unknown_emit_format_is_refused(model, keys, tmp_path, capsys):
     argv[argv.index("k8s")] = "helm"
     assert main(argv) == 2
     assert "'helm' is not allowed; choose k8s" in capsys.readouterr().err
+
+
+def test_a_second_emit_replaces_the_first_ones_components(model, keys, tmp_path):
+    """Switching from shm (one pod for both pools) to mooncake leaves no stale pd.yaml for
+    `kubectl apply -f DIR` to apply; a file the emit did not make is left alone."""
+    out = tmp_path / "out"
+    assert main(_args(model, keys, out, CONFIGS["shm-cpu"](keys))) == 0
+    (out / "mine.yaml").write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: mine}\n")
+    assert (out / "pd.yaml").exists()
+    assert main(_args(model, keys, out, CONFIGS["mooncake-gpu-tp"](keys))) == 0
+    assert sorted(p.name for p in out.glob("*.yaml")) == [
+        "coordinator.yaml", "decode.yaml", "mine.yaml", "mooncake-master.yaml", "prefill.yaml", "proxy.yaml"]
+
+
+def test_containers_of_one_pod_name_their_ports_apart(model, keys, tmp_path):
+    _, o, _, docs, _ = _setup(model, keys, tmp_path, CONFIGS["shm-cpu"](keys))
+    pod = _workload(docs, f"{o.name}-pd")["spec"]["template"]["spec"]
+    names = [p["name"] for c in pod["containers"] for p in c["ports"]]
+    assert names == ["http", "http-8101", "http-8200"]
+    svc = next(x for x in _all(docs) if x["kind"] == "Service" and x["metadata"]["name"] == f"{o.name}-pd")
+    assert [(p["name"], p["port"]) for p in svc["spec"]["ports"]] == [("http", 8100), ("http-8101", 8101),
+                                                                     ("http-8200", 8200)]
