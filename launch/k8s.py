@@ -100,6 +100,10 @@ def check_placeable(dep: DeploymentConfig, o: K8sOptions) -> None:
         raise ConfigError("--emit k8s: the instances reach the coordinator over the cluster's network, so it needs "
                           "keys of its own: run `pd keys DIR` and pass --keys-dir DIR (coordinator.keys_dir); or, "
                           "on a network you trust, set coordinator.allow_insecure: true")
+    t = dep.connector.transport
+    if shared_pod(dep) and t.shm_memory == "gpu":
+        raise ConfigError("connector.transport.shm_memory: gpu maps a prefill's GPU memory into the decode through "
+                          "CUDA IPC, and in a pod each container sees only its own GPUs; allowed with --emit k8s: host")
     s = dep.connector.store
     if dep.mode == "pd" and s.backend == "hf3fs":
         raise ConfigError("connector.store.backend: hf3fs is not supported by --emit k8s (USRBIO needs the node's "

@@ -334,6 +334,8 @@ def test_store_and_model_claims_are_mounted_at_the_configs_paths(model, keys, tm
     ({"connector": {"transport": {"kind": "none"}, "store": {"backend": "local", "paths": ["/x"]}}}, (),
      "--store-claim"),
     ({}, ("--k8s-name", "Bad_Name"), "--k8s-name"),
+    ({"vllm": {"device": "cuda"}, "connector": {"transport": {"shm_memory": "gpu"}}}, (), "allowed with --emit k8s: host"),
+    ({"connector": {"store": {"backend": "hf3fs"}}}, (), "hf3fs is not supported by --emit k8s"),
     ({}, ("--role", "decode"), "drop --role"),
     ({}, ("--model-claim", "UPPER"), "--model-claim"),
 ])
