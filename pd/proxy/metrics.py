@@ -37,6 +37,10 @@ class ProxyMetrics:
                              "from (prefill, prefill_only: token 1 ended the answer, decode: the old flow, "
                              "decode_only: several sequences, answered by a decode instance alone) and "
                              "why (the reason for the last two)", ["path", "why"], registry=r)
+        self.prefix_routes = Gauge("pdkv_proxy_prefix_routes", "prefix-policy choices since start, by pool and "
+                                   "outcome: hit (to an instance with the longest prefix match), spill (a longer "
+                                   "match was too loaded), miss (no instance matched)", ["role", "outcome"],
+                                   registry=r)
         self.ttft_s = Histogram("pdkv_proxy_ttft_seconds", "time to the first streamed bytes of the answer",
                                 registry=r, buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
 
@@ -62,6 +66,9 @@ class ProxyMetrics:
         for pool in pools:
             for url, n in pool.outstanding.items():
                 self.inflight.labels(pool.role, url).set(n)
+            if pool.index is not None:
+                for outcome, n in pool.routes.items():
+                    self.prefix_routes.labels(pool.role, outcome).set(n)
         text = generate_latest(self.registry)
         if coordinator_counters:
             lines = []

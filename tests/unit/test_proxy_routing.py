@@ -254,6 +254,9 @@ def test_over_http_a_shared_prefix_stays_on_one_prefill_only_under_the_prefix_po
             if policy == "prefix":
                 assert all(len(s) == 1 for s in per_doc) and len(set.union(*per_doc)) == 3
                 assert env.proxy.prefill.routes == {"hit": 9, "spill": 0, "miss": 3}
+                async with env.client.get(env.url + "/metrics") as r:
+                    text = await r.text()
+                assert 'pdkv_proxy_prefix_routes{outcome="hit",role="prefill"} 9.0' in text
             else:  # one at a time: each instance in turn (request i on instance i % 3), whatever the prompt
                 assert all(len(s) == 3 for s in per_doc)
             assert sum(len(i.bodies) for i in env.d) == len(prompts)
