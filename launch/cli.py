@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "proxy": ("pd.proxy.server", "the OpenAI-compatible proxy that splits requests into prefill and decode"),
     "coordinator": ("pd.coordinator.server", "the ZMQ coordinator that matches prefill and decode"),
     "make-model": ("launch.model", "write a small random HF model with a locally trained tokenizer"),
+    "plan": ("launch.plan", "which prefill:decode split of N GPUs (or colocated) serves the most within the SLOs"),
     "stats": ("launch.stats", "show the coordinator's counters, instances and one transfer"),
     "scale": ("launch.ray_scale", "change the pool sizes of a pd launch --ray deployment while it serves"),
     "keys": ("pd.coordinator.curve", "make CurveZMQ keys for the coordinator (server, clients, allow-list)"),
