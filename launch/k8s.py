@@ -21,7 +21,7 @@ import yaml
 
 from common.config import ConfigError
 from launch import k8s_objects as k
-from launch.auth import own_keys
+from launch.auth import check_keys, own_keys
 from launch.k8s_pods import (
     Component,
     K8sOptions,
@@ -33,7 +33,7 @@ from launch.k8s_pods import (
 from launch.kv_config import store_writers_per_path
 from launch.procs import plan
 from launch.topology import layout
-from pd.config import DeploymentConfig, HostConfig
+from pd.config import HOST_ROLES, DeploymentConfig, HostConfig
 from pd.coordinator.curve import effective_auth, local_keys_dir
 
 EMIT_FORMATS = ("k8s",)
@@ -133,9 +133,10 @@ def _place_transport(kd: DeploymentConfig, name: str) -> None:
 def k8s_config(dep: DeploymentConfig, o: K8sOptions) -> DeploymentConfig:
     """``dep`` placed on a cluster: a ``hosts:`` section (control = the coordinator's Service; each
     instance a pod of its own, or one pod for both pools with shm), every listener on 0.0.0.0,
-    the transport servers behind Services, GPUs as
-    each container sees them (``vllm.device`` auto = cuda), no core binding (the kubelet places
-    pods). The store keeps the pool's writer count (``store.writers``). Nothing else changes."""
+    the transport servers behind Services, GPUs as each container sees them (``vllm.device``
+    auto = cuda), no core binding (the kubelet places pods); the store keeps the pool's writer
+    count (``store.writers``). Nothing else changes: the model, keys and tokens stay at their
+    paths (the pods mount them there)."""
     check_placeable(dep, o)
     kd = copy.deepcopy(dep)
     d = DeploymentConfig()
@@ -174,12 +175,11 @@ def components(kd: DeploymentConfig) -> list[Component]:
     return out
 
 
-def objects(dep: DeploymentConfig, kd: DeploymentConfig, comp: Component, o: K8sOptions,
-            files: list[SecretFile]) -> list[dict]:
+def objects(kd: DeploymentConfig, comp: Component, o: K8sOptions, files: list[SecretFile]) -> list[dict]:
     """The workload, Service and NetworkPolicy of one component."""
     name = f"{o.name}-{comp.name}"
     lbls, sel = k.labels(o.name, comp.name), k.selector(o.name, comp.name)
-    template, ports = pod(dep, kd, comp, o, files)
+    template, ports = pod(kd, comp, o, files)
     svc_ports = [(n, p, p) for n, p in service_ports(ports)]
     if comp.kind == "Deployment":
         workload = k.deployment(name, lbls, sel, template)
@@ -194,15 +194,16 @@ def objects(dep: DeploymentConfig, kd: DeploymentConfig, comp: Component, o: K8s
 def manifests(dep: DeploymentConfig, o: K8sOptions) -> tuple[dict[str, list[dict]], list[SecretFile]]:
     """{file name: objects} of the deployment, and the secret files the pods mount."""
     kd = k8s_config(dep, o)
+    check_keys(dep, list(HOST_ROLES))  # the key and token files are here and sound, as a launch checks
     if kd.mode == "pd":  # each instance's own coordinator key, made (or kept) as `pd launch` does
         own_keys(kd, [i.name for i in layout(kd).instances])
     comps = components(kd)
     specs = [s for c in comps for s in c.specs]
     files = secret_files(kd, specs, o)
-    return {f"{c.name}.yaml": objects(dep, kd, c, o, files) for c in comps}, files
+    return {f"{c.name}.yaml": objects(kd, c, o, files) for c in comps}, files
 
 
-def secrets_script(files: list[SecretFile], o: K8sOptions) -> str:
+def secrets_script(files: list[SecretFile]) -> str:
     """A shell script making (or updating) every Secret from the files on this machine."""
     lines = ["#!/bin/sh",
              "# Made by `pd launch --emit k8s`: creates or updates the Secrets the manifests mount, from the",
@@ -245,7 +246,7 @@ def emit(dep: DeploymentConfig, o: K8sOptions, out_dir: str | Path) -> list[Path
         path.write_text(HEADER + yaml.dump_all(objs, Dumper=_Dumper, sort_keys=False))
         written.append(path)
     script = out / SECRETS_SCRIPT
-    script.write_text(secrets_script(files, o))
+    script.write_text(secrets_script(files))
     script.chmod(0o755)
     return written + [script]
 

@@ -246,7 +246,7 @@ def _secret_mounts(spec: ProcSpec, comp: Component, files: list[SecretFile],
     return list(vols.values()), mounts
 
 
-def pod(dep: DeploymentConfig, kd: DeploymentConfig, comp: Component, o: K8sOptions,
+def pod(kd: DeploymentConfig, comp: Component, o: K8sOptions,
         files: list[SecretFile]) -> tuple[dict, list[tuple[str, int]]]:
     """The pod template of ``comp`` and the ports its containers listen on."""
     pool = comp.kind == "StatefulSet"

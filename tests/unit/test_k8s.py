@@ -374,3 +374,10 @@ def test_containers_of_one_pod_name_their_ports_apart(model, keys, tmp_path):
     svc = next(x for x in _all(docs) if x["kind"] == "Service" and x["metadata"]["name"] == f"{o.name}-pd")
     assert [(p["name"], p["port"]) for p in svc["spec"]["ports"]] == [("http", 8100), ("http-8101", 8101),
                                                                      ("http-8200", 8200)]
+
+
+def test_missing_keys_are_named_before_anything_is_written(model, tmp_path, capsys):
+    assert main(_args(model, tmp_path / "no-keys", tmp_path / "out", {})) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'no-keys' / 'server.key_secret'} does not exist" in err and "pd keys" in err
+    assert not (tmp_path / "out").exists()
