@@ -381,3 +381,17 @@ def test_missing_keys_are_named_before_anything_is_written(model, tmp_path, caps
     err = capsys.readouterr().err
     assert f"{tmp_path / 'no-keys' / 'server.key_secret'} does not exist" in err and "pd keys" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_transport_servers_are_named_as_in_the_image_not_as_here(model, keys, tmp_path):
+    """The Mooncake master is the image's `mooncake_master`; the InfiniStore server needs no RDMA
+    device here (this machine has none) and carries none of this machine's paths."""
+    _, o, _, docs, _ = _setup(model, keys, tmp_path, CONFIGS["mooncake-gpu-tp"](keys))
+    master = _workload(docs, f"{o.name}-mooncake-master")["spec"]["template"]["spec"]["containers"][0]
+    assert master["command"] == ["mooncake_master"] and "--rpc_address=0.0.0.0" in master["args"]
+    (tmp_path / "b").mkdir()
+    _, o, _, docs, _ = _setup(model, keys, tmp_path / "b", CONFIGS["infinistore-gpu"](keys))
+    server = _workload(docs, f"{o.name}-infinistore")["spec"]["template"]["spec"]["containers"][0]
+    assert server["command"] == ["python"] and server["args"][:2] == ["-m", "transport.infinistore_server"]
+    assert [e["name"] for e in server["env"]] == ["PYTHONUNBUFFERED"]
+    assert str(ROOT) not in json.dumps(server)
