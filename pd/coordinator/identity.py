@@ -140,6 +140,10 @@ class Identity:
             self._unbind(instance_id)
             bound = None
         if bound is None:
+            if self._per_key.get(peer.key, 0) >= self.max_instances:  # its instances that went down count no more
+                for iid in [i for i, (p, at) in self.instances.items()
+                            if p.key == peer.key and now - at > self.instance_ttl_s]:
+                    self._unbind(iid)
             if self._per_key.get(peer.key, 0) >= self.max_instances:
                 return (f"{peer} already speaks for {self.max_instances} instances (the most one key may); "
                         f"{instance_id!r} is refused")

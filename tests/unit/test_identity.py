@@ -151,6 +151,10 @@ def test_per_key_limits_on_instances_and_message_rate(coord, caplog):
     assert [type(r) for r in replies] == [Ack, Ack, Ack, Error, Error]
     assert "already speaks for 3 instances" in replies[3].reason
     assert isinstance(client().call(Register("c-0", "decode")), Ack)  # another key's cap is its own
+    ident = c.state.identity
+    ident.instances["b-0"] = (ident.instances["b-0"][0], time.monotonic() - 60)  # down (silent past its TTL)
+    assert isinstance(hostb.call(Register("b-9", "decode")), Ack)  # ... so it no longer counts
+    assert isinstance(hostb.call(Register("b-10", "decode")), Error)
     c.state.identity.rate_per_s = 1.0
     with caplog.at_level(logging.WARNING, "pd.coordinator"):
         replies = [hostb.call(Query()) for _ in range(20)]
