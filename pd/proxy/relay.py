@@ -23,6 +23,7 @@ import asyncio
 import errno
 import json
 import logging
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -30,6 +31,11 @@ from typing import Any, Coroutine
 
 import aiohttp
 from aiohttp import web
+
+if sys.version_info >= (3, 11):
+    from asyncio import timeout as deadline
+else:  # aiohttp's own dependency there
+    from async_timeout import timeout as deadline
 
 from pd.config import ProxyConfig
 from pd.coordinator.timeline import wall_ms
@@ -88,7 +94,8 @@ async def read_json(request: web.Request, timeout_s: float):
     2 GB); large bodies are parsed on a thread so the event loop keeps serving; NaN and Infinity
     are refused (ValueError)."""
     try:
-        raw = await asyncio.wait_for(request.read(), timeout_s)
+        async with deadline(timeout_s):  # (no task of its own, unlike wait_for before 3.12)
+            raw = await request.read()
     except asyncio.TimeoutError:
         raise BodyTooSlow(f"request body not received within {timeout_s:g} s (proxy.body_timeout_s)") from None
     items = raw.count(b"{") + raw.count(b"[") + raw.count(b",")
