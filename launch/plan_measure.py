@@ -4,7 +4,8 @@
 Prefill: prompts of several lengths (random token ids, so no prefix-cache hits), one token each,
 one at a time; the fastest of ``REPEATS`` is the prefill time. Decode: B streams at once, each a
 prompt of C tokens and ``DECODE_TOKENS`` answer tokens (ignore_eos); the step time is the median
-gap between tokens once every stream has its first. The instance should be otherwise idle.
+time per token once every stream has its first (tokens counted from each event's usage, as vLLM
+may send several tokens in one event). The instance should be otherwise idle.
 """
 from __future__ import annotations
 
@@ -44,19 +45,25 @@ async def _model(session: aiohttp.ClientSession, url: str) -> tuple[str, int]:
         raise ConfigError(f"--measure: {url} does not answer GET /v1/models as vLLM does: {e!r}") from None
 
 
-async def _complete(session: aiohttp.ClientSession, url: str, body: dict) -> list[float]:
-    """Send one completion; the times (monotonic) its streamed events arrived, or its end."""
-    times = []
+async def _complete(session: aiohttp.ClientSession, url: str, body: dict) -> list[tuple[float, int]]:
+    """Send one completion; when (monotonic) each streamed event arrived and the answer's tokens
+    by then (its usage, else one per event); not streamed: its end."""
+    out: list[tuple[float, int]] = []
     async with session.post(url + "/v1/completions", json=body) as r:
         if r.status != 200:
             raise ConfigError(f"--measure: {url} answered {r.status}: {(await r.text())[:300]}")
         if not body.get("stream"):
             await r.read()
-            return [time.monotonic()]
+            return [(time.monotonic(), 1)]
         async for line in r.content:
             if line.startswith(b"data: ") and not line.startswith(b"data: [DONE]"):
-                times.append(time.monotonic())
-    return times
+                now = time.monotonic()
+                try:
+                    usage = json.loads(line[6:]).get("usage") or {}
+                except ValueError:
+                    usage = {}
+                out.append((now, int(usage.get("completion_tokens") or (out[-1][1] + 1 if out else 1))))
+    return out
 
 
 async def _prefill(session, url: str, model: str, lengths: list[int], rng: random.Random) -> dict[int, float]:
@@ -67,20 +74,26 @@ async def _prefill(session, url: str, model: str, lengths: list[int], rng: rando
             t0 = time.monotonic()
             done = await _complete(session, url, {"model": model, "prompt": _prompt(rng, n), "max_tokens": 1,
                                                   "temperature": 0})
-            best = min(best, (done[-1] - t0) * 1e3)
+            best = min(best, (done[-1][0] - t0) * 1e3)
         out[n] = round(best, 3)
     return out
 
 
 async def _decode_step(session, url: str, model: str, batch: int, context: int, rng: random.Random) -> float:
-    body = {"model": model, "max_tokens": DECODE_TOKENS, "ignore_eos": True, "stream": True, "temperature": 0}
+    body = {"model": model, "max_tokens": DECODE_TOKENS, "ignore_eos": True, "stream": True, "temperature": 0,
+            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
     streams = await asyncio.gather(*(_complete(session, url, {**body, "prompt": _prompt(rng, context)})
                                      for _ in range(batch)))
-    if any(len(s) < 3 for s in streams):
-        raise ConfigError(f"--measure: {url} streamed fewer than 3 tokens per request; it must stream token by token")
-    all_in = max(s[0] for s in streams)  # every stream has its first token: the batch is whole
-    gaps = [b - a for s in streams for a, b in zip(s, s[1:]) if a >= all_in]
-    return statistics.median(gaps) * 1e3 if gaps else (streams[0][-1] - streams[0][0]) * 1e3 / (len(streams[0]) - 1)
+    all_in = max(s[0][0] for s in streams)  # every stream has its first token: the batch is whole
+    per_token = []
+    for s in streams:
+        after = [(t, n) for t, n in s if t >= all_in]
+        if len(after) >= 2 and after[-1][1] > after[0][1]:
+            per_token.append((after[-1][0] - after[0][0]) / (after[-1][1] - after[0][1]))
+    if not per_token:
+        raise ConfigError(f"--measure: {url} gave no stream two tokens apart once all {batch} had begun; "
+                          "it must stream its tokens as it makes them")
+    return statistics.median(per_token) * 1e3
 
 
 async def _measure(url: str) -> dict:
@@ -105,6 +118,5 @@ def measure_profile(url: str, gpus_per_instance: int, save: str | None = None) -
     data = {"gpus_per_instance": gpus_per_instance, **asyncio.run(_measure(url))}
     profile = parse_profile(data, f"profile measured at {url}")
     if save:
-        Path(save).write_text(f"# pd plan --measure {url}\n" + yaml.safe_dump(json.loads(json.dumps(data)),
-                                                                               sort_keys=False))
+        Path(save).write_text(f"# pd plan --measure {url}\n" + yaml.safe_dump(data, sort_keys=False))
     return profile

@@ -14,7 +14,7 @@ from pd.proxy.prefix import PrefixIndex, prompt_blocks
 
 POLICIES = ("prefix", "least_outstanding", "round_robin")
 AFFINITY_ROLES = ("prefill", "colocated")  # the roles that compute prompts (prefix policy)
-INDEX_ENTRIES = 1 << 16  # block hashes remembered per pool (about 16 MB at most)
+INDEX_ENTRIES = 1 << 16  # block hashes remembered per pool (under 25 MB, 8 owners each)
 INDEX_OWNERS = 8  # instances remembered per block hash
 KV_FULL = 0.95  # KV-cache usage from which an instance is avoided while another has room
 ROUTE_OUTCOMES = ("hit", "spill", "miss")

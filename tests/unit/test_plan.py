@@ -182,8 +182,8 @@ def test_a_missing_or_broken_profile_file(tmp_path, capsys):
 
 class SimulatedInstance:
     """An HTTP double of a vLLM instance that models time: a prompt takes ``0.01 ms`` per token
-    to prefill, a decode step 2 ms whatever the batch (asyncio sleeps); tokens streamed one
-    event each, as vLLM streams them."""
+    to prefill, a token at least 2 ms whatever the batch (asyncio sleeps); tokens streamed two
+    to an event with the running usage, as vLLM does when its output falls behind."""
 
     def __init__(self):
         self.bodies: list[dict] = []
@@ -199,9 +199,10 @@ class SimulatedInstance:
             return web.json_response({"choices": [{"text": "x"}]})
         out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await out.prepare(request)
-        for _ in range(body["max_tokens"]):
-            await out.write(b'data: {"choices": [{"text": "x"}]}\n\n')
-            await asyncio.sleep(0.002)
+        for n in range(2, body["max_tokens"] + 1, 2):
+            await asyncio.sleep(0.004)
+            event = {"choices": [{"text": "xx"}], "usage": {"completion_tokens": n}}
+            await out.write(b"data: " + json.dumps(event).encode() + b"\n\n")
         await out.write(b"data: [DONE]\n\n")
         return out
 
@@ -232,6 +233,7 @@ def test_measure_writes_a_profile_pd_plan_reads(tmp_path):
     assert max(prompts) < 600 and len({tuple(b["prompt"]) for b in sim.bodies}) == len(sim.bodies)  # no reuse
     decode = yaml.safe_load(saved.read_text())["decode_step_ms"]
     assert sorted({(b, c) for b, c, _ in decode}) == [(1, 150), (1, 567), (8, 150), (8, 567), (32, 150), (32, 567)]
+    assert min(ms for _, _, ms in decode) >= 1.9  # per token, not per event (2 tokens per >= 4 ms)
 
 
 def test_measure_refuses_what_is_not_a_vllm_instance():
