@@ -6,16 +6,35 @@
 #      one request at a time and under load, dummy weights (the timing run).
 #   b: a Llama-3-8B-shaped model with seeded random weights; `pd bench serve` with modes pd,
 #      colocated, nixl and pd_old on it (the equality run: answers compared token for token).
-# Results go to $OUT. Usage: bash scripts/gpu/gpu_memory.sh a|b
+#   one: for a budget of one call: the GPU tests and `pd bench kv` (shortened), then b's serving run
+#      with modes pd (GPU memory), colocated and nixl and fewer requests (24 one at a time, 32 under load).
+# Results go to $OUT. Usage: bash scripts/gpu/gpu_memory.sh a|b|one
 set -u
-part=${1:?usage: gpu_memory.sh a|b}
+part=${1:?usage: gpu_memory.sh a|b|one}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 bash scripts/gpu/setup.sh > "$OUT/setup_$part.log" 2>&1 || { tail -30 "$OUT/setup_$part.log"; exit 1; }
 . /tmp/pdkv-gpu.env
 common=(--device cuda --requests 40 --rate 4 --long-fraction 0.5 --long-tokens 8000 --short-tokens 256
         --sequential 40 --kv-cache-gb 12 --slo-ttft-ms 2000 --slo-tpot-ms 50 --max-model-len 10240 --seed 0)
-if [ "$part" = a ]; then
+if [ "$part" = one ]; then
+  timeout 90 python3 -m pytest -q -p no:cacheprovider tests/unit/test_shm_gpu.py tests/unit/test_kv_layout.py \
+    > "$OUT/pytest_gpu.log" 2>&1
+  tail -4 "$OUT/pytest_gpu.log"
+  timeout 60 python3 -m launch.cli bench kv --device cuda --block-sizes 32 --chunk-tokens 1024,4096 --iters 10 \
+    > "$OUT/bench_kv.md" 2>&1
+  cat "$OUT/bench_kv.md"
+  t0=$(date +%s)
+  python3 -m launch.cli make-model /tmp/m8r --shape llama3-8b --weights random > "$OUT/make_model.log" 2>&1
+  echo "random weights written in $(( $(date +%s) - t0 )) s"
+  common=(--device cuda --requests 32 --rate 4 --long-fraction 0.5 --long-tokens 8000 --short-tokens 256
+          --sequential 24 --kv-cache-gb 12 --slo-ttft-ms 2000 --slo-tpot-ms 50 --max-model-len 10240 --seed 0)
+  timeout "${SERVE_TIMEOUT:-420}" python3 -m launch.cli bench serve --model /tmp/m8r --load-format auto \
+    --modes "${MODES:-pd,colocated,nixl}" --max-tokens 128 "${common[@]}" --out "$OUT/serve_one.json" \
+    > "$OUT/serve_one.md" 2>&1
+  echo "serve rc $?"
+  tail -c 6000 "$OUT/serve_one.md"
+elif [ "$part" = a ]; then
   python3 -m pytest -q -p no:cacheprovider tests/unit/test_shm_gpu.py tests/unit/test_kv_layout.py \
     > "$OUT/pytest_gpu.log" 2>&1
   tail -4 "$OUT/pytest_gpu.log"
