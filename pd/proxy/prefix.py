@@ -38,7 +38,8 @@ def _chat_bytes(messages: list, limit: int) -> bytes:
     a conversation's earlier ones, so a conversation's next request shares this prefix)."""
     out = bytearray()
     for m in messages:
-        out += json.dumps(m, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str).encode()
+        out += json.dumps(m, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                          default=str).encode("utf-8", "surrogatepass")  # JSON may carry lone surrogates
         out += b"\n"
         if len(out) >= limit:
             break
@@ -63,7 +64,10 @@ def prompt_blocks(body: Any, block_tokens: int) -> list[bytes]:
     if isinstance(prompt, str):
         data = prompt[:limit].encode("utf-8", "surrogatepass")[:limit]
     elif isinstance(messages, list) and messages:
-        data = _chat_bytes(messages, limit)
+        try:
+            data = _chat_bytes(messages, limit)
+        except (RecursionError, ValueError, TypeError):  # nested past what json.dumps takes: no affinity
+            return []
     else:
         return []
     return chain_hashes(data[: len(data) // step * step], step, seed)

@@ -54,6 +54,8 @@ def test_token_ids_chat_and_fields_that_change_the_kv():
     for other in ({**body, "cache_salt": "s"}, {**body, "model": "lora-a"}):
         assert prompt_blocks(other, BLOCK)[0] != prompt_blocks(body, BLOCK)[0]
     assert len(prompt_blocks({"prompt": doc(5, 64 * (MAX_BLOCKS + 7))}, BLOCK)) == MAX_BLOCKS
+    lone = "\ud800" * 70  # what json.loads gives for "\\ud800": hashed, not a 500
+    assert prompt_blocks({"prompt": lone}, BLOCK) and prompt_blocks({"messages": [{"content": lone}]}, BLOCK)
 
 
 @pytest.mark.parametrize("body", [
