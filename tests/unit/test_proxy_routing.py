@@ -204,6 +204,12 @@ class Instance(VllmHttpDouble):
         return app
 
 
+@pytest.fixture(scope="module", autouse=True)
+def vllm_imported():
+    """vLLM's request models, imported once before any timed test (seconds on a busy machine)."""
+    Instance("warm-up")
+
+
 @asynccontextmanager
 async def deployment(n_p: int, n_d: int, **cfg):
     insts = [Instance(f"p{i}") for i in range(n_p)] + [Instance(f"d{i}") for i in range(n_d)]
