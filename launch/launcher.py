@@ -25,6 +25,7 @@ from pathlib import Path
 import yaml
 
 from common.config import ConfigError, load, merge
+from launch import ray_launch
 from launch import k8s
 from launch.auth import exposure_warnings, preflight, resolve_auth
 from launch.procs import (
@@ -65,6 +66,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="this host's share: all (default), or a comma list of control (coordinator, transport "
                         "servers, proxy), prefill, decode")
     p.add_argument("--host", metavar="NAME", help="this host's share is hosts.NAME's roles (a hosts: section)")
+    p.add_argument("--ray", nargs="?", const="", metavar="ADDRESS",
+                   help="start the deployment on an existing Ray cluster (ray: section); ADDRESS: its head, "
+                        "host:port (default ray.address, auto)")
     p.add_argument("--keys-dir", metavar="DIR", help="coordinator.keys_dir (CurveZMQ keys; see pd keys)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="set any config key (VALUE is YAML), e.g. --set coordinator.advertise_host=10.0.0.1 "
@@ -195,6 +199,10 @@ def run(args: argparse.Namespace) -> int:
     roles, host = getattr(args, "role", None), getattr(args, "host", None)
     if getattr(args, "emit", None):
         return k8s.run_emit(dep, args)
+    if getattr(args, "ray", None) is not None:
+        if args.dry_run or roles is not None or host is not None:
+            raise ConfigError("--ray places every part on the Ray cluster; it takes no --role, --host or --dry-run")
+        return ray_launch.run(dep, args.ray)
     if args.dry_run:
         dry_run(dep, roles, host, getattr(args, "json", False))
         return 0

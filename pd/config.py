@@ -219,6 +219,39 @@ class ProxyConfig:
 
 
 @dataclass
+class RayConfig:
+    """``pd launch --ray``: the deployment on an existing Ray cluster (launch/ray_launch.py)."""
+
+    # The cluster (ray.init's address): "auto" (RAY_ADDRESS, else the cluster started on this
+    # machine) or host:port of its head (GCS), or ray://host:port (Ray Client).
+    address: str = "auto"
+    namespace: str = "pdkv"
+    # A custom resource of the node that runs the coordinator, the proxy and the transport
+    # servers; "" = the head node.
+    control_resource: str = ""
+    # Custom resources a node offers to take a prefill (decode) instance: each instance asks for
+    # one unit, so a node with prefill: 2 takes two. "" = any node with the CPUs/GPUs it asks for.
+    prefill_resource: str = ""
+    decode_resource: str = ""
+    # Ray CPUs each instance (each TP rank) reserves; GPUs: one per rank on vllm.device cuda.
+    instance_cpus: float = field(default=1.0, metadata=rng(0.0, 1024))
+    # cpu: VLLM_CPU_OMP_THREADS_BIND of every instance of the pool ("0", "0-3", "0|1" for TP 2),
+    # or split (the node's cores), auto, nobind; "" = vllm.cpu_bind (split, auto, nobind or one list).
+    prefill_cpu_bind: str = ""
+    decode_cpu_bind: str = ""
+    # How many times one instance is restarted (its process, or its actor elsewhere if its node
+    # is gone) before the deployment goes on without it.
+    restarts: int = field(default=5, metadata=rng(0, 1000))
+    # The most instances a pool may have (pd scale): each gets a coordinator key of its own,
+    # made and authorized before the coordinator starts.
+    max_per_pool: int = field(default=8, metadata=rng(1, 64))
+    # Scaling down: longest wait for the requests a removed instance still serves.
+    drain_timeout_s: float = field(default=600.0, metadata=rng(1, 86400))
+    # Where each node keeps the keys and tokens it is sent (owner-only); "" = <tmp>/pdkv-ray-<uid>-<proxy port>.
+    secrets_dir: str = ""
+
+
+@dataclass
 class DeploymentConfig:
     """The whole deployment, as ``pd launch --config FILE`` reads it."""
 
@@ -234,6 +267,8 @@ class DeploymentConfig:
     connector: ConnectorConfig = field(default_factory=ConnectorConfig)
     # Multi-host: name -> HostConfig. Empty: everything on this host (or use pd launch --role).
     hosts: dict[str, HostConfig] = field(default_factory=dict)
+    # pd launch --ray: placement on a Ray cluster (unused otherwise).
+    ray: RayConfig = field(default_factory=RayConfig)
 
 
 class StrictLoader(yaml.SafeLoader):

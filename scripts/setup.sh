@@ -60,6 +60,12 @@ if [ ! -d build/infinistore-server/uvloop ]; then
     echo "setup: installing uvloop 0.21.0 for the InfiniStore server (build/infinistore-server)"
     python -m pip install -q --no-deps --target build/infinistore-server uvloop==0.21.0
 fi
+# pd launch --ray (pdkv's [ray] extra: ray==2.60.0, ~240 MB); its tests start a Ray head and a worker.
+if ! python -c "import ray" 2>/dev/null; then
+    echo "setup: installing Ray (pdkv's [ray] extra)"
+    python -m pip install -q -e ".[test,ray]"
+    python -c "import ray" || { echo "setup: error: ray does not import" >&2; exit 1; }
+fi
 # The plots of pd bench serve sweeps and pd bench plot (pdkv's [plot] extra: matplotlib, ~40 MB).
 if ! python -c "import matplotlib" 2>/dev/null; then
     echo "setup: installing matplotlib (pdkv's [plot] extra)"

@@ -85,14 +85,25 @@ class Pool:
         if self.kv is not None:
             await self.kv.watch(session, lambda: self.urls)
 
+    def set_urls(self, urls: list[str]) -> None:
+        """Route to ``urls`` from now on; requests in flight on a removed instance finish there
+        (its count stays until they have)."""
+        self.urls = list(urls)
+        for u in self.urls:
+            self.outstanding.setdefault(u, 0)
+        for u in [u for u, n in self.outstanding.items() if n == 0 and u not in self.urls]:
+            del self.outstanding[u]
+
     @contextmanager
     def track(self, url: str) -> Iterator[None]:
         """Count one request in flight on ``url`` for the duration of the block."""
-        self.outstanding[url] += 1
+        self.outstanding[url] = self.outstanding.get(url, 0) + 1
         try:
             yield
         finally:
             self.outstanding[url] -= 1
+            if not self.outstanding[url] and url not in self.urls:
+                del self.outstanding[url]
 
 
 def make_pool(role: str, urls: list[str], cfg: Any) -> Pool:

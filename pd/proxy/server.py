@@ -35,6 +35,7 @@ from pd.proxy.listen import (
 )
 from pd.coordinator.protocol import ID_RULE, valid_id
 from pd.proxy.metrics import CONTENT_TYPE, ProxyMetrics
+from pd.proxy.pools import PoolAdmin
 from pd.proxy.relay import Relay
 from pd.proxy.routing import POLICIES, json_error, make_pool, parse_urls
 from pd.proxy.timeline import ProxyTimeline
@@ -86,6 +87,7 @@ class Proxy(Relay):
         self.site: LimitedSite | None = None  # where it listens, once started
         self.clock = Clock(self.cfg.header_timeout_s)  # on each client's request headers
         self._counters: asyncio.Future | None = None  # the coordinator query /metrics scrapes share
+        self.admin: PoolAdmin | None = None  # GET/PUT /pd/pools (--admin-token-file)
 
     # ---- app ---------------------------------------------------------------------------
 
@@ -98,6 +100,8 @@ class Proxy(Relay):
         app.router.add_get("/health", self.handle_health)
         app.router.add_get("/metrics", self.handle_metrics)
         app.router.add_get("/pd/transfers/{pd_id}", self.handle_transfer)
+        if self.admin is not None:
+            self.admin.install(app)
         app.on_startup.append(self._startup)
         app.on_cleanup.append(self._cleanup)
         return app
@@ -261,6 +265,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="where token 1 comes from (default prefill; see the README, 'The first token')")
     p.add_argument("--no-chat-first-token", action="store_true",
                    help="chat requests take the old flow (the instances parse tool calls or reasoning)")
+    p.add_argument("--admin-token-file", metavar="FILE",
+                   help="serve GET/PUT /pd/pools (change the instances while serving) to requests with this token")
     p.add_argument("--upstream-api-key-file", metavar="FILE",
                    help="send the bearer token in FILE to the instances (vllm.api_key_file) instead of the client's")
 
@@ -299,6 +305,8 @@ def run(args: argparse.Namespace) -> int:
                       args.coordinator, coordinator_keys=keys)
     if getattr(args, "upstream_api_key_file", None):
         proxy.upstream_token = read_token(args.upstream_api_key_file, "--upstream-api-key-file")
+    if getattr(args, "admin_token_file", None):
+        proxy.admin = PoolAdmin(proxy, read_token(args.admin_token_file, "--admin-token-file"))
     if cfg.api_key_file:
         proxy.api_key = read_token(cfg.api_key_file, "--api-key-file (proxy.api_key_file)")
     sock = _listen(cfg.host, cfg.port)
