@@ -181,8 +181,8 @@ def nixl_send(prefill_urls: list[str], decode_urls: list[str]):
 
 def instance_urls(dep: DeploymentConfig) -> tuple[list[str], list[str]]:
     """The URLs of the prefill and of the decode instances (this host)."""
-    return tuple([f"http://127.0.0.1:{g.port_base + i}" for i in range(g.count)]  # type: ignore[return-value]
-                 for g in (dep.prefill, dep.decode))
+    p, d = ([f"http://127.0.0.1:{g.port_base + i}" for i in range(g.count)] for g in (dep.prefill, dep.decode))
+    return p, d
 
 
 def sequential_part(workload: list[Request], n: int) -> list[Request]:

@@ -132,6 +132,9 @@ def test_gpu_splits_map_instances_to_gpus(model, split, n_gpus, want, kv_gb):
     assert [s.env["CUDA_VISIBLE_DEVICES"] for s in inst] == want
     assert [s.name.split("-")[0] for s in inst] == ["prefill"] * split[0] + ["decode"] * split[1]
     assert dep.vllm.kv_cache_memory_gb == kv_gb
+    p_urls, d_urls = bench_gpu.instance_urls(dep)
+    assert p_urls == [f"http://127.0.0.1:{8100 + i}" for i in range(split[0])]
+    assert d_urls == [f"http://127.0.0.1:{8200 + i}" for i in range(split[1])]
     co = bench_gpu.gpu_deployment("colocated", str(model), args, n_gpus, sum(split), 0)
     assert [s.env["CUDA_VISIBLE_DEVICES"] for s in _instances(co)] == want
     with pytest.raises(ValueError, match="nixl: runs 1P1D only"):
