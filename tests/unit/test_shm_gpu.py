@@ -161,6 +161,38 @@ def test_codec_moves_a_chunk_through_a_gpu_arena(tmp_path):
         t.close()
 
 
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (run on the GPU machine: docs/gpu-runs/)")
+def test_codec_keys_gpu_chunks_with_the_deployment_secret(tmp_path):
+    """connector.chunk_secret_file on the GPU path: the header's keyed checksum is made from the
+    device payload; a reader with the secret accepts the chunk, one with another or none refuses it."""
+    from pd.connector.chunk import FLAG_KEYED, Chunking, ChunkError, read_header, secret_key
+    from pd.connector.codec import ChunkCodec
+    from pd.connector.keys import chunk_key, layout_fingerprint
+    from pd.connector.kv_layout import KVLayout
+
+    caches = {f"l.{i}": torch.randn(32, 2, 16, 64, device="cuda:0", dtype=torch.bfloat16) for i in range(2)}
+    fp = layout_fingerprint(test="gpu")
+    ours, theirs = secret_key(b"o" * 32), secret_key(b"t" * 32)
+    src_c, ok_c, other_c, none_c = (ChunkCodec(KVLayout(caches, 16), Chunking(64, 16), "ns", fp, False, (0,), 1, s)
+                                    for s in (ours, ours, theirs, None))
+    t = ShmTransport(_cfg(tmp_path), device=torch.device("cuda", 0))
+    try:
+        size = src_c.chunk_bytes(4)
+        key = chunk_key("ns", 0, b"a" * 16)
+        (slot,) = t.reserve([key], [size])
+        src_c.gather_into(slot.view, torch.tensor([3, 9, 1, 30]), key, 64, 4, 0)
+        assert t.commit([slot]) == [True]
+        (r,) = t.acquire([key])
+        assert read_header(r.view[:128].cpu().numpy().tobytes())[3] & FLAG_KEYED
+        ok_c.verify(r.view, key, size, 4)
+        for c, why in ((other_c, "another secret"), (none_c, "secret this reader lacks")):
+            with pytest.raises(ChunkError, match=why):
+                c.verify(r.view, key, size, 4)
+        assert t.release([r]) == [True]
+    finally:
+        t.close()
+
+
 def _producer_to_kill(cfg: TransportConfig, q_out) -> None:
     t = ShmTransport(cfg, device=torch.device("cuda", 0))
     assert t.put(["k"], [bytearray(b"v" * MB)]) == [True]
