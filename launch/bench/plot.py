@@ -4,6 +4,8 @@ One PNG per workload beside the JSON (``<stem>-<workload>.png``), every mode on 
 (per instance on the CPU) against the rate, SLO attainment against the rate (the target dashed),
 and the CDFs of TTFT and TPOT at the highest rate each mode ran (the SLO dashed; failed requests
 keep a curve below 1). The Markdown report beside the JSON is rewritten with links to them.
+With ``--slo-ttft-ms``/``--slo-tpot-ms`` the run is judged again at those SLOs (from each
+request's TTFT and TPOT) into a new JSON, with its own report and plots.
 matplotlib is an optional dependency (``pip install 'pdkv[plot]'``).
 """
 from __future__ import annotations
@@ -14,7 +16,7 @@ import re
 import sys
 from pathlib import Path
 
-from launch.bench.sweep_report import format_sweep
+from launch.bench.sweep_report import format_sweep, with_slos
 
 KIND = "pd bench serve sweep"
 NO_MATPLOTLIB = ("No plots: matplotlib is not installed (`pip install 'pdkv[plot]'`, then "
@@ -24,6 +26,12 @@ _SAFE_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("results", help="the JSON a pd bench serve sweep wrote (--out)")
+    p.add_argument("--slo-ttft-ms", type=float, default=None,
+                   help="judge the run again at this TTFT SLO (from each request's TTFT; default: the run's)")
+    p.add_argument("--slo-tpot-ms", type=float, default=None, help="the same for TPOT")
+    p.add_argument("--out", default=None,
+                   help="with an SLO given: the re-judged JSON (default RESULTS-ttft<ms>-tpot<ms>.json beside it), "
+                        "its report and plots beside it")
 
 
 def load_results(path: Path) -> dict:
@@ -113,6 +121,17 @@ def run(args: argparse.Namespace) -> int:
     if not path.is_file():
         raise ValueError(f"{path}: no such file; give the --out JSON of pd bench serve --rates/--workloads")
     results = load_results(path)
+    if args.out and args.slo_ttft_ms is None and args.slo_tpot_ms is None:
+        raise ValueError("--out: only with --slo-ttft-ms or --slo-tpot-ms (the re-judged JSON); without them "
+                         "the plots and report go beside RESULTS.json")
+    if args.slo_ttft_ms is not None or args.slo_tpot_ms is not None:
+        for name, v in (("--slo-ttft-ms", args.slo_ttft_ms), ("--slo-tpot-ms", args.slo_tpot_ms)):
+            if v is not None and not v > 0:
+                raise ValueError(f"{name}: {v:g} is not allowed; give an SLO in ms > 0")
+        results = with_slos(results, args.slo_ttft_ms, args.slo_tpot_ms)
+        tag = "".join(f"-{k}{v:g}" for k, v in (("ttft", args.slo_ttft_ms), ("tpot", args.slo_tpot_ms)) if v is not None)
+        path = Path(args.out) if args.out else path.with_name(f"{path.stem}{tag}.json")
+        path.write_text(json.dumps(results, indent=1))
     drawn, note = draw_all(results, path)
     if note:
         print(f"pd bench plot: error: {note}", file=sys.stderr)

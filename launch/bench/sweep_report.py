@@ -4,6 +4,8 @@ SLOs, per GPU (per instance on the CPU) and against colocated serving on as many
 """
 from __future__ import annotations
 
+import copy
+
 
 def sustained(rates: list[dict], target: float) -> float:
     """The highest swept rate up to which every rate's SLO attainment is at least ``target`` (0: none)."""
@@ -75,8 +77,9 @@ def format_sweep(results: dict, pngs: dict[str, str], note: str = "") -> str:
            f" req/s, {results['requests_per_rate']} requests each (Poisson arrivals, seed {results['seed']}); lengths "
            f"x{results['length_scale']:g} of the workloads' definitions; goodput = requests within both SLOs per "
            f"second per {unit}" + (f" ({results['n_gpus']} GPUs)" if results["device"] == "cuda" else "") + "."]
-    if note:
-        out += ["", note]
+    for line in (results.get("rejudged"), note):
+        if line:
+            out += ["", line]
     for name, wres in results["workloads"].items():
         out += ["", f"## {name}: {wres['about']}", "",
                 f"SLOs: TTFT <= {wres['slo_ttft_ms']:g} ms, TPOT <= {wres['slo_tpot_ms']:g} ms."]
@@ -85,3 +88,27 @@ def format_sweep(results: dict, pngs: dict[str, str], note: str = "") -> str:
         out += ["", *rate_table(wres, unit), "", *sustained_table(wres, unit, results["slo_attainment_target"])]
         out += [f"\n{label}: FAILED: {m['error']}" for label, m in wres["modes"].items() if "error" in m]
     return "\n".join(out)
+
+
+def with_slos(results: dict, ttft_ms: float | None, tpot_ms: float | None) -> dict:
+    """``results`` judged again at other SLOs (None: keep the workload's), from each request's TTFT
+    and TPOT: attainment, goodput per unit and the sustained rates; the latencies are unchanged."""
+    out = copy.deepcopy(results)
+    out["rejudged"] = ("Judged again by `pd bench plot` from each request's TTFT and TPOT at "
+                       + ", ".join(f"{k} <= {v:g} ms" for k, v in (("TTFT", ttft_ms), ("TPOT", tpot_ms)) if v is not None)
+                       + " (the run's other SLOs kept); the latencies are the run's.")
+    for wres in out["workloads"].values():
+        wres["slo_ttft_ms"] = ttft_ms if ttft_ms is not None else wres["slo_ttft_ms"]
+        wres["slo_tpot_ms"] = tpot_ms if tpot_ms is not None else wres["slo_tpot_ms"]
+        for m in wres["modes"].values():
+            for r in m["rates"]:
+                s = r["summary"]
+                met = sum(a is not None and a <= wres["slo_ttft_ms"] and (b is None or b <= wres["slo_tpot_ms"])
+                          for a, b in zip(r["ttft_ms"], r["tpot_ms"]))
+                s["slo_met"] = met
+                s["goodput"] = met / s["wall_s"] if s["wall_s"] > 0 else 0.0
+                r["slo_attainment"] = s["slo_attainment"] = met / len(r["ttft_ms"]) if r["ttft_ms"] else 0.0
+                r["goodput_per_unit"] = s["goodput"] / m["units"]
+            m["sustained_rate"] = sustained(m["rates"], out["slo_attainment_target"])
+            m["sustained_rate_per_unit"] = m["sustained_rate"] / m["units"]
+    return out

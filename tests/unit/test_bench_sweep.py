@@ -19,7 +19,7 @@ from launch.bench import sweep
 from launch.bench.modes import Variant, cpu_deployment, units, variants
 from launch.bench.serve import add_arguments
 from launch.bench.serve_load import Progress, Result
-from launch.bench.sweep_report import sustained, sustained_table
+from launch.bench.sweep_report import sustained, sustained_table, with_slos
 from launch.bench.workloads import WORKLOADS, make_requests, parse_rates, parse_splits, parse_workloads
 from launch.procs import plan
 from pd.config import DeploymentConfig
@@ -343,3 +343,30 @@ def test_pd_bench_plot_refuses_what_is_not_a_sweep(tmp_path, capsys, content, ne
     assert needle in capsys.readouterr().err
     assert cli.main(["bench", "plot", str(tmp_path / "missing.json")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+def test_pd_bench_plot_judges_a_run_again_at_other_slos(tmp_path, capsys):
+    res = _synthetic_results()
+    for m in res["workloads"]["chat"]["modes"].values():
+        for r in m["rates"]:
+            r["summary"]["wall_s"] = 2.0
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(res))
+    again = with_slos(res, None, 5.5)  # TPOT 5.0 meets it, 6.0 * rate does not; TTFT SLO 50 ms kept
+    pd = again["workloads"]["chat"]["modes"]["pd"]
+    assert [r["slo_attainment"] for r in pd["rates"]] == pytest.approx([1 / 3] * 3)  # 10r ms TTFT <= 50 at every rate
+    assert [r["goodput_per_unit"] for r in pd["rates"]] == pytest.approx([1 / 2.0 / 2] * 3)
+    assert pd["sustained_rate"] == 0 and again["workloads"]["chat"]["slo_tpot_ms"] == 5.5
+    assert again["workloads"]["chat"]["slo_ttft_ms"] == 50.0 and res["workloads"]["chat"]["slo_tpot_ms"] == 10.0
+    loose = with_slos(res, 1e6, 1e6)["workloads"]["chat"]["modes"]["colocated"]
+    assert [r["slo_attainment"] for r in loose["rates"]] == pytest.approx([2 / 3] * 3)  # the third failed
+    assert cli.main(["bench", "plot", str(path), "--out", str(tmp_path / "x.json")]) == 2
+    assert "--out: only with --slo-ttft-ms or --slo-tpot-ms" in capsys.readouterr().err
+    assert cli.main(["bench", "plot", str(path), "--slo-tpot-ms", "0"]) == 2
+    assert "--slo-tpot-ms: 0 is not allowed" in capsys.readouterr().err
+    pytest.importorskip("matplotlib")
+    assert cli.main(["bench", "plot", str(path), "--slo-tpot-ms", "5.5"]) == 0
+    md = (tmp_path / "r-tpot5.5.md").read_text()
+    assert "Judged again by `pd bench plot` from each request's TTFT and TPOT at TPOT <= 5.5 ms" in md
+    assert "(r-tpot5.5-chat.png)" in md and (tmp_path / "r-tpot5.5-chat.png").is_file()
+    assert json.loads((tmp_path / "r-tpot5.5.json").read_text())["workloads"]["chat"]["slo_tpot_ms"] == 5.5
