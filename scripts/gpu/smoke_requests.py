@@ -32,7 +32,7 @@ def main() -> int:
     sends = {"pd": (a.pd, send_one), "colocated": (a.colocated, send_one)}
     if a.nixl:
         pre, dec = a.nixl.split(",")
-        sends["nixl"] = (pre, nixl_send(pre, dec))
+        sends["nixl"] = (pre, nixl_send([pre], [dec]))
     rows, out = [], {"modes": list(sends), "prompts": []}
     for i, prompt in enumerate(prompts):
         req = Request(0.0, prompt, a.max_tokens, isinstance(prompt, list))
