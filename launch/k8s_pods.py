@@ -197,13 +197,16 @@ def probes(spec: ProcSpec, startup_timeout_s: float) -> dict[str, dict]:
 
 def instance_volumes(kd: DeploymentConfig, comp: Component, o: K8sOptions) -> tuple[list[dict], list[dict]]:
     """(volumes, mounts) every vLLM container of ``comp`` has: /dev/shm in memory (with the shm
-    transport's pool: ``pool_size_mb`` per prefill rank), the model's claim, the store's paths."""
+    transport's pool: ``pool_size_mb`` per prefill rank; the store's DRAM tier: ``dram_gb``), the
+    model's claim, the store's paths."""
     t, s = kd.connector.transport, kd.connector.store
     prefills = sum(1 for spec in comp.specs if spec.name.startswith("prefill-")) if not comp.templated else 0
     pool_mb = t.pool_size_mb * prefills * group_tp(kd, "prefill") \
         if kd.mode == "pd" and t.kind == "shm" and t.shm_memory == "host" else 0
     on_dev_shm = os.path.normpath(t.shm_dir) == DEV_SHM
-    vols = [k.memory_volume("dshm", SHM_BASE_MB + (pool_mb if on_dev_shm else 0))]
+    # the store's DRAM tier (store/dram_arena.py) is one file in /dev/shm shared by the pod's instances
+    dram_mb = int(s.dram_gb * 1e9 / (1 << 20)) + 1 if kd.mode == "pd" and s.dram_gb > 0 else 0
+    vols = [k.memory_volume("dshm", SHM_BASE_MB + dram_mb + (pool_mb if on_dev_shm else 0))]
     mounts = [k.mount("dshm", DEV_SHM)]
     if pool_mb and not on_dev_shm:
         vols.append(k.memory_volume("kv-pool", pool_mb))

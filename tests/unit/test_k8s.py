@@ -236,6 +236,15 @@ def test_shm_puts_both_pools_in_one_pod_with_the_pool_in_dev_shm(model, keys, tm
     assert all("resources" not in c for c in pod["containers"])  # cpu: no GPU request
 
 
+def test_dev_shm_holds_the_stores_dram_tier_too(model, keys, tmp_path):
+    cfg = CONFIGS["store-only"](keys)
+    cfg["connector"]["store"]["dram_gb"] = 2
+    _, o, _, docs, _ = _setup(model, keys, tmp_path, cfg, *EXTRA["store-only"])
+    pod = _workload(docs, f"{o.name}-decode")["spec"]["template"]["spec"]
+    shm = next(v for v in pod["volumes"] if v["name"] == "dshm")["emptyDir"]
+    assert shm["sizeLimit"] == f"{SHM_BASE_MB + int(2e9 / (1 << 20)) + 1}Mi"
+
+
 def test_secrets_are_mounted_owner_only_and_never_written_out(model, keys, tmp_path):
     _, o, _, docs, _ = _setup(model, keys, tmp_path, CONFIGS["shm-cpu"](keys))
     main(_args(model, keys, tmp_path / "out", CONFIGS["shm-cpu"](keys)))
