@@ -91,7 +91,8 @@ def add_gpu_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sequential", type=int, default=8,
                    help="requests sent one at a time before the Poisson phase (default 8; on the CPU too)")
     g.add_argument("--ucx-tls", default="", help="UCX_TLS for the nixl instances (default: UCX's choice)")
-    g.add_argument("--out", default=None, help="JSON results file (default $OUT/bench_gpu.json, else ./bench_gpu.json)")
+    g.add_argument("--out", default=None, help="JSON results file (default $OUT/bench_gpu.json, else ./bench_gpu.json; a sweep, "
+                        "on the CPU too: bench_sweep.json)")
 
 
 def gpu_lists(prefill: int, decode: int, n_gpus: int) -> tuple[str, str, int]:
