@@ -369,6 +369,8 @@ def make_instance_keys(keys_dir: str | Path, names: list[str]) -> list[str]:
     speak only for its own instance (``pd.coordinator.identity``)."""
     d = Path(keys_dir).expanduser()
     _check_names(list(names), "instance")
+    if not names:
+        return []
     done = []
     old = os.umask(0o077)
     try:
