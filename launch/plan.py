@@ -24,6 +24,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-profile", metavar="FILE", help="with --measure: write the measured profile here")
     p.add_argument("--gpus-per-instance", type=int, default=1,
                    help="with --measure: GPUs of the measured instance (its TP size; default 1)")
+    p.add_argument("--max-batch", type=int, default=256,
+                   help="with --measure: the instance's vLLM max_num_seqs (default %(default)s)")
     p.add_argument("--workload", required=True, metavar="NAME|FILE",
                    help=f"a workload name ({', '.join(WORKLOADS)}, as pd bench serve) or a YAML/JSON file")
     p.add_argument("--gpus", type=int, required=True, help="GPUs to split")
@@ -72,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     workload = load_workload(args.workload)
     slo = slo_of(args, workload)
     if args.measure:
-        profile = measure_profile(args.measure, args.gpus_per_instance, args.save_profile)
+        profile = measure_profile(args.measure, args.gpus_per_instance, args.save_profile, args.max_batch)
     else:
         profile = load_profile(args.profile)
     opts = options(profile, lengths(workload), slo, args.gpus, args.rate)

@@ -85,6 +85,9 @@ async def _decode_step(session, url: str, model: str, batch: int, context: int, 
     streams = await asyncio.gather(*(_complete(session, url, {**body, "prompt": _prompt(rng, context)})
                                      for _ in range(batch)))
     all_in = max(s[0][0] for s in streams)  # every stream has its first token: the batch is whole
+    if any(s[-1][0] < all_in for s in streams):
+        raise ConfigError(f"--measure: {url} did not run {batch} requests at once (one ended before another "
+                          "began): give the instance's max_num_seqs as --max-batch")
     per_token = []
     for s in streams:
         after = [(t, n) for t, n in s if t >= all_in]
@@ -96,7 +99,7 @@ async def _decode_step(session, url: str, model: str, batch: int, context: int, 
     return statistics.median(per_token) * 1e3
 
 
-async def _measure(url: str) -> dict:
+async def _measure(url: str, max_batch: int) -> dict:
     rng = random.Random(0)
     timeout = aiohttp.ClientTimeout(total=TIMEOUT_S)
     async with aiohttp.ClientSession(timeout=timeout) as session:
@@ -105,17 +108,21 @@ async def _measure(url: str) -> dict:
         await _complete(session, url, {"model": model, "prompt": _prompt(rng, 16), "max_tokens": 2})  # warm up
         prefill = await _prefill(session, url, model, lengths, rng)
         contexts = sorted({min(256, max_len // 4), max(1, min(2048, max_len - DECODE_TOKENS - 1))})
+        batches = sorted({min(b, max_batch) for b in BATCHES})
         steps = [[b, c, round(await _decode_step(session, url, model, b, c, rng), 3)]
-                 for b in BATCHES for c in contexts]
+                 for b in batches for c in contexts]
     return {"prefill_ms": prefill, "decode_step_ms": steps}
 
 
-def measure_profile(url: str, gpus_per_instance: int, save: str | None = None) -> Profile:
-    """Measure the instance at ``url``; write the profile to ``save`` if given."""
+def measure_profile(url: str, gpus_per_instance: int, save: str | None = None, max_batch: int = 256) -> Profile:
+    """Measure the instance at ``url`` (its vLLM ``max_num_seqs`` is ``max_batch``); write the
+    profile to ``save`` if given."""
     url = url.rstrip("/")
     if not url.startswith(("http://", "https://")):
         raise ConfigError(f"--measure: {url!r} is not an instance URL like http://127.0.0.1:8100")
-    data = {"gpus_per_instance": gpus_per_instance, **asyncio.run(_measure(url))}
+    if max_batch < 2:
+        raise ConfigError(f"--max-batch: {max_batch} is not allowed; decode is measured at 2 batch sizes or more")
+    data = {"gpus_per_instance": gpus_per_instance, "max_batch": max_batch, **asyncio.run(_measure(url, max_batch))}
     profile = parse_profile(data, f"profile measured at {url}")
     if save:
         Path(save).write_text(f"# pd plan --measure {url}\n" + yaml.safe_dump(data, sort_keys=False))

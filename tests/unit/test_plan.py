@@ -183,15 +183,21 @@ def test_a_missing_or_broken_profile_file(tmp_path, capsys):
 class SimulatedInstance:
     """An HTTP double of a vLLM instance that models time: a prompt takes ``0.01 ms`` per token
     to prefill, a token at least 2 ms whatever the batch (asyncio sleeps); tokens streamed two
-    to an event with the running usage, as vLLM does when its output falls behind."""
+    to an event with the running usage, as vLLM does when its output falls behind; at most 8
+    requests at once (its max_num_seqs), the rest wait."""
 
     def __init__(self):
         self.bodies: list[dict] = []
+        self.slots = asyncio.Semaphore(8)
 
     async def models(self, request):
         return web.json_response({"data": [{"id": "sim", "max_model_len": 600}]})
 
     async def complete(self, request):
+        async with self.slots:
+            return await self._complete(request)
+
+    async def _complete(self, request):
         body = await request.json()
         self.bodies.append(body)
         await asyncio.sleep(len(body["prompt"]) * 1e-5)
@@ -207,7 +213,7 @@ class SimulatedInstance:
         return out
 
 
-def test_measure_writes_a_profile_pd_plan_reads(tmp_path):
+def test_measure_writes_a_profile_pd_plan_reads_within_the_instances_batch(tmp_path):
     sim, sock = SimulatedInstance(), socket.socket()
     sock.bind(("127.0.0.1", 0))
     app = web.Application()
@@ -220,19 +226,22 @@ def test_measure_writes_a_profile_pd_plan_reads(tmp_path):
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
     try:
-        saved = tmp_path / "measured.yaml"
-        profile = measure_profile(f"http://127.0.0.1:{sock.getsockname()[1]}/", 2, str(saved))
+        saved, url = tmp_path / "measured.yaml", f"http://127.0.0.1:{sock.getsockname()[1]}/"
+        with pytest.raises(ConfigError, match="did not run 32 requests at once .* give the instance's max_num_seqs"):
+            measure_profile(url, 2)  # batches up to 32, but it runs 8 at a time
+        sim.bodies.clear()
+        profile = measure_profile(url, 2, str(saved), max_batch=8)
     finally:
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
         loop.run_until_complete(runner.cleanup())
         loop.close()
-    assert profile == load_profile(saved) and profile.gpus_per_instance == 2
+    assert profile == load_profile(saved) and (profile.gpus_per_instance, profile.max_batch) == (2, 8)
     assert [n for n, _ in profile.prefill_points] == [256]  # the lengths that fit max_model_len 600
     prompts = [len(b["prompt"]) for b in sim.bodies if isinstance(b["prompt"], list)]
     assert max(prompts) < 600 and len({tuple(b["prompt"]) for b in sim.bodies}) == len(sim.bodies)  # no reuse
     decode = yaml.safe_load(saved.read_text())["decode_step_ms"]
-    assert sorted({(b, c) for b, c, _ in decode}) == [(1, 150), (1, 567), (8, 150), (8, 567), (32, 150), (32, 567)]
+    assert sorted({(b, c) for b, c, _ in decode}) == [(1, 150), (1, 567), (8, 150), (8, 567)]
     assert min(ms for _, _, ms in decode) >= 1.9  # per token, not per event (2 tokens per >= 4 ms)
 
 
@@ -241,3 +250,5 @@ def test_measure_refuses_what_is_not_a_vllm_instance():
         measure_profile("127.0.0.1:8100", 1)
     with pytest.raises(ConfigError, match="does not answer GET /v1/models as vLLM does"):
         measure_profile("http://127.0.0.1:1", 1)
+    with pytest.raises(ConfigError, match="--max-batch: 1 is not allowed"):
+        measure_profile("http://127.0.0.1:1", 1, max_batch=1)
