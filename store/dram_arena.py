@@ -101,8 +101,23 @@ def lock_path(path: str) -> str:
     return path[: -len(".dram")] + ".lock"
 
 
+def _same_file(fd: int, path: str) -> bool:
+    """Whether ``path`` (not followed) is still the file open at ``fd``."""
+    try:
+        a, b = os.fstat(fd), os.lstat(path)
+    except FileNotFoundError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
 def _try_remove(path: str, why: str, level: int = logging.WARNING) -> bool:
-    """Unlink the arena ``path`` if no process holds it (its lock file too); whether it did."""
+    """Unlink the arena ``path`` if no process holds it (its lock file too); whether it is gone.
+
+    Only the file we hold exclusively is unlinked: another remover may have replaced it with a
+    new arena in use since we opened it. The lock file goes first, while the arena is still there
+    and held: a process opens the lock file only while it holds the arena at ``path`` shared, so
+    none can have opened the old lock file and pair it with a new arena (two lock files for one
+    arena would let two writers in at once)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError:
@@ -113,9 +128,13 @@ def _try_remove(path: str, why: str, level: int = logging.WARNING) -> bool:
         os.close(fd)
         return False
     try:
-        os.unlink(path)
-        if os.path.exists(lock_path(path)):
+        if not _same_file(fd, path):
+            return True  # gone, or another remover's replacement (in use): ours is gone either way
+        try:
             os.unlink(lock_path(path))
+        except FileNotFoundError:
+            pass
+        os.unlink(path)
         log.log(level, "DRAM tier: removed %s (%s; no process used it)", path, why)
     except FileNotFoundError:
         pass

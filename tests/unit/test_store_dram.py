@@ -20,6 +20,7 @@ import pytest
 from common.config import ConfigError, load
 from store import make_store
 from store import dram as dram_mod
+from store import dram_arena
 from store.config import StoreConfig
 from store.dram import DramTier
 from store.local import LocalStore
@@ -319,6 +320,27 @@ def test_a_foreign_arena_is_replaced_when_unused_and_refused_in_use(shm):
         fcntl.flock(fh, fcntl.LOCK_SH)  # a process uses it
         with pytest.raises(ConfigError, match="foreign or damaged header, and processes use it"):
             DramTier(2 * MB, "f", "lru", shm)
+
+
+def test_a_remover_never_unlinks_an_arena_made_after_it_looked(shm, monkeypatch):
+    """Another remover took the file first and a new arena (in use) took its name before this one
+    got its lock: the new arena and its lock file stay."""
+    t = DramTier(2 * MB, "r", "lru", shm)
+    path, lock = t.path, t.path[: -len(".dram")] + ".lock"
+    t.close()
+
+    def replaced_first(fd, op):  # once, before this remover's lock
+        monkeypatch.setattr(dram_arena, "fcntl", fcntl)
+        os.unlink(lock)
+        os.unlink(path)  # the other remover ...
+        DramTier(2 * MB, "r", "lru", shm).close()  # ... and a new arena under the same name
+        return fcntl.flock(fd, op)
+
+    monkeypatch.setattr(dram_arena, "fcntl", types.SimpleNamespace(flock=replaced_first, LOCK_EX=fcntl.LOCK_EX,
+                                                                   LOCK_NB=fcntl.LOCK_NB))
+    assert dram_arena.remove_arena(path)
+    assert os.path.exists(path) and os.path.exists(lock)
+    assert dram_arena.remove_arena(path) and not os.path.exists(path) and not os.path.exists(lock)
 
 
 def test_a_changed_size_gets_its_own_arena_and_the_unused_old_one_goes(shm):
