@@ -26,6 +26,7 @@ import stat
 import numpy as np
 
 from common.config import ConfigError
+from common.private import make_private_dir
 from common.process import pid_alive
 
 log = logging.getLogger(__name__)
@@ -65,20 +66,13 @@ def geometry(size: int) -> tuple[int, int, int]:
 def private_dir(path: str) -> None:
     """Make ``path`` (0700) or check the one there: a directory of ours, 0700, not a symlink."""
     try:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        try:
-            os.mkdir(path, 0o700)
-        except FileExistsError:
-            pass
-        st = os.lstat(path)
+        why = make_private_dir(path)
     except OSError as e:
         raise ConfigError(f"store.dram_gb: cannot make the DRAM tier's directory {path}: {e}") from e
-    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() \
-            or st.st_mode & 0o077:
+    if why:
         raise ConfigError(
-            f"store.dram_gb: the DRAM tier's directory {path} must be a directory of ours (uid {os.geteuid()}) "
-            f"with mode 0700, not a symlink (found uid {st.st_uid}, mode {st.st_mode & 0o7777:04o}); others "
-            "could read or plant KV there. Remove it")
+            f"store.dram_gb: the DRAM tier's directory {path} is {why}; it must be a directory of ours "
+            f"(uid {os.geteuid()}) with mode 0700, not a symlink: others could read or plant KV there. Remove it")
 
 
 def _ours(fd: int, path: str, size: int) -> str:

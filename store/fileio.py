@@ -22,6 +22,7 @@ from collections import OrderedDict
 from typing import Any
 
 from common.config import ConfigError
+from common.private import dir_problem
 
 log = logging.getLogger(__name__)
 
@@ -82,13 +83,7 @@ def not_ours(path: str) -> str:
         st = os.lstat(path)
     except OSError as e:
         return e.strerror or str(e)
-    if stat.S_ISLNK(st.st_mode):
-        return "a symlink"
-    if not stat.S_ISDIR(st.st_mode):
-        return "not a directory"
-    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
-        return f"owned by uid {st.st_uid} with mode {st.st_mode & 0o7777:04o}"
-    return ""
+    return dir_problem(st, 0o022)
 
 
 def check_owned(path: str, what: str = "store path", hint: str = "") -> None:

@@ -13,9 +13,9 @@ import logging
 import os
 import re
 import shutil
-import stat
 from typing import Any, Sequence
 
+from common.private import make_private_dir as private_dir
 from common.process import pid_alive
 from transport.base import TransportError
 
@@ -82,21 +82,13 @@ def make_private_dir(path: str) -> None:
     symlink. TransportError otherwise: another user could read our KV or plant chunks there, and
     a symlink planted at the pool's path would send the arenas where that user chose."""
     try:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        try:
-            os.mkdir(path, 0o700)
-        except FileExistsError:
-            pass
-        st = os.lstat(path)
+        why = private_dir(path)
     except OSError as e:
         raise TransportError(f"cannot create shm pool {path}: {e}") from e
-    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
-        raise TransportError(f"shm pool {path} is {'a symlink' if stat.S_ISLNK(st.st_mode) else 'not a directory'}; "
-                             "it must be a directory of ours. Remove it, or set connector.transport.name to another pool")
-    if st.st_uid != os.geteuid() or st.st_mode & 0o077:
+    if why:
         raise TransportError(
-            f"shm pool {path} is owned by uid {st.st_uid} with mode {st.st_mode & 0o777:04o}; it must be ours "
-            f"(uid {os.geteuid()}) and 0700, or other users could read or plant KV chunks. Remove it, or set "
+            f"shm pool {path} is {why}; it must be ours (uid {os.geteuid()}), a directory with mode 0700 and "
+            "not a symlink, or other users could read or plant KV chunks. Remove it, or set "
             "connector.transport.name to another pool")
 
 
