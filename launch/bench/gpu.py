@@ -335,7 +335,8 @@ def run_gpu(args) -> int:
     longs = [r for r in workload if r.long]
     seq = sequential_part(workload, args.sequential)
     deps = {v.label: (v, gpu_deployment(v.mode, model, args, n_gpus, v.prefill, v.decode)) for v in vs}
-    check_ports(next(iter(deps.values()))[1])
+    for _v, dep in deps.values():  # each is started in turn, and a larger split listens on more ports
+        check_ports(dep)
     out_path = Path(args.out or os.path.join(os.environ.get("OUT", "."), "bench_gpu.json"))
     n_long = len(longs)
     header = (f"# pd bench serve --device cuda: {n_gpus} GPU(s), model {model} (--load-format {args.load_format}); "

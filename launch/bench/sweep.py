@@ -69,7 +69,8 @@ def plan_sweep(args) -> SweepPlan:
             raise ValueError(f"--workloads {w.name}: a request can need {longest(w, scale)} tokens (prompt + output) "
                              f"at --length-scale {scale:g}, more than max_model_len {max_len}; give a smaller "
                              "--length-scale (or on cuda a larger --max-model-len)")
-    check_ports(next(iter(deps.values())))
+    for dep in deps.values():  # each is started in turn, and a larger split listens on more ports
+        check_ports(dep)
     return SweepPlan(args.device, model, workloads, rates, vs, deps,
                      {v.label: units(v, args.device, n_gpus) for v in vs}, scale, n_gpus)
 

@@ -62,6 +62,8 @@ def sustained_table(wres: dict, unit: str, target: float) -> list[str]:
         if other and other[1]["sustained_rate_per_unit"] > 0:
             ratio = f"{m['sustained_rate_per_unit'] / other[1]['sustained_rate_per_unit']:.2f} ({other[0]})"
         rate = f"{m['sustained_rate']:g}" if m["sustained_rate"] else f"none (below at {min_rate(m):g}/s)"
+        if "error" in m:  # the rates after its last one never ran: it may sustain more
+            rate += f", then failed after {max(r['rate'] for r in m['rates']):g}/s"
         lines.append(f"| {label} | {m['split']} | {m['units']} | {rate} | "
                      f"{m['sustained_rate_per_unit']:.3f} | {ratio} |")
     return lines

@@ -18,9 +18,8 @@ import numpy as np
 import pytest
 
 from common.config import ConfigError, load
-from store import make_store
 from store import dram as dram_mod
-from store import dram_arena
+from store import dram_arena, make_store
 from store.config import StoreConfig
 from store.dram import DramTier
 from store.local import LocalStore
