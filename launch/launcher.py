@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import signal
 import sys
 import typing
 from pathlib import Path
@@ -25,8 +24,7 @@ from pathlib import Path
 import yaml
 
 from common.config import ConfigError, load, merge
-from launch import ray_launch
-from launch import k8s
+from launch import k8s, ray_launch
 from launch.auth import exposure_warnings, preflight, resolve_auth
 from launch.procs import (
     ProcSpec,
@@ -36,7 +34,7 @@ from launch.procs import (
     plan,
     plan_hosts,
 )
-from launch.supervise import SIGNALS, ChildDied, Deployment
+from launch.supervise import Deployment, serve_until_stopped
 from launch.topology import share
 from pd.config import DeploymentConfig, StrictLoader, load_yaml
 
@@ -212,29 +210,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"pdkv: warning: {line}", file=sys.stderr, flush=True)
     preflight(dep, deployment.roles, progress=lambda line: print(line, flush=True))
 
-    def on_signal(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt
-
-    for sig in SIGNALS:
-        signal.signal(sig, on_signal)
-    code = 0
-    try:
+    def start() -> str:
         deployment.start(progress=lambda line: print(line, flush=True))
         if "control" in deployment.roles:
-            print(f"pdkv ready: proxy at {deployment.proxy_url} (run dir: {deployment.run_dir})", flush=True)
-        else:
-            print(f"pdkv ready: {', '.join(s.name for s in deployment.specs)} (run dir: {deployment.run_dir})",
-                  flush=True)
-        deployment.watch()
-    except KeyboardInterrupt:
-        print("pdkv: stopping", flush=True)
-    except ChildDied as e:
-        print(f"pdkv: {e}", file=sys.stderr, flush=True)
-        print("pdkv: stopping the rest", file=sys.stderr, flush=True)
-        code = 1
-    finally:
-        for sig in SIGNALS:
-            signal.signal(sig, signal.SIG_IGN)
-        deployment.stop()
-    print("pdkv: stopped", flush=True)
-    return code
+            return f"pdkv ready: proxy at {deployment.proxy_url} (run dir: {deployment.run_dir})"
+        return f"pdkv ready: {', '.join(s.name for s in deployment.specs)} (run dir: {deployment.run_dir})"
+
+    return serve_until_stopped(start, deployment.watch, deployment.stop)

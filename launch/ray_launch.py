@@ -13,8 +13,6 @@ stopping it. Ctrl-C stops everything on every node. See docs/design.md ("A deplo
 from __future__ import annotations
 
 import secrets
-import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +42,7 @@ from launch.ray_plan import (
     secret_files,
     slots,
 )
-from launch.supervise import SIGNALS, ChildDied, Progress, default_run_dir
+from launch.supervise import ChildDied, Progress, default_run_dir, serve_until_stopped
 from pd.config import HOST_ROLES, DeploymentConfig
 from pd.connector.heads import group_tp
 from pd.coordinator.curve import INSTANCES
@@ -398,25 +396,8 @@ def run(dep: DeploymentConfig, address: str) -> int:
     d = RayDeployment(dep, progress=lambda line: print(line, flush=True))
     d.connect(address)
 
-    def on_signal(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt
-
-    for sig in SIGNALS:
-        signal.signal(sig, on_signal)
-    code = 0
-    try:
+    def start() -> str:
         d.start()
-        print(f"pdkv ready: proxy at {d.proxy_url} (run dir: {d.run_dir})", flush=True)
-        d.watch()
-    except KeyboardInterrupt:
-        print("pdkv: stopping", flush=True)
-    except ChildDied as e:
-        print(f"pdkv: {e}", file=sys.stderr, flush=True)
-        print("pdkv: stopping the rest", file=sys.stderr, flush=True)
-        code = 1
-    finally:
-        for sig in SIGNALS:
-            signal.signal(sig, signal.SIG_IGN)
-        d.stop()
-    print("pdkv: stopped", flush=True)
-    return code
+        return f"pdkv ready: proxy at {d.proxy_url} (run dir: {d.run_dir})"
+
+    return serve_until_stopped(start, d.watch, d.stop)

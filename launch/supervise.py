@@ -314,6 +314,33 @@ class Deployment:
         self.stop()
 
 
+def serve_until_stopped(start: Callable[[], str], watch: Callable[[], None], stop: Callable[[], None]) -> int:
+    """Run a launch: ``start()`` (its ready line is printed), ``watch()`` until Ctrl-C/SIGTERM or a
+    ``ChildDied``, then ``stop()``; 0 after a clean stop, 1 if a child died (``pd launch``)."""
+
+    def on_signal(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    for sig in SIGNALS:
+        signal.signal(sig, on_signal)
+    code = 0
+    try:
+        print(start(), flush=True)
+        watch()
+    except KeyboardInterrupt:
+        print("pdkv: stopping", flush=True)
+    except ChildDied as e:
+        print(f"pdkv: {e}", file=sys.stderr, flush=True)
+        print("pdkv: stopping the rest", file=sys.stderr, flush=True)
+        code = 1
+    finally:
+        for sig in SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        stop()
+    print("pdkv: stopped", flush=True)
+    return code
+
+
 def _unblock_signals() -> None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
 

@@ -200,7 +200,7 @@ def test_proc_host_starts_waits_restarts_and_stops_real_processes(tmp_path):
     deadline = time.monotonic() + 10
     while not host.poll() and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert "web (pid %d) was killed by SIGKILL" % pid in host.poll()["web"]
+    assert f"web (pid {pid}) was killed by SIGKILL" in host.poll()["web"]
     host.restart("web", 30)
     assert host.poll() == {} and host.pids()["web"] != pid
     bad = ProcSpec("bad", [sys.executable, "-c", "raise SystemExit(3)"], port=_free_port())
