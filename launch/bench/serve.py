@@ -64,9 +64,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--short-tokens", type=int, default=128, help="short prompt length (default 128)")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens generated per request (default 64)")
     p.add_argument("--slo-ttft-ms", type=float, default=None,
-                   help="goodput SLO on TTFT (default 2000; in a sweep each workload's, DistServe's: see docs)")
+                   help="goodput SLO on TTFT (default 2000; in a sweep each workload's, DistServe-like: see docs)")
     p.add_argument("--slo-tpot-ms", type=float, default=None,
-                   help="goodput SLO on TPOT (default 100; in a sweep each workload's, DistServe's: see docs)")
+                   help="goodput SLO on TPOT (default 100; in a sweep each workload's, DistServe-like: see docs)")
     p.add_argument("--colocated", type=int, default=None,
                    help="colocated instances (default: as many as each --split has, 2 for 1P1D)")
     p.add_argument("--split", default="1P1D", metavar="xPyD[,...]",
@@ -82,7 +82,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="prompt and output lengths times this (default 1 on cuda, 0.2 on the CPU, whose test "
                         "model is slow and has max_model_len 2048)")
     s.add_argument("--slo-attainment", type=float, default=0.9,
-                   help="the share of requests within the SLOs a sustained rate needs (default 0.9, DistServe's)")
+                   help="the share of requests within the SLOs a sustained rate needs (default 0.9, as DistServe's plots)")
     p.add_argument("--modes", default="pd,colocated",
                    help="modes to run, in order (default pd,colocated; pd_old: pdkv with the old flow, where "
                         "decode samples token 1; --device cuda also nixl, and pd_host: pd with its shm chunks in host memory)")
