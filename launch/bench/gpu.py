@@ -64,10 +64,11 @@ PD_MODES = ("pd", "pd_old", "pd_host")
 
 def add_gpu_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("--device cuda")
-    g.add_argument("--gpus", type=int, default=None, help="GPUs to use (default: all nvidia-smi lists, at most 2)")
+    g.add_argument("--gpus", type=int, default=None, help="GPUs to use (default: all nvidia-smi lists, at most the largest mode's instance count)")
     g.add_argument("--load-format", default="dummy", help="vLLM --load-format (default dummy: random weights)")
     g.add_argument("--kv-cache-gb", type=float, default=None,
-                   help="KV cache per instance, GiB (default: vLLM sizes it; 24 when two instances share a GPU)")
+                   help="KV cache per instance, GiB (default: vLLM sizes it; 48 / instances per GPU when instances "
+                        "share a GPU)")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.0, help="per instance (0 = automatic)")
     g.add_argument("--max-model-len", type=int, default=10240, help="(default 10240)")
     g.add_argument("--block-size", type=int, default=32, help="(default 32)")
