@@ -10,14 +10,17 @@ for other pool sizes and reads how it went. See docs/design.md ("A deployment on
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
+import queue
 import signal
 import stat
 import subprocess
 import threading
 import time
 import urllib.request
+from concurrent.futures import Future
 from pathlib import Path
 
 from launch.procs import ProcSpec, child_env, cpu_binds
@@ -55,14 +58,47 @@ def install_secrets(directory: str, files: dict[str, bytes]) -> None:
         os.replace(tmp, path)
 
 
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when the thread that started it ends (``Spawner``'s lives as long as
+    its actor), so an actor killed or lost leaves no process behind."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class Spawner:
+    """Starts processes from one thread that lives as long as this process (a threaded actor's
+    calls run on threads that may end, and would take their children's death signal with them)."""
+
+    def __init__(self):
+        self.jobs: queue.Queue = queue.Queue()
+        threading.Thread(target=self._run, name="pdkv-spawner", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            argv, kw, done = self.jobs.get()
+            try:
+                done.set_result(subprocess.Popen(argv, preexec_fn=_die_with_parent, **kw))
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                done.set_exception(e)
+
+    def popen(self, argv: list[str], **kw) -> subprocess.Popen:
+        done: Future = Future()
+        self.jobs.put((argv, kw, done))
+        return done.result()
+
+
 class ProcHost:
-    """Processes on one node (a threaded actor: ``poll`` answers while ``start`` waits)."""
+    """Processes on one node (a threaded actor: ``poll`` answers while ``start`` waits); they
+    get SIGTERM if the actor's process ends (killed, or its node's raylet gone)."""
 
     def __init__(self, run_dir: str):
         self.run_dir = Path(run_dir)
         self.procs: dict[str, tuple[ProcSpec, subprocess.Popen]] = {}
         self.lock = threading.Lock()
         self.stopping = False
+        self.spawner = Spawner()
 
     def info(self, tp: int = 1) -> dict:
         """This node: its address, Ray node id, and the ``split`` core lists of a ``tp`` instance."""
@@ -86,8 +122,8 @@ class ProcHost:
             if self.stopping:
                 raise RuntimeError(f"not starting {spec.name}: the deployment is stopping")
             with open(self.log_path(spec.name), "a" if append else "w") as out:
-                proc = subprocess.Popen(spec.argv, env=child_env(spec), stdout=out, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, start_new_session=True)
+                proc = self.spawner.popen(spec.argv, env=child_env(spec), stdout=out, stderr=subprocess.STDOUT,
+                                          stdin=subprocess.DEVNULL, start_new_session=True)
             self.procs[spec.name] = (spec, proc)
         return proc.pid
 

@@ -9,6 +9,7 @@ import json
 import os
 import socket
 import stat
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,6 +42,8 @@ from pd.config import DeploymentConfig
 from pd.coordinator.curve import make_keys
 from pd.proxy.pools import ADMIN_HEADER, PoolAdmin
 from pd.proxy.server import Proxy
+
+ROOT = Path(__file__).resolve().parents[2]
 
 MODEL = {"model": "/m", "connector": {"transport": {"kind": "mooncake", "mooncake": {"start_master": True}}}}
 
@@ -211,6 +214,41 @@ def test_proc_host_starts_waits_restarts_and_stops_real_processes(tmp_path):
     assert host.procs == {}
     with pytest.raises(RuntimeError, match="the deployment is stopping"):
         host.start(spec)
+
+
+ACTOR = """
+import sys, time
+from launch.procs import ProcSpec
+from launch.ray_actors import ProcHost
+host = ProcHost(sys.argv[1])
+print(host.start(ProcSpec("child", [sys.executable, "-c", "import time; time.sleep(600)"])), flush=True)
+time.sleep(600)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_an_actor_process_killed_takes_its_processes_with_it(tmp_path):
+    """A Ray actor killed (or its node's raylet gone) must not leave its vLLM running: the
+    children get SIGTERM when the actor's process ends."""
+    actor = subprocess.Popen([sys.executable, "-c", ACTOR, str(tmp_path)], cwd=ROOT, stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        child = int(actor.stdout.readline())
+        assert _alive(child)
+    finally:
+        actor.kill()
+        actor.wait()
+    deadline = time.monotonic() + 10
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child), f"pid {child} outlived its actor"
 
 
 async def _pools_roundtrip() -> None:
