@@ -36,7 +36,7 @@ PAGE = 4096
 MAGIC = int.from_bytes(b"PDKVDRM1", "little")
 VERSION = 2
 MIN_BYTES = 1 << 20
-MAX_UNITS = 1 << 17  # the unit grows with the arena, so each lock-free scan stays ~0.1 ms
+MAX_UNITS = 1 << 17  # the unit grows with the arena, so a writer's free-run scan (under the lock) stays bounded
 H_MAGIC, H_VERSION, H_SIZE, H_UNIT, H_UNITS, H_ENTRIES, H_SEQ, H_DIRTY = range(8)
 #: The entry fields, one u64 array each (store/dram.py says what they hold).
 FIELDS = ("stamp", "d0", "d1", "start", "units", "length", "pid", "tick", "hits", "born")
