@@ -144,9 +144,11 @@ def test_the_tier_keeps_to_dram_gb(tmp_path, shm):
         sizes = rng.integers(1, 300_000, 60)
         for i, n in enumerate(sizes):
             assert t.put(_key(i), _data(i, int(n)))
-            u = t.usage()
-            assert u["dram_bytes"] <= u["dram_budget"]
-        assert os.path.getsize(t.path) <= 2 * MB and t.usage()["dram_evictions"] > 0
+            live = np.flatnonzero((t._stamp & 3) == dram_mod.COMMITTED)
+            # the unit map holds exactly the committed values' units (none leaked, none shared) ...
+            assert int(t._units[live].sum()) == int(np.count_nonzero(t._umap)) == t.usage()["dram_bytes"] // t.unit
+            assert t.values() == len(live) and t.contains([_key(i)]) == 1  # ... and the newest is one of them
+        assert os.path.getsize(t.path) == 2 * MB and t.usage()["dram_evictions"] > 0
         for i, n in enumerate(sizes):  # what is kept is whole
             got = _read(t, i, int(n))
             assert got is None or np.array_equal(got, _data(i, int(n))), i
