@@ -51,6 +51,16 @@ PLACE_TIMEOUT_S = 60.0  # an actor not placed by then: no node has what it asks 
 CALL_TIMEOUT_S = 30.0
 
 
+def import_ray():
+    """The ray module; ConfigError saying how to install it when it is missing."""
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("Ray is not installed here; pd launch --ray and pd scale need it on this machine and "
+                          "on every node of the cluster: pip install 'pdkv[ray]'") from None
+    return ray
+
+
 def controls_name(dep: DeploymentConfig) -> str:
     """The name of the launcher's ``Controls`` actor (``pd scale`` finds it by it)."""
     return f"controls-{dep.proxy.port}"
@@ -92,8 +102,7 @@ class RayDeployment:
     # ---- start -----------------------------------------------------------------------------
 
     def connect(self, address: str) -> None:
-        import ray
-
+        ray = import_ray()
         ray.init(address=address or self.dep.ray.address, namespace=self.dep.ray.namespace, log_to_driver=False,
                  logging_level="ERROR")
         have = ray.cluster_resources()
@@ -115,6 +124,8 @@ class RayDeployment:
         except ray.exceptions.GetTimeoutError:
             raise ChildDied(f"{what}: no answer in {timeout_s:.0f}s (Ray could not place or run it; `ray status` "
                             "shows what each node offers)") from None
+        except ray.exceptions.RayError as e:  # what the actor raised (its process exited, a bad secrets dir)
+            raise ChildDied(f"{what}: {_cause(e)}") from None
 
     def start(self) -> None:
         """Start the control processes, the instances and the proxy; wait until all are ready."""

@@ -10,7 +10,7 @@ import argparse
 import time
 
 from common.config import ConfigError, load
-from launch.ray_launch import controls_name
+from launch.ray_launch import controls_name, import_ray
 from launch.ray_plan import parse_scale
 from pd.config import DeploymentConfig, load_yaml
 
@@ -26,8 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Ask for the sizes, print the launcher's lines until done; 1 on a timeout."""
-    import ray
-
+    ray = import_ray()
     targets = parse_scale(args.sizes)
     dep = load_yaml(args.config) if args.config else load(DeploymentConfig, {})
     if args.port is not None:
