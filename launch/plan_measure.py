@@ -2,17 +2,19 @@
 (launch/plan_inputs.py).
 
 Prefill: prompts of several lengths (random token ids, so no prefix-cache hits), one token each,
-one at a time; the fastest of ``REPEATS`` is the prefill time. Decode: B streams at once, each a
-prompt of C tokens and ``DECODE_TOKENS`` answer tokens (ignore_eos); the step time is the median
-time per token once every stream has its first (tokens counted from each event's usage, as vLLM
-may send several tokens in one event). The instance should be otherwise idle.
+one at a time; the fastest of ``REPEATS`` is the prefill time. Decode: B requests at once, each a
+prompt of C tokens, once with ``DECODE_TOKENS`` answer tokens (ignore_eos) and once with one; the
+step time is the difference of the two batches' times over ``DECODE_TOKENS - 1`` (the fastest of
+``REPEATS``). Whole-batch times, not gaps between streamed events: a busy API server sends events
+in bursts (on the CPU, 32 tokens arrived within 0.4 ms). The instance's ``/metrics``
+(``vllm:num_requests_running``), read while a batch runs, shows whether all B ran at once. The
+instance should be otherwise idle.
 """
 from __future__ import annotations
 
 import asyncio
-import json
 import random
-import statistics
+import re
 import time
 from pathlib import Path
 
@@ -26,8 +28,10 @@ from launch.plan_inputs import Profile, parse_profile
 PREFILL_TOKENS = (256, 1024, 2048, 4096, 8192, 16384)
 BATCHES = (1, 8, 32)
 REPEATS = 3
-DECODE_TOKENS = 32
+DECODE_TOKENS = 64
 TIMEOUT_S = 600.0
+POLL_S = 0.01  # /metrics reads while a batch runs
+_RUNNING = re.compile(rb"^vllm:num_requests_running(?:\{[^}\n]*\})?[ \t]+(\d+(?:\.\d*)?)", re.M)
 
 
 def _prompt(rng: random.Random, n: int) -> list[int]:
@@ -45,25 +49,29 @@ async def _model(session: aiohttp.ClientSession, url: str) -> tuple[str, int]:
         raise ConfigError(f"--measure: {url} does not answer GET /v1/models as vLLM does: {e!r}") from None
 
 
-async def _complete(session: aiohttp.ClientSession, url: str, body: dict) -> list[tuple[float, int]]:
-    """Send one completion; when (monotonic) each streamed event arrived and the answer's tokens
-    by then (its usage, else one per event); not streamed: its end."""
-    out: list[tuple[float, int]] = []
+async def _complete(session: aiohttp.ClientSession, url: str, body: dict) -> float:
+    """Send one completion (not streamed); when (monotonic) its answer had arrived."""
     async with session.post(url + "/v1/completions", json=body) as r:
         if r.status != 200:
             raise ConfigError(f"--measure: {url} answered {r.status}: {(await r.text())[:300]}")
-        if not body.get("stream"):
-            await r.read()
-            return [(time.monotonic(), 1)]
-        async for line in r.content:
-            if line.startswith(b"data: ") and not line.startswith(b"data: [DONE]"):
-                now = time.monotonic()
-                try:
-                    usage = json.loads(line[6:]).get("usage") or {}
-                except ValueError:
-                    usage = {}
-                out.append((now, int(usage.get("completion_tokens") or (out[-1][1] + 1 if out else 1))))
-    return out
+        await r.read()
+    return time.monotonic()
+
+
+async def _most_running(session: aiohttp.ClientSession, url: str, seen: list[float]) -> None:
+    """Append the instance's ``vllm:num_requests_running`` (all engines) to ``seen`` until
+    cancelled; nothing if it has no such series."""
+    while True:
+        try:
+            async with session.get(url + "/metrics") as r:
+                text = await r.read() if r.status == 200 else b""
+        except (aiohttp.ClientError, OSError, asyncio.TimeoutError):
+            text = b""
+        values = [float(v) for v in _RUNNING.findall(text)]
+        if not values:
+            return
+        seen.append(sum(values))
+        await asyncio.sleep(POLL_S)
 
 
 async def _prefill(session, url: str, model: str, lengths: list[int], rng: random.Random) -> dict[int, float]:
@@ -74,29 +82,36 @@ async def _prefill(session, url: str, model: str, lengths: list[int], rng: rando
             t0 = time.monotonic()
             done = await _complete(session, url, {"model": model, "prompt": _prompt(rng, n), "max_tokens": 1,
                                                   "temperature": 0})
-            best = min(best, (done[-1][0] - t0) * 1e3)
+            best = min(best, (done - t0) * 1e3)
         out[n] = round(best, 3)
     return out
 
 
+async def _batch_ms(session, url: str, body: dict, batch: int, context: int, rng: random.Random) -> float:
+    """ms until all ``batch`` requests of ``body`` (each its own prompt of ``context`` tokens) have
+    answered; refused if the instance's /metrics never showed them all running at once."""
+    seen: list[float] = []
+    watch = asyncio.ensure_future(_most_running(session, url, seen))
+    t0 = time.monotonic()
+    try:
+        ends = await asyncio.gather(*(_complete(session, url, {**body, "prompt": _prompt(rng, context)})
+                                      for _ in range(batch)))
+    finally:
+        watch.cancel()
+    if body["max_tokens"] > 1 and seen and max(seen) < batch:
+        raise ConfigError(f"--measure: {url} ran at most {max(seen):.0f} of {batch} requests at once: give the "
+                          "instance's max_num_seqs as --max-batch")
+    return (max(ends) - t0) * 1e3
+
+
 async def _decode_step(session, url: str, model: str, batch: int, context: int, rng: random.Random) -> float:
-    body = {"model": model, "max_tokens": DECODE_TOKENS, "ignore_eos": True, "stream": True, "temperature": 0,
-            "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
-    streams = await asyncio.gather(*(_complete(session, url, {**body, "prompt": _prompt(rng, context)})
-                                     for _ in range(batch)))
-    all_in = max(s[0][0] for s in streams)  # every stream has its first token: the batch is whole
-    if any(s[-1][0] < all_in for s in streams):
-        raise ConfigError(f"--measure: {url} did not run {batch} requests at once (one ended before another "
-                          "began): give the instance's max_num_seqs as --max-batch")
-    per_token = []
-    for s in streams:
-        after = [(t, n) for t, n in s if t >= all_in]
-        if len(after) >= 2 and after[-1][1] > after[0][1]:
-            per_token.append((after[-1][0] - after[0][0]) / (after[-1][1] - after[0][1]))
-    if not per_token:
-        raise ConfigError(f"--measure: {url} gave no stream two tokens apart once all {batch} had begun; "
-                          "it must stream its tokens as it makes them")
-    return statistics.median(per_token) * 1e3
+    base = {"model": model, "ignore_eos": True, "temperature": 0}
+    steps = []
+    for _ in range(REPEATS):
+        many = await _batch_ms(session, url, {**base, "max_tokens": DECODE_TOKENS}, batch, context, rng)
+        one = await _batch_ms(session, url, {**base, "max_tokens": 1}, batch, context, rng)
+        steps.append((many - one) / (DECODE_TOKENS - 1))
+    return max(min(steps), 1e-3)
 
 
 async def _measure(url: str, max_batch: int) -> dict:

@@ -16,6 +16,7 @@ from aiohttp import web
 from common.config import ConfigError
 from launch.cli import main as cli_main
 from launch.plan_inputs import lengths, load_profile, parse_profile, parse_workload
+from launch import plan_measure
 from launch.plan_measure import measure_profile
 from launch.plan_model import SLO, decode_check, options, prefill_check, ttft_attainment
 
@@ -182,43 +183,43 @@ def test_a_missing_or_broken_profile_file(tmp_path, capsys):
 
 class SimulatedInstance:
     """An HTTP double of a vLLM instance that models time: a prompt takes ``0.01 ms`` per token
-    to prefill, a token at least 2 ms whatever the batch (asyncio sleeps); tokens streamed two
-    to an event with the running usage, as vLLM does when its output falls behind; at most 8
-    requests at once (its max_num_seqs), the rest wait."""
+    to prefill, a token 2 ms whatever the batch (asyncio sleeps); at most 8 requests at once
+    (its max_num_seqs), the rest wait; /metrics says how many run, as vLLM names it."""
 
     def __init__(self):
         self.bodies: list[dict] = []
         self.slots = asyncio.Semaphore(8)
+        self.running = 0
+
+    async def metrics(self, request):
+        return web.Response(text=f'vllm:num_requests_running{{engine="0",model_name="sim"}} {self.running}.0\n')
 
     async def models(self, request):
         return web.json_response({"data": [{"id": "sim", "max_model_len": 600}]})
 
     async def complete(self, request):
         async with self.slots:
-            return await self._complete(request)
+            self.running += 1
+            try:
+                return await self._complete(request)
+            finally:
+                self.running -= 1
 
     async def _complete(self, request):
         body = await request.json()
         self.bodies.append(body)
-        await asyncio.sleep(len(body["prompt"]) * 1e-5)
-        if not body.get("stream"):
-            return web.json_response({"choices": [{"text": "x"}]})
-        out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await out.prepare(request)
-        for n in range(2, body["max_tokens"] + 1, 2):
-            await asyncio.sleep(0.004)
-            event = {"choices": [{"text": "xx"}], "usage": {"completion_tokens": n}}
-            await out.write(b"data: " + json.dumps(event).encode() + b"\n\n")
-        await out.write(b"data: [DONE]\n\n")
-        return out
+        await asyncio.sleep(len(body["prompt"]) * 1e-5 + (body["max_tokens"] - 1) * 2e-3)
+        return web.json_response({"choices": [{"text": "x" * body["max_tokens"]}]})
 
 
-def test_measure_writes_a_profile_pd_plan_reads_within_the_instances_batch(tmp_path):
+def test_measure_writes_a_profile_pd_plan_reads_within_the_instances_batch(tmp_path, monkeypatch):
+    monkeypatch.setattr(plan_measure, "REPEATS", 1)
     sim, sock = SimulatedInstance(), socket.socket()
     sock.bind(("127.0.0.1", 0))
     app = web.Application()
     app.router.add_get("/v1/models", sim.models)
     app.router.add_post("/v1/completions", sim.complete)
+    app.router.add_get("/metrics", sim.metrics)
     loop = asyncio.new_event_loop()
     runner = web.AppRunner(app, access_log=None)
     loop.run_until_complete(runner.setup())
@@ -227,7 +228,7 @@ def test_measure_writes_a_profile_pd_plan_reads_within_the_instances_batch(tmp_p
     thread.start()
     try:
         saved, url = tmp_path / "measured.yaml", f"http://127.0.0.1:{sock.getsockname()[1]}/"
-        with pytest.raises(ConfigError, match="did not run 32 requests at once .* give the instance's max_num_seqs"):
+        with pytest.raises(ConfigError, match="ran at most 8 of 32 requests at once: give the instance's max_num_seqs"):
             measure_profile(url, 2)  # batches up to 32, but it runs 8 at a time
         sim.bodies.clear()
         profile = measure_profile(url, 2, str(saved), max_batch=8)
@@ -241,8 +242,7 @@ def test_measure_writes_a_profile_pd_plan_reads_within_the_instances_batch(tmp_p
     prompts = [len(b["prompt"]) for b in sim.bodies if isinstance(b["prompt"], list)]
     assert max(prompts) < 600 and len({tuple(b["prompt"]) for b in sim.bodies}) == len(sim.bodies)  # no reuse
     decode = yaml.safe_load(saved.read_text())["decode_step_ms"]
-    assert sorted({(b, c) for b, c, _ in decode}) == [(1, 150), (1, 567), (8, 150), (8, 567)]
-    assert min(ms for _, _, ms in decode) >= 1.9  # per token, not per event (2 tokens per >= 4 ms)
+    assert sorted({(b, c) for b, c, _ in decode}) == [(1, 150), (1, 535), (8, 150), (8, 535)]
 
 
 def test_measure_refuses_what_is_not_a_vllm_instance():
