@@ -296,7 +296,9 @@ class ShmTransport:
         m = self._maps.hold(name)
         if m is None:
             return None
-        if not m.check(off, seq, length, key_digest16(key)):
+        # a GPU arena's memory belongs to its producer's CUDA context: once that process is gone
+        # its values are misses (a host arena's file stays whole and readable)
+        if not m.check(off, seq, length, key_digest16(key)) or (m.dev is not None and not index.producer_alive(name)):
             self._maps.unhold(m)
             return None
         return m, off, length, seq

@@ -162,6 +162,11 @@ def unlink_if(link: str, target: str) -> bool:
         return False
 
 
+def producer_alive(name: str) -> bool:
+    """Whether the producer of arena ``name`` (``.arena-<pid>-<uuid8>``) still runs."""
+    return bool(_ARENA_RE.fullmatch(name)) and pid_alive(int(name.split("-")[1]))
+
+
 def reap_dead(path: str) -> tuple[int, int]:
     """Remove the arenas of producers that are gone (their pid no longer runs: a SIGKILLed
     instance) and the links into them; (arenas, links) removed. A reader that mapped such an arena
@@ -170,7 +175,7 @@ def reap_dead(path: str) -> tuple[int, int]:
         names = os.listdir(path)
     except OSError:
         return 0, 0
-    dead = {n for n in names if _ARENA_RE.fullmatch(n) and not pid_alive(int(n.split("-")[1]))}
+    dead = {n for n in names if _ARENA_RE.fullmatch(n) and not producer_alive(n)}
     if not dead:
         return 0, 0
     links = 0
