@@ -29,7 +29,8 @@ if [ "$part" = one ]; then
   echo "random weights written in $(( $(date +%s) - t0 )) s"
   common=(--device cuda --requests 32 --rate 4 --long-fraction 0.5 --long-tokens 8000 --short-tokens 256
           --sequential 24 --kv-cache-gb 12 --slo-ttft-ms 2000 --slo-tpot-ms 50 --max-model-len 10240 --seed 0)
-  timeout "${SERVE_TIMEOUT:-420}" python3 -m launch.cli bench serve --model /tmp/m8r --load-format auto \
+  left=$(( ${DEADLINE:-$(( $(date +%s) + 420 ))} - $(date +%s) ))  # DEADLINE: epoch s by which to stop
+  timeout "$left" python3 -m launch.cli bench serve --model /tmp/m8r --load-format auto \
     --modes "${MODES:-pd,colocated,nixl}" --max-tokens 128 "${common[@]}" --out "$OUT/serve_one.json" \
     > "$OUT/serve_one.md" 2>&1
   echo "serve rc $?"
