@@ -338,6 +338,9 @@ def _check_names(names: list[str], flag: str) -> None:
         if not _NAME.fullmatch(name) or name in (SERVER, DEFAULT_CLIENT):
             raise ConfigError(f"{flag}: {name!r} is not allowed; use letters, digits, '_', '.', '-' (at most 64, not "
                               f"{SERVER!r} or {DEFAULT_CLIENT!r})")
+        if flag == "--client" and name.startswith(INSTANCE_PREFIX):  # authorized/instance.<id>.key: an instance's
+            raise ConfigError(f"{flag}: {name!r} is not allowed: names beginning {INSTANCE_PREFIX!r} are the instances' "
+                              f"own keys (pd keys DIR --instance NAME makes those)")
     if len(set(names)) != len(names):
         raise ConfigError(f"{flag}: a name is given twice")
 

@@ -80,6 +80,9 @@ def test_pd_keys_writes_private_files_and_bundles(tmp_path, capsys):
     assert "client 'hostb' exists" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="not allowed"):
         make_keys(d, ["../evil"])
+    with pytest.raises(ConfigError, match="instances' own keys"):  # it would be taken for instance prefill-0's key
+        make_keys(d, ["instance.prefill-0"])
+    assert not (d / "authorized" / "instance.prefill-0.key").exists()
 
 
 def test_missing_key_files_say_which_and_how(tmp_path, keys):
