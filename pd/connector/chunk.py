@@ -22,14 +22,15 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import struct
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator
 
 import xxhash
 
 from common.config import ConfigError
+from pd.coordinator.keyfiles import read_checked
 
 MAGIC = b"PDKVCHNK"
 VERSION = 1
@@ -56,16 +57,12 @@ def secret_key(raw: bytes, where: str = "connector.chunk_secret_file") -> bytes:
 
 
 def read_secret(path: str, where: str = "connector.chunk_secret_file") -> bytes:
-    """``secret_key`` of file ``path``; ConfigError if it cannot be read or others may read it."""
+    """``secret_key`` of file ``path``, read as a key file is (``keyfiles.read_checked``: never
+    through a symlink, ours or root's, no group or other bits); ConfigError naming what is wrong."""
     try:
-        with open(path, "rb") as fh:
-            mode = os.fstat(fh.fileno()).st_mode
-            raw = fh.read()
+        raw = read_checked(Path(path).expanduser(), where, secret=True)
     except OSError as e:
         raise ConfigError(f"{where}: cannot read {path}: {e.strerror or e}") from None
-    if mode & 0o077:
-        raise ConfigError(f"{where}: {path} has mode {mode & 0o7777:04o}; a secret must be readable by its owner "
-                          "only (chmod 600)")
     return secret_key(raw, where)
 
 

@@ -174,7 +174,7 @@ def test_chunk_secret_files_must_be_private_and_long_enough(tmp_path):
     f = tmp_path / "chunk.secret"
     f.write_bytes(b"s" * 32 + b"\n")
     f.chmod(0o644)
-    with pytest.raises(ConfigError, match=r"mode 0644; a secret must be readable by its owner only"):
+    with pytest.raises(ConfigError, match=r"mode 0644: group or others can read or write it; run `chmod 600"):
         C.read_secret(str(f))
     f.chmod(0o600)
     assert C.read_secret(str(f)) == C.secret_key(b"s" * 32)
@@ -183,3 +183,8 @@ def test_chunk_secret_files_must_be_private_and_long_enough(tmp_path):
         C.read_secret(str(f))
     with pytest.raises(ConfigError, match="cannot read"):
         C.read_secret(str(tmp_path / "missing"))
+    f.write_bytes(b"s" * 32 + b"\n")
+    link = tmp_path / "link.secret"
+    link.symlink_to(f)  # never followed, as no key file is (someone could point it elsewhere)
+    with pytest.raises(ConfigError, match="is a symlink"):
+        C.read_secret(str(link))
