@@ -29,6 +29,7 @@ from launch.topology import Instance, Layout, is_wildcard
 from pd.config import DeploymentConfig
 from pd.connector.heads import group_tp
 from pd.coordinator.curve import INSTANCES, effective_auth, is_loopback
+from pd.coordinator.keyfiles import read_checked
 
 HEAD_RESOURCE = "node:__internal_head__"  # Ray's resource of the head node
 LOCATE = 0.001  # how much of the control resource the control actor takes (it only locates a node)
@@ -161,9 +162,9 @@ def secret_files(dep: DeploymentConfig, control: bool, admin_token: str, instanc
     key if the launcher made one)."""
     out: dict[str, bytes] = {}
     if dep.vllm.api_key_file:
-        out["vllm-api.key"] = Path(dep.vllm.api_key_file).read_bytes()
+        out["vllm-api.key"] = _read(dep.vllm.api_key_file, "vllm.api_key_file", True)
     if control and dep.proxy.api_key_file:
-        out["proxy-api.key"] = Path(dep.proxy.api_key_file).read_bytes()
+        out["proxy-api.key"] = _read(dep.proxy.api_key_file, "proxy.api_key_file", True)
     if control:
         out[ADMIN_TOKEN] = admin_token.encode()
     c = dep.coordinator
@@ -175,9 +176,18 @@ def secret_files(dep: DeploymentConfig, control: bool, admin_token: str, instanc
         if control:
             names += ["server.key_secret"] + [f"authorized/{p.name}" for p in sorted((d / "authorized").glob("*.key"))]
         for n in names:
-            if (d / n).is_file():
-                out[f"{SECRETS}/{n}"] = (d / n).read_bytes()
+            if (d / n).is_file() or (d / n).is_symlink():
+                out[f"{SECRETS}/{n}"] = _read(d / n, "coordinator.keys_dir", n.endswith(".key_secret"))
     return out
+
+
+def _read(path: str | Path, what: str, secret: bool) -> bytes:
+    """A key or token file, checked as its readers check it (``keyfiles.read_checked``: ours, not a
+    symlink, a secret 0600), since each node writes its copy as ours and 0600 whatever it was here."""
+    try:
+        return read_checked(Path(path).expanduser(), what, secret)
+    except OSError as e:
+        raise ConfigError(f"{what}: cannot read {path}: {e.strerror or e}") from None
 
 
 def node_config(dep: DeploymentConfig, secrets_dir: str, control_ip: str) -> DeploymentConfig:

@@ -113,8 +113,9 @@ def test_slots_and_scale_requests():
 def _keyed(tmp_path: Path, **over) -> DeploymentConfig:
     keys = tmp_path / "keys"
     make_keys(keys, instances=["decode-0"])
-    (tmp_path / "api.key").write_text("vtok\n")
-    (tmp_path / "proxy.key").write_text("ptok\n")
+    for name, token in (("api.key", "vtok\n"), ("proxy.key", "ptok\n")):
+        (tmp_path / name).write_text(token)
+        (tmp_path / name).chmod(0o600)
     base = {"coordinator": {"auth": "curve", "keys_dir": str(keys)}, "vllm": {"api_key_file": str(tmp_path / "api.key")},
             "proxy": {"api_key_file": str(tmp_path / "proxy.key")}}
     return merge(dep(**base), over)
@@ -131,6 +132,26 @@ def test_each_node_gets_only_the_keys_its_processes_need(tmp_path):
     assert set(secret_files(d, False, "adm", "decode-0")) == set(instance) | {"keys/instances/decode-0.key_secret"}
     assert control[ADMIN_TOKEN] == b"adm" and instance["vllm-api.key"] == b"vtok\n"
     assert not secret_files(dep(coordinator={"auth": "none"}), False, "adm")
+
+
+def test_key_files_a_node_could_not_trust_here_are_not_sent(tmp_path):
+    """Each node writes its copies as ours and 0600: a token others can read, an allow-list key
+    others can write or a symlink would otherwise arrive there as trusted files."""
+    d = _keyed(tmp_path)
+    (tmp_path / "proxy.key").chmod(0o644)
+    with pytest.raises(ConfigError, match=r"proxy.api_key_file: .*proxy.key .*mode 0644: group or others can read"):
+        secret_files(d, True, "adm")
+    assert secret_files(d, False, "adm")  # an instance node does not get the proxy's token
+    (tmp_path / "proxy.key").chmod(0o600)
+    extra = tmp_path / "keys" / "authorized" / "hostz.key"
+    extra.write_bytes((tmp_path / "keys" / "authorized" / "client.key").read_bytes())
+    extra.chmod(0o664)
+    with pytest.raises(ConfigError, match=r"hostz.key is .*mode 0664: group or others can write"):
+        secret_files(d, True, "adm")
+    extra.unlink()
+    extra.symlink_to(tmp_path / "keys" / "authorized" / "client.key")
+    with pytest.raises(ConfigError, match=r"hostz.key: it is a symlink"):
+        secret_files(d, True, "adm")
 
 
 def test_nodes_run_the_local_launchers_commands_with_keys_in_their_secrets_dir(tmp_path):
