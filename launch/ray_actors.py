@@ -32,10 +32,12 @@ class SecretsDirError(RuntimeError):
     """A node's secrets directory is not ours alone."""
 
 
-def install_secrets(directory: str, files: dict[str, bytes]) -> None:
+def install_secrets(directory: str, files: dict[str, bytes], exact: tuple[str, ...] = ()) -> None:
     """Write ``files`` (relative path -> bytes) under ``directory``, every directory 0700 and every
     file 0600, each replaced whole (written aside, renamed); refuse a directory that is a symlink,
-    not ours or open to others."""
+    not ours or open to others. The directories ``exact`` (relative) then hold only the files given
+    for them: the allow-list, where a key revoked on the launcher's host must not stay authorized
+    from an earlier launch."""
     root = Path(directory)
     dirs = {root} | {root / Path(rel).parent for rel in files}
     for d in sorted(dirs, key=lambda p: len(p.parts)):
@@ -56,6 +58,11 @@ def install_secrets(directory: str, files: dict[str, bytes]) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
+    for rel in exact:
+        d, keep = root / rel, {Path(f).name for f in files if Path(f).parent == Path(rel)}
+        for entry in os.scandir(d) if d.is_dir() else ():
+            if entry.name not in keep and not entry.is_dir(follow_symlinks=False):
+                os.unlink(entry.path)
 
 
 PR_SET_PDEATHSIG = 1
@@ -109,8 +116,8 @@ class ProcHost:
         return {"ip": ray.util.get_node_ip_address(), "node_id": ctx.get_node_id(),
                 "split": cpu_binds("split", 1, [tp])[0], "gpus": ",".join(gpus), "pid": os.getpid()}
 
-    def install(self, directory: str, files: dict[str, bytes]) -> None:
-        install_secrets(directory, files)
+    def install(self, directory: str, files: dict[str, bytes], exact: tuple[str, ...] = ()) -> None:
+        install_secrets(directory, files, exact)
 
     def log_path(self, name: str) -> Path:
         return self.run_dir / f"{name}.log"

@@ -24,6 +24,7 @@ from common.config import ConfigError, to_dict
 from launch.auth import check_keys
 from launch.ray_actors import Controls, ProcHost
 from launch.ray_plan import (
+    ALLOW_LIST,
     GROUPS,
     HEAD_RESOURCE,
     Slot,
@@ -138,7 +139,7 @@ class RayDeployment:
         self.control_ip = self._get(self.control.info.remote(), "the control actor", PLACE_TIMEOUT_S)["ip"]
         self.ndep = node_config(self.dep, self.secrets_dir, self.control_ip)
         files = ray.put(secret_files(self.dep, True, self.token))
-        self._get(self.control.install.remote(self.secrets_dir, files), "the control node's keys")
+        self._get(self.control.install.remote(self.secrets_dir, files, (ALLOW_LIST,)), "the control node's keys")
         self.lay = layout_on(self.ndep, [], self.control_ip)
         servers, self.proxy = control_specs(self.ndep, self.lay, self.secrets_dir)
         want = [s for g in GROUPS for s in slots(self.dep, g, getattr(self.dep, g).count)]

@@ -28,7 +28,7 @@ from launch.procs import (
 from launch.topology import Instance, Layout, is_wildcard
 from pd.config import DeploymentConfig
 from pd.connector.heads import group_tp
-from pd.coordinator.curve import INSTANCES, effective_auth, is_loopback
+from pd.coordinator.curve import AUTHORIZED, INSTANCES, effective_auth, is_loopback
 from pd.coordinator.keyfiles import read_checked
 
 HEAD_RESOURCE = "node:__internal_head__"  # Ray's resource of the head node
@@ -38,6 +38,7 @@ _CORES = re.compile(r"\d+(-\d+)?(,\d+(-\d+)?)*(\|\d+(-\d+)?(,\d+(-\d+)?)*)*")
 BIND_MODES = ("split", "auto", "nobind")
 GROUPS = ("prefill", "decode")
 SECRETS = "keys"  # the keys directory inside a node's secrets directory
+ALLOW_LIST = f"{SECRETS}/{AUTHORIZED}"  # the coordinator's allow-list there (the control node's)
 ADMIN_TOKEN = "admin.token"
 
 
@@ -174,7 +175,7 @@ def secret_files(dep: DeploymentConfig, control: bool, admin_token: str, instanc
         if instance:
             names.append(f"{INSTANCES}/{instance}.key_secret")
         if control:
-            names += ["server.key_secret"] + [f"authorized/{p.name}" for p in sorted((d / "authorized").glob("*.key"))]
+            names += ["server.key_secret"] + [f"{AUTHORIZED}/{p.name}" for p in sorted((d / AUTHORIZED).glob("*.key"))]
         for n in names:
             if (d / n).is_file() or (d / n).is_symlink():
                 out[f"{SECRETS}/{n}"] = _read(d / n, "coordinator.keys_dir", n.endswith(".key_secret"))

@@ -208,6 +208,18 @@ def test_secrets_are_owner_only_and_a_foreign_dir_is_refused(tmp_path):
     assert stat.S_IMODE(root.stat().st_mode) == 0o700
 
 
+
+def test_a_key_revoked_since_the_last_launch_leaves_the_nodes_allow_list(tmp_path):
+    root, allow = tmp_path / "s", "keys/authorized"
+    install_secrets(str(root), {f"{allow}/client.key": b"c", f"{allow}/hostb.key": b"b", "keys/server.key": b"s"},
+                    (allow,))
+    install_secrets(str(root), {"keys/client.key": b"i"})  # an instance's install on the same node keeps it
+    assert sorted(os.listdir(root / allow)) == ["client.key", "hostb.key"]
+    install_secrets(str(root), {f"{allow}/client.key": b"c", "keys/server.key": b"s"}, (allow,))  # hostb revoked
+    assert os.listdir(root / allow) == ["client.key"]
+    assert sorted(os.listdir(root / "keys")) == ["authorized", "client.key", "server.key"]  # others stay
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
