@@ -2,10 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
-
-from common.config import ConfigError
 from pathlib import Path
 
+from common.config import ConfigError
 from pd.config import DeploymentConfig
 from pd.connector.heads import lcm
 from pd.coordinator.curve import INSTANCES, SERVER, effective_auth, local_keys_dir
