@@ -66,12 +66,15 @@ def install_secrets(directory: str, files: dict[str, bytes], exact: tuple[str, .
 
 
 PR_SET_PDEATHSIG = 1
+# Looked up here, not in the child: between fork and exec of a threaded process (a Ray actor) a
+# dlopen may wait for a loader lock another thread held at the fork, for ever.
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl
 
 
 def _die_with_parent() -> None:
     """In the child: SIGTERM when the thread that started it ends (``Spawner``'s lives as long as
     its actor), so an actor killed or lost leaves no process behind."""
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class Spawner:
