@@ -38,6 +38,7 @@ _CORES = re.compile(r"\d+(-\d+)?(,\d+(-\d+)?)*(\|\d+(-\d+)?(,\d+(-\d+)?)*)*")
 BIND_MODES = ("split", "auto", "nobind")
 GROUPS = ("prefill", "decode")
 SECRETS = "keys"  # the keys directory inside a node's secrets directory
+CHUNK_SECRET = "chunk.secret"  # connector.chunk_secret_file there (the instances' nodes)
 ALLOW_LIST = f"{SECRETS}/{AUTHORIZED}"  # the coordinator's allow-list there (the control node's)
 ADMIN_TOKEN = "admin.token"
 
@@ -157,10 +158,11 @@ def own_ray_keys(dep: DeploymentConfig) -> None:
 
 
 def secret_files(dep: DeploymentConfig, control: bool, admin_token: str, instance: str = "") -> dict[str, bytes]:
-    """The files a node gets, by path relative to its secrets directory: the API tokens, and the
-    CurveZMQ keys its processes need (the control node: the coordinator's secret key and the
-    allow-list too; an instance: the coordinator's public key, the client keypair, and its own
-    key if the launcher made one)."""
+    """The files a node gets, by path relative to its secrets directory: the API tokens, an
+    instance's node the chunk secret (``connector.chunk_secret_file``), and the CurveZMQ keys
+    its processes need (the control node: the coordinator's secret key and the allow-list too;
+    an instance: the coordinator's public key, the client keypair, and its own key if the
+    launcher made one)."""
     out: dict[str, bytes] = {}
     if dep.vllm.api_key_file:
         out["vllm-api.key"] = _read(dep.vllm.api_key_file, "vllm.api_key_file", True)
@@ -168,6 +170,8 @@ def secret_files(dep: DeploymentConfig, control: bool, admin_token: str, instanc
         out["proxy-api.key"] = _read(dep.proxy.api_key_file, "proxy.api_key_file", True)
     if control:
         out[ADMIN_TOKEN] = admin_token.encode()
+    elif dep.connector.chunk_secret_file:  # the instances' connectors key chunk checksums with it
+        out[CHUNK_SECRET] = _read(dep.connector.chunk_secret_file, "connector.chunk_secret_file", True)
     c = dep.coordinator
     if effective_auth(c) == "curve":
         d = Path(c.keys_dir).expanduser()
@@ -199,6 +203,8 @@ def node_config(dep: DeploymentConfig, secrets_dir: str, control_ip: str) -> Dep
         out.vllm.api_key_file = os.path.join(secrets_dir, "vllm-api.key")
     if out.proxy.api_key_file:
         out.proxy.api_key_file = os.path.join(secrets_dir, "proxy-api.key")
+    if out.connector.chunk_secret_file:
+        out.connector.chunk_secret_file = os.path.join(secrets_dir, CHUNK_SECRET)
     if effective_auth(out.coordinator) == "curve":
         out.coordinator.keys_dir = os.path.join(secrets_dir, SECRETS)
     m = out.connector.transport.mooncake

@@ -132,6 +132,15 @@ def test_each_node_gets_only_the_keys_its_processes_need(tmp_path):
     assert set(secret_files(d, False, "adm", "decode-0")) == set(instance) | {"keys/instances/decode-0.key_secret"}
     assert control[ADMIN_TOKEN] == b"adm" and instance["vllm-api.key"] == b"vtok\n"
     assert not secret_files(dep(coordinator={"auth": "none"}), False, "adm")
+    (tmp_path / "chunk.key").write_bytes(b"c" * 32)
+    (tmp_path / "chunk.key").chmod(0o600)
+    chunked = merge(d, {"connector": {"chunk_secret_file": str(tmp_path / "chunk.key")}})
+    assert secret_files(chunked, False, "adm")["chunk.secret"] == b"c" * 32  # an instance's connector keys chunks
+    assert "chunk.secret" not in secret_files(chunked, True, "adm")  # the control node runs no connector
+    spec = instance_spec(node_config(chunked, "/s", "10.1.0.1"), Slot("decode-0", "decode", 0, 9200), "10.1.0.3", "1",
+                         "tcp://10.1.0.1:5570")
+    kv = json.loads(spec.argv[spec.argv.index("--kv-transfer-config") + 1])["kv_connector_extra_config"]
+    assert kv["chunk_secret_file"] == "/s/chunk.secret"  # the node's copy, not the driver's path
 
 
 def test_key_files_a_node_could_not_trust_here_are_not_sent(tmp_path):
