@@ -377,6 +377,8 @@ def make_instance_keys(keys_dir: str | Path, names: list[str]) -> list[str]:
     done = []
     old = os.umask(0o077)
     try:
+        check_dir(d, "pd keys")  # also when make_keys did not run first (pd launch with a keys_dir of its own)
+        check_dir(d / AUTHORIZED, "pd keys (authorized/)")
         make_dir(d / INSTANCES, "pd keys (instances/)")
         for name in names:
             public, made = _keep_or_make(d / INSTANCES, name, f"instance {name!r} key")

@@ -22,7 +22,7 @@ from launch.kv_config import kv_transfer_config
 from launch.procs import plan
 from pd.config import CoordinatorConfig, DeploymentConfig
 from pd.coordinator.client import CoordinatorClient, InstanceAgent
-from pd.coordinator.curve import load_client_keys, load_server_keys, make_keys, read_token
+from pd.coordinator.curve import load_client_keys, load_server_keys, make_instance_keys, make_keys, read_token
 from pd.coordinator.protocol import (
     PROTOCOL_TAG,
     Ack,
@@ -205,6 +205,13 @@ def test_a_keys_directory_others_can_write_or_a_symlink_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="symlink"):
         make_keys(real)
     assert not (tmp_path / "elsewhere").exists()  # nothing written through the link
+    (real / "api.key").unlink()
+    (tmp_path / "other").mkdir()
+    (real / "authorized").rename(tmp_path / "moved")
+    (real / "authorized").symlink_to(tmp_path / "other")  # instance keys alone (pd launch), no make_keys first
+    with pytest.raises(ConfigError, match="authorized/.*is a symlink"):
+        make_instance_keys(real, ["prefill-0"])
+    assert not list((tmp_path / "other").iterdir())
 
 
 @pytest.mark.skipif(not ROOT, reason="only root can give a directory or file to another user")
