@@ -70,7 +70,7 @@ def _decode(profile: Profile, lens: Lengths, rate: float, free: float, slo: SLO)
     high = batch + NormalDist().inv_cdf(slo.attainment) * math.sqrt(batch)
     tpot = profile.step_ms(high, lens.decode_context) / free
     if high > profile.max_batch:
-        return batch, tpot, f"decode batch {high:.0f} > max_batch {profile.max_batch}"
+        return batch, tpot, f"decode batch {high:.1f} > max_batch {profile.max_batch}"
     if profile.kv_capacity_tokens and high * lens.decode_context > profile.kv_capacity_tokens:
         return batch, tpot, f"KV {high * lens.decode_context:.0f} tokens > kv_capacity_tokens"
     if tpot > slo.tpot_ms:
@@ -127,7 +127,7 @@ def max_rate(check, profile: Profile, lens: Lengths, slo: SLO) -> tuple[float, s
     for _ in range(SEARCH_STEPS):
         mid = (lo + hi) / 2.0
         lo, hi = (mid, hi) if not check(profile, lens, mid, slo).why else (lo, mid)
-    return lo, check(profile, lens, hi, slo).why
+    return lo, check(profile, lens, hi * 1.01, slo).why  # what fails 1% beyond it (at it, "60.0 > 60")
 
 
 @dataclass(frozen=True)
