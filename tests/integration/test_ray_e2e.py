@@ -241,6 +241,9 @@ def test_killed_decode_on_the_worker_is_restarted_by_ray_and_serves_again(deploy
     assert all(again[n][1] != registered[n] for n in again), (registered, again)
 
 
+PACE_S = 1.0  # the pause after each answer of the scaling test's stream
+
+
 def _scale(address: str, cfg_file: Path, env: dict, size: str) -> str:
     r = subprocess.run([sys.executable, "-m", "launch.cli", "scale", size, "--config", str(cfg_file), "--ray", address],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
@@ -263,8 +266,10 @@ def test_prefill_scaled_1_2_1_under_a_stream_of_requests_none_lost(deployment, c
                 results.append((c, ids, pd_id))
             except Exception as e:  # noqa: BLE001 - every failure is reported below
                 errors.append(repr(e))
+            stop.wait(PACE_S)
 
-    # One sender: a request always in flight, and the cores (2 here) left to start prefill-1.
+    # One sender, a request every PACE_S at most: with a request always in flight, the 2 cores of
+    # the CI machine left prefill-1 (starting beside prefill-0 on core 0) unready after 400 s.
     senders = [threading.Thread(target=stream)]
     for t in senders:
         t.start()
