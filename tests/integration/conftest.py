@@ -133,6 +133,16 @@ BASE = {
 }
 
 
+# Modules that start many vLLM instances of their own (the Ray tests: four, beside Ray's nodes) run
+# before any test starts the session's ``deployments`` (three more instances): both at once went
+# past this machine's 24 GiB and the kernel killed a deployment's VLLM::Worker (CI, 2026-12-06).
+RUN_FIRST = ("test_ray_e2e.py",)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    items.sort(key=lambda item: item.path.name not in RUN_FIRST)  # stable: the rest keep their order
+
+
 @pytest.fixture(scope="session")
 def deployments(model_path, tmp_path_factory):
     """A 1P1D deployment and a colocated single instance of the same model, started together."""
