@@ -183,7 +183,8 @@ def test_a_missing_or_broken_profile_file(tmp_path, capsys):
 
 class SimulatedInstance:
     """An HTTP double of a vLLM instance that models time: a prompt takes ``0.01 ms`` per token
-    to prefill, a token 2 ms whatever the batch (asyncio sleeps); at most 8 requests at once
+    to prefill, a token 10 ms whatever the batch (asyncio sleeps; long enough that a batch's
+    requests, sent together, all run at once on a loaded CI machine); at most 8 requests at once
     (its max_num_seqs), the rest wait; /metrics says how many run, as vLLM names it."""
 
     def __init__(self):
@@ -208,7 +209,7 @@ class SimulatedInstance:
     async def _complete(self, request):
         body = await request.json()
         self.bodies.append(body)
-        await asyncio.sleep(len(body["prompt"]) * 1e-5 + (body["max_tokens"] - 1) * 2e-3)
+        await asyncio.sleep(len(body["prompt"]) * 1e-5 + (body["max_tokens"] - 1) * 1e-2)
         return web.json_response({"choices": [{"text": "x" * body["max_tokens"]}]})
 
 
