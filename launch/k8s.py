@@ -104,6 +104,9 @@ def check_placeable(dep: DeploymentConfig, o: K8sOptions) -> None:
     if shared_pod(dep) and t.shm_memory == "gpu":
         raise ConfigError("connector.transport.shm_memory: gpu maps a prefill's GPU memory into the decode through "
                           "CUDA IPC, and in a pod each container sees only its own GPUs; allowed with --emit k8s: host")
+    if dep.mode == "pd" and dep.connector.chunk_secret_file:
+        raise ConfigError("connector.chunk_secret_file is not supported by --emit k8s yet (the manifests mount "
+                          "only the coordinator's keys and the API token): leave it unset")
     s = dep.connector.store
     if dep.mode == "pd" and s.backend == "hf3fs":
         raise ConfigError("connector.store.backend: hf3fs is not supported by --emit k8s (USRBIO needs the node's "

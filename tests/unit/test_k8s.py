@@ -345,6 +345,7 @@ def test_store_and_model_claims_are_mounted_at_the_configs_paths(model, keys, tm
     ({}, ("--k8s-name", "Bad_Name"), "--k8s-name"),
     ({"vllm": {"device": "cuda"}, "connector": {"transport": {"shm_memory": "gpu"}}}, (), "allowed with --emit k8s: host"),
     ({"connector": {"store": {"backend": "hf3fs"}}}, (), "hf3fs is not supported by --emit k8s"),
+    ({"connector": {"chunk_secret_file": "/etc/pdkv/chunk.secret"}}, (), "chunk_secret_file is not supported"),
     ({}, ("--role", "decode"), "drop --role"),
     ({}, ("--model-claim", "UPPER"), "--model-claim"),
 ])
