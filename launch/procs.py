@@ -255,8 +255,9 @@ def vllm_env(dep: DeploymentConfig, bind: str, group: str = "prefill", slot: Gpu
     """Environment of one vLLM instance (on top of the launcher's): cpu settings, or its GPUs; then
     ``vllm.env`` and the group's ``env``."""
     if slot is None:
-        env = {"VLLM_CPU_KVCACHE_SPACE": str(int(dep.vllm.kv_cache_space_gb)), "PYTHONHASHSEED": "0",
-               "VLLM_CPU_OMP_THREADS_BIND": bind}
+        env = {"PYTHONHASHSEED": "0", "VLLM_CPU_OMP_THREADS_BIND": bind}
+        if not dep.vllm.kv_cache_memory_gb:  # the variable would override --kv-cache-memory-bytes
+            env["VLLM_CPU_KVCACHE_SPACE"] = str(int(dep.vllm.kv_cache_space_gb))
     else:
         env = cuda_env(dep, slot)
     env.update(parse_env(dep.vllm.env, "vllm.env"))
@@ -281,8 +282,11 @@ def vllm_spec(dep: DeploymentConfig, name: str, role: str, port: int, group: str
     tp = group_tp(dep, group)
     if slot is not None:
         argv += cuda_args(dep, slot, tp)
-    elif tp > 1:  # vLLM's CPU backend runs TP ranks as worker processes
-        argv += ["--tensor-parallel-size", str(tp), "--distributed-executor-backend", "mp"]
+    else:
+        if v.kv_cache_memory_gb:  # below VLLM_CPU_KVCACHE_SPACE's whole GiB
+            argv += ["--kv-cache-memory-bytes", str(int(v.kv_cache_memory_gb * (1 << 30)))]
+        if tp > 1:  # vLLM's CPU backend runs TP ranks as worker processes
+            argv += ["--tensor-parallel-size", str(tp), "--distributed-executor-backend", "mp"]
     if role in ("prefill", "decode"):
         argv += ["--kv-transfer-config", json.dumps(kv_transfer_config(dep, role, name, coordinator))]
     argv += list(v.extra_args) + list(getattr(dep, group).extra_args)

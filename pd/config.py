@@ -158,8 +158,9 @@ class VllmConfig:
     # cuda: vLLM's --gpu-memory-utilization; 0 = vLLM's default (0.9), or 0.9 / n when n
     # instances share a GPU.
     gpu_memory_utilization: float = field(default=0.0, metadata=rng(0.0, 1.0))
-    # cuda: vLLM's --kv-cache-memory-bytes in GiB per instance; 0 = vLLM sizes it by profiling.
-    # Required when instances share a GPU: vLLM's profiler otherwise counts the neighbours' memory.
+    # vLLM's --kv-cache-memory-bytes in GiB per instance. cuda: 0 = vLLM sizes it by profiling;
+    # required when instances share a GPU (vLLM's profiler otherwise counts the neighbours' memory).
+    # cpu: 0 = kv_cache_space_gb; above 0 it replaces it (fractions of a GiB allowed).
     kv_cache_memory_gb: float = field(default=0.0, metadata=rng(0.0, 1 << 20))
     # GPUs per instance (--tensor-parallel-size); each gpus list must name this many.
     tensor_parallel_size: int = field(default=1, metadata=rng(1, 64))

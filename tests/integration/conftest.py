@@ -128,7 +128,10 @@ def pd_config(model_path: Path, name: str, port_base: int, transport: str, store
 STEP_TOKENS = 512  # the shared deployments' prefill token budget per engine step
 
 BASE = {
-    "vllm": {"max_model_len": 2048, "block_size": 32, "kv_cache_space_gb": 1, "max_num_seqs": 16},
+    # 0.25 GiB of KV (65k tokens of the test model; VLLM_CPU_KVCACHE_SPACE cannot go below 1 GiB):
+    # an instance then holds about 1.6 GB, not 2.4, and the store tests' nine at once fit in 24 GiB
+    # (with 1 GiB each the kernel killed a VLLM::Worker in CI, 2026-12-06).
+    "vllm": {"max_model_len": 2048, "block_size": 32, "kv_cache_memory_gb": 0.25, "max_num_seqs": 16},
     "connector": {"chunk_size": 256, "wait_timeout_s": 120},
 }
 

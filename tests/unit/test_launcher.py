@@ -738,6 +738,18 @@ def test_hf3fs_store_is_checked_before_anything_starts(model, tmp_path, capsys, 
     assert "hf3fs_py_usrbio" in err and "backend local" in err
 
 
+def test_cpu_kv_cache_below_a_gib_goes_as_bytes_not_the_whole_gib_variable(model, tmp_path):
+    def vllm_procs(**vllm):
+        cfg = free_config(model, tmp_path, vllm=vllm)
+        return [s for s in plan(load(DeploymentConfig, cfg)) if "vllm.entrypoints" in " ".join(s.argv)]
+
+    for s in vllm_procs(kv_cache_memory_gb=0.25):
+        assert flag(s.argv, "--kv-cache-memory-bytes") == str(1 << 28)
+        assert "VLLM_CPU_KVCACHE_SPACE" not in s.env  # vLLM would let it override the flag
+    for s in vllm_procs(kv_cache_space_gb=2):
+        assert "--kv-cache-memory-bytes" not in s.argv and s.env["VLLM_CPU_KVCACHE_SPACE"] == "2"
+
+
 # ---- vllm.device cuda (planning only: no GPU needed) ----------------------------------------
 
 
