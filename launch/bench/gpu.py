@@ -39,6 +39,7 @@ from common.config import load, merge
 from launch.bench.serve_load import (
     Request,
     Result,
+    answer,
     completion_body,
     format_table,
     make_workload,
@@ -275,13 +276,25 @@ def format_transfers(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def same_answers(texts: dict[str, list[str | None]]) -> dict[str, int]:
+def same_answers(texts: dict[str, list]) -> dict[str, int]:
     """For each mode after the first: how many answers equal the first mode's."""
     modes = list(texts)
     if not modes:
         return {}
     ref = texts[modes[0]]
     return {m: sum(a is not None and a == b for a, b in zip(ref, texts[m])) for m in modes[1:]}
+
+
+def first_differences(texts: dict[str, list]) -> dict[str, list[int]]:
+    """For each mode after the first: at which output token each answer of token ids first differs
+    from the first mode's (answers that agree, or are not token ids, are left out)."""
+    modes = list(texts)
+    out: dict[str, list[int]] = {}
+    for m in modes[1:]:
+        out[m] = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                  for a, b in zip(texts[modes[0]], texts[m])
+                  if isinstance(a, list) and isinstance(b, list) and a != b]
+    return out
 
 
 def run_mode(mode: str, dep: DeploymentConfig, seq: list[Request], load_: list[Request], args) -> dict:
@@ -309,8 +322,7 @@ def run_mode(mode: str, dep: DeploymentConfig, seq: list[Request], load_: list[R
     slo = (args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3)
     return {"startup_s": started_s, "run_dir": str(d.run_dir),
             "sequential": summarize(seq_res, seq_wall, *slo), "load": summarize(load_res, load_wall, *slo),
-            "texts": {"sequential": [r.text if r.ok else None for r in seq_res],
-                      "load": [r.text if r.ok else None for r in load_res]},
+            "texts": {"sequential": [answer(r) for r in seq_res], "load": [answer(r) for r in load_res]},
             "per_request": {ph: [{"long": r.long, "ttft_ms": r.ttft * 1e3 if r.ttft else None,
                                   "tpot_ms": r.tpot * 1e3 if r.tpot else None, "ok": r.ok, "error": r.error}
                                  for r in rs] for ph, rs in (("sequential", seq_res), ("load", load_res))},
@@ -367,8 +379,10 @@ def run_gpu(args) -> int:
         n = len(seq) if phase == "sequential" else len(workload)
         if same:
             first = next(iter(ok))
-            report.append("\n# same answer as " + first + ": " +
-                          ", ".join(f"{m} {k} of {n}" for m, k in same.items()))
+            diff = first_differences({m: r["texts"][phase] for m, r in ok.items()})
+            report.append("\n# same answer as " + first + " (token ids where returned): " + ", ".join(
+                f"{m} {k} of {n}" + (f" (the others first differ at output token {sorted(diff[m])})" if diff.get(m)
+                                     else "") for m, k in same.items()))
         if "pd" in ok and ok["pd"]["transfer_summary"].get(phase):
             report.append(f"\n# pdkv KV transfer ({phase}; load = the decode connector's transport reads and "
                           "scatter, from the coordinator's records)\n")

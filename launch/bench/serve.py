@@ -42,6 +42,7 @@ from launch.bench.gpu import (
 )
 from launch.bench.modes import cpu_deployment, mode_list, variants
 from launch.bench.serve_load import (
+    answer,
     format_table,
     make_workload,
     run_load,
@@ -125,7 +126,7 @@ def run(args) -> int:
         if seq:
             seq_figures[mode] = summarize(seq_res, seq_wall, *slo)
         figures[mode] = summarize(results, wall, *slo)
-        texts[mode] = [r.text if r.ok else None for r in results]
+        texts[mode] = [answer(r) for r in results]
         for r in results:
             if not r.ok:
                 print(f"# {mode}: a request failed: {r.error}")

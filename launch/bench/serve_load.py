@@ -29,6 +29,7 @@ class Result:
     sent: float
     token_times: list[float] = field(default_factory=list)
     text: str = ""
+    token_ids: list[int] = field(default_factory=list)  # where the server returns them (return_token_ids)
     error: str = ""
     pd_id: str = ""  # the proxy's x-pd-id (P/D mode)
 
@@ -67,7 +68,7 @@ def make_workload(n: int, rate: float, long_fraction: float, long_tokens: int, s
 
 def completion_body(model: str, req: Request) -> dict:
     return {"model": model, "prompt": req.prompt, "max_tokens": req.max_tokens, "temperature": 0,
-            "ignore_eos": True, "stream": True}
+            "ignore_eos": True, "stream": True, "return_token_ids": True}
 
 
 def stream_into(url: str, body: dict, res: Result) -> None:
@@ -81,11 +82,18 @@ def stream_into(url: str, body: dict, res: Result) -> None:
                 continue
             now = time.perf_counter()
             choice = json.loads(line[6:])["choices"][0]
+            res.token_ids += choice.get("token_ids") or []
             if choice.get("text"):
                 res.token_times.append(now)
                 res.text += choice["text"]
     res.ok = bool(res.token_times)
     res.error = "" if res.ok else "no tokens"
+
+
+def answer(r: Result) -> list[int] | str | None:
+    """What answers are compared by: the token ids where the server returned them (texts of
+    random-weight models' tokens can render alike or differ for the same ids), else the text."""
+    return None if not r.ok else (list(r.token_ids) if r.token_ids else r.text)
 
 
 def send_one(url: str, model: str, req: Request, res: Result) -> None:

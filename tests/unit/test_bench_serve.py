@@ -246,6 +246,21 @@ def test_run_gpu_end_to_end_with_stand_ins(tmp_path, monkeypatch, capsys):
     assert res["modes"]["pd"]["transfer_summary"]["load"]["long"]["tokens"] == 40
     text = out.with_suffix(".md").read_text()
     assert "| metric | pd | colocated | nixl | pd/colocated | pd/nixl |" in text
-    assert "same answer as pd: colocated 4 of 4, nixl 4 of 4" in text and "colocated 6 of 6" in text
+    assert "same answer as pd (token ids where returned): colocated 4 of 4, nixl 4 of 4" in text
+    assert "colocated 6 of 6" in text
     assert "pdkv KV transfer (load" in text
     assert "| span (long prompts) | n | p50 ms | p99 ms |" in text and "| total | 2 | 9.00 | 9.00 |" in text
+
+
+def test_answers_compare_by_token_ids_and_say_where_they_first_differ():
+    from launch.bench.gpu import first_differences, same_answers
+    from launch.bench.serve_load import Result, answer
+
+    ids = Result(True, False, 0.0, text="ab", token_ids=[5, 6, 7])
+    text_only = Result(True, False, 0.0, text="ab")
+    assert answer(ids) == [5, 6, 7] and answer(text_only) == "ab"
+    assert answer(Result(False, False, 0.0, text="ab")) is None
+    texts = {"pd": [[1, 2, 3], [1, 2, 3], "x", None], "colocated": [[1, 2, 3], [1, 9, 3], "x", None],
+             "nixl": [[1, 2], [4, 2, 3], "y", [1]]}
+    assert same_answers(texts) == {"colocated": 2, "nixl": 0}
+    assert first_differences(texts) == {"colocated": [1], "nixl": [2, 0]}
