@@ -48,6 +48,7 @@ from launch.bench.serve_load import (
     stream_into,
     summarize,
 )
+from launch.bench import prefill_probe
 from launch.bench.modes import Variant, mode_list, variants
 from launch.bench.workloads import fill_legacy_slos, parse_splits
 from launch.gpus import gpu_count
@@ -92,6 +93,9 @@ def add_gpu_arguments(p: argparse.ArgumentParser) -> None:
                    help="CUDA graphs (the default)")
     g.add_argument("--sequential", type=int, default=8,
                    help="requests sent one at a time before the Poisson phase (default 8; on the CPU too)")
+    g.add_argument("--prefill-probe", type=int, default=20, metavar="N",
+                   help="pd mode: N fresh prompts of each length straight to the prefill instance, plain vs as the "
+                        "proxy's prefill half (launch/bench/prefill_probe.py; default 20, 0 = off)")
     g.add_argument("--ucx-tls", default="", help="UCX_TLS for the nixl instances (default: UCX's choice)")
     g.add_argument("--out", default=None, help="JSON results file (default $OUT/bench_gpu.json, else ./bench_gpu.json; a sweep, "
                         "on the CPU too: bench_sweep.json)")
@@ -311,6 +315,14 @@ def run_mode(mode: str, dep: DeploymentConfig, seq: list[Request], load_: list[R
         url = d.proxy_url
         run_sequential(url, name, [Request(0, [11, 12, 13, 14] * 8, 4, False)], send)  # warm-up
         seq_res, seq_wall = run_sequential(url, name, seq, send)
+        probed = {}
+        if mode == "pd" and getattr(args, "prefill_probe", 0) > 0:
+            prefill_url = instance_urls(dep)[0][0]
+            try:
+                probed = {n: prefill_probe.probe(prefill_url, name, n, args.prefill_probe)
+                          for n in sorted({args.short_tokens, args.long_tokens})}
+            except Exception as e:  # noqa: BLE001 - the probe failing must not lose the mode's figures
+                print(f"# pd: the prefill probe failed: {type(e).__name__}: {e}", flush=True)
         load_res, load_wall = run_load(url, name, load_, send)
         recs = {"sequential": transfers(url, seq_res), "load": transfers(url, load_res)} if mode in PD_MODES else {}
     finally:
@@ -326,7 +338,7 @@ def run_mode(mode: str, dep: DeploymentConfig, seq: list[Request], load_: list[R
             "per_request": {ph: [{"long": r.long, "ttft_ms": r.ttft * 1e3 if r.ttft else None,
                                   "tpot_ms": r.tpot * 1e3 if r.tpot else None, "ok": r.ok, "error": r.error}
                                  for r in rs] for ph, rs in (("sequential", seq_res), ("load", load_res))},
-            "transfers": recs,
+            "transfers": recs, "prefill_probe": probed,
             "transfer_summary": {ph: transfer_summary(v) for ph, v in recs.items()}}
 
 
@@ -369,6 +381,18 @@ def run_gpu(args) -> int:
             results["modes"][mode] = {"error": f"{type(e).__name__}: {e}"}
         print(f"# {mode}: done in {time.perf_counter() - t0:.0f}s", flush=True)
         out_path.write_text(json.dumps(results, indent=1, default=str))
+    text = gpu_report(header, results, len(seq), len(workload))
+    print(text, flush=True)
+    results["report"] = text
+    out_path.write_text(json.dumps(results, indent=1, default=str))
+    out_path.with_suffix(".md").write_text(text + "\n")
+    print(f"# results: {out_path} and {out_path.with_suffix('.md')}", flush=True)
+    failed = any("error" in r or r["load"]["failed"] or r["sequential"]["failed"] for r in results["modes"].values())
+    return 1 if failed else 0
+
+
+def gpu_report(header: str, results: dict, n_seq: int, n_all: int) -> str:
+    """The markdown report of a run: start-up, each phase's table, answers, transfers, the probe."""
     ok = {m: r for m, r in results["modes"].items() if "error" not in r}
     report = [header, "\n# start-up (pd launch to ready, s): " +
               ", ".join(f"{m} {r['startup_s']:.0f}" for m, r in ok.items())]
@@ -376,7 +400,7 @@ def run_gpu(args) -> int:
         report.append(f"\n## {phase}: {'one request at a time' if phase == 'sequential' else 'Poisson arrivals'}\n")
         report.append(format_table({m: r[phase] for m, r in ok.items()}))
         same = same_answers({m: r["texts"][phase] for m, r in ok.items()})
-        n = len(seq) if phase == "sequential" else len(workload)
+        n = n_seq if phase == "sequential" else n_all
         if same:
             first = next(iter(ok))
             diff = first_differences({m: r["texts"][phase] for m, r in ok.items()})
@@ -387,14 +411,11 @@ def run_gpu(args) -> int:
             report.append(f"\n# pdkv KV transfer ({phase}; load = the decode connector's transport reads and "
                           "scatter, from the coordinator's records)\n")
             report.append(format_transfers(ok["pd"]["transfer_summary"][phase]))
+    if ok.get("pd", {}).get("prefill_probe"):
+        report.append("\n## the prefill instance alone (pd mode; fresh prompts, alternating; "
+                      "launch/bench/prefill_probe.py)\n")
+        report.append(prefill_probe.format_probe({int(k): v for k, v in ok["pd"]["prefill_probe"].items()}))
     for m, r in results["modes"].items():
         if "error" in r:
             report.append(f"\n# {m}: FAILED: {r['error']}")
-    text = "\n".join(report)
-    print(text, flush=True)
-    results["report"] = text
-    out_path.write_text(json.dumps(results, indent=1, default=str))
-    out_path.with_suffix(".md").write_text(text + "\n")
-    print(f"# results: {out_path} and {out_path.with_suffix('.md')}", flush=True)
-    failed = any("error" in r or r["load"]["failed"] or r["sequential"]["failed"] for r in results["modes"].values())
-    return 1 if failed else 0
+    return "\n".join(report)

@@ -234,7 +234,7 @@ def test_run_gpu_end_to_end_with_stand_ins(tmp_path, monkeypatch, capsys):
     out = tmp_path / "r.json"
     args = _gpu_args("--model", str(model), "--modes", "pd,colocated,nixl", "--gpus", "2", "--requests", "6",
                      "--rate", "50", "--long-tokens", "40", "--short-tokens", "8", "--max-tokens", "3",
-                     "--sequential", "4", "--out", str(out))
+                     "--sequential", "4", "--prefill-probe", "0", "--out", str(out))
     try:
         assert bench_gpu.run_gpu(args) == 0
     finally:
@@ -264,3 +264,41 @@ def test_answers_compare_by_token_ids_and_say_where_they_first_differ():
              "nixl": [[1, 2], [4, 2, 3], "y", [1]]}
     assert same_answers(texts) == {"colocated": 2, "nixl": 0}
     assert first_differences(texts) == {"colocated": [1], "nixl": [2, 0]}
+
+
+class _FakePrefill(http.server.BaseHTTPRequestHandler):
+    """A prefill instance stand-in: streams a token, or answers JSON when not streamed."""
+    bodies: list = []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.bodies.append(body)
+        self.send_response(200)
+        self.end_headers()
+        if body.get("stream"):
+            self.wfile.write(b"data: " + json.dumps({"choices": [{"text": "t"}]}).encode() + b"\n\n")
+        else:
+            self.wfile.write(json.dumps({"choices": [{"text": "t", "token_ids": [3]}]}).encode())
+
+    def log_message(self, *a):
+        pass
+
+
+def test_prefill_probe_sends_fresh_prompts_both_ways():
+    from launch.bench import prefill_probe
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakePrefill)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        r = prefill_probe.probe(f"http://127.0.0.1:{srv.server_address[1]}", "m", 16, n=3)
+    finally:
+        srv.shutdown()
+    bodies = _FakePrefill.bodies
+    assert r["plain"]["n"] == r["prefill"]["n"] == 3 and r["prefill_over_plain_p50"] > 0
+    assert len({tuple(b["prompt"]) for b in bodies}) == 6 and all(len(b["prompt"]) == 16 for b in bodies)
+    halves = [b for b in bodies if not b["stream"]]
+    assert len(halves) == 3 and all(b["kv_transfer_params"]["do_remote_decode"] and b["max_tokens"] == 1
+                                    and b["return_token_ids"] for b in halves)
+    assert "| 16 | 3 |" in prefill_probe.format_probe({16: r})
+    with pytest.raises(ValueError, match="must be >= 1"):
+        prefill_probe.probe("http://127.0.0.1:1", "m", 16, n=0)
