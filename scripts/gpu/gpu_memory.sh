@@ -8,17 +8,22 @@
 #      colocated, nixl and pd_old on it (the equality run: answers compared token for token).
 #   one: for a budget of one call: the GPU tests and `pd bench kv` (shortened), then b's serving run
 #      with modes pd (GPU memory), colocated and nixl and fewer requests (24 one at a time, 32 under load).
-# Results go to $OUT. Usage: bash scripts/gpu/gpu_memory.sh a|b|one
+#   kernel: like one, with 40 one at a time (20 per prompt length) and modes pd and colocated
+#      (MODES to change), the prefill probe on: after the one-launch Triton gather/scatter. In two
+#      calls on one warm machine: STAGE=prep (setup, GPU tests, bench kv, the model), then
+#      STAGE=serve (the serving run; about 5 minutes).
+# Results go to $OUT. Usage: bash scripts/gpu/gpu_memory.sh a|b|one|kernel
 set -u
-part=${1:?usage: gpu_memory.sh a|b|one}
+part=${1:?usage: gpu_memory.sh a|b|one|kernel}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 bash scripts/gpu/setup.sh > "$OUT/setup_$part.log" 2>&1 || { tail -30 "$OUT/setup_$part.log"; exit 1; }
 . /tmp/pdkv-gpu.env
 common=(--device cuda --requests 40 --rate 4 --long-fraction 0.5 --long-tokens 8000 --short-tokens 256
         --sequential 40 --kv-cache-gb 12 --slo-ttft-ms 2000 --slo-tpot-ms 50 --max-model-len 10240 --seed 0)
-if [ "$part" = one ]; then
-  timeout 90 python3 -m pytest -q -p no:cacheprovider tests/unit/test_shm_gpu.py tests/unit/test_kv_layout.py \
+stage=${STAGE:-all}
+if { [ "$part" = one ] || [ "$part" = kernel ]; } && [ "$stage" != serve ]; then
+  timeout 150 python3 -m pytest -q -p no:cacheprovider tests/unit/test_shm_gpu.py tests/unit/test_kv_layout.py \
     > "$OUT/pytest_gpu.log" 2>&1
   tail -4 "$OUT/pytest_gpu.log"
   timeout 60 python3 -m launch.cli bench kv --device cuda --block-sizes 32 --chunk-tokens 1024,4096 --iters 10 \
@@ -27,11 +32,15 @@ if [ "$part" = one ]; then
   t0=$(date +%s)
   python3 -m launch.cli make-model /tmp/m8r --shape llama3-8b --weights random > "$OUT/make_model.log" 2>&1
   echo "random weights written in $(( $(date +%s) - t0 )) s"
+fi
+if { [ "$part" = one ] || [ "$part" = kernel ]; } && [ "$stage" != prep ]; then
+  seq=24; modes=${MODES:-pd,colocated,nixl}
+  if [ "$part" = kernel ]; then seq=40; modes=${MODES:-pd,colocated}; fi
   common=(--device cuda --requests 32 --rate 4 --long-fraction 0.5 --long-tokens 8000 --short-tokens 256
-          --sequential 24 --kv-cache-gb 12 --slo-ttft-ms 2000 --slo-tpot-ms 50 --max-model-len 10240 --seed 0)
+          --sequential $seq --kv-cache-gb 12 --slo-ttft-ms 2000 --slo-tpot-ms 50 --max-model-len 10240 --seed 0)
   left=$(( ${DEADLINE:-$(( $(date +%s) + 420 ))} - $(date +%s) ))  # DEADLINE: epoch s by which to stop
   timeout "$left" python3 -m launch.cli bench serve --model /tmp/m8r --load-format auto \
-    --modes "${MODES:-pd,colocated,nixl}" --max-tokens 128 "${common[@]}" --out "$OUT/serve_one.json" \
+    --modes "$modes" --max-tokens 128 "${common[@]}" --out "$OUT/serve_one.json" \
     > "$OUT/serve_one.md" 2>&1
   echo "serve rc $?"
   tail -c 6000 "$OUT/serve_one.md"
@@ -47,7 +56,7 @@ elif [ "$part" = a ]; then
     --modes pd,pd_host,colocated --max-tokens 64 "${common[@]}" --out "$OUT/serve_a.json" > "$OUT/serve_a.md" 2>&1
   echo "serve rc $?"
   tail -c 7000 "$OUT/serve_a.md"
-else
+elif [ "$part" = b ]; then
   t0=$(date +%s)
   python3 -m launch.cli make-model /tmp/m8r --shape llama3-8b --weights random > "$OUT/make_model.log" 2>&1
   echo "random weights written in $(( $(date +%s) - t0 )) s"
