@@ -48,7 +48,7 @@ from launch.bench.serve_load import (
     stream_into,
     summarize,
 )
-from launch.bench import prefill_probe
+from launch.bench import probe
 from launch.bench.modes import Variant, mode_list, variants
 from launch.bench.workloads import fill_legacy_slos, parse_splits
 from launch.gpus import gpu_count
@@ -95,7 +95,7 @@ def add_gpu_arguments(p: argparse.ArgumentParser) -> None:
                    help="requests sent one at a time before the Poisson phase (default 8; on the CPU too)")
     g.add_argument("--prefill-probe", type=int, default=20, metavar="N",
                    help="pd mode: N fresh prompts of each length straight to the prefill instance, plain vs as the "
-                        "proxy's prefill half (launch/bench/prefill_probe.py; default 20, 0 = off)")
+                        "proxy's prefill half, and to the decode instance for its floor (launch/bench/probe.py; default 20, 0 = off)")
     g.add_argument("--ucx-tls", default="", help="UCX_TLS for the nixl instances (default: UCX's choice)")
     g.add_argument("--out", default=None, help="JSON results file (default $OUT/bench_gpu.json, else ./bench_gpu.json; a sweep, "
                         "on the CPU too: bench_sweep.json)")
@@ -315,15 +315,18 @@ def run_mode(mode: str, dep: DeploymentConfig, seq: list[Request], load_: list[R
         url = d.proxy_url
         run_sequential(url, name, [Request(0, [11, 12, 13, 14] * 8, 4, False)], send)  # warm-up
         seq_res, seq_wall = run_sequential(url, name, seq, send)
+        load_res, load_wall = run_load(url, name, load_, send)
         probed = {}
         if mode == "pd" and getattr(args, "prefill_probe", 0) > 0:
             prefill_url = instance_urls(dep)[0][0]
+            decode_url = instance_urls(dep)[1][0]
+            lengths = sorted({args.short_tokens, args.long_tokens})
             try:
-                probed = {n: prefill_probe.probe(prefill_url, name, n, args.prefill_probe)
-                          for n in sorted({args.short_tokens, args.long_tokens})}
+                probed = {"prefill": {n: probe.probe(prefill_url, name, n, args.prefill_probe) for n in lengths},
+                          "decode_floor": {n: probe.decode_floor(decode_url, name, n, args.prefill_probe)
+                                           for n in lengths}}
             except Exception as e:  # noqa: BLE001 - the probe failing must not lose the mode's figures
                 print(f"# pd: the prefill probe failed: {type(e).__name__}: {e}", flush=True)
-        load_res, load_wall = run_load(url, name, load_, send)
         recs = {"sequential": transfers(url, seq_res), "load": transfers(url, load_res)} if mode in PD_MODES else {}
     finally:
         d.stop()
@@ -411,10 +414,14 @@ def gpu_report(header: str, results: dict, n_seq: int, n_all: int) -> str:
             report.append(f"\n# pdkv KV transfer ({phase}; load = the decode connector's transport reads and "
                           "scatter, from the coordinator's records)\n")
             report.append(format_transfers(ok["pd"]["transfer_summary"][phase]))
-    if ok.get("pd", {}).get("prefill_probe"):
-        report.append("\n## the prefill instance alone (pd mode; fresh prompts, alternating; "
-                      "launch/bench/prefill_probe.py)\n")
-        report.append(prefill_probe.format_probe({int(k): v for k, v in ok["pd"]["prefill_probe"].items()}))
+    probed = ok.get("pd", {}).get("prefill_probe") or {}
+    if probed.get("prefill"):
+        report.append("\n## the prefill instance alone (pd mode; fresh prompts, alternating; launch/bench/probe.py)\n")
+        report.append(probe.format_probe({int(k): v for k, v in probed["prefill"].items()}))
+    if probed.get("decode_floor"):
+        report.append("\n## the decode instance's floor (pd mode; prompt + 1 token, the prompt's KV in vLLM's "
+                      "prefix cache; launch/bench/probe.py)\n")
+        report.append(probe.format_floor({int(k): v for k, v in probed["decode_floor"].items()}))
     for m, r in results["modes"].items():
         if "error" in r:
             report.append(f"\n# {m}: FAILED: {r['error']}")

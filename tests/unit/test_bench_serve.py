@@ -276,7 +276,8 @@ class _FakePrefill(http.server.BaseHTTPRequestHandler):
         self.send_response(200)
         self.end_headers()
         if body.get("stream"):
-            self.wfile.write(b"data: " + json.dumps({"choices": [{"text": "t"}]}).encode() + b"\n\n")
+            for _ in range(body.get("max_tokens", 1)):
+                self.wfile.write(b"data: " + json.dumps({"choices": [{"text": "t"}]}).encode() + b"\n\n")
         else:
             self.wfile.write(json.dumps({"choices": [{"text": "t", "token_ids": [3]}]}).encode())
 
@@ -285,7 +286,7 @@ class _FakePrefill(http.server.BaseHTTPRequestHandler):
 
 
 def test_prefill_probe_sends_fresh_prompts_both_ways():
-    from launch.bench import prefill_probe
+    from launch.bench import probe as prefill_probe
 
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakePrefill)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
@@ -302,3 +303,20 @@ def test_prefill_probe_sends_fresh_prompts_both_ways():
     assert "| 16 | 3 |" in prefill_probe.format_probe({16: r})
     with pytest.raises(ValueError, match="must be >= 1"):
         prefill_probe.probe("http://127.0.0.1:1", "m", 16, n=0)
+
+
+def test_decode_floor_prefills_then_times_one_more_token():
+    from launch.bench import probe
+
+    _FakePrefill.bodies = []
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakePrefill)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        r = probe.decode_floor(f"http://127.0.0.1:{srv.server_address[1]}", "m", 8, n=2)
+    finally:
+        srv.shutdown()
+    warm, timed = _FakePrefill.bodies[0::2], _FakePrefill.bodies[1::2]
+    assert [len(b["prompt"]) for b in warm] == [8, 8] and [len(b["prompt"]) for b in timed] == [9, 9]
+    assert all(t["prompt"][:8] == w["prompt"] and t["max_tokens"] == 2 for w, t in zip(warm, timed))
+    assert r["first_token"]["n"] == 2 and r["gap_1_2"]["p50"] >= 0
+    assert "| 8 | 2 |" in probe.format_floor({8: r})
