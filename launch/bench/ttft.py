@@ -5,6 +5,9 @@ Launches a 1P1D deployment with a store (``--backend local``, or ``hf3fs`` throu
 off (so a warm request can only be served by pdkv's store), then streams each prompt through
 the proxy twice: the first time (cold) the prefill instance computes it; the second time
 (warm) it loads the stored chunks and computes only the last partial chunk.
+
+``--device cuda`` (``launch.bench.ttft_gpu``): the same on a GPU for pdkv's store (and its DRAM
+tier) beside LMCache's local disk and CPU tiers, at several lengths, one mode after the other.
 """
 from __future__ import annotations
 
@@ -16,6 +19,8 @@ import time
 import urllib.request
 
 from common.config import load, merge
+from launch.bench.peers import add_cuda_arguments
+from launch.bench.ttft_gpu import run_gpu
 from launch.procs import check_model, check_ports
 from launch.scratch_store import ScratchStore
 from launch.supervise import Deployment
@@ -29,6 +34,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="local", help="store backend: local or hf3fs (default local)")
     p.add_argument("--store-path", help="directory for the store (default: a fresh temp dir)")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--seed", type=int, default=0, help="--device cuda: the prompts' seed (default 0)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu: pdkv's store, one length (--tokens); cuda: the options below")
+    add_cuda_arguments(p)
 
 
 def ttft(url: str, model: str, prompt: list[int] | str, max_tokens: int = 8) -> tuple[float, str]:
@@ -49,6 +58,8 @@ def ttft(url: str, model: str, prompt: list[int] | str, max_tokens: int = 8) -> 
 
 
 def run(args) -> int:
+    if args.device == "cuda":
+        return run_gpu(args)
     model = check_model(args.model)
     store = ScratchStore(args.backend, args.store_path)
     dep = merge(load(DeploymentConfig, {}), {

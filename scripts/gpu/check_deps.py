@@ -1,7 +1,10 @@
 """List the requirements of the carried wheels that neither another carried wheel nor the GPU
 image satisfies (by name; versions of the image's packages are not known here).
 
-    python3 scripts/gpu/check_deps.py DIR IMAGE_PACKAGE...
+    python3 scripts/gpu/check_deps.py [--known=NAME,...] DIR IMAGE_PACKAGE...
+
+--known: requirements known to be left out on purpose (e.g. LMCache's optional backends'): listed
+apart; the exit status is 1 if any other requirement is unmet (0 without --known, as before).
 """
 from __future__ import annotations
 
@@ -19,7 +22,9 @@ ENV = default_environment() | {"python_version": "3.12", "python_full_version": 
 IGNORE = {"nixl-cu12"}  # the nixl meta wheel names the cu12 build; nixl_cu13 is carried instead
 
 
-def main(folder: str, *image: str) -> int:
+def main(*argv: str) -> int:
+    known = {canonicalize_name(n) for a in argv if a.startswith("--known=") for n in a[8:].split(",") if n}
+    folder, *image = [a for a in argv if not a.startswith("--known=")]
     wheels = {}
     for w in sorted(Path(folder).glob("*.whl")):
         name, version, *_ = parse_wheel_filename(w.name)
@@ -38,14 +43,16 @@ def main(folder: str, *image: str) -> int:
                 dep = canonicalize_name(req.name)
                 if dep in IGNORE:
                     continue
-                if dep not in have:
+                if dep in known and dep not in have:
+                    print(f"check_deps: {name} {version} needs {req}: left out on purpose (--known)")
+                elif dep not in have:
                     unmet.append(f"{name} {version} needs {req} (not carried, not in the image)")
                 elif dep in wheels and req.specifier and not req.specifier.contains(wheels[dep][0], prereleases=True):
                     unmet.append(f"{name} {version} needs {req}, carried {wheels[dep][0]}")
     for line in unmet:
         print("check_deps: " + line)
     print(f"check_deps: {len(wheels)} wheels, {len(unmet)} unmet requirement(s)")
-    return 0
+    return 1 if known and unmet else 0
 
 
 if __name__ == "__main__":

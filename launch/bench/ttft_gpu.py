@@ -1,0 +1,210 @@
+"""`pd bench ttft --device cuda`: cold vs warm TTFT of prefix reuse, pdkv's store beside LMCache's
+local disk and CPU tiers (issue 19), one mode after the other on the same GPU, model and prompts.
+
+For each mode (``launch.bench.peers``): start it, send a warm-up prompt twice, then for each
+length (``--lengths``) ``--prompts`` distinct seeded prompts, each twice: cold = the first send
+(computed, and written to the store / LMCache), ``--settle-s`` of pause, warm = the second send
+(vLLM's prefix cache is off, so only the store / LMCache can spare the prefill). Every send
+streams greedy tokens through the pd proxy; answers (token ids) are compared warm with cold and
+each mode's with the first mode's. The instances' logs are searched for the warm loads (LMCache's
+"LMCache hit tokens", pdkv's "loaded a N-token prefix from the store"). Then stop it, remove its
+store. Results: a JSON (``--out``) and the tables beside it (.md), written after every mode.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from launch.bench.common import VOCAB
+from launch.bench.peers import (
+    LMCACHE_MODES,
+    check_args,
+    deployment,
+    hits_in_logs,
+    lengths,
+    lmcache_config,
+    mode_list,
+    model_max_len,
+    write_lmcache_config,
+)
+from launch.bench.serve_load import Request, Result, answer, send_one
+from launch.gpus import gpu_count
+from launch.procs import check_model, check_ports, served_name
+from launch.supervise import Deployment
+
+WARMUP_TOKENS = 1024
+STOP_MARGIN_S = 30.0  # with --deadline: no send begins later than this before it (stopping takes up to 15 s)
+
+
+def plan(args: argparse.Namespace) -> dict:
+    """Everything decided before a GPU is touched: modes, model, lengths, prompts, where results go."""
+    check_args(args)
+    modes = mode_list(args.modes)
+    model = check_model(args.model).resolve()
+    max_len = args.max_model_len or model_max_len(model)
+    chunk = max(args.chunk_size, args.lmcache_chunk_size)
+    lens = lengths(args.lengths, max_len, args.max_tokens, chunk)
+    out = Path(args.out or os.path.join(os.environ.get("OUT", "."), "ttft_gpu.json"))
+    return {"modes": modes, "model": str(model), "max_model_len": max_len, "lengths": lens,
+            "prompts": prompts(lens, args.prompts, args.seed), "out": out}
+
+
+def prompts(lens: list[int], n: int, seed: int) -> dict[int, list[list[int]]]:
+    """``n`` distinct token-id prompts of each length, the same for the same seed (no two share a
+    first chunk, so one cannot serve another's prefix)."""
+    return {length: [[random.Random(f"{seed}/{length}/{i}").randrange(*VOCAB) for _ in range(length)]
+                     for i in range(n)] for length in lens}
+
+
+def send(url: str, name: str, prompt: list[int], max_tokens: int) -> Result:
+    res = Result(False, True, 0.0)
+    send_one(url, name, Request(0.0, prompt, max_tokens, True), res)
+    return res
+
+
+def measure(url: str, name: str, p: dict, args: argparse.Namespace) -> dict:
+    """The warm-up pair, then a cold and a warm send of every prompt; per length the rows."""
+    warm_up = [random.Random(f"warmup/{args.seed}").randrange(*VOCAB) for _ in range(WARMUP_TOKENS)]
+    first = send(url, name, warm_up, args.max_tokens)
+    time.sleep(args.settle_s)
+    again = send(url, name, warm_up, args.max_tokens)
+    rows: dict[int, list[dict]] = {}
+    for length, ps in p["prompts"].items():
+        for prompt in ps:
+            if args.deadline and time.time() > args.deadline - STOP_MARGIN_S:
+                return {"warmup_ms": [r.ttft * 1e3 if r.ttft else None for r in (first, again)], "rows": rows,
+                        "truncated": "--deadline: the remaining prompts were not sent"}
+            cold = send(url, name, prompt, args.max_tokens)
+            time.sleep(args.settle_s)
+            warm = send(url, name, prompt, args.max_tokens)
+            rows.setdefault(length, []).append({
+                "cold_ms": cold.ttft * 1e3 if cold.ttft else None, "warm_ms": warm.ttft * 1e3 if warm.ttft else None,
+                "same": cold.ok and warm.ok and answer(cold) == answer(warm),
+                "cold": answer(cold), "warm": answer(warm),
+                "error": "; ".join(e for e in (cold.error, warm.error) if e)})
+    return {"warmup_ms": [r.ttft * 1e3 if r.ttft else None for r in (first, again)], "rows": rows}
+
+
+def run_mode(mode: str, p: dict, args: argparse.Namespace, n_gpus: int, work: Path) -> dict:
+    """Start ``mode``, measure it, stop it; its store directory is removed after."""
+    run_dir = work / mode
+    store = Path(tempfile.mkdtemp(prefix=f"{mode}-", dir=args.store_path or None))
+    try:
+        yaml_path = ""
+        if mode in LMCACHE_MODES:
+            yaml_path = write_lmcache_config(run_dir / "lmcache.yaml", lmcache_config(mode, args, store))
+        dep = deployment(mode, p["model"], args, p["max_model_len"], n_gpus, store, yaml_path)
+        dep.run_dir = str(run_dir)
+        check_ports(dep)
+        d = Deployment(dep)
+        t0 = time.perf_counter()
+        try:
+            d.start(progress=lambda line: print(f"  [{mode}] {line}", flush=True))
+            started = time.perf_counter() - t0
+            got = measure(d.proxy_url, served_name(dep), p, args)
+        finally:
+            d.stop()
+        return {"startup_s": started, "run_dir": str(run_dir), "lmcache_yaml": str(yaml_path),
+                "hits": hits_in_logs(run_dir, mode), **got}
+    finally:
+        shutil.rmtree(store, ignore_errors=True)
+
+
+def med(xs: list) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def fmt(x: float | None, spec: str = ".1f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def same_as_first(results: dict) -> dict[str, str]:
+    """Per mode after the first: 'k of n' of its cold and warm answers equal to the first mode's cold ones."""
+    ok = {m: r for m, r in results.items() if "rows" in r}
+    if len(ok) < 2:
+        return {}
+    ref_mode, *others = ok
+    ref = [row["cold"] for rows in ok[ref_mode]["rows"].values() for row in rows]
+    out = {}
+    for m in others:
+        mine = [row for rows in ok[m]["rows"].values() for row in rows]
+        k = sum(a is not None and a == r["cold"] for a, r in zip(ref, mine)) + \
+            sum(a is not None and a == r["warm"] for a, r in zip(ref, mine))
+        out[m] = f"{k} of {2 * len(ref)}"
+    return out
+
+
+def format_report(header: str, results: dict) -> str:
+    lines = [header, "", "| mode | tokens | prompts | cold TTFT ms p50 | warm TTFT ms p50 | cold/warm | "
+             "warm = cold | start-up s |", "|:---|---:|---:|---:|---:|---:|---|---:|"]
+    for mode, r in results.items():
+        if "rows" not in r:
+            lines.append(f"| {mode} | - | - | - | - | - | {r.get('error') or r.get('skipped')} | - |")
+            continue
+        for length, rows in r["rows"].items():
+            c, w = med([x["cold_ms"] for x in rows]), med([x["warm_ms"] for x in rows])
+            ratio = f"{c / w:.2f}" if c and w else "-"
+            lines.append(f"| {mode} | {length} | {len(rows)} | {fmt(c)} | {fmt(w)} | {ratio} | "
+                         f"{sum(x['same'] for x in rows)} of {len(rows)} | {r['startup_s']:.0f} |")
+    lines.append("")
+    same = same_as_first(results)
+    if same:
+        lines.append(f"# answers equal to {next(iter(results))}'s cold ones (cold and warm sends): "
+                     + ", ".join(f"{m} {k}" for m, k in same.items()))
+    for mode, r in results.items():
+        if "rows" in r:
+            lines.append(f"# {mode}: warm loads in the logs (prefix tokens): {r['hits'] or 'none'}; warm-up pair "
+                         f"TTFT ms {', '.join(fmt(x) for x in r['warmup_ms'])}")
+        errors = [x["error"] for rows in r.get("rows", {}).values() for x in rows if x["error"]]
+        if errors:
+            lines.append(f"# {mode}: {len(errors)} failed sends, first: {errors[0]}")
+    return "\n".join(lines)
+
+
+def run_gpu(args: argparse.Namespace) -> int:
+    p = plan(args)
+    n_gpus = min(max(gpu_count(), 0), 2)
+    if n_gpus < 1:
+        raise ValueError("--device cuda: no GPU found (nvidia-smi -L lists none)")
+    work = Path(tempfile.mkdtemp(prefix="pdkv-ttft-gpu-"))
+    header = (f"# pd bench ttft --device cuda: model {p['model']} (--load-format {args.load_format}), max_model_len "
+              f"{p['max_model_len']}, {n_gpus} GPU(s) (pdkv: prefill and decode {'on GPU 0 and 1' if n_gpus > 1 else 'both on GPU 0'}); "
+              f"{args.prompts} prompt(s) per length, each sent cold then warm ({args.settle_s:g} s apart), "
+              f"{args.max_tokens} greedy tokens; vLLM prefix cache off; enforce_eager {args.enforce_eager}; "
+              f"pdkv chunk_size {args.chunk_size}, LMCache chunk_size {args.lmcache_chunk_size}")
+    print(header, flush=True)
+    results: dict = {}
+    for mode in p["modes"]:
+        if args.deadline and time.time() + args.mode_budget_s > args.deadline:
+            results[mode] = {"skipped": f"skipped: less than {args.mode_budget_s:.0f} s left before --deadline"}
+            print(f"# {mode}: {results[mode]['skipped']}", flush=True)
+            continue
+        t0 = time.perf_counter()
+        try:
+            results[mode] = run_mode(mode, p, args, n_gpus, work)
+        except Exception as e:  # noqa: BLE001 - one mode failing must not lose the others' figures
+            results[mode] = {"error": f"FAILED: {type(e).__name__}: {e}", "run_dir": str(work / mode)}
+        print(f"# {mode}: done in {time.perf_counter() - t0:.0f}s {results[mode].get('error', '')}", flush=True)
+        write(p["out"], args, p, results, format_report(header, results))
+    text = format_report(header, results)
+    print(text, flush=True)
+    write(p["out"], args, p, results, text)
+    bad = any("rows" not in r or not all(x["same"] for rows in r["rows"].values() for x in rows)
+              for r in results.values())
+    return 1 if bad else 0
+
+
+def write(out: Path, args: argparse.Namespace, p: dict, results: dict, text: str) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"args": {k: v for k, v in vars(args).items() if not k.startswith("_")}, "lengths": p["lengths"],
+           "max_model_len": p["max_model_len"], "modes": results, "report": text}
+    out.write_text(json.dumps(doc, indent=1, default=str))
+    out.with_suffix(".md").write_text(text + "\n")

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Prepare LMCache for the GPU machine, HERE (needs PyPI; the GPU machine has no network): issue 19.
+#
+#   bash scripts/gpu/prepare_lmcache.sh     # -> .carry/p6/lmcache/ (wheels + SHA256SUMS), ~23 MiB
+#
+# What travels: the lmcache 0.5.6 wheel (cp312, CUDA 13 build) and the few wheels that LMCache
+# imports on the path of vLLM's LMCacheConnectorV1 (lmcache.integration.vllm.vllm_v1_adapter, the
+# local CPU and local disk backends) that neither the GPU image (KINDS.md) nor the vLLM carry
+# (prepare.sh) has. Found by importing the adapter here (Python 3.11, LMCache's sources with its
+# cp312 extension modules replaced by test doubles, the modules the GPU lacks blocked):
+#   aiofile + caio     lmcache.v1.storage_backend.gds_backend imports aiofile at module level, and
+#                      storage_backend/__init__ imports gds_backend (every engine does)
+#   cryptography       lmcache.v1.distributed.serde (key_provider, aesgcm), reached from the engine
+#   cffi + pycparser   what cryptography's bindings load (cffi) and cffi requires
+# Not carried (imported only by backends not used here, or inside try/except ImportError):
+# awscrt, redis, google-cloud-bigtable, cufile-python (GDS), nvtx, opentelemetry-*, grpcio-
+# observability, httptools, setuptools_scm, confluent-kafka. Already on the GPU machine: the image
+# has torch, numpy 2.5.2, numba, cupy-cuda13x, cuda-bindings, transformers, psutil, py-cpuinfo,
+# sortedcontainers, prometheus_client, pyyaml, aiohttp, aiofiles, httpx, huggingface-hub,
+# safetensors; the vLLM carry has msgspec, pyzmq, fastapi, uvicorn, cachetools, blake3.
+# Pinned / overridden: lmcache requires numpy<=2.2.6, the image has numpy 2.5.2 (numba there is
+# built for it): lmcache is installed --no-deps and runs on numpy 2.5.2 (setup_lmcache.sh checks
+# that the adapter imports); cuda-python<14,>=13 is met by the image's cuda-bindings (LMCache
+# imports cuda.bindings). scripts/gpu/setup_lmcache.sh installs these on the GPU machine.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$PWD
+LMCACHE_VERSION=${LMCACHE_VERSION:-0.5.6}
+PY=${PY:-python3}
+DEST=$ROOT/.carry/p6/lmcache
+DL=${LMCACHE_DL:-/tmp/lmc}  # a wheel already downloaded there is used
+LIMIT_MB=58
+PLAT=(--only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 --abi abi3 --abi none
+      --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
+      --platform manylinux2014_x86_64 --platform manylinux_2_34_x86_64 --platform manylinux_2_35_x86_64
+      --platform any)
+DEPS=(aiofile "caio~=0.12.0" "cryptography>=42" "cffi>=2.0.0" pycparser)
+
+git check-ignore -q .carry/p6 || { echo "prepare_lmcache: .carry/ is not git-ignored; add it to .gitignore first"; exit 1; }
+mkdir -p "$DL"
+echo "prepare_lmcache: lmcache==$LMCACHE_VERSION"
+ls "$DL"/lmcache-"$LMCACHE_VERSION"-cp312-*.whl > /dev/null 2>&1 ||
+  $PY -m pip download -q --no-deps "${PLAT[@]}" -d "$DL" "lmcache==$LMCACHE_VERSION" 2>&1 | grep -v "is ignored" || true
+WHL=$(ls "$DL"/lmcache-"$LMCACHE_VERSION"-cp312-*.whl | head -1)
+rm -rf "$DEST" && mkdir -p "$DEST"
+cp "$WHL" "$DEST/"
+echo "prepare_lmcache: dependency wheels: ${DEPS[*]}"
+$PY -m pip download -q --no-deps "${PLAT[@]}" -d "$DEST" "${DEPS[@]}" 2>&1 | grep -v "is ignored" || true
+for name in lmcache aiofile caio cryptography cffi pycparser; do
+  ls "$DEST"/"$name"-*.whl > /dev/null 2>&1 || { echo "prepare_lmcache: no $name wheel for cp312 manylinux"; exit 1; }
+done
+# Requirements of the carried wheels that neither they nor the image meet: those named above as
+# left out are listed apart (--known; cuda-python: the image's cuda-bindings); any other stops here.
+IMAGE=$(awk '/^IMAGE="/ {on = 1} on {print} on && /"$/ {exit}' scripts/gpu/prepare.sh | sed 's/^IMAGE=//' | tr -d '"')
+[ -n "$IMAGE" ] || { echo "prepare_lmcache: no IMAGE list in scripts/gpu/prepare.sh"; exit 1; }
+KNOWN=awscrt,cufile-python,nvtx,opentelemetry-api,opentelemetry-sdk,opentelemetry-exporter-otlp,opentelemetry-exporter-prometheus,grpcio-observability,redis,setuptools-scm,httptools,google-api-core,google-cloud-bigtable,cuda-python
+$PY scripts/gpu/check_deps.py --known=$KNOWN "$DEST" $IMAGE msgspec pyzmq fastapi uvicorn cachetools blake3 ||
+  { echo "prepare_lmcache: a requirement above is neither carried, in the image, nor known to be optional here"; exit 1; }
+(cd "$DEST" && sha256sum ./*.whl > SHA256SUMS)
+size_mb=$(du -sm "$DEST" | cut -f1)
+ls -l "$DEST" | awk 'NR > 1 {printf "  %9d  %s\n", $5, $9}'
+[ "$size_mb" -le "$LIMIT_MB" ] || { echo "prepare_lmcache: $size_mb MiB is over $LIMIT_MB MiB (one device call carries 64 MiB)"; exit 1; }
+echo "prepare_lmcache: ok: .carry/p6 ($size_mb MiB); on the GPU: cp -r .carry/p6/lmcache /tmp/carry/ && bash scripts/gpu/setup_lmcache.sh"

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Install LMCache on the GPU machine (issue 19), after scripts/gpu/setup.sh, from the wheels that
+# scripts/gpu/prepare_lmcache.sh put in .carry/p6/lmcache and a device call copied to
+# $CARRY/lmcache (default /tmp/carry/lmcache):
+#
+#   cp -r .carry/p6/lmcache /tmp/carry/ && bash scripts/gpu/setup_lmcache.sh [TARGET]   # default /tmp/vsite
+#
+# Checks the wheels against SHA256SUMS, installs them --no-deps into TARGET (beside vLLM; lmcache
+# requires numpy<=2.2.6 but runs on the image's numpy 2.5.2: not replaced), and checks that what
+# vLLM's LMCacheConnectorV1 imports (lmcache.integration.vllm.vllm_v1_adapter.LMCacheConnectorV1Impl)
+# imports. Idempotent. Exit status 1 if the wheels are missing or the import fails.
+set -euo pipefail
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
+T=${1:-/tmp/vsite}
+CARRY=${CARRY:-/tmp/carry}
+W=$CARRY/lmcache
+SECONDS=0
+say() { echo "setup_lmcache: $* (${SECONDS}s)"; }
+
+[ -f /tmp/pdkv-gpu.env ] || bash "$REPO/scripts/gpu/setup.sh" "$T"
+. /tmp/pdkv-gpu.env
+if [ ! -f "$T/.lmcache-ok" ]; then
+  [ -f "$W/SHA256SUMS" ] || { echo "setup_lmcache: no $W/SHA256SUMS (copy .carry/p6/lmcache to $CARRY first)"; exit 1; }
+  (cd "$W" && sha256sum -c --quiet SHA256SUMS) || { echo "setup_lmcache: a wheel in $W differs from SHA256SUMS"; exit 1; }
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$T" \
+    "$W"/*.whl 2>&1 | grep -v "WARNING: Target directory" || true
+  say "$(ls "$W"/*.whl | wc -l) wheels installed into $T"
+  touch "$T/.lmcache-ok"
+fi
+# LMCache's usage telemetry posts to stats.lmcache.ai; the machine has no network.
+grep -q LMCACHE_TRACK_USAGE /tmp/pdkv-gpu.env || echo "export LMCACHE_TRACK_USAGE=false" >> /tmp/pdkv-gpu.env
+export LMCACHE_TRACK_USAGE=false
+python3 - <<'EOF'
+import sys
+import numpy
+import lmcache
+from lmcache.integration.vllm.vllm_v1_adapter import LMCacheConnectorV1Impl  # what LMCacheConnectorV1 loads
+from vllm.distributed.kv_transfer.kv_connector.v1.lmcache_connector import LMCacheConnectorV1
+from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+import lmcache.v1.storage_backend.local_disk_backend, lmcache.v1.storage_backend.local_cpu_backend  # noqa: E401
+print(f"setup_lmcache: lmcache {lmcache.__version__} from {lmcache.__file__.rsplit('/', 2)[0]}, numpy {numpy.__version__}, "
+      f"device_ops {'ok' if hasattr(lmcache, 'device_ops') else 'MISSING'}; {LMCacheConnectorV1Impl.__name__} and "
+      f"{LMCacheConnectorV1.__name__} import")
+if not hasattr(lmcache, "device_ops"):
+    sys.exit("setup_lmcache: lmcache loaded no compute backend (its CUDA extension did not load)")
+EOF
+say "ok"

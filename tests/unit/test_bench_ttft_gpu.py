@@ -1,0 +1,209 @@
+"""pd bench ttft --device cuda (launch.bench.peers, launch.bench.ttft_gpu): the deployments, LMCache
+YAML and vLLM command lines of each mode, the refusals, and the run's flow against a stand-in proxy
+(LMCache and GPUs are not here: the GPU run is scripts/gpu/lmcache.sh)."""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import http.server
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launch.bench import peers, ttft, ttft_gpu
+from launch.procs import plan as proc_plan
+
+
+def _args(*extra):
+    p = argparse.ArgumentParser()
+    ttft.add_arguments(p)
+    return p.parse_args(["--device", "cuda", *extra])
+
+
+def _model(tmp_path, max_position=16384) -> Path:
+    m = tmp_path / "m"
+    m.mkdir()
+    (m / "config.json").write_text(json.dumps({"max_position_embeddings": max_position}))
+    (m / "tokenizer.json").write_text("{}")
+    return m
+
+
+def _instances(dep):
+    return [s for s in proc_plan(dep) if "vllm.entrypoints" in " ".join(s.argv)]
+
+
+def test_lmcache_yaml_per_mode(tmp_path):
+    a = _args("--lmcache-chunk-size", "512", "--lmcache-cpu-gb", "8", "--lmcache-disk-gb", "30")
+    disk = peers.lmcache_config("lmcache_disk", a, tmp_path / "d")
+    cpu = peers.lmcache_config("lmcache_cpu", a, tmp_path / "d")
+    assert disk == {"chunk_size": 512, "max_local_cpu_size": 8.0, "save_unfull_chunk": False,
+                    "internal_api_server_enabled": False, "local_cpu": False,
+                    "local_disk": f"file://{(tmp_path / 'd').resolve()}/", "max_local_disk_size": 30.0}
+    assert cpu["local_cpu"] is True and "local_disk" not in cpu and cpu["max_local_cpu_size"] == 8.0
+    path = peers.write_lmcache_config(tmp_path / "run" / "lmcache.yaml", disk)
+    assert yaml.safe_load(path.read_text()) == disk
+    with pytest.raises(ValueError, match="not an LMCache mode"):
+        peers.lmcache_config("pdkv", a, tmp_path)
+
+
+def test_lmcache_deployment_is_one_instance_with_lmcache_connector_and_no_prefix_cache(tmp_path):
+    model = _model(tmp_path)
+    y = tmp_path / "lmcache.yaml"
+    dep = peers.deployment("lmcache_disk", str(model), _args(), 16384, 1, tmp_path / "s", y)
+    assert dep.mode == "colocated" and dep.prefill.count == 1 and dep.decode.count == 0
+    (inst,) = _instances(dep)
+    argv = inst.argv
+    kv = json.loads(argv[argv.index("--kv-transfer-config") + 1])
+    assert kv == {"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}
+    assert "--no-enable-prefix-caching" in argv and "--enforce-eager" in argv
+    assert argv[argv.index("--max-model-len") + 1] == "16384"
+    assert inst.env["LMCACHE_CONFIG_FILE"] == str(y.resolve()) and inst.env["LMCACHE_TRACK_USAGE"] == "false"
+    assert inst.env["CUDA_VISIBLE_DEVICES"] == "0" and inst.env["PYTHONHASHSEED"] == "0"
+    assert "PDConnector" not in " ".join(argv)
+    with pytest.raises(ValueError, match="no LMCache config file"):
+        peers.deployment("lmcache_cpu", str(model), _args(), 16384, 1, tmp_path / "s")
+
+
+@pytest.mark.parametrize("n_gpus, second", [(1, "0"), (2, "1")])
+def test_pdkv_modes_are_1p1d_with_the_store_and_no_prefix_cache(tmp_path, n_gpus, second):
+    model = _model(tmp_path)
+    a = _args("--chunk-size", "512", "--store-gb", "20", "--dram-gb", "6")
+    plain = peers.deployment("pdkv", str(model), a, 8192, n_gpus, tmp_path / "s")
+    dram = peers.deployment("pdkv_dram", str(model), a, 8192, n_gpus, tmp_path / "s")
+    for dep in (plain, dram):
+        insts = _instances(dep)
+        assert [i.env["CUDA_VISIBLE_DEVICES"] for i in insts] == ["0", second]
+        for inst in insts:
+            argv = " ".join(inst.argv)
+            assert "PDConnector" in argv and "--no-enable-prefix-caching" in argv and "LMCache" not in argv
+            assert "--max-num-batched-tokens" not in argv  # vLLM's own step, as the LMCache instance
+        s = dep.connector.store
+        assert (s.backend, s.paths, s.size_gb, dep.connector.chunk_size) == ("local", [str(tmp_path / "s")], 20.0, 512)
+    assert plain.connector.store.dram_gb == 0 and dram.connector.store.dram_gb == 6.0
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--modes", "pdkv,nixl"], "unknown nixl"),
+    (["--modes", "pdkv,pdkv"], "names a mode twice"),
+    (["--modes", ","], "none given"),
+    (["--lengths", "2048,lots"], "'lots' is not a token count"),
+    (["--lengths", "300"], "300 tokens is not allowed; allowed 512..16360"),
+    (["--lengths", "20000"], "20000 tokens is not allowed"),
+    (["--backend", "hf3fs"], "--backend hf3fs is not allowed here"),
+    (["--lmcache-disk-gb", "0"], "--lmcache-disk-gb: 0.0 is not allowed"),
+    (["--prompts", "0"], "--prompts: 0 is not allowed"),
+    (["--settle-s", "-1"], "negative seconds"),
+])
+def test_bad_options_are_refused_before_any_gpu(tmp_path, extra, match):
+    with pytest.raises(ValueError, match=match):
+        ttft_gpu.plan(_args("--model", str(_model(tmp_path)), *extra))
+
+
+def test_plan_lengths_max_and_prompts(tmp_path):
+    p = ttft_gpu.plan(_args("--model", str(_model(tmp_path, 4096)), "--lengths", "1024,max,1024", "--prompts", "2"))
+    assert p["max_model_len"] == 4096 and p["lengths"] == [1024, 4096 - 16 - 8]
+    assert [len(x) for x in p["prompts"][1024]] == [1024, 1024]
+    assert p["prompts"][1024][0][:256] != p["prompts"][1024][1][:256]
+    assert ttft_gpu.prompts([1024], 2, 0)[1024] == p["prompts"][1024]
+    assert ttft_gpu.prompts([1024], 2, 1)[1024] != p["prompts"][1024]
+    with pytest.raises(ValueError, match="cannot read max_position_embeddings"):
+        bare = tmp_path / "bare"
+        bare.mkdir()
+        (bare / "config.json").write_text("{}")
+        (bare / "tokenizer.json").write_text("{}")
+        ttft_gpu.plan(_args("--model", str(bare)))
+
+
+def test_hits_in_logs(tmp_path):
+    (tmp_path / "instance-0.log").write_text(
+        "x LMCache hit tokens: 0, need to load: 0\nReqid: 3, Total tokens 2048, LMCache hit tokens: 2047, need\n")
+    (tmp_path / "prefill-0.log").write_text("req a: loaded a 1792-token prefix from the store in 3.0 ms\n")
+    assert peers.hits_in_logs(tmp_path, "lmcache_cpu") == [2047]
+    assert peers.hits_in_logs(tmp_path, "pdkv") == [1792]
+
+
+class _StandInProxy(http.server.BaseHTTPRequestHandler):
+    """Streams 3 tokens that depend on the prompt (so equal prompts give equal answers) with their ids."""
+    prompts: list = []
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.prompts.append(len(body["prompt"]))
+        digest = hashlib.sha256(json.dumps(body["prompt"]).encode()).digest()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.end_headers()
+        for i in range(3):
+            chunk = {"choices": [{"text": f"t{digest[i]}", "token_ids": [digest[i]]}]}
+            self.wfile.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        self.wfile.write(b"data: [DONE]\n\n")
+
+    def log_message(self, *a):
+        pass
+
+
+def test_run_gpu_flow_with_stand_ins(tmp_path, monkeypatch):
+    """Modes in turn, LMCache's YAML in the run directory, cold and warm sends per prompt, answers
+    compared, hits read from the logs, stores removed, JSON + .md written."""
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _StandInProxy)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{srv.server_address[1]}"
+    seen = []
+
+    class StandInDeployment:
+        def __init__(self, dep):
+            self.dep, self.proxy_url = dep, url
+
+        def start(self, progress=print):
+            run = Path(self.dep.run_dir)
+            run.mkdir(parents=True, exist_ok=True)
+            if self.dep.mode == "colocated":
+                env = dict(e.split("=", 1) for e in self.dep.prefill.env)
+                seen.append(("lmcache", yaml.safe_load(Path(env["LMCACHE_CONFIG_FILE"]).read_text())))
+                (run / "instance-0.log").write_text("LMCache hit tokens: 767, need to load: 767\n")
+            else:
+                seen.append(("pdkv", self.dep.connector.store.paths[0]))
+
+        def stop(self):
+            pass
+
+    monkeypatch.setattr(ttft_gpu, "Deployment", StandInDeployment)
+    monkeypatch.setattr(ttft_gpu, "check_ports", lambda dep: None)
+    monkeypatch.setattr(ttft_gpu, "gpu_count", lambda: 1)
+    out = tmp_path / "r" / "ttft.json"
+    args = _args("--model", str(_model(tmp_path)), "--modes", "pdkv,lmcache_disk,lmcache_cpu", "--lengths",
+                 "768,1024", "--prompts", "2", "--settle-s", "0", "--store-path", str(tmp_path),
+                 "--out", str(out))
+    _StandInProxy.prompts = []
+    try:
+        assert ttft_gpu.run_gpu(args) == 0
+    finally:
+        srv.shutdown()
+    assert [k for k, _ in seen] == ["pdkv", "lmcache", "lmcache"]
+    assert seen[1][1]["local_cpu"] is False and seen[2][1]["local_cpu"] is True
+    assert not Path(seen[0][1]).exists() and not list(tmp_path.glob("lmcache_*-*"))  # stores removed
+    per_mode = [ttft_gpu.WARMUP_TOKENS] * 2 + [768] * 4 + [1024] * 4
+    assert _StandInProxy.prompts == per_mode * 3
+    res = json.loads(out.read_text())
+    assert res["lengths"] == [768, 1024] and res["max_model_len"] == 16384
+    rows = res["modes"]["lmcache_cpu"]["rows"]["1024"]
+    assert len(rows) == 2 and all(r["same"] and r["cold_ms"] > 0 and r["warm_ms"] > 0 for r in rows)
+    assert res["modes"]["lmcache_disk"]["hits"] == [767] and res["modes"]["pdkv"]["hits"] == []
+    text = out.with_suffix(".md").read_text()
+    assert "| lmcache_disk | 768 | 2 |" in text and "2 of 2 |" in text
+    assert "answers equal to pdkv's cold ones (cold and warm sends): lmcache_disk 8 of 8, lmcache_cpu 8 of 8" in text
+
+
+def test_deadline_skips_modes_and_fails_the_run(tmp_path, monkeypatch):
+    monkeypatch.setattr(ttft_gpu, "gpu_count", lambda: 1)
+    out = tmp_path / "r.json"
+    args = _args("--model", str(_model(tmp_path)), "--deadline", str(time.time() + 10), "--out", str(out))
+    assert ttft_gpu.run_gpu(args) == 1
+    res = json.loads(out.read_text())
+    assert all("skipped" in r for r in res["modes"].values()) and list(res["modes"]) == ["pdkv", "lmcache_disk",
+                                                                                           "lmcache_cpu"]
+    assert "| pdkv | - | - | - | - | - | skipped: less than 100 s left before --deadline | - |" in out.with_suffix(".md").read_text()
