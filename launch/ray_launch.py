@@ -7,8 +7,9 @@ launcher's command for it (launch/ray_plan.py) and supervising it (launch/ray_ac
 and tokens reach the nodes as Ray objects and are written owner-only there. This process
 watches: an instance whose process exits is taken out of the proxy's pools, restarted, and put
 back once ready (its connector registers with the coordinator again); one whose actor or node
-is gone is placed again. ``pd scale`` changes the pools' sizes, draining an instance before
-stopping it. Ctrl-C stops everything on every node. See docs/design.md ("A deployment on Ray").
+is gone is placed again, off the node it was lost on while another node offers its resources.
+``pd scale`` changes the pools' sizes, draining an instance before stopping it. Ctrl-C stops
+everything on every node. See docs/design.md ("A deployment on Ray").
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from launch.ray_plan import (
     GROUPS,
     HEAD_RESOURCE,
     Slot,
+    away_from,
     check_ray,
     control_options,
     control_specs,
@@ -75,6 +77,7 @@ class Member:
     actor: Any = None
     pg: Any = None
     ip: str = ""
+    node: str = ""  # its Ray node id
     url: str = ""
     state: str = "starting"  # starting, ready, restarting, gone
     pending: Any = None  # the ObjectRef of its start/restart (seconds until ready)
@@ -165,8 +168,9 @@ class RayDeployment:
         where = f" on port {port}" if port else ""
         self.progress(f"  {name:<14} ready{again}{where} ({time.monotonic() - self._t0:.0f}s)")
 
-    def _place(self, m: Member) -> None:
-        """Place ``m``'s actor (in a placement group for TP > 1), send it the keys, start its vLLM."""
+    def _place(self, m: Member, away: dict[str, str] | None = None) -> None:
+        """Place ``m``'s actor (in a placement group for TP > 1) on a node matching the label
+        selector ``away`` if given, send it the keys, start its vLLM."""
         import ray
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -174,8 +178,11 @@ class RayDeployment:
         bundles = instance_bundles(self.dep, m.slot.group, self.device)
         opts = instance_options(bundles)
         if len(bundles) > 1:
-            m.pg = placement_group(bundles, strategy="STRICT_PACK")
+            m.pg = placement_group(bundles, strategy="STRICT_PACK",
+                                   **({"bundle_label_selector": [away] * len(bundles)} if away else {}))
             opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(m.pg, placement_group_bundle_index=0)
+        elif away:
+            opts["label_selector"] = away
         m.actor = ray.remote(ProcHost).options(max_concurrency=4, **opts).remote(str(self.run_dir))
         info = self._get(m.actor.info.remote(group_tp(self.dep, m.slot.group)),
                          f"{m.slot.name} (asks for {bundles})", PLACE_TIMEOUT_S)
@@ -185,7 +192,7 @@ class RayDeployment:
         spec = instance_spec(self.ndep, m.slot, info["ip"], info["split"] if bind == "split" else bind,
                              self.lay.coordinator_address, info["gpus"] if self.device == "cuda" else "",
                              own_key=f"{INSTANCES}/{m.slot.name}.key_secret" in files)
-        m.ip, m.url, m.state = info["ip"], spec.health_url.rsplit("/health", 1)[0], "starting"
+        m.ip, m.node, m.url, m.state = info["ip"], info["node_id"], spec.health_url.rsplit("/health", 1)[0], "starting"
         self._get(m.actor.start.remote(spec), m.slot.name)
         m.pending = m.actor.wait_ready.remote(m.slot.name, self.dep.vllm.startup_timeout_s)
         self.members[m.slot.name] = m
@@ -282,22 +289,42 @@ class RayDeployment:
         """``m``'s process (or actor) is gone: out of the pools; restarted while restarts are left."""
         m.state = "restarting"
         self.say(f"pdkv: {how}")
+        self.push_pools()  # out of the pools now: placing it again may take a while
         if m.restarts >= self.dep.ray.restarts:
             m.state = "gone"
             self.say(f"pdkv: {m.slot.name} restarted {m.restarts} times (ray.restarts); going on without it")
             return
         m.restarts += 1
         self.say(f"pdkv: restarting {m.slot.name} ({m.restarts} of {self.dep.ray.restarts}"
-                 f"{', on any node with its resources' if replace else ''}); the proxy routes around it meanwhile")
+                 f"{f', off node {m.ip} if another node offers its resources' if replace else ''}); the proxy "
+                 "routes around it meanwhile")
         if replace:
-            self._drop_actor(m)
-            try:
-                self._place(m)
-            except ChildDied as e:
-                m.state = "gone"
-                self.say(f"pdkv: {m.slot.name} cannot be placed again: {e}")
+            self._place_again(m)
         else:
             m.pending = m.actor.restart.remote(m.slot.name, self.dep.vllm.startup_timeout_s)
+
+    def _place_again(self, m: Member) -> None:
+        """Place ``m``, whose actor was lost, off the node it was lost on while another node offers
+        its resources (``away_from``: that node may be dead without Ray knowing it yet), then on
+        any node if none took it."""
+        import ray
+
+        lost = m.node
+        away = away_from(lost, ray.nodes(), instance_bundles(self.dep, m.slot.group, self.device))
+        for selector in ([away, {}] if away else [{}]):
+            self._drop_actor(m)
+            try:
+                self._place(m, selector)
+            except ChildDied as e:
+                why = e
+                if selector:
+                    self.say(f"pdkv: {m.slot.name}: no other node took it ({e}); trying every node")
+                continue
+            self.say(f"pdkv: {m.slot.name} placed again on {'another' if m.node != lost else 'the same'} node ({m.ip})")
+            return
+        self._drop_actor(m)
+        m.state = "gone"
+        self.say(f"pdkv: {m.slot.name} cannot be placed again: {why}")
 
     def _drop_actor(self, m: Member) -> None:
         import ray

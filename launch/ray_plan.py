@@ -32,6 +32,7 @@ from pd.coordinator.curve import AUTHORIZED, INSTANCES, effective_auth, is_loopb
 from pd.coordinator.keyfiles import read_checked
 
 HEAD_RESOURCE = "node:__internal_head__"  # Ray's resource of the head node
+NODE_ID_LABEL = "ray.io/node-id"  # the label Ray gives every node: its node id
 LOCATE = 0.001  # how much of the control resource the control actor takes (it only locates a node)
 _RESOURCE = re.compile(r"[A-Za-z_][A-Za-z0-9_.:-]*")
 _CORES = re.compile(r"\d+(-\d+)?(,\d+(-\d+)?)*(\|\d+(-\d+)?(,\d+(-\d+)?)*)*")
@@ -120,6 +121,23 @@ def instance_options(bundles: list[dict]) -> dict:
     if first:
         out["resources"] = first
     return out
+
+
+def away_from(lost_node: str, nodes: list[dict], bundles: list[dict]) -> dict[str, str]:
+    """The label selector that places an instance again off ``lost_node``, the node its actor was
+    lost on, when another live node of ``nodes`` (``ray.nodes()``) offers in total what ``bundles``
+    ask for; else {}. Ray marks a node dead only once its health checks have failed for a while
+    (~15 s and more by default) and may place the new actor on the lost node until then."""
+    want: dict[str, float] = {}
+    for b in bundles:
+        for k, v in b.items():
+            want[k] = want.get(k, 0) + v
+    for n in nodes:
+        have = n.get("Resources") or {}
+        if lost_node and n.get("Alive") and n.get("NodeID") != lost_node and \
+                all(have.get(k, 0) >= v for k, v in want.items()):
+            return {NODE_ID_LABEL: f"!{lost_node}"}
+    return {}
 
 
 def slots(dep: DeploymentConfig, group: str, count: int) -> list[Slot]:

@@ -23,7 +23,9 @@ from launch.ray_actors import Controls, ProcHost, SecretsDirError, install_secre
 from launch.ray_plan import (
     ADMIN_TOKEN,
     HEAD_RESOURCE,
+    NODE_ID_LABEL,
     Slot,
+    away_from,
     check_ray,
     control_options,
     control_specs,
@@ -94,6 +96,19 @@ def test_placement_resources_and_placement_group_bundles():
     assert instance_bundles(d, "decode", "cuda") == [{"CPU": 2, "dnode": 1, "GPU": 1}]
     assert instance_options(instance_bundles(dep(ray={"instance_cpus": 0}), "decode", "cpu")) == \
         {"num_cpus": 0, "num_gpus": 0}
+
+
+def test_an_instance_lost_with_its_node_is_placed_off_that_node_while_another_offers_its_resources():
+    bundles = [{"CPU": 1, "dnode": 1}, {"CPU": 1}]  # a TP 2 instance: one node must hold both bundles
+    lost = {"NodeID": "b", "Alive": True, "Resources": {"CPU": 2, "dnode": 2}}  # Ray does not know yet
+    head = {"NodeID": "a", "Alive": True, "Resources": {"CPU": 8, "pnode": 2}}
+    spare = {"NodeID": "c", "Alive": True, "Resources": {"CPU": 2, "dnode": 1}}
+    assert away_from("b", [head, lost, spare], bundles) == {NODE_ID_LABEL: "!b"}
+    # Only the lost node could take it: no selector (it goes back there once the node is up again).
+    assert away_from("b", [head, lost], bundles) == {}
+    assert away_from("b", [head, lost, {**spare, "Resources": {"CPU": 1, "dnode": 1}}], bundles) == {}
+    assert away_from("b", [head, lost, {**spare, "Alive": False}], bundles) == {}
+    assert away_from("", [head, lost, spare], bundles) == {}  # never placed: nothing to avoid
 
 
 def test_slots_and_scale_requests():
