@@ -49,6 +49,7 @@ from launch.bench.serve_load import (
     summarize,
 )
 from launch.bench import probe
+from launch.bench import lmcache_pd
 from launch.bench.modes import Variant, mode_list, variants
 from launch.bench.workloads import fill_legacy_slos, parse_splits
 from launch.gpus import gpu_count
@@ -58,9 +59,10 @@ from pd.config import DeploymentConfig
 from pd.coordinator import timeline
 
 NIXL_SIDE_CHANNEL_BASE = 5600
-GPU_MODES = ("pd", "colocated", "nixl", "pd_old", "pd_host")
+GPU_MODES = ("pd", "colocated", "nixl", "pd_old", "pd_host", lmcache_pd.MODE)
 # pd_old: pdkv with the old flow (proxy.first_token decode); pd_host: pdkv with its shm chunks in
-# shared host memory (connector.transport.shm_memory host) instead of the prefill's GPU memory.
+# shared host memory (connector.transport.shm_memory host) instead of the prefill's GPU memory;
+# lmcache_pd: LMCache's disaggregated prefill through LMCacheConnectorV1 (launch.bench.lmcache_pd).
 PD_MODES = ("pd", "pd_old", "pd_host")
 
 
@@ -97,6 +99,8 @@ def add_gpu_arguments(p: argparse.ArgumentParser) -> None:
                    help="pd mode: N fresh prompts of each length straight to the prefill instance, plain vs as the "
                         "proxy's prefill half, and to the decode instance for its floor (launch/bench/probe.py; default 20, 0 = off)")
     g.add_argument("--ucx-tls", default="", help="UCX_TLS for the nixl instances (default: UCX's choice)")
+    g.add_argument("--lmcache-pd-buffer-gb", type=float, default=4.0,
+                   help="lmcache_pd: LMCache pd_buffer_size, GiB, in each instance's GPU memory (default 4)")
     g.add_argument("--out", default=None, help="JSON results file (default $OUT/bench_gpu.json, else ./bench_gpu.json; a sweep, "
                         "on the CPU too: bench_sweep.json)")
 
@@ -132,11 +136,14 @@ def gpu_deployment(mode: str, model: str, args, n_gpus: int, prefill: int = 1, d
             over["prefill"]["extra_args"] = ["--max-num-batched-tokens", str(args.prefill_step_tokens)]
     else:
         over["mode"] = "colocated"
+    if mode in ("nixl", lmcache_pd.MODE) and (prefill, decode) != (1, 1):
+        raise ValueError(f"--modes {mode}: runs 1P1D only, not {prefill}P{decode}D (its side-channel ports are "
+                         f"per instance, and a group's env is the same for all its instances); give {mode} "
+                         "--split 1P1D alone, or leave it out")
+    if mode == lmcache_pd.MODE:
+        for group, o in lmcache_pd.overrides(lmcache_pd.conf_dir(args.port)).items():
+            over[group].update(o)
     if mode == "nixl":
-        if (prefill, decode) != (1, 1):
-            raise ValueError(f"--modes nixl: runs 1P1D only, not {prefill}P{decode}D (vLLM's side-channel port is "
-                             "per instance, and a group's env is the same for all its instances); give nixl "
-                             "--split 1P1D alone, or leave it out")
         kv = json.dumps({"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cuda"})
         for i, group in enumerate(("prefill", "decode")):
             env = [f"VLLM_NIXL_SIDE_CHANNEL_PORT={NIXL_SIDE_CHANNEL_BASE + i}", "VLLM_NIXL_SIDE_CHANNEL_HOST=127.0.0.1"]
@@ -305,11 +312,17 @@ def run_mode(mode: str, dep: DeploymentConfig, seq: list[Request], load_: list[R
     d = Deployment(dep)
     name = served_name(dep)
     t_start = time.perf_counter()
+    notes = None
     try:
+        if mode == lmcache_pd.MODE:
+            lmcache_pd.write_configs(lmcache_pd.conf_dir(args.port), args.lmcache_pd_buffer_gb)
+            notes = lmcache_pd.Notifications()
         d.start(progress=lambda line: print(f"  [{mode}] {line}", flush=True))
         started_s = time.perf_counter() - t_start
         if mode == "nixl":
             send = nixl_send(*instance_urls(dep))
+        elif notes is not None:
+            send = lmcache_pd.send_fn(*instance_urls(dep), notes)
         else:
             send = send_one
         url = d.proxy_url
@@ -330,6 +343,8 @@ def run_mode(mode: str, dep: DeploymentConfig, seq: list[Request], load_: list[R
         recs = {"sequential": transfers(url, seq_res), "load": transfers(url, load_res)} if mode in PD_MODES else {}
     finally:
         d.stop()
+        if notes is not None:
+            notes.close()
     for phase, rs in (("sequential", seq_res), ("load", load_res)):
         for r in rs:
             if not r.ok or r.error:

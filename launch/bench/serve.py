@@ -86,7 +86,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the share of requests within the SLOs a sustained rate needs (default 0.9, as DistServe's plots)")
     p.add_argument("--modes", default="pd,colocated",
                    help="modes to run, in order (default pd,colocated; pd_old: pdkv with the old flow, where "
-                        "decode samples token 1; --device cuda also nixl, and pd_host: pd with its shm chunks in host memory)")
+                        "decode samples token 1; --device cuda also nixl, pd_host: pd with its shm chunks in host "
+                        "memory, and lmcache_pd: LMCache's disaggregated prefill, launch/bench/lmcache_pd.py)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--port", type=int, default=8000, help="proxy port (default 8000)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",

@@ -207,3 +207,116 @@ def test_deadline_skips_modes_and_fails_the_run(tmp_path, monkeypatch):
     assert all("skipped" in r for r in res["modes"].values()) and list(res["modes"]) == ["pdkv", "lmcache_disk",
                                                                                            "lmcache_cpu"]
     assert "| pdkv | - | - | - | - | - | skipped: less than 100 s left before --deadline | - |" in out.with_suffix(".md").read_text()
+
+
+# ---- pd bench serve --device cuda --modes lmcache_pd (launch.bench.lmcache_pd) ----------------------
+
+import msgspec  # noqa: E402
+import zmq  # noqa: E402
+
+from launch.bench import gpu as bench_gpu  # noqa: E402
+from launch.bench import lmcache_pd  # noqa: E402
+from launch.bench.common import free_ports  # noqa: E402
+from launch.bench.serve import add_arguments as serve_arguments  # noqa: E402
+from launch.bench.serve_load import Request, Result  # noqa: E402
+
+
+class _ProxyNotifDouble(msgspec.Struct, tag="ProxyNotif"):
+    """A test double of LMCache's pd_backend.ProxyNotif (a tagged msgspec struct, sent as msgpack)."""
+    req_id: str
+
+
+def _serve_args(*extra):
+    p = argparse.ArgumentParser()
+    serve_arguments(p)
+    return p.parse_args(["--device", "cuda", *extra])
+
+
+def test_lmcache_pd_configs_sender_and_receiver():
+    c = lmcache_pd.configs(2.0)
+    for cfg in c.values():
+        assert cfg["enable_pd"] and cfg["transfer_channel"] == "nixl" and cfg["pd_buffer_device"] == "cuda"
+        assert cfg["pd_buffer_size"] == 2 << 30 and cfg["save_unfull_chunk"] and cfg["local_cpu"] is False
+    assert c["prefill"]["pd_role"] == "sender" and c["prefill"]["pd_proxy_port"] == lmcache_pd.PROXY_PORT
+    assert c["decode"]["pd_role"] == "receiver" and c["decode"]["pd_peer_init_port"] == [lmcache_pd.INIT_PORT]
+    assert c["decode"]["pd_peer_alloc_port"] == [lmcache_pd.ALLOC_PORT]
+
+
+def test_lmcache_pd_deployment_producer_and_consumer(tmp_path):
+    a = _serve_args("--port", "8123")
+    dep = bench_gpu.gpu_deployment(lmcache_pd.MODE, str(tmp_path / "m"), a, 1)
+    p, d = _instances(dep)
+    conf = lmcache_pd.conf_dir(8123)
+    for inst, role, group in ((p, "kv_producer", "prefill"), (d, "kv_consumer", "decode")):
+        kv = json.loads(inst.argv[inst.argv.index("--kv-transfer-config") + 1])
+        assert (kv["kv_connector"], kv["kv_role"]) == ("LMCacheConnectorV1", role)
+        assert kv["kv_connector_extra_config"]["discard_partial_chunks"] is False
+        assert inst.env["LMCACHE_CONFIG_FILE"] == str(conf / f"lmcache-{group}.yaml")
+        assert inst.env["CUDA_VISIBLE_DEVICES"] == "0"
+    paths = lmcache_pd.write_configs(tmp_path / "c", 1.0)
+    assert yaml.safe_load(paths["decode"].read_text())["pd_role"] == "receiver"
+    with pytest.raises(ValueError, match="--modes lmcache_pd: runs 1P1D only, not 1P2D"):
+        bench_gpu.gpu_deployment(lmcache_pd.MODE, str(tmp_path / "m"), a, 1, 1, 2)
+
+
+def test_notifications_wait_for_the_senders_push():
+    (port,) = free_ports("127.0.0.1", 1)
+    notes = lmcache_pd.Notifications(port)
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    try:
+        push.connect(f"tcp://127.0.0.1:{port}")
+        push.send(msgspec.msgpack.encode(_ProxyNotifDouble(req_id="r1")))
+        assert notes.wait("r1", 10.0)
+        assert not notes.wait("r2", 0.3)
+    finally:
+        push.close(linger=0)
+        ctx.term()
+        notes.close()
+
+
+def test_lmcache_pd_send_prefills_waits_then_streams_from_decode():
+    (port,) = free_ports("127.0.0.1", 1)
+    notes = lmcache_pd.Notifications(port)
+    ctx = zmq.Context()
+    push = ctx.socket(zmq.PUSH)
+    push.connect(f"tcp://127.0.0.1:{port}")
+    seen = []
+
+    class StandIn(http.server.BaseHTTPRequestHandler):
+        """/p: the prefill instance (its LMCache notifies the proxy); /d: the decode instance."""
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            seen.append((self.path, body))
+            self.send_response(200)
+            self.end_headers()
+            if self.path.startswith("/p/"):
+                push.send(msgspec.msgpack.encode(_ProxyNotifDouble(req_id=body["kv_transfer_params"]["disagg_spec"]["req_id"])))
+                self.wfile.write(json.dumps({"choices": [{"text": "x"}], "kv_transfer_params": {"first_tok": 5}}).encode())
+                return
+            for t in ("a", "b"):
+                self.wfile.write(b"data: " + json.dumps({"choices": [{"text": t, "token_ids": [ord(t)]}]}).encode() + b"\n\n")
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), StandIn)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{srv.server_address[1]}"
+    try:
+        send = lmcache_pd.send_fn([f"{base}/p"], [f"{base}/d"], notes)
+        res = Result(False, True, 0.0)
+        send("unused", "m", Request(0.0, [11, 12, 13], 2, True), res)
+    finally:
+        srv.shutdown()
+        push.close(linger=0)
+        ctx.term()
+        notes.close()
+    assert res.ok and not res.error and res.text == "ab" and res.token_ids == [97, 98]
+    (p_path, p_body), (d_path, d_body) = seen
+    assert p_path == "/p/v1/completions" and p_body["max_tokens"] == 1 and p_body["stream"] is False
+    spec = p_body["kv_transfer_params"]["disagg_spec"]
+    assert spec["receiver_init_port"] == [lmcache_pd.INIT_PORT] and spec["receiver_alloc_port"] == [lmcache_pd.ALLOC_PORT]
+    assert d_path == "/d/v1/completions" and d_body["stream"] is True and "kv_transfer_params" not in d_body
+    assert d_body["prompt"] == [11, 12, 13] and d_body["max_tokens"] == 2
