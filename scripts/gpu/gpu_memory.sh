@@ -34,6 +34,8 @@ if { [ "$part" = one ] || [ "$part" = kernel ]; } && [ "$stage" != serve ]; then
   echo "random weights written in $(( $(date +%s) - t0 )) s"
 fi
 if { [ "$part" = one ] || [ "$part" = kernel ]; } && [ "$stage" != prep ]; then
+  [ -f /tmp/m8r/config.json ] || python3 -m launch.cli make-model /tmp/m8r --shape llama3-8b --weights random \
+    > "$OUT/make_model.log" 2>&1
   seq=24; modes=${MODES:-pd,colocated,nixl}
   if [ "$part" = kernel ]; then seq=40; modes=${MODES:-pd,colocated}; fi
   common=(--device cuda --requests 32 --rate 4 --long-fraction 0.5 --long-tokens 8000 --short-tokens 256
