@@ -161,8 +161,11 @@ def format_report(header: str, results: dict) -> str:
                      + ", ".join(f"{m} {k}" for m, k in same.items()))
     for mode, r in results.items():
         if "rows" in r:
+            colds = [json.dumps(x["cold"]) for rows in r["rows"].values() for x in rows]
             lines.append(f"# {mode}: warm loads in the logs (prefix tokens): {r['hits'] or 'none'}; warm-up pair "
-                         f"TTFT ms {', '.join(fmt(x) for x in r['warmup_ms'])}")
+                         f"TTFT ms {', '.join(fmt(x) for x in r['warmup_ms'])}; {len(set(colds))} distinct answers "
+                         f"to {len(colds)} prompts (few: the model's answers hardly depend on the prompt)"
+                         + (f"; {r['truncated']}" if r.get("truncated") else ""))
         errors = [x["error"] for rows in r.get("rows", {}).values() for x in rows if x["error"]]
         if errors:
             lines.append(f"# {mode}: {len(errors)} failed sends, first: {errors[0]}")

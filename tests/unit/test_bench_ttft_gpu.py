@@ -196,6 +196,7 @@ def test_run_gpu_flow_with_stand_ins(tmp_path, monkeypatch):
     text = out.with_suffix(".md").read_text()
     assert "| lmcache_disk | 768 | 2 |" in text and "2 of 2 |" in text
     assert "answers equal to pdkv's cold ones (cold and warm sends): lmcache_disk 8 of 8, lmcache_cpu 8 of 8" in text
+    assert "# lmcache_disk: warm loads in the logs (prefix tokens): [767]" in text and "4 distinct answers to 4 prompts" in text
 
 
 def test_deadline_skips_modes_and_fails_the_run(tmp_path, monkeypatch):
