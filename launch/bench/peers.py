@@ -34,6 +34,9 @@ from pd.config import DeploymentConfig
 TTFT_MODES = ("pdkv", "pdkv_dram", "lmcache_disk", "lmcache_cpu")
 LMCACHE_MODES = ("lmcache_disk", "lmcache_cpu")
 NO_PREFIX_CACHE = "--no-enable-prefix-caching"
+# pdkv's store write queue: a put beyond it is dropped, never waited for (store/queue.py); the
+# default 256 MB holds 8 chunks of 256 tokens of an 8B model, a 16k-token prompt writes 64.
+STORE_QUEUE_MB = 4096
 # vLLM's connector (vllm/distributed/kv_transfer/kv_connector/v1/lmcache_connector.py); without
 # "use_native" in kv_connector_extra_config it loads lmcache.integration.vllm.vllm_v1_adapter.
 LMCACHE_KV = {"kv_connector": "LMCacheConnectorV1", "kv_role": "kv_both"}
@@ -171,7 +174,7 @@ def deployment(mode: str, model: str, args: argparse.Namespace, max_model_len: i
     in ``store_path``, or one LMCache instance on GPU 0 reading ``lmcache_yaml``."""
     ns = serve_namespace(args, max_model_len)
     if mode in ("pdkv", "pdkv_dram"):
-        store = {"backend": "local", "paths": [str(store_path)], "size_gb": args.store_gb,
+        store = {"backend": "local", "paths": [str(store_path)], "size_gb": args.store_gb, "queue_mb": STORE_QUEUE_MB,
                  "dram_gb": args.dram_gb if mode == "pdkv_dram" else 0.0}
         dep = gpu_deployment("pd", model, ns, n_gpus, 1, 1)
         return merge(dep, {"vllm": {"extra_args": [NO_PREFIX_CACHE]}, "connector": {"store": store}})

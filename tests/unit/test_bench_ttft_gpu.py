@@ -84,6 +84,7 @@ def test_pdkv_modes_are_1p1d_with_the_store_and_no_prefix_cache(tmp_path, n_gpus
         s = dep.connector.store
         assert (s.backend, s.paths, s.size_gb, dep.connector.chunk_size) == ("local", [str(tmp_path / "s")], 20.0, 512)
     assert plain.connector.store.dram_gb == 0 and dram.connector.store.dram_gb == 6.0
+    assert plain.connector.store.queue_mb == peers.STORE_QUEUE_MB == 4096
 
 
 @pytest.mark.parametrize("extra, match", [
