@@ -8,7 +8,8 @@
 #         lmcache_disk, lmcache_cpu, pdkv_dram, each started and stopped in turn, eager
 #         (--enforce-eager: a start takes about 40 s instead of 60-90 s; TTFT is the prefill's);
 #   pd:   `pd bench serve --device cuda --modes pd,lmcache_pd,nixl`: P/D one request at a time and
-#         under load (24 requests, half of 8000 tokens), eager;
+#         under load (24 requests, half of 8000 tokens), eager, both instances of a mode on GPU 0
+#         with 10 GiB of KV cache each (lmcache_pd: a 6 GiB pd_buffer in each; 8000 tokens = 1 GiB);
 #   all:  both, the first with 60% of the time left.
 # Time cap: DEADLINE (epoch seconds; default 510 s after the start): a mode that would not finish
 # before it is not started, and each run is interrupted (SIGINT: its deployments are stopped)
@@ -59,8 +60,8 @@ if [ "$part" != ttft ]; then
   [ "$t" -gt 0 ] || { echo "lmcache: no time left for the P/D run"; exit 1; }
   timeout -s INT -k 30 "$t" python3 -m launch.cli bench serve --device cuda --model "$M" \
     --load-format auto --modes "${PD_MODES:-pd,lmcache_pd,nixl}" --requests 24 --rate 2 --long-fraction 0.5 \
-    --long-tokens 8000 --short-tokens 256 --max-tokens 64 --sequential 8 --kv-cache-gb 12 --max-model-len 10240 \
-    --prefill-probe 0 --enforce-eager --slo-ttft-ms 2000 --slo-tpot-ms 50 --seed 0 \
+    --long-tokens 8000 --short-tokens 256 --max-tokens 64 --sequential 8 --kv-cache-gb 10 --max-model-len 10240 \
+    --lmcache-pd-buffer-gb 6 --prefill-probe 0 --enforce-eager --slo-ttft-ms 2000 --slo-tpot-ms 50 --seed 0 \
     --out "$OUT/serve_lmcache.json" >> "$OUT/run.log" 2>&1
   r=$?
   [ "$rc" = 0 ] && rc=$r
