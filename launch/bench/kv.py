@@ -95,12 +95,13 @@ def run(args) -> int:
               "copy per layer (the path before it, and where Triton is missing)")
     print("| block | chunk tokens | chunk MB | gather GB/s | plain copy GB/s | gather/copy | scatter GB/s | "
           "plain copy GB/s | scatter/copy |" + (" transfer GB/s | plain 2 copies GB/s | transfer/copies |" if xfer else "")
-          + (" GPU-memory transfer GB/s | plain D2D copy_ GB/s | /1 copy_ | /2 copies_ | the same with "
-             "per-layer copies GB/s | /1 copy_ |" if gpu_row else "")
+          + (" GPU-memory transfer GB/s | plain D2D copy_ GB/s | /1 copy_ | /2 copies_ | device gather GB/s | "
+             "/1 copy_ | the same with per-layer copies: transfer GB/s | /1 copy_ | device gather GB/s | /1 copy_ |"
+             if gpu_row else "")
           + (f" gather as {groups} groups GB/s | /full gather | scatter from {groups} groups GB/s | /full scatter |"
              if groups > 1 else ""))
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|---:|" if xfer else "")
-          + ("---:|---:|---:|---:|---:|---:|" if gpu_row else "")
+          + ("---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" if gpu_row else "")
           + ("---:|---:|---:|---:|" if groups > 1 else ""))
     for bs in (int(x) for x in args.block_sizes.split(",")):
         _block_size(args, bs, device, dtype, checksum)
@@ -221,10 +222,13 @@ def _gpu_memory_cells(src: KVLayout, dst: KVLayout, ids: torch.Tensor, nb: int, 
     a = torch.empty(n_bytes, dtype=torch.uint8, device=device)
     b = torch.empty_like(a)
     t_copy = _time(lambda: b.copy_(a), device, iters)
+    dev = torch.empty(HEADER_SIZE + n_bytes, dtype=torch.uint8, device=device)
+    t_gather = _time(lambda: src.gather(ids, src.payload_view(dev, nb)), device, iters)
+    gather = f" {n_bytes / t_gather / 1e9:.2f} | {t_copy / t_gather:.2f} |"
     if not plain:
-        return f" {n_bytes / t_xfer / 1e9:.2f} | {t_copy / t_xfer:.2f} |"
+        return f" {n_bytes / t_xfer / 1e9:.2f} | {t_copy / t_xfer:.2f} |" + gather
     return (f" {n_bytes / t_xfer / 1e9:.2f} | {n_bytes / t_copy / 1e9:.2f} | {t_copy / t_xfer:.2f} | "
-            f"{2 * t_copy / t_xfer:.2f} |")
+            f"{2 * t_copy / t_xfer:.2f} |" + gather)
 
 
 def _peer_copy(n_bytes: int, iters: int, tokens: int) -> None:
