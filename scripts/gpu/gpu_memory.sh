@@ -34,6 +34,11 @@ if { [ "$part" = one ] || [ "$part" = kernel ]; } && [ "$stage" != serve ]; then
   echo "random weights written in $(( $(date +%s) - t0 )) s"
 fi
 if { [ "$part" = one ] || [ "$part" = kernel ]; } && [ "$stage" != prep ]; then
+  if [ -n "${BENCH_KV:-}" ]; then  # the kernel table again, in the serving call
+    timeout 90 python3 -m launch.cli bench kv --device cuda --block-sizes 32 --chunk-tokens 1024,4096 --iters 20 \
+      > "$OUT/bench_kv.md" 2>&1
+    cat "$OUT/bench_kv.md"
+  fi
   [ -f /tmp/m8r/config.json ] || python3 -m launch.cli make-model /tmp/m8r --shape llama3-8b --weights random \
     > "$OUT/make_model.log" 2>&1
   seq=24; modes=${MODES:-pd,colocated,nixl}
