@@ -39,14 +39,16 @@ if { [ "$part" = one ] || [ "$part" = kernel ]; } && [ "$stage" != prep ]; then
       > "$OUT/bench_kv.md" 2>&1
     cat "$OUT/bench_kv.md"
   fi
-  [ -f /tmp/m8r/config.json ] || python3 -m launch.cli make-model /tmp/m8r --shape llama3-8b --weights random \
-    > "$OUT/make_model.log" 2>&1
+  # MODEL/INIT_STD: another random-weight model (lmcache.sh's /tmp/m8r-std0.2 is then shared)
+  M=${MODEL:-/tmp/m8r}
+  [ -f "$M/model.safetensors.index.json" ] || python3 -m launch.cli make-model "$M" --shape llama3-8b \
+    --weights random --init-std "${INIT_STD:-0.02}" > "$OUT/make_model.log" 2>&1
   seq=24; modes=${MODES:-pd,colocated,nixl}
   if [ "$part" = kernel ]; then seq=40; modes=${MODES:-pd,colocated}; fi
   common=(--device cuda --requests 32 --rate 4 --long-fraction 0.5 --long-tokens 8000 --short-tokens 256
           --sequential $seq --kv-cache-gb 12 --slo-ttft-ms 2000 --slo-tpot-ms 50 --max-model-len 10240 --seed 0)
   left=$(( ${DEADLINE:-$(( $(date +%s) + 420 ))} - $(date +%s) ))  # DEADLINE: epoch s by which to stop
-  timeout "$left" python3 -m launch.cli bench serve --model /tmp/m8r --load-format auto \
+  timeout "$left" python3 -m launch.cli bench serve --model "$M" --load-format auto \
     --modes "$modes" --max-tokens 128 "${common[@]}" --out "$OUT/serve_one.json" \
     > "$OUT/serve_one.md" 2>&1
   echo "serve rc $?"
