@@ -1,4 +1,4 @@
-"""Mode ``lmcache_pd`` of ``pd bench serve --device cuda`` (issue 19): LMCache 0.5.6's disaggregated
+"""Mode ``lmcache_pd`` of ``pd bench serve --device cuda`` (issue 19): LMCache's (0.5.3) disaggregated
 prefill through vLLM's ``LMCacheConnectorV1``, beside pdkv P/D and NixlConnector.
 
 Two vLLM instances (1P1D only, like ``nixl``): the prefill one ``kv_producer`` with LMCache

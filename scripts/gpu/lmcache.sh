@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# pdkv beside LMCache 0.5.6 on the GPU machine (issue 19), after the carry calls (README.md here:
+# pdkv beside LMCache (0.5.3: prepare_lmcache.sh says why not 0.5.6) on the GPU machine (issue 19), after the carry calls (README.md here:
 # .carry/p1..p5 and .carry/p6 copied to /tmp/carry). Sets up vLLM and LMCache, makes the
 # Llama-3-8B-shaped model with seeded random weights (std $INIT_STD, default 0.2: decisive logits,
 # so equal answers mean something; 16 GB under /tmp, kept for a later call), then:

@@ -8,7 +8,8 @@
 # Checks the wheels against SHA256SUMS, installs them --no-deps into TARGET (beside vLLM; lmcache
 # requires numpy<=2.2.6 but runs on the image's numpy 2.5.2: not replaced), and checks that what
 # vLLM's LMCacheConnectorV1 imports (lmcache.integration.vllm.vllm_v1_adapter.LMCacheConnectorV1Impl)
-# imports. Idempotent. Exit status 1 if the wheels are missing or the import fails.
+# imports, and that LMCache's CUDA ops load (lmcache 0.5.3: 0.5.4+ need a newer torch than 2.11.0,
+# see prepare_lmcache.sh). Idempotent. Exit status 1 if the wheels are missing or a check fails.
 set -euo pipefail
 REPO=$(cd "$(dirname "$0")/../.." && pwd)
 T=${1:-/tmp/vsite}
@@ -35,13 +36,16 @@ import sys
 import numpy
 import lmcache
 from lmcache.integration.vllm.vllm_v1_adapter import LMCacheConnectorV1Impl  # what LMCacheConnectorV1 loads
+from lmcache.v1.platform import resolve_device_ops
 from vllm.distributed.kv_transfer.kv_connector.v1.lmcache_connector import LMCacheConnectorV1
-from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
 import lmcache.v1.storage_backend.local_disk_backend, lmcache.v1.storage_backend.local_cpu_backend  # noqa: E401
+try:  # LMCache's CUDA extension: its import fails if it was built for another torch (prepare_lmcache.sh)
+    ops = type(resolve_device_ops(lmcache.torch_device_type)).__name__
+except Exception as e:  # noqa: BLE001
+    sys.exit(f"setup_lmcache: LMCache's {lmcache.torch_device_type} ops did not load: {type(e).__name__}: {e}")
 print(f"setup_lmcache: lmcache {lmcache.__version__} from {lmcache.__file__.rsplit('/', 2)[0]}, numpy {numpy.__version__}, "
-      f"device_ops {'ok' if hasattr(lmcache, 'device_ops') else 'MISSING'}; {LMCacheConnectorV1Impl.__name__} and "
-      f"{LMCacheConnectorV1.__name__} import")
-if not hasattr(lmcache, "device_ops"):
-    sys.exit("setup_lmcache: lmcache loaded no compute backend (its CUDA extension did not load)")
+      f"device {lmcache.torch_device_type}, ops {ops}; {LMCacheConnectorV1Impl.__name__} and {LMCacheConnectorV1.__name__} import")
+if lmcache.torch_device_type != "cuda":
+    sys.exit("setup_lmcache: LMCache did not detect the GPU")
 EOF
 say "ok"
