@@ -142,6 +142,28 @@ def same_as_first(results: dict) -> dict[str, str]:
     return out
 
 
+# (pdkv mode, LMCache mode) pairs the issue's goals compare (warm TTFT: pdkv <= 0.8x LMCache's).
+PAIRS = (("pdkv", "lmcache_disk"), ("pdkv_dram", "lmcache_cpu"), ("pdkv", "lmcache_cpu"))
+
+
+def quotient(x: float | None, y: float | None) -> str:
+    return f"{x / y:.2f}" if x and y else "-"
+
+
+def ratio_lines(results: dict) -> list[str]:
+    """pdkv's cold and warm TTFT p50 over LMCache's, per length, for each pair that ran."""
+    lines = []
+    for mine, theirs in PAIRS:
+        a, b = results.get(mine, {}).get("rows"), results.get(theirs, {}).get("rows")
+        if not a or not b:
+            continue
+        for length in (n for n in a if n in b):
+            q = [quotient(med([x[key] for x in a[length]]), med([x[key] for x in b[length]]))
+                 for key in ("cold_ms", "warm_ms")]
+            lines.append(f"| {mine} / {theirs} | {length} | {q[0]} | {q[1]} |")
+    return (["", "| pdkv / LMCache (TTFT p50) | tokens | cold | warm |", "|:---|---:|---:|---:|"] + lines) if lines else []
+
+
 def format_report(header: str, results: dict) -> str:
     lines = [header, "", "| mode | tokens | prompts | cold TTFT ms p50 | warm TTFT ms p50 | cold/warm | "
              "warm = cold | start-up s |", "|:---|---:|---:|---:|---:|---:|---|---:|"]
@@ -154,6 +176,7 @@ def format_report(header: str, results: dict) -> str:
             ratio = f"{c / w:.2f}" if c and w else "-"
             lines.append(f"| {mode} | {length} | {len(rows)} | {fmt(c)} | {fmt(w)} | {ratio} | "
                          f"{sum(x['same'] for x in rows)} of {len(rows)} | {r['startup_s']:.0f} |")
+    lines += ratio_lines(results)
     lines.append("")
     same = same_as_first(results)
     if same:

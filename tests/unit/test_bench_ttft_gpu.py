@@ -119,6 +119,14 @@ def test_plan_lengths_max_and_prompts(tmp_path):
         ttft_gpu.plan(_args("--model", str(bare)))
 
 
+def test_ratios_pdkv_over_lmcache_per_length():
+    rows = lambda c, w: {"rows": {2048: [{"cold_ms": c, "warm_ms": w}, {"cold_ms": c, "warm_ms": w}]}}  # noqa: E731
+    lines = ttft_gpu.ratio_lines({"pdkv": rows(400.0, 30.0), "lmcache_disk": rows(500.0, 60.0),
+                                  "lmcache_cpu": rows(None, 20.0)})
+    assert "| pdkv / lmcache_disk | 2048 | 0.80 | 0.50 |" in lines and "| pdkv / lmcache_cpu | 2048 | - | 1.50 |" in lines
+    assert ttft_gpu.ratio_lines({"pdkv": rows(1.0, 1.0)}) == []
+
+
 def test_hits_in_logs(tmp_path):
     (tmp_path / "instance-0.log").write_text(
         "x LMCache hit tokens: 0, need to load: 0\nReqid: 3, Total tokens 2048, LMCache hit tokens: 2047, need\n")
@@ -197,6 +205,9 @@ def test_run_gpu_flow_with_stand_ins(tmp_path, monkeypatch):
     text = out.with_suffix(".md").read_text()
     assert "| lmcache_disk | 768 | 2 |" in text and "2 of 2 |" in text
     assert "answers equal to pdkv's cold ones (cold and warm sends): lmcache_disk 8 of 8, lmcache_cpu 8 of 8" in text
+    assert "| pdkv / LMCache (TTFT p50) | tokens | cold | warm |" in text
+    assert "| pdkv / lmcache_disk | 768 |" in text and "| pdkv / lmcache_cpu | 1024 |" in text
+    assert "pdkv_dram / lmcache_cpu" not in text  # pdkv_dram did not run
     assert "# lmcache_disk: warm loads in the logs (prefix tokens): [767]" in text and "4 distinct answers to 4 prompts" in text
 
 
