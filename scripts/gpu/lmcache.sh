@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# pdkv beside LMCache (0.5.3: prepare_lmcache.sh says why not 0.5.6) on the GPU machine (issue 19), after the carry calls (README.md here:
-# .carry/p1..p5 and .carry/p6 copied to /tmp/carry). Sets up vLLM and LMCache, makes the
+# pdkv beside LMCache (0.5.3: prepare_lmcache.sh says why not 0.5.6) on the GPU machine (issue
+# 19), after the carry calls (README.md here: .carry/p1..p5 and .carry/p6 copied to /tmp/carry).
+# Sets up vLLM and LMCache, makes the
 # Llama-3-8B-shaped model with seeded random weights (std $INIT_STD, default 0.2: decisive logits,
 # so equal answers mean something; 16 GB under /tmp, kept for a later call), then:
 #   ttft: `pd bench ttft --device cuda`: cold vs warm TTFT of prefix reuse at 2048, 8192 and the
@@ -11,7 +12,7 @@
 #         under load (24 requests, half of 8000 tokens), eager, both instances of a mode on GPU 0
 #         with 10 GiB of KV cache each (lmcache_pd: a 6 GiB pd_buffer in each; 8000 tokens = 1 GiB);
 #   all:  both, the first with 60% of the time left.
-# Time cap: DEADLINE (epoch seconds; default 510 s after the start): a mode that would not finish
+# Time cap: DEADLINE (epoch seconds; default 500 s after the start): a mode that would not finish
 # before it is not started, and each run is interrupted (SIGINT: its deployments are stopped)
 # at it. One part fits one device call (about 7-8 minutes with set-up and model).
 #
@@ -26,9 +27,13 @@ part=${1:-ttft}
 case "$part" in ttft|pd|all) ;; *) echo "usage: lmcache.sh [ttft|pd|all]"; exit 2 ;; esac
 OUT=${OUT:-/tmp/lmcache-out}
 mkdir -p "$OUT"
-DEADLINE=${DEADLINE:-$(( $(date +%s) + 510 ))}
+DEADLINE=${DEADLINE:-$(( $(date +%s) + 500 ))}
 SECONDS=0
 left() { echo $(( DEADLINE - $(date +%s) )); }
+# `pd ...` with SIGINT handled even if this shell was started with it ignored (Python then keeps it
+# ignored): timeout's SIGINT must reach the run so that it stops its deployments (KeyboardInterrupt).
+PD='import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler)
+from launch.cli import main; sys.exit(main(sys.argv[1:]))'
 # The seconds until epoch $1 less $2, if at least 30 (else 0: too little to start a run).
 until_() { local s=$(( $1 - $(date +%s) - $2 )); [ "$s" -ge 30 ] && echo "$s" || echo 0; }
 { bash scripts/gpu/setup.sh && bash scripts/gpu/setup_lmcache.sh; } > "$OUT/setup.log" 2>&1 ||
@@ -48,7 +53,7 @@ if [ "$part" != pd ]; then
   [ "$part" = all ] && end=$(( $(date +%s) + $(left) * 6 / 10 ))
   t=$(until_ "$end" 0)
   [ "$t" -gt 0 ] || { echo "lmcache: no time left for ttft"; exit 1; }
-  timeout -s INT -k 30 "$t" python3 -m launch.cli bench ttft --device cuda --model "$M" \
+  timeout -s INT -k 30 "$t" python3 -c "$PD" bench ttft --device cuda --model "$M" \
     --modes "${TTFT_MODES:-pdkv,lmcache_disk,lmcache_cpu,pdkv_dram}" --lengths "${LENGTHS:-2048,8192,max}" \
     --prompts "${PROMPTS:-2}" --deadline "$end" --mode-budget-s 90 --out "$OUT/ttft_gpu.json" >> "$OUT/run.log" 2>&1
   rc=$?
@@ -58,7 +63,7 @@ fi
 if [ "$part" != ttft ]; then
   t=$(until_ "$DEADLINE" 15)
   [ "$t" -gt 0 ] || { echo "lmcache: no time left for the P/D run"; exit 1; }
-  timeout -s INT -k 30 "$t" python3 -m launch.cli bench serve --device cuda --model "$M" \
+  timeout -s INT -k 30 "$t" python3 -c "$PD" bench serve --device cuda --model "$M" \
     --load-format auto --modes "${PD_MODES:-pd,lmcache_pd,nixl}" --requests 24 --rate 2 --long-fraction 0.5 \
     --long-tokens 8000 --short-tokens 256 --max-tokens 64 --sequential 8 --kv-cache-gb 10 --max-model-len 10240 \
     --lmcache-pd-buffer-gb 6 --prefill-probe 0 --enforce-eager --slo-ttft-ms 2000 --slo-tpot-ms 50 --seed 0 \
