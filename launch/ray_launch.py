@@ -160,7 +160,8 @@ class RayDeployment:
         self._get(self.control.start.remote(self.proxy), "proxy")
         self._ready_line("proxy", self.proxy.port, self._get(self.control.wait_ready.remote(
             "proxy", self.dep.vllm.startup_timeout_s), "proxy", self.dep.vllm.startup_timeout_s + 30))
-        self.controls = ray.remote(Controls).options(name=controls_name(self.dep), num_cpus=0).remote(
+        # on the control node too: anywhere else, losing that node would stop the deployment
+        self.controls = ray.remote(Controls).options(name=controls_name(self.dep), **control_options(self.dep)).remote(
             self.dep.prefill.count, self.dep.decode.count)
         self.proxy_url = proxy_address(self.dep, self.control_ip)
 

@@ -5,7 +5,9 @@ prefill resource; host b runs a Ray worker offering the decode resource. ``pd la
 (on host a) puts the coordinator, the Mooncake master and the proxy on the head, prefill-0 on
 the head and decode-0 on the worker; the KV crosses the veth pair through Mooncake Store (TCP).
 One deployment serves every test of this module (module fixture); answers are compared token
-for token with a colocated instance started beside it (stopped once its answers are in).
+for token with a colocated instance started beside it (stopped once its answers are in). The
+last test starts a third host c (a worker offering the decode resource too) and kills every
+process of host b: decode-0 is placed again on host c.
 """
 from __future__ import annotations
 
@@ -18,15 +20,17 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import requests
 import yaml
 
 from tests.integration import netns
 from tests.integration.conftest import BASE, READY, ROOT, STEP_TOKENS, start, wait_ready
-from tests.integration.test_pd_e2e import _complete, _prompt, _transfer
+from tests.integration.test_pd_e2e import GEN, _complete, _prompt, _transfer
 
 pytestmark = pytest.mark.integration
 
@@ -66,14 +70,18 @@ def _kill_leftovers(pattern: str) -> None:
                 pass
 
 
-def _wait_nodes(address: str, resource: str, env: dict, timeout_s: float = 90) -> None:
+def _wait_nodes(address: str, resource: str, env: dict, amount: float = 1, timeout_s: float = 90) -> None:
+    """Until the cluster's nodes offer ``amount`` of ``resource`` in all."""
     code = ("import ray, sys, time\n"
             f"ray.init(address={address!r}, log_to_driver=False, logging_level='ERROR')\n"
             f"deadline = time.monotonic() + {timeout_s}\n"
-            f"while {resource!r} not in ray.cluster_resources():\n"
+            f"while ray.cluster_resources().get({resource!r}, 0) < {amount}:\n"
             "    assert time.monotonic() < deadline, ray.cluster_resources()\n"
             "    time.sleep(0.5)\n")
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=timeout_s + 30)
+
+
+NODE_ARGS = ["--block", "--num-cpus=2", "--object-store-memory=200000000", "--disable-usage-stats"]
 
 
 @pytest.fixture(scope="module")
@@ -86,15 +94,14 @@ def cluster(tmp_path_factory):
     h = netns.make(3)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0",
            "PDKV_KEYS_HOME": str(tmp / "keyshome")}
-    common = ["--block", "--num-cpus=2", "--object-store-memory=200000000", "--disable-usage-stats"]
-    head = _ray_start([RAY, "start", "--head", f"--node-ip-address={h.addr_a}", f"--port={GCS}", *common,
+    head = _ray_start([RAY, "start", "--head", f"--node-ip-address={h.addr_a}", f"--port={GCS}", *NODE_ARGS,
                        "--include-dashboard=false", "--min-worker-port=30000", "--max-worker-port=30999",
                        "--resources", json.dumps({"pdkv_control": 1, "prefill_node": 2})], tmp / "head.out", env)
     address = f"{h.addr_a}:{GCS}"
     worker = None
     try:
         _wait_nodes(address, "prefill_node", env)
-        worker = _ray_start(h.exec_b([RAY, "start", f"--address={address}", f"--node-ip-address={h.addr_b}", *common,
+        worker = _ray_start(h.exec_b([RAY, "start", f"--address={address}", f"--node-ip-address={h.addr_b}", *NODE_ARGS,
                                       "--min-worker-port=31000", "--max-worker-port=31999",
                                       "--resources", json.dumps({"decode_node": 2})]), tmp / "worker.out", env)
         _wait_nodes(address, "decode_node", env)
@@ -104,6 +111,31 @@ def cluster(tmp_path_factory):
         _kill_leftovers(address)
         h.close()
         print("ray start exit codes (worker, head):", codes)
+
+
+@pytest.fixture(scope="module")
+def spare(cluster):
+    """Host c, a third namespace routed to host a, and a function that starts a Ray worker there
+    offering the decode resource (the node-loss test calls it); yields (host c, that function).
+    Set up before the deployment and stopped after it, which may run an instance there."""
+    _, address, env, tmp = cluster
+    c = netns.make(4)
+    nodes: list[subprocess.Popen] = []
+    try:
+        # host a's address on the link to host b (the head's, the control node's) through host c's link
+        subprocess.run(c.exec_b(["ip", "route", "add", "default", "via", c.addr_a]), check=True)
+
+        def start_node() -> None:
+            nodes.append(_ray_start(c.exec_b([RAY, "start", f"--address={address}", f"--node-ip-address={c.addr_b}",
+                                              *NODE_ARGS, "--min-worker-port=32000", "--max-worker-port=32999",
+                                              "--resources", json.dumps({"decode_node": 2})]), tmp / "spare.out", env))
+            _wait_nodes(address, "decode_node", env, amount=4)  # host b's 2 and host c's 2
+
+        yield c, start_node
+    finally:
+        for p in nodes:
+            _stop_group(p)
+        c.close()
 
 
 def _config(h, model_path: Path, tmp: Path) -> dict:
@@ -135,7 +167,7 @@ def _colocated(model_path: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def deployment(cluster, model_path):
+def deployment(cluster, spare, model_path):
     """``pd launch --ray`` of the 1P1D config, and the colocated answers of every prompt of CASES;
     yields (proxy URL, config, config file, launch log, answers by (tokens, seed))."""
     h, address, env, tmp = cluster
@@ -292,3 +324,94 @@ def test_prefill_scaled_1_2_1_under_a_stream_of_requests_none_lost(deployment, c
     assert "prefill-1" in producers, producers
     assert len(results) >= 10
     print(f"{len(results)} requests during the scaling, none lost; prefills that served: {sorted(producers)}")
+
+
+def _kill_host(h) -> int:
+    """SIGKILL every process of host b (its raylet and Ray workers, the actors' vLLM): its node is
+    gone; how many processes there were."""
+    killed, deadline = set(), time.monotonic() + 30
+    while pids := subprocess.run(["ip", "netns", "pids", h.ns_b], capture_output=True, text=True).stdout.split():
+        assert time.monotonic() < deadline, f"processes of host b still alive: {pids}"
+        for pid in pids:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+                killed.add(pid)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.2)
+    return len(killed)
+
+
+def _attempt(url: str, case: tuple[int, int]) -> tuple[int, list[int], str]:
+    """``case`` sent once: (200, its token ids, "") or (the status, [], the error's message)."""
+    r = requests.post(f"{url}/v1/completions", json={"model": "tiny-llama", "prompt": _prompt(*case),
+                                                     "max_tokens": GEN, "temperature": 0, "return_token_ids": True},
+                      timeout=300)
+    if r.status_code == 200:
+        return 200, r.json()["choices"][0].get("token_ids") or [], ""
+    return r.status_code, [], r.json()["error"]["message"]
+
+
+def test_decode_whose_node_is_lost_is_placed_on_another_node_re_registers_and_serves(deployment, cluster, spare):
+    """Last in the module: host b is gone afterwards (decode-0 runs on host c)."""
+    url, _, cfg_file, log, answers = deployment
+    h, _, env, _ = cluster
+    c, start_node = spare
+    start_node()  # host c joins the cluster, offering the decode resource as host b does
+    registered = {n: p for n, (_, p) in _stats(cfg_file, env).items() if n.startswith("decode-0")}
+    seen, stop, outcomes = len(log.read_text()), threading.Event(), []
+
+    def stream() -> None:  # one request at a time, through the loss and the new placement
+        while not stop.is_set():
+            case = CASES["stream"][len(outcomes) % len(CASES["stream"])]
+            try:
+                outcomes.append((case, *_attempt(url, case)))
+            except Exception as e:  # noqa: BLE001 - no answer, or one that is not JSON: reported below
+                outcomes.append((case, 0, [], repr(e)))
+            stop.wait(0.3)
+
+    sender = threading.Thread(target=stream)
+    sender.start()
+    try:
+        while not outcomes:
+            time.sleep(0.1)
+        print(f"killed {_kill_host(h)} processes of host b")
+        deadline = time.monotonic() + 300
+        while not re.search(r"^  decode-0 +ready again", text := log.read_text()[seen:], re.M):
+            assert time.monotonic() < deadline and "pdkv: stopped" not in text, text
+            time.sleep(1)
+        after = len(outcomes)
+        while len(outcomes) < after + 3:
+            assert time.monotonic() < deadline, outcomes[after:]
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        sender.join(300)
+    text = log.read_text()[seen:]
+    assert re.search(rf"decode-0's actor on {h.addr_b} is gone", text), text
+    assert re.search(rf"restarting decode-0 \(\d of 3, off node {h.addr_b} if another node", text), text
+    assert f"decode-0 placed again on another node ({c.addr_b})" in text, text
+    # The requests meanwhile: answered as colocated would, or refused with an error naming why.
+    for case, status, ids, why in outcomes:
+        if status == 200:
+            assert ids == answers[case], case
+        else:
+            assert (status == 502 and "decode instance" in why and "unreachable" in why) or (
+                status == 503 and "being restarted" in why), (status, why)
+    assert [o[1] for o in outcomes[-3:]] == [200] * 3, outcomes[-3:]
+    assert any(o[1] != 200 for o in outcomes), "no request saw the decode gone"  # the loss was under load
+    print("answers during the loss, by status:", Counter(o[1] for o in outcomes))
+    # On host c now, with the KV through Mooncake from prefill-0 on host a.
+    pid = _decode_pid()
+    where = subprocess.run(["ip", "netns", "identify", str(pid)], capture_output=True, text=True).stdout.strip()
+    assert where == c.ns_b, (pid, where)
+    deadline = time.monotonic() + 60  # its connector's client is on Mooncake after a round or two
+    while True:
+        recs = _served(url, CASES["restart"], answers)
+        if all(r["ok"] and r["n_store_chunks"] == 0 and r["consumer"].split("/")[0] == "decode-0" for r in recs):
+            break
+        assert time.monotonic() < deadline, recs
+    # It registered with the coordinator again: alive, from its processes on host c.
+    again = {n: v for n, v in _stats(cfg_file, env).items() if n.startswith("decode-0")}
+    assert again.keys() == registered.keys() and all(v[0] == "alive" for v in again.values()), again
+    assert all(again[n][1] != registered[n] for n in again), (registered, again)
