@@ -104,14 +104,15 @@ def instance_bundles(dep: DeploymentConfig, group: str, device: str) -> list[dic
     """The resources of one instance of ``group``, one bundle per TP rank (bundle 0 also holds the
     pool resource, and on cuda every GPU: the instance's one process needs them all visible)."""
     tp = group_tp(dep, group)
-    first: dict = {"CPU": dep.ray.instance_cpus} if dep.ray.instance_cpus else {}
+    # Ray refuses an empty bundle: without ray.instance_cpus each rank of a group takes a token of CPU
+    cpus = dep.ray.instance_cpus or (LOCATE if tp > 1 else 0)
+    first: dict = {"CPU": cpus} if cpus else {}
     res = getattr(dep.ray, f"{group}_resource")
     if res:
         first[res] = 1
     if device == "cuda":
         first["GPU"] = tp
-    rest = [{"CPU": dep.ray.instance_cpus}] * (tp - 1) if dep.ray.instance_cpus else [{"CPU": LOCATE}] * (tp - 1)
-    return [first, *rest]
+    return [first, *[{"CPU": cpus}] * (tp - 1)]
 
 
 def instance_options(bundles: list[dict]) -> dict:

@@ -23,6 +23,7 @@ from launch.ray_actors import Controls, ProcHost, SecretsDirError, install_secre
 from launch.ray_plan import (
     ADMIN_TOKEN,
     HEAD_RESOURCE,
+    LOCATE,
     NODE_ID_LABEL,
     Slot,
     away_from,
@@ -96,6 +97,9 @@ def test_placement_resources_and_placement_group_bundles():
     assert instance_bundles(d, "decode", "cuda") == [{"CPU": 2, "dnode": 1, "GPU": 1}]
     assert instance_options(instance_bundles(dep(ray={"instance_cpus": 0}), "decode", "cpu")) == \
         {"num_cpus": 0, "num_gpus": 0}
+    # a TP group without ray.instance_cpus or a pool resource: no bundle empty (Ray refuses one)
+    assert instance_bundles(dep(decode={"tp": 2}, ray={"instance_cpus": 0}), "decode", "cpu") == \
+        [{"CPU": LOCATE}, {"CPU": LOCATE}]
 
 
 def test_an_instance_lost_with_its_node_is_placed_off_that_node_while_another_offers_its_resources():
