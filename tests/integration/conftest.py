@@ -139,7 +139,7 @@ BASE = {
 # Modules that start many vLLM instances of their own (the Ray tests: four, beside Ray's nodes) run
 # before any test starts the session's ``deployments`` (three more instances): both at once went
 # past this machine's 24 GiB and the kernel killed a deployment's VLLM::Worker (CI, 2026-12-06).
-RUN_FIRST = ("test_ray_e2e.py",)
+RUN_FIRST = ("test_ray_e2e.py", "test_ray_tp_e2e.py")
 
 
 def pytest_collection_modifyitems(session, config, items):
