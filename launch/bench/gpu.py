@@ -199,11 +199,26 @@ def instance_urls(dep: DeploymentConfig) -> tuple[list[str], list[str]]:
     return p, d
 
 
+# The one-at-a-time phase's prompts come from their own seed: had they been the load phase's, the
+# load phase would find them in vLLM's prefix cache (as runs before 2026-12-07 did, unevenly
+# between modes: a pool's cache holds what fits, LRU).
+SEQUENTIAL_SEED = 7919
+
+
 def sequential_part(workload: list[Request], n: int) -> list[Request]:
-    """The one-at-a-time phase: the workload's first long and short requests, alternating, ``n`` in all."""
+    """The workload's first long and short requests, alternating, ``n`` in all."""
     longs = [r for r in workload if r.long]
     shorts = [r for r in workload if not r.long]
     return [x for pair in zip(longs, shorts) for x in pair][:n]
+
+
+def sequential_requests(args) -> list[Request]:
+    """The one-at-a-time phase: ``args.sequential`` requests, long and short alternating, with
+    prompts of their own (seed ``args.seed + SEQUENTIAL_SEED``), none of the load phase's."""
+    n = args.sequential
+    pool = make_workload(max(2 * n, 2), 1.0, 0.5, args.long_tokens, args.short_tokens, args.max_tokens,
+                         args.seed + SEQUENTIAL_SEED)
+    return sequential_part(pool, n)
 
 
 def run_sequential(url: str, model: str, workload: list[Request], send) -> tuple[list[Result], float]:
@@ -376,7 +391,7 @@ def run_gpu(args) -> int:
     workload = make_workload(args.requests, args.rate, args.long_fraction, args.long_tokens,
                              args.short_tokens, args.max_tokens, args.seed)
     longs = [r for r in workload if r.long]
-    seq = sequential_part(workload, args.sequential)
+    seq = sequential_requests(args)
     deps = {v.label: (v, gpu_deployment(v.mode, model, args, n_gpus, v.prefill, v.decode)) for v in vs}
     for _v, dep in deps.values():  # each is started in turn, and a larger split listens on more ports
         check_ports(dep)

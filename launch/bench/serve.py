@@ -36,7 +36,7 @@ from launch.bench.gpu import (
     format_spans,
     run_gpu,
     run_sequential,
-    sequential_part,
+    sequential_requests,
     span_summary,
     transfers,
 )
@@ -109,7 +109,7 @@ def run(args) -> int:
     modes = {v.label: v.mode for v in vs}
     for dep in deps.values():
         check_ports(dep)
-    seq = sequential_part(workload, args.sequential)
+    seq = sequential_requests(args)
     figures, seq_figures, texts, spans = {}, {}, {}, {}
     slo = (args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3)
     for mode, dep in deps.items():

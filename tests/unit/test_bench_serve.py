@@ -320,3 +320,14 @@ def test_decode_floor_prefills_then_times_one_more_token():
     assert all(t["prompt"][:8] == w["prompt"] and t["max_tokens"] == 2 for w, t in zip(warm, timed))
     assert r["first_token"]["n"] == 2 and r["gap_1_2"]["p50"] >= 0
     assert "| 8 | 2 |" in probe.format_floor({8: r})
+
+
+def test_the_one_at_a_time_phase_never_replays_the_load_phases_prompts():
+    from launch.bench.gpu import sequential_requests
+
+    args = _gpu_args("--requests", "8", "--sequential", "6", "--long-tokens", "30", "--short-tokens", "5")
+    workload = make_workload(8, 2.0, 0.25, 30, 5, 4, 0)
+    seq = sequential_requests(args)
+    assert [r.long for r in seq] == [True, False] * 3 and [len(r.prompt) for r in seq[:2]] == [30, 5]
+    assert not {tuple(r.prompt) for r in seq} & {tuple(r.prompt) for r in workload}
+    assert [r.prompt for r in sequential_requests(args)] == [r.prompt for r in seq]  # seeded
