@@ -38,7 +38,7 @@ def make_store(cfg: Any, device_index: int = 0, writer: bool = True) -> KVStore 
     if not cfg.dram_gb:
         return disk
     try:
-        return TieredStore(disk, make_dram(cfg))
+        return TieredStore(disk, make_dram(cfg), int(getattr(cfg, "read_threads", 1)))
     except BaseException:
         disk.close()
         raise

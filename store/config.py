@@ -49,6 +49,8 @@ class StoreConfig:
     # Bytes waiting in the write queue; a put beyond this is dropped and counted.
     queue_mb: int = field(default=256, metadata=rng(1, 1 << 20))
     write_threads: int = field(default=1, metadata=rng(1, 64))
+    # Threads that read one batch of chunks at once (local files, the DRAM tier; store/reads.py).
+    read_threads: int = field(default=4, metadata=rng(1, 64))
     # Prefill writes every chunk it sends through to the store: "always" or "never".
     write_through: str = field(default="always", metadata=choices("always", "never"))
     # The DRAM tier (store/dram.py): GB of shared memory (/dev/shm) in front of the disk store, shared

@@ -114,6 +114,7 @@ class DramTier:
         self._addr = ctypes.addressof(ctypes.c_char.from_buffer(self._mm))  # temporary export, gone
         self._lock = threading.Lock()
         self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
+        self._stats_lock = threading.Lock()
         torch = sys.modules.get("torch")  # a process that uses CUDA has imported torch already
         self.pinned = bool(torch is not None and torch.cuda.is_available()
                            and cuda_pin(self._addr, size, f"DRAM tier {self.path}"))
@@ -307,11 +308,12 @@ class DramTier:
         out = byte_view(into)
         d0, d1 = digest(key)
         n = self._read(d0, d1, out)
-        if n:
-            self.stats["dram_hits"] += 1
-            self.stats["dram_get_bytes"] += n
-        else:
-            self.stats["dram_misses"] += 1
+        with self._stats_lock:  # reads run on several threads (store/reads.py)
+            if n:
+                self.stats["dram_hits"] += 1
+                self.stats["dram_get_bytes"] += n
+            else:
+                self.stats["dram_misses"] += 1
         return n
 
     def _read(self, d0: int, d1: int, out: memoryview) -> int:
@@ -325,7 +327,8 @@ class DramTier:
             return 0
         ctypes.memmove(buffer_address(out), self._addr + self._data + start * self.unit, n)  # GIL released
         if int(self._stamp[i]) != s1:
-            self.stats["dram_torn"] += 1
+            with self._stats_lock:
+                self.stats["dram_torn"] += 1
             return 0
         self._tick[i] = time.monotonic_ns()
         self._hits[i] = int(self._hits[i]) + 1  # racy between processes: a lost count, no harm
@@ -347,14 +350,16 @@ class DramTier:
         src = byte_view(data)
         n = src.nbytes
         if n == 0 or n > self.max_value:
-            self.stats["dram_too_large"] += n > 0
+            with self._stats_lock:
+                self.stats["dram_too_large"] += n > 0
             return False
         d0, d1 = digest(key)
         units = -(-n // self.unit)
         try:
             got = self._reserve(d0, d1, n, units)
         except _Busy:
-            self.stats["dram_busy"] += 1
+            with self._stats_lock:
+                self.stats["dram_busy"] += 1
             return False
         if got is None:
             return True
@@ -368,8 +373,9 @@ class DramTier:
                 self._free(i)
             raise
         self._stamp[i] = seq << 2 | COMMITTED  # only this writer changes a live RESERVED entry
-        self.stats["dram_fills" if fill else "dram_puts"] += 1
-        self.stats["dram_put_bytes"] += n
+        with self._stats_lock:
+            self.stats["dram_fills" if fill else "dram_puts"] += 1
+            self.stats["dram_put_bytes"] += n
         return True
 
     def _reserve(self, d0: int, d1: int, n: int, units: int) -> tuple[int, int, int] | tuple | None:

@@ -48,6 +48,7 @@ from store.fileio import BufPool
 from store.local_files import ChunkFiles, check_dir, unlink_quiet
 from store.local_format import MAX_KEY, layout
 from store.queue import DUPLICATE, QUEUED, WriteQueue
+from store.reads import Readers
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,7 @@ class LocalStore:
         self.writer = bool(writer)  # False: lookups and reads only; every put is dropped
         self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
         self._lock = threading.Lock()
+        self._readers = Readers(int(getattr(cfg, "read_threads", 1)), "pd-store-read")
         self._q = WriteQueue(self.queue_budget, self.stats, self._lock, f"local store {self.path}",
                              writer=self.writer)
         self._cv = self._q.cv
@@ -193,11 +195,10 @@ class LocalStore:
         return n
 
     def get_many(self, keys: Sequence[str], intos: Sequence[Any]) -> list[int]:
-        """``get`` of each key into its buffer (``store.base.KVStore``); local files have no
-        batch submit, so one by one."""
+        """``get`` of each key into its buffer (``store.base.KVStore``), ``read_threads`` at a time."""
         if len(keys) != len(intos):
             raise ValueError(f"get_many: {len(keys)} keys but {len(intos)} buffers")
-        return [self.get(key, into) for key, into in zip(keys, intos)]
+        return self._readers.map(self.get, list(zip(keys, intos)))
 
     def _unref(self, item: _Item) -> None:
         with self._lock:
@@ -288,6 +289,7 @@ class LocalStore:
         return self._q.flush(timeout_s)
 
     def close(self, timeout_s: float = 5.0) -> None:
+        self._readers.close()
         left = self._q.close(self._threads, timeout_s)
         if left is None:
             return

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 from common.bytes import byte_view
 from store.base import KVStore, parse_path
 from store.dram import DramTier, default_dir
+from store.reads import Readers
 
 
 def dram_name(cfg: Any) -> str:
@@ -65,8 +66,9 @@ def release_dram(tier: DramTier) -> None:
 class TieredStore:
     """``store.base.KVStore``: ``dram`` in front of ``disk`` (see the module docstring)."""
 
-    def __init__(self, disk: KVStore, dram: DramTier) -> None:
+    def __init__(self, disk: KVStore, dram: DramTier, read_threads: int = 1) -> None:
         self.disk, self.dram = disk, dram
+        self._readers = Readers(read_threads, "pd-dram-read")
         self.location = f"{disk.location}+dram:{dram.path}"
         self.max_value = disk.max_value
         self._closed = False
@@ -95,14 +97,18 @@ class TieredStore:
         for out in outs:
             if out.readonly:
                 raise ValueError("get: the destination buffer is read-only")
-        got = [0] * len(keys) if self._closed else [self.dram.get(k, o) for k, o in zip(keys, outs)]
+        got = [0] * len(keys) if self._closed else self._readers.map(self.dram.get, list(zip(keys, outs)))
         need = [j for j, n in enumerate(got) if not n]
         if need:
             for j, n in zip(need, self.disk.get_many([keys[j] for j in need], [outs[j] for j in need])):
                 got[j] = n
-                if n and not self._closed:
-                    self.dram.put(keys[j], outs[j][:n], fill=True)
+            fills = [(keys[j], outs[j][:got[j]]) for j in need if got[j]]
+            if fills and not self._closed:
+                self._readers.map(self._fill, fills)
         return got
+
+    def _fill(self, key: str, data: memoryview) -> int:
+        return int(self.dram.put(key, data, fill=True))
 
     def contains(self, keys: Sequence[str]) -> int:
         n = 0
@@ -129,6 +135,7 @@ class TieredStore:
         return self.disk.flush(timeout_s)
 
     def close(self) -> None:
+        self._readers.close()
         self.disk.close()
         if not self._closed:
             self._closed = True

@@ -372,3 +372,37 @@ def test_config_key_and_refusals(tmp_path, shm):
     a = StoreConfig(backend="local", paths=[str(tmp_path / "a")])
     assert dram_name(a) == dram_name(StoreConfig(backend="local", paths=[str(tmp_path / "a") + "/"], dram_gb=3))
     assert dram_name(a) != dram_name(StoreConfig(backend="local", paths=[str(tmp_path / "b")]))
+
+
+def test_a_batch_is_read_by_several_threads_and_comes_back_in_order(cfg, shm):
+    """store.read_threads: a get_many's reads (DRAM hits, disk reads and the fills after them)
+    run on the store's reader threads; each buffer gets its own key's bytes, misses stay 0."""
+    import threading
+
+    cfg.read_threads = 3
+    s = TieredStore(LocalStore(cfg), make_dram(cfg, shm), cfg.read_threads)
+    seen: set[str] = set()
+    get = s.dram.get
+
+    def spy(key, into):
+        seen.add(threading.current_thread().name)
+        return get(key, into)
+
+    s.dram.get = spy
+    try:
+        for i in range(4):
+            assert s.put(_key(i), _data(i))
+        s.disk.flush(10)
+        s.dram.delete([_key(0), _key(2)])  # these two come from disk (and are filled again)
+        keys = [_key(i) for i in (3, 0, 9, 2, 1)]
+        outs = [np.zeros(200_000, dtype=np.uint8) for _ in keys]
+        got = s.get_many(keys, outs)
+        assert got == [200_000, 200_000, 0, 200_000, 200_000]
+        for i, out, n in zip((3, 0, 9, 2, 1), outs, got):
+            assert (n == 0 and not out.any()) or np.array_equal(out, _data(i))
+        assert all(name.startswith("pd-dram-read") for name in seen)
+        assert s.dram.stats["dram_fills"] == 2 and s.dram.stats["dram_hits"] == 2
+        assert s.dram.contains([_key(0), _key(2)]) == 2
+    finally:
+        s.close()
+    assert s.get_many([_key(1)], [np.zeros(10, dtype=np.uint8)]) == [0]  # closed: no threads left to hang on

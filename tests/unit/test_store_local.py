@@ -822,3 +822,30 @@ def test_a_value_file_planted_by_another_user_or_as_a_symlink_is_a_miss(disk):
         assert s.get(_key(2), out) == 0 and not f2.is_symlink() and real.exists()
     finally:
         s.close()
+
+
+def test_get_many_reads_a_batch_on_the_reader_threads(tmp_path):
+    """store.read_threads: the batch's file reads run on the store's reader threads, in order."""
+    import threading
+
+    import numpy as np
+
+    from store.config import StoreConfig
+    from store.local import LocalStore
+
+    s = LocalStore(StoreConfig(backend="local", paths=[str(tmp_path)], size_gb=0.01, read_threads=2))
+    names: set[str] = set()
+    get = s.get
+    s.get = lambda key, into: names.add(threading.current_thread().name) or get(key, into)
+    try:
+        data = [np.full(5000 + i, i, dtype=np.uint8) for i in range(5)]
+        for i, d in enumerate(data):
+            assert s.put(f"ns/0/{i:032x}", d)
+        s.flush(10)
+        outs = [np.zeros(6000, dtype=np.uint8) for _ in range(6)]
+        got = s.get_many([f"ns/0/{i:032x}" for i in (4, 3, 2, 1, 0, 9)], outs)
+        assert got == [5004, 5003, 5002, 5001, 5000, 0]
+        assert all((out[:n] == 4 - j).all() for j, (out, n) in enumerate(zip(outs[:5], got)))
+        assert names and all(n.startswith("pd-store-read") for n in names)
+    finally:
+        s.close()
