@@ -84,9 +84,10 @@ def add_gpu_arguments(p: argparse.ArgumentParser) -> None:
                    help="the same for modes pd and pd_old, whose shm chunks live in the prefill's GPU memory "
                         "(connector.transport.shm_memory gpu; default 4096: taken from the GPU, beside the KV cache)")
     g.add_argument("--max-num-seqs", type=int, default=64, help="(default 64)")
-    g.add_argument("--prefill-step-tokens", type=int, default=2048,
+    g.add_argument("--prefill-step-tokens", type=int, default=0,
                    help="pdkv's prefill instance: --max-num-batched-tokens, so a long prompt is prefilled "
-                        "over several steps and its KV streams to decode meanwhile (default 2048; 0 = vLLM's)")
+                        "over several steps and its KV streams to decode meanwhile (default 0 = vLLM's, as "
+                        "the colocated instances: with token 1 from the prefill, smaller steps cost TTFT)")
     g.add_argument("--enforce-eager", dest="enforce_eager", action="store_true", default=False,
                    help="every mode without CUDA graphs (faster start, slower decode); by default vLLM compiles "
                         "and captures them, its compile cache (VLLM_CACHE_ROOT, default ~/.cache/vllm) shared by "
