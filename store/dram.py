@@ -39,6 +39,7 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -75,6 +76,16 @@ STAT_KEYS = (
     "dram_repairs",       # unit maps and indexes rebuilt after a writer died inside the lock
     "dram_busy",          # puts/deletes given up: the lock was held longer than LOCK_TIMEOUT_S
 )
+
+
+@dataclass
+class DramRead:
+    """A value read in place (``DramTier.acquire``): its bytes, and the entry and stamp it had."""
+
+    key: str
+    view: memoryview
+    entry: int
+    stamp: int
 
 
 class _Busy(Exception):
@@ -333,6 +344,34 @@ class DramTier:
         self._tick[i] = time.monotonic_ns()
         self._hits[i] = int(self._hits[i]) + 1  # racy between processes: a lost count, no harm
         return n
+
+    def acquire(self, key: str) -> "DramRead | None":
+        """``key``'s value in place, a view of this tier's (pinned) memory for a load to scatter
+        from without copying it first; None for a miss. Nothing is held: ``release`` says
+        whether the value stayed the whole time, and the view's bytes are its value only then."""
+        stamp, (d0, d1) = self._stamp, digest(key)
+        i = -1 if stamp is None else self._probe(d0, d1)
+        s1 = int(stamp[i]) if i >= 0 else 0
+        start, units, n = (int(self._start[i]), int(self._units[i]), int(self._length[i])) if i >= 0 else (0, 0, 0)
+        if (s1 & 3 != COMMITTED or n == 0 or n > units * self.unit or start + units > self.n
+                or int(self._d0[i]) != d0 or int(self._d1[i]) != d1):
+            with self._stats_lock:
+                self.stats["dram_misses"] += 1
+            return None
+        off = self._data + start * self.unit
+        return DramRead(key, memoryview(self._mm)[off:off + n], i, s1)
+
+    def release(self, read: "DramRead") -> bool:
+        """Done with ``read``: True if its value was not changed or evicted since ``acquire``."""
+        stamp = self._stamp
+        ok = stamp is not None and int(stamp[read.entry]) == read.stamp
+        if ok:
+            self._tick[read.entry] = time.monotonic_ns()
+            self._hits[read.entry] = int(self._hits[read.entry]) + 1
+        with self._stats_lock:
+            self.stats["dram_hits" if ok else "dram_torn"] += 1
+            self.stats["dram_get_bytes"] += len(read.view) if ok else 0
+        return ok
 
     def contains(self, keys: Sequence[str]) -> int:
         """Length of the longest prefix of ``keys`` held here."""

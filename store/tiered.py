@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 from common.bytes import byte_view
 from store.base import KVStore, parse_path
-from store.dram import DramTier, default_dir
+from store.dram import DramRead, DramTier, default_dir
 from store.reads import Readers
 
 
@@ -109,6 +109,17 @@ class TieredStore:
 
     def _fill(self, key: str, data: memoryview) -> int:
         return int(self.dram.put(key, data, fill=True))
+
+    #: ``acquire``/``release``: DRAM hits are read in place (``DramTier.acquire``), not copied out.
+    zero_copy = True
+
+    def acquire(self, keys: Sequence[str]) -> list[DramRead | None]:
+        """Each key's value in the DRAM tier, in place (None: not there; the disk is not read)."""
+        return [None if self._closed else self.dram.acquire(k) for k in keys]
+
+    def release(self, reads: Sequence[DramRead | None]) -> list[bool]:
+        """For each read, whether its value stayed intact while it was used (None: False)."""
+        return [r is not None and not self._closed and self.dram.release(r) for r in reads]
 
     def contains(self, keys: Sequence[str]) -> int:
         n = 0

@@ -81,7 +81,8 @@ class _Batch:
     sizes: list[int]
     xkeys: list[str]  # transport keys
     reads: list  # zero-copy reads still held (None: none)
-    views: list = field(default_factory=list)  # each chunk's bytes: a transport slot or a staging slab
+    views: list = field(default_factory=list)  # each chunk's bytes: a transport slot, a staging slab or the store's DRAM
+    store_reads: list = field(default_factory=list)  # the store's in-place reads still to release (None: none)
     why: list[str] = field(default_factory=list)  # "" = good, else why not
     source: list[str] = field(default_factory=list)  # where a good chunk came from: transport, store
 
@@ -353,7 +354,8 @@ class Loads:
         xkeys = [transfer_key(st.spec.pd_id, st.keys[c]) for c, *_ in spans]
         t0 = time.perf_counter()
         b = _Batch(spans, [self.codec.chunk_bytes(nb) for _, _, nb, _ in spans], xkeys,
-                   self.transport.acquire(xkeys) if zero_copy else [None] * len(spans))
+                   self.transport.acquire(xkeys) if zero_copy else [None] * len(spans),
+                   store_reads=[None] * len(spans))
         with ExitStack() as stack:
             stack.callback(lambda: self.transport.release(b.reads) if zero_copy else None)
             self._read_transport(st, b, use_transport, zero_copy, stack)
@@ -390,14 +392,23 @@ class Loads:
         b.source = ["" if w else "transport" for w in b.why]
 
     def _read_store(self, st: _Load, b: _Batch, use_transport: bool, zero_copy: bool, stack: ExitStack) -> None:
-        """Read the chunks the transport did not have (or had bad) from the store."""
+        """Read the chunks the transport did not have (or had bad) from the store: in place where
+        the store offers it (its DRAM tier: scattered from there, released after), else copied."""
         need = [j for j, w in enumerate(b.why) if w]
-        if zero_copy:  # never read the store into the producer's slots
-            slabs = stack.enter_context(self.pool.acquire(len(need)))
-            for j, s in zip(need, slabs):
+        read = dict.fromkeys(need, 0)
+        if getattr(st.store, "zero_copy", False):
+            for j, r in zip(need, st.store.acquire([st.keys[b.spans[j][0]] for j in need])):
+                if r is not None:
+                    b.views[j], b.store_reads[j], read[j] = r.view, r, len(r.view)
+        copy = [j for j in need if b.store_reads[j] is None]
+        if zero_copy and copy:  # never read the store into the producer's slots
+            slabs = stack.enter_context(self.pool.acquire(len(copy)))
+            for j, s in zip(copy, slabs):
                 b.views[j] = memoryview(s.numpy())[: b.sizes[j]]
-        read = st.store.get_many([st.keys[b.spans[j][0]] for j in need], [b.views[j] for j in need])
-        for j, n in zip(need, read):
+        if copy:
+            read.update(zip(copy, st.store.get_many([st.keys[b.spans[j][0]] for j in copy],
+                                                    [b.views[j] for j in copy])))
+        for j, n in read.items():
             c, _b0, nb, _t = b.spans[j]
             bad = "" if n != b.sizes[j] else self._check(b.views[j], st.keys[c], b.sizes[j], nb)
             if n == b.sizes[j] and not bad:
@@ -428,6 +439,12 @@ class Loads:
                 # The producer reused the slot while it was read: what was scattered may
                 # be another value's bytes; these blocks and the rest are recomputed.
                 st.error = f"chunk {c} was evicted from the transport while it was read"
+                return False
+        if b.store_reads[j] is not None:
+            stable = st.store.release([b.store_reads[j]])[0]
+            b.store_reads[j] = None
+            if not stable:  # the same for the store's DRAM tier
+                st.error = f"chunk {c} was evicted from the store's DRAM tier while it was read"
                 return False
         st.loaded_upto, st.n_chunks, st.n_bytes = b0 + nb, st.n_chunks + 1, st.n_bytes + b.sizes[j]
         st.next_chunk = c + 1

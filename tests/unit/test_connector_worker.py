@@ -353,3 +353,64 @@ def test_store_chunks_keyed_with_another_secret_are_never_loaded(tmp_path, coord
             w.shutdown()
             w.transport.close()
             w.store.close()
+
+
+def _tiered_worker(tmp_path, coord, seed, writer: bool, **over) -> WorkerSide:
+    """A worker whose store has the DRAM tier (in ``tmp_path``/shm, shared by the workers of a test)."""
+    from store.local import LocalStore
+    from store.tiered import TieredStore, make_dram
+
+    (tmp_path / "store").mkdir(exist_ok=True)
+    cfg = ConnectorConfig(coordinator=coord.address, chunk_size=CHUNK, io_threads=2,
+                          transport=TransportConfig(pool_size_mb=8, shm_dir=str(tmp_path), name="w"), **over)
+    cfg.store = StoreConfig(backend="local", paths=[str(tmp_path / "store")], size_gb=0.1, dram_gb=0.004)
+    store = TieredStore(LocalStore(cfg.store, writer=writer), make_dram(cfg.store, str(tmp_path / "shm")), 2)
+    w = WorkerSide(WorkerConfig(cfg, 0, "m", BLOCK, instance_id=f"inst-{seed}"), CoordinatorClient(coord.address),
+                   ShmTransport(cfg.transport), {0: store})
+    w.caches = _caches(seed)
+    w.register_kv_caches(w.caches)
+    return w
+
+
+def _dropping_transport(p: WorkerSide) -> None:
+    real = p.transport.commit
+    p.transport.commit = lambda slots, ok=None: (real(slots, [False] * len(slots)), [False] * len(slots))[1]
+
+
+@pytest.mark.parametrize("evicted", [False, True])
+def test_store_chunks_in_the_dram_tier_are_scattered_in_place(tmp_path, coord, evicted):
+    """The decode's fallback reads the DRAM tier's chunks in place (no copy into a staging slab);
+    a chunk whose entry changed while it was scattered (an eviction raced the read) fails the
+    load from that chunk on, and vLLM recomputes those blocks."""
+    p = _tiered_worker(tmp_path, coord, 8, writer=True)
+    d = _tiered_worker(tmp_path, coord, 9, writer=False, wait_timeout_s=5)
+    _dropping_transport(p)
+    dram, acquire = d.store.dram, d.store.dram.acquire
+    held = []
+
+    def watch(key):
+        r = acquire(key)
+        held.append(r)
+        if evicted and r is not None and len(held) == 3:
+            dram._stamp[r.entry] += 4  # a writer took the entry meanwhile: a new seq
+        return r
+
+    dram.acquire = watch
+    copies = d.store.dram.stats["dram_get_bytes"]
+    try:
+        p.after_forward(_save("x8", 0, 5, True))
+        d.start_step(PDMetadata(loads=[LoadSpec("d8", "x8", PROMPT, DST, 0)]))
+        assert _until(lambda: "d8" in d.loads._done_recving)
+        assert len([r for r in held if r is not None]) == 5 and d.store.disk.stats["hits"] == 0
+        if evicted:
+            assert d.take_load_errors() == set(DST[4:])  # chunks 0-1 good; from chunk 2 on: recomputed
+            assert _same_blocks(p, d, SRC[:4], DST[:4]) and dram.stats["dram_torn"] == 1
+        else:
+            assert d.take_load_errors() == set() and _same_blocks(p, d, SRC, DST)
+            assert d.stats["store_chunks_loaded"] == 5 and dram.stats["dram_hits"] == 5
+            assert dram.stats["dram_get_bytes"] - copies == sum(len(r.view) for r in held)
+    finally:
+        for w in (p, d):
+            w.shutdown()
+            w.transport.close()
+            w.store.close()
