@@ -63,8 +63,7 @@ def probe(url: str, model: str, tokens: int, n: int = 20, seed: int = 7) -> dict
             if form == "prefill":
                 body = prefill_body(body, f"probe-{uuid.uuid4().hex}")
             ms[form].append(_post(url, body) * 1e3)
-    out = {form: {"n": len(xs), "p50": percentile(xs, 50), "p90": percentile(xs, 90), "min": min(xs),
-                  "max": max(xs)} for form, xs in ms.items()}
+    out = {form: _summary(xs) for form, xs in ms.items()}
     out["prefill_over_plain_p50"] = round(out["prefill"]["p50"] / out["plain"]["p50"], 3)
     return out
 
@@ -83,8 +82,17 @@ def decode_floor(url: str, model: str, tokens: int, n: int = 20, seed: int = 11)
                                     "temperature": 0, "ignore_eos": True, "stream": True})
         first.append(times[0] * 1e3)
         gap.append((times[1] - times[0]) * 1e3)
-    return {name: {"n": n, "p50": percentile(xs, 50), "p90": percentile(xs, 90), "min": min(xs), "max": max(xs)}
-            for name, xs in (("first_token", first), ("gap_1_2", gap))}
+    return {"first_token": _summary(first), "gap_1_2": _summary(gap)}
+
+
+def _summary(xs: list[float]) -> dict:
+    return {"n": len(xs), "p50": percentile(xs, 50), "p90": percentile(xs, 90), "min": min(xs), "max": max(xs)}
+
+
+def _cells(a: dict, b: dict, ratio: str = "") -> str:
+    """A table row's cells for two summaries: p50 / p90 of each, ``ratio``, then their spreads."""
+    return (f"{a['n']} | {a['p50']:.1f} / {a['p90']:.1f} | {b['p50']:.1f} / {b['p90']:.1f} | {ratio}"
+            f"{a['min']:.1f}-{a['max']:.1f} / {b['min']:.1f}-{b['max']:.1f} |")
 
 
 def _stream_times(url: str, body: dict) -> list[float]:
@@ -106,9 +114,7 @@ def format_floor(results: dict[int, dict]) -> str:
     lines = ["| context tokens | n | first token p50 / p90 ms (1 token computed) | token 1 to 2 p50 / p90 ms | "
              "spread first / gap |", "|---:|---:|---:|---:|---:|"]
     for tokens, r in sorted(results.items()):
-        a, b = r["first_token"], r["gap_1_2"]
-        lines.append(f"| {tokens} | {a['n']} | {a['p50']:.1f} / {a['p90']:.1f} | {b['p50']:.1f} / {b['p90']:.1f} | "
-                     f"{a['min']:.1f}-{a['max']:.1f} / {b['min']:.1f}-{b['max']:.1f} |")
+        lines.append(f"| {tokens} | " + _cells(r["first_token"], r["gap_1_2"]))
     return "\n".join(lines)
 
 
@@ -117,8 +123,5 @@ def format_probe(results: dict[int, dict]) -> str:
     lines = ["| prompt tokens | n | plain streamed TTFT p50 / p90 ms | prefill half p50 / p90 ms | "
              "prefill/plain p50 | spread (min-max) plain / prefill |", "|---:|---:|---:|---:|---:|---:|"]
     for tokens, r in sorted(results.items()):
-        a, b = r["plain"], r["prefill"]
-        lines.append(f"| {tokens} | {a['n']} | {a['p50']:.1f} / {a['p90']:.1f} | {b['p50']:.1f} / {b['p90']:.1f} | "
-                     f"{r['prefill_over_plain_p50']:.2f} | {a['min']:.1f}-{a['max']:.1f} / "
-                     f"{b['min']:.1f}-{b['max']:.1f} |")
+        lines.append(f"| {tokens} | " + _cells(r["plain"], r["prefill"], f"{r['prefill_over_plain_p50']:.2f} | "))
     return "\n".join(lines)

@@ -54,6 +54,7 @@ class _Load:
     n_chunks: int = 0
     n_bytes: int = 0
     from_store: int = 0
+    in_place: int = 0  # of those, scattered straight from the store's DRAM tier
     wait_ms: float = 0.0
     ready: bool = False  # a READY was seen (the producer's chunks exist)
     error: str = ""
@@ -276,9 +277,11 @@ class Loads:
         self.stats["chunks_loaded"] += st.n_chunks
         self.stats["bytes_loaded"] += st.n_bytes
         self.stats["store_chunks_loaded"] += st.from_store
+        self.stats["store_chunks_in_place"] += st.in_place
         if ok:
-            logger.info("pd_id=%s: loaded %d chunks (%d B) in %.1f ms (%s)", spec.pd_id, st.n_chunks,
-                        st.n_bytes, load_ms, "in the step" if st.join.sync else f"waited {st.wait_ms:.1f} ms")
+            logger.info("pd_id=%s: loaded %d chunks (%d B) in %.1f ms (%s)%s", spec.pd_id, st.n_chunks,
+                        st.n_bytes, load_ms, "in the step" if st.join.sync else f"waited {st.wait_ms:.1f} ms",
+                        _from_store(st))
         else:
             logger.warning("pd_id=%s: %s; %d of %d blocks will be recomputed", spec.pd_id, st.error,
                            len(bad), n_blocks - first_block)
@@ -309,12 +312,13 @@ class Loads:
         self._settle(st, bad)
         self.stats["prefix_loads_ok" if not bad else "prefix_loads_failed"] += 1
         self.stats["store_chunks_loaded"] += st.from_store
+        self.stats["store_chunks_in_place"] += st.in_place
         if bad:
             logger.warning("req %s: prefix from the store: %s; %d blocks recomputed", spec.req_id,
                            st.error or "no store", len(bad))
         else:
-            logger.info("req %s: loaded a %d-token prefix from the store in %.1f ms", spec.req_id,
-                        len(spec.token_ids) - spec.start_token, (time.monotonic() - st.t0) * 1e3)
+            logger.info("req %s: loaded a %d-token prefix from the store in %.1f ms%s", spec.req_id,
+                        len(spec.token_ids) - spec.start_token, (time.monotonic() - st.t0) * 1e3, _from_store(st))
 
     # ---- chunks ----------------------------------------------------------------------------
 
@@ -446,10 +450,19 @@ class Loads:
             if not stable:  # the same for the store's DRAM tier
                 st.error = f"chunk {c} was evicted from the store's DRAM tier while it was read"
                 return False
+            st.in_place += 1
         st.loaded_upto, st.n_chunks, st.n_bytes = b0 + nb, st.n_chunks + 1, st.n_bytes + b.sizes[j]
         st.next_chunk = c + 1
         st.from_store += b.source[j] == "store"
         return True
+
+
+def _from_store(st: _Load) -> str:
+    """What the load's log line says of its store chunks ("" if none)."""
+    if not st.from_store:
+        return ""
+    return f"; {st.from_store} chunks from the store" + (f", {st.in_place} of them in place from its DRAM tier"
+                                                         if st.in_place else "")
 
 
 def _end_part(st: _Load, part: LoadPart, before: tuple[int, int]) -> None:

@@ -111,7 +111,7 @@ class WorkerSide:
                       "chunks_loaded": 0, "bytes_loaded": 0, "chunk_errors": 0,
                       "store_chunks_loaded": 0, "store_puts_dropped": 0, "transport_dropped": 0,
                       "prefix_loads_ok": 0, "prefix_loads_failed": 0, "ready_parts": 0,
-                      "loads_aborted": 0, "load_timeouts": 0, "ready_undelivered": 0, "loads_sync": 0}
+                      "loads_aborted": 0, "load_timeouts": 0, "ready_undelivered": 0, "loads_sync": 0, "store_chunks_in_place": 0}
 
     @property
     def layout(self) -> KVLayout | None:

@@ -285,15 +285,21 @@ class _FakePrefill(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_prefill_probe_sends_fresh_prompts_both_ways():
-    from launch.bench import probe as prefill_probe
-
+def _against_fake_prefill(run):
+    """``run(url)`` against a fresh ``_FakePrefill`` (its bodies cleared first)."""
+    _FakePrefill.bodies = []
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakePrefill)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     try:
-        r = prefill_probe.probe(f"http://127.0.0.1:{srv.server_address[1]}", "m", 16, n=3)
+        return run(f"http://127.0.0.1:{srv.server_address[1]}")
     finally:
         srv.shutdown()
+
+
+def test_prefill_probe_sends_fresh_prompts_both_ways():
+    from launch.bench import probe as prefill_probe
+
+    r = _against_fake_prefill(lambda url: prefill_probe.probe(url, "m", 16, n=3))
     bodies = _FakePrefill.bodies
     assert r["plain"]["n"] == r["prefill"]["n"] == 3 and r["prefill_over_plain_p50"] > 0
     assert len({tuple(b["prompt"]) for b in bodies}) == 6 and all(len(b["prompt"]) == 16 for b in bodies)
@@ -308,13 +314,7 @@ def test_prefill_probe_sends_fresh_prompts_both_ways():
 def test_decode_floor_prefills_then_times_one_more_token():
     from launch.bench import probe
 
-    _FakePrefill.bodies = []
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakePrefill)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    try:
-        r = probe.decode_floor(f"http://127.0.0.1:{srv.server_address[1]}", "m", 8, n=2)
-    finally:
-        srv.shutdown()
+    r = _against_fake_prefill(lambda url: probe.decode_floor(url, "m", 8, n=2))
     warm, timed = _FakePrefill.bodies[0::2], _FakePrefill.bodies[1::2]
     assert [len(b["prompt"]) for b in warm] == [8, 8] and [len(b["prompt"]) for b in timed] == [9, 9]
     assert all(t["prompt"][:8] == w["prompt"] and t["max_tokens"] == 2 for w, t in zip(warm, timed))
