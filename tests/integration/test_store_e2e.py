@@ -3,6 +3,7 @@
 store/local on a local directory; store/hf3fs on the USRBIO emulator (tests/doubles)."""
 from __future__ import annotations
 
+import os
 import re
 import socket
 import time
@@ -12,6 +13,10 @@ from pathlib import Path
 import pytest
 import requests
 
+from store.config import StoreConfig
+from store.dram import default_dir
+from store.dram_arena import remove_arena
+from store.tiered import dram_name
 from tests.doubles import usrbio_emulator as emu
 
 # this host's writer directories (<host>.w<k>, store/hf3fs.py)
@@ -23,6 +28,7 @@ pytestmark = pytest.mark.integration
 
 
 BUDGET_GB = 0.03  # shm_store's store: small, so that eviction is exercised
+DRAM_GB = 0.1  # store_only's DRAM tier
 DOUBLES = ROOT / "tests" / "doubles"
 STORE_ONLY = ["store_only", "hf3fs_only"]  # P/D through the store alone: store/local, store/hf3fs
 
@@ -39,6 +45,8 @@ def store_deployments(model_path, tmp_path_factory, deployments):
         store_dir = tmp / f"kv-{name}"
         store_dir.mkdir()
         store = {"backend": "local", "paths": [f"file://{store_dir}"], "size_gb": size}
+        if name == "store_only":  # with the DRAM tier: its hits are scattered in place
+            store["dram_gb"] = DRAM_GB
         cfgs[name] = (pd_config(model_path, name, base, transport, store), store_dir)
     # store/hf3fs on the USRBIO emulator (a test double of hf3fs_fuse.io, not 3FS): every vLLM
     # process imports it as hf3fs_fuse.io from tests/doubles, exactly as it would import the client.
@@ -46,7 +54,11 @@ def store_deployments(model_path, tmp_path_factory, deployments):
     store = {"backend": "hf3fs", "paths": [str(mount / "kv")], "size_gb": 1,
              "hf3fs": {"iov_size_mb": 100, "io_threads": 2}}
     cfgs["hf3fs_only"] = (pd_config(model_path, "hf3fs_only", 18600, "none", store), mount / "kv")
-    yield from deployment_set(cfgs, tmp, env={"PYTHONPATH": str(DOUBLES)})
+    try:
+        yield from deployment_set(cfgs, tmp, env={"PYTHONPATH": str(DOUBLES)})
+    finally:  # the DRAM tier outlives its processes by design (until the host reboots): not a test's
+        remove_arena(os.path.join(default_dir(), f"{dram_name(StoreConfig(**cfgs['store_only'][0]['connector']['store']))}"
+                                                 f"-{int(DRAM_GB * 1e9)}.dram"))
 
 
 def _prefill_only(dep: Launched, prompt: list[int], pd_id: str) -> None:
@@ -119,6 +131,9 @@ def test_pd_through_the_store_alone(store_deployments, deployments, name):
         rec = _transfer(dep.url, pd_id)
         chunks = -(-n // 256)
         assert rec["ok"] and rec["n_chunks"] == chunks and rec["n_store_chunks"] == chunks, rec
+        if name == "store_only":  # every chunk went through the DRAM tier (write-through) and back in place
+            assert _log_has(dep.run_dir, f"pd_id={pd_id}: loaded {chunks} chunks",
+                            f"{chunks} chunks from the store, {chunks} of them in place from its DRAM tier")
 
 
 @pytest.mark.parametrize("name", STORE_ONLY)
@@ -143,6 +158,18 @@ def test_restarted_instance_loads_a_repeated_prompt_from_the_store(store_deploym
     ids, _, _ = _complete(dep.url, context)
     assert ids == ref
     assert _metric_reaches(pre, metric, src, 768 + 232)
+
+
+def _log_has(run_dir: Path, *parts: str, timeout: float = 10) -> bool:
+    """Whether one line of the decode instances' logs holds every one of ``parts`` (polled: logs lag)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        for log in run_dir.rglob("decode-*.log"):
+            if any(all(p in line for p in parts) for line in log.read_text(errors="replace").splitlines()):
+                return True
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no decode log line under {run_dir} has {parts}")
+        time.sleep(0.2)
 
 
 def _metric_reaches(url: str, name: str, label: str, value: float, timeout: float = 10) -> bool:
