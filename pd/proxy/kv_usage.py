@@ -59,6 +59,11 @@ class KVUsage:
         else:
             self._seen[url] = (usage, time.monotonic())
 
+    def keep(self, urls: list[str]) -> None:
+        """Forget every instance but ``urls`` (those removed from the pools through /pd/pools)."""
+        for url in set(self._seen) - set(urls):
+            del self._seen[url]
+
     async def scrape(self, session: aiohttp.ClientSession, url: str) -> None:
         """Read ``url``'s /metrics once (any failure: usage unknown)."""
         timeout = aiohttp.ClientTimeout(total=min(self.interval_s, 2.0))
@@ -79,5 +84,7 @@ class KVUsage:
         """Scrape every instance of ``urls()`` each ``interval_s`` until cancelled."""
         while True:
             started = time.monotonic()
-            await asyncio.gather(*(self.scrape(session, u) for u in urls()))
+            now = urls()
+            self.keep(now)
+            await asyncio.gather(*(self.scrape(session, u) for u in now))
             await asyncio.sleep(max(0.0, self.interval_s - (time.monotonic() - started)))

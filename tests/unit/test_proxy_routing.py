@@ -316,3 +316,14 @@ def test_pd_proxy_cli_refuses_a_bad_routing_option(capsys):
                      "--prefix-load-slack", "-1"]) == 2
     assert "prefix_load_slack" in capsys.readouterr().err
     assert ProxyConfig().policy == "prefix"
+
+
+def test_kv_usage_forgets_instances_that_left_the_pools():
+    """An instance removed through /pd/pools is not remembered for ever (the watch keeps only the
+    pools' current URLs)."""
+    u = KVUsage(1.0)
+    for url, usage in (("http://a", 0.5), ("http://b", 0.9), ("http://c", 0.1)):
+        u.set(url, usage)
+    u.keep(["http://a", "http://c", "http://d"])
+    assert (u.get("http://a"), u.get("http://b"), u.get("http://c"), u.get("http://d")) == (0.5, None, 0.1, None)
+    assert sorted(u._seen) == ["http://a", "http://c"]
