@@ -54,7 +54,7 @@ class Pool:
     def pick(self, body: Any = None) -> str:
         """The instance the next request (its JSON ``body``, for prefix affinity) should go to."""
         if not self.urls:
-            raise LookupError(f"no {self.role} instances configured")
+            raise LookupError(f"no {self.role} instance is in the pool now")
         start = next(self._rr) % len(self.urls)
         order = self.urls[start:] + self.urls[:start]
         if self.policy == "round_robin":
