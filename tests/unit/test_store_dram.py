@@ -406,3 +406,20 @@ def test_a_batch_is_read_by_several_threads_and_comes_back_in_order(cfg, shm):
     finally:
         s.close()
     assert s.get_many([_key(1)], [np.zeros(10, dtype=np.uint8)]) == [0]  # closed: no threads left to hang on
+
+
+def test_in_place_reads_see_their_value_or_say_it_changed(cfg, shm):
+    """TieredStore.acquire/release (the load's in-place reads): the view is the value while the
+    entry's stamp holds; a rewrite or eviction meanwhile, or a closed store, makes release False."""
+    s = _tiered(cfg, shm)
+    try:
+        assert s.put(_key(1), _data(1)) and s.put(_key(2), _data(2))
+        a, b, miss = s.acquire([_key(1), _key(2), _key(7)])
+        assert miss is None and np.array_equal(np.frombuffer(a.view, dtype=np.uint8), _data(1))
+        assert s.release([a, None]) == [True, False]
+        s.dram.delete([_key(2)])  # evicted while "read"
+        assert s.release([b]) == [False] and s.dram.stats["dram_torn"] == 1
+        c, = s.acquire([_key(1)])
+    finally:
+        s.close()
+    assert s.release([c]) == [False] and s.acquire([_key(1)]) == [None]
