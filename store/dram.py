@@ -355,9 +355,10 @@ class DramTier:
         start, units, n = (int(self._start[i]), int(self._units[i]), int(self._length[i])) if i >= 0 else (0, 0, 0)
         if (s1 & 3 != COMMITTED or n == 0 or n > units * self.unit or start + units > self.n
                 or int(self._d0[i]) != d0 or int(self._d1[i]) != d1):
-            with self._stats_lock:
-                self.stats["dram_misses"] += 1
-            return None
+            return None  # (counted as a miss by the copying read that follows)
+        # used now, not after the scatter: eviction (lru, lfu) takes others while it is read
+        self._tick[i] = time.monotonic_ns()
+        self._hits[i] = int(self._hits[i]) + 1
         off = self._data + start * self.unit
         return DramRead(key, memoryview(self._mm)[off:off + n], i, s1)
 
@@ -365,9 +366,6 @@ class DramTier:
         """Done with ``read``: True if its value was not changed or evicted since ``acquire``."""
         stamp = self._stamp
         ok = stamp is not None and int(stamp[read.entry]) == read.stamp
-        if ok:
-            self._tick[read.entry] = time.monotonic_ns()
-            self._hits[read.entry] = int(self._hits[read.entry]) + 1
         with self._stats_lock:
             self.stats["dram_hits" if ok else "dram_torn"] += 1
             self.stats["dram_get_bytes"] += len(read.view) if ok else 0
@@ -449,7 +447,8 @@ class DramTier:
                         self._free(i)
                     out.append(i >= 0)
         except _Busy:
-            self.stats["dram_busy"] += 1
+            with self._stats_lock:
+                self.stats["dram_busy"] += 1
             log.warning("DRAM tier %s: a delete gave up waiting for the lock; its keys may still be read",
                         self.path)
             return out + [False] * (len(keys) - len(out))

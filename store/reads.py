@@ -10,7 +10,7 @@ memory's bandwidth; results keep the batch's order.
 from __future__ import annotations
 
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Any, Callable, Sequence
 
 
@@ -29,10 +29,17 @@ class Readers:
         """``[read(*a) for a in args]``, run on the reader threads when there are several."""
         if self.threads == 1 or len(args) < 2:
             return [read(*a) for a in args]
-        pool = self._get()
-        if pool is None:  # closed: the caller's thread does it
-            return [read(*a) for a in args]
-        return list(pool.map(lambda a: read(*a), args))
+        pool, futures = self._get(), []
+        for a in args if pool is not None else ():
+            try:
+                futures.append(pool.submit(read, *a))
+            except RuntimeError:  # closed meanwhile: the caller's thread does the rest
+                break
+        # every read ends before any error is raised: none may still write into a buffer its
+        # caller has given back
+        wait(futures)
+        rest = [read(*a) for a in args[len(futures):]]
+        return [f.result() for f in futures] + rest
 
     def _get(self) -> ThreadPoolExecutor | None:
         with self._lock:

@@ -207,17 +207,22 @@ SEQUENTIAL_SEED = 7919
 
 
 def sequential_part(workload: list[Request], n: int) -> list[Request]:
-    """The workload's first long and short requests, alternating, ``n`` in all."""
+    """The workload's first long and short requests, alternating, ``n`` in all (one kind only
+    where the workload has only one)."""
     longs = [r for r in workload if r.long]
     shorts = [r for r in workload if not r.long]
+    if not longs or not shorts:
+        return (longs or shorts)[:n]
     return [x for pair in zip(longs, shorts) for x in pair][:n]
 
 
 def sequential_requests(args) -> list[Request]:
-    """The one-at-a-time phase: ``args.sequential`` requests, long and short alternating, with
-    prompts of their own (seed ``args.seed + SEQUENTIAL_SEED``), none of the load phase's."""
+    """The one-at-a-time phase: ``args.sequential`` requests, long and short alternating (only
+    one kind for ``--long-fraction`` 0 or 1), with prompts of their own (seed ``args.seed +
+    SEQUENTIAL_SEED``), none of the load phase's."""
     n = args.sequential
-    pool = make_workload(max(2 * n, 2), 1.0, 0.5, args.long_tokens, args.short_tokens, args.max_tokens,
+    fraction = args.long_fraction if args.long_fraction in (0, 1) else 0.5
+    pool = make_workload(max(2 * n, 2), 1.0, fraction, args.long_tokens, args.short_tokens, args.max_tokens,
                          args.seed + SEQUENTIAL_SEED)
     return sequential_part(pool, n)
 

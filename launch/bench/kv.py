@@ -118,6 +118,8 @@ def _block_size(args, bs: int, device: torch.device, dtype: torch.dtype, checksu
     caches = {f"layers.{i}": torch.empty(num_blocks, args.kv_heads, bs, 2 * args.head_size, dtype=dtype,
                                          device=device).normal_() for i in range(args.layers)}
     layout = KVLayout(caches, bs, heads=args.kv_heads if groups > 1 else None)
+    if device.type == "cuda" and bs == args_first(args):
+        print(f"# gather/scatter kernel of the first columns: {layout.kernel}", flush=True)
     dst = ({n: torch.empty_like(t) for n, t in caches.items()} if xfer else None)
     dst_layout = KVLayout(dst, bs) if xfer else None
     for tokens in (int(x) for x in args.chunk_tokens.split(",")):

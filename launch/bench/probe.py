@@ -45,7 +45,8 @@ def _post(url: str, body: dict) -> float:
                 raise RuntimeError(f"prefill answered without choices: {str(data)[:200]}")
             return time.perf_counter() - t0
         for line in resp:
-            if line.startswith(b"data: {") and json.loads(line[6:])["choices"][0].get("text"):
+            # a token whose text is "" (a partial UTF-8 sequence of a random model) is a token too
+            if line.startswith(b"data: {") and json.loads(line[6:])["choices"][0].get("text") is not None:
                 return time.perf_counter() - t0
     raise RuntimeError("the streamed answer had no token")
 

@@ -82,10 +82,11 @@ def stream_into(url: str, body: dict, res: Result) -> None:
                 continue
             now = time.perf_counter()
             choice = json.loads(line[6:])["choices"][0]
-            res.token_ids += choice.get("token_ids") or []
-            if choice.get("text"):
+            ids = choice.get("token_ids") or []
+            res.token_ids += ids
+            if choice.get("text") or ids:  # a token whose text is "" still came (its ids say so)
                 res.token_times.append(now)
-                res.text += choice["text"]
+                res.text += choice.get("text") or ""
     res.ok = bool(res.token_times)
     res.error = "" if res.ok else "no tokens"
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 
 import torch
 import triton
@@ -30,6 +31,9 @@ logger = logging.getLogger("pd.connector")
 
 MAX_TILE_WORDS = 1024  # words per program: 8 KiB of 8-byte words
 _kernels: dict[bool, object] = {}  # interpreted or not -> the jitted kernel
+# Launches one at a time: a launch may compile a new variant (another pointer alignment), and
+# Triton's JIT is not thread-safe (triton-lang/triton#5933). A launch only queues the kernel.
+_launch_lock = threading.Lock()
 
 
 def _copy_runs(paged, layer_off, run_off, ids, flat, nb, runs, run_words, block_stride,
@@ -115,6 +119,7 @@ class BlockCopier:
         if flat.device != self.device or ids.device != self.device:
             raise ValueError(f"payload on {flat.device}, ids on {ids.device}: both must be on {self.device}")
         grid = (self.layers * n * self.runs, triton.cdiv(self.run_words, self.tile))
-        _kernel()[grid](self.base, self.layer_off, self.run_off, ids, flat, n, self.runs, self.run_words,
-                        self.block_stride, flat.stride(0), flat.stride(1), flat.stride(2),
-                        TO_FLAT=to_flat, TILE=self.tile)
+        with _launch_lock:
+            _kernel()[grid](self.base, self.layer_off, self.run_off, ids, flat, n, self.runs, self.run_words,
+                            self.block_stride, flat.stride(0), flat.stride(1), flat.stride(2),
+                            TO_FLAT=to_flat, TILE=self.tile)

@@ -331,3 +331,40 @@ def test_the_one_at_a_time_phase_never_replays_the_load_phases_prompts():
     assert [r.long for r in seq] == [True, False] * 3 and [len(r.prompt) for r in seq[:2]] == [30, 5]
     assert not {tuple(r.prompt) for r in seq} & {tuple(r.prompt) for r in workload}
     assert [r.prompt for r in sequential_requests(args)] == [r.prompt for r in seq]  # seeded
+
+
+def test_one_kind_of_prompt_makes_a_one_at_a_time_phase_of_that_kind():
+    from launch.bench.gpu import sequential_requests
+
+    only_short = sequential_requests(_gpu_args("--sequential", "4", "--long-fraction", "0", "--short-tokens", "5"))
+    assert [(r.long, len(r.prompt)) for r in only_short] == [(False, 5)] * 4
+    only_long = sequential_requests(_gpu_args("--sequential", "3", "--long-fraction", "1", "--long-tokens", "9"))
+    assert [(r.long, len(r.prompt)) for r in only_long] == [(True, 9)] * 3
+
+
+class _FakeEmptyText(http.server.BaseHTTPRequestHandler):
+    """Streams token 1 with text "" (a partial UTF-8 sequence) and its id, then token 2."""
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.end_headers()
+        for text, ids in (("", [200]), ("é", [201])):
+            self.wfile.write(b"data: " + json.dumps({"choices": [{"text": text, "token_ids": ids}]}).encode() + b"\n\n")
+        self.wfile.write(b"data: [DONE]\n\n")
+
+    def log_message(self, *a):
+        pass
+
+
+def test_a_token_with_empty_text_is_timed_and_kept():
+    from launch.bench.serve_load import stream_into
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakeEmptyText)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        res = Result(False, False, 0.0)
+        stream_into(f"http://127.0.0.1:{srv.server_address[1]}", {"prompt": [1]}, res)
+    finally:
+        srv.shutdown()
+    assert res.ok and len(res.token_times) == 2 and res.token_ids == [200, 201] and res.text == "é"

@@ -849,3 +849,28 @@ def test_get_many_reads_a_batch_on_the_reader_threads(tmp_path):
         assert names and all(n.startswith("pd-store-read") for n in names)
     finally:
         s.close()
+
+
+def test_reader_threads_finish_every_read_before_an_error_is_raised():
+    """store/reads.py: one read failing never leaves another still writing into its buffer."""
+    import threading
+    import time
+
+    import pytest
+
+    from store.reads import Readers
+
+    r, done = Readers(3, "t-read"), []
+
+    def read(i):
+        if i == 0:
+            raise OSError("disk gone")
+        time.sleep(0.2)
+        done.append(i)
+        return i
+
+    with pytest.raises(OSError, match="disk gone"):
+        r.map(read, [(0,), (1,), (2,)])
+    assert sorted(done) == [1, 2]
+    r.close()
+    assert r.map(read, [(3,), (4,)]) == [3, 4] and threading.current_thread().name == "MainThread"
