@@ -371,7 +371,7 @@ def proxy_spec(dep: DeploymentConfig, lay: Layout) -> ProcSpec:
         if effective_auth(dep.coordinator) == "curve":
             argv += ["--coordinator-keys-dir", dep.coordinator.keys_dir,
                      "--coordinator-client-key", dep.coordinator.client_key]
-        argv += ["--first-token", p.first_token]
+        argv += ["--first-token", p.first_token, "--early-decode", p.early_decode]
         args = dep.vllm.extra_args + dep.prefill.extra_args + dep.decode.extra_args
         if not p.chat_first_token or any(a.split("=")[0] in CHAT_PARSERS for a in args):
             argv.append("--no-chat-first-token")

@@ -217,6 +217,11 @@ class ProxyConfig:
     # calls or reasoning (vllm.extra_args has --tool-call-parser, --enable-auto-tool-choice or
     # --reasoning-parser): the decode half is a completions request, which parses neither.
     chat_first_token: bool = True
+    # On that path, "greedy": a greedy request's (temperature 0 or top_k 1) decode half goes out
+    # with its prefill half, so vLLM's start of the decode request overlaps the prefill; the
+    # decode samples token 1 itself and its answer is used when that token is the prefill's
+    # (pd/proxy/early.py). "never": the decode half goes out once the prefill has answered.
+    early_decode: str = field(default="greedy", metadata=choices("greedy", "never"))
 
 
 @dataclass

@@ -37,6 +37,10 @@ class ProxyMetrics:
                              "from (prefill, prefill_only: token 1 ended the answer, decode: the old flow, "
                              "decode_only: several sequences, answered by a decode instance alone) and "
                              "why (the reason for the last two)", ["path", "why"], registry=r)
+        self.early_decodes = Counter("pdkv_proxy_early_decode", "greedy first-token requests whose decode half "
+                                     "went out with the prefill half, by outcome: used (its token 1 was the "
+                                     "prefill's), differed or failed (a decode request after the prefill "
+                                     "answered instead)", ["outcome"], registry=r)
         self.prefix_routes = Gauge("pdkv_proxy_prefix_routes", "prefix-policy choices since start, by pool and "
                                    "outcome: hit (to an instance with the longest prefix match), spill (a longer "
                                    "match was too loaded), miss (no instance matched)", ["role", "outcome"],
@@ -54,6 +58,9 @@ class ProxyMetrics:
 
     def upstream_retry(self, role: str) -> None:
         self.upstream_retries.labels(role).inc()
+
+    def early(self, outcome: str) -> None:
+        self.early_decodes.labels(outcome).inc()
 
     def path(self, path: str, why: str = "") -> None:
         self.paths.labels(path, why).inc()

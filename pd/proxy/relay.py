@@ -136,6 +136,7 @@ class Relay(FirstTokenFlow):
     api_key: str | None  # the key clients send the proxy (None: none); never passed upstream
     first_token: str  # "prefill": token 1 from the prefill where first_token.path_for allows; "decode": never
     chat_first_token: bool  # chat requests may take that path (not when the instances parse tools/reasoning)
+    early_decode: str  # "greedy": a greedy request's decode half goes out with its prefill half; "never"
     timeline: ProxyTimeline
     _tasks: set[asyncio.Task]
 

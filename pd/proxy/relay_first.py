@@ -18,12 +18,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from contextlib import ExitStack
 from typing import AsyncIterator
 
 import aiohttp
 from aiohttp import web
 
 from pd.proxy import first_token as ft
+from pd.proxy.early import Differs, Early, early_body, early_event, greedy
 from pd.proxy.routing import UpstreamError
 
 logger = logging.getLogger("pd.proxy")
@@ -49,40 +51,105 @@ class FirstTokenFlow:
                         pd_id: str) -> web.StreamResponse:
         headers = {"x-pd-id": pd_id}
         p_url = self.prefill.pick(body)
-        try:
-            data = await self._prefill(request, p_url, endpoint, ft.prefill_body(body, pd_id), pd_id)
-        except UpstreamError as e:
-            self._abort(pd_id, "prefill failed")
-            return e.response(headers)
-        except BaseException:
-            self._abort(pd_id, "client went away during the prefill")
-            raise
-        try:
-            first = ft.parse_prefill(endpoint, body, data)
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
-            self._abort(pd_id, "prefill answer unusable")
-            return self._fail("prefill", p_url, pd_id, 502, why=f"gave an answer the proxy cannot use: {e}").response(headers)
-        st = ft.StreamState(first, body)
-        if ft.ends_at_token_1(body, first, await self._max_model_len(request)):
-            self.metrics.path("prefill_only")
-            self._abort(pd_id, "token 1 ended the answer: no decode")
-            return await self._answer(request, st, ft.opening(st, ends=True), headers, pd_id, t0)
-        self.metrics.path("prefill")
-        d_url = self.decode.pick()
-        with self.decode.track(d_url):
-            decode = self._spawn(self._start(request, "decode", d_url, ft.COMPLETIONS,
-                                             ft.decode_body(endpoint, body, first, pd_id), pd_id))
+        with ExitStack() as tracked:
+            tasks: list[asyncio.Task] = []  # the decode halves sent: discarded if the answer ends early
+            early = None
+            if self.early_decode == "greedy" and greedy(body):
+                d_url = self.decode.pick()
+                tracked.enter_context(self.decode.track(d_url))
+                early = self._spawn(self._start(request, "decode", d_url, endpoint,
+                                                early_body(endpoint, body, pd_id), pd_id))
+                tasks.append(early)
+            try:
+                data = await self._prefill(request, p_url, endpoint, ft.prefill_body(body, pd_id), pd_id)
+            except UpstreamError as e:
+                self._discard(*tasks)
+                self._abort(pd_id, "prefill failed")
+                return e.response(headers)
+            except BaseException:
+                self._discard(*tasks)
+                self._abort(pd_id, "client went away during the prefill")
+                raise
+            try:
+                first = ft.parse_prefill(endpoint, body, data)
+            except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+                self._discard(*tasks)
+                self._abort(pd_id, "prefill answer unusable")
+                return self._fail("prefill", p_url, pd_id, 502,
+                                  why=f"gave an answer the proxy cannot use: {e}").response(headers)
+            st = ft.StreamState(first, body)
+            if ft.ends_at_token_1(body, first, await self._max_model_len(request)):
+                self.metrics.path("prefill_only")
+                self._discard(*tasks)
+                self._abort(pd_id, "token 1 ended the answer: no decode")
+                return await self._answer(request, st, ft.opening(st, ends=True), headers, pd_id, t0)
+            self.metrics.path("prefill")
+            if early is None:
+                d_url = self.decode.pick()
+                tracked.enter_context(self.decode.track(d_url))
+            opening = ft.opening(st, ends=False)
+            chunks = (self._early_chunks(request, st, early, endpoint, d_url, pd_id, tasks) if early is not None
+                      else self._decode_chunks(st, self._sequential(request, st, endpoint, d_url, pd_id, tasks), pd_id))
             try:
                 if body.get("stream"):
-                    return await self._stream_first(request, st, decode, headers, pd_id, t0)
-                return await self._whole_first(st, decode, headers, pd_id)
+                    return await self._stream_first(request, st, opening, chunks, headers, pd_id, t0)
+                return await self._whole_first(st, opening, chunks, headers, pd_id)
             except BaseException as e:
                 if request.get(COMPLETE):  # it hung up after [DONE]: nothing was lost
                     raise
-                self._discard(decode)
+                self._discard(*tasks)
                 self._abort(pd_id, "client went away" if isinstance(e, (asyncio.CancelledError, ClientGone))
                             else "proxy error")
                 raise
+            finally:
+                await chunks.aclose()
+
+    def _sequential(self, request: web.Request, st: ft.StreamState, endpoint: str, d_url: str, pd_id: str,
+                    tasks: list[asyncio.Task], kv: bool = True) -> asyncio.Task:
+        """The decode half after the prefill: prompt + token 1 (``kv``: loading the prompt's KV as ``pd_id``)."""
+        body = ft.decode_body(endpoint, st.body, st.first, pd_id)
+        if not kv:
+            del body["kv_transfer_params"]
+        task = self._spawn(self._start(request, "decode", d_url, ft.COMPLETIONS, body, pd_id))
+        tasks.append(task)
+        return task
+
+    async def _early_chunks(self, request: web.Request, st: ft.StreamState, early: asyncio.Task, endpoint: str,
+                            d_url: str, pd_id: str, tasks: list[asyncio.Task]) -> AsyncIterator[dict]:
+        """The client's chunks for tokens 2.. from the early decode (``pd.proxy.early``), checked
+        against token 1; if its token 1 differs or it fails before it, from a decode request after
+        the prefill instead (on the same instance, whose prefix cache may hold the prompt's KV now)."""
+        e, given, started, done = Early.after_opening(st), False, None, False
+        try:
+            started = await early
+            if not started.stream:
+                raise UpstreamError(started.resp.status, started.first, started.resp.content_type)
+            async for obj in self._decode_events(started, pd_id):
+                for c in early_event(e, obj)[0]:
+                    if not given:
+                        given = True
+                        self.timeline.mark(pd_id, "token_2")
+                    yield c
+            done = True
+            self.metrics.early("used")
+            self.timeline.mark(pd_id, "last_token")
+            return
+        except (Differs, UpstreamError) as err:
+            if given:  # the client has part of this answer: it ends with an error event
+                self.metrics.early("failed")
+                if isinstance(err, UpstreamError):
+                    raise
+                raise self._fail("decode", d_url, pd_id, 502, why=f"answered inconsistently: {err}") from None
+            outcome, why = ("differed", str(err)) if isinstance(err, Differs) else ("failed", f"answered {err.status}")
+        finally:
+            if started is not None:
+                started.resp.release() if done else started.resp.close()  # closing aborts it in vLLM
+        self.metrics.early(outcome)
+        logger.info("pd_id=%s: early decode not used (%s); sending the decode request after the prefill", pd_id, why)
+        self._abort(pd_id, "early decode not used")
+        async for c in self._decode_chunks(st, self._sequential(request, st, endpoint, d_url, pd_id, tasks, kv=False),
+                                           pd_id):
+            yield c
 
     async def _max_model_len(self, request: web.Request) -> int | None:
         """The model's context length, from a decode instance's /v1/models (asked once; None if
@@ -160,6 +227,7 @@ class FirstTokenFlow:
             async for obj in self._decode_events(started, pd_id):
                 chunks, over = ft.decode_chunk(st, obj)
                 for c in chunks:
+                    self.timeline.mark(pd_id, "token_2")
                     yield c
                 if over and obj.get("choices"):  # a stop string the proxy found: the decode stops here
                     break
@@ -169,24 +237,24 @@ class FirstTokenFlow:
             started.resp.release() if done else started.resp.close()  # closing aborts it in vLLM
         self.timeline.mark(pd_id, "last_token")
 
-    async def _whole_first(self, st: ft.StreamState, decode: asyncio.Task, headers: dict,
-                           pd_id: str) -> web.StreamResponse:
-        chunks = ft.opening(st, ends=False)
+    async def _whole_first(self, st: ft.StreamState, opening: list[dict], chunks: AsyncIterator[dict],
+                           headers: dict, pd_id: str) -> web.StreamResponse:
+        chunks_so_far = list(opening)
         try:
-            async for c in self._decode_chunks(st, decode, pd_id):
-                chunks.append(c)
+            async for c in chunks:
+                chunks_so_far.append(c)
         except UpstreamError as e:
             self._abort(pd_id, f"decode failed ({e.status})")
             return e.response(headers)
-        return web.json_response(ft.collect(st, chunks), headers=headers)
+        return web.json_response(ft.collect(st, chunks_so_far), headers=headers)
 
-    async def _stream_first(self, request: web.Request, st: ft.StreamState, decode: asyncio.Task, headers: dict,
-                            pd_id: str, t0: float) -> web.StreamResponse:
+    async def _stream_first(self, request: web.Request, st: ft.StreamState, opening: list[dict],
+                            chunks: AsyncIterator[dict], headers: dict, pd_id: str, t0: float) -> web.StreamResponse:
         out = await self._open_stream(request, headers, t0)
-        await self._write(out, b"".join(ft.sse(c) for c in ft.opening(st, ends=False)), request)
+        await self._write(out, b"".join(ft.sse(c) for c in opening), request)
         self.timeline.mark(pd_id, "first_token")
         try:
-            async for c in self._decode_chunks(st, decode, pd_id):
+            async for c in chunks:
                 await self._write(out, ft.sse(c), request)
         except UpstreamError as e:
             self._abort(pd_id, f"decode failed ({e.status})")

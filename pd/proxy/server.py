@@ -83,6 +83,7 @@ class Proxy(Relay):
         self.session: aiohttp.ClientSession | None = None
         self.first_token = self.cfg.first_token
         self.chat_first_token = self.cfg.chat_first_token
+        self.early_decode = self.cfg.early_decode
         self._tasks: set[asyncio.Task] = set()
         self.site: LimitedSite | None = None  # where it listens, once started
         self.clock = Clock(self.cfg.header_timeout_s)  # on each client's request headers
@@ -263,6 +264,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(proxy.api_key_file, like vLLM's --api-key)")
     p.add_argument("--first-token", choices=("prefill", "decode"), default=None,
                    help="where token 1 comes from (default prefill; see the README, 'The first token')")
+    p.add_argument("--early-decode", choices=("greedy", "never"), default=None,
+                   help="greedy (default): a greedy request's decode half goes out with its prefill half "
+                        "(see the README, 'The first token'); never: once the prefill has answered")
     p.add_argument("--no-chat-first-token", action="store_true",
                    help="chat requests take the old flow (the instances parse tool calls or reasoning)")
     p.add_argument("--admin-token-file", metavar="FILE",
@@ -290,6 +294,7 @@ def run(args: argparse.Namespace) -> int:
                               "body_timeout_s": getattr(args, "body_timeout_s", None),
                               "api_key_file": getattr(args, "api_key_file", None),
                               "first_token": getattr(args, "first_token", None),
+                              "early_decode": getattr(args, "early_decode", None),
                               "chat_first_token": False if getattr(args, "no_chat_first_token", False) else None,
                               }.items() if v is not None}
     cfg = merge(ProxyConfig(), over, "proxy.")

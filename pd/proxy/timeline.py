@@ -20,10 +20,11 @@ from pd.coordinator.timeline import wall_ms
 MAX_REQUESTS = 4096
 PROXY = "proxy"
 # Span -> (from, to) events, all on the proxy's clock: dispatch + decode_first_token + stream = total.
-# On the first-token path, first_token + gap_1_2 = received to token 2 (decode_first_byte).
+# On the first-token path, first_token + gap_1_2 = received to token 2 (token_2: the client's first
+# chunk from the decode; its first bytes, decode_first_byte, are token 1's for an early decode).
 PROXY_SPANS = {
     "first_token": ("received", "first_token"),
-    "gap_1_2": ("first_token", "decode_first_byte"),
+    "gap_1_2": ("first_token", "token_2"),
     "dispatch": ("received", "decode_sent"),
     "prefill": ("prefill_sent", "prefill_answered"),
     "decode_first_token": ("decode_sent", "decode_first_byte"),

@@ -197,7 +197,7 @@ def test_kv_transfer_config_bad_role():
 def test_unknown_nested_key_exact_message():
     assert _err({"proxy": {"prot": 8000}}) == (
         "unknown key proxy.prot; allowed keys under proxy: api_key_file, body_timeout_s, chat_first_token, "
-        "first_token, header_timeout_s, host, kv_usage_poll_s, policy, port, prefix_block_tokens, prefix_load_slack, "
+        "early_decode, first_token, header_timeout_s, host, kv_usage_poll_s, policy, port, prefix_block_tokens, prefix_load_slack, "
         "upstream_timeout_s")
 
 

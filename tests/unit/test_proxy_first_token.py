@@ -16,6 +16,7 @@ from aiohttp import web
 from vllm_http_double import SERVED, VllmHttpDouble
 
 from pd.config import ProxyConfig
+from pd.proxy import early
 from pd.proxy import first_token as ft
 from pd.proxy.server import Proxy
 from tests.unit.test_proxy import FakeCoord, eventually, run
@@ -194,26 +195,31 @@ def test_chat_chunks_are_rebuilt_in_the_chat_format():
 
 
 class Double(VllmHttpDouble):
-    """vLLM's request validation and answer shapes; ``hold`` delays answers, ``fail`` answers 400."""
+    """vLLM's request validation and answer shapes; ``hold`` delays answers, ``fail`` answers 400;
+    ``early_first``/``early_fail``: the same for a request with the client's prompt (an early
+    decode half; a decode half after the prefill has token ids)."""
 
     def __init__(self, name):
         super().__init__(name)
         self.hold: asyncio.Event | None = None
-        self.fail = False
+        self.fail = self.early_fail = False
+        self.early_first: int | None = None
         self.paths: list[str] = []
 
     async def _answer(self, request, req, chat):
         self.paths.append(request.path)
+        early = not isinstance(getattr(req, "prompt", None), list)
+        self.first = self.early_first if early and self.early_first is not None else 7
         if self.hold is not None:
             await self.hold.wait()
-        if self.fail:
+        if self.fail or (early and self.early_fail):
             return web.json_response({"error": {"message": f"{self.name} refuses", "type": "BadRequestError",
                                                 "param": None, "code": 400}}, status=400)
         return await super()._answer(request, req, chat)
 
 
 @asynccontextmanager
-async def flow():
+async def flow(early_decode: str = "greedy"):
     p, d, coord = Double("p"), Double("d"), FakeCoord()
     runners = []
     for dbl in (p, d):
@@ -222,7 +228,7 @@ async def flow():
         await web.TCPSite(r, "127.0.0.1", 0).start()
         runners.append(r)
         dbl.url = f"http://127.0.0.1:{r.addresses[0][1]}"
-    proxy = Proxy([p.url], [d.url], ProxyConfig(upstream_timeout_s=10))
+    proxy = Proxy([p.url], [d.url], ProxyConfig(upstream_timeout_s=10, early_decode=early_decode))
     proxy.coord = coord
     prunner, port = await proxy.start()
     try:
@@ -326,3 +332,174 @@ def test_a_client_gone_after_token_1_closes_the_decode_and_aborts():
             await eventually(lambda: any(a[0] == pd_id for a in env.coord.aborts))
             await eventually(lambda: not any(env.proxy.decode.outstanding.values()))
     run(go())
+
+
+# ---- the early decode (pd.proxy.early) --------------------------------------------------------
+
+GREEDY = {**REQ, "temperature": 0}
+
+
+def _early(outcome: str, env) -> float:
+    return env.proxy.metrics.early_decodes.labels(outcome)._value.get()
+
+
+async def _texts(r, chat=False) -> list[str]:
+    data = (await r.read()).decode()
+    assert data.endswith("data: [DONE]\n\n"), data
+    out = []
+    for e in data.split("\n\n"):
+        if e.startswith("data: {"):
+            for c in json.loads(e[6:])["choices"]:
+                out.append((c["delta"].get("content") or "") if chat else c["text"])
+    return [t for t in out if t]
+
+
+@pytest.mark.parametrize("endpoint", [C, CHAT])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_greedy_requests_decode_half_goes_out_with_its_prefill_half_and_its_answer_is_used(endpoint, stream):
+    async def go():
+        async with flow() as env:
+            env.p.hold = asyncio.Event()  # the prefill is still computing...
+            body = ({**GREEDY, "stream": stream} if endpoint == C else
+                    {"model": SERVED, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 3,
+                     "temperature": 0, "stream": stream, "stream_options": {"include_usage": True}} if stream else
+                    {"model": SERVED, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 3,
+                     "temperature": 0})
+            sending = asyncio.ensure_future(env.client.post(env.url + endpoint, json=body))
+            await eventually(lambda: env.d.paths)  # ...and the decode half is already out
+            env.p.hold.set()
+            async with await sending as r:
+                assert r.status == 200
+                if stream:
+                    assert await _texts(r, endpoint == CHAT) == [" w7", " w8", " w9"]
+                else:
+                    ans = await r.json()
+                    ch = ans["choices"][0]
+                    assert (ch["message"]["content"] if endpoint == CHAT else ch["text"]) == " w7 w8 w9"
+                    assert ans["usage"]["completion_tokens"] == 3 and ch["finish_reason"] == "length"
+            (sent,) = env.d.bodies  # one decode request: the early one
+            assert sent.get("prompt", sent.get("messages")) == body.get("prompt", body.get("messages"))
+            assert sent["kv_transfer_params"]["do_remote_prefill"] and sent["stream"] and sent["return_token_ids"]
+            assert sent["max_tokens"] == 3 and env.d.paths == [endpoint]
+            assert _early("used", env) == 1 and env.coord.aborts == []
+    run(go())
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_early_decode_whose_token_1_differs_is_closed_and_a_decode_after_the_prefill_answers(stream):
+    async def go():
+        async with flow() as env:
+            env.d.early_first = 6  # its token 1 is 6, the prefill's 7
+            async with env.client.post(env.url + C, json={**GREEDY, "stream": stream, "return_token_ids": True}) as r:
+                assert r.status == 200
+                if stream:
+                    assert await _texts(r) == [" w7", " w7", " w8"]  # token 1, then the second decode's 7, 8
+                else:
+                    ans = await r.json()
+                    assert ans["choices"][0]["text"] == " w7 w7 w8" and ans["choices"][0]["token_ids"] == [7, 7, 8]
+                    assert ans["usage"]["completion_tokens"] == 3
+                pd_id = r.headers["x-pd-id"]
+            early, after = env.d.bodies
+            assert early["prompt"] == "hello" and after["prompt"] == [1, 2, 3, 7] and after["max_tokens"] == 2
+            assert "kv_transfer_params" not in after  # its transfer went to the early one
+            assert _early("differed", env) == 1 and _early("used", env) == 0
+            await eventually(lambda: any(a[0] == pd_id for a in env.coord.aborts))
+    run(go())
+
+
+def test_an_early_decode_that_fails_before_token_1_leaves_the_answer_to_a_decode_after_the_prefill():
+    async def go():
+        async with flow() as env:
+            env.d.early_fail = True
+            async with env.client.post(env.url + C, json={**GREEDY, "stream": True}) as r:
+                assert r.status == 200 and await _texts(r) == [" w7", " w7", " w8"]
+            assert len(env.d.bodies) == 2 and _early("failed", env) == 1
+    run(go())
+
+
+def test_token_1_that_ends_a_greedy_answer_closes_the_early_decode_and_aborts():
+    async def go():
+        async with flow() as env:
+            env.d.hold = asyncio.Event()
+            async with env.client.post(env.url + C, json={**GREEDY, "max_tokens": 1}) as r:
+                ans = await r.json()
+                assert r.status == 200 and ans["usage"]["completion_tokens"] == 1
+                pd_id = r.headers["x-pd-id"]
+            assert env.d.paths == [C]  # it had gone out; the answer did not wait for it
+            await eventually(lambda: any(a[0] == pd_id for a in env.coord.aborts))
+            await eventually(lambda: not any(env.proxy.decode.outstanding.values()))
+    run(go())
+
+
+@pytest.mark.parametrize("body", [{"temperature": 0.7}, {}, {"temperature": 0.7, "top_k": 5}])
+def test_sampled_requests_and_early_decode_never_send_the_decode_half_after_the_prefill(body):
+    async def go():
+        for mode, req in (("greedy", {**REQ, **body}), ("never", GREEDY)):
+            async with flow(early_decode=mode) as env:
+                async with env.client.post(env.url + C, json=req) as r:
+                    assert (await r.json())["choices"][0]["text"] == " w7 w7 w8"
+                (sent,) = env.d.bodies
+                assert sent["prompt"] == [1, 2, 3, 7] and _early("used", env) == 0
+    run(go())
+
+
+def test_greedy_means_temperature_0_or_top_k_1():
+    assert early.greedy({"temperature": 0}) and early.greedy({"temperature": 0.0, "top_k": 9})
+    assert early.greedy({"top_k": 1, "temperature": 1.0})
+    assert not any(early.greedy(b) for b in ({}, {"temperature": 0.1}, {"temperature": False}, {"top_k": True},
+                                             {"temperature": "0"}, {"top_k": -1}))
+
+
+def _opened(text="ab", stop=None, logprobs=None, chat=False) -> early.Early:
+    body = {"prompt": "x", **({"stop": stop} if stop else {}), **({"logprobs": 1} if logprobs else {})}
+    st = ft.StreamState(_first(text, chat=chat, logprobs=logprobs), body)
+    ft.opening(st, ends=False)
+    return early.Early.after_opening(st)
+
+
+def _ev(text, ids, finish=None, lp=None, chat=False):
+    c = {"index": 0, "finish_reason": finish, "token_ids": ids}
+    c.update({"delta": {"content": text}} if chat else {"text": text, "logprobs": lp})
+    return {"choices": [c]}
+
+
+def test_the_decodes_token_1_is_checked_and_not_given_twice():
+    e = _opened("ab")
+    chunks, over = early.early_event(e, _ev("ab", [42]))  # token 1: the client has it
+    assert chunks == [] and not over and e.checked
+    chunks, _ = early.early_event(e, _ev(" c", [43], finish="length"))
+    assert [(c["choices"][0]["text"], c["choices"][0]["finish_reason"]) for c in chunks] == [(" c", "length")]
+    assert e.st.n_decode == 1
+    with pytest.raises(early.Differs, match="token 1 is 41"):
+        early.early_event(_opened("ab"), _ev("ab", [41]))
+    with pytest.raises(early.Differs, match="text"):
+        early.early_event(_opened("ab"), _ev("aX", [42]))
+
+
+def test_chats_role_event_is_skipped_and_logprobs_lose_token_1s_entries():
+    e = _opened("ab", chat=True)
+    assert early.early_event(e, {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                              "finish_reason": None}]}) == ([], False)
+    assert early.early_event(e, _ev("a", [42], chat=True))[0] == []
+    (c,), _ = early.early_event(e, _ev("bc", [43], chat=True))
+    assert c["choices"][0]["delta"]["content"] == "c"  # "b" was token 1's, given by the prefill
+    lp1 = {"tokens": ["ab"], "token_logprobs": [-0.1], "text_offset": [0], "top_logprobs": [{"ab": -0.1}]}
+    e = _opened("ab", logprobs=lp1)
+    lp = {"tokens": ["ab", "c"], "token_logprobs": [-0.1, -0.2], "text_offset": [0, 2],
+          "top_logprobs": [{"ab": -0.1}, {"c": -0.2}]}
+    (c,), _ = early.early_event(e, _ev("abc", [42, 43], lp=lp))
+    assert c["choices"][0]["logprobs"] == {"tokens": ["c"], "token_logprobs": [-0.2], "text_offset": [2],
+                                           "top_logprobs": [{"c": -0.2}]}
+    assert c["choices"][0]["text"] == "c"
+
+
+def test_text_held_back_for_a_stop_string_comes_from_the_decode_which_ends_at_it():
+    e = _opened("ab", stop=["bc"])  # "b" may begin the stop string: the client has "a" only
+    assert e.sent == "a"
+    assert early.early_event(e, _ev("a", [42]))[0] == []  # the decode holds "b" back too
+    (c,), _ = early.early_event(e, _ev("", [43], finish="stop"))  # it found "bc": the answer is "a"
+    assert c["choices"][0]["text"] == "" and c["choices"][0]["finish_reason"] == "stop"
+    e = _opened("ab", stop=["bd"])
+    early.early_event(e, _ev("a", [42]))
+    (c,), _ = early.early_event(e, _ev("bc", [43]))  # not the stop string: "b" is given now, with "c"
+    assert c["choices"][0]["text"] == "bc"

@@ -67,7 +67,8 @@ def _engine_doubles(p, d, coordinator: str) -> tuple[web.Application, web.Applic
                                   "usage": {"prompt_tokens": len(PROMPT), "completion_tokens": 1}})
 
     async def decode(request: web.Request) -> web.StreamResponse:
-        pd_id = (await request.json())["kv_transfer_params"]["pd_id"]
+        body = await request.json()
+        pd_id = body["kv_transfer_params"]["pd_id"]
         d.start_step(PDMetadata(loads=[LoadSpec("d1", pd_id, PROMPT, DST, 0)]))
         # The engine's next step begins once the load is over (and its DONE is at the coordinator).
         loaded = await asyncio.get_running_loop().run_in_executor(
@@ -75,8 +76,10 @@ def _engine_doubles(p, d, coordinator: str) -> tuple[web.Application, web.Applic
         assert loaded
         out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await out.prepare(request)
-        for i in range(3):
-            c = {"index": 0, "text": f" t{i}", "token_ids": [10 + i], "finish_reason": "length" if i == 2 else None}
+        # The early decode (the client's prompt, not prompt + token 1) samples token 1 itself: the prefill's.
+        tokens = ([(" a", 5)] if isinstance(body["prompt"], str) else []) + [(f" t{i}", 10 + i) for i in range(3)]
+        for i, (text, tok) in enumerate(tokens):
+            c = {"index": 0, "text": text, "token_ids": [tok], "finish_reason": "length" if i == len(tokens) - 1 else None}
             await out.write(b"data: " + json.dumps({"id": "cmpl-d", "choices": [c]}).encode() + b"\n\n")
             await asyncio.sleep(0.01)
         await out.write(b"data: " + json.dumps({"id": "cmpl-d", "choices": [], "usage": {}}).encode() + b"\n\n")
@@ -106,7 +109,9 @@ async def _one_request(pair, coord, first_token: str) -> tuple[dict, dict]:  # n
     try:
         (rp, p_url), (rd, d_url) = [await _serve(a) for a in _engine_doubles(p, d, coord.address)]
         runners += [rp, rd]
-        proxy = Proxy([p_url], [d_url], ProxyConfig(first_token=first_token), coordinator=coord.address)
+        cfg = ProxyConfig(first_token="decode") if first_token == "decode" else ProxyConfig(
+            first_token="prefill", early_decode="greedy" if first_token == "early" else "never")
+        proxy = Proxy([p_url], [d_url], cfg, coordinator=coord.address)
         prunner, port = await proxy.start()
         runners.append(prunner)
         async with aiohttp.ClientSession() as client:
@@ -122,7 +127,7 @@ async def _one_request(pair, coord, first_token: str) -> tuple[dict, dict]:  # n
             await runner.cleanup()
 
 
-@pytest.mark.parametrize("first_token", ["prefill", "decode"])
+@pytest.mark.parametrize("first_token", ["prefill", "early", "decode"])
 def test_a_transfer_timeline_has_every_event_in_order_and_its_spans_add_up(pair, coord, first_token):  # noqa: F811
     got = {}
 
@@ -144,6 +149,9 @@ def test_a_transfer_timeline_has_every_event_in_order_and_its_spans_add_up(pair,
     assert first[("proxy", "received")] < first[("proxy", "prefill_sent")] < first[("proxy", "prefill_answered")]
     if first_token == "prefill":  # token 1 reached the client, then the decode half went out
         assert first[("proxy", "prefill_answered")] < first[("proxy", "first_token")] < first[("proxy", "decode_sent")]
+    if first_token == "early":  # the decode half went out with the prefill half; token 2 after token 1
+        assert first[("proxy", "decode_sent")] < first[("proxy", "prefill_answered")] < first[("proxy", "first_token")]
+        assert first[("proxy", "first_token")] < first[("proxy", "token_2")] <= first[("proxy", "last_token")]
     # Every READY part: the prefill's part (gather/put) before its arrival at the coordinator.
     saved = [e for e in events if e["name"] == "part_saved"]
     assert [e["source"] for e in saved] == ["prefill 0"] * 3
@@ -167,8 +175,8 @@ def test_a_transfer_timeline_has_every_event_in_order_and_its_spans_add_up(pair,
     assert s["load"] == pytest.approx(rec["load_ms"], abs=0.001) and s["prefill"] > 0 and s["decode_first_token"] > 0
     p = got["proxy"]
     assert s["total"] == pytest.approx(p["last_token"] - p["received"], abs=0.01)
-    if first_token == "prefill":
-        assert s["first_token"] + s["gap_1_2"] == pytest.approx(p["decode_first_byte"] - p["received"], abs=0.01)
+    if first_token != "decode":
+        assert s["first_token"] + s["gap_1_2"] == pytest.approx(p["token_2"] - p["received"], abs=0.01)
         assert s["first_token"] < s["total"] and s["gap_1_2"] > 0
     else:
         assert "first_token" not in s and "gap_1_2" not in s

@@ -41,6 +41,7 @@ class VllmHttpDouble:
         self.url = ""
         self.bodies: list[dict] = []
         self.max_model_len = 2048  # what /v1/models says, as vLLM's model card does
+        self.first = 7  # the first answer token's id
         self._models = _vllm_models()
         self._refusals = _refusals()
 
@@ -60,12 +61,12 @@ class VllmHttpDouble:
         return await self._answer(request, req, request.path == "/v1/chat/completions")
 
     async def _answer(self, request: web.Request, req, chat: bool) -> web.StreamResponse:
-        """Tokens 7, 8, .. (text " w7", " w8", ..) up to max_tokens (at most 3), shaped as vLLM
+        """Tokens 7, 8, .. (``first`` on; text " w7", " w8", ..) up to max_tokens (at most 3), shaped as vLLM
         shapes them: token ids when asked (``return_token_ids``), usage, SSE when streamed."""
         prompt = req.prompt if not chat and isinstance(req.prompt, list) and all(
             isinstance(t, int) for t in req.prompt) else [1, 2, 3]
         n = min(req.max_tokens or 3, 3) if not chat else min(req.max_completion_tokens or req.max_tokens or 3, 3)
-        ids = list(range(7, 7 + n))
+        ids = list(range(self.first, self.first + n))
         want = bool(req.return_token_ids)
         usage = {"prompt_tokens": len(prompt), "total_tokens": len(prompt) + n, "completion_tokens": n}
         head = {"id": "cmpl-1", "object": "chat.completion" if chat else "text_completion", "created": 1,
