@@ -73,6 +73,11 @@ class ConnectorConfig:
     # to report it done); the engine waits for that load (with the shm transport only, which can
     # tell cheaply). "never": every load asynchronous.
     sync_load: str = field(default="ready", metadata=choices("ready", "never"))
+    # With sync_load ready: a decode request whose transfer covers its whole prompt (the proxy's
+    # early decode, sent with its prefill; the old flow) is kept waiting in vLLM's queue until
+    # every chunk is published, then loaded within one step, for up to this many seconds; past
+    # them its load goes asynchronous (over the coordinator, as the chunks come). 0 = never waits.
+    sync_wait_s: float = field(default=10.0, metadata=rng(0.0, 3600))
     # How long one batched transport get may take.
     load_timeout_s: float = field(default=30.0, metadata=rng(0.01, 3600))
     heartbeat_interval_s: float = field(default=2.0, metadata=rng(0.1, 600))

@@ -50,7 +50,7 @@ from launch.bench.serve_load import (
 )
 from launch.bench import probe
 from launch.bench import lmcache_pd
-from launch.bench.modes import Variant, mode_list, variants
+from launch.bench.modes import PD_FLOWS, Variant, mode_list, variants
 from launch.bench.workloads import fill_legacy_slos, parse_splits
 from launch.gpus import gpu_count
 from launch.procs import check_model, check_ports, served_name
@@ -59,11 +59,12 @@ from pd.config import DeploymentConfig
 from pd.coordinator import timeline
 
 NIXL_SIDE_CHANNEL_BASE = 5600
-GPU_MODES = ("pd", "colocated", "nixl", "pd_old", "pd_host", lmcache_pd.MODE)
-# pd_old: pdkv with the old flow (proxy.first_token decode); pd_host: pdkv with its shm chunks in
+GPU_MODES = ("pd", "colocated", "nixl", "pd_old", "pd_after", "pd_host", lmcache_pd.MODE)
+# pd_old: pdkv with the old flow (proxy.first_token decode); pd_after: the decode half sent once
+# the prefill has answered (proxy.early_decode never); pd_host: pdkv with its shm chunks in
 # shared host memory (connector.transport.shm_memory host) instead of the prefill's GPU memory;
 # lmcache_pd: LMCache's disaggregated prefill through LMCacheConnectorV1 (launch.bench.lmcache_pd).
-PD_MODES = ("pd", "pd_old", "pd_host")
+PD_MODES = ("pd", "pd_old", "pd_after", "pd_host")
 
 
 def add_gpu_arguments(p: argparse.ArgumentParser) -> None:
@@ -127,8 +128,7 @@ def gpu_deployment(mode: str, model: str, args, n_gpus: int, prefill: int = 1, d
     over: dict = {"model": model, "proxy": {"port": args.port}, "vllm": vllm,
                   "prefill": {"count": prefill, "gpus": p_gpus}, "decode": {"count": decode, "gpus": d_gpus}}
     if mode in PD_MODES:
-        if mode == "pd_old":
-            over["proxy"]["first_token"] = "decode"
+        over["proxy"].update(PD_FLOWS.get(mode, {}))
         gpu_memory = mode != "pd_host"
         over["connector"] = {"chunk_size": args.chunk_size,
                              "transport": {"name": "bench", "pool_size_mb": args.gpu_pool_mb if gpu_memory else args.pool_mb,

@@ -13,7 +13,11 @@ from common.config import load, merge
 from launch.bench.workloads import split_name
 from pd.config import DeploymentConfig
 
-CPU_MODES = ("pd", "colocated", "pd_old")
+CPU_MODES = ("pd", "colocated", "pd_old", "pd_after")
+# The proxy settings of pdkv's flows: pd (token 1 from the prefill; a greedy request's decode half
+# sent with it, the early decode), pd_after (the decode half sent once the prefill has answered),
+# pd_old (the old flow: decode samples token 1).
+PD_FLOWS = {"pd": {}, "pd_after": {"early_decode": "never"}, "pd_old": {"first_token": "decode"}}
 
 
 @dataclass(frozen=True)
@@ -58,10 +62,9 @@ def cpu_deployment(v: Variant, model: str, args) -> DeploymentConfig:
     over: dict = {"model": model, "proxy": {"port": args.port}}
     if v.mode == "colocated":
         over.update(mode="colocated", prefill={"count": v.prefill}, decode={"count": 0})
-    elif v.mode in ("pd", "pd_old"):
+    elif v.mode in PD_FLOWS:
         over.update(prefill={"count": v.prefill}, decode={"count": v.decode})
-        if v.mode == "pd_old":  # the old flow: decode samples token 1 (proxy.first_token decode)
-            over["proxy"]["first_token"] = "decode"
+        over["proxy"].update(PD_FLOWS[v.mode])
     else:
         raise ValueError(f"--modes: unknown mode {v.mode!r}; allowed {', '.join(CPU_MODES)}")
     return merge(load(DeploymentConfig, {}), over)

@@ -40,7 +40,7 @@ from launch.bench.gpu import (
     span_summary,
     transfers,
 )
-from launch.bench.modes import cpu_deployment, mode_list, variants
+from launch.bench.modes import PD_FLOWS, cpu_deployment, mode_list, variants
 from launch.bench.serve_load import (
     answer,
     format_table,
@@ -86,7 +86,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the share of requests within the SLOs a sustained rate needs (default 0.9, as DistServe's plots)")
     p.add_argument("--modes", default="pd,colocated",
                    help="modes to run, in order (default pd,colocated; pd_old: pdkv with the old flow, where "
-                        "decode samples token 1; --device cuda also nixl, pd_host: pd with its shm chunks in host "
+                        "decode samples token 1; pd_after: the decode half sent once the prefill has answered, "
+                        "not with it (proxy.early_decode never); --device cuda also nixl, pd_host: pd with its shm chunks in host "
                         "memory, and lmcache_pd: LMCache's disaggregated prefill, launch/bench/lmcache_pd.py)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--port", type=int, default=8000, help="proxy port (default 8000)")
@@ -120,7 +121,7 @@ def run(args) -> int:
             run_load(d.proxy_url, name, [workload[0]])  # warm up the HTTP path and the engines
             seq_res, seq_wall = run_sequential(d.proxy_url, name, seq, send_one)
             results, wall = run_load(d.proxy_url, name, workload)
-            if modes[mode] in ("pd", "pd_old"):
+            if modes[mode] in PD_FLOWS:
                 spans[mode] = span_summary(transfers(d.proxy_url, results))
         finally:
             d.stop()

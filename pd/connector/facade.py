@@ -143,7 +143,8 @@ class PDConnector(KVConnectorBase_V1):
             published = published_check(self.cfg.transport) if self.cfg.sync_load == "ready" else None
             self._sched = SchedulerSide(self.block_size, ktc.is_kv_producer, ktc.is_kv_consumer,
                                         store=store, namespace=self.namespace, chunk_size=self.cfg.chunk_size,
-                                        published=published, groups=self.heads.groups)
+                                        published=published, groups=self.heads.groups,
+                                        sync_wait_s=self.cfg.sync_wait_s)
         else:
             self._worker = self._make_worker(vllm_config, ktc)
 

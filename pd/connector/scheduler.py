@@ -20,6 +20,7 @@ prompt (and never loads it again, not even after a preemption in the middle of t
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -122,17 +123,25 @@ class _Request:
     seed: bytes | None = b""
     sent: int = 0  # chunks already handed to the workers; > 0: request_finished holds the blocks
     sync: bool = False  # the transfer was all published at the last lookup: load it synchronously
+    # The transfer covers the whole prompt (the early decode, the old flow): a synchronous load
+    # tells vLLM one token fewer, the prompt's last, which it computes (and samples token 1) itself.
+    whole: bool = False
+    asked: float = 0.0  # when the lookup first found the transfer incomplete (monotonic s)
 
 
 class SchedulerSide:
     def __init__(self, block_size: int, is_producer: bool, is_consumer: bool, store: KVStore | None = None,
-                 namespace: str = "", chunk_size: int = 256, published=None, groups: int = 1):
+                 namespace: str = "", chunk_size: int = 256, published=None, groups: int = 1,
+                 sync_wait_s: float = 0.0, clock=time.monotonic):
         self.chunking = Chunking(chunk_size, block_size)
         self.store = store  # prefix reuse: look up the longest stored prefix of each new request
         self.namespace = namespace
         # transport.published_check (None: never synchronous): whether a list of transport keys
         # is all published now; ``groups``: the KV-head groups a transfer's chunks are cut into.
         self.published, self.groups = published, groups
+        # A whole-prompt transfer not yet all published: how long vLLM is asked to keep the request
+        # waiting (lookup answered None) before its load goes asynchronous.
+        self.sync_wait_s, self.clock = sync_wait_s, clock
         self.is_producer = is_producer
         self.is_consumer = is_consumer
         self._reqs: dict[str, _Request] = {}
@@ -160,7 +169,8 @@ class SchedulerSide:
         n = self.store.contains(chunk_keys(self.namespace, 0, prompt, size, seed))
         return min(n * size, len(prompt))
 
-    def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:
+    def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        """vLLM's lookup: (tokens to load, asynchronously?); (None, False): ask again next step."""
         rec = self._reqs.get(request.request_id)
         if rec is not None and rec.load in (LoadStatus.LOADING, LoadStatus.LOADED):
             return 0, False
@@ -168,17 +178,22 @@ class SchedulerSide:
         pd_id = self._is_pd_load(request)
         if pd_id:
             n_kv = kv_tokens(request, n_prompt)
-            n = n_kv - num_computed_tokens
+            whole = n_kv == n_prompt
+            n = n_kv - num_computed_tokens - whole  # whole: vLLM computes the prompt's last token
             if n <= 0:  # the local prefix cache holds it all (a prompt of whole blocks, seen before)
                 self._record(request.request_id).load = LoadStatus.LOADED
                 self._unneeded.append(pd_id)
-            elif self.published is not None and n_kv < n_prompt:
-                # (the first-token path: the decode computes the prompt's last token itself, so
-                # vLLM has a token to schedule after a synchronous load)
+                return 0, False
+            if self.published is not None:
+                # Synchronous: vLLM counts the tokens computed and schedules what is left (the
+                # prompt's last token, or token 1 on the first-token path) in this very step.
                 rec = self._record(request.request_id)
-                rec.sync = self._all_published(pd_id, request, n_kv)
+                rec.whole, rec.sync = whole, self._all_published(pd_id, request, n_kv)
                 if rec.sync:
                     return n, False
+                if whole and self._may_wait(rec):
+                    return None, False
+            n += whole  # asynchronous: vLLM recomputes the last token after loading the whole prompt
         elif self.store is not None:
             hit = self._stored_prefix(request.prompt_token_ids or [], request_seed(request))
             rec = self._record(request.request_id)
@@ -187,6 +202,14 @@ class SchedulerSide:
         else:
             n = 0
         return (n, True) if n > 0 else (0, False)
+
+    def _may_wait(self, rec: _Request) -> bool:
+        """A whole-prompt transfer (an early decode, sent with its prefill) is not all published
+        yet: keep the request waiting for it, to load it in one step, for up to ``sync_wait_s``."""
+        now = self.clock()
+        if not rec.asked:
+            rec.asked = now
+        return now - rec.asked < self.sync_wait_s
 
     def _all_published(self, pd_id: str, request, n_kv: int) -> bool:
         """Whether every chunk of the transfer (each head group's) is in the transport now."""
@@ -210,13 +233,14 @@ class SchedulerSide:
             if not hit:
                 return
             pd_id, prompt = "", prompt[:hit]  # a prefix from the store, no transfer
-        start = len(prompt) - num_external_tokens
+        rec = self._record(request.request_id)
+        sync = bool(pd_id) and rec.sync
+        # A synchronous whole-prompt load: vLLM was told one token fewer (it computes the last).
+        start = len(prompt) - num_external_tokens - (sync and rec.whole)
         if start % self.chunking.block_size:
             logger.warning("req %s: load start %d not block aligned; not loading", request.request_id, start)
             return
         (block_ids,) = blocks.get_block_ids()
-        rec = self._record(request.request_id)
-        sync = bool(pd_id) and rec.sync
         # A synchronous load is over (well or not) when this step's forward starts: no report comes.
         rec.load = LoadStatus.LOADED if sync else LoadStatus.LOADING
         self._new_loads.append(LoadSpec(request.request_id, pd_id, prompt, list(block_ids), start,

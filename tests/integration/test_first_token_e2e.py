@@ -4,16 +4,22 @@ Each case is sent to the 1P1D deployment and to the colocated instance; the answ
 in text, token ids, usage, finish and stop reasons, and logprobs, streamed or not. The proxy's
 ``pdkv_proxy_first_token_path`` counter says which path each request took (prefill: token 1 from
 the prefill; prefill_only: token 1 ended the answer, no decode request; decode: the old flow).
+A greedy request on the first-token path is sent its decode half with its prefill half (the
+early decode, ``proxy.early_decode: greedy``, the deployment's proxy); a second proxy in front
+of the same instances has ``--early-decode never``, so each greedy case runs both ways.
 """
 from __future__ import annotations
 
 import json
 import random
 import re
+import subprocess
+import sys
 import time
 
 import pytest
 import requests
+import yaml
 
 pytestmark = pytest.mark.integration
 
@@ -76,6 +82,48 @@ def _paths(url: str) -> dict[tuple[str, str], float]:
     return out
 
 
+def _early_used(url: str) -> float:
+    m = re.search(r'^pdkv_proxy_early_decode_total\{outcome="used"\} (\S+)$',
+                  requests.get(url + "/metrics", timeout=10).text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+class _Proxy:
+    url: str
+
+
+@pytest.fixture(scope="module")
+def flows(deployments, tmp_path_factory):
+    """{"early": the deployment's proxy, "after": a second proxy with --early-decode never}."""
+    pd, co = deployments
+    log = tmp_path_factory.mktemp("proxy-after") / "proxy.log"
+    port = 18002
+    argv = [sys.executable, "-m", "launch.cli", "proxy", "--port", str(port), "--prefill", pd.instance_url("prefill"),
+            "--decode", pd.instance_url("decode"), "--coordinator", f"tcp://127.0.0.1:{pd.cfg['coordinator']['port']}",
+            "--first-token", "prefill", "--early-decode", "never"]
+    coord = yaml.safe_load((pd.run_dir / "config.yaml").read_text())["coordinator"]  # as pd launch resolved it
+    if coord.get("auth") == "curve":
+        argv += ["--coordinator-keys-dir", coord["keys_dir"], "--coordinator-client-key", coord["client_key"]]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+    after = _Proxy()
+    after.url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if requests.get(after.url + "/health", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        yield {"early": pd, "after": after}, co
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
 def _took(before: dict, after: dict) -> set[str]:
     return {k[0] for k, v in after.items() if v > before.get(k, 0.0)}
 
@@ -111,21 +159,27 @@ LONG = _prompt(700, seed=5)  # three chunks of KV
     {"max_tokens": 6, "temperature": 0.8, "top_p": 0.9, "repetition_penalty": 1.2, "ignore_eos": True,
      "return_token_ids": True},
 ])
-def test_completions_take_the_first_token_path_and_match(deployments, case, stream):
-    pd, co = deployments
+@pytest.mark.parametrize("flow", ["early", "after"])
+def test_completions_take_the_first_token_path_and_match(flows, flow, case, stream):
+    proxies, co = flows
+    pd = proxies[flow]
     if case.get("temperature", 0) > 0:  # sampled without a seed: nothing to compare, only the path and counts
         before = _paths(pd.url)
         got = _ask(pd.url, "/v1/completions", {"prompt": LONG, "stream": stream, **case})
         assert got["usage"]["completion_tokens"] == len(got["choices"][0]["ids"]) == case["max_tokens"]
         assert _took(before, _paths(pd.url)) == {"prefill"}
         return
+    used = _early_used(pd.url)
     _, took = _same(pd, co, "/v1/completions", {"prompt": LONG, "stream": stream, **case})
     assert took == {"prefill"}
+    assert _early_used(pd.url) == used + (flow == "early")  # its token 1 was the prefill's
 
 
+@pytest.mark.parametrize("flow", ["early", "after"])
 @pytest.mark.parametrize("stream", [False, True])
-def test_chat_takes_the_first_token_path_and_matches(deployments, stream):
-    pd, co = deployments
+def test_chat_takes_the_first_token_path_and_matches(flows, flow, stream):
+    proxies, co = flows
+    pd = proxies[flow]
     msgs = [{"role": "system", "content": "You are terse."},
             {"role": "user", "content": "Summarise: " + "the quick brown fox jumps over the lazy dog. " * 30}]
     _, took = _same(pd, co, "/v1/chat/completions", {"messages": msgs, "max_tokens": 12, "stream": stream})
@@ -158,9 +212,11 @@ def test_min_tokens_holds_back_eos_on_both_halves(deployments, stream):
     assert took == {"prefill"} and got["usage"]["completion_tokens"] == 4 and got["choices"][0]["finish"] == "stop"  # 3, then EOS
 
 
+@pytest.mark.parametrize("flow", ["early", "after"])
 @pytest.mark.parametrize("stream", [False, True])
-def test_a_stop_string_across_tokens_1_and_2_is_caught(deployments, stream):
-    pd, co = deployments
+def test_a_stop_string_across_tokens_1_and_2_is_caught(flows, flow, stream):
+    proxies, co = flows
+    pd = proxies[flow]
     for seed in range(40):  # a prompt whose first two tokens both have text
         prompt = _prompt(300, seed=1000 + seed)
         _, t1, t2 = _first_two(co, prompt)
@@ -212,15 +268,20 @@ def _record(url: str, pd_id: str) -> dict:
         time.sleep(0.1)
 
 
-def test_the_decode_loads_kv_already_published_within_its_first_step(deployments):
-    """The decode's request goes out once the prefill has answered, so its KV is usually all in
-    the shm pool by then: the decode loads it in the engine step that admits the request
-    (``connector.sync_load: ready``: no WAIT, no step to report it), and the answer is
-    colocated's. Each record says which way it was loaded; at least one of four was in-step."""
-    pd, co = deployments
+@pytest.mark.parametrize("flow", ["early", "after"])
+def test_the_decode_loads_kv_already_published_within_its_first_step(flows, flow):
+    """After the prefill (the second proxy), the decode's request goes out once the prefill has
+    answered, so its KV is usually all in the shm pool by then; the early decode's request waits
+    in vLLM's queue until it is (``connector.sync_wait_s``). Either way the decode loads it in the
+    engine step that admits the request (``connector.sync_load: ready``: no WAIT, no step to
+    report it), and the answer is colocated's. Each record says which way it was loaded; at least
+    one of four was in-step."""
+    proxies, co = flows
+    pd = proxies[flow]
     sync = []
     for i in range(4):
-        body = {"model": MODEL, "prompt": _prompt(700, seed=60 + i), "max_tokens": 8, "temperature": 0}
+        body = {"model": MODEL, "prompt": _prompt(700, seed=60 + 10 * (flow == "after") + i), "max_tokens": 8,
+                "temperature": 0}  # prompts of its own: no prefix-cache hit from the other flow's
         ref = requests.post(co.url + "/v1/completions", json=body, timeout=600)
         got = requests.post(pd.url + "/v1/completions", json=body, timeout=600)
         assert got.status_code == ref.status_code == 200
@@ -230,4 +291,4 @@ def test_the_decode_loads_kv_already_published_within_its_first_step(deployments
         names = {e["name"] for e in rec["timeline"]}
         assert ("wait_first" in names) != rec["sync_load"], rec  # an in-step load never WAITs
         sync.append(rec["sync_load"])
-    assert any(sync), sync
+    assert all(sync) if flow == "early" else any(sync), sync  # the early decode waits for all of it

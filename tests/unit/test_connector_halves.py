@@ -329,9 +329,61 @@ def test_sync_needs_every_group_published_and_a_token_left_to_compute():
     n_chunks = -(-len(PROMPT) // CHUNK)
     assert len(asked[0]) == 2 * n_chunks and {k.split("/")[-2] for k in asked[0]} == {"0", "1"}
     assert all(k.startswith("xfer/g1/ns/") for k in asked[0])
-    # The old flow (no kv_tokens): the whole prompt is loaded and vLLM must recompute its last
-    # token, which only the asynchronous path does: never synchronous.
-    assert s.get_num_new_matched_tokens(_request("b", "g2", "decode"), 0) == (len(PROMPT), True)
-    assert len(asked) == 1
+    # A whole-prompt transfer (the early decode, the old flow; no kv_tokens): synchronous too,
+    # vLLM told one token fewer, the prompt's last, which it computes itself.
+    assert s.get_num_new_matched_tokens(_request("b", "g2", "decode"), 0) == (len(PROMPT) - 1, False)
+    assert len(asked) == 2
+    # A local prefix hit of all but the last token: nothing to load, the transfer is not needed.
+    s2 = SchedulerSide(BLOCK, is_producer=False, is_consumer=True, namespace="ns", chunk_size=8,
+                       published=published)
+    req = Request("e", list(range(9)), SamplingParams(max_tokens=1, extra_args={"kv_transfer_params": {
+        "pd_id": "g5", "do_remote_prefill": True}}), None)
+    assert s2.get_num_new_matched_tokens(req, 8) == (0, False) and s2.build_connector_meta(_output()).unneeded == ["g5"]
     s.published = lambda keys: False
     assert s.get_num_new_matched_tokens(_first_token_request("c", "g3"), 0) == (len(PROMPT), True)
+
+
+def test_a_whole_prompt_transfer_not_yet_published_waits_queued_then_goes_asynchronous():
+    now = [100.0]
+    done = {"g1": False}
+    s = SchedulerSide(BLOCK, is_producer=False, is_consumer=True, namespace="ns", chunk_size=CHUNK,
+                      published=lambda keys: done["g1"], sync_wait_s=5.0, clock=lambda: now[0])
+    req = _request("a", "g1", "decode")
+    assert s.get_num_new_matched_tokens(req, 0) == (None, False)  # vLLM asks again next step
+    now[0] += 4.9
+    assert s.get_num_new_matched_tokens(req, 0) == (None, False)
+    done["g1"] = True  # the prefill's last chunk is in: loaded within this step
+    assert s.get_num_new_matched_tokens(req, 0) == (len(PROMPT) - 1, False)
+    late = _request("b", "g2", "decode")
+    done["g1"] = False
+    assert s.get_num_new_matched_tokens(late, 0) == (None, False)
+    now[0] += 5.0  # waited sync_wait_s: loaded asynchronously, over the coordinator, as chunks come
+    assert s.get_num_new_matched_tokens(late, 0) == (len(PROMPT), True)
+    # The first-token path (kv_tokens) never waits queued: its prefill has answered already.
+    assert s.get_num_new_matched_tokens(_first_token_request("c", "g3"), 0) == (len(PROMPT), True)
+    never = SchedulerSide(BLOCK, is_producer=False, is_consumer=True, namespace="ns", chunk_size=CHUNK,
+                          published=lambda keys: False, sync_wait_s=0.0)
+    assert never.get_num_new_matched_tokens(_request("d", "g4", "decode"), 0) == (len(PROMPT), True)
+
+
+def test_a_published_whole_prompt_transfer_loads_every_token_within_the_step(workers, coord):  # noqa: F811
+    """The early decode's load: vLLM computes the prompt's last token itself, but the chunks hold
+    it too and are loaded whole (its slot is rewritten by the forward that follows)."""
+    from tests.unit.test_connector_worker import _same_blocks, _save
+
+    p, d = workers(1), workers(2, wait_timeout_s=10)
+    s = _sync_scheduler(d)
+    s.sync_wait_s = 30.0
+    req = _request("d", "sy3", "decode")
+    assert s.get_num_new_matched_tokens(req, 0) == (None, False)
+    p.after_forward(_save("sy3", 0, 5, True))
+    assert _until(lambda: p._save_jobs["p1"].done())
+    assert s.get_num_new_matched_tokens(req, 0) == (len(PROMPT) - 1, False)
+    s.update_state_after_alloc(req, _blocks(DST), len(PROMPT) - 1)
+    meta = s.build_connector_meta(_output())
+    assert [(x.req_id, x.start_token, x.sync, len(x.token_ids)) for x in meta.loads] == [("d", 0, True, len(PROMPT))]
+    d.start_step(meta)
+    assert _same_blocks(p, d, SRC, DST)
+    assert d.stats["loads_sync"] == 1 and d.take_load_errors() == set()
+    rec = _record(coord, "sy3")
+    assert rec.ok and rec.sync_load and rec.n_chunks == 5
