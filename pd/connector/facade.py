@@ -104,6 +104,16 @@ def _spec_fingerprint(vllm_config, kv_cache_config, heads: HeadGroups) -> bytes:
     )
 
 
+def _sync_wait_tokens(cfg: ConnectorConfig, kv_cache_config, heads: HeadGroups) -> int:
+    """The longest whole-prompt transfer a decode waits for before loading it in one step: half of
+    the transport's pool (``pool_size_mb``), every head group's chunks counted; longer ones are
+    read as they come, so that the prefill's pool never has to evict their first chunks."""
+    spec = _spec(kv_cache_config)
+    layers = len(kv_cache_config.kv_cache_groups[0].layer_names)
+    per_token = spec.page_size_bytes // heads.per_rank * heads.groups * layers / spec.block_size
+    return int(cfg.transport.pool_size_mb * (1 << 20) / 2 / per_token) if per_token else 0
+
+
 class PDConnectorMetadata(KVConnectorMetadata):
     def __init__(self, meta: PDMetadata):
         self.meta = meta
@@ -144,7 +154,8 @@ class PDConnector(KVConnectorBase_V1):
             self._sched = SchedulerSide(self.block_size, ktc.is_kv_producer, ktc.is_kv_consumer,
                                         store=store, namespace=self.namespace, chunk_size=self.cfg.chunk_size,
                                         published=published, groups=self.heads.groups,
-                                        sync_wait_s=self.cfg.sync_wait_s)
+                                        sync_wait_s=self.cfg.sync_wait_s,
+                                        sync_wait_tokens=_sync_wait_tokens(self.cfg, kv_cache_config, self.heads))
         else:
             self._worker = self._make_worker(vllm_config, ktc)
 

@@ -127,12 +127,13 @@ class _Request:
     # tells vLLM one token fewer, the prompt's last, which it computes (and samples token 1) itself.
     whole: bool = False
     asked: float = 0.0  # when the lookup first found the transfer incomplete (monotonic s)
+    keys: list[str] = field(default_factory=list)  # the transfer's transport keys, once looked up
 
 
 class SchedulerSide:
     def __init__(self, block_size: int, is_producer: bool, is_consumer: bool, store: KVStore | None = None,
                  namespace: str = "", chunk_size: int = 256, published=None, groups: int = 1,
-                 sync_wait_s: float = 0.0, clock=time.monotonic):
+                 sync_wait_s: float = 0.0, sync_wait_tokens: int = 0, clock=time.monotonic):
         self.chunking = Chunking(chunk_size, block_size)
         self.store = store  # prefix reuse: look up the longest stored prefix of each new request
         self.namespace = namespace
@@ -140,8 +141,10 @@ class SchedulerSide:
         # is all published now; ``groups``: the KV-head groups a transfer's chunks are cut into.
         self.published, self.groups = published, groups
         # A whole-prompt transfer not yet all published: how long vLLM is asked to keep the request
-        # waiting (lookup answered None) before its load goes asynchronous.
-        self.sync_wait_s, self.clock = sync_wait_s, clock
+        # waiting (lookup answered None) before its load goes asynchronous, and up to how many
+        # tokens (a transfer that would fill much of the transport's pool must be read as it
+        # comes: its first chunks may be evicted before its last are written).
+        self.sync_wait_s, self.sync_wait_tokens, self.clock = sync_wait_s, sync_wait_tokens, clock
         self.is_producer = is_producer
         self.is_consumer = is_consumer
         self._reqs: dict[str, _Request] = {}
@@ -188,10 +191,10 @@ class SchedulerSide:
                 # Synchronous: vLLM counts the tokens computed and schedules what is left (the
                 # prompt's last token, or token 1 on the first-token path) in this very step.
                 rec = self._record(request.request_id)
-                rec.whole, rec.sync = whole, self._all_published(pd_id, request, n_kv)
+                rec.whole, rec.sync = whole, self._all_published(rec, pd_id, request, n_kv)
                 if rec.sync:
                     return n, False
-                if whole and self._may_wait(rec):
+                if whole and n_kv <= self.sync_wait_tokens and self._may_wait(rec):
                     return None, False
             n += whole  # asynchronous: vLLM recomputes the last token after loading the whole prompt
         elif self.store is not None:
@@ -211,17 +214,24 @@ class SchedulerSide:
             rec.asked = now
         return now - rec.asked < self.sync_wait_s
 
-    def _all_published(self, pd_id: str, request, n_kv: int) -> bool:
-        """Whether every chunk of the transfer (each head group's) is in the transport now."""
-        prompt, seed = (request.prompt_token_ids or [])[:n_kv], request_seed(request) or b""
-        hashes = chunk_hashes(prompt, self.chunking.chunk_size, seed)  # once for every group
-        return self.published([transfer_key(pd_id, chunk_key(self.namespace, g, h))
-                               for g in range(self.groups) for h in hashes])
+    def _all_published(self, rec: _Request, pd_id: str, request, n_kv: int) -> bool:
+        """Whether every chunk of the transfer (each head group's) is in the transport now (its
+        keys made once per request: a waiting request is looked up every engine step)."""
+        if not rec.keys:
+            prompt, seed = (request.prompt_token_ids or [])[:n_kv], request_seed(request) or b""
+            hashes = chunk_hashes(prompt, self.chunking.chunk_size, seed)  # once for every group
+            rec.keys = [transfer_key(pd_id, chunk_key(self.namespace, g, h)) for g in range(self.groups) for h in hashes]
+        return self.published(rec.keys)
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
-        if num_external_tokens <= 0:
-            return
         pd_id = self._is_pd_load(request)
+        if num_external_tokens <= 0:
+            rec = self._reqs.get(request.request_id)
+            if pd_id and rec is not None and rec.load is LoadStatus.NONE:
+                # vLLM kept its own sub-block prefix hit over the transfer: never loaded, let it go now.
+                rec.load = LoadStatus.LOADED
+                self._unneeded.append(pd_id)
+            return
         prompt = list(request.prompt_token_ids)
         if pd_id:
             prompt = prompt[:kv_tokens(request, len(prompt))]  # the tokens the transfer's KV covers

@@ -86,6 +86,9 @@ def early_event(e: Early, obj: dict) -> tuple[list[dict], bool]:
     finish, stop_reason = c.get("finish_reason"), c.get("stop_reason")
     lp = None if st.first.chat or st.body.get("logprobs") is None else c.get("logprobs")
     if not e.checked:
+        prompt = obj.get("prompt_token_ids") if st.first.chat else c.get("prompt_token_ids")
+        if prompt is not None and prompt != st.first.prompt_ids:
+            raise Differs("the decode tokenized the prompt otherwise than the prefill")
         if not ids:
             if text or finish is not None:
                 raise Differs("the decode's first text came without its token id")
@@ -97,11 +100,11 @@ def early_event(e: Early, obj: dict) -> tuple[list[dict], bool]:
     n = min(len(e.text), len(e.sent))
     if e.text[:n] != e.sent[:n]:
         raise Differs("the decode's text does not begin with token 1's")
+    if finish is not None and len(e.text) < len(e.sent):
+        raise Differs("the decode's answer ended inside token 1's text")
     new = e.text[len(e.sent):]
     e.sent += new
     st.n_decode += len(ids)
-    if finish is not None and len(e.text) < len(e.sent):
-        raise Differs("the decode's answer ended inside token 1's text")
     if not (new or ids or finish is not None or lp):
         return [], False
     return [ft._chunk(st, new, finish, stop_reason, lp, ids)], False

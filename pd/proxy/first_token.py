@@ -21,6 +21,7 @@ from typing import Any
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # vLLM's CompletionRequest.max_tokens when a request has none
 # Structured output: the grammar would restart at token 2 on decode.
 STRUCTURED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
 # Chat request keys the decode's completions request takes as they are.
@@ -46,7 +47,7 @@ def _stops(body: dict) -> list[str]:
     return [x for x in s if isinstance(x, str) and x] if isinstance(s, list) else []
 
 
-def _max_tokens(body: dict) -> int | None:
+def requested_tokens(body: dict) -> int | None:
     m = body.get("max_completion_tokens")
     return m if m is not None else body.get("max_tokens")
 
@@ -96,7 +97,7 @@ def _path_for(endpoint: str, body: dict, chat: bool) -> str:
         return "structured output"
     if not all(_int_or_none(body.get(k)) for k in ("max_tokens", "max_completion_tokens", "min_tokens")):
         return "max_tokens/min_tokens not integers (the instance says what is wrong)"
-    mt, mn = _max_tokens(body), body.get("min_tokens") or 0
+    mt, mn = requested_tokens(body), body.get("min_tokens") or 0
     if (mt is not None and mt < 1) or mn < 0 or (mt is not None and mn > mt):
         return "max_tokens/min_tokens out of range (the instance says what is wrong)"
     if mn and _stops(body):
@@ -172,19 +173,26 @@ def parse_prefill(endpoint: str, body: dict, data: bytes) -> First:
 def ends_at_token_1(body: dict, first: First, max_model_len: int | None = None) -> bool:
     """Token 1 ends the answer: EOS, a stop token or string, max_tokens 1, or (no max_tokens) the
     prompt filling the context but for one token."""
-    if first.finish_reason != "length" or _max_tokens(body) == 1:
+    if first.finish_reason != "length" or requested_tokens(body) == 1:
         return True
-    return _max_tokens(body) is None and max_model_len is not None and len(first.prompt_ids) + 1 >= max_model_len
+    return requested_tokens(body) is None and max_model_len is not None and len(first.prompt_ids) + 1 >= max_model_len
 
 
-def decode_body(endpoint: str, body: dict, first: First, pd_id: str) -> dict:
-    """The decode half: a completions request for prompt + token 1 (token ids), one token fewer."""
+def decode_body(endpoint: str, body: dict, first: First, pd_id: str, max_model_len: int | None = None) -> dict:
+    """The decode half: a completions request for prompt + token 1 (token ids), one token fewer.
+
+    Without ``max_tokens`` the client gets vLLM's default for its endpoint: 16 tokens on
+    completions (``CompletionRequest.max_tokens``, OpenAI's default), the context's end on chat
+    (``max_model_len``, when known); the decode half, a completions request, is told so."""
     if endpoint == CHAT:
         out = {k: body[k] for k in CHAT_TO_COMPLETIONS if k in body}
     else:
         out = {k: v for k, v in body.items() if k not in NOT_FOR_DECODE}
     out["prompt"] = first.prompt_ids + [first.token_id]
-    mt = _max_tokens(body)
+    mt = requested_tokens(body)
+    if mt is None:
+        mt = (COMPLETIONS_DEFAULT_MAX_TOKENS if endpoint == COMPLETIONS else
+              max_model_len - len(first.prompt_ids) if max_model_len else None)
     if mt is not None:
         out["max_tokens"] = mt - 1
     if (body.get("min_tokens") or 0) > 1:
@@ -256,6 +264,7 @@ class StreamState:
     n_decode: int = 0  # decode tokens given to the client
     include_usage: bool = False
     ids: list[int] = field(default_factory=list)  # the decode's tokens so far
+    max_model_len: int | None = None  # the decode instances' context length (None: unknown)
     ends: list[int] = field(default_factory=list)  # where each one's text ends (its logprobs token strings)
 
     def __post_init__(self):

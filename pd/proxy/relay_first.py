@@ -53,13 +53,7 @@ class FirstTokenFlow:
         p_url = self.prefill.pick(body)
         with ExitStack() as tracked:
             tasks: list[asyncio.Task] = []  # the decode halves sent: discarded if the answer ends early
-            early = None
-            if self.early_decode == "greedy" and greedy(body):
-                d_url = self.decode.pick()
-                tracked.enter_context(self.decode.track(d_url))
-                early = self._spawn(self._start(request, "decode", d_url, endpoint,
-                                                early_body(endpoint, body, pd_id), pd_id))
-                tasks.append(early)
+            early, d_url = self._send_early(request, endpoint, body, pd_id, tracked, tasks)
             try:
                 data = await self._prefill(request, p_url, endpoint, ft.prefill_body(body, pd_id), pd_id)
             except UpstreamError as e:
@@ -77,8 +71,13 @@ class FirstTokenFlow:
                 self._abort(pd_id, "prefill answer unusable")
                 return self._fail("prefill", p_url, pd_id, 502,
                                   why=f"gave an answer the proxy cannot use: {e}").response(headers)
-            st = ft.StreamState(first, body)
-            if ft.ends_at_token_1(body, first, await self._max_model_len(request)):
+            try:
+                st = ft.StreamState(first, body, max_model_len=await self._max_model_len(request))
+            except BaseException:
+                self._discard(*tasks)
+                self._abort(pd_id, "client went away")
+                raise
+            if ft.ends_at_token_1(body, first, st.max_model_len):
                 self.metrics.path("prefill_only")
                 self._discard(*tasks)
                 self._abort(pd_id, "token 1 ended the answer: no decode")
@@ -104,10 +103,22 @@ class FirstTokenFlow:
             finally:
                 await chunks.aclose()
 
+    def _send_early(self, request: web.Request, endpoint: str, body: dict, pd_id: str, tracked: ExitStack,
+                    tasks: list[asyncio.Task]) -> tuple[asyncio.Task | None, str]:
+        """The early decode half (``pd.proxy.early``), for a greedy request with more than one
+        token to give: (its task, its instance); (None, "") otherwise."""
+        if not (self.early_decode == "greedy" and greedy(body) and ft.requested_tokens(body) != 1):
+            return None, ""
+        d_url = self.decode.pick()
+        tracked.enter_context(self.decode.track(d_url))
+        early = self._spawn(self._start(request, "decode", d_url, endpoint, early_body(endpoint, body, pd_id), pd_id))
+        tasks.append(early)
+        return early, d_url
+
     def _sequential(self, request: web.Request, st: ft.StreamState, endpoint: str, d_url: str, pd_id: str,
                     tasks: list[asyncio.Task], kv: bool = True) -> asyncio.Task:
         """The decode half after the prefill: prompt + token 1 (``kv``: loading the prompt's KV as ``pd_id``)."""
-        body = ft.decode_body(endpoint, st.body, st.first, pd_id)
+        body = ft.decode_body(endpoint, st.body, st.first, pd_id, st.max_model_len)
         if not kv:
             del body["kv_transfer_params"]
         task = self._spawn(self._start(request, "decode", d_url, ft.COMPLETIONS, body, pd_id))

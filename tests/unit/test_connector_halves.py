@@ -347,7 +347,8 @@ def test_a_whole_prompt_transfer_not_yet_published_waits_queued_then_goes_asynch
     now = [100.0]
     done = {"g1": False}
     s = SchedulerSide(BLOCK, is_producer=False, is_consumer=True, namespace="ns", chunk_size=CHUNK,
-                      published=lambda keys: done["g1"], sync_wait_s=5.0, clock=lambda: now[0])
+                      published=lambda keys: done["g1"], sync_wait_s=5.0, sync_wait_tokens=len(PROMPT),
+                      clock=lambda: now[0])
     req = _request("a", "g1", "decode")
     assert s.get_num_new_matched_tokens(req, 0) == (None, False)  # vLLM asks again next step
     now[0] += 4.9
@@ -362,8 +363,28 @@ def test_a_whole_prompt_transfer_not_yet_published_waits_queued_then_goes_asynch
     # The first-token path (kv_tokens) never waits queued: its prefill has answered already.
     assert s.get_num_new_matched_tokens(_first_token_request("c", "g3"), 0) == (len(PROMPT), True)
     never = SchedulerSide(BLOCK, is_producer=False, is_consumer=True, namespace="ns", chunk_size=CHUNK,
-                          published=lambda keys: False, sync_wait_s=0.0)
+                          published=lambda keys: False, sync_wait_s=0.0, sync_wait_tokens=len(PROMPT))
     assert never.get_num_new_matched_tokens(_request("d", "g4", "decode"), 0) == (len(PROMPT), True)
+    # A transfer over half the pool (sync_wait_tokens) is read as it comes: its first chunks could
+    # be evicted before its last are written.
+    big = SchedulerSide(BLOCK, is_producer=False, is_consumer=True, namespace="ns", chunk_size=CHUNK,
+                        published=lambda keys: False, sync_wait_s=5.0, sync_wait_tokens=len(PROMPT) - 1)
+    assert big.get_num_new_matched_tokens(_request("f", "g6", "decode"), 0) == (len(PROMPT), True)
+
+
+def test_the_keys_of_a_waiting_transfer_are_made_once_and_a_transfer_vllm_does_not_load_is_let_go():
+    asked: list[list[str]] = []
+    s = SchedulerSide(BLOCK, is_producer=False, is_consumer=True, namespace="ns", chunk_size=CHUNK,
+                      published=lambda keys: asked.append(keys) or False, sync_wait_s=5.0,
+                      sync_wait_tokens=len(PROMPT))
+    req = _request("a", "g1", "decode")
+    assert [s.get_num_new_matched_tokens(req, 0) for _ in range(3)] == [(None, False)] * 3
+    assert asked[0] is asked[1] is asked[2]  # one list, not three hashings of the prompt
+    # vLLM kept a sub-block local hit of its own and loads nothing external: the transfer is let go.
+    s.published = lambda keys: True
+    assert s.get_num_new_matched_tokens(req, 0) == (len(PROMPT) - 1, False)
+    s.update_state_after_alloc(req, _blocks(DST), 0)
+    assert s.build_connector_meta(_output()).unneeded == ["g1"] and s._reqs["a"].load is LoadStatus.LOADED
 
 
 def test_a_published_whole_prompt_transfer_loads_every_token_within_the_step(workers, coord):  # noqa: F811
@@ -373,7 +394,7 @@ def test_a_published_whole_prompt_transfer_loads_every_token_within_the_step(wor
 
     p, d = workers(1), workers(2, wait_timeout_s=10)
     s = _sync_scheduler(d)
-    s.sync_wait_s = 30.0
+    s.sync_wait_s, s.sync_wait_tokens = 30.0, len(PROMPT)
     req = _request("d", "sy3", "decode")
     assert s.get_num_new_matched_tokens(req, 0) == (None, False)
     p.after_forward(_save("sy3", 0, 5, True))

@@ -103,7 +103,7 @@ def test_the_decode_half_continues_from_token_1_as_token_ids():
                                  "cache_salt": "s", "stop": ["b!"]}, _first(chat=True), "P")
     assert "messages" not in chat and chat["max_tokens"] == 3 and chat["cache_salt"] == "s"
     assert chat["logprobs"] == 0  # "b!" may start in token 1's "ab": the proxy needs each token's text
-    assert "max_tokens" not in ft.decode_body(C, {"prompt": "hi"}, f, "P")  # unbounded stays unbounded
+    assert ft.decode_body(C, {"prompt": "hi"}, f, "P")["max_tokens"] == 15  # vLLM's default 16, less token 1
 
 
 def test_token_1_ends_the_answer_on_a_natural_end_or_max_tokens_1():
@@ -421,7 +421,8 @@ def test_token_1_that_ends_a_greedy_answer_closes_the_early_decode_and_aborts():
     async def go():
         async with flow() as env:
             env.d.hold = asyncio.Event()
-            async with env.client.post(env.url + C, json={**GREEDY, "max_tokens": 1}) as r:
+            env.d.max_model_len = 4  # the doubles' prompts are 3 tokens: room for token 1 only
+            async with env.client.post(env.url + C, json={"model": SERVED, "prompt": "hi", "temperature": 0}) as r:
                 ans = await r.json()
                 assert r.status == 200 and ans["usage"]["completion_tokens"] == 1
                 pd_id = r.headers["x-pd-id"]
@@ -429,6 +430,34 @@ def test_token_1_that_ends_a_greedy_answer_closes_the_early_decode_and_aborts():
             await eventually(lambda: any(a[0] == pd_id for a in env.coord.aborts))
             await eventually(lambda: not any(env.proxy.decode.outstanding.values()))
     run(go())
+
+
+def test_max_tokens_1_sends_no_early_decode():
+    async def go():
+        async with flow() as env:
+            async with env.client.post(env.url + C, json={**GREEDY, "max_tokens": 1}) as r:
+                assert (await r.json())["usage"]["completion_tokens"] == 1
+            assert env.d.paths == []
+    run(go())
+
+
+def test_an_early_decode_that_tokenized_the_prompt_otherwise_is_not_used():
+    e = _opened("ab")
+    with pytest.raises(early.Differs, match="tokenized"):
+        early.early_event(e, {"choices": [{"index": 0, "text": "ab", "token_ids": [42], "prompt_token_ids": [1, 2],
+                                           "finish_reason": None}]})
+    e = _opened("ab")  # the same prompt ids (_first's are 1, 2, 3): checked, then used
+    assert early.early_event(e, {"choices": [{"index": 0, "text": "ab", "token_ids": [42],
+                                              "prompt_token_ids": [1, 2, 3], "finish_reason": None}]}) == ([], False)
+
+
+def test_without_max_tokens_the_decode_half_gives_what_vllm_gives_by_default():
+    f = _first()
+    assert ft.decode_body(C, {"prompt": "x"}, f, "P")["max_tokens"] == 15  # completions: 16 in all
+    assert ft.decode_body(C, {"prompt": "x", "max_tokens": None}, f, "P", 100)["max_tokens"] == 15
+    chat = {"messages": [{"role": "user", "content": "x"}]}
+    assert ft.decode_body(CHAT, chat, f, "P", 100)["max_tokens"] == 100 - 3 - 1  # chat: to the context's end
+    assert "max_tokens" not in ft.decode_body(CHAT, chat, f, "P")  # (the context length unknown)
 
 
 @pytest.mark.parametrize("body", [{"temperature": 0.7}, {}, {"temperature": 0.7, "top_k": 5}])
