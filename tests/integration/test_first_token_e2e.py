@@ -153,6 +153,7 @@ LONG = _prompt(700, seed=5)  # three chunks of KV
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("case", [
     {"max_tokens": 12},
+    {"return_token_ids": True},  # no max_tokens: vLLM's 16 in all, token 1 included
     {"max_tokens": 12, "return_token_ids": True},
     {"max_tokens": 8, "logprobs": 3},
     {"max_tokens": 10, "ignore_eos": True, "min_tokens": 4},

@@ -65,11 +65,13 @@ def _chat(url: str, content: str, stream=False) -> tuple[str, str]:
 
 def _transfer(url: str, pd_id: str, wait_s: float = 10, prefill_answered: bool = False) -> dict:
     """The finished record (with ``prefill_answered``: once the proxy also has the prefill's answer,
-    which may come in after the decode's)."""
+    which may come in after the decode's). A transfer the decode did not need (its prefix cache
+    held all the prompt but the token it computes itself: a repeated prompt) ends aborted."""
     deadline = time.monotonic() + wait_s
     while True:
         r = requests.get(f"{url}/pd/transfers/{pd_id}", timeout=10)
-        if r.status_code == 200 and r.json().get("done") and (not prefill_answered or any(
+        unneeded = r.status_code == 200 and "decode had the KV in its prefix cache" in (r.json().get("error") or "")
+        if r.status_code == 200 and (r.json().get("done") or unneeded) and (not prefill_answered or any(
                 e["name"] == "prefill_answered" for e in r.json()["timeline"])):
             return r.json()
         if time.monotonic() > deadline:
