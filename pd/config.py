@@ -77,6 +77,7 @@ class ConnectorConfig:
     # early decode, sent with its prefill; the old flow) is kept waiting in vLLM's queue until
     # every chunk is published, then loaded within one step, for up to this many seconds; past
     # them its load goes asynchronous (over the coordinator, as the chunks come). 0 = never waits.
+    # wait_timeout_s bounds the whole wait: the queued part and the asynchronous one together.
     sync_wait_s: float = field(default=10.0, metadata=rng(0.0, 3600))
     # How long one batched transport get may take.
     load_timeout_s: float = field(default=30.0, metadata=rng(0.01, 3600))

@@ -154,7 +154,7 @@ class PDConnector(KVConnectorBase_V1):
             self._sched = SchedulerSide(self.block_size, ktc.is_kv_producer, ktc.is_kv_consumer,
                                         store=store, namespace=self.namespace, chunk_size=self.cfg.chunk_size,
                                         published=published, groups=self.heads.groups,
-                                        sync_wait_s=self.cfg.sync_wait_s,
+                                        sync_wait_s=min(self.cfg.sync_wait_s, self.cfg.wait_timeout_s),
                                         sync_wait_tokens=_sync_wait_tokens(self.cfg, kv_cache_config, self.heads))
         else:
             self._worker = self._make_worker(vllm_config, ktc)

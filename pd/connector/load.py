@@ -209,7 +209,10 @@ class Loads:
             self._load_step(st, reply)
 
     def _wait_ready(self, st: _Load):
-        deadline = time.monotonic() + self.cfg.wait_timeout_s  # for each part of a stream
+        # For each part of a stream; the first counts the time the request already waited in
+        # vLLM's queue for it (pd.connector.scheduler: an early decode's lookup answered None).
+        waited, st.spec.waited_s = st.spec.waited_s, 0.0
+        deadline = time.monotonic() + self.cfg.wait_timeout_s - waited
         cancel = self._cancel.get(st.spec.req_id)
         while True:
             if cancel is not None and cancel.is_set():

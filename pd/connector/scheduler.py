@@ -40,6 +40,9 @@ class LoadSpec:
     start_token: int  # first token to load (block aligned: the local prefix hit ends here)
     seed: bytes | None = b""  # pd.connector.keys.request_seed: adapter, cache_salt, multimodal inputs
     sync: bool = False  # load within this step, before the forward (vLLM counts the tokens computed)
+    # Seconds the request already waited in vLLM's queue for the transfer (an early decode's
+    # lookup answered None): the asynchronous wait for READY counts them (connector.wait_timeout_s).
+    waited_s: float = 0.0
 
 
 @dataclass
@@ -253,8 +256,9 @@ class SchedulerSide:
         (block_ids,) = blocks.get_block_ids()
         # A synchronous load is over (well or not) when this step's forward starts: no report comes.
         rec.load = LoadStatus.LOADED if sync else LoadStatus.LOADING
+        waited = self.clock() - rec.asked if pd_id and rec.asked and not sync else 0.0
         self._new_loads.append(LoadSpec(request.request_id, pd_id, prompt, list(block_ids), start,
-                                        request_seed(request), sync))
+                                        request_seed(request), sync, waited))
 
     # ---- producer ----------------------------------------------------------------------
 

@@ -360,6 +360,9 @@ def test_a_whole_prompt_transfer_not_yet_published_waits_queued_then_goes_asynch
     assert s.get_num_new_matched_tokens(late, 0) == (None, False)
     now[0] += 5.0  # waited sync_wait_s: loaded asynchronously, over the coordinator, as chunks come
     assert s.get_num_new_matched_tokens(late, 0) == (len(PROMPT), True)
+    s.update_state_after_alloc(late, _blocks(DST), len(PROMPT))
+    (spec,) = s.build_connector_meta(_output()).loads
+    assert not spec.sync and spec.waited_s == 5.0  # the wait for READY counts them (wait_timeout_s)
     # The first-token path (kv_tokens) never waits queued: its prefill has answered already.
     assert s.get_num_new_matched_tokens(_first_token_request("c", "g3"), 0) == (len(PROMPT), True)
     never = SchedulerSide(BLOCK, is_producer=False, is_consumer=True, namespace="ns", chunk_size=CHUNK,

@@ -124,6 +124,20 @@ def test_ready_with_another_token_count_is_refused(pair):
     assert d.stats["loads_failed"] == 1
 
 
+def test_time_already_waited_in_vllms_queue_counts_against_the_wait_timeout(tmp_path, coord):
+    """An early decode that waited in vLLM's queue (its lookup answered None) for the whole
+    wait_timeout_s gives up at once when its load goes asynchronous: the decode recomputes."""
+    d = _worker(tmp_path, coord, 4, wait_timeout_s=30)
+    try:
+        t = time.monotonic()
+        d.start_step(PDMetadata(loads=[LoadSpec("d1", "late", PROMPT, DST, 0, waited_s=30.0)]))
+        assert _until(lambda: "d1" in d.loads._done_recving, 5) and time.monotonic() - t < 5
+        assert d.take_load_errors() == set(DST) and d.stats["loads_failed"] == 1
+    finally:
+        d.shutdown()
+        d.transport.close()
+
+
 def test_wait_timeout_and_cancel_release_the_request(tmp_path, coord):
     d = _worker(tmp_path, coord, 3, wait_timeout_s=0.3)
     try:
