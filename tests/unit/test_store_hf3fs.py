@@ -273,6 +273,34 @@ def test_budget_and_lru_eviction(mount):
     s.close()
 
 
+def test_a_new_size_class_evicts_one_slab_not_the_store(mount):
+    """A value of a size class without a slab empties the slab of the least recently used value
+    (evicting LRU values until some slab happened to empty took up to the whole store); a value
+    of a class with slabs evicts that class's least recently used value only."""
+    s = _open(mount, size_gb=0.002)  # 7 slabs of 256 KiB, 2 slots of 128 KiB each
+    out = np.zeros(100_000, dtype=np.uint8)
+    try:
+        for i in range(14):
+            assert s.put(_key(i), _data(i))
+        assert s.flush(5) and s.usage()["evictions"] == 0
+        slab_of = {k: e.slab for k, e in s._index.items()}
+        partner = next(k for k in slab_of if k != _key(0) and slab_of[k] == slab_of[_key(0)])
+        others = sorted((k for k in slab_of if k not in (_key(0), partner)), key=slab_of.get)
+        for k in others[0::2] + others[1::2] + [partner]:  # LRU: key 0, one of each other slab, ...
+            assert s.get(k, out) == 100_000
+        assert s.put(_key(50), _data(50, 20_000))  # 32 KiB slots: no slab of that class
+        assert s.flush(5)
+        assert s.usage()["evictions"] == 2  # key 0 and its partner; before: 8 (key 0, one of each, ...)
+        assert s.contains([_key(50)]) == 1 and s.contains([_key(0)]) == 0 and s.contains([partner]) == 0
+        assert len(s.keys()) == 13
+        assert s.put(_key(51), _data(51, 20_000)) and s.put(_key(52), _data(52))  # a free slot; LRU of 128 KiB
+        assert s.flush(5) and s.usage()["evictions"] == 3
+        assert s.contains([_key(50)]) == 1 and s.contains([_key(51)]) == 1 and len(s.keys()) == 14
+        assert s.get(_key(50), np.zeros(20_000, dtype=np.uint8)) == 20_000
+    finally:
+        s.close()
+
+
 def test_contains_prefix(store):
     for i in (0, 1, 3):
         store.put(_key(i), _data(i, 1000))
