@@ -53,8 +53,9 @@ class Early:
 
     st: ft.StreamState
     sent: str  # the text the client has (token 1's, less what a stop string might begin)
-    text: str = ""  # the decode's text so far
+    text: str = ""  # the decode's text until it has passed ``sent``
     checked: bool = False  # its token 1 was the prefill's
+    past: bool = False  # its text has passed ``sent``: all that comes now is new to the client
 
     @classmethod
     def after_opening(cls, st: ft.StreamState) -> "Early":
@@ -69,6 +70,21 @@ def _drop_first(lp: Any) -> Any:
     if not isinstance(lp, dict):
         return lp
     return {k: v[1:] if isinstance(v, list) else v for k, v in lp.items()}
+
+
+def _past_sent(e: Early, text: str, ends: bool) -> str:
+    """Of the decode's ``text``, what the client has not had; ``Differs`` where it does not begin
+    with what the client has. Only until the decode's text passes it (no copying after)."""
+    e.text += text
+    n = min(len(e.text), len(e.sent))
+    if e.text[:n] != e.sent[:n]:
+        raise Differs("the decode's text does not begin with token 1's")
+    if ends and len(e.text) < len(e.sent):
+        raise Differs("the decode's answer ended inside token 1's text")
+    if len(e.text) < len(e.sent):
+        return ""
+    e.past, new, e.text = True, e.text[len(e.sent):], ""
+    return new
 
 
 def early_event(e: Early, obj: dict) -> tuple[list[dict], bool]:
@@ -96,14 +112,7 @@ def early_event(e: Early, obj: dict) -> tuple[list[dict], bool]:
         if ids[0] != st.first.token_id:
             raise Differs(f"the decode's token 1 is {ids[0]}, the prefill's {st.first.token_id}")
         e.checked, ids, lp = True, ids[1:], _drop_first(lp)
-    e.text += text
-    n = min(len(e.text), len(e.sent))
-    if e.text[:n] != e.sent[:n]:
-        raise Differs("the decode's text does not begin with token 1's")
-    if finish is not None and len(e.text) < len(e.sent):
-        raise Differs("the decode's answer ended inside token 1's text")
-    new = e.text[len(e.sent):]
-    e.sent += new
+    new = text if e.past else _past_sent(e, text, finish is not None)
     st.n_decode += len(ids)
     if not (new or ids or finish is not None or lp):
         return [], False

@@ -44,44 +44,33 @@ class ClientGone(Exception):
         self.response = response
 
 
+class NoDecode(Exception):
+    """The answer needs no decode: ``response`` (the prefill failed), or token 1 ended it (``st``)."""
+
+    def __init__(self, why: str, response: web.StreamResponse | None = None, st: ft.StreamState | None = None):
+        super().__init__(why)
+        self.why, self.response, self.st = why, response, st
+
+
 class FirstTokenFlow:
     """Mixed into ``pd.proxy.relay.Relay``: uses its pools, metrics, timeline and upstream calls."""
 
     async def _pd_first(self, request: web.Request, endpoint: str, body: dict, t0: float,
                         pd_id: str) -> web.StreamResponse:
         headers = {"x-pd-id": pd_id}
-        p_url = self.prefill.pick(body)
         with ExitStack() as tracked:
             tasks: list[asyncio.Task] = []  # the decode halves sent: discarded if the answer ends early
             early, d_url = self._send_early(request, endpoint, body, pd_id, tracked, tasks)
             try:
-                data = await self._prefill(request, p_url, endpoint, ft.prefill_body(body, pd_id), pd_id)
-            except UpstreamError as e:
+                st = await self._token_1(request, endpoint, body, pd_id, headers)
+            except BaseException as e:  # no decode: its halves sent are discarded, the transfer aborted
                 self._discard(*tasks)
-                self._abort(pd_id, "prefill failed")
-                return e.response(headers)
-            except BaseException:
-                self._discard(*tasks)
-                self._abort(pd_id, "client went away during the prefill")
-                raise
-            try:
-                first = ft.parse_prefill(endpoint, body, data)
-            except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
-                self._discard(*tasks)
-                self._abort(pd_id, "prefill answer unusable")
-                return self._fail("prefill", p_url, pd_id, 502,
-                                  why=f"gave an answer the proxy cannot use: {e}").response(headers)
-            try:
-                st = ft.StreamState(first, body, max_model_len=await self._max_model_len(request))
-            except BaseException:
-                self._discard(*tasks)
-                self._abort(pd_id, "client went away")
-                raise
-            if ft.ends_at_token_1(body, first, st.max_model_len):
-                self.metrics.path("prefill_only")
-                self._discard(*tasks)
-                self._abort(pd_id, "token 1 ended the answer: no decode")
-                return await self._answer(request, st, ft.opening(st, ends=True), headers, pd_id, t0)
+                self._abort(pd_id, e.why if isinstance(e, NoDecode) else "client went away")
+                if not isinstance(e, NoDecode):
+                    raise
+                if e.response is not None:
+                    return e.response
+                return await self._answer(request, e.st, ft.opening(e.st, ends=True), headers, pd_id, t0)
             self.metrics.path("prefill")
             if early is None:
                 d_url = self.decode.pick()
@@ -102,6 +91,26 @@ class FirstTokenFlow:
                 raise
             finally:
                 await chunks.aclose()
+
+    async def _token_1(self, request: web.Request, endpoint: str, body: dict, pd_id: str,
+                       headers: dict) -> ft.StreamState:
+        """The prefill half's answer, token 1; ``NoDecode`` where the answer needs no decode (token
+        1 ended it) or the prefill failed."""
+        p_url = self.prefill.pick(body)
+        try:
+            data = await self._prefill(request, p_url, endpoint, ft.prefill_body(body, pd_id), pd_id)
+        except UpstreamError as e:
+            raise NoDecode("prefill failed", response=e.response(headers)) from None
+        try:
+            first = ft.parse_prefill(endpoint, body, data)
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+            raise NoDecode("prefill answer unusable", response=self._fail(
+                "prefill", p_url, pd_id, 502, why=f"gave an answer the proxy cannot use: {e}").response(headers)) from None
+        st = ft.StreamState(first, body, max_model_len=await self._max_model_len(request))
+        if ft.ends_at_token_1(body, first, st.max_model_len):
+            self.metrics.path("prefill_only")
+            raise NoDecode("token 1 ended the answer: no decode", st=st)
+        return st
 
     def _send_early(self, request: web.Request, endpoint: str, body: dict, pd_id: str, tracked: ExitStack,
                     tasks: list[asyncio.Task]) -> tuple[asyncio.Task | None, str]:

@@ -432,6 +432,20 @@ def test_token_1_that_ends_a_greedy_answer_closes_the_early_decode_and_aborts():
     run(go())
 
 
+def test_a_prefill_error_discards_the_early_decode_and_aborts():
+    async def go():
+        async with flow() as env:
+            env.d.hold = asyncio.Event()
+            env.p.fail = True
+            async with env.client.post(env.url + C, json={**REQ, "temperature": 0}) as r:
+                assert r.status == 400 and "p refuses" in (await r.json())["error"]["message"]
+                pd_id = r.headers["x-pd-id"]
+            assert env.d.paths == [C]  # it had gone out with the prefill half
+            await eventually(lambda: any(a[0] == pd_id for a in env.coord.aborts))
+            await eventually(lambda: not any(env.proxy.decode.outstanding.values()))
+    run(go())
+
+
 def test_max_tokens_1_sends_no_early_decode():
     async def go():
         async with flow() as env:
@@ -503,6 +517,16 @@ def test_the_decodes_token_1_is_checked_and_not_given_twice():
         early.early_event(_opened("ab"), _ev("ab", [41]))
     with pytest.raises(early.Differs, match="text"):
         early.early_event(_opened("ab"), _ev("aX", [42]))
+
+
+def test_once_past_token_1s_text_the_decodes_text_is_passed_on_without_being_kept():
+    e = _opened("ab")
+    assert early.early_event(e, _ev("a", [42]))[0] == []  # token 1 split over two events
+    (c,), _ = early.early_event(e, _ev("bc", [43]))
+    assert c["choices"][0]["text"] == "c" and e.past and e.text == ""
+    texts = [early.early_event(e, _ev(f" w{i}", [44 + i]))[0][0]["choices"][0]["text"] for i in range(2000)]
+    assert texts == [f" w{i}" for i in range(2000)] and e.text == "" and e.sent == "ab"
+    assert e.st.n_decode == 2001
 
 
 def test_chats_role_event_is_skipped_and_logprobs_lose_token_1s_entries():
