@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import re
 import shlex
@@ -45,6 +46,8 @@ from store.base import parse_path
 from store.hf3fs import Hf3fsStore
 from transport import server_specs
 
+log = logging.getLogger("pd.launch")
+
 # vLLM's CPU attention backend accepts only block sizes that are multiples of this
 # ("No common block size for 16 (CPU_ATTN: [MultipleOf(32)])" otherwise, after ~1 minute of startup).
 CPU_BLOCK_MULTIPLE = 32
@@ -72,6 +75,9 @@ class ProcSpec:
     # False: once the deployment is ready, its exit is reported and the rest goes on (a transport
     # server: decode then falls back to the store, then recomputes); at startup it is fatal.
     critical: bool = True
+    # The cores the whole process runs on, its children too (a CPU vLLM instance: its API server,
+    # engine core and workers on the cores of its VLLM_CPU_OMP_THREADS_BIND); () = any.
+    cpus: tuple[int, ...] = ()
 
 
 def check_store(cfg, make: bool = True) -> None:
@@ -251,6 +257,30 @@ def cpu_binds(mode: str, n: int, tps: list[int] | None = None) -> list[str]:
     return lists
 
 
+def bind_cores(bind: str) -> tuple[int, ...]:
+    """The cores named by a VLLM_CPU_OMP_THREADS_BIND value ("0,2-3|4": 0, 2, 3, 4); () for auto, nobind."""
+    if not _RANK_LISTS.fullmatch(bind):
+        return ()
+    cores: set[int] = set()
+    for part in re.split(r"[|,]", bind):
+        lo, _, hi = part.partition("-")
+        cores.update(range(int(lo), int(hi or lo) + 1))
+    return tuple(sorted(cores))
+
+
+def pin_here(spec: ProcSpec) -> set[int] | None:
+    """The cores to pin ``spec``'s process to on this machine: its ``cpus`` where this process may
+    use them all; None (not pinned) without ``cpus`` or where some are not ours (logged)."""
+    if not spec.cpus:
+        return None
+    ours = os.sched_getaffinity(0)
+    if not set(spec.cpus) <= ours:
+        log.warning("%s: cores %s are not all among this machine's %s; its processes are not pinned "
+                    "(its OpenMP threads still are)", spec.name, list(spec.cpus), sorted(ours))
+        return None
+    return set(spec.cpus)
+
+
 def vllm_env(dep: DeploymentConfig, bind: str, group: str = "prefill", slot: GpuSlot | None = None) -> dict[str, str]:
     """Environment of one vLLM instance (on top of the launcher's): cpu settings, or its GPUs; then
     ``vllm.env`` and the group's ``env``."""
@@ -292,8 +322,11 @@ def vllm_spec(dep: DeploymentConfig, name: str, role: str, port: int, group: str
     argv += list(v.extra_args) + list(getattr(dep, group).extra_args)
     near = reach_host(host)
     files = {"VLLM_API_KEY": v.api_key_file} if v.api_key_file else {}
+    # On the CPU the whole instance runs on its cores, not only its OpenMP threads: a decode waiting
+    # for KV spins (vLLM's engine loop and its workers' message queue), and its API server and
+    # engine core, left free, were then scheduled onto the prefill's core.
     return ProcSpec(name, argv, vllm_env(dep, bind, group, slot), f"http://{near}:{port}/health", port, near,
-                    bind=host, env_files=files)
+                    bind=host, env_files=files, cpus=bind_cores(bind) if slot is None else ())
 
 
 def check_coordinator_security(dep: DeploymentConfig, lay: Layout) -> None:
@@ -430,7 +463,8 @@ def format_command(spec: ProcSpec) -> str:
     """``# name`` and a shell line (env assignments, then the command) that runs ``spec``."""
     env = " ".join([f"{k}={shlex.quote(v)}" for k, v in spec.env.items()]
                    + [f'{k}="$(cat {shlex.quote(f)})"' for k, f in spec.env_files.items()])
-    return f"# {spec.name}\n{env + ' ' if env else ''}{shlex.join(spec.argv)}"
+    pin = f"taskset -c {','.join(map(str, spec.cpus))} " if spec.cpus else ""
+    return f"# {spec.name}\n{env + ' ' if env else ''}{pin}{shlex.join(spec.argv)}"
 
 
 def child_env(spec: ProcSpec) -> dict[str, str]:

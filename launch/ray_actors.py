@@ -23,7 +23,7 @@ import urllib.request
 from concurrent.futures import Future
 from pathlib import Path
 
-from launch.procs import ProcSpec, child_env, cpu_binds
+from launch.procs import ProcSpec, child_env, cpu_binds, pin_here
 from launch.supervise import _group_alive, _readiness, _signal_group, exit_text, tail
 from pd.proxy.pools import ADMIN_HEADER, POOLS_PATH
 
@@ -71,10 +71,12 @@ PR_SET_PDEATHSIG = 1
 _PRCTL = ctypes.CDLL(None, use_errno=True).prctl
 
 
-def _die_with_parent() -> None:
+def _die_with_parent(cpus: set[int] | None = None) -> None:
     """In the child: SIGTERM when the thread that started it ends (``Spawner``'s lives as long as
-    its actor), so an actor killed or lost leaves no process behind."""
+    its actor), so an actor killed or lost leaves no process behind; pinned to ``cpus`` if given."""
     _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if cpus:
+        os.sched_setaffinity(0, cpus)
 
 
 class Spawner:
@@ -88,8 +90,9 @@ class Spawner:
     def _run(self) -> None:
         while True:
             argv, kw, done = self.jobs.get()
+            cpus = kw.pop("cpus", None)
             try:
-                done.set_result(subprocess.Popen(argv, preexec_fn=_die_with_parent, **kw))
+                done.set_result(subprocess.Popen(argv, preexec_fn=lambda: _die_with_parent(cpus), **kw))
             except BaseException as e:  # noqa: BLE001 - handed to the caller
                 done.set_exception(e)
 
@@ -133,7 +136,7 @@ class ProcHost:
                 raise RuntimeError(f"not starting {spec.name}: the deployment is stopping")
             with open(self.log_path(spec.name), "a" if append else "w") as out:
                 proc = self.spawner.popen(spec.argv, env=child_env(spec), stdout=out, stderr=subprocess.STDOUT,
-                                          stdin=subprocess.DEVNULL, start_new_session=True)
+                                          stdin=subprocess.DEVNULL, start_new_session=True, cpus=pin_here(spec))
             self.procs[spec.name] = (spec, proc)
         return proc.pid
 

@@ -32,7 +32,7 @@ import yaml
 
 from common.config import to_dict, url_host
 from launch.auth import check_keys, own_keys, resolve_auth
-from launch.procs import ProcSpec, check_ports, child_env, format_command, plan
+from launch.procs import ProcSpec, check_ports, child_env, format_command, pin_here, plan
 from launch.topology import reach_host, share
 from pd.config import DeploymentConfig
 from transport.shm_index import cleanup_pool
@@ -169,9 +169,10 @@ class Deployment:
         old = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
         try:
             with open(self.log_path(spec.name), "a" if append else "w") as out:
+                cpus = pin_here(spec)
                 proc = subprocess.Popen(spec.argv, env=child_env(spec), stdout=out, stderr=subprocess.STDOUT,
                                         stdin=subprocess.DEVNULL, start_new_session=True,
-                                        preexec_fn=_unblock_signals)
+                                        preexec_fn=lambda: _unblock_signals(cpus))
             self.procs[spec.name] = (spec, proc)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
@@ -341,8 +342,11 @@ def serve_until_stopped(start: Callable[[], str], watch: Callable[[], None], sto
     return code
 
 
-def _unblock_signals() -> None:
+def _unblock_signals(cpus: set[int] | None = None) -> None:
+    """In the child before it runs: our blocked signals unblocked; pinned to ``cpus`` if given."""
     signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+    if cpus:
+        os.sched_setaffinity(0, cpus)
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:

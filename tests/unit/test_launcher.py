@@ -17,8 +17,8 @@ import yaml
 
 from common.config import ConfigError, load
 from launch.cli import main
-from launch.procs import ProcSpec, check_ports, check_store, cpu_binds, plan
-from launch.supervise import ChildDied, Deployment, exit_text
+from launch.procs import ProcSpec, bind_cores, check_ports, check_store, cpu_binds, pin_here, plan
+from launch.supervise import ChildDied, Deployment, _unblock_signals, exit_text
 from pd.config import DeploymentConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -102,6 +102,9 @@ def parse_dry_run(out: str) -> dict[str, tuple[dict[str, str], list[str]]]:
             while words and "=" in words[0] and not words[0].startswith("-"):
                 k, v = words.pop(0).split("=", 1)
                 env[k] = v
+            if words[:2] == ["taskset", "-c"]:  # the instance's cores (shown as env["taskset"] here)
+                env["taskset"] = words[2]
+                words = words[3:]
             procs[name] = (env, words)
     return procs
 
@@ -142,6 +145,7 @@ def test_dry_run_pd(model, tmp_path, capsys):
         assert extra["transport"]["name"] == cfg["connector"]["transport"].get("name", f"default-{cfg['proxy']['port']}")
         assert env["VLLM_CPU_KVCACHE_SPACE"] == "1" and env["PYTHONHASHSEED"] == "0"
         assert env["VLLM_CPU_OMP_THREADS_BIND"] == ["0", "1", "0"][i]
+        assert env["taskset"] == ["0", "1", "0"][i]  # the whole instance runs on its cores
         assert (argv[-2:] == ["--seed", "7"]) == (role == "decode")
     _, proxy = procs["proxy"]
     assert flag(proxy, "--port") == str(cfg["proxy"]["port"])
@@ -663,6 +667,20 @@ def test_cpu_binds_split_with_known_cores(monkeypatch):
     assert cpu_binds("split", 10) == [str(c) for c in range(8)] + ["0", "1"]  # round-robin, all start
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {4, 9})  # cores need not start at 0
     assert cpu_binds("split", 2) == ["4", "9"]
+
+
+def test_bind_cores_and_pinning_a_process_to_them(caplog):
+    assert bind_cores("0") == (0,) and bind_cores("0-2,5|7") == (0, 1, 2, 5, 7)
+    assert bind_cores("auto") == bind_cores("nobind") == ()
+    ours = sorted(os.sched_getaffinity(0))
+    spec = ProcSpec("decode-0", [sys.executable, "-c", "import os; print(sorted(os.sched_getaffinity(0)))"],
+                    cpus=(ours[-1],))
+    assert pin_here(spec) == {ours[-1]} and pin_here(ProcSpec("x", ["true"])) is None
+    assert pin_here(ProcSpec("far", ["true"], cpus=(ours[-1] + 1,))) is None  # not this machine's cores
+    assert "are not all among this machine's" in caplog.text
+    out = subprocess.run(spec.argv, preexec_fn=lambda: _unblock_signals(pin_here(spec)), capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == f"[{ours[-1]}]"  # and its children inherit it
 
 
 def test_cpu_binds_explicit():
