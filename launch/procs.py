@@ -322,11 +322,13 @@ def vllm_spec(dep: DeploymentConfig, name: str, role: str, port: int, group: str
     argv += list(v.extra_args) + list(getattr(dep, group).extra_args)
     near = reach_host(host)
     files = {"VLLM_API_KEY": v.api_key_file} if v.api_key_file else {}
-    # On the CPU the whole instance runs on its cores, not only its OpenMP threads: a decode waiting
-    # for KV spins (vLLM's engine loop and its workers' message queue), and its API server and
-    # engine core, left free, were then scheduled onto the prefill's core.
+    # On the CPU a P/D instance runs wholly on its cores, not only its OpenMP threads: a decode
+    # waiting for KV spins (vLLM's engine loop and its workers' message queue), and its API server
+    # and engine core, left free, were then scheduled onto the prefill's core. (A colocated
+    # instance never waits so; its API server stays free to use an idle core.)
+    pin = slot is None and role in ("prefill", "decode")
     return ProcSpec(name, argv, vllm_env(dep, bind, group, slot), f"http://{near}:{port}/health", port, near,
-                    bind=host, env_files=files, cpus=bind_cores(bind) if slot is None else ())
+                    bind=host, env_files=files, cpus=bind_cores(bind) if pin else ())
 
 
 def check_coordinator_security(dep: DeploymentConfig, lay: Layout) -> None:

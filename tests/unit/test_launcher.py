@@ -168,6 +168,7 @@ def test_dry_run_colocated(model, tmp_path, capsys):
     assert ports == [str(p), str(p + 1), str(d)]
     for i in range(3):
         assert "--kv-transfer-config" not in procs[f"instance-{i}"][1]
+        assert "taskset" not in procs[f"instance-{i}"][0]  # only P/D instances are pinned whole
     proxy = procs["proxy"][1]
     assert flag(proxy, "--colocated") == f"http://127.0.0.1:{p},http://127.0.0.1:{p + 1},http://127.0.0.1:{d}"
     assert "--prefill" not in proxy and "--coordinator" not in proxy
