@@ -171,7 +171,7 @@ def _print_specs(specs: list[ProcSpec], as_json: bool, share_: str = "", roles: 
         if as_json:
             print(json.dumps({"host": share_, "roles": list(roles), "name": spec.name, "argv": spec.argv,
                               "env": spec.env, "health_url": spec.health_url, "port": spec.port,
-                              "bind": spec.bind or spec.host}))
+                              "bind": spec.bind or spec.host, "cpus": list(spec.cpus)}))
         else:
             print(format_command(spec))
 

@@ -326,9 +326,10 @@ def vllm_spec(dep: DeploymentConfig, name: str, role: str, port: int, group: str
     # waiting for KV spins (vLLM's engine loop and its workers' message queue), and its API server
     # and engine core, left free, were then scheduled onto the prefill's core. (A colocated
     # instance never waits so; its API server stays free to use an idle core.)
+    env = vllm_env(dep, bind, group, slot)  # the OpenMP bind as vllm.env or the group's env may set it
     pin = slot is None and role in ("prefill", "decode")
-    return ProcSpec(name, argv, vllm_env(dep, bind, group, slot), f"http://{near}:{port}/health", port, near,
-                    bind=host, env_files=files, cpus=bind_cores(bind) if pin else ())
+    return ProcSpec(name, argv, env, f"http://{near}:{port}/health", port, near, bind=host, env_files=files,
+                    cpus=bind_cores(env.get("VLLM_CPU_OMP_THREADS_BIND", "")) if pin else ())
 
 
 def check_coordinator_security(dep: DeploymentConfig, lay: Layout) -> None:

@@ -31,9 +31,9 @@ every ``put`` (counted ``read_only``). I/O goes through one iovec and batched io
 ``put`` copies into the bounded write queue of ``store.queue`` (``queue_mb``) and returns at
 once; a full queue, a value that cannot fit a slab, a closed store drop the put (counted). A
 failed write (``result < 0``, e.g. -ENOSPC) drops that put and frees its slot. When no slot is
-free, the least recently used value of the slot's size class is evicted, or, where that class
-has no slab, the values of the slab holding the least recently used value (``_alloc``); the DEL
-records reach the log before the slot is rewritten.
+free, the least recently used value is evicted where it has the slot's size, else the values
+of its slab, which then changes size (``_alloc``); the DEL records reach the log before the slot
+is rewritten.
 """
 from __future__ import annotations
 
@@ -422,29 +422,19 @@ class Hf3fsStore:
                     self._q.finish_locked(batch)
 
     def _alloc(self, cls: int, evicted: list[bytes]) -> tuple[int, int] | None:
-        """A free slot of class ``cls``, evicting (DEL records to ``evicted``; lock held) the least
-        recently used value of that class, or, where the class has no slab, the values of the slab
-        holding the least recently used value: a put evicts one slab's values at most."""
+        """A free slot of class ``cls``, evicting in LRU order (DEL records to ``evicted``; lock
+        held): the least recently used value where it is of class ``cls``, else all the values
+        of its slab, which then goes to ``cls``. A put evicts one slab's values at most (more only
+        where a slab also holds a slot being written)."""
         while True:
             got = self._slabs.alloc(cls)
             if got is not None or not self._index:
                 return got
-            victims = self._victims(cls)
-            if not victims:
-                return None
+            key, e = next(iter(self._index.items()))
+            victims = [key] if e.cls == cls else [k for k, x in self._index.items() if x.slab == e.slab]
             for key in victims:
-                e = self._forget(key)
-                evicted.append(self._log.record(OP_DEL, key, e))
+                evicted.append(self._log.record(OP_DEL, key, self._forget(key)))
                 self.stats["evictions"] += 1
-
-    def _victims(self, cls: int) -> list[str]:
-        """The keys to evict for a slot of class ``cls`` (lock held; see ``_alloc``)."""
-        # None where every slot of the class is being written (not in the index yet)
-        key = self._slabs.has_class(cls) and next((k for k, e in self._index.items() if e.cls == cls), None)
-        if key:
-            return [key]
-        slab = next(iter(self._index.values())).slab
-        return [key for key, e in self._index.items() if e.slab == slab]
 
     def _write_batch(self, batch: list[_Item], w: int, turn: int = 0) -> None:
         staged: list[tuple[_Item, Entry]] = []

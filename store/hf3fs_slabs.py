@@ -53,10 +53,6 @@ class Slabs:
             return None
         return slab, self._take(slab, None)
 
-    def has_class(self, cls: int) -> bool:
-        """Whether a slab is given to slot size ``cls``."""
-        return cls in self.cls_of.values()
-
     def _assign(self, slab: int, cls: int) -> None:
         self.cls_of[slab] = cls
         self.free_slots[slab] = set(range(self.slab_size // cls))

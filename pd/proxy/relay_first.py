@@ -58,11 +58,12 @@ class FirstTokenFlow:
     async def _pd_first(self, request: web.Request, endpoint: str, body: dict, t0: float,
                         pd_id: str) -> web.StreamResponse:
         headers = {"x-pd-id": pd_id}
+        p_url = self.prefill.pick(body)  # before any decode half goes out (an empty pool: 503)
         with ExitStack() as tracked:
             tasks: list[asyncio.Task] = []  # the decode halves sent: discarded if the answer ends early
             early, d_url = self._send_early(request, endpoint, body, pd_id, tracked, tasks)
             try:
-                st = await self._token_1(request, endpoint, body, pd_id, headers)
+                st = await self._token_1(request, p_url, endpoint, body, pd_id, headers)
             except BaseException as e:  # no decode: its halves sent are discarded, the transfer aborted
                 self._discard(*tasks)
                 self._abort(pd_id, e.why if isinstance(e, NoDecode) else "client went away")
@@ -92,11 +93,10 @@ class FirstTokenFlow:
             finally:
                 await chunks.aclose()
 
-    async def _token_1(self, request: web.Request, endpoint: str, body: dict, pd_id: str,
+    async def _token_1(self, request: web.Request, p_url: str, endpoint: str, body: dict, pd_id: str,
                        headers: dict) -> ft.StreamState:
-        """The prefill half's answer, token 1; ``NoDecode`` where the answer needs no decode (token
-        1 ended it) or the prefill failed."""
-        p_url = self.prefill.pick(body)
+        """The prefill half's answer (from ``p_url``), token 1; ``NoDecode`` where the answer needs
+        no decode (token 1 ended it) or the prefill failed."""
         try:
             data = await self._prefill(request, p_url, endpoint, ft.prefill_body(body, pd_id), pd_id)
         except UpstreamError as e:

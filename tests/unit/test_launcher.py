@@ -684,6 +684,12 @@ def test_bind_cores_and_pinning_a_process_to_them(caplog):
     assert out.strip() == f"[{ours[-1]}]"  # and its children inherit it
 
 
+def test_an_instance_is_pinned_to_the_cores_its_env_binds(model, tmp_path):
+    cfg = free_config(model, tmp_path, vllm={"cpu_bind": "0;1"}, decode={"env": ["VLLM_CPU_OMP_THREADS_BIND=nobind"]})
+    specs = {s.name: s for s in plan(load(DeploymentConfig, cfg))}
+    assert specs["prefill-0"].cpus == (0,) and specs["decode-0"].cpus == ()  # decode's own env unbinds it
+
+
 def test_cpu_binds_explicit():
     assert cpu_binds(" 0-3 ; 4,5 ;6", 3) == ["0-3", "4,5", "6"]
     assert cpu_binds("0", 1) == ["0"]

@@ -446,6 +446,17 @@ def test_a_prefill_error_discards_the_early_decode_and_aborts():
     run(go())
 
 
+def test_an_empty_prefill_pool_sends_no_early_decode():
+    async def go():
+        async with flow() as env:
+            env.proxy.prefill.set_urls([])  # its only instance is being restarted
+            async with env.client.post(env.url + C, json={**REQ, "temperature": 0}) as r:
+                assert r.status >= 500
+            await asyncio.sleep(0.2)
+            assert env.d.paths == [] and env.coord.aborts == []
+    run(go())
+
+
 def test_max_tokens_1_sends_no_early_decode():
     async def go():
         async with flow() as env:

@@ -275,8 +275,9 @@ def test_budget_and_lru_eviction(mount):
 
 def test_a_new_size_class_evicts_one_slab_not_the_store(mount):
     """A value of a size class without a slab empties the slab of the least recently used value
-    (evicting LRU values until some slab happened to empty took up to the whole store); a value
-    of a class with slabs evicts that class's least recently used value only."""
+    (evicting LRU values until some slab happened to empty took up to the whole store); where the
+    least recently used value has the new value's size it alone goes; and a size's slab goes back
+    to another once its values are the oldest."""
     s = _open(mount, size_gb=0.002)  # 7 slabs of 256 KiB, 2 slots of 128 KiB each
     out = np.zeros(100_000, dtype=np.uint8)
     try:
@@ -297,6 +298,12 @@ def test_a_new_size_class_evicts_one_slab_not_the_store(mount):
         assert s.flush(5) and s.usage()["evictions"] == 3
         assert s.contains([_key(50)]) == 1 and s.contains([_key(51)]) == 1 and len(s.keys()) == 14
         assert s.get(_key(50), np.zeros(20_000, dtype=np.uint8)) == 20_000
+        for i in range(12):  # the 11 older 128 KiB values go one by one, then the 32 KiB slab whole
+            assert s.put(_key(60 + i), _data(60 + i))
+            assert s.flush(5)
+        assert s.usage()["evictions"] == 3 + 11 + 2
+        assert s.contains([_key(50)]) == 0 and s.contains([_key(51)]) == 0 and s.contains([_key(52)]) == 1
+        assert len(s.keys()) == 13  # all 128 KiB again: 7 slabs of 2 slots, one still free
     finally:
         s.close()
 
