@@ -417,6 +417,12 @@ def test_an_early_decode_that_fails_before_token_1_leaves_the_answer_to_a_decode
     run(go())
 
 
+async def _early_discarded(env, pd_id: str) -> None:
+    """The early decode sent for ``pd_id`` was let go: its transfer aborted, no decode in flight."""
+    await eventually(lambda: any(a[0] == pd_id for a in env.coord.aborts))
+    await eventually(lambda: not any(env.proxy.decode.outstanding.values()))
+
+
 def test_token_1_that_ends_a_greedy_answer_closes_the_early_decode_and_aborts():
     async def go():
         async with flow() as env:
@@ -427,8 +433,7 @@ def test_token_1_that_ends_a_greedy_answer_closes_the_early_decode_and_aborts():
                 assert r.status == 200 and ans["usage"]["completion_tokens"] == 1
                 pd_id = r.headers["x-pd-id"]
             assert env.d.paths == [C]  # it had gone out; the answer did not wait for it
-            await eventually(lambda: any(a[0] == pd_id for a in env.coord.aborts))
-            await eventually(lambda: not any(env.proxy.decode.outstanding.values()))
+            await _early_discarded(env, pd_id)
     run(go())
 
 
@@ -441,8 +446,7 @@ def test_a_prefill_error_discards_the_early_decode_and_aborts():
                 assert r.status == 400 and "p refuses" in (await r.json())["error"]["message"]
                 pd_id = r.headers["x-pd-id"]
             assert env.d.paths == [C]  # it had gone out with the prefill half
-            await eventually(lambda: any(a[0] == pd_id for a in env.coord.aborts))
-            await eventually(lambda: not any(env.proxy.decode.outstanding.values()))
+            await _early_discarded(env, pd_id)
     run(go())
 
 
