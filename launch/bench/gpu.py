@@ -85,6 +85,9 @@ def add_gpu_arguments(p: argparse.ArgumentParser) -> None:
                    help="the same for modes pd and pd_old, whose shm chunks live in the prefill's GPU memory "
                         "(connector.transport.shm_memory gpu; default 4096: taken from the GPU, beside the KV cache)")
     g.add_argument("--max-num-seqs", type=int, default=64, help="(default 64)")
+    g.add_argument("--dtype", default="default", choices=("default", "bfloat16", "float16", "float32"),
+                   help="vllm.dtype of every mode (default: bfloat16 on the GPU; float32 with a small random "
+                        "model for greedy answers that batch shapes do not flip)")
     g.add_argument("--prefill-step-tokens", type=int, default=0,
                    help="pdkv's prefill instance: --max-num-batched-tokens, so a long prompt is prefilled "
                         "over several steps and its KV streams to decode meanwhile (default 0 = vLLM's, as "
@@ -124,7 +127,7 @@ def gpu_deployment(mode: str, model: str, args, n_gpus: int, prefill: int = 1, d
     vllm = {"device": "cuda", "load_format": args.load_format if args.load_format != "auto" else "",
             "max_model_len": args.max_model_len, "block_size": args.block_size, "max_num_seqs": args.max_num_seqs,
             "enforce_eager": args.enforce_eager, "kv_cache_memory_gb": kv_gb,
-            "gpu_memory_utilization": args.gpu_memory_utilization}
+            "gpu_memory_utilization": args.gpu_memory_utilization, "dtype": args.dtype}
     over: dict = {"model": model, "proxy": {"port": args.port}, "vllm": vllm,
                   "prefill": {"count": prefill, "gpus": p_gpus}, "decode": {"count": decode, "gpus": d_gpus}}
     if mode in PD_MODES:

@@ -11,10 +11,14 @@
 #   kernel: like one, with 40 one at a time (20 per prompt length) and modes pd and colocated
 #      (MODES to change), the prefill probe on: after the one-launch Triton gather/scatter. In two
 #      calls on one warm machine: STAGE=prep (setup, GPU tests, bench kv, the model), then
-#      STAGE=serve (the serving run; about 5 minutes).
-# Results go to $OUT. Usage: bash scripts/gpu/gpu_memory.sh a|b|one|kernel
+#      STAGE=serve (the serving run; about 5 minutes). STAGE=prep makes $MODEL (std $INIT_STD).
+#   equal: greedy equality: pd make-model's small random model (4 layers, float32 weights) served in
+#      float32 (--dtype float32; vLLM then picks an attention backend that takes float32), modes pd,
+#      pd_after and colocated, eager, 16 one at a time (8 of 1900 tokens, 8 of 256) and 16 under
+#      Poisson 4/s, 128 output tokens: answers compared token for token (about 3 minutes).
+# Results go to $OUT. Usage: bash scripts/gpu/gpu_memory.sh a|b|one|kernel|equal
 set -u
-part=${1:?usage: gpu_memory.sh a|b|one|kernel}
+part=${1:?usage: gpu_memory.sh a|b|one|kernel|equal}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 bash scripts/gpu/setup.sh > "$OUT/setup_$part.log" 2>&1 || { tail -30 "$OUT/setup_$part.log"; exit 1; }
@@ -30,8 +34,20 @@ if { [ "$part" = one ] || [ "$part" = kernel ]; } && [ "$stage" != serve ]; then
     > "$OUT/bench_kv.md" 2>&1
   cat "$OUT/bench_kv.md"
   t0=$(date +%s)
-  python3 -m launch.cli make-model /tmp/m8r --shape llama3-8b --weights random > "$OUT/make_model.log" 2>&1
+  python3 -m launch.cli make-model "${MODEL:-/tmp/m8r}" --shape llama3-8b --weights random \
+    --init-std "${INIT_STD:-0.02}" > "$OUT/make_model.log" 2>&1
   echo "random weights written in $(( $(date +%s) - t0 )) s"
+fi
+if [ "$part" = equal ]; then
+  python3 -m launch.cli make-model /tmp/tiny-f32 > "$OUT/make_model_tiny.log" 2>&1 || { tail -5 "$OUT/make_model_tiny.log"; exit 1; }
+  left=$(( ${DEADLINE:-$(( $(date +%s) + 300 ))} - $(date +%s) ))
+  timeout "$left" python3 -m launch.cli bench serve --device cuda --model /tmp/tiny-f32 --load-format auto \
+    --dtype float32 --enforce-eager --modes "${MODES:-pd,pd_after,colocated}" --requests 16 --rate 4 \
+    --long-fraction 0.5 --long-tokens 1900 --short-tokens 256 --max-tokens 128 --sequential 16 --kv-cache-gb 4 \
+    --gpu-pool-mb 1024 --max-model-len 4096 --prefill-probe 0 --seed 0 --out "$OUT/serve_equal.json" \
+    > "$OUT/serve_equal.md" 2>&1
+  echo "equal rc $?"
+  tail -c 5000 "$OUT/serve_equal.md"
 fi
 if { [ "$part" = one ] || [ "$part" = kernel ]; } && [ "$stage" != prep ]; then
   if [ -n "${BENCH_KV:-}" ]; then  # the kernel table again, in the serving call

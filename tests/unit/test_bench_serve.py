@@ -107,6 +107,16 @@ def test_gpu_modes_use_the_same_gpus(tmp_path, n_gpus, second):
         bench_gpu.gpu_deployment("pdx", str(model), _gpu_args(), 2)
 
 
+def test_gpu_dtype_reaches_every_instance(tmp_path):
+    for dtype, want in (("default", "bfloat16"), ("float32", "float32")):
+        for mode in ("pd", "colocated", "nixl"):
+            dep = bench_gpu.gpu_deployment(mode, str(tmp_path / "m"), _gpu_args("--dtype", dtype), 1)
+            inst = [s for s in plan(dep) if "vllm.entrypoints" in " ".join(s.argv)]
+            assert [s.argv[s.argv.index("--dtype") + 1] for s in inst] == [want, want], (dtype, mode)
+    with pytest.raises(SystemExit):
+        _gpu_args("--dtype", "fp8")
+
+
 class _FakeVllm(http.server.BaseHTTPRequestHandler):
     """Prefill (path /p/...) answers kv_transfer_params; decode (/d/...) streams three tokens."""
     seen: list = []
