@@ -127,7 +127,7 @@ def gpu_deployment(mode: str, model: str, args, n_gpus: int, prefill: int = 1, d
     vllm = {"device": "cuda", "load_format": args.load_format if args.load_format != "auto" else "",
             "max_model_len": args.max_model_len, "block_size": args.block_size, "max_num_seqs": args.max_num_seqs,
             "enforce_eager": args.enforce_eager, "kv_cache_memory_gb": kv_gb,
-            "gpu_memory_utilization": args.gpu_memory_utilization, "dtype": getattr(args, "dtype", "default")}
+            "gpu_memory_utilization": args.gpu_memory_utilization, "dtype": args.dtype}
     over: dict = {"model": model, "proxy": {"port": args.port}, "vllm": vllm,
                   "prefill": {"count": prefill, "gpus": p_gpus}, "decode": {"count": decode, "gpus": d_gpus}}
     if mode in PD_MODES:

@@ -165,7 +165,7 @@ def serve_namespace(args: argparse.Namespace, max_model_len: int) -> SimpleNames
                            max_model_len=max_model_len, block_size=32, max_num_seqs=8,
                            enforce_eager=args.enforce_eager, gpu_memory_utilization=0.0,
                            chunk_size=args.chunk_size, gpu_pool_mb=4096, pool_mb=16384, prefill_step_tokens=0,
-                           ucx_tls="")
+                           ucx_tls="", dtype="default")
 
 
 def deployment(mode: str, model: str, args: argparse.Namespace, max_model_len: int, n_gpus: int,
