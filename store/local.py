@@ -106,7 +106,8 @@ class LocalStore:
         self.writer = bool(writer)  # False: lookups and reads only; every put is dropped
         self.stats: dict[str, int] = dict.fromkeys(STAT_KEYS, 0)
         self._lock = threading.Lock()
-        self._readers = Readers(int(getattr(cfg, "read_threads", 1)), "pd-store-read")
+        read_threads = int(getattr(cfg, "read_threads", 1))
+        self._readers = Readers(read_threads, "pd-store-read")
         self._q = WriteQueue(self.queue_budget, self.stats, self._lock, f"local store {self.path}",
                              writer=self.writer)
         self._cv = self._q.cv
@@ -116,7 +117,7 @@ class LocalStore:
         self._inflight = 0          # bytes reserved by files being written
         self._pool = BufPool(self.queue_budget)  # staging buffers of queued puts
         self._files = ChunkFiles(self.path, bool(cfg.o_direct), fsync, self.queue_budget, self.stats,
-                                 self._lock)
+                                 self._lock, inline_hash=read_threads > 1)
         self._evicting: set[str] = set()
         for mtime, key, size in self._files.scan():
             self._index[key] = _Entry(size, mtime)

@@ -96,8 +96,11 @@ class ChunkFiles:
     ``temp_removed`` in the store's ``stats`` (under its ``lock``)."""
 
     def __init__(self, path: str, direct: bool, fsync: bool, read_pool: int, stats: dict[str, int],
-                 lock: threading.Lock) -> None:
+                 lock: threading.Lock, inline_hash: bool = False) -> None:
         self.path = path
+        # large buffered reads: each reader hashes its own pieces (several reader threads), or the
+        # process's helper thread hashes a piece while the next is read (one reader)
+        self.inline_hash = inline_hash
         self.direct = direct        # O_DIRECT (until the filesystem refuses it)
         self.fsync = fsync
         self.stats, self._lock = stats, lock
@@ -271,13 +274,23 @@ class ChunkFiles:
         finally:
             self._rpool.put(stage)
 
-    @staticmethod
-    def _read_pieces(fd: int, dst: memoryview, foff: int, csum: int) -> bool:
-        """Read ``dst`` from file offset ``foff`` in pieces while the helper thread hashes the
-        pieces already read; True if all was read and the checksum matches."""
+    def _read_pieces(self, fd: int, dst: memoryview, foff: int, csum: int) -> bool:
+        """Read ``dst`` from file offset ``foff`` in pieces; True if all was read and the checksum
+        matches. With several reader threads (``read_threads``) each hashes its pieces as it reads
+        them (in parallel across values, each piece hashed while still in cache): one shared helper
+        thread capped 4 readers at its one core's hashing speed. A single reader instead hands each
+        piece to the helper thread and reads the next meanwhile."""
         h = xxhash.xxh3_64()
-        hashing = hasher()
         ok, off, end = True, 0, len(dst)
+        if self.inline_hash:
+            while ok and off < end:
+                piece = dst[off:off + READ_PIECE]
+                ok = pread_into(fd, piece, foff + off) == len(piece)
+                if ok:
+                    h.update(piece)
+                off += len(piece)
+            return ok and h.intdigest() == csum
+        hashing = hasher()
         try:
             while ok and off < end:
                 piece = dst[off:off + READ_PIECE]

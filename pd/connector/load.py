@@ -32,16 +32,18 @@ from pd.connector import chunk as chunkfmt
 from pd.connector.codec import ChunkCodec
 from pd.connector.keys import transfer_key
 from pd.connector.kv_layout import StagingPool
+from pd.connector.prefetch import Batch, Span, load_from_store, release_held
 from pd.connector.scheduler import LoadSpec
 from pd.coordinator.protocol import MAX_LOAD_PARTS, Aborted, Done, LoadPart, Ready
 from store.base import KVStore
 from transport.base import Transport
 
+# Store-only loads read a batch while the last is scattered (pd.connector.prefetch); off only to
+# measure what that gains (scripts/bench_prefix_load.py).
+PIPELINED_STORE_LOADS = True
 logger = logging.getLogger("pd.connector")
 
 WAIT_THREADS = 256  # loads that may wait for READY at once (threads are made as needed)
-
-Span = tuple[int, int, int, int]  # Chunking.spans: (chunk, first block, blocks, tokens)
 
 
 @dataclass
@@ -74,20 +76,6 @@ class _Join:
     sync: bool = False  # loaded within the step: no finished_recving for it
 
 
-@dataclass
-class _Batch:
-    """Chunks of one load read at once: where each one's bytes are and whether they are good."""
-
-    spans: list[Span]
-    sizes: list[int]
-    xkeys: list[str]  # transport keys
-    reads: list  # zero-copy reads still held (None: none)
-    views: list = field(default_factory=list)  # each chunk's bytes: a transport slot, a staging slab or the store's DRAM
-    store_reads: list = field(default_factory=list)  # the store's in-place reads still to release (None: none)
-    why: list[str] = field(default_factory=list)  # "" = good, else why not
-    source: list[str] = field(default_factory=list)  # where a good chunk came from: transport, store
-
-
 class Loads:
     """The loads of one worker: started by ``start``, reported by ``take_finished`` and ``take_errors``.
 
@@ -110,6 +98,8 @@ class Loads:
         # Waiting for READY holds no I/O thread: a load waiting on a long prefill must not queue
         # the loads (and saves) behind it.
         self._waits = ThreadPoolExecutor(WAIT_THREADS, thread_name_prefix="pd-wait")
+        # reads of a store load's next batch while its last is scattered (one per I/O thread)
+        self._prefetch = ThreadPoolExecutor(max(1, cfg.io_threads), thread_name_prefix="pd-prefetch")
         self._lock = threading.Lock()  # guards what the load threads report to the engine's
         self._done_recving: set[str] = set()
         self._bad_blocks: set[int] = set()
@@ -179,6 +169,7 @@ class Loads:
         for ev in list(self._cancel.values()):
             ev.set()
         self._waits.shutdown(wait=True, cancel_futures=False)  # cancelled waits end within 1 s
+        self._prefetch.shutdown(wait=True, cancel_futures=False)
 
     def _settle(self, st: _Load, bad: set) -> None:
         """One group load of a request is over; the last one reports the request finished."""
@@ -336,6 +327,9 @@ class Loads:
             return
         part, before = LoadPart(0.0), (st.n_chunks, st.from_store)
         try:
+            if not use_transport and PIPELINED_STORE_LOADS and self.pool.n_slabs >= 2 and spans:
+                load_from_store(self, st, spans, blocks, deadline, part, self._prefetch)
+                return
             for i in range(0, len(spans), self.pool.n_slabs):
                 if not self._load_batch(st, spans[i : i + self.pool.n_slabs], blocks, use_transport, deadline,
                                         part):
@@ -360,11 +354,12 @@ class Loads:
         zero_copy = use_transport and self.zero_copy
         xkeys = [transfer_key(st.spec.pd_id, st.keys[c]) for c, *_ in spans]
         t0 = time.perf_counter()
-        b = _Batch(spans, [self.codec.chunk_bytes(nb) for _, _, nb, _ in spans], xkeys,
+        b = Batch(spans, [self.codec.chunk_bytes(nb) for _, _, nb, _ in spans], xkeys,
                    self.transport.acquire(xkeys) if zero_copy else [None] * len(spans),
                    store_reads=[None] * len(spans))
         with ExitStack() as stack:
             stack.callback(lambda: self.transport.release(b.reads) if zero_copy else None)
+            stack.callback(release_held, st, b)  # in-place store reads a failure left unscattered
             self._read_transport(st, b, use_transport, zero_copy, stack)
             t1 = t2 = time.perf_counter()
             part.get_ms += (t1 - t0) * 1e3
@@ -382,7 +377,7 @@ class Loads:
                 self.transport.delete(xkeys)
         return True
 
-    def _read_transport(self, st: _Load, b: _Batch, use_transport: bool, zero_copy: bool,
+    def _read_transport(self, st: _Load, b: Batch, use_transport: bool, zero_copy: bool,
                         stack: ExitStack) -> None:
         """Fill ``b.views`` from the transport: its own slots (zero-copy) or staging slabs."""
         b.views = [r.view if r is not None else None for r in b.reads]
@@ -398,7 +393,7 @@ class Loads:
                      for j, (w, (c, _b0, nb, _t)) in enumerate(zip(b.why, b.spans))]
         b.source = ["" if w else "transport" for w in b.why]
 
-    def _read_store(self, st: _Load, b: _Batch, use_transport: bool, zero_copy: bool, stack: ExitStack) -> None:
+    def _read_store(self, st: _Load, b: Batch, use_transport: bool, zero_copy: bool, stack: ExitStack) -> None:
         """Read the chunks the transport did not have (or had bad) from the store: in place where
         the store offers it (its DRAM tier: scattered from there, released after), else copied."""
         need = [j for j, w in enumerate(b.why) if w]
@@ -425,7 +420,7 @@ class Loads:
             else:
                 b.why[j] = f"store copy: {bad}" if bad else "not in the store"
 
-    def _scatter(self, st: _Load, b: _Batch, j: int, blocks: torch.Tensor, deadline: float) -> bool:
+    def _scatter(self, st: _Load, b: Batch, j: int, blocks: torch.Tensor, deadline: float) -> bool:
         """Scatter chunk ``j`` of the batch into its blocks; False (``st.error``) to stop the load."""
         c, b0, nb, _t = b.spans[j]
         if b.why[j]:

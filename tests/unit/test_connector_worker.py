@@ -5,6 +5,7 @@ instance on one host do; the scheduler half is driven with scheduler outputs sha
 """
 from __future__ import annotations
 
+import threading
 import time
 from types import SimpleNamespace
 
@@ -36,7 +37,8 @@ def coord():
 
 
 def _worker(tmp_path, coord, seed, store_writer: bool | None = None, **over) -> WorkerSide:
-    cfg = ConnectorConfig(coordinator=coord.address, chunk_size=CHUNK, io_threads=2,
+    over.setdefault("io_threads", 2)
+    cfg = ConnectorConfig(coordinator=coord.address, chunk_size=CHUNK,
                           transport=TransportConfig(pool_size_mb=8, shm_dir=str(tmp_path), name="w"), **over)
     store = None
     if store_writer is not None:
@@ -375,7 +377,8 @@ def _tiered_worker(tmp_path, coord, seed, writer: bool, **over) -> WorkerSide:
     from store.tiered import TieredStore, make_dram
 
     (tmp_path / "store").mkdir(exist_ok=True)
-    cfg = ConnectorConfig(coordinator=coord.address, chunk_size=CHUNK, io_threads=2,
+    over.setdefault("io_threads", 2)
+    cfg = ConnectorConfig(coordinator=coord.address, chunk_size=CHUNK,
                           transport=TransportConfig(pool_size_mb=8, shm_dir=str(tmp_path), name="w"), **over)
     cfg.store = StoreConfig(backend="local", paths=[str(tmp_path / "store")], size_gb=0.1, dram_gb=0.004)
     store = TieredStore(LocalStore(cfg.store, writer=writer), make_dram(cfg.store, str(tmp_path / "shm")), 2)
@@ -424,6 +427,75 @@ def test_store_chunks_in_the_dram_tier_are_scattered_in_place(tmp_path, coord, e
             assert d.stats["store_chunks_loaded"] == d.stats["store_chunks_in_place"] == 5
             assert dram.stats["dram_hits"] == 5
             assert dram.stats["dram_get_bytes"] - copies == sum(len(r.view) for r in held)
+    finally:
+        for w in (p, d):
+            w.shutdown()
+            w.transport.close()
+            w.store.close()
+
+
+LONG = list(range(300, 400))  # 100 tokens: 13 chunks (25 blocks), in 4 batches of 4 with io_threads 1
+LSRC, LDST = list(range(0, 25)), list(range(30, 55))
+
+
+def _write_long_prefix(w: WorkerSide, pd_id: str) -> None:
+    w.after_forward(PDMetadata(saves=[SaveSpec("p1", pd_id, LONG, LSRC, 0, -1, True, b"L" * 16)]))
+    assert _until(lambda: w._save_jobs["p1"].done())
+    w.store.flush(10)
+
+
+@pytest.mark.parametrize("tiered", [False, True])
+def test_a_prefix_from_the_store_loads_batches_read_while_the_last_is_scattered(tmp_path, coord, tiered):
+    """Prefix reuse (no transfer): the store's chunks come in batches, each read by a helper
+    thread while the one before is scattered; the blocks are the writer's, in place from the DRAM
+    tier or copied from disk."""
+    make = (lambda s, wr, **o: _tiered_worker(tmp_path, coord, s, wr, io_threads=1, **o)) if tiered else \
+        (lambda s, wr, **o: _worker(tmp_path, coord, s, store_writer=wr, io_threads=1, **o))
+    p, d = make(20, True), make(21, False)
+    threads: dict[str, list[str]] = {"read": [], "scatter": []}
+    for what, name in (("read", "_read_store"), ("scatter", "_scatter")):
+        real = getattr(d.loads, name)
+        setattr(d.loads, name, lambda *a, _r=real, _w=what: (threads[_w].append(threading.current_thread().name), _r(*a))[1])
+    try:
+        assert d.pool.n_slabs == 8  # 4 chunks a batch, two batches in flight
+        _write_long_prefix(p, "x20")
+        d.start_step(PDMetadata(loads=[LoadSpec("d1", "", LONG, LDST, 0, b"L" * 16)]))
+        assert _until(lambda: "d1" in d.loads._done_recving)
+        assert d.take_load_errors() == set() and _same_blocks(p, d, LSRC, LDST)
+        assert d.stats["store_chunks_loaded"] == 13 and d.stats["prefix_loads_ok"] == 1
+        assert d.stats["store_chunks_in_place"] == (13 if tiered else 0)
+        # 4 batches read by the helper thread, 13 chunks scattered by the load's own I/O thread
+        assert len(threads["read"]) == 4 and all(n.startswith("pd-prefetch") for n in threads["read"])
+        assert len(threads["scatter"]) == 13 and all(n.startswith("pd-io") for n in threads["scatter"])
+    finally:
+        for w in (p, d):
+            w.shutdown()
+            w.transport.close()
+            w.store.close()
+
+
+@pytest.mark.parametrize("bad_chunk", [1, 6, 12])
+def test_a_bad_chunk_stops_a_store_load_there_and_every_in_place_read_is_released(tmp_path, coord, bad_chunk):
+    """A chunk that fails its checks mid-load: the chunks before it stay loaded, its blocks and
+    the rest are recomputed, and the DRAM tier's in-place reads of the batch being scattered and
+    of the one being read meanwhile are all given back (none left holding an entry)."""
+    p = _tiered_worker(tmp_path, coord, 22, True)
+    d = _tiered_worker(tmp_path, coord, 23, False, io_threads=1)
+    acquired, released = [], []
+    acquire, release = d.store.acquire, d.store.release
+    d.store.acquire = lambda keys: (acquired.extend(r for r in acquire(keys) if r is not None), acquired[-len(keys):])[1]
+    d.store.release = lambda reads: (released.extend(reads), release(reads))[1]
+    bad_key = d.codec.keys(LONG, b"L" * 16)[bad_chunk]
+    check = d.loads._check
+    d.loads._check = lambda view, key, size, nb: "planted" if key == bad_key else check(view, key, size, nb)
+    try:
+        _write_long_prefix(p, "x22")
+        d.start_step(PDMetadata(loads=[LoadSpec("d1", "", LONG, LDST, 0, b"L" * 16)]))
+        assert _until(lambda: "d1" in d.loads._done_recving)
+        first_bad = 2 * bad_chunk  # 2 blocks a chunk
+        assert d.take_load_errors() == set(LDST[first_bad:])
+        assert _same_blocks(p, d, LSRC[:first_bad], LDST[:first_bad])
+        assert len(acquired) >= min(13, 4 * (bad_chunk // 4 + 1)) and sorted(map(id, released)) == sorted(map(id, acquired))
     finally:
         for w in (p, d):
             w.shutdown()

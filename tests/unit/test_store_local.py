@@ -643,12 +643,15 @@ def test_key_to_relpath_mapping():
     assert key_to_relpath("n/" + "a" * 300) != key_to_relpath("n/" + "a" * 301)
 
 
+@pytest.mark.parametrize("read_threads", [1, 4])
 @pytest.mark.parametrize("piece,room", [(8192, 0), (8192, 5), (4096 * 3 + 1, 0), (50_000, 0)])
-def test_buffered_read_in_pieces_hashed_alongside(disk, monkeypatch, piece, room):
+def test_buffered_read_in_pieces_hashed_alongside(disk, monkeypatch, piece, room, read_threads):
     """A large buffered read goes piece by piece (pieces made tiny here), hashed by the helper
-    thread; the result and the corruption check are the same as in one piece."""
+    thread (one reader) or by the reader itself (several); the result and the corruption check
+    are the same as in one piece."""
     monkeypatch.setattr(local_files, "READ_PIECE", piece)
-    s = LocalStore(_cfg(disk))
+    s = LocalStore(_cfg(disk, read_threads=read_threads))
+    assert s._files.inline_hash == (read_threads > 1)
     for i in range(3):
         assert s.put(_key(i), _data(i)) and s.flush(5)
     out = _aligned_buf(100_000 + room)
@@ -708,7 +711,7 @@ def test_read_in_pieces_after_fork(disk, monkeypatch):
     """The hashing thread is per process: a child forked after the parent used it starts its own
     (instead of waiting forever on a thread that fork did not copy)."""
     monkeypatch.setattr(local_files, "READ_PIECE", 8192)
-    s = LocalStore(_cfg(disk))
+    s = LocalStore(_cfg(disk, read_threads=1))  # one reader: pieces go to the hashing thread
     assert s.put(_key(1), _data(1)) and s.flush(5)
     out = np.zeros(100_000, dtype=np.uint8)
     assert s.get(_key(1), out) == 100_000  # the parent's hashing thread is running now
