@@ -21,6 +21,7 @@ import urllib.request
 from common.config import load, merge
 from launch.bench.peers import add_cuda_arguments
 from launch.bench.ttft_gpu import run_gpu
+from launch.bench.vllm_bench import cold_then_warm, command, report
 from launch.procs import check_model, check_ports
 from launch.scratch_store import ScratchStore
 from launch.supervise import Deployment
@@ -35,6 +36,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store-path", help="directory for the store (default: a fresh temp dir)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--seed", type=int, default=0, help="--device cuda: the prompts' seed (default 0)")
+    p.add_argument("--vllm-bench", type=int, default=0, metavar="N",
+                   help="seed 004's workflow instead of the prompts above: vLLM's `vllm bench serve` with N "
+                        "random prompts of --tokens tokens (--seed), run twice, cold then warm (0 = off)")
+    p.add_argument("--output-tokens", type=int, default=128, help="--vllm-bench: output tokens a request (128)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                    help="cpu: pdkv's store, one length (--tokens); cuda: the options below")
     add_cuda_arguments(p)
@@ -79,6 +84,14 @@ def run(args) -> int:
         deployment.start(progress=lambda line: None)
         url = deployment.proxy_url
         ttft(url, name, [1, 2, 3])  # warm up the HTTP path and the engines
+        if args.vllm_bench:
+            runs = cold_then_warm(command(url, name, str(model), args.vllm_bench, args.tokens,
+                                          args.output_tokens, args.seed))
+            print(f"# pd bench ttft --vllm-bench {args.vllm_bench}: vllm bench serve, random {args.tokens}-token "
+                  f"prompts, {args.output_tokens} output tokens, seed {args.seed}, run twice; 1P1D, "
+                  f"store/{args.backend}, vLLM prefix cache off")
+            print(report(runs, "run"))
+            return 0 if all(r["completed"] == args.vllm_bench and not r.get("failed") for r in runs.values()) else 1
         for i in range(args.prompts):
             prompt = [random.Random(i).randrange(16, 4000) for _ in range(args.tokens)]
             cold, cold_text = ttft(url, name, prompt)

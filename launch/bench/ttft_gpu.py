@@ -35,6 +35,8 @@ from launch.bench.peers import (
     write_lmcache_config,
 )
 from launch.bench.serve_load import Request, Result, answer, send_one
+from launch.bench.vllm_bench import cold_then_warm, command
+from launch.bench.vllm_bench import report as vllm_report
 from launch.gpus import gpu_count
 from launch.procs import check_model, check_ports, served_name
 from launch.supervise import Deployment
@@ -109,6 +111,9 @@ def run_mode(mode: str, p: dict, args: argparse.Namespace, n_gpus: int, work: Pa
             d.start(progress=lambda line: print(f"  [{mode}] {line}", flush=True))
             started = time.perf_counter() - t0
             got = measure(d.proxy_url, served_name(dep), p, args)
+            if getattr(args, "vllm_bench", 0):  # seed 004's workflow, after this mode's own prompts
+                got["vllm_bench"] = cold_then_warm(command(d.proxy_url, served_name(dep), p["model"], args.vllm_bench,
+                                                           args.tokens, args.output_tokens, args.seed))
         finally:
             d.stop()
         return {"startup_s": started, "run_dir": str(run_dir), "lmcache_yaml": str(yaml_path),
@@ -192,6 +197,10 @@ def format_report(header: str, results: dict) -> str:
         errors = [x["error"] for rows in r.get("rows", {}).values() for x in rows if x["error"]]
         if errors:
             lines.append(f"# {mode}: {len(errors)} failed sends, first: {errors[0]}")
+    for mode, r in results.items():
+        if r.get("vllm_bench"):
+            lines += ["", f"## {mode}: vllm bench serve (seed 004's workflow), cold then warm", "",
+                      vllm_report(r["vllm_bench"], "run")]
     return "\n".join(lines)
 
 

@@ -17,7 +17,9 @@
 # at it. One part fits one device call (about 7-8 minutes with set-up and model).
 #
 #   OUT=/some/dir bash scripts/gpu/lmcache.sh [ttft|pd|all]
-#   env: DEADLINE, INIT_STD, MODEL, TTFT_MODES, LENGTHS, PROMPTS, PD_MODES
+#   env: DEADLINE, INIT_STD, MODEL, TTFT_MODES, LENGTHS, PROMPTS, PD_MODES, VLLM_BENCH (ttft: after each
+#        mode's prompts, seed 004's `vllm bench serve` workflow with N random 8192-token prompts, 128
+#        output tokens, the run's --seed, run twice: cold then warm)
 #
 # Results in $OUT (7 files at most): setup.log, run.log, ttft_gpu.json/.md, serve_lmcache.json/.md,
 # instance_logs.txt (each instance log's tail and the LMCache YAML files).
@@ -55,7 +57,8 @@ if [ "$part" != pd ]; then
   [ "$t" -gt 0 ] || { echo "lmcache: no time left for ttft"; exit 1; }
   timeout -s INT -k 30 "$t" python3 -c "$PD" bench ttft --device cuda --model "$M" \
     --modes "${TTFT_MODES:-pdkv,lmcache_disk,lmcache_cpu,pdkv_dram}" --lengths "${LENGTHS:-2048,8192,max}" \
-    --prompts "${PROMPTS:-2}" --deadline "$end" --mode-budget-s 90 --out "$OUT/ttft_gpu.json" >> "$OUT/run.log" 2>&1
+    --prompts "${PROMPTS:-2}" --deadline "$end" --mode-budget-s 90 --out "$OUT/ttft_gpu.json" \
+    ${VLLM_BENCH:+--vllm-bench "$VLLM_BENCH" --tokens 8192 --output-tokens 128} >> "$OUT/run.log" 2>&1
   rc=$?
   echo "lmcache: ttft rc $rc (${SECONDS}s)"
   cat "$OUT/ttft_gpu.md" 2>/dev/null || tail -30 "$OUT/run.log"

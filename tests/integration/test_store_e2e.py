@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from launch.bench import vllm_bench
 from store.config import StoreConfig
 from store.dram import default_dir
 from store.dram_arena import remove_arena
@@ -204,3 +205,16 @@ def test_hf3fs_layout_is_a_few_big_files_shared_by_reader_processes(store_deploy
     data = sorted((kv / "dev0" / W0).glob("data-*.bin"))
     assert len(data) == 1 and (kv / "dev0" / W0 / "index.log").stat().st_size > 16
     assert not list(kv.rglob("*.kv"))  # not a file per chunk
+
+
+def test_vllm_bench_serve_workflow_cold_then_warm(store_deployments, model_path):
+    """Seed 004's workflow (`pd bench ttft --vllm-bench`): vLLM's own serving benchmark client,
+    random prompts of one seed, run twice through the proxy: every request of both runs is
+    answered and its TTFT and TPOT are read back from the benchmark's result."""
+    dep, _ = store_deployments["shm_store"]
+    runs = vllm_bench.cold_then_warm(vllm_bench.command(dep.url, "tiny-llama", str(model_path), 4, 600, 16, 7),
+                                     pause_s=1.0, timeout_s=600)
+    for run, r in runs.items():
+        assert r["completed"] == 4 and not r.get("failed"), (run, r)
+        assert r["mean_ttft_ms"] > 0 and r["median_tpot_ms"] > 0 and r["total_input_tokens"] >= 4 * 500, (run, r)
+    assert "cold/warm mean TTFT" in vllm_bench.report(runs, "run")
