@@ -57,7 +57,10 @@ def _worker(coord, tmp: str, seed: int, writer: bool, n_blocks: int) -> WorkerSi
 def _load_ms(d: WorkerSide, rid: str, prompt: list[int], blocks: list[int]) -> float:
     t = time.perf_counter()
     d.start_step(PDMetadata(loads=[LoadSpec(rid, "", prompt, blocks, 0, SEED)]))
+    end = time.monotonic() + 300
     while rid not in d.loads._done_recving:
+        if time.monotonic() > end:
+            raise SystemExit(f"load {rid} did not finish in 300 s")
         time.sleep(0.0005)
     ms = (time.perf_counter() - t) * 1e3
     if d.take_load_errors():

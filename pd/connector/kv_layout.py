@@ -344,13 +344,23 @@ class StagingPool:
     @contextmanager
     def acquire(self, n: int) -> Iterator[list[torch.Tensor]]:
         """Take ``n`` slabs (n <= n_slabs), waiting for other jobs to give theirs back."""
-        n = min(n, self.n_slabs)
-        with self._cv:
-            self._cv.wait_for(lambda: len(self._free) >= n)
-            slabs = [self._free.pop() for _ in range(n)]
+        slabs = self.take(n)
         try:
             yield slabs
         finally:
-            with self._cv:
-                self._free.extend(slabs)
-                self._cv.notify_all()
+            self.give(slabs)
+
+    def take(self, n: int, wait: bool = True) -> list[torch.Tensor] | None:
+        """``n`` slabs (n <= n_slabs); without ``wait``, None unless they are free now (a job that
+        holds slabs may only ask so: waiting while holding could deadlock two jobs)."""
+        n = min(n, self.n_slabs)
+        with self._cv:
+            if not wait and len(self._free) < n:
+                return None
+            self._cv.wait_for(lambda: len(self._free) >= n)
+            return [self._free.pop() for _ in range(n)]
+
+    def give(self, slabs: list[torch.Tensor]) -> None:
+        with self._cv:
+            self._free.extend(slabs)
+            self._cv.notify_all()

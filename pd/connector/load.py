@@ -169,6 +169,9 @@ class Loads:
         for ev in list(self._cancel.values()):
             ev.set()
         self._waits.shutdown(wait=True, cancel_futures=False)  # cancelled waits end within 1 s
+
+    def close(self) -> None:
+        """After the worker's I/O threads have stopped: no load can ask for a read any more."""
         self._prefetch.shutdown(wait=True, cancel_futures=False)
 
     def _settle(self, st: _Load, bad: set) -> None:
@@ -344,7 +347,8 @@ class Loads:
         try:
             self.codec.verify(view, key, size, nb)
         except chunkfmt.ChunkError as e:
-            self.stats["chunk_errors"] += 1
+            with self._lock:  # (also from the store loads' read threads)
+                self.stats["chunk_errors"] += 1
             return str(e)
         return ""
 

@@ -2,15 +2,16 @@
 
 An 8192-token prefix of an 8B model is 1 GB. Read from page-cached files (about 8 GB/s with
 ``connector.store.read_threads`` 4) and then copied to the GPU and scattered (about 25 GB/s),
-one batch after the other, the two add up; here a helper thread reads batch k+1 into one half
-of the staging slabs while this thread scatters batch k from the other half.
+one batch after the other, the two add up; here a helper thread reads batch k+1 into its own
+staging slabs while this thread scatters batch k from its slabs.
 
-Safety, as in ``pd.connector.load``'s batches: both halves are taken from the pool at once (a
-load never waits for slabs while it holds some, so two loads cannot deadlock on the pool); a
-scatter synchronizes its copy before it returns, so a half is read into again only when the
-GPU is done with it; the load stops at the first chunk that fails (``st.error`` says why), and
-before the slabs go back, the batch still being read is waited for and its in-place reads (the
-store's DRAM tier) are released, also when the scatter raises.
+Safety, as in ``pd.connector.load``'s batches: a load waits for slabs only when it holds none
+(the next batch's are taken only if free at once, else that batch is read after the scatter, as
+before), so loads and saves sharing the pool cannot deadlock, and each batch's slabs go back as
+soon as it is scattered; a scatter synchronizes its copy before it returns; the load stops at
+the first chunk that fails (``st.error`` says why), and before the slabs go back the batch still
+being read is waited for and its in-place reads (the store's DRAM tier) are released, also when
+the scatter raises.
 """
 from __future__ import annotations
 
@@ -43,25 +44,48 @@ def load_from_store(loads: Any, st: Any, spans: list, blocks: torch.Tensor, dead
                     part: Any, prefetch: ThreadPoolExecutor) -> None:
     """Load ``spans`` (chunks of ``st``) from its store into ``blocks``, reads overlapped with
     scatters; on a failure ``st.error`` is set and the chunks before it stay loaded."""
-    m = max(1, loads.pool.n_slabs // 2)
+    m = max(1, loads.pool.n_slabs // 4)  # a batch: a quarter of the pool (two loads, two batches each)
     batches = [spans[i : i + m] for i in range(0, len(spans), m)]
-    with loads.pool.acquire(min(len(spans), 2 * m)) as slabs:
-        halves = [slabs[:m], slabs[m:]]
-        fut: Future | None = prefetch.submit(_read, loads, st, batches[0], halves[0], part)
-        try:
-            for k in range(len(batches)):
+    held: list = [loads.pool.take(len(batches[0]))]  # [this batch's slabs, the next one's]
+    fut: Future | None = None
+    try:
+        b = _read(loads, st, batches[0], held[0], part)
+        for k in range(len(batches)):
+            if k + 1 < len(batches):  # the next batch's slabs only if free now: never wait holding some
+                nxt = loads.pool.take(len(batches[k + 1]), wait=False)
+                if nxt is not None:
+                    held.append(nxt)
+                    fut = _submit(prefetch, loads, st, batches[k + 1], nxt, part)
+            try:
+                ok = _scatter_all(loads, st, b, blocks, deadline, part)
+            finally:
+                release_held(st, b)
+            if not ok or k + 1 == len(batches):
+                return
+            loads.pool.give(held.pop(0))
+            if fut is not None:
                 b, fut = fut.result(), None
-                if k + 1 < len(batches):
-                    fut = prefetch.submit(_read, loads, st, batches[k + 1], halves[(k + 1) % 2], part)
-                try:
-                    ok = _scatter_all(loads, st, b, blocks, deadline, part)
-                finally:
-                    release_held(st, b)
-                if not ok:
-                    return
-        finally:
-            if fut is not None:  # the slabs go back only once no thread reads into them
-                release_held(st, _settled(fut))
+            else:  # no slabs were free: read it now, as the old loop did
+                held.append(loads.pool.take(len(batches[k + 1])))
+                b = _read(loads, st, batches[k + 1], held[-1], part)
+    finally:
+        if fut is not None:  # the slabs go back only once no thread reads into them
+            release_held(st, _settled(fut))
+        for slabs in held:
+            loads.pool.give(slabs)
+
+
+def _submit(prefetch: ThreadPoolExecutor, *args: Any) -> Future:
+    """The read on the helper thread; where that is shut down (the worker is stopping), done here."""
+    try:
+        return prefetch.submit(_read, *args)
+    except RuntimeError:
+        f: Future = Future()
+        try:
+            f.set_result(_read(*args))
+        except BaseException as e:
+            f.set_exception(e)
+        return f
 
 
 def release_held(st: Any, b: Batch | None) -> None:

@@ -212,6 +212,8 @@ class WorkerSide:
         if self.loads is not None:
             self.loads.shutdown()
         self._exec.shutdown(wait=True, cancel_futures=False)
+        if self.loads is not None:
+            self.loads.close()
 
     # ---- save --------------------------------------------------------------------------
 

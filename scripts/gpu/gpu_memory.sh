@@ -41,6 +41,7 @@ fi
 if [ "$part" = equal ]; then
   python3 -m launch.cli make-model /tmp/tiny-f32 > "$OUT/make_model_tiny.log" 2>&1 || { tail -5 "$OUT/make_model_tiny.log"; exit 1; }
   left=$(( ${DEADLINE:-$(( $(date +%s) + 300 ))} - $(date +%s) ))
+  [ "$left" -ge 30 ] || { echo "equal: DEADLINE leaves $left s (< 30): not run"; exit 1; }
   timeout "$left" python3 -m launch.cli bench serve --device cuda --model /tmp/tiny-f32 --load-format auto \
     --dtype float32 --enforce-eager --modes "${MODES:-pd,pd_after,colocated}" --requests 16 --rate 4 \
     --long-fraction 0.5 --long-tokens 1900 --short-tokens 256 --max-tokens 128 --sequential 16 --kv-cache-gb 4 \

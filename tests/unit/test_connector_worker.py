@@ -434,7 +434,7 @@ def test_store_chunks_in_the_dram_tier_are_scattered_in_place(tmp_path, coord, e
             w.store.close()
 
 
-LONG = list(range(300, 400))  # 100 tokens: 13 chunks (25 blocks), in 4 batches of 4 with io_threads 1
+LONG = list(range(300, 400))  # 100 tokens: 13 chunks (25 blocks), in 7 batches of 2 with io_threads 1
 LSRC, LDST = list(range(0, 25)), list(range(30, 55))
 
 
@@ -457,15 +457,17 @@ def test_a_prefix_from_the_store_loads_batches_read_while_the_last_is_scattered(
         real = getattr(d.loads, name)
         setattr(d.loads, name, lambda *a, _r=real, _w=what: (threads[_w].append(threading.current_thread().name), _r(*a))[1])
     try:
-        assert d.pool.n_slabs == 8  # 4 chunks a batch, two batches in flight
+        assert d.pool.n_slabs == 8  # 2 chunks a batch (a quarter of the pool), two batches in flight
         _write_long_prefix(p, "x20")
         d.start_step(PDMetadata(loads=[LoadSpec("d1", "", LONG, LDST, 0, b"L" * 16)]))
         assert _until(lambda: "d1" in d.loads._done_recving)
         assert d.take_load_errors() == set() and _same_blocks(p, d, LSRC, LDST)
         assert d.stats["store_chunks_loaded"] == 13 and d.stats["prefix_loads_ok"] == 1
         assert d.stats["store_chunks_in_place"] == (13 if tiered else 0)
-        # 4 batches read by the helper thread, 13 chunks scattered by the load's own I/O thread
-        assert len(threads["read"]) == 4 and all(n.startswith("pd-prefetch") for n in threads["read"])
+        # the first batch read by the load's own I/O thread, the 6 others by the helper thread
+        # (the pool had their slabs free), 13 chunks scattered by the load's thread
+        assert len(threads["read"]) == 7 and threads["read"][0].startswith("pd-io")
+        assert all(n.startswith("pd-prefetch") for n in threads["read"][1:])
         assert len(threads["scatter"]) == 13 and all(n.startswith("pd-io") for n in threads["scatter"])
     finally:
         for w in (p, d):
@@ -483,7 +485,13 @@ def test_a_bad_chunk_stops_a_store_load_there_and_every_in_place_read_is_release
     d = _tiered_worker(tmp_path, coord, 23, False, io_threads=1)
     acquired, released = [], []
     acquire, release = d.store.acquire, d.store.release
-    d.store.acquire = lambda keys: (acquired.extend(r for r in acquire(keys) if r is not None), acquired[-len(keys):])[1]
+
+    def watch(keys):
+        got = acquire(keys)
+        acquired.extend(r for r in got if r is not None)
+        return got
+
+    d.store.acquire = watch
     d.store.release = lambda reads: (released.extend(reads), release(reads))[1]
     bad_key = d.codec.keys(LONG, b"L" * 16)[bad_chunk]
     check = d.loads._check
@@ -495,7 +503,60 @@ def test_a_bad_chunk_stops_a_store_load_there_and_every_in_place_read_is_release
         first_bad = 2 * bad_chunk  # 2 blocks a chunk
         assert d.take_load_errors() == set(LDST[first_bad:])
         assert _same_blocks(p, d, LSRC[:first_bad], LDST[:first_bad])
-        assert len(acquired) >= min(13, 4 * (bad_chunk // 4 + 1)) and sorted(map(id, released)) == sorted(map(id, acquired))
+        assert len(acquired) >= min(13, 2 * (bad_chunk // 2 + 1)) and sorted(map(id, released)) == sorted(map(id, acquired))
+    finally:
+        for w in (p, d):
+            w.shutdown()
+            w.transport.close()
+            w.store.close()
+
+
+def test_the_next_batch_is_read_while_this_one_is_scattered(tmp_path, coord):
+    """The overlap itself: the first scatter waits (up to 10 s) for the second batch's read to
+    end; batch after batch, that read would only start after this scatter."""
+    p, d = _worker(tmp_path, coord, 24, store_writer=True), _worker(tmp_path, coord, 25, store_writer=False,
+                                                                     io_threads=1)
+    reads, second_read = [], threading.Event()
+    read_store, scatter = d.loads._read_store, d.loads._scatter
+    waited: list[bool] = []
+
+    def counting_read(*a):
+        read_store(*a)
+        reads.append(1)
+        if len(reads) == 2:
+            second_read.set()
+
+    def waiting_scatter(*a):
+        if not waited:
+            waited.append(second_read.wait(10))
+        return scatter(*a)
+
+    d.loads._read_store, d.loads._scatter = counting_read, waiting_scatter
+    try:
+        _write_long_prefix(p, "x24")
+        d.start_step(PDMetadata(loads=[LoadSpec("d1", "", LONG, LDST, 0, b"L" * 16)]))
+        assert _until(lambda: "d1" in d.loads._done_recving, 30)
+        assert waited == [True] and d.take_load_errors() == set() and _same_blocks(p, d, LSRC, LDST)
+    finally:
+        for w in (p, d):
+            w.shutdown()
+            w.transport.close()
+            w.store.close()
+
+
+def test_a_store_load_with_no_free_slabs_for_the_next_batch_reads_it_after_the_scatter(tmp_path, coord):
+    """Slabs held by other jobs: the load does not wait for them while it holds its own (no
+    deadlock between jobs sharing the pool); it reads the next batch once this one is done."""
+    p, d = _worker(tmp_path, coord, 26, store_writer=True), _worker(tmp_path, coord, 27, store_writer=False,
+                                                                     io_threads=1)
+    try:
+        _write_long_prefix(p, "x26")
+        others = d.pool.take(6)  # another job's: 2 of 8 left, one batch
+        d.start_step(PDMetadata(loads=[LoadSpec("d1", "", LONG, LDST, 0, b"L" * 16)]))
+        assert _until(lambda: "d1" in d.loads._done_recving, 30)
+        assert d.take_load_errors() == set() and _same_blocks(p, d, LSRC, LDST)
+        d.pool.give(others)
+        assert len(d.pool._free) == 8
     finally:
         for w in (p, d):
             w.shutdown()

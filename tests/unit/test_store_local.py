@@ -650,6 +650,12 @@ def test_buffered_read_in_pieces_hashed_alongside(disk, monkeypatch, piece, room
     thread (one reader) or by the reader itself (several); the result and the corruption check
     are the same as in one piece."""
     monkeypatch.setattr(local_files, "READ_PIECE", piece)
+    if read_threads > 1:  # several readers never hand pieces to the shared hashing thread
+
+        def no_hasher():
+            raise AssertionError("the shared hashing thread was used with several readers")
+
+        monkeypatch.setattr(local_files, "hasher", no_hasher)
     s = LocalStore(_cfg(disk, read_threads=read_threads))
     assert s._files.inline_hash == (read_threads > 1)
     for i in range(3):
