@@ -51,6 +51,9 @@ def plan(args: argparse.Namespace) -> dict:
     modes = mode_list(args.modes)
     model = check_model(args.model).resolve()
     max_len = args.max_model_len or model_max_len(model)
+    if getattr(args, "vllm_bench", 0) and args.tokens + args.output_tokens > max_len:
+        raise ValueError(f"--vllm-bench: --tokens {args.tokens} + --output-tokens {args.output_tokens} is more than "
+                         f"the model's max_model_len {max_len}; give shorter prompts")
     chunk = max(args.chunk_size, args.lmcache_chunk_size)
     lens = lengths(args.lengths, max_len, args.max_tokens, chunk)
     out = Path(args.out or os.path.join(os.environ.get("OUT", "."), "ttft_gpu.json"))
@@ -112,14 +115,29 @@ def run_mode(mode: str, p: dict, args: argparse.Namespace, n_gpus: int, work: Pa
             started = time.perf_counter() - t0
             got = measure(d.proxy_url, served_name(dep), p, args)
             if getattr(args, "vllm_bench", 0):  # seed 004's workflow, after this mode's own prompts
-                got["vllm_bench"] = cold_then_warm(command(d.proxy_url, served_name(dep), p["model"], args.vllm_bench,
-                                                           args.tokens, args.output_tokens, args.seed))
+                got.update(vllm_bench_runs(d.proxy_url, served_name(dep), p["model"], args))
         finally:
             d.stop()
         return {"startup_s": started, "run_dir": str(run_dir), "lmcache_yaml": str(yaml_path),
                 "hits": hits_in_logs(run_dir, mode), **got}
     finally:
         shutil.rmtree(store, ignore_errors=True)
+
+
+def vllm_bench_runs(url: str, name: str, model: str, args: argparse.Namespace) -> dict:
+    """``--vllm-bench``: {"vllm_bench": both runs} or {"vllm_bench_error": why} (a failure keeps the
+    mode's own rows); each run gets half the time --deadline leaves (at most 30 minutes)."""
+    timeout_s = 1800.0
+    if args.deadline:
+        timeout_s = min(timeout_s, (args.deadline - STOP_MARGIN_S - time.time() - args.settle_s) / 2)
+        if timeout_s < 30:
+            return {"vllm_bench_error": "skipped: --deadline leaves too little time"}
+    try:
+        return {"vllm_bench": cold_then_warm(command(url, name, model, args.vllm_bench, args.tokens,
+                                                     args.output_tokens, args.seed),
+                                             pause_s=args.settle_s, timeout_s=timeout_s)}
+    except Exception as e:  # noqa: BLE001 - reported beside the mode's rows
+        return {"vllm_bench_error": f"{type(e).__name__}: {str(e)[-600:]}"}
 
 
 def med(xs: list) -> float | None:
@@ -201,6 +219,8 @@ def format_report(header: str, results: dict) -> str:
         if r.get("vllm_bench"):
             lines += ["", f"## {mode}: vllm bench serve (seed 004's workflow), cold then warm", "",
                       vllm_report(r["vllm_bench"], "run")]
+        elif r.get("vllm_bench_error"):
+            lines += ["", f"## {mode}: vllm bench serve (seed 004's workflow): {r['vllm_bench_error']}"]
     return "\n".join(lines)
 
 
@@ -233,6 +253,8 @@ def run_gpu(args: argparse.Namespace) -> int:
     print(text, flush=True)
     write(p["out"], args, p, results, text)
     bad = any("rows" not in r or not all(x["same"] for rows in r["rows"].values() for x in rows)
+              or r.get("vllm_bench_error")
+              or any(x["completed"] != args.vllm_bench or x.get("failed") for x in r.get("vllm_bench", {}).values())
               for r in results.values())
     return 1 if bad else 0
 

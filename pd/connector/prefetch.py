@@ -69,10 +69,12 @@ def load_from_store(loads: Any, st: Any, spans: list, blocks: torch.Tensor, dead
                 held.append(loads.pool.take(len(batches[k + 1])))
                 b = _read(loads, st, batches[k + 1], held[-1], part)
     finally:
-        if fut is not None:  # the slabs go back only once no thread reads into them
-            release_held(st, _settled(fut))
-        for slabs in held:
-            loads.pool.give(slabs)
+        try:
+            if fut is not None:  # the slabs go back only once no thread reads into them
+                release_held(st, _settled(fut))
+        finally:
+            for slabs in held:
+                loads.pool.give(slabs)
 
 
 def _submit(prefetch: ThreadPoolExecutor, *args: Any) -> Future:
@@ -102,7 +104,7 @@ def _settled(fut: Future) -> Batch | None:
     """The batch a read produced, once it is over; None if it failed (the load is failing already)."""
     try:
         return fut.result()
-    except Exception:  # (its error reaches the caller through the first failure, or was logged)
+    except BaseException:  # (the load is failing already: its first error is the one raised)
         return None
 
 

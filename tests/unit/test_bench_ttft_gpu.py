@@ -98,6 +98,7 @@ def test_pdkv_modes_are_1p1d_with_the_store_and_no_prefix_cache(tmp_path, n_gpus
     (["--lmcache-disk-gb", "0"], "--lmcache-disk-gb: 0.0 is not allowed"),
     (["--prompts", "0"], "--prompts: 0 is not allowed"),
     (["--settle-s", "-1"], "negative seconds"),
+    (["--vllm-bench", "5", "--tokens", "16300", "--output-tokens", "128"], "--vllm-bench: --tokens 16300"),
 ])
 def test_bad_options_are_refused_before_any_gpu(tmp_path, extra, match):
     with pytest.raises(ValueError, match=match):
@@ -333,3 +334,34 @@ def test_lmcache_pd_send_prefills_waits_then_streams_from_decode():
     assert spec["receiver_init_port"] == [lmcache_pd.INIT_PORT] and spec["receiver_alloc_port"] == [lmcache_pd.ALLOC_PORT]
     assert d_path == "/d/v1/completions" and d_body["stream"] is True and "kv_transfer_params" not in d_body
     assert d_body["prompt"] == [11, 12, 13] and d_body["max_tokens"] == 2
+
+
+def test_vllm_bench_on_the_gpu_keeps_the_modes_rows_when_it_fails_or_has_no_time(tmp_path, monkeypatch):
+    """``--vllm-bench`` after a mode's prompts: its failure (or a --deadline too near) is reported
+    beside the mode's own rows, which stay; each run gets half the time left."""
+    import time as _time
+
+    from launch.bench import vllm_bench
+
+    a = _args("--model", str(_model(tmp_path)), "--vllm-bench", "3", "--tokens", "512")
+    a.deadline = _time.time() + 40
+    assert ttft_gpu.vllm_bench_runs("http://x", "m", "/m", a) == {
+        "vllm_bench_error": "skipped: --deadline leaves too little time"}
+    a.deadline, seen = 0, []
+
+    def fail(cmd, pause_s, timeout_s):
+        seen.append(timeout_s)
+        raise RuntimeError("vllm bench serve failed (exit 1):\nboom")
+
+    monkeypatch.setattr(ttft_gpu, "cold_then_warm", fail)
+    got = ttft_gpu.vllm_bench_runs("http://x", "m", "/m", a)
+    assert got == {"vllm_bench_error": "RuntimeError: vllm bench serve failed (exit 1):\nboom"} and seen == [1800.0]
+    rows = {"rows": {512: [{"cold_ms": 100.0, "warm_ms": 20.0, "same": True, "cold": [1], "warm": [1], "error": ""}]},
+            "startup_s": 1.0, "hits": [], "warmup_ms": [1.0, 1.0]}
+    text = ttft_gpu.format_report("# h", {"pdkv": {**rows, **got}})
+    assert "| pdkv | 512 | 1 | 100.0 | 20.0 |" in text and "vllm bench serve (seed 004's workflow): RuntimeError" in text
+    ok = {"completed": 3, "failed": 0, "mean_ttft_ms": 9.0, "median_ttft_ms": 9.0, "p99_ttft_ms": 9.0,
+          "median_tpot_ms": 1.0}
+    text = ttft_gpu.format_report("# h", {"pdkv": {**rows, "vllm_bench": {"cold": ok, "warm": ok}}})
+    assert "## pdkv: vllm bench serve (seed 004's workflow), cold then warm" in text
+    assert vllm_bench.report({"cold": ok, "warm": ok}, "run") in text

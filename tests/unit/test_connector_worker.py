@@ -504,6 +504,7 @@ def test_a_bad_chunk_stops_a_store_load_there_and_every_in_place_read_is_release
         assert d.take_load_errors() == set(LDST[first_bad:])
         assert _same_blocks(p, d, LSRC[:first_bad], LDST[:first_bad])
         assert len(acquired) >= min(13, 2 * (bad_chunk // 2 + 1)) and sorted(map(id, released)) == sorted(map(id, acquired))
+        assert _until(lambda: len(d.pool._free) == d.pool.n_slabs)  # every staging slab back
     finally:
         for w in (p, d):
             w.shutdown()
@@ -552,10 +553,12 @@ def test_a_store_load_with_no_free_slabs_for_the_next_batch_reads_it_after_the_s
     try:
         _write_long_prefix(p, "x26")
         others = d.pool.take(6)  # another job's: 2 of 8 left, one batch
-        d.start_step(PDMetadata(loads=[LoadSpec("d1", "", LONG, LDST, 0, b"L" * 16)]))
-        assert _until(lambda: "d1" in d.loads._done_recving, 30)
+        try:
+            d.start_step(PDMetadata(loads=[LoadSpec("d1", "", LONG, LDST, 0, b"L" * 16)]))
+            assert _until(lambda: "d1" in d.loads._done_recving, 30)
+        finally:
+            d.pool.give(others)  # (a load stuck waiting for them would hang the shutdown below)
         assert d.take_load_errors() == set() and _same_blocks(p, d, LSRC, LDST)
-        d.pool.give(others)
         assert len(d.pool._free) == 8
     finally:
         for w in (p, d):
