@@ -281,25 +281,19 @@ class ChunkFiles:
         thread capped 4 readers at its one core's hashing speed. A single reader instead hands each
         piece to the helper thread and reads the next meanwhile."""
         h = xxhash.xxh3_64()
+        hashing = None if self.inline_hash else hasher()
         ok, off, end = True, 0, len(dst)
-        if self.inline_hash:
-            while ok and off < end:
-                piece = dst[off:off + READ_PIECE]
-                ok = pread_into(fd, piece, foff + off) == len(piece)
-                if ok:
-                    h.update(piece)
-                off += len(piece)
-            return ok and h.intdigest() == csum
-        hashing = hasher()
         try:
             while ok and off < end:
                 piece = dst[off:off + READ_PIECE]
                 ok = pread_into(fd, piece, foff + off) == len(piece)
-                if ok:
+                if ok and hashing is None:
+                    h.update(piece)
+                elif ok:
                     hashing.update(h, piece)
                 off += len(piece)
-        finally:
-            digest = hashing.finish(h)  # also on errors: nothing may touch ``dst`` after we return
+        finally:  # (the helper: also on errors, nothing may touch ``dst`` after we return)
+            digest = h.intdigest() if hashing is None else hashing.finish(h)
         return ok and digest == csum
 
     def _read_staged(self, key: str, full: str, fd: int, st: os.stat_result, out: memoryview) -> int:

@@ -72,6 +72,14 @@ def _until(pred, timeout=10.0):
     return False
 
 
+def _close(*workers: WorkerSide) -> None:
+    """Stop workers that have a store: threads, transport, store."""
+    for w in workers:
+        w.shutdown()
+        w.transport.close()
+        w.store.close()
+
+
 def _same_blocks(p, d, src_blocks, dst_blocks) -> bool:
     return all(torch.equal(p.caches[n][src_blocks], d.caches[n][dst_blocks]) for n in p.caches)
 
@@ -204,10 +212,7 @@ def test_chunks_the_transport_dropped_are_in_the_store_before_ready(tmp_path, co
         assert _same_blocks(p, d, SRC, DST)
         assert p.stats["transport_dropped"] == 5 and d.stats["store_chunks_loaded"] == 5
     finally:
-        for w in (p, d):
-            w.shutdown()
-            w.transport.close()
-            w.store.close()
+        _close(p, d)
 
 
 def test_store_keys_carry_the_request_seed(tmp_path, coord):
@@ -231,10 +236,7 @@ def test_store_keys_carry_the_request_seed(tmp_path, coord):
         assert _until(lambda: p._save_jobs["p2"].done())
         assert p.store.stats.get("puts", None) == puts
     finally:
-        for w in (p, d):
-            w.shutdown()
-            w.transport.close()
-            w.store.close()
+        _close(p, d)
 
 
 def test_scheduler_looks_up_the_store_with_the_request_seed():
@@ -365,10 +367,7 @@ def test_store_chunks_keyed_with_another_secret_are_never_loaded(tmp_path, coord
             else:  # the same secret: loaded
                 assert d.take_load_errors() == set() and _same_blocks(theirs, d, SRC, DST)
     finally:
-        for w in [theirs, *readers]:
-            w.shutdown()
-            w.transport.close()
-            w.store.close()
+        _close(theirs, *readers)
 
 
 def _tiered_worker(tmp_path, coord, seed, writer: bool, **over) -> WorkerSide:
@@ -428,10 +427,7 @@ def test_store_chunks_in_the_dram_tier_are_scattered_in_place(tmp_path, coord, e
             assert dram.stats["dram_hits"] == 5
             assert dram.stats["dram_get_bytes"] - copies == sum(len(r.view) for r in held)
     finally:
-        for w in (p, d):
-            w.shutdown()
-            w.transport.close()
-            w.store.close()
+        _close(p, d)
 
 
 LONG = list(range(300, 400))  # 100 tokens: 13 chunks (25 blocks), in 7 batches of 2 with io_threads 1
@@ -470,10 +466,7 @@ def test_a_prefix_from_the_store_loads_batches_read_while_the_last_is_scattered(
         assert all(n.startswith("pd-prefetch") for n in threads["read"][1:])
         assert len(threads["scatter"]) == 13 and all(n.startswith("pd-io") for n in threads["scatter"])
     finally:
-        for w in (p, d):
-            w.shutdown()
-            w.transport.close()
-            w.store.close()
+        _close(p, d)
 
 
 @pytest.mark.parametrize("bad_chunk", [1, 6, 12])
@@ -506,10 +499,7 @@ def test_a_bad_chunk_stops_a_store_load_there_and_every_in_place_read_is_release
         assert len(acquired) >= min(13, 2 * (bad_chunk // 2 + 1)) and sorted(map(id, released)) == sorted(map(id, acquired))
         assert _until(lambda: len(d.pool._free) == d.pool.n_slabs)  # every staging slab back
     finally:
-        for w in (p, d):
-            w.shutdown()
-            w.transport.close()
-            w.store.close()
+        _close(p, d)
 
 
 def test_the_next_batch_is_read_while_this_one_is_scattered(tmp_path, coord):
@@ -539,10 +529,7 @@ def test_the_next_batch_is_read_while_this_one_is_scattered(tmp_path, coord):
         assert _until(lambda: "d1" in d.loads._done_recving, 30)
         assert waited == [True] and d.take_load_errors() == set() and _same_blocks(p, d, LSRC, LDST)
     finally:
-        for w in (p, d):
-            w.shutdown()
-            w.transport.close()
-            w.store.close()
+        _close(p, d)
 
 
 def test_a_store_load_with_no_free_slabs_for_the_next_batch_reads_it_after_the_scatter(tmp_path, coord):
@@ -561,7 +548,4 @@ def test_a_store_load_with_no_free_slabs_for_the_next_batch_reads_it_after_the_s
         assert d.take_load_errors() == set() and _same_blocks(p, d, LSRC, LDST)
         assert len(d.pool._free) == 8
     finally:
-        for w in (p, d):
-            w.shutdown()
-            w.transport.close()
-            w.store.close()
+        _close(p, d)
