@@ -8,14 +8,19 @@ nixl + nixl_cu13), into a ``pd_buffer_size`` buffer in the decode GPU's memory, 
 decode instance's connector loads it as an external hit. Each instance reads its LMCache YAML
 (``LMCACHE_CONFIG_FILE``) from ``conf_dir`` (``write_configs`` writes both before the start).
 
-The proxy's part is done here by the client, as LMCache's disaggregated proxy does it: the prompt
+The proxy's part is done here by the client, as LMCache's disaggregated proxy sends it: the prompt
 goes to the prefill instance with ``max_tokens`` 1 and ``kv_transfer_params`` ``{"ret_first_tok":
 true, "disagg_spec": {req_id, receiver_host, receiver_init_port, receiver_alloc_port}}``; the
 prefill's LMCache sends the KV to the receiver's ports and, once the last chunk is written,
 pushes a ``ProxyNotif(req_id)`` (msgpack, ZMQ PUSH) to ``pd_proxy_host:pd_proxy_port``, where
 ``Notifications`` listens (ZMQ PULL); then the request goes to the decode instance, whose stream
 is the answer. TTFT counts from the prefill request's send to the decode's first token (as for
-``nixl``; LMCache's proxy can return the prefill's token early, ``ret_first_tok``, not used here).
+``nixl``). LMCache's own proxy differs after that: it streams the prefill's token (``ret_first_tok``)
+first and sends the decode the prompt plus that token with ``max_tokens`` - 1.
+
+On vLLM 0.26 the answers of this mode are wrong from token 1 (LMCache issue 4463: its in-process
+connector mislays K and V in vLLM 0.26's packed KV layout; docs/bench_gpu.md): its timings are
+transfer costs, not correct serving.
 """
 from __future__ import annotations
 
