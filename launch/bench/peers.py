@@ -64,6 +64,11 @@ def add_cuda_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--chunk-size", type=int, default=256, help="pdkv connector.chunk_size (default 256)")
     g.add_argument("--store-gb", type=float, default=40.0, help="pdkv connector.store.size_gb (default 40)")
     g.add_argument("--dram-gb", type=float, default=16.0, help="pdkv_dram: connector.store.dram_gb (default 16)")
+    g.add_argument("--read-threads", type=int, default=4,
+                   help="pdkv: connector.store.read_threads, readers of one batch of chunks (default 4)")
+    g.add_argument("--io-threads", type=int, default=2,
+                   help="pdkv: connector.io_threads; the staging pool is 8 chunks a thread and a store load "
+                        "reads a quarter of it at once (default 2: 4 chunks)")
     g.add_argument("--lmcache-chunk-size", type=int, default=256, help="LMCache chunk_size (default 256, LMCache's)")
     g.add_argument("--lmcache-cpu-gb", type=float, default=16.0,
                    help="LMCache max_local_cpu_size, GB: lmcache_cpu's tier, lmcache_disk's staging (default 16)")
@@ -125,9 +130,13 @@ def lengths(text: str, max_model_len: int, max_tokens: int, chunk: int) -> list[
 
 def check_args(args: argparse.Namespace) -> None:
     """Refuse what cannot run, with what is allowed (the GPU is not touched)."""
-    for key, lo in (("prompts", 1), ("max_tokens", 1), ("chunk_size", 16), ("lmcache_chunk_size", 16)):
+    for key, lo in (("prompts", 1), ("max_tokens", 1), ("chunk_size", 16), ("lmcache_chunk_size", 16),
+                    ("read_threads", 1), ("io_threads", 1)):
         if getattr(args, key) < lo:
             raise ValueError(f"--{key.replace('_', '-')}: {getattr(args, key)} is not allowed; at least {lo}")
+    for key in ("read_threads", "io_threads"):
+        if getattr(args, key) > 64:
+            raise ValueError(f"--{key.replace('_', '-')}: {getattr(args, key)} is not allowed; at most 64")
     for key in ("kv_cache_gb", "store_gb", "dram_gb", "lmcache_cpu_gb", "lmcache_disk_gb"):
         if getattr(args, key) <= 0:
             raise ValueError(f"--{key.replace('_', '-')}: {getattr(args, key)} is not allowed; give GB > 0")
@@ -175,9 +184,10 @@ def deployment(mode: str, model: str, args: argparse.Namespace, max_model_len: i
     ns = serve_namespace(args, max_model_len)
     if mode in ("pdkv", "pdkv_dram"):
         store = {"backend": "local", "paths": [str(store_path)], "size_gb": args.store_gb, "queue_mb": STORE_QUEUE_MB,
-                 "dram_gb": args.dram_gb if mode == "pdkv_dram" else 0.0}
+                 "dram_gb": args.dram_gb if mode == "pdkv_dram" else 0.0, "read_threads": args.read_threads}
         dep = gpu_deployment("pd", model, ns, n_gpus, 1, 1)
-        return merge(dep, {"vllm": {"extra_args": [NO_PREFIX_CACHE]}, "connector": {"store": store}})
+        return merge(dep, {"vllm": {"extra_args": [NO_PREFIX_CACHE]},
+                           "connector": {"store": store, "io_threads": args.io_threads}})
     if mode not in LMCACHE_MODES:
         raise ValueError(f"--modes: unknown mode {mode!r}; allowed {', '.join(TTFT_MODES)}")
     if not lmcache_yaml:

@@ -234,7 +234,8 @@ def run_gpu(args: argparse.Namespace) -> int:
               f"{p['max_model_len']}, {n_gpus} GPU(s) (pdkv: prefill and decode {'on GPU 0 and 1' if n_gpus > 1 else 'both on GPU 0'}); "
               f"{args.prompts} prompt(s) per length, each sent cold then warm ({args.settle_s:g} s apart), "
               f"{args.max_tokens} greedy tokens; vLLM prefix cache off; enforce_eager {args.enforce_eager}; "
-              f"pdkv chunk_size {args.chunk_size}, LMCache chunk_size {args.lmcache_chunk_size}")
+              f"pdkv chunk_size {args.chunk_size}, read_threads {args.read_threads}, io_threads {args.io_threads}; "
+              f"LMCache chunk_size {args.lmcache_chunk_size}")
     print(header, flush=True)
     results: dict = {}
     for mode in p["modes"]:

@@ -17,7 +17,8 @@
 # at it. One part fits one device call (about 7-8 minutes with set-up and model).
 #
 #   OUT=/some/dir bash scripts/gpu/lmcache.sh [ttft|pd|all]
-#   env: DEADLINE, INIT_STD, MODEL, TTFT_MODES, LENGTHS, PROMPTS, PD_MODES, VLLM_BENCH (ttft: after each
+#   env: DEADLINE, INIT_STD, MODEL, TTFT_MODES, LENGTHS, PROMPTS, PD_MODES, READ_THREADS and IO_THREADS
+#        (ttft: pdkv's connector.store.read_threads, default 4, and connector.io_threads, default 2), VLLM_BENCH (ttft: after each
 #        mode's prompts, seed 004's `vllm bench serve` workflow with N random 8192-token prompts, 128
 #        output tokens, the run's --seed, run twice: cold then warm)
 #
@@ -58,6 +59,7 @@ if [ "$part" != pd ]; then
   timeout -s INT -k 30 "$t" python3 -c "$PD" bench ttft --device cuda --model "$M" \
     --modes "${TTFT_MODES:-pdkv,lmcache_disk,lmcache_cpu,pdkv_dram}" --lengths "${LENGTHS:-2048,8192,max}" \
     --prompts "${PROMPTS:-2}" --deadline "$end" --mode-budget-s 90 --out "$OUT/ttft_gpu.json" \
+    --read-threads "${READ_THREADS:-4}" --io-threads "${IO_THREADS:-2}" \
     ${VLLM_BENCH:+--vllm-bench "$VLLM_BENCH" --tokens 8192 --output-tokens 128} >> "$OUT/run.log" 2>&1
   rc=$?
   echo "lmcache: ttft rc $rc (${SECONDS}s)"

@@ -71,7 +71,7 @@ def test_lmcache_deployment_is_one_instance_with_lmcache_connector_and_no_prefix
 @pytest.mark.parametrize("n_gpus, second", [(1, "0"), (2, "1")])
 def test_pdkv_modes_are_1p1d_with_the_store_and_no_prefix_cache(tmp_path, n_gpus, second):
     model = _model(tmp_path)
-    a = _args("--chunk-size", "512", "--store-gb", "20", "--dram-gb", "6")
+    a = _args("--chunk-size", "512", "--store-gb", "20", "--dram-gb", "6", "--read-threads", "12", "--io-threads", "4")
     plain = peers.deployment("pdkv", str(model), a, 8192, n_gpus, tmp_path / "s")
     dram = peers.deployment("pdkv_dram", str(model), a, 8192, n_gpus, tmp_path / "s")
     for dep in (plain, dram):
@@ -84,6 +84,7 @@ def test_pdkv_modes_are_1p1d_with_the_store_and_no_prefix_cache(tmp_path, n_gpus
         s = dep.connector.store
         assert (s.backend, s.paths, s.size_gb, dep.connector.chunk_size) == ("local", [str(tmp_path / "s")], 20.0, 512)
     assert plain.connector.store.dram_gb == 0 and dram.connector.store.dram_gb == 6.0
+    assert {(d.connector.store.read_threads, d.connector.io_threads) for d in (plain, dram)} == {(12, 4)}
     assert plain.connector.store.queue_mb == peers.STORE_QUEUE_MB == 4096
 
 
@@ -98,6 +99,8 @@ def test_pdkv_modes_are_1p1d_with_the_store_and_no_prefix_cache(tmp_path, n_gpus
     (["--lmcache-disk-gb", "0"], "--lmcache-disk-gb: 0.0 is not allowed"),
     (["--prompts", "0"], "--prompts: 0 is not allowed"),
     (["--settle-s", "-1"], "negative seconds"),
+    (["--read-threads", "0"], "--read-threads: 0 is not allowed; at least 1"),
+    (["--io-threads", "65"], "--io-threads: 65 is not allowed; at most 64"),
     (["--vllm-bench", "5", "--tokens", "16300", "--output-tokens", "128"], "--vllm-bench: --tokens 16300"),
 ])
 def test_bad_options_are_refused_before_any_gpu(tmp_path, extra, match):
