@@ -1,14 +1,16 @@
 """`pd bench ttft --device cuda`: cold vs warm TTFT of prefix reuse, pdkv's store beside LMCache's
 local disk and CPU tiers (issue 19), one mode after the other on the same GPU, model and prompts.
 
-For each mode (``launch.bench.peers``): start it, send a warm-up prompt twice, then for each
-length (``--lengths``) ``--prompts`` distinct seeded prompts, each twice: cold = the first send
-(computed, and written to the store / LMCache), ``--settle-s`` of pause, warm = the second send
-(vLLM's prefix cache is off, so only the store / LMCache can spare the prefill). Every send
-streams greedy tokens through the pd proxy; answers (token ids) are compared warm with cold and
-each mode's with the first mode's. The instances' logs are searched for the warm loads (LMCache's
-"LMCache hit tokens", pdkv's "loaded a N-token prefix from the store"). Then stop it, remove its
-store. Results: a JSON (``--out``) and the tables beside it (.md), written after every mode.
+For each mode (``launch.bench.peers``): start it (an LMCache MP mode: its server first, healthy,
+``launch.bench.lmcache_mp``), send a warm-up prompt twice, then for each length (``--lengths``)
+``--prompts`` distinct seeded prompts, each twice: cold = the first send (computed, and written to
+the store / LMCache), ``--settle-s`` of pause (``lmcache_mp_disk``: then until its server's disk
+writes are done), warm = the second send (vLLM's prefix cache is off, so only the store / LMCache
+can spare the prefill). Every send streams greedy tokens through the pd proxy; answers (token ids)
+are compared warm with cold and each mode's with the first mode's. The logs are searched for the
+warm loads (LMCache's "LMCache hit tokens", its MP server's "Retrieved N tokens", pdkv's "loaded a
+N-token prefix from the store"). Then stop it (the MP server last), remove its store. Results: a
+JSON (``--out``) and the tables beside it (.md), written after every mode.
 """
 from __future__ import annotations
 
@@ -20,12 +22,15 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from launch.bench.common import VOCAB
+from launch.bench.lmcache_mp import DISK_MODE, MP_MODES, MPServer, mp_server
 from launch.bench.peers import (
     LMCACHE_MODES,
     check_args,
+    check_modes,
     deployment,
     hits_in_logs,
     lengths,
@@ -49,6 +54,7 @@ def plan(args: argparse.Namespace) -> dict:
     """Everything decided before a GPU is touched: modes, model, lengths, prompts, where results go."""
     check_args(args)
     modes = mode_list(args.modes)
+    check_modes(args, modes)
     model = check_model(args.model).resolve()
     max_len = args.max_model_len or model_max_len(model)
     if getattr(args, "vllm_bench", 0) and args.tokens + args.output_tokens > max_len:
@@ -74,54 +80,92 @@ def send(url: str, name: str, prompt: list[int], max_tokens: int) -> Result:
     return res
 
 
-def measure(url: str, name: str, p: dict, args: argparse.Namespace) -> dict:
-    """The warm-up pair, then a cold and a warm send of every prompt; per length the rows."""
+def settle_fn(mode: str, args: argparse.Namespace, server: MPServer | None = None) -> Callable[[], dict]:
+    """What is done between a cold send and its warm one: ``--settle-s`` of pause; ``lmcache_mp_disk``
+    then waits (at most ``--lmcache-mp-wait-s``, and not into --deadline's stop margin) until its
+    server's disk writes are done, so that the warm send reads from disk: {"store_wait_ms": ...} or
+    {"store_wait_error": ...}, else {}."""
+    def settle() -> dict:
+        time.sleep(args.settle_s)
+        if mode != DISK_MODE or server is None:
+            return {}
+        limit = args.lmcache_mp_wait_s
+        if args.deadline:
+            limit = max(0.0, min(limit, args.deadline - STOP_MARGIN_S - time.time()))
+        return server.wait_stored(limit)
+    return settle
+
+
+def measure(url: str, name: str, p: dict, args: argparse.Namespace, settle: Callable[[], dict] | None = None) -> dict:
+    """The warm-up pair, then a cold and a warm send of every prompt (``settle`` between them,
+    default ``--settle-s`` of pause; what it returns goes into the row); per length the rows."""
+    settle = settle or settle_fn("", args)
     warm_up = [random.Random(f"warmup/{args.seed}").randrange(*VOCAB) for _ in range(WARMUP_TOKENS)]
     first = send(url, name, warm_up, args.max_tokens)
-    time.sleep(args.settle_s)
+    waited = settle()
     again = send(url, name, warm_up, args.max_tokens)
+    out: dict = {"warmup_ms": [r.ttft * 1e3 if r.ttft else None for r in (first, again)],
+                 **({"warmup_wait": waited} if waited else {})}
     rows: dict[int, list[dict]] = {}
     for length, ps in p["prompts"].items():
         for prompt in ps:
             if args.deadline and time.time() > args.deadline - STOP_MARGIN_S:
-                return {"warmup_ms": [r.ttft * 1e3 if r.ttft else None for r in (first, again)], "rows": rows,
-                        "truncated": "--deadline: the remaining prompts were not sent"}
+                return {**out, "rows": rows, "truncated": "--deadline: the remaining prompts were not sent"}
             cold = send(url, name, prompt, args.max_tokens)
-            time.sleep(args.settle_s)
+            waited = settle()
             warm = send(url, name, prompt, args.max_tokens)
             rows.setdefault(length, []).append({
                 "cold_ms": cold.ttft * 1e3 if cold.ttft else None, "warm_ms": warm.ttft * 1e3 if warm.ttft else None,
                 "same": cold.ok and warm.ok and answer(cold) == answer(warm),
                 "cold": answer(cold), "warm": answer(warm),
-                "error": "; ".join(e for e in (cold.error, warm.error) if e)})
-    return {"warmup_ms": [r.ttft * 1e3 if r.ttft else None for r in (first, again)], "rows": rows}
+                "error": "; ".join(e for e in (cold.error, warm.error) if e), **waited})
+    return {**out, "rows": rows}
 
 
 def run_mode(mode: str, p: dict, args: argparse.Namespace, n_gpus: int, work: Path) -> dict:
-    """Start ``mode``, measure it, stop it; its store directory is removed after."""
+    """Start ``mode``, measure it, stop it; its store directory (an MP mode's L2) is removed after. An
+    LMCache MP mode's server starts first (healthy before the vLLM instance starts) and stops last."""
     run_dir = work / mode
     store = Path(tempfile.mkdtemp(prefix=f"{mode}-", dir=args.store_path or None))
     try:
-        yaml_path = ""
-        if mode in LMCACHE_MODES:
-            yaml_path = write_lmcache_config(run_dir / "lmcache.yaml", lmcache_config(mode, args, store))
-        dep = deployment(mode, p["model"], args, p["max_model_len"], n_gpus, store, yaml_path)
-        dep.run_dir = str(run_dir)
-        check_ports(dep)
-        d = Deployment(dep)
-        t0 = time.perf_counter()
+        if mode not in MP_MODES:
+            return serve_mode(mode, p, args, n_gpus, run_dir, store)
+        server = mp_server(mode, args, run_dir, store).start()
         try:
-            d.start(progress=lambda line: print(f"  [{mode}] {line}", flush=True))
-            started = time.perf_counter() - t0
-            got = measure(d.proxy_url, served_name(dep), p, args)
-            if getattr(args, "vllm_bench", 0):  # seed 004's workflow, after this mode's own prompts
-                got.update(vllm_bench_runs(d.proxy_url, served_name(dep), p["model"], args))
+            got = serve_mode(mode, p, args, n_gpus, run_dir, store, server)
+            died = server.exited()
         finally:
-            d.stop()
-        return {"startup_s": started, "run_dir": str(run_dir), "lmcache_yaml": str(yaml_path),
-                "hits": hits_in_logs(run_dir, mode), **got}
+            stopped = server.stop()
+        got["lmcache_server"] = {"argv": server.argv, "log": str(server.log_path), "healthy_s": server.started_s,
+                                 "stop": stopped, **({"died": died} if died else {})}
+        got["hits"] = hits_in_logs(run_dir, mode)  # the server's log is complete once it stopped
+        return got
     finally:
         shutil.rmtree(store, ignore_errors=True)
+
+
+def serve_mode(mode: str, p: dict, args: argparse.Namespace, n_gpus: int, run_dir: Path, store: Path,
+               server: MPServer | None = None) -> dict:
+    """Start ``mode``'s deployment (an MP mode's reaching ``server``), measure it, stop it."""
+    yaml_path = ""
+    if mode in LMCACHE_MODES:
+        yaml_path = write_lmcache_config(run_dir / "lmcache.yaml", lmcache_config(mode, args, store))
+    dep = deployment(mode, p["model"], args, p["max_model_len"], n_gpus, store, yaml_path,
+                     server.zmq_port if server else 0)
+    dep.run_dir = str(run_dir)
+    check_ports(dep)
+    d = Deployment(dep)
+    t0 = time.perf_counter()
+    try:
+        d.start(progress=lambda line: print(f"  [{mode}] {line}", flush=True))
+        started = time.perf_counter() - t0
+        got = measure(d.proxy_url, served_name(dep), p, args, settle_fn(mode, args, server))
+        if getattr(args, "vllm_bench", 0):  # seed 004's workflow, after this mode's own prompts
+            got.update(vllm_bench_runs(d.proxy_url, served_name(dep), p["model"], args))
+    finally:
+        d.stop()
+    return {"startup_s": started, "run_dir": str(run_dir), "lmcache_yaml": str(yaml_path),
+            "hits": hits_in_logs(run_dir, mode), **got}
 
 
 def vllm_bench_runs(url: str, name: str, model: str, args: argparse.Namespace) -> dict:
@@ -166,7 +210,8 @@ def same_as_first(results: dict) -> dict[str, str]:
 
 
 # (pdkv mode, LMCache mode) pairs the issue's goals compare (warm TTFT: pdkv <= 0.8x LMCache's).
-PAIRS = (("pdkv", "lmcache_disk"), ("pdkv_dram", "lmcache_cpu"), ("pdkv", "lmcache_cpu"))
+PAIRS = (("pdkv", "lmcache_disk"), ("pdkv_dram", "lmcache_cpu"), ("pdkv", "lmcache_cpu"),
+         ("pdkv", "lmcache_mp_disk"), ("pdkv_dram", "lmcache_mp_cpu"), ("pdkv", "lmcache_mp_cpu"))
 
 
 def quotient(x: float | None, y: float | None) -> str:
@@ -185,6 +230,36 @@ def ratio_lines(results: dict) -> list[str]:
                  for key in ("cold_ms", "warm_ms")]
             lines.append(f"| {mine} / {theirs} | {length} | {q[0]} | {q[1]} |")
     return (["", "| pdkv / LMCache (TTFT p50) | tokens | cold | warm |", "|:---|---:|---:|---:|"] + lines) if lines else []
+
+
+def mp_lines(mode: str, r: dict) -> list[str]:
+    """An LMCache MP mode's server (seconds until healthy, how it stopped, whether it died) and, for
+    lmcache_mp_disk, how long the warm sends waited for its disk writes, with any timeouts."""
+    server = r.get("lmcache_server")
+    if not server:
+        return []
+    lines = [f"# {mode}: LMCache MP server healthy after {server['healthy_s']:.0f} s, stopped: {server['stop']}"
+             + (f"; it DIED during the run: {server['died']}" if server.get("died") else "")]
+    waits = [r["warmup_wait"]] if r.get("warmup_wait") else []
+    waits += [x for rows in r.get("rows", {}).values() for x in rows]
+    ms = [x["store_wait_ms"] for x in waits if "store_wait_ms" in x]
+    errors = [x["store_wait_error"] for x in waits if "store_wait_error" in x]
+    if ms or errors:
+        lines.append(f"# {mode}: waited for the server's disk writes before {len(ms) + len(errors)} warm sends (the "
+                     f"warm-up's included): p50 {fmt(med(ms))} ms, max {fmt(max(ms, default=None))} ms"
+                     + (f"; {len(errors)} timed out, first: {errors[0]}" if errors else ""))
+    return lines
+
+
+def failed(r: dict, args: argparse.Namespace) -> bool:
+    """Whether a mode's results fail the run: no rows, a warm answer unlike its cold one, a failed
+    ``--vllm-bench``, a wait for LMCache's disk writes that timed out, its MP server dying."""
+    rows = [x for rs in r.get("rows", {}).values() for x in rs]
+    bench = r.get("vllm_bench", {}).values()
+    return ("rows" not in r or not all(x["same"] for x in rows) or bool(r.get("vllm_bench_error"))
+            or any(x["completed"] != args.vllm_bench or x.get("failed") for x in bench)
+            or any("store_wait_error" in x for x in [*rows, r.get("warmup_wait") or {}])
+            or bool(r.get("lmcache_server", {}).get("died")))
 
 
 def format_report(header: str, results: dict) -> str:
@@ -215,6 +290,7 @@ def format_report(header: str, results: dict) -> str:
         errors = [x["error"] for rows in r.get("rows", {}).values() for x in rows if x["error"]]
         if errors:
             lines.append(f"# {mode}: {len(errors)} failed sends, first: {errors[0]}")
+        lines += mp_lines(mode, r)
     for mode, r in results.items():
         if r.get("vllm_bench"):
             lines += ["", f"## {mode}: vllm bench serve (seed 004's workflow), cold then warm", "",
@@ -236,6 +312,9 @@ def run_gpu(args: argparse.Namespace) -> int:
               f"{args.max_tokens} greedy tokens; vLLM prefix cache off; enforce_eager {args.enforce_eager}; "
               f"pdkv chunk_size {args.chunk_size}, read_threads {args.read_threads}, io_threads {args.io_threads}; "
               f"LMCache chunk_size {args.lmcache_chunk_size}")
+    if any(m in MP_MODES for m in p["modes"]):
+        header += (f"; LMCache MP server: L1 {args.lmcache_cpu_gb:g} GB pinned DRAM, lmcache_mp_disk: L2 "
+                   f"{args.lmcache_l2}, L1 a write buffer (skip_l1)")
     print(header, flush=True)
     results: dict = {}
     for mode in p["modes"]:
@@ -253,11 +332,7 @@ def run_gpu(args: argparse.Namespace) -> int:
     text = format_report(header, results)
     print(text, flush=True)
     write(p["out"], args, p, results, text)
-    bad = any("rows" not in r or not all(x["same"] for rows in r["rows"].values() for x in rows)
-              or r.get("vllm_bench_error")
-              or any(x["completed"] != args.vllm_bench or x.get("failed") for x in r.get("vllm_bench", {}).values())
-              for r in results.values())
-    return 1 if bad else 0
+    return 1 if any(failed(r, args) for r in results.values()) else 0
 
 
 def write(out: Path, args: argparse.Namespace, p: dict, results: dict, text: str) -> None:

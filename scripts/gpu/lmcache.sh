@@ -6,8 +6,11 @@
 # so equal answers mean something; 16 GB under /tmp, kept for a later call), then:
 #   ttft: `pd bench ttft --device cuda`: cold vs warm TTFT of prefix reuse at 2048, 8192 and the
 #         longest tokens the model allows (16360), 2 prompts each, modes pdkv (store on local disk),
-#         lmcache_disk, lmcache_cpu, pdkv_dram, each started and stopped in turn, eager
+#         lmcache_disk, lmcache_cpu, pdkv_dram (TTFT_MODES), each started and stopped in turn, eager
 #         (--enforce-eager: a start takes about 40 s instead of 60-90 s; TTFT is the prefill's);
+#         TTFT_MODES may name any of pdkv, pdkv_dram, lmcache_disk, lmcache_cpu (LMCache's in-process
+#         connector: wrong KV on vLLM 0.26, LMCache issue 4463), lmcache_mp_disk, lmcache_mp_cpu
+#         (LMCache's multi-process mode: its server beside the vLLM instance, launch/bench/lmcache_mp.py);
 #   pd:   `pd bench serve --device cuda --modes pd,lmcache_pd,nixl`: P/D one request at a time and
 #         under load (24 requests, half of 8000 tokens), eager, both instances of a mode on GPU 0
 #         with 10 GiB of KV cache each (lmcache_pd: a 6 GiB pd_buffer in each; 8000 tokens = 1 GiB);
@@ -18,12 +21,15 @@
 #
 #   OUT=/some/dir bash scripts/gpu/lmcache.sh [ttft|pd|all]
 #   env: DEADLINE, INIT_STD, MODEL, TTFT_MODES, LENGTHS, PROMPTS, PD_MODES, READ_THREADS and IO_THREADS
-#        (ttft: pdkv's connector.store.read_threads, default 4, and connector.io_threads, default 2), VLLM_BENCH (ttft: after each
+#        (ttft: pdkv's connector.store.read_threads, default 4, and connector.io_threads, default 2),
+#        LMCACHE_L2 (ttft, lmcache_mp_disk: the MP server's disk adapter, fs_native or fs; default
+#        fs_native), VLLM_BENCH (ttft: after each
 #        mode's prompts, seed 004's `vllm bench serve` workflow with N random 8192-token prompts, 128
 #        output tokens, the run's --seed, run twice: cold then warm)
 #
 # Results in $OUT (7 files at most): setup.log, run.log, ttft_gpu.json/.md, serve_lmcache.json/.md,
-# instance_logs.txt (each instance log's tail and the LMCache YAML files).
+# instance_logs.txt (each instance log's tail, the LMCache MP server's included, and the LMCache YAML
+# files).
 set -u
 cd "$(dirname "$0")/../.."
 part=${1:-ttft}
@@ -41,7 +47,7 @@ from launch.cli import main; sys.exit(main(sys.argv[1:]))'
 until_() { local s=$(( $1 - $(date +%s) - $2 )); [ "$s" -ge 30 ] && echo "$s" || echo 0; }
 { bash scripts/gpu/setup.sh && bash scripts/gpu/setup_lmcache.sh; } > "$OUT/setup.log" 2>&1 ||
   { tail -40 "$OUT/setup.log"; exit 1; }
-grep -E "^setup(_lmcache)?: (python|lmcache|ok)" "$OUT/setup.log"
+grep -E "^setup(_lmcache)?: (python|lmcache|ok|WARNING)" "$OUT/setup.log"
 . /tmp/pdkv-gpu.env
 INIT_STD=${INIT_STD:-0.2}
 M=${MODEL:-/tmp/m8r-std$INIT_STD}
@@ -59,7 +65,7 @@ if [ "$part" != pd ]; then
   timeout -s INT -k 30 "$t" python3 -c "$PD" bench ttft --device cuda --model "$M" \
     --modes "${TTFT_MODES:-pdkv,lmcache_disk,lmcache_cpu,pdkv_dram}" --lengths "${LENGTHS:-2048,8192,max}" \
     --prompts "${PROMPTS:-2}" --deadline "$end" --mode-budget-s 90 --out "$OUT/ttft_gpu.json" \
-    --read-threads "${READ_THREADS:-4}" --io-threads "${IO_THREADS:-2}" \
+    --read-threads "${READ_THREADS:-4}" --io-threads "${IO_THREADS:-2}" --lmcache-l2 "${LMCACHE_L2:-fs_native}" \
     ${VLLM_BENCH:+--vllm-bench "$VLLM_BENCH" --tokens 8192 --output-tokens 128} >> "$OUT/run.log" 2>&1
   rc=$?
   echo "lmcache: ttft rc $rc (${SECONDS}s)"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Prepare LMCache for the GPU machine, HERE (needs PyPI; the GPU machine has no network): issue 19.
 #
-#   bash scripts/gpu/prepare_lmcache.sh     # -> .carry/p6/lmcache/ (wheels + SHA256SUMS), ~23 MiB
+#   bash scripts/gpu/prepare_lmcache.sh     # -> .carry/p6/lmcache/ (wheels + SHA256SUMS), ~20 MiB
 #   LMCACHE_VERSION=0.5.6 ABI_CHECK=0 ...   # another version; without the check against torch 2.11.0
 #
 # LMCache 0.5.3, not 0.5.6: the CUDA extension of lmcache 0.5.4, 0.5.5 and 0.5.6 (cuda_ops.so) was
@@ -26,12 +26,20 @@
 #   cryptography       lmcache.v1.distributed.serde (key_provider, aesgcm): 0.5.6 reaches it from the
 #                      engine; 0.5.3 from the usage telemetry's config module (carried to be safe)
 #   cffi + pycparser   what cryptography's bindings load (cffi) and cffi requires
+# and what LMCache's multi-process server (python -m lmcache.v1.multiprocess.http_server, modes
+# lmcache_mp_* of `pd bench ttft --device cuda`) imports at module level besides (its
+# observability config reaches opentelemetry.metrics/.trace in every configuration):
+#   opentelemetry-api==1.40.0    (lmcache 0.5.3 asks for <=1.40.0)
+#   importlib-metadata<8.8       (what opentelemetry-api 1.40.0 requires; 8.7.1; its zipp: the image)
+# The vLLM-side MP connector (lmcache.integration.vllm.lmcache_mp_connector) needs nothing more.
 # Not carried (imported only by backends not used here, or inside try/except ImportError):
-# awscrt, redis, google-cloud-bigtable, cufile-python (GDS), nvtx, opentelemetry-*, grpcio-
-# observability, httptools, setuptools_scm, confluent-kafka. Already on the GPU machine: the image
-# has torch, numpy 2.5.2, numba, cupy-cuda13x, cuda-bindings, transformers, psutil, py-cpuinfo,
-# sortedcontainers, prometheus_client, pyyaml, aiohttp, aiofiles, httpx, huggingface-hub,
-# safetensors; the vLLM carry has msgspec, pyzmq, fastapi, uvicorn, cachetools, blake3.
+# awscrt, redis, google-cloud-bigtable, cufile-python (GDS), nvtx, grpcio-observability,
+# httptools, setuptools_scm, confluent-kafka, and opentelemetry-sdk, -semantic-conventions,
+# -exporter-prometheus, -exporter-otlp (the MP server's metrics: it runs with --disable-metrics).
+# Already on the GPU machine: the image has torch, numpy 2.5.2, numba, cupy-cuda13x,
+# cuda-bindings, transformers, psutil, py-cpuinfo, sortedcontainers, prometheus_client, pyyaml,
+# aiohttp, aiofiles, httpx, huggingface-hub, safetensors, typing-extensions, zipp; the vLLM carry
+# has msgspec, pyzmq, fastapi, uvicorn, cachetools, blake3.
 # Pinned / overridden: lmcache requires numpy<=2.2.6, the image has numpy 2.5.2 (numba there is
 # built for it): lmcache is installed --no-deps and runs on numpy 2.5.2 (setup_lmcache.sh checks
 # that the adapter imports); cuda-python<14,>=13 is met by the image's cuda-bindings (LMCache
@@ -49,7 +57,8 @@ PLAT=(--only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 
       --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64
       --platform manylinux2014_x86_64 --platform manylinux_2_34_x86_64 --platform manylinux_2_35_x86_64
       --platform any)
-DEPS=(aiofile "caio~=0.12.0" "cryptography>=42" "cffi>=2.0.0" pycparser)
+DEPS=(aiofile "caio~=0.12.0" "cryptography>=42" "cffi>=2.0.0" pycparser "opentelemetry-api==1.40.0"
+      "importlib-metadata<8.8")
 
 git check-ignore -q .carry/p6 || { echo "prepare_lmcache: .carry/ is not git-ignored; add it to .gitignore first"; exit 1; }
 mkdir -p "$DL"
@@ -61,14 +70,14 @@ rm -rf "$DEST" && mkdir -p "$DEST"
 cp "$WHL" "$DEST/"
 echo "prepare_lmcache: dependency wheels: ${DEPS[*]}"
 $PY -m pip download -q --no-deps "${PLAT[@]}" -d "$DEST" "${DEPS[@]}" 2>&1 | grep -v "is ignored" || true
-for name in lmcache aiofile caio cryptography cffi pycparser; do
+for name in lmcache aiofile caio cryptography cffi pycparser opentelemetry_api importlib_metadata; do
   ls "$DEST"/"$name"-*.whl > /dev/null 2>&1 || { echo "prepare_lmcache: no $name wheel for cp312 manylinux"; exit 1; }
 done
 # Requirements of the carried wheels that neither they nor the image meet: those named above as
 # left out are listed apart (--known; cuda-python: the image's cuda-bindings); any other stops here.
 IMAGE=$(awk '/^IMAGE="/ {on = 1} on {print} on && /"$/ {exit}' scripts/gpu/prepare.sh | sed 's/^IMAGE=//' | tr -d '"')
 [ -n "$IMAGE" ] || { echo "prepare_lmcache: no IMAGE list in scripts/gpu/prepare.sh"; exit 1; }
-KNOWN=awscrt,cufile-python,nvtx,opentelemetry-api,opentelemetry-sdk,opentelemetry-exporter-otlp,opentelemetry-exporter-prometheus,grpcio-observability,redis,setuptools-scm,httptools,google-api-core,google-cloud-bigtable,cuda-python
+KNOWN=awscrt,cufile-python,nvtx,opentelemetry-sdk,opentelemetry-exporter-otlp,opentelemetry-exporter-prometheus,grpcio-observability,redis,setuptools-scm,httptools,google-api-core,google-cloud-bigtable,cuda-python
 $PY scripts/gpu/check_deps.py --known=$KNOWN "$DEST" $IMAGE msgspec pyzmq fastapi uvicorn cachetools blake3 ||
   { echo "prepare_lmcache: a requirement above is neither carried, in the image, nor known to be optional here"; exit 1; }
 if [ "${ABI_CHECK:-1}" = 1 ]; then
