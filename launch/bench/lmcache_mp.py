@@ -108,7 +108,8 @@ class MPServer:
         t0 = time.perf_counter()
         with open(self.log_path, "w") as out:
             self.proc = subprocess.Popen(self.argv, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+                                         stdin=subprocess.DEVNULL, start_new_session=True,
+                                         preexec_fn=_default_sigint)
         try:
             self.wait_healthy(timeout_s)
         except BaseException:
@@ -185,6 +186,13 @@ class MPServer:
                     return f"{how}; pid {self.proc.pid} survived SIGKILL"
         _signal_group(self.proc, signal.SIGKILL)  # a child it left behind
         return how or f"exit code {self.proc.returncode}"
+
+
+def _default_sigint() -> None:
+    """In the server's process before its exec: SIGINT back to its default. A shell without job
+    control starts background commands with SIGINT ignored, children inherit that, and Python
+    then never turns SIGINT into KeyboardInterrupt: the stop's SIGINT would do nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:

@@ -12,6 +12,7 @@ import argparse
 import hashlib
 import http.server
 import json
+import signal
 import sys
 import threading
 import time
@@ -193,9 +194,21 @@ def test_stored_left_reads_the_status_shape():
         lmcache_mp.stored_left({"is_healthy": True})
 
 
-def test_server_start_health_status_and_stop(tmp_path):
+@pytest.fixture(params=["sigint_default", "sigint_ignored"])
+def parent_sigint(request):
+    """The test process's SIGINT as it is, or ignored (as a background job of a shell without job
+    control starts: CI's `nohup ... &`): the server must stop on SIGINT either way."""
+    old = signal.getsignal(signal.SIGINT)
+    if request.param == "sigint_ignored":
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    yield request.param
+    signal.signal(signal.SIGINT, old)
+
+
+def test_server_start_health_status_and_stop(tmp_path, parent_sigint):
     """Healthy only after its 503s; the disk writes' wait ends when /status says nothing is left;
-    SIGINT stops it; its log (in the run directory) holds its output and its retrieves."""
+    SIGINT stops it (also when this process ignores SIGINT); its log (in the run directory) holds
+    its output and its retrieves."""
     s = _server(tmp_path, unhealthy_s=0.6, pending=3)
     assert s.argv[s.argv.index("--port") + 1] == str(s.zmq_port) and s.url.endswith(f":{s.http_port}")
     s.start(timeout_s=30)
