@@ -161,25 +161,31 @@ def serve_mode(mode: str, p: dict, args: argparse.Namespace, n_gpus: int, run_di
         started = time.perf_counter() - t0
         got = measure(d.proxy_url, served_name(dep), p, args, settle_fn(mode, args, server))
         if getattr(args, "vllm_bench", 0):  # seed 004's workflow, after this mode's own prompts
-            got.update(vllm_bench_runs(d.proxy_url, served_name(dep), p["model"], args))
+            got.update(vllm_bench_runs(d.proxy_url, served_name(dep), p["model"], args,
+                                       settle_fn(mode, args, server)))
     finally:
         d.stop()
     return {"startup_s": started, "run_dir": str(run_dir), "lmcache_yaml": str(yaml_path),
             "hits": hits_in_logs(run_dir, mode), **got}
 
 
-def vllm_bench_runs(url: str, name: str, model: str, args: argparse.Namespace) -> dict:
+def vllm_bench_runs(url: str, name: str, model: str, args: argparse.Namespace,
+                    settle: Callable[[], dict] | None = None) -> dict:
     """``--vllm-bench``: {"vllm_bench": both runs} or {"vllm_bench_error": why} (a failure keeps the
-    mode's own rows); each run gets half the time --deadline leaves (at most 30 minutes)."""
+    mode's own rows); each run gets half the time --deadline leaves (at most 30 minutes). Between
+    the runs ``settle`` (``settle_fn``: the pause, then lmcache_mp_disk's wait for its disk writes;
+    what it returns goes in "vllm_bench_wait"), else ``--settle-s`` of pause."""
     timeout_s = 1800.0
     if args.deadline:
         timeout_s = min(timeout_s, (args.deadline - STOP_MARGIN_S - time.time() - args.settle_s) / 2)
         if timeout_s < 30:
             return {"vllm_bench_error": "skipped: --deadline leaves too little time"}
     try:
-        return {"vllm_bench": cold_then_warm(command(url, name, model, args.vllm_bench, args.tokens,
-                                                     args.output_tokens, args.seed),
-                                             pause_s=args.settle_s, timeout_s=timeout_s)}
+        waited: dict = {}
+        runs = cold_then_warm(command(url, name, model, args.vllm_bench, args.tokens, args.output_tokens, args.seed),
+                              pause_s=args.settle_s, timeout_s=timeout_s,
+                              between=(lambda: waited.update(settle())) if settle else None)
+        return {"vllm_bench": runs, **({"vllm_bench_wait": waited} if waited else {})}
     except Exception as e:  # noqa: BLE001 - reported beside the mode's rows
         return {"vllm_bench_error": f"{type(e).__name__}: {str(e)[-600:]}"}
 
@@ -240,7 +246,7 @@ def mp_lines(mode: str, r: dict) -> list[str]:
         return []
     lines = [f"# {mode}: LMCache MP server healthy after {server['healthy_s']:.0f} s, stopped: {server['stop']}"
              + (f"; it DIED during the run: {server['died']}" if server.get("died") else "")]
-    waits = [r["warmup_wait"]] if r.get("warmup_wait") else []
+    waits = [r[k] for k in ("warmup_wait", "vllm_bench_wait") if r.get(k)]
     waits += [x for rows in r.get("rows", {}).values() for x in rows]
     ms = [x["store_wait_ms"] for x in waits if "store_wait_ms" in x]
     errors = [x["store_wait_error"] for x in waits if "store_wait_error" in x]
@@ -258,7 +264,7 @@ def failed(r: dict, args: argparse.Namespace) -> bool:
     bench = r.get("vllm_bench", {}).values()
     return ("rows" not in r or not all(x["same"] for x in rows) or bool(r.get("vllm_bench_error"))
             or any(x["completed"] != args.vllm_bench or x.get("failed") for x in bench)
-            or any("store_wait_error" in x for x in [*rows, r.get("warmup_wait") or {}])
+            or any("store_wait_error" in x for x in [*rows, r.get("warmup_wait") or {}, r.get("vllm_bench_wait") or {}])
             or bool(r.get("lmcache_server", {}).get("died")))
 
 

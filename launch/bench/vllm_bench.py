@@ -13,6 +13,8 @@ ready when this runs); ``--ignore-eos`` so that every answer has the asked outpu
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import json
 import subprocess
 import sys
@@ -59,10 +61,15 @@ def run_once(cmd: list[str], timeout_s: float) -> dict:
     return parse(p.stdout)
 
 
-def cold_then_warm(cmd: list[str], pause_s: float = 2.0, timeout_s: float = 1800.0) -> dict[str, dict]:
-    """Seed 004's two runs (the pause lets the first run's write-through reach the store)."""
+def cold_then_warm(cmd: list[str], pause_s: float = 2.0, timeout_s: float = 1800.0,
+                   between: Callable[[], object] | None = None) -> dict[str, dict]:
+    """Seed 004's two runs (the pause lets the first run's write-through reach the store;
+    ``between``, if given, is called instead: e.g. a pause, then a wait for a store's writes)."""
     cold = run_once(cmd, timeout_s)
-    time.sleep(pause_s)
+    if between is None:
+        time.sleep(pause_s)
+    else:
+        between()
     return {"cold": cold, "warm": run_once(cmd, timeout_s)}
 
 

@@ -352,7 +352,7 @@ def test_vllm_bench_on_the_gpu_keeps_the_modes_rows_when_it_fails_or_has_no_time
         "vllm_bench_error": "skipped: --deadline leaves too little time"}
     a.deadline, seen = 0, []
 
-    def fail(cmd, pause_s, timeout_s):
+    def fail(cmd, pause_s, timeout_s, between=None):
         seen.append(timeout_s)
         raise RuntimeError("vllm bench serve failed (exit 1):\nboom")
 
@@ -368,3 +368,26 @@ def test_vllm_bench_on_the_gpu_keeps_the_modes_rows_when_it_fails_or_has_no_time
     text = ttft_gpu.format_report("# h", {"pdkv": {**rows, "vllm_bench": {"cold": ok, "warm": ok}}})
     assert "## pdkv: vllm bench serve (seed 004's workflow), cold then warm" in text
     assert vllm_bench.report({"cold": ok, "warm": ok}, "run") in text
+
+
+def test_vllm_bench_on_the_gpu_waits_for_the_stores_writes_between_its_runs(tmp_path, monkeypatch):
+    """Between the cold and the warm run the mode's settle runs (lmcache_mp_disk: its wait for the
+    disk writes), its result kept beside the runs; a timeout there fails the run."""
+    from launch.bench import vllm_bench
+
+    a = _args("--model", str(_model(tmp_path)), "--vllm-bench", "3", "--tokens", "512")
+    ok = {"completed": 3, "failed": 0, "mean_ttft_ms": 9.0, "median_ttft_ms": 9.0, "p99_ttft_ms": 9.0,
+          "median_tpot_ms": 1.0}
+    order = []
+    monkeypatch.setattr(vllm_bench, "run_once", lambda cmd, timeout_s: order.append("run") or dict(ok))
+    monkeypatch.setattr(vllm_bench.time, "sleep", lambda s: order.append(f"sleep {s:g}"))
+    got = ttft_gpu.vllm_bench_runs("http://x", "m", "/m", a, lambda: order.append("settle") or {"store_wait_ms": 5.0})
+    assert order == ["run", "settle", "run"]
+    assert got == {"vllm_bench": {"cold": ok, "warm": ok}, "vllm_bench_wait": {"store_wait_ms": 5.0}}
+    order.clear()
+    assert ttft_gpu.vllm_bench_runs("http://x", "m", "/m", a) == {"vllm_bench": {"cold": ok, "warm": ok}}
+    assert order == ["run", f"sleep {a.settle_s:g}", "run"]  # no settle given: the pause alone
+    rows = {"rows": {512: [{"cold_ms": 100.0, "warm_ms": 20.0, "same": True, "cold": [1], "warm": [1], "error": ""}]}}
+    assert not ttft_gpu.failed({**rows, **got}, a)
+    timed_out = {**got, "vllm_bench_wait": {"store_wait_error": "LMCache's disk writes not done after 60 s"}}
+    assert ttft_gpu.failed({**rows, **timed_out}, a)
