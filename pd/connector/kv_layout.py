@@ -38,6 +38,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+from collections import deque
 from contextlib import contextmanager
 from math import prod
 from typing import Iterator
@@ -332,7 +333,11 @@ def _block_copier(pages: list[torch.Tensor], kernel: str):
 
 
 class StagingPool:
-    """A fixed set of reusable chunk-sized host buffers (bounded memory, no per-call allocs)."""
+    """A fixed set of reusable chunk-sized host buffers (bounded memory, no per-call allocs).
+
+    Served in order of asking: a job waiting for slabs is not overtaken by later ones, so a save
+    that needs many slabs is not starved by loads that keep taking a few (a job never waits
+    while it holds slabs, so the order cannot deadlock)."""
 
     def __init__(self, slab_bytes: int, n_slabs: int, pin: bool = False):
         self.slab_bytes = slab_bytes
@@ -340,6 +345,7 @@ class StagingPool:
         # Pinned (page-locked) slabs when the KV lives on a GPU: DMA straight to/from them.
         self._free = [torch.empty(slab_bytes, dtype=torch.uint8, pin_memory=pin) for _ in range(n_slabs)]
         self._cv = threading.Condition()
+        self._waiting: deque[object] = deque()  # the jobs waiting for slabs, first come first
 
     @contextmanager
     def acquire(self, n: int) -> Iterator[list[torch.Tensor]]:
@@ -355,10 +361,16 @@ class StagingPool:
         holds slabs may only ask so: waiting while holding could deadlock two jobs)."""
         n = min(n, self.n_slabs)
         with self._cv:
-            if not wait and len(self._free) < n:
-                return None
-            self._cv.wait_for(lambda: len(self._free) >= n)
-            return [self._free.pop() for _ in range(n)]
+            if not wait:  # never ahead of a job already waiting
+                return None if self._waiting or len(self._free) < n else [self._free.pop() for _ in range(n)]
+            me = object()
+            self._waiting.append(me)
+            try:
+                self._cv.wait_for(lambda: self._waiting[0] is me and len(self._free) >= n)
+                return [self._free.pop() for _ in range(n)]
+            finally:  # served (or interrupted): the next in line may fit in what is left
+                self._waiting.remove(me)
+                self._cv.notify_all()
 
     def give(self, slabs: list[torch.Tensor]) -> None:
         with self._cv:

@@ -1,4 +1,7 @@
 """Gather/scatter of paged KV blocks through chunk slabs."""
+import threading
+import time
+
 import pytest
 import torch
 
@@ -169,6 +172,68 @@ def test_staging_pool_is_bounded_and_reused():
         ptrs = {s.data_ptr() for s in slabs}
     with pool.acquire(2) as slabs:
         assert {s.data_ptr() for s in slabs} == ptrs
+
+
+def _waits(pool: StagingPool, n: int, got: list, name: str) -> threading.Thread:
+    """A job on a thread that waits for ``n`` slabs, records ``name`` once served, then holds them
+    until given ``got``'s event."""
+    def job():
+        slabs = pool.take(n)
+        got.append(name)
+        release[name].wait(10)
+        pool.give(slabs)
+    release = got[0]
+    t = threading.Thread(target=job, daemon=True)
+    t.start()
+    return t
+
+
+def _until(cond, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_staging_pool_serves_in_order_of_asking():
+    """A job that waits for the whole pool is not overtaken by later jobs wanting a few slabs
+    (loads kept taking slabs while a save waited for all of them: the save starved), and a take
+    without waiting yields to a job already waiting."""
+    pool = StagingPool(64, 4)
+    held = pool.take(2)  # a load in progress holds half the pool
+    events = {"save": threading.Event(), "load": threading.Event()}
+    got: list = [events]
+    save = _waits(pool, 4, got, "save")  # wants every slab: waits
+    _until(lambda: len(pool._waiting) == 1)
+    load = _waits(pool, 2, got, "load")  # 2 slabs are free, but the save asked first
+    _until(lambda: len(pool._waiting) == 2)
+    assert pool.take(1, wait=False) is None  # free slabs, but jobs are waiting: not taken past them
+    time.sleep(0.05)
+    assert got[1:] == []
+    pool.give(held)
+    _until(lambda: got[1:] == ["save"])
+    assert pool.take(1, wait=False) is None  # the save holds them all
+    events["save"].set()
+    _until(lambda: got[1:] == ["save", "load"])
+    events["load"].set()
+    save.join(5), load.join(5)
+    assert not pool._waiting and len(pool._free) == 4
+    assert len(pool.take(4, wait=False)) == 4
+
+
+def test_staging_pool_waiter_interrupted_leaves_the_line():
+    """A wait that ends in an exception leaves the line, so those behind it are served."""
+    pool = StagingPool(64, 1)
+    held = pool.take(1)
+    boom = RuntimeError("interrupted")
+    real = pool._cv.wait_for
+    pool._cv.wait_for = lambda pred: (_ for _ in ()).throw(boom)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        pool.take(1)
+    pool._cv.wait_for = real
+    assert not pool._waiting
+    pool.give(held)
+    assert len(pool.take(1, wait=False)) == 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (run on the GPU machine)")
