@@ -13,9 +13,11 @@ maps vLLM's KV through CUDA IPC handles and runs the copies itself). The server 
 * ``lmcache_mp_disk``: an L2 local-disk adapter (``--lmcache-l2``: fs_native, LMCache's C++ file
   workers, or fs, its aiofiles one) in a fresh directory, L1 only a write buffer
   (``--l2-store-policy skip_l1``: a chunk leaves L1 once L2 has it; eviction ``noop``), so a warm
-  hit is read from disk. The disk writes are asynchronous: before a warm send ``wait_stored``
-  polls the server's ``GET /status`` until nothing is left in L1 and no store is pending or in
-  flight (a timeout is reported, the warm send then goes anyway).
+  hit is read from the disk tier's files (through the page cache: fs_native reads without
+  O_DIRECT by default, as pdkv's store does); fs_native's capacity is ``--lmcache-disk-gb``. The
+  disk writes are asynchronous: before a warm send ``wait_stored`` polls the server's ``GET
+  /status`` until nothing is left in L1 and no store is pending or in flight (a timeout is
+  reported and fails the run; the warm send then goes anyway).
 
 The server starts before the vLLM instance and must answer ``GET /healthcheck`` with 200 (only
 after its engine and ZMQ socket are up), and stops after it (SIGINT: uvicorn's shutdown closes
@@ -66,6 +68,8 @@ def server_argv(mode: str, args: argparse.Namespace, zmq_port: int, http_port: i
         if args.lmcache_l2 not in L2_ADAPTERS:
             raise ValueError(f"--lmcache-l2: {args.lmcache_l2!r} is not allowed; allowed {', '.join(L2_ADAPTERS)}")
         adapter = {"type": args.lmcache_l2, "base_path": str(Path(l2_path).resolve())}
+        if args.lmcache_l2 == "fs_native":  # its capacity (LMCache's default 0: unbounded); fs has none
+            adapter["max_capacity_gb"] = args.lmcache_disk_gb
         return argv + ["--eviction-policy", "noop", "--l2-store-policy", "skip_l1", "--l2-adapter", json.dumps(adapter)]
     return argv + ["--eviction-policy", "LRU"]
 

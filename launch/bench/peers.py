@@ -13,7 +13,7 @@ store or LMCache, never by KV left in the GPU):
 * ``lmcache_cpu``: the same with LMCache's CPU (DRAM) tier (``local_cpu: true``) and no disk;
 * ``lmcache_mp_disk``, ``lmcache_mp_cpu``: LMCache in its multi-process mode (``launch.bench.lmcache_mp``):
   one vLLM instance with ``LMCacheMPConnector`` (kv_both) talking to a separate LMCache server with a
-  local-disk L2 (every warm hit read from disk) or its DRAM L1 alone.
+  local-disk L2 (every warm hit read from its files) or its DRAM L1 alone.
 
 The in-process LMCache modes (``LMCACHE_MODES``) are configured by a YAML file in the run's work
 directory, named by ``LMCACHE_CONFIG_FILE`` in the instance's environment (LMCache reads it at the
@@ -90,9 +90,10 @@ def add_cuda_arguments(p: argparse.ArgumentParser) -> None:
                         "file workers; fs: its Python one)")
     g.add_argument("--lmcache-mp-wait-s", type=float, default=60.0,
                    help="lmcache_mp_disk: before a warm send, wait at most this long for the MP server's disk "
-                        "writes to finish (its GET /status); a timeout is reported and the warm send goes anyway "
-                        "(default 60)")
-    g.add_argument("--lmcache-disk-gb", type=float, default=40.0, help="LMCache max_local_disk_size, GB (default 40)")
+                        "writes to finish (its GET /status); a timeout is reported and fails the run, the warm send "
+                        "goes anyway (default 60)")
+    g.add_argument("--lmcache-disk-gb", type=float, default=40.0, help="LMCache max_local_disk_size, GB; lmcache_mp_disk with fs_native: "
+                        "its L2's max_capacity_gb (default 40)")
     g.add_argument("--settle-s", type=float, default=2.0,
                    help="pause between a prompt's cold and warm sends, for the stores' writes (default 2)")
     g.add_argument("--deadline", type=float, default=0.0,

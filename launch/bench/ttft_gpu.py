@@ -91,7 +91,9 @@ def settle_fn(mode: str, args: argparse.Namespace, server: MPServer | None = Non
             return {}
         limit = args.lmcache_mp_wait_s
         if args.deadline:
-            limit = max(0.0, min(limit, args.deadline - STOP_MARGIN_S - time.time()))
+            limit = min(limit, args.deadline - STOP_MARGIN_S - time.time())
+            if limit <= 0:  # --deadline is here: the run stops after this send, cut short, not failed
+                return {}
         return server.wait_stored(limit)
     return settle
 
@@ -162,7 +164,7 @@ def serve_mode(mode: str, p: dict, args: argparse.Namespace, n_gpus: int, run_di
         got = measure(d.proxy_url, served_name(dep), p, args, settle_fn(mode, args, server))
         if getattr(args, "vllm_bench", 0):  # seed 004's workflow, after this mode's own prompts
             got.update(vllm_bench_runs(d.proxy_url, served_name(dep), p["model"], args,
-                                       settle_fn(mode, args, server)))
+                                       settle_fn(mode, args, server) if mode == DISK_MODE else None))
     finally:
         d.stop()
     return {"startup_s": started, "run_dir": str(run_dir), "lmcache_yaml": str(yaml_path),
@@ -172,12 +174,14 @@ def serve_mode(mode: str, p: dict, args: argparse.Namespace, n_gpus: int, run_di
 def vllm_bench_runs(url: str, name: str, model: str, args: argparse.Namespace,
                     settle: Callable[[], dict] | None = None) -> dict:
     """``--vllm-bench``: {"vllm_bench": both runs} or {"vllm_bench_error": why} (a failure keeps the
-    mode's own rows); each run gets half the time --deadline leaves (at most 30 minutes). Between
-    the runs ``settle`` (``settle_fn``: the pause, then lmcache_mp_disk's wait for its disk writes;
-    what it returns goes in "vllm_bench_wait"), else ``--settle-s`` of pause."""
+    mode's own rows); each run gets half the time --deadline leaves (less the time between them;
+    at most 30 minutes). Between the runs ``settle`` (lmcache_mp_disk's ``settle_fn``: the pause,
+    then its wait for the disk writes, at most ``--lmcache-mp-wait-s``; what it returns goes in
+    "vllm_bench_wait"), else ``--settle-s`` of pause."""
     timeout_s = 1800.0
     if args.deadline:
-        timeout_s = min(timeout_s, (args.deadline - STOP_MARGIN_S - time.time() - args.settle_s) / 2)
+        between = args.settle_s + (args.lmcache_mp_wait_s if settle is not None else 0.0)
+        timeout_s = min(timeout_s, (args.deadline - STOP_MARGIN_S - time.time() - between) / 2)
         if timeout_s < 30:
             return {"vllm_bench_error": "skipped: --deadline leaves too little time"}
     try:

@@ -360,6 +360,8 @@ class StagingPool:
         """``n`` slabs (n <= n_slabs); without ``wait``, None unless they are free now (a job that
         holds slabs may only ask so: waiting while holding could deadlock two jobs)."""
         n = min(n, self.n_slabs)
+        if n <= 0:  # nothing to take (a save whose chunks all went to the transport's slots): no line
+            return []
         with self._cv:
             if not wait:  # never ahead of a job already waiting
                 return None if self._waiting or len(self._free) < n else [self._free.pop() for _ in range(n)]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launch.bench import peers, ttft, ttft_gpu
+from launch.bench import peers, ttft, ttft_gpu, vllm_bench
 from launch.procs import plan as proc_plan
 
 
@@ -342,12 +342,8 @@ def test_lmcache_pd_send_prefills_waits_then_streams_from_decode():
 def test_vllm_bench_on_the_gpu_keeps_the_modes_rows_when_it_fails_or_has_no_time(tmp_path, monkeypatch):
     """``--vllm-bench`` after a mode's prompts: its failure (or a --deadline too near) is reported
     beside the mode's own rows, which stay; each run gets half the time left."""
-    import time as _time
-
-    from launch.bench import vllm_bench
-
     a = _args("--model", str(_model(tmp_path)), "--vllm-bench", "3", "--tokens", "512")
-    a.deadline = _time.time() + 40
+    a.deadline = time.time() + 40
     assert ttft_gpu.vllm_bench_runs("http://x", "m", "/m", a) == {
         "vllm_bench_error": "skipped: --deadline leaves too little time"}
     a.deadline, seen = 0, []
@@ -372,9 +368,8 @@ def test_vllm_bench_on_the_gpu_keeps_the_modes_rows_when_it_fails_or_has_no_time
 
 def test_vllm_bench_on_the_gpu_waits_for_the_stores_writes_between_its_runs(tmp_path, monkeypatch):
     """Between the cold and the warm run the mode's settle runs (lmcache_mp_disk: its wait for the
-    disk writes), its result kept beside the runs; a timeout there fails the run."""
-    from launch.bench import vllm_bench
-
+    disk writes), its result kept beside the runs; a timeout there fails the run; the runs' time
+    under --deadline leaves room for that wait."""
     a = _args("--model", str(_model(tmp_path)), "--vllm-bench", "3", "--tokens", "512")
     ok = {"completed": 3, "failed": 0, "mean_ttft_ms": 9.0, "median_ttft_ms": 9.0, "p99_ttft_ms": 9.0,
           "median_tpot_ms": 1.0}
@@ -391,3 +386,10 @@ def test_vllm_bench_on_the_gpu_waits_for_the_stores_writes_between_its_runs(tmp_
     assert not ttft_gpu.failed({**rows, **got}, a)
     timed_out = {**got, "vllm_bench_wait": {"store_wait_error": "LMCache's disk writes not done after 60 s"}}
     assert ttft_gpu.failed({**rows, **timed_out}, a)
+    seen = []
+    monkeypatch.setattr(ttft_gpu, "cold_then_warm", lambda cmd, pause_s, timeout_s, between=None: seen.append(timeout_s) or {})
+    a.deadline, a.settle_s, a.lmcache_mp_wait_s = time.time() + ttft_gpu.STOP_MARGIN_S + 400, 2.0, 60.0
+    ttft_gpu.vllm_bench_runs("http://x", "m", "/m", a, lambda: {})
+    ttft_gpu.vllm_bench_runs("http://x", "m", "/m", a)
+    assert 168 < seen[0] < 170 and 198 < seen[1] < 200  # (400 - 2 - 60) / 2, (400 - 2) / 2
+

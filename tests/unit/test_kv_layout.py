@@ -221,6 +221,31 @@ def test_staging_pool_serves_in_order_of_asking():
     assert len(pool.take(4, wait=False)) == 4
 
 
+def test_staging_pool_asked_for_no_slabs_never_waits():
+    """A save whose chunks all went to the transport's own slots asks for 0 slabs: it gets them at
+    once, also while jobs wait in line and none is free."""
+    pool = StagingPool(64, 2)
+    held = pool.take(2)
+    events = {"big": threading.Event()}
+    got: list = [events]
+    big = _waits(pool, 2, got, "big")
+    _until(lambda: len(pool._waiting) == 1)
+    answers: list = []
+
+    def zero():
+        answers.extend([pool.take(0), pool.take(0, wait=False)])
+        with pool.acquire(0) as slabs:
+            answers.append(slabs)
+    t = threading.Thread(target=zero, daemon=True)
+    t.start()
+    t.join(5)  # (on a pool that puts it in line it would wait behind "big", which waits for ``held``)
+    assert not t.is_alive() and answers == [[], [], []]
+    pool.give(held)
+    _until(lambda: got[1:] == ["big"])
+    events["big"].set()
+    big.join(5)
+
+
 def test_staging_pool_waiter_interrupted_leaves_the_line():
     """A wait that ends in an exception leaves the line, so those behind it are served."""
     pool = StagingPool(64, 1)
