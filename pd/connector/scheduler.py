@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from pd.connector.chunk import Chunking
+from pd.connector.first_wait import PENDING, RECOMPUTE
+from pd.connector.handoff import append_first_token, wants_handoff
 from pd.connector.keys import chunk_hashes, chunk_key, chunk_keys, request_seed, transfer_key
 from store.base import KVStore
 
@@ -131,12 +133,15 @@ class _Request:
     whole: bool = False
     asked: float = 0.0  # when the lookup first found the transfer incomplete (monotonic s)
     keys: list[str] = field(default_factory=list)  # the transfer's transport keys, once looked up
+    # An early decode offered token 1 (pd.connector.handoff): the token once settled (RECOMPUTE: none);
+    # None while unsettled. Appended to the request's prompt once, whatever happens to it later.
+    first: int | None = None
 
 
 class SchedulerSide:
     def __init__(self, block_size: int, is_producer: bool, is_consumer: bool, store: KVStore | None = None,
                  namespace: str = "", chunk_size: int = 256, published=None, groups: int = 1,
-                 sync_wait_s: float = 0.0, sync_wait_tokens: int = 0, clock=time.monotonic):
+                 sync_wait_s: float = 0.0, sync_wait_tokens: int = 0, clock=time.monotonic, first=None):
         self.chunking = Chunking(chunk_size, block_size)
         self.store = store  # prefix reuse: look up the longest stored prefix of each new request
         self.namespace = namespace
@@ -148,6 +153,8 @@ class SchedulerSide:
         # tokens (a transfer that would fill much of the transport's pool must be read as it
         # comes: its first chunks may be evicted before its last are written).
         self.sync_wait_s, self.sync_wait_tokens, self.clock = sync_wait_s, sync_wait_tokens, clock
+        # pd.connector.first_wait.FirstWaiter (None: no hand-off of token 1; the decode computes it).
+        self.first = first
         self.is_producer = is_producer
         self.is_consumer = is_consumer
         self._reqs: dict[str, _Request] = {}
@@ -182,6 +189,11 @@ class SchedulerSide:
             return 0, False
         n_prompt = len(request.prompt_token_ids or ())
         pd_id = self._is_pd_load(request)
+        if pd_id and wants_handoff(request):
+            token = self._token_1(request, pd_id, n_prompt)
+            if token is PENDING:
+                return None, False
+            n_prompt = len(request.prompt_token_ids or ())
         if pd_id:
             n_kv = kv_tokens(request, n_prompt)
             whole = n_kv == n_prompt
@@ -208,6 +220,24 @@ class SchedulerSide:
         else:
             n = 0
         return (n, True) if n > 0 else (0, False)
+
+    def _token_1(self, request, pd_id: str, n_prompt: int) -> object:
+        """An early decode offered token 1: ``PENDING`` until it is settled, then the token, which
+        is appended to the request's prompt (once), or ``RECOMPUTE``. A decode that could not wait
+        for every chunk before loading (no published check, a transfer over half the pool, no
+        coordinator) gives the offer up at once."""
+        rec = self._record(request.request_id)
+        if rec.first is None:
+            can_wait = self.published is not None and n_prompt <= self.sync_wait_tokens
+            token = self.first.poll(pd_id, give_up=not can_wait) if self.first is not None else RECOMPUTE
+            if token is PENDING:
+                return PENDING
+            rec.first = token
+            if token != RECOMPUTE:
+                append_first_token(request, token)
+                logger.debug("req %s: token 1 (%d) handed over; the decode's first step yields token 2",
+                             request.request_id, token)
+        return rec.first
 
     def _may_wait(self, rec: _Request) -> bool:
         """A whole-prompt transfer (an early decode, sent with its prefill) is not all published
@@ -339,6 +369,9 @@ class SchedulerSide:
         rec = self._reqs.pop(request.request_id, None)
         if rec is None:
             return False, None
+        pd_id = self._is_pd_load(request)
+        if pd_id and self.first is not None and wants_handoff(request):
+            self.first.forget(pd_id)
         if rec.load is LoadStatus.LOADING:
             # Aborted while its KV was in flight: vLLM holds the blocks until the worker
             # reports the load finished; make the worker stop waiting.

@@ -30,6 +30,8 @@ from pd.coordinator.protocol import (
     Aborted,
     Ack,
     Done,
+    First,
+    FirstToken,
     Free,
     Heartbeat,
     Query,
@@ -38,6 +40,7 @@ from pd.coordinator.protocol import (
     Register,
     ReplyMsg,
     Wait,
+    AwaitFirst,
     WaitTimeout,
     decode_reply,
     encode,
@@ -168,6 +171,13 @@ class CoordinatorClient:
             return reply
         return WaitTimeout(pd_id)
 
+    def await_first(self, pd_id: str, timeout_s: float, give_up: bool = False) -> FirstToken | Aborted | WaitTimeout | None:
+        """Wait up to ``timeout_s`` for token 1 of ``pd_id`` (``pd.coordinator.first``); with
+        ``give_up``, stop waiting. None when no answer came (the coordinator may or may not have
+        seen the call: ask again)."""
+        reply = self.call(AwaitFirst(pd_id, timeout_s, give_up), timeout_s + min(self.timeout_s, WAIT_MARGIN_S))
+        return reply if isinstance(reply, (FirstToken, Aborted, WaitTimeout)) else None
+
     def done(self, msg: Done) -> bool:
         """Report DONE; True when acknowledged."""
         return isinstance(self.call(msg), Ack)
@@ -293,7 +303,7 @@ class InstanceAgent:
 
 
 class AsyncCoordinatorClient:
-    """asyncio client for the proxy: abort and query; never raises (except the caller's cancellation)."""
+    """asyncio client for the proxy: abort, query and token 1 (FIRST); never raises (except the caller's cancellation)."""
 
     def __init__(self, address: str, timeout_s: float = 2.0, keys: "ClientKeys | None" = None):
         self.address = address
@@ -348,6 +358,12 @@ class AsyncCoordinatorClient:
     async def abort(self, pd_id: str, reason: str = "") -> bool:
         """Abort ``pd_id``; True when acknowledged."""
         return isinstance(await self._call(Abort(pd_id, reason)), Ack)
+
+    async def first(self, pd_id: str, token_id: int) -> bool | None:
+        """Hand token 1 of ``pd_id`` to its early decode (-1: none): True when the decode will take
+        it, False when refused (it no longer waits), None without an answer (unknown)."""
+        reply = await self._call(First(pd_id, token_id))
+        return True if isinstance(reply, Ack) else False if reply is not None else None
 
     async def query(self, pd_id: str = "", spans: bool = False) -> QueryReply | None:
         """As ``CoordinatorClient.query``."""

@@ -12,7 +12,8 @@ from typing import Annotated, Literal
 import msgspec
 
 # 2: READY streams (chunks_ready, final), WAIT says what it has (have); 3: timings (READY's gather/put,
-# DONE's parts, the records' timeline and spans, Query's span summary)
+# DONE's parts, the records' timeline and spans, Query's span summary); within 3, added later (a peer
+# without them answers Error, which their senders read as "no"): FIRST, AWAIT_FIRST, FIRST_TOKEN
 PROTOCOL_VERSION = 3
 PROTOCOL_TAG = b"pdkv/%d" % PROTOCOL_VERSION
 
@@ -144,6 +145,29 @@ class Abort(_Msg):
     reason: Text = ""
 
 
+TokenId = Annotated[int, msgspec.Meta(ge=-1, le=(1 << 31) - 1)]  # -1: none (the decode computes token 1)
+
+
+class First(_Msg):
+    """The proxy hands token 1 of ``pd_id`` (sampled by its prefill) to the early decode waiting for
+    it (``token_id`` -1: the decode computes token 1 itself). Answered ``Ack`` when the decode will
+    take it (it waits, or will ask), ``Error`` when it no longer waits (gave up, or ``pd_id`` was
+    aborted): the proxy then reads the decode's answer as one that computed token 1."""
+
+    pd_id: Id
+    token_id: TokenId
+
+
+class AwaitFirst(_Msg):
+    """An early decode asks for token 1 of ``pd_id``: answered ``FirstToken`` once the proxy sent it,
+    ``Aborted``, or ``WaitTimeout`` at timeout. With ``give_up`` it stops waiting: a token already
+    there is still answered (and must be used); otherwise the coordinator refuses any later FIRST."""
+
+    pd_id: Id
+    timeout_s: Seconds
+    give_up: bool = False
+
+
 class Query(_Msg):
     """Ask for counters, instances and (optionally) the record of one transfer and the p50/p99 of
     each span over the recent transfers (``spans``)."""
@@ -161,6 +185,13 @@ class Ack(_Msg):
 
 class WaitTimeout(_Msg):
     pd_id: str
+
+
+class FirstToken(_Msg):
+    """Token 1 of ``pd_id`` for the early decode (-1: it computes token 1 itself)."""
+
+    pd_id: str
+    token_id: int
 
 
 class Aborted(_Msg):
@@ -249,8 +280,8 @@ class QueryReply(_Msg):
     spans: dict[str, SpanSummary] = {}  # with Query.spans: each span over the recent transfers
 
 
-ClientMsg = Register | Heartbeat | Ready | Wait | Done | Abort | Query
-ReplyMsg = Ack | Ready | WaitTimeout | Aborted | Free | Error | QueryReply
+ClientMsg = Register | Heartbeat | Ready | Wait | Done | Abort | Query | First | AwaitFirst
+ReplyMsg = Ack | Ready | WaitTimeout | Aborted | Free | Error | QueryReply | FirstToken
 
 _encoder = msgspec.msgpack.Encoder()
 _client_decoder = msgspec.msgpack.Decoder(ClientMsg)

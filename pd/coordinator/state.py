@@ -16,6 +16,7 @@ from typing import Callable, NamedTuple
 
 from pd.config import CoordinatorConfig
 from pd.coordinator import timeline
+from pd.coordinator.first import FirstTokens
 from pd.coordinator.identity import Identity, Peer
 from pd.coordinator.protocol import (
     Abort,
@@ -24,6 +25,7 @@ from pd.coordinator.protocol import (
     Done,
     Error,
     Event,
+    First,
     Free,
     Heartbeat,
     InstanceInfo,
@@ -33,6 +35,7 @@ from pd.coordinator.protocol import (
     Register,
     TransferRecord,
     Wait,
+    AwaitFirst,
     WaitTimeout,
 )
 
@@ -141,6 +144,9 @@ class State:
         self.records: OrderedDict[str, tuple[TransferRecord, float]] = OrderedDict()
         self.identity = Identity(cfg.instance_ttl_s)  # under CurveZMQ: who may say what (pd.coordinator.identity)
         self._stat_names: set[str] = set()
+        # Token 1 handed from the proxy to early decodes (pd.coordinator.first).
+        self.first = FirstTokens(send, lambda p: self.aborted[p][1] if p in self.aborted else None, self.counters,
+                                 cfg.entry_ttl_s)
 
     def handle(self, ident: bytes, msg, now: float, peer: Peer | None = None) -> None:
         """Apply ``msg``; ``peer``: the CurveZMQ key that sent it (None without auth)."""
@@ -170,6 +176,10 @@ class State:
             self._on_abort(ident, msg, now)
         elif isinstance(msg, Query):
             self._send(ident, self.query(msg.pd_id, now, msg.spans))
+        elif isinstance(msg, First):
+            self.first.on_first(ident, msg, now)
+        elif isinstance(msg, AwaitFirst):
+            self.first.on_await_first(ident, msg, now)
         else:  # decode_client only yields the types above
             raise TypeError(f"no handler for {type(msg).__name__}")
 
@@ -348,6 +358,7 @@ class State:
         for key in [k for k in self.waiters if k[0] == msg.pd_id]:
             for w in self.waiters.pop(key):
                 self._send(w.ident, Aborted(msg.pd_id, reason))
+        self.first.on_abort(msg.pd_id, reason)
         for key in [k for k in self.entries if k[0] == msg.pd_id]:
             self._free(self.entries.pop(key)[0], f"aborted: {reason}")
         rec = self._record(msg.pd_id, now)
@@ -362,7 +373,7 @@ class State:
                      for iid, i in sorted(self.instances.items())]
         self.counters["instances_alive"] = sum(1 for i in instances if i.alive)
         self.counters["entries"] = len(self.entries)  # READYs held for a consumer
-        self.counters["waiters"] = sum(len(w) for w in self.waiters.values())  # parked WAITs
+        self.counters["waiters"] = sum(len(w) for w in self.waiters.values()) + self.first.gauges()  # parked WAITs
         item = self.records.get(pd_id) if pd_id else None
         summary = (timeline.summarize(timeline.recent_spans(r for r, _ in reversed(self.records.values())))
                    if spans else {})
@@ -381,6 +392,7 @@ class State:
 
     def sweep(self, now: float) -> None:
         self.identity.sweep(now)
+        self.first.sweep(now)
         for key, waiters in list(self.waiters.items()):
             keep = [w for w in waiters if w.deadline > now]
             for w in waiters:

@@ -39,12 +39,25 @@ def greedy(body: dict) -> bool:
         isinstance(k, int) and not isinstance(k, bool) and k == 1)
 
 
-def early_body(endpoint: str, body: dict, pd_id: str) -> dict:
+def early_body(endpoint: str, body: dict, pd_id: str, handoff: bool = False) -> dict:
     """The early decode half: the client's request (the decode tokenizes the prompt as the
-    prefill does), streamed with token ids and usage, its KV to be fetched as ``pd_id``."""
+    prefill does), streamed with token ids and usage, its KV to be fetched as ``pd_id``;
+    ``handoff``: its scheduler waits for token 1 from the proxy (``pd.connector.handoff``)."""
     out = old_flow_body({k: v for k, v in body.items() if k not in ("stream_options",)}, pd_id)
     out.update(stream=True, stream_options={"include_usage": True}, return_token_ids=True)
+    if handoff:
+        out["kv_transfer_params"]["handoff"] = True
     return out
+
+
+def handoff_allowed(st: ft.StreamState) -> bool:
+    """Whether the early decode may continue from the prefill's token 1 (its answer then starts at
+    token 2). Its API server decodes token 2's text after the client's prompt, without token 1:
+    the same text unless token 1 is part of a character (its text empty or ending in U+FFFD, which
+    vLLM gives for an incomplete character); and its stop strings never see token 1's text, so a
+    stop string that could start in it keeps the decode computing token 1."""
+    f = st.first
+    return bool(f.text) and not f.text.endswith("\ufffd") and ft.hold_from(st.body, f.text, len(f.text)) == len(f.text)
 
 
 @dataclass
@@ -87,6 +100,32 @@ def _past_sent(e: Early, text: str, ends: bool) -> str:
     return new
 
 
+def _check_prompt(st: ft.StreamState, obj: dict, c: dict) -> None:
+    prompt = obj.get("prompt_token_ids") if st.first.chat else c.get("prompt_token_ids")
+    if prompt is not None and prompt != st.first.prompt_ids:
+        raise Differs("the decode tokenized the prompt otherwise than the prefill")
+
+
+def handoff_event(e: Early, obj: dict) -> tuple[list[dict], bool]:
+    """One event of an early decode that was handed token 1 (its answer starts at token 2) as the
+    client's chunks, and whether the answer is over; ``Differs`` if its prompt is not the
+    prefill's (checked on its first event, before anything of it reaches the client)."""
+    st = e.st
+    if not obj.get("choices"):
+        return ft.decode_chunk(st, obj)  # the usage event
+    c = obj["choices"][0]
+    if not e.checked:
+        _check_prompt(st, obj, c)
+        e.checked = True
+    text = ((c.get("delta") or {}).get("content") or "") if st.first.chat else (c.get("text") or "")
+    ids = list(c.get("token_ids") or [])
+    if st.first.chat and not (text or ids or c.get("finish_reason") is not None):
+        return [], False  # chat's opening event (the role): the client has had one
+    # As the first-token path's decode half: a completion chunk whose text starts at token 2.
+    return ft.decode_chunk(st, {"choices": [{"text": text, "token_ids": ids, "finish_reason": c.get("finish_reason"),
+                                             "stop_reason": c.get("stop_reason"), "logprobs": c.get("logprobs")}]})
+
+
 def early_event(e: Early, obj: dict) -> tuple[list[dict], bool]:
     """One decode event as the client's chunks, and whether the answer is over (its usage event).
 
@@ -102,9 +141,7 @@ def early_event(e: Early, obj: dict) -> tuple[list[dict], bool]:
     finish, stop_reason = c.get("finish_reason"), c.get("stop_reason")
     lp = None if st.first.chat or st.body.get("logprobs") is None else c.get("logprobs")
     if not e.checked:
-        prompt = obj.get("prompt_token_ids") if st.first.chat else c.get("prompt_token_ids")
-        if prompt is not None and prompt != st.first.prompt_ids:
-            raise Differs("the decode tokenized the prompt otherwise than the prefill")
+        _check_prompt(st, obj, c)
         if not ids:
             if text or finish is not None:
                 raise Differs("the decode's first text came without its token id")

@@ -25,7 +25,7 @@ import aiohttp
 from aiohttp import web
 
 from pd.proxy import first_token as ft
-from pd.proxy.early import Differs, Early, early_body, early_event, greedy
+from pd.proxy.early import Differs, Early, early_body, early_event, greedy, handoff_allowed, handoff_event
 from pd.proxy.routing import UpstreamError
 
 logger = logging.getLogger("pd.proxy")
@@ -73,11 +73,15 @@ class FirstTokenFlow:
                     return e.response
                 return await self._answer(request, e.st, ft.opening(e.st, ends=True), headers, pd_id, t0)
             self.metrics.path("prefill")
+            # Token 1 offered to the early decode at once (its scheduler waits for it), before the client has it.
+            offer = self._spawn(self._offer(st, pd_id)) if early is not None and self._handoff() else None
+            if offer is not None:
+                tasks.append(offer)
             if early is None:
                 d_url = self.decode.pick()
                 tracked.enter_context(self.decode.track(d_url))
             opening = ft.opening(st, ends=False)
-            chunks = (self._early_chunks(request, st, early, endpoint, d_url, pd_id, tasks) if early is not None
+            chunks = (self._early_chunks(request, st, early, endpoint, d_url, pd_id, tasks, offer) if early is not None
                       else self._decode_chunks(st, self._sequential(request, st, endpoint, d_url, pd_id, tasks), pd_id))
             try:
                 if body.get("stream"):
@@ -116,11 +120,12 @@ class FirstTokenFlow:
                     tasks: list[asyncio.Task]) -> tuple[asyncio.Task | None, str]:
         """The early decode half (``pd.proxy.early``), for a greedy request with more than one
         token to give: (its task, its instance); (None, "") otherwise."""
-        if not (self.early_decode == "greedy" and greedy(body) and ft.requested_tokens(body) != 1):
+        if not (self.early_decode in ("greedy", "greedy_recompute") and greedy(body) and ft.requested_tokens(body) != 1):
             return None, ""
         d_url = self.decode.pick()
         tracked.enter_context(self.decode.track(d_url))
-        early = self._spawn(self._start(request, "decode", d_url, endpoint, early_body(endpoint, body, pd_id), pd_id))
+        half = early_body(endpoint, body, pd_id, handoff=self._handoff())
+        early = self._spawn(self._start(request, "decode", d_url, endpoint, half, pd_id))
         tasks.append(early)
         return early, d_url
 
@@ -134,24 +139,42 @@ class FirstTokenFlow:
         tasks.append(task)
         return task
 
+    def _handoff(self) -> bool:
+        """Early decodes are offered token 1 (``early_decode: greedy`` and a coordinator to hand it through)."""
+        return self.early_decode == "greedy" and self.coord is not None
+
+    async def _offer(self, st: ft.StreamState, pd_id: str) -> bool | None:
+        """Token 1 offered to the early decode through the coordinator (-1 where it must compute token 1
+        itself, ``early.handoff_allowed``): True when its answer starts at token 2, False when it
+        computes token 1, None when that is unknown (no answer: this decode is not used)."""
+        allowed = handoff_allowed(st)
+        taken = await self.coord.first(pd_id, st.first.token_id if allowed else -1)
+        return taken and allowed if taken is not None else None
+
     async def _early_chunks(self, request: web.Request, st: ft.StreamState, early: asyncio.Task, endpoint: str,
-                            d_url: str, pd_id: str, tasks: list[asyncio.Task]) -> AsyncIterator[dict]:
-        """The client's chunks for tokens 2.. from the early decode (``pd.proxy.early``), checked
-        against token 1; if its token 1 differs or it fails before it, from a decode request after
-        the prefill instead (on the same instance, whose prefix cache may hold the prompt's KV now)."""
+                            d_url: str, pd_id: str, tasks: list[asyncio.Task],
+                            offer: asyncio.Task | None = None) -> AsyncIterator[dict]:
+        """The client's chunks for tokens 2.. from the early decode (``pd.proxy.early``): handed token 1
+        (``offer``), or checked against it; if its token 1 differs, it fails before it or the hand-off's
+        outcome is unknown, from a decode request after the prefill instead (on the same instance,
+        whose prefix cache may hold the prompt's KV now)."""
         e, given, started, done = Early.after_opening(st), False, None, False
         try:
+            handed = await offer if offer is not None else False
+            if handed is None:
+                raise Differs("the coordinator did not answer the hand-off of token 1")
+            event = handoff_event if handed else early_event
             started = await early
             if not started.stream:
                 raise UpstreamError(started.resp.status, started.first, started.resp.content_type)
             async for obj in self._decode_events(started, pd_id):
-                for c in early_event(e, obj)[0]:
+                for c in event(e, obj)[0]:
                     if not given:
                         given = True
                         self.timeline.mark(pd_id, "token_2")
                     yield c
             done = True
-            self.metrics.early("used")
+            self.metrics.early("handed" if handed else "used")
             self.timeline.mark(pd_id, "last_token")
             return
         except (Differs, UpstreamError) as err:

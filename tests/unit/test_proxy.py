@@ -108,10 +108,18 @@ class FakeCoord:
         self.aborts: list[tuple[str, str]] = []
         self.records: dict[str, TransferRecord] = {}
         self.closed = False
+        # FIRST (token 1 handed to an early decode): what it answers (False: the decode no longer
+        # waits, as the coordinator says once a decode gave up; True: taken; None: no answer).
+        self.first_answer: bool | None = False
+        self.firsts: list[tuple[str, int]] = []
 
     async def abort(self, pd_id: str, reason: str = "") -> bool:
         self.aborts.append((pd_id, reason))
         return True
+
+    async def first(self, pd_id: str, token_id: int) -> bool | None:
+        self.firsts.append((pd_id, token_id))
+        return self.first_answer
 
     async def query(self, pd_id: str = "") -> QueryReply:
         return QueryReply(counters={"ready": 3.0, "wait_timeouts": 1.0}, instances=[],
