@@ -5,8 +5,10 @@ in text, token ids, usage, finish and stop reasons, and logprobs, streamed or no
 ``pdkv_proxy_first_token_path`` counter says which path each request took (prefill: token 1 from
 the prefill; prefill_only: token 1 ended the answer, no decode request; decode: the old flow).
 A greedy request on the first-token path is sent its decode half with its prefill half (the
-early decode, ``proxy.early_decode: greedy``, the deployment's proxy); a second proxy in front
-of the same instances has ``--early-decode never``, so each greedy case runs both ways.
+early decode, ``proxy.early_decode: greedy``, the deployment's proxy), which the proxy hands
+token 1 through the coordinator so that its answer starts at token 2; a second proxy in front of
+the same instances has ``--early-decode never`` and a third ``--early-decode greedy_recompute``
+(the early decode computes token 1 itself), so each greedy case runs every way.
 """
 from __future__ import annotations
 
@@ -82,46 +84,62 @@ def _paths(url: str) -> dict[tuple[str, str], float]:
     return out
 
 
-def _early_used(url: str) -> float:
-    m = re.search(r'^pdkv_proxy_early_decode_total\{outcome="used"\} (\S+)$',
+def _early(url: str, outcome: str = "used") -> float:
+    m = re.search(r'^pdkv_proxy_early_decode_total\{outcome="%s"\} (\S+)$' % outcome,
                   requests.get(url + "/metrics", timeout=10).text, re.M)
     return float(m.group(1)) if m else 0.0
+
+
+def _early_answered(url: str) -> float:
+    """Early decodes whose answer was used: handed token 1, or checked against it."""
+    return _early(url, "handed") + _early(url, "used")
 
 
 class _Proxy:
     url: str
 
 
-@pytest.fixture(scope="module")
-def flows(deployments, tmp_path_factory):
-    """{"early": the deployment's proxy, "after": a second proxy with --early-decode never}."""
-    pd, co = deployments
-    log = tmp_path_factory.mktemp("proxy-after") / "proxy.log"
-    port = 18002
+def _proxy(pd, tmp_path_factory, name: str, port: int, early_decode: str) -> tuple[subprocess.Popen, _Proxy]:
+    """Another proxy in front of the deployment's instances, with ``--early-decode early_decode``."""
+    log = tmp_path_factory.mktemp(f"proxy-{name}") / "proxy.log"
     argv = [sys.executable, "-m", "launch.cli", "proxy", "--port", str(port), "--prefill", pd.instance_url("prefill"),
             "--decode", pd.instance_url("decode"), "--coordinator", f"tcp://127.0.0.1:{pd.cfg['coordinator']['port']}",
-            "--first-token", "prefill", "--early-decode", "never"]
+            "--first-token", "prefill", "--early-decode", early_decode]
     coord = yaml.safe_load((pd.run_dir / "config.yaml").read_text())["coordinator"]  # as pd launch resolved it
     if coord.get("auth") == "curve":
         argv += ["--coordinator-keys-dir", coord["keys_dir"], "--coordinator-client-key", coord["client_key"]]
     with open(log, "wb") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
-    after = _Proxy()
-    after.url = f"http://127.0.0.1:{port}"
+    p = _Proxy()
+    p.url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if requests.get(p.url + "/health", timeout=2).status_code == 200:
+                return proc, p
+        except requests.ConnectionError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(log.read_text())
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def flows(deployments, tmp_path_factory):
+    """{"early": the deployment's proxy (token 1 handed to the early decode), "after": a proxy with
+    --early-decode never, "recompute": one with --early-decode greedy_recompute}."""
+    pd, co = deployments
+    procs, proxies = [], {"early": pd}
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if requests.get(after.url + "/health", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
-        yield {"early": pd, "after": after}, co
+        for name, port, mode in (("after", 18002, "never"), ("recompute", 18003, "greedy_recompute")):
+            proc, proxies[name] = _proxy(pd, tmp_path_factory, name, port, mode)
+            procs.append(proc)
+        yield proxies, co
     finally:
-        proc.terminate()
-        proc.wait(30)
+        for proc in procs:
+            proc.terminate()
+            proc.wait(30)
 
 
 def _took(before: dict, after: dict) -> set[str]:
@@ -160,7 +178,7 @@ LONG = _prompt(700, seed=5)  # three chunks of KV
     {"max_tokens": 6, "temperature": 0.8, "top_p": 0.9, "repetition_penalty": 1.2, "ignore_eos": True,
      "return_token_ids": True},
 ])
-@pytest.mark.parametrize("flow", ["early", "after"])
+@pytest.mark.parametrize("flow", ["early", "after", "recompute"])
 def test_completions_take_the_first_token_path_and_match(flows, flow, case, stream):
     proxies, co = flows
     pd = proxies[flow]
@@ -170,13 +188,13 @@ def test_completions_take_the_first_token_path_and_match(flows, flow, case, stre
         assert got["usage"]["completion_tokens"] == len(got["choices"][0]["ids"]) == case["max_tokens"]
         assert _took(before, _paths(pd.url)) == {"prefill"}
         return
-    used = _early_used(pd.url)
+    answered = _early_answered(pd.url)
     _, took = _same(pd, co, "/v1/completions", {"prompt": LONG, "stream": stream, **case})
     assert took == {"prefill"}
-    assert _early_used(pd.url) == used + (flow == "early")  # its token 1 was the prefill's
+    assert _early_answered(pd.url) == answered + (flow != "after")  # handed token 1, or its own was the prefill's
 
 
-@pytest.mark.parametrize("flow", ["early", "after"])
+@pytest.mark.parametrize("flow", ["early", "after", "recompute"])
 @pytest.mark.parametrize("stream", [False, True])
 def test_chat_takes_the_first_token_path_and_matches(flows, flow, stream):
     proxies, co = flows
@@ -213,7 +231,7 @@ def test_min_tokens_holds_back_eos_on_both_halves(deployments, stream):
     assert took == {"prefill"} and got["usage"]["completion_tokens"] == 4 and got["choices"][0]["finish"] == "stop"  # 3, then EOS
 
 
-@pytest.mark.parametrize("flow", ["early", "after"])
+@pytest.mark.parametrize("flow", ["early", "after", "recompute"])
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_stop_string_across_tokens_1_and_2_is_caught(flows, flow, stream):
     proxies, co = flows

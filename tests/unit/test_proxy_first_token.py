@@ -205,11 +205,23 @@ class Double(VllmHttpDouble):
         self.fail = self.early_fail = False
         self.early_first: int | None = None
         self.paths: list[str] = []
+        self.coord: FakeCoord | None = None  # a decode: where an early half flagged ``handoff`` waits for token 1
 
     async def _answer(self, request, req, chat):
         self.paths.append(request.path)
         early = not isinstance(getattr(req, "prompt", None), list)
         self.first = self.early_first if early and self.early_first is not None else 7
+        kv = req.kv_transfer_params or {}
+        if kv.get("handoff") and self.coord is not None:
+            # As pd.connector.handoff does: wait for the proxy's FIRST; a token taken becomes the
+            # prompt's last, so the answer starts at the next token and has one token fewer.
+            await eventually(lambda: any(f[0] == kv["pd_id"] for f in self.coord.firsts))
+            token = next(t for p, t in self.coord.firsts if p == kv["pd_id"])
+            if self.coord.first_answer and token >= 0:
+                self.first = token + 1
+                for key in ("max_tokens", "max_completion_tokens"):
+                    if getattr(req, key, None):
+                        setattr(req, key, getattr(req, key) - 1)
         if self.hold is not None:
             await self.hold.wait()
         if self.fail or (early and self.early_fail):
@@ -229,7 +241,7 @@ async def flow(early_decode: str = "greedy"):
         runners.append(r)
         dbl.url = f"http://127.0.0.1:{r.addresses[0][1]}"
     proxy = Proxy([p.url], [d.url], ProxyConfig(upstream_timeout_s=10, early_decode=early_decode))
-    proxy.coord = coord
+    proxy.coord = d.coord = coord
     prunner, port = await proxy.start()
     try:
         async with aiohttp.ClientSession() as client:
@@ -414,6 +426,90 @@ def test_an_early_decode_that_fails_before_token_1_leaves_the_answer_to_a_decode
             async with env.client.post(env.url + C, json={**GREEDY, "stream": True}) as r:
                 assert r.status == 200 and await _texts(r) == [" w7", " w7", " w8"]
             assert len(env.d.bodies) == 2 and _early("failed", env) == 1
+    run(go())
+
+
+@pytest.mark.parametrize("endpoint", [C, CHAT])
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_early_decode_handed_token_1_answers_from_token_2(endpoint, stream):
+    async def go():
+        async with flow() as env:
+            env.coord.first_answer = True
+            body = ({**GREEDY, "stream": stream, "return_token_ids": True} if endpoint == C else
+                    {"model": SERVED, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 3,
+                     "temperature": 0, "stream": stream, "return_token_ids": True})
+            if stream:
+                body["stream_options"] = {"include_usage": True}
+            async with env.client.post(env.url + endpoint, json=body) as r:
+                assert r.status == 200
+                pd_id = r.headers["x-pd-id"]
+                if stream:
+                    data = (await r.read()).decode()
+                    events = [json.loads(e[6:]) for e in data.split("\n\n") if e.startswith("data: {")]
+                    texts = [(c["delta"].get("content") or "") if endpoint == CHAT else c["text"]
+                             for e in events for c in e["choices"]]
+                    assert [t for t in texts if t] == [" w7", " w8", " w9"]
+                    assert [i for e in events for c in e["choices"] for i in c.get("token_ids") or []] == [7, 8, 9]
+                    assert events[-1]["usage"]["completion_tokens"] == 3
+                else:
+                    ans = await r.json()
+                    ch = ans["choices"][0]
+                    assert (ch["message"]["content"] if endpoint == CHAT else ch["text"]) == " w7 w8 w9"
+                    assert ch["token_ids"] == [7, 8, 9] and ans["usage"]["completion_tokens"] == 3
+            (sent,) = env.d.bodies  # the early decode only: its answer was used
+            assert sent["kv_transfer_params"]["handoff"] is True and env.coord.firsts == [(pd_id, 7)]
+            assert _early("handed", env) == 1 and _early("used", env) == 0 and env.coord.aborts == []
+    run(go())
+
+
+def test_token_1_a_stop_string_could_start_in_is_not_handed_over():
+    async def go():
+        async with flow() as env:
+            env.coord.first_answer = True
+            body = {**GREEDY, "stop": ["7 w"], "stream": True}  # " w7" + " w8": the stop string spans them
+            async with env.client.post(env.url + C, json=body) as r:
+                assert (await _texts(r))[0] == " w"  # token 1's text up to where the stop string may start
+                pd_id = r.headers["x-pd-id"]  # (the double applies no stop strings: the rest is not checked)
+            assert env.coord.firsts == [(pd_id, -1)]  # the decode computes token 1 and sees the stop string
+            assert _early("handed", env) == 0
+    run(go())
+
+
+@pytest.mark.parametrize("text,body,allowed", [
+    (" w7", {}, True), ("", {}, False), ("ab\ufffd", {}, False), ("ab", {"stop": ["bq"]}, False),
+    ("ab", {"stop": ["ab"]}, True),  # a stop string within token 1 ends the answer at the prefill
+    ("ab", {"stop": ["xy"]}, True),
+])
+def test_which_tokens_may_be_handed_over(text, body, allowed):
+    st = ft.StreamState(_first(text, body=body), body)
+    assert early.handoff_allowed(st) is allowed
+
+
+def test_an_unanswered_hand_off_is_not_trusted_and_the_decode_after_the_prefill_answers():
+    async def go():
+        async with flow() as env:
+            env.coord.first_answer = None  # the coordinator did not answer: which way the decode went is unknown
+            async with env.client.post(env.url + C, json={**GREEDY, "return_token_ids": True}) as r:
+                ans = await r.json()
+                pd_id = r.headers["x-pd-id"]
+            # token 1, then the decode after the prefill (the double starts every answer at 7)
+            assert ans["choices"][0]["text"] == " w7 w7 w8" and ans["choices"][0]["token_ids"] == [7, 7, 8]
+            early_half, after = env.d.bodies
+            assert early_half["kv_transfer_params"]["handoff"] is True and after["prompt"] == [1, 2, 3, 7]
+            assert "kv_transfer_params" not in after and _early("differed", env) == 1
+            await _early_discarded(env, pd_id)
+    run(go())
+
+
+def test_greedy_recompute_never_offers_token_1():
+    async def go():
+        async with flow("greedy_recompute") as env:
+            env.coord.first_answer = True
+            async with env.client.post(env.url + C, json={**GREEDY, "stream": True}) as r:
+                assert await _texts(r) == [" w7", " w8", " w9"]
+            (sent,) = env.d.bodies
+            assert "handoff" not in sent["kv_transfer_params"] and env.coord.firsts == []
+            assert _early("used", env) == 1
     run(go())
 
 
