@@ -52,12 +52,17 @@ def early_body(endpoint: str, body: dict, pd_id: str, handoff: bool = False) -> 
 
 def handoff_allowed(st: ft.StreamState) -> bool:
     """Whether the early decode may continue from the prefill's token 1 (its answer then starts at
-    token 2). Its API server decodes token 2's text after the client's prompt, without token 1:
-    the same text unless token 1 is part of a character (its text empty or ending in U+FFFD, which
-    vLLM gives for an incomplete character); and its stop strings never see token 1's text, so a
-    stop string that could start in it keeps the decode computing token 1."""
+    token 2). Its API server decodes the text of token 2 on after the client's prompt, without
+    token 1; vLLM's incremental detokenizer gives a token's text from a window of the tokens
+    before it, so that is colocated's text only where the text stands at a character boundary
+    both after the prompt and after token 1. The prefill's answer shows both: token 1's text
+    there (decoded after the prompt, as colocated decodes it) must equal token 1 decoded alone
+    (its logprobs entry), be non-empty and not end in U+FFFD (vLLM's mark of an incomplete
+    character). And the decode's stop strings never see token 1's text, so a stop string that
+    could start in it keeps the decode computing token 1."""
     f = st.first
-    return bool(f.text) and not f.text.endswith("\ufffd") and ft.hold_from(st.body, f.text, len(f.text)) == len(f.text)
+    return (bool(f.text) and f.text == f.token_str and not f.text.endswith("\ufffd")
+            and ft.hold_from(st.body, f.text, len(f.text)) == len(f.text))
 
 
 @dataclass

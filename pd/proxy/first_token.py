@@ -126,9 +126,13 @@ def _path_for(endpoint: str, body: dict, chat: bool) -> str:
     return ""
 
 
-def prefill_body(body: dict, pd_id: str) -> dict:
-    """The prefill half: token 1 and the prompt's token ids, not streamed, KV sent on as ``pd_id``."""
+def prefill_body(body: dict, pd_id: str, token_text: bool = False) -> dict:
+    """The prefill half: token 1 and the prompt's token ids, not streamed, KV sent on as ``pd_id``;
+    ``token_text``: with token 1's own text (its logprobs entry: vLLM decodes each token alone there),
+    asked for here if the client did not ask for logprobs (``parse_prefill`` then drops them)."""
     out = {k: v for k, v in body.items() if k not in ("stream", "stream_options", "min_tokens")}
+    if token_text and body.get("logprobs") in (None, False):
+        out.update({"logprobs": True, "top_logprobs": 0} if "messages" in body else {"logprobs": 0})
     out.update(stream=False, max_tokens=1, return_token_ids=True,
                kv_transfer_params={"pd_id": pd_id, "do_remote_decode": True})
     if "max_completion_tokens" in body:
@@ -150,6 +154,7 @@ class First:
     finish_reason: str | None
     logprobs: Any = None  # completions: the prefill's logprobs object (None unless asked)
     want_ids: bool = False  # the client asked for return_token_ids
+    token_str: str | None = None  # token 1 decoded alone (its logprobs entry), when the answer had one
 
     @property
     def choice(self) -> dict:
@@ -166,8 +171,20 @@ def parse_prefill(endpoint: str, body: dict, data: bytes) -> First:
     if not isinstance(prompt, list) or not isinstance(ids, list) or len(ids) != 1:
         raise ValueError(f"prefill answered without one token and the prompt's token ids: {str(ans)[:300]}")
     text = (ch.get("message") or {}).get("content") or "" if chat else ch.get("text") or ""
+    token_str = _token_str(ch.get("logprobs"), chat)
+    if body.get("logprobs") in (None, False):  # asked for by the proxy only (prefill_body's token_text): not the client's
+        ch["logprobs"] = None
     return First(chat, ans, text, ids[0], prompt, ch.get("finish_reason"), None if chat else ch.get("logprobs"),
-                 bool(body.get("return_token_ids")))
+                 bool(body.get("return_token_ids")), token_str)
+
+
+def _token_str(lp: Any, chat: bool) -> str | None:
+    """Token 1's own text from its logprobs entry (completions ``tokens``, chat ``content[].token``)."""
+    try:
+        s = lp["content"][0]["token"] if chat else lp["tokens"][0]
+    except (TypeError, KeyError, IndexError):
+        return None
+    return s if isinstance(s, str) else None
 
 
 def ends_at_token_1(body: dict, first: First, max_model_len: int | None = None) -> bool:

@@ -63,7 +63,8 @@ class FirstTokenFlow:
             tasks: list[asyncio.Task] = []  # the decode halves sent: discarded if the answer ends early
             early, d_url = self._send_early(request, endpoint, body, pd_id, tracked, tasks)
             try:
-                st = await self._token_1(request, p_url, endpoint, body, pd_id, headers)
+                st = await self._token_1(request, p_url, endpoint, body, pd_id, headers,
+                                         token_text=early is not None and self._handoff())
             except BaseException as e:  # no decode: its halves sent are discarded, the transfer aborted
                 self._discard(*tasks)
                 self._abort(pd_id, e.why if isinstance(e, NoDecode) else "client went away")
@@ -98,11 +99,11 @@ class FirstTokenFlow:
                 await chunks.aclose()
 
     async def _token_1(self, request: web.Request, p_url: str, endpoint: str, body: dict, pd_id: str,
-                       headers: dict) -> ft.StreamState:
+                       headers: dict, token_text: bool = False) -> ft.StreamState:
         """The prefill half's answer (from ``p_url``), token 1; ``NoDecode`` where the answer needs
         no decode (token 1 ended it) or the prefill failed."""
         try:
-            data = await self._prefill(request, p_url, endpoint, ft.prefill_body(body, pd_id), pd_id)
+            data = await self._prefill(request, p_url, endpoint, ft.prefill_body(body, pd_id, token_text), pd_id)
         except UpstreamError as e:
             raise NoDecode("prefill failed", response=e.response(headers)) from None
         try:

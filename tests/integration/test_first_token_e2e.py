@@ -311,3 +311,27 @@ def test_the_decode_loads_kv_already_published_within_its_first_step(flows, flow
         assert ("wait_first" in names) != rec["sync_load"], rec  # an in-step load never WAITs
         sync.append(rec["sync_load"])
     assert all(sync) if flow == "early" else any(sync), sync  # the early decode waits for all of it
+
+
+def test_the_early_decode_is_handed_token_1_and_answers_as_colocated(flows):
+    """The deployment's proxy hands the prefill's token 1 to the early decode (issue 16): its scheduler
+    appends it to the prompt and its first step yields token 2. Token 1 is handed over unless its
+    text is empty or part of a character (``pd.proxy.early.handoff_allowed``); the coordinator
+    counts each FIRST, and every answer is colocated's."""
+    proxies, co = flows
+    pd = proxies["early"]
+    handed, firsts = _early(pd.url, "handed"), _coordinator_counter(pd.url, "firsts")
+    for i in range(4):
+        for stream in (False, True):
+            got, took = _same(pd, co, "/v1/completions", {"prompt": _prompt(500, seed=300 + i), "max_tokens": 10,
+                                                          "return_token_ids": True, "stream": stream})
+            assert took == {"prefill"} and got["usage"]["completion_tokens"] == 10
+    assert _coordinator_counter(pd.url, "firsts") == firsts + 8  # one offer a request
+    assert _early(pd.url, "handed") >= handed + 6, "token 1 was handed to fewer than 6 of 8 early decodes"
+
+
+def _coordinator_counter(url: str, name: str) -> float:
+    m = re.search(r'^pdkv_coordinator_%s(?:_total)? (\S+)$' % name, requests.get(url + "/metrics", timeout=10).text,
+                  re.M)
+    assert m, f"no coordinator counter {name} in the proxy's /metrics"
+    return float(m.group(1))

@@ -73,7 +73,7 @@ def test_chat_takes_the_old_flow_when_the_instances_parse_tools_or_reasoning():
 # ---- the two halves -----------------------------------------------------------------------
 
 
-def _first(text="ab", chat=False, body=None, logprobs=None) -> ft.First:
+def _first(text="ab", chat=False, body=None, logprobs=None, token_str=None) -> ft.First:
     ans = {"id": "cmpl-9", "created": 5, "model": "m", "usage": {"prompt_tokens": 3},
            "choices": [{"index": 0, "finish_reason": "length", "token_ids": [42], "logprobs": logprobs,
                         **({"message": {"role": "assistant", "content": text}} if chat else {"text": text})}]}
@@ -81,7 +81,9 @@ def _first(text="ab", chat=False, body=None, logprobs=None) -> ft.First:
         ans["prompt_token_ids"] = [1, 2, 3]
     else:
         ans["choices"][0]["prompt_token_ids"] = [1, 2, 3]
-    return ft.parse_prefill(CHAT if chat else C, body or {}, json.dumps(ans).encode())
+    f = ft.parse_prefill(CHAT if chat else C, body or {}, json.dumps(ans).encode())
+    f.token_str = text if token_str is None else token_str
+    return f
 
 
 def test_the_prefill_half_asks_for_one_token_and_the_prompt_ids():
@@ -475,14 +477,35 @@ def test_token_1_a_stop_string_could_start_in_is_not_handed_over():
     run(go())
 
 
-@pytest.mark.parametrize("text,body,allowed", [
-    (" w7", {}, True), ("", {}, False), ("ab\ufffd", {}, False), ("ab", {"stop": ["bq"]}, False),
-    ("ab", {"stop": ["ab"]}, True),  # a stop string within token 1 ends the answer at the prefill
-    ("ab", {"stop": ["xy"]}, True),
+@pytest.mark.parametrize("text,token_str,body,allowed", [
+    (" w7", None, {}, True), ("", None, {}, False), ("ab\ufffd", None, {}, False), ("ab", None, {"stop": ["bq"]}, False),
+    ("ab", None, {"stop": ["ab"]}, True),  # a stop string within token 1 ends the answer at the prefill
+    ("ab", None, {"stop": ["xy"]}, True),
+    ("xab", "ab", {}, False),  # its text took in the prompt's pending bytes: not at a character boundary
+    ("ab", "", {}, False),
 ])
-def test_which_tokens_may_be_handed_over(text, body, allowed):
-    st = ft.StreamState(_first(text, body=body), body)
+def test_which_tokens_may_be_handed_over(text, token_str, body, allowed):
+    st = ft.StreamState(_first(text, body=body, token_str=token_str), body)
+    if token_str == "":
+        st.first.token_str = None  # the prefill's answer had no logprobs entry
     assert early.handoff_allowed(st) is allowed
+
+
+@pytest.mark.parametrize("chat", [False, True])
+def test_token_1s_own_text_is_asked_of_the_prefill_and_never_reaches_the_client(chat):
+    body = ({"messages": [{"role": "user", "content": "hi"}]} if chat else {"prompt": "hi"})
+    b = ft.prefill_body(body, "x", token_text=True)
+    assert (b["logprobs"], b["top_logprobs"]) == (True, 0) if chat else b["logprobs"] == 0
+    lp = {"content": [{"token": "ab", "logprob": -0.1, "bytes": [97, 98], "top_logprobs": []}]} if chat else {
+        "text_offset": [0], "tokens": ["ab"], "token_logprobs": [-0.1], "top_logprobs": [{}]}
+    f = _first("ab", chat=chat, body=body, logprobs=lp)
+    assert f.choice["logprobs"] is None and f.logprobs is None
+    st = ft.StreamState(f, body)
+    assert ft.parse_prefill(CHAT if chat else C, body, json.dumps({**f.answer, "choices": [
+        {**f.choice, "logprobs": lp}]}).encode()).token_str == "ab"
+    assert "logprobs" not in json.dumps(ft.collect(st, ft.opening(st, ends=True))).replace('"logprobs": null', "")
+    asked = {**body, "logprobs": 0} if not chat else body
+    assert ft.prefill_body(asked, "x", token_text=True).get("logprobs") == (0 if not chat else True)
 
 
 def test_an_unanswered_hand_off_is_not_trusted_and_the_decode_after_the_prefill_answers():

@@ -35,6 +35,22 @@ def _error(message: str, status: int, typ: str) -> web.Response:
                              status=status)
 
 
+def _logprobs_maker(req, chat: bool):
+    """``lp(ids, offset)``: the logprobs object vLLM gives for these tokens when the request asks for
+    logprobs (each token's text is " w<id>", decoded alone), else None."""
+    asked = bool(req.logprobs) if chat else req.logprobs is not None
+
+    def lp(ids: list[int], offset: int):
+        if not asked:
+            return None
+        if chat:
+            return {"content": [{"token": f" w{i}", "logprob": -0.5, "bytes": list(f" w{i}".encode()),
+                                 "top_logprobs": []} for i in ids]}
+        return {"text_offset": [offset + 3 * k for k in range(len(ids))], "tokens": [f" w{i}" for i in ids],
+                "token_logprobs": [-0.5] * len(ids), "top_logprobs": [{f" w{i}": -0.5} for i in ids]}
+    return lp
+
+
 class VllmHttpDouble:
     def __init__(self, name: str):
         self.name = name
@@ -68,6 +84,7 @@ class VllmHttpDouble:
         n = min(req.max_tokens or 3, 3) if not chat else min(req.max_completion_tokens or req.max_tokens or 3, 3)
         ids = list(range(self.first, self.first + n))
         want = bool(req.return_token_ids)
+        lp = _logprobs_maker(req, chat)
         usage = {"prompt_tokens": len(prompt), "total_tokens": len(prompt) + n, "completion_tokens": n}
         head = {"id": "cmpl-1", "object": "chat.completion" if chat else "text_completion", "created": 1,
                 "model": SERVED}
@@ -77,9 +94,10 @@ class VllmHttpDouble:
             text = "".join(f" w{i}" for i in ids)
             if chat:
                 choice["message"] = {"role": "assistant", "content": text}
+                choice["logprobs"] = lp(ids, 0)
                 extra = {"prompt_token_ids": prompt if want else None}
             else:
-                choice.update(text=text, logprobs=None, prompt_token_ids=prompt if want else None)
+                choice.update(text=text, logprobs=lp(ids, 0), prompt_token_ids=prompt if want else None)
                 extra = {}
             return web.json_response({**head, "choices": [choice], "usage": usage, **extra})
         out = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -90,8 +108,9 @@ class VllmHttpDouble:
             c = {"index": 0, "finish_reason": "length" if last else None}
             if chat:
                 c["delta"] = {"content": f" w{i}"}
+                c["logprobs"] = lp([i], 0)
             else:
-                c.update(text=f" w{i}", logprobs=None)
+                c.update(text=f" w{i}", logprobs=lp([i], 3 * k))
             if last:
                 c["stop_reason"] = None
             if want:
