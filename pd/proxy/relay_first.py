@@ -150,6 +150,8 @@ class FirstTokenFlow:
         computes token 1, None when that is unknown (no answer: this decode is not used)."""
         allowed = handoff_allowed(st)
         taken = await self.coord.first(pd_id, st.first.token_id if allowed else -1)
+        if taken and allowed:
+            self.timeline.mark(pd_id, "first_handed")
         return taken and allowed if taken is not None else None
 
     async def _early_chunks(self, request: web.Request, st: ft.StreamState, early: asyncio.Task, endpoint: str,

@@ -25,6 +25,8 @@ PROXY = "proxy"
 PROXY_SPANS = {
     "first_token": ("received", "first_token"),
     "gap_1_2": ("first_token", "token_2"),
+    # The early decode handed token 1: the coordinator took the FIRST (prefill_answered to first_handed).
+    "hand_off": ("prefill_answered", "first_handed"),
     "dispatch": ("received", "decode_sent"),
     "prefill": ("prefill_sent", "prefill_answered"),
     "decode_first_token": ("decode_sent", "decode_first_byte"),
