@@ -49,7 +49,7 @@ from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
 from common.config import ConfigError, load
 from pd.config import ConnectorConfig
-from pd.connector.first_wait import FirstWaiter
+from pd.connector.first_wait import FirstSender, FirstWaiter
 from pd.connector.heads import HeadGroups, resolve
 from pd.connector.keys import layout_fingerprint, make_namespace
 from pd.connector.scheduler import PDMetadata, SchedulerSide
@@ -152,15 +152,19 @@ class PDConnector(KVConnectorBase_V1):
             # The scheduler only looks keys up (prefix reuse); group 0's chunks stand for all.
             store = make_store(self.cfg.store, 0, writer=False)
             published = published_check(self.cfg.transport) if self.cfg.sync_load == "ready" else None
-            # A decode waits for token 1 from the proxy through the coordinator (pd.connector.first_wait).
-            self._first = FirstWaiter(CoordinatorClient(self.cfg.coordinator, keys=client_keys_for(self.cfg)),
-                                      self.cfg.wait_timeout_s) if ktc.is_kv_consumer else None
+            # Token 1 from the prefill's scheduler to the decode's, through the coordinator
+            # (pd.connector.first_wait): a decode waits for it, a prefill sends it.
+            keys = client_keys_for(self.cfg)
+            self._first = (FirstWaiter(self.cfg.coordinator, self.cfg.wait_timeout_s, keys=keys)
+                           if ktc.is_kv_consumer else None)
+            self._first_sender = (FirstSender(CoordinatorClient(self.cfg.coordinator, keys=keys))
+                                  if ktc.is_kv_producer else None)
             self._sched = SchedulerSide(self.block_size, ktc.is_kv_producer, ktc.is_kv_consumer,
                                         store=store, namespace=self.namespace, chunk_size=self.cfg.chunk_size,
                                         published=published, groups=self.heads.groups,
                                         sync_wait_s=min(self.cfg.sync_wait_s, self.cfg.wait_timeout_s),
                                         sync_wait_tokens=_sync_wait_tokens(self.cfg, kv_cache_config, self.heads),
-                                        first=self._first)
+                                        first=self._first, first_sender=self._first_sender)
         else:
             self._worker = self._make_worker(vllm_config, ktc)
 
@@ -259,7 +263,9 @@ class PDConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         if getattr(self, "_first", None) is not None:
             self._first.close()
-            self._first.client.close()
+        if getattr(self, "_first_sender", None) is not None:
+            self._first_sender.close()
+            self._first_sender.client.close()
         if self._worker is not None:
             self._worker.shutdown()
             self._agent.stop()

@@ -1,95 +1,172 @@
-"""The decode scheduler's wait for token 1 (``pd.coordinator.first``): threads that ask the coordinator.
+"""Token 1 between the schedulers (``pd.coordinator.first``): the decode's wait and the prefill's send.
 
 vLLM's scheduler asks the connector about a waiting request once per engine step and must never
-block. An early decode that the proxy offers token 1 to (``kv_transfer_params.handoff``) is
-looked up until its token is settled: ``poll`` starts the wait on a worker thread the first time
-and answers ``PENDING`` until the coordinator answered. A thread asks in slices of ``poll_s``
-(a coordinator that restarted or lost the call is asked again) until ``deadline_s``, then gives
-up through the coordinator (``give_up``), which either still hands over a token that came or
-makes the proxy's later FIRST an error, so that the proxy and the decode never disagree about
-where the decode's answer starts. A coordinator that never answers leaves the decode computing
-token 1 itself (logged; the proxy, which gets no answer either, then does not use this decode).
+block. **FirstWaiter** (decode): an early decode flagged ``kv_transfer_params.handoff`` is looked
+up until its hand-off is settled; ``poll`` registers it the first time and answers ``PENDING``
+until the coordinator settled it. One thread with one socket asks for every waiting pd_id at
+once (AWAIT_FIRST in slices of ``poll_s``, each answered with the pd_id it is about, so replies
+need no order; a call that got no answer is asked again after ``poll_s`` + 1 s, so a restarted
+coordinator or a refused call costs a slice, never a busy loop). Past ``deadline_s`` it gives up
+through the coordinator, which settles -1 unless the token is already there (then it must be
+used). A coordinator that answers no give-up in ``GIVE_UP_TRIES`` slices leaves the decode
+computing token 1 (logged): the proxy, which cannot hear the outcome either, then uses no early
+decode's answer.
+
+**FirstSender** (prefill): FIRST for each finished request that carried the flag, from a thread
+(the scheduler never waits for the coordinator).
 """
 from __future__ import annotations
 
 import logging
+import queue
+import socket
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
-from pd.coordinator.protocol import Aborted, FirstToken
+import zmq
+
+from pd.coordinator.client import WAIT_MARGIN_S, _dealer
+from pd.coordinator.protocol import Aborted, AwaitFirst, FirstToken, ProtocolError, WaitTimeout, decode_reply, encode
 
 logger = logging.getLogger("pd.connector")
 
-PENDING = object()  # poll's answer while the token is not settled
+PENDING = object()  # poll's answer while the hand-off is not settled
 RECOMPUTE = -1  # settled: the decode computes token 1 itself
 GIVE_UP_TRIES = 3
 
 
-class FirstWaiter:
-    """``client``: a ``pd.coordinator.client.CoordinatorClient`` (thread-safe)."""
+@dataclass
+class _Wait:
+    deadline: float  # then give up
+    resend_at: float = 0.0  # ask (again) from then on
+    give_ups: int = 0  # give-ups sent
 
-    def __init__(self, client, deadline_s: float, poll_s: float = 2.0, threads: int = 32, clock=time.monotonic):
-        self.client, self.deadline_s, self.poll_s, self.clock = client, deadline_s, poll_s, clock
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="pd-first")
+
+class FirstWaiter:
+    """The decode scheduler's waits for token 1; ``keys``: CurveZMQ ``ClientKeys`` or None."""
+
+    def __init__(self, address: str, deadline_s: float, keys=None, poll_s: float = 2.0, clock=time.monotonic):
+        self.address, self.keys, self.deadline_s, self.poll_s, self.clock = address, keys, deadline_s, poll_s, clock
         self._lock = threading.Lock()
-        self._results: dict[str, object] = {}  # pd_id -> PENDING or the settled token id
-        self._dropped: set[str] = set()  # forgotten while pending: the thread stops at its next answer
+        self._results: dict[str, object] = {}  # pd_id -> PENDING or the settled token
+        self._waits: dict[str, _Wait] = {}  # pd_ids the thread asks about
+        self._closed = False
+        self._wake_rx, self._wake_tx = socket.socketpair()
+        self._wake_tx.setblocking(False)
+        self._thread = threading.Thread(target=self._run, name="pd-first-wait", daemon=True)
+        self._thread.start()
 
     def poll(self, pd_id: str, give_up: bool = False) -> object:
-        """The token for ``pd_id`` (``RECOMPUTE``: none), or ``PENDING``; the first call starts the
-        wait (``give_up``: at once: the decode cannot wait for it)."""
+        """The token for ``pd_id`` (``RECOMPUTE``: none), or ``PENDING``; the first call registers the
+        wait (``give_up``: gives it up at once: the decode cannot wait for the token)."""
         with self._lock:
             r = self._results.get(pd_id)
-            if r is None:
-                self._results[pd_id] = PENDING
-                self._dropped.discard(pd_id)
-                self._pool.submit(self._wait, pd_id, 0.0 if give_up else self.deadline_s)
-                return PENDING
-            return r
+            if r is not None:
+                return r
+            self._results[pd_id] = PENDING
+            self._waits[pd_id] = _Wait(self.clock() + (0.0 if give_up else self.deadline_s))
+        self._wake()
+        return PENDING
 
     def forget(self, pd_id: str) -> None:
         with self._lock:
-            if self._results.pop(pd_id, None) is PENDING:
-                self._dropped.add(pd_id)
+            self._results.pop(pd_id, None)
+            self._waits.pop(pd_id, None)
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self._closed = True
+        self._wake()
+        self._thread.join(5)
+
+    def _wake(self) -> None:
+        try:
+            self._wake_tx.send(b"w")
+        except OSError:  # full (the thread has wake-ups to read already) or closed
+            pass
 
     def _settle(self, pd_id: str, token: int) -> None:
         with self._lock:
-            if pd_id in self._dropped:
-                self._dropped.discard(pd_id)
-            elif self._results.get(pd_id) is PENDING:
+            if self._waits.pop(pd_id, None) is not None:
                 self._results[pd_id] = token
 
-    def _wait(self, pd_id: str, deadline_s: float) -> None:
+    def _run(self) -> None:
+        ctx = zmq.Context.instance()
+        sock = _dealer(ctx, self.address, keys=self.keys)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        poller.register(self._wake_rx, zmq.POLLIN)
         try:
-            self._settle(pd_id, self._ask(pd_id, deadline_s))
-        except Exception as e:  # never leave a request pending for ever
-            logger.warning("pd_id=%s: waiting for token 1 failed (%r); the decode computes it", pd_id, e)
-            self._settle(pd_id, RECOMPUTE)
+            while not self._closed:
+                self._send_due(sock)
+                for s, _ in poller.poll(200):
+                    if s is sock:
+                        self._on_reply(sock.recv_multipart())
+                    else:
+                        self._wake_rx.recv(4096)
+        finally:
+            sock.close(0)
+            self._wake_rx.close()
+            self._wake_tx.close()
+            for pd_id in list(self._waits):  # closed while waiting: the decode computes token 1
+                self._settle(pd_id, RECOMPUTE)
 
-    def _ask(self, pd_id: str, deadline_s: float) -> int:
-        end = self.clock() + deadline_s
-        while True:
+    def _send_due(self, sock) -> None:
+        now = self.clock()
+        with self._lock:
+            due = [(p, w) for p, w in self._waits.items() if w.resend_at <= now]
+        for pd_id, w in due:
+            left = w.deadline - now
+            if left <= 0 and w.give_ups >= GIVE_UP_TRIES:
+                logger.warning("pd_id=%s: the coordinator answered no give-up of token 1's wait; the decode "
+                               "computes token 1 itself", pd_id)
+                self._settle(pd_id, RECOMPUTE)
+                continue
+            slice_s = 0.0 if left <= 0 else min(left, self.poll_s)
+            w.give_ups += left <= 0
+            w.resend_at = now + slice_s + WAIT_MARGIN_S
+            try:
+                sock.send_multipart(encode(AwaitFirst(pd_id, slice_s, give_up=left <= 0)), zmq.NOBLOCK)
+            except zmq.ZMQError as e:  # the queue to the coordinator is full: asked again at resend_at
+                logger.debug("pd_id=%s: AWAIT_FIRST not sent: %s", pd_id, e)
+
+    def _on_reply(self, frames) -> None:
+        try:
+            reply = decode_reply(frames)
+        except ProtocolError as e:
+            logger.warning("coordinator %s: unreadable reply to AWAIT_FIRST: %s", self.address, e)
+            return
+        if isinstance(reply, FirstToken):
+            self._settle(reply.pd_id, reply.token_id)
+        elif isinstance(reply, Aborted):
+            self._settle(reply.pd_id, RECOMPUTE)
+        elif isinstance(reply, WaitTimeout):  # the slice ended unsettled: ask again now
             with self._lock:
-                if pd_id in self._dropped:
-                    return RECOMPUTE
-            left = end - self.clock()
-            if left <= 0:
-                break
-            reply = self.client.await_first(pd_id, min(left, self.poll_s))
-            if isinstance(reply, FirstToken):
-                return reply.token_id
-            if isinstance(reply, Aborted):
-                return RECOMPUTE
-        for _ in range(GIVE_UP_TRIES):
-            reply = self.client.await_first(pd_id, 0.0, give_up=True)
-            if isinstance(reply, FirstToken):
-                return reply.token_id
-            if reply is not None:  # WaitTimeout (given up) or Aborted
-                return RECOMPUTE
-        logger.warning("pd_id=%s: the coordinator did not answer the give-up of token 1's wait; the decode "
-                       "computes token 1 itself", pd_id)
-        return RECOMPUTE
+                w = self._waits.get(reply.pd_id)
+                if w is not None:
+                    w.resend_at = 0.0
+        else:  # an Error (refused: rate, identity, an older coordinator): asked again at resend_at
+            logger.debug("coordinator %s: AWAIT_FIRST answered %r", self.address, reply)
+
+
+class FirstSender:
+    """The prefill scheduler's FIRSTs, sent from a thread; ``client``: a ``CoordinatorClient``."""
+
+    def __init__(self, client):
+        self.client = client
+        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="pd-first-send", daemon=True)
+        self._thread.start()
+
+    def send(self, pd_id: str, token: int) -> None:
+        self._q.put((pd_id, token))
+
+    def close(self) -> None:
+        self._q.put(None)
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        while (item := self._q.get()) is not None:
+            pd_id, token = item
+            handed = self.client.first(pd_id, token)
+            logger.debug("pd_id=%s: token 1 (%d) %s", pd_id, token, "handed over" if handed else "not handed over")

@@ -141,7 +141,8 @@ class _Request:
 class SchedulerSide:
     def __init__(self, block_size: int, is_producer: bool, is_consumer: bool, store: KVStore | None = None,
                  namespace: str = "", chunk_size: int = 256, published=None, groups: int = 1,
-                 sync_wait_s: float = 0.0, sync_wait_tokens: int = 0, clock=time.monotonic, first=None):
+                 sync_wait_s: float = 0.0, sync_wait_tokens: int = 0, clock=time.monotonic, first=None,
+                 first_sender=None):
         self.chunking = Chunking(chunk_size, block_size)
         self.store = store  # prefix reuse: look up the longest stored prefix of each new request
         self.namespace = namespace
@@ -153,8 +154,9 @@ class SchedulerSide:
         # tokens (a transfer that would fill much of the transport's pool must be read as it
         # comes: its first chunks may be evicted before its last are written).
         self.sync_wait_s, self.sync_wait_tokens, self.clock = sync_wait_s, sync_wait_tokens, clock
-        # pd.connector.first_wait.FirstWaiter (None: no hand-off of token 1; the decode computes it).
-        self.first = first
+        # pd.connector.first_wait: FirstWaiter (a decode waits for token 1; None: it computes it) and
+        # FirstSender (a prefill sends the token 1 it sampled, for requests flagged ``handoff``).
+        self.first, self.first_sender = first, first_sender
         self.is_producer = is_producer
         self.is_consumer = is_consumer
         self._reqs: dict[str, _Request] = {}
@@ -222,10 +224,10 @@ class SchedulerSide:
         return (n, True) if n > 0 else (0, False)
 
     def _token_1(self, request, pd_id: str, n_prompt: int) -> object:
-        """An early decode offered token 1: ``PENDING`` until it is settled, then the token, which
-        is appended to the request's prompt (once), or ``RECOMPUTE``. A decode that could not wait
-        for every chunk before loading (no published check, a transfer over half the pool, no
-        coordinator) gives the offer up at once."""
+        """An early decode flagged for token 1's hand-off: ``PENDING`` until it is settled, then the
+        token, which is appended to the request's prompt (once), or ``RECOMPUTE``. A decode that
+        could not wait for every chunk before loading (no published check, a transfer over half
+        the pool) gives the hand-off up at once."""
         rec = self._record(request.request_id)
         if rec.first is None:
             can_wait = self.published is not None and n_prompt <= self.sync_wait_tokens
@@ -369,6 +371,9 @@ class SchedulerSide:
         rec = self._reqs.pop(request.request_id, None)
         if rec is None:
             return False, None
+        if rec.save is not SaveStatus.NONE and self.first_sender is not None and wants_handoff(request) \
+                and request.output_token_ids:
+            self.first_sender.send(rec.pd_id, request.output_token_ids[0])  # the early decode's token 1
         pd_id = self._is_pd_load(request)
         if pd_id and self.first is not None and wants_handoff(request):
             self.first.forget(pd_id)

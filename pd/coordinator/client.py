@@ -31,6 +31,7 @@ from pd.coordinator.protocol import (
     Ack,
     Done,
     First,
+    FirstOutcome,
     FirstToken,
     Free,
     Heartbeat,
@@ -171,12 +172,9 @@ class CoordinatorClient:
             return reply
         return WaitTimeout(pd_id)
 
-    def await_first(self, pd_id: str, timeout_s: float, give_up: bool = False) -> FirstToken | Aborted | WaitTimeout | None:
-        """Wait up to ``timeout_s`` for token 1 of ``pd_id`` (``pd.coordinator.first``); with
-        ``give_up``, stop waiting. None when no answer came (the coordinator may or may not have
-        seen the call: ask again)."""
-        reply = self.call(AwaitFirst(pd_id, timeout_s, give_up), timeout_s + min(self.timeout_s, WAIT_MARGIN_S))
-        return reply if isinstance(reply, (FirstToken, Aborted, WaitTimeout)) else None
+    def first(self, pd_id: str, token_id: int) -> bool:
+        """Hand token 1 of ``pd_id`` to its early decode (``pd.coordinator.first``); True when handed over."""
+        return isinstance(self.call(First(pd_id, token_id)), Ack)
 
     def done(self, msg: Done) -> bool:
         """Report DONE; True when acknowledged."""
@@ -303,44 +301,49 @@ class InstanceAgent:
 
 
 class AsyncCoordinatorClient:
-    """asyncio client for the proxy: abort, query and token 1 (FIRST); never raises (except the caller's cancellation)."""
+    """asyncio client for the proxy: abort, query and token 1's outcome; never raises (except the
+    caller's cancellation). Each call has a socket to itself (one request in flight per socket
+    keeps replies in order), from a pool of up to ``max_sockets``: a call parked at the coordinator
+    (FIRST_OUTCOME) or a slow one does not hold the others up."""
 
-    def __init__(self, address: str, timeout_s: float = 2.0, keys: "ClientKeys | None" = None):
+    def __init__(self, address: str, timeout_s: float = 2.0, keys: "ClientKeys | None" = None,
+                 max_sockets: int = 16):
         self.address = address
         self.timeout_s = timeout_s
         self.keys = keys
         self._ctx = zmq.asyncio.Context.instance()
-        self._sock: zmq.asyncio.Socket | None = None
-        self._lock: asyncio.Lock | None = None
+        self._idle: list[zmq.asyncio.Socket] = []
+        self._slots: asyncio.Semaphore | None = None
+        self.max_sockets = max_sockets
         self._closed = False
         self._health = _Health(address, keys)
 
-    async def _call(self, msg) -> ReplyMsg | None:
+    async def _call(self, msg, timeout_s: float | None = None) -> ReplyMsg | None:
         if self._closed:
             return None
-        if self._lock is None:
-            self._lock = asyncio.Lock()
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.max_sockets)
+        timeout = self.timeout_s if timeout_s is None else timeout_s
         try:
-            async with self._lock:  # one request in flight per socket keeps replies in order
-                reply = await self._exchange(msg)
+            async with self._slots:
+                reply = await self._exchange(msg, timeout)
         except asyncio.CancelledError:
             raise
         except Exception as e:
             logger.warning("coordinator %s: %s failed: %s", self.address, type(msg).__name__, e)
             reply = None
-        self._health.note(reply is not None, type(msg).__name__, self.timeout_s)
+        self._health.note(reply is not None, type(msg).__name__, timeout)
         return reply
 
-    async def _exchange(self, msg) -> ReplyMsg | None:
+    async def _exchange(self, msg, timeout_s: float) -> ReplyMsg | None:
         if self._closed:
             return None
-        if self._sock is None:
-            self._sock = _dealer(self._ctx, self.address, keys=self.keys)
-        sock, reply = self._sock, None
+        sock = self._idle.pop() if self._idle else _dealer(self._ctx, self.address, keys=self.keys)
+        reply = None
         try:
             await sock.send_multipart(encode(msg))
             loop = asyncio.get_running_loop()
-            deadline = loop.time() + self.timeout_s
+            deadline = loop.time() + timeout_s
             while reply is None:
                 left = deadline - loop.time()
                 if left <= 0 or not await sock.poll(left * 1000):
@@ -350,20 +353,21 @@ class AsyncCoordinatorClient:
                     reply = None
             return reply
         finally:  # no answer (timeout, error, cancellation): a late one must not reach the next call
-            if reply is None:
+            if reply is None or self._closed:
                 sock.close(0)
-                if self._sock is sock:
-                    self._sock = None
+            else:
+                self._idle.append(sock)
 
     async def abort(self, pd_id: str, reason: str = "") -> bool:
         """Abort ``pd_id``; True when acknowledged."""
         return isinstance(await self._call(Abort(pd_id, reason)), Ack)
 
-    async def first(self, pd_id: str, token_id: int) -> bool | None:
-        """Hand token 1 of ``pd_id`` to its early decode (-1: none): True when the decode will take
-        it, False when refused (it no longer waits), None without an answer (unknown)."""
-        reply = await self._call(First(pd_id, token_id))
-        return True if isinstance(reply, Ack) else False if reply is not None else None
+    async def first_outcome(self, pd_id: str, timeout_s: float) -> int | None:
+        """How token 1 of ``pd_id`` was handed over (``pd.coordinator.first``): the token, -1 (the
+        decode computes it), or None without an answer (unknown). Waits up to ``timeout_s`` for the
+        prefill's FIRST, on a socket of its own (other calls do not queue behind it)."""
+        reply = await self._call(FirstOutcome(pd_id, timeout_s), timeout_s + WAIT_MARGIN_S)
+        return reply.token_id if isinstance(reply, FirstToken) and reply.pd_id == pd_id else None
 
     async def query(self, pd_id: str = "", spans: bool = False) -> QueryReply | None:
         """As ``CoordinatorClient.query``."""
@@ -371,11 +375,11 @@ class AsyncCoordinatorClient:
         return reply if isinstance(reply, QueryReply) else None
 
     def close(self) -> None:
-        """Close the socket; later calls return False/None at once."""
+        """Close the sockets; later calls return False/None at once."""
         self._closed = True
-        if self._sock is not None:
-            self._sock.close(0)
-            self._sock = None
+        for sock in self._idle:
+            sock.close(0)
+        self._idle.clear()
 
 
 # ---- diagnosis ---------------------------------------------------------------------------

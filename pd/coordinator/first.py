@@ -1,33 +1,40 @@
-"""Token 1 handed from the proxy to an early decode (FIRST, AWAIT_FIRST; docs/design.md "token 1
-handed to the early decode").
+"""Token 1 handed from the prefill to an early decode (FIRST, AWAIT_FIRST, FIRST_OUTCOME;
+docs/design.md "Token 1 handed to the early decode").
 
-An early decode's request leaves the proxy with its prefill's, before token 1 exists. When the
-proxy asks for the hand-off, the decode's scheduler waits (AWAIT_FIRST) for the token the prefill
-sampled; the proxy sends it (FIRST) once the prefill has answered. The decode then continues
-from the prompt plus that token, and its answer starts at token 2: the proxy must know for sure
-which of the two answers (from token 1 or from token 2) the decode gives. The coordinator is
-where that is settled, one message at a time: a FIRST is acknowledged only while the decode
-still waits or has not asked yet, and a decode that gives up (AWAIT_FIRST with ``give_up``)
-either gets the token already there or makes every later FIRST an ``Error``.
+An early decode's request leaves the proxy with its prefill's, before token 1 exists. Its
+scheduler waits (AWAIT_FIRST) for the token the prefill samples; the prefill's scheduler sends it
+(FIRST) as its request finishes; the decode then continues from the prompt plus that token and
+its answer starts at token 2. The proxy must know for sure where the decode's answer starts, so
+each pd_id's hand-off is **settled once**, here, one message at a time, as either the token
+(handed over) or -1 (the decode computes token 1 itself):
 
-Everything is bounded in time (``ttl_s``) and in count (``MAX_PD_IDS``).
+- a FIRST while a decode is registered (it sent AWAIT_FIRST, within ``ttl_s``) settles the token;
+  a FIRST with no decode registered settles -1 (and answers ``Error``);
+- a decode that stops waiting (AWAIT_FIRST ``give_up``) settles -1 unless the token is there;
+- the proxy's FIRST_OUTCOME is answered with the settlement; past its timeout unsettled (no
+  FIRST came), it settles -1 itself.
+
+Every party then reads the same settlement. Everything is bounded in time (``ttl_s``, refreshed
+while a decode keeps asking) and in count (``MAX_PD_IDS``).
 """
 from __future__ import annotations
 
 import logging
 from typing import Callable, NamedTuple
 
-from pd.coordinator.protocol import Aborted, Ack, AwaitFirst, Error, First, FirstToken, WaitTimeout
+from pd.coordinator.protocol import Aborted, Ack, AwaitFirst, Error, First, FirstOutcome, FirstToken, WaitTimeout
 
 logger = logging.getLogger("pd.coordinator")
 
-MAX_PD_IDS = 65536  # tokens, waiters and give-ups kept at once (the oldest dropped first)
+MAX_PD_IDS = 65536  # settlements, registrations and parked askers kept at once (the oldest dropped first)
 MAX_WAIT_S = 3600.0
+NONE = -1  # the settlement "the decode computes token 1 itself"
 
 
-class _Waiter(NamedTuple):
+class _Asker(NamedTuple):
     ident: bytes
     deadline: float
+    proxy: bool  # a FIRST_OUTCOME (past its deadline: settles -1), else an AWAIT_FIRST (WaitTimeout)
 
 
 class FirstTokens:
@@ -36,82 +43,94 @@ class FirstTokens:
     def __init__(self, send: Callable[[bytes, object], None], aborted: Callable[[str], str | None],
                  counters: dict[str, float], ttl_s: float):
         self._send, self._aborted, self.counters, self.ttl_s = send, aborted, counters, ttl_s
-        self.tokens: dict[str, tuple[int, float]] = {}  # pd_id -> (token id, expires)
-        self.given_up: dict[str, float] = {}  # pd_id -> expires
-        self.waiters: dict[str, list[_Waiter]] = {}
-        for name in ("firsts", "firsts_refused", "first_waits", "first_give_ups"):
+        self.settled: dict[str, tuple[int, float]] = {}  # pd_id -> (token or NONE, expires)
+        self.registered: dict[str, float] = {}  # pd_id -> expires: a decode waits for its token
+        self.askers: dict[str, list[_Asker]] = {}
+        for name in ("firsts", "firsts_handed", "first_waits", "first_give_ups", "first_outcomes"):
             counters.setdefault(name, 0)
+
+    def _settle(self, pd_id: str, token: int, now: float) -> None:
+        _bounded(self.settled)
+        self.settled[pd_id] = (token, now + self.ttl_s)
+        self.registered.pop(pd_id, None)
+        for a in self.askers.pop(pd_id, ()):
+            self._send(a.ident, FirstToken(pd_id, token))
 
     def on_first(self, ident: bytes, msg: First, now: float) -> None:
         self.counters["firsts"] += 1
         why = self._aborted(msg.pd_id)
         if why is not None:
-            why = f"pd_id={msg.pd_id} was aborted ({why})"
-        elif msg.pd_id in self.given_up:
-            why = f"pd_id={msg.pd_id}: the decode no longer waits for token 1 (it computes it itself)"
-        elif msg.pd_id in self.tokens and self.tokens[msg.pd_id][0] != msg.token_id:
-            why = f"pd_id={msg.pd_id}: token 1 was handed over already as {self.tokens[msg.pd_id][0]}"
-        if why is not None:
-            self.counters["firsts_refused"] += 1
-            self._send(ident, Error(why[:300]))
+            self._send(ident, Error(f"pd_id={msg.pd_id} was aborted ({why})"[:300]))
             return
-        self._bounded(self.tokens)
-        self.tokens[msg.pd_id] = (msg.token_id, now + self.ttl_s)
-        self._send(ident, Ack())
-        for w in self.waiters.pop(msg.pd_id, ()):
-            self._send(w.ident, FirstToken(msg.pd_id, msg.token_id))
+        if msg.pd_id not in self.settled:
+            self._settle(msg.pd_id, msg.token_id if msg.pd_id in self.registered else NONE, now)
+        token = self.settled[msg.pd_id][0]
+        if token == msg.token_id:
+            self.counters["firsts_handed"] += 1
+            self._send(ident, Ack())
+        else:
+            self._send(ident, Error(f"pd_id={msg.pd_id}: token 1 not handed over: "
+                                    + ("no decode waits for it" if token == NONE else f"it was {token}")))
 
     def on_await_first(self, ident: bytes, msg: AwaitFirst, now: float) -> None:
         self.counters["first_waits"] += 1
-        token = self.tokens.get(msg.pd_id)
-        why = self._aborted(msg.pd_id)
-        if token is not None:
-            self._send(ident, FirstToken(msg.pd_id, token[0]))
+        self._ask(ident, msg.pd_id, now, msg.timeout_s, proxy=False, give_up=msg.give_up)
+
+    def on_outcome(self, ident: bytes, msg: FirstOutcome, now: float) -> None:
+        self.counters["first_outcomes"] += 1
+        self._ask(ident, msg.pd_id, now, msg.timeout_s, proxy=True)
+
+    def _ask(self, ident: bytes, pd_id: str, now: float, timeout_s: float, proxy: bool, give_up: bool = False) -> None:
+        why = self._aborted(pd_id)
+        if pd_id in self.settled:
+            self._send(ident, FirstToken(pd_id, self.settled[pd_id][0]))
         elif why is not None:
-            self._send(ident, Aborted(msg.pd_id, why))
-        elif msg.pd_id in self.given_up:
-            self._send(ident, WaitTimeout(msg.pd_id))
-        elif msg.give_up:
-            self.counters["first_give_ups"] += 1
-            self._bounded(self.given_up)
-            self.given_up[msg.pd_id] = now + self.ttl_s
-            self._send(ident, WaitTimeout(msg.pd_id))
-            for w in self.waiters.pop(msg.pd_id, ()):
-                self._send(w.ident, WaitTimeout(msg.pd_id))
+            self._send(ident, Aborted(pd_id, why))
+        elif give_up or (proxy and timeout_s <= 0):
+            self.counters["first_give_ups"] += give_up
+            self._settle(pd_id, NONE, now)
+            self._send(ident, FirstToken(pd_id, NONE))
         else:
-            if msg.pd_id not in self.waiters:
-                self._bounded(self.waiters)
-            deadline = now + min(msg.timeout_s, MAX_WAIT_S)
-            self.waiters.setdefault(msg.pd_id, []).append(_Waiter(ident, deadline))
+            if not proxy:
+                _bounded(self.registered)
+                self.registered[pd_id] = now + self.ttl_s
+            if pd_id not in self.askers:
+                _bounded(self.askers)
+            self.askers.setdefault(pd_id, []).append(_Asker(ident, now + min(timeout_s, MAX_WAIT_S), proxy))
 
     def on_abort(self, pd_id: str, reason: str) -> None:
-        for w in self.waiters.pop(pd_id, ()):
-            self._send(w.ident, Aborted(pd_id, reason))
+        self.registered.pop(pd_id, None)
+        for a in self.askers.pop(pd_id, ()):
+            self._send(a.ident, Aborted(pd_id, reason))
 
     def sweep(self, now: float) -> None:
-        for pd_id, waiters in list(self.waiters.items()):
-            keep = [w for w in waiters if w.deadline > now]
-            for w in waiters:
-                if w.deadline <= now:
-                    self._send(w.ident, WaitTimeout(pd_id))
+        for pd_id, askers in list(self.askers.items()):
+            due = [a for a in askers if a.deadline <= now]
+            if not due:
+                continue
+            if any(a.proxy for a in due):  # the proxy waited long enough: no FIRST is coming
+                self._settle(pd_id, NONE, now)
+                continue
+            for a in due:
+                self._send(a.ident, WaitTimeout(pd_id))
+            keep = [a for a in askers if a.deadline > now]
             if keep:
-                self.waiters[pd_id] = keep
+                self.askers[pd_id] = keep
             else:
-                del self.waiters[pd_id]
-        for table in (self.tokens, self.given_up):
+                del self.askers[pd_id]
+        for table in (self.settled, self.registered):
             for pd_id in [p for p, v in table.items() if (v[1] if isinstance(v, tuple) else v) <= now]:
                 del table[pd_id]
 
     def gauges(self) -> int:
-        """Parked AAWAIT_FIRSTs (for the ``waiters`` gauge)."""
-        return sum(len(w) for w in self.waiters.values())
-
-    @staticmethod
-    def _bounded(table: dict) -> None:
-        """Make room for one more pd_id: the oldest goes (a waiter dropped so is answered at no
-        deadline: its decode asks again, or gives up after its own)."""
-        while len(table) >= MAX_PD_IDS:
-            table.pop(next(iter(table)))
+        """Parked AWAIT_FIRSTs and FIRST_OUTCOMEs (for the ``waiters`` gauge)."""
+        return sum(len(a) for a in self.askers.values())
 
 
-__all__ = ["FirstTokens"]
+def _bounded(table: dict) -> None:
+    """Make room for one more pd_id: the oldest goes (only past MAX_PD_IDS hand-offs at once)."""
+    while len(table) >= MAX_PD_IDS:
+        table.pop(next(iter(table)))
+
+
+__all__ = ["FirstTokens", "NONE"]

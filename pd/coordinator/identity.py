@@ -12,8 +12,9 @@ and its allow-list name (``pd.coordinator.curve``), parsed here into a ``Peer``.
   ever speak for an id that has such a key. Any other key speaks for at most ``max_instances``.
 - A pd_id belongs to its producer's key (the first READY's) and its consumer's key (the first
   other key to WAIT, DONE or ABORT it); a third key's messages about it are refused. The control
-  key (``client``: the proxy, ``pd stats``) may ABORT any pd_id, and only it may hand token 1 of a
-  pd_id to its early decode (FIRST; the decode's AWAIT_FIRST counts as a consumer's message).
+  key (``client``: the proxy, ``pd stats``) may ABORT any pd_id, and only it may ask how token 1
+  was handed over (FIRST_OUTCOME). A FIRST (token 1, from the prefill) counts as the producer's
+  message, an AWAIT_FIRST (the decode's) as the consumer's.
 - Each key has a token bucket of ``rate_per_s`` messages a second (a second's worth of burst);
   beyond it messages get an ``Error``.
 
@@ -26,7 +27,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable
 
-from pd.coordinator.protocol import Abort, AwaitFirst, Done, First, Heartbeat, Ready, Register, Wait
+from pd.coordinator.protocol import Abort, AwaitFirst, Done, First, FirstOutcome, Heartbeat, Ready, Register, Wait
 
 CONTROL_NAME = "client"        # the control host's key (proxy, pd stats)
 INSTANCE_PREFIX = "instance."  # authorized/instance.<id>.key: the key of instance <id> only
@@ -108,8 +109,10 @@ class Identity:
                 return "pd", why  # the sender's own chunks: freed at its instance (a READY conflict)
         elif isinstance(msg, Done):
             why = self._instance(peer, msg.instance_id, now) or self._pd(peer, msg.pd_id, False, now)
-        elif isinstance(msg, First) and not peer.control:
-            why = f"{peer} may not hand over token 1: only the control key ({CONTROL_NAME}: the proxy) may"
+        elif isinstance(msg, First):
+            why = self._pd(peer, msg.pd_id, True, now)  # the producer's own token
+        elif isinstance(msg, FirstOutcome) and not peer.control:
+            why = f"{peer} may not ask how token 1 was handed over: only the control key ({CONTROL_NAME}: the proxy) may"
         elif isinstance(msg, (Wait, AwaitFirst)) or (isinstance(msg, Abort) and not peer.control):
             why = self._pd(peer, msg.pd_id, False, now)
         return ("identity", why) if why else None

@@ -13,7 +13,7 @@ import msgspec
 
 # 2: READY streams (chunks_ready, final), WAIT says what it has (have); 3: timings (READY's gather/put,
 # DONE's parts, the records' timeline and spans, Query's span summary); within 3, added later (a peer
-# without them answers Error, which their senders read as "no"): FIRST, AWAIT_FIRST, FIRST_TOKEN
+# without them answers Error): FIRST, AWAIT_FIRST, FIRST_OUTCOME, FIRST_TOKEN
 PROTOCOL_VERSION = 3
 PROTOCOL_TAG = b"pdkv/%d" % PROTOCOL_VERSION
 
@@ -149,23 +149,32 @@ TokenId = Annotated[int, msgspec.Meta(ge=-1, le=(1 << 31) - 1)]  # -1: none (the
 
 
 class First(_Msg):
-    """The proxy hands token 1 of ``pd_id`` (sampled by its prefill) to the early decode waiting for
-    it (``token_id`` -1: the decode computes token 1 itself). Answered ``Ack`` when the decode will
-    take it (it waits, or will ask), ``Error`` when it no longer waits (gave up, or ``pd_id`` was
-    aborted): the proxy then reads the decode's answer as one that computed token 1."""
+    """The prefill's scheduler hands token 1 of ``pd_id`` (the token it sampled) to the early decode
+    waiting for it (pd.coordinator.first). ``Ack`` when a decode waits for it (handed over), ``Error``
+    when none does (the decode then computes token 1 itself) or ``pd_id`` was aborted."""
 
     pd_id: Id
     token_id: TokenId
 
 
 class AwaitFirst(_Msg):
-    """An early decode asks for token 1 of ``pd_id``: answered ``FirstToken`` once the proxy sent it,
-    ``Aborted``, or ``WaitTimeout`` at timeout. With ``give_up`` it stops waiting: a token already
-    there is still answered (and must be used); otherwise the coordinator refuses any later FIRST."""
+    """An early decode waits for token 1 of ``pd_id``: ``FirstToken`` once settled (the token, or -1:
+    compute it yourself), ``Aborted``, or ``WaitTimeout`` when ``timeout_s`` passed unsettled (ask
+    again). With ``give_up`` it stops waiting: a token already handed over is still answered (and
+    must be used); otherwise the hand-off is settled as -1."""
 
     pd_id: Id
     timeout_s: Seconds
     give_up: bool = False
+
+
+class FirstOutcome(_Msg):
+    """The proxy asks how the hand-off of ``pd_id``'s token 1 was settled: ``FirstToken`` (the token
+    handed over, or -1: the decode computes token 1), parked until settled; past ``timeout_s`` the
+    coordinator settles it as -1 itself (a FIRST that never came)."""
+
+    pd_id: Id
+    timeout_s: Seconds
 
 
 class Query(_Msg):
@@ -188,7 +197,7 @@ class WaitTimeout(_Msg):
 
 
 class FirstToken(_Msg):
-    """Token 1 of ``pd_id`` for the early decode (-1: it computes token 1 itself)."""
+    """How the hand-off of ``pd_id``'s token 1 is settled: the token, or -1 (the decode computes it)."""
 
     pd_id: str
     token_id: int
@@ -280,7 +289,7 @@ class QueryReply(_Msg):
     spans: dict[str, SpanSummary] = {}  # with Query.spans: each span over the recent transfers
 
 
-ClientMsg = Register | Heartbeat | Ready | Wait | Done | Abort | Query | First | AwaitFirst
+ClientMsg = Register | Heartbeat | Ready | Wait | Done | Abort | Query | First | AwaitFirst | FirstOutcome
 ReplyMsg = Ack | Ready | WaitTimeout | Aborted | Free | Error | QueryReply | FirstToken
 
 _encoder = msgspec.msgpack.Encoder()

@@ -26,6 +26,7 @@ from pd.coordinator.protocol import (
     Error,
     Event,
     First,
+    FirstOutcome,
     Free,
     Heartbeat,
     InstanceInfo,
@@ -144,7 +145,7 @@ class State:
         self.records: OrderedDict[str, tuple[TransferRecord, float]] = OrderedDict()
         self.identity = Identity(cfg.instance_ttl_s)  # under CurveZMQ: who may say what (pd.coordinator.identity)
         self._stat_names: set[str] = set()
-        # Token 1 handed from the proxy to early decodes (pd.coordinator.first).
+        # Token 1 handed from the prefill to early decodes (pd.coordinator.first).
         self.first = FirstTokens(send, lambda p: self.aborted[p][1] if p in self.aborted else None, self.counters,
                                  cfg.entry_ttl_s)
 
@@ -180,6 +181,8 @@ class State:
             self.first.on_first(ident, msg, now)
         elif isinstance(msg, AwaitFirst):
             self.first.on_await_first(ident, msg, now)
+        elif isinstance(msg, FirstOutcome):
+            self.first.on_outcome(ident, msg, now)
         else:  # decode_client only yields the types above
             raise TypeError(f"no handler for {type(msg).__name__}")
 

@@ -85,7 +85,8 @@ def _path_for(endpoint: str, body: dict, chat: bool) -> str:
     for key, why in (("use_beam_search", "beam search"), ("echo", "echo"), ("prompt_logprobs", "prompt_logprobs"),
                      ("bad_words", "bad_words"), ("logits_processors", "logits_processors"),
                      ("return_tokens_as_token_ids", "return_tokens_as_token_ids"),
-                     ("logprob_token_ids", "logprob_token_ids"), ("prompt_embeds", "prompt_embeds")):
+                     ("logprob_token_ids", "logprob_token_ids"), ("prompt_embeds", "prompt_embeds"),
+                     ("repetition_detection", "repetition_detection (it counts token 1 as output)")):
         if body.get(key):
             return why
     if body.get("seed") is not None:
@@ -126,15 +127,21 @@ def _path_for(endpoint: str, body: dict, chat: bool) -> str:
     return ""
 
 
-def prefill_body(body: dict, pd_id: str, token_text: bool = False) -> dict:
+def _no_logprobs(body: dict) -> bool:
+    v = body.get("logprobs")
+    return v is None or v is False  # completions' 0 asks for them
+
+
+def prefill_body(body: dict, pd_id: str, handoff: bool = False) -> dict:
     """The prefill half: token 1 and the prompt's token ids, not streamed, KV sent on as ``pd_id``;
-    ``token_text``: with token 1's own text (its logprobs entry: vLLM decodes each token alone there),
-    asked for here if the client did not ask for logprobs (``parse_prefill`` then drops them)."""
+    ``handoff``: its scheduler hands token 1 to the early decode (``pd.connector.handoff``), and the
+    answer has token 1's own text (its logprobs entry: vLLM decodes each token alone there), asked
+    for here if the client did not ask for logprobs (``parse_prefill`` then drops them)."""
     out = {k: v for k, v in body.items() if k not in ("stream", "stream_options", "min_tokens")}
-    if token_text and body.get("logprobs") in (None, False):
+    if handoff and _no_logprobs(body):
         out.update({"logprobs": True, "top_logprobs": 0} if "messages" in body else {"logprobs": 0})
     out.update(stream=False, max_tokens=1, return_token_ids=True,
-               kv_transfer_params={"pd_id": pd_id, "do_remote_decode": True})
+               kv_transfer_params={"pd_id": pd_id, "do_remote_decode": True, **({"handoff": True} if handoff else {})})
     if "max_completion_tokens" in body:
         out["max_completion_tokens"] = 1
     if body.get("min_tokens"):
@@ -172,7 +179,7 @@ def parse_prefill(endpoint: str, body: dict, data: bytes) -> First:
         raise ValueError(f"prefill answered without one token and the prompt's token ids: {str(ans)[:300]}")
     text = (ch.get("message") or {}).get("content") or "" if chat else ch.get("text") or ""
     token_str = _token_str(ch.get("logprobs"), chat)
-    if body.get("logprobs") in (None, False):  # asked for by the proxy only (prefill_body's token_text): not the client's
+    if _no_logprobs(body):  # asked for by the proxy only (prefill_body's token_text): not the client's
         ch["logprobs"] = None
     return First(chat, ans, text, ids[0], prompt, ch.get("finish_reason"), None if chat else ch.get("logprobs"),
                  bool(body.get("return_token_ids")), token_str)

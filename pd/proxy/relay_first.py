@@ -31,6 +31,9 @@ from pd.proxy.routing import UpstreamError
 logger = logging.getLogger("pd.proxy")
 
 SSE = "text/event-stream"
+# How long the proxy waits for the prefill's FIRST once the prefill has answered (it is sent before
+# the answer leaves: normally there already); past it the coordinator settles "the decode computes token 1".
+HANDOFF_WAIT_S = 1.0
 
 
 # request key: the client had the whole answer before it went away
@@ -64,7 +67,7 @@ class FirstTokenFlow:
             early, d_url = self._send_early(request, endpoint, body, pd_id, tracked, tasks)
             try:
                 st = await self._token_1(request, p_url, endpoint, body, pd_id, headers,
-                                         token_text=early is not None and self._handoff())
+                                         handoff=early is not None and self._handoff())
             except BaseException as e:  # no decode: its halves sent are discarded, the transfer aborted
                 self._discard(*tasks)
                 self._abort(pd_id, e.why if isinstance(e, NoDecode) else "client went away")
@@ -74,8 +77,8 @@ class FirstTokenFlow:
                     return e.response
                 return await self._answer(request, e.st, ft.opening(e.st, ends=True), headers, pd_id, t0)
             self.metrics.path("prefill")
-            # Token 1 offered to the early decode at once (its scheduler waits for it), before the client has it.
-            offer = self._spawn(self._offer(st, pd_id)) if early is not None and self._handoff() else None
+            # How token 1 was handed to the early decode (asked at once, while the client gets token 1).
+            offer = self._spawn(self._outcome(st, pd_id)) if early is not None and self._handoff() else None
             if offer is not None:
                 tasks.append(offer)
             if early is None:
@@ -99,11 +102,11 @@ class FirstTokenFlow:
                 await chunks.aclose()
 
     async def _token_1(self, request: web.Request, p_url: str, endpoint: str, body: dict, pd_id: str,
-                       headers: dict, token_text: bool = False) -> ft.StreamState:
+                       headers: dict, handoff: bool = False) -> ft.StreamState:
         """The prefill half's answer (from ``p_url``), token 1; ``NoDecode`` where the answer needs
         no decode (token 1 ended it) or the prefill failed."""
         try:
-            data = await self._prefill(request, p_url, endpoint, ft.prefill_body(body, pd_id, token_text), pd_id)
+            data = await self._prefill(request, p_url, endpoint, ft.prefill_body(body, pd_id, handoff), pd_id)
         except UpstreamError as e:
             raise NoDecode("prefill failed", response=e.response(headers)) from None
         try:
@@ -141,18 +144,24 @@ class FirstTokenFlow:
         return task
 
     def _handoff(self) -> bool:
-        """Early decodes are offered token 1 (``early_decode: greedy`` and a coordinator to hand it through)."""
+        """The prefill hands token 1 to early decodes (``early_decode: greedy`` and a coordinator to hand it through)."""
         return self.early_decode == "greedy" and self.coord is not None
 
-    async def _offer(self, st: ft.StreamState, pd_id: str) -> bool | None:
-        """Token 1 offered to the early decode through the coordinator (-1 where it must compute token 1
-        itself, ``early.handoff_allowed``): True when its answer starts at token 2, False when it
-        computes token 1, None when that is unknown (no answer: this decode is not used)."""
-        allowed = handoff_allowed(st)
-        taken = await self.coord.first(pd_id, st.first.token_id if allowed else -1)
-        if taken and allowed:
-            self.timeline.mark(pd_id, "first_handed")
-        return taken and allowed if taken is not None else None
+    async def _outcome(self, st: ft.StreamState, pd_id: str) -> bool | None:
+        """How the coordinator settled token 1's hand-off (``pd.coordinator.first``): True when the
+        early decode's answer starts at token 2, False when it computes token 1, None when that is
+        unknown (no answer) or the hand-off must not be used: a token other than the prefill's
+        answer's, or one whose text the decode's server would give otherwise (``early.handoff_allowed``)."""
+        token = await self.coord.first_outcome(pd_id, HANDOFF_WAIT_S)
+        if token is None or token < 0:
+            return None if token is None else False
+        self.timeline.mark(pd_id, "first_handed")
+        if token != st.first.token_id or not handoff_allowed(st):
+            logger.info("pd_id=%s: token 1 was handed to the early decode, but its answer from token 2 would not be "
+                        "colocated's (%s); not used", pd_id, "another token" if token != st.first.token_id
+                        else "token 1's text, or a stop string that may begin in it")
+            return None
+        return True
 
     async def _early_chunks(self, request: web.Request, st: ft.StreamState, early: asyncio.Task, endpoint: str,
                             d_url: str, pd_id: str, tasks: list[asyncio.Task],
@@ -165,7 +174,7 @@ class FirstTokenFlow:
         try:
             handed = await offer if offer is not None else False
             if handed is None:
-                raise Differs("the coordinator did not answer the hand-off of token 1")
+                raise Differs("token 1's hand-off is unknown or unusable")
             event = handoff_event if handed else early_event
             started = await early
             if not started.stream:
@@ -190,6 +199,8 @@ class FirstTokenFlow:
         finally:
             if started is not None:
                 started.resp.release() if done else started.resp.close()  # closing aborts it in vLLM
+            elif not done:
+                self._discard(early)  # not used: cancelled, or its answer closed (vLLM aborts it)
         self.metrics.early(outcome)
         logger.info("pd_id=%s: early decode not used (%s); sending the decode request after the prefill", pd_id, why)
         self._abort(pd_id, "early decode not used")

@@ -9,11 +9,13 @@ import asyncio
 import time
 
 import pytest
+import zmq
 
-from pd.connector.first_wait import PENDING, RECOMPUTE, FirstWaiter
+from pd.connector.first_wait import PENDING, RECOMPUTE, FirstSender, FirstWaiter
 from pd.connector.scheduler import SchedulerSide
 from pd.coordinator.client import AsyncCoordinatorClient, CoordinatorClient
-from pd.coordinator.protocol import Abort, Ack, AwaitFirst, Error, First, FirstToken, WaitTimeout
+from pd.coordinator.first import NONE
+from pd.coordinator.protocol import Abort, Ack, AwaitFirst, Error, First, FirstOutcome, FirstToken, WaitTimeout, encode
 from tests.unit.test_coordinator import ctx, peers, start_coord, until  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.timeout(60)
@@ -22,160 +24,207 @@ pytestmark = pytest.mark.timeout(60)
 # ---- the coordinator ---------------------------------------------------------------------------
 
 
-def test_first_before_the_decode_asks_is_kept_and_answered_at_once(peers):
-    proxy, decode = peers(), peers()
-    assert isinstance(proxy.req(First("p1", 42)), Ack)
-    assert proxy.req(First("p1", 42)) == Ack()  # the same token again: idempotent
-    assert isinstance(proxy.req(First("p1", 43)), Error)  # another token for it: refused
-    assert decode.req(AwaitFirst("p1", 5.0)) == FirstToken("p1", 42)
-
-
-def test_a_parked_await_is_answered_by_the_first(peers):
-    proxy, decode = peers(), peers()
-    decode.send(AwaitFirst("p2", 5.0))
-    assert decode.recv(0.3) is None  # parked
+def test_a_first_while_the_decode_waits_is_handed_over_and_the_proxy_hears_it(peers):
+    prefill, decode, proxy = peers(), peers(), peers()
+    decode.send(AwaitFirst("p1", 5.0))
+    assert decode.recv(0.3) is None  # parked: the decode is registered
     assert proxy.query().counters["waiters"] == 1
-    assert isinstance(proxy.req(First("p2", 7)), Ack)
-    assert decode.recv() == FirstToken("p2", 7)
+    assert isinstance(prefill.req(First("p1", 42)), Ack)
+    assert decode.recv() == FirstToken("p1", 42)
+    assert proxy.req(FirstOutcome("p1", 1.0)) == FirstToken("p1", 42)
+    assert isinstance(prefill.req(First("p1", 42)), Ack)  # the same token again: idempotent
+    assert isinstance(prefill.req(First("p1", 43)), Error)  # another one: refused
     assert proxy.query().counters["waiters"] == 0
 
 
-def test_an_await_times_out_without_giving_up(peers):
-    proxy, decode = peers(), peers()
+def test_a_first_with_no_decode_waiting_settles_that_the_decode_computes_token_1(peers):
+    prefill, decode, proxy = peers(), peers(), peers()
+    reply = prefill.req(First("p2", 7))
+    assert isinstance(reply, Error) and "no decode waits" in reply.reason
+    assert decode.req(AwaitFirst("p2", 5.0)) == FirstToken("p2", NONE)  # at once: compute it yourself
+    assert proxy.req(FirstOutcome("p2", 1.0)) == FirstToken("p2", NONE)
+
+
+def test_the_proxy_waits_for_the_first_and_past_its_timeout_settles_none(peers):
+    prefill, decode, proxy, late = peers(), peers(), peers(), peers()
+    decode.send(AwaitFirst("p3", 5.0))
+    proxy.send(FirstOutcome("p3", 5.0))
+    assert proxy.recv(0.3) is None  # parked until the prefill's FIRST
+    assert isinstance(prefill.req(First("p3", 9)), Ack)
+    assert proxy.recv() == FirstToken("p3", 9) and decode.recv() == FirstToken("p3", 9)
+    decode.send(AwaitFirst("p4", 5.0))
     t0 = time.monotonic()
-    assert decode.req(AwaitFirst("p3", 0.3)) == WaitTimeout("p3")
+    assert late.req(FirstOutcome("p4", 0.3)) == FirstToken("p4", NONE)  # no FIRST came
     assert 0.25 < time.monotonic() - t0 < 2.5
-    assert isinstance(proxy.req(First("p3", 9)), Ack)  # the decode will ask again: still taken
-    assert decode.req(AwaitFirst("p3", 0.3)) == FirstToken("p3", 9)
+    assert decode.recv() == FirstToken("p4", NONE)  # told at once: it computes token 1
+    assert isinstance(prefill.req(First("p4", 9)), Error)  # too late
 
 
-def test_a_give_up_refuses_every_later_first_and_releases_parked_awaits(peers):
-    proxy, decode, other = peers(), peers(), peers()
-    other.send(AwaitFirst("p4", 5.0))
-    assert other.recv(0.3) is None  # parked
-    assert decode.req(AwaitFirst("p4", 0.0, give_up=True)) == WaitTimeout("p4")
-    assert other.recv() == WaitTimeout("p4")
-    assert other.req(AwaitFirst("p4", 5.0)) == WaitTimeout("p4")  # given up: answered at once
-    reply = proxy.req(First("p4", 11))
-    assert isinstance(reply, Error) and "no longer waits" in reply.reason
-    assert proxy.query().counters["firsts_refused"] == 1
+def test_a_decode_slice_times_out_and_it_stays_registered(peers):
+    prefill, decode = peers(), peers()
+    assert decode.req(AwaitFirst("p5", 0.3)) == WaitTimeout("p5")  # ask again
+    assert isinstance(prefill.req(First("p5", 3)), Ack)  # still registered between its slices
+    assert decode.req(AwaitFirst("p5", 0.3)) == FirstToken("p5", 3)
 
 
-def test_a_give_up_after_the_first_came_gets_the_token_which_must_be_used(peers):
-    proxy, decode = peers(), peers()
-    assert isinstance(proxy.req(First("p5", 5)), Ack)
-    assert decode.req(AwaitFirst("p5", 0.0, give_up=True)) == FirstToken("p5", 5)
+def test_a_give_up_settles_none_unless_the_token_is_there(peers):
+    prefill, decode, other = peers(), peers(), peers()
+    other.send(AwaitFirst("p6", 5.0))
+    assert other.recv(0.3) is None
+    assert decode.req(AwaitFirst("p6", 0.0, give_up=True)) == FirstToken("p6", NONE)
+    assert other.recv() == FirstToken("p6", NONE)
+    assert isinstance(prefill.req(First("p6", 11)), Error)
+    decode.send(AwaitFirst("p7", 5.0))
+    assert isinstance(prefill.req(First("p7", 5)), Ack)
+    assert decode.recv() == FirstToken("p7", 5)
+    assert decode.req(AwaitFirst("p7", 0.0, give_up=True)) == FirstToken("p7", 5)  # must be used
 
 
-def test_an_abort_answers_awaits_and_refuses_firsts(peers):
-    proxy, decode = peers(), peers()
-    decode.send(AwaitFirst("p6", 5.0))
-    assert decode.recv(0.3) is None
-    assert isinstance(proxy.req(Abort("p6", "client went away")), Ack)
-    reply = decode.recv()
-    assert type(reply).__name__ == "Aborted" and reply.reason == "client went away"
-    assert isinstance(proxy.req(First("p6", 1)), Error)
-    assert type(decode.req(AwaitFirst("p6", 1.0))).__name__ == "Aborted"
+def test_an_abort_answers_the_askers_and_refuses_firsts(peers):
+    prefill, decode, proxy = peers(), peers(), peers()
+    decode.send(AwaitFirst("p8", 5.0))
+    proxy.send(FirstOutcome("p8", 5.0))
+    assert decode.recv(0.3) is None and proxy.recv(0.1) is None  # both parked
+    assert isinstance(peers().req(Abort("p8", "client went away")), Ack)
+    for p in (decode, proxy):
+        reply = p.recv()
+        assert type(reply).__name__ == "Aborted" and reply.reason == "client went away", reply
+    assert isinstance(prefill.req(First("p8", 1)), Error)
 
 
 def test_a_token_out_of_range_is_refused_at_decoding(peers):
-    proxy = peers()
+    prefill = peers()
     for bad in (-2, 1 << 31):
-        reply = proxy.req(First("p7", bad))
+        reply = prefill.req(First("p9", bad))
         assert isinstance(reply, Error) and "token_id" in reply.reason, reply
 
 
-def test_tokens_and_give_ups_expire_after_the_entry_ttl(peers):
-    proxy, decode = peers(entry_ttl_s=0.3), peers()
-    assert isinstance(proxy.req(First("p8", 3)), Ack)
-    assert decode.req(AwaitFirst("p9", 0.0, give_up=True)) == WaitTimeout("p9")
+def test_settlements_and_registrations_expire_after_the_entry_ttl(peers):
+    prefill, decode = peers(entry_ttl_s=0.3), peers()
+    assert decode.req(AwaitFirst("q0", 0.05)) == WaitTimeout("q0")
+    assert isinstance(prefill.req(First("x0", 3)), Error)  # settled: none
     time.sleep(1.5)  # swept
-    assert decode.req(AwaitFirst("p8", 0.2)) == WaitTimeout("p8")
-    assert isinstance(proxy.req(First("p9", 3)), Ack)
+    assert isinstance(prefill.req(First("q0", 3)), Error)  # the registration is gone: none waits
+    assert decode.req(AwaitFirst("x0", 0.05)) == WaitTimeout("x0")  # the old settlement is gone
 
 
-# ---- the decode scheduler's waiter threads ------------------------------------------------------
+# ---- the decode scheduler's waiter thread and the prefill's sender -------------------------------
 
 
 @pytest.fixture
 def coord(start_coord):
     c = start_coord()
-    clients = []
+    clients, waiters = [], []
 
     def client(**kw):
         cl = CoordinatorClient(c.address, **kw)
         clients.append(cl)
         return cl
 
-    c.client = client
+    def waiter(**kw):
+        w = FirstWaiter(c.address, **kw)
+        waiters.append(w)
+        return w
+
+    c.client, c.waiter = client, waiter
     yield c
+    for w in waiters:
+        w.close()
     for cl in clients:
         cl.close()
 
 
-def _offer(address: str, pd_id: str, token: int):
+def _outcome(address: str, pd_id: str, timeout_s: float = 1.0):
     async def go():
         cl = AsyncCoordinatorClient(address)
         try:
-            return await cl.first(pd_id, token)
+            return await cl.first_outcome(pd_id, timeout_s)
         finally:
             cl.close()
     return asyncio.run(go())
 
 
-def test_the_waiter_is_pending_until_the_proxy_hands_the_token_over(coord):
-    w = FirstWaiter(coord.client(), deadline_s=10.0, poll_s=0.2)
+def test_the_waiter_is_pending_until_the_prefill_hands_the_token_over(coord):
+    w = coord.waiter(deadline_s=10.0, poll_s=0.2)
+    sender = FirstSender(coord.client())
     try:
         assert w.poll("q1") is PENDING
-        time.sleep(0.5)  # several polls of the coordinator go by
+        time.sleep(0.5)  # several slices go by
         assert w.poll("q1") is PENDING
-        assert _offer(coord.address, "q1", 77) is True
+        sender.send("q1", 77)
         assert until(lambda: w.poll("q1") is not PENDING) and w.poll("q1") == 77
+        assert _outcome(coord.address, "q1") == 77
     finally:
-        w.close()
+        sender.close()
 
 
-def test_past_its_deadline_the_waiter_gives_up_and_the_proxy_is_told_so(coord):
-    w = FirstWaiter(coord.client(), deadline_s=0.3, poll_s=0.1)
-    try:
-        assert w.poll("q2") is PENDING
-        assert until(lambda: w.poll("q2") is not PENDING) and w.poll("q2") == RECOMPUTE
-        assert _offer(coord.address, "q2", 5) is False  # too late: the decode computes token 1
-    finally:
-        w.close()
+def test_many_waits_at_once_share_one_thread_and_each_gets_its_own_token(coord):
+    w = coord.waiter(deadline_s=10.0, poll_s=0.5)
+    ids = [f"m{i}" for i in range(100)]
+    for p in ids:
+        assert w.poll(p) is PENDING
+    assert until(lambda: coord.client().query().counters["waiters"] == 100)
+    cl = coord.client()
+    for i, p in enumerate(ids):
+        assert cl.first(p, i)
+    assert until(lambda: all(w.poll(p) is not PENDING for p in ids))
+    assert [w.poll(p) for p in ids] == list(range(100))
 
 
-def test_a_decode_that_cannot_wait_gives_up_at_once_but_takes_a_token_already_there(coord):
-    w = FirstWaiter(coord.client(), deadline_s=10.0, poll_s=0.2)
-    try:
-        assert w.poll("q3", give_up=True) is PENDING
-        assert until(lambda: w.poll("q3") is not PENDING) and w.poll("q3") == RECOMPUTE
-        assert _offer(coord.address, "q3", 5) is False
-        assert _offer(coord.address, "q4", 6) is True
-        assert w.poll("q4", give_up=True) is PENDING
-        assert until(lambda: w.poll("q4") is not PENDING) and w.poll("q4") == 6
-    finally:
-        w.close()
+def test_past_its_deadline_the_waiter_gives_up_and_the_proxy_hears_none(coord):
+    w = coord.waiter(deadline_s=0.3, poll_s=0.1)
+    assert w.poll("q2") is PENDING
+    assert until(lambda: w.poll("q2") is not PENDING) and w.poll("q2") == RECOMPUTE
+    assert not coord.client().first("q2", 5)  # too late: the decode computes token 1
+    assert _outcome(coord.address, "q2") == RECOMPUTE
+
+
+def test_a_decode_that_cannot_wait_gives_up_at_once(coord):
+    w = coord.waiter(deadline_s=10.0, poll_s=0.2)
+    assert w.poll("q3", give_up=True) is PENDING
+    assert until(lambda: w.poll("q3") is not PENDING) and w.poll("q3") == RECOMPUTE
+    assert not coord.client().first("q3", 5)
 
 
 def test_an_aborted_transfer_settles_as_recompute(coord):
-    w = FirstWaiter(coord.client(), deadline_s=10.0, poll_s=0.2)
+    w = coord.waiter(deadline_s=10.0, poll_s=0.2)
+    assert w.poll("q5") is PENDING
+    time.sleep(0.3)
+    assert coord.client().abort("q5", "client went away")
+    assert until(lambda: w.poll("q5") is not PENDING) and w.poll("q5") == RECOMPUTE
+
+
+def test_refused_calls_are_asked_again_a_slice_later_not_in_a_busy_loop():
+    """A peer that answers every AWAIT_FIRST with an Error at once (a refused key, a coordinator
+    without the message): the waiter asks again only after a slice and its margin."""
+    ctx = zmq.Context.instance()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    w = FirstWaiter(f"tcp://127.0.0.1:{port}", deadline_s=30.0, poll_s=0.2)
+    got = 0
     try:
-        assert w.poll("q5") is PENDING
-        assert coord.client().abort("q5", "client went away")
-        assert until(lambda: w.poll("q5") is not PENDING) and w.poll("q5") == RECOMPUTE
+        assert w.poll("q7") is PENDING
+        end = time.monotonic() + 2.0
+        while time.monotonic() < end:
+            if router.poll(100):
+                ident, *_ = router.recv_multipart()
+                got += 1
+                router.send_multipart([ident, *encode(Error("refused"))])
+        assert 1 <= got <= 3, got  # at 0 s, then about every 1.2 s (the slice + 1 s)
+        assert w.poll("q7") is PENDING
     finally:
         w.close()
+        router.close(0)
 
 
 def test_without_a_coordinator_the_waiter_settles_as_recompute_after_its_deadline():
-    w = FirstWaiter(CoordinatorClient("tcp://127.0.0.1:1", timeout_s=0.2), deadline_s=0.3, poll_s=0.1)
+    w = FirstWaiter("tcp://127.0.0.1:1", deadline_s=0.3, poll_s=0.1)
     try:
         assert w.poll("q6") is PENDING
-        assert until(lambda: w.poll("q6") is not PENDING, timeout_s=10) and w.poll("q6") == RECOMPUTE
+        assert until(lambda: w.poll("q6") is not PENDING, timeout_s=15) and w.poll("q6") == RECOMPUTE
     finally:
         w.close()
-        w.client.close()
 
 
 # ---- the scheduler half with vLLM's Request ----------------------------------------------------
@@ -209,61 +258,74 @@ def _side(first, published=None):
 
 
 def test_the_lookup_waits_for_token_1_then_the_prompt_grows_by_it_once(coord):
-    w = FirstWaiter(coord.client(), deadline_s=10.0, poll_s=0.2)
-    try:
-        side = _side(w)
-        req = _request(list(range(100, 131)), max_tokens=10, min_tokens=3)  # 31 tokens: token 1 fills block 2
-        assert side.get_num_new_matched_tokens(req, 0) == (None, False)  # waiting for token 1
-        assert side.get_num_new_matched_tokens(req, 0) == (None, False)
-        assert _offer(coord.address, "r-pd", 999) is True
-        assert until(lambda: side.get_num_new_matched_tokens(req, 0)[0] is not None)
-        assert list(req.prompt_token_ids) == list(range(100, 131)) + [999]
-        assert list(req.all_token_ids) == list(req.prompt_token_ids) and req.num_prompt_tokens == 32
-        assert req.num_tokens == 32 and len(req.block_hashes) == 2  # the block token 1 completed is hashed
-        assert req.max_tokens == 9 and req.sampling_params.max_tokens == 9 and req.sampling_params.min_tokens == 2
-        assert req.kv_transfer_params["kv_tokens"] == 31
-        # The first-token path's lookup now: the prompt's 31 tokens load, vLLM computes token 1 (the 32nd).
-        assert side.get_num_new_matched_tokens(req, 0) == (31, False)
-        assert req.num_prompt_tokens == 32  # asked again (e.g. no blocks this step): appended once only
-    finally:
-        w.close()
+    w = coord.waiter(deadline_s=10.0, poll_s=0.2)
+    side = _side(w)
+    req = _request(list(range(100, 131)), max_tokens=10, min_tokens=3)  # 31 tokens: token 1 fills block 2
+    assert side.get_num_new_matched_tokens(req, 0) == (None, False)  # waiting for token 1
+    assert side.get_num_new_matched_tokens(req, 0) == (None, False)
+    assert until(lambda: coord.client().query().counters["waiters"] == 1)  # registered
+    assert coord.client().first("r-pd", 999)  # the prefill's scheduler hands token 1 over
+    assert until(lambda: side.get_num_new_matched_tokens(req, 0)[0] is not None)
+    assert list(req.prompt_token_ids) == list(range(100, 131)) + [999]
+    assert list(req.all_token_ids) == list(req.prompt_token_ids) and req.num_prompt_tokens == 32
+    assert req.num_tokens == 32 and len(req.block_hashes) == 2  # the block token 1 completed is hashed
+    assert req.max_tokens == 9 and req.sampling_params.max_tokens == 9 and req.sampling_params.min_tokens == 2
+    assert req.kv_transfer_params["kv_tokens"] == 31
+    # The first-token path's lookup now: the prompt's 31 tokens load, vLLM computes token 1 (the 32nd).
+    assert side.get_num_new_matched_tokens(req, 0) == (31, False)
+    assert req.num_prompt_tokens == 32  # asked again (e.g. no blocks this step): appended once only
 
 
-def test_a_refused_hand_off_leaves_the_request_as_it_was_and_vllm_computes_the_last_token(coord):
-    w = FirstWaiter(coord.client(), deadline_s=10.0, poll_s=0.2)
-    try:
-        side = _side(w)
-        req = _request(list(range(100, 131)))
-        assert side.get_num_new_matched_tokens(req, 0) == (None, False)
-        assert _offer(coord.address, "r-pd", -1) is True  # the proxy: compute token 1 yourself
-        assert until(lambda: side.get_num_new_matched_tokens(req, 0)[0] is not None)
-        assert req.num_prompt_tokens == 31 and req.max_tokens == 10 and "kv_tokens" not in req.kv_transfer_params
-        assert side.get_num_new_matched_tokens(req, 0) == (30, False)  # the whole prompt but its last token
-    finally:
-        w.close()
+def test_a_hand_off_settled_none_leaves_the_request_as_it_was_and_vllm_computes_the_last_token(coord):
+    w = coord.waiter(deadline_s=10.0, poll_s=0.2)
+    side = _side(w)
+    req = _request(list(range(100, 131)))
+    assert side.get_num_new_matched_tokens(req, 0) == (None, False)
+    assert _outcome(coord.address, "r-pd", 0.2) == NONE  # no FIRST came: the proxy's wait settles none
+    assert until(lambda: side.get_num_new_matched_tokens(req, 0)[0] is not None)
+    assert req.num_prompt_tokens == 31 and req.max_tokens == 10 and "kv_tokens" not in req.kv_transfer_params
+    assert side.get_num_new_matched_tokens(req, 0) == (30, False)  # the whole prompt but its last token
 
 
 def test_a_decode_that_cannot_wait_for_every_chunk_gives_the_hand_off_up(coord):
-    w = FirstWaiter(coord.client(), deadline_s=10.0, poll_s=0.2)
-    try:
-        side = SchedulerSide(16, False, True, chunk_size=16, published=None, first=w)  # no published check
-        req = _request(list(range(100, 131)))
-        assert side.get_num_new_matched_tokens(req, 0) == (None, False)  # until the give-up is answered
-        assert until(lambda: side.get_num_new_matched_tokens(req, 0)[0] is not None)
-        assert req.num_prompt_tokens == 31
-        assert _offer(coord.address, "r-pd", 5) is False  # the proxy learns it computes token 1
-        side.request_finished(req, [])
-        assert w.poll("r-pd") is PENDING  # forgotten with its request (a new poll starts afresh)
-    finally:
-        w.close()
+    w = coord.waiter(deadline_s=10.0, poll_s=0.2)
+    side = SchedulerSide(16, False, True, chunk_size=16, published=None, first=w)  # no published check
+    req = _request(list(range(100, 131)))
+    assert side.get_num_new_matched_tokens(req, 0) == (None, False)  # until the give-up is answered
+    assert until(lambda: side.get_num_new_matched_tokens(req, 0)[0] is not None)
+    assert req.num_prompt_tokens == 31
+    assert not coord.client().first("r-pd", 5)  # too late for the prefill
+    assert _outcome(coord.address, "r-pd") == NONE  # and the proxy hears the decode computes token 1
+    side.request_finished(req, [])
+    assert w._results == {}  # forgotten with its request
 
 
 def test_requests_without_the_flag_never_wait_for_token_1(coord):
-    w = FirstWaiter(coord.client(), deadline_s=10.0, poll_s=0.2)
+    w = coord.waiter(deadline_s=10.0, poll_s=0.2)
+    side = _side(w)
+    req = _request(list(range(100, 131)), handoff=False)
+    assert side.get_num_new_matched_tokens(req, 0) == (30, False)
+    assert w._results == {}
+
+
+def test_the_prefill_sends_the_token_it_sampled_when_its_request_finishes(coord):
+    w = coord.waiter(deadline_s=10.0, poll_s=0.2)
+    sender = FirstSender(coord.client())
     try:
-        side = _side(w)
-        req = _request(list(range(100, 131)), handoff=False)
-        assert side.get_num_new_matched_tokens(req, 0) == (30, False)
-        assert w._results == {}
+        prefill = SchedulerSide(16, True, False, chunk_size=16, first_sender=sender)
+        req = _request(list(range(100, 131)), max_tokens=1)
+        req.kv_transfer_params = {"pd_id": "s-pd", "do_remote_decode": True, "handoff": True}
+        prefill.on_new_request(req)
+        assert w.poll("s-pd") is PENDING
+        assert until(lambda: coord.client().query().counters["waiters"] == 1)
+        req.append_output_token_ids(4242)  # what vLLM does before finishing it
+        prefill.request_finished(req, [])
+        assert until(lambda: w.poll("s-pd") is not PENDING) and w.poll("s-pd") == 4242
+        plain = _request(list(range(100, 131)), max_tokens=1)
+        plain.kv_transfer_params = {"pd_id": "t-pd", "do_remote_decode": True}  # no hand-off asked for
+        prefill.on_new_request(plain)
+        plain.append_output_token_ids(1)
+        prefill.request_finished(plain, [])
+        assert _outcome(coord.address, "t-pd", 0.3) == NONE  # no FIRST was sent
     finally:
-        w.close()
+        sender.close()

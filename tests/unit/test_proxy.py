@@ -108,18 +108,19 @@ class FakeCoord:
         self.aborts: list[tuple[str, str]] = []
         self.records: dict[str, TransferRecord] = {}
         self.closed = False
-        # FIRST (token 1 handed to an early decode): what it answers (False: the decode no longer
-        # waits, as the coordinator says once a decode gave up; True: taken; None: no answer).
-        self.first_answer: bool | None = False
-        self.firsts: list[tuple[str, int]] = []
+        # FIRST_OUTCOME (how token 1 was handed to an early decode): what it answers (-1: the decode
+        # computes token 1, the coordinator's answer when no prefill handed it over; a token: handed
+        # over; None: no answer); each question is recorded.
+        self.outcome: int | None = -1
+        self.outcomes: list[str] = []
 
     async def abort(self, pd_id: str, reason: str = "") -> bool:
         self.aborts.append((pd_id, reason))
         return True
 
-    async def first(self, pd_id: str, token_id: int) -> bool | None:
-        self.firsts.append((pd_id, token_id))
-        return self.first_answer
+    async def first_outcome(self, pd_id: str, timeout_s: float) -> int | None:
+        self.outcomes.append(pd_id)
+        return self.outcome
 
     async def query(self, pd_id: str = "") -> QueryReply:
         return QueryReply(counters={"ready": 3.0, "wait_timeouts": 1.0}, instances=[],

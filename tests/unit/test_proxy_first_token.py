@@ -214,12 +214,12 @@ class Double(VllmHttpDouble):
         early = not isinstance(getattr(req, "prompt", None), list)
         self.first = self.early_first if early and self.early_first is not None else 7
         kv = req.kv_transfer_params or {}
-        if kv.get("handoff") and self.coord is not None:
-            # As pd.connector.handoff does: wait for the proxy's FIRST; a token taken becomes the
-            # prompt's last, so the answer starts at the next token and has one token fewer.
-            await eventually(lambda: any(f[0] == kv["pd_id"] for f in self.coord.firsts))
-            token = next(t for p, t in self.coord.firsts if p == kv["pd_id"])
-            if self.coord.first_answer and token >= 0:
+        if kv.get("handoff") and kv.get("do_remote_prefill") and self.coord is not None:
+            # As pd.connector.handoff does once the coordinator settled the hand-off (the double's
+            # FakeCoord says how): a token handed over becomes the prompt's last, so the answer
+            # starts at the next token and has one token fewer.
+            token = self.coord.outcome
+            if token is not None and token >= 0:
                 self.first = token + 1
                 for key in ("max_tokens", "max_completion_tokens"):
                     if getattr(req, key, None):
@@ -436,7 +436,7 @@ def test_an_early_decode_that_fails_before_token_1_leaves_the_answer_to_a_decode
 def test_an_early_decode_handed_token_1_answers_from_token_2(endpoint, stream):
     async def go():
         async with flow() as env:
-            env.coord.first_answer = True
+            env.coord.outcome = 7  # the prefill's token 1, handed over
             body = ({**GREEDY, "stream": stream, "return_token_ids": True} if endpoint == C else
                     {"model": SERVED, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 3,
                      "temperature": 0, "stream": stream, "return_token_ids": True})
@@ -459,21 +459,24 @@ def test_an_early_decode_handed_token_1_answers_from_token_2(endpoint, stream):
                     assert (ch["message"]["content"] if endpoint == CHAT else ch["text"]) == " w7 w8 w9"
                     assert ch["token_ids"] == [7, 8, 9] and ans["usage"]["completion_tokens"] == 3
             (sent,) = env.d.bodies  # the early decode only: its answer was used
-            assert sent["kv_transfer_params"]["handoff"] is True and env.coord.firsts == [(pd_id, 7)]
+            assert sent["kv_transfer_params"]["handoff"] is True and env.coord.outcomes == [pd_id]
+            assert env.p.bodies[-1]["kv_transfer_params"]["handoff"] is True  # its prefill sends FIRST
             assert _early("handed", env) == 1 and _early("used", env) == 0 and env.coord.aborts == []
     run(go())
 
 
-def test_token_1_a_stop_string_could_start_in_is_not_handed_over():
+def test_a_handed_token_1_a_stop_string_could_start_in_is_not_used():
     async def go():
         async with flow() as env:
-            env.coord.first_answer = True
+            env.coord.outcome = 7
             body = {**GREEDY, "stop": ["7 w"], "stream": True}  # " w7" + " w8": the stop string spans them
             async with env.client.post(env.url + C, json=body) as r:
                 assert (await _texts(r))[0] == " w"  # token 1's text up to where the stop string may start
                 pd_id = r.headers["x-pd-id"]  # (the double applies no stop strings: the rest is not checked)
-            assert env.coord.firsts == [(pd_id, -1)]  # the decode computes token 1 and sees the stop string
-            assert _early("handed", env) == 0
+            # The early decode's server would not see the stop string: the decode after the prefill answers.
+            assert env.coord.outcomes == [pd_id] and _early("handed", env) == 0 and _early("differed", env) == 1
+            assert env.d.bodies[-1]["prompt"] == [1, 2, 3, 7]
+            await _early_discarded(env, pd_id)
     run(go())
 
 
@@ -494,7 +497,8 @@ def test_which_tokens_may_be_handed_over(text, token_str, body, allowed):
 @pytest.mark.parametrize("chat", [False, True])
 def test_token_1s_own_text_is_asked_of_the_prefill_and_never_reaches_the_client(chat):
     body = ({"messages": [{"role": "user", "content": "hi"}]} if chat else {"prompt": "hi"})
-    b = ft.prefill_body(body, "x", token_text=True)
+    b = ft.prefill_body(body, "x", handoff=True)
+    assert b["kv_transfer_params"] == {"pd_id": "x", "do_remote_decode": True, "handoff": True}
     assert (b["logprobs"], b["top_logprobs"]) == (True, 0) if chat else b["logprobs"] == 0
     lp = {"content": [{"token": "ab", "logprob": -0.1, "bytes": [97, 98], "top_logprobs": []}]} if chat else {
         "text_offset": [0], "tokens": ["ab"], "token_logprobs": [-0.1], "top_logprobs": [{}]}
@@ -505,13 +509,16 @@ def test_token_1s_own_text_is_asked_of_the_prefill_and_never_reaches_the_client(
         {**f.choice, "logprobs": lp}]}).encode()).token_str == "ab"
     assert "logprobs" not in json.dumps(ft.collect(st, ft.opening(st, ends=True))).replace('"logprobs": null', "")
     asked = {**body, "logprobs": 0} if not chat else body
-    assert ft.prefill_body(asked, "x", token_text=True).get("logprobs") == (0 if not chat else True)
+    assert ft.prefill_body(asked, "x", handoff=True).get("logprobs") == (0 if not chat else True)
+    if not chat:  # the client's logprobs 0 are the client's: kept in its answer
+        f = _first("ab", body=asked, logprobs=lp)
+        assert f.logprobs == lp and f.choice["logprobs"] == lp
 
 
 def test_an_unanswered_hand_off_is_not_trusted_and_the_decode_after_the_prefill_answers():
     async def go():
         async with flow() as env:
-            env.coord.first_answer = None  # the coordinator did not answer: which way the decode went is unknown
+            env.coord.outcome = None  # the coordinator did not answer: which way the decode went is unknown
             async with env.client.post(env.url + C, json={**GREEDY, "return_token_ids": True}) as r:
                 ans = await r.json()
                 pd_id = r.headers["x-pd-id"]
@@ -524,14 +531,15 @@ def test_an_unanswered_hand_off_is_not_trusted_and_the_decode_after_the_prefill_
     run(go())
 
 
-def test_greedy_recompute_never_offers_token_1():
+def test_greedy_recompute_never_hands_token_1_over():
     async def go():
         async with flow("greedy_recompute") as env:
-            env.coord.first_answer = True
+            env.coord.outcome = 7
             async with env.client.post(env.url + C, json={**GREEDY, "stream": True}) as r:
                 assert await _texts(r) == [" w7", " w8", " w9"]
             (sent,) = env.d.bodies
-            assert "handoff" not in sent["kv_transfer_params"] and env.coord.firsts == []
+            assert "handoff" not in sent["kv_transfer_params"] and env.coord.outcomes == []
+            assert "handoff" not in env.p.bodies[-1]["kv_transfer_params"]
             assert _early("used", env) == 1
     run(go())
 
