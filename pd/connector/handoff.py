@@ -29,8 +29,12 @@ def wants_handoff(request) -> bool:
     return isinstance(p, dict) and p.get("handoff") is True
 
 
-def append_first_token(request, token: int) -> None:
-    """Make ``token`` the prompt's last token (vLLM's ``Request``, before it is scheduled)."""
+def append_first_token(request, token: int) -> bool:
+    """Make ``token`` the prompt's last token (vLLM's ``Request``, before it is scheduled); False,
+    and the request left as it is, where token 1 is all it may give (``max_tokens`` 1: vLLM refuses
+    a request for no token, and the proxy answers such a request from the prefill alone)."""
+    if request.max_tokens <= 1:
+        return False
     n = len(request.prompt_token_ids)
     request.prompt_token_ids = [*request.prompt_token_ids, token]
     request._all_token_ids.append(token)  # in place: ``all_token_ids`` is a view of this list
@@ -46,3 +50,4 @@ def append_first_token(request, token: int) -> None:
         request.update_block_hashes()
     # The transfer's KV covers the client's prompt, without token 1 (the first-token path's rule).
     request.kv_transfer_params = {**request.kv_transfer_params, "kv_tokens": n}
+    return True

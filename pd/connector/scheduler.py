@@ -138,6 +138,11 @@ class _Request:
     first: int | None = None
 
 
+def _length_capped(request) -> bool:
+    """The request ended at its ``max_tokens`` (vLLM's ``RequestStatus.FINISHED_LENGTH_CAPPED``)."""
+    return getattr(getattr(request, "status", None), "name", "") == "FINISHED_LENGTH_CAPPED"
+
+
 class SchedulerSide:
     def __init__(self, block_size: int, is_producer: bool, is_consumer: bool, store: KVStore | None = None,
                  namespace: str = "", chunk_size: int = 256, published=None, groups: int = 1,
@@ -234,9 +239,8 @@ class SchedulerSide:
             token = self.first.poll(pd_id, give_up=not can_wait) if self.first is not None else RECOMPUTE
             if token is PENDING:
                 return PENDING
-            rec.first = token
-            if token != RECOMPUTE:
-                append_first_token(request, token)
+            rec.first = token if token != RECOMPUTE and append_first_token(request, token) else RECOMPUTE
+            if rec.first != RECOMPUTE:
                 logger.debug("req %s: token 1 (%d) handed over; the decode's first step yields token 2",
                              request.request_id, token)
         return rec.first
@@ -372,8 +376,10 @@ class SchedulerSide:
         if rec is None:
             return False, None
         if rec.save is not SaveStatus.NONE and self.first_sender is not None and wants_handoff(request) \
-                and request.output_token_ids:
-            self.first_sender.send(rec.pd_id, request.output_token_ids[0])  # the early decode's token 1
+                and request.output_token_ids and _length_capped(request):
+            # The early decode's token 1 (not when it ended the answer: EOS, a stop token; the proxy
+            # then answers from the prefill alone and lets the decode go).
+            self.first_sender.send(rec.pd_id, request.output_token_ids[0])
         pd_id = self._is_pd_load(request)
         if pd_id and self.first is not None and wants_handoff(request):
             self.first.forget(pd_id)

@@ -10,6 +10,7 @@ import time
 
 import pytest
 import zmq
+from vllm.v1.request import RequestStatus
 
 from pd.connector.first_wait import PENDING, RECOMPUTE, FirstSender, FirstWaiter
 from pd.connector.scheduler import SchedulerSide
@@ -300,6 +301,20 @@ def test_a_decode_that_cannot_wait_for_every_chunk_gives_the_hand_off_up(coord):
     assert w._results == {}  # forgotten with its request
 
 
+def test_a_request_for_one_token_more_is_never_grown_to_ask_for_none(coord):
+    """vLLM gives a request without max_tokens the context's end: one token where the prompt leaves
+    room for one. Token 1 is then the whole answer (the proxy answers from the prefill alone), and
+    a request for no token would stop the engine (SamplingParams refuses max_tokens 0)."""
+    w = coord.waiter(deadline_s=10.0, poll_s=0.2)
+    side = _side(w)
+    req = _request(list(range(100, 131)), max_tokens=1)
+    assert side.get_num_new_matched_tokens(req, 0) == (None, False)
+    assert until(lambda: coord.client().query().counters["waiters"] == 1)
+    assert coord.client().first("r-pd", 5)
+    assert until(lambda: side.get_num_new_matched_tokens(req, 0)[0] is not None)
+    assert req.num_prompt_tokens == 31 and req.max_tokens == 1 and req.sampling_params.max_tokens == 1
+
+
 def test_requests_without_the_flag_never_wait_for_token_1(coord):
     w = coord.waiter(deadline_s=10.0, poll_s=0.2)
     side = _side(w)
@@ -319,13 +334,22 @@ def test_the_prefill_sends_the_token_it_sampled_when_its_request_finishes(coord)
         assert w.poll("s-pd") is PENDING
         assert until(lambda: coord.client().query().counters["waiters"] == 1)
         req.append_output_token_ids(4242)  # what vLLM does before finishing it
+        req.status = RequestStatus.FINISHED_LENGTH_CAPPED
         prefill.request_finished(req, [])
         assert until(lambda: w.poll("s-pd") is not PENDING) and w.poll("s-pd") == 4242
         plain = _request(list(range(100, 131)), max_tokens=1)
         plain.kv_transfer_params = {"pd_id": "t-pd", "do_remote_decode": True}  # no hand-off asked for
         prefill.on_new_request(plain)
         plain.append_output_token_ids(1)
+        plain.status = RequestStatus.FINISHED_LENGTH_CAPPED
         prefill.request_finished(plain, [])
-        assert _outcome(coord.address, "t-pd", 0.3) == NONE  # no FIRST was sent
+        eos = _request(list(range(100, 131)), max_tokens=1)
+        eos.kv_transfer_params = {"pd_id": "u-pd", "do_remote_decode": True, "handoff": True}
+        prefill.on_new_request(eos)
+        eos.append_output_token_ids(2)
+        eos.status = RequestStatus.FINISHED_STOPPED  # token 1 ended the answer: the decode is let go
+        prefill.request_finished(eos, [])
+        assert _outcome(coord.address, "t-pd", 0.3) == NONE  # no FIRST was sent for either
+        assert _outcome(coord.address, "u-pd", 0.3) == NONE
     finally:
         sender.close()
