@@ -5,8 +5,8 @@ in text, token ids, usage, finish and stop reasons, and logprobs, streamed or no
 ``pdkv_proxy_first_token_path`` counter says which path each request took (prefill: token 1 from
 the prefill; prefill_only: token 1 ended the answer, no decode request; decode: the old flow).
 A greedy request on the first-token path is sent its decode half with its prefill half (the
-early decode, ``proxy.early_decode: greedy``, the deployment's proxy), which the proxy hands
-token 1 through the coordinator so that its answer starts at token 2; a second proxy in front of
+early decode, ``proxy.early_decode: greedy``, the deployment's proxy), to which the prefill's
+scheduler hands token 1 through the coordinator so that its answer starts at token 2; a second proxy in front of
 the same instances has ``--early-decode never`` and a third ``--early-decode greedy_recompute``
 (the early decode computes token 1 itself), so each greedy case runs every way.
 """
@@ -314,10 +314,10 @@ def test_the_decode_loads_kv_already_published_within_its_first_step(flows, flow
 
 
 def test_the_early_decode_is_handed_token_1_and_answers_as_colocated(flows):
-    """The deployment's proxy hands the prefill's token 1 to the early decode (issue 16): its scheduler
-    appends it to the prompt and its first step yields token 2. Token 1 is handed over unless its
-    text is empty or part of a character (``pd.proxy.early.handoff_allowed``); the coordinator
-    counts each FIRST, and every answer is colocated's."""
+    """The prefill's scheduler hands its token 1 to the early decode (issue 16): the decode's scheduler
+    appends it to the prompt and its first step yields token 2. The proxy uses that answer unless
+    token 1's text is not at a character boundary (``pd.proxy.early.handoff_allowed``; the decode
+    after the prefill answers then); the coordinator counts each FIRST, and every answer is colocated's."""
     proxies, co = flows
     pd = proxies["early"]
     handed, firsts = _early(pd.url, "handed"), _coordinator_counter(pd.url, "firsts")
