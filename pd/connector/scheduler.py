@@ -216,7 +216,10 @@ class SchedulerSide:
                 rec.whole, rec.sync = whole, self._all_published(rec, pd_id, request, n_kv)
                 if rec.sync:
                     return n, False
-                if whole and n_kv <= self.sync_wait_tokens and self._may_wait(rec):
+                # An early decode (whole prompt, or handed token 1: the prefill's scheduler sends it
+                # as its request ends, often before its last chunks are published) waits for them.
+                handed = rec.first is not None and rec.first != RECOMPUTE
+                if (whole or handed) and n_kv <= self.sync_wait_tokens and self._may_wait(rec):
                     return None, False
             n += whole  # asynchronous: vLLM recomputes the last token after loading the whole prompt
         elif self.store is not None:

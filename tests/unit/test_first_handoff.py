@@ -277,6 +277,27 @@ def test_the_lookup_waits_for_token_1_then_the_prompt_grows_by_it_once(coord):
     assert req.num_prompt_tokens == 32  # asked again (e.g. no blocks this step): appended once only
 
 
+def test_a_handed_request_waits_for_its_last_chunks_to_load_them_within_one_step(coord):
+    """The prefill's scheduler sends token 1 as its request ends, often before its worker has
+    published the last chunks: the handed request waits for them (as a whole-prompt early decode
+    does) rather than going asynchronous (a WAIT, and the load reported a step later)."""
+    w = coord.waiter(deadline_s=10.0, poll_s=0.2)
+    published = _Published()
+    published.all = False
+    side = _side(w, published)
+    req = _request(list(range(100, 131)))
+    assert side.get_num_new_matched_tokens(req, 0) == (None, False)
+    assert until(lambda: coord.client().query().counters["waiters"] == 1)
+    assert coord.client().first("r-pd", 7)
+    def handed():
+        assert side.get_num_new_matched_tokens(req, 0) == (None, False)  # waiting: the token, then the chunks
+        return req.num_prompt_tokens == 32
+    assert until(handed)
+    assert side.get_num_new_matched_tokens(req, 0) == (None, False)  # handed, its chunks not all out
+    published.all = True
+    assert side.get_num_new_matched_tokens(req, 0) == (31, False)  # loaded within the step
+
+
 def test_a_hand_off_settled_none_leaves_the_request_as_it_was_and_vllm_computes_the_last_token(coord):
     w = coord.waiter(deadline_s=10.0, poll_s=0.2)
     side = _side(w)
