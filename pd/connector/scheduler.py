@@ -238,7 +238,10 @@ class SchedulerSide:
         the pool) gives the hand-off up at once."""
         rec = self._record(request.request_id)
         if rec.first is None:
-            can_wait = self.published is not None and n_prompt <= self.sync_wait_tokens
+            # A request for one token (vLLM caps max_tokens at the context's end) cannot continue
+            # from token 1: it gives the hand-off up before any FIRST can be settled for it.
+            can_wait = (self.published is not None and n_prompt <= self.sync_wait_tokens
+                        and request.max_tokens > 1)
             token = self.first.poll(pd_id, give_up=not can_wait) if self.first is not None else RECOMPUTE
             if token is PENDING:
                 return PENDING

@@ -55,9 +55,11 @@ WAIT_MARGIN_S = 1.0  # a WAIT's client-side deadline is its timeout plus at most
 
 
 def _dealer(ctx: zmq.Context, address: str, identity: bytes | None = None, sndhwm: int = 0,
-            keys: "ClientKeys | None" = None) -> zmq.Socket:
+            keys: "ClientKeys | None" = None, immediate: bool = False) -> zmq.Socket:
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
+    if immediate:
+        s.setsockopt(zmq.IMMEDIATE, 1)
     if "[" in address:  # an IPv6 literal
         s.setsockopt(zmq.IPV6, 1)
     if keys is not None:
@@ -172,9 +174,9 @@ class CoordinatorClient:
             return reply
         return WaitTimeout(pd_id)
 
-    def first(self, pd_id: str, token_id: int) -> bool:
+    def first(self, pd_id: str, token_id: int, timeout_s: float | None = None) -> bool:
         """Hand token 1 of ``pd_id`` to its early decode (``pd.coordinator.first``); True when handed over."""
-        return isinstance(self.call(First(pd_id, token_id)), Ack)
+        return isinstance(self.call(First(pd_id, token_id), timeout_s), Ack)
 
     def done(self, msg: Done) -> bool:
         """Report DONE; True when acknowledged."""
@@ -325,8 +327,11 @@ class AsyncCoordinatorClient:
             self._slots = asyncio.Semaphore(self.max_sockets)
         timeout = self.timeout_s if timeout_s is None else timeout_s
         try:
-            async with self._slots:
+            await asyncio.wait_for(self._slots.acquire(), timeout)  # every socket busy for that long: no answer
+            try:
                 reply = await self._exchange(msg, timeout)
+            finally:
+                self._slots.release()
         except asyncio.CancelledError:
             raise
         except Exception as e:

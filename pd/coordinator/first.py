@@ -8,14 +8,15 @@ its answer starts at token 2. The proxy must know for sure where the decode's an
 each pd_id's hand-off is **settled once**, here, one message at a time, as either the token
 (handed over) or -1 (the decode computes token 1 itself):
 
-- a FIRST while a decode is registered (it sent AWAIT_FIRST, within ``ttl_s``) settles the token;
+- a FIRST while a decode is registered (its AWAIT_FIRST's slice, plus ``REGISTERED_MARGIN_S``, has
+  not ended) settles the token;
   a FIRST with no decode registered settles -1 (and answers ``Error``);
 - a decode that stops waiting (AWAIT_FIRST ``give_up``) settles -1 unless the token is there;
 - the proxy's FIRST_OUTCOME is answered with the settlement; past its timeout unsettled (no
   FIRST came), it settles -1 itself.
 
-Every party then reads the same settlement. Everything is bounded in time (``ttl_s``, refreshed
-while a decode keeps asking) and in count (``MAX_PD_IDS``).
+Every party then reads the same settlement. Everything is bounded in time (settlements ``ttl_s``)
+and in count (``MAX_PD_IDS``).
 """
 from __future__ import annotations
 
@@ -29,6 +30,10 @@ logger = logging.getLogger("pd.coordinator")
 MAX_PD_IDS = 65536  # settlements, registrations and parked askers kept at once (the oldest dropped first)
 MAX_WAIT_S = 3600.0
 NONE = -1  # the settlement "the decode computes token 1 itself"
+# A decode is registered from its AWAIT_FIRST to the end of that call's slice plus this: a decode
+# that stops asking (it gave up, on its own when the coordinator did not answer) is soon not
+# registered, and a FIRST then settles -1, as the decode assumed.
+REGISTERED_MARGIN_S = 0.5
 
 
 class _Asker(NamedTuple):
@@ -44,7 +49,7 @@ class FirstTokens:
                  counters: dict[str, float], ttl_s: float):
         self._send, self._aborted, self.counters, self.ttl_s = send, aborted, counters, ttl_s
         self.settled: dict[str, tuple[int, float]] = {}  # pd_id -> (token or NONE, expires)
-        self.registered: dict[str, float] = {}  # pd_id -> expires: a decode waits for its token
+        self.registered: dict[str, float] = {}  # pd_id -> expires: a decode asks for its token
         self.askers: dict[str, list[_Asker]] = {}
         for name in ("firsts", "firsts_handed", "first_waits", "first_give_ups", "first_outcomes"):
             counters.setdefault(name, 0)
@@ -63,7 +68,8 @@ class FirstTokens:
             self._send(ident, Error(f"pd_id={msg.pd_id} was aborted ({why})"[:300]))
             return
         if msg.pd_id not in self.settled:
-            self._settle(msg.pd_id, msg.token_id if msg.pd_id in self.registered else NONE, now)
+            waits = self.registered.get(msg.pd_id, 0.0) > now
+            self._settle(msg.pd_id, msg.token_id if waits else NONE, now)
         token = self.settled[msg.pd_id][0]
         if token == msg.token_id:
             self.counters["firsts_handed"] += 1
@@ -93,7 +99,7 @@ class FirstTokens:
         else:
             if not proxy:
                 _bounded(self.registered)
-                self.registered[pd_id] = now + self.ttl_s
+                self.registered[pd_id] = now + min(timeout_s, MAX_WAIT_S) + REGISTERED_MARGIN_S
             if pd_id not in self.askers:
                 _bounded(self.askers)
             self.askers.setdefault(pd_id, []).append(_Asker(ident, now + min(timeout_s, MAX_WAIT_S), proxy))

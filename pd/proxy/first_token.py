@@ -195,11 +195,11 @@ def _token_str(lp: Any, chat: bool) -> str | None:
 
 
 def ends_at_token_1(body: dict, first: First, max_model_len: int | None = None) -> bool:
-    """Token 1 ends the answer: EOS, a stop token or string, max_tokens 1, or (no max_tokens) the
-    prompt filling the context but for one token."""
+    """Token 1 ends the answer: EOS, a stop token or string, max_tokens 1, or the prompt filling the
+    context but for one token (vLLM caps max_tokens there, whatever the request asked)."""
     if first.finish_reason != "length" or requested_tokens(body) == 1:
         return True
-    return requested_tokens(body) is None and max_model_len is not None and len(first.prompt_ids) + 1 >= max_model_len
+    return max_model_len is not None and len(first.prompt_ids) + 1 >= max_model_len
 
 
 def decode_body(endpoint: str, body: dict, first: First, pd_id: str, max_model_len: int | None = None) -> dict:

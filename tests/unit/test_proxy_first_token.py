@@ -120,7 +120,9 @@ def test_a_prompt_that_leaves_room_for_token_1_only_ends_there():
     f = _first()  # a 3-token prompt
     assert ft.ends_at_token_1({}, f, max_model_len=4)  # no max_tokens: room for token 1 only
     assert not ft.ends_at_token_1({}, f, max_model_len=5) and not ft.ends_at_token_1({}, f)
-    assert not ft.ends_at_token_1({"max_tokens": 9}, f, max_model_len=4)  # the decode clamps it, as vLLM does
+    # vLLM caps max_tokens at the context's end (vLLM 0.32 entrypoints/serve/utils/api_utils.py): one token
+    assert ft.ends_at_token_1({"max_tokens": 9}, f, max_model_len=4)
+    assert not ft.ends_at_token_1({"max_tokens": 9}, f, max_model_len=5)
 
 
 # ---- the answer put together ---------------------------------------------------------------
