@@ -138,6 +138,7 @@ class Relay(FirstTokenFlow):
     chat_first_token: bool  # chat requests may take that path (not when the instances parse tools/reasoning)
     early_decode: str  # "greedy": a greedy request's decode half goes out with its prefill half; "never"
     timeline: ProxyTimeline
+    abort_grace_s: float = 2.0  # how long after giving a transfer up the proxy aborts it (``_abort``)
     _tasks: set[asyncio.Task]
 
     def _spawn(self, coro: Coroutine) -> asyncio.Task:
@@ -157,12 +158,23 @@ class Relay(FirstTokenFlow):
         return h
 
     def _abort(self, pd_id: str | None, reason: str) -> None:
-        """Abort ``pd_id`` at the coordinator, in the background (it must survive our cancellation)."""
+        """Abort ``pd_id`` at the coordinator, in the background (it must survive our cancellation),
+        ``abort_grace_s`` from now: the abort frees the transfer's chunks, and a decode may be
+        loading them within an engine step right now (a synchronous load, after its published
+        check). Freed under it, that load fails after vLLM has put the blocks in its prefix cache,
+        and when the request is gone (its client too) nothing recomputes them: a later request with
+        the same prefix on that instance would read garbage (seen on vLLM 0.32, issue 16's tests).
+        The decode request itself is closed at once (vLLM aborts it)."""
         if pd_id is None:
             return
-        logger.info("pd_id=%s: aborting the transfer (%s)", pd_id, reason)
+        logger.info("pd_id=%s: aborting the transfer in %g s (%s)", pd_id, self.abort_grace_s, reason)
         if self.coord is not None:
-            self._spawn(self.coord.abort(pd_id, reason))
+            self._spawn(self._abort_later(pd_id, reason))
+
+    async def _abort_later(self, pd_id: str, reason: str) -> None:
+        if self.abort_grace_s > 0:
+            await asyncio.sleep(self.abort_grace_s)
+        await self.coord.abort(pd_id, reason)
 
     def _fail(self, role: str, url: str, pd_id: str | None, status: int, body: bytes | None = None,
               content_type: str = "application/json", why: str = "") -> UpstreamError:

@@ -170,7 +170,7 @@ class FirstTokenFlow:
         (``offer``), or checked against it; if its token 1 differs, it fails before it or the hand-off's
         outcome is unknown, from a decode request after the prefill instead (on the same instance,
         whose prefix cache may hold the prompt's KV now)."""
-        e, given, started, done = Early.after_opening(st), False, None, False
+        e, given, started, done, handed = Early.after_opening(st), False, None, False, False
         try:
             handed = await offer if offer is not None else False
             if handed is None:
@@ -203,7 +203,12 @@ class FirstTokenFlow:
                 self._discard(early)  # not used: cancelled, or its answer closed (vLLM aborts it)
         self.metrics.early(outcome)
         logger.info("pd_id=%s: early decode not used (%s); sending the decode request after the prefill", pd_id, why)
-        self._abort(pd_id, "early decode not used")
+        if handed is not None:
+            self._abort(pd_id, "early decode not used")
+        # else: it may be loading the KV within its step right now (handed token 1, or unknown): its
+        # chunks stay until its DONE frees them. Freed under it, the load fails after vLLM has put the
+        # blocks in its prefix cache, and with the request gone nothing recomputes them: the decode
+        # after the prefill, on this instance, read garbage there (tests/integration/test_first_token_e2e.py).
         async for c in self._decode_chunks(st, self._sequential(request, st, endpoint, d_url, pd_id, tasks, kv=False),
                                            pd_id):
             yield c

@@ -167,6 +167,7 @@ async def deployment(n_p: int = 1, n_d: int = 1, mode: str = "pd", coord: FakeCo
     proxy = Proxy([f.url for f in fakes_p] if prefill_urls is None else prefill_urls,
                   [f.url for f in fakes_d] if decode_urls is None else decode_urls, ProxyConfig(**cfg), mode=mode)
     proxy.coord = coord
+    proxy.abort_grace_s = 0.0  # aborts at once (tests/unit/test_proxy_first_token.py tests the grace)
     if cancel_handlers:
         prunner, port = await proxy.start()
     else:  # a plain runner: the proxy notices a client gone only when writing to it

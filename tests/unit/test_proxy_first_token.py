@@ -246,6 +246,7 @@ async def flow(early_decode: str = "greedy"):
         dbl.url = f"http://127.0.0.1:{r.addresses[0][1]}"
     proxy = Proxy([p.url], [d.url], ProxyConfig(upstream_timeout_s=10, early_decode=early_decode))
     proxy.coord = d.coord = coord
+    proxy.abort_grace_s = 0.0  # aborts at once (the grace has a test of its own)
     prunner, port = await proxy.start()
     try:
         async with aiohttp.ClientSession() as client:
@@ -478,7 +479,7 @@ def test_a_handed_token_1_a_stop_string_could_start_in_is_not_used():
             # The early decode's server would not see the stop string: the decode after the prefill answers.
             assert env.coord.outcomes == [pd_id] and _early("handed", env) == 0 and _early("differed", env) == 1
             assert env.d.bodies[-1]["prompt"] == [1, 2, 3, 7]
-            await _early_discarded(env, pd_id)
+            await _handed_not_used(env, pd_id)
     run(go())
 
 
@@ -529,7 +530,29 @@ def test_an_unanswered_hand_off_is_not_trusted_and_the_decode_after_the_prefill_
             early_half, after = env.d.bodies
             assert early_half["kv_transfer_params"]["handoff"] is True and after["prompt"] == [1, 2, 3, 7]
             assert "kv_transfer_params" not in after and _early("differed", env) == 1
-            await _early_discarded(env, pd_id)
+            await _handed_not_used(env, pd_id)
+    run(go())
+
+
+async def _handed_not_used(env, pd_id: str) -> None:
+    """An early decode handed token 1 (or maybe) and not used: closed, but its transfer is not aborted
+    (it may be loading the chunks within its engine step: its DONE frees them)."""
+    await eventually(lambda: not any(env.proxy.decode.outstanding.values()))
+    await asyncio.sleep(0.2)
+    assert not any(a[0] == pd_id for a in env.coord.aborts)
+
+
+def test_an_abort_reaches_the_coordinator_after_its_grace():
+    async def go():
+        async with flow() as env:
+            env.proxy.abort_grace_s = 0.5
+            env.p.fail = True  # the prefill refuses: the transfer is given up
+            async with env.client.post(env.url + C, json=REQ) as r:
+                assert r.status == 400
+                pd_id = r.headers["x-pd-id"]
+            await asyncio.sleep(0.3)
+            assert not any(a[0] == pd_id for a in env.coord.aborts)  # a decode may still be reading its chunks
+            await eventually(lambda: any(a[0] == pd_id for a in env.coord.aborts))
     run(go())
 
 
