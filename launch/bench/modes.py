@@ -13,13 +13,13 @@ from common.config import load, merge
 from launch.bench.workloads import split_name
 from pd.config import DeploymentConfig
 
-CPU_MODES = ("pd", "colocated", "pd_old", "pd_after", "pd_recompute")
+CPU_MODES = ("pd", "colocated", "pd_old", "pd_after", "pd_recompute", "pd_handoff")
 # The proxy settings of pdkv's flows: pd (token 1 from the prefill; a greedy request's decode half
 # sent with it, the early decode), pd_after (the decode half sent once the prefill has answered),
-# pd_old (the old flow: decode samples token 1), pd_recompute (the early decode computes token 1
-# itself rather than being handed the prefill's).
+# pd_old (the old flow: decode samples token 1), pd_handoff (the early decode is handed the
+# prefill's token 1), pd_recompute (it computes token 1 itself: the default, as pd).
 PD_FLOWS = {"pd": {}, "pd_after": {"early_decode": "never"}, "pd_old": {"first_token": "decode"},
-            "pd_recompute": {"early_decode": "greedy_recompute"}}
+            "pd_recompute": {"early_decode": "greedy_recompute"}, "pd_handoff": {"early_decode": "greedy"}}
 
 
 @dataclass(frozen=True)

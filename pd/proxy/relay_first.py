@@ -34,6 +34,8 @@ SSE = "text/event-stream"
 # How long the proxy waits for the prefill's FIRST once the prefill has answered (it is sent before
 # the answer leaves: normally there already); past it the coordinator settles "the decode computes token 1".
 HANDOFF_WAIT_S = 1.0
+VETO = "veto"  # _outcome: token 1 was handed over, but the decode's answer from token 2 would not be colocated's
+LOAD_WAIT_S = 10.0  # how long such an early decode is let run to its first event (its load done) before it is closed
 
 
 # request key: the client had the whole answer before it went away
@@ -147,11 +149,12 @@ class FirstTokenFlow:
         """The prefill hands token 1 to early decodes (``early_decode: greedy`` and a coordinator to hand it through)."""
         return self.early_decode == "greedy" and self.coord is not None
 
-    async def _outcome(self, st: ft.StreamState, pd_id: str) -> bool | None:
+    async def _outcome(self, st: ft.StreamState, pd_id: str) -> bool | str | None:
         """How the coordinator settled token 1's hand-off (``pd.coordinator.first``): True when the
         early decode's answer starts at token 2, False when it computes token 1, None when that is
-        unknown (no answer) or the hand-off must not be used: a token other than the prefill's
-        answer's, or one whose text the decode's server would give otherwise (``early.handoff_allowed``)."""
+        unknown (no answer), ``VETO`` when it was handed over but must not be used: a token other
+        than the prefill's answer's, or one whose text the decode's server would give otherwise
+        (``early.handoff_allowed``)."""
         token = await self.coord.first_outcome(pd_id, HANDOFF_WAIT_S)
         if token is None or token < 0:
             return None if token is None else False
@@ -160,8 +163,28 @@ class FirstTokenFlow:
             logger.info("pd_id=%s: token 1 was handed to the early decode, but its answer from token 2 would not be "
                         "colocated's (%s); not used", pd_id, "another token" if token != st.first.token_id
                         else "token 1's text, or a stop string that may begin in it")
-            return None
+            return VETO
         return True
+
+    async def _let_load(self, early: asyncio.Task, pd_id: str) -> None:
+        """Let a handed early decode that will not be used run to its first event, then close it: it
+        is loading the transfer's KV within an engine step, and closed before that step vLLM may
+        drop it with the blocks in its prefix cache unwritten (the decode after the prefill, on
+        the same instance, would read them); its DONE frees the chunks."""
+        started = None
+        try:
+            started = await asyncio.wait_for(asyncio.shield(early), LOAD_WAIT_S)
+            if started.stream:
+                events = self._decode_events(started, pd_id)
+                try:
+                    await asyncio.wait_for(events.__anext__(), LOAD_WAIT_S)
+                finally:
+                    await events.aclose()
+        except (asyncio.TimeoutError, StopAsyncIteration, UpstreamError, aiohttp.ClientError, OSError) as e:
+            logger.info("pd_id=%s: the early decode not used ended before its first event (%r)", pd_id, e)
+        finally:
+            if started is not None:
+                started.resp.close()
 
     async def _early_chunks(self, request: web.Request, st: ft.StreamState, early: asyncio.Task, endpoint: str,
                             d_url: str, pd_id: str, tasks: list[asyncio.Task],
@@ -174,7 +197,10 @@ class FirstTokenFlow:
         try:
             handed = await offer if offer is not None else False
             if handed is None:
-                raise Differs("token 1's hand-off is unknown or unusable")
+                raise Differs("token 1's hand-off is unknown")
+            if handed == VETO:
+                await self._let_load(early, pd_id)
+                raise Differs("token 1 was handed over, but the decode's answer from token 2 would not be colocated's")
             event = handoff_event if handed else early_event
             started = await early
             if not started.stream:
@@ -203,12 +229,8 @@ class FirstTokenFlow:
                 self._discard(early)  # not used: cancelled, or its answer closed (vLLM aborts it)
         self.metrics.early(outcome)
         logger.info("pd_id=%s: early decode not used (%s); sending the decode request after the prefill", pd_id, why)
-        if handed is not None:
+        if handed != VETO:  # (a vetoed one was let load: its DONE freed the chunks)
             self._abort(pd_id, "early decode not used")
-        # else: it may be loading the KV within its step right now (handed token 1, or unknown): its
-        # chunks stay until its DONE frees them. Freed under it, the load fails after vLLM has put the
-        # blocks in its prefix cache, and with the request gone nothing recomputes them: the decode
-        # after the prefill, on this instance, read garbage there (tests/integration/test_first_token_e2e.py).
         async for c in self._decode_chunks(st, self._sequential(request, st, endpoint, d_url, pd_id, tasks, kv=False),
                                            pd_id):
             yield c

@@ -5,10 +5,10 @@ in text, token ids, usage, finish and stop reasons, and logprobs, streamed or no
 ``pdkv_proxy_first_token_path`` counter says which path each request took (prefill: token 1 from
 the prefill; prefill_only: token 1 ended the answer, no decode request; decode: the old flow).
 A greedy request on the first-token path is sent its decode half with its prefill half (the
-early decode, ``proxy.early_decode: greedy``, the deployment's proxy), to which the prefill's
-scheduler hands token 1 through the coordinator so that its answer starts at token 2; a second proxy in front of
-the same instances has ``--early-decode never`` and a third ``--early-decode greedy_recompute``
-(the early decode computes token 1 itself), so each greedy case runs every way.
+early decode, ``proxy.early_decode: greedy_recompute``, the deployment's proxy: it computes token
+1 itself); a second proxy in front of the same instances has ``--early-decode never`` and a third
+``--early-decode greedy`` (the prefill's scheduler hands token 1 to the early decode through the
+coordinator, so that its answer starts at token 2), so each greedy case runs every way.
 """
 from __future__ import annotations
 
@@ -127,12 +127,12 @@ def _proxy(pd, tmp_path_factory, name: str, port: int, early_decode: str) -> tup
 
 @pytest.fixture(scope="module")
 def flows(deployments, tmp_path_factory):
-    """{"early": the deployment's proxy (token 1 handed to the early decode), "after": a proxy with
-    --early-decode never, "recompute": one with --early-decode greedy_recompute}."""
+    """{"early": the deployment's proxy (the early decode computes token 1), "after": a proxy with
+    --early-decode never, "handoff": one with --early-decode greedy (token 1 handed to the early decode)}."""
     pd, co = deployments
     procs, proxies = [], {"early": pd}
     try:
-        for name, port, mode in (("after", 18002, "never"), ("recompute", 18003, "greedy_recompute")):
+        for name, port, mode in (("after", 18002, "never"), ("handoff", 18003, "greedy")):
             proc, proxies[name] = _proxy(pd, tmp_path_factory, name, port, mode)
             procs.append(proc)
         yield proxies, co
@@ -178,7 +178,7 @@ LONG = _prompt(700, seed=5)  # three chunks of KV
     {"max_tokens": 6, "temperature": 0.8, "top_p": 0.9, "repetition_penalty": 1.2, "ignore_eos": True,
      "return_token_ids": True},
 ])
-@pytest.mark.parametrize("flow", ["early", "after", "recompute"])
+@pytest.mark.parametrize("flow", ["early", "after", "handoff"])
 def test_completions_take_the_first_token_path_and_match(flows, flow, case, stream):
     proxies, co = flows
     pd = proxies[flow]
@@ -194,7 +194,7 @@ def test_completions_take_the_first_token_path_and_match(flows, flow, case, stre
     assert _early_answered(pd.url) == answered + (flow != "after")  # handed token 1, or its own was the prefill's
 
 
-@pytest.mark.parametrize("flow", ["early", "after", "recompute"])
+@pytest.mark.parametrize("flow", ["early", "after", "handoff"])
 @pytest.mark.parametrize("stream", [False, True])
 def test_chat_takes_the_first_token_path_and_matches(flows, flow, stream):
     proxies, co = flows
@@ -231,7 +231,7 @@ def test_min_tokens_holds_back_eos_on_both_halves(deployments, stream):
     assert took == {"prefill"} and got["usage"]["completion_tokens"] == 4 and got["choices"][0]["finish"] == "stop"  # 3, then EOS
 
 
-@pytest.mark.parametrize("flow", ["early", "after", "recompute"])
+@pytest.mark.parametrize("flow", ["early", "after", "handoff"])
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_stop_string_across_tokens_1_and_2_is_caught(flows, flow, stream):
     proxies, co = flows
@@ -319,7 +319,7 @@ def test_the_early_decode_is_handed_token_1_and_answers_as_colocated(flows):
     token 1's text is not at a character boundary (``pd.proxy.early.handoff_allowed``; the decode
     after the prefill answers then); the coordinator counts each FIRST, and every answer is colocated's."""
     proxies, co = flows
-    pd = proxies["early"]
+    pd = proxies["handoff"]
     handed, firsts = _early(pd.url, "handed"), _coordinator_counter(pd.url, "firsts")
     for i in range(4):
         for stream in (False, True):

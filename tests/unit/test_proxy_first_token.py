@@ -530,13 +530,13 @@ def test_an_unanswered_hand_off_is_not_trusted_and_the_decode_after_the_prefill_
             early_half, after = env.d.bodies
             assert early_half["kv_transfer_params"]["handoff"] is True and after["prompt"] == [1, 2, 3, 7]
             assert "kv_transfer_params" not in after and _early("differed", env) == 1
-            await _handed_not_used(env, pd_id)
+            await _early_discarded(env, pd_id)  # nothing says the decode loads: aborted (after the grace)
     run(go())
 
 
 async def _handed_not_used(env, pd_id: str) -> None:
-    """An early decode handed token 1 (or maybe) and not used: closed, but its transfer is not aborted
-    (it may be loading the chunks within its engine step: its DONE frees them)."""
+    """An early decode handed token 1 and not used: let run to its first event (its load is done),
+    closed, and its transfer not aborted (its DONE frees the chunks)."""
     await eventually(lambda: not any(env.proxy.decode.outstanding.values()))
     await asyncio.sleep(0.2)
     assert not any(a[0] == pd_id for a in env.coord.aborts)
