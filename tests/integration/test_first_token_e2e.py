@@ -321,9 +321,11 @@ def test_the_early_decode_is_handed_token_1_and_answers_as_colocated(flows):
     proxies, co = flows
     pd = proxies["handoff"]
     handed, firsts = _early(pd.url, "handed"), _coordinator_counter(pd.url, "firsts")
+    # Seeds of their own: test_pd_e2e.py's prompts are _prompt(n, seed=n), and a prompt that starts
+    # like one of them (same seed) leaves its first blocks in the decode's prefix cache.
     for i in range(4):
         for stream in (False, True):
-            got, took = _same(pd, co, "/v1/completions", {"prompt": _prompt(500, seed=300 + i), "max_tokens": 10,
+            got, took = _same(pd, co, "/v1/completions", {"prompt": _prompt(500, seed=7300 + i), "max_tokens": 10,
                                                           "return_token_ids": True, "stream": stream})
             assert took == {"prefill"} and got["usage"]["completion_tokens"] == 10
     assert _coordinator_counter(pd.url, "firsts") == firsts + 8  # one offer a request
