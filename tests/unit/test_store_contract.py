@@ -338,9 +338,14 @@ def test_writer_killed_mid_write_leaves_only_whole_values(backend):
                 r = make_store(w.crash_config(str(backend.root), backend.label), 0, writer=False)
             except ValueError:  # the writer has not made its directory yet
                 time.sleep(0.05)
-        i = 0
+        i, listed = 0, []
         while not stop.is_set():
-            key = w.key_of(max(0, latest[0] - 1 - i % 20))  # the last puts: written or being written
+            if i % 10 == 0:  # what the reader's index lists now (a slow writer may be far behind
+                listed = r.keys()[-20:]  # its accepted puts: then these are what can hit)
+            if i % 2 and listed:
+                key = listed[i // 2 % len(listed)]  # listed, maybe being evicted or overwritten
+            else:
+                key = w.key_of(max(0, latest[0] - 1 - i % 20))  # the last puts: written or being written
             want = w.content(key)
             out = np.zeros(len(want), dtype=np.uint8)
             n = r.get(key, out)
