@@ -69,6 +69,10 @@ class PDMetadata:
     # Transfers a decode will not load (its prefix cache already holds their KV): workers abort
     # them at the coordinator, which frees their chunks now rather than at expiry.
     unneeded: list[str] = field(default_factory=list)
+    # The transport keys of transfers whose decode request ended before its load began (an early
+    # decode the proxy closed, waiting for token 1 or for the last chunks): nobody will read them,
+    # and the coordinator may not know them (restarted since their READY): workers delete them.
+    dropped: list[list[str]] = field(default_factory=list)
 
 
 def transfer_params(request) -> tuple[str | None, bool, bool]:
@@ -169,6 +173,7 @@ class SchedulerSide:
         self._new_loads: list[LoadSpec] = []
         self._cancels: list[str] = []
         self._unneeded: list[str] = []
+        self._dropped: list[list[str]] = []
 
     def _record(self, req_id: str) -> _Request:
         rec = self._reqs.get(req_id)
@@ -260,13 +265,17 @@ class SchedulerSide:
         return now - rec.asked < self.sync_wait_s
 
     def _all_published(self, rec: _Request, pd_id: str, request, n_kv: int) -> bool:
-        """Whether every chunk of the transfer (each head group's) is in the transport now (its
-        keys made once per request: a waiting request is looked up every engine step)."""
+        """Whether every chunk of the transfer (each head group's) is in the transport now."""
+        return self.published(self._transfer_keys(rec, pd_id, request, n_kv))
+
+    def _transfer_keys(self, rec: _Request, pd_id: str, request, n_kv: int) -> list[str]:
+        """The transfer's transport keys, each head group's (made once per request: a waiting
+        request is looked up every engine step)."""
         if not rec.keys:
             prompt, seed = (request.prompt_token_ids or [])[:n_kv], request_seed(request) or b""
             hashes = chunk_hashes(prompt, self.chunking.chunk_size, seed)  # once for every group
             rec.keys = [transfer_key(pd_id, chunk_key(self.namespace, g, h)) for g in range(self.groups) for h in hashes]
-        return self.published(rec.keys)
+        return rec.keys
 
     def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
         pd_id = self._is_pd_load(request)
@@ -367,8 +376,9 @@ class SchedulerSide:
             cancels=self._cancels,
             preempted=list(getattr(so, "preempted_req_ids", None) or ()),
             unneeded=self._unneeded,
+            dropped=self._dropped,
         )
-        self._new_loads, self._cancels, self._unneeded = [], [], []
+        self._new_loads, self._cancels, self._unneeded, self._dropped = [], [], [], []
         return meta
 
     def update_connector_output(self, output) -> None:
@@ -393,4 +403,8 @@ class SchedulerSide:
             # Aborted while its KV was in flight: vLLM holds the blocks until the worker
             # reports the load finished; make the worker stop waiting.
             self._cancels.append(request.request_id)
+        elif pd_id and rec.load is LoadStatus.NONE:
+            # Ended before its load began: the transfer's chunks are of no use to anyone now.
+            n_kv = kv_tokens(request, len(request.prompt_token_ids or ()))
+            self._dropped.append(self._transfer_keys(rec, pd_id, request, n_kv))
         return rec.sent > 0, None

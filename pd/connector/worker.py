@@ -177,6 +177,14 @@ class WorkerSide:
                 self.loads.start(spec)
         for pd_id in meta.unneeded if self.coord is not None else ():
             self._exec.submit(self.coord.abort, pd_id, "decode had the KV in its prefix cache")
+        for keys in meta.dropped if self.transport is not None and self.rank == 0 else ():
+            self._exec.submit(self._drop, keys)
+
+    def _drop(self, keys: list[str]) -> None:
+        """Delete the chunks of a transfer whose decode request ended before loading them."""
+        n = self.transport.delete(keys)
+        logger.info("pdkv worker: %d of %d chunks of a transfer whose request ended before loading them deleted",
+                    n, len(keys))
 
     def after_forward(self, meta: PDMetadata) -> None:
         event = None

@@ -411,3 +411,35 @@ def test_a_published_whole_prompt_transfer_loads_every_token_within_the_step(wor
     assert d.stats["loads_sync"] == 1 and d.take_load_errors() == set()
     rec = _record(coord, "sy3")
     assert rec.ok and rec.sync_load and rec.n_chunks == 5
+
+
+def test_a_decode_request_that_ends_before_its_load_began_has_its_chunks_deleted(workers, coord):  # noqa: F811
+    """An early decode the proxy closed while it waited (for its last chunks here; for token 1 in
+    pd.connector.handoff's flow) never reads its transfer, and the coordinator may not know the
+    chunks (restarted since their READY): the decode's worker deletes them from the transport."""
+    from tests.unit.test_connector_worker import _save
+
+    p, d = workers(1), workers(2, wait_timeout_s=10)
+    s = _sync_scheduler(d)
+    s.sync_wait_s, s.sync_wait_tokens = 60.0, 1 << 20
+    p.after_forward(_save("dr1", 0, 4, False))  # four of five chunks out: the request waits queued
+    assert _until(lambda: p._save_jobs["p1"].done())
+    keys = [f"xfer/dr1/{k}" for k in p.codec.keys(PROMPT)]
+    assert p.transport.exists(keys) == [True] * 4 + [False]
+    req = _request("d", "dr1", "decode")
+    assert s.get_num_new_matched_tokens(req, 0) == (None, False)
+    assert s.request_finished(req, []) == (False, None)  # closed by the proxy while waiting
+    meta = s.build_connector_meta(_output())
+    assert meta.dropped == [keys] and meta.cancels == [] and meta.loads == []
+    d.start_step(meta)
+    assert _until(lambda: not any(p.transport.exists(keys)))
+    assert s.build_connector_meta(_output()).dropped == []
+    # A request that loaded (or is loading) is not dropped: its load deletes what it read.
+    p.after_forward(_save("dr2", 0, 5, True, req="p2"))
+    assert _until(lambda: p._save_jobs["p2"].done())
+    req2 = _request("e", "dr2", "decode")
+    assert s.get_num_new_matched_tokens(req2, 0) == (len(PROMPT) - 1, False)
+    s.update_state_after_alloc(req2, _blocks(DST), len(PROMPT) - 1)
+    s.build_connector_meta(_output())
+    assert s.request_finished(req2, DST) == (False, None)
+    assert s.build_connector_meta(_output()).dropped == []
