@@ -170,7 +170,8 @@ class FirstTokenFlow:
         """Let a handed early decode that will not be used run to its first event, then close it: it
         is loading the transfer's KV within an engine step, and closed before that step vLLM may
         drop it with the blocks in its prefix cache unwritten (the decode after the prefill, on
-        the same instance, would read them); its DONE frees the chunks."""
+        the same instance, would read them); its DONE frees the chunks (the abort that follows
+        frees what the coordinator still holds, should it have ended before loading)."""
         started = None
         try:
             started = await asyncio.wait_for(asyncio.shield(early), LOAD_WAIT_S)
@@ -229,8 +230,9 @@ class FirstTokenFlow:
                 self._discard(early)  # not used: cancelled, or its answer closed (vLLM aborts it)
         self.metrics.early(outcome)
         logger.info("pd_id=%s: early decode not used (%s); sending the decode request after the prefill", pd_id, why)
-        if handed != VETO:  # (a vetoed one was let load: its DONE freed the chunks)
-            self._abort(pd_id, "early decode not used")
+        # (A vetoed one was let load first: its DONE freed what it read; the abort drops what is
+        # left at the coordinator: its entry, when the decode ended before loading.)
+        self._abort(pd_id, "early decode not used")
         async for c in self._decode_chunks(st, self._sequential(request, st, endpoint, d_url, pd_id, tasks, kv=False),
                                            pd_id):
             yield c
