@@ -211,8 +211,7 @@ class SchedulerSide:
             whole = n_kv == n_prompt
             n = n_kv - num_computed_tokens - whole  # whole: vLLM computes the prompt's last token
             if n <= 0:  # the local prefix cache holds it all (a prompt of whole blocks, seen before)
-                self._record(request.request_id).load = LoadStatus.LOADED
-                self._unneeded.append(pd_id)
+                self._let_go(self._record(request.request_id), pd_id, request)
                 return 0, False
             if self.published is not None:
                 # Synchronous: vLLM counts the tokens computed and schedules what is left (the
@@ -283,8 +282,7 @@ class SchedulerSide:
             rec = self._reqs.get(request.request_id)
             if pd_id and rec is not None and rec.load is LoadStatus.NONE:
                 # vLLM kept its own sub-block prefix hit over the transfer: never loaded, let it go now.
-                rec.load = LoadStatus.LOADED
-                self._unneeded.append(pd_id)
+                self._let_go(rec, pd_id, request)
             return
         prompt = list(request.prompt_token_ids)
         if pd_id:
@@ -387,9 +385,20 @@ class SchedulerSide:
             if rec is not None and rec.load is LoadStatus.LOADING:
                 rec.load = LoadStatus.LOADED
 
+    def _let_go(self, rec: _Request, pd_id: str, request) -> None:
+        """A transfer this request will never load: aborted at the coordinator (``unneeded``) and its
+        chunks deleted (``dropped``: a coordinator restarted since their READY cannot free them)."""
+        rec.load = LoadStatus.LOADED
+        self._unneeded.append(pd_id)
+        self._dropped.append(self._transfer_keys(rec, pd_id, request, kv_tokens(request, len(request.prompt_token_ids))))
+
     def request_finished(self, request, block_ids) -> tuple[bool, dict | None]:
         rec = self._reqs.pop(request.request_id, None)
         if rec is None:
+            pd_id = self._is_pd_load(request)
+            if pd_id:  # ended before its first lookup (queued behind a full batch): never loaded
+                n_kv = kv_tokens(request, len(request.prompt_token_ids or ()))
+                self._dropped.append(self._transfer_keys(_Request(), pd_id, request, n_kv))
             return False, None
         if rec.save is not SaveStatus.NONE and self.first_sender is not None and wants_handoff(request) \
                 and request.output_token_ids and _length_capped(request):

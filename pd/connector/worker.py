@@ -182,7 +182,11 @@ class WorkerSide:
 
     def _drop(self, keys: list[str]) -> None:
         """Delete the chunks of a transfer whose decode request ended before loading them."""
-        n = self.transport.delete(keys)
+        try:
+            n = self.transport.delete(keys)
+        except Exception:  # (on an I/O thread: nobody reads the future)
+            logger.exception("pdkv worker: deleting the chunks of a transfer nobody will load failed")
+            return
         logger.info("pdkv worker: %d of %d chunks of a transfer whose request ended before loading them deleted",
                     n, len(keys))
 

@@ -157,23 +157,24 @@ class Relay(FirstTokenFlow):
             h["Authorization"] = request.headers["Authorization"]
         return h
 
-    def _abort(self, pd_id: str | None, reason: str) -> None:
+    def _abort(self, pd_id: str | None, reason: str, later_s: float = 0.0) -> None:
         """Abort ``pd_id`` at the coordinator, in the background (it must survive our cancellation),
         ``abort_grace_s`` from now: the abort frees the transfer's chunks, and a decode may be
         loading them within an engine step right now (a synchronous load, after its published
         check). Freed under it, that load fails after vLLM has put the blocks in its prefix cache,
         and when the request is gone (its client too) nothing recomputes them: a later request with
         the same prefix on that instance would read garbage (seen on vLLM 0.32, issue 16's tests).
-        The decode request itself is closed at once (vLLM aborts it)."""
+        The decode request itself is closed at once (vLLM aborts it). ``later_s``: a longer wait."""
         if pd_id is None:
             return
-        logger.info("pd_id=%s: aborting the transfer in %g s (%s)", pd_id, self.abort_grace_s, reason)
+        wait_s = self.abort_grace_s + later_s
+        logger.info("pd_id=%s: aborting the transfer in %g s (%s)", pd_id, wait_s, reason)
         if self.coord is not None:
-            self._spawn(self._abort_later(pd_id, reason))
+            self._spawn(self._abort_later(pd_id, reason, wait_s))
 
-    async def _abort_later(self, pd_id: str, reason: str) -> None:
-        if self.abort_grace_s > 0:
-            await asyncio.sleep(self.abort_grace_s)
+    async def _abort_later(self, pd_id: str, reason: str, wait_s: float) -> None:
+        if wait_s > 0:
+            await asyncio.sleep(wait_s)
         await self.coord.abort(pd_id, reason)
 
     def _fail(self, role: str, url: str, pd_id: str | None, status: int, body: bytes | None = None,

@@ -166,12 +166,13 @@ class FirstTokenFlow:
             return VETO
         return True
 
-    async def _let_load(self, early: asyncio.Task, pd_id: str) -> None:
+    async def _let_load(self, early: asyncio.Task, pd_id: str) -> bool:
         """Let a handed early decode that will not be used run to its first event, then close it: it
         is loading the transfer's KV within an engine step, and closed before that step vLLM may
         drop it with the blocks in its prefix cache unwritten (the decode after the prefill, on
         the same instance, would read them); its DONE frees the chunks (the abort that follows
-        frees what the coordinator still holds, should it have ended before loading)."""
+        frees what the coordinator still holds, should it have ended before loading). True when
+        its first event came (its load is over)."""
         started = None
         try:
             started = await asyncio.wait_for(asyncio.shield(early), LOAD_WAIT_S)
@@ -179,6 +180,7 @@ class FirstTokenFlow:
                 events = self._decode_events(started, pd_id)
                 try:
                     await asyncio.wait_for(events.__anext__(), LOAD_WAIT_S)
+                    return True
                 finally:
                     await events.aclose()
         except (asyncio.TimeoutError, StopAsyncIteration, UpstreamError, aiohttp.ClientError, OSError) as e:
@@ -186,6 +188,7 @@ class FirstTokenFlow:
         finally:
             if started is not None:
                 started.resp.close()
+        return False
 
     async def _early_chunks(self, request: web.Request, st: ft.StreamState, early: asyncio.Task, endpoint: str,
                             d_url: str, pd_id: str, tasks: list[asyncio.Task],
@@ -194,13 +197,13 @@ class FirstTokenFlow:
         (``offer``), or checked against it; if its token 1 differs, it fails before it or the hand-off's
         outcome is unknown, from a decode request after the prefill instead (on the same instance,
         whose prefix cache may hold the prompt's KV now)."""
-        e, given, started, done, handed = Early.after_opening(st), False, None, False, False
+        e, given, started, done, handed, loaded = Early.after_opening(st), False, None, False, False, True
         try:
             handed = await offer if offer is not None else False
             if handed is None:
                 raise Differs("token 1's hand-off is unknown")
             if handed == VETO:
-                await self._let_load(early, pd_id)
+                loaded = await self._let_load(early, pd_id)
                 raise Differs("token 1 was handed over, but the decode's answer from token 2 would not be colocated's")
             event = handoff_event if handed else early_event
             started = await early
@@ -231,8 +234,9 @@ class FirstTokenFlow:
         self.metrics.early(outcome)
         logger.info("pd_id=%s: early decode not used (%s); sending the decode request after the prefill", pd_id, why)
         # (A vetoed one was let load first: its DONE freed what it read; the abort drops what is
-        # left at the coordinator: its entry, when the decode ended before loading.)
-        self._abort(pd_id, "early decode not used")
+        # left at the coordinator: its entry, when the decode ended before loading. One that gave no
+        # first event in LOAD_WAIT_S may be loading still, in a long step: its abort waits as long again.)
+        self._abort(pd_id, "early decode not used", later_s=0.0 if loaded else LOAD_WAIT_S)
         async for c in self._decode_chunks(st, self._sequential(request, st, endpoint, d_url, pd_id, tasks, kv=False),
                                            pd_id):
             yield c

@@ -387,7 +387,10 @@ def test_the_keys_of_a_waiting_transfer_are_made_once_and_a_transfer_vllm_does_n
     s.published = lambda keys: True
     assert s.get_num_new_matched_tokens(req, 0) == (len(PROMPT) - 1, False)
     s.update_state_after_alloc(req, _blocks(DST), 0)
-    assert s.build_connector_meta(_output()).unneeded == ["g1"] and s._reqs["a"].load is LoadStatus.LOADED
+    meta = s.build_connector_meta(_output())
+    assert meta.unneeded == ["g1"] and s._reqs["a"].load is LoadStatus.LOADED
+    assert meta.dropped == [asked[0]]  # its chunks are deleted as well (a restarted coordinator forgot them)
+    assert s.request_finished(req, DST) == (False, None) and s.build_connector_meta(_output()).dropped == []
 
 
 def test_a_published_whole_prompt_transfer_loads_every_token_within_the_step(workers, coord):  # noqa: F811
@@ -443,3 +446,6 @@ def test_a_decode_request_that_ends_before_its_load_began_has_its_chunks_deleted
     s.build_connector_meta(_output())
     assert s.request_finished(req2, DST) == (False, None)
     assert s.build_connector_meta(_output()).dropped == []
+    # One closed before vLLM ever looked it up (queued behind a full batch) is dropped too.
+    s.request_finished(_request("f", "dr3", "decode"), [])
+    assert s.build_connector_meta(_output()).dropped == [[f"xfer/dr3/{k}" for k in p.codec.keys(PROMPT)]]
