@@ -483,6 +483,34 @@ def test_a_handed_token_1_a_stop_string_could_start_in_is_not_used():
     run(go())
 
 
+def test_a_vetoed_early_decode_with_no_first_event_in_time_is_closed_and_aborted_later(monkeypatch):
+    """It may be loading its KV in a long engine step: its transfer's abort waits LOAD_WAIT_S more
+    than the grace (freed under a load, the blocks would stay in vLLM's prefix cache unwritten)."""
+    from pd.proxy import relay_first
+
+    monkeypatch.setattr(relay_first, "LOAD_WAIT_S", 0.5)
+
+    async def go():
+        async with flow() as env:
+            env.coord.outcome = 7
+            answer = env.d._answer
+
+            async def slow_early_half(request, req, chat):
+                if (req.kv_transfer_params or {}).get("handoff"):
+                    await asyncio.sleep(2.0)  # no first event within LOAD_WAIT_S
+                return await answer(request, req, chat)
+
+            env.d._answer = slow_early_half
+            body = {**GREEDY, "stop": ["7 w"], "stream": True}  # vetoed: a stop string may begin in token 1
+            async with env.client.post(env.url + C, json=body) as r:
+                assert (await _texts(r))[0] == " w"
+                pd_id = r.headers["x-pd-id"]
+            assert _early("differed", env) == 1 and env.d.bodies[-1]["prompt"] == [1, 2, 3, 7]
+            assert not any(a[0] == pd_id for a in env.coord.aborts)  # closed 0.5 s after the prefill; abort 0.5 s on
+            await eventually(lambda: any(a[0] == pd_id for a in env.coord.aborts))
+    run(go())
+
+
 @pytest.mark.parametrize("text,token_str,body,allowed", [
     (" w7", None, {}, True), ("", None, {}, False), ("ab\ufffd", None, {}, False), ("ab", None, {"stop": ["bq"]}, False),
     ("ab", None, {"stop": ["ab"]}, True),  # a stop string within token 1 ends the answer at the prefill
