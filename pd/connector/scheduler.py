@@ -387,18 +387,23 @@ class SchedulerSide:
 
     def _let_go(self, rec: _Request, pd_id: str, request) -> None:
         """A transfer this request will never load: aborted at the coordinator (``unneeded``) and its
-        chunks deleted (``dropped``: a coordinator restarted since their READY cannot free them)."""
+        chunks deleted."""
         rec.load = LoadStatus.LOADED
         self._unneeded.append(pd_id)
-        self._dropped.append(self._transfer_keys(rec, pd_id, request, kv_tokens(request, len(request.prompt_token_ids))))
+        self._drop(rec, pd_id, request)
+
+    def _drop(self, rec: _Request, pd_id: str, request) -> None:
+        """The transfer's chunks go (``dropped``): nobody will read them, and a coordinator restarted
+        since their READY could not free them."""
+        n_kv = kv_tokens(request, len(request.prompt_token_ids or ()))
+        self._dropped.append(self._transfer_keys(rec, pd_id, request, n_kv))
 
     def request_finished(self, request, block_ids) -> tuple[bool, dict | None]:
         rec = self._reqs.pop(request.request_id, None)
         if rec is None:
             pd_id = self._is_pd_load(request)
             if pd_id:  # ended before its first lookup (queued behind a full batch): never loaded
-                n_kv = kv_tokens(request, len(request.prompt_token_ids or ()))
-                self._dropped.append(self._transfer_keys(_Request(), pd_id, request, n_kv))
+                self._drop(_Request(), pd_id, request)
             return False, None
         if rec.save is not SaveStatus.NONE and self.first_sender is not None and wants_handoff(request) \
                 and request.output_token_ids and _length_capped(request):
@@ -413,7 +418,5 @@ class SchedulerSide:
             # reports the load finished; make the worker stop waiting.
             self._cancels.append(request.request_id)
         elif pd_id and rec.load is LoadStatus.NONE:
-            # Ended before its load began: the transfer's chunks are of no use to anyone now.
-            n_kv = kv_tokens(request, len(request.prompt_token_ids or ()))
-            self._dropped.append(self._transfer_keys(rec, pd_id, request, n_kv))
+            self._drop(rec, pd_id, request)  # ended before its load began
         return rec.sent > 0, None
