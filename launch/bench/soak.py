@@ -111,6 +111,9 @@ def check_args(args) -> None:
         raise ValueError("--pid goes with --url (the running deployment's `pd launch` process)")
 
 
+MAX_DIFFERING = 5  # differing answers kept whole for the report (their pd ids find them in the proxy's log)
+
+
 class Traffic:
     """Sends the asks (one thread each) and keeps the outcomes."""
 
@@ -123,7 +126,8 @@ class Traffic:
         self.fresh_lengths = fresh_lengths  # a fresh prompt's length is one of these (seeded)
         self.counts: Counter = Counter()  # sent, ok, aborted, failed, differ
         self.errors: Counter = Counter()  # why failed
-        self.answers: dict[int, str] = {}  # prompt -> its first complete answer
+        self.answers: dict[int, tuple[str, str]] = {}  # prompt -> its first complete answer (text, pd id)
+        self.differing: list[dict] = []  # the first few answers that differed, for the report
         self._lock = threading.Lock()
         self.threads: list[threading.Thread] = []
 
@@ -144,6 +148,7 @@ class Traffic:
         try:
             with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
                 text = self._read(resp, ask)
+                pd_id = resp.headers.get("x-pd-id", "")
         except urllib.error.HTTPError as e:
             return self._outcome("failed", why=f"HTTP {e.code}")
         except Exception as e:  # noqa: BLE001 - a failed request is an outcome
@@ -155,7 +160,10 @@ class Traffic:
         if ask.prompt < 0:  # a fresh prompt: nothing to compare with
             return self._outcome("ok")
         with self._lock:
-            first = self.answers.setdefault(ask.prompt, text)
+            first, first_id = self.answers.setdefault(ask.prompt, (text, pd_id))
+            if first != text and len(self.differing) < MAX_DIFFERING:
+                self.differing.append({"prompt": ask.prompt, "stream": ask.stream, "first": first,
+                                       "first_pd_id": first_id, "text": text, "pd_id": pd_id})
         self._outcome("ok" if first == text else "differ")
 
     def prompt_of(self, ask: Ask) -> list[int]:

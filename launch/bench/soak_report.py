@@ -98,6 +98,10 @@ def report(samples: list[dict], last: dict, traffic: Traffic, target: Target, pr
     if c["differ"]:
         ok = False
         why.append(f"{c['differ']} answers differed from the first answer of their prompt")
+        for d in traffic.differing:
+            progress(f"# differed: prompt {d['prompt']} ({'streamed' if d['stream'] else 'whole'}), pd_id "
+                     f"{d['pd_id'] or '?'}: {d['text']!r}; its first answer, pd_id {d['first_pd_id'] or '?'}: "
+                     f"{d['first']!r}")
     left = leftovers(last)
     if left:
         ok = False

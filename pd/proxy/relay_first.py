@@ -216,12 +216,12 @@ class FirstTokenFlow:
                         self.timeline.mark(pd_id, "token_2")
                     yield c
             done = True
-            self.metrics.early("handed" if handed else "used")
+            self._early_outcome(pd_id, "handed" if handed else "used")
             self.timeline.mark(pd_id, "last_token")
             return
         except (Differs, UpstreamError) as err:
             if given:  # the client has part of this answer: it ends with an error event
-                self.metrics.early("failed")
+                self._early_outcome(pd_id, "failed")
                 if isinstance(err, UpstreamError):
                     raise
                 raise self._fail("decode", d_url, pd_id, 502, why=f"answered inconsistently: {err}") from None
@@ -231,7 +231,7 @@ class FirstTokenFlow:
                 started.resp.release() if done else started.resp.close()  # closing aborts it in vLLM
             elif not done:
                 self._discard(early)  # not used: cancelled, or its answer closed (vLLM aborts it)
-        self.metrics.early(outcome)
+        self._early_outcome(pd_id, outcome)
         logger.info("pd_id=%s: early decode not used (%s); sending the decode request after the prefill", pd_id, why)
         # (A vetoed one was let load first: its DONE freed what it read; the abort drops what is
         # left at the coordinator: its entry, when the decode ended before loading. One that gave no
@@ -240,6 +240,12 @@ class FirstTokenFlow:
         async for c in self._decode_chunks(st, self._sequential(request, st, endpoint, d_url, pd_id, tasks, kv=False),
                                            pd_id):
             yield c
+
+    def _early_outcome(self, pd_id: str, outcome: str) -> None:
+        """What became of the early decode (handed, used, differed, failed): counted, and marked in
+        the request's timeline as ``early_<outcome>`` (which path an answer took)."""
+        self.metrics.early(outcome)
+        self.timeline.mark(pd_id, f"early_{outcome}")
 
     async def _max_model_len(self, request: web.Request) -> int | None:
         """The model's context length, from a decode instance's /v1/models (asked once; None if

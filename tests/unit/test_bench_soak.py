@@ -192,6 +192,30 @@ def test_traffic_through_a_real_proxy_with_an_api_key():
     run(go())
 
 
+def test_traffic_keeps_a_differing_answer_with_both_pd_ids():
+    """The same prompt answered otherwise the second time (the doubles answer a streamed and a
+    plain request with other texts) is counted as differing and kept whole, with the pd id of
+    each answer (the proxy's ``x-pd-id``), so that its path can be found in the proxy's log."""
+    import asyncio
+
+    from launch.bench.soak import Ask
+    from tests.unit.test_proxy import deployment, run
+
+    t = Traffic("", "m", [[1, 2, 3]], 4, 10.0)
+
+    async def go():
+        async with deployment() as env:
+            t.url = env.url
+            for a in (Ask(0, False, -1), Ask(0, False, -1), Ask(0, True, -1)):
+                await asyncio.to_thread(t._one, a)
+
+    run(go())
+    assert (t.counts["ok"], t.counts["differ"]) == (2, 1), (t.counts, t.errors)
+    [d] = t.differing
+    assert d["prompt"] == 0 and d["stream"] and d["text"] != d["first"] and d["first"] == t.answers[0][0]
+    assert d["pd_id"] and d["first_pd_id"] and d["pd_id"] != d["first_pd_id"]
+
+
 def test_soak_and_report_end_to_end_on_the_real_proxy(tmp_path):
     """``soak`` then ``report`` for a few seconds against the real proxy (upstream: the vLLM
     doubles), this test's process as the deployment: samples, the drained line, a verdict."""

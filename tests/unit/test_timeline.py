@@ -152,6 +152,9 @@ def test_a_transfer_timeline_has_every_event_in_order_and_its_spans_add_up(pair,
     if first_token == "early":  # the decode half went out with the prefill half; token 2 after token 1
         assert first[("proxy", "decode_sent")] < first[("proxy", "prefill_answered")] < first[("proxy", "first_token")]
         assert first[("proxy", "first_token")] < first[("proxy", "token_2")] <= first[("proxy", "last_token")]
+        assert first[("proxy", "token_2")] < first[("proxy", "early_used")]  # its path: the decode's token 1 was used
+    else:
+        assert not any(n.startswith("early_") for _, n in names)
     # Every READY part: the prefill's part (gather/put) before its arrival at the coordinator.
     saved = [e for e in events if e["name"] == "part_saved"]
     assert [e["source"] for e in saved] == ["prefill 0"] * 3
