@@ -14,7 +14,7 @@ split (1P3D, 2P2D, ...) and colocated the same number of instances; the default,
   ``max_tokens`` 1, then the ``kv_transfer_params`` of its answer go with the request to the
   decode instance, whose stream is the answer. TTFT counts from the prefill request's send.
 
-Per mode: a warm-up request, then ``--sequential`` requests one at a time (the first ones of the
+Per mode: a warm-up (one request, then a burst of overlapping ones: ``warm_up``), then ``--sequential`` requests one at a time (the first ones of the
 workload, long and short), then the whole workload under Poisson arrivals. Answers (greedy) are
 compared with the first mode's, request by request. For pd, each request's transfer record
 (``GET /pd/transfers/{pd_id}`` on the proxy: load_ms, wait_ms, bytes, READY parts, tail_ms) gives
@@ -334,6 +334,20 @@ def first_differences(texts: dict[str, list]) -> dict[str, list[int]]:
     return out
 
 
+WARM_BURST = 4  # overlapping warm-up requests (32, 64, 128, 256 tokens)
+
+
+def warm_up(url: str, name: str, send) -> None:
+    """One request alone, then ``WARM_BURST`` overlapping ones (batches of several requests, a
+    prefill beside decodes). An engine's first batch of a new shape compiles (torch.compile,
+    FlexAttention, Triton) for hundreds of ms: without the burst, the first mode of a run paid
+    that in its load phase (2026-12-07, H100: token 1 to 2 p90 582 ms against 20 ms for the
+    second mode). Prompts of their own (no prefix-cache hit for the workload's)."""
+    run_sequential(url, name, [Request(0, [11, 12, 13, 14] * 8, 4, False)], send)
+    run_load(url, name, [Request(0.01 * i, [11 + i, 12, 13, 14] * (8 << i), 16, False) for i in range(WARM_BURST)],
+             send)
+
+
 def run_mode(mode: str, dep: DeploymentConfig, seq: list[Request], load_: list[Request], args) -> dict:
     d = Deployment(dep)
     name = served_name(dep)
@@ -352,7 +366,7 @@ def run_mode(mode: str, dep: DeploymentConfig, seq: list[Request], load_: list[R
         else:
             send = send_one
         url = d.proxy_url
-        run_sequential(url, name, [Request(0, [11, 12, 13, 14] * 8, 4, False)], send)  # warm-up
+        warm_up(url, name, send)
         seq_res, seq_wall = run_sequential(url, name, seq, send)
         load_res, load_wall = run_load(url, name, load_, send)
         probed = {}
