@@ -27,6 +27,7 @@ from aiohttp import web
 from pd.proxy import first_token as ft
 from pd.proxy.early import Differs, Early, early_body, early_event, greedy, handoff_allowed, handoff_event
 from pd.proxy.routing import UpstreamError
+from pd.proxy.routing import decode_body as old_flow_body
 
 logger = logging.getLogger("pd.proxy")
 
@@ -78,6 +79,8 @@ class FirstTokenFlow:
                 if e.response is not None:
                     return e.response
                 return await self._answer(request, e.st, ft.opening(e.st, ends=True), headers, pd_id, t0)
+            if not st.first.text:  # token 1 shows no text yet: the decode computes it (see _unshown_first)
+                return await self._unshown_first(request, endpoint, body, pd_id, early, d_url, tracked, headers, t0)
             self.metrics.path("prefill")
             # How token 1 was handed to the early decode (asked at once, while the client gets token 1).
             offer = self._spawn(self._outcome(st, pd_id)) if early is not None and self._handoff() else None
@@ -134,6 +137,43 @@ class FirstTokenFlow:
         early = self._spawn(self._start(request, "decode", d_url, endpoint, half, pd_id))
         tasks.append(early)
         return early, d_url
+
+    async def _unshown_first(self, request: web.Request, endpoint: str, body: dict, pd_id: str,
+                             early: asyncio.Task | None, d_url: str, tracked: ExitStack, headers: dict,
+                             t0: float) -> web.StreamResponse:
+        """Token 1 has no text of its own yet (vLLM holds back part of a character, or the token shows
+        none): the client is given nothing from the prefill, and the decode half takes the old flow (the
+        client's request; the decode computes token 1 itself), its answer the client's whole answer.
+
+        A decode request for prompt + token 1 would not do: vLLM 0.32 primes its detokenizer
+        (tokenizers' ``DecodeStream``) with the request's prompt ids, and ids whose text ends inside a
+        character leave it no prefix, so its first text would start at the prompt's start (2.8% of
+        random 20- and 96-token prompts with a random token 1, with ``pd make-model``'s tokenizer; a
+        soak saw the prompt's text in an answer). An early decode is let load first, then closed
+        (``_let_load``): the decode request then finds the prompt's KV in that instance's prefix cache."""
+        self.metrics.path("decode", "token 1 without text")
+        half = old_flow_body(body, pd_id)
+        if early is not None:
+            loaded = await self._let_load(early, pd_id)
+            self._early_outcome(pd_id, "unshown")
+            self._abort(pd_id, "token 1 without text", later_s=0.0 if loaded else LOAD_WAIT_S)
+            del half["kv_transfer_params"]
+        else:
+            d_url = self.decode.pick()
+            tracked.enter_context(self.decode.track(d_url))
+        try:
+            started = await self._start(request, "decode", d_url, endpoint, half, pd_id)
+        except UpstreamError as e:
+            self._abort(pd_id, f"decode failed ({e.status})")
+            return e.response(headers)
+        try:
+            return await self._relay(request, started, headers, pd_id, "decode", t0)
+        except BaseException:  # _relay closed the decode's answer (vLLM aborts it)
+            if started.complete:  # it hung up after [DONE]: nothing was lost
+                request[COMPLETE] = True
+            else:
+                self._abort(pd_id, "client went away")
+            raise
 
     def _sequential(self, request: web.Request, st: ft.StreamState, endpoint: str, d_url: str, pd_id: str,
                     tasks: list[asyncio.Task], kv: bool = True) -> asyncio.Task:

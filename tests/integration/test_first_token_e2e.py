@@ -332,6 +332,25 @@ def test_the_early_decode_is_handed_token_1_and_answers_as_colocated(flows):
     assert _early(pd.url, "handed") >= handed + 6, "token 1 was handed to fewer than 6 of 8 early decodes"
 
 
+@pytest.mark.parametrize("flow,seed,stream", [("early", 9001, False), ("after", 9031, True), ("handoff", 9115, True),
+                                              ("handoff", 9119, False)])
+def test_token_1_that_is_part_of_a_character_is_computed_by_the_decode_and_the_answer_is_colocateds(
+        flows, flow, seed, stream):
+    """Prompts (found by probing this model greedily) whose token 1 is part of a character: vLLM's
+    text for it is empty, and colocated's answer starts with U+FFFD. A decode request for prompt +
+    token 1 would answer with the prompt's text first (vLLM primes its detokenizer with ids that end
+    inside a character); the proxy gives the client's request to the decode instead (path "decode",
+    why "token 1 without text"), and the answer is colocated's in every flow."""
+    proxies, co = flows
+    pd = proxies[flow]
+    before = _paths(pd.url)
+    got, took = _same(pd, co, "/v1/completions", {"prompt": _prompt(96, seed=seed), "max_tokens": 6,
+                                                  "return_token_ids": True, "stream": stream})
+    assert took == {"decode"} and _paths(pd.url).get(("decode", "token 1 without text"), 0) == \
+        before.get(("decode", "token 1 without text"), 0) + 1
+    assert got["choices"][0]["text"].startswith("\ufffd") and got["usage"]["completion_tokens"] == 6
+
+
 def _coordinator_counter(url: str, name: str) -> float:
     m = re.search(r'^pdkv_coordinator_%s(?:_total)? (\S+)$' % name, requests.get(url + "/metrics", timeout=10).text,
                   re.M)

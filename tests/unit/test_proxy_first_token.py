@@ -750,3 +750,55 @@ def test_text_held_back_for_a_stop_string_comes_from_the_decode_which_ends_at_it
     early.early_event(e, _ev("a", [42]))
     (c,), _ = early.early_event(e, _ev("bc", [43]))  # not the stop string: "b" is given now, with "c"
     assert c["choices"][0]["text"] == "bc"
+
+
+# ---- token 1 with no text of its own (part of a character) -----------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_token_1_without_text_leaves_the_whole_answer_to_a_decode_that_computes_it(stream):
+    """A sampled request whose token 1 shows no text (``unshown``: vLLM holds back part of a
+    character): no decode request for prompt + token 1 (vLLM would prime its detokenizer with ids
+    whose text ends inside a character, and its answer would start with the prompt's text); the
+    client's own request goes to the decode, loading the transfer, and its answer is the client's."""
+    async def go():
+        async with flow() as env:
+            env.p.unshown = {7}
+            async with env.client.post(env.url + C, json={**REQ, "stream": stream, "return_token_ids": True}) as r:
+                assert r.status == 200
+                if stream:
+                    assert await _texts(r) == [" w7", " w8", " w9"]  # the decode's, token 1 included
+                else:
+                    ans = await r.json()
+                    assert ans["choices"][0]["text"] == " w7 w8 w9" and ans["choices"][0]["token_ids"] == [7, 8, 9]
+                    assert ans["usage"]["completion_tokens"] == 3
+                pd_id = r.headers["x-pd-id"]
+            (sent,) = env.d.bodies
+            assert sent["prompt"] == "hello" and sent["max_tokens"] == 3 and sent["stream"] is stream
+            assert sent["kv_transfer_params"] == {"pd_id": pd_id, "do_remote_prefill": True}
+            paths = env.proxy.metrics.paths
+            assert paths.labels("decode", "token 1 without text")._value.get() == 1
+            assert paths.labels("prefill", "")._value.get() == 0
+            assert env.coord.aborts == []  # the decode loads the transfer (its DONE frees it)
+    run(go())
+
+
+@pytest.mark.parametrize("mode", ["greedy", "greedy_recompute"])
+def test_token_1_without_text_lets_the_early_decode_load_then_asks_the_decode_for_the_whole_answer(mode):
+    """The same for a greedy request: its early decode (handed token 1 or computing it) is let load,
+    closed, and its transfer aborted; then the client's request goes to the same decode instance
+    without the transfer (the prompt's KV is in its prefix cache), and its answer is the client's."""
+    async def go():
+        async with flow(mode) as env:
+            env.p.unshown = {7}
+            env.coord.outcome = 7 if mode == "greedy" else None
+            async with env.client.post(env.url + C, json={**GREEDY, "stream": True}) as r:
+                assert r.status == 200 and await _texts(r) == [" w7", " w8", " w9"]
+                pd_id = r.headers["x-pd-id"]
+            early_half, after = env.d.bodies
+            assert early_half["prompt"] == after["prompt"] == "hello" and after["max_tokens"] == 3
+            assert ("handoff" in early_half["kv_transfer_params"]) == (mode == "greedy")
+            assert "kv_transfer_params" not in after
+            assert _early("unshown", env) == 1 and _early("differed", env) == 0
+            await _handed_not_used(env, pd_id)
+    run(go())

@@ -58,6 +58,7 @@ class VllmHttpDouble:
         self.bodies: list[dict] = []
         self.max_model_len = 2048  # what /v1/models says, as vLLM's model card does
         self.first = 7  # the first answer token's id
+        self.unshown: set[int] = set()  # tokens whose text vLLM would show as "" (part of a character)
         self._models = _vllm_models()
         self._refusals = _refusals()
 
@@ -76,6 +77,9 @@ class VllmHttpDouble:
             return _error(f"The model `{req.model}` does not exist.", 404, "NotFoundError")
         return await self._answer(request, req, request.path == "/v1/chat/completions")
 
+    def _text(self, i: int) -> str:
+        return "" if i in self.unshown else f" w{i}"
+
     async def _answer(self, request: web.Request, req, chat: bool) -> web.StreamResponse:
         """Tokens 7, 8, .. (``first`` on; text " w7", " w8", ..) up to max_tokens (at most 3), shaped as vLLM
         shapes them: token ids when asked (``return_token_ids``), usage, SSE when streamed."""
@@ -91,7 +95,7 @@ class VllmHttpDouble:
         if not req.stream:
             choice = {"index": 0, "finish_reason": "length", "stop_reason": None,
                       "token_ids": ids if want else None}
-            text = "".join(f" w{i}" for i in ids)
+            text = "".join(self._text(i) for i in ids)
             if chat:
                 choice["message"] = {"role": "assistant", "content": text}
                 choice["logprobs"] = lp(ids, 0)
@@ -107,10 +111,10 @@ class VllmHttpDouble:
             last = k == n - 1
             c = {"index": 0, "finish_reason": "length" if last else None}
             if chat:
-                c["delta"] = {"content": f" w{i}"}
+                c["delta"] = {"content": self._text(i)}
                 c["logprobs"] = lp([i], 0)
             else:
-                c.update(text=f" w{i}", logprobs=lp([i], 3 * k))
+                c.update(text=self._text(i), logprobs=lp([i], 3 * k))
             if last:
                 c["stop_reason"] = None
             if want:
