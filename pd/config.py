@@ -223,14 +223,13 @@ class ProxyConfig:
     # calls or reasoning (vllm.extra_args has --tool-call-parser, --enable-auto-tool-choice or
     # --reasoning-parser): the decode half is a completions request, which parses neither.
     chat_first_token: bool = True
-    # On that path, "greedy_recompute" (the default): a greedy request's (temperature 0 or top_k 1)
-    # decode half goes out with its prefill half, so vLLM's start of the decode request overlaps
-    # the prefill; the decode computes token 1 itself and its answer is used when that token is
-    # the prefill's (pd/proxy/early.py). "greedy": the same, but the prefill's scheduler hands
-    # token 1 to it through the coordinator and its first step yields token 2
-    # (pd/connector/handoff.py; not the default yet: see the README). "never": the decode half
-    # goes out once the prefill has answered.
-    early_decode: str = field(default="greedy_recompute", metadata=choices("greedy", "greedy_recompute", "never"))
+    # On that path, "greedy" (the default): a greedy request's (temperature 0 or top_k 1) decode
+    # half goes out with its prefill half, so vLLM's start of the decode request overlaps the
+    # prefill, and the prefill's scheduler hands token 1 to it through the coordinator: its first
+    # step yields token 2 (pd/connector/handoff.py). "greedy_recompute": the same, but the decode
+    # computes token 1 itself and its answer is used when that token is the prefill's
+    # (pd/proxy/early.py). "never": the decode half goes out once the prefill has answered.
+    early_decode: str = field(default="greedy", metadata=choices("greedy", "greedy_recompute", "never"))
 
 
 @dataclass

@@ -62,8 +62,8 @@ NIXL_SIDE_CHANNEL_BASE = 5600
 GPU_MODES = ("pd", "colocated", "nixl", "pd_old", "pd_after", "pd_recompute", "pd_handoff", "pd_host", lmcache_pd.MODE)
 # pd_old: pdkv with the old flow (proxy.first_token decode); pd_after: the decode half sent once
 # the prefill has answered (proxy.early_decode never); pd_recompute: the early decode computes token 1
-# itself (proxy.early_decode greedy_recompute, the default); pd_handoff: it is handed the prefill's
-# token 1 (greedy); pd_host: pdkv with its shm chunks in
+# itself (proxy.early_decode greedy_recompute); pd_handoff: it is handed the prefill's
+# token 1 (greedy, the default: pd does the same); pd_host: pdkv with its shm chunks in
 # shared host memory (connector.transport.shm_memory host) instead of the prefill's GPU memory;
 # lmcache_pd: LMCache's disaggregated prefill through LMCacheConnectorV1 (launch.bench.lmcache_pd).
 PD_MODES = ("pd", "pd_old", "pd_after", "pd_recompute", "pd_handoff", "pd_host")

@@ -88,8 +88,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="modes to run, in order (default pd,colocated; pd_old: pdkv with the old flow, where "
                         "decode samples token 1; pd_after: the decode half sent once the prefill has answered, "
                         "not with it (proxy.early_decode never); pd_recompute: the early decode computes token 1 itself "
-                        "(proxy.early_decode greedy_recompute, the default); pd_handoff: it is handed the prefill's token 1 "
-                        "(greedy); --device cuda also nixl, pd_host: pd with its shm chunks in host "
+                        "(proxy.early_decode greedy_recompute); pd_handoff: it is handed the prefill's token 1 "
+                        "(greedy, the default, as pd); --device cuda also nixl, pd_host: pd with its shm chunks in host "
                         "memory, and lmcache_pd: LMCache's disaggregated prefill, launch/bench/lmcache_pd.py)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--port", type=int, default=8000, help="proxy port (default 8000)")

@@ -265,9 +265,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--first-token", choices=("prefill", "decode"), default=None,
                    help="where token 1 comes from (default prefill; see the README, 'The first token')")
     p.add_argument("--early-decode", choices=("greedy", "greedy_recompute", "never"), default=None,
-                   help="greedy_recompute (default): a greedy request's decode half goes out with its prefill "
-                        "half and computes token 1 itself (see the README, 'The first token'); greedy: the same, "
-                        "handed token 1 by the prefill; never: once the prefill has answered")
+                   help="greedy (default): a greedy request's decode half goes out with its prefill half and "
+                        "is handed token 1 by the prefill (see the README, 'The first token'); greedy_recompute: "
+                        "the same, computing token 1 itself; never: once the prefill has answered")
     p.add_argument("--no-chat-first-token", action="store_true",
                    help="chat requests take the old flow (the instances parse tool calls or reasoning)")
     p.add_argument("--admin-token-file", metavar="FILE",

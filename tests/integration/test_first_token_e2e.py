@@ -5,10 +5,11 @@ in text, token ids, usage, finish and stop reasons, and logprobs, streamed or no
 ``pdkv_proxy_first_token_path`` counter says which path each request took (prefill: token 1 from
 the prefill; prefill_only: token 1 ended the answer, no decode request; decode: the old flow).
 A greedy request on the first-token path is sent its decode half with its prefill half (the
-early decode, ``proxy.early_decode: greedy_recompute``, the deployment's proxy: it computes token
-1 itself); a second proxy in front of the same instances has ``--early-decode never`` and a third
-``--early-decode greedy`` (the prefill's scheduler hands token 1 to the early decode through the
-coordinator, so that its answer starts at token 2), so each greedy case runs every way.
+early decode; ``proxy.early_decode: greedy``, the deployment's proxy: the prefill's scheduler hands
+token 1 to the early decode through the coordinator, so that its answer starts at token 2); a
+second proxy in front of the same instances has ``--early-decode never`` and a third
+``--early-decode greedy_recompute`` (the early decode computes token 1 itself), so each greedy case
+runs every way.
 """
 from __future__ import annotations
 
@@ -127,12 +128,12 @@ def _proxy(pd, tmp_path_factory, name: str, port: int, early_decode: str) -> tup
 
 @pytest.fixture(scope="module")
 def flows(deployments, tmp_path_factory):
-    """{"early": the deployment's proxy (the early decode computes token 1), "after": a proxy with
-    --early-decode never, "handoff": one with --early-decode greedy (token 1 handed to the early decode)}."""
+    """{"handoff": the deployment's proxy (token 1 handed to the early decode), "after": a proxy with
+    --early-decode never, "early": one with --early-decode greedy_recompute (the early decode computes token 1)}."""
     pd, co = deployments
-    procs, proxies = [], {"early": pd}
+    procs, proxies = [], {"handoff": pd}
     try:
-        for name, port, mode in (("after", 18002, "never"), ("handoff", 18003, "greedy")):
+        for name, port, mode in (("after", 18002, "never"), ("early", 18003, "greedy_recompute")):
             proc, proxies[name] = _proxy(pd, tmp_path_factory, name, port, mode)
             procs.append(proc)
         yield proxies, co
