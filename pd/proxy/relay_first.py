@@ -148,7 +148,7 @@ class FirstTokenFlow:
         A decode request for prompt + token 1 would not do: vLLM 0.32 primes its detokenizer
         (tokenizers' ``DecodeStream``) with the request's prompt ids, and ids whose text ends inside a
         character leave it no prefix, so its first text would start at the prompt's start (2.8% of
-        random 20- and 96-token prompts with a random token 1, with ``pd make-model``'s tokenizer; a
+        random 96- and 700-token prompts with a random token 1, with ``pd make-model``'s tokenizer; a
         soak saw the prompt's text in an answer). An early decode is let load first, then closed
         (``_let_load``): the decode request then finds the prompt's KV in that instance's prefix cache."""
         self.metrics.path("decode", "token 1 without text")
