@@ -38,9 +38,11 @@ class ProxyMetrics:
                              "decode_only: several sequences, answered by a decode instance alone) and "
                              "why (the reason for the last two)", ["path", "why"], registry=r)
         self.early_decodes = Counter("pdkv_proxy_early_decode", "greedy first-token requests whose decode half "
-                                     "went out with the prefill half, by outcome: used (its token 1 was the "
-                                     "prefill's), differed or failed (a decode request after the prefill "
-                                     "answered instead)", ["outcome"], registry=r)
+                                     "went out with the prefill half, by outcome: handed (its answer from token 2, "
+                                     "handed token 1), used (its token 1 was the prefill's), differed or failed "
+                                     "(a decode request after the prefill answered instead), unshown (token 1 "
+                                     "had no text: the client's request went to the decode)", ["outcome"],
+                                     registry=r)
         self.prefix_routes = Gauge("pdkv_proxy_prefix_routes", "prefix-policy choices since start, by pool and "
                                    "outcome: hit (to an instance with the longest prefix match), spill (a longer "
                                    "match was too loaded), miss (no instance matched)", ["role", "outcome"],

@@ -153,19 +153,24 @@ class FirstTokenFlow:
         (``_let_load``): the decode request then finds the prompt's KV in that instance's prefix cache."""
         self.metrics.path("decode", "token 1 without text")
         half = old_flow_body(body, pd_id)
-        if early is not None:
-            loaded = await self._let_load(early, pd_id)
-            self._early_outcome(pd_id, "unshown")
-            self._abort(pd_id, "token 1 without text", later_s=0.0 if loaded else LOAD_WAIT_S)
-            del half["kv_transfer_params"]
-        else:
-            d_url = self.decode.pick()
-            tracked.enter_context(self.decode.track(d_url))
         try:
+            if early is not None:
+                loaded = await self._let_load(early, pd_id)
+                self._early_outcome(pd_id, "unshown")
+                self._abort(pd_id, "token 1 without text", later_s=0.0 if loaded else LOAD_WAIT_S)
+                del half["kv_transfer_params"]
+            else:
+                d_url = self.decode.pick()
+                tracked.enter_context(self.decode.track(d_url))
             started = await self._start(request, "decode", d_url, endpoint, half, pd_id)
         except UpstreamError as e:
             self._abort(pd_id, f"decode failed ({e.status})")
             return e.response(headers)
+        except BaseException:  # the client went away before the decode answered
+            if early is not None:
+                self._discard(early)
+            self._abort(pd_id, "client went away")
+            raise
         try:
             return await self._relay(request, started, headers, pd_id, "decode", t0)
         except BaseException:  # _relay closed the decode's answer (vLLM aborts it)

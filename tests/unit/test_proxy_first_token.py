@@ -802,3 +802,16 @@ def test_token_1_without_text_lets_the_early_decode_load_then_asks_the_decode_fo
             assert _early("unshown", env) == 1 and _early("differed", env) == 0
             await _handed_not_used(env, pd_id)
     run(go())
+
+
+def test_a_client_gone_while_token_1_without_text_waits_for_the_early_decode_closes_it_and_aborts():
+    async def go():
+        async with flow() as env:
+            env.p.unshown = {7}
+            env.d.hold = asyncio.Event()  # the early decode gives no first event
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(env.client.post(env.url + C, json={**GREEDY, "stream": True}), 1.0)
+            await eventually(lambda: env.coord.aborts)
+            await eventually(lambda: not any(env.proxy.decode.outstanding.values()))
+            assert len(env.d.bodies) == 1  # the decode request after it never went out
+    run(go())
