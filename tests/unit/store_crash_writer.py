@@ -47,9 +47,10 @@ def crash_config(path: str, backend: str, o_direct: bool = False):
                        o_direct=o_direct, dram_gb=0.008 if backend == "local-dram" else 0.0)
 
 
-def run_until_killed(argv: list[str], n: int, on_progress=None, timeout_s: float = 30.0) -> int:
-    """Run this script with ``argv`` until it has accepted ``n`` puts (or ``timeout_s``), then
-    SIGKILL it. Returns the progress reached; each step also goes to ``on_progress``."""
+def run_until_killed(argv: list[str], n: int, on_progress=None, timeout_s: float = 30.0, until=None) -> int:
+    """Run this script with ``argv`` until it has accepted ``n`` puts and ``until()`` (if given) is
+    true, or ``timeout_s`` has passed; then SIGKILL it. Returns the progress reached; each step also
+    goes to ``on_progress``."""
     import signal
     import subprocess
 
@@ -58,7 +59,7 @@ def run_until_killed(argv: list[str], n: int, on_progress=None, timeout_s: float
     progress = 0
     try:
         deadline = time.monotonic() + timeout_s
-        while progress < n and time.monotonic() < deadline:
+        while (progress < n or (until is not None and not until())) and time.monotonic() < deadline:
             line = proc.stdout.readline()
             if not line:
                 break

@@ -359,8 +359,12 @@ def test_writer_killed_mid_write_leaves_only_whole_values(backend):
     reader = threading.Thread(target=read_while_writing)
     reader.start()
     try:
+        # Killed once it has accepted 60 puts and the reader has read a value whole: with the
+        # slabs holding as few as 3 of these values, a reader starved of the cores (a loaded CI
+        # machine) could otherwise miss every read (CI of 2026-12-07: 0 hits of 409 reads).
         progress = w.run_until_killed([str(backend.root), "0", backend.label], 60,
-                                      on_progress=lambda p: latest.__setitem__(0, p))
+                                      on_progress=lambda p: latest.__setitem__(0, p),
+                                      until=lambda: reads[0] > 0)
     finally:
         stop.set()
         reader.join(30)
