@@ -13,7 +13,11 @@ each pd_id's hand-off is **settled once**, here, one message at a time, as eithe
   a FIRST with no decode registered settles -1 (and answers ``Error``);
 - a decode that stops waiting (AWAIT_FIRST ``give_up``) settles -1 unless the token is there;
 - the proxy's FIRST_OUTCOME is answered with the settlement; past its timeout unsettled (no
-  FIRST came), it settles -1 itself.
+  FIRST came), it settles -1 itself. If no decode asked this coordinator either, the proxy hears
+  ``Error`` (unknown) instead of -1: a decode handed the token by a coordinator that restarted
+  since (the settlement lost with it) no longer asks, and its answer starts at token 2, which the
+  proxy, told -1, would take for token 1 wherever token 2 is the same token (a token dropped).
+  Told "unknown", the proxy does not use the early decode.
 
 Every party then reads the same settlement. Everything is bounded in time (settlements ``ttl_s``)
 and in count (``MAX_PD_IDS``).
@@ -51,7 +55,7 @@ class FirstTokens:
         self.settled: dict[str, tuple[int, float]] = {}  # pd_id -> (token or NONE, expires)
         self.registered: dict[str, float] = {}  # pd_id -> expires: a decode asks for its token
         self.askers: dict[str, list[_Asker]] = {}
-        for name in ("firsts", "firsts_handed", "first_waits", "first_give_ups", "first_outcomes"):
+        for name in ("firsts", "firsts_handed", "first_waits", "first_give_ups", "first_outcomes", "first_unknowns"):
             counters.setdefault(name, 0)
 
     def _settle(self, pd_id: str, token: int, now: float) -> None:
@@ -92,10 +96,12 @@ class FirstTokens:
             self._send(ident, FirstToken(pd_id, self.settled[pd_id][0]))
         elif why is not None:
             self._send(ident, Aborted(pd_id, why))
-        elif give_up or (proxy and timeout_s <= 0):
-            self.counters["first_give_ups"] += give_up
+        elif give_up:
+            self.counters["first_give_ups"] += 1
             self._settle(pd_id, NONE, now)
             self._send(ident, FirstToken(pd_id, NONE))
+        elif proxy and timeout_s <= 0:
+            self._proxy_timed_out(pd_id, now, ident)
         else:
             if not proxy:
                 _bounded(self.registered)
@@ -115,7 +121,7 @@ class FirstTokens:
             if not due:
                 continue
             if any(a.proxy for a in due):  # the proxy waited long enough: no FIRST is coming
-                self._settle(pd_id, NONE, now)
+                self._proxy_timed_out(pd_id, now)
                 continue
             for a in due:
                 self._send(a.ident, WaitTimeout(pd_id))
@@ -127,6 +133,22 @@ class FirstTokens:
         for table in (self.settled, self.registered):
             for pd_id in [p for p, v in table.items() if (v[1] if isinstance(v, tuple) else v) <= now]:
                 del table[pd_id]
+
+    def _proxy_timed_out(self, pd_id: str, now: float, ident: bytes | None = None) -> None:
+        """No FIRST came while the proxy waited (its parked FIRST_OUTCOMEs, and ``ident`` if one
+        asked without waiting): settle -1. The proxy hears -1 only if a decode asks (or asked: it
+        is still registered) here; else that the hand-off is unknown."""
+        askers = self.askers.get(pd_id, [])
+        if pd_id in self.registered or any(not a.proxy for a in askers):
+            if ident is not None:
+                self._send(ident, FirstToken(pd_id, NONE))
+        else:
+            self.counters["first_unknowns"] += 1
+            unknown = Error(f"pd_id={pd_id}: no FIRST came and no decode asked for token 1 here (this "
+                            "coordinator may have restarted since): its hand-off is unknown")
+            for who in [a.ident for a in self.askers.pop(pd_id, ())] + ([ident] if ident is not None else []):
+                self._send(who, unknown)
+        self._settle(pd_id, NONE, now)
 
     def gauges(self) -> int:
         """Parked AWAIT_FIRSTs and FIRST_OUTCOMEs (for the ``waiters`` gauge)."""

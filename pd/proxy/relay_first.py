@@ -245,11 +245,10 @@ class FirstTokenFlow:
         e, given, started, done, handed, loaded = Early.after_opening(st), False, None, False, False, True
         try:
             handed = await offer if offer is not None else False
-            if handed is None:
-                raise Differs("token 1's hand-off is unknown")
-            if handed == VETO:
+            if handed is None or handed == VETO:  # it may be loading the transfer: let it, then close it
                 loaded = await self._let_load(early, pd_id)
-                raise Differs("token 1 was handed over, but the decode's answer from token 2 would not be colocated's")
+                raise Differs("token 1's hand-off is unknown" if handed is None else
+                              "token 1 was handed over, but the decode's answer from token 2 would not be colocated's")
             event = handoff_event if handed else early_event
             started = await early
             if not started.stream:
@@ -278,7 +277,8 @@ class FirstTokenFlow:
                 self._discard(early)  # not used: cancelled, or its answer closed (vLLM aborts it)
         self._early_outcome(pd_id, outcome)
         logger.info("pd_id=%s: early decode not used (%s); sending the decode request after the prefill", pd_id, why)
-        # (A vetoed one was let load first: its DONE freed what it read; the abort drops what is
+        # (A vetoed one, or one whose hand-off is unknown (it may have been handed token 1 by a
+        # coordinator that restarted since), was let load first: its DONE freed what it read; the abort drops what is
         # left at the coordinator: its entry, when the decode ended before loading. One that gave no
         # first event in LOAD_WAIT_S may be loading still, in a long step: its abort waits as long again.)
         self._abort(pd_id, "early decode not used", later_s=0.0 if loaded else LOAD_WAIT_S)

@@ -12,11 +12,13 @@ import pytest
 import zmq
 from vllm.v1.request import RequestStatus
 
+from pd.config import CoordinatorConfig
 from pd.connector.first_wait import PENDING, RECOMPUTE, FirstSender, FirstWaiter
 from pd.connector.scheduler import SchedulerSide
 from pd.coordinator.client import AsyncCoordinatorClient, CoordinatorClient
 from pd.coordinator.first import NONE
 from pd.coordinator.protocol import Abort, Ack, AwaitFirst, Error, First, FirstOutcome, FirstToken, WaitTimeout, encode
+from pd.coordinator.server import Coordinator
 from tests.unit.test_coordinator import ctx, peers, start_coord, until  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.timeout(60)
@@ -59,6 +61,19 @@ def test_the_proxy_waits_for_the_first_and_past_its_timeout_settles_none(peers):
     assert 0.25 < time.monotonic() - t0 < 2.5
     assert decode.recv() == FirstToken("p4", NONE)  # told at once: it computes token 1
     assert isinstance(prefill.req(First("p4", 9)), Error)  # too late
+
+
+def test_past_its_timeout_with_no_decode_asking_here_the_proxy_hears_unknown(peers):
+    """No FIRST and no decode: the proxy cannot tell a hand-off this coordinator never saw from
+    one a restarted coordinator lost (that decode's answer starts at token 2): unknown, not -1."""
+    prefill, decode, proxy = peers(), peers(), peers()
+    reply = proxy.req(FirstOutcome("u1", 0.3))
+    assert isinstance(reply, Error) and "unknown" in reply.reason, reply
+    assert decode.req(AwaitFirst("u1", 5.0)) == FirstToken("u1", NONE)  # settled all the same
+    assert isinstance(prefill.req(First("u1", 4)), Error)
+    assert isinstance(proxy.req(FirstOutcome("u2", 0.0)), Error)  # asked without waiting: the same
+    assert proxy.req(FirstOutcome("u1", 0.3)) == FirstToken("u1", NONE)  # once settled, it is read
+    assert proxy.query().counters["first_unknowns"] == 2
 
 
 def test_a_decode_slice_times_out_and_it_stays_registered(peers):
@@ -193,6 +208,30 @@ def test_an_aborted_transfer_settles_as_recompute(coord):
     time.sleep(0.3)
     assert coord.client().abort("q5", "client went away")
     assert until(lambda: w.poll("q5") is not PENDING) and w.poll("q5") == RECOMPUTE
+
+
+def test_a_hand_off_a_restarted_coordinator_lost_is_unknown_to_the_proxy_not_recompute():
+    """The decode was handed token 1 (its answer starts at token 2), then the coordinator restarted
+    before the proxy asked: the proxy must not hear -1 (it would take token 2 for token 1, and drop
+    it when the two are the same token)."""
+    old = Coordinator(CoordinatorConfig(host="127.0.0.1", port=0)).start_in_thread()
+    address, new = old.address, None
+    w, cl = FirstWaiter(address, deadline_s=10.0, poll_s=0.2), CoordinatorClient(address)
+    try:
+        assert w.poll("r1") is PENDING
+        assert until(lambda: cl.query().counters["waiters"] == 1)
+        assert cl.first("r1", 5)
+        assert until(lambda: w.poll("r1") is not PENDING) and w.poll("r1") == 5  # handed over
+        old.stop()
+        new = Coordinator(CoordinatorConfig(host="127.0.0.1", port=old.port)).start_in_thread()
+        assert _outcome(address, "r1", 0.3) is None  # unknown: the proxy does not use that decode
+        assert _outcome(address, "r1", 0.3) == RECOMPUTE  # (settled here now, for any late asker)
+    finally:
+        w.close()
+        cl.close()
+        old.stop()
+        if new is not None:
+            new.stop()
 
 
 def test_refused_calls_are_asked_again_a_slice_later_not_in_a_busy_loop():
@@ -369,7 +408,9 @@ def test_the_prefill_sends_the_token_it_sampled_when_its_request_finishes(coord)
         eos.append_output_token_ids(2)
         eos.status = RequestStatus.FINISHED_STOPPED  # token 1 ended the answer: the decode is let go
         prefill.request_finished(eos, [])
-        assert _outcome(coord.address, "t-pd", 0.3) == NONE  # no FIRST was sent for either
-        assert _outcome(coord.address, "u-pd", 0.3) == NONE
+        # No FIRST was sent for either (one would have settled -1: no decode waits for them), and
+        # no decode asked: unknown.
+        assert _outcome(coord.address, "t-pd", 0.3) is None
+        assert _outcome(coord.address, "u-pd", 0.3) is None
     finally:
         sender.close()
