@@ -10,8 +10,8 @@ coordinator or a refused call costs a slice, never a busy loop). Past ``deadline
 through the coordinator, which settles -1 unless the token is already there (then it must be
 used). A coordinator that answers no give-up within ``give_up_s`` leaves the decode computing
 token 1 (logged): by then any registration it made has lapsed at the coordinator, which settles
--1 for a FIRST that comes later (as long as the coordinator is not stalled for seconds: it reads
-the time when it handles a message).
+-1 for a FIRST that comes later (a coordinator that stalled counts each AWAIT_FIRST's slice from
+the earliest it can have been sent, so a stale one registers nothing).
 
 **FirstSender** (prefill): FIRST for each finished request that carried the flag, from a thread
 (the scheduler never waits for the coordinator).

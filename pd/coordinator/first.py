@@ -9,7 +9,11 @@ each pd_id's hand-off is **settled once**, here, one message at a time, as eithe
 (handed over) or -1 (the decode computes token 1 itself):
 
 - a FIRST while a decode is registered (its AWAIT_FIRST's slice, plus ``REGISTERED_MARGIN_S``, has
-  not ended) settles the token;
+  not ended) settles the token; the slice counts from the earliest the decode can have sent the
+  call (when the coordinator last found its socket empty), so a coordinator that stalled for
+  seconds never registers a decode that has stopped waiting meanwhile (it computes token 1 after
+  its wait, a slice and the margin: ``pd.connector.first_wait``), which would then get token 1
+  twice;
   a FIRST with no decode registered settles -1 (and answers ``Error``);
 - a decode that stops waiting (AWAIT_FIRST ``give_up``) settles -1 unless the token is there;
 - the proxy's FIRST_OUTCOME is answered with the settlement; past its timeout unsettled (no
@@ -55,7 +59,8 @@ class FirstTokens:
         self.settled: dict[str, tuple[int, float]] = {}  # pd_id -> (token or NONE, expires)
         self.registered: dict[str, float] = {}  # pd_id -> expires: a decode asks for its token
         self.askers: dict[str, list[_Asker]] = {}
-        for name in ("firsts", "firsts_handed", "first_waits", "first_give_ups", "first_outcomes", "first_unknowns"):
+        for name in ("firsts", "firsts_handed", "first_waits", "first_give_ups", "first_outcomes", "first_unknowns",
+                     "first_waits_stale"):
             counters.setdefault(name, 0)
 
     def _settle(self, pd_id: str, token: int, now: float) -> None:
@@ -82,16 +87,20 @@ class FirstTokens:
             self._send(ident, Error(f"pd_id={msg.pd_id}: token 1 not handed over: "
                                     + ("no decode waits for it" if token == NONE else f"it was {token}")))
 
-    def on_await_first(self, ident: bytes, msg: AwaitFirst, now: float) -> None:
+    def on_await_first(self, ident: bytes, msg: AwaitFirst, now: float, since: float | None = None) -> None:
+        """``since``: the earliest the decode can have sent ``msg`` (its slice is counted from then)."""
         self.counters["first_waits"] += 1
-        self._ask(ident, msg.pd_id, now, msg.timeout_s, proxy=False, give_up=msg.give_up)
+        self._ask(ident, msg.pd_id, now, msg.timeout_s, proxy=False, give_up=msg.give_up,
+                  sent=now if since is None else min(since, now))
 
     def on_outcome(self, ident: bytes, msg: FirstOutcome, now: float) -> None:
         self.counters["first_outcomes"] += 1
         self._ask(ident, msg.pd_id, now, msg.timeout_s, proxy=True)
 
-    def _ask(self, ident: bytes, pd_id: str, now: float, timeout_s: float, proxy: bool, give_up: bool = False) -> None:
+    def _ask(self, ident: bytes, pd_id: str, now: float, timeout_s: float, proxy: bool, give_up: bool = False,
+             sent: float | None = None) -> None:
         why = self._aborted(pd_id)
+        sent = now if sent is None else sent
         if pd_id in self.settled:
             self._send(ident, FirstToken(pd_id, self.settled[pd_id][0]))
         elif why is not None:
@@ -102,13 +111,19 @@ class FirstTokens:
             self._send(ident, FirstToken(pd_id, NONE))
         elif proxy and timeout_s <= 0:
             self._proxy_timed_out(pd_id, now, ident)
+        elif not proxy and sent + min(timeout_s, MAX_WAIT_S) + REGISTERED_MARGIN_S <= now:
+            # Stale (the coordinator stalled while it waited): the decode may have stopped waiting and
+            # computed token 1 itself by now, so it is not registered (a FIRST settles -1); if it
+            # still waits, it asks again.
+            self.counters["first_waits_stale"] += 1
+            self._send(ident, WaitTimeout(pd_id))
         else:
             if not proxy:
                 _bounded(self.registered)
-                self.registered[pd_id] = now + min(timeout_s, MAX_WAIT_S) + REGISTERED_MARGIN_S
+                self.registered[pd_id] = sent + min(timeout_s, MAX_WAIT_S) + REGISTERED_MARGIN_S
             if pd_id not in self.askers:
                 _bounded(self.askers)
-            self.askers.setdefault(pd_id, []).append(_Asker(ident, now + min(timeout_s, MAX_WAIT_S), proxy))
+            self.askers.setdefault(pd_id, []).append(_Asker(ident, sent + min(timeout_s, MAX_WAIT_S), proxy))
 
     def on_abort(self, pd_id: str, reason: str) -> None:
         self.registered.pop(pd_id, None)

@@ -97,18 +97,21 @@ class Coordinator:
         poller.register(self._sock, zmq.POLLIN)
         if self._monitor is not None:
             poller.register(self._monitor, zmq.POLLIN)
-        next_sweep = time.monotonic()
+        next_sweep = self._empty_at = time.monotonic()
         try:
             while not self._stop.is_set():
                 wait_ms = max(0.0, next_sweep - time.monotonic()) * 1000
                 events = dict(poller.poll(wait_ms))
                 if self._monitor is not None and self._monitor in events:
                     self._on_monitor()
-                if self._sock in events:
+                if self._sock not in events:
+                    self._empty_at = time.monotonic()
+                else:
                     for _ in range(1000):  # drain, but bounded so the sweep stays on time
                         try:
                             frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=self._curve is None)
                         except zmq.Again:
+                            self._empty_at = time.monotonic()
                             break
                         if self._curve is None:
                             self._dispatch(frames)
@@ -207,7 +210,9 @@ class Coordinator:
                 raise ProtocolError("the message carries no authenticated key")
             if isinstance(msg, Query):  # the socket's count, for the answer
                 self.counters["auth_rejected"] = self._curve.rejected
-        self.state.handle(ident, msg, now, peer)
+        # Every message handled now arrived after the socket was last seen empty (``_empty_at``):
+        # within a poll's 50 ms normally, seconds earlier after a stall (``pd.coordinator.first``).
+        self.state.handle(ident, msg, now, peer, since=self._empty_at)
 
 
 # ---- CLI ---------------------------------------------------------------------------------

@@ -149,8 +149,9 @@ class State:
         self.first = FirstTokens(send, lambda p: self.aborted[p][1] if p in self.aborted else None, self.counters,
                                  cfg.entry_ttl_s)
 
-    def handle(self, ident: bytes, msg, now: float, peer: Peer | None = None) -> None:
-        """Apply ``msg``; ``peer``: the CurveZMQ key that sent it (None without auth)."""
+    def handle(self, ident: bytes, msg, now: float, peer: Peer | None = None, since: float | None = None) -> None:
+        """Apply ``msg``; ``peer``: the CurveZMQ key that sent it (None without auth); ``since``: the
+        earliest it can have been sent (the socket was empty then; None: ``now``)."""
         if peer is not None:
             refused = self.identity.check(peer, msg, now)
             if refused is not None:
@@ -180,7 +181,7 @@ class State:
         elif isinstance(msg, First):
             self.first.on_first(ident, msg, now)
         elif isinstance(msg, AwaitFirst):
-            self.first.on_await_first(ident, msg, now)
+            self.first.on_await_first(ident, msg, now, since)
         elif isinstance(msg, FirstOutcome):
             self.first.on_outcome(ident, msg, now)
         else:  # decode_client only yields the types above

@@ -6,6 +6,7 @@ decode's answer starts at token 1 or at token 2."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import pytest
@@ -56,6 +57,7 @@ def test_the_proxy_waits_for_the_first_and_past_its_timeout_settles_none(peers):
     assert isinstance(prefill.req(First("p3", 9)), Ack)
     assert proxy.recv() == FirstToken("p3", 9) and decode.recv() == FirstToken("p3", 9)
     decode.send(AwaitFirst("p4", 5.0))
+    assert until(lambda: prefill.query().counters["waiters"] == 1)  # registered before the proxy asks
     t0 = time.monotonic()
     assert late.req(FirstOutcome("p4", 0.3)) == FirstToken("p4", NONE)  # no FIRST came
     assert 0.25 < time.monotonic() - t0 < 2.5
@@ -76,6 +78,39 @@ def test_past_its_timeout_with_no_decode_asking_here_the_proxy_hears_unknown(pee
     assert proxy.query().counters["first_unknowns"] == 2
 
 
+def test_an_await_first_a_stalled_coordinator_reads_late_registers_nothing(peers):
+    """The coordinator stalled (2 s) while a decode's AWAIT_FIRST of a 0.3 s slice waited in its
+    socket: by the time it reads it, the decode has stopped waiting (and, past its give-ups, computes
+    token 1 itself: ``FirstWaiter``), so a FIRST read after it must settle -1, not hand the token to
+    a decode that no longer waits (it would give token 1 twice). The FIRST goes on the decode's own
+    socket, so it is read after the AWAIT_FIRST."""
+    decode, proxy = peers(), peers()
+    coord = peers.holder["coord"]
+    stall, stalled, sweep = threading.Event(), threading.Event(), coord.state.sweep
+
+    def stalling_sweep(now: float) -> None:
+        if stall.is_set():
+            stall.clear()
+            stalled.set()
+            time.sleep(2.0)
+        sweep(now)
+
+    coord.state.sweep = stalling_sweep
+    stall.set()
+    assert stalled.wait(5)
+    decode.send(AwaitFirst("z1", 0.3))
+    time.sleep(1.0)  # its slice and REGISTERED_MARGIN_S are over: the decode no longer counts on it
+    decode.send(First("z1", 7))
+    assert decode.recv(5.0) == WaitTimeout("z1")  # read late: not registered (it asks again if it waits)
+    reply = decode.recv(5.0)
+    assert isinstance(reply, Error) and "no decode waits" in reply.reason, reply
+    assert proxy.req(FirstOutcome("z1", 0.3)) == FirstToken("z1", NONE)
+    assert proxy.query().counters["first_waits_stale"] == 1
+    decode.send(AwaitFirst("z2", 5.0))  # and a fresh one registers as before
+    assert until(lambda: proxy.query().counters["waiters"] == 1)
+    assert isinstance(proxy.req(First("z2", 8)), Ack) and decode.recv() == FirstToken("z2", 8)
+
+
 def test_a_decode_slice_times_out_and_it_stays_registered(peers):
     prefill, decode = peers(), peers()
     assert decode.req(AwaitFirst("p5", 0.3)) == WaitTimeout("p5")  # ask again
@@ -91,6 +126,7 @@ def test_a_give_up_settles_none_unless_the_token_is_there(peers):
     assert other.recv() == FirstToken("p6", NONE)
     assert isinstance(prefill.req(First("p6", 11)), Error)
     decode.send(AwaitFirst("p7", 5.0))
+    assert until(lambda: other.query().counters["waiters"] == 1)  # registered before the FIRST comes
     assert isinstance(prefill.req(First("p7", 5)), Ack)
     assert decode.recv() == FirstToken("p7", 5)
     assert decode.req(AwaitFirst("p7", 0.0, give_up=True)) == FirstToken("p7", 5)  # must be used
