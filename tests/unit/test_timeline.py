@@ -24,8 +24,10 @@ from pd.coordinator import timeline
 from pd.coordinator.client import CoordinatorClient
 from pd.coordinator.protocol import (
     PROTOCOL_TAG,
+    AwaitFirst,
     Done,
     Error,
+    FirstToken,
     LoadPart,
     Ready,
     decode_client,
@@ -51,6 +53,13 @@ def _engine_doubles(p, d, coordinator: str) -> tuple[web.Application, web.Applic
         finally:
             c.close()
 
+    def give_up_token_1(pd_id: str):
+        c = CoordinatorClient(coordinator)
+        try:
+            return c.call(AwaitFirst(pd_id, 0.0, give_up=True))
+        finally:
+            c.close()
+
     async def prefill(request: web.Request) -> web.Response:
         pd_id = (await request.json())["kv_transfer_params"]["pd_id"]
 
@@ -69,6 +78,11 @@ def _engine_doubles(p, d, coordinator: str) -> tuple[web.Application, web.Applic
     async def decode(request: web.Request) -> web.StreamResponse:
         body = await request.json()
         pd_id = body["kv_transfer_params"]["pd_id"]
+        if body["kv_transfer_params"].get("handoff"):
+            # This decode computes token 1 itself: it gives token 1's hand-off up at the coordinator,
+            # as vLLM's scheduler half does for a request that cannot wait for it.
+            settled = await asyncio.get_running_loop().run_in_executor(None, give_up_token_1, pd_id)
+            assert settled == FirstToken(pd_id, -1), settled
         d.start_step(PDMetadata(loads=[LoadSpec("d1", pd_id, PROMPT, DST, 0)]))
         # The engine's next step begins once the load is over (and its DONE is at the coordinator).
         loaded = await asyncio.get_running_loop().run_in_executor(
